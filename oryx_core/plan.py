@@ -1,0 +1,192 @@
+"""Mode plans: which tokens run in attention mode (A) and which in recurrent mode (R).
+
+A plan is written as text and resolved against a sequence length:
+
+    attention | A                 every token in attention mode
+    recurrent | R                 every token in recurrent mode
+    prefill-attention             the prompt in attention, generated tokens recurrent
+    last:10%   last:256           the last 10% (or last 256 tokens) in attention, the rest recurrent
+    every:4:64                    chunks of 64 tokens; chunk 0, 4, 8, ... in attention
+    A:0-512,R:512-                explicit spans: contiguous from 0, the last may be open
+
+`resolve()` gives a boolean array, True where a token is in attention mode. v1 uses
+one mode per token for all layers; `resolve_layers()` broadcasts that to [layers, T]
+so backends already take per-layer plans.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class PlanError(ValueError):
+    """A mode plan that cannot be parsed or does not fit the sequence."""
+
+
+POLICY_ALIASES = {
+    "a": "attention", "attention": "attention", "all-attention": "attention",
+    "r": "recurrent", "recurrent": "recurrent", "all-recurrent": "recurrent",
+    "prefill-attention": "prefill-attention",
+}
+_SPAN = re.compile(r"^([AR]):(\d+)-(\d*)$")
+
+
+@dataclass(frozen=True)
+class ModePlan:
+    kind: str  # attention, recurrent, prefill-attention, last, every, spans
+    spans: tuple[tuple[bool, int, int | None], ...] = ()  # (is_attention, start, end or None)
+    last_fraction: float | None = None
+    last_tokens: int | None = None
+    every: int = 0
+    chunk: int = 0
+
+    # ----- parsing -----
+    @classmethod
+    def parse(cls, text: "str | ModePlan") -> "ModePlan":
+        if isinstance(text, ModePlan):
+            return text
+        if not isinstance(text, str) or not text.strip():
+            raise PlanError(f"plan: expected a non-empty string, got {text!r}")
+        s = text.strip()
+        low = s.lower()
+        if low in POLICY_ALIASES:
+            return cls(POLICY_ALIASES[low])
+        if low.startswith("last:"):
+            return cls._parse_last(s, s[5:])
+        if low.startswith("every:"):
+            return cls._parse_every(s)
+        return cls._parse_spans(s)
+
+    @classmethod
+    def _parse_last(cls, text: str, amount: str) -> "ModePlan":
+        try:
+            if amount.endswith("%"):
+                frac = float(amount[:-1]) / 100.0
+                if not 0.0 <= frac <= 1.0:
+                    raise ValueError
+                return cls("last", last_fraction=frac)
+            n = int(amount)
+            if n < 0:
+                raise ValueError
+            return cls("last", last_tokens=n)
+        except ValueError:
+            raise PlanError(f"plan {text!r}: 'last:' takes a percentage in [0%, 100%] or a token count >= 0") from None
+
+    @classmethod
+    def _parse_every(cls, text: str) -> "ModePlan":
+        parts = text.split(":")
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            k, chunk = int(parts[1]), int(parts[2])
+            if k < 1 or chunk < 1:
+                raise ValueError
+        except ValueError:
+            raise PlanError(f"plan {text!r}: expected every:K:CHUNK with K, CHUNK >= 1 (e.g. every:4:64)") from None
+        return cls("every", every=k, chunk=chunk)
+
+    @classmethod
+    def _parse_spans(cls, text: str) -> "ModePlan":
+        spans = []
+        expected_start = 0
+        items = [p.strip() for p in text.split(",")]
+        for n, item in enumerate(items):
+            m = _SPAN.match(item.upper().replace(" ", ""))
+            if not m:
+                known = ", ".join(sorted(set(POLICY_ALIASES.values()))) + ", last:P%, every:K:CHUNK"
+                raise PlanError(f"plan {text!r}: cannot read {item!r}; use spans like A:0-512,R:512- or one of: {known}")
+            mode, start, end = m.group(1), int(m.group(2)), (int(m.group(3)) if m.group(3) else None)
+            if start != expected_start:
+                what = "a gap" if start > expected_start else "an overlap"
+                raise PlanError(f"plan {text!r}: span {item!r} starts at {start} but the previous one ends at "
+                                f"{expected_start} ({what})")
+            if end is None and n != len(items) - 1:
+                raise PlanError(f"plan {text!r}: only the last span may be open-ended, not {item!r}")
+            if end is not None and end <= start:
+                raise PlanError(f"plan {text!r}: span {item!r} is empty or negative")
+            spans.append((mode == "A", start, end))
+            expected_start = end if end is not None else -1
+        return cls("spans", spans=tuple(spans))
+
+    # ----- text form -----
+    def __str__(self) -> str:
+        if self.kind in ("attention", "recurrent", "prefill-attention"):
+            return self.kind
+        if self.kind == "last":
+            if self.last_fraction is not None:
+                return f"last:{self.last_fraction * 100:g}%"
+            return f"last:{self.last_tokens}"
+        if self.kind == "every":
+            return f"every:{self.every}:{self.chunk}"
+        return ",".join(f"{'A' if a else 'R'}:{s}-{'' if e is None else e}" for a, s, e in self.spans)
+
+    # ----- resolution -----
+    def resolve(self, length: int, prompt_length: int | None = None) -> np.ndarray:
+        """Boolean [length]: True where the token runs in attention mode."""
+        if length < 0:
+            raise PlanError(f"plan {self}: negative length {length}")
+        t = np.arange(length)
+        if self.kind == "attention":
+            return np.ones(length, dtype=bool)
+        if self.kind == "recurrent":
+            return np.zeros(length, dtype=bool)
+        if self.kind == "prefill-attention":
+            if prompt_length is None:
+                raise PlanError(f"plan {self}: needs a prompt length; for plain text use spans such as A:0-512,R:512-")
+            return t < prompt_length
+        if self.kind == "last":
+            n = self.last_tokens if self.last_tokens is not None else int(round(self.last_fraction * length))
+            return t >= length - n
+        if self.kind == "every":
+            return (t // self.chunk) % self.every == 0
+        modes = np.zeros(length, dtype=bool)
+        for is_attention, start, end in self.spans:
+            modes[start:length if end is None else min(end, length)] = is_attention
+        covered = self.spans[-1][2]
+        if covered is not None and length > covered:
+            raise PlanError(f"plan {self}: covers tokens 0-{covered} but the sequence has {length}; "
+                            f"leave the last span open (e.g. R:{covered}-)")
+        return modes
+
+    def resolve_layers(self, n_layers: int, length: int, prompt_length: int | None = None) -> np.ndarray:
+        return np.broadcast_to(self.resolve(length, prompt_length), (n_layers, length))
+
+    def attention_after(self, position: int, prompt_length: int | None = None) -> bool:
+        """Whether any token at index >= position may still run in attention mode.
+
+        Used by the KV `drop` policy: when False, the KV cache can be freed. Plans whose
+        attention depends on the final length (last:) always answer True.
+        """
+        if self.kind == "attention" or self.kind in ("last", "every"):
+            return True
+        if self.kind == "recurrent":
+            return False
+        if self.kind == "prefill-attention":
+            if prompt_length is None:
+                raise PlanError(f"plan {self}: needs a prompt length")
+            return position < prompt_length
+        for is_attention, start, end in self.spans:
+            if is_attention and (end is None or end > position):
+                return True
+        return False
+
+
+def sample_training_modes(rng: np.random.Generator, batch: int, length: int, chunk: int = 64,
+                          pure_share: float = 0.2) -> np.ndarray:
+    """The mixed-training sampler of DESIGN.md: boolean [batch, length], True = attention.
+
+    Each sequence is split into chunks; r ~ U[0,1] is drawn per sequence and each chunk
+    is attention with probability r. A share `pure_share` of sequences is pure (half of
+    them all-attention, half all-recurrent) so both modes also see whole sequences.
+    """
+    if chunk < 1 or length < 0 or batch < 0 or not 0.0 <= pure_share <= 1.0:
+        raise PlanError(f"sample_training_modes: bad arguments batch={batch} length={length} chunk={chunk} "
+                        f"pure_share={pure_share}")
+    n_chunks = -(-length // chunk)
+    ratio = rng.uniform(0.0, 1.0, size=(batch, 1))
+    pure = rng.uniform(0.0, 1.0, size=batch) < pure_share
+    ratio[pure, 0] = rng.integers(0, 2, size=int(pure.sum()))  # 1.0: all attention, 0.0: all recurrent
+    chunk_modes = rng.uniform(0.0, 1.0, size=(batch, n_chunks)) < ratio
+    return np.repeat(chunk_modes, chunk, axis=1)[:, :length]

@@ -1,0 +1,102 @@
+"""The parameter spec: every tensor's canonical name, shape and which mode uses it.
+
+This is the one place tensor names live. Backends, the weight format, the converter
+and `oryx info` all derive from `parameter_specs(config)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import OryxConfig
+
+SHARED, ATTENTION, RECURRENT = "shared", "attention", "recurrent"
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: tuple[int, ...]
+    mode: str  # SHARED, ATTENTION or RECURRENT
+    init: str  # how `oryx init` fills it: normal, zeros, ones, conv, A_log, dt_bias, normal_out
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def layer_specs(cfg: OryxConfig, i: int) -> list[ParamSpec]:
+    D, H, Hkv, d, dv, W = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim, cfg.conv_width
+    p = f"layers.{i}."
+    m = p + "mixer."
+    norm_width = dv if cfg.o_norm_grouping == "head" else H * dv
+    specs = [
+        ParamSpec(p + "attn_norm.weight", (D,), SHARED, "ones"),
+        ParamSpec(m + "k_proj.weight", (Hkv * d, D), SHARED, "normal"),
+        ParamSpec(m + "v_proj.weight", (Hkv * dv, D), SHARED, "normal"),
+        ParamSpec(m + "conv_k.weight", (Hkv * d, W), SHARED, "conv"),
+        ParamSpec(m + "conv_v.weight", (Hkv * dv, W), SHARED, "conv"),
+        ParamSpec(m + "g_proj.weight", (H * dv, D), SHARED, "normal"),
+        ParamSpec(m + "o_norm.weight", (norm_width,), SHARED, "ones"),
+        ParamSpec(m + "o_proj.weight", (D, H * dv), SHARED, "normal_out"),
+        ParamSpec(m + "q_attn.weight", (H * d, D), ATTENTION, "normal"),
+        ParamSpec(m + "q_rec.weight", (H * d, D), RECURRENT, "normal"),
+        ParamSpec(m + "conv_q.weight", (H * d, W), RECURRENT, "conv"),
+    ]
+    if cfg.conv_bias:
+        specs += [
+            ParamSpec(m + "conv_k.bias", (Hkv * d,), SHARED, "zeros"),
+            ParamSpec(m + "conv_v.bias", (Hkv * dv,), SHARED, "zeros"),
+            ParamSpec(m + "conv_q.bias", (H * d,), RECURRENT, "zeros"),
+        ]
+    if cfg.mixer == "gdn":
+        specs += [
+            ParamSpec(m + "a_proj.weight", (Hkv, D), RECURRENT, "normal"),
+            ParamSpec(m + "b_proj.weight", (Hkv, D), RECURRENT, "normal"),
+            ParamSpec(m + "A_log", (Hkv,), RECURRENT, "A_log"),
+            ParamSpec(m + "dt_bias", (Hkv,), RECURRENT, "dt_bias"),
+        ]
+    else:
+        specs += [
+            ParamSpec(m + "dt_proj.weight", (Hkv, D), RECURRENT, "normal"),
+            ParamSpec(m + "A_log", (Hkv,), RECURRENT, "A_log"),
+            ParamSpec(m + "dt_bias", (Hkv,), RECURRENT, "dt_bias"),
+            ParamSpec(m + "D_skip", (Hkv,), RECURRENT, "ones"),
+        ]
+    if cfg.mlp_hidden:
+        F = cfg.mlp_hidden
+        specs += [
+            ParamSpec(p + "mlp_norm.weight", (D,), SHARED, "ones"),
+            ParamSpec(p + "mlp.gate_proj.weight", (F, D), SHARED, "normal"),
+            ParamSpec(p + "mlp.up_proj.weight", (F, D), SHARED, "normal"),
+            ParamSpec(p + "mlp.down_proj.weight", (D, F), SHARED, "normal_out"),
+        ]
+    return specs
+
+
+def parameter_specs(cfg: OryxConfig) -> list[ParamSpec]:
+    specs = [ParamSpec("embed.weight", (cfg.vocab_size, cfg.d_model), SHARED, "normal")]
+    for i in range(cfg.n_layers):
+        specs += layer_specs(cfg, i)
+    specs.append(ParamSpec("norm.weight", (cfg.d_model,), SHARED, "ones"))
+    if not cfg.tie_embeddings:
+        specs.append(ParamSpec("lm_head.weight", (cfg.vocab_size, cfg.d_model), SHARED, "normal"))
+    return specs
+
+
+def parameter_counts(cfg: OryxConfig) -> dict:
+    """Parameters by mode, and the tied fraction (shared / all)."""
+    counts = {SHARED: 0, ATTENTION: 0, RECURRENT: 0}
+    for s in parameter_specs(cfg):
+        counts[s.mode] += s.numel
+    total = sum(counts.values())
+    return {
+        "total": total,
+        "shared": counts[SHARED],
+        "attention_only": counts[ATTENTION],
+        "recurrent_only": counts[RECURRENT],
+        "attention_mode_total": counts[SHARED] + counts[ATTENTION],
+        "recurrent_mode_total": counts[SHARED] + counts[RECURRENT],
+        "tied_fraction": counts[SHARED] / total,
+    }
