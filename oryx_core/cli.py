@@ -1,0 +1,144 @@
+"""The `oryx` command line. Core commands live here; backends add theirs through COMMAND_MODULES.
+
+Each module in COMMAND_MODULES has `register(subparsers)` and imports its heavy
+dependencies (torch, mlx) only inside the command functions, so `oryx --help` works
+with any subset of the extras installed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from .config import PRESETS, ConfigError, preset
+from .evaluate import BACKEND_MODULES, evaluate_text
+from .init import init_params
+from .plan import PlanError
+from .safetensors_io import FormatError
+from .spec import parameter_counts
+from .tokenizer import byte_level_tokenizer, load_tokenizer
+from .weights import load_checkpoint, save_checkpoint
+
+COMMAND_MODULES = ["oryx_cuda.cli", "oryx_mlx.cli", "oryx_convert.cli", "oryx_core.data"]
+USER_ERRORS = (ConfigError, FormatError, PlanError, ValueError, FileNotFoundError)
+
+
+def emit(args, result: dict, lines: list[str]) -> None:
+    print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
+
+
+# ----- oryx info -----
+def cmd_info(args) -> None:
+    path = Path(args.path)
+    if not path.exists() and args.path.lower() in PRESETS:
+        cfg, dtype, size, source = preset(args.path, args.mixer), "float32", None, f"preset {args.path} ({args.mixer})"
+    else:
+        ckpt = load_checkpoint(path)
+        cfg, dtype, size, source = ckpt.config, ckpt.dtype, ckpt.size_on_disk(), str(path)
+    counts = parameter_counts(cfg)
+    result = {"source": source, "config": cfg.to_dict(), "parameters": counts, "dtype": dtype, "size_on_disk_bytes": size}
+    lines = [f"{source}",
+             f"  mixer {cfg.mixer}, {cfg.n_layers} layers, d_model {cfg.d_model}, heads {cfg.n_heads} (kv {cfg.n_kv_heads}) "
+             f"of {cfg.head_dim}/{cfg.v_head_dim}, mlp {cfg.mlp_hidden}, vocab {cfg.vocab_size}, context {cfg.max_context}",
+             f"  parameters: {counts['total']:,} total, {counts['shared']:,} shared, "
+             f"{counts['attention_only']:,} attention-only, {counts['recurrent_only']:,} recurrent-only",
+             f"  per mode: attention {counts['attention_mode_total']:,}, recurrent {counts['recurrent_mode_total']:,}",
+             f"  tied fraction: {counts['tied_fraction']:.4f}",
+             f"  dtype: {dtype}" + (f", {size / 2**20:.2f} MiB on disk" if size is not None else "")]
+    emit(args, result, lines)
+
+
+# ----- oryx init -----
+def cmd_init(args) -> None:
+    cfg = preset(args.preset, args.mixer)
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else byte_level_tokenizer()
+    if tok.get_vocab_size() > cfg.vocab_size:
+        cfg = cfg.replace(vocab_size=tok.get_vocab_size())
+    params = init_params(cfg, args.seed)
+    out = save_checkpoint(args.out, cfg, params, dtype=args.dtype, tokenizer_json=tok.to_str())
+    counts = parameter_counts(cfg)
+    emit(args, {"path": str(out), "preset": args.preset, "mixer": args.mixer, "parameters": counts["total"],
+                "tied_fraction": counts["tied_fraction"], "dtype": args.dtype},
+         [f"wrote {out}: preset {args.preset}, mixer {args.mixer}, {counts['total']:,} parameters "
+          f"(tied fraction {counts['tied_fraction']:.4f}), {args.dtype}"])
+
+
+# ----- oryx eval -----
+def cmd_eval(args) -> None:
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except OSError as e:
+        raise FileNotFoundError(f"--text {args.text}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--text {args.text}: not UTF-8 text") from None
+    r = evaluate_text(args.path, text, plan=args.plan, backend=args.backend, window=args.window, max_tokens=args.max_tokens)
+    emit(args, r, [f"{args.path} [{r['backend']}, plan {r['plan']}]: nll {r['nll']:.6f}, "
+                   f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oryx", description="Oryx: every layer runs each token with attention or a linear "
+                                     "recurrence (Gated DeltaNet / Mamba-2), switching anywhere along the sequence.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    json_flag = dict(action="store_true", help="print machine-readable JSON")
+
+    p = sub.add_parser("info", help="config, parameter counts and tied fraction of a checkpoint or preset",
+                       description="Show a checkpoint's (or a preset's) config, parameters shared and per mode, tied fraction, "
+                                   "dtype and size on disk.")
+    p.add_argument("path", help="checkpoint directory, or a preset name (" + ", ".join(PRESETS) + ")")
+    p.add_argument("--mixer", choices=["gdn", "mamba2"], default="gdn", help="recurrent mixer, for a preset (default gdn)")
+    p.add_argument("--json", **json_flag)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("init", help="write a randomly initialised checkpoint",
+                       description="Write a randomly initialised Oryx checkpoint (with a tokenizer) to OUT.")
+    p.add_argument("out", help="output checkpoint directory")
+    p.add_argument("--preset", required=True, choices=list(PRESETS), help="model size")
+    p.add_argument("--mixer", choices=["gdn", "mamba2"], default="gdn", help="recurrent mixer (default gdn)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="stored dtype")
+    p.add_argument("--tokenizer", help="tokenizer.json to ship (default: byte-level)")
+    p.add_argument("--json", **json_flag)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("eval", help="perplexity of a text under a mode plan",
+                       description="Mean negative log-likelihood, perplexity and token count of a text under a mode plan. "
+                                   "Plans: attention, recurrent, last:10%%, every:4:64, A:0-512,R:512- ...")
+    p.add_argument("path", help="checkpoint directory")
+    p.add_argument("--text", required=True, help="UTF-8 text file to score")
+    p.add_argument("--plan", default="attention", help="mode plan (default attention)")
+    p.add_argument("--backend", default="reference", choices=list(BACKEND_MODULES), help="backend (default reference)")
+    p.add_argument("--window", type=int, help="tokens per scored window (default: the model's max_context)")
+    p.add_argument("--max-tokens", type=int, help="score only the first N tokens")
+    p.add_argument("--json", **json_flag)
+    p.set_defaults(func=cmd_eval)
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if name == e.name or name.startswith(f"{e.name}."):
+                continue  # that part of Oryx is not installed
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"oryx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"oryx {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
