@@ -38,6 +38,8 @@ class OryxConfig:
     conv_activation: str | None = None  # None: "silu" for gdn, "none" for mamba2
     gate_before_norm: bool = False  # False: RMSNorm(o)*w*SiLU(g); True: RMSNorm(o*SiLU(g))*w
     o_norm_grouping: str = "head"  # RMSNorm statistics per head, or over all heads at once
+    output_norm: bool = True  # False only for imports without one (Llama): no o_norm
+    output_gate: bool = True  # False only for imports without one (Llama): no g_proj, no SiLU gate
     extra: dict = field(default_factory=dict, compare=False)
 
     # ----- derived quantities -----

@@ -66,14 +66,22 @@ def causal_conv(x, weight, bias, activation):
 
 
 def gated_out_norm(cfg: OryxConfig, o, g, weight):
-    """o, g [B, T, H, dv] -> [B, T, H*dv]; RMSNorm per head (or over all heads) gated by SiLU(g)."""
+    """o, g [B, T, H, dv] -> [B, T, H*dv]: RMSNorm (per head or over all heads) and SiLU(g) gate.
+
+    The default is RMSNorm(o) * w * SiLU(g); `gate_before_norm` gives RMSNorm(o * SiLU(g)) * w
+    (mamba-ssm's order); `output_norm` / `output_gate` off drop either part (Llama imports).
+    """
     B, T, H, dv = o.shape
     if cfg.o_norm_grouping == "all":
-        o, g = o.reshape(B, T, H * dv), g.reshape(B, T, H * dv)
-    if cfg.gate_before_norm:
-        y = rms_norm(o * silu(g), weight, cfg.norm_eps)
+        o = o.reshape(B, T, 1, H * dv)
+        g = None if g is None else g.reshape(B, T, 1, H * dv)
+    gate = silu(g) if cfg.output_gate else 1.0
+    if not cfg.output_norm:
+        y = o * gate
+    elif cfg.gate_before_norm:
+        y = rms_norm(o * gate, weight, cfg.norm_eps)
     else:
-        y = rms_norm(o, weight, cfg.norm_eps) * silu(g)
+        y = rms_norm(o, weight, cfg.norm_eps) * gate
     return y.reshape(B, T, H * dv)
 
 
@@ -164,7 +172,8 @@ class OryxReference:
         w = lambda n: self._w(i, n)  # noqa: E731
         return {
             "k": (xn @ w("k_proj.weight").T), "v": (xn @ w("v_proj.weight").T), "q_rec": (xn @ w("q_rec.weight").T),
-            "q_attn": (xn @ w("q_attn.weight").T).reshape(B, T, H, d), "g": (xn @ w("g_proj.weight").T).reshape(B, T, H, dv),
+            "q_attn": (xn @ w("q_attn.weight").T).reshape(B, T, H, d),
+            "g": (xn @ w("g_proj.weight").T).reshape(B, T, H, dv) if cfg.output_gate else None,
             "gate_in": [xn @ w(n).T for n in (("a_proj.weight", "b_proj.weight") if cfg.mixer == "gdn" else ("dt_proj.weight",))],
         }
 

@@ -37,13 +37,15 @@ def layer_specs(cfg: OryxConfig, i: int) -> list[ParamSpec]:
         ParamSpec(m + "v_proj.weight", (Hkv * dv, D), SHARED, "normal"),
         ParamSpec(m + "conv_k.weight", (Hkv * d, W), SHARED, "conv"),
         ParamSpec(m + "conv_v.weight", (Hkv * dv, W), SHARED, "conv"),
-        ParamSpec(m + "g_proj.weight", (H * dv, D), SHARED, "normal"),
-        ParamSpec(m + "o_norm.weight", (norm_width,), SHARED, "ones"),
         ParamSpec(m + "o_proj.weight", (D, H * dv), SHARED, "normal_out"),
         ParamSpec(m + "q_attn.weight", (H * d, D), ATTENTION, "normal"),
         ParamSpec(m + "q_rec.weight", (H * d, D), RECURRENT, "normal"),
         ParamSpec(m + "conv_q.weight", (H * d, W), RECURRENT, "conv"),
     ]
+    if cfg.output_gate:
+        specs.append(ParamSpec(m + "g_proj.weight", (H * dv, D), SHARED, "normal"))
+    if cfg.output_norm:
+        specs.append(ParamSpec(m + "o_norm.weight", (norm_width,), SHARED, "ones"))
     if cfg.conv_bias:
         specs += [
             ParamSpec(m + "conv_k.bias", (Hkv * d,), SHARED, "zeros"),
