@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .config import PRESETS, ConfigError, preset
-from .evaluate import BACKEND_MODULES, evaluate_text
+from .evaluate import BACKEND_MODULES, evaluate_mqar, evaluate_text
 from .init import init_params
 from .plan import PlanError
 from .safetensors_io import FormatError
@@ -67,6 +67,15 @@ def cmd_init(args) -> None:
 
 # ----- oryx eval -----
 def cmd_eval(args) -> None:
+    if (args.text is None) == (args.mqar is None):
+        raise ValueError("give exactly one of --text FILE or --mqar PAIRS")
+    if args.mqar is not None:
+        r = evaluate_mqar(args.path, args.mqar, args.mqar_length, args.mqar_examples, plan=args.plan,
+                          backend=args.backend, seed=args.seed)
+        emit(args, r, [f"{args.path} [{r['backend']}, plan {r['plan']}, attention share {r['attention_share']:.3f}]: "
+                       f"MQAR accuracy {r['accuracy']:.4f} ({r['pairs']} pairs, length {r['seq_len']}, "
+                       f"{r['examples']} examples)"])
+        return
     try:
         text = Path(args.text).read_text(encoding="utf-8")
     except OSError as e:
@@ -104,11 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", **json_flag)
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("eval", help="perplexity of a text under a mode plan",
-                       description="Mean negative log-likelihood, perplexity and token count of a text under a mode plan. "
+    p = sub.add_parser("eval", help="perplexity of a text (or MQAR accuracy) under a mode plan",
+                       description="Mean negative log-likelihood, perplexity and token count of a text under a mode plan, "
+                                   "or multi-query associative recall accuracy (--mqar). "
                                    "Plans: attention, recurrent, last:10%%, every:4:64, A:0-512,R:512- ...")
     p.add_argument("path", help="checkpoint directory")
-    p.add_argument("--text", required=True, help="UTF-8 text file to score")
+    p.add_argument("--text", help="UTF-8 text file to score")
+    p.add_argument("--mqar", type=int, metavar="PAIRS", help="instead of a text: MQAR accuracy with PAIRS key-value pairs")
+    p.add_argument("--mqar-length", type=int, default=256, help="MQAR sequence length (default 256)")
+    p.add_argument("--mqar-examples", type=int, default=64, help="MQAR examples (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="MQAR data seed (default 0)")
     p.add_argument("--plan", default="attention", help="mode plan (default attention)")
     p.add_argument("--backend", default="reference", choices=list(BACKEND_MODULES), help="backend (default reference)")
     p.add_argument("--window", type=int, help="tokens per scored window (default: the model's max_context)")

@@ -77,3 +77,23 @@ def evaluate_text(path, text: str, plan: str = "attention", backend: str = "refe
     nll, count = sequence_nll(logits_fn, tokens, plan_obj, window or ckpt_cfg.max_context)
     return {"backend": backend, "plan": str(plan_obj), "tokens": count, "nll": nll / count,
             "perplexity": float(np.exp(nll / count))}
+
+
+def evaluate_mqar(path, pairs: int, seq_len: int, examples: int = 64, plan: str = "attention",
+                  backend: str = "reference", seed: int = 0, batch: int = 16) -> dict:
+    """MQAR accuracy of a checkpoint under a plan (keys/values drawn from the model's vocabulary)."""
+    from .mqar import make_mqar, mqar_accuracy
+
+    cfg, _ = read_config(path)
+    plan_obj = ModePlan.parse(plan)
+    logits_fn = backend_loader(backend)(path)
+    data = make_mqar(np.random.default_rng(seed), examples, seq_len, pairs, cfg.vocab_size)
+    modes = plan_obj.resolve(seq_len)
+    correct = []
+    for start in range(0, examples, batch):
+        rows = slice(start, start + batch)
+        logits = np.asarray(logits_fn(data.inputs[rows], modes))
+        part = type(data)(data.inputs[rows], data.targets[rows], data.query_start)
+        correct.append(mqar_accuracy(logits, part) * (part.targets != -100).sum())
+    return {"backend": backend, "plan": str(plan_obj), "pairs": pairs, "seq_len": seq_len, "examples": examples,
+            "attention_share": float(modes.mean()), "accuracy": float(sum(correct) / (data.targets != -100).sum())}
