@@ -1,0 +1,129 @@
+"""Causal grouped-query attention under a mode plan: only attention-mode queries attend.
+
+Every token's key and value exist (they are shared with the recurrence), but only the
+query rows whose token runs in attention mode are needed. Layout throughout is
+head-major: q [B, H, T, d], k [B, Hkv, S, d], v [B, Hkv, S, dv] -> out [B, H, T, dv],
+with query t at absolute position `q_offset + t` (q_offset = S - T when a cache holds
+earlier keys) and key s at position s. Rows of tokens in recurrent mode are left as
+whatever is cheapest (zeros or a full causal row): the caller picks each token's
+readout, so they are never read.
+
+- CUDA: SDPA (flash) when every query attends; otherwise FlexAttention with a block
+  mask built from the plan, so query blocks holding no attention token cost nothing.
+- CPU: SDPA over just the attention rows, with an explicit causal mask.
+- Decoding: one query against a preallocated cache, masked by the current position
+  (no host sync, so it can be captured in a CUDA graph).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+FLEX_BLOCK = 128  # FlexAttention's default tile: the plan's granularity for skipping work
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on the last axis; x [..., T, H, d], cos/sin [T, d/2] (float32)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def rope_tables(head_dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, d/2] for integer positions [T]; angles in float64 so long contexts keep precision."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    angles = positions.to(torch.float64)[:, None] * inv_freq
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def plan_attention(q, k, v, query_modes: torch.Tensor, q_offset: int = 0, scale: float | None = None):
+    """Causal GQA attention computed for the rows whose `query_modes` [B, T] is True."""
+    B, H, T, d = q.shape
+    if query_modes.shape != (B, T):
+        raise ValueError(f"query_modes must be [B, T] = {[B, T]}, got {list(query_modes.shape)}")
+    scale = d ** -0.5 if scale is None else scale
+    if q.is_cuda:
+        if q_offset == 0 and bool(query_modes.all()):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=H != k.shape[1])
+        block_mask = plan_block_mask(query_modes, k.shape[2], q_offset)
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=H != k.shape[1])
+    return _rows_attention(q, k, v, query_modes, q_offset, scale)
+
+
+def _rows_attention(q, k, v, query_modes, q_offset, scale):
+    """Plain SDPA over only the query rows any sequence needs; the other rows stay zero."""
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    rows = torch.nonzero(query_modes.any(0)).flatten()
+    out = q.new_zeros(B, H, T, v.shape[-1])
+    if rows.numel() == 0:
+        return out
+    causal = torch.arange(S, device=q.device)[None, :] <= (rows + q_offset)[:, None]  # [rows, S]
+    picked = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=causal, scale=scale, enable_gqa=True)
+    out[:, :, rows] = picked
+    return out
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def plan_block_mask(query_modes: torch.Tensor, kv_len: int, q_offset: int = 0, block: int = FLEX_BLOCK):
+    """A FlexAttention BlockMask for causal attention restricted to query blocks holding an attention token.
+
+    Built directly from block-level tables (no dense [T, S] mask): for query block i,
+    key blocks entirely at or before its first query are "full" (no masking needed),
+    the ones straddling the diagonal are "partial" (the causal mask_mod applies), and
+    everything is empty when no token of the block is in attention mode.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, T = query_modes.shape
+    device = query_modes.device
+    n_q, n_kv = -(-T // block), -(-kv_len // block)
+    padded = F.pad(query_modes, (0, n_q * block - T))
+    active = padded.view(B, n_q, block).any(-1)                                   # [B, n_q]
+    q_first = q_offset + torch.arange(n_q, device=device) * block
+    q_last = torch.clamp(q_first + block - 1, max=q_offset + T - 1)
+    kv_first = torch.arange(n_kv, device=device) * block
+    kv_last = torch.clamp(kv_first + block - 1, max=kv_len - 1)
+    full = kv_last[None, :] <= q_first[:, None]                                    # [n_q, n_kv]
+    partial = (kv_first[None, :] <= q_last[:, None]) & ~full
+    full = full[None] & active[:, :, None]
+    partial = partial[None] & active[:, :, None]
+    offset = torch.tensor(q_offset, device=device)
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + offset
+
+    return BlockMask.from_kv_blocks(*_block_lists(partial), *_block_lists(full), BLOCK_SIZE=block,
+                                    mask_mod=causal, seq_lengths=(T, kv_len))
+
+
+def _block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, n_q, n_kv] bool -> (counts [B, 1, n_q], indices [B, 1, n_q, n_kv]) with the True blocks first, in order."""
+    counts = blocks.sum(-1, dtype=torch.int32)
+    indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts[:, None], indices[:, None]
+
+
+def decode_attention(q, k_cache, v_cache, position: torch.Tensor, scale: float):
+    """One query per sequence against a preallocated cache: q [B, H, d], caches [B, Hkv, capacity, *].
+
+    Keys at slots <= position[b] are valid (the current token's key is already written).
+    Reads the whole capacity under a mask, so its shapes never change between tokens.
+    """
+    B, H, d = q.shape
+    Hkv, capacity = k_cache.shape[1], k_cache.shape[2]
+    grouped = q.view(B, Hkv, H // Hkv, d)
+    scores = torch.matmul(grouped, k_cache.transpose(-1, -2)).float() * scale           # [B, Hkv, G, capacity]
+    valid = torch.arange(capacity, device=q.device)[None, :] <= position[:, None]       # [B, capacity]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(v_cache.dtype)
+    return torch.matmul(weights, v_cache).reshape(B, H, v_cache.shape[-1])

@@ -1,0 +1,61 @@
+"""Gated DeltaNet kernels (fla's convention):
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = scale S_t^T q_t.
+
+naive (per-token torch loop, ground truth), chunk_torch (chunked WY algorithm in torch),
+chunk (Triton forward + backward), fused_recurrent (Triton token loop and decode step).
+"""
+import os
+
+from .chunk_torch import chunk_gated_delta_rule_torch
+from .naive import naive_recurrent_gated_delta_rule
+
+IMPLS = ("auto", "triton", "torch", "naive")
+
+
+def _triton_available(device_type):
+    if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def chunk_gated_delta_rule(*args, **kwargs):
+    from .chunk import chunk_gated_delta_rule as triton_chunk
+    return triton_chunk(*args, **kwargs)
+
+
+def fused_recurrent_gated_delta_rule(*args, **kwargs):
+    from .fused_recurrent import fused_recurrent_gated_delta_rule as triton_recurrent
+    return triton_recurrent(*args, **kwargs)
+
+
+def gated_delta_rule_decode_step(*args, **kwargs):
+    from .fused_recurrent import gated_delta_rule_decode_step as triton_decode
+    return triton_decode(*args, **kwargs)
+
+
+def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                     cu_seqlens=None, impl="auto"):
+    """Gated DeltaNet over whole sequences; returns (o, final_state or None).
+
+    impl="auto" takes the Triton chunked kernels for CUDA tensors (and for CPU tensors
+    when TRITON_INTERPRET=1), the chunked torch version otherwise; "triton", "torch"
+    and "naive" force one.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "triton" if _triton_available(q.device.type) else "torch"
+    fn = {"triton": chunk_gated_delta_rule, "torch": chunk_gated_delta_rule_torch,
+          "naive": naive_recurrent_gated_delta_rule}[impl]
+    return fn(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+__all__ = [
+    "chunk_gated_delta_rule", "chunk_gated_delta_rule_torch", "fused_recurrent_gated_delta_rule",
+    "gated_delta_rule", "gated_delta_rule_decode_step", "naive_recurrent_gated_delta_rule",
+]

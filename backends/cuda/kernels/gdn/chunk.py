@@ -1,0 +1,483 @@
+"""Chunked Gated DeltaNet in Triton: forward and backward (torch.autograd.Function).
+
+The algorithm is the one spelled out in chunk_torch.py (read that first). Per chunk of
+C = 64 tokens, with G the local prefix sum of g, X = (I + L)^{-1},
+W = X diag(beta e^G) K, U = X diag(beta) V:
+    Delta = U - W S_0
+    O     = scale diag(e^G) Q S_0 + A Delta,   A = scale (Q K^T) * e^{G_i - G_j} [i >= j]
+    S_C   = e^{G_C} S_0 + (diag(e^{G_C - G}) K)^T Delta
+
+Forward launches:
+  1. _wy_fwd_kernel      (chunk, head):      G, X, W, U            (parallel over chunks)
+  2. _state_fwd_kernel   (V block, seq*head): Delta, O, S per chunk (sequential over chunks)
+Backward launches:
+  3. _state_bwd_kernel   (V block, seq*head): dDelta and dS_C per chunk, reverse order
+  4. _local_bwd_kernel   (chunk, head):      dq, the S-side parts of dk, dW, dG
+  5. _wy_bwd_kernel      (chunk, head):      dv, dbeta, the WY parts of dk, dG; dg
+Backward formulas (per chunk, dS_C = gradient w.r.t. the state after the chunk):
+    dDelta = A^T dO + diag(e^{G_C - G}) K dS_C
+    dS_0   = e^{G_C} dS_C + scale (diag(e^G) Q)^T dO - W^T dDelta
+    dW = -dDelta S_0^T,  dU = dDelta,  dX = dW (beta e^G K)^T + dU (beta V)^T,
+    dL = -X^T dX X^T (strictly lower part).
+All sequences are handled as packed (cu_seqlens) sequences; a plain batch is the packed
+case with equal lengths. Intermediates (W, U, S per chunk, Delta) are kept in the input
+dtype, as the matrix units take them; states and accumulators are fp32.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._inputs import check_inputs, default_scale
+from ._triton_compat import patch_interpreter_scalar_index
+
+patch_interpreter_scalar_index()
+CHUNK = 64
+# Launch shapes per kernel (BV: state columns per program); bench/bench_gdn.py sweeps them.
+LAUNCH = {
+    "wy_fwd": dict(BV=64, num_warps=4, num_stages=1),
+    "state_fwd": dict(BV=64, num_warps=4, num_stages=2),
+    "state_bwd": dict(BV=64, num_warps=4, num_stages=2),
+    "local_bwd": dict(BV=64, num_warps=8, num_stages=1),
+    "wy_bwd": dict(BV=64, num_warps=8, num_stages=1),
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C: tl.constexpr):
+    """Local cumulative log-decay of one chunk, [C]; padding rows repeat the last value
+    so that e^{G_i - G_j} stays finite for every pair."""
+    rows = tl.arange(0, C)
+    last = tl.minimum(t0 + C, seq_len) - 1
+    g_last = tl.load(gcum + (bos + last) * H + i_h)
+    G = tl.load(gcum + (bos + t0 + rows) * H + i_h, mask=t0 + rows < seq_len, other=0.0)
+    G = tl.where(t0 + rows < seq_len, G, g_last)
+    return G, g_last
+
+
+@triton.jit
+def _decay_matrix(G, C: tl.constexpr, STRICT: tl.constexpr):
+    """e^{G_i - G_j} on (i > j) or (i >= j), zero elsewhere."""
+    rows = tl.arange(0, C)[:, None]
+    cols = tl.arange(0, C)[None, :]
+    keep = (rows > cols) if STRICT else (rows >= cols)
+    return tl.where(keep, tl.exp(G[:, None] - G[None, :]), 0.0)
+
+
+@triton.jit
+def _merge_blocks(X, L, WIDTH: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+    """X inverts each diagonal WIDTH-block of I + L; returns the inverse on 2*WIDTH-blocks.
+    For a 2x2 block lower-triangular M = D + E (E the lower-left blocks), E D^-1 E = 0, so
+    M^-1 = D^-1 - D^-1 E D^-1 exactly."""
+    rows = tl.arange(0, C)[:, None]
+    cols = tl.arange(0, C)[None, :]
+    lower_left = ((rows // (2 * WIDTH)) == (cols // (2 * WIDTH))) & ((rows // WIDTH) != (cols // WIDTH))
+    E = tl.where(lower_left, L, 0.0)
+    return X - tl.dot(X, tl.dot(E, X, input_precision=PREC), input_precision=PREC)
+
+
+@triton.jit
+def _unit_lower_inverse(L, C: tl.constexpr, PREC: tl.constexpr):
+    """(I + L)^{-1} for strictly lower-triangular L [C, C], C in {16, 32, 64}.
+
+    Forward substitution inverts the 16x16 diagonal blocks, all of them at once: step r
+    finalises row r of every block (X_i = e_i - sum_{j<i} L_ij X_j). Then
+    block doubling merges 16 -> 32 -> 64 with matrix products."""
+    rows = tl.arange(0, C)[:, None]
+    cols = tl.arange(0, C)[None, :]
+    L_diag = tl.where((rows // 16) == (cols // 16), L, 0.0)
+    X = tl.where(rows == cols, 1.0, 0.0)
+    for r in tl.static_range(1, 16):
+        # In column c: is this row r of c's 16-block?
+        row_r = rows == (cols // 16) * 16 + r
+        l_row = tl.sum(tl.where(row_r, L_diag, 0.0), axis=0)       # [C]: L[16*(c//16)+r, c]
+        update = -tl.sum(l_row[:, None] * X, axis=0)              # X is block diagonal
+        X = tl.where(row_r, X + update[None, :], X)
+    if C > 16:
+        X = _merge_blocks(X, L, 16, C, PREC)
+    if C > 32:
+        X = _merge_blocks(X, L, 32, C, PREC)
+    return X
+
+
+@triton.jit
+def _chunk_wy_system(k_tile, beta_c, G, C: tl.constexpr, PREC: tl.constexpr):
+    """Returns (X = (I + L)^{-1}, L, k_i.k_j e^{G_i - G_j} on i > j) of one chunk."""
+    kk = tl.dot(k_tile, tl.trans(k_tile), input_precision=PREC)
+    kk_decayed = kk * _decay_matrix(G, C, True)
+    L = beta_c[:, None] * kk_decayed
+    return _unit_lower_inverse(L, C, PREC), L, kk_decayed
+
+
+@triton.jit
+def _chunk_location(cu_seqlens, chunk_indices, i_c, C: tl.constexpr):
+    i_n = tl.load(chunk_indices + 2 * i_c)
+    i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    return bos, eos - bos, i_t * C
+
+
+@triton.jit
+def _tile(base, bos, seq_len, H, i_h, t0, c0, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr):
+    """Block pointer to rows t0..t0+C of one head of a [tokens, H, D] tensor, columns c0..c0+BD."""
+    return tl.make_block_ptr(base + (bos * H + i_h) * D, (seq_len, D), (H * D, 1), (t0, c0), (C, BD), (1, 0))
+
+
+@triton.jit
+def _state_tile(base, index, i_h, H, c0, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+    """Block pointer to columns c0..c0+BV of one [K, V] state in a [*, H, K, V] tensor."""
+    return tl.make_block_ptr(base + (index * H + i_h).to(tl.int64) * K * V, (K, V), (V, 1), (0, c0), (K, BV), (1, 0))
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _wy_fwd_kernel(k, v, g, beta, w, u, gcum, cu_seqlens, chunk_indices, H,
+                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    bos, seq_len, t0 = _chunk_location(cu_seqlens, chunk_indices, i_c, C)
+    rows = tl.arange(0, C)
+    valid = t0 + rows < seq_len
+    g_c = tl.load(g + (bos + t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    beta_c = tl.load(beta + (bos + t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    G = tl.cumsum(g_c, axis=0)
+    tl.store(gcum + (bos + t0 + rows) * H + i_h, G, mask=valid)
+
+    k_tile = tl.load(_tile(k, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
+    X, L, kk_decayed = _chunk_wy_system(k_tile, beta_c, G, C, PREC)
+    dt = k_tile.dtype
+    X_io = X.to(dt)
+    k_scaled = (k_tile * (beta_c * tl.exp(G))[:, None]).to(dt)
+    w_tile = tl.dot(X_io, k_scaled, input_precision=PREC)
+    tl.store(_tile(w, bos, seq_len, H, i_h, t0, 0, K, C, K), w_tile.to(dt), boundary_check=(0, 1))
+    for i_v in tl.static_range(V // BV):
+        v_tile = tl.load(_tile(v, bos, seq_len, H, i_h, t0, i_v * BV, V, C, BV), boundary_check=(0, 1))
+        u_tile = tl.dot(X_io, (v_tile * beta_c[:, None]).to(dt), input_precision=PREC)
+        tl.store(_tile(u, bos, seq_len, H, i_h, t0, i_v * BV, V, C, BV), u_tile.to(dt), boundary_check=(0, 1))
+
+
+@triton.jit
+def _state_fwd_kernel(q, k, w, u, gcum, o, h0, ht, states, deltas, cu_seqlens, chunk_offsets, scale, H,
+                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                      HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+                      PREC: tl.constexpr):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    first_chunk = tl.load(chunk_offsets + i_n)
+    c0 = i_v * BV
+    dt = q.dtype.element_ty
+    S = tl.zeros([K, BV], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(_state_tile(h0, i_n, i_h, H, c0, K, V, BV)).to(tl.float32)
+    for i_t in range(tl.cdiv(seq_len, C).to(tl.int32)):
+        t0 = i_t * C
+        if STORE_CHUNKS:
+            tl.store(_state_tile(states, first_chunk + i_t, i_h, H, c0, K, V, BV), S.to(dt))
+        G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
+        q_tile = tl.load(_tile(q, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
+        k_tile = tl.load(_tile(k, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
+        w_tile = tl.load(_tile(w, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
+        u_tile = tl.load(_tile(u, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
+        S_io = S.to(dt)
+        delta = u_tile.to(tl.float32) - tl.dot(w_tile, S_io, input_precision=PREC)
+        delta_io = delta.to(dt)
+        A = tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC) * scale * _decay_matrix(G, C, False)
+        q_decayed = (q_tile * (scale * tl.exp(G))[:, None]).to(dt)
+        o_tile = tl.dot(q_decayed, S_io, input_precision=PREC) + tl.dot(A.to(dt), delta_io, input_precision=PREC)
+        tl.store(_tile(o, bos, seq_len, H, i_h, t0, c0, V, C, BV), o_tile.to(o.dtype.element_ty), boundary_check=(0, 1))
+        if STORE_CHUNKS:
+            tl.store(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), delta_io, boundary_check=(0, 1))
+        k_to_end = (k_tile * tl.exp(g_last - G)[:, None]).to(dt)
+        S = S * tl.exp(g_last) + tl.dot(tl.trans(k_to_end), delta_io, input_precision=PREC)
+    if STORE_FINAL:
+        tl.store(_state_tile(ht, i_n, i_h, H, c0, K, V, BV), S)
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit
+def _state_bwd_kernel(q, k, w, gcum, do, dht, dh0, dstates, ddeltas, cu_seqlens, chunk_offsets, scale, H,
+                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                      HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    first_chunk = tl.load(chunk_offsets + i_n)
+    c0 = i_v * BV
+    dt = q.dtype.element_ty
+    rows = tl.arange(0, C)
+    dS = tl.zeros([K, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dS += tl.load(_state_tile(dht, i_n, i_h, H, c0, K, V, BV)).to(tl.float32)
+    num_chunks = tl.cdiv(seq_len, C).to(tl.int32)
+    for step in range(num_chunks):
+        i_t = num_chunks - 1 - step
+        t0 = i_t * C
+        tl.store(_state_tile(dstates, first_chunk + i_t, i_h, H, c0, K, V, BV), dS.to(dt))
+        G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
+        q_tile = tl.load(_tile(q, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
+        k_tile = tl.load(_tile(k, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
+        w_tile = tl.load(_tile(w, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
+        do_tile = tl.load(_tile(do, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1)).to(dt)
+        # A^T[r, c] = A[c, r] = scale k_r.q_c e^{G_c - G_r} for c >= r
+        A_t = tl.where(rows[:, None] <= rows[None, :], tl.exp(G[None, :] - G[:, None]), 0.0)
+        A_t = tl.dot(k_tile, tl.trans(q_tile), input_precision=PREC) * scale * A_t
+        k_to_end = (k_tile * tl.exp(g_last - G)[:, None]).to(dt)
+        ddelta = tl.dot(A_t.to(dt), do_tile, input_precision=PREC) \
+            + tl.dot(k_to_end, dS.to(dt), input_precision=PREC)
+        ddelta_io = ddelta.to(dt)
+        tl.store(_tile(ddeltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), ddelta_io, boundary_check=(0, 1))
+        q_decayed = (q_tile * (scale * tl.exp(G))[:, None]).to(dt)
+        dS = dS * tl.exp(g_last) + tl.dot(tl.trans(q_decayed), do_tile, input_precision=PREC) \
+            - tl.dot(tl.trans(w_tile), ddelta_io, input_precision=PREC)
+    if STORE_DH0:
+        tl.store(_state_tile(dh0, i_n, i_h, H, c0, K, V, BV), dS)
+
+
+@triton.jit
+def _local_bwd_kernel(q, k, gcum, states, dstates, deltas, ddeltas, do, dq, dk_part, dw, dG_part,
+                      cu_seqlens, chunk_indices, scale, H,
+                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    bos, seq_len, t0 = _chunk_location(cu_seqlens, chunk_indices, i_c, C)
+    rows = tl.arange(0, C)
+    dt = q.dtype.element_ty
+    G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
+    q_tile = tl.load(_tile(q, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
+    k_tile = tl.load(_tile(k, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
+    dq_acc = tl.zeros([C, K], dtype=tl.float32)
+    dw_acc = tl.zeros([C, K], dtype=tl.float32)
+    dk_state = tl.zeros([C, K], dtype=tl.float32)
+    dA = tl.zeros([C, C], dtype=tl.float32)
+    d_total_decay = 0.0                         # d/d(e^{G_C}) of e^{G_C} S_0, summed
+    for i_v in tl.static_range(V // BV):
+        c0 = i_v * BV
+        S0 = tl.load(_state_tile(states, i_c, i_h, H, c0, K, V, BV))
+        dSC = tl.load(_state_tile(dstates, i_c, i_h, H, c0, K, V, BV))
+        delta = tl.load(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
+        ddelta = tl.load(_tile(ddeltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
+        do_tile = tl.load(_tile(do, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1)).to(dt)
+        dq_acc += tl.dot(do_tile, tl.trans(S0), input_precision=PREC)
+        dA += tl.dot(do_tile, tl.trans(delta), input_precision=PREC)
+        dw_acc -= tl.dot(ddelta, tl.trans(S0), input_precision=PREC)
+        dk_state += tl.dot(delta, tl.trans(dSC), input_precision=PREC)
+        d_total_decay += tl.sum(S0.to(tl.float32) * dSC.to(tl.float32))
+    # readout of the carried state: o += scale e^G Q S_0
+    dq_tile = dq_acc * (scale * tl.exp(G))[:, None]
+    dG = tl.sum(dq_tile * q_tile.to(tl.float32), axis=1)
+    # intra-chunk part: o += A Delta
+    dA = dA * scale * _decay_matrix(G, C, False)
+    dA_g = dA * tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC)
+    dG += tl.sum(dA_g, axis=1) - tl.sum(dA_g, axis=0)
+    dq_tile += tl.dot(dA.to(dt), k_tile, input_precision=PREC)
+    dk_tile = tl.dot(tl.trans(dA).to(dt), q_tile, input_precision=PREC)
+    # state passed on: S_C = e^{G_C} S_0 + (e^{G_C - G} K)^T Delta
+    dk_state = dk_state * tl.exp(g_last - G)[:, None]
+    from_last = tl.sum(dk_state * k_tile.to(tl.float32), axis=1)
+    dk_tile += dk_state
+    dG -= from_last
+    dG += tl.where(rows == C - 1, tl.sum(from_last) + d_total_decay * tl.exp(g_last), 0.0)
+    tl.store(_tile(dq, bos, seq_len, H, i_h, t0, 0, K, C, K), dq_tile.to(dq.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(_tile(dk_part, bos, seq_len, H, i_h, t0, 0, K, C, K), dk_tile, boundary_check=(0, 1))
+    tl.store(_tile(dw, bos, seq_len, H, i_h, t0, 0, K, C, K), dw_acc, boundary_check=(0, 1))
+    # padding rows carry the last row's G: keep their dG for the reverse cumsum
+    tl.store(dG_part + (i_c * H + i_h) * C + rows, dG)
+
+
+@triton.jit
+def _wy_bwd_kernel(k, v, beta, gcum, ddeltas, dk_part, dw, dG_part, dk, dv, dbeta, dg,
+                   cu_seqlens, chunk_indices, H,
+                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    bos, seq_len, t0 = _chunk_location(cu_seqlens, chunk_indices, i_c, C)
+    rows = tl.arange(0, C)
+    valid = t0 + rows < seq_len
+    G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
+    beta_c = tl.load(beta + (bos + t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    k_tile = tl.load(_tile(k, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
+    dt = k_tile.dtype
+    X, L, kk_decayed = _chunk_wy_system(k_tile, beta_c, G, C, PREC)
+    X_io_t = tl.trans(X).to(dt)
+    # W = X (beta e^G K)
+    k_scaled = k_tile.to(tl.float32) * (beta_c * tl.exp(G))[:, None]
+    dw_tile = tl.load(_tile(dw, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
+    dX = tl.dot(dw_tile, tl.trans(k_scaled), input_precision=PREC)
+    dk_scaled = tl.dot(tl.trans(X), dw_tile, input_precision=PREC)
+    dbeta_c = tl.sum(dk_scaled * k_tile.to(tl.float32) * tl.exp(G)[:, None], axis=1)
+    dG = tl.load(dG_part + (i_c * H + i_h) * C + rows) + tl.sum(dk_scaled * k_scaled, axis=1)
+    dk_tile = tl.load(_tile(dk_part, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
+    dk_tile += dk_scaled * (beta_c * tl.exp(G))[:, None]
+    # U = X (beta V), dU = dDelta
+    for i_v in tl.static_range(V // BV):
+        c0 = i_v * BV
+        v_tile = tl.load(_tile(v, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
+        du = tl.load(_tile(ddeltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
+        dX += tl.dot(du, tl.trans((v_tile * beta_c[:, None]).to(dt)), input_precision=PREC)
+        dv_scaled = tl.dot(X_io_t, du, input_precision=PREC)
+        dbeta_c += tl.sum(dv_scaled * v_tile.to(tl.float32), axis=1)
+        tl.store(_tile(dv, bos, seq_len, H, i_h, t0, c0, V, C, BV),
+                 (dv_scaled * beta_c[:, None]).to(dv.dtype.element_ty), boundary_check=(0, 1))
+    # X = (I + L)^{-1}, L = beta_i e^{G_i - G_j} k_i.k_j (i > j)
+    dL = -tl.dot(tl.trans(X), tl.dot(dX, tl.trans(X), input_precision=PREC), input_precision=PREC)
+    dL = tl.where(rows[:, None] > rows[None, :], dL, 0.0)
+    dbeta_c += tl.sum(dL * kk_decayed, axis=1)
+    dL_g = dL * L
+    dG += tl.sum(dL_g, axis=1) - tl.sum(dL_g, axis=0)
+    dkk = (dL * beta_c[:, None] * _decay_matrix(G, C, True)).to(dt)
+    dk_tile += tl.dot(dkk, k_tile, input_precision=PREC) + tl.dot(tl.trans(dkk), k_tile, input_precision=PREC)
+    # G = cumsum(g): dg_i = sum_{j >= i} dG_j
+    dg_c = tl.sum(dG) - tl.cumsum(dG, axis=0) + dG
+    tl.store(_tile(dk, bos, seq_len, H, i_h, t0, 0, K, C, K), dk_tile.to(dk.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(dbeta + (bos + t0 + rows) * H + i_h, dbeta_c.to(dbeta.dtype.element_ty), mask=valid)
+    tl.store(dg + (bos + t0 + rows) * H + i_h, dg_c.to(dg.dtype.element_ty), mask=valid)
+
+
+# ----------------------------------------------------------------------------- host side
+def _packed_layout(batch, length, cu_seqlens, device):
+    """(cu_seqlens int32, chunk_indices [NC, 2] int32 of (sequence, chunk in it), chunk_offsets [N+1])."""
+    if cu_seqlens is None:
+        lengths = [length] * batch
+    else:
+        bounds = cu_seqlens.tolist()
+        lengths = [e - b for b, e in zip(bounds[:-1], bounds[1:])]
+    chunks = [-(-n // CHUNK) for n in lengths]
+    offsets = [0]
+    for c in chunks:
+        offsets.append(offsets[-1] + c)
+    indices = [(n, i) for n, c in enumerate(chunks) for i in range(c)]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    return as_tensor(bounds), as_tensor(indices).reshape(-1, 2), as_tensor(offsets)
+
+
+def _dot_precision(dtype):
+    # fp32 inputs ask for fp32 accuracy: tf32x3 keeps the tensor cores at ~1e-6 error
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _launch_args(kernel, V, dtype):
+    args = dict(LAUNCH[kernel])
+    args["BV"] = min(V, args["BV"])
+    if dtype == torch.float32:
+        # fp32 tiles are twice as large: one pipeline stage keeps them in shared memory
+        args["num_stages"] = 1
+    return args
+
+
+def _check_triton_shapes(K, V):
+    for name, d in (("K", K), ("V", V)):
+        if d < 16 or d > 256 or d & (d - 1):
+            raise ValueError(f"Triton GDN kernels need head size {name} a power of two in [16, 256], got {d}")
+
+
+def _forward(q, k, v, g, beta, scale, initial_state, want_final, layout, keep_for_backward):
+    cu, chunk_indices, chunk_offsets = layout
+    T_total, H, K = q.shape
+    V = v.shape[-1]
+    N = cu.numel() - 1
+    num_chunks = chunk_indices.shape[0]
+    prec = _dot_precision(q.dtype)
+    w = torch.empty_like(k)
+    u = torch.empty_like(v)
+    gcum = torch.empty(T_total, H, dtype=torch.float32, device=q.device)
+    _wy_fwd_kernel[(num_chunks, H)](k, v, g, beta, w, u, gcum, cu, chunk_indices, H,
+                                    K=K, V=V, C=CHUNK, PREC=prec, **_launch_args("wy_fwd", V, q.dtype))
+    o = torch.empty_like(v)
+    final = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if want_final else None
+    states = torch.empty(num_chunks, H, K, V, dtype=q.dtype, device=q.device) if keep_for_backward else None
+    deltas = torch.empty_like(v) if keep_for_backward else None
+    launch = _launch_args("state_fwd", V, q.dtype)
+    _state_fwd_kernel[(V // launch["BV"], N * H)](
+        q, k, w, u, gcum, o, initial_state, final, states, deltas, cu, chunk_offsets, scale, H,
+        K=K, V=V, C=CHUNK, HAS_H0=initial_state is not None, STORE_FINAL=want_final,
+        STORE_CHUNKS=keep_for_backward, PREC=prec, **launch)
+    return o, final, (w, gcum, states, deltas)
+
+
+def _backward(q, k, v, g, beta, scale, initial_state, layout, saved, do, dht):
+    cu, chunk_indices, chunk_offsets = layout
+    w, gcum, states, deltas = saved
+    T_total, H, K = q.shape
+    V = v.shape[-1]
+    N = cu.numel() - 1
+    num_chunks = chunk_indices.shape[0]
+    prec = _dot_precision(q.dtype)
+    do = do.contiguous()
+    dht = None if dht is None else dht.contiguous()
+    dstates = torch.empty_like(states)
+    ddeltas = torch.empty_like(deltas)
+    dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
+    launch = _launch_args("state_bwd", V, q.dtype)
+    _state_bwd_kernel[(V // launch["BV"], N * H)](
+        q, k, w, gcum, do, dht, dh0, dstates, ddeltas, cu, chunk_offsets, scale, H,
+        K=K, V=V, C=CHUNK, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+        PREC=prec, **launch)
+    dq = torch.empty_like(q)
+    dk_part = torch.empty(T_total, H, K, dtype=torch.float32, device=q.device)
+    dw = torch.empty_like(dk_part)
+    dG_part = torch.empty(num_chunks, H, CHUNK, dtype=torch.float32, device=q.device)
+    _local_bwd_kernel[(num_chunks, H)](
+        q, k, gcum, states, dstates, deltas, ddeltas, do, dq, dk_part, dw, dG_part,
+        cu, chunk_indices, scale, H, K=K, V=V, C=CHUNK, PREC=prec, **_launch_args("local_bwd", V, q.dtype))
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dbeta = torch.empty_like(beta)
+    dg = torch.empty_like(g)
+    _wy_bwd_kernel[(num_chunks, H)](
+        k, v, beta, gcum, ddeltas, dk_part, dw, dG_part, dk, dv, dbeta, dg,
+        cu, chunk_indices, H, K=K, V=V, C=CHUNK, PREC=prec, **_launch_args("wy_bwd", V, q.dtype))
+    return dq, dk, dv, dg, dbeta, dh0
+
+
+class _ChunkGatedDeltaRule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, want_final, layout, keep):
+        o, final, saved = _forward(q, k, v, g, beta, scale, initial_state, want_final, layout, keep)
+        ctx.scale, ctx.layout = scale, layout
+        ctx.save_for_backward(q, k, v, g, beta, initial_state, *saved)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, beta, initial_state, *saved = ctx.saved_tensors
+        if saved[2] is None:
+            raise RuntimeError("chunk_gated_delta_rule: backward needs the forward run with grad enabled")
+        dq, dk, dv, dg, dbeta, dh0 = _backward(q, k, v, g, beta, ctx.scale, initial_state, ctx.layout,
+                                               saved, do, dht)
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                           cu_seqlens=None):
+    """Triton chunked Gated DeltaNet (forward and backward).
+
+    q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] log-decay; beta [B, T, H];
+    initial_state [N, H, K, V] fp32; cu_seqlens [N+1] packs N sequences with B == 1.
+    Returns (o [B, T, H, V] in v.dtype, final_state [N, H, K, V] fp32 or None).
+    q, k, v (and the gradients) share one dtype (fp32, bf16 or fp16); g and beta are
+    read as fp32. Runs on CUDA tensors, or on CPU under TRITON_INTERPRET=1.
+    """
+    check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    _check_triton_shapes(K, V)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("chunk_gated_delta_rule needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    scale = default_scale(scale, K)
+    layout = _packed_layout(B, T, cu_seqlens, q.device)
+    flat = [t.reshape(B * T, *t.shape[2:]).contiguous() for t in (q, k, v, g, beta)]
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
+    # Grad mode is off inside Function.forward: decide here whether to keep intermediates.
+    keep = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state))
+    o, final = _ChunkGatedDeltaRule.apply(*flat, scale, initial_state, output_final_state, layout, keep)
+    return o.reshape(B, T, H, V), final

@@ -1,0 +1,492 @@
+"""The Oryx model in PyTorch: every layer runs each token with softmax attention or a linear
+recurrence (Gated DeltaNet or Mamba-2), switching at any token, with keys, values, gate,
+norm and output projection shared by both modes.
+
+The float64 reference (`oryx_core/reference.py`) defines the function; this file computes
+the same in fp32 or bf16 (recurrent state always fp32). Parameter names are the spec's
+(`oryx_core.spec.parameter_specs`), so `state_dict()` keys are the checkpoint's names.
+
+    model = OryxModel.from_checkpoint(path, dtype=torch.bfloat16, device="cuda")
+    logits = model(tokens, modes)                # tokens [B, T]; modes bool [T] or [B, T], True = attention
+    cache = model.new_cache(batch=1, capacity=4096)
+    logits = model(prompt, modes, cache=cache)   # prefill: fills KV cache, conv windows, recurrent state
+    logits = model.step(token, is_attention, cache)   # one token per sequence
+
+Every token computes its key and value and updates the recurrence whatever its mode; only
+attention-mode queries attend (attention.py); each token's output takes its own mode's
+readout. Training uses the plain forward (no cache, no cu_seqlens).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from oryx_core.config import OryxConfig
+from oryx_core.init import init_params
+from oryx_core.reference import L2NORM_EPS
+from oryx_core.weights import load_checkpoint, save_checkpoint
+
+from .attention import apply_rope, decode_attention, plan_attention, rope_tables
+from .cache import LayerCache, OryxCache
+from .kernels.gdn import gated_delta_rule, naive_recurrent_gated_delta_rule
+from .kernels.mamba2 import naive_recurrent_ssd, ssd
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----- small pieces -----
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * w, computed in fp32, returned in x's dtype."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def l2_normalize(x):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + L2NORM_EPS)).to(x.dtype)
+
+
+def repeat_heads(x, group: int, dim: int):
+    """Query head h reads key/value head h // group: repeat each kv head `group` times."""
+    return x if group == 1 else x.repeat_interleave(group, dim=dim)
+
+
+class CausalConv(nn.Module):
+    """Depthwise causal conv over time; weight [C, W] with the last tap on the current token."""
+
+    def __init__(self, channels: int, width: int, bias: bool, activation: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(channels, width))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        self.activation = activation
+
+    def _activate(self, x):
+        return F.silu(x) if self.activation == "silu" else x
+
+    def forward(self, x, window=None):
+        """x [B, T, C], window [B, W-1, C] (earlier inputs, zeros if None) -> (out [B, T, C], new window)."""
+        B, T, C = x.shape
+        W = self.weight.shape[1]
+        history = x.new_zeros(B, W - 1, C) if window is None else window.to(x.dtype)
+        padded = torch.cat([history, x], dim=1)
+        out = F.conv1d(padded.transpose(1, 2), self.weight[:, None, :].to(x.dtype), groups=C).transpose(1, 2)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return self._activate(out), padded[:, T:]
+
+    def step(self, x, window):
+        """One token x [B, C]; shifts `window` [B, W-1, C] in place."""
+        full = torch.cat([window, x[:, None].to(window.dtype)], dim=1)                # [B, W, C]
+        out = (full.float() * self.weight.float().t()).sum(1)
+        if self.bias is not None:
+            out = out + self.bias.float()
+        window.copy_(full[:, 1:])
+        return self._activate(out).to(x.dtype)
+
+
+# ----- the mixer: both modes over shared keys and values -----
+class OryxMixer(nn.Module):
+    def __init__(self, cfg: OryxConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, H, Hkv, d, dv, W = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim, cfg.conv_width
+
+        def linear(out_features):
+            return nn.Linear(D, out_features, bias=False)
+
+        self.k_proj, self.v_proj = linear(Hkv * d), linear(Hkv * dv)
+        self.q_attn, self.q_rec = linear(H * d), linear(H * d)
+        self.g_proj = linear(H * dv) if cfg.output_gate else None
+        self.o_proj = nn.Linear(H * dv, D, bias=False)
+        act = cfg.conv_act
+        self.conv_k = CausalConv(Hkv * d, W, cfg.conv_bias, act)
+        self.conv_v = CausalConv(Hkv * dv, W, cfg.conv_bias, act)
+        self.conv_q = CausalConv(H * d, W, cfg.conv_bias, act)
+        norm_width = dv if cfg.o_norm_grouping == "head" else H * dv
+        self.o_norm = RMSNorm(norm_width, cfg.norm_eps) if cfg.output_norm else None
+        if cfg.mixer == "gdn":
+            self.a_proj, self.b_proj = linear(Hkv), linear(Hkv)
+        else:
+            self.dt_proj = linear(Hkv)
+            self.D_skip = nn.Parameter(torch.ones(Hkv))
+        self.A_log = nn.Parameter(torch.zeros(Hkv))
+        self.dt_bias = nn.Parameter(torch.zeros(Hkv))
+
+    # -- pieces shared by the parallel and the step form (leading dims: [B, T] or [B]) --
+    def _recurrence_inputs(self, xn, k, v, q_raw) -> dict:
+        """Kernel arguments, heads repeated to the H query heads (the kernels take equal heads)."""
+        cfg = self.cfg
+        lead, G = xn.shape[:-1], cfg.group_size
+        q = q_raw.view(*lead, cfg.n_heads, cfg.head_dim)
+        k = k.view(*lead, cfg.n_kv_heads, cfg.head_dim)
+        v = repeat_heads(v.view(*lead, cfg.n_kv_heads, cfg.v_head_dim), G, -2)
+        A = -torch.exp(self.A_log.float())
+        if cfg.mixer == "gdn":
+            log_alpha = A * F.softplus(self.a_proj(xn).float() + self.dt_bias.float())
+            beta = torch.sigmoid(self.b_proj(xn).float())
+            return dict(q=l2_normalize(q), k=repeat_heads(l2_normalize(k), G, -2), v=v,
+                        g=repeat_heads(log_alpha, G, -1), beta=repeat_heads(beta, G, -1))
+        dt = F.softplus(self.dt_proj(xn).float() + self.dt_bias.float())
+        return dict(q=q, k=repeat_heads(k, G, -2), v=v, dt=repeat_heads(dt, G, -1), A=repeat_heads(A, G, 0),
+                    D=repeat_heads(self.D_skip.float(), G, 0))
+
+    def _keys_values(self, k, v, rope):
+        """Head-major attention keys (RoPE applied) and values: [B, Hkv, T, d], [B, Hkv, T, dv]."""
+        B, T = k.shape[:2]
+        keys = k.view(B, T, self.cfg.n_kv_heads, self.cfg.head_dim)
+        if rope is not None:
+            keys = apply_rope(keys, *rope)
+        return keys.transpose(1, 2), v.view(B, T, self.cfg.n_kv_heads, self.cfg.v_head_dim).transpose(1, 2)
+
+    def _attention_queries(self, xn, rope):
+        B, T = xn.shape[:2]
+        q = self.q_attn(xn).view(B, T, self.cfg.n_heads, self.cfg.head_dim)
+        return apply_rope(q, *rope) if rope is not None else q
+
+    def _output(self, o, xn):
+        """o [B, T, H, dv] -> gated output norm -> o_proj; the same formula as reference.gated_out_norm."""
+        cfg = self.cfg
+        B, T, H, dv = o.shape
+        g = self.g_proj(xn).view(B, T, H, dv) if self.g_proj is not None else None
+        if cfg.o_norm_grouping == "all":
+            o = o.reshape(B, T, 1, H * dv)
+            g = None if g is None else g.reshape(B, T, 1, H * dv)
+        y = o.float()
+        gate = F.silu(g.float()) if g is not None else None
+        if self.o_norm is None:
+            y = y if gate is None else y * gate
+        elif cfg.gate_before_norm:
+            y = self.o_norm(y if gate is None else y * gate)
+        else:
+            y = self.o_norm(y) if gate is None else self.o_norm(y) * gate
+        return self.o_proj(y.reshape(B, T, H * dv).to(o.dtype))
+
+    # -- parallel form (training, eval, prefill) --
+    def forward(self, xn, modes, rope, layer_cache: LayerCache | None = None, offset: int = 0,
+                any_attention: bool = True, any_recurrent: bool = True):
+        """xn [B, T, D] normed input; modes [B, T] bool; rope (cos, sin) for positions offset.. or None."""
+        windows = layer_cache.conv if layer_cache is not None else {}
+        k, k_tail = self.conv_k(self.k_proj(xn), windows.get("k"))
+        v, v_tail = self.conv_v(self.v_proj(xn), windows.get("v"))
+        o_rec = o_attn = None
+        if any_recurrent or layer_cache is not None:  # with a cache the state must advance anyway
+            q_raw, q_tail = self.conv_q(self.q_rec(xn), windows.get("q"))
+            o_rec, final = self._recurrence(self._recurrence_inputs(xn, k, v, q_raw),
+                                            None if layer_cache is None else layer_cache.state)
+            if layer_cache is not None:
+                layer_cache.state.copy_(final)
+                layer_cache.conv["q"].copy_(q_tail)
+        if layer_cache is not None:
+            layer_cache.conv["k"].copy_(k_tail)
+            layer_cache.conv["v"].copy_(v_tail)
+        if any_attention or (layer_cache is not None and layer_cache.keys is not None):
+            o_attn = self._attention(xn, k, v, modes, rope, layer_cache, offset, any_attention)
+        if o_attn is None:
+            o = o_rec
+        elif o_rec is None:
+            o = o_attn
+        else:
+            o = torch.where(modes[:, :, None, None], o_attn, o_rec)
+        return self._output(o, xn)
+
+    def _recurrence(self, r: dict, initial_state):
+        state_args = dict(initial_state=initial_state, output_final_state=initial_state is not None)
+        if self.cfg.mixer == "gdn":
+            return gated_delta_rule(r["q"], r["k"], r["v"], r["g"], r["beta"], scale=self.cfg.head_dim ** -0.5,
+                                    **state_args)
+        return ssd(r["q"], r["k"], r["v"], r["dt"], r["A"], r["D"], **state_args)
+
+    def _attention(self, xn, k, v, modes, rope, layer_cache, offset, needed):
+        """Appends this chunk's keys/values to the cache (if any) and attends for the attention-mode rows."""
+        keys, values = self._keys_values(k, v, rope)
+        if layer_cache is not None and layer_cache.keys is not None:
+            T = keys.shape[2]
+            layer_cache.keys[:, :, offset:offset + T] = keys
+            layer_cache.values[:, :, offset:offset + T] = values
+            keys = layer_cache.keys[:, :, :offset + T].to(keys.dtype)
+            values = layer_cache.values[:, :, :offset + T].to(values.dtype)
+        if not needed:
+            return None
+        q = self._attention_queries(xn, rope).transpose(1, 2)
+        o = plan_attention(q, keys, values, modes, q_offset=offset, scale=self.cfg.head_dim ** -0.5)
+        return o.transpose(1, 2)
+
+    # -- step form (decoding one token per sequence) --
+    def step(self, xn, modes, rope, layer_cache: LayerCache, position, attend: bool):
+        """xn [B, D]; modes [B] bool; position [B] (the slot this token takes). Graph-capturable."""
+        cfg = self.cfg
+        B = xn.shape[0]
+        k = self.conv_k.step(self.k_proj(xn), layer_cache.conv["k"])
+        v = self.conv_v.step(self.v_proj(xn), layer_cache.conv["v"])
+        q_raw = self.conv_q.step(self.q_rec(xn), layer_cache.conv["q"])
+        keys, values = self._keys_values(k[:, None], v[:, None], rope)              # [B, Hkv, 1, *]
+        o_rec = self._recurrence_step(self._recurrence_inputs(xn, k, v, q_raw), layer_cache, position,
+                                      keys[:, :, 0], values[:, :, 0])
+        if not attend:
+            return self._output(o_rec[:, None], xn[:, None])[:, 0]
+        q = self._attention_queries(xn[:, None], rope)[:, 0]                         # [B, H, d]
+        o_attn = decode_attention(q, layer_cache.keys, layer_cache.values, position, cfg.head_dim ** -0.5)
+        o = torch.where(modes.view(B, 1, 1), o_attn.to(o_rec.dtype), o_rec)
+        return self._output(o[:, None], xn[:, None])[:, 0]
+
+    def _recurrence_step(self, r: dict, layer_cache: LayerCache, position, keys, values):
+        """One recurrence token, state updated in place; also writes this token's key/value to the KV cache.
+
+        On CUDA (or under TRITON_INTERPRET=1) the fused Triton decode step does both in one
+        launch; elsewhere the per-token torch recurrence runs and the cache is written with index_copy_.
+        """
+        state, has_kv = layer_cache.state, layer_cache.keys is not None
+        if fused_decode_available(state):
+            append = dict(k_cache=layer_cache.keys, v_cache=layer_cache.values, cache_pos=position,
+                          k_append=keys.to(layer_cache.keys.dtype), v_append=values.to(layer_cache.values.dtype)) \
+                if has_kv else {}
+            if self.cfg.mixer == "gdn":
+                from .kernels.gdn import gated_delta_rule_decode_step
+
+                return gated_delta_rule_decode_step(r["q"], r["k"], r["v"], r["g"], r["beta"], state,
+                                                    scale=self.cfg.head_dim ** -0.5, **append)
+            from .kernels.mamba2 import ssd_decode_step
+
+            return ssd_decode_step(r["q"], r["k"], r["v"], r["dt"], r["A"], r["D"], state, **append)
+        if has_kv:
+            slot = position[:1]  # every sequence of a cache is at the same position
+            layer_cache.keys.index_copy_(2, slot, keys[:, :, None].to(layer_cache.keys.dtype))
+            layer_cache.values.index_copy_(2, slot, values[:, :, None].to(layer_cache.values.dtype))
+        one = {name: t[:, None] for name, t in r.items() if name not in ("A", "D")}  # [B, 1, ...]: one token
+        if self.cfg.mixer == "gdn":
+            o, final = naive_recurrent_gated_delta_rule(one["q"], one["k"], one["v"], one["g"], one["beta"],
+                                                        scale=self.cfg.head_dim ** -0.5, initial_state=state,
+                                                        output_final_state=True)
+        else:
+            o, final = naive_recurrent_ssd(one["q"], one["k"], one["v"], one["dt"], r["A"], r["D"],
+                                           initial_state=state, output_final_state=True)
+        state.copy_(final)
+        return o[:, 0]
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class OryxLayer(nn.Module):
+    """Pre-norm residual block: h = x + Mixer(RMSNorm(x)); y = h + MLP(RMSNorm(h))."""
+
+    def __init__(self, cfg: OryxConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = OryxMixer(cfg)
+        if cfg.mlp_hidden:
+            self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+        else:
+            self.mlp = None
+
+    def _mlp(self, h):
+        return h if self.mlp is None else h + self.mlp(self.mlp_norm(h))
+
+    def forward(self, x, modes, rope, layer_cache=None, offset=0, any_attention=True, any_recurrent=True):
+        h = x + self.mixer(self.attn_norm(x), modes, rope, layer_cache, offset, any_attention, any_recurrent)
+        return self._mlp(h)
+
+    def step(self, x, modes, rope, layer_cache, position, attend):
+        return self._mlp(x + self.mixer.step(self.attn_norm(x), modes, rope, layer_cache, position, attend))
+
+
+# ----- the model -----
+class OryxModel(nn.Module):
+    def __init__(self, cfg: OryxConfig, seed: int | None = 0):
+        """An Oryx model; `seed` fills it as `oryx init` would (None: leave it for load_params)."""
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(OryxLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if seed is not None:
+            self.load_params(init_params(cfg, seed))
+
+    # -- weights --
+    @classmethod
+    def from_checkpoint(cls, path, dtype=None, device="cpu") -> "OryxModel":
+        """Loads a checkpoint directory; dtype None keeps the stored float dtype."""
+        ckpt = load_checkpoint(path)
+        if ckpt.quantization is not None:
+            raise ValueError(f"{path}: quantized checkpoints ({ckpt.quantization}) are MLX-only; "
+                             f"convert to float first")
+        dtype = resolve_dtype(dtype if dtype is not None else TORCH_DTYPES.get(ckpt.dtype, torch.float32))
+        model = cls(ckpt.config, seed=None).to(dtype)
+        model.load_params(ckpt.params)
+        return model.to(device)
+
+    def load_params(self, params: dict[str, np.ndarray]) -> None:
+        """Copies spec-named numpy arrays (bf16 through ml_dtypes, bit-exact) into the parameters."""
+        own = dict(self.named_parameters())
+        missing, extra = sorted(set(own) - set(params)), sorted(set(params) - set(own))
+        if missing or extra:
+            raise ValueError(f"params: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
+        with torch.no_grad():
+            for name, p in own.items():
+                value = numpy_to_torch(params[name])
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(f"params: tensor {name!r} has shape {list(value.shape)}, "
+                                     f"the model needs {list(p.shape)}")
+                p.copy_(value)
+
+    def params_numpy(self) -> dict[str, np.ndarray]:
+        return {name: torch_to_numpy(p) for name, p in self.named_parameters()}
+
+    def save(self, path, dtype: str | None = None, tokenizer_json: str | None = None) -> Path:
+        return save_checkpoint(path, self.cfg, self.params_numpy(), dtype=dtype, tokenizer_json=tokenizer_json)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self, batch: int, capacity: int, kv_policy: str = "keep", with_kv: bool = True) -> OryxCache:
+        return OryxCache(self.cfg, batch, capacity, self.device, self.dtype, kv_policy, with_kv)
+
+    # -- input checks (one-line errors naming the argument) --
+    def check_tokens(self, tokens, ndim: int) -> torch.Tensor:
+        tokens = torch.as_tensor(tokens)
+        if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
+            raise ValueError(f"tokens: expected integer token ids, got {tokens.dtype}")
+        if tokens.dim() != ndim:
+            raise ValueError(f"tokens: expected {ndim} dimensions ({'[B, T]' if ndim == 2 else '[B]'}), "
+                             f"got shape {list(tokens.shape)}")
+        if tokens.numel():  # one host sync for tokens on the GPU: an id out of range would index garbage
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.cfg.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f"tokens: id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        return tokens.to(self.device, torch.long)
+
+    def check_modes(self, modes, shape: tuple[int, ...]) -> torch.Tensor:
+        """modes -> bool [*shape]; accepts a bool, per-token [T] (shared by the batch) or the full shape."""
+        modes = torch.as_tensor(modes, device=self.device)
+        if modes.dtype != torch.bool:
+            raise ValueError(f"modes: expected bools (True = attention), got {modes.dtype}")
+        if modes.dim() == 0 or tuple(modes.shape) == tuple(shape[1:]):
+            return modes.expand(shape)
+        if tuple(modes.shape) != tuple(shape):
+            want = f"[T] = {list(shape[1:])} or [B, T] = {list(shape)}" if len(shape) == 2 else f"[B] = {list(shape)}"
+            raise ValueError(f"modes: shape {list(modes.shape)} does not match the tokens; expected {want}")
+        return modes
+
+    # -- forward --
+    def forward(self, tokens, modes, cache: OryxCache | None = None):
+        """Logits [B, T, V] for tokens [B, T] under modes (bool [T] or [B, T], True = attention).
+
+        With a cache, the tokens continue the cached sequences (prefill): their keys and
+        values are appended, conv windows and recurrent states advanced.
+        """
+        tokens = self.check_tokens(tokens, 2)
+        B, T = tokens.shape
+        modes = self.check_modes(modes, (B, T))
+        any_attention, any_recurrent = bool(modes.any()), not bool(modes.all())
+        offset = 0
+        if cache is not None:
+            self._check_cache(cache, B, T)
+            if any_attention and not cache.has_kv:
+                raise ValueError("modes: attention-mode tokens, but this cache has no KV (dropped); "
+                                 "use the `keep` KV policy for plans that return to attention")
+            offset = cache.length
+        rope = self._rope(torch.arange(offset, offset + T, device=self.device))
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, modes, rope, None if cache is None else cache.layers[i], offset, any_attention, any_recurrent)
+        if cache is not None:
+            cache.advance(T)
+        return self.logits(x)
+
+    def step(self, tokens, modes, cache: OryxCache) -> torch.Tensor:
+        """Logits [B, V] for one token per sequence (tokens [B]); modes: a bool or bool [B]."""
+        tokens = self.check_tokens(tokens, 1)
+        modes = self.check_modes(modes, tuple(tokens.shape))
+        self._check_cache(cache, tokens.shape[0], 1)
+        attend = bool(modes.any())
+        if attend and not cache.has_kv:
+            raise ValueError("modes: attention-mode token, but this cache has no KV (dropped); "
+                             "use the `keep` KV policy for plans that return to attention")
+        logits = self.decode_step(tokens, modes, cache, attend)
+        cache.length += 1
+        return logits
+
+    def decode_step(self, tokens, modes, cache: OryxCache, attend: bool) -> torch.Tensor:
+        """The device part of `step`: no checks, no host syncs, fixed shapes (what a CUDA graph captures).
+
+        Advances cache.position on the device; the caller advances cache.length.
+        """
+        rope = self._rope(cache.position[:1])
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer.step(x, modes, rope, cache.layers[i], cache.position, attend)
+        cache.position.add_(1)
+        return self.logits(x)
+
+    def logits(self, x):
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(x), head)
+
+    def _rope(self, positions):
+        return rope_tables(self.cfg.head_dim, self.cfg.rope_theta, positions) if self.cfg.rope else None
+
+    def _check_cache(self, cache: OryxCache, batch: int, new_tokens: int) -> None:
+        if cache.cfg != self.cfg:
+            raise ValueError("cache: made for another config")
+        if cache.batch != batch:
+            raise ValueError(f"cache: holds {cache.batch} sequences but the tokens have batch {batch}")
+        cache.reserve(new_tokens)
+
+
+def fused_decode_available(t: torch.Tensor) -> bool:
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----- numpy <-> torch, bf16 bit-exact -----
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
+    return TORCH_DTYPES[dtype]
+
+
+def numpy_to_torch(arr: np.ndarray) -> torch.Tensor:
+    arr = np.asarray(arr)
+    if arr.dtype.name == "bfloat16":
+        return torch.from_numpy(np.array(arr.view(np.int16))).view(torch.bfloat16)
+    return torch.from_numpy(np.array(arr))
+
+
+def torch_to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy().copy()
+

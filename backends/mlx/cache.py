@@ -1,0 +1,73 @@
+"""The prompt cache: per layer a KV cache, the conv windows and the recurrent state.
+
+Every token appends its key/value and updates the recurrent state whatever its mode, so
+a later call may read any earlier token either way. The KV `drop` policy frees the keys
+and values once the plan says no attention-mode token follows (decoding in constant memory).
+
+The objects follow mlx-lm's cache protocol where mlx-lm touches it (`state`, `offset`,
+`nbytes`), so `mlx_lm.generate` can drive an exported Oryx model with them.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+
+KV_GROWTH = 256  # tokens added to the KV buffers at a time, so appending is amortised O(1)
+KV_POLICIES = ("keep", "drop")
+
+
+class LayerCache:
+    def __init__(self):
+        self.keys = None  # [B, Hkv, capacity, d], RoPE applied
+        self.values = None  # [B, Hkv, capacity, dv]
+        self.conv = {}  # "k" / "v" / "q" -> the last W-1 conv inputs [B, W-1, C]
+        self.recurrent = None  # [B, H, d, dv] float32, one copy per query head
+        self.offset = 0  # tokens seen so far (the next token's position)
+        self.kv_dropped = False
+
+    def append_kv(self, keys, values):
+        """Appends keys [B,Hkv,T,d] and values [B,Hkv,T,dv]; returns all cached ones so far."""
+        T = keys.shape[2]
+        start = self.offset
+        if self.keys is None or start + T > self.keys.shape[2]:
+            grow = -(-(start + T) // KV_GROWTH) * KV_GROWTH - (0 if self.keys is None else self.keys.shape[2])
+            new_k = mx.zeros((*keys.shape[:2], grow, keys.shape[3]), keys.dtype)
+            new_v = mx.zeros((*values.shape[:2], grow, values.shape[3]), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys[:, :, :start], new_k], axis=2)
+                self.values = mx.concatenate([self.values[:, :, :start], new_v], axis=2)
+        self.keys[:, :, start:start + T] = keys
+        self.values[:, :, start:start + T] = values
+        return self.keys[:, :, :start + T], self.values[:, :, :start + T]
+
+    def drop_kv(self):
+        self.keys = self.values = None
+        self.kv_dropped = True
+
+    @property
+    def kv_length(self) -> int:
+        return 0 if self.kv_dropped else self.offset
+
+    @property
+    def state(self) -> list[mx.array]:
+        """Every array the cache holds (mlx-lm evaluates these between prefill chunks)."""
+        arrays = [self.keys, self.values, self.recurrent, *self.conv.values()]
+        return [a for a in arrays if a is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+
+def make_prompt_cache(n_layers: int) -> list[LayerCache]:
+    return [LayerCache() for _ in range(n_layers)]
+
+
+def cache_offset(cache: list[LayerCache]) -> int:
+    return cache[0].offset if cache else 0
+
+
+def drop_kv(cache: list[LayerCache]) -> None:
+    for layer in cache:
+        layer.drop_kv()

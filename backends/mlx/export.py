@@ -1,0 +1,69 @@
+"""Writes a directory that `mlx_lm.load(path, trust_remote_code=True)` loads and `mlx_lm.generate` runs.
+
+Contents: the checkpoint's safetensors shards unchanged (the spec's tensor names are the
+model's parameter names, quantised or not), config.json for mlx-lm (the Oryx config,
+"model_type": "oryx", "model_file": "oryx_mlx_lm.py", "oryx_plan", "quantization" when
+quantised, "eos_token_id"), the model module `oryx_mlx_lm.py` (a copy of
+oryx_mlx/mlx_lm_model.py), tokenizer.json, and a tokenizer_config.json so that
+transformers' AutoTokenizer (which mlx-lm uses) reads it without knowing "oryx".
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from oryx_core.tokenizer import END_OF_TEXT, byte_level_tokenizer, end_of_text_id
+from oryx_core.weights import INDEX_FILE, TOKENIZER_FILE, atomic_directory, load_checkpoint
+
+from .mlx_lm_model import positional_plan
+
+MODEL_FILE = "oryx_mlx_lm.py"
+
+
+def export_mlx_lm(src, dst, plan: str = "attention", bits: int | None = None, group_size: int = 64) -> Path:
+    """Exports checkpoint src to dst for mlx-lm; `bits` quantises on the way (src must then be full precision)."""
+    plan_text = str(positional_plan(plan))
+    if bits is None:
+        return _export(Path(src), Path(dst), plan_text)
+    from .generate import load_model
+    from .quantize import quantize_model, save_quantized
+
+    model = load_model(src)
+    quantize_model(model, bits, group_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = Path(src) / TOKENIZER_FILE
+        quantized = save_quantized(model, Path(tmp) / "quantized", bits, group_size,
+                                   tokenizer.read_text() if tokenizer.exists() else None)
+        return _export(quantized, Path(dst), plan_text)
+
+
+def _export(src: Path, dst: Path, plan_text: str) -> Path:
+    ckpt = load_checkpoint(src)  # validates the checkpoint before anything is written
+    shards = sorted(set(json.loads((src / INDEX_FILE).read_text())["weight_map"].values()))
+    tokenizer_json = (src / TOKENIZER_FILE).read_text() if (src / TOKENIZER_FILE).exists() \
+        else byte_level_tokenizer().to_str()
+    from tokenizers import Tokenizer
+
+    eos = end_of_text_id(Tokenizer.from_str(tokenizer_json))
+    config = {**ckpt.config.to_dict(), "model_type": "oryx", "architectures": ["OryxForCausalLM"],
+              "model_file": MODEL_FILE, "oryx_plan": plan_text}
+    if ckpt.quantization is not None:
+        config["quantization"] = ckpt.quantization
+    if eos is not None:
+        config["eos_token_id"] = eos
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if eos is not None:
+        tokenizer_config["eos_token"] = END_OF_TEXT
+
+    def fill(tmp: Path):
+        for shard in shards:
+            shutil.copyfile(src / shard, tmp / shard)
+        shutil.copyfile(src / INDEX_FILE, tmp / INDEX_FILE)
+        shutil.copyfile(Path(__file__).with_name("mlx_lm_model.py"), tmp / MODEL_FILE)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+
+    return atomic_directory(dst, fill)

@@ -1,0 +1,249 @@
+"""Text generation with the MLX model: `load`, `generate`, `stream_generate`, and `oryx generate --backend mlx`.
+
+    model, tokenizer = load("ckpt/")
+    text = generate(model, tokenizer, "Once upon a time", max_tokens=100, plan="prefill-attention")
+    for r in stream_generate(model, tokenizer, prompt, plan="recurrent", kv_policy="drop"):
+        print(r.text, end="")
+
+The mode plan is per call and is resolved over absolute positions: the prompt cache may
+already hold earlier tokens (pass `prompt_cache=` to continue a conversation), and
+`prompt_length` for plans such as prefill-attention is everything fed before generation
+starts. A cache holds every token fed to the model; the last sampled token of a call is
+not in it yet (feed it at the start of the next prompt to continue the same text).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import mlx.core as mx
+
+from oryx_core.plan import ModePlan
+from oryx_core.tokenizer import end_of_text_id
+from oryx_core.evaluate import tokenizer_for
+from oryx_core.weights import load_checkpoint
+
+from .cache import KV_POLICIES, cache_offset, drop_kv
+from .model import OryxModel
+from .quantize import quantized_model
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new text since the previous response (may be empty while a character is incomplete)
+    token: int  # the token just sampled
+    is_attention: bool  # the mode this token will be fed back in
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: str | None = None  # "stop" (end-of-text token), "length", or None while running
+
+
+# ----- loading -----
+def load_model(path, dtype: str | None = None) -> OryxModel:
+    """An OryxModel from an Oryx checkpoint directory (full precision or quantised).
+
+    dtype casts the floating-point weights (float32, float16, bfloat16); default: as stored.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    ckpt = load_checkpoint(path)
+    weights = {name: mx.array(value) for name, value in ckpt.params.items()}
+    if ckpt.quantization is not None:
+        model = quantized_model(ckpt.config, ckpt.quantization, weights, str(ckpt.path))
+    else:
+        model = OryxModel(ckpt.config)
+    if dtype is not None:
+        weights = {n: w.astype(DTYPES[dtype]) if mx.issubdtype(w.dtype, mx.floating) else w for n, w in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load(path, dtype: str | None = None):
+    """(model, tokenizer) of a checkpoint directory; the tokenizer is a `tokenizers.Tokenizer`."""
+    return load_model(path, dtype), tokenizer_for(path)
+
+
+# ----- sampling -----
+def apply_repetition_penalty(logits, history: list[int], penalty: float):
+    """CTRL's penalty: logits of tokens already seen are divided (if > 0) or multiplied by `penalty`."""
+    if penalty == 1.0 or not history:
+        return logits
+    seen = mx.array(sorted(set(history)))
+    picked = logits[seen]
+    logits[seen] = mx.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def sample_token(logits, key, temperature: float, top_k: int, top_p: float) -> int:
+    """One token from float32 logits [V]: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return int(mx.argmax(logits))
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[0]:
+        kth = mx.sort(logits)[-top_k]
+        logits = mx.where(logits < kth, -mx.inf, logits)
+    if top_p < 1.0:
+        order = mx.argsort(-logits)
+        probs = mx.softmax(logits[order])
+        # keep the smallest prefix whose mass reaches top_p (the most likely token always stays)
+        drop_sorted = (mx.cumsum(probs) - probs) >= top_p
+        drop = mx.zeros(logits.shape, mx.bool_)
+        drop[order] = drop_sorted
+        logits = mx.where(drop, -mx.inf, logits)
+    return int(mx.random.categorical(logits, key=key))
+
+
+def _check_sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, kv_policy):
+    if not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if kv_policy not in KV_POLICIES:
+        raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
+
+
+class _Detokenizer:
+    """Incremental decoding that holds back bytes of an incomplete UTF-8 character.
+
+    A character has at most 4 bytes, so after 4 held tokens the text is invalid, not
+    incomplete, and goes out as it is (with its replacement characters).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+
+    def add(self, token: int) -> str:
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=False)
+        if text.endswith("\ufffd") and len(self.pending) < 4:
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=False) if self.pending else ""
+        self.pending = []
+        return text
+
+
+def _encode(tokenizer, prompt) -> list[int]:
+    ids = tokenizer.encode(prompt).ids if isinstance(prompt, str) else [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("prompt: needs at least one token")
+    return ids
+
+
+# ----- generation -----
+def stream_generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, plan="prefill-attention",
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                    seed: int = 0, kv_policy: str = "keep", prompt_cache=None,
+                    stop_at_end_of_text: bool = True) -> Iterator[GenerationResponse]:
+    """Yields one GenerationResponse per generated token.
+
+    prompt: text or token ids. plan: a mode plan (text or ModePlan) for this call.
+    kv_policy "drop" frees the KV cache once the plan has no attention token left.
+    prompt_cache: a cache from `model.make_cache()` to continue from (updated in place).
+    """
+    _check_sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, kv_policy)
+    plan = ModePlan.parse(plan)
+    ids = _encode(tokenizer, prompt)
+    vocab = model.cfg.vocab_size
+    if max(ids) >= vocab or min(ids) < 0:
+        raise ValueError(f"prompt: token id {max(ids)} outside the model's vocabulary of {vocab}")
+    cache = model.make_cache() if prompt_cache is None else prompt_cache
+    start = cache_offset(cache)
+    prompt_length = start + len(ids)
+    modes = plan.resolve(prompt_length + max_tokens, prompt_length=prompt_length)
+    end_id = end_of_text_id(tokenizer) if stop_at_end_of_text else None
+    key = mx.random.key(seed)
+    detok = _Detokenizer(tokenizer)
+    history = list(ids)
+
+    def drop_if_done(position):
+        if kv_policy == "drop" and not cache[0].kv_dropped and not plan.attention_after(position, prompt_length):
+            drop_kv(cache)
+
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    drop_if_done(start)
+    logits = model(mx.array([ids]), modes[start:prompt_length], cache)[0, -1].astype(mx.float32)
+    mx.eval(logits)
+    prompt_tps = len(ids) / (time.perf_counter() - tic)
+    tic = time.perf_counter()
+    for n in range(1, max_tokens + 1):
+        position = prompt_length + n - 1  # where the sampled token will sit
+        key, subkey = mx.random.split(key)
+        token = sample_token(apply_repetition_penalty(logits, history, repetition_penalty), subkey,
+                             temperature, top_k, top_p)
+        history.append(token)
+        finished = "stop" if token == end_id else ("length" if n == max_tokens else None)
+        text = "" if token == end_id else detok.add(token)
+        if finished:
+            text += detok.flush()
+        drop_if_done(position)
+        elapsed = time.perf_counter() - tic
+        yield GenerationResponse(text, token, bool(modes[position]), len(ids), prompt_tps, n,
+                                 n / elapsed if elapsed > 0 else float("inf"), mx.get_peak_memory() / 1e9, finished)
+        if finished:
+            return
+        logits = model(mx.array([[token]]), modes[position:position + 1], cache)[0, -1].astype(mx.float32)
+
+
+def generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:
+    """The whole generated text; kwargs as for `stream_generate`. verbose prints it as it comes and the speeds."""
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        text += last.text
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print()
+        print(_speed_line(last), file=sys.stderr)
+    return text
+
+
+def _speed_line(r: GenerationResponse) -> str:
+    return (f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s; generation: {r.generation_tokens} tokens, "
+            f"{r.generation_tps:.1f} tokens/s; peak memory {r.peak_memory:.3f} GB")
+
+
+def cli_generate(args) -> None:
+    """`oryx generate --backend mlx`: args from the shared generate parser (path, prompt, plan, max_tokens,
+    temperature, top_k, top_p, seed, kv_policy, json; repetition_penalty if the parser has it)."""
+    model, tokenizer = load(args.path)
+    responses = stream_generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, plan=args.plan,
+                                temperature=args.temperature, top_k=args.top_k or 0,
+                                top_p=1.0 if args.top_p is None else args.top_p,
+                                repetition_penalty=getattr(args, "repetition_penalty", None) or 1.0,
+                                seed=args.seed, kv_policy=args.kv_policy)
+    text, last = "", None
+    for last in responses:
+        text += last.text
+        if not args.json:
+            print(last.text, end="", flush=True)
+    if args.json:
+        result = {"backend": "mlx", "plan": str(ModePlan.parse(args.plan)), "text": text}
+        if last is not None:
+            result.update({k: v for k, v in asdict(last).items() if k not in ("text", "token", "is_attention")})
+        print(json.dumps(result, indent=2))
+    else:
+        print()
+        if last is not None:
+            print(_speed_line(last), file=sys.stderr)

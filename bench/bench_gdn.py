@@ -1,0 +1,262 @@
+"""Gated DeltaNet kernels on the GPU: correctness checks at real sizes, then timings.
+
+Run from the repo root: `python3 bench/bench_gdn.py [--quick]`. Checks use fresh random
+inputs and the allocator poisoned with NaN (so unwritten outputs fail), against float64
+references (naive per-token loop; chunked torch, itself tested against naive on CPU)
+and against fla where installed. Timings: triton.testing.do_bench medians, bf16,
+H=16, K=V=128. The table comes last.
+"""
+import _paths  # noqa: F401
+import argparse
+import datetime
+import itertools
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from oryx_cuda.kernels.gdn import chunk as chunk_module
+from oryx_cuda.kernels.gdn import (chunk_gated_delta_rule, chunk_gated_delta_rule_torch,
+                                   fused_recurrent_gated_delta_rule, gated_delta_rule_decode_step,
+                                   naive_recurrent_gated_delta_rule)
+from oryx_cuda.kernels.gdn._inputs import random_inputs
+
+FAILURES = []
+
+
+def poison_allocator():
+    """Fill the caching allocator's free blocks with NaN so torch.empty returns NaN memory."""
+    free = torch.cuda.mem_get_info()[0]
+    blob = torch.empty(int(free * 0.5) // 4, dtype=torch.float32, device="cuda")
+    blob.fill_(float("nan"))
+    del blob
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def check(name, out, ref, tol):
+    err = rel_err(out, ref)
+    ok = err <= tol
+    if not ok:
+        FAILURES.append(name)
+    print(f"CHECK {name:55s} rel={err:.2e} tol={tol:.0e} {'PASS' if ok else 'FAIL'}", flush=True)
+
+
+def load_fla():
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
+        return fla_chunk, fla_recurrent
+    except Exception as exc:  # report why, keep benchmarking ours
+        print(f"fla import failed: {type(exc).__name__}: {exc}")
+        return None, None
+
+
+def forward_backward(fn, inputs, grad_o, grad_final, cu_seqlens=None):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    o, final = fn(*leaves[:5], initial_state=leaves[5], output_final_state=True, cu_seqlens=cu_seqlens)
+    torch.autograd.backward([o, final], [grad_o.to(o.dtype), grad_final.to(final.dtype)])
+    return o, final, [x.grad for x in leaves]
+
+
+def check_chunk(label, B, T, H, K, V, dtype, tol, reference, cu=None, seed=0):
+    num_seqs = B if cu is None else len(cu) - 1
+    cu_seqlens = None if cu is None else torch.tensor(cu, device="cuda", dtype=torch.int32)
+    inputs = random_inputs(B, T, H, K, V, dtype, device="cuda", seed=seed, num_seqs=num_seqs)
+    grad_o = torch.randn(B, T, H, V, device="cuda")
+    grad_final = torch.randn(num_seqs, H, K, V, device="cuda")
+    ref = forward_backward(reference, [x.double() for x in inputs], grad_o.double(), grad_final.double(), cu_seqlens)
+    poison_allocator()
+    out = forward_backward(chunk_gated_delta_rule, inputs, grad_o.to(dtype), grad_final, cu_seqlens)
+    check(f"{label} o", out[0], ref[0], tol)
+    check(f"{label} final", out[1], ref[1], tol)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), out[2], ref[2]):
+        check(f"{label} {name}", a, b, tol)
+
+
+def run_checks(fla_chunk, fla_recurrent):
+    naive, torch_chunk = naive_recurrent_gated_delta_rule, chunk_gated_delta_rule_torch
+    check_chunk("chunk bf16 vs naive B2 T130", 2, 130, 4, 128, 128, torch.bfloat16, 1e-2, naive, seed=1)
+    check_chunk("chunk fp32 vs naive B2 T130 K64 V128", 2, 130, 4, 64, 128, torch.float32, 1e-4, naive, seed=2)
+    check_chunk("chunk fp32 varlen vs naive", 1, 300, 2, 32, 64, torch.float32, 1e-4, naive,
+                cu=[0, 1, 64, 65, 200, 300], seed=3)
+    check_chunk("chunk bf16 vs torch-fp64 B2 T2048 H16", 2, 2048, 16, 128, 128, torch.bfloat16, 1e-2,
+                torch_chunk, seed=4)
+    check_chunk("chunk fp16 vs torch-fp64 B1 T1000 H4", 1, 1000, 4, 128, 128, torch.float16, 1e-2, torch_chunk, seed=5)
+    for B, T in ((16, 2048), (4, 8192)):
+        q, k, v, g, beta, _ = random_inputs(B, T, 16, 128, 128, torch.bfloat16, device="cuda", seed=6, with_state=False)
+        with torch.no_grad():
+            ref, _ = torch_chunk(q.double(), k.double(), v.double(), g.double(), beta.double())
+            poison_allocator()
+            out, _ = chunk_gated_delta_rule(q, k, v, g, beta)
+            check(f"chunk bf16 fwd vs torch-fp64 B{B} T{T}", out, ref, 1e-2)
+            if fla_chunk is not None:
+                check(f"fla chunk bf16 fwd vs torch-fp64 B{B} T{T}", fla_chunk(q, k, v, g, beta)[0], ref, 1e-2)
+    # token loop and decode step
+    B, T, H, K, V = 4, 64, 8, 128, 128
+    q, k, v, g, beta, h0 = random_inputs(B, T, H, K, V, torch.bfloat16, device="cuda", seed=7)
+    o_ref, s_ref = naive(q.double(), k.double(), v.double(), g.double(), beta.double(), initial_state=h0.double(),
+                         output_final_state=True)
+    poison_allocator()
+    o, s = fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    check("fused_recurrent bf16 o", o, o_ref, 1e-2)
+    check("fused_recurrent bf16 final", s, s_ref, 1e-2)
+    if fla_recurrent is not None:
+        o_fla, _ = fla_recurrent(q, k, v, g=g, beta=beta, initial_state=h0, output_final_state=True)
+        check("fla fused_recurrent bf16 o (same inputs)", o_fla, o_ref, 1e-2)
+    state = h0.clone()
+    k_cache = torch.full((B, H, T, K), float("nan"), device="cuda", dtype=q.dtype)
+    v_cache = torch.full((B, H, T, V), float("nan"), device="cuda", dtype=q.dtype)
+    steps = [gated_delta_rule_decode_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state, k_cache=k_cache,
+                                          v_cache=v_cache, k_append=k[:, t], v_append=v[:, t],
+                                          cache_pos=torch.full((B,), t, device="cuda"))
+             for t in range(T)]
+    check("decode_step bf16 o", torch.stack(steps, 1), o_ref, 1e-2)
+    check("decode_step bf16 state", state, s_ref, 1e-2)
+    check("decode_step kv append", torch.cat([k_cache, v_cache], -1),
+          torch.cat([k, v], -1).transpose(1, 2), 0.0)
+
+
+def time_chunk(B, T, fla_chunk, rows):
+    H, K, V = 16, 128, 128
+    q, k, v, g, beta, _ = random_inputs(B, T, H, K, V, torch.bfloat16, device="cuda", seed=8, with_state=False)
+    grad_o = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
+
+    def fwd(fn):
+        with torch.no_grad():
+            return fn(q, k, v, g, beta)
+
+    def fwd_bwd(fn):
+        o = fn(*leaves)[0]
+        grads = torch.autograd.grad(o, leaves, grad_o)
+        return grads
+
+    ours_fwd = do_bench(lambda: fwd(chunk_gated_delta_rule), warmup=50, rep=300, return_mode="median")
+    ours_fb = do_bench(lambda: fwd_bwd(chunk_gated_delta_rule), warmup=50, rep=300, return_mode="median")
+    fla_fwd = fla_fb = None
+    if fla_chunk is not None:
+        fla_fwd = do_bench(lambda: fwd(fla_chunk), warmup=50, rep=300, return_mode="median")
+        try:
+            fla_fb = do_bench(lambda: fwd_bwd(fla_chunk), warmup=20, rep=200, return_mode="median")
+        except Exception as exc:
+            print(f"fla fwd+bwd B{B} T{T} failed: {type(exc).__name__}: {str(exc)[:200]}")
+    rows.append((f"chunk B={B} T={T}", ours_fwd, ours_fb, fla_fwd, fla_fb))
+
+
+def time_decode(B, fla_recurrent, rows):
+    H, K, V = 16, 128, 128
+    q, k, v, g, beta, h0 = random_inputs(B, 1, H, K, V, torch.bfloat16, device="cuda", seed=9)
+    state = h0.clone()
+    ours = do_bench(lambda: gated_delta_rule_decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state),
+                    warmup=20, rep=200, return_mode="median")
+    theirs = None
+    if fla_recurrent is not None:
+        theirs = do_bench(lambda: fla_recurrent(q, k, v, g=g, beta=beta, initial_state=h0, output_final_state=True),
+                          warmup=20, rep=200, return_mode="median")
+    rows.append((f"decode step B={B}", ours, None, theirs, None))
+
+
+def kernel_breakdown(B=16, T=2048):
+    """Per-kernel GPU time of one forward (inference) and one forward+backward, via the profiler."""
+    q, k, v, g, beta, _ = random_inputs(B, T, 16, 128, 128, torch.bfloat16, device="cuda", seed=11, with_state=False)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
+    grad_o = torch.randn(B, T, 16, 128, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        o = chunk_gated_delta_rule(*leaves)[0]
+        torch.autograd.grad(o, leaves, grad_o)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.no_grad():
+            chunk_gated_delta_rule(*leaves)
+        o = chunk_gated_delta_rule(*leaves)[0]
+        torch.autograd.grad(o, leaves, grad_o)
+        torch.cuda.synchronize()
+    print(f"kernel breakdown B={B} T={T} (inference fwd, then training fwd + bwd):")
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            print(f"  {event.key[:60]:60s} calls={event.count:2d} total={event.device_time_total / 1e3:.3f} ms")
+
+
+def sweep(kernel, configs, run):
+    """Times `run` under each launch shape of one kernel; keeps the fastest in chunk.LAUNCH."""
+    best = None
+    for config in configs:
+        chunk_module.LAUNCH[kernel] = config
+        try:
+            ms = do_bench(run, warmup=20, rep=100, return_mode="median")
+        except Exception as exc:
+            print(f"sweep {kernel} {config}: {type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        print(f"sweep {kernel} {config}: {ms:.3f} ms")
+        if best is None or ms < best[0]:
+            best = (ms, config)
+    if best is not None:
+        chunk_module.LAUNCH[kernel] = best[1]
+        print(f"best {kernel}: {best[1]} ({best[0]:.3f} ms)")
+
+
+def sweep_launch_shapes():
+    q, k, v, g, beta, _ = random_inputs(16, 2048, 16, 128, 128, torch.bfloat16, device="cuda", seed=10,
+                                        with_state=False)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
+    grad_o = torch.randn_like(v)
+
+    def fwd():
+        with torch.no_grad():
+            return chunk_gated_delta_rule(q, k, v, g, beta)
+
+    def fwd_bwd():
+        return torch.autograd.grad(chunk_gated_delta_rule(*leaves)[0], leaves, grad_o)
+
+    shapes = lambda *triples: [dict(BV=b, num_warps=w, num_stages=s) for b, w, s in triples]  # noqa: E731
+    sweep("state_fwd", shapes((64, 4, 2), (64, 4, 1), (64, 4, 3), (64, 8, 2), (32, 4, 2), (32, 4, 1),
+                              (32, 8, 2), (128, 8, 2), (128, 8, 1), (128, 4, 1)), fwd)
+    sweep("wy_fwd", shapes((64, 4, 1), (64, 8, 1), (32, 4, 1)), fwd)
+    sweep("state_bwd", shapes((64, 4, 2), (64, 8, 2), (32, 4, 2), (32, 4, 1)), fwd_bwd)
+    sweep("local_bwd", shapes((64, 8, 1), (64, 4, 1), (32, 8, 1), (32, 4, 2)), fwd_bwd)
+    sweep("wy_bwd", shapes((64, 8, 1), (64, 4, 1), (32, 8, 1), (32, 4, 2)), fwd_bwd)
+
+
+def print_table(rows):
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    print(f"\n{'case':22s} {'ours fwd':>9s} {'ours f+b':>9s} {'fla fwd':>9s} {'fla f+b':>9s} {'fla/ours fwd':>12s}")
+    for name, fwd, fb, fla_fwd, fla_fb in rows:
+        ratio = "-" if fla_fwd is None else f"{fla_fwd / fwd:.2f}x"
+        print(f"{name:22s} {fmt(fwd):>9s} {fmt(fb):>9s} {fmt(fla_fwd):>9s} {fmt(fla_fb):>9s} {ratio:>12s}")
+    print("(ms, median of do_bench; decode rows: one token, fla = fused_recurrent with T=1)")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true", help="also sweep launch shapes, then time again")
+    args = parser.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {props.name}, "
+          f"{props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
+    fla_chunk, fla_recurrent = load_fla()
+    run_checks(fla_chunk, fla_recurrent)
+    kernel_breakdown()
+    rows = []
+    for B, T in ((16, 2048), (4, 8192)):
+        time_chunk(B, T, fla_chunk, rows)
+    for B in (1, 16):
+        time_decode(B, fla_recurrent, rows)
+    if args.sweep:
+        print_table(rows)
+        sweep_launch_shapes()
+        print("launch shapes after the sweep:", chunk_module.LAUNCH)
+        rows = []
+        for B, T in ((16, 2048), (4, 8192)):
+            time_chunk(B, T, fla_chunk, rows)
+    print_table(rows)
+    print("checks:", "ALL PASS" if not FAILURES else f"FAILED: {FAILURES}")
+
+
+if __name__ == "__main__":
+    main()

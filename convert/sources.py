@@ -1,0 +1,159 @@
+"""Reading a source checkpoint's tensors, and taking them one by one so nothing is silently dropped.
+
+An import maps every source tensor to an Oryx tensor. `SourceTensors.take` hands each out
+once, checking its shape; `finish` then rejects tensors nobody took, since an unused tensor
+means the source is a variant the mapping does not describe (a bias, a hybrid layer ...).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from oryx_core.config import OryxConfig
+from oryx_core.init import init_params
+from oryx_core.safetensors_io import FormatError, load_file
+from oryx_core.spec import parameter_specs
+
+HF_CONFIG = "config.json"
+HF_SAFETENSORS = "model.safetensors"
+HF_SAFETENSORS_INDEX = "model.safetensors.index.json"
+HF_TORCH_BIN = "pytorch_model.bin"
+
+
+class SourceTensors:
+    """Named float arrays of a source checkpoint; `where` names it in every error."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], where: str):
+        self.tensors = dict(tensors)
+        self.where = where
+        self.taken: set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def take(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        if name not in self.tensors:
+            raise FormatError(f"{self.where}: missing tensor {name!r}")
+        value = np.asarray(self.tensors[name], dtype=np.float32)
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            raise FormatError(f"{self.where}: tensor {name!r} has shape {list(value.shape)}, the config needs {list(shape)}")
+        self.taken.add(name)
+        return value
+
+    def finish(self, ignorable: tuple[str, ...] = ()) -> None:
+        """Fails on tensors no mapping used, except names ending in one of `ignorable`."""
+        left = sorted(n for n in set(self.tensors) - self.taken if not n.endswith(ignorable))
+        if left:
+            raise FormatError(f"{self.where}: tensors the import does not know (unsupported architecture variant?): "
+                              f"{left[:5]}{' ...' if len(left) > 5 else ''} ({len(left)} in all)")
+
+
+def read_json(path: Path) -> dict:
+    if not path.exists():
+        raise FormatError(f"{path.parent}: missing {path.name}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_safetensors_dir(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of a directory holding model.safetensors or an index with its shards."""
+    index = path / HF_SAFETENSORS_INDEX
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise FormatError(f"{index}: corrupt index (needs a weight_map)")
+        files = sorted(set(weight_map.values()))
+    elif (path / HF_SAFETENSORS).exists():
+        files = [HF_SAFETENSORS]
+    else:
+        raise FileNotFoundError(f"{path}: no {HF_SAFETENSORS} or {HF_SAFETENSORS_INDEX}")
+    tensors = {}
+    for name in files:
+        if not (path / name).exists():
+            raise FormatError(f"{path}: missing shard {name} named in {HF_SAFETENSORS_INDEX}")
+        tensors.update(load_file(path / name)[0])
+    return tensors
+
+
+def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    """A pytorch_model.bin state dict, loaded with weights_only=True (no arbitrary pickle code)."""
+    import torch
+
+    from .backends import torch_to_numpy
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for a bad file
+        raise FormatError(f"{path}: not a loadable torch state dict ({e.__class__.__name__}: {e})") from None
+    return {name: torch_to_numpy(t) for name, t in state.items()}
+
+
+def read_hf_directory(path: str | Path) -> tuple[dict, SourceTensors]:
+    """(config.json, tensors) of a Hugging Face style model directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: expected a model directory (config.json + safetensors)")
+    config = read_json(path / HF_CONFIG)
+    if (path / HF_SAFETENSORS).exists() or (path / HF_SAFETENSORS_INDEX).exists():
+        tensors = read_safetensors_dir(path)
+    elif (path / HF_TORCH_BIN).exists():
+        tensors = read_torch_bin(path / HF_TORCH_BIN)
+    else:
+        raise FileNotFoundError(f"{path}: no {HF_SAFETENSORS}, {HF_SAFETENSORS_INDEX} or {HF_TORCH_BIN}")
+    return config, SourceTensors(tensors, str(path))
+
+
+def require(config: dict, key: str, where: str):
+    if key not in config or config[key] is None:
+        raise FormatError(f"{where}: config has no {key!r}")
+    return config[key]
+
+
+def fill_from_init(cfg: OryxConfig, mapped: dict[str, np.ndarray], initialised: tuple[str, ...], seed: int = 0) -> dict[str, np.ndarray]:
+    """The full parameter dict: mapped tensors, plus the design's init for names ending in `initialised`.
+
+    Any other spec tensor left unmapped is a bug in the mapping, reported by name.
+    """
+    fresh = init_params(cfg, seed)
+    params = {}
+    for spec in parameter_specs(cfg):
+        if spec.name in mapped:
+            value = np.asarray(mapped[spec.name], dtype=np.float32)
+            if value.shape != spec.shape:
+                raise FormatError(f"mapped tensor {spec.name!r} has shape {list(value.shape)}, the config needs {list(spec.shape)}")
+            params[spec.name] = value
+        elif spec.name.endswith(initialised):
+            params[spec.name] = fresh[spec.name]
+        else:
+            raise AssertionError(f"import left {spec.name!r} unmapped")
+    return params
+
+
+def identity_conv(channels: int, width: int) -> np.ndarray:
+    """Conv taps that pass the current token through unchanged ([0, ..., 0, 1] per channel)."""
+    taps = np.zeros((channels, width), dtype=np.float32)
+    taps[:, -1] = 1.0
+    return taps
+
+
+@dataclass
+class ConvertedModel:
+    """A model in transit between formats: Oryx config, spec-named tensors, tokenizer, MLX quantisation (or None)."""
+
+    config: OryxConfig
+    params: dict[str, np.ndarray]
+    tokenizer_json: str | None = None
+    quantization: dict | None = None
+
+
+def tokenizer_json_of(path: Path) -> str | None:
+    file = path / "tokenizer.json"
+    return file.read_text() if file.exists() else None

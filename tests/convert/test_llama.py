@@ -1,0 +1,143 @@
+"""Llama (Hugging Face directory, GGUF) -> Oryx: attention mode equals transformers' LlamaForCausalLM."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import build_hf_llama, hf_logits, relative_error
+from oryx_convert.api import convert
+from oryx_convert.llama import import_hf_llama
+from oryx_core.reference import OryxReference
+from oryx_core.safetensors_io import FormatError
+from oryx_core.weights import load_checkpoint
+
+pytest.importorskip("transformers")
+
+TOKENS = np.random.default_rng(7).integers(0, 260, size=(2, 11))
+
+
+def test_hf_llama_attention_mode_matches_transformers(hf_llama_dir):
+    path, model = hf_llama_dir
+    imported = import_hf_llama(path)
+    assert imported.config.tie_embeddings == model.config.tie_word_embeddings
+    assert not imported.config.output_gate and not imported.config.output_norm
+    logits, _ = OryxReference(imported.config, imported.params).forward(TOKENS, True)
+    assert relative_error(logits, hf_logits(model, TOKENS)) < 1e-4
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+def test_hf_llama_recurrent_mode_runs_with_initialised_gates(hf_llama_dir, mixer):
+    path, model = hf_llama_dir
+    imported = import_hf_llama(path, mixer=mixer, seed=3)
+    p = imported.params
+    assert np.array_equal(p["layers.0.mixer.q_rec.weight"], p["layers.0.mixer.q_attn.weight"])
+    assert np.array_equal(p["layers.1.mixer.conv_k.weight"][:, -1], np.ones(p["layers.1.mixer.conv_k.weight"].shape[0]))
+    logits, _ = OryxReference(imported.config, p).forward(TOKENS, False)
+    assert np.isfinite(logits).all()
+    assert relative_error(logits, hf_logits(model, TOKENS)) > 1e-3  # recurrent mode is a different function
+
+
+def test_converted_checkpoint_runs_on_torch_backend(hf_llama_dir, tmp_path):
+    torch_model = pytest.importorskip("oryx_cuda.model")
+    import torch
+
+    path, model = hf_llama_dir
+    out = convert(path, tmp_path / "oryx", from_kind="llama")
+    oryx = torch_model.OryxModel.from_checkpoint(out, dtype=torch.float32)
+    with torch.no_grad():
+        logits = oryx(torch.from_numpy(TOKENS), True).double().numpy()
+    assert relative_error(logits, hf_logits(model, TOKENS)) < 1e-4
+
+
+def test_converted_checkpoint_runs_on_mlx_backend(hf_llama_dir, tmp_path):
+    generate = pytest.importorskip("oryx_mlx.generate")
+    import mlx.core as mx
+
+    path, model = hf_llama_dir
+    out = convert(path, tmp_path / "oryx")
+    logits = np.array(generate.load_model(out)(mx.array(TOKENS), True).astype(mx.float32))
+    assert relative_error(logits, hf_logits(model, TOKENS)) < 1e-4
+
+
+def test_tokenizer_json_is_carried(hf_llama_dir, tmp_path):
+    from oryx_core.tokenizer import byte_level_tokenizer
+
+    path, _ = hf_llama_dir
+    src = tmp_path / "with_tokenizer"
+    src.mkdir()
+    for f in path.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    (src / "tokenizer.json").write_text(byte_level_tokenizer().to_str())
+    out = convert(src, tmp_path / "oryx")
+    assert (out / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()
+
+
+def _hf_dir(tmp_path, config_changes=None, tensor_changes=None):
+    """A saved tiny Llama whose config.json / tensors were then edited."""
+    from oryx_core.safetensors_io import encode, load_file
+
+    model = build_hf_llama(tie=True)
+    model.save_pretrained(tmp_path / "src", safe_serialization=True)
+    src = tmp_path / "src"
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, **(config_changes or {})}))
+    if tensor_changes:
+        tensors, _ = load_file(src / "model.safetensors")
+        tensors = {k: v for k, v in tensors.items()}
+        tensor_changes(tensors)
+        (src / "model.safetensors").write_bytes(encode(tensors))
+    return src
+
+
+@pytest.mark.parametrize("config_changes, message", [
+    ({"attention_bias": True}, "attention_bias"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "RoPE scaling"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "not a Llama model"),
+])
+def test_unsupported_llama_configs_fail_clearly(tmp_path, config_changes, message):
+    src = _hf_dir(tmp_path, config_changes)
+    with pytest.raises(FormatError, match=message):
+        convert(src, tmp_path / "dst", from_kind="llama")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_missing_misshapen_and_unknown_tensors_fail_clearly(tmp_path):
+    def drop(t):
+        del t["model.layers.1.mlp.up_proj.weight"]
+
+    def reshape(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:8]
+
+    def add_bias(t):
+        t["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+
+    for change, message in ((drop, "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
+                            (reshape, "'model.layers.0.self_attn.k_proj.weight' has shape"),
+                            (add_bias, "q_proj.bias")):
+        src = _hf_dir(tmp_path / change.__name__, tensor_changes=change)
+        with pytest.raises(FormatError, match=message):
+            convert(src, tmp_path / change.__name__ / "dst", from_kind="llama")
+        assert not (tmp_path / change.__name__ / "dst").exists()
+
+
+def test_failed_conversion_keeps_an_existing_destination(tmp_path):
+    src = _hf_dir(tmp_path, {"attention_bias": True})
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("old")
+    with pytest.raises(FormatError):
+        convert(src, dst, from_kind="llama")
+    assert (dst / "keep.txt").read_text() == "old"
+
+
+def test_written_checkpoint_loads_and_matches_in_memory_import(hf_llama_dir, tmp_path):
+    path, _ = hf_llama_dir
+    out = convert(path, tmp_path / "oryx", dtype="bfloat16")
+    ckpt = load_checkpoint(out)
+    assert ckpt.dtype == "bfloat16"
+    imported = import_hf_llama(path)
+    for name, value in imported.params.items():
+        assert np.array_equal(ckpt.params[name], value.astype(ckpt.params[name].dtype)), name

@@ -1,0 +1,133 @@
+"""The MLX generation API: greedy == float64 reference decoding, sampling, prompt cache reuse, KV drop, CLI."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+from oryx_core.config import preset  # noqa: E402
+from oryx_core.init import init_params  # noqa: E402
+from oryx_core.plan import ModePlan  # noqa: E402
+from oryx_core.reference import OryxReference, Stepper  # noqa: E402
+from oryx_core.tokenizer import byte_level_tokenizer  # noqa: E402
+from oryx_core.weights import save_checkpoint  # noqa: E402
+from oryx_mlx.generate import (apply_repetition_penalty, cli_generate, generate, load,  # noqa: E402
+                               sample_token, stream_generate)
+
+PROMPT = "Oryx switches modes"
+
+
+@pytest.fixture(scope="module", params=["gdn", "mamba2"])
+def checkpoint(request, tmp_path_factory):
+    cfg = preset("tiny", request.param)
+    # matrices 8x their init scale: at init scale a tiny model repeats one token, which tests nothing
+    params = {k: v * 8 if v.ndim == 2 else v for k, v in init_params(cfg, seed=11).items()}
+    path = tmp_path_factory.mktemp(request.param) / "ckpt"
+    save_checkpoint(path, cfg, params, tokenizer_json=byte_level_tokenizer().to_str())
+    return path, OryxReference(cfg, params)
+
+
+def reference_greedy(ref, prompt_ids, n_tokens, plan):
+    """Greedy decoding with the float64 Stepper, one token at a time, modes from the same plan."""
+    modes = ModePlan.parse(plan).resolve(len(prompt_ids) + n_tokens, prompt_length=len(prompt_ids))
+    stepper, out = Stepper(ref), []
+    for position, token in enumerate(prompt_ids):
+        logits = stepper.step(np.array([token]), modes[position])
+    for position in range(len(prompt_ids), len(prompt_ids) + n_tokens):
+        out.append(int(np.argmax(logits[0])))
+        logits = stepper.step(np.array([out[-1]]), modes[position])
+    return out
+
+
+@pytest.mark.parametrize("plan, kv_policy", [("prefill-attention", "drop"), ("A:0-4,R:4-22,A:22-", "keep"),
+                                             ("recurrent", "drop")])
+def test_greedy_matches_reference_decoding(checkpoint, plan, kv_policy):
+    path, ref = checkpoint
+    model, tokenizer = load(path)
+    ids = tokenizer.encode(PROMPT).ids
+    tokens = [r.token for r in stream_generate(model, tokenizer, PROMPT, max_tokens=12, plan=plan, kv_policy=kv_policy,
+                                               stop_at_end_of_text=False)]
+    assert tokens == reference_greedy(ref, ids, 12, plan)
+
+
+def test_responses_report_modes_speeds_and_memory(checkpoint):
+    path, _ = checkpoint
+    model, tokenizer = load(path)
+    responses = list(stream_generate(model, tokenizer, PROMPT, max_tokens=5, plan="prefill-attention",
+                                     stop_at_end_of_text=False))
+    assert [r.generation_tokens for r in responses] == [1, 2, 3, 4, 5]
+    assert [r.finish_reason for r in responses] == [None] * 4 + ["length"]
+    assert not any(r.is_attention for r in responses)  # generated tokens run recurrent under this plan
+    last = responses[-1]
+    assert last.prompt_tokens == len(tokenizer.encode(PROMPT).ids)
+    assert last.prompt_tps > 0 and last.generation_tps > 0 and last.peak_memory > 0
+    assert "".join(r.text for r in responses) == tokenizer.decode([r.token for r in responses])
+
+
+def test_prompt_cache_continues_across_calls(checkpoint):
+    path, _ = checkpoint
+    model, tokenizer = load(path)
+    first, second = "Oryx ", "switches modes"
+    cache = model.make_cache()
+    assert generate(model, tokenizer, first, max_tokens=0, plan="attention", prompt_cache=cache) == ""
+    continued = generate(model, tokenizer, second, max_tokens=8, plan="every:2:4", prompt_cache=cache,
+                         stop_at_end_of_text=False)
+    whole = generate(model, tokenizer, first + second, max_tokens=8, plan="every:2:4", stop_at_end_of_text=False)
+    assert continued == whole
+
+
+def test_kv_drop_decodes_in_constant_memory(checkpoint):
+    path, _ = checkpoint
+    model, tokenizer = load(path)
+    cache = model.make_cache()
+    sizes = [sum(layer.nbytes for layer in cache)
+             for _ in stream_generate(model, tokenizer, PROMPT, max_tokens=40, plan="prefill-attention",
+                                      kv_policy="drop", prompt_cache=cache, stop_at_end_of_text=False)]
+    assert cache[0].kv_dropped and len(set(sizes)) == 1
+    kept = model.make_cache()
+    list(stream_generate(model, tokenizer, PROMPT, max_tokens=40, plan="prefill-attention", prompt_cache=kept,
+                         stop_at_end_of_text=False))
+    assert sum(layer.nbytes for layer in kept) > sizes[0]
+
+
+def test_sampling():
+    logits = mx.array([0.5, 3.0, 2.9, -1.0, 1.0])
+    key = mx.random.key(0)
+    assert sample_token(logits, key, 0.0, 0, 1.0) == 1
+    assert sample_token(logits, key, 5.0, 1, 1.0) == 1  # top-k 1 is greedy at any temperature
+    assert sample_token(logits, key, 5.0, 0, 0.01) == 1  # so is a tiny nucleus
+    draws = {sample_token(logits, k, 1.0, 2, 1.0) for k in mx.random.split(key, 64)}
+    assert draws == {1, 2}
+    same_seed = [sample_token(logits, mx.random.key(7), 1.0, 0, 1.0) for _ in range(3)]
+    assert len(set(same_seed)) == 1
+    penalised = apply_repetition_penalty(mx.array([2.0, -2.0, 1.0]), [0, 1, 1], 2.0)
+    np.testing.assert_allclose(np.array(penalised), [1.0, -4.0, 1.0])
+
+
+def test_bad_arguments_give_clear_errors(checkpoint):
+    path, _ = checkpoint
+    model, tokenizer = load(path)
+    bad = [(dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k"),
+           (dict(kv_policy="forget"), "kv_policy"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+           (dict(max_tokens=-1), "max_tokens"), (dict(plan="sometimes"), "plan")]
+    for kwargs, name in bad:
+        with pytest.raises(ValueError, match=name):
+            generate(model, tokenizer, PROMPT, **{"max_tokens": 3, **kwargs})
+    with pytest.raises(ValueError, match="prompt"):
+        generate(model, tokenizer, "", max_tokens=3)
+    with pytest.raises(ValueError, match="dtype"):
+        load(path, dtype="float64")
+
+
+def test_cli_generate_json(checkpoint, capsys):
+    path, ref = checkpoint
+    args = argparse.Namespace(path=str(path), prompt=PROMPT, plan="prefill-attention", max_tokens=6, temperature=0.0,
+                              top_k=None, top_p=None, seed=0, kv_policy="drop", json=True)
+    cli_generate(args)
+    result = json.loads(capsys.readouterr().out)
+    assert result["backend"] == "mlx" and result["generation_tokens"] <= 6
+    tokenizer = byte_level_tokenizer()
+    expected = reference_greedy(ref, tokenizer.encode(PROMPT).ids, result["generation_tokens"], "prefill-attention")
+    assert result["text"] == tokenizer.decode(expected)
