@@ -9,7 +9,6 @@ H=16, K=V=128. The table comes last.
 import _paths  # noqa: F401
 import argparse
 import datetime
-import itertools
 
 import torch
 import triton

@@ -124,15 +124,34 @@ def block_plan(rng, B, T, share, block=128):
     return torch.tensor(np.repeat(blocks, block, axis=1)).cuda()
 
 
+def kernel_summary(prof, top=8):
+    """The heaviest GPU kernels of a profile, one short line each (full tables go to $OUT)."""
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append((t, e.count, e.key))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    lines = [f"    GPU busy {total / 1e3:.2f} ms per profiled call set"]
+    lines += [f"    {t / 1e3:7.3f} ms x{n:<4d} {name[:90]}" for t, n, name in rows[:top]]
+    return "\n".join(lines)
+
+
 @section("layer")
 def layer_bench():
+    from torch.profiler import ProfilerActivity, profile
     from triton.testing import do_bench
+
+    from oryx_cuda.attention import AttentionPlan, _compiled_flex_attention, causal_sdpa
 
     rng = np.random.default_rng(0)
     out = {}
     shapes = [(16, 2048), (4, 8192)]
+    profiles = []
     for mixer in ("gdn", "mamba2"):
         cfg = preset("125m", mixer)
+        H, d, dv = cfg.n_heads, cfg.head_dim, cfg.v_head_dim
         layer = OryxModel(cfg.replace(n_layers=1), seed=0).layers[0].cuda().to(torch.bfloat16)
         for B, T in shapes:
             x = torch.randn(B, T, cfg.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -143,20 +162,42 @@ def layer_bench():
                      "attention": torch.ones(B, T, dtype=torch.bool, device="cuda")}
             row = {}
             for name, modes in plans.items():
-                flags = (bool(modes.any()), not bool(modes.all()))
-
-                def fwd_bwd():
-                    layer(x, modes, rope, None, 0, *flags).backward(grad)
+                def fwd_bwd():  # the plan is built per call, as OryxModel.forward does (once for all layers)
+                    layer(x, AttentionPlan(modes), rope).backward(grad)
 
                 def fwd():
                     with torch.no_grad():
-                        layer(x, modes, rope, None, 0, *flags)
+                        layer(x, AttentionPlan(modes), rope)
 
                 row[name + "_fwdbwd_ms"] = do_bench(fwd_bwd, warmup=50, rep=300, return_mode="median")
                 row[name + "_fwd_ms"] = do_bench(fwd, warmup=50, rep=300, return_mode="median")
+                if mixer == "gdn" and B == 16 and name != "attention":
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                        for _ in range(3):
+                            fwd_bwd()
+                        torch.cuda.synchronize()
+                    profiles.append((f"{mixer} B={B} T={T} {name} fwd+bwd x3", prof))
             row["ratio_attn10_vs_rec_fwdbwd"] = row["attn10%_fwdbwd_ms"] / row["recurrent_fwdbwd_ms"]
+            # the attention part alone, on [B, H, T, *] inputs
+            q, k = (torch.randn(B, H, T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qk")
+            v = torch.randn(B, H, T, dv, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            do = torch.randn(B, H, T, dv, device="cuda", dtype=torch.bfloat16)
+            sparse = AttentionPlan(plans["attn10%"])
+            flex = _compiled_flex_attention()
+            row["flex10%_only_fwdbwd_ms"] = do_bench(
+                lambda: flex(q, k, v, block_mask=sparse.block_mask(T)).backward(do), warmup=50, rep=300,
+                return_mode="median")
+            row["blockmask_build_ms"] = do_bench(lambda: AttentionPlan(plans["attn10%"]).block_mask(T), warmup=20,
+                                                 rep=100, return_mode="median")
+            row["sdpa_padded_causal_only_fwdbwd_ms"] = do_bench(
+                lambda: causal_sdpa(q, k, v, d ** -0.5).backward(do), warmup=50, rep=300, return_mode="median")
             out[f"{mixer}/B{B}xT{T}"] = row
             print(f"{mixer} B={B} T={T}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    for title, prof in profiles:
+        print(f"  profile {title}:\n{kernel_summary(prof)}", flush=True)
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "profiles.txt"), "a") as f:
+                f.write(f"== {title}\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
     return out
 
 

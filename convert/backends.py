@@ -178,11 +178,11 @@ def mlx_model(model: ConvertedModel):
 
     weights = {n: mx.array(a) for n, a in model.params.items()}
     if model.quantization is None:
-        mlx_model = OryxModel(model.config)
+        oryx_model = OryxModel(model.config)
     else:
-        mlx_model = quantized_model(model.config, model.quantization, weights, "model")
-    mlx_model.load_weights(list(weights.items()), strict=True)
-    return mlx_model
+        oryx_model = quantized_model(model.config, model.quantization, weights, "model")
+    oryx_model.load_weights(list(weights.items()), strict=True)
+    return oryx_model
 
 
 def quantize(model: ConvertedModel, bits: int, group_size: int) -> ConvertedModel:
@@ -192,8 +192,8 @@ def quantize(model: ConvertedModel, bits: int, group_size: int) -> ConvertedMode
     from mlx.utils import tree_flatten
     from oryx_mlx.quantize import quantize_model
 
-    mlx_model = quantize_model(mlx_model(model), bits, group_size)
-    params = {n: mlx_to_numpy(a) for n, a in tree_flatten(mlx_model.parameters())}
+    quantized = quantize_model(mlx_model(model), bits, group_size)
+    params = {n: mlx_to_numpy(a) for n, a in tree_flatten(quantized.parameters())}
     return ConvertedModel(model.config, params, model.tokenizer_json, {"bits": bits, "group_size": group_size})
 
 

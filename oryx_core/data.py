@@ -31,6 +31,7 @@ A split's token stream is its shards concatenated in order; shards are cut every
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import lzma
 import sys
@@ -53,6 +54,7 @@ TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
 TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 per shard
+DEFAULT_VOCAB_SIZE = 8192
 ENCODE_BATCH_CHARS = 4 << 20  # text handed to the tokenizer's parallel batch encoder at once
 MARKER = END_OF_TEXT.encode()
 TAR_SUFFIXES = (".tar.xz", ".txz")
@@ -102,7 +104,7 @@ def _streams(path: Path, raw: BinaryIO) -> Iterator[tuple[str, BinaryIO]]:
                     yield f"{path}:{member.name}", archive.extractfile(member)
     elif name.endswith(".xz"):
         with lzma.open(raw) as stream:
-            yield str(path), stream
+            yield str(path), io.BufferedReader(stream, 1 << 20)  # LZMAFile.readline alone is slow Python
     else:
         yield str(path), raw
 
@@ -288,7 +290,7 @@ def build_shards(inputs: Iterable[str | Path], out: str | Path, tokenizer: Token
         from tqdm import tqdm
 
         with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc=desc,
-                  disable=not show_progress, file=sys.stderr) as bar:
+                  disable=None if show_progress else True, file=sys.stderr) as bar:  # None: only on a terminal
             yield from iter_documents(inputs, blank_lines, strict_utf8, warn, progress=bar)
 
     if train_vocab_size is not None:
@@ -309,10 +311,13 @@ def build_shards(inputs: Iterable[str | Path], out: str | Path, tokenizer: Token
         try:
             for batch in _batches(documents("tokenising"), ENCODE_BATCH_CHARS):
                 encodings = tokenizer.encode_batch_fast([d.text for d in batch], add_special_tokens=False)
+                pieces = {s: [] for s in SPLITS}
                 for doc, enc in zip(batch, encodings):
-                    split = assign_split(doc.text, val_fraction, seed)
-                    writers[split].write(np.append(np.asarray(enc.ids, dtype=np.int64), eot_id))
-                    counts[split] += 1
+                    pieces[assign_split(doc.text, val_fraction, seed)] += [enc.ids, [eot_id]]
+                for split, ids in pieces.items():
+                    if ids:
+                        writers[split].write(np.concatenate(ids))
+                        counts[split] += len(ids) // 2
         finally:
             for w in writers.values():
                 w.close()
@@ -446,19 +451,21 @@ class TokenShards:
         """int64 [batch, seq_len]: windows at starts drawn uniformly by `rng` (for training, seq_len = context + 1)."""
         if seq_len > len(self):
             raise ValueError(f"seq_len {seq_len} exceeds the {len(self)} {self.split} tokens of {self.path}")
-        starts = rng.integers(0, len(self) - seq_len, size=batch)
+        starts = rng.integers(0, len(self) - seq_len + 1, size=batch)
         return np.stack([self.window(int(s), seq_len) for s in starts]) if batch else np.empty((0, seq_len), np.int64)
 
 
 # ----- the `oryx data` command -----
 def cmd_build(args) -> None:
+    if args.vocab_size is not None and not args.train_tokenizer:
+        raise ValueError("--vocab-size is for --train-tokenizer")
     tokenizer = None
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     elif args.gpt2:
         tokenizer = gpt2_tokenizer()
     meta = build_shards(args.input, args.out, tokenizer=tokenizer,
-                        train_vocab_size=args.vocab_size if args.train_tokenizer else None,
+                        train_vocab_size=(args.vocab_size or DEFAULT_VOCAB_SIZE) if args.train_tokenizer else None,
                         val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, seed=args.seed,
                         blank_lines=args.blank_lines, strict_utf8=args.strict_utf8, dtype=args.dtype,
                         show_progress=not args.quiet)
@@ -503,7 +510,7 @@ def register(subparsers) -> None:
     which.add_argument("--tokenizer", help="a tokenizer.json (or a checkpoint directory holding one)")
     which.add_argument("--train-tokenizer", action="store_true", help="train a byte-level BPE on the train split")
     which.add_argument("--gpt2", action="store_true", help="the GPT-2 tokenizer (data/gpt2-tokenizer.json)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="for --train-tokenizer (default 8192)")
+    p.add_argument("--vocab-size", type=int, help=f"for --train-tokenizer (default {DEFAULT_VOCAB_SIZE})")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for val (default 0.01)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS})")
@@ -516,5 +523,6 @@ def register(subparsers) -> None:
                        description="Train a byte-level BPE tokenizer (with <|endoftext|>) and write its tokenizer.json.")
     _add_reading_flags(p)
     p.add_argument("--out", required=True, help="tokenizer.json to write")
-    p.add_argument("--vocab-size", type=int, default=8192, help="tokens in all (default 8192)")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                   help=f"tokens in all (default {DEFAULT_VOCAB_SIZE})")
     p.set_defaults(func=cmd_train_tokenizer)

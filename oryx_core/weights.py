@@ -71,6 +71,7 @@ def atomic_directory(dst: str | Path, fill) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
         fill(tmp)
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old-{os.getpid()}")

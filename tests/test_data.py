@@ -7,6 +7,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from oryx_core import data
 from oryx_core.cli import main
@@ -35,9 +37,10 @@ def write_corpus(root, rng):
         doc = random_document(rng)
         (src / "sub" / f"plain{i}.txt").write_text(f"\n  {doc}\n\n" if i % 2 else doc, encoding="utf-8")
         docs.append(doc)
-    marked = [random_document(rng) for _ in range(4)]  # documents separated by the marker, one mid-line
-    (src / "marked.txt").write_text(f"{marked[0]}\n{END_OF_TEXT}\n{marked[1]}{END_OF_TEXT}{marked[2]}\n"
-                                    f"{END_OF_TEXT}\n\n{END_OF_TEXT}{marked[3]}\n", encoding="utf-8")
+    # Documents separated by the marker: on its own line, mid-line, twice on one line, around an empty document.
+    marked = [random_document(rng) for _ in range(2)] + [random_document(rng).replace("\n", " ") for _ in range(3)]
+    (src / "marked.txt").write_text(f"{marked[0]}\n{END_OF_TEXT}\n{marked[1]}{END_OF_TEXT}{marked[2]}{END_OF_TEXT}"
+                                    f"{marked[3]}\n{END_OF_TEXT}\n\n{END_OF_TEXT}{marked[4]}\n", encoding="utf-8")
     compressed = [random_document(rng) for _ in range(5)]
     (src / "stream.txt.xz").write_bytes(lzma.compress(f"\n{END_OF_TEXT}\n".join(compressed).encode()))
     members = [random_document(rng) for _ in range(3)]
@@ -125,11 +128,25 @@ def test_val_fraction_is_respected_over_many_documents():
     assert 0.08 < share < 0.12  # binomial sd 0.005
 
 
+SEPARATORS = [f"\n{END_OF_TEXT}\n", END_OF_TEXT, f" {END_OF_TEXT}\n\n", f"\n\n{END_OF_TEXT}{END_OF_TEXT}\r\n"]
+DOC_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=60).filter(
+    lambda t: t.strip() and "<|" not in t and "|>" not in t)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(DOC_TEXT, st.sampled_from(SEPARATORS)), min_size=1, max_size=8))
+def test_marker_splitting_recovers_any_documents(docs_and_separators):
+    stream = "".join(doc + sep for doc, sep in docs_and_separators).encode()
+    chunks = [c.decode().strip() for c in data._split_bytes(io.BytesIO(stream), blank_lines=0)]
+    assert [c for c in chunks if c] == [doc.strip() for doc, _ in docs_and_separators]
+
+
 def test_blank_line_runs_split_documents(tmp_path):
     paragraphs = ["first part\nstill first", "second", "third\n\nwith one blank line inside"]
     (tmp_path / "doc.txt").write_text("\n\n\n".join(paragraphs) + "\n")
-    read = [d.text for d in data.iter_documents([tmp_path / "doc.txt"], blank_lines=2)]
-    assert read == paragraphs
+    read = list(data.iter_documents([tmp_path / "doc.txt"], blank_lines=2))
+    assert [d.text for d in read] == paragraphs
+    assert [d.source for d in read] == [f"{tmp_path / 'doc.txt'}#{i}" for i in range(3)]
     assert [d.text for d in data.iter_documents([tmp_path / "doc.txt"])] == ["\n\n\n".join(paragraphs)]
 
 
@@ -220,6 +237,7 @@ def test_trained_tokenizer_compresses_and_round_trips(tmp_path):
     texts = ["the quick brown fox jumps over the lazy dog. " * 3 + random_document(rng) for _ in range(200)]
     tok = data.train_tokenizer(texts, vocab_size=400)
     assert 300 < tok.get_vocab_size() <= 400 and tok.token_to_id(END_OF_TEXT) == 0
+    assert data.train_tokenizer(texts, vocab_size=400).to_str() == tok.to_str(), "training is deterministic"
     sample = "the quick brown fox jumps over the lazy dog."
     assert len(tok.encode(sample).ids) < len(sample.encode()) / 3
     for text in [random_document(rng) for _ in range(20)] + ["unseen: ☃ \x00\x7f ∑ 𝄞 \r\n\t end", ""]:
@@ -265,6 +283,9 @@ def test_cli_build_and_errors(corpus, tmp_path, capsys):
     assert main(["data", "build", "--input", str(tmp_path / "missing"), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("oryx data: error: --input") and "missing" in err and "\n" not in err
+
+    assert main(["data", "build", "--input", str(corpus_dir), "--out", str(out), "--vocab-size", "300"]) == 2
+    assert "--vocab-size is for --train-tokenizer" in capsys.readouterr().err
 
     tok_file = tmp_path / "tok.json"
     assert main(["data", "train-tokenizer", "--input", str(corpus_dir), "--out", str(tok_file),

@@ -9,7 +9,8 @@ whatever is cheapest (zeros or a full causal row): the caller picks each token's
 readout, so they are never read.
 
 - CUDA: SDPA (flash) when every query attends; otherwise FlexAttention with a block
-  mask built from the plan, so query blocks holding no attention token cost nothing.
+  mask built from the plan (once per forward), so query blocks holding no attention
+  token cost nothing.
 - CPU: SDPA over just the attention rows, with an explicit causal mask.
 - Decoding: one query against a preallocated cache, masked by the current position
   (no host sync, so it can be captured in a CUDA graph).
@@ -25,32 +26,73 @@ FLEX_BLOCK = 128  # FlexAttention's default tile: the plan's granularity for ski
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on the last axis; x [..., T, H, d], cos/sin [T, d/2] (float32)."""
+    """Rotate-half RoPE on the last axis; x [..., T, H, d], tables [T, d] from rope_tables.
+
+    With x = [x1, x2]: out = [x1 c - x2 s, x2 c + x1 s] = x * [c, c] + [x2, x1] * [-s, s],
+    four element-wise kernels, in fp32 through type promotion against the fp32 tables.
+    """
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return torch.addcmul(x * cos[:, None, :], swapped, sin[:, None, :]).to(x.dtype)
 
 
 def rope_tables(head_dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, d/2] for integer positions [T]; angles in float64 so long contexts keep precision."""
+    """([c, c], [-s, s]) fp32 [T, d] for integer positions [T]; angles in float64 so long contexts keep precision."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
     angles = positions.to(torch.float64)[:, None] * inv_freq
-    return torch.cos(angles).float(), torch.sin(angles).float()
+    cos, sin = torch.cos(angles).float(), torch.sin(angles).float()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
-def plan_attention(q, k, v, query_modes: torch.Tensor, q_offset: int = 0, scale: float | None = None):
-    """Causal GQA attention computed for the rows whose `query_modes` [B, T] is True."""
+class AttentionPlan:
+    """The mode facts one forward pass needs, computed once and shared by every layer.
+
+    modes [B, T] bool (True = attention) for queries at positions q_offset..q_offset+T-1.
+    The block mask for FlexAttention is built on first use and reused by later layers.
+    """
+
+    def __init__(self, modes: torch.Tensor, q_offset: int = 0):
+        self.modes, self.q_offset = modes, q_offset
+        any_attention, all_attention = torch.stack([modes.any(), modes.all()]).tolist()  # one host sync
+        self.any_attention, self.all_attention = bool(any_attention), bool(all_attention)
+        self._block_masks = {}
+
+    @property
+    def any_recurrent(self) -> bool:
+        return not self.all_attention
+
+    def block_mask(self, kv_len: int):
+        if kv_len not in self._block_masks:
+            self._block_masks[kv_len] = plan_block_mask(self.modes, kv_len, self.q_offset)
+        return self._block_masks[kv_len]
+
+
+def plan_attention(q, k, v, plan: AttentionPlan, scale: float | None = None):
+    """Causal GQA attention computed for the rows whose plan.modes [B, T] is True."""
     B, H, T, d = q.shape
-    if query_modes.shape != (B, T):
-        raise ValueError(f"query_modes must be [B, T] = {[B, T]}, got {list(query_modes.shape)}")
+    if plan.modes.shape != (B, T):
+        raise ValueError(f"plan.modes must be [B, T] = {[B, T]}, got {list(plan.modes.shape)}")
     scale = d ** -0.5 if scale is None else scale
     if q.is_cuda:
-        if q_offset == 0 and bool(query_modes.all()):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=H != k.shape[1])
-        block_mask = plan_block_mask(query_modes, k.shape[2], q_offset)
-        return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=H != k.shape[1])
-    return _rows_attention(q, k, v, query_modes, q_offset, scale)
+        if plan.q_offset == 0 and plan.all_attention:
+            return causal_sdpa(q, k, v, scale)
+        return _compiled_flex_attention()(q, k, v, block_mask=plan.block_mask(k.shape[2]), scale=scale,
+                                          enable_gqa=H != k.shape[1])
+    return _rows_attention(q, k, v, plan.modes, plan.q_offset, scale)
+
+
+def causal_sdpa(q, k, v, scale):
+    """Causal SDPA; when key and value head sizes differ, zero-pads the smaller so flash kernels apply.
+
+    Zero columns change no score (q.k) and padded value columns are sliced off again.
+    """
+    d, dv = q.shape[-1], v.shape[-1]
+    if d < dv:
+        q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
+    elif dv < d:
+        v = F.pad(v, (0, d - dv))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out[..., :dv]
 
 
 def _rows_attention(q, k, v, query_modes, q_offset, scale):
@@ -62,7 +104,8 @@ def _rows_attention(q, k, v, query_modes, q_offset, scale):
     if rows.numel() == 0:
         return out
     causal = torch.arange(S, device=q.device)[None, :] <= (rows + q_offset)[:, None]  # [rows, S]
-    picked = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=causal, scale=scale, enable_gqa=True)
+    picked = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=causal, scale=scale,
+                                            enable_gqa=H != k.shape[1])
     out[:, :, rows] = picked
     return out
 
@@ -97,7 +140,7 @@ def plan_block_mask(query_modes: torch.Tensor, kv_len: int, q_offset: int = 0, b
     partial = (kv_first[None, :] <= q_last[:, None]) & ~full
     full = full[None] & active[:, :, None]
     partial = partial[None] & active[:, :, None]
-    offset = torch.tensor(q_offset, device=device)
+    offset = torch.full((), q_offset, dtype=torch.int64, device=device)  # a fill kernel, no host-to-device copy
 
     def causal(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx + offset

@@ -175,9 +175,9 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int = 256, plan="prefill-
         start = _now(device)
         chunk = prefill_chunk or P
         for begin in range(0, P, chunk):
+            end = min(begin + chunk, P)
             cache.maybe_drop_kv(plan, P)
-            logits = model(torch.tensor([prompt_ids[begin:begin + chunk]]), modes[None, begin:begin + chunk],
-                           cache=cache)[:, -1]
+            logits = model(torch.tensor([prompt_ids[begin:end]]), modes[None, begin:end], cache=cache)[:, -1]
         stats.prompt_seconds = _now(device) - start
         runner = DecodeRunner(model, cache, cuda_graphs)
         start = _now(device)

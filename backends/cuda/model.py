@@ -31,7 +31,7 @@ from oryx_core.init import init_params
 from oryx_core.reference import L2NORM_EPS
 from oryx_core.weights import load_checkpoint, save_checkpoint
 
-from .attention import apply_rope, decode_attention, plan_attention, rope_tables
+from .attention import AttentionPlan, apply_rope, decode_attention, plan_attention, rope_tables
 from .cache import LayerCache, OryxCache
 from .kernels.gdn import gated_delta_rule, naive_recurrent_gated_delta_rule
 from .kernels.mamba2 import naive_recurrent_ssd, ssd
@@ -175,14 +175,13 @@ class OryxMixer(nn.Module):
         return self.o_proj(y.reshape(B, T, H * dv).to(o.dtype))
 
     # -- parallel form (training, eval, prefill) --
-    def forward(self, xn, modes, rope, layer_cache: LayerCache | None = None, offset: int = 0,
-                any_attention: bool = True, any_recurrent: bool = True):
-        """xn [B, T, D] normed input; modes [B, T] bool; rope (cos, sin) for positions offset.. or None."""
+    def forward(self, xn, plan: AttentionPlan, rope, layer_cache: LayerCache | None = None):
+        """xn [B, T, D] normed input; plan: the modes; rope (cos, sin) for positions plan.q_offset.. or None."""
         windows = layer_cache.conv if layer_cache is not None else {}
         k, k_tail = self.conv_k(self.k_proj(xn), windows.get("k"))
         v, v_tail = self.conv_v(self.v_proj(xn), windows.get("v"))
         o_rec = o_attn = None
-        if any_recurrent or layer_cache is not None:  # with a cache the state must advance anyway
+        if plan.any_recurrent or layer_cache is not None:  # with a cache the state must advance anyway
             q_raw, q_tail = self.conv_q(self.q_rec(xn), windows.get("q"))
             o_rec, final = self._recurrence(self._recurrence_inputs(xn, k, v, q_raw),
                                             None if layer_cache is None else layer_cache.state)
@@ -192,14 +191,14 @@ class OryxMixer(nn.Module):
         if layer_cache is not None:
             layer_cache.conv["k"].copy_(k_tail)
             layer_cache.conv["v"].copy_(v_tail)
-        if any_attention or (layer_cache is not None and layer_cache.keys is not None):
-            o_attn = self._attention(xn, k, v, modes, rope, layer_cache, offset, any_attention)
+        if plan.any_attention or (layer_cache is not None and layer_cache.keys is not None):
+            o_attn = self._attention(xn, k, v, plan, rope, layer_cache)
         if o_attn is None:
             o = o_rec
         elif o_rec is None:
             o = o_attn
         else:
-            o = torch.where(modes[:, :, None, None], o_attn, o_rec)
+            o = torch.where(plan.modes[:, :, None, None], o_attn, o_rec)
         return self._output(o, xn)
 
     def _recurrence(self, r: dict, initial_state):
@@ -209,19 +208,20 @@ class OryxMixer(nn.Module):
                                     **state_args)
         return ssd(r["q"], r["k"], r["v"], r["dt"], r["A"], r["D"], **state_args)
 
-    def _attention(self, xn, k, v, modes, rope, layer_cache, offset, needed):
+    def _attention(self, xn, k, v, plan: AttentionPlan, rope, layer_cache):
         """Appends this chunk's keys/values to the cache (if any) and attends for the attention-mode rows."""
         keys, values = self._keys_values(k, v, rope)
+        offset = plan.q_offset
         if layer_cache is not None and layer_cache.keys is not None:
             T = keys.shape[2]
             layer_cache.keys[:, :, offset:offset + T] = keys
             layer_cache.values[:, :, offset:offset + T] = values
             keys = layer_cache.keys[:, :, :offset + T].to(keys.dtype)
             values = layer_cache.values[:, :, :offset + T].to(values.dtype)
-        if not needed:
+        if not plan.any_attention:
             return None
         q = self._attention_queries(xn, rope).transpose(1, 2)
-        o = plan_attention(q, keys, values, modes, q_offset=offset, scale=self.cfg.head_dim ** -0.5)
+        o = plan_attention(q, keys, values, plan, scale=self.cfg.head_dim ** -0.5)
         return o.transpose(1, 2)
 
     # -- step form (decoding one token per sequence) --
@@ -304,8 +304,8 @@ class OryxLayer(nn.Module):
     def _mlp(self, h):
         return h if self.mlp is None else h + self.mlp(self.mlp_norm(h))
 
-    def forward(self, x, modes, rope, layer_cache=None, offset=0, any_attention=True, any_recurrent=True):
-        h = x + self.mixer(self.attn_norm(x), modes, rope, layer_cache, offset, any_attention, any_recurrent)
+    def forward(self, x, plan: AttentionPlan, rope, layer_cache=None):
+        h = x + self.mixer(self.attn_norm(x), plan, rope, layer_cache)
         return self._mlp(h)
 
     def step(self, x, modes, rope, layer_cache, position, attend):
@@ -405,19 +405,18 @@ class OryxModel(nn.Module):
         """
         tokens = self.check_tokens(tokens, 2)
         B, T = tokens.shape
-        modes = self.check_modes(modes, (B, T))
-        any_attention, any_recurrent = bool(modes.any()), not bool(modes.all())
         offset = 0
         if cache is not None:
             self._check_cache(cache, B, T)
-            if any_attention and not cache.has_kv:
-                raise ValueError("modes: attention-mode tokens, but this cache has no KV (dropped); "
-                                 "use the `keep` KV policy for plans that return to attention")
             offset = cache.length
+        plan = AttentionPlan(self.check_modes(modes, (B, T)), offset)
+        if cache is not None and plan.any_attention and not cache.has_kv:
+            raise ValueError("modes: attention-mode tokens, but this cache has no KV (dropped); "
+                             "use the `keep` KV policy for plans that return to attention")
         rope = self._rope(torch.arange(offset, offset + T, device=self.device))
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, modes, rope, None if cache is None else cache.layers[i], offset, any_attention, any_recurrent)
+            x = layer(x, plan, rope, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.advance(T)
         return self.logits(x)

@@ -245,15 +245,21 @@ def start_runtime(cfg: TrainConfig) -> Runtime:
     return Runtime(rank, world, torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu"))
 
 
+def is_sharded(cfg: TrainConfig, rt: Runtime) -> bool:
+    return rt.world > 1 and cfg.parallel == "fsdp"
+
+
 def distribute(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime) -> torch.nn.Module:
     if rt.world == 1:
         return model
-    if cfg.parallel == "fsdp":
+    if is_sharded(cfg, rt):
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.layers:
             fully_shard(layer)
-        return fully_shard(model)
+        # The root reshards too, or a no-grad forward (eval) leaves its parameters gathered and
+        # the optimizer's sharded parameters no longer match the model's when a checkpoint is taken.
+        return fully_shard(model, reshard_after_forward=True)
     # A pure-attention or pure-recurrent batch leaves the other mode's weights without gradients.
     device_ids = [rt.device.index] if rt.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
@@ -272,7 +278,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime) -> tor
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = rt.device.type == "cuda" and not (rt.world > 1 and cfg.parallel == "fsdp")
+    fused = rt.device.type == "cuda" and not is_sharded(cfg, rt)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
 
 
@@ -284,12 +290,27 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def batch_loss(model, windows: np.ndarray, modes: np.ndarray, rt: Runtime, autocast) -> torch.Tensor:
+def cover_both_modes(windows: np.ndarray, modes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Adds one sequence in the missing mode to a micro-batch whose tokens all share one mode.
+
+    FSDP2 reduce-scatters the gradients of the parameters that have one, so every rank must
+    give every parameter a gradient; an all-attention micro-batch leaves the recurrent
+    weights without one (and vice versa). The extra sequence is left out of the loss, so
+    it changes no gradient; with a realistic batch it is almost never needed.
+    """
+    if modes.any() and not modes.all():
+        return windows, modes
+    extra = np.full((1, modes.shape[1]), not modes.any())
+    return np.concatenate([windows, windows[:1]]), np.concatenate([modes, extra])
+
+
+def batch_loss(model, windows: np.ndarray, modes: np.ndarray, rt: Runtime, autocast, rows: int) -> torch.Tensor:
+    """Mean next-token loss of the first `rows` sequences (those after are only there for cover_both_modes)."""
     tokens = torch.from_numpy(windows).to(rt.device, non_blocking=True)
     mode_mask = torch.from_numpy(np.array(modes, dtype=bool)).to(rt.device, non_blocking=True)
     with autocast:
         logits = model(tokens[:, :-1], mode_mask)
-    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    return F.cross_entropy(logits[:rows].float().flatten(0, 1), tokens[:rows, 1:].flatten())
 
 
 def mean_over_ranks(value: torch.Tensor, rt: Runtime) -> float:
@@ -308,7 +329,8 @@ def evaluate(model, val: TokenShards, cfg: TrainConfig, rt: Runtime, autocast) -
         for i in range(cfg.eval_batches):
             rng = batch_rng(cfg.seed, EVAL_STREAM, i, 0, rt.rank)
             windows = val.sample_windows(rng, cfg.batch_size, cfg.seq_len + 1)
-            total += batch_loss(model, windows, batch_modes(plan, rng, cfg.batch_size, cfg.seq_len, cfg), rt, autocast)
+            modes = batch_modes(plan, rng, cfg.batch_size, cfg.seq_len, cfg)
+            total += batch_loss(model, windows, modes, rt, autocast, cfg.batch_size)
         losses[plan] = mean_over_ranks(total / cfg.eval_batches, rt)
     model.train()
     return losses
@@ -369,7 +391,7 @@ def join_optimizer_state(tensors: dict[str, np.ndarray], rest: dict) -> dict:
 
 def model_for_saving(model: OryxModel, cfg: TrainConfig, rt: Runtime) -> OryxModel | None:
     """The model to `save` on rank 0: itself, or under FSDP2 an unsharded CPU copy (a collective)."""
-    if not (rt.world > 1 and cfg.parallel == "fsdp"):
+    if not is_sharded(cfg, rt):
         return model if rt.is_main else None
     full = get_model_state_dict(model, options=FULL_STATE)
     if not rt.is_main:
@@ -497,6 +519,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16) if cfg.bf16 and rt.device.type == "cuda"
                 else nullcontext())
     tokens_per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accum * rt.world
+    pad_modes = is_sharded(cfg, rt) and cfg.modes == "mixed"
 
     log_file = None
     if rt.is_main:
@@ -519,11 +542,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(cfg.grad_accum):
-            rng = batch_rng(cfg.seed, TRAIN_STREAM, step - start, micro, rt.rank)
+            rng = batch_rng(cfg.seed, TRAIN_STREAM, step, micro, rt.rank)
             windows = train_data.sample_windows(rng, cfg.batch_size, cfg.seq_len + 1)
             modes = batch_modes(cfg.modes, rng, cfg.batch_size, cfg.seq_len, cfg)
+            if pad_modes:
+                windows, modes = cover_both_modes(windows, modes)
             set_grad_sync(ddp_or_model, micro == cfg.grad_accum - 1)
-            loss = batch_loss(forward, windows, modes, rt, autocast) / cfg.grad_accum
+            loss = batch_loss(forward, windows, modes, rt, autocast, cfg.batch_size) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
@@ -537,8 +562,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             now = time.perf_counter()
             tokens_per_s = tokens_per_step * (done - last_step) / (now - last_time)
-            log_record(log_file, {"step": done, "loss": loss_value, "lr": lr, "tokens": done * tokens_per_step,
-                                  "tokens_per_s": tokens_per_s, "grad_norm": norm.item()})
+            record = {"step": done, "loss": loss_value, "lr": lr, "tokens": done * tokens_per_step,
+                      "tokens_per_s": tokens_per_s, "grad_norm": norm.item()}
+            if rt.device.type == "cuda":
+                record["max_memory_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
+            log_record(log_file, record)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             summary["loss"] = loss_value
             loss_sum.zero_()

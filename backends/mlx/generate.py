@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator
 
 import mlx.core as mx
@@ -43,7 +43,7 @@ class GenerationResponse:
     generation_tokens: int
     generation_tps: float
     peak_memory: float  # GB
-    finish_reason: str | None = None  # "stop" (end-of-text token), "length", or None while running
+    finish_reason: str | None = None  # "length", "stop_token", "stop_string", or None while running
 
 
 # ----- loading -----
@@ -118,62 +118,78 @@ def _check_sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, k
         raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
 
 
-class _Detokenizer:
-    """Incremental decoding that holds back bytes of an incomplete UTF-8 character.
+class _TextStream:
+    """Incremental decoding with stop strings.
 
-    A character has at most 4 bytes, so after 4 held tokens the text is invalid, not
-    incomplete, and goes out as it is (with its replacement characters).
+    Held back: an incomplete UTF-8 character (at most 4 bytes, so after 4 held tokens the
+    text is invalid rather than incomplete and goes out as it is), and the last
+    len(longest stop string) - 1 characters, which could still become a stop string.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, stop_strings=()):
         self.tokenizer = tokenizer
+        self.stop_strings = [s for s in stop_strings if s]
+        self.holdback = max((len(s) for s in self.stop_strings), default=1) - 1
         self.pending: list[int] = []
+        self.text = ""
+        self.emitted = 0  # characters of self.text already handed out
 
-    def add(self, token: int) -> str:
+    def add(self, token: int) -> tuple[str, bool]:
+        """(text safe to emit now, whether a stop string was completed; its text is not emitted)."""
         self.pending.append(token)
-        text = self.tokenizer.decode(self.pending, skip_special_tokens=False)
-        if text.endswith("\ufffd") and len(self.pending) < 4:
-            return ""
+        piece = self.tokenizer.decode(self.pending, skip_special_tokens=False)
+        if piece.endswith("\ufffd") and len(self.pending) < 4:
+            return "", False
         self.pending = []
-        return text
+        self.text += piece
+        # no stop string can start before self.emitted: it would have been complete already
+        hits = [i for i in (self.text.find(s, self.emitted) for s in self.stop_strings) if i >= 0]
+        end = min(hits) if hits else max(self.emitted, len(self.text) - self.holdback)
+        out, self.emitted = self.text[self.emitted:end], end
+        return out, bool(hits)
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.pending, skip_special_tokens=False) if self.pending else ""
-        self.pending = []
-        return text
+        if self.pending:
+            self.text += self.tokenizer.decode(self.pending, skip_special_tokens=False)
+            self.pending = []
+        out, self.emitted = self.text[self.emitted:], len(self.text)
+        return out
 
 
-def _encode(tokenizer, prompt) -> list[int]:
+def _encode(tokenizer, prompt, vocab_size: int) -> list[int]:
     ids = tokenizer.encode(prompt).ids if isinstance(prompt, str) else [int(t) for t in prompt]
     if not ids:
         raise ValueError("prompt: needs at least one token")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
     return ids
 
 
 # ----- generation -----
 def stream_generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, plan="prefill-attention",
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                    seed: int = 0, kv_policy: str = "keep", prompt_cache=None,
+                    seed: int = 0, kv_policy: str = "keep", prompt_cache=None, stop_strings=(),
                     stop_at_end_of_text: bool = True) -> Iterator[GenerationResponse]:
     """Yields one GenerationResponse per generated token.
 
     prompt: text or token ids. plan: a mode plan (text or ModePlan) for this call.
     kv_policy "drop" frees the KV cache once the plan has no attention token left.
     prompt_cache: a cache from `model.make_cache()` to continue from (updated in place).
+    Stops after max_tokens ("length"), at the end-of-text token ("stop_token", unless
+    stop_at_end_of_text is False) or when the text completes a stop string ("stop_string";
+    the stop string is not emitted).
     """
     _check_sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, kv_policy)
     plan = ModePlan.parse(plan)
-    ids = _encode(tokenizer, prompt)
-    vocab = model.cfg.vocab_size
-    if max(ids) >= vocab or min(ids) < 0:
-        raise ValueError(f"prompt: token id {max(ids)} outside the model's vocabulary of {vocab}")
+    ids = _encode(tokenizer, prompt, model.cfg.vocab_size)
     cache = model.make_cache() if prompt_cache is None else prompt_cache
     start = cache_offset(cache)
     prompt_length = start + len(ids)
     modes = plan.resolve(prompt_length + max_tokens, prompt_length=prompt_length)
     end_id = end_of_text_id(tokenizer) if stop_at_end_of_text else None
     key = mx.random.key(seed)
-    detok = _Detokenizer(tokenizer)
+    text_stream = _TextStream(tokenizer, stop_strings)
     history = list(ids)
 
     def drop_if_done(position):
@@ -193,10 +209,13 @@ def stream_generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, 
         token = sample_token(apply_repetition_penalty(logits, history, repetition_penalty), subkey,
                              temperature, top_k, top_p)
         history.append(token)
-        finished = "stop" if token == end_id else ("length" if n == max_tokens else None)
-        text = "" if token == end_id else detok.add(token)
-        if finished:
-            text += detok.flush()
+        if token == end_id:
+            text, finished = text_stream.flush(), "stop_token"
+        else:
+            text, hit = text_stream.add(token)
+            finished = "stop_string" if hit else ("length" if n == max_tokens else None)
+            if finished == "length":
+                text += text_stream.flush()
         drop_if_done(position)
         elapsed = time.perf_counter() - tic
         yield GenerationResponse(text, token, bool(modes[position]), len(ids), prompt_tps, n,
@@ -226,23 +245,26 @@ def _speed_line(r: GenerationResponse) -> str:
 
 def cli_generate(args) -> None:
     """`oryx generate --backend mlx`: args from the shared generate parser (path, prompt, plan, max_tokens,
-    temperature, top_k, top_p, seed, kv_policy, json; repetition_penalty if the parser has it)."""
-    model, tokenizer = load(args.path)
+    temperature, top_k, top_p, seed, kv_policy, json; dtype, stop and repetition_penalty where present)."""
+    dtype = getattr(args, "dtype", None)
+    model, tokenizer = load(args.path, dtype)
     responses = stream_generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, plan=args.plan,
                                 temperature=args.temperature, top_k=args.top_k or 0,
                                 top_p=1.0 if args.top_p is None else args.top_p,
                                 repetition_penalty=getattr(args, "repetition_penalty", None) or 1.0,
-                                seed=args.seed, kv_policy=args.kv_policy)
-    text, last = "", None
+                                seed=args.seed, kv_policy=args.kv_policy, stop_strings=getattr(args, "stop", None) or ())
+    text, tokens, last = "", [], None
     for last in responses:
         text += last.text
+        tokens.append(last.token)
         if not args.json:
             print(last.text, end="", flush=True)
+    stats = {"prompt_tokens": last.prompt_tokens, "generated_tokens": last.generation_tokens,
+             "prompt_tps": last.prompt_tps, "generation_tps": last.generation_tps,
+             "peak_memory_bytes": int(last.peak_memory * 1e9), "stop_reason": last.finish_reason} if last else {}
     if args.json:
-        result = {"backend": "mlx", "plan": str(ModePlan.parse(args.plan)), "text": text}
-        if last is not None:
-            result.update({k: v for k, v in asdict(last).items() if k not in ("text", "token", "is_attention")})
-        print(json.dumps(result, indent=2))
+        print(json.dumps({"text": text, "tokens": tokens, "backend": "mlx", "dtype": dtype, "plan": args.plan,
+                          **stats}, indent=2))
     else:
         print()
         if last is not None:

@@ -14,7 +14,6 @@ dropped, and so is any paragraph of at least MIN_DEDUP_PARAGRAPH characters alre
 from __future__ import annotations
 
 import argparse
-import base64
 import gzip
 import hashlib
 import json
@@ -55,7 +54,7 @@ def rst_documents(root: Path, pattern: str, opener) -> list[tuple[str, str]]:
 # ----- GCIDE dictionary (dictd format: an index of base64 offsets into one text) -----
 DICTD_DIGITS = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
 SYLLABLES_AND_PRONUNCIATION = re.compile(r"\s*\\[^\\\n]*\\\s*(\([^()]{0,300}\))?")
-SOURCE_TAG_LINE = re.compile(r"^\s*\[[^\]\n]+\]\s*$", re.MULTILINE)
+SOURCE_TAG = re.compile(r"\[[^\]\n]*(?:Webster|PJC|WordNet|Century|Suppl)[^\]\n]*\]")  # e.g. [1913 Webster]
 ACCENT_CODE = re.compile(r"\[(=ae|ae|AE|oe|OE|eth|thorn|deg|sect|root|imac|aum|yogh|[=^`'\"~,][A-Za-z]|[a-z]\^)\]")
 COMBINING = {"=": "\u0304", "^": "\u0302", "'": "\u0301", "`": "\u0300", '"': "\u0308", "~": "\u0303", ",": "\u0327"}
 NAMED_CODES = {"=ae": "ǣ", "ae": "æ", "AE": "Æ", "oe": "œ", "OE": "Œ", "eth": "ð", "thorn": "þ", "deg": "°",
@@ -83,8 +82,7 @@ def clean_entry(raw: bytes) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:  # a handful of entries carry Windows-1252 punctuation
         text = raw.decode("cp1252", errors="replace")
-    text = SYLLABLES_AND_PRONUNCIATION.sub("", text, count=1)
-    text = SOURCE_TAG_LINE.sub("", text)
+    text = SOURCE_TAG.sub("", SYLLABLES_AND_PRONUNCIATION.sub("", text))
     text = ACCENT_CODE.sub(accent, text).replace("{", "").replace("}", "")
     return tidy("\n".join(line.strip() for line in text.split("\n")))
 
@@ -115,7 +113,8 @@ def untag(line: str) -> tuple[str, bool]:
     words = " ".join(p[0] for p in pairs)
     words = ATTACH_RIGHT.sub(r"\1", ATTACH_LEFT.sub(r"\1", words))
     headline = all(len(p) == 2 and p[1].endswith("-hl") for p in pairs)
-    return words.replace("``", '"').replace("''", '"'), headline
+    words = words.replace("``", '"').replace("''", '"').replace(";;", ";")  # some texts double their semicolons
+    return words, headline
 
 
 def brown_text(raw: str) -> str:

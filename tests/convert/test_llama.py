@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import build_hf_llama, hf_logits, relative_error
+from convert_helpers import build_hf_llama, hf_logits, relative_error
 from oryx_convert.api import convert
 from oryx_convert.llama import import_hf_llama
 from oryx_core.reference import OryxReference

@@ -1,5 +1,4 @@
 """The MLX generation API: greedy == float64 reference decoding, sampling, prompt cache reuse, KV drop, CLI."""
-import argparse
 import json
 
 import numpy as np
@@ -7,14 +6,14 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
+from oryx_core import cli  # noqa: E402
 from oryx_core.config import preset  # noqa: E402
 from oryx_core.init import init_params  # noqa: E402
 from oryx_core.plan import ModePlan  # noqa: E402
 from oryx_core.reference import OryxReference, Stepper  # noqa: E402
 from oryx_core.tokenizer import byte_level_tokenizer  # noqa: E402
 from oryx_core.weights import save_checkpoint  # noqa: E402
-from oryx_mlx.generate import (apply_repetition_penalty, cli_generate, generate, load,  # noqa: E402
-                               sample_token, stream_generate)
+from oryx_mlx.generate import apply_repetition_penalty, generate, load, sample_token, stream_generate  # noqa: E402
 
 PROMPT = "Oryx switches modes"
 
@@ -92,6 +91,28 @@ def test_kv_drop_decodes_in_constant_memory(checkpoint):
     assert sum(layer.nbytes for layer in kept) > sizes[0]
 
 
+def test_stop_strings_and_stop_token(checkpoint):
+    path, _ = checkpoint
+    model, tokenizer = load(path)
+    options = dict(max_tokens=16, plan="every:2:4")
+    responses = list(stream_generate(model, tokenizer, PROMPT, stop_at_end_of_text=False, **options))
+    full = "".join(r.text for r in responses)
+    stop = full[6:9]
+    cut = list(stream_generate(model, tokenizer, PROMPT, stop_strings=["never there", stop], **options))
+    assert "".join(r.text for r in cut) == full[:full.find(stop)]
+    assert cut[-1].finish_reason == "stop_string"
+
+    class EndsAtThird:
+        """The byte-level tokenizer, with the third greedy token standing in for <|endoftext|>."""
+        encode, decode = tokenizer.encode, tokenizer.decode
+
+        def token_to_id(self, text):
+            return responses[2].token
+
+    stopped = list(stream_generate(model, EndsAtThird(), PROMPT, **options))
+    assert [r.finish_reason for r in stopped][-1] == "stop_token" and len(stopped) == 3
+
+
 def test_sampling():
     logits = mx.array([0.5, 3.0, 2.9, -1.0, 1.0])
     key = mx.random.key(0)
@@ -121,13 +142,14 @@ def test_bad_arguments_give_clear_errors(checkpoint):
         load(path, dtype="float64")
 
 
-def test_cli_generate_json(checkpoint, capsys):
+def test_oryx_generate_backend_mlx(checkpoint, capsys):
     path, ref = checkpoint
-    args = argparse.Namespace(path=str(path), prompt=PROMPT, plan="prefill-attention", max_tokens=6, temperature=0.0,
-                              top_k=None, top_p=None, seed=0, kv_policy="drop", json=True)
-    cli_generate(args)
+    assert cli.main(["generate", str(path), "--prompt", PROMPT, "--max-tokens", "6", "--backend", "mlx",
+                     "--kv-policy", "drop", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["backend"] == "mlx" and result["generation_tokens"] <= 6
+    assert result["backend"] == "mlx" and result["generated_tokens"] == 6 and result["stop_reason"] == "length"
     tokenizer = byte_level_tokenizer()
-    expected = reference_greedy(ref, tokenizer.encode(PROMPT).ids, result["generation_tokens"], "prefill-attention")
-    assert result["text"] == tokenizer.decode(expected)
+    expected = reference_greedy(ref, tokenizer.encode(PROMPT).ids, 6, "prefill-attention")
+    assert result["tokens"] == expected and result["text"] == tokenizer.decode(expected)
+    assert cli.main(["generate", str(path), "--prompt", PROMPT, "--backend", "mlx", "--top-p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err

@@ -45,6 +45,11 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
+def available() -> bool:
+    """The emulator needs a C++17 compiler and binutils' nm."""
+    return compiler() is not None and shutil.which("nm") is not None
+
+
 # ------------------------------------------------------------------ source capture
 def capture_source(launch) -> str:
     """The complete Metal source MLX would compile for `launch`."""
@@ -173,7 +178,7 @@ class MslEmulator:
     def _compile(self, arguments: list[str], output: Path) -> None:
         """Run g++ into a private file, then move it into place (parallel sessions)."""
         partial = output.with_name(f"{output.name}.{os.getpid()}.tmp")
-        result = subprocess.run([compiler() or "g++", *COMPILE_FLAGS, *arguments, "-o", str(partial)],
+        result = subprocess.run([compiler(), *COMPILE_FLAGS, *arguments, "-o", str(partial)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             raise EmulatorError(f"g++ failed on {arguments[-1]}:\n{result.stderr[-4000:]}")
@@ -203,29 +208,58 @@ class MslEmulator:
             self._compile([f"-I{shim_dir}", str(cpp)], binary)
         return binary
 
+    @staticmethod
+    def threadgroup_arrays(binary: Path) -> list[tuple[int, int]]:
+        """(offset from msl_emu_anchor, bytes) of each threadgroup array: Metal
+        kernels have no static locals, so the kernel's function-local statics are
+        exactly its threadgroup declarations."""
+        listing = subprocess.run(["nm", "-S", "-C", "--defined-only", str(binary)],
+                                 capture_output=True, text=True, check=True).stdout
+        anchor, arrays = None, []
+        for line in listing.splitlines():
+            fields = line.split(maxsplit=3)
+            if len(fields) < 4:  # symbols without a size are not data
+                continue
+            address, size, _, name = fields
+            if name == "msl_emu_anchor":
+                anchor = int(address, 16)
+            elif name.startswith("custom_kernel_") and ")::" in name:
+                arrays.append((int(address, 16), int(size, 16)))
+        if anchor is None:
+            raise EmulatorError(f"no msl_emu_anchor symbol in {binary}")
+        return [(address - anchor, size) for address, size in arrays]
+
+    def _write_launch_file(self, path: Path, launch, binary: Path, buffers: list[Parameter]) -> None:
+        """The layout run_main in msl_shim.h reads."""
+        arrays = self.threadgroup_arrays(binary)
+        with open(path, "wb") as f:
+            f.write(np.asarray(launch.grid + launch.threadgroup, np.uint32).tobytes())
+            f.write(np.asarray([self.seed], np.uint64).tobytes())
+            f.write(np.asarray([len(arrays)], np.uint32).tobytes())
+            for offset, size in arrays:
+                f.write(np.asarray([offset], np.int64).tobytes() + np.asarray([size], np.uint64).tobytes())
+            f.write(np.asarray([len(buffers)], np.uint32).tobytes())
+            for p in buffers:
+                data = _buffer_contents(p, launch)
+                f.write(np.asarray([len(data)], np.uint64).tobytes())
+                f.write(data)
+
     def __call__(self, launch) -> list[mx.array]:
         source = capture_source(launch)
         self.launches.append((launch.kernel.name, source))
         _, parameters = parse_kernel(source)
-        buffer_parameters = sorted((p for p in parameters if p.attribute == "buffer"), key=lambda p: p.buffer_index)
+        buffers = sorted((p for p in parameters if p.attribute == "buffer"), key=lambda p: p.buffer_index)
         binary = self.build(source)
         with tempfile.TemporaryDirectory() as tmp:
             launch_file, result_file = Path(tmp) / "launch.bin", Path(tmp) / "result.bin"
-            with open(launch_file, "wb") as f:
-                f.write(np.asarray(launch.grid + launch.threadgroup, np.uint32).tobytes())
-                f.write(np.asarray([self.seed], np.uint64).tobytes())
-                f.write(np.asarray([len(buffer_parameters)], np.uint32).tobytes())
-                for p in buffer_parameters:
-                    data = _buffer_contents(p, launch)
-                    f.write(np.asarray([len(data)], np.uint64).tobytes())
-                    f.write(data)
+            self._write_launch_file(launch_file, launch, binary, buffers)
             run = subprocess.run([str(binary), str(launch_file), str(result_file)],
                                  capture_output=True, text=True, timeout=self.timeout_s)
             if run.returncode != 0:
                 raise EmulatorError(f"{launch.kernel.name}: emulator exited {run.returncode}: {run.stderr[-2000:]}")
             results = {}
             with open(result_file, "rb") as f:
-                for p in buffer_parameters:
+                for p in buffers:
                     size = int(np.frombuffer(f.read(8), np.uint64)[0])
                     results[p.name] = f.read(size)
         return [

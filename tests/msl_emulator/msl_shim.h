@@ -1,18 +1,20 @@
 // Metal Shading Language built-ins for running MLX-generated kernel source as C++
 // on a CPU, so that kernels written for Apple GPUs can be tested on Linux.
 //
-// Execution model: every GPU thread of a threadgroup is a cooperative fiber
-// (ucontext). A fiber runs until it reaches a synchronisation point (any simd_*
-// collective or threadgroup_barrier) and then yields; the scheduler resumes the
-// released fibers in a fresh random order each round. Collectives therefore see
-// all live lanes of the simdgroup in lockstep, and a missing barrier shows up as a
-// wrong result because writers and readers interleave randomly (see
-// run_threadgroup for the two schedules).
+// Execution model: threadgroups run one at a time, in random order. Every GPU
+// thread of a threadgroup is a cooperative fiber (ucontext). A fiber runs until it
+// reaches a synchronisation point (any simd_* collective, simdgroup matrix load or
+// store, or barrier) and then yields; the scheduler resumes released fibers in a
+// random order (see run_threadgroup for its two schedules). Collectives therefore
+// see all live lanes of the simdgroup in lockstep, and a missing barrier shows up
+// as a wrong result because writers and readers interleave.
 //
 // Threadgroup memory: `threadgroup T name[N];` becomes a function-local static,
-// shared by all fibers; threadgroups run one at a time, so that is exactly the
-// Metal scope. Pointers into threadgroup memory must be declared without the
-// `threadgroup` qualifier (it would make the pointer itself static).
+// shared by all fibers; as threadgroups run one at a time, that is exactly the
+// Metal scope. It is filled with NaN bytes before every threadgroup (see
+// poison_threadgroup_memory), so a read before a write shows. Pointers into
+// threadgroup memory must be declared without the `threadgroup` qualifier (it
+// would make the pointer itself static).
 #pragma once
 
 #include <ucontext.h>
@@ -43,7 +45,7 @@ struct bfloat16_t {
       bits = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
     }
   }
-  operator float() const {
+  operator float() const volatile {  // volatile: see `constant` at the end
     uint32_t u = uint32_t(bits) << 16;
     float f;
     std::memcpy(&f, &u, 4);
@@ -111,7 +113,31 @@ using half2 = msl_emu::vec<half, 2>;
 using half4 = msl_emu::vec<half, 4>;
 
 // ---------------------------------------------------------------- the scheduler
+// Threadgroup arrays are the kernel's function-local statics. The driver finds
+// them in the binary's symbol table and sends their places, relative to this
+// anchor, with each launch; they are poisoned before every threadgroup, since
+// Metal leaves threadgroup memory uninitialised.
+extern "C" {
+char msl_emu_anchor;
+}
+
 namespace msl_emu {
+
+struct MemoryRange {
+  int64_t offset_from_anchor;
+  uint64_t bytes;
+};
+
+inline std::vector<MemoryRange>& threadgroup_memory() {
+  static std::vector<MemoryRange> ranges;
+  return ranges;
+}
+
+inline void poison_threadgroup_memory() {
+  for (const MemoryRange& m : threadgroup_memory())
+    std::memset(reinterpret_cast<void*>(reinterpret_cast<intptr_t>(&msl_emu_anchor) + m.offset_from_anchor),
+                0xff, m.bytes);
+}
 
 struct Barrier {
   unsigned arrived = 0;
@@ -121,7 +147,7 @@ struct Barrier {
 
 constexpr int kSimdWidth = 32;
 constexpr size_t kSlotBytes = 64;
-constexpr size_t kFiberStackBytes = 256 * 1024;
+constexpr size_t kFiberStackBytes = 64 * 1024;
 
 struct SimdGroup {
   Barrier barrier;
@@ -223,6 +249,7 @@ inline void run_threadgroup(const uint3& group, const uint3& group_size,
     std::fill(&g.slot_generation[0][0], &g.slot_generation[0][0] + 2 * kSimdWidth, ~0ul);
   r.threadgroup_barrier = Barrier{};
   r.threadgroup_barrier.live = count;
+  poison_threadgroup_memory();
   for (unsigned i = 0; i < count; ++i) {
     Fiber& f = r.fibers[i];
     ThreadInfo& t = f.info;
@@ -339,9 +366,11 @@ inline T read_value(FILE* f) {
   return v;
 }
 
-// Launch file: grid[3], threadgroup[3] (uint32), seed (uint64), buffer count
-// (uint32), then per buffer its byte count (uint64) and bytes. The result file
-// holds every buffer again, in the same layout, after the grid has run.
+// Launch file: grid[3], threadgroup[3] (uint32), seed (uint64), threadgroup
+// array count (uint32) and per array its offset from msl_emu_anchor (int64) and
+// byte count (uint64), buffer count (uint32), then per buffer its byte count
+// (uint64) and bytes. The result file holds every buffer again, in the same
+// layout, after the grid has run.
 inline int run_main(int argc, char** argv, void (*kernel_thread)(const ThreadInfo&)) {
   if (argc != 3) fail("usage: kernel LAUNCH_FILE RESULT_FILE");
   FILE* in = std::fopen(argv[1], "rb");
@@ -350,6 +379,11 @@ inline int run_main(int argc, char** argv, void (*kernel_thread)(const ThreadInf
   for (int d = 0; d < 3; ++d) grid[d] = read_value<uint32_t>(in);
   for (int d = 0; d < 3; ++d) group_size[d] = read_value<uint32_t>(in);
   uint64_t seed = read_value<uint64_t>(in);
+  threadgroup_memory().resize(read_value<uint32_t>(in));
+  for (MemoryRange& m : threadgroup_memory()) {
+    m.offset_from_anchor = read_value<int64_t>(in);
+    m.bytes = read_value<uint64_t>(in);
+  }
   uint32_t count = read_value<uint32_t>(in);
   buffers().resize(count);
   for (auto& b : buffers()) {
@@ -584,8 +618,11 @@ inline void simdgroup_multiply(simdgroup_matrix<T, M, N>& d, const simdgroup_mat
 using namespace metal;
 
 // ---------------------------------------------------------------- address spaces
-// Defined last so that the standard headers above are not affected.
+// Defined last so that the standard headers above are not affected. `constant`
+// becomes `volatile` so that the C++ compiler rejects what Metal rejects: a
+// constant-space pointer (MLX binds inputs under 8 elements there) converted to a
+// device-space one.
 #define device
-#define constant
+#define constant volatile
 #define thread
 #define threadgroup static

@@ -24,8 +24,9 @@ from .metal import run_metal
 
 IMPLEMENTATIONS = ("auto", "metal", "mlx", "fast")
 ENV_VAR = "ORYX_MLX_KERNELS"
-# Below this many tokens the per-token fallback beats the chunked one.
-FALLBACK_CHUNKED_MIN_TOKENS = 32
+# The pure-MLX chunked form overtakes the per-token loop between 32 and 64 tokens
+# (measured on CPU, H=8, K=V=128, 2026-11-27; see docs/benchmarks.md).
+FALLBACK_CHUNKED_MIN_TOKENS = 64
 
 __all__ = ["gated_delta_recurrence", "ssd_recurrence", "IMPLEMENTATIONS", "ENV_VAR"]
 
@@ -57,7 +58,7 @@ def _run_portable(r: Recurrence, impl: str):
     return fallback.run_tokenwise(r)
 
 
-def _run_fast_gated_delta(r: Recurrence):
+def run_fast_gated_delta(r: Recurrence):
     """mx.fast.gated_delta_update in our conventions. It is fed float32: given
     float16/bfloat16 inputs it rounds its state path to that type (measured on CPU,
     mlx 0.32.4: state error 3e-4 / 3e-3 relative, against 1e-7 for float32)."""
@@ -79,7 +80,7 @@ def gated_delta_recurrence(q, k, v, g, beta, state=None, scale=None, impl: str =
     r = gated_delta_inputs(q, k, v, g, beta, state, scale)
     impl = _resolve(impl)
     if impl == "fast":
-        return _run_fast_gated_delta(r)
+        return run_fast_gated_delta(r)
     return _run_portable(r, impl)
 
 

@@ -22,7 +22,6 @@ class MetalKernel:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     source: str
-    header: str = ""
 
     @functools.cached_property
     def compiled(self):
@@ -31,7 +30,6 @@ class MetalKernel:
             input_names=list(self.input_names),
             output_names=list(self.output_names),
             source=self.source,
-            header=self.header,
         )
 
 

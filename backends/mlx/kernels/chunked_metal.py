@@ -44,8 +44,8 @@ _PREPARE_SOURCE = """
     const size_t token0 = (size_t(b) * seq_len + first) * heads + h;
 
     threadgroup float k_tile[C * Dk];
-    threadgroup float gamma[C];
-    threadgroup float beta[C];
+    threadgroup float cum_decay[C];
+    threadgroup float chunk_strength[C];
     threadgroup float lower[C * C];
     threadgroup float solve[C * C];
 
@@ -55,8 +55,8 @@ _PREPARE_SOURCE = """
     }
     if (tid < C) {  // C == 32: the first simdgroup scans the decays
         const bool live = tid < valid;
-        gamma[tid] = simd_prefix_inclusive_sum(live ? log_decay[token0 + size_t(tid) * heads] : 0.0f);
-        beta[tid] = live ? strength[token0 + size_t(tid) * heads] : 0.0f;
+        cum_decay[tid] = simd_prefix_inclusive_sum(live ? log_decay[token0 + size_t(tid) * heads] : 0.0f);
+        chunk_strength[tid] = live ? strength[token0 + size_t(tid) * heads] : 0.0f;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -68,14 +68,14 @@ _PREPARE_SOURCE = """
         float k_dot_k = 0.0f;
         float q_dot_k = 0.0f;
         if (t < valid) {
-            const device InT* q_t = q + (token0 + size_t(t) * heads) * Dk;
+            const size_t q_row = (token0 + size_t(t) * heads) * Dk;
             for (int i = 0; i < Dk; ++i) {
                 k_dot_k += k_tile[t * Dk + i] * k_tile[s * Dk + i];
-                q_dot_k += static_cast<float>(q_t[i]) * k_tile[s * Dk + i];
+                q_dot_k += static_cast<float>(q[q_row + i]) * k_tile[s * Dk + i];
             }
         }
-        const float decay = s <= t ? metal::exp(gamma[t] - gamma[s]) : 0.0f;
-        lower[e] = (DELTA_RULE && s < t) ? beta[t] * decay * k_dot_k : 0.0f;
+        const float decay = s <= t ? metal::exp(cum_decay[t] - cum_decay[s]) : 0.0f;
+        lower[e] = (DELTA_RULE && s < t) ? chunk_strength[t] * decay * k_dot_k : 0.0f;
         intra[chunk_row * C * C + e] = scale * decay * q_dot_k;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -90,7 +90,7 @@ _PREPARE_SOURCE = """
             solve[t * C + c] = x;
         }
         for (int t = 0; t < C; ++t) {
-            solve[t * C + c] *= beta[c];
+            solve[t * C + c] *= chunk_strength[c];
         }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -104,23 +104,23 @@ _PREPARE_SOURCE = """
         }
         u[chunk_row * C * Dv + e] = acc;
     }
-    const float gamma_last = gamma[C - 1];
+    const float cum_last = cum_decay[C - 1];
     for (int e = tid; e < C * Dk; e += NT) {
         const int t = e / Dk;
         const int i = e % Dk;
         if (DELTA_RULE) {
             float acc = 0.0f;
             for (int c = 0; c < C; ++c) {
-                acc += solve[t * C + c] * metal::exp(gamma[c]) * k_tile[c * Dk + i];
+                acc += solve[t * C + c] * metal::exp(cum_decay[c]) * k_tile[c * Dk + i];
             }
             w_neg[chunk_row * C * Dk + e] = -acc;
         }
         const float q_ti = t < valid ? static_cast<float>(q[(token0 + size_t(t) * heads) * Dk + i]) : 0.0f;
-        q_decayed[chunk_row * C * Dk + e] = scale * metal::exp(gamma[t]) * q_ti;
-        k_decayed[chunk_row * C * Dk + e] = metal::exp(gamma_last - gamma[t]) * k_tile[e];
+        q_decayed[chunk_row * C * Dk + e] = scale * metal::exp(cum_decay[t]) * q_ti;
+        k_decayed[chunk_row * C * Dk + e] = metal::exp(cum_last - cum_decay[t]) * k_tile[e];
     }
     if (tid == 0) {
-        chunk_decay[chunk_row] = metal::exp(gamma_last);
+        chunk_decay[chunk_row] = metal::exp(cum_last);
     }
 """
 

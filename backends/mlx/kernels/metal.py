@@ -10,7 +10,7 @@ from ._inputs import Recurrence
 from ._launch import Launcher, metal_launcher
 from .recurrent_metal import recurrent_launch
 
-# Below this many tokens one launch that loops over time is cheaper than two.
+# Shorter inputs take the one-launch token loop. A guess, not measured: no Mac here.
 CHUNKED_MIN_TOKENS = 64
 MAX_CHUNKED_HEAD_DIM = 128  # the prepare kernel keeps a chunk of k in threadgroup memory
 

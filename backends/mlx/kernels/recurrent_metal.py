@@ -32,20 +32,19 @@ _SOURCE = """
     const uint b = head_row / heads;
     const uint h = head_row % heads;
 
-    const device float* s_in = state_in + size_t(head_row) * Dk * Dv + column;
-    device float* s_out = state_out + size_t(head_row) * Dk * Dv + column;
+    const size_t state_column = size_t(head_row) * Dk * Dv + column;
     float s[ROWS];
     for (int r = 0; r < ROWS; ++r) {
         const uint i = lane + 32 * r;
-        s[r] = i < Dk ? s_in[size_t(i) * Dv] : 0.0f;
+        s[r] = i < Dk ? state_in[state_column + size_t(i) * Dv] : 0.0f;
     }
     const float head_scale = out_scale[h];
     const float head_skip = skip[h];
 
     for (int t = 0; t < seq_len; ++t) {
         const size_t token = (size_t(b) * seq_len + t) * heads + h;
-        const device InT* q_t = q + token * Dk;
-        const device InT* k_t = k + token * Dk;
+        // Offsets, not pointers: MLX binds inputs under 8 elements as `constant`.
+        const size_t qk_row = token * Dk;
         const float v_j = static_cast<float>(v[token * Dv + column]);
         const float decay = metal::exp(log_decay[token]);
 
@@ -53,7 +52,7 @@ _SOURCE = """
         float k_dot_s = 0.0f;
         for (int r = 0; r < ROWS; ++r) {
             const uint i = lane + 32 * r;
-            k_reg[r] = i < Dk ? static_cast<float>(k_t[i]) : 0.0f;
+            k_reg[r] = i < Dk ? static_cast<float>(k[qk_row + i]) : 0.0f;
             s[r] *= decay;
             k_dot_s += k_reg[r] * s[r];
         }
@@ -65,7 +64,7 @@ _SOURCE = """
         for (int r = 0; r < ROWS; ++r) {
             const uint i = lane + 32 * r;
             s[r] += k_reg[r] * delta;
-            q_dot_s += (i < Dk ? static_cast<float>(q_t[i]) : 0.0f) * s[r];
+            q_dot_s += (i < Dk ? static_cast<float>(q[qk_row + i]) : 0.0f) * s[r];
         }
         q_dot_s = simd_sum(q_dot_s);
         if (lane == 0) {
@@ -75,7 +74,7 @@ _SOURCE = """
     for (int r = 0; r < ROWS; ++r) {
         const uint i = lane + 32 * r;
         if (i < Dk) {
-            s_out[size_t(i) * Dv] = s[r];
+            state_out[state_column + size_t(i) * Dv] = s[r];
         }
     }
 """

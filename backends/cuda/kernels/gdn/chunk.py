@@ -34,14 +34,20 @@ from ._triton_compat import patch_interpreter_scalar_index
 
 patch_interpreter_scalar_index()
 CHUNK = 64
-# Launch shapes per kernel (BV: state columns per program); bench/bench_gdn.py sweeps them.
+# Launch shapes per kernel (BK, BV: key and value columns per block or program);
+# bench/bench_gdn.py sweeps them.
 LAUNCH = {
-    "wy_fwd": dict(BV=64, num_warps=4, num_stages=1),
+    "wy_fwd": dict(BK=64, BV=64, num_warps=4, num_stages=1),
     "state_fwd": dict(BV=64, num_warps=4, num_stages=2),
+    "output_fwd": dict(BK=64, BV=64, num_warps=4, num_stages=2),
     "state_bwd": dict(BV=64, num_warps=4, num_stages=2),
-    "local_bwd": dict(BV=64, num_warps=8, num_stages=1),
-    "wy_bwd": dict(BV=64, num_warps=8, num_stages=1),
+    "local_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=1),
+    "wy_bwd": dict(BK=64, BV=64, num_warps=8, num_stages=1),
 }
+# Whether o comes from a parallel kernel over stored chunk states (short sequential loop)
+# or from the sequential kernel itself (no chunk states written). Training stores the
+# chunk states for the backward anyway.
+SPLIT_OUTPUT = {"training": True, "inference": False}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -82,19 +88,21 @@ def _merge_blocks(X, L, WIDTH: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr
 def _unit_lower_inverse(L, C: tl.constexpr, PREC: tl.constexpr):
     """(I + L)^{-1} for strictly lower-triangular L [C, C], C in {16, 32, 64}.
 
-    Forward substitution inverts the 16x16 diagonal blocks, all of them at once: step r
-    finalises row r of every block (X_i = e_i - sum_{j<i} L_ij X_j). Then
-    block doubling merges 16 -> 32 -> 64 with matrix products."""
-    rows = tl.arange(0, C)[:, None]
-    cols = tl.arange(0, C)[None, :]
-    L_diag = tl.where((rows // 16) == (cols // 16), L, 0.0)
-    X = tl.where(rows == cols, 1.0, 0.0)
-    for r in tl.static_range(1, 16):
-        # In column c: is this row r of c's 16-block?
-        row_r = rows == (cols // 16) * 16 + r
-        l_row = tl.sum(tl.where(row_r, L_diag, 0.0), axis=0)       # [C]: L[16*(c//16)+r, c]
-        update = -tl.sum(l_row[:, None] * X, axis=0)              # X is block diagonal
-        X = tl.where(row_r, X + update[None, :], X)
+    Forward substitution inverts the 16x16 diagonal blocks, all of them at once as a
+    [C/16, 16, 16] stack: step i finalises row i of every block
+    (X_i = e_i - sum_{j<i} L_ij X_j). Block doubling then merges 16 -> 32 -> 64."""
+    NB: tl.constexpr = C // 16
+    blocks = tl.arange(0, NB)
+    same_block = blocks[:, None, None, None] == blocks[None, None, :, None]       # [NB, 1, NB, 1]
+    L_diag = tl.sum(tl.where(same_block, tl.reshape(L, (NB, 16, NB, 16)), 0.0), axis=2)
+    rows = tl.arange(0, 16)[None, :, None]
+    cols = tl.arange(0, 16)[None, None, :]
+    X_diag = tl.where(rows == cols, 1.0, 0.0) + tl.zeros([NB, 16, 16], dtype=tl.float32)
+    for i in tl.static_range(1, 16):
+        l_row = tl.sum(tl.where(rows == i, L_diag, 0.0), axis=1)                   # [NB, 16]
+        update = -tl.sum(l_row[:, :, None] * X_diag, axis=1)                      # [NB, 16]
+        X_diag = tl.where(rows == i, X_diag + update[:, None, :], X_diag)
+    X = tl.reshape(tl.where(same_block, X_diag[:, :, None, :], 0.0), (C, C))
     if C > 16:
         X = _merge_blocks(X, L, 16, C, PREC)
     if C > 32:
@@ -103,9 +111,13 @@ def _unit_lower_inverse(L, C: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _chunk_wy_system(k_tile, beta_c, G, C: tl.constexpr, PREC: tl.constexpr):
+def _chunk_wy_system(k, bos, seq_len, H, i_h, t0, beta_c, G,
+                     K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """Returns (X = (I + L)^{-1}, L, k_i.k_j e^{G_i - G_j} on i > j) of one chunk."""
-    kk = tl.dot(k_tile, tl.trans(k_tile), input_precision=PREC)
+    kk = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in tl.static_range(K // BK):
+        k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
+        kk += tl.dot(k_block, tl.trans(k_block), input_precision=PREC)
     kk_decayed = kk * _decay_matrix(G, C, True)
     L = beta_c[:, None] * kk_decayed
     return _unit_lower_inverse(L, C, PREC), L, kk_decayed
@@ -127,15 +139,16 @@ def _tile(base, bos, seq_len, H, i_h, t0, c0, D: tl.constexpr, C: tl.constexpr, 
 
 
 @triton.jit
-def _state_tile(base, index, i_h, H, c0, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
-    """Block pointer to columns c0..c0+BV of one [K, V] state in a [*, H, K, V] tensor."""
-    return tl.make_block_ptr(base + (index * H + i_h).to(tl.int64) * K * V, (K, V), (V, 1), (0, c0), (K, BV), (1, 0))
+def _state_tile(base, index, i_h, H, r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Block pointer to rows r0..r0+BK, columns c0..c0+BV of one [K, V] state in a [*, H, K, V] tensor."""
+    return tl.make_block_ptr(base + (index * H + i_h).to(tl.int64) * K * V, (K, V), (V, 1), (r0, c0), (BK, BV), (1, 0))
 
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _wy_fwd_kernel(k, v, g, beta, w, u, gcum, cu_seqlens, chunk_indices, H,
-                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   PREC: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, seq_len, t0 = _chunk_location(cu_seqlens, chunk_indices, i_c, C)
     rows = tl.arange(0, C)
@@ -145,13 +158,14 @@ def _wy_fwd_kernel(k, v, g, beta, w, u, gcum, cu_seqlens, chunk_indices, H,
     G = tl.cumsum(g_c, axis=0)
     tl.store(gcum + (bos + t0 + rows) * H + i_h, G, mask=valid)
 
-    k_tile = tl.load(_tile(k, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
-    X, L, kk_decayed = _chunk_wy_system(k_tile, beta_c, G, C, PREC)
-    dt = k_tile.dtype
+    X, _, _ = _chunk_wy_system(k, bos, seq_len, H, i_h, t0, beta_c, G, K, C, BK, PREC)
+    dt = k.dtype.element_ty
     X_io = X.to(dt)
-    k_scaled = (k_tile * (beta_c * tl.exp(G))[:, None]).to(dt)
-    w_tile = tl.dot(X_io, k_scaled, input_precision=PREC)
-    tl.store(_tile(w, bos, seq_len, H, i_h, t0, 0, K, C, K), w_tile.to(dt), boundary_check=(0, 1))
+    for i_k in tl.static_range(K // BK):
+        k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
+        k_scaled = (k_block * (beta_c * tl.exp(G))[:, None]).to(dt)
+        w_block = tl.dot(X_io, k_scaled, input_precision=PREC)
+        tl.store(_tile(w, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), w_block.to(dt), boundary_check=(0, 1))
     for i_v in tl.static_range(V // BV):
         v_tile = tl.load(_tile(v, bos, seq_len, H, i_h, t0, i_v * BV, V, C, BV), boundary_check=(0, 1))
         u_tile = tl.dot(X_io, (v_tile * beta_c[:, None]).to(dt), input_precision=PREC)
@@ -162,39 +176,69 @@ def _wy_fwd_kernel(k, v, g, beta, w, u, gcum, cu_seqlens, chunk_indices, H,
 def _state_fwd_kernel(q, k, w, u, gcum, o, h0, ht, states, deltas, cu_seqlens, chunk_offsets, scale, H,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
                       HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_CHUNKS: tl.constexpr,
-                      PREC: tl.constexpr):
+                      FUSE_OUTPUT: tl.constexpr, PREC: tl.constexpr):
+    """Walks the chunks of one sequence and head for state columns c0..c0+BV. With
+    FUSE_OUTPUT it also writes o; otherwise _output_fwd_kernel does, from the stored
+    chunk states and Deltas, which keeps this sequential loop short."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
     first_chunk = tl.load(chunk_offsets + i_n)
     c0 = i_v * BV
-    dt = q.dtype.element_ty
+    dt = k.dtype.element_ty
     S = tl.zeros([K, BV], dtype=tl.float32)
     if HAS_H0:
-        S += tl.load(_state_tile(h0, i_n, i_h, H, c0, K, V, BV)).to(tl.float32)
+        S += tl.load(_state_tile(h0, i_n, i_h, H, 0, c0, K, V, K, BV)).to(tl.float32)
     for i_t in range(tl.cdiv(seq_len, C).to(tl.int32)):
         t0 = i_t * C
+        S_io = S.to(dt)
         if STORE_CHUNKS:
-            tl.store(_state_tile(states, first_chunk + i_t, i_h, H, c0, K, V, BV), S.to(dt))
+            tl.store(_state_tile(states, first_chunk + i_t, i_h, H, 0, c0, K, V, K, BV), S_io)
         G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
-        q_tile = tl.load(_tile(q, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
         k_tile = tl.load(_tile(k, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
         w_tile = tl.load(_tile(w, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
         u_tile = tl.load(_tile(u, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
-        S_io = S.to(dt)
         delta = u_tile.to(tl.float32) - tl.dot(w_tile, S_io, input_precision=PREC)
         delta_io = delta.to(dt)
-        A = tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC) * scale * _decay_matrix(G, C, False)
-        q_decayed = (q_tile * (scale * tl.exp(G))[:, None]).to(dt)
-        o_tile = tl.dot(q_decayed, S_io, input_precision=PREC) + tl.dot(A.to(dt), delta_io, input_precision=PREC)
-        tl.store(_tile(o, bos, seq_len, H, i_h, t0, c0, V, C, BV), o_tile.to(o.dtype.element_ty), boundary_check=(0, 1))
         if STORE_CHUNKS:
             tl.store(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), delta_io, boundary_check=(0, 1))
+        if FUSE_OUTPUT:
+            q_tile = tl.load(_tile(q, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
+            A = tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC) * scale * _decay_matrix(G, C, False)
+            q_decayed = (q_tile * (scale * tl.exp(G))[:, None]).to(dt)
+            o_tile = tl.dot(q_decayed, S_io, input_precision=PREC) + tl.dot(A.to(dt), delta_io, input_precision=PREC)
+            tl.store(_tile(o, bos, seq_len, H, i_h, t0, c0, V, C, BV), o_tile.to(o.dtype.element_ty),
+                     boundary_check=(0, 1))
         k_to_end = (k_tile * tl.exp(g_last - G)[:, None]).to(dt)
         S = S * tl.exp(g_last) + tl.dot(tl.trans(k_to_end), delta_io, input_precision=PREC)
     if STORE_FINAL:
-        tl.store(_state_tile(ht, i_n, i_h, H, c0, K, V, BV), S)
+        tl.store(_state_tile(ht, i_n, i_h, H, 0, c0, K, V, K, BV), S)
+
+
+@triton.jit
+def _output_fwd_kernel(q, k, gcum, states, deltas, o, cu_seqlens, chunk_indices, scale, H,
+                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       PREC: tl.constexpr):
+    """o = scale diag(e^G) Q S_0 + A Delta for one chunk, head and block of value columns."""
+    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, seq_len, t0 = _chunk_location(cu_seqlens, chunk_indices, i_c, C)
+    c0 = i_v * BV
+    dt = q.dtype.element_ty
+    G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
+    o_tile = tl.zeros([C, BV], dtype=tl.float32)
+    qk = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in tl.static_range(K // BK):
+        q_block = tl.load(_tile(q, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
+        k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
+        S0 = tl.load(_state_tile(states, i_c, i_h, H, i_k * BK, c0, K, V, BK, BV))
+        qk += tl.dot(q_block, tl.trans(k_block), input_precision=PREC)
+        o_tile += tl.dot((q_block * tl.exp(G)[:, None]).to(dt), S0, input_precision=PREC)
+    A = qk * _decay_matrix(G, C, False)
+    delta = tl.load(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
+    o_tile += tl.dot(A.to(dt), delta, input_precision=PREC)
+    tl.store(_tile(o, bos, seq_len, H, i_h, t0, c0, V, C, BV), (o_tile * scale).to(o.dtype.element_ty),
+             boundary_check=(0, 1))
 
 
 # ----------------------------------------------------------------------------- backward
@@ -212,12 +256,12 @@ def _state_bwd_kernel(q, k, w, gcum, do, dht, dh0, dstates, ddeltas, cu_seqlens,
     rows = tl.arange(0, C)
     dS = tl.zeros([K, BV], dtype=tl.float32)
     if HAS_DHT:
-        dS += tl.load(_state_tile(dht, i_n, i_h, H, c0, K, V, BV)).to(tl.float32)
+        dS += tl.load(_state_tile(dht, i_n, i_h, H, 0, c0, K, V, K, BV)).to(tl.float32)
     num_chunks = tl.cdiv(seq_len, C).to(tl.int32)
     for step in range(num_chunks):
         i_t = num_chunks - 1 - step
         t0 = i_t * C
-        tl.store(_state_tile(dstates, first_chunk + i_t, i_h, H, c0, K, V, BV), dS.to(dt))
+        tl.store(_state_tile(dstates, first_chunk + i_t, i_h, H, 0, c0, K, V, K, BV), dS.to(dt))
         G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
         q_tile = tl.load(_tile(q, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
         k_tile = tl.load(_tile(k, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
@@ -235,55 +279,69 @@ def _state_bwd_kernel(q, k, w, gcum, do, dht, dh0, dstates, ddeltas, cu_seqlens,
         dS = dS * tl.exp(g_last) + tl.dot(tl.trans(q_decayed), do_tile, input_precision=PREC) \
             - tl.dot(tl.trans(w_tile), ddelta_io, input_precision=PREC)
     if STORE_DH0:
-        tl.store(_state_tile(dh0, i_n, i_h, H, c0, K, V, BV), dS)
+        tl.store(_state_tile(dh0, i_n, i_h, H, 0, c0, K, V, K, BV), dS)
 
 
 @triton.jit
 def _local_bwd_kernel(q, k, gcum, states, dstates, deltas, ddeltas, do, dq, dk_part, dw, dG_part,
                       cu_seqlens, chunk_indices, scale, H,
-                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      PREC: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, seq_len, t0 = _chunk_location(cu_seqlens, chunk_indices, i_c, C)
     rows = tl.arange(0, C)
     dt = q.dtype.element_ty
     G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
-    q_tile = tl.load(_tile(q, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
-    k_tile = tl.load(_tile(k, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
-    dq_acc = tl.zeros([C, K], dtype=tl.float32)
-    dw_acc = tl.zeros([C, K], dtype=tl.float32)
-    dk_state = tl.zeros([C, K], dtype=tl.float32)
+    # intra-chunk part, o += A Delta with A = scale (Q K^T) e^{G_i - G_j} [i >= j]
     dA = tl.zeros([C, C], dtype=tl.float32)
-    d_total_decay = 0.0                         # d/d(e^{G_C}) of e^{G_C} S_0, summed
     for i_v in tl.static_range(V // BV):
-        c0 = i_v * BV
-        S0 = tl.load(_state_tile(states, i_c, i_h, H, c0, K, V, BV))
-        dSC = tl.load(_state_tile(dstates, i_c, i_h, H, c0, K, V, BV))
-        delta = tl.load(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
-        ddelta = tl.load(_tile(ddeltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
-        do_tile = tl.load(_tile(do, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1)).to(dt)
-        dq_acc += tl.dot(do_tile, tl.trans(S0), input_precision=PREC)
+        do_tile = tl.load(_tile(do, bos, seq_len, H, i_h, t0, i_v * BV, V, C, BV), boundary_check=(0, 1)).to(dt)
+        delta = tl.load(_tile(deltas, bos, seq_len, H, i_h, t0, i_v * BV, V, C, BV), boundary_check=(0, 1))
         dA += tl.dot(do_tile, tl.trans(delta), input_precision=PREC)
-        dw_acc -= tl.dot(ddelta, tl.trans(S0), input_precision=PREC)
-        dk_state += tl.dot(delta, tl.trans(dSC), input_precision=PREC)
-        d_total_decay += tl.sum(S0.to(tl.float32) * dSC.to(tl.float32))
-    # readout of the carried state: o += scale e^G Q S_0
-    dq_tile = dq_acc * (scale * tl.exp(G))[:, None]
-    dG = tl.sum(dq_tile * q_tile.to(tl.float32), axis=1)
-    # intra-chunk part: o += A Delta
+    qk = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in tl.static_range(K // BK):
+        q_block = tl.load(_tile(q, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
+        k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
+        qk += tl.dot(q_block, tl.trans(k_block), input_precision=PREC)
     dA = dA * scale * _decay_matrix(G, C, False)
-    dA_g = dA * tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC)
-    dG += tl.sum(dA_g, axis=1) - tl.sum(dA_g, axis=0)
-    dq_tile += tl.dot(dA.to(dt), k_tile, input_precision=PREC)
-    dk_tile = tl.dot(tl.trans(dA).to(dt), q_tile, input_precision=PREC)
-    # state passed on: S_C = e^{G_C} S_0 + (e^{G_C - G} K)^T Delta
-    dk_state = dk_state * tl.exp(g_last - G)[:, None]
-    from_last = tl.sum(dk_state * k_tile.to(tl.float32), axis=1)
-    dk_tile += dk_state
+    dA_g = dA * qk
+    dG = tl.sum(dA_g, axis=1) - tl.sum(dA_g, axis=0)
+    dA_io = dA.to(dt)
+    decay_to_end = tl.exp(g_last - G)
+    from_last = tl.zeros([C], dtype=tl.float32)
+    d_total_decay = 0.0                         # d/d(e^{G_C}) of e^{G_C} S_0
+    for i_k in tl.static_range(K // BK):
+        k0 = i_k * BK
+        dq_acc = tl.zeros([C, BK], dtype=tl.float32)
+        dw_acc = tl.zeros([C, BK], dtype=tl.float32)
+        dk_state = tl.zeros([C, BK], dtype=tl.float32)
+        for i_v in tl.static_range(V // BV):
+            c0 = i_v * BV
+            S0 = tl.load(_state_tile(states, i_c, i_h, H, k0, c0, K, V, BK, BV))
+            dSC = tl.load(_state_tile(dstates, i_c, i_h, H, k0, c0, K, V, BK, BV))
+            delta = tl.load(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
+            ddelta = tl.load(_tile(ddeltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
+            do_tile = tl.load(_tile(do, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1)).to(dt)
+            dq_acc += tl.dot(do_tile, tl.trans(S0), input_precision=PREC)
+            dw_acc -= tl.dot(ddelta, tl.trans(S0), input_precision=PREC)
+            dk_state += tl.dot(delta, tl.trans(dSC), input_precision=PREC)
+            d_total_decay += tl.sum(S0.to(tl.float32) * dSC.to(tl.float32))
+        q_block = tl.load(_tile(q, bos, seq_len, H, i_h, t0, k0, K, C, BK), boundary_check=(0, 1))
+        k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, k0, K, C, BK), boundary_check=(0, 1))
+        # readout of the carried state: o += scale e^G Q S_0
+        dq_block = dq_acc * (scale * tl.exp(G))[:, None]
+        dG += tl.sum(dq_block * q_block.to(tl.float32), axis=1)
+        dq_block += tl.dot(dA_io, k_block, input_precision=PREC)
+        # state passed on: S_C = e^{G_C} S_0 + (e^{G_C - G} K)^T Delta
+        dk_state = dk_state * decay_to_end[:, None]
+        from_last += tl.sum(dk_state * k_block.to(tl.float32), axis=1)
+        dk_block = dk_state + tl.dot(tl.trans(dA_io), q_block, input_precision=PREC)
+        tl.store(_tile(dq, bos, seq_len, H, i_h, t0, k0, K, C, BK), dq_block.to(dq.dtype.element_ty),
+                 boundary_check=(0, 1))
+        tl.store(_tile(dk_part, bos, seq_len, H, i_h, t0, k0, K, C, BK), dk_block, boundary_check=(0, 1))
+        tl.store(_tile(dw, bos, seq_len, H, i_h, t0, k0, K, C, BK), dw_acc, boundary_check=(0, 1))
     dG -= from_last
     dG += tl.where(rows == C - 1, tl.sum(from_last) + d_total_decay * tl.exp(g_last), 0.0)
-    tl.store(_tile(dq, bos, seq_len, H, i_h, t0, 0, K, C, K), dq_tile.to(dq.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(_tile(dk_part, bos, seq_len, H, i_h, t0, 0, K, C, K), dk_tile, boundary_check=(0, 1))
-    tl.store(_tile(dw, bos, seq_len, H, i_h, t0, 0, K, C, K), dw_acc, boundary_check=(0, 1))
     # padding rows carry the last row's G: keep their dG for the reverse cumsum
     tl.store(dG_part + (i_c * H + i_h) * C + rows, dG)
 
@@ -291,27 +349,26 @@ def _local_bwd_kernel(q, k, gcum, states, dstates, deltas, ddeltas, do, dq, dk_p
 @triton.jit
 def _wy_bwd_kernel(k, v, beta, gcum, ddeltas, dk_part, dw, dG_part, dk, dv, dbeta, dg,
                    cu_seqlens, chunk_indices, H,
-                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   PREC: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, seq_len, t0 = _chunk_location(cu_seqlens, chunk_indices, i_c, C)
     rows = tl.arange(0, C)
     valid = t0 + rows < seq_len
+    dt = k.dtype.element_ty
     G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
     beta_c = tl.load(beta + (bos + t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
-    k_tile = tl.load(_tile(k, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
-    dt = k_tile.dtype
-    X, L, kk_decayed = _chunk_wy_system(k_tile, beta_c, G, C, PREC)
+    k_scale = beta_c * tl.exp(G)
+    X, L, kk_decayed = _chunk_wy_system(k, bos, seq_len, H, i_h, t0, beta_c, G, K, C, BK, PREC)
     X_io_t = tl.trans(X).to(dt)
-    # W = X (beta e^G K)
-    k_scaled = k_tile.to(tl.float32) * (beta_c * tl.exp(G))[:, None]
-    dw_tile = tl.load(_tile(dw, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
-    dX = tl.dot(dw_tile, tl.trans(k_scaled), input_precision=PREC)
-    dk_scaled = tl.dot(tl.trans(X), dw_tile, input_precision=PREC)
-    dbeta_c = tl.sum(dk_scaled * k_tile.to(tl.float32) * tl.exp(G)[:, None], axis=1)
-    dG = tl.load(dG_part + (i_c * H + i_h) * C + rows) + tl.sum(dk_scaled * k_scaled, axis=1)
-    dk_tile = tl.load(_tile(dk_part, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
-    dk_tile += dk_scaled * (beta_c * tl.exp(G))[:, None]
+    # W = X (beta e^G K): dX = dW (beta e^G K)^T
+    dX = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in tl.static_range(K // BK):
+        k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
+        dw_block = tl.load(_tile(dw, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
+        dX += tl.dot(dw_block, tl.trans(k_block.to(tl.float32) * k_scale[:, None]), input_precision=PREC)
     # U = X (beta V), dU = dDelta
+    dbeta_c = tl.zeros([C], dtype=tl.float32)
     for i_v in tl.static_range(V // BV):
         c0 = i_v * BV
         v_tile = tl.load(_tile(v, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
@@ -326,12 +383,23 @@ def _wy_bwd_kernel(k, v, beta, gcum, ddeltas, dk_part, dw, dG_part, dk, dv, dbet
     dL = tl.where(rows[:, None] > rows[None, :], dL, 0.0)
     dbeta_c += tl.sum(dL * kk_decayed, axis=1)
     dL_g = dL * L
-    dG += tl.sum(dL_g, axis=1) - tl.sum(dL_g, axis=0)
+    dG = tl.load(dG_part + (i_c * H + i_h) * C + rows) + tl.sum(dL_g, axis=1) - tl.sum(dL_g, axis=0)
     dkk = (dL * beta_c[:, None] * _decay_matrix(G, C, True)).to(dt)
-    dk_tile += tl.dot(dkk, k_tile, input_precision=PREC) + tl.dot(tl.trans(dkk), k_tile, input_precision=PREC)
+    for i_k in tl.static_range(K // BK):
+        k0 = i_k * BK
+        k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, k0, K, C, BK), boundary_check=(0, 1))
+        dw_block = tl.load(_tile(dw, bos, seq_len, H, i_h, t0, k0, K, C, BK), boundary_check=(0, 1))
+        dk_block = tl.load(_tile(dk_part, bos, seq_len, H, i_h, t0, k0, K, C, BK), boundary_check=(0, 1))
+        dk_scaled = tl.dot(tl.trans(X), dw_block, input_precision=PREC)
+        k_f32 = k_block.to(tl.float32)
+        dbeta_c += tl.sum(dk_scaled * k_f32 * tl.exp(G)[:, None], axis=1)
+        dG += tl.sum(dk_scaled * k_f32 * k_scale[:, None], axis=1)
+        dk_block += dk_scaled * k_scale[:, None]
+        dk_block += tl.dot(dkk, k_block, input_precision=PREC) + tl.dot(tl.trans(dkk), k_block, input_precision=PREC)
+        tl.store(_tile(dk, bos, seq_len, H, i_h, t0, k0, K, C, BK), dk_block.to(dk.dtype.element_ty),
+                 boundary_check=(0, 1))
     # G = cumsum(g): dg_i = sum_{j >= i} dG_j
     dg_c = tl.sum(dG) - tl.cumsum(dG, axis=0) + dG
-    tl.store(_tile(dk, bos, seq_len, H, i_h, t0, 0, K, C, K), dk_tile.to(dk.dtype.element_ty), boundary_check=(0, 1))
     tl.store(dbeta + (bos + t0 + rows) * H + i_h, dbeta_c.to(dbeta.dtype.element_ty), mask=valid)
     tl.store(dg + (bos + t0 + rows) * H + i_h, dg_c.to(dg.dtype.element_ty), mask=valid)
 
@@ -361,9 +429,11 @@ def _dot_precision(dtype):
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _launch_args(kernel, V, dtype):
+def _launch_args(kernel, K, V, dtype):
     args = dict(LAUNCH[kernel])
     args["BV"] = min(V, args["BV"])
+    if "BK" in args:
+        args["BK"] = min(K, args["BK"])
     if dtype == torch.float32:
         # fp32 tiles are twice as large: one pipeline stage keeps them in shared memory
         args["num_stages"] = 1
@@ -387,16 +457,22 @@ def _forward(q, k, v, g, beta, scale, initial_state, want_final, layout, keep_fo
     u = torch.empty_like(v)
     gcum = torch.empty(T_total, H, dtype=torch.float32, device=q.device)
     _wy_fwd_kernel[(num_chunks, H)](k, v, g, beta, w, u, gcum, cu, chunk_indices, H,
-                                    K=K, V=V, C=CHUNK, PREC=prec, **_launch_args("wy_fwd", V, q.dtype))
+                                    K=K, V=V, C=CHUNK, PREC=prec, **_launch_args("wy_fwd", K, V, q.dtype))
     o = torch.empty_like(v)
     final = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if want_final else None
-    states = torch.empty(num_chunks, H, K, V, dtype=q.dtype, device=q.device) if keep_for_backward else None
-    deltas = torch.empty_like(v) if keep_for_backward else None
-    launch = _launch_args("state_fwd", V, q.dtype)
+    split = SPLIT_OUTPUT["training" if keep_for_backward else "inference"]
+    store_chunks = keep_for_backward or split
+    states = torch.empty(num_chunks, H, K, V, dtype=q.dtype, device=q.device) if store_chunks else None
+    deltas = torch.empty_like(v) if store_chunks else None
+    launch = _launch_args("state_fwd", K, V, q.dtype)
     _state_fwd_kernel[(V // launch["BV"], N * H)](
         q, k, w, u, gcum, o, initial_state, final, states, deltas, cu, chunk_offsets, scale, H,
         K=K, V=V, C=CHUNK, HAS_H0=initial_state is not None, STORE_FINAL=want_final,
-        STORE_CHUNKS=keep_for_backward, PREC=prec, **launch)
+        STORE_CHUNKS=store_chunks, FUSE_OUTPUT=not split, PREC=prec, **launch)
+    if split:
+        launch = _launch_args("output_fwd", K, V, q.dtype)
+        _output_fwd_kernel[(num_chunks, H, V // launch["BV"])](
+            q, k, gcum, states, deltas, o, cu, chunk_indices, scale, H, K=K, V=V, C=CHUNK, PREC=prec, **launch)
     return o, final, (w, gcum, states, deltas)
 
 
@@ -413,7 +489,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout, saved, do, dht):
     dstates = torch.empty_like(states)
     ddeltas = torch.empty_like(deltas)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
-    launch = _launch_args("state_bwd", V, q.dtype)
+    launch = _launch_args("state_bwd", K, V, q.dtype)
     _state_bwd_kernel[(V // launch["BV"], N * H)](
         q, k, w, gcum, do, dht, dh0, dstates, ddeltas, cu, chunk_offsets, scale, H,
         K=K, V=V, C=CHUNK, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
@@ -424,14 +500,14 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout, saved, do, dht):
     dG_part = torch.empty(num_chunks, H, CHUNK, dtype=torch.float32, device=q.device)
     _local_bwd_kernel[(num_chunks, H)](
         q, k, gcum, states, dstates, deltas, ddeltas, do, dq, dk_part, dw, dG_part,
-        cu, chunk_indices, scale, H, K=K, V=V, C=CHUNK, PREC=prec, **_launch_args("local_bwd", V, q.dtype))
+        cu, chunk_indices, scale, H, K=K, V=V, C=CHUNK, PREC=prec, **_launch_args("local_bwd", K, V, q.dtype))
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g)
     _wy_bwd_kernel[(num_chunks, H)](
         k, v, beta, gcum, ddeltas, dk_part, dw, dG_part, dk, dv, dbeta, dg,
-        cu, chunk_indices, H, K=K, V=V, C=CHUNK, PREC=prec, **_launch_args("wy_bwd", V, q.dtype))
+        cu, chunk_indices, H, K=K, V=V, C=CHUNK, PREC=prec, **_launch_args("wy_bwd", K, V, q.dtype))
     return dq, dk, dv, dg, dbeta, dh0
 
 

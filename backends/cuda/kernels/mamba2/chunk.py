@@ -1,22 +1,36 @@
 """Chunked Mamba-2 (SSD) in Triton: forward and backward, wrapped in a torch.autograd.Function.
 
-Math and notation as in chunk_torch.py (its readable twin): per chunk of BT tokens, with the folded
-key k~_s = dt_s k_s and the chunk-local cumulative log-decay b_t,
+Math and notation as in chunk_torch.py (its readable twin): per chunk of BT tokens, with the
+chunk-local cumulative log-decay b_t (b_last at the chunk's end),
 
-    o_t = sum_{s <= t} exp(b_t - b_s) (q_t . k~_s) v_s + exp(b_t) S_prev^T q_t + D v_t
-    S   = exp(b_last) S_prev + sum_s exp(b_last - b_s) k~_s v_s^T
+    o_t = sum_{s <= t} exp(b_t - b_s) dt_s (q_t . k_s) v_s + exp(b_t) S_prev^T q_t + D v_t
+    S   = exp(b_last) S_prev + sum_s exp(b_last - b_s) dt_s k_s v_s^T
 
 Each kernel program owns one (sequence, head) and walks its chunks in order, keeping the running
-state in registers, so no per-chunk state is ever written to memory:
+state in registers:
 
-- forward: one program per (value block, sequence, head), state [K, BV];
-- dq: forward walk again, one program per (key block, sequence, head), state [BK, V];
-- dk, dv: backward walk with the state gradient dS [K, V], one program per (sequence, head).
+- forward: one program per (value block, sequence, head), state [K, BV]; only the final state is
+  written;
+- dq: forward walk again, one program per (key block, sequence, head), state [BK, V]; it also
+  writes each chunk's end state S_c (in the input dtype) for the decay gradient below;
+- dk: backward walk with the key-block rows of the state gradient dS, one program per (key block,
+  sequence, head);
+- dv, ddt, dA, dD: backward walk with the value-block columns of dS, one program per (value block,
+  sequence, head); its ddt, dA, dD are per-block shares summed in torch.
 
-Backward of the decay. With G_t the cumulative log-decay over the whole sequence, every output is a
-sum of exp(G_t - G_s) terms, so dL/dG_t = q_t . dq_t - k~_t . dk~_t (plus <dS_final, S_final> at
-the sequence's last token), and dL/da_j = sum_{t >= j} dL/dG_t for a_j = A dt_j: a reverse cumsum of
-per-token scalars, done in torch on [B, T, H] after the kernels.
+Scalings by dt and by decays go onto [BT, BT] score tiles or onto rows of dot results rather than
+onto [BT, K] operand tiles, which keeps the kernels inside the register file.
+
+Decay gradient. Within chunk c, b_t = sum_{j <= t} a_j with a_j = A dt_j, so
+dL/da_j = sum_{t >= j in c} dL/db_t, where (k~ = dt k)
+
+    dL/db_t = sum_s C_ts - sum_s C_st + q_t . dq_t^inter - k~_t . dk~_t^inter + [t = last] <dS_c, S_c>,
+    C_ts = exp(b_t - b_s) dt_s (q_t . k_s)(do_t . v_s)  for s <= t,
+
+dS_c being dL/d(state at the end of chunk c). The intra-chunk pairs enter as row minus column sums
+of one fp32 matrix, so they cancel exactly, and no sum runs across chunks except through
+<dS_c, S_c>. (A reverse cumsum of q.dq - k~.dk~ over the whole sequence is exact in real arithmetic,
+but in bf16 cancellation leaves dA with errors of order 100%.)
 """
 import torch
 import triton
@@ -26,9 +40,10 @@ from ._inputs import check_ssd_inputs
 
 # Tile caps, warps and pipeline depth of the three kernels; bench/bench_mamba2.py sweeps these on the GPU.
 KERNEL_SETTINGS = dict(
-    fwd_block_v=64, fwd_warps=4,
-    dq_block_k=64, dq_warps=4,
-    dkdv_warps=8,
+    fwd_block_v=64, fwd_warps=8,
+    dq_block_k=64, dq_warps=8,
+    dk_block_k=64, dk_warps=8,
+    dv_block_v=64, dv_warps=8,
     num_stages=2,
 )
 
@@ -76,6 +91,14 @@ def _causal_decay(log_decay, BT: tl.constexpr):
 
 
 @triton.jit
+def _chunk_base(chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Index of sequence i_n's first chunk in the per-chunk state buffer."""
+    if IS_VARLEN:
+        return tl.load(chunk_offsets + i_n).to(tl.int64)
+    return i_n.to(tl.int64) * tl.cdiv(T, BT)
+
+
+@triton.jit
 def _ssd_fwd_kernel(
     q, k, v, dt, A, D, h0, o, ht, cu_seqlens, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -87,6 +110,9 @@ def _ssd_fwd_kernel(
     i_n, i_h = i_nh // H, i_nh % H
     bos, seq_len = _sequence_span(cu_seqlens, i_n, T, IS_VARLEN)
     a_h = tl.load(A + i_h).to(tl.float32)
+    skip = 0.0
+    if HAS_D:
+        skip = tl.load(D + i_h).to(tl.float32)
     cols_k = tl.arange(0, BK)
     cols_v = i_v * BV + tl.arange(0, BV)
     k_ok, v_ok = cols_k < K, cols_v < V
@@ -95,106 +121,53 @@ def _ssd_fwd_kernel(
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         state += tl.load(h0 + state_offsets, mask=state_ok, other=0.0).to(tl.float32)
-    for start in range(0, seq_len, BT):
-        tokens = start + tl.arange(0, BT)
+    for chunk in range(0, tl.cdiv(seq_len, BT)):
+        tokens = chunk * BT + tl.arange(0, BT)
         row_ok = tokens < seq_len
         rows = bos + tokens
         q_c = _load_tokens(q, rows, row_ok, i_h, H, K, cols_k, k_ok)
         k_c = _load_tokens(k, rows, row_ok, i_h, H, K, cols_k, k_ok)
         v_c = _load_tokens(v, rows, row_ok, i_h, H, V, cols_v, v_ok)
         dt_c, log_decay, last = _chunk_decay(dt, rows, row_ok, i_h, a_h, H, BT)
-        k_folded = k_c.to(tl.float32) * dt_c[:, None]
 
-        scores = tl.dot(q_c, tl.trans(k_folded.to(q_c.dtype)), input_precision=DOT_PRECISION)
-        scores = scores * _causal_decay(log_decay, BT)
+        scores = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PRECISION)
+        scores = scores * _causal_decay(log_decay, BT) * dt_c[None, :]
         out = tl.dot(scores.to(v_c.dtype), v_c, input_precision=DOT_PRECISION)
-        q_decayed = (q_c.to(tl.float32) * tl.exp(log_decay)[:, None]).to(q_c.dtype)
-        out += tl.dot(q_decayed, state.to(q_c.dtype), input_precision=DOT_PRECISION)
-        if HAS_D:
-            out += tl.load(D + i_h).to(tl.float32) * v_c.to(tl.float32)
+        inter = tl.dot(q_c, state.to(q_c.dtype), input_precision=DOT_PRECISION)
+        out += tl.exp(log_decay)[:, None] * inter + skip * v_c.to(tl.float32)
         _store_tokens(o, out, rows, row_ok, i_h, H, V, cols_v, v_ok)
 
-        k_to_end = (k_folded * tl.exp(last - log_decay)[:, None]).to(k_c.dtype)
-        state = state * tl.exp(last) + tl.dot(tl.trans(k_to_end), v_c, input_precision=DOT_PRECISION)
+        v_to_end = (v_c.to(tl.float32) * (dt_c * tl.exp(last - log_decay))[:, None]).to(v_c.dtype)
+        state = state * tl.exp(last) + tl.dot(tl.trans(k_c), v_to_end, input_precision=DOT_PRECISION)
     if STORE_HT:
         tl.store(ht + state_offsets, state, mask=state_ok)
 
 
 @triton.jit
 def _ssd_bwd_dq_kernel(
-    q, k, v, dt, A, h0, do, dq, q_dot_dq, cu_seqlens, T, total_tokens,
+    q, k, v, dt, A, h0, do, dq, q_dot_dq_inter, chunk_states, cu_seqlens, chunk_offsets, T, total_tokens,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dq_t = sum_{s <= t} exp(b_t - b_s) (do_t . v_s) k~_s + exp(b_t) S_prev do_t, per key block.
+    """dq_t = sum_{s <= t} exp(b_t - b_s) dt_s (do_t . v_s) k_s + exp(b_t) S_prev do_t, per key block.
 
-    Also writes this key block's share of q_t . dq_t (summed over blocks in torch)."""
+    Also writes this key block's share of q_t . dq_t^inter (summed over blocks by the dk/dv kernel)
+    and of each chunk's end state S_c."""
     i_k, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, seq_len = _sequence_span(cu_seqlens, i_n, T, IS_VARLEN)
+    first_chunk = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
     a_h = tl.load(A + i_h).to(tl.float32)
     cols_k = i_k * BK + tl.arange(0, BK)
     cols_v = tl.arange(0, BV)
     k_ok, v_ok = cols_k < K, cols_v < V
+    state_tile = cols_k[:, None] * V + cols_v[None, :]
+    state_ok = k_ok[:, None] & v_ok[None, :]
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        state_offsets = i_nh.to(tl.int64) * K * V + cols_k[:, None] * V + cols_v[None, :]
-        state += tl.load(h0 + state_offsets, mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-    for start in range(0, seq_len, BT):
-        tokens = start + tl.arange(0, BT)
-        row_ok = tokens < seq_len
-        rows = bos + tokens
-        q_c = _load_tokens(q, rows, row_ok, i_h, H, K, cols_k, k_ok)
-        k_c = _load_tokens(k, rows, row_ok, i_h, H, K, cols_k, k_ok)
-        v_c = _load_tokens(v, rows, row_ok, i_h, H, V, cols_v, v_ok)
-        do_c = _load_tokens(do, rows, row_ok, i_h, H, V, cols_v, v_ok)
-        dt_c, log_decay, last = _chunk_decay(dt, rows, row_ok, i_h, a_h, H, BT)
-        k_folded = k_c.to(tl.float32) * dt_c[:, None]
-
-        do_v = tl.dot(do_c, tl.trans(v_c), input_precision=DOT_PRECISION) * _causal_decay(log_decay, BT)
-        dq_c = tl.dot(do_v.to(k_c.dtype), k_folded.to(k_c.dtype), input_precision=DOT_PRECISION)
-        dq_c += tl.exp(log_decay)[:, None] * tl.dot(do_c, tl.trans(state.to(do_c.dtype)), input_precision=DOT_PRECISION)
-        _store_tokens(dq, dq_c, rows, row_ok, i_h, H, K, cols_k, k_ok)
-        partial = tl.sum(dq_c * q_c.to(tl.float32), axis=1)
-        tl.store(q_dot_dq + i_k * total_tokens * H + rows * H + i_h, partial, mask=row_ok)
-
-        k_to_end = (k_folded * tl.exp(last - log_decay)[:, None]).to(k_c.dtype)
-        state = state * tl.exp(last) + tl.dot(tl.trans(k_to_end), v_c, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _ssd_bwd_dkdv_kernel(
-    q, k, v, dt, A, D, do, dht, dk, dv, k_dot_dk, do_dot_v, dh0, cu_seqlens, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Backward walk over chunks with dS = dL/d(state at the chunk's end):
-
-    dv_s  = sum_{t >= s} exp(b_t - b_s) (q_t . k~_s) do_t + exp(b_last - b_s) dS^T k~_s + D do_s
-    dk~_s = sum_{t >= s} exp(b_t - b_s) (do_t . v_s) q_t + exp(b_last - b_s) dS v_s
-    dS   <- exp(b_last) dS + sum_t exp(b_t) q_t do_t^T
-    """
-    i_nh = tl.program_id(0)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, seq_len = _sequence_span(cu_seqlens, i_n, T, IS_VARLEN)
-    a_h = tl.load(A + i_h).to(tl.float32)
-    cols_k = tl.arange(0, BK)
-    cols_v = tl.arange(0, BV)
-    k_ok, v_ok = cols_k < K, cols_v < V
-    state_offsets = i_nh.to(tl.int64) * K * V + cols_k[:, None] * V + cols_v[None, :]
-    state_ok = k_ok[:, None] & v_ok[None, :]
-    d_state = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        d_state += tl.load(dht + state_offsets, mask=state_ok, other=0.0).to(tl.float32)
-    skip = 0.0
-    if HAS_D:
-        skip = tl.load(D + i_h).to(tl.float32)
-    do_v_total = tl.zeros([BT], dtype=tl.float32)
-    num_chunks = tl.cdiv(seq_len, BT)
-    for chunk in range(num_chunks - 1, -1, -1):
+        state += tl.load(h0 + i_nh.to(tl.int64) * K * V + state_tile, mask=state_ok, other=0.0).to(tl.float32)
+    for chunk in range(0, tl.cdiv(seq_len, BT)):
         tokens = chunk * BT + tl.arange(0, BT)
         row_ok = tokens < seq_len
         rows = bos + tokens
@@ -203,31 +176,142 @@ def _ssd_bwd_dkdv_kernel(
         v_c = _load_tokens(v, rows, row_ok, i_h, H, V, cols_v, v_ok)
         do_c = _load_tokens(do, rows, row_ok, i_h, H, V, cols_v, v_ok)
         dt_c, log_decay, last = _chunk_decay(dt, rows, row_ok, i_h, a_h, H, BT)
-        k_folded = (k_c.to(tl.float32) * dt_c[:, None]).to(k_c.dtype)
-        pair_decay = _causal_decay(log_decay, BT)
-        to_end = tl.exp(last - log_decay)[:, None]
-        d_state_low = d_state.to(k_c.dtype)
 
-        scores = tl.dot(q_c, tl.trans(k_folded), input_precision=DOT_PRECISION) * pair_decay
-        dv_c = tl.dot(tl.trans(scores.to(do_c.dtype)), do_c, input_precision=DOT_PRECISION)
-        dv_c += to_end * tl.dot(k_folded, d_state_low, input_precision=DOT_PRECISION)
-        if HAS_D:
-            dv_c += skip * do_c.to(tl.float32)
-        _store_tokens(dv, dv_c, rows, row_ok, i_h, H, V, cols_v, v_ok)
+        do_v = tl.dot(do_c, tl.trans(v_c), input_precision=DOT_PRECISION)
+        do_v = do_v * _causal_decay(log_decay, BT) * dt_c[None, :]
+        dq_c = tl.dot(do_v.to(k_c.dtype), k_c, input_precision=DOT_PRECISION)
+        dq_inter = tl.exp(log_decay)[:, None] * tl.dot(do_c, tl.trans(state.to(do_c.dtype)), input_precision=DOT_PRECISION)
+        _store_tokens(dq, dq_c + dq_inter, rows, row_ok, i_h, H, K, cols_k, k_ok)
+        partial = tl.sum(dq_inter * q_c.to(tl.float32), axis=1)
+        tl.store(q_dot_dq_inter + i_k * total_tokens * H + rows * H + i_h, partial, mask=row_ok)
 
-        do_v = tl.dot(do_c, tl.trans(v_c), input_precision=DOT_PRECISION) * pair_decay
+        v_to_end = (v_c.to(tl.float32) * (dt_c * tl.exp(last - log_decay))[:, None]).to(v_c.dtype)
+        state = state * tl.exp(last) + tl.dot(tl.trans(k_c), v_to_end, input_precision=DOT_PRECISION)
+        chunk_state = chunk_states + ((first_chunk + chunk) * H + i_h) * K * V + state_tile
+        tl.store(chunk_state, state.to(chunk_states.dtype.element_ty), mask=state_ok)
+
+
+@triton.jit
+def _ssd_bwd_dk_kernel(
+    q, v, dt, A, do, dht, dk, dh0, cu_seqlens, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Backward walk over chunks carrying the key-block rows of dS = dL/d(state at the chunk's end):
+
+    dk~_s = sum_{t >= s} exp(b_t - b_s) (do_t . v_s) q_t + exp(b_last - b_s) dS v_s,   dk = dt dk~
+    dS   <- exp(b_last) dS + sum_t exp(b_t) q_t do_t^T
+    """
+    i_k, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, seq_len = _sequence_span(cu_seqlens, i_n, T, IS_VARLEN)
+    a_h = tl.load(A + i_h).to(tl.float32)
+    cols_k = i_k * BK + tl.arange(0, BK)
+    cols_v = tl.arange(0, BV)
+    k_ok, v_ok = cols_k < K, cols_v < V
+    state_offsets = i_nh.to(tl.int64) * K * V + cols_k[:, None] * V + cols_v[None, :]
+    state_ok = k_ok[:, None] & v_ok[None, :]
+    d_state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        d_state += tl.load(dht + state_offsets, mask=state_ok, other=0.0).to(tl.float32)
+    for chunk in range(tl.cdiv(seq_len, BT) - 1, -1, -1):
+        tokens = chunk * BT + tl.arange(0, BT)
+        row_ok = tokens < seq_len
+        rows = bos + tokens
+        q_c = _load_tokens(q, rows, row_ok, i_h, H, K, cols_k, k_ok)
+        v_c = _load_tokens(v, rows, row_ok, i_h, H, V, cols_v, v_ok)
+        do_c = _load_tokens(do, rows, row_ok, i_h, H, V, cols_v, v_ok)
+        dt_c, log_decay, last = _chunk_decay(dt, rows, row_ok, i_h, a_h, H, BT)
+
+        do_v = tl.dot(do_c, tl.trans(v_c), input_precision=DOT_PRECISION) * _causal_decay(log_decay, BT)
         dk_folded = tl.dot(tl.trans(do_v.to(q_c.dtype)), q_c, input_precision=DOT_PRECISION)
-        dk_folded += to_end * tl.dot(v_c, tl.trans(d_state_low), input_precision=DOT_PRECISION)
+        dk_inter = tl.dot(v_c, tl.trans(d_state.to(v_c.dtype)), input_precision=DOT_PRECISION)
+        dk_folded += tl.exp(last - log_decay)[:, None] * dk_inter
         _store_tokens(dk, dk_folded * dt_c[:, None], rows, row_ok, i_h, H, K, cols_k, k_ok)
-        tl.store(k_dot_dk + rows * H + i_h, tl.sum(dk_folded * k_c.to(tl.float32), axis=1), mask=row_ok)
-        do_v_total += tl.sum(do_c.to(tl.float32) * v_c.to(tl.float32), axis=1)
 
-        q_decayed = (q_c.to(tl.float32) * tl.exp(log_decay)[:, None]).to(q_c.dtype)
-        d_state = d_state * tl.exp(last) + tl.dot(tl.trans(q_decayed), do_c, input_precision=DOT_PRECISION)
+        do_decayed = (do_c.to(tl.float32) * tl.exp(log_decay)[:, None]).to(do_c.dtype)
+        d_state = d_state * tl.exp(last) + tl.dot(tl.trans(q_c), do_decayed, input_precision=DOT_PRECISION)
     if STORE_DH0:
         tl.store(dh0 + state_offsets, d_state, mask=state_ok)
+
+
+@triton.jit
+def _ssd_bwd_dv_kernel(
+    q, k, v, dt, A, D, do, dht, q_dot_dq_inter, chunk_states,
+    dv, d_dt, d_A, d_D, cu_seqlens, chunk_offsets, T, total_tokens,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NUM_K_BLOCKS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Backward walk over chunks carrying the value-block columns of dS:
+
+    dv_s = sum_{t >= s} exp(b_t - b_s) dt_s (q_t . k_s) do_t + exp(b_last - b_s) dt_s dS^T k_s + D do_s
+    and this value block's shares of ddt, dA and dD: every term of the decay gradient (module note)
+    is a sum over value columns, so the blocks' shares add up (in torch).
+    """
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, seq_len = _sequence_span(cu_seqlens, i_n, T, IS_VARLEN)
+    first_chunk = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
+    a_h = tl.load(A + i_h).to(tl.float32)
+    skip = 0.0
     if HAS_D:
-        tl.store(do_dot_v + i_nh, tl.sum(do_v_total, axis=0))
+        skip = tl.load(D + i_h).to(tl.float32)
+    cols_k = tl.arange(0, BK)
+    cols_v = i_v * BV + tl.arange(0, BV)
+    k_ok, v_ok = cols_k < K, cols_v < V
+    state_tile = cols_k[:, None] * V + cols_v[None, :]
+    state_ok = k_ok[:, None] & v_ok[None, :]
+    d_state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        d_state += tl.load(dht + i_nh.to(tl.int64) * K * V + state_tile, mask=state_ok, other=0.0).to(tl.float32)
+    t_index = tl.arange(0, BT)
+    d_A_total = tl.zeros([BT], dtype=tl.float32)
+    d_D_total = tl.zeros([BT], dtype=tl.float32)
+    # The dq kernel's q . dq^inter is counted once, by the first value block.
+    q_inter_weight = tl.where(i_v == 0, 1.0, 0.0)
+    for chunk in range(tl.cdiv(seq_len, BT) - 1, -1, -1):
+        tokens = chunk * BT + t_index
+        row_ok = tokens < seq_len
+        rows = bos + tokens
+        q_c = _load_tokens(q, rows, row_ok, i_h, H, K, cols_k, k_ok)
+        k_c = _load_tokens(k, rows, row_ok, i_h, H, K, cols_k, k_ok)
+        v_c = _load_tokens(v, rows, row_ok, i_h, H, V, cols_v, v_ok)
+        do_c = _load_tokens(do, rows, row_ok, i_h, H, V, cols_v, v_ok)
+        dt_c, log_decay, last = _chunk_decay(dt, rows, row_ok, i_h, a_h, H, BT)
+        to_end = tl.exp(last - log_decay)
+        d_state_low = d_state.to(k_c.dtype)
+
+        scores = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PRECISION) * _causal_decay(log_decay, BT)
+        dv_c = tl.dot(tl.trans((scores * dt_c[None, :]).to(do_c.dtype)), do_c, input_precision=DOT_PRECISION)
+        dv_c += (dt_c * to_end)[:, None] * tl.dot(k_c, d_state_low, input_precision=DOT_PRECISION)
+        dv_c += skip * do_c.to(tl.float32)
+        _store_tokens(dv, dv_c, rows, row_ok, i_h, H, V, cols_v, v_ok)
+
+        # Decay gradient, this value block's share; pair_terms[t, s] = C_ts / dt_s.
+        do_v = tl.dot(do_c, tl.trans(v_c), input_precision=DOT_PRECISION)
+        pair_terms = scores * do_v
+        dk_inter = tl.dot(v_c, tl.trans(d_state_low), input_precision=DOT_PRECISION)
+        k_dot_dk_inter = to_end * tl.sum(k_c.to(tl.float32) * dk_inter, axis=1)
+        k_dot_dk = tl.sum(pair_terms, axis=0) + k_dot_dk_inter
+        pair_terms = pair_terms * dt_c[None, :]
+        q_inter = tl.zeros([BT], dtype=tl.float32)
+        for i_k in tl.static_range(NUM_K_BLOCKS):
+            q_inter += tl.load(q_dot_dq_inter + i_k * total_tokens * H + rows * H + i_h, mask=row_ok, other=0.0)
+        chunk_state = chunk_states + ((first_chunk + chunk) * H + i_h) * K * V + state_tile
+        end_term = tl.sum(tl.sum(d_state * tl.load(chunk_state, mask=state_ok, other=0.0).to(tl.float32), axis=1), axis=0)
+        d_b = tl.sum(pair_terms, axis=1) - tl.sum(pair_terms, axis=0) + q_inter_weight * q_inter
+        d_b += tl.where(t_index == BT - 1, end_term, 0.0) - dt_c * k_dot_dk_inter
+        d_a = tl.sum(d_b, axis=0) - tl.cumsum(d_b, axis=0) + d_b  # sum over j >= t within the chunk
+        tl.store(d_dt + i_v * total_tokens * H + rows * H + i_h, k_dot_dk + a_h * d_a, mask=row_ok)
+        d_A_total += d_a * dt_c
+        d_D_total += tl.sum(tl.where(t_index[:, None] == t_index[None, :], do_v, 0.0), axis=1)
+
+        do_decayed = (do_c.to(tl.float32) * tl.exp(log_decay)[:, None]).to(do_c.dtype)
+        d_state = d_state * tl.exp(last) + tl.dot(tl.trans(q_c), do_decayed, input_precision=DOT_PRECISION)
+    tl.store(d_A + i_v * tl.num_programs(1) + i_nh, tl.sum(d_A_total, axis=0))
+    tl.store(d_D + i_v * tl.num_programs(1) + i_nh, tl.sum(d_D_total, axis=0))
 
 
 def _block(size, cap=None):
@@ -241,26 +325,13 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _reverse_cumsum_per_sequence(x, cu_seqlens):
-    """sum_{j >= t, j in t's sequence} x_j over the token axis of x [B, T, H], in float64."""
-    x = x.double()
-    suffix = x.flip(1).cumsum(1).flip(1)
+def _chunk_offsets(cu_seqlens, batch, length, chunk_size):
+    """(first chunk of each sequence in the per-chunk state buffer, or None when not packed; total chunks)."""
     if cu_seqlens is None:
-        return suffix
-    # Packed sequences: subtract the suffix that starts at the next sequence.
-    suffix = torch.cat([suffix, suffix.new_zeros(1, 1, x.shape[2])], dim=1)
-    ends = cu_seqlens[1:].long()
-    lengths = ends - cu_seqlens[:-1].long()
-    next_start = torch.repeat_interleave(ends, lengths)
-    return suffix[:, :-1] - suffix[:, next_start]
-
-
-def _last_tokens(cu_seqlens, batch, length, device):
-    """Flattened index of each sequence's last token, or -1 for an empty sequence."""
-    if cu_seqlens is None:
-        return torch.arange(1, batch + 1, device=device) * length - 1
-    ends = cu_seqlens[1:].long()
-    return torch.where(ends > cu_seqlens[:-1].long(), ends - 1, -1)
+        return None, batch * triton.cdiv(length, chunk_size)
+    num_chunks = (cu_seqlens[1:] - cu_seqlens[:-1] + chunk_size - 1) // chunk_size
+    offsets = torch.cumsum(num_chunks, 0) - num_chunks
+    return offsets.to(torch.int32), int(num_chunks.sum())
 
 
 class ChunkSSDFunction(torch.autograd.Function):
@@ -285,7 +356,7 @@ class ChunkSSDFunction(torch.autograd.Function):
             IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_dot_precision(q.dtype),
             num_warps=settings["fwd_warps"], num_stages=settings["num_stages"],
         )
-        ctx.save_for_backward(q, k, v, dt32, A32, D32, h0, ht, cu_seqlens)
+        ctx.save_for_backward(q, k, v, dt32, A32, D32, h0, cu_seqlens)
         ctx.chunk_size = chunk_size
         ctx.input_dtypes = (dt.dtype, A.dtype, None if D is None else D.dtype,
                             None if initial_state is None else initial_state.dtype)
@@ -293,55 +364,55 @@ class ChunkSSDFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, dt, A, D, h0, ht, cu_seqlens = ctx.saved_tensors
+        q, k, v, dt, A, D, h0, cu_seqlens = ctx.saved_tensors
         dt_dtype, A_dtype, D_dtype, h0_dtype = ctx.input_dtypes
         B, T, H, K = q.shape
         V = v.shape[-1]
         num_seqs = B if cu_seqlens is None else cu_seqlens.numel() - 1
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        varlen = cu_seqlens if cu_seqlens is not None else dt
-        precision = _dot_precision(q.dtype)
-        BT = ctx.chunk_size
-        settings = KERNEL_SETTINGS
+        BT, settings = ctx.chunk_size, KERNEL_SETTINGS
         BK_dq, BK, BV = _block(K, cap=settings["dq_block_k"]), _block(K), _block(V)
         num_k_blocks = triton.cdiv(K, BK_dq)
+        chunk_offsets, total_chunks = _chunk_offsets(cu_seqlens, B, T, BT)
+        # Placeholders for absent optional tensors: never read (their constexpr flag is off).
+        unused = dt
+        packed = dict(cu_seqlens=cu_seqlens if cu_seqlens is not None else unused,
+                      chunk_offsets=chunk_offsets if chunk_offsets is not None else unused)
+        common = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=cu_seqlens is not None,
+                      DOT_PRECISION=_dot_precision(q.dtype), num_stages=settings["num_stages"])
 
         dq = torch.empty_like(q)
-        q_dot_dq = torch.empty(num_k_blocks, B * T, H, dtype=torch.float32, device=q.device)
+        q_dot_dq_inter = torch.empty(num_k_blocks, B * T, H, dtype=torch.float32, device=q.device)
+        chunk_states = torch.empty(total_chunks, H, K, V, dtype=torch.float32, device=q.device)
         _ssd_bwd_dq_kernel[(num_k_blocks, num_seqs * H)](
-            q, k, v, dt, A, h0 if h0 is not None else dt, do, dq, q_dot_dq, varlen, T, B * T,
-            H=H, K=K, V=V, BT=BT, BK=BK_dq, BV=BV,
-            HAS_H0=h0 is not None, IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=precision,
-            num_warps=settings["dq_warps"], num_stages=settings["num_stages"],
+            q, k, v, dt, A, h0 if h0 is not None else unused, do, dq, q_dot_dq_inter, chunk_states,
+            T=T, total_tokens=B * T, BK=BK_dq, BV=BV, HAS_H0=h0 is not None,
+            num_warps=settings["dq_warps"], **packed, **common,
         )
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        k_dot_dk = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
-        do_dot_v = torch.empty(num_seqs, H, dtype=torch.float32, device=q.device) if D is not None else None
+        dk = torch.empty_like(k)
         dh0 = torch.empty_like(h0) if h0 is not None else None
-        _ssd_bwd_dkdv_kernel[(num_seqs * H,)](
-            q, k, v, dt, A, D if D is not None else A, do, dht if dht is not None else dt, dk, dv,
-            k_dot_dk, do_dot_v if do_dot_v is not None else dt, dh0 if dh0 is not None else dt, varlen, T,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-            HAS_D=D is not None, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-            IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=precision,
-            num_warps=settings["dkdv_warps"], num_stages=settings["num_stages"],
+        BK_dk = _block(K, cap=settings["dk_block_k"])
+        _ssd_bwd_dk_kernel[(triton.cdiv(K, BK_dk), num_seqs * H)](
+            q, v, dt, A, do, dht if dht is not None else unused, dk, dh0 if dh0 is not None else unused,
+            cu_seqlens=packed["cu_seqlens"], T=T, BK=BK_dk, BV=BV,
+            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, num_warps=settings["dk_warps"], **common,
         )
-
-        # d/dG_t = q_t . dq_t - k~_t . dk~_t, with k~ . dk~ = dt * (k . dk~); see the module note.
-        d_log_decay = q_dot_dq.sum(0).view(B, T, H) - dt * k_dot_dk
-        if dht is not None:
-            last = _last_tokens(cu_seqlens, B, T, q.device)
-            final_term = (dht * ht).sum((-2, -1))  # [N, H]
-            flat = d_log_decay.view(B * T, H)
-            flat.index_add_(0, last.clamp_min(0), final_term * (last >= 0)[:, None])
-        d_a = _reverse_cumsum_per_sequence(d_log_decay, cu_seqlens)
-        d_dt = k_dot_dk + (d_a * A.double()).float()
-        d_A = (d_a * dt.double()).sum((0, 1))
-        d_D = do_dot_v.sum(0) if D is not None else None
+        dv = torch.empty_like(v)
+        BV_dv = _block(V, cap=settings["dv_block_v"])
+        num_v_blocks = triton.cdiv(V, BV_dv)
+        d_dt = torch.empty(num_v_blocks, B * T, H, dtype=torch.float32, device=q.device)
+        d_A = torch.empty(num_v_blocks, num_seqs, H, dtype=torch.float32, device=q.device)
+        d_D = torch.empty(num_v_blocks, num_seqs, H, dtype=torch.float32, device=q.device)
+        _ssd_bwd_dv_kernel[(num_v_blocks, num_seqs * H)](
+            q, k, v, dt, A, D if D is not None else unused, do, dht if dht is not None else unused,
+            q_dot_dq_inter, chunk_states, dv, d_dt, d_A, d_D,
+            T=T, total_tokens=B * T, BK=BK, BV=BV_dv, NUM_K_BLOCKS=num_k_blocks,
+            HAS_D=D is not None, HAS_DHT=dht is not None, num_warps=settings["dv_warps"], **packed, **common,
+        )
         return (
-            dq, dk, dv, d_dt.to(dt_dtype), d_A.to(A_dtype),
-            None if d_D is None else d_D.to(D_dtype),
+            dq, dk, dv, d_dt.sum(0).view(B, T, H).to(dt_dtype), d_A.sum((0, 1)).to(A_dtype),
+            None if D is None else d_D.sum((0, 1)).to(D_dtype),
             None if dh0 is None else dh0.to(h0_dtype),
             None, None, None,
         )

@@ -1,0 +1,199 @@
+"""Prompt and decode speed of the Oryx MLX model against mlx-lm's own models, same run, same shapes.
+
+1. Attention mode vs mlx-lm's `llama` on the SAME weights: an Oryx checkpoint without output
+   gate and norm, identity convs (last tap 1) without activation, RoPE on, is a Llama; the
+   bench maps its tensors onto mlx_lm.models.llama and first checks both give the same logits.
+   Oryx in attention mode still advances its recurrent state at every token (the design: the
+   mode may switch at any token), so this row shows that price.
+2. Recurrent GDN vs mlx-lm's `qwen3_next` Gated DeltaNet layers at equal shapes (every layer
+   linear, dense SwiGLU MLP; random weights on both sides: only speed is compared).
+3. Oryx decode speed in recurrent mode (KV dropped) after 1K..16K tokens of context, and in
+   attention mode up to 4K (prefilled through the cache in chunks), on a smaller GDN model.
+
+Usage: python bench/bench_mlx_generate.py [--quick]   (Linux CPU or Apple silicon)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+
+import _paths  # noqa: F401  (registers the oryx_* import names)
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models import cache as mlx_lm_cache
+from mlx_lm.models import llama, qwen3_next
+
+from oryx_core.config import OryxConfig
+from oryx_core.init import init_params
+from oryx_mlx.model import OryxModel
+from oryx_mlx.quantize import quantize_model
+
+SHAPE = dict(vocab_size=8192, d_model=512, n_layers=8, mlp_hidden=1408, max_context=32768)
+LLAMA_LIKE = OryxConfig(**SHAPE, n_heads=8, n_kv_heads=4, head_dim=64, output_gate=False, output_norm=False,
+                        conv_activation="none")
+GDN_SHAPE = OryxConfig(**SHAPE, n_heads=4, n_kv_heads=4, head_dim=64, value_head_dim=128, mixer="gdn")
+# The context sweep prefills up to 16K tokens through the model, so it uses a smaller one.
+SWEEP_SHAPE = GDN_SHAPE.replace(d_model=256, n_layers=4, n_heads=2, n_kv_heads=2, mlp_hidden=704)
+ATTENTION_SWEEP_MAX = 4096  # attention-mode prefill is quadratic: the sweep stops there
+
+
+def identity_conv_params(cfg: OryxConfig, seed: int) -> dict:
+    params = init_params(cfg, seed)
+    for name in params:
+        if ".conv_" in name:
+            params[name] = np.zeros_like(params[name])
+            params[name][:, -1] = 1.0
+    return params
+
+
+def oryx_model(cfg: OryxConfig, params: dict) -> OryxModel:
+    model = OryxModel(cfg)
+    model.load_weights([(k, mx.array(v)) for k, v in params.items()], strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def llama_from_oryx(cfg: OryxConfig, params: dict):
+    args = llama.ModelArgs(model_type="llama", hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+                           intermediate_size=cfg.mlp_hidden, num_attention_heads=cfg.n_heads,
+                           num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+                           vocab_size=cfg.vocab_size, rope_theta=cfg.rope_theta, tie_word_embeddings=True)
+    names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "mixer.q_attn": "self_attn.q_proj",
+             "mixer.k_proj": "self_attn.k_proj", "mixer.v_proj": "self_attn.v_proj", "mixer.o_proj": "self_attn.o_proj",
+             "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.up_proj", "mlp.down_proj": "mlp.down_proj"}
+    weights = {"model.embed_tokens.weight": params["embed.weight"], "model.norm.weight": params["norm.weight"]}
+    for i in range(cfg.n_layers):
+        for ours, theirs in names.items():
+            weights[f"model.layers.{i}.{theirs}.weight"] = params[f"layers.{i}.{ours}.weight"]
+    model = llama.Model(args)
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def qwen3_next_gdn(cfg: OryxConfig):
+    args = qwen3_next.ModelArgs(
+        model_type="qwen3_next", hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+        intermediate_size=cfg.mlp_hidden, num_attention_heads=cfg.n_heads, linear_num_value_heads=cfg.n_kv_heads,
+        linear_num_key_heads=cfg.n_kv_heads, linear_key_head_dim=cfg.head_dim, linear_value_head_dim=cfg.v_head_dim,
+        linear_conv_kernel_dim=cfg.conv_width, num_experts=0, num_experts_per_tok=1, decoder_sparse_step=1,
+        shared_expert_intermediate_size=0, mlp_only_layers=[], moe_intermediate_size=0, rms_norm_eps=cfg.norm_eps,
+        vocab_size=cfg.vocab_size, num_key_value_heads=cfg.n_kv_heads, rope_theta=cfg.rope_theta,
+        partial_rotary_factor=1.0, max_position_embeddings=cfg.max_context, head_dim=cfg.head_dim,
+        tie_word_embeddings=True, full_attention_interval=cfg.n_layers + 1)  # never a full-attention layer
+    model = qwen3_next.Model(args)
+    model.model.fa_idx = None  # no full-attention layer (as qwen3_next's own pipeline split allows)
+    model.update(nn.utils.tree_map(lambda a: a * 0.05 if a.ndim == 2 else a, model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+# ----- timing -----
+def oryx_runner(model: OryxModel, attention: bool, drop_kv: bool):
+    def make():
+        return model.make_cache()
+
+    def call(tokens, cache):
+        logits = model(tokens, attention, cache)
+        if drop_kv and not cache[0].kv_dropped:
+            for layer in cache:
+                layer.drop_kv()
+        return logits
+
+    return make, call
+
+
+def mlx_lm_runner(model):
+    return (lambda: mlx_lm_cache.make_prompt_cache(model)), (lambda tokens, cache: model(tokens, cache=cache))
+
+
+def prefill(runner, tokens: np.ndarray, chunk: int):
+    """Feeds tokens through a fresh cache in chunks; returns (cache, last logits, tokens/s)."""
+    make, call = runner
+    cache = make()
+    tic = time.perf_counter()
+    for start in range(0, tokens.shape[1], chunk):
+        logits = call(mx.array(tokens[:, start:start + chunk]), cache)
+        mx.eval(logits, [c.state for c in cache])
+    return cache, logits, tokens.shape[1] / (time.perf_counter() - tic)
+
+
+def decode(runner, cache, logits, steps: int) -> float:
+    """Greedy decoding tokens/s after a warm-up step."""
+    _, call = runner
+    token = mx.argmax(logits[:, -1], axis=-1)[:, None]
+    tic = None
+    for n in range(steps + 1):
+        if n == 1:
+            tic = time.perf_counter()
+        logits = call(token, cache)
+        token = mx.argmax(logits[:, -1], axis=-1)[:, None]
+        mx.eval(token)
+    return steps / (time.perf_counter() - tic)
+
+
+def prompt_and_decode(runner, prompt: np.ndarray, steps: int, chunk: int = 2048):
+    prefill(runner, prompt[:, :64], chunk)  # warm-up
+    cache, logits, prompt_tps = prefill(runner, prompt, chunk)
+    return prompt_tps, decode(runner, cache, logits, steps)
+
+
+def check_same_function(ours: OryxModel, theirs, tokens: np.ndarray) -> float:
+    a = np.array(ours(mx.array(tokens), True), dtype=np.float64)
+    b = np.array(theirs(mx.array(tokens)), dtype=np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def row(name, prompt_tps, decode_tps):
+    print(f"| {name} | {prompt_tps:,.0f} | {decode_tps:,.1f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short prompt and contexts (a smoke run)")
+    args = parser.parse_args()
+    prompt_len, steps = (128, 8) if args.quick else (512, 32)
+    contexts = [256, 512] if args.quick else [1024, 4096, 16384]
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, SHAPE["vocab_size"], (1, prompt_len))
+
+    print(f"# {datetime.date.today()} {platform.processor() or platform.machine()}, mlx {mx.__version__}, "
+          f"device {mx.default_device()}, prompt {prompt_len} tokens, decode {steps} tokens, batch 1, float32")
+    params = identity_conv_params(LLAMA_LIKE, 0)
+    ours, theirs = oryx_model(LLAMA_LIKE, params), llama_from_oryx(LLAMA_LIKE, params)
+    print(f"Llama-like Oryx vs mlx-lm llama, same weights: logits relative difference "
+          f"{check_same_function(ours, theirs, prompt[:, :64]):.2e}")
+    print("| model | prompt tok/s | decode tok/s |\n| --- | --- | --- |")
+    row("mlx-lm llama", *prompt_and_decode(mlx_lm_runner(theirs), prompt, steps))
+    row("Oryx attention mode (state kept too)", *prompt_and_decode(oryx_runner(ours, True, False), prompt, steps))
+    quantize_model(ours, 4, 64)
+    nn.quantize(theirs, group_size=64, bits=4)
+    row("mlx-lm llama, 4-bit", *prompt_and_decode(mlx_lm_runner(theirs), prompt, steps))
+    row("Oryx attention mode, 4-bit", *prompt_and_decode(oryx_runner(ours, True, False), prompt, steps))
+
+    gdn = oryx_model(GDN_SHAPE, init_params(GDN_SHAPE, 1))
+    row("mlx-lm qwen3_next GDN layers", *prompt_and_decode(mlx_lm_runner(qwen3_next_gdn(GDN_SHAPE)), prompt, steps))
+    row("Oryx GDN recurrent mode, KV dropped", *prompt_and_decode(oryx_runner(gdn, False, True), prompt, steps))
+    sweep = oryx_model(SWEEP_SHAPE, init_params(SWEEP_SHAPE, 2))
+    print(f"Context sweep: GDN model with d_model {SWEEP_SHAPE.d_model}, {SWEEP_SHAPE.n_layers} layers, "
+          f"{sum(v.size for _, v in tree_flatten(sweep.parameters())):,} parameters; decode tok/s after N tokens "
+          f"of context (prefilled in chunks of 1024)")
+    print("| context | recurrent, KV dropped | attention |\n| --- | --- | --- |")
+    for n in contexts:
+        context = rng.integers(0, SHAPE["vocab_size"], (1, n))
+        speeds = []
+        for attention in (False, True):
+            if attention and n > ATTENTION_SWEEP_MAX:
+                speeds.append("not run")
+                continue
+            runner = oryx_runner(sweep, attention, not attention)
+            cache, logits, _ = prefill(runner, context, 1024)
+            speeds.append(f"{decode(runner, cache, logits, steps):,.1f}")
+        print(f"| {n} | {speeds[0]} | {speeds[1]} |")
+
+if __name__ == "__main__":
+    main()

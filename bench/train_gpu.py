@@ -1,0 +1,182 @@
+"""GPU check of `oryx train`: the 20m preset (GDN, mixed training) learns, and a killed run resumes exactly.
+
+    python3 bench/train_gpu.py [--steps 300] [--kill-at 160] [--save-every 100] [--out DIR]
+
+1. builds token shards from data/docs-corpus.txt.xz with a trained 8192-token BPE;
+2. trains configs/train/20m.json for --steps steps, SIGKILLs the process once the log
+   reaches --kill-at, resumes with --resume from the last checkpoint and trains to the end;
+3. compares the losses the killed run logged after its last checkpoint with the ones the
+   resumed run logged for the same steps, and prints the loss curve, eval losses and tokens/s;
+4. with 2+ GPUs, trains a few steps under `torchrun --nproc_per_node=2` (DDP, then FSDP2).
+
+Writes train_gpu.json (all numbers) and the logs under $OUT (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = ("import sys; sys.path.insert(0, {bench!r}); import _paths; from oryx_core import cli; "
+            "cli.COMMAND_MODULES.count('oryx_cuda.train_cli') or cli.COMMAND_MODULES.append('oryx_cuda.train_cli'); "
+            "sys.exit(cli.main(sys.argv[1:]))")
+
+
+def oryx_command(work: Path) -> list[str]:
+    """`oryx` from this checkout, whether or not the package is installed on the machine."""
+    launcher = work / "oryx_launch.py"
+    launcher.write_text(LAUNCHER.format(bench=str(ROOT / "bench")))
+    return [sys.executable, str(launcher)]
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_until_killed(command: list[str], log: Path, kill_at: int, timeout: float) -> int | None:
+    """Runs the training command and SIGKILLs it once the log holds a loss for step >= kill_at.
+
+    Returns the last logged step, or None if the process failed first.
+    """
+    process = subprocess.Popen(command, cwd=ROOT)
+    deadline = time.time() + timeout
+    while process.poll() is None:
+        steps = [r["step"] for r in read_log(log) if "loss" in r]
+        if steps and steps[-1] >= kill_at:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return steps[-1]
+        if time.time() > deadline:
+            process.kill()
+            raise SystemExit(f"training did not reach step {kill_at} within {timeout:.0f} s")
+        time.sleep(0.5)
+    print(f"training exited with code {process.returncode} before step {kill_at}", flush=True)
+    return None
+
+
+def median_rate(log: list[dict], after_step: int) -> float:
+    return statistics.median(r["tokens_per_s"] for r in log if "loss" in r and r["step"] > after_step)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--kill-at", type=int, default=160)
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--compile", default="auto", help="true | false | auto")
+    parser.add_argument("--timeout", type=float, default=170.0, help="seconds for the run up to the kill")
+    parser.add_argument("--eager-after-s", type=float, default=200.0,
+                        help="time an eager (uncompiled) run too if this many seconds have not passed yet")
+    parser.add_argument("--out", default=os.environ.get("OUT", "runs/train_gpu"))
+    args = parser.parse_args()
+    if args.kill_at <= args.save_every or args.kill_at >= args.steps:
+        raise SystemExit("--kill-at must fall after the first checkpoint and before the last step")
+
+    import torch
+
+    out, work = Path(args.out), Path("/tmp/oryx_train_gpu")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    oryx = oryx_command(work)
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    result = {"card": card, "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
+    print(json.dumps(result), flush=True)
+
+    started = time.time()
+    data = work / "shards"
+    subprocess.run([*oryx, "data", "build", "--input", str(ROOT / "data" / "docs-corpus.txt.xz"), "--out", str(data),
+                    "--train-tokenizer", "--vocab-size", "8192", "--val-fraction", "0.02", "--quiet"], check=True, cwd=ROOT)
+    result["data_build_s"] = round(time.time() - started, 1)
+    result["data"] = json.loads((data / "meta.json").read_text())["tokens"]
+
+    def train_command(run: Path, compile_flag: str, steps: int) -> list[str]:
+        overrides = [f"data={data}", f"out={run}", f"steps={steps}", f"save_every={args.save_every}",
+                     f"batch_size={args.batch_size}", f"seq_len={args.seq_len}", f"compile={compile_flag}",
+                     "eval_every=50", "eval_batches=4", "log_every=10", "warmup=50"]
+        return [*oryx, "train", str(ROOT / "configs" / "train" / "20m.json"),
+                *[a for o in overrides for a in ("--set", o)]]
+
+    run = work / "run"
+    command = train_command(run, args.compile, args.steps)
+    print("$", " ".join(command), flush=True)
+    killed_at = train_until_killed(command, run / "log.jsonl", args.kill_at, args.timeout)
+    result["compile"] = args.compile
+    if killed_at is None and args.compile != "false":
+        run, result["compile"] = work / "run-eager", "false (the compiled run failed: see the output above)"
+        command = train_command(run, "false", args.steps)
+        killed_at = train_until_killed(command, run / "log.jsonl", args.kill_at, args.timeout)
+    if killed_at is None:
+        raise SystemExit("training failed")
+    before_kill = read_log(run / "log.jsonl")
+    shutil.copy(run / "log.jsonl", out / "log_before_kill.jsonl")
+    resumed_from = json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
+    print(f"killed at step {killed_at}; resuming from the checkpoint of step {resumed_from}", flush=True)
+    subprocess.run([*command, "--resume"], check=True, cwd=ROOT)
+    after = read_log(run / "log.jsonl")
+    shutil.copy(run / "log.jsonl", out / "log.jsonl")
+
+    killed_losses = {r["step"]: r["loss"] for r in before_kill if "loss" in r and r["step"] > resumed_from}
+    resumed_losses = {r["step"]: r["loss"] for r in after if "loss" in r and r["step"] in killed_losses}
+    diffs = [abs(killed_losses[s] - resumed_losses[s]) for s in killed_losses]
+    losses = [(r["step"], r["loss"]) for r in after if "loss" in r]
+    result.update({
+        "killed_at": killed_at, "resumed_from": resumed_from,
+        "resume_max_abs_loss_diff": max(diffs), "resume_steps_compared": sorted(killed_losses),
+        "loss_curve": losses, "eval": [r for r in after if "eval" in r],
+        "tokens_per_s_median": median_rate(after, 20), "tokens_per_step": args.batch_size * args.seq_len,
+        "max_memory_gib": max(r.get("max_memory_gib", 0) for r in after if "loss" in r),
+    })
+
+    if result["compile"] != "false" and time.time() - started < args.eager_after_s:
+        eager = work / "run-eager-rate"
+        subprocess.run(train_command(eager, "false", 60), check=True, cwd=ROOT)
+        result["eager_tokens_per_s_median"] = median_rate(read_log(eager / "log.jsonl"), 20)
+
+    if torch.cuda.device_count() >= 2:
+        for parallel in ("ddp", "fsdp"):
+            multi = work / f"run-{parallel}"
+            multi_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", oryx[1], "train",
+                         str(ROOT / "configs" / "train" / "20m.json"), "--set", f"data={data}", "--set", f"out={multi}",
+                         "--set", "steps=30", "--set", "log_every=10", "--set", "eval_every=30", "--set",
+                         f"parallel={parallel}", "--set", f"compile={args.compile}"]
+            done = subprocess.run(multi_cmd, cwd=ROOT)
+            log = read_log(multi / "log.jsonl")
+            result[f"torchrun2_{parallel}"] = {"returncode": done.returncode,
+                                              "losses": [(r["step"], r["loss"]) for r in log if "loss" in r],
+                                              "tokens_per_s": [r["tokens_per_s"] for r in log if "loss" in r]}
+    else:
+        result["torchrun2"] = "not run: this machine has one GPU"
+
+    (out / "train_gpu.json").write_text(json.dumps(result, indent=2))
+    print("\nstep  loss")
+    for step, loss in losses[::3] + [losses[-1]]:
+        print(f"{step:5d} {loss:.4f}")
+    for r in result["eval"]:
+        print(f"eval @ {r['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in r["eval"].items()))
+    print(f"resume: killed at {killed_at}, resumed from {resumed_from}; max |loss diff| over steps "
+          f"{min(killed_losses)}-{max(killed_losses)}: {max(diffs):.3g}")
+    if "eager_tokens_per_s_median" in result:
+        print(f"eager (compile=false): median {result['eager_tokens_per_s_median']:,.0f} tokens/s")
+    print(f"{card}: compile {result['compile']}: median {result['tokens_per_s_median']:,.0f} tokens/s "
+          f"({args.batch_size}x{args.seq_len} tokens per step); total {time.time() - started:.0f} s")
+    for key in ("torchrun2", "torchrun2_ddp", "torchrun2_fsdp"):
+        if key in result:
+            print(key, result[key] if isinstance(result[key], str) else result[key]["returncode"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Triton GDN kernels on CPU through Triton's interpreter, at tiny sizes.
+
+TRITON_INTERPRET=1 must be set before triton is imported, and it changes every kernel
+decorated afterwards. So the outer pytest process runs this file again in a subprocess
+with the variable set (test_in_interpreter_subprocess); there the kernel tests run, and
+in the outer process they skip.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from oryx_cuda.kernels.gdn import naive_recurrent_gated_delta_rule  # noqa: E402
+from oryx_cuda.kernels.gdn._inputs import random_inputs  # noqa: E402
+
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs inside the TRITON_INTERPRET=1 subprocess")
+
+
+def test_in_interpreter_subprocess():
+    if INTERPRETED:
+        pytest.skip("already inside the interpreter run")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double(), ref.detach().double()
+    assert torch.isfinite(out).all(), "non-finite values (unwritten output?)"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def naive_fp64(inputs, cu_seqlens=None):
+    leaves = [x.detach().double().requires_grad_() for x in inputs]
+    o, final = naive_recurrent_gated_delta_rule(*leaves[:5], initial_state=leaves[5], output_final_state=True,
+                                                cu_seqlens=cu_seqlens)
+    return leaves, o, final
+
+
+@needs_interpreter
+@pytest.mark.parametrize("B,T,H,K,V,cu", [
+    (2, 70, 2, 16, 32, None),                 # T not a multiple of the chunk, K != V
+    (1, 69, 2, 32, 16, [0, 3, 3, 67, 69]),    # packed, an empty sequence, chunk boundaries inside
+    (1, 66, 1, 128, 128, None),               # several key and value blocks per chunk
+])
+def test_triton_chunk_forward_backward(B, T, H, K, V, cu):
+    from oryx_cuda.kernels.gdn.chunk import chunk_gated_delta_rule
+
+    num_seqs = B if cu is None else len(cu) - 1
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    inputs = random_inputs(B, T, H, K, V, torch.float32, seed=20, num_seqs=num_seqs)
+    ref_leaves, o_ref, final_ref = naive_fp64(inputs, cu_seqlens)
+    grad_o, grad_final = torch.randn_like(o_ref), torch.randn_like(final_ref)
+    torch.autograd.backward([o_ref, final_ref], [grad_o, grad_final])
+
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    o, final = chunk_gated_delta_rule(*leaves[:5], initial_state=leaves[5], output_final_state=True,
+                                      cu_seqlens=cu_seqlens)
+    assert rel_err(o, o_ref) < 1e-4
+    assert rel_err(final, final_ref) < 1e-4
+    torch.autograd.backward([o, final], [grad_o.float(), grad_final.float()])
+    for name, x, ref in zip(("q", "k", "v", "g", "beta", "h0"), leaves, ref_leaves):
+        assert rel_err(x.grad, ref.grad) < 1e-4, name
+
+
+@needs_interpreter
+def test_triton_chunk_without_state_or_grad_and_dispatcher():
+    from oryx_cuda.kernels.gdn import gated_delta_rule
+
+    q, k, v, g, beta, _ = random_inputs(1, 20, 2, 16, 16, torch.float32, seed=21, with_state=False)
+    o_ref, _ = naive_recurrent_gated_delta_rule(q.double(), k.double(), v.double(), g.double(), beta.double())
+    with torch.no_grad():
+        o, final = gated_delta_rule(q, k, v, g, beta)          # auto -> Triton under the interpreter
+    assert final is None
+    assert rel_err(o, o_ref) < 1e-4
+
+
+@needs_interpreter
+@pytest.mark.parametrize("use_qk_l2norm", [False, True])
+def test_fused_recurrent(use_qk_l2norm):
+    from oryx_cuda.kernels.gdn.fused_recurrent import fused_recurrent_gated_delta_rule
+
+    inputs = random_inputs(1, 23, 2, 16, 32, torch.float32, seed=22, num_seqs=3)
+    q, k, v, g, beta, h0 = inputs
+    if use_qk_l2norm:
+        q, k = 3.0 * q, 2.0 * k
+    cu_seqlens = torch.tensor([0, 4, 4, 23], dtype=torch.int32)
+    norm = lambda x: x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)  # noqa: E731
+    q_ref, k_ref = (norm(q), norm(k)) if use_qk_l2norm else (q, k)
+    _, o_ref, final_ref = naive_fp64((q_ref, k_ref, v, g, beta, h0), cu_seqlens)
+    o, final = fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                                use_qk_l2norm=use_qk_l2norm, cu_seqlens=cu_seqlens)
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(final, final_ref) < 1e-5
+
+
+@needs_interpreter
+def test_decode_steps_with_kv_append_match_the_sequence():
+    from oryx_cuda.kernels.gdn.fused_recurrent import gated_delta_rule_decode_step
+
+    B, T, H, K, V = 2, 6, 2, 16, 32
+    q, k, v, g, beta, h0 = random_inputs(B, T, H, K, V, torch.float32, seed=23)
+    _, o_ref, final_ref = naive_fp64((q, k, v, g, beta, h0))
+    state = h0.clone()
+    k_cache = torch.full((B, 1, T + 2, 8), float("nan"))
+    v_cache = torch.full((B, 1, T + 2, 24), float("nan"))
+    key_rows, value_rows = torch.randn(B, T, 1, 8), torch.randn(B, T, 1, 24)
+    outs = []
+    for t in range(T):
+        pos = torch.tensor([t, t + 2])                              # each sequence its own position
+        outs.append(gated_delta_rule_decode_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state,
+                                                 k_cache=k_cache, v_cache=v_cache, k_append=key_rows[:, t],
+                                                 v_append=value_rows[:, t], cache_pos=pos))
+    assert rel_err(torch.stack(outs, 1), o_ref) < 1e-5
+    assert rel_err(state, final_ref) < 1e-5
+    assert torch.equal(k_cache[0, 0, :T], key_rows[0, :, 0]) and torch.equal(k_cache[1, 0, 2:], key_rows[1, :, 0])
+    assert torch.equal(v_cache[0, 0, :T], value_rows[0, :, 0]) and torch.equal(v_cache[1, 0, 2:], value_rows[1, :, 0])
+    assert torch.isnan(k_cache[0, 0, T:]).all() and torch.isnan(k_cache[1, 0, :2]).all()
+
+
+@needs_interpreter
+def test_bad_arguments_raise():
+    from oryx_cuda.kernels.gdn.chunk import chunk_gated_delta_rule
+    from oryx_cuda.kernels.gdn.fused_recurrent import gated_delta_rule_decode_step
+
+    q, k, v, g, beta, h0 = random_inputs(1, 8, 2, 24, 16, torch.float32, seed=24)
+    with pytest.raises(ValueError, match="power of two"):
+        chunk_gated_delta_rule(q, k, v, g, beta)
+    q, k, v, g, beta, h0 = random_inputs(2, 1, 2, 16, 16, torch.float32, seed=25)
+    with pytest.raises(ValueError, match="state"):
+        gated_delta_rule_decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0.double())
+    with pytest.raises(ValueError, match="missing"):
+        gated_delta_rule_decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0,
+                                     k_cache=torch.zeros(2, 1, 4, 16))

@@ -1,0 +1,116 @@
+"""Generation with the PyTorch model (CPU): sampling, determinism, greedy == reference argmax, stops, KV drop, CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from oryx_core.cli import main as oryx_main
+from oryx_core.config import preset
+from oryx_core.init import init_params
+from oryx_core.plan import ModePlan
+from oryx_core.reference import OryxReference
+from oryx_core.tokenizer import byte_level_tokenizer, end_of_text_id
+from oryx_cuda.generate import generate, generate_tokens, sample, stream_generate
+from oryx_cuda.model import OryxModel
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = preset("tiny", "gdn")
+    params = {n: (p * 8 if p.ndim == 2 and "embed" not in n else p) for n, p in init_params(cfg, 11).items()}
+    model = OryxModel(cfg, seed=None)
+    model.load_params(params)
+    return model.eval(), OryxReference(cfg, params), byte_level_tokenizer()
+
+
+def test_greedy_is_reference_argmax(tiny):
+    model, ref, tok = tiny
+    prompt = tok.encode("Oryx mixes modes").ids
+    for plan in ("prefill-attention", "A:0-4,R:4-20,A:20-"):
+        tokens = [t for t, _ in generate_tokens(model, prompt, max_new_tokens=12, plan=plan)]
+        sequence = np.array([prompt + tokens])
+        modes = ModePlan.parse(plan).resolve(len(prompt) + 12, prompt_length=len(prompt))[:sequence.shape[1]]
+        logits = ref.forward(sequence, modes)[0][0]
+        expected = logits[len(prompt) - 1:-1].argmax(-1)
+        np.testing.assert_array_equal(tokens, expected, err_msg=plan)
+
+
+def test_seeded_sampling_is_deterministic(tiny):
+    model, _, tok = tiny
+    run = lambda seed: generate(model, tok, "abc", 16, temperature=1.0, top_k=50, top_p=0.9, seed=seed,  # noqa: E731
+                                stop_tokens=set())
+    first, again, other = run(1), run(1), run(2)
+    assert first.tokens == again.tokens and len(first.tokens) == 16
+    assert first.tokens != other.tokens
+
+
+def test_sample_filters():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 10.0]]).repeat(200, 1)
+    assert torch.all(sample(logits, 0.0, 0, 1.0, gen) == 4)
+    top2 = sample(logits, 5.0, 2, 1.0, gen)
+    assert set(top2.tolist()) == {3, 4}
+    nucleus = sample(torch.tensor([[0.0, 0.0, 5.0, 5.0]]).repeat(200, 1), 1.0, 0, 0.5, gen)
+    assert set(nucleus.tolist()) <= {2, 3}
+    with pytest.raises(ValueError, match="top_p"):
+        generate_tokens(torch.nn.Linear(1, 1), [1], top_p=0.0).__next__()
+
+
+def test_stop_token_and_stop_string(tiny):
+    model, _, tok = tiny
+    free = generate(model, tok, "xyz", 10, stop_tokens=set())
+    assert free.stats.stop_reason == "length" and len(free.tokens) == 10
+    third = free.tokens[2]
+    stopped = generate(model, tok, "xyz", 10, stop_tokens={third})
+    assert stopped.stats.stop_reason == "stop_token"
+    assert stopped.tokens == free.tokens[:free.tokens.index(third)]
+    stop = free.text[3:5]
+    cut = generate(model, tok, "xyz", 10, stop_tokens=set(), stop_strings=[stop])
+    assert cut.stats.stop_reason == "stop_string" and cut.text == free.text[:free.text.find(stop)]
+    assert end_of_text_id(tok) is not None
+
+
+def test_stream_pieces_join_to_text(tiny):
+    model, _, tok = tiny
+    pieces = list(stream_generate(model, tok, "héllo wörld", 24, temperature=0.7, seed=3, stop_tokens=set()))
+    whole = generate(model, tok, "héllo wörld", 24, temperature=0.7, seed=3, stop_tokens=set())
+    assert "".join(p.text for p in pieces) == whole.text
+    assert whole.stats.generated_tokens == 24 and whole.stats.prompt_tokens == len(tok.encode("héllo wörld").ids)
+
+
+def test_kv_drop_same_tokens(tiny):
+    model, _, tok = tiny
+    keep = generate(model, tok, "drop me", 12, plan="prefill-attention", kv_policy="keep", stop_tokens=set())
+    drop = generate(model, tok, "drop me", 12, plan="prefill-attention", kv_policy="drop", stop_tokens=set())
+    assert keep.tokens == drop.tokens
+    assert drop.stats.cache_bytes < keep.stats.cache_bytes
+    # dropped mid-decode (prompt of 7 tokens, attention until 10), and with attention coming back: never dropped
+    for plan in ("A:0-10,R:10-", "A:0-3,R:3-9,A:9-"):
+        keep = generate(model, tok, "drop me", 12, plan=plan, kv_policy="keep", stop_tokens=set())
+        drop = generate(model, tok, "drop me", 12, plan=plan, kv_policy="drop", stop_tokens=set())
+        assert keep.tokens == drop.tokens
+        assert (drop.stats.cache_bytes < keep.stats.cache_bytes) == plan.startswith("A:0-10")
+
+
+def test_prefill_chunks_do_not_change_tokens(tiny):
+    model, _, tok = tiny
+    whole = generate(model, tok, "a longer prompt of text", 8, plan="last:30%", stop_tokens=set())
+    chunked = generate(model, tok, "a longer prompt of text", 8, plan="last:30%", stop_tokens=set(), prefill_chunk=5)
+    assert whole.tokens == chunked.tokens
+
+
+def test_cli_generate(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    assert oryx_main(["init", str(ck), "--preset", "tiny"]) == 0
+    capsys.readouterr()
+    args = ["generate", str(ck), "--prompt", "Hi", "--max-tokens", "6", "--temperature", "0.9", "--seed", "4"]
+    assert oryx_main(args + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["generated_tokens"] == 6 or result["stop_reason"] != "length"
+    assert oryx_main(args) == 0
+    assert capsys.readouterr().out.rstrip("\n") == result["text"]
+    assert oryx_main(args + ["--top-p", "1.5"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert oryx_main(["generate", str(ck), "--prompt", "Hi", "--plan", "A:0-2"]) == 2
+    assert "plan" in capsys.readouterr().err

@@ -1,0 +1,266 @@
+"""The PyTorch model against the float64 reference (CPU, fp32): both mixers, config flags, mode plans,
+step-by-step decoding, KV drop, save/load, `oryx eval --backend torch`, bad inputs."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from oryx_core.cli import main as oryx_main
+from oryx_core.config import OryxConfig, preset
+from oryx_core.init import init_params
+from oryx_core.plan import ModePlan
+from oryx_core.reference import OryxReference, Stepper
+from oryx_core.spec import parameter_specs
+from oryx_core.weights import load_checkpoint
+from oryx_cuda.attention import AttentionPlan, causal_sdpa, plan_attention, plan_block_mask
+from oryx_cuda.model import OryxModel
+
+TOL = 1e-4
+
+
+def rel(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+def lively_params(cfg, seed):
+    """Fresh random parameters with projections large enough that every part changes the logits."""
+    rng = np.random.default_rng(seed)
+    params = init_params(cfg, seed)
+    for name, p in params.items():
+        if p.ndim == 2 and "conv" not in name:
+            params[name] = rng.normal(0.0, 0.6 / np.sqrt(p.shape[1]), p.shape).astype(np.float32)
+        elif name.endswith(("norm.weight", "D_skip")) or name.endswith(".bias"):
+            params[name] = rng.uniform(0.5, 1.5, p.shape).astype(np.float32)
+    return params
+
+
+def build(cfg, seed=1):
+    params = lively_params(cfg, seed)
+    model = OryxModel(cfg, seed=None)
+    model.load_params(params)
+    return model.eval(), OryxReference(cfg, params)
+
+
+def run(model, tokens, modes, cache=None):
+    with torch.no_grad():
+        return model(torch.tensor(tokens), torch.tensor(np.asarray(modes)), cache=cache).numpy()
+
+
+def mixed_modes(rng, B, T):
+    """Per-sequence plans in chunks of 4 tokens: A and R alternate along each sequence."""
+    return np.repeat(rng.random((B, -(-T // 4))) < 0.5, 4, axis=1)[:, :T]
+
+
+VARIANTS = {
+    "default": {},
+    "conv_bias_gate_before_norm": dict(conv_bias=True, gate_before_norm=True),
+    "o_norm_all": dict(o_norm_grouping="all"),
+    "no_gate_no_norm_no_mlp": dict(output_gate=False, output_norm=False, mlp_hidden=0),
+    "untied_no_rope_silu": dict(tie_embeddings=False, rope=False, conv_activation="silu"),
+}
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_forward_matches_reference(mixer, variant):
+    cfg = preset("tiny", mixer, **VARIANTS[variant])  # tiny has GQA: 4 query heads over 2 kv heads
+    model, ref = build(cfg)
+    rng = np.random.default_rng(0)
+    B, T = 2, 21
+    tokens = rng.integers(0, cfg.vocab_size, (B, T))
+    plans = {"A": np.ones(T, bool), "R": np.zeros(T, bool),
+             "A-R-A": np.array([True] * 7 + [False] * 7 + [True] * 7), "per_sequence": mixed_modes(rng, B, T)}
+    outputs = {}
+    for name, modes in plans.items():
+        want = ref.forward(tokens, modes)[0]
+        outputs[name] = run(model, tokens, modes)
+        assert rel(outputs[name], want) < TOL, name
+    assert rel(outputs["A"], outputs["R"]) > 1e-2  # the modes really differ
+
+
+def test_state_dict_names_are_the_spec():
+    for cfg in (preset("tiny", "gdn", conv_bias=True, tie_embeddings=False), preset("tiny", "mamba2", mlp_hidden=0)):
+        model = OryxModel(cfg)
+        assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == \
+            {s.name: s.shape for s in parameter_specs(cfg)}
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+def test_prefill_then_steps_match_reference(mixer):
+    cfg = preset("tiny", mixer, conv_bias=True)
+    model, ref = build(cfg, seed=2)
+    rng = np.random.default_rng(1)
+    B, P, T = 2, 9, 24
+    tokens = rng.integers(0, cfg.vocab_size, (B, T))
+    modes = mixed_modes(rng, B, T)
+    want = ref.forward(tokens, modes)[0]
+    cache = model.new_cache(B, T)
+    pieces = [run(model, tokens[:, :P], modes[:, :P], cache)]
+    pieces.append(run(model, tokens[:, P:P + 5], modes[:, P:P + 5], cache))  # a second prefill chunk
+    with torch.no_grad():
+        for t in range(P + 5, T):
+            pieces.append(model.step(torch.tensor(tokens[:, t]), torch.tensor(modes[:, t]), cache).numpy()[:, None])
+    assert cache.length == T
+    assert rel(np.concatenate(pieces, 1), want) < TOL
+
+
+def test_steps_match_reference_stepper():
+    cfg = preset("tiny", "gdn")
+    model, ref = build(cfg, seed=3)
+    stepper = Stepper(ref, batch=1)
+    rng = np.random.default_rng(2)
+    cache = model.new_cache(1, 12)
+    for t in range(12):
+        token, is_attention = rng.integers(0, cfg.vocab_size, 1), bool(t % 3 == 0)
+        want = stepper.step(token, is_attention)
+        with torch.no_grad():
+            got = model.step(torch.tensor(token), is_attention, cache).numpy()
+        assert rel(got, want) < TOL, t
+
+
+def test_kv_drop_same_logits_and_constant_memory():
+    cfg = preset("tiny", "mamba2")
+    model, _ = build(cfg, seed=4)
+    rng = np.random.default_rng(3)
+    P, T = 6, 16
+    tokens = rng.integers(0, cfg.vocab_size, (1, T))
+    modes = np.arange(T) < P  # attention prefill, then recurrent only
+    caches = {policy: model.new_cache(1, T + 1, kv_policy=policy) for policy in ("keep", "drop")}
+    logits, sizes = {}, []
+    for policy, cache in caches.items():
+        out = [run(model, tokens[:, :P], modes[:P], cache)[0]]
+        with torch.no_grad():
+            for t in range(P, T):
+                cache.maybe_drop_kv(ModePlan.parse("prefill-attention"), P)
+                out.append(model.step(torch.tensor(tokens[:, t]), False, cache).numpy())
+                if policy == "drop":
+                    sizes.append(cache.nbytes())
+        logits[policy] = np.concatenate(out)
+    assert not caches["drop"].has_kv and caches["keep"].has_kv
+    np.testing.assert_array_equal(logits["drop"], logits["keep"])
+    assert len(set(sizes)) == 1 and sizes[0] < caches["keep"].nbytes()
+    with pytest.raises(ValueError, match="KV"):
+        model.step(torch.tensor([1]), True, caches["drop"])
+
+
+def test_block_mask_skips_recurrent_query_blocks():
+    B, T, S, block = 2, 40, 56, 8
+    rng = np.random.default_rng(4)
+    modes = torch.tensor(rng.random((B, T)) < 0.15)
+    offset = S - T
+    mask = plan_block_mask(modes, S, q_offset=offset, block=block).to_dense()  # [B, 1, n_q, n_kv] block flags
+    for b in range(B):
+        for i in range(-(-T // block)):
+            rows = range(i * block, min(T, (i + 1) * block))
+            for j in range(-(-S // block)):
+                needed = any(modes[b, t] and j * block <= t + offset for t in rows)
+                assert bool(mask[b, 0, i, j]) == needed, (b, i, j)
+
+
+@pytest.mark.parametrize("d, dv", [(8, 16), (16, 8)])
+def test_causal_sdpa_pads_unequal_head_dims(d, dv):
+    """The all-attention CUDA path (zero-padded to equal head sizes) against the CPU row path."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 9, d, generator=gen), torch.randn(2, 4, 9, d, generator=gen)
+    v = torch.randn(2, 4, 9, dv, generator=gen)
+    want = plan_attention(q, k, v, AttentionPlan(torch.ones(2, 9, dtype=torch.bool)), scale=0.3)
+    got = causal_sdpa(q, k, v, 0.3)
+    assert got.shape == want.shape and rel(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_save_load_bit_exact(tmp_path, dtype):
+    cfg = preset("tiny", "gdn", tie_embeddings=False)
+    model = OryxModel(cfg, seed=5).to(getattr(torch, dtype))
+    model.save(tmp_path / "ck", tokenizer_json=None)
+    ckpt = load_checkpoint(tmp_path / "ck")
+    assert ckpt.dtype == dtype
+    loaded = OryxModel.from_checkpoint(tmp_path / "ck")
+    assert loaded.dtype == getattr(torch, dtype)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a.view(torch.int16) if dtype == "bfloat16" else a,
+                           b.view(torch.int16) if dtype == "bfloat16" else b), name
+
+
+def test_bf16_close_to_reference():
+    cfg = preset("tiny", "gdn")
+    model, ref = build(cfg, seed=6)
+    model = model.to(torch.bfloat16)
+    rng = np.random.default_rng(5)
+    tokens, modes = rng.integers(0, cfg.vocab_size, (2, 16)), mixed_modes(rng, 2, 16)
+    with torch.no_grad():
+        got = model(torch.tensor(tokens), torch.tensor(modes)).float().numpy()
+    assert rel(got, ref.forward(tokens, modes)[0]) < 5e-2
+
+
+def test_bad_inputs_are_named():
+    cfg = preset("tiny", "gdn")
+    model = OryxModel(cfg)
+    tokens = torch.zeros(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="tokens: id 260 is outside"):
+        model(torch.tensor([[1, 260]]), True)
+    with pytest.raises(ValueError, match="tokens: id -1"):
+        model(torch.tensor([[1, -1]]), True)
+    with pytest.raises(ValueError, match="modes: shape \\[4\\]"):
+        model(tokens, torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="modes: expected bools"):
+        model(tokens, torch.ones(5))
+    with pytest.raises(ValueError, match="tokens: expected integer"):
+        model(tokens.float(), True)
+    with pytest.raises(ValueError, match="capacity"):
+        model(tokens, True, cache=model.new_cache(1, 4))
+    with pytest.raises(ValueError, match="batch"):
+        model(tokens, True, cache=model.new_cache(2, 8))
+
+
+def test_eval_torch_matches_reference(tmp_path, capsys):
+    ck, text = tmp_path / "ck", tmp_path / "t.txt"
+    assert oryx_main(["init", str(ck), "--preset", "tiny", "--mixer", "mamba2", "--seed", "3"]) == 0
+    text.write_text("The quick brown fox jumps over the lazy dog; every word counts twice. " * 3)
+    results = {}
+    for backend in ("torch", "reference"):
+        capsys.readouterr()
+        assert oryx_main(["eval", str(ck), "--text", str(text), "--backend", backend, "--plan", "every:2:16",
+                          "--window", "100", "--json"]) == 0
+        results[backend] = json.loads(capsys.readouterr().out)
+    assert results["torch"]["tokens"] == results["reference"]["tokens"] > 100
+    assert abs(results["torch"]["nll"] - results["reference"]["nll"]) <= 1e-5 * results["reference"]["nll"]
+
+
+def test_fused_decode_kernels_under_triton_interpreter():
+    """The CUDA decode path (Triton decode steps with fused KV append) run by Triton's CPU interpreter."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import sys; sys.path[:0] = sys.argv[1:]; import conftest; "  # conftest registers the import names
+            "import test_model; test_model.fused_decode_check()")
+    result = subprocess.run([sys.executable, "-c", code, os.path.dirname(here), here], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def fused_decode_check():
+    """Run in a TRITON_INTERPRET=1 subprocess: Triton head sizes (>= 16), GQA, both mixers, A/R switches."""
+    from oryx_cuda.generate import DecodeRunner
+
+    for mixer in ("gdn", "mamba2"):
+        cfg = OryxConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                         value_head_dim=32, mlp_hidden=0, mixer=mixer)
+        model, ref = build(cfg, seed=7)
+        rng = np.random.default_rng(6)
+        P, T = 5, 11
+        tokens = rng.integers(0, cfg.vocab_size, (1, T))
+        modes = np.array([1, 1, 0, 0, 1, 1, 0, 0, 1, 0, 1], bool)
+        cache = model.new_cache(1, T)
+        out = [run(model, tokens[:, :P], modes[:P], cache)[0]]
+        runner = DecodeRunner(model, cache)
+        with torch.no_grad():
+            for t in range(P, T):
+                out.append(runner.step([int(tokens[0, t])], modes[t:t + 1]).numpy().copy())
+        err = rel(np.concatenate(out), ref.forward(tokens, modes)[0][0])
+        assert err < TOL, (mixer, err)
