@@ -9,6 +9,7 @@ H=16, K=V=128. The table comes last.
 import _paths  # noqa: F401
 import argparse
 import datetime
+import time
 
 import torch
 import triton
@@ -21,6 +22,7 @@ from oryx_cuda.kernels.gdn import (chunk_gated_delta_rule, chunk_gated_delta_rul
 from oryx_cuda.kernels.gdn._inputs import random_inputs
 
 FAILURES = []
+START = time.perf_counter()
 
 
 def poison_allocator():
@@ -43,7 +45,8 @@ def check(name, out, ref, tol):
     ok = err <= tol
     if not ok:
         FAILURES.append(name)
-    print(f"CHECK {name:55s} rel={err:.2e} tol={tol:.0e} {'PASS' if ok else 'FAIL'}", flush=True)
+    print(f"CHECK {name:55s} rel={err:.2e} tol={tol:.0e} {'PASS' if ok else 'FAIL'} "
+          f"[{time.perf_counter() - START:.0f} s]", flush=True)
 
 
 def load_fla():
@@ -84,6 +87,7 @@ def run_checks(fla_chunk, fla_recurrent):
     check_chunk("chunk fp32 vs naive B2 T130 K64 V128", 2, 130, 4, 64, 128, torch.float32, 1e-4, naive, seed=2)
     check_chunk("chunk fp32 varlen vs naive", 1, 300, 2, 32, 64, torch.float32, 1e-4, naive,
                 cu=[0, 1, 64, 65, 200, 300], seed=3)
+    check_chunk("chunk fp32 vs naive B1 T200 K128 V64", 1, 200, 2, 128, 64, torch.float32, 1e-4, naive, seed=12)
     check_chunk("chunk bf16 vs torch-fp64 B2 T2048 H16", 2, 2048, 16, 128, 128, torch.bfloat16, 1e-2,
                 torch_chunk, seed=4)
     check_chunk("chunk fp16 vs torch-fp64 B1 T1000 H4", 1, 1000, 4, 128, 128, torch.float16, 1e-2, torch_chunk, seed=5)
@@ -213,13 +217,37 @@ def sweep_launch_shapes():
     def fwd_bwd():
         return torch.autograd.grad(chunk_gated_delta_rule(*leaves)[0], leaves, grad_o)
 
-    shapes = lambda *triples: [dict(BV=b, num_warps=w, num_stages=s) for b, w, s in triples]  # noqa: E731
-    sweep("state_fwd", shapes((64, 4, 2), (64, 4, 1), (64, 4, 3), (64, 8, 2), (32, 4, 2), (32, 4, 1),
-                              (32, 8, 2), (128, 8, 2), (128, 8, 1), (128, 4, 1)), fwd)
-    sweep("wy_fwd", shapes((64, 4, 1), (64, 8, 1), (32, 4, 1)), fwd)
-    sweep("state_bwd", shapes((64, 4, 2), (64, 8, 2), (32, 4, 2), (32, 4, 1)), fwd_bwd)
-    sweep("local_bwd", shapes((64, 8, 1), (64, 4, 1), (32, 8, 1), (32, 4, 2)), fwd_bwd)
-    sweep("wy_bwd", shapes((64, 8, 1), (64, 4, 1), (32, 8, 1), (32, 4, 2)), fwd_bwd)
+    shapes = lambda *triples, **extra: [dict(BV=b, num_warps=w, num_stages=st, **extra)  # noqa: E731
+                                        for b, w, st in triples]
+    split_times = {}
+    for split in (False, True):
+        chunk_module.SPLIT_OUTPUT["inference"] = split
+        split_times[split] = do_bench(fwd, warmup=20, rep=100, return_mode="median")
+        print(f"inference with split output kernel = {split}: {split_times[split]:.3f} ms")
+    chunk_module.SPLIT_OUTPUT["inference"] = min(split_times, key=split_times.get)
+    # BV=32 is left out: on 2026-11-27 (H200) one such shape hit an illegal address
+    sweep("state_fwd", shapes((64, 4, 2), (64, 4, 1), (64, 8, 2), (128, 8, 2), (128, 8, 1), (128, 4, 1)), fwd)
+    sweep("wy_fwd", shapes((64, 4, 1), (64, 8, 1), (64, 4, 2), BK=64), fwd)
+    sweep("state_bwd", shapes((64, 4, 2), (64, 8, 2), (128, 8, 2), (64, 4, 1)), fwd_bwd)
+    sweep("output_fwd", shapes((64, 4, 2), (64, 8, 2), (128, 8, 2), (64, 4, 1), BK=64), fwd_bwd)
+    sweep("local_bwd", shapes((64, 4, 1), (64, 8, 1), (64, 4, 2), BK=64), fwd_bwd)
+    sweep("wy_bwd", shapes((64, 8, 1), (64, 4, 1), (64, 8, 2), BK=64), fwd_bwd)
+
+
+def print_kernel_resources():
+    """Registers, spills and shared memory of every compiled GDN kernel (from Triton's cache)."""
+    for name in ("_wy_fwd_kernel", "_state_fwd_kernel", "_output_fwd_kernel", "_state_bwd_kernel",
+                 "_local_bwd_kernel", "_wy_bwd_kernel"):
+        fn = getattr(chunk_module, name)
+        try:
+            cache = fn.device_caches[torch.cuda.current_device()][0]
+        except Exception as exc:
+            print(f"{name}: no cache info ({type(exc).__name__})")
+            continue
+        for compiled in cache.values():
+            meta = compiled.metadata
+            print(f"{name:20s} warps={meta.num_warps} stages={meta.num_stages} regs={compiled.n_regs} "
+                  f"spills={compiled.n_spills} smem={meta.shared}")
 
 
 def print_table(rows):
@@ -249,7 +277,9 @@ def main():
     if args.sweep:
         print_table(rows)
         sweep_launch_shapes()
-        print("launch shapes after the sweep:", chunk_module.LAUNCH)
+        print("launch shapes after the sweep:", chunk_module.LAUNCH, chunk_module.SPLIT_OUTPUT)
+        print_kernel_resources()
+        kernel_breakdown()
         rows = []
         for B, T in ((16, 2048), (4, 8192)):
             time_chunk(B, T, fla_chunk, rows)

@@ -23,13 +23,12 @@ import mlx.core as mx
 
 from ._launch import KernelLaunch, MetalKernel
 
-CHUNK = 32
+CHUNK = 32  # the prepare kernel scans a chunk's decays with one simdgroup
 PREPARE_THREADS = 256
 SCAN_THREADS = 128
 
 _PREPARE_SOURCE = """
-    constexpr int C = 32;
-    constexpr int NT = 256;
+    static_assert(C == 32, "one simdgroup scans the decays of a chunk");
     const int tid = thread_position_in_threadgroup.x;
     const uint chunk = threadgroup_position_in_grid.y;
     const uint head_row = threadgroup_position_in_grid.z;  // b * H + h
@@ -53,7 +52,7 @@ _PREPARE_SOURCE = """
         const int t = e / Dk;
         k_tile[e] = t < valid ? static_cast<float>(k[(token0 + size_t(t) * heads) * Dk + e % Dk]) : 0.0f;
     }
-    if (tid < C) {  // C == 32: the first simdgroup scans the decays
+    if (tid < C) {  // the first simdgroup scans the decays
         const bool live = tid < valid;
         cum_decay[tid] = simd_prefix_inclusive_sum(live ? log_decay[token0 + size_t(tid) * heads] : 0.0f);
         chunk_strength[tid] = live ? strength[token0 + size_t(tid) * heads] : 0.0f;
@@ -125,8 +124,7 @@ _PREPARE_SOURCE = """
 """
 
 _SCAN_SOURCE = """
-    constexpr int C = 32;
-    constexpr int NT = 128;
+    static_assert(C % 8 == 0 && NT % 32 == 0, "8x8 tiles, whole simdgroups");
     constexpr int SIMDGROUPS = NT / 32;
     const int tid = thread_position_in_threadgroup.x;
     const uint simdgroup = simdgroup_index_in_threadgroup;
@@ -267,7 +265,8 @@ def prepare_launch(q, k, v, log_decay, strength, out_scale, delta_rule: bool) ->
     return KernelLaunch(
         kernel=PREPARE_KERNEL,
         inputs=(q, k, v, log_decay, strength, out_scale),
-        template=(("InT", v.dtype), ("Dk", dk), ("Dv", dv), ("DELTA_RULE", delta_rule)),
+        template=(("InT", v.dtype), ("Dk", dk), ("Dv", dv), ("C", CHUNK), ("NT", PREPARE_THREADS),
+                  ("DELTA_RULE", delta_rule)),
         grid=(PREPARE_THREADS, n_chunks, batch * heads),
         threadgroup=(PREPARE_THREADS, 1, 1),
         output_shapes=(
@@ -290,7 +289,8 @@ def scan_launch(prepared, v, skip, state, delta_rule: bool) -> KernelLaunch:
     return KernelLaunch(
         kernel=SCAN_KERNEL,
         inputs=(*prepared, v, skip, state),
-        template=(("InT", v.dtype), ("Dk", dk), ("Dv", dv), ("BV", block), ("DELTA_RULE", delta_rule)),
+        template=(("InT", v.dtype), ("Dk", dk), ("Dv", dv), ("BV", block), ("C", CHUNK), ("NT", SCAN_THREADS),
+                  ("DELTA_RULE", delta_rule)),
         grid=(SCAN_THREADS, dv // block, batch * heads),
         threadgroup=(SCAN_THREADS, 1, 1),
         output_shapes=(v.shape, state.shape),

@@ -41,8 +41,7 @@ from ._inputs import check_ssd_inputs
 # Tile caps, warps and pipeline depth of the three kernels; bench/bench_mamba2.py sweeps these on the GPU.
 KERNEL_SETTINGS = dict(
     fwd_block_v=64, fwd_warps=8,
-    dq_block_k=64, dq_warps=8,
-    dk_block_k=64, dk_warps=8,
+    bwd_block_k=64, dq_warps=8, dk_warps=8,
     dv_block_v=64, dv_warps=8,
     num_stages=2,
 )
@@ -193,7 +192,7 @@ def _ssd_bwd_dq_kernel(
 
 @triton.jit
 def _ssd_bwd_dk_kernel(
-    q, v, dt, A, do, dht, dk, dh0, cu_seqlens, T,
+    q, k, v, dt, A, do, dht, dk, k_dot_dk_inter, dh0, cu_seqlens, T, total_tokens,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -202,6 +201,8 @@ def _ssd_bwd_dk_kernel(
 
     dk~_s = sum_{t >= s} exp(b_t - b_s) (do_t . v_s) q_t + exp(b_last - b_s) dS v_s,   dk = dt dk~
     dS   <- exp(b_last) dS + sum_t exp(b_t) q_t do_t^T
+
+    Also writes this key block's share of k_s . dk~_s^inter = exp(b_last - b_s) k_s . (dS v_s).
     """
     i_k, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -220,15 +221,17 @@ def _ssd_bwd_dk_kernel(
         row_ok = tokens < seq_len
         rows = bos + tokens
         q_c = _load_tokens(q, rows, row_ok, i_h, H, K, cols_k, k_ok)
+        k_c = _load_tokens(k, rows, row_ok, i_h, H, K, cols_k, k_ok)
         v_c = _load_tokens(v, rows, row_ok, i_h, H, V, cols_v, v_ok)
         do_c = _load_tokens(do, rows, row_ok, i_h, H, V, cols_v, v_ok)
         dt_c, log_decay, last = _chunk_decay(dt, rows, row_ok, i_h, a_h, H, BT)
 
         do_v = tl.dot(do_c, tl.trans(v_c), input_precision=DOT_PRECISION) * _causal_decay(log_decay, BT)
         dk_folded = tl.dot(tl.trans(do_v.to(q_c.dtype)), q_c, input_precision=DOT_PRECISION)
-        dk_inter = tl.dot(v_c, tl.trans(d_state.to(v_c.dtype)), input_precision=DOT_PRECISION)
-        dk_folded += tl.exp(last - log_decay)[:, None] * dk_inter
-        _store_tokens(dk, dk_folded * dt_c[:, None], rows, row_ok, i_h, H, K, cols_k, k_ok)
+        dk_inter = tl.exp(last - log_decay)[:, None] * tl.dot(v_c, tl.trans(d_state.to(v_c.dtype)), input_precision=DOT_PRECISION)
+        _store_tokens(dk, (dk_folded + dk_inter) * dt_c[:, None], rows, row_ok, i_h, H, K, cols_k, k_ok)
+        partial = tl.sum(dk_inter * k_c.to(tl.float32), axis=1)
+        tl.store(k_dot_dk_inter + i_k * total_tokens * H + rows * H + i_h, partial, mask=row_ok)
 
         do_decayed = (do_c.to(tl.float32) * tl.exp(log_decay)[:, None]).to(do_c.dtype)
         d_state = d_state * tl.exp(last) + tl.dot(tl.trans(q_c), do_decayed, input_precision=DOT_PRECISION)
@@ -238,7 +241,7 @@ def _ssd_bwd_dk_kernel(
 
 @triton.jit
 def _ssd_bwd_dv_kernel(
-    q, k, v, dt, A, D, do, dht, q_dot_dq_inter, chunk_states,
+    q, k, v, dt, A, D, do, dht, q_dot_dq_inter, k_dot_dk_inter, chunk_states,
     dv, d_dt, d_A, d_D, cu_seqlens, chunk_offsets, T, total_tokens,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NUM_K_BLOCKS: tl.constexpr,
@@ -269,8 +272,8 @@ def _ssd_bwd_dv_kernel(
     t_index = tl.arange(0, BT)
     d_A_total = tl.zeros([BT], dtype=tl.float32)
     d_D_total = tl.zeros([BT], dtype=tl.float32)
-    # The dq kernel's q . dq^inter is counted once, by the first value block.
-    q_inter_weight = tl.where(i_v == 0, 1.0, 0.0)
+    # The dq and dk kernels' q . dq~^inter and k . dk~^inter are counted once, by the first value block.
+    first_block = tl.where(i_v == 0, 1.0, 0.0)
     for chunk in range(tl.cdiv(seq_len, BT) - 1, -1, -1):
         tokens = chunk * BT + t_index
         row_ok = tokens < seq_len
@@ -292,17 +295,18 @@ def _ssd_bwd_dv_kernel(
         # Decay gradient, this value block's share; pair_terms[t, s] = C_ts / dt_s.
         do_v = tl.dot(do_c, tl.trans(v_c), input_precision=DOT_PRECISION)
         pair_terms = scores * do_v
-        dk_inter = tl.dot(v_c, tl.trans(d_state_low), input_precision=DOT_PRECISION)
-        k_dot_dk_inter = to_end * tl.sum(k_c.to(tl.float32) * dk_inter, axis=1)
-        k_dot_dk = tl.sum(pair_terms, axis=0) + k_dot_dk_inter
-        pair_terms = pair_terms * dt_c[None, :]
         q_inter = tl.zeros([BT], dtype=tl.float32)
+        k_inter = tl.zeros([BT], dtype=tl.float32)
         for i_k in tl.static_range(NUM_K_BLOCKS):
-            q_inter += tl.load(q_dot_dq_inter + i_k * total_tokens * H + rows * H + i_h, mask=row_ok, other=0.0)
+            shares = i_k * total_tokens * H + rows * H + i_h
+            q_inter += first_block * tl.load(q_dot_dq_inter + shares, mask=row_ok, other=0.0)
+            k_inter += first_block * tl.load(k_dot_dk_inter + shares, mask=row_ok, other=0.0)
+        k_dot_dk = tl.sum(pair_terms, axis=0) + k_inter
+        pair_terms = pair_terms * dt_c[None, :]
         chunk_state = chunk_states + ((first_chunk + chunk) * H + i_h) * K * V + state_tile
         end_term = tl.sum(tl.sum(d_state * tl.load(chunk_state, mask=state_ok, other=0.0).to(tl.float32), axis=1), axis=0)
-        d_b = tl.sum(pair_terms, axis=1) - tl.sum(pair_terms, axis=0) + q_inter_weight * q_inter
-        d_b += tl.where(t_index == BT - 1, end_term, 0.0) - dt_c * k_dot_dk_inter
+        d_b = tl.sum(pair_terms, axis=1) - tl.sum(pair_terms, axis=0) + q_inter - dt_c * k_inter
+        d_b += tl.where(t_index == BT - 1, end_term, 0.0)
         d_a = tl.sum(d_b, axis=0) - tl.cumsum(d_b, axis=0) + d_b  # sum over j >= t within the chunk
         tl.store(d_dt + i_v * total_tokens * H + rows * H + i_h, k_dot_dk + a_h * d_a, mask=row_ok)
         d_A_total += d_a * dt_c
@@ -372,8 +376,8 @@ class ChunkSSDFunction(torch.autograd.Function):
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
         BT, settings = ctx.chunk_size, KERNEL_SETTINGS
-        BK_dq, BK, BV = _block(K, cap=settings["dq_block_k"]), _block(K), _block(V)
-        num_k_blocks = triton.cdiv(K, BK_dq)
+        BK_split, BK, BV = _block(K, cap=settings["bwd_block_k"]), _block(K), _block(V)
+        num_k_blocks = triton.cdiv(K, BK_split)
         chunk_offsets, total_chunks = _chunk_offsets(cu_seqlens, B, T, BT)
         # Placeholders for absent optional tensors: never read (their constexpr flag is off).
         unused = dt
@@ -387,15 +391,16 @@ class ChunkSSDFunction(torch.autograd.Function):
         chunk_states = torch.empty(total_chunks, H, K, V, dtype=torch.float32, device=q.device)
         _ssd_bwd_dq_kernel[(num_k_blocks, num_seqs * H)](
             q, k, v, dt, A, h0 if h0 is not None else unused, do, dq, q_dot_dq_inter, chunk_states,
-            T=T, total_tokens=B * T, BK=BK_dq, BV=BV, HAS_H0=h0 is not None,
+            T=T, total_tokens=B * T, BK=BK_split, BV=BV, HAS_H0=h0 is not None,
             num_warps=settings["dq_warps"], **packed, **common,
         )
         dk = torch.empty_like(k)
+        k_dot_dk_inter = torch.empty_like(q_dot_dq_inter)
         dh0 = torch.empty_like(h0) if h0 is not None else None
-        BK_dk = _block(K, cap=settings["dk_block_k"])
-        _ssd_bwd_dk_kernel[(triton.cdiv(K, BK_dk), num_seqs * H)](
-            q, v, dt, A, do, dht if dht is not None else unused, dk, dh0 if dh0 is not None else unused,
-            cu_seqlens=packed["cu_seqlens"], T=T, BK=BK_dk, BV=BV,
+        _ssd_bwd_dk_kernel[(num_k_blocks, num_seqs * H)](
+            q, k, v, dt, A, do, dht if dht is not None else unused, dk, k_dot_dk_inter,
+            dh0 if dh0 is not None else unused,
+            cu_seqlens=packed["cu_seqlens"], T=T, total_tokens=B * T, BK=BK_split, BV=BV,
             HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, num_warps=settings["dk_warps"], **common,
         )
         dv = torch.empty_like(v)
@@ -406,7 +411,7 @@ class ChunkSSDFunction(torch.autograd.Function):
         d_D = torch.empty(num_v_blocks, num_seqs, H, dtype=torch.float32, device=q.device)
         _ssd_bwd_dv_kernel[(num_v_blocks, num_seqs * H)](
             q, k, v, dt, A, D if D is not None else unused, do, dht if dht is not None else unused,
-            q_dot_dq_inter, chunk_states, dv, d_dt, d_A, d_D,
+            q_dot_dq_inter, k_dot_dk_inter, chunk_states, dv, d_dt, d_A, d_D,
             T=T, total_tokens=B * T, BK=BK, BV=BV_dv, NUM_K_BLOCKS=num_k_blocks,
             HAS_D=D is not None, HAS_DHT=dht is not None, num_warps=settings["dv_warps"], **packed, **common,
         )
