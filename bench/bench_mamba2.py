@@ -52,8 +52,8 @@ def import_mamba_ssm():
     return types.SimpleNamespace(combined=mamba_chunk_scan_combined, minimal=ssd_minimal_discrete)
 
 
-def make_inputs(B, T, H, K, V, dtype, num_seqs=None, seed=0, with_state=True):
-    """Fresh random inputs: dt = softplus(N(-2, 0.5)) (about 0.13), A uniform in [-8, -0.5]."""
+def make_inputs(B, T, H, K, V, dtype, num_seqs=None, seed=0, with_state=True, a_range=(0.5, 8.0)):
+    """Fresh random inputs: dt = softplus(N(-2, 0.5)) (about 0.13), A uniform in -[a_range]."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -64,7 +64,7 @@ def make_inputs(B, T, H, K, V, dtype, num_seqs=None, seed=0, with_state=True):
         k=randn(B, T, H, K, scale=K ** -0.5).to(dtype),
         v=randn(B, T, H, V).to(dtype),
         dt=F.softplus(randn(B, T, H, scale=0.5) - 2.0),
-        A=-(torch.rand(H, generator=gen, device="cuda") * 7.5 + 0.5),
+        A=-(torch.rand(H, generator=gen, device="cuda") * (a_range[1] - a_range[0]) + a_range[0]),
         D=randn(H),
         initial_state=randn(num_seqs or B, H, K, V, scale=0.1) if with_state else None,
     )
@@ -149,19 +149,21 @@ def check_recurrent_and_decode():
 
 
 def check_against_mamba(mamba):
-    """Ours vs mamba-ssm's mamba_chunk_scan_combined (ngroups = nheads) and ssd_minimal_discrete."""
-    x = make_inputs(2, 2048, 8, 128, 128, torch.bfloat16, seed=30, with_state=False)
-    x64 = {n: (None if t is None else t.double()) for n, t in x.items()}
-    ref = run_with_grads(chunk_ssd_torch, x64)
-    ours = run_with_grads(chunk_ssd, x)
+    """Ours vs mamba-ssm's mamba_chunk_scan_combined (ngroups = nheads) and ssd_minimal_discrete,
+    both against a float64 reference, with fast (A in -[0.5, 8]) and slow (A in -[0.01, 0.1]) decay."""
 
     def mamba_ssd(q, k, v, dt, A, D, initial_state=None):
         return mamba.combined(v, dt, A, k, q, chunk_size=256, D=D), None
 
-    theirs = run_with_grads(mamba_ssd, x)
-    compare_all("ours bf16 B2 T2048 H8 K=V=128 vs chunk_ssd_torch fp64", ours, ref, 2e-2)
-    compare_all("mamba_chunk_scan_combined bf16 (same inputs) vs chunk_ssd_torch fp64", theirs, ref, 2e-2)
-    record_check("ours vs mamba_chunk_scan_combined (o)", {"o": relative_error(ours[0][0], theirs[0][0])}, 2e-2)
+    for decay, a_range in (("fast decay", (0.5, 8.0)), ("slow decay", (0.01, 0.1))):
+        x = make_inputs(2, 2048, 8, 128, 128, torch.bfloat16, seed=30, with_state=False, a_range=a_range)
+        x64 = {n: (None if t is None else t.double()) for n, t in x.items()}
+        ref = run_with_grads(chunk_ssd_torch, x64)
+        ours = run_with_grads(chunk_ssd, x)
+        theirs = run_with_grads(mamba_ssd, x)
+        compare_all(f"ours bf16 B2 T2048 H8 K=V=128 {decay} vs chunk_ssd_torch fp64", ours, ref, 2e-2)
+        compare_all(f"mamba_chunk_scan_combined bf16 (same inputs) {decay} vs fp64", theirs, ref, 2e-2)
+        record_check(f"ours vs mamba_chunk_scan_combined (o) {decay}", {"o": relative_error(ours[0][0], theirs[0][0])}, 2e-2)
     y_min, _ = mamba.minimal(x64["v"] * x64["dt"][..., None], x64["A"] * x64["dt"], x64["k"], x64["q"], 64)
     y_min = y_min + x64["D"][:, None] * x64["v"]
     record_check("chunk_ssd_torch fp64 vs mamba ssd_minimal_discrete fp64", {"o": relative_error(ref[0][0], y_min)}, 1e-10)
@@ -276,12 +278,7 @@ def main():
     for shape_name, dims in shapes.items():
         sections.append((f"profile ours {shape_name}", lambda d=dims, s=shape_name: profile_kernels(f"ours {s}", Forward(ours, *d))))
     sections.append(("time decode", time_decode))
-    if args.sweep:
-        variants = [dict(chunk_size=32), dict(chunk_size=128), dict(dkdv_warps=4), dict(num_stages=1),
-                    dict(num_stages=3), dict(fwd_block_v=128, fwd_warps=8), dict(dq_block_k=128, dq_warps=8)]
-        for variant in variants:
-            sections.append((f"sweep {variant}", lambda v=variant: sweep_variant(v, shapes)))
-    if mamba:  # last: its autotuning compiles some 140 kernel configurations
+    if mamba:  # its autotuning compiles some 140 kernel configurations
         sections.append(("correctness: vs mamba-ssm", lambda: check_against_mamba(mamba)))
         for shape_name, (B, T, H, K, V) in shapes.items():
             sections.append((f"time mamba our layout {shape_name}", lambda d=(B, T, H, K, V), s=shape_name: time_pair(
@@ -289,6 +286,12 @@ def main():
             sections.append((f"time mamba anchor layout {shape_name}", lambda B=B, T=T, s=shape_name: time_pair(
                 "mamba-ssm, 32 heads x 64, 1 group", s.replace("H16 K=V=128", "H32 P64 N128 G1"),
                 Forward(mamba_forward(mamba), B, T, 32, 128, 64, groups=1))))
+    if args.sweep:  # last: whatever the budget leaves
+        variants = [dict(chunk_size=32), dict(num_stages=1), dict(fwd_block_v=128), dict(fwd_warps=4),
+                    dict(dv_warps=4), dict(dq_warps=4, dk_warps=4), dict(chunk_size=32, num_stages=1),
+                    dict(num_stages=3), dict(chunk_size=32, fwd_warps=4, dv_warps=4)]
+        for variant in variants:
+            sections.append((f"sweep {variant}", lambda v=variant: sweep_variant(v, shapes)))
     for section, run in sections:
         if within_budget(args.budget, section):
             try:

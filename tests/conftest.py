@@ -29,6 +29,11 @@ def _register_packages():
 
 
 _register_packages()
+# Test modules are imported by path (--import-mode=importlib, so equal basenames in different
+# folders don't clash); shared helper modules are found through these folders.
+for _folder in (ROOT / "tests", *sorted(p for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name != "__pycache__")):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 
 def pytest_addoption(parser):

@@ -47,13 +47,17 @@ def rope_tables(head_dim: int, theta: float, positions: torch.Tensor) -> tuple[t
 class AttentionPlan:
     """The mode facts one forward pass needs, computed once and shared by every layer.
 
-    modes [B, T] bool (True = attention) for queries at positions q_offset..q_offset+T-1.
-    The block mask for FlexAttention is built on first use and reused by later layers.
+    modes [B, T] bool (True = attention) on the compute device, for queries at positions
+    q_offset..q_offset+T-1. `host_modes`, the same on the CPU when the caller has them
+    (plans usually come from numpy), lets the flags and the FlexAttention block mask be
+    worked out on the host: no device sync, and no run of tiny GPU launches per forward.
+    The block mask is built on first use and reused by later layers.
     """
 
-    def __init__(self, modes: torch.Tensor, q_offset: int = 0):
+    def __init__(self, modes: torch.Tensor, q_offset: int = 0, host_modes: torch.Tensor | None = None):
         self.modes, self.q_offset = modes, q_offset
-        any_attention, all_attention = torch.stack([modes.any(), modes.all()]).tolist()  # one host sync
+        self._source = host_modes if host_modes is not None else modes
+        any_attention, all_attention = torch.stack([self._source.any(), self._source.all()]).tolist()
         self.any_attention, self.all_attention = bool(any_attention), bool(all_attention)
         self._block_masks = {}
 
@@ -63,7 +67,7 @@ class AttentionPlan:
 
     def block_mask(self, kv_len: int):
         if kv_len not in self._block_masks:
-            self._block_masks[kv_len] = plan_block_mask(self.modes, kv_len, self.q_offset)
+            self._block_masks[kv_len] = plan_block_mask(self._source, kv_len, self.q_offset, self.modes.device)
         return self._block_masks[kv_len]
 
 
@@ -117,36 +121,42 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-def plan_block_mask(query_modes: torch.Tensor, kv_len: int, q_offset: int = 0, block: int = FLEX_BLOCK):
+def plan_block_mask(query_modes: torch.Tensor, kv_len: int, q_offset: int = 0, device=None,
+                    block: int = FLEX_BLOCK):
     """A FlexAttention BlockMask for causal attention restricted to query blocks holding an attention token.
 
     Built directly from block-level tables (no dense [T, S] mask): for query block i,
     key blocks entirely at or before its first query are "full" (no masking needed),
     the ones straddling the diagonal are "partial" (the causal mask_mod applies), and
-    everything is empty when no token of the block is in attention mode.
+    everything is empty when no token of the block is in attention mode. The tables are
+    computed where query_modes live and the mask is then moved to `device`.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     B, T = query_modes.shape
-    device = query_modes.device
+    device = query_modes.device if device is None else torch.device(device)
+    here = query_modes.device
     n_q, n_kv = -(-T // block), -(-kv_len // block)
     padded = F.pad(query_modes, (0, n_q * block - T))
     active = padded.view(B, n_q, block).any(-1)                                   # [B, n_q]
-    q_first = q_offset + torch.arange(n_q, device=device) * block
+    q_first = q_offset + torch.arange(n_q, device=here) * block
     q_last = torch.clamp(q_first + block - 1, max=q_offset + T - 1)
-    kv_first = torch.arange(n_kv, device=device) * block
+    kv_first = torch.arange(n_kv, device=here) * block
     kv_last = torch.clamp(kv_first + block - 1, max=kv_len - 1)
     full = kv_last[None, :] <= q_first[:, None]                                    # [n_q, n_kv]
     partial = (kv_first[None, :] <= q_last[:, None]) & ~full
     full = full[None] & active[:, :, None]
     partial = partial[None] & active[:, :, None]
-    offset = torch.full((), q_offset, dtype=torch.int64, device=device)  # a fill kernel, no host-to-device copy
+    mask = BlockMask.from_kv_blocks(*_block_lists(partial), *_block_lists(full), BLOCK_SIZE=block,
+                                    mask_mod=_causal_mask_mod(q_offset, device), seq_lengths=(T, kv_len))
+    return mask.to(device)
 
-    def causal(b, h, q_idx, kv_idx):
-        return kv_idx <= q_idx + offset
 
-    return BlockMask.from_kv_blocks(*_block_lists(partial), *_block_lists(full), BLOCK_SIZE=block,
-                                    mask_mod=causal, seq_lengths=(T, kv_len))
+def _causal_mask_mod(q_offset: int, device):
+    if q_offset == 0:
+        return lambda b, h, q_idx, kv_idx: kv_idx <= q_idx
+    offset = torch.full((), q_offset, dtype=torch.int64, device=device)  # a tensor: new offsets need no recompile
+    return lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + offset
 
 
 def _block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -116,7 +116,7 @@ class DecodeRunner:
         if modes.dtype != torch.bool or modes.shape not in ((), (1,), tokens.shape):
             raise ValueError(f"modes: expected a bool or bools [B] = {list(tokens.shape)}, got {modes.dtype} "
                              f"{list(modes.shape)}")
-        model._check_cache(cache, tokens.shape[0], 1)
+        model.check_cache(cache, tokens.shape[0], 1)
         attend = bool(modes.any())
         if attend and not cache.has_kv:
             raise ValueError("plan: attention-mode token after the KV cache was dropped; use --kv-policy keep")

@@ -82,7 +82,10 @@ class CausalConv(nn.Module):
         W = self.weight.shape[1]
         history = x.new_zeros(B, W - 1, C) if window is None else window.to(x.dtype)
         padded = torch.cat([history, x], dim=1)
-        out = F.conv1d(padded.transpose(1, 2), self.weight[:, None, :].to(x.dtype), groups=C).transpose(1, 2)
+        out = F.conv1d(padded.transpose(1, 2), self.weight[:, None, :].to(x.dtype), groups=C)
+        # back to [B, T, C] in memory too: a channels-first view would leave q/k/v with a strided
+        # last axis, which SDPA's flash kernels refuse (silently falling back to the math kernel)
+        out = out.transpose(1, 2).contiguous()
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return self._activate(out), padded[:, T:]
@@ -249,7 +252,7 @@ class OryxMixer(nn.Module):
         launch; elsewhere the per-token torch recurrence runs and the cache is written with index_copy_.
         """
         state, has_kv = layer_cache.state, layer_cache.keys is not None
-        if fused_decode_available(state):
+        if fused_decode_available(state):  # Triton is imported only here, so CPU-only installs need none
             append = dict(k_cache=layer_cache.keys, v_cache=layer_cache.values, cache_pos=position,
                           k_append=keys.to(layer_cache.keys.dtype), v_append=values.to(layer_cache.values.dtype)) \
                 if has_kv else {}
@@ -384,9 +387,10 @@ class OryxModel(nn.Module):
                 raise ValueError(f"tokens: id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
         return tokens.to(self.device, torch.long)
 
-    def check_modes(self, modes, shape: tuple[int, ...]) -> torch.Tensor:
-        """modes -> bool [*shape]; accepts a bool, per-token [T] (shared by the batch) or the full shape."""
-        modes = torch.as_tensor(modes, device=self.device)
+    def check_modes(self, modes, shape: tuple[int, ...], device=None) -> torch.Tensor:
+        """modes -> bool [*shape] on `device` (default the model's); accepts a bool, per-token [T]
+        (shared by the batch) or the full shape."""
+        modes = torch.as_tensor(modes, device=self.device if device is None else device)
         if modes.dtype != torch.bool:
             raise ValueError(f"modes: expected bools (True = attention), got {modes.dtype}")
         if modes.dim() == 0 or tuple(modes.shape) == tuple(shape[1:]):
@@ -407,9 +411,11 @@ class OryxModel(nn.Module):
         B, T = tokens.shape
         offset = 0
         if cache is not None:
-            self._check_cache(cache, B, T)
+            self.check_cache(cache, B, T)
             offset = cache.length
-        plan = AttentionPlan(self.check_modes(modes, (B, T)), offset)
+        modes = torch.as_tensor(modes)
+        host_modes = None if modes.is_cuda else self.check_modes(modes, (B, T), device="cpu")
+        plan = AttentionPlan(self.check_modes(modes, (B, T)), offset, host_modes)
         if cache is not None and plan.any_attention and not cache.has_kv:
             raise ValueError("modes: attention-mode tokens, but this cache has no KV (dropped); "
                              "use the `keep` KV policy for plans that return to attention")
@@ -425,7 +431,7 @@ class OryxModel(nn.Module):
         """Logits [B, V] for one token per sequence (tokens [B]); modes: a bool or bool [B]."""
         tokens = self.check_tokens(tokens, 1)
         modes = self.check_modes(modes, tuple(tokens.shape))
-        self._check_cache(cache, tokens.shape[0], 1)
+        self.check_cache(cache, tokens.shape[0], 1)
         attend = bool(modes.any())
         if attend and not cache.has_kv:
             raise ValueError("modes: attention-mode token, but this cache has no KV (dropped); "
@@ -453,7 +459,7 @@ class OryxModel(nn.Module):
     def _rope(self, positions):
         return rope_tables(self.cfg.head_dim, self.cfg.rope_theta, positions) if self.cfg.rope else None
 
-    def _check_cache(self, cache: OryxCache, batch: int, new_tokens: int) -> None:
+    def check_cache(self, cache: OryxCache, batch: int, new_tokens: int) -> None:
         if cache.cfg != self.cfg:
             raise ValueError("cache: made for another config")
         if cache.batch != batch:

@@ -503,13 +503,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     raw_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     optimizer = make_optimizer(raw_model, cfg, rt)
     total = cfg.total_steps(rt.world)
-    start = 0
+    start, rng_restored = 0, None
     log_path = out / "log.jsonl"
     if resume:
         state = json.loads((resume_from / "state.json").read_text())
         start = state["step"]
         load_optimizer_state(resume_from, raw_model, optimizer)
-        if state["world_size"] == rt.world:
+        rng_restored = state["world_size"] == rt.world  # batches depend on the rank count anyway
+        if rng_restored:
             restore_rng_state(state["rng"][rt.rank], rt)
         if rt.is_main:
             keep_log_until(log_path, start)
@@ -527,6 +528,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         log_file = open(log_path, "a")
         log_record(log_file, {"event": "resume" if resume else "start", "step": start, "world_size": rt.world,
                               "device": str(rt.device), "compile": use_compile, "total_steps": total,
+                              "rng_restored": rng_restored,
                               "model": model_cfg.to_dict(), "train": dataclasses.asdict(cfg)})
     from tqdm import tqdm
 

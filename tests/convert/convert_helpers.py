@@ -204,15 +204,26 @@ def fla_gdn_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 # ----- mamba-ssm Mamba-2 -----
 def import_mamba_ssm():
-    """mamba_ssm's modules; its package __init__ imports a CUDA extension only its Mamba-1 kernels use."""
+    """mamba_ssm's Mamba-2 model classes on a machine without its CUDA extensions.
+
+    Its Mamba-1 module imports the `selective_scan_cuda` extension at import time (only its
+    Mamba-1 kernels call it); a placeholder stands in while importing, and is removed again
+    so no one else mistakes it for the extension.
+    """
+    import importlib.util
     import sys
     import types
 
-    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
-    import mamba_ssm.modules.mamba2 as mamba2_module
-    from mamba_ssm.models.config_mamba import MambaConfig
-    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-
+    placeholder = "selective_scan_cuda" not in sys.modules and importlib.util.find_spec("selective_scan_cuda") is None
+    if placeholder:
+        sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+    try:
+        import mamba_ssm.modules.mamba2 as mamba2_module
+        from mamba_ssm.models.config_mamba import MambaConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    finally:
+        if placeholder:
+            del sys.modules["selective_scan_cuda"]
     return mamba2_module, MambaConfig, MambaLMHeadModel
 
 

@@ -76,6 +76,9 @@ def interpreter_setup(monkeypatch):
 
     monkeypatch.setattr(triton_interpreter, "_patch_lang_tensor", patch_lang_tensor)
     monkeypatch.setattr(chunk, "torch", _PoisonedTorch())
+    # Narrow tiles, so that tiny heads still split into several key and value blocks.
+    for setting in ("fwd_block_v", "bwd_block_k", "dv_block_v"):
+        monkeypatch.setitem(chunk.KERNEL_SETTINGS, setting, 16)
     monkeypatch.setattr(fused_recurrent, "torch", _PoisonedTorch())
 
 

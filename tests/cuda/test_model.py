@@ -162,6 +162,29 @@ def test_block_mask_skips_recurrent_query_blocks():
                 assert bool(mask[b, 0, i, j]) == needed, (b, i, j)
 
 
+@pytest.mark.parametrize("q_offset", [0, 13])
+def test_flex_path_matches_rows_path(q_offset):
+    """FlexAttention (run eagerly on CPU) under the plan's block mask == SDPA over the attention rows."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    gen = torch.Generator().manual_seed(1)
+    B, H, Hkv, T, d, dv, block = 2, 4, 2, 40, 8, 16, 8
+    S = T + q_offset
+    q = torch.randn(B, H, T, d, generator=gen)
+    k, v = torch.randn(B, Hkv, S, d, generator=gen), torch.randn(B, Hkv, S, dv, generator=gen)
+    modes = torch.rand(B, T, generator=gen) < 0.2
+    plan = AttentionPlan(modes, q_offset)
+    want = plan_attention(q, k, v, plan, scale=0.4)  # the CPU path
+    mask = plan_block_mask(modes, S, q_offset, block=block)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+        got = flex_attention(q, k, v, block_mask=mask, scale=0.4, enable_gqa=True)
+    rows = modes[:, None, :, None].expand_as(want)
+    assert rel(got[rows], want[rows]) < 1e-6
+
+
 @pytest.mark.parametrize("d, dv", [(8, 16), (16, 8)])
 def test_causal_sdpa_pads_unequal_head_dims(d, dv):
     """The all-attention CUDA path (zero-padded to equal head sizes) against the CPU row path."""
@@ -236,11 +259,14 @@ def test_fused_decode_kernels_under_triton_interpreter():
     """The CUDA decode path (Triton decode steps with fused KV append) run by Triton's CPU interpreter."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = ("import sys; sys.path[:0] = sys.argv[1:]; import conftest; "  # conftest registers the import names
-            "import test_model; test_model.fused_decode_check()")
-    result = subprocess.run([sys.executable, "-c", code, os.path.dirname(here), here], env=env, capture_output=True,
-                            text=True, timeout=120)
+    here = os.path.abspath(__file__)
+    code = ("import sys, importlib.util; sys.path.insert(0, sys.argv[1]); import conftest; "  # registers import names
+            "spec = importlib.util.spec_from_file_location('cuda_test_model', sys.argv[2]); "
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+            "module.fused_decode_check()")
+    tests_dir = os.path.dirname(os.path.dirname(here))
+    result = subprocess.run([sys.executable, "-c", code, tests_dir, here], env=env, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -264,3 +290,37 @@ def fused_decode_check():
                 out.append(runner.step([int(tokens[0, t])], modes[t:t + 1]).numpy().copy())
         err = rel(np.concatenate(out), ref.forward(tokens, modes)[0][0])
         assert err < TOL, (mixer, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+def test_cuda_paths_match_reference(mixer):
+    """On CUDA: FlexAttention (mixed per-sequence plan), SDPA without the math fallback (all attention),
+    Triton recurrences, and prefill + CUDA-graph decode switching A -> R -> A."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from oryx_cuda.generate import DecodeRunner
+
+    cfg = OryxConfig(vocab_size=300, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
+                     value_head_dim=64, mlp_hidden=256, max_context=1024, mixer=mixer)
+    model, ref = build(cfg, seed=8)
+    model = model.cuda()
+    rng = np.random.default_rng(7)
+    B, T = 2, 300
+    tokens = rng.integers(0, cfg.vocab_size, (B, T))
+    fast = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    for modes in (mixed_modes(rng, B, T), np.ones(T, bool), np.zeros(T, bool)):
+        with torch.no_grad(), sdpa_kernel(fast):
+            got = model(torch.tensor(tokens), torch.tensor(modes)).cpu().numpy()
+        assert rel(got, ref.forward(tokens, modes)[0]) < TOL
+    P, steps = 200, 60
+    modes = np.concatenate([np.ones(P + 10, bool), np.zeros(30, bool), np.ones(20, bool)])
+    cache = model.new_cache(1, P + steps)
+    with torch.no_grad():
+        logits = [model(torch.tensor(tokens[:1, :P]), modes[:P], cache=cache)[0]]
+        runner = DecodeRunner(model, cache, cuda_graphs=True)
+        for t in range(P, P + steps):
+            logits.append(runner.step([int(tokens[0, t])], modes[t:t + 1]).clone())
+    got = torch.cat([logits[0], torch.cat(logits[1:])]).cpu().numpy()
+    assert len(runner.graphs) == 2  # attention and recurrent variants, each captured once
+    assert rel(got, ref.forward(tokens[:1, :P + steps], modes)[0][0]) < TOL

@@ -56,20 +56,31 @@ def _sequence_span(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
     else:
         bos = i_n.to(tl.int64) * T
         eos = bos + T
-    return bos, eos - bos
+    return bos, (eos - bos).to(tl.int32)
 
 
 @triton.jit
-def _load_tokens(ptr, rows, row_ok, i_h, H: tl.constexpr, WIDTH: tl.constexpr, cols, col_ok):
-    """Tile [rows, cols] of a contiguous [tokens, H, WIDTH] tensor at head i_h; zeros outside."""
-    offsets = (rows[:, None] * H + i_h) * WIDTH + cols[None, :]
-    return tl.load(ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+def _token_tile(ptr, bos, seq_len, i_h, H: tl.constexpr, WIDTH: tl.constexpr, chunk, col_start,
+                BT: tl.constexpr, BW: tl.constexpr):
+    """Block pointer to the [BT, BW] tile of chunk `chunk` in one head of a contiguous [tokens, H, WIDTH]
+    tensor, for a sequence starting at token `bos` (block pointers keep address math out of registers)."""
+    return tl.make_block_ptr(ptr + (bos * H + i_h) * WIDTH, (seq_len, WIDTH), (H * WIDTH, 1),
+                             (chunk * BT, col_start), (BT, BW), (1, 0))
 
 
 @triton.jit
-def _store_tokens(ptr, tile, rows, row_ok, i_h, H: tl.constexpr, WIDTH: tl.constexpr, cols, col_ok):
-    offsets = (rows[:, None] * H + i_h) * WIDTH + cols[None, :]
-    tl.store(ptr + offsets, tile.to(ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+def _load_tokens(ptr, bos, seq_len, i_h, H: tl.constexpr, WIDTH: tl.constexpr, chunk, col_start,
+                 BT: tl.constexpr, BW: tl.constexpr):
+    """The tile of _token_tile, zeros past the sequence end and the row width."""
+    tile = _token_tile(ptr, bos, seq_len, i_h, H, WIDTH, chunk, col_start, BT, BW)
+    return tl.load(tile, boundary_check=(0, 1), padding_option="zero")
+
+
+@triton.jit
+def _store_tokens(ptr, values, bos, seq_len, i_h, H: tl.constexpr, WIDTH: tl.constexpr, chunk, col_start,
+                  BT: tl.constexpr, BW: tl.constexpr):
+    tile = _token_tile(ptr, bos, seq_len, i_h, H, WIDTH, chunk, col_start, BT, BW)
+    tl.store(tile, values.to(ptr.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -112,8 +123,10 @@ def _ssd_fwd_kernel(
     skip = 0.0
     if HAS_D:
         skip = tl.load(D + i_h).to(tl.float32)
+    k_start = 0
     cols_k = tl.arange(0, BK)
-    cols_v = i_v * BV + tl.arange(0, BV)
+    v_start = i_v * BV
+    cols_v = v_start + tl.arange(0, BV)
     k_ok, v_ok = cols_k < K, cols_v < V
     state_offsets = i_nh.to(tl.int64) * K * V + cols_k[:, None] * V + cols_v[None, :]
     state_ok = k_ok[:, None] & v_ok[None, :]
@@ -124,9 +137,9 @@ def _ssd_fwd_kernel(
         tokens = chunk * BT + tl.arange(0, BT)
         row_ok = tokens < seq_len
         rows = bos + tokens
-        q_c = _load_tokens(q, rows, row_ok, i_h, H, K, cols_k, k_ok)
-        k_c = _load_tokens(k, rows, row_ok, i_h, H, K, cols_k, k_ok)
-        v_c = _load_tokens(v, rows, row_ok, i_h, H, V, cols_v, v_ok)
+        q_c = _load_tokens(q, bos, seq_len, i_h, H, K, chunk, k_start, BT, BK)
+        k_c = _load_tokens(k, bos, seq_len, i_h, H, K, chunk, k_start, BT, BK)
+        v_c = _load_tokens(v, bos, seq_len, i_h, H, V, chunk, v_start, BT, BV)
         dt_c, log_decay, last = _chunk_decay(dt, rows, row_ok, i_h, a_h, H, BT)
 
         scores = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PRECISION)
@@ -134,7 +147,7 @@ def _ssd_fwd_kernel(
         out = tl.dot(scores.to(v_c.dtype), v_c, input_precision=DOT_PRECISION)
         inter = tl.dot(q_c, state.to(q_c.dtype), input_precision=DOT_PRECISION)
         out += tl.exp(log_decay)[:, None] * inter + skip * v_c.to(tl.float32)
-        _store_tokens(o, out, rows, row_ok, i_h, H, V, cols_v, v_ok)
+        _store_tokens(o, out, bos, seq_len, i_h, H, V, chunk, v_start, BT, BV)
 
         v_to_end = (v_c.to(tl.float32) * (dt_c * tl.exp(last - log_decay))[:, None]).to(v_c.dtype)
         state = state * tl.exp(last) + tl.dot(tl.trans(k_c), v_to_end, input_precision=DOT_PRECISION)
@@ -158,7 +171,9 @@ def _ssd_bwd_dq_kernel(
     bos, seq_len = _sequence_span(cu_seqlens, i_n, T, IS_VARLEN)
     first_chunk = _chunk_base(chunk_offsets, i_n, T, BT, IS_VARLEN)
     a_h = tl.load(A + i_h).to(tl.float32)
-    cols_k = i_k * BK + tl.arange(0, BK)
+    k_start = i_k * BK
+    cols_k = k_start + tl.arange(0, BK)
+    v_start = 0
     cols_v = tl.arange(0, BV)
     k_ok, v_ok = cols_k < K, cols_v < V
     state_tile = cols_k[:, None] * V + cols_v[None, :]
@@ -170,17 +185,17 @@ def _ssd_bwd_dq_kernel(
         tokens = chunk * BT + tl.arange(0, BT)
         row_ok = tokens < seq_len
         rows = bos + tokens
-        q_c = _load_tokens(q, rows, row_ok, i_h, H, K, cols_k, k_ok)
-        k_c = _load_tokens(k, rows, row_ok, i_h, H, K, cols_k, k_ok)
-        v_c = _load_tokens(v, rows, row_ok, i_h, H, V, cols_v, v_ok)
-        do_c = _load_tokens(do, rows, row_ok, i_h, H, V, cols_v, v_ok)
+        q_c = _load_tokens(q, bos, seq_len, i_h, H, K, chunk, k_start, BT, BK)
+        k_c = _load_tokens(k, bos, seq_len, i_h, H, K, chunk, k_start, BT, BK)
+        v_c = _load_tokens(v, bos, seq_len, i_h, H, V, chunk, v_start, BT, BV)
+        do_c = _load_tokens(do, bos, seq_len, i_h, H, V, chunk, v_start, BT, BV)
         dt_c, log_decay, last = _chunk_decay(dt, rows, row_ok, i_h, a_h, H, BT)
 
         do_v = tl.dot(do_c, tl.trans(v_c), input_precision=DOT_PRECISION)
         do_v = do_v * _causal_decay(log_decay, BT) * dt_c[None, :]
         dq_c = tl.dot(do_v.to(k_c.dtype), k_c, input_precision=DOT_PRECISION)
         dq_inter = tl.exp(log_decay)[:, None] * tl.dot(do_c, tl.trans(state.to(do_c.dtype)), input_precision=DOT_PRECISION)
-        _store_tokens(dq, dq_c + dq_inter, rows, row_ok, i_h, H, K, cols_k, k_ok)
+        _store_tokens(dq, dq_c + dq_inter, bos, seq_len, i_h, H, K, chunk, k_start, BT, BK)
         partial = tl.sum(dq_inter * q_c.to(tl.float32), axis=1)
         tl.store(q_dot_dq_inter + i_k * total_tokens * H + rows * H + i_h, partial, mask=row_ok)
 
@@ -208,7 +223,9 @@ def _ssd_bwd_dk_kernel(
     i_n, i_h = i_nh // H, i_nh % H
     bos, seq_len = _sequence_span(cu_seqlens, i_n, T, IS_VARLEN)
     a_h = tl.load(A + i_h).to(tl.float32)
-    cols_k = i_k * BK + tl.arange(0, BK)
+    k_start = i_k * BK
+    cols_k = k_start + tl.arange(0, BK)
+    v_start = 0
     cols_v = tl.arange(0, BV)
     k_ok, v_ok = cols_k < K, cols_v < V
     state_offsets = i_nh.to(tl.int64) * K * V + cols_k[:, None] * V + cols_v[None, :]
@@ -220,16 +237,16 @@ def _ssd_bwd_dk_kernel(
         tokens = chunk * BT + tl.arange(0, BT)
         row_ok = tokens < seq_len
         rows = bos + tokens
-        q_c = _load_tokens(q, rows, row_ok, i_h, H, K, cols_k, k_ok)
-        k_c = _load_tokens(k, rows, row_ok, i_h, H, K, cols_k, k_ok)
-        v_c = _load_tokens(v, rows, row_ok, i_h, H, V, cols_v, v_ok)
-        do_c = _load_tokens(do, rows, row_ok, i_h, H, V, cols_v, v_ok)
+        q_c = _load_tokens(q, bos, seq_len, i_h, H, K, chunk, k_start, BT, BK)
+        k_c = _load_tokens(k, bos, seq_len, i_h, H, K, chunk, k_start, BT, BK)
+        v_c = _load_tokens(v, bos, seq_len, i_h, H, V, chunk, v_start, BT, BV)
+        do_c = _load_tokens(do, bos, seq_len, i_h, H, V, chunk, v_start, BT, BV)
         dt_c, log_decay, last = _chunk_decay(dt, rows, row_ok, i_h, a_h, H, BT)
 
         do_v = tl.dot(do_c, tl.trans(v_c), input_precision=DOT_PRECISION) * _causal_decay(log_decay, BT)
         dk_folded = tl.dot(tl.trans(do_v.to(q_c.dtype)), q_c, input_precision=DOT_PRECISION)
         dk_inter = tl.exp(last - log_decay)[:, None] * tl.dot(v_c, tl.trans(d_state.to(v_c.dtype)), input_precision=DOT_PRECISION)
-        _store_tokens(dk, (dk_folded + dk_inter) * dt_c[:, None], rows, row_ok, i_h, H, K, cols_k, k_ok)
+        _store_tokens(dk, (dk_folded + dk_inter) * dt_c[:, None], bos, seq_len, i_h, H, K, chunk, k_start, BT, BK)
         partial = tl.sum(dk_inter * k_c.to(tl.float32), axis=1)
         tl.store(k_dot_dk_inter + i_k * total_tokens * H + rows * H + i_h, partial, mask=row_ok)
 
@@ -261,8 +278,10 @@ def _ssd_bwd_dv_kernel(
     skip = 0.0
     if HAS_D:
         skip = tl.load(D + i_h).to(tl.float32)
+    k_start = 0
     cols_k = tl.arange(0, BK)
-    cols_v = i_v * BV + tl.arange(0, BV)
+    v_start = i_v * BV
+    cols_v = v_start + tl.arange(0, BV)
     k_ok, v_ok = cols_k < K, cols_v < V
     state_tile = cols_k[:, None] * V + cols_v[None, :]
     state_ok = k_ok[:, None] & v_ok[None, :]
@@ -278,10 +297,10 @@ def _ssd_bwd_dv_kernel(
         tokens = chunk * BT + t_index
         row_ok = tokens < seq_len
         rows = bos + tokens
-        q_c = _load_tokens(q, rows, row_ok, i_h, H, K, cols_k, k_ok)
-        k_c = _load_tokens(k, rows, row_ok, i_h, H, K, cols_k, k_ok)
-        v_c = _load_tokens(v, rows, row_ok, i_h, H, V, cols_v, v_ok)
-        do_c = _load_tokens(do, rows, row_ok, i_h, H, V, cols_v, v_ok)
+        q_c = _load_tokens(q, bos, seq_len, i_h, H, K, chunk, k_start, BT, BK)
+        k_c = _load_tokens(k, bos, seq_len, i_h, H, K, chunk, k_start, BT, BK)
+        v_c = _load_tokens(v, bos, seq_len, i_h, H, V, chunk, v_start, BT, BV)
+        do_c = _load_tokens(do, bos, seq_len, i_h, H, V, chunk, v_start, BT, BV)
         dt_c, log_decay, last = _chunk_decay(dt, rows, row_ok, i_h, a_h, H, BT)
         to_end = tl.exp(last - log_decay)
         d_state_low = d_state.to(k_c.dtype)
@@ -290,7 +309,7 @@ def _ssd_bwd_dv_kernel(
         dv_c = tl.dot(tl.trans((scores * dt_c[None, :]).to(do_c.dtype)), do_c, input_precision=DOT_PRECISION)
         dv_c += (dt_c * to_end)[:, None] * tl.dot(k_c, d_state_low, input_precision=DOT_PRECISION)
         dv_c += skip * do_c.to(tl.float32)
-        _store_tokens(dv, dv_c, rows, row_ok, i_h, H, V, cols_v, v_ok)
+        _store_tokens(dv, dv_c, bos, seq_len, i_h, H, V, chunk, v_start, BT, BV)
 
         # Decay gradient, this value block's share; pair_terms[t, s] = C_ts / dt_s.
         do_v = tl.dot(do_c, tl.trans(v_c), input_precision=DOT_PRECISION)

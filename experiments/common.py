@@ -1,0 +1,71 @@
+"""Helpers shared by the experiment runners: import paths, scaled configs, results files, throughput probes.
+
+Every runner reads one JSON config from experiments/configs/. A config holds the settings
+of the full-size (GPU) run at its top level and, under "scales", the keys a smaller run
+overrides (`--scale toy` for the CPU pretest, `--scale cpu` for the micro-scale fallback).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import _paths  # noqa: E402,F401  (registers oryx_core / oryx_cuda for a plain checkout)
+
+from oryx_core.weights import atomic_write_bytes  # noqa: E402
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_experiment_config(path: str | Path, scale: str | None) -> dict:
+    """The config's top-level settings with the named scale's overrides applied."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as e:
+        raise FileNotFoundError(f"--config {path}: cannot read ({e.strerror})") from None
+    scales = raw.pop("scales", {})
+    if scale is None:
+        return raw
+    if scale not in scales:
+        raise ValueError(f"--scale {scale!r}: {path} defines scales {sorted(scales)}")
+    return deep_merge(raw, scales[scale])
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Atomic, so a run killed at its deadline leaves the last complete results file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def environment() -> dict:
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'unknown'})"
+    return {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "python": platform.python_version()}
+
+
+def steps_for_budget(seconds: float, tokens_per_s: float, tokens_per_step: int, minimum: int) -> int:
+    """Optimizer steps that fit `seconds` at the measured rate (never fewer than `minimum`)."""
+    return max(minimum, math.floor(seconds * tokens_per_s / tokens_per_step))
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S', time.gmtime())}] {message}", flush=True)
