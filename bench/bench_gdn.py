@@ -219,24 +219,17 @@ def sweep_launch_shapes():
 
     shapes = lambda *triples, **extra: [dict(BV=b, num_warps=w, num_stages=st, **extra)  # noqa: E731
                                         for b, w, st in triples]
-    split_times = {}
-    for split in (False, True):
-        chunk_module.SPLIT_OUTPUT["inference"] = split
-        split_times[split] = do_bench(fwd, warmup=20, rep=100, return_mode="median")
-        print(f"inference with split output kernel = {split}: {split_times[split]:.3f} ms")
-    chunk_module.SPLIT_OUTPUT["inference"] = min(split_times, key=split_times.get)
     # BV=32 is left out: on 2026-11-27 (H200) one such shape hit an illegal address
     sweep("state_fwd", shapes((64, 4, 2), (64, 4, 1), (64, 8, 2), (128, 8, 2), (128, 8, 1), (128, 4, 1)), fwd)
     sweep("wy_fwd", shapes((64, 4, 1), (64, 8, 1), (64, 4, 2), BK=64), fwd)
     sweep("state_bwd", shapes((64, 4, 2), (64, 8, 2), (128, 8, 2), (64, 4, 1)), fwd_bwd)
-    sweep("output_fwd", shapes((64, 4, 2), (64, 8, 2), (128, 8, 2), (64, 4, 1), BK=64), fwd_bwd)
     sweep("local_bwd", shapes((64, 4, 1), (64, 8, 1), (64, 4, 2), BK=64), fwd_bwd)
     sweep("wy_bwd", shapes((64, 8, 1), (64, 4, 1), (64, 8, 2), BK=64), fwd_bwd)
 
 
 def print_kernel_resources():
     """Registers, spills and shared memory of every compiled GDN kernel (from Triton's cache)."""
-    for name in ("_wy_fwd_kernel", "_state_fwd_kernel", "_output_fwd_kernel", "_state_bwd_kernel",
+    for name in ("_wy_fwd_kernel", "_state_fwd_kernel", "_state_bwd_kernel",
                  "_local_bwd_kernel", "_wy_bwd_kernel"):
         fn = getattr(chunk_module, name)
         try:
@@ -269,6 +262,7 @@ def main():
     fla_chunk, fla_recurrent = load_fla()
     run_checks(fla_chunk, fla_recurrent)
     kernel_breakdown()
+    print_kernel_resources()
     rows = []
     for B, T in ((16, 2048), (4, 8192)):
         time_chunk(B, T, fla_chunk, rows)
@@ -277,8 +271,7 @@ def main():
     if args.sweep:
         print_table(rows)
         sweep_launch_shapes()
-        print("launch shapes after the sweep:", chunk_module.LAUNCH, chunk_module.SPLIT_OUTPUT)
-        print_kernel_resources()
+        print("launch shapes after the sweep:", chunk_module.LAUNCH)
         kernel_breakdown()
         rows = []
         for B, T in ((16, 2048), (4, 8192)):

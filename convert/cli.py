@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--from", dest="from_kind", default="auto", choices=["auto", *SOURCE_KINDS],
                    help="source kind (default: detected from the file or config.json)")
     p.add_argument("--to", dest="to_kind", default="oryx", choices=list(TARGET_KINDS), help="target kind (default oryx)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast float tensors (default: as read)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast float tensors (default: as stored; imports give float32)")
     p.add_argument("--quantize", type=int, choices=list(QUANT_BITS), metavar="BITS",
                    help="MLX affine quantisation to BITS (2, 3, 4, 5, 6, 8) for --to oryx/mlx/mlx-lm")
     p.add_argument("--group-size", type=int, default=64, choices=list(GROUP_SIZES),

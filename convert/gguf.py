@@ -108,6 +108,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
     import gguf
 
     path = Path(path)
+    if path.is_dir():
+        raise FormatError(f"{path}: a directory; a GGUF model is one .gguf file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
     try:
@@ -143,8 +145,8 @@ def _pre_tokenizer(pre: str, where: str):
 
 
 def tokenizer_json_from_gguf(g: GGUFFile) -> str:
-    """A byte-level BPE `tokenizers` tokenizer (as JSON) from the GGUF's vocab, merges and token types."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
+    """A byte-level BPE `tokenizers` tokenizer (as JSON) from the GGUF's vocab, merges, token types and BOS rule."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     kind = g.require("tokenizer.ggml.model")
     if kind != "gpt2":
@@ -159,4 +161,9 @@ def tokenizer_json_from_gguf(g: GGUFFile) -> str:
                             for t, k in zip(tokens, types) if k == TOKEN_TYPE_CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, k in zip(tokens, types) if k == TOKEN_TYPE_USER_DEFINED])
+    if g.get("tokenizer.ggml.add_bos_token", False):
+        bos_id = int(g.require("tokenizer.ggml.bos_token_id"))
+        bos = tokens[bos_id]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, bos_id)])
     return tok.to_str()

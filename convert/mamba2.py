@@ -26,6 +26,9 @@ MAMBA_NORM_EPS = 1e-5  # mamba-ssm's block norms and gated norm both use 1e-5
 
 
 def _ssm_settings(hf: dict, where: str) -> dict:
+    if "ssm_cfg" not in hf:
+        raise FormatError(f"{where}: not a mamba-ssm MambaLMHeadModel (its config.json has no ssm_cfg); "
+                          f"use the matching --from kind")
     ssm = {**MAMBA2_DEFAULTS, **(hf.get("ssm_cfg") or {})}
     if ssm.get("layer", "Mamba1") != "Mamba2":
         raise FormatError(f"{where}: ssm_cfg.layer {ssm.get('layer', 'Mamba1')!r} is not supported (only Mamba2)")
@@ -51,8 +54,8 @@ def _ssm_settings(hf: dict, where: str) -> dict:
 
 def oryx_config_from_mamba(hf: dict, ssm: dict, src: SourceTensors) -> OryxConfig:
     where = src.where
-    mlp = "backbone.layers.0.mlp.fc1.weight"
-    mlp_hidden = src.tensors[mlp].shape[0] // 2 if hf.get("d_intermediate") and mlp in src else 0
+    # GatedMLP rounds d_intermediate up to a multiple of 128: its width is what fc1 holds (two halves)
+    mlp_hidden = src.take("backbone.layers.0.mlp.fc1.weight").shape[0] // 2 if hf.get("d_intermediate") else 0
     return OryxConfig(
         vocab_size=int(src.take("backbone.embedding.weight").shape[0]), d_model=require(hf, "d_model", where),
         n_layers=require(hf, "n_layer", where), n_heads=ssm["nheads"], n_kv_heads=ssm["nheads"],

@@ -122,7 +122,7 @@ def fill_from_init(cfg: OryxConfig, mapped: dict[str, np.ndarray], initialised: 
 
     Any other spec tensor left unmapped is a bug in the mapping, reported by name.
     """
-    fresh = init_params(cfg, seed)
+    fresh = init_params(cfg, seed) if initialised else {}
     params = {}
     for spec in parameter_specs(cfg):
         if spec.name in mapped:

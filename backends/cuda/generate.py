@@ -29,7 +29,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prompt_seconds: float = 0.0
-    generation_seconds: float = 0.0
+    generation_seconds: float = 0.0  # from the end of the prefill (whose logits give token 1) to the last token
     peak_memory_bytes: int | None = None  # CUDA only
     cache_bytes: int = 0
     stop_reason: str = ""  # "length", "stop_token" or "stop_string"

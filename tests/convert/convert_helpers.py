@@ -90,7 +90,7 @@ def gguf_vocab() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def write_llama_gguf(path, model, type_name: str, pre: str = "smollm") -> None:
+def write_llama_gguf(path, model, type_name: str, pre: str = "smollm", add_bos: bool = False) -> None:
     """Writes an HF LlamaForCausalLM as llama.cpp would: GGUF names, permuted Q/K, norms in F32."""
     import gguf
 
@@ -111,6 +111,8 @@ def write_llama_gguf(path, model, type_name: str, pre: str = "smollm") -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(GGUF_MERGES)
+    writer.add_bos_token_id(tokens.index(GGUF_SPECIALS[0]))
+    writer.add_add_bos_token(add_bos)
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     if not c.tie_word_embeddings:

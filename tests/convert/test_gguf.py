@@ -76,6 +76,18 @@ def test_gguf_tokenizer_round_trips_text_and_keeps_special_tokens(llama, tmp_pat
     assert tok.get_vocab_size() == 256 + 2 + len(GGUF_SPECIALS)
 
 
+def test_gguf_tokenizer_prepends_bos_when_the_gguf_says_so(llama, tmp_path):
+    from tokenizers import Tokenizer
+
+    for add_bos in (False, True):
+        path = tmp_path / f"bos-{add_bos}.gguf"
+        write_llama_gguf(path, llama, "F32", add_bos=add_bos)
+        tok = Tokenizer.from_str(tokenizer_json_from_gguf(read_gguf(path)))
+        ids = tok.encode("the").ids
+        assert (ids[0] == tok.token_to_id(GGUF_SPECIALS[0])) == add_bos
+        assert tok.decode(ids) == "the"
+
+
 def test_gguf_convert_writes_checkpoint_with_tokenizer(llama, tmp_path):
     path = tmp_path / "tiny.gguf"
     write_llama_gguf(path, llama, "Q4_0")

@@ -141,3 +141,16 @@ def test_written_checkpoint_loads_and_matches_in_memory_import(hf_llama_dir, tmp
     imported = import_hf_llama(path)
     for name, value in imported.params.items():
         assert np.array_equal(ckpt.params[name], value.astype(ckpt.params[name].dtype)), name
+
+
+def test_bfloat16_safetensors_import_exactly(tmp_path):
+    import torch
+
+    model = build_hf_llama(tie=False).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    imported = import_hf_llama(tmp_path / "bf16")
+    sd = {n: t.float().numpy() for n, t in model.state_dict().items()}
+    p = imported.params
+    assert np.array_equal(p["layers.1.mixer.q_attn.weight"], sd["model.layers.1.self_attn.q_proj.weight"])
+    assert np.array_equal(p["layers.0.mlp.down_proj.weight"], sd["model.layers.0.mlp.down_proj.weight"])
+    assert np.array_equal(p["lm_head.weight"], sd["lm_head.weight"])

@@ -63,3 +63,12 @@ def test_unsupported_mamba_variants_fail_clearly(mamba_dir, tmp_path, ssm_change
     with pytest.raises(FormatError, match=message):
         convert(src, tmp_path / "dst", from_kind="mamba2")
     assert not (tmp_path / "dst").exists()
+
+
+def test_other_directories_given_as_mamba2_fail_clearly(hf_llama_dir, tmp_path):
+    path, _ = hf_llama_dir
+    with pytest.raises(FormatError, match="not a mamba-ssm MambaLMHeadModel"):
+        convert(path, tmp_path / "dst", from_kind="mamba2")
+    with pytest.raises(FormatError, match="a directory; a GGUF model is one .gguf file"):
+        convert(path, tmp_path / "dst", from_kind="gguf")
+    assert not (tmp_path / "dst").exists()

@@ -2,7 +2,8 @@
 
 All-attention logits on the reference, the PyTorch backend and the MLX backend equal
 transformers' LlamaForCausalLM holding the same dequantised weights, and all four give
-the same 32-token greedy continuation. Slow (a 135M model in float64): --runslow.
+the same 32-token greedy continuation, each decoding with its own cache. Slow (a 135M
+model in float64): --runslow.
 """
 from __future__ import annotations
 
@@ -35,23 +36,70 @@ def smollm2_gguf() -> Path | None:
     return found[0] if found else None
 
 
-def greedy(next_logits, prompt: list[int]) -> list[int]:
-    """NEW_TOKENS greedy tokens; next_logits(ids) -> logits of the token after ids."""
-    ids = list(prompt)
+def greedy(decoder, prompt: list[int]) -> list[int]:
+    """NEW_TOKENS greedy tokens (even past <|im_end|>); decoder(prompt) -> (last logits, step(token) -> logits)."""
+    logits, step = decoder(prompt)
+    out = []
     for _ in range(NEW_TOKENS):
-        ids.append(int(np.argmax(next_logits(ids))))
-    return ids[len(prompt):]
-
-
-def reference_greedy(model: OryxReference, prompt: list[int]) -> list[int]:
-    stepper = Stepper(model, 1)
-    for token in prompt[:-1]:
-        stepper.step(np.array([token]), True)
-    out, token = [], prompt[-1]
-    for _ in range(NEW_TOKENS):
-        token = int(np.argmax(stepper.step(np.array([token]), True)[0]))
-        out.append(token)
+        out.append(int(np.argmax(np.asarray(logits, dtype=np.float64))))
+        if len(out) < NEW_TOKENS:
+            logits = step(out[-1])
     return out
+
+
+def hf_decoder(model):
+    import torch
+
+    def decoder(prompt):
+        state = {}
+
+        def run(ids):
+            with torch.no_grad():
+                out = model(torch.tensor([ids]), past_key_values=state.get("past"), use_cache=True)
+            state["past"] = out.past_key_values
+            return out.logits[0, -1].numpy()
+
+        return run(prompt), lambda token: run([token])
+
+    return decoder
+
+
+def reference_decoder(model: OryxReference):
+    def decoder(prompt):
+        stepper = Stepper(model, 1)
+        for token in prompt:
+            logits = stepper.step(np.array([token]), True)[0]
+        return logits, lambda token: stepper.step(np.array([token]), True)[0]
+
+    return decoder
+
+
+def torch_decoder(model):
+    import torch
+
+    def decoder(prompt):
+        cache = model.new_cache(1, len(prompt) + NEW_TOKENS)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt]), True, cache)[0, -1].numpy()
+
+        def step(token):
+            with torch.no_grad():
+                return model.step(torch.tensor([token]), True, cache)[0].numpy()
+
+        return logits, step
+
+    return decoder
+
+
+def mlx_decoder(model):
+    import mlx.core as mx
+
+    def decoder(prompt):
+        cache = model.make_cache()
+        first = np.array(model(mx.array([prompt]), True, cache)[0, -1].astype(mx.float32))
+        return first, lambda token: np.array(model(mx.array([[token]]), True, cache)[0, -1].astype(mx.float32))
+
+    return decoder
 
 
 @pytest.mark.slow
@@ -70,32 +118,30 @@ def test_smollm2_gguf_matches_transformers_on_every_backend(tmp_path):
     hf.load_state_dict({n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in hf_tensors.tensors.items()},
                        strict=not hf_config["tie_word_embeddings"])
     reference = OryxReference(ckpt.config, ckpt.params)
-    backends = {"reference": lambda ids: reference.forward(ids, True)[0]}
+    backends = {"reference": (lambda ids: reference.forward(ids, True)[0], reference_decoder(reference))}
     from oryx_cuda.model import OryxModel
 
-    torch_model = OryxModel.from_checkpoint(out, dtype=torch.float32).eval()
-    backends["torch"] = lambda ids: torch_model(torch.from_numpy(ids), True).double().numpy()
+    torch_model = OryxModel.from_checkpoint(out, dtype=torch.float32).eval().requires_grad_(False)
+    backends["torch"] = (lambda ids: torch_model(torch.from_numpy(ids), True).double().numpy(),
+                         torch_decoder(torch_model))
     if importlib.util.find_spec("mlx") is not None:
         import mlx.core as mx
         from oryx_mlx.generate import load_model
 
         mlx_model = load_model(out)
-        backends["mlx"] = lambda ids: np.array(mlx_model(mx.array(ids), True).astype(mx.float32))
+        backends["mlx"] = (lambda ids: np.array(mlx_model(mx.array(ids), True).astype(mx.float32)),
+                           mlx_decoder(mlx_model))
 
     for text in PROMPTS:
         prompt = tokenizer.encode(text).ids
         ids = np.array([prompt])
         with torch.no_grad():
             expected = hf(torch.from_numpy(ids)).logits.double().numpy()
-            # greedy through 32 tokens even past <|im_end|>: generate() would stop (or, told not to, mask it)
-            hf_tokens = greedy(lambda seq: hf(torch.tensor([seq])).logits[0, -1].numpy(), prompt)
-            for name, logits_fn in backends.items():
-                err = relative_error(logits_fn(ids), expected)
-                print(f"{name:9s} prompt {text[:24]!r:28s} logits rel err {err:.2e}")
-                assert err < 1e-4, name
-                if name == "reference":
-                    continuation = reference_greedy(reference, prompt)
-                else:
-                    continuation = greedy(lambda seq: logits_fn(np.array([seq]))[0, -1], prompt)
-                assert continuation == hf_tokens, (name, tokenizer.decode(continuation), tokenizer.decode(hf_tokens))
+        hf_tokens = greedy(hf_decoder(hf), prompt)
+        for name, (logits_fn, decoder) in backends.items():
+            err = relative_error(logits_fn(ids), expected)
+            print(f"{name:9s} prompt {text[:24]!r:28s} logits rel err {err:.2e}")
+            assert err < 1e-4, name
+            continuation = greedy(decoder, prompt)
+            assert continuation == hf_tokens, (name, tokenizer.decode(continuation), tokenizer.decode(hf_tokens))
         print(f"greedy continuation of {text[:24]!r}: {tokenizer.decode(hf_tokens)!r}")

@@ -23,6 +23,8 @@ All sequences are handled as packed (cu_seqlens) sequences; a plain batch is the
 case with equal lengths. Intermediates (W, U, S per chunk, Delta) are kept in the input
 dtype, as the matrix units take them; states and accumulators are fp32.
 """
+import functools
+import itertools
 import os
 
 import torch
@@ -34,20 +36,15 @@ from ._triton_compat import patch_interpreter_scalar_index
 
 patch_interpreter_scalar_index()
 CHUNK = 64
-# Launch shapes per kernel (BK, BV: key and value columns per block or program);
-# bench/bench_gdn.py sweeps them.
+# Launch shapes per kernel (BK, BV: key and value columns per block or program), the
+# fastest of a sweep by bench/bench_gdn.py --sweep on H200, 2026-11-27.
 LAUNCH = {
-    "wy_fwd": dict(BK=64, BV=64, num_warps=4, num_stages=1),
+    "wy_fwd": dict(BK=64, BV=64, num_warps=4, num_stages=2),
     "state_fwd": dict(BV=64, num_warps=4, num_stages=2),
-    "output_fwd": dict(BK=64, BV=64, num_warps=4, num_stages=2),
-    "state_bwd": dict(BV=64, num_warps=4, num_stages=2),
-    "local_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=1),
-    "wy_bwd": dict(BK=64, BV=64, num_warps=8, num_stages=1),
+    "state_bwd": dict(BV=64, num_warps=4, num_stages=1),
+    "local_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=2),
+    "wy_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=1),
 }
-# Whether o comes from a parallel kernel over stored chunk states (short sequential loop)
-# or from the sequential kernel itself (no chunk states written). Training stores the
-# chunk states for the backward anyway.
-SPLIT_OUTPUT = {"training": True, "inference": False}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -88,21 +85,17 @@ def _merge_blocks(X, L, WIDTH: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr
 def _unit_lower_inverse(L, C: tl.constexpr, PREC: tl.constexpr):
     """(I + L)^{-1} for strictly lower-triangular L [C, C], C in {16, 32, 64}.
 
-    Forward substitution inverts the 16x16 diagonal blocks, all of them at once as a
-    [C/16, 16, 16] stack: step i finalises row i of every block
-    (X_i = e_i - sum_{j<i} L_ij X_j). Block doubling then merges 16 -> 32 -> 64."""
-    NB: tl.constexpr = C // 16
-    blocks = tl.arange(0, NB)
-    same_block = blocks[:, None, None, None] == blocks[None, None, :, None]       # [NB, 1, NB, 1]
-    L_diag = tl.sum(tl.where(same_block, tl.reshape(L, (NB, 16, NB, 16)), 0.0), axis=2)
-    rows = tl.arange(0, 16)[None, :, None]
-    cols = tl.arange(0, 16)[None, None, :]
-    X_diag = tl.where(rows == cols, 1.0, 0.0) + tl.zeros([NB, 16, 16], dtype=tl.float32)
-    for i in tl.static_range(1, 16):
-        l_row = tl.sum(tl.where(rows == i, L_diag, 0.0), axis=1)                   # [NB, 16]
-        update = -tl.sum(l_row[:, :, None] * X_diag, axis=1)                      # [NB, 16]
-        X_diag = tl.where(rows == i, X_diag + update[:, None, :], X_diag)
-    X = tl.reshape(tl.where(same_block, X_diag[:, :, None, :], 0.0), (C, C))
+    Block doubling from 1x1 blocks: the 2x2 blocks are I - L on their subdiagonal, then
+    each level merges pairs of blocks with two matrix products. Every step multiplies
+    true inverse blocks, so no intermediate grows beyond the inverse itself, and the
+    work runs on the matrix units instead of a row-by-row substitution."""
+    rows = tl.arange(0, C)[:, None]
+    cols = tl.arange(0, C)[None, :]
+    pair_subdiagonal = ((rows // 2) == (cols // 2)) & (rows != cols)
+    X = tl.where(rows == cols, 1.0, 0.0) - tl.where(pair_subdiagonal, L, 0.0)
+    X = _merge_blocks(X, L, 2, C, PREC)
+    X = _merge_blocks(X, L, 4, C, PREC)
+    X = _merge_blocks(X, L, 8, C, PREC)
     if C > 16:
         X = _merge_blocks(X, L, 16, C, PREC)
     if C > 32:
@@ -176,10 +169,10 @@ def _wy_fwd_kernel(k, v, g, beta, w, u, gcum, cu_seqlens, chunk_indices, H,
 def _state_fwd_kernel(q, k, w, u, gcum, o, h0, ht, states, deltas, cu_seqlens, chunk_offsets, scale, H,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
                       HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_CHUNKS: tl.constexpr,
-                      FUSE_OUTPUT: tl.constexpr, PREC: tl.constexpr):
-    """Walks the chunks of one sequence and head for state columns c0..c0+BV. With
-    FUSE_OUTPUT it also writes o; otherwise _output_fwd_kernel does, from the stored
-    chunk states and Deltas, which keeps this sequential loop short."""
+                      PREC: tl.constexpr):
+    """Walks the chunks of one sequence and head for state columns c0..c0+BV, writing o.
+    (Measured on H200, 2026-11-27: a separate parallel output kernel over stored chunk
+    states made the loop shorter but the whole forward slower, in training too.)"""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -203,42 +196,16 @@ def _state_fwd_kernel(q, k, w, u, gcum, o, h0, ht, states, deltas, cu_seqlens, c
         delta_io = delta.to(dt)
         if STORE_CHUNKS:
             tl.store(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), delta_io, boundary_check=(0, 1))
-        if FUSE_OUTPUT:
-            q_tile = tl.load(_tile(q, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
-            A = tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC) * scale * _decay_matrix(G, C, False)
-            q_decayed = (q_tile * (scale * tl.exp(G))[:, None]).to(dt)
-            o_tile = tl.dot(q_decayed, S_io, input_precision=PREC) + tl.dot(A.to(dt), delta_io, input_precision=PREC)
-            tl.store(_tile(o, bos, seq_len, H, i_h, t0, c0, V, C, BV), o_tile.to(o.dtype.element_ty),
-                     boundary_check=(0, 1))
+        q_tile = tl.load(_tile(q, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
+        A = tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC) * scale * _decay_matrix(G, C, False)
+        q_decayed = (q_tile * (scale * tl.exp(G))[:, None]).to(dt)
+        o_tile = tl.dot(q_decayed, S_io, input_precision=PREC) + tl.dot(A.to(dt), delta_io, input_precision=PREC)
+        tl.store(_tile(o, bos, seq_len, H, i_h, t0, c0, V, C, BV), o_tile.to(o.dtype.element_ty),
+                 boundary_check=(0, 1))
         k_to_end = (k_tile * tl.exp(g_last - G)[:, None]).to(dt)
         S = S * tl.exp(g_last) + tl.dot(tl.trans(k_to_end), delta_io, input_precision=PREC)
     if STORE_FINAL:
         tl.store(_state_tile(ht, i_n, i_h, H, 0, c0, K, V, K, BV), S)
-
-
-@triton.jit
-def _output_fwd_kernel(q, k, gcum, states, deltas, o, cu_seqlens, chunk_indices, scale, H,
-                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       PREC: tl.constexpr):
-    """o = scale diag(e^G) Q S_0 + A Delta for one chunk, head and block of value columns."""
-    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, seq_len, t0 = _chunk_location(cu_seqlens, chunk_indices, i_c, C)
-    c0 = i_v * BV
-    dt = q.dtype.element_ty
-    G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
-    o_tile = tl.zeros([C, BV], dtype=tl.float32)
-    qk = tl.zeros([C, C], dtype=tl.float32)
-    for i_k in tl.static_range(K // BK):
-        q_block = tl.load(_tile(q, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
-        k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
-        S0 = tl.load(_state_tile(states, i_c, i_h, H, i_k * BK, c0, K, V, BK, BV))
-        qk += tl.dot(q_block, tl.trans(k_block), input_precision=PREC)
-        o_tile += tl.dot((q_block * tl.exp(G)[:, None]).to(dt), S0, input_precision=PREC)
-    A = qk * _decay_matrix(G, C, False)
-    delta = tl.load(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
-    o_tile += tl.dot(A.to(dt), delta, input_precision=PREC)
-    tl.store(_tile(o, bos, seq_len, H, i_h, t0, c0, V, C, BV), (o_tile * scale).to(o.dtype.element_ty),
-             boundary_check=(0, 1))
 
 
 # ----------------------------------------------------------------------------- backward
@@ -408,18 +375,21 @@ def _wy_bwd_kernel(k, v, beta, gcum, ddeltas, dk_part, dw, dG_part, dk, dv, dbet
 def _packed_layout(batch, length, cu_seqlens, device):
     """(cu_seqlens int32, chunk_indices [NC, 2] int32 of (sequence, chunk in it), chunk_offsets [N+1])."""
     if cu_seqlens is None:
-        lengths = [length] * batch
+        lengths = (length,) * batch
     else:
         bounds = cu_seqlens.tolist()
-        lengths = [e - b for b, e in zip(bounds[:-1], bounds[1:])]
+        lengths = tuple(e - b for b, e in zip(bounds[:-1], bounds[1:]))
+    return _layout_for_lengths(lengths, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_for_lengths(lengths, device):
+    # Cached: building these from Python lists costs a pageable host-to-device copy,
+    # which waits for the GPU, on every call.
     chunks = [-(-n // CHUNK) for n in lengths]
-    offsets = [0]
-    for c in chunks:
-        offsets.append(offsets[-1] + c)
+    offsets = [0] + list(itertools.accumulate(chunks))
+    bounds = [0] + list(itertools.accumulate(lengths))
     indices = [(n, i) for n, c in enumerate(chunks) for i in range(c)]
-    bounds = [0]
-    for n in lengths:
-        bounds.append(bounds[-1] + n)
     as_tensor = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
     return as_tensor(bounds), as_tensor(indices).reshape(-1, 2), as_tensor(offsets)
 
@@ -460,19 +430,13 @@ def _forward(q, k, v, g, beta, scale, initial_state, want_final, layout, keep_fo
                                     K=K, V=V, C=CHUNK, PREC=prec, **_launch_args("wy_fwd", K, V, q.dtype))
     o = torch.empty_like(v)
     final = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if want_final else None
-    split = SPLIT_OUTPUT["training" if keep_for_backward else "inference"]
-    store_chunks = keep_for_backward or split
-    states = torch.empty(num_chunks, H, K, V, dtype=q.dtype, device=q.device) if store_chunks else None
-    deltas = torch.empty_like(v) if store_chunks else None
+    states = torch.empty(num_chunks, H, K, V, dtype=q.dtype, device=q.device) if keep_for_backward else None
+    deltas = torch.empty_like(v) if keep_for_backward else None
     launch = _launch_args("state_fwd", K, V, q.dtype)
     _state_fwd_kernel[(V // launch["BV"], N * H)](
         q, k, w, u, gcum, o, initial_state, final, states, deltas, cu, chunk_offsets, scale, H,
         K=K, V=V, C=CHUNK, HAS_H0=initial_state is not None, STORE_FINAL=want_final,
-        STORE_CHUNKS=store_chunks, FUSE_OUTPUT=not split, PREC=prec, **launch)
-    if split:
-        launch = _launch_args("output_fwd", K, V, q.dtype)
-        _output_fwd_kernel[(num_chunks, H, V // launch["BV"])](
-            q, k, gcum, states, deltas, o, cu, chunk_indices, scale, H, K=K, V=V, C=CHUNK, PREC=prec, **launch)
+        STORE_CHUNKS=keep_for_backward, PREC=prec, **launch)
     return o, final, (w, gcum, states, deltas)
 
 
