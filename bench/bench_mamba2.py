@@ -287,9 +287,8 @@ def main():
                 "mamba-ssm, 32 heads x 64, 1 group", s.replace("H16 K=V=128", "H32 P64 N128 G1"),
                 Forward(mamba_forward(mamba), B, T, 32, 128, 64, groups=1))))
     if args.sweep:  # last: whatever the budget leaves
-        variants = [dict(chunk_size=32), dict(num_stages=1), dict(fwd_block_v=128), dict(fwd_warps=4),
-                    dict(dv_warps=4), dict(dq_warps=4, dk_warps=4), dict(chunk_size=32, num_stages=1),
-                    dict(num_stages=3), dict(chunk_size=32, fwd_warps=4, dv_warps=4)]
+        variants = [dict(chunk_size=32), dict(num_stages=1), dict(fwd_block_v=128), dict(dv_warps=4),
+                    dict(chunk_size=32, num_stages=1), dict(fwd_warps=4)]
         for variant in variants:
             sections.append((f"sweep {variant}", lambda v=variant: sweep_variant(v, shapes)))
     for section, run in sections:

@@ -7,7 +7,9 @@
    reaches --kill-at, resumes with --resume from the last checkpoint and trains to the end;
 3. compares the losses the killed run logged after its last checkpoint with the ones the
    resumed run logged for the same steps, and prints the loss curve, eval losses and tokens/s;
-4. with 2+ GPUs, trains a few steps under `torchrun --nproc_per_node=2` (DDP, then FSDP2).
+4. probes, eager (no torch.compile) at a higher lr, each fixed plan and mixed: tokens/s without
+   compile, and which path first gives non-finite gradients (skipped steps) if any;
+5. with 2+ GPUs, trains a few steps under `torchrun --nproc_per_node=2` (DDP, then FSDP2).
 
 Writes train_gpu.json (all numbers) and the logs under $OUT (or --out).
 """
@@ -64,8 +66,44 @@ def train_until_killed(command: list[str], log: Path, kill_at: int, timeout: flo
     return None
 
 
-def median_rate(log: list[dict], after_step: int) -> float:
-    return statistics.median(r["tokens_per_s"] for r in log if "loss" in r and r["step"] > after_step)
+def median_rate(log: list[dict], after_step: int) -> float | None:
+    rates = [r["tokens_per_s"] for r in log if "loss" in r and r["step"] > after_step]
+    return statistics.median(rates) if rates else None
+
+
+def kill_and_resume(train_command, work: Path, out: Path, args) -> dict:
+    """Trains, SIGKILLs at --kill-at, resumes to the end; compares the steps both processes ran."""
+    run = work / "run"
+    command = train_command(run, args.compile, args.steps)
+    print("$", " ".join(command), flush=True)
+    killed_at = train_until_killed(command, run / "log.jsonl", args.kill_at, args.timeout)
+    compile_used = args.compile
+    if killed_at is None and args.compile != "false":
+        run, compile_used = work / "run-eager", "false (the compiled run failed: see the output above)"
+        command = train_command(run, "false", args.steps)
+        killed_at = train_until_killed(command, run / "log.jsonl", args.kill_at, args.timeout)
+    if killed_at is None:
+        shutil.copy(run / "log.jsonl", out / "log_failed.jsonl")
+        return {"compile": compile_used, "main_run": "failed before the kill: see log_failed.jsonl"}
+    before_kill = read_log(run / "log.jsonl")
+    shutil.copy(run / "log.jsonl", out / "log_before_kill.jsonl")
+    resumed_from = json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
+    print(f"killed at step {killed_at}; resuming from the checkpoint of step {resumed_from}", flush=True)
+    resumed = subprocess.run([*command, "--resume"], cwd=ROOT)
+    after = read_log(run / "log.jsonl")
+    shutil.copy(run / "log.jsonl", out / "log.jsonl")
+    killed_losses = {r["step"]: r["loss"] for r in before_kill if "loss" in r and r["step"] > resumed_from}
+    resumed_losses = {r["step"]: r["loss"] for r in after if "loss" in r and r["step"] in killed_losses}
+    return {
+        "compile": compile_used, "main_run": f"resumed run exited with code {resumed.returncode}",
+        "killed_at": killed_at, "resumed_from": resumed_from,
+        "resume_loss_pairs": [(s, killed_losses[s], resumed_losses.get(s)) for s in sorted(killed_losses)],
+        "loss_curve": [(r["step"], r["loss"]) for r in after if "loss" in r],
+        "skipped_steps": [r["step"] for r in after if "skipped" in r],
+        "eval": [r for r in after if "eval" in r],
+        "tokens_per_s_median": median_rate(after, 20), "tokens_per_step": args.batch_size * args.seq_len,
+        "max_memory_gib": max((r.get("max_memory_gib", 0) for r in after if "loss" in r), default=None),
+    }
 
 
 def main() -> None:
@@ -77,8 +115,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--compile", default="auto", help="true | false | auto")
     parser.add_argument("--timeout", type=float, default=170.0, help="seconds for the run up to the kill")
-    parser.add_argument("--eager-after-s", type=float, default=200.0,
-                        help="time an eager (uncompiled) run too if this many seconds have not passed yet")
+    parser.add_argument("--probe-plans", nargs="*", default=["mixed", "attention", "recurrent"],
+                        help="eager probe runs, one per plan (see the code)")
+    parser.add_argument("--probe-steps", type=int, default=100)
+    parser.add_argument("--probe-lr", type=float, default=2e-3)
+    parser.add_argument("--probe-until-s", type=float, default=220.0, help="start no probe after this many seconds")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/train_gpu"))
     args = parser.parse_args()
     if args.kill_at <= args.save_every or args.kill_at >= args.steps:
@@ -110,41 +151,25 @@ def main() -> None:
         return [*oryx, "train", str(ROOT / "configs" / "train" / "20m.json"),
                 *[a for o in overrides for a in ("--set", o)]]
 
-    run = work / "run"
-    command = train_command(run, args.compile, args.steps)
-    print("$", " ".join(command), flush=True)
-    killed_at = train_until_killed(command, run / "log.jsonl", args.kill_at, args.timeout)
-    result["compile"] = args.compile
-    if killed_at is None and args.compile != "false":
-        run, result["compile"] = work / "run-eager", "false (the compiled run failed: see the output above)"
-        command = train_command(run, "false", args.steps)
-        killed_at = train_until_killed(command, run / "log.jsonl", args.kill_at, args.timeout)
-    if killed_at is None:
-        raise SystemExit("training failed")
-    before_kill = read_log(run / "log.jsonl")
-    shutil.copy(run / "log.jsonl", out / "log_before_kill.jsonl")
-    resumed_from = json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
-    print(f"killed at step {killed_at}; resuming from the checkpoint of step {resumed_from}", flush=True)
-    subprocess.run([*command, "--resume"], check=True, cwd=ROOT)
-    after = read_log(run / "log.jsonl")
-    shutil.copy(run / "log.jsonl", out / "log.jsonl")
+    result.update(kill_and_resume(train_command, work, out, args))
 
-    killed_losses = {r["step"]: r["loss"] for r in before_kill if "loss" in r and r["step"] > resumed_from}
-    resumed_losses = {r["step"]: r["loss"] for r in after if "loss" in r and r["step"] in killed_losses}
-    diffs = [abs(killed_losses[s] - resumed_losses[s]) for s in killed_losses]
-    losses = [(r["step"], r["loss"]) for r in after if "loss" in r]
-    result.update({
-        "killed_at": killed_at, "resumed_from": resumed_from,
-        "resume_max_abs_loss_diff": max(diffs), "resume_steps_compared": sorted(killed_losses),
-        "loss_curve": losses, "eval": [r for r in after if "eval" in r],
-        "tokens_per_s_median": median_rate(after, 20), "tokens_per_step": args.batch_size * args.seq_len,
-        "max_memory_gib": max(r.get("max_memory_gib", 0) for r in after if "loss" in r),
-    })
-
-    if result["compile"] != "false" and time.time() - started < args.eager_after_s:
-        eager = work / "run-eager-rate"
-        subprocess.run(train_command(eager, "false", 60), check=True, cwd=ROOT)
-        result["eager_tokens_per_s_median"] = median_rate(read_log(eager / "log.jsonl"), 20)
+    # Eager runs, one per fixed plan and mixed, at a higher lr: tokens/s without torch.compile, and
+    # which path (attention, recurrence, both) first yields non-finite gradients when pushed.
+    result["probes"] = {}
+    for plan in args.probe_plans:
+        if time.time() - started > args.probe_until_s:
+            result["probes"][plan] = "not run: out of time"
+            continue
+        probe = work / f"probe-{plan}"
+        command = train_command(probe, "false", args.probe_steps) + ["--set", f"modes={plan}", "--set",
+                                                                      f"lr={args.probe_lr}", "--set", "eval_every=0"]
+        done = subprocess.run(command, cwd=ROOT)
+        log = read_log(probe / "log.jsonl")
+        trained = [r for r in log if "loss" in r]
+        result["probes"][plan] = {
+            "lr": args.probe_lr, "returncode": done.returncode, "steps_logged": len(trained),
+            "losses": [(r["step"], r["loss"]) for r in trained], "skipped_steps": [r["step"] for r in log if "skipped" in r],
+            "eager_tokens_per_s_median": median_rate(log, 20)}
 
     if torch.cuda.device_count() >= 2:
         for parallel in ("ddp", "fsdp"):
@@ -162,17 +187,29 @@ def main() -> None:
         result["torchrun2"] = "not run: this machine has one GPU"
 
     (out / "train_gpu.json").write_text(json.dumps(result, indent=2))
-    print("\nstep  loss")
-    for step, loss in losses[::3] + [losses[-1]]:
-        print(f"{step:5d} {loss:.4f}")
-    for r in result["eval"]:
-        print(f"eval @ {r['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in r["eval"].items()))
-    print(f"resume: killed at {killed_at}, resumed from {resumed_from}; max |loss diff| over steps "
-          f"{min(killed_losses)}-{max(killed_losses)}: {max(diffs):.3g}")
-    if "eager_tokens_per_s_median" in result:
-        print(f"eager (compile=false): median {result['eager_tokens_per_s_median']:,.0f} tokens/s")
-    print(f"{card}: compile {result['compile']}: median {result['tokens_per_s_median']:,.0f} tokens/s "
-          f"({args.batch_size}x{args.seq_len} tokens per step); total {time.time() - started:.0f} s")
+    print(f"\nmain run (compile {result['compile']}): {result['main_run']}")
+    if "loss_curve" in result:
+        losses = result["loss_curve"]
+        print("step  loss")
+        for step, loss in losses[::3] + losses[-1:]:
+            print(f"{step:5d} {loss:.4f}")
+        for r in result["eval"]:
+            print(f"eval @ {r['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in r["eval"].items()))
+        print(f"skipped steps: {result['skipped_steps']}")
+        print(f"resume: killed at {result['killed_at']}, resumed from {result['resumed_from']}; "
+              f"(step, loss before kill, loss after resume): {result['resume_loss_pairs']}")
+        print(f"{card}: median {result['tokens_per_s_median']:,.0f} tokens/s ({result['tokens_per_step']} tokens "
+              f"per step), max memory {result['max_memory_gib']:.2f} GiB")
+    for plan, probe in result["probes"].items():
+        if isinstance(probe, str):
+            print(f"probe {plan}: {probe}")
+            continue
+        last = probe["losses"][-1] if probe["losses"] else None
+        rate = probe["eager_tokens_per_s_median"]
+        print(f"probe {plan} (eager, lr {probe['lr']}): rc {probe['returncode']}, last {last}, "
+              f"skipped steps {probe['skipped_steps']}, eager median "
+              + (f"{rate:,.0f} tokens/s" if rate else "n/a"))
+    print(f"total {time.time() - started:.0f} s")
     for key in ("torchrun2", "torchrun2_ddp", "torchrun2_fsdp"):
         if key in result:
             print(key, result[key] if isinstance(result[key], str) else result[key]["returncode"])

@@ -63,15 +63,18 @@ def score_model(checkpoint: str, exp: dict, windows: np.ndarray) -> dict:
         plans.append((text, modes))
     attention, recurrent = curves["attention"], curves["recurrent"]
     rows = []
+    def bucketed(curve):
+        return [round(float(x), 4) for x in curve.reshape(-1, exp["curve_bucket"]).mean(1)]
+
     for text, modes in plans:
-        pure = np.where(modes, attention, recurrent).mean()
+        pure = np.where(modes, attention, recurrent)
         switches = int(np.count_nonzero(modes[1:] != modes[:-1]))
-        bucket = exp["curve_bucket"]
         rows.append({"plan": text, "switches": switches, "attention_share": float(modes.mean()),
-                     "loss": float(curves[text].mean()), "pure_plan_loss": float(pure),
-                     "switch_cost": float(curves[text].mean() - pure), "perplexity": float(np.exp(curves[text].mean())),
-                     "curve": [round(float(x), 4) for x in curves[text].reshape(-1, bucket).mean(1)]})
-    return {"plans": rows, "curve_bucket": exp["curve_bucket"]}
+                     "loss": float(curves[text].mean()), "pure_plan_loss": float(pure.mean()),
+                     "switch_cost": float(curves[text].mean() - pure.mean()),
+                     "perplexity": float(np.exp(curves[text].mean())),
+                     "curve": bucketed(curves[text]), "cost_curve": bucketed(curves[text] - pure)})
+    return {"plans": rows}
 
 
 def main() -> None:

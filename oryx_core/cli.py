@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of a text (or MQAR accuracy) under a mode plan",
                        description="Mean negative log-likelihood, perplexity and token count of a text under a mode plan, "
                                    "or multi-query associative recall accuracy (--mqar). "
-                                   "Plans: attention, recurrent, last:10%%, every:4:64, A:0-512,R:512- ...")
+                                   "Plans: attention, recurrent, last:10%, every:4:64, A:0-512,R:512- ...")
     p.add_argument("path", help="checkpoint directory")
     p.add_argument("--text", help="UTF-8 text file to score")
     p.add_argument("--mqar", type=int, metavar="PAIRS", help="instead of a text: MQAR accuracy with PAIRS key-value pairs")

@@ -12,7 +12,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text from a checkpoint under a mode plan",
                               description="Stream a completion of --prompt to stdout. The plan says which tokens run "
                                           "in attention mode: prefill-attention (default), attention, recurrent, "
-                                          "last:10%%, every:4:64, A:0-512,R:512- ...")
+                                          "last:10%, every:4:64, A:0-512,R:512- ...")
     p.add_argument("path", help="checkpoint directory (with tokenizer.json, else the byte-level tokenizer)")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--plan", default="prefill-attention", help="mode plan (default prefill-attention)")

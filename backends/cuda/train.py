@@ -40,8 +40,13 @@ from oryx_core.weights import atomic_directory, atomic_write_bytes, read_config
 from .model import OryxModel
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # separate RNG streams for training batches and the fixed eval batches
+MAX_NONFINITE_STEPS = 10  # consecutive steps with non-finite gradients before the run is declared diverged
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 MODEL_KEYS = {"preset", "mixer", "config", "checkpoint", "overrides"}
+
+
+class TrainingDiverged(ValueError):
+    """Gradients stayed non-finite for MAX_NONFINITE_STEPS steps in a row."""
 
 
 # ----- the training config -----
@@ -274,7 +279,7 @@ def set_grad_sync(model: torch.nn.Module, on: bool) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms, biases, decay rates, step sizes)."""
+    """AdamW; weight decay on matrices and conv filters only (not on norms, biases, decay rates, step sizes)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -401,8 +406,8 @@ def model_for_saving(model: OryxModel, cfg: TrainConfig, rt: Runtime) -> OryxMod
     return copy
 
 
-def save_training_checkpoint(out: Path, step: int, model: OryxModel, optimizer, cfg: TrainConfig, rt: Runtime,
-                             tokenizer_json: str | None, keep: int) -> Path:
+def save_training_checkpoint(out: Path, step: int, skipped_steps: int, model: OryxModel, optimizer, cfg: TrainConfig,
+                             rt: Runtime, tokenizer_json: str | None) -> Path:
     """Writes out/checkpoints/step-N atomically, then points latest.json at it, then prunes old ones."""
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)  # collective under FSDP2
     rng_states = rng_states_of_all_ranks(rt)
@@ -411,7 +416,8 @@ def save_training_checkpoint(out: Path, step: int, model: OryxModel, optimizer, 
     path = root / f"step-{step:08d}"
     if rt.is_main:
         tensors, rest = split_optimizer_state(optimizer_state)
-        state = {"step": step, "world_size": rt.world, "sampler": {"seed": cfg.seed, "next_step": step},
+        state = {"step": step, "skipped_steps": skipped_steps, "world_size": rt.world,
+                 "sampler": {"seed": cfg.seed, "next_step": step},
                  "rng": rng_states, "train_config": dataclasses.asdict(cfg)}
 
         def fill(tmp: Path):
@@ -422,7 +428,7 @@ def save_training_checkpoint(out: Path, step: int, model: OryxModel, optimizer, 
 
         atomic_directory(path, fill)
         atomic_write_bytes(root / "latest.json", json.dumps({"checkpoint": path.name, "step": step}).encode())
-        for old in sorted(root.glob("step-*"))[:-keep]:
+        for old in sorted(root.glob("step-*"))[:-cfg.keep_checkpoints]:
             shutil.rmtree(old)
     if rt.world > 1:
         dist.barrier()
@@ -503,11 +509,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     raw_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     optimizer = make_optimizer(raw_model, cfg, rt)
     total = cfg.total_steps(rt.world)
-    start, rng_restored = 0, None
+    start, skipped, nonfinite_run, rng_restored = 0, 0, 0, None
     log_path = out / "log.jsonl"
     if resume:
         state = json.loads((resume_from / "state.json").read_text())
-        start = state["step"]
+        start, skipped = state["step"], state["skipped_steps"]
         load_optimizer_state(resume_from, raw_model, optimizer)
         rng_restored = state["world_size"] == rt.world  # batches depend on the rank count anyway
         if rng_restored:
@@ -554,18 +560,26 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
         done = step + 1
+        if torch.isfinite(grad_norm):  # a host sync, so that no NaN/inf step ever reaches the weights
+            optimizer.step()
+            nonfinite_run = 0
+        else:
+            nonfinite_run, skipped = nonfinite_run + 1, skipped + 1
+            log_record(log_file, {"step": done, "skipped": "non-finite gradients"})
+            if nonfinite_run == MAX_NONFINITE_STEPS:
+                raise TrainingDiverged(f"training diverged: gradients non-finite for {nonfinite_run} steps in a row "
+                                       f"(steps {done - nonfinite_run + 1}-{done}); lower lr or check the model")
+        optimizer.zero_grad(set_to_none=True)
         bar.update(1)
 
         if done % cfg.log_every == 0 or done == stop:
             loss_value = mean_over_ranks(loss_sum / (done - last_step), rt)
-            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             now = time.perf_counter()
             tokens_per_s = tokens_per_step * (done - last_step) / (now - last_time)
             record = {"step": done, "loss": loss_value, "lr": lr, "tokens": done * tokens_per_step,
-                      "tokens_per_s": tokens_per_s, "grad_norm": norm.item()}
+                      "tokens_per_s": tokens_per_s, "grad_norm": grad_norm.item(), "skipped_steps": skipped}
             if rt.device.type == "cuda":
                 record["max_memory_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
             log_record(log_file, record)
@@ -575,11 +589,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             last_time, last_step = now, done
         pause_start = time.perf_counter()
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
-            summary["eval"] = evaluate(forward, val_data, cfg, rt, autocast)
+            # uncompiled: a compiled eval would recompile per plan (no grad, other branches) for little gain
+            summary["eval"] = evaluate(raw_model, val_data, cfg, rt, autocast)
             log_record(log_file, {"step": done, "eval": summary["eval"]})
         if (cfg.save_every and done % cfg.save_every == 0) or done == stop:
-            summary["checkpoint"] = str(save_training_checkpoint(out, done, raw_model, optimizer, cfg, rt,
-                                                                 tokenizer_json, cfg.keep_checkpoints))
+            summary["checkpoint"] = str(save_training_checkpoint(out, done, skipped, raw_model, optimizer, cfg, rt,
+                                                                 tokenizer_json))
         last_time += time.perf_counter() - pause_start  # evaluating and saving are not training time
         summary["step"] = done
     bar.close()

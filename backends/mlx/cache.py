@@ -46,10 +46,6 @@ class LayerCache:
         self.kv_dropped = True
 
     @property
-    def kv_length(self) -> int:
-        return 0 if self.kv_dropped else self.offset
-
-    @property
     def state(self) -> list[mx.array]:
         """Every array the cache holds (mlx-lm evaluates these between prefill chunks)."""
         arrays = [self.keys, self.values, self.recurrent, *self.conv.values()]

@@ -14,7 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from oryx_core.tokenizer import END_OF_TEXT, byte_level_tokenizer, end_of_text_id
+from oryx_core.evaluate import tokenizer_for
+from oryx_core.tokenizer import END_OF_TEXT, end_of_text_id
 from oryx_core.weights import INDEX_FILE, TOKENIZER_FILE, atomic_directory, load_checkpoint
 
 from .mlx_lm_model import positional_plan
@@ -42,11 +43,8 @@ def export_mlx_lm(src, dst, plan: str = "attention", bits: int | None = None, gr
 def _export(src: Path, dst: Path, plan_text: str) -> Path:
     ckpt = load_checkpoint(src)  # validates the checkpoint before anything is written
     shards = sorted(set(json.loads((src / INDEX_FILE).read_text())["weight_map"].values()))
-    tokenizer_json = (src / TOKENIZER_FILE).read_text() if (src / TOKENIZER_FILE).exists() \
-        else byte_level_tokenizer().to_str()
-    from tokenizers import Tokenizer
-
-    eos = end_of_text_id(Tokenizer.from_str(tokenizer_json))
+    tokenizer = tokenizer_for(src)  # the checkpoint's tokenizer.json, else the byte-level default
+    eos = end_of_text_id(tokenizer)
     config = {**ckpt.config.to_dict(), "model_type": "oryx", "architectures": ["OryxForCausalLM"],
               "model_file": MODEL_FILE, "oryx_plan": plan_text}
     if ckpt.quantization is not None:
@@ -63,7 +61,10 @@ def _export(src: Path, dst: Path, plan_text: str) -> Path:
         shutil.copyfile(src / INDEX_FILE, tmp / INDEX_FILE)
         shutil.copyfile(Path(__file__).with_name("mlx_lm_model.py"), tmp / MODEL_FILE)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
+        if (src / TOKENIZER_FILE).exists():
+            shutil.copyfile(src / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        else:
+            (tmp / TOKENIZER_FILE).write_text(tokenizer.to_str())
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
     return atomic_directory(dst, fill)

@@ -103,9 +103,11 @@ def sample_token(logits, key, temperature: float, top_k: int, top_p: float) -> i
     return int(mx.random.categorical(logits, key=key))
 
 
-def _check_sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, kv_policy):
+def _check_arguments(max_tokens, temperature, top_k, top_p, repetition_penalty, kv_policy, prefill_step_size):
     if not isinstance(max_tokens, int) or max_tokens < 0:
         raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+    if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
+        raise ValueError(f"prefill_step_size must be an integer >= 1, got {prefill_step_size!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k < 0:
@@ -170,17 +172,19 @@ def _encode(tokenizer, prompt, vocab_size: int) -> list[int]:
 def stream_generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, plan="prefill-attention",
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                     seed: int = 0, kv_policy: str = "keep", prompt_cache=None, stop_strings=(),
-                    stop_at_end_of_text: bool = True) -> Iterator[GenerationResponse]:
+                    stop_at_end_of_text: bool = True, prefill_step_size: int = 2048) -> Iterator[GenerationResponse]:
     """Yields one GenerationResponse per generated token.
 
     prompt: text or token ids. plan: a mode plan (text or ModePlan) for this call.
     kv_policy "drop" frees the KV cache once the plan has no attention token left.
     prompt_cache: a cache from `model.make_cache()` to continue from (updated in place).
+    The prompt goes through the model in pieces of prefill_step_size tokens (bounds the
+    attention scores' memory; the result is the same).
     Stops after max_tokens ("length"), at the end-of-text token ("stop_token", unless
     stop_at_end_of_text is False) or when the text completes a stop string ("stop_string";
     the stop string is not emitted).
     """
-    _check_sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, kv_policy)
+    _check_arguments(max_tokens, temperature, top_k, top_p, repetition_penalty, kv_policy, prefill_step_size)
     plan = ModePlan.parse(plan)
     ids = _encode(tokenizer, prompt, model.cfg.vocab_size)
     cache = model.make_cache() if prompt_cache is None else prompt_cache
@@ -199,8 +203,10 @@ def stream_generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, 
     mx.reset_peak_memory()
     tic = time.perf_counter()
     drop_if_done(start)
-    logits = model(mx.array([ids]), modes[start:prompt_length], cache)[0, -1].astype(mx.float32)
-    mx.eval(logits)
+    for chunk in range(start, prompt_length, prefill_step_size):
+        end = min(chunk + prefill_step_size, prompt_length)
+        logits = model(mx.array([ids[chunk - start:end - start]]), modes[chunk:end], cache)[0, -1].astype(mx.float32)
+        mx.eval(logits, [layer.state for layer in cache])
     prompt_tps = len(ids) / (time.perf_counter() - tic)
     tic = time.perf_counter()
     for n in range(1, max_tokens + 1):

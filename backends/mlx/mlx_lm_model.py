@@ -1,7 +1,7 @@
 """The model module mlx-lm runs for an exported Oryx directory.
 
 `oryx export-mlx-lm` copies this file into the directory as `oryx_mlx_lm.py` and names it
-in config.json ("model_file"); mlx-lm (>= 0.31) then builds the model from this file's
+in config.json ("model_file"); mlx-lm (checked with 0.32.2) then builds the model from this file's
 `Model` and `ModelArgs` when loaded with `mlx_lm.load(path, trust_remote_code=True)`.
 The file itself stays small: the model is `oryx_mlx.model.OryxModel`, so the `oryx`
 package (with its mlx extra) must be installed where mlx-lm runs.

@@ -268,3 +268,19 @@ def mamba2_logits(model, tokens: np.ndarray) -> np.ndarray:
             if hasattr(block, "mlp") and block.mlp is not None:
                 x = x + block.mlp(rms_norm_ref(x, block.norm2.weight, None, eps=block.norm2.eps))
         return model.lm_head(rms_norm_ref(x, model.backbone.norm_f.weight, None, eps=model.backbone.norm_f.eps)).numpy()
+
+
+# ----- the Oryx backends on a converted checkpoint -----
+def backend_logits(backend: str, checkpoint, tokens: np.ndarray, attention: bool) -> np.ndarray:
+    """float32 logits of a checkpoint on the torch or MLX backend, all tokens in one mode."""
+    if backend == "torch":
+        import torch
+        from oryx_cuda.model import OryxModel
+
+        model = OryxModel.from_checkpoint(checkpoint, dtype=torch.float32).eval()
+        with torch.no_grad():
+            return model(torch.from_numpy(tokens), attention).double().numpy()
+    import mlx.core as mx
+    from oryx_mlx.generate import load_model
+
+    return np.array(load_model(checkpoint)(mx.array(tokens), attention).astype(mx.float32))

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from convert_helpers import build_fla_gdn, fla_gdn_logits, relative_error
+from convert_helpers import backend_logits, build_fla_gdn, fla_gdn_logits, relative_error
 from oryx_convert.api import convert
 from oryx_convert.fla_gdn import import_fla_gdn
 from oryx_core.reference import OryxReference
@@ -35,6 +35,15 @@ def test_fla_gdn_recurrent_mode_matches_fla(fla_dir):
     assert relative_error(logits, fla_gdn_logits(model, tokens)) < 1e-4
     p = imported.params
     assert np.array_equal(p["layers.1.mixer.q_attn.weight"], p["layers.1.mixer.q_rec.weight"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_converted_fla_gdn_runs_on_backend(fla_dir, tmp_path, backend):
+    pytest.importorskip({"torch": "oryx_cuda.model", "mlx": "oryx_mlx.generate"}[backend])
+    path, model = fla_dir
+    tokens = np.random.default_rng(2).integers(0, 100, size=(2, 13))
+    logits = backend_logits(backend, convert(path, tmp_path / "oryx"), tokens, attention=False)
+    assert relative_error(logits, fla_gdn_logits(model, tokens)) < 1e-4
 
 
 def test_fla_gdn_auto_detected_and_attention_mode_runs(fla_dir, tmp_path):

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from convert_helpers import build_mamba2, import_mamba_ssm, mamba2_logits, relative_error
+from convert_helpers import backend_logits, build_mamba2, import_mamba_ssm, mamba2_logits, relative_error
 from oryx_convert.api import convert
 from oryx_convert.mamba2 import import_mamba2
 from oryx_core.reference import OryxReference
@@ -36,6 +36,15 @@ def test_mamba2_recurrent_mode_matches_mamba_ssm(mamba_dir):
     assert (cfg.n_heads, cfg.head_dim, cfg.v_head_dim) == (4, 16, 16)
     tokens = np.random.default_rng(1).integers(0, 50, size=(2, 10))
     logits, _ = OryxReference(cfg, imported.params).forward(tokens, False)
+    assert relative_error(logits, mamba2_logits(model, tokens)) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_converted_mamba2_runs_on_backend(mamba_dir, tmp_path, backend):
+    pytest.importorskip({"torch": "oryx_cuda.model", "mlx": "oryx_mlx.generate"}[backend])
+    path, model = mamba_dir
+    tokens = np.random.default_rng(2).integers(0, 50, size=(2, 10))
+    logits = backend_logits(backend, convert(path, tmp_path / "oryx"), tokens, attention=False)
     assert relative_error(logits, mamba2_logits(model, tokens)) < 1e-4
 
 

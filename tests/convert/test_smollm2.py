@@ -55,8 +55,8 @@ def hf_decoder(model):
 
         def run(ids):
             with torch.no_grad():
-                out = model(torch.tensor([ids]), past_key_values=state.get("past"), use_cache=True)
-            state["past"] = out.past_key_values
+                out = model(torch.tensor([ids]), cache=state.get("cache"), use_cache=True)
+            state["cache"] = out.cache
             return out.logits[0, -1].numpy()
 
         return run(prompt), lambda token: run([token])

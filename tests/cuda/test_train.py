@@ -135,6 +135,29 @@ def test_interrupted_save_keeps_previous_checkpoint(shards, full_run, tmp_path, 
     assert records(out) == records(full_run)
 
 
+def test_nonfinite_steps_are_skipped_and_a_diverged_run_stops(shards, tmp_path, monkeypatch):
+    real_loss, calls = train_module.batch_loss, []
+
+    def poisoned(*args, **kwargs):  # NaN on the calls listed in `bad` (training calls come first: no eval until the end)
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if bad(len(calls)) else loss
+
+    monkeypatch.setattr(train_module, "batch_loss", poisoned)
+    bad = {2}.__contains__
+    out = tmp_path / "run"
+    train(tiny_config(shards, out, steps=4, grad_accum=1, eval_every=0, save_every=0))
+    log = records(out)
+    assert {"step": 2, "skipped": "non-finite gradients"} in log
+    assert [r["skipped_steps"] for r in log if "loss" in r] == [0, 1, 1, 1]
+    assert all(np.isfinite(v).all() for v in load_checkpoint(out / "checkpoints" / "step-00000004" / "model").params.values())
+
+    bad = (lambda n: n >= 3)
+    calls.clear()
+    with pytest.raises(train_module.TrainingDiverged, match=r"non-finite for 10 steps in a row \(steps 3-12\)"):
+        train(tiny_config(shards, tmp_path / "diverged", steps=20, grad_accum=1, eval_every=0, save_every=0))
+
+
 def test_fixed_plans_train_and_keep_checkpoints_bounded(shards, tmp_path):
     out = tmp_path / "run"
     summary = train(tiny_config(shards, out, modes="recurrent", eval_plans=["recurrent", "every:2:8"], steps=4,

@@ -40,14 +40,15 @@ def reference_greedy(ref, prompt_ids, n_tokens, plan):
     return out
 
 
-@pytest.mark.parametrize("plan, kv_policy", [("prefill-attention", "drop"), ("A:0-4,R:4-22,A:22-", "keep"),
-                                             ("recurrent", "drop")])
-def test_greedy_matches_reference_decoding(checkpoint, plan, kv_policy):
+@pytest.mark.parametrize("plan, kv_policy, prefill_step_size", [("prefill-attention", "drop", 2048),
+                                                                ("A:0-4,R:4-22,A:22-", "keep", 7),
+                                                                ("recurrent", "drop", 5)])
+def test_greedy_matches_reference_decoding(checkpoint, plan, kv_policy, prefill_step_size):
     path, ref = checkpoint
     model, tokenizer = load(path)
     ids = tokenizer.encode(PROMPT).ids
     tokens = [r.token for r in stream_generate(model, tokenizer, PROMPT, max_tokens=12, plan=plan, kv_policy=kv_policy,
-                                               stop_at_end_of_text=False)]
+                                               stop_at_end_of_text=False, prefill_step_size=prefill_step_size)]
     assert tokens == reference_greedy(ref, ids, 12, plan)
 
 
@@ -132,7 +133,8 @@ def test_bad_arguments_give_clear_errors(checkpoint):
     model, tokenizer = load(path)
     bad = [(dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k"),
            (dict(kv_policy="forget"), "kv_policy"), (dict(repetition_penalty=0.0), "repetition_penalty"),
-           (dict(max_tokens=-1), "max_tokens"), (dict(plan="sometimes"), "plan")]
+           (dict(max_tokens=-1), "max_tokens"), (dict(plan="sometimes"), "plan"),
+           (dict(prefill_step_size=0), "prefill_step_size")]
     for kwargs, name in bad:
         with pytest.raises(ValueError, match=name):
             generate(model, tokenizer, PROMPT, **{"max_tokens": 3, **kwargs})

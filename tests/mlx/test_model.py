@@ -96,10 +96,12 @@ def test_final_recurrent_state_matches_reference(mixer):
         assert relative_error(np.array(layer.recurrent), per_query_head) < 1e-4
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(mx.float16, 1e-2), (mx.bfloat16, 5e-2)])
-def test_half_precision_close_to_reference(dtype, tolerance):
-    """Measured on this test: fp16 ~2e-3, bf16 ~1.5e-2 relative (state and gates stay fp32)."""
-    cfg = preset("tiny", "gdn")
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+@pytest.mark.parametrize("dtype, tolerance", [(mx.float16, 5e-3), (mx.bfloat16, 3e-2)])
+def test_half_precision_close_to_reference(mixer, dtype, tolerance):
+    """Measured on this test (2026-11-27): fp16 1.1e-3 / 0.9e-3, bf16 8.3e-3 / 7.2e-3 relative for gdn / mamba2
+    (state and gate arithmetic stay fp32)."""
+    cfg = preset("tiny", mixer)
     model, ref = build(cfg, seed=5, dtype=dtype)
     tokens = tokens_for(cfg)
     expected, _ = ref.forward(tokens, a_r_a())

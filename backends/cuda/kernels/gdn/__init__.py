@@ -22,17 +22,22 @@ def _triton_available(device_type):
     return True
 
 
+# The Triton entry points import triton (and decorate their kernels) on first use, so
+# that importing this package stays cheap and TRITON_INTERPRET can still be set first.
 def chunk_gated_delta_rule(*args, **kwargs):
+    """Triton chunked forward + backward; see chunk.chunk_gated_delta_rule."""
     from .chunk import chunk_gated_delta_rule as triton_chunk
     return triton_chunk(*args, **kwargs)
 
 
 def fused_recurrent_gated_delta_rule(*args, **kwargs):
+    """Triton token loop (no autograd); see fused_recurrent.fused_recurrent_gated_delta_rule."""
     from .fused_recurrent import fused_recurrent_gated_delta_rule as triton_recurrent
     return triton_recurrent(*args, **kwargs)
 
 
 def gated_delta_rule_decode_step(*args, **kwargs):
+    """One decode token, state updated in place; see fused_recurrent.gated_delta_rule_decode_step."""
     from .fused_recurrent import gated_delta_rule_decode_step as triton_decode
     return triton_decode(*args, **kwargs)
 

@@ -138,7 +138,8 @@ def gated_delta_rule_decode_step(q, k, v, g, beta, state, scale=None, use_qk_l2n
     [B, Hc, Tmax, Dk] and v_cache [B, Hc, Tmax, Dv] (last dim contiguous) receive
     k_append [B, Hc, Dk] and v_append [B, Hc, Dv] at position cache_pos[b] (int [B]).
     The appended rows may be other tensors than k, v (e.g. attention-mode keys), so they
-    are passed separately; Hc <= H.
+    are passed separately; Hc <= H. cache_pos must lie in [0, Tmax): it stays on the
+    device and is not checked, which would cost a synchronisation per token.
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [B, H, K] for a decode step, got shape {tuple(q.shape)}")

@@ -1,0 +1,193 @@
+"""Tables (markdown) and figures (PNG) from the results.json that experiments/gpu_all.sh writes.
+
+    python3 experiments/plots.py --results experiments/results/gpu/results.json --tables
+    python3 experiments/plots.py --results experiments/results/gpu/results.json --figures docs/figures
+
+--tables needs only the standard library; --figures needs matplotlib.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+SHARE_TICKS = [0.0, 0.05, 0.1, 0.25, 1.0]
+LM_PLANS = ["attention", "recurrent", "mixed", "every:2:64", "last:10%"]
+MODEL_LABELS = {"transformer": "Transformer", "gdn-only": "GDN-only", "mamba2-only": "Mamba-2-only",
+                "oryx-gdn": "Oryx-GDN", "oryx-mamba2": "Oryx-Mamba-2"}
+
+
+def label(name: str) -> str:
+    return MODEL_LABELS.get(name, name)
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def lm_table(lm: dict) -> str:
+    oryx_total = max(m["parameters"]["total"] for m in lm["models"] if m["modes"] == "mixed")
+    rows = []
+    for m in lm["models"]:
+        used = m["parameters"]["used"]
+        ppl = [f"{math.exp(m['eval_loss'][p]):.2f}" if p in m["eval_loss"] else "-" for p in LM_PLANS]
+        rows.append([label(m["name"]), m["modes"], f"{used / 1e6:.2f}M", f"{100 * (used / oryx_total - 1):+.1f}%",
+                     f"{m['tokens'] / 1e6:.1f}M", f"{m['tokens_per_s'] / 1e3:.0f}k", *ppl])
+    header = ["model", "training plan", "params used", "vs Oryx", "tokens", "train tok/s",
+              *[f"ppl {p}" for p in LM_PLANS]]
+    return markdown(header, rows)
+
+
+def mqar_cells(mqar: dict):
+    """{(length, pairs): {column: accuracy}} with baseline columns and one column per Oryx (placement, share)."""
+    cells, columns = {}, []
+    for m in mqar["models"]:
+        for r in m["eval"]:
+            if r["placement"] == "own":
+                column = label(m["name"])
+            elif r["share"] in (0.0, 1.0):  # the pure plans: the same for both placements
+                column = f"{label(m['name'])} {100 * r['share']:g}%"
+            else:
+                column = f"{label(m['name'])} {r['placement']} {100 * r['share']:g}%"
+            if column not in columns:
+                columns.append(column)
+            cells.setdefault((r["length"], r["pairs"]), {})[column] = r["accuracy"]
+    return cells, columns
+
+
+def mqar_table(mqar: dict, placement: str) -> str:
+    cells, columns = mqar_cells(mqar)
+    keep = [c for c in columns if (" query " not in c and " last " not in c) or f" {placement} " in c]
+    rows = [[f"T={t}, {p} pairs", *[f"{cells[(t, p)][c]:.3f}" if c in cells[(t, p)] else "-" for c in keep]]
+            for t, p in sorted(cells)]
+    return markdown(["setting", *keep], rows)
+
+
+def switching_table(switching: dict) -> str:
+    rows = []
+    for m in switching["models"]:
+        for r in m["plans"]:
+            rows.append([label(m["name"]), f"`{r['plan']}`", r["switches"], f"{100 * r['attention_share']:.0f}%",
+                         f"{r['perplexity']:.2f}", f"{math.exp(r['pure_plan_loss']):.2f}", f"{r['switch_cost']:+.4f}"])
+    return markdown(["model", "plan", "switches", "attention tokens", "ppl", "ppl of the pure plans on the same tokens",
+                     "switch cost (nats/token)"], rows)
+
+
+def print_tables(results: dict) -> None:
+    if results.get("lm_budget"):
+        print("## LM at a fixed token budget (held-out perplexity)\n\n" + lm_table(results["lm_budget"]) + "\n")
+    if results.get("mqar"):
+        for placement in ("query", "last"):
+            print(f"## MQAR accuracy, attention placement: {placement}\n\n" + mqar_table(results["mqar"], placement) + "\n")
+    if results.get("switching"):
+        print("## Switching cost\n\n" + switching_table(results["switching"]) + "\n")
+    if results.get("default_model"):
+        print(f"default model: {json.dumps(results['default_model'])}")
+
+
+def lm_figure(lm: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for m in lm["models"]:
+        steps, losses = zip(*m["loss_curve"])
+        tokens = [s * lm["settings"]["seq_len"] * lm["settings"]["batch_size"] / 1e6 for s in steps]
+        curves.plot(tokens, losses, label=f"{label(m['name'])} ({m['modes']})")
+    curves.set(xlabel="training tokens (M)", ylabel="training loss (nats)", title="Training loss")
+    curves.legend()
+    names, width = [m["name"] for m in lm["models"]], 0.15
+    for i, plan in enumerate(LM_PLANS):
+        xs = [j + (i - 2) * width for j, m in enumerate(lm["models"]) if plan in m["eval_loss"]]
+        ys = [math.exp(m["eval_loss"][plan]) for m in lm["models"] if plan in m["eval_loss"]]
+        bars.bar(xs, ys, width, label=plan)
+    every_ppl = [math.exp(v) for m in lm["models"] for v in m["eval_loss"].values()]
+    bars.set_ylim(0.9 * min(every_ppl), 1.05 * max(every_ppl))  # the differences, not the bars' height, matter
+    bars.set_xticks(range(len(names)), [label(n) for n in names], rotation=15)
+    bars.set(ylabel="held-out perplexity", title="Held-out perplexity per plan")
+    bars.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def mqar_figure(mqar: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    settings = sorted({(r["length"], r["pairs"]) for m in mqar["models"] for r in m["eval"]})
+    cols = min(4, len(settings))
+    rows = math.ceil(len(settings) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    for ax, (length, pairs) in zip(axes.flat, settings):
+        for m in mqar["models"]:
+            cell = [r for r in m["eval"] if (r["length"], r["pairs"]) == (length, pairs)]
+            if m["modes"] != "mixed":
+                ax.axhline(cell[0]["accuracy"], linestyle="--", color="black" if m["modes"] == "attention" else "gray",
+                           linewidth=1, label=label(m["name"]))
+                continue
+            for placement, style in (("query", "-o"), ("last", ":x")):
+                points = sorted((r["attention_share"], r["accuracy"]) for r in cell
+                                if r["placement"] == placement or r["share"] in (0.0, 1.0))
+                ax.plot(*zip(*points), style, markersize=3, label=f"{label(m['name'])} ({placement})")
+        ax.set_xscale("symlog", linthresh=0.1)  # linear up to 10%, where the claim lives
+        ax.set_xticks(SHARE_TICKS, [f"{100 * s:g}%" for s in SHARE_TICKS])
+        ax.set(title=f"T={length}, {pairs} pairs", xlabel="share of tokens in attention", ylim=(-0.02, 1.02))
+    for ax in list(axes.flat)[len(settings):]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("MQAR accuracy")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def switching_figure(switching: dict, path: Path) -> None:
+    """Per model: loss by position under each plan, and the switching cost by position."""
+    import matplotlib.pyplot as plt
+
+    models = switching["models"]
+    fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.2 * len(models)), squeeze=False)
+    bucket = switching["settings"]["curve_bucket"]
+    for (loss_ax, cost_ax), m in zip(axes, models):
+        for r in m["plans"]:
+            xs = [bucket * (i + 0.5) for i in range(len(r["curve"]))]
+            width = 2.0 if r["switches"] == 0 else 1.0
+            loss_ax.plot(xs, r["curve"], linewidth=width, label=r["plan"])
+            cost_ax.plot(xs, r["cost_curve"], linewidth=width, label=r["plan"])
+        loss_ax.set(title=f"{label(m['name'])}: held-out loss by position", xlabel="position",
+                    ylabel=f"mean loss (nats), buckets of {bucket}")
+        cost_ax.axhline(0.0, color="black", linewidth=0.5)
+        cost_ax.set(title=f"{label(m['name'])}: loss minus the pure plans' loss on the same tokens",
+                    xlabel="position", ylabel="switching cost (nats)")
+        cost_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_figures(results: dict, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, draw, name in (("lm_budget", lm_figure, "lm_budget.png"), ("mqar", mqar_figure, "mqar_accuracy.png"),
+                            ("switching", switching_figure, "switching.png")):
+        if results.get(key):
+            draw(results[key], folder / name)
+            print(f"wrote {folder / name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", required=True, help="results.json from experiments/gpu_all.sh")
+    parser.add_argument("--tables", action="store_true", help="print the markdown tables")
+    parser.add_argument("--figures", metavar="DIR", help="write the PNG figures to DIR")
+    args = parser.parse_args()
+    results = json.loads(Path(args.results).read_text())
+    if args.tables:
+        print_tables(results)
+    if args.figures:
+        write_figures(results, Path(args.figures))
+
+
+if __name__ == "__main__":
+    main()
