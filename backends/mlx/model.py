@@ -239,9 +239,10 @@ class OryxModel(nn.Module):
         recurrent state, position), or None for a stateless forward over the whole sequence.
         """
         ids = np.asarray(tokens)
-        if ids.ndim != 2 or ids.dtype.kind not in "iu":
-            raise ValueError(f"tokens: expected integer ids of shape [batch, time], got {ids.dtype} {list(ids.shape)}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+        if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.size == 0:
+            raise ValueError(f"tokens: expected integer ids of shape [batch >= 1, time >= 1], got {ids.dtype} "
+                             f"{list(ids.shape)}")
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
             bad = ids.min() if ids.min() < 0 else ids.max()
             raise ValueError(f"tokens: id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
         B, T = ids.shape
@@ -253,6 +254,8 @@ class OryxModel(nn.Module):
                              f"[n_layers={L}, batch={B}, time={T}]") from None
         if cache is not None and len(cache) != L:
             raise ValueError(f"cache: has {len(cache)} layers, the model has {L}")
+        if cache is not None and cache[0].recurrent is not None and cache[0].recurrent.shape[0] != B:
+            raise ValueError(f"cache: holds {cache[0].recurrent.shape[0]} sequences, tokens have batch {B}")
         x = self.embed(mx.array(ids))
         for i, layer in enumerate(self.layers):
             x = layer(x, attention[i], None if cache is None else cache[i])

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from convert_helpers import build_hf_llama, hf_logits, relative_error
+from convert_helpers import backend_logits, build_hf_llama, hf_logits, relative_error
 from oryx_convert.api import convert
 from oryx_convert.llama import import_hf_llama
 from oryx_core.reference import OryxReference
@@ -39,25 +39,11 @@ def test_hf_llama_recurrent_mode_runs_with_initialised_gates(hf_llama_dir, mixer
     assert relative_error(logits, hf_logits(model, TOKENS)) > 1e-3  # recurrent mode is a different function
 
 
-def test_converted_checkpoint_runs_on_torch_backend(hf_llama_dir, tmp_path):
-    torch_model = pytest.importorskip("oryx_cuda.model")
-    import torch
-
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_converted_checkpoint_runs_on_backend(hf_llama_dir, tmp_path, backend):
+    pytest.importorskip({"torch": "oryx_cuda.model", "mlx": "oryx_mlx.generate"}[backend])
     path, model = hf_llama_dir
-    out = convert(path, tmp_path / "oryx", from_kind="llama")
-    oryx = torch_model.OryxModel.from_checkpoint(out, dtype=torch.float32)
-    with torch.no_grad():
-        logits = oryx(torch.from_numpy(TOKENS), True).double().numpy()
-    assert relative_error(logits, hf_logits(model, TOKENS)) < 1e-4
-
-
-def test_converted_checkpoint_runs_on_mlx_backend(hf_llama_dir, tmp_path):
-    generate = pytest.importorskip("oryx_mlx.generate")
-    import mlx.core as mx
-
-    path, model = hf_llama_dir
-    out = convert(path, tmp_path / "oryx")
-    logits = np.array(generate.load_model(out)(mx.array(TOKENS), True).astype(mx.float32))
+    logits = backend_logits(backend, convert(path, tmp_path / "oryx", from_kind="llama"), TOKENS, attention=True)
     assert relative_error(logits, hf_logits(model, TOKENS)) < 1e-4
 
 

@@ -143,8 +143,12 @@ def test_bad_inputs_give_clear_errors():
         model(mx.array([[1, 2, 3]]), np.ones(4, dtype=bool))
     with pytest.raises(ValueError, match="cache"):
         model(mx.array([[1, 2, 3]]), True, model.make_cache()[:1])
+    with pytest.raises(ValueError, match="tokens"):
+        model(np.zeros((1, 0), dtype=np.int64))
     cache = model.make_cache()
     model(mx.array([[1, 2, 3]]), False, cache)
+    with pytest.raises(ValueError, match="cache: holds 1 sequences, tokens have batch 2"):
+        model(mx.array([[4], [5]]), False, cache)
     for layer in cache:
         layer.drop_kv()
     with pytest.raises(ValueError, match="KV cache was dropped"):
