@@ -10,7 +10,9 @@ A torch directory is written and read by `safetensors.torch` (load it with
 `model.load_state_dict(safetensors.torch.load_file(...))`: the keys are the spec names,
 which are OryxModel's parameter names); an MLX directory by `mx.save_safetensors` /
 `mx.load` (`model.load_weights(...)` of oryx_mlx's OryxModel reads it). Tensors cross
-NumPy bit for bit, bfloat16 included, so round trips through either are exact.
+NumPy bit for bit through the backends' own converters (oryx_cuda.model's
+numpy_to_torch / torch_to_numpy, oryx_mlx.quantize's to_numpy), bfloat16 included, so
+round trips through either are exact.
 """
 from __future__ import annotations
 
@@ -27,36 +29,6 @@ from .sources import HF_CONFIG, HF_SAFETENSORS, HF_SAFETENSORS_INDEX, ConvertedM
 
 TORCH_FORMAT, MLX_FORMAT = "torch-state-dict", "mlx"
 CONTAINER_KEYS = ("format", "dtype", "quantization")
-
-
-def torch_to_numpy(tensor) -> np.ndarray:
-    """A CPU NumPy copy of a torch tensor, bit for bit (bfloat16 becomes ml_dtypes.bfloat16)."""
-    import ml_dtypes
-    import torch
-
-    tensor = tensor.detach().cpu().contiguous()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy().copy()
-
-
-def numpy_to_torch(arr: np.ndarray):
-    import torch
-
-    arr = np.ascontiguousarray(arr)
-    if arr.dtype.name == "bfloat16":
-        return torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(arr.copy())
-
-
-def mlx_to_numpy(array) -> np.ndarray:
-    import mlx.core as mx
-
-    if array.dtype == mx.bfloat16:
-        import ml_dtypes
-
-        return np.array(array.view(mx.uint16)).view(ml_dtypes.bfloat16)
-    return np.array(array)
 
 
 def shard_names(params: dict[str, np.ndarray], shard_bytes: int) -> list[list[str]]:
@@ -127,6 +99,7 @@ def _read_container(src, fmt: str, load_shard) -> ConvertedModel:
 def write_torch_dir(dst, model: ConvertedModel, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     if model.quantization is not None:
         raise ValueError("--to torch: the model is MLX-quantised; PyTorch has no such weights (pass --dequantize)")
+    from oryx_cuda.model import numpy_to_torch
     from safetensors.torch import save_file
 
     def save_shard(path, arrays):
@@ -136,6 +109,7 @@ def write_torch_dir(dst, model: ConvertedModel, shard_bytes: int = DEFAULT_SHARD
 
 
 def read_torch_dir(src) -> ConvertedModel:
+    from oryx_cuda.model import torch_to_numpy
     from safetensors.torch import load_file
 
     def load_shard(path):
@@ -159,10 +133,11 @@ def write_mlx_dir(dst, model: ConvertedModel, shard_bytes: int = DEFAULT_SHARD_B
 
 def read_mlx_dir(src) -> ConvertedModel:
     import mlx.core as mx
+    from oryx_mlx.quantize import to_numpy
 
     def load_shard(path):
         try:
-            return {n: mlx_to_numpy(a) for n, a in mx.load(str(path)).items()}
+            return {n: to_numpy(a) for n, a in mx.load(str(path)).items()}
         except (RuntimeError, ValueError) as e:
             raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
 
@@ -190,10 +165,10 @@ def quantize(model: ConvertedModel, bits: int, group_size: int) -> ConvertedMode
     if model.quantization is not None:
         raise ValueError(f"--quantize: the source is already quantised ({model.quantization})")
     from mlx.utils import tree_flatten
-    from oryx_mlx.quantize import quantize_model
+    from oryx_mlx.quantize import quantize_model, to_numpy
 
     quantized = quantize_model(mlx_model(model), bits, group_size)
-    params = {n: mlx_to_numpy(a) for n, a in tree_flatten(quantized.parameters())}
+    params = {n: to_numpy(a) for n, a in tree_flatten(quantized.parameters())}
     return ConvertedModel(model.config, params, model.tokenizer_json, {"bits": bits, "group_size": group_size})
 
 
@@ -202,6 +177,7 @@ def dequantize(model: ConvertedModel) -> ConvertedModel:
     if model.quantization is None:
         return model
     import mlx.core as mx
+    from oryx_mlx.quantize import to_numpy
 
     bits, group_size = model.quantization["bits"], model.quantization["group_size"]
     mlx_model(model)  # validates the packed tensors against the spec
@@ -212,7 +188,7 @@ def dequantize(model: ConvertedModel) -> ConvertedModel:
         module = name[:-len(".weight")] if name.endswith(".weight") else None
         if module is not None and module + ".scales" in model.params:
             scales = model.params[module + ".scales"]
-            value = mlx_to_numpy(mx.dequantize(mx.array(value), mx.array(scales), mx.array(model.params[module + ".biases"]),
+            value = to_numpy(mx.dequantize(mx.array(value), mx.array(scales), mx.array(model.params[module + ".biases"]),
                                                group_size=group_size, bits=bits))
         params[name] = value
     return ConvertedModel(model.config, params, model.tokenizer_json, None)

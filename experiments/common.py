@@ -2,7 +2,7 @@
 
 Every runner reads one JSON config from experiments/configs/. A config holds the settings
 of the full-size (GPU) run at its top level and, under "scales", the keys a smaller run
-overrides (`--scale toy` for the CPU pretest, `--scale cpu` for the micro-scale fallback).
+overrides (`--scale toy` for the CPU pretest of the whole pipeline).
 """
 from __future__ import annotations
 

@@ -23,9 +23,10 @@ run_all() {
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
   date -u
-  if [ ! -f data/cache/shards-8k/meta.json ]; then  # not carried: build from the committed small corpus
-    PYTHONPATH=. "$PYTHON" -m oryx_core.cli data build --input data/docs-corpus.txt.xz \
-      --tokenizer data/tokenizer-8k.json --out data/cache/shards-8k --quiet || return 1
+  if [ ! -f data/cache/shards-8k/meta.json ]; then
+    echo "gpu_all.sh: error: data/cache/shards-8k is missing; make it as docs/data.md says" \
+         "(scripts/corpus/build_corpus.sh, then oryx data build ... --out data/cache/shards-8k) and carry it" >&2
+    return 2
   fi
   timeout $((BUDGET + 60)) "$PYTHON" experiments/lm_budget.py $SCALE_ARG --out "$WORK" --budget-s "$BUDGET" \
     > "$WORK/lm_budget.log" 2>&1 &

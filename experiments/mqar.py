@@ -1,7 +1,7 @@
 """Experiment 2 (issue 6): multi-query associative recall against the share of attention-mode tokens.
 
     python3 experiments/mqar.py --config experiments/configs/mqar.json --out DIR
-                                [--scale toy|cpu] [--budget-s S | --steps N]
+                                [--scale toy] [--budget-s S | --steps N]
 
 Trains small models of one architecture on synthetic MQAR batches (oryx_core.mqar.make_mqar;
 the loss is taken on the query targets only): a Transformer (fixed plan "attention"),
@@ -206,7 +206,7 @@ def probe_seconds_per_step(exp: dict, mixers: list[str]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="experiments/configs/mqar.json")
-    parser.add_argument("--scale", help="a smaller scale defined in the config (toy, cpu)")
+    parser.add_argument("--scale", help="a smaller scale defined in the config (toy: the CPU pretest)")
     parser.add_argument("--out", required=True, help="output directory")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--budget-s", type=float, help="wall-clock seconds for the whole experiment (probe included)")

@@ -1,7 +1,7 @@
 """Experiment 3 (issue 6): the cost of switching modes along a sequence.
 
     python3 experiments/switching.py --lm-results DIR/lm_budget.json --out DIR
-                                     [--config experiments/configs/switching.json] [--scale toy|cpu]
+                                     [--config experiments/configs/switching.json] [--scale toy]
 
 For every Oryx model that experiment 1 trained, scores the same held-out windows under the
 pure plans and under plans that switch once (A->R, R->A), twice (A->R->A) and many times
@@ -80,7 +80,7 @@ def score_model(checkpoint: str, exp: dict, windows: np.ndarray) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="experiments/configs/switching.json")
-    parser.add_argument("--scale", help="a smaller scale defined in the config (toy, cpu)")
+    parser.add_argument("--scale", help="a smaller scale defined in the config (toy: the CPU pretest)")
     parser.add_argument("--lm-results", required=True, help="lm_budget.json written by experiments/lm_budget.py")
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args()
@@ -91,7 +91,7 @@ def main() -> None:
     windows = val.sample_windows(np.random.default_rng([exp["seed"], 7]), exp["windows"], exp["seq_len"] + 1)
     results = {"experiment": "switching", "config": args.config, "scale": args.scale, "settings": exp,
                "environment": environment(), "tokens_per_plan": int(windows.shape[0] * exp["seq_len"]),
-               "command": f"python3 experiments/switching.py --lm-results OUT/lm_budget.json --out OUT"
+               "command": "python3 experiments/switching.py --lm-results OUT/lm_budget.json --out OUT"
                           + (f" --scale {args.scale}" if args.scale else ""), "models": []}
     for entry in (m for m in lm["models"] if m["modes"] == "mixed"):
         log(f"switching: scoring {entry['name']}")

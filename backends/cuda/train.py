@@ -254,26 +254,27 @@ def is_sharded(cfg: TrainConfig, rt: Runtime) -> bool:
     return rt.world > 1 and cfg.parallel == "fsdp"
 
 
-def distribute(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime) -> torch.nn.Module:
-    if rt.world == 1:
-        return model
-    if is_sharded(cfg, rt):
-        from torch.distributed.fsdp import fully_shard
+def shard(model: OryxModel) -> None:
+    """FSDP2, in place: each layer is one all-gather / reduce-scatter unit, the root holds the rest."""
+    from torch.distributed.fsdp import fully_shard
 
-        for layer in model.layers:
-            fully_shard(layer)
-        # The root reshards too, or a no-grad forward (eval) leaves its parameters gathered and
-        # the optimizer's sharded parameters no longer match the model's when a checkpoint is taken.
-        return fully_shard(model, reshard_after_forward=True)
+    for layer in model.layers:
+        fully_shard(layer)
+    # The root reshards too, or a no-grad forward (eval) leaves its parameters gathered and
+    # the optimizer's sharded parameters no longer match the model's when a checkpoint is taken.
+    fully_shard(model, reshard_after_forward=True)
+
+
+def data_parallel(module: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
     # A pure-attention or pure-recurrent batch leaves the other mode's weights without gradients.
     device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
 
 
-def set_grad_sync(model: torch.nn.Module, on: bool) -> None:
+def set_grad_sync(forward: torch.nn.Module, model: OryxModel, on: bool) -> None:
     """Gradients are reduced across ranks only on the last micro-step of an accumulation."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model.require_backward_grad_sync = on
+    if isinstance(forward, torch.nn.parallel.DistributedDataParallel):
+        forward.require_backward_grad_sync = on
     elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         model.set_requires_gradient_sync(on)
 
@@ -504,17 +505,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     # fp32 master weights whatever the stored dtype; bf16 comes from autocast
     model = (OryxModel.from_checkpoint(init_from, dtype=torch.float32) if init_from
              else OryxModel(model_cfg, seed=cfg.seed)).to(rt.device)
-    model = distribute(model, cfg, rt)
-    ddp_or_model = model
-    raw_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    optimizer = make_optimizer(raw_model, cfg, rt)
+    if is_sharded(cfg, rt):
+        shard(model)
+    optimizer = make_optimizer(model, cfg, rt)
     total = cfg.total_steps(rt.world)
     start, skipped, nonfinite_run, rng_restored = 0, 0, 0, None
     log_path = out / "log.jsonl"
     if resume:
         state = json.loads((resume_from / "state.json").read_text())
         start, skipped = state["step"], state["skipped_steps"]
-        load_optimizer_state(resume_from, raw_model, optimizer)
+        load_optimizer_state(resume_from, model, optimizer)
         rng_restored = state["world_size"] == rt.world  # batches depend on the rank count anyway
         if rng_restored:
             restore_rng_state(state["rng"][rt.rank], rt)
@@ -522,7 +522,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             keep_log_until(log_path, start)
 
     use_compile = cfg.compile is True or (cfg.compile == "auto" and rt.device.type == "cuda")
-    forward = torch.compile(ddp_or_model) if use_compile else ddp_or_model
+    forward = torch.compile(model) if use_compile else model  # compiled inside DDP, as nanoGPT does
+    if rt.world > 1 and not is_sharded(cfg, rt):
+        forward = data_parallel(forward, rt)
     autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16) if cfg.bf16 and rt.device.type == "cuda"
                 else nullcontext())
     tokens_per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accum * rt.world
@@ -544,7 +546,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     loss_sum = torch.zeros((), device=rt.device)
     last_time, last_step = time.perf_counter(), start
     stop = min(total, stop_after) if stop_after is not None else total
-    model.train()
+    forward.train()
     for step in range(start, stop):
         lr = lr_at(cfg, step, total)
         for group in optimizer.param_groups:
@@ -555,11 +557,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             modes = batch_modes(cfg.modes, rng, cfg.batch_size, cfg.seq_len, cfg)
             if pad_modes:
                 windows, modes = cover_both_modes(windows, modes)
-            set_grad_sync(ddp_or_model, micro == cfg.grad_accum - 1)
+            set_grad_sync(forward, model, micro == cfg.grad_accum - 1)
             loss = batch_loss(forward, windows, modes, rt, autocast, cfg.batch_size) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
         done = step + 1
         if torch.isfinite(grad_norm):  # a host sync, so that no NaN/inf step ever reaches the weights
@@ -590,10 +592,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         pause_start = time.perf_counter()
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
             # uncompiled: a compiled eval would recompile per plan (no grad, other branches) for little gain
-            summary["eval"] = evaluate(raw_model, val_data, cfg, rt, autocast)
+            summary["eval"] = evaluate(model, val_data, cfg, rt, autocast)
             log_record(log_file, {"step": done, "eval": summary["eval"]})
         if (cfg.save_every and done % cfg.save_every == 0) or done == stop:
-            summary["checkpoint"] = str(save_training_checkpoint(out, done, skipped, raw_model, optimizer, cfg, rt,
+            summary["checkpoint"] = str(save_training_checkpoint(out, done, skipped, model, optimizer, cfg, rt,
                                                                  tokenizer_json))
         last_time += time.perf_counter() - pause_start  # evaluating and saving are not training time
         summary["step"] = done

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from oryx_core import cli  # noqa: E402
 from oryx_core.data import build_shards  # noqa: E402
-from oryx_core.weights import load_checkpoint  # noqa: E402
+from oryx_core.weights import load_checkpoint, save_checkpoint  # noqa: E402
 from oryx_cuda import train as train_module  # noqa: E402
 from oryx_cuda.train import config_from_dict, load_train_config, lr_at, train  # noqa: E402
 
@@ -164,6 +164,23 @@ def test_fixed_plans_train_and_keep_checkpoints_bounded(shards, tmp_path):
                                 save_every=1, keep_checkpoints=2, grad_accum=1))
     assert set(summary["eval"]) == {"recurrent", "every:2:8"}
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000003", "step-00000004"]
+
+
+def test_model_from_checkpoint_or_config_file(shards, full_run, tmp_path):
+    start = full_run / "checkpoints" / "step-00000006" / "model"
+    bf16 = load_checkpoint(start)
+    save_checkpoint(tmp_path / "bf16", bf16.config, bf16.params, dtype="bfloat16")
+    out = tmp_path / "from-checkpoint"
+    train(tiny_config(shards, out, model={"checkpoint": str(tmp_path / "bf16")}, steps=1, grad_accum=1))
+    trained = load_checkpoint(out / "checkpoints" / "step-00000001" / "model")
+    assert trained.dtype == "float32"  # fp32 master weights, whatever the starting dtype
+    delta = [np.abs(trained.params[n] - bf16.params[n].astype(np.float32)).max() for n in trained.params]
+    assert 0 < max(delta) < 0.05  # one small step away from the starting weights
+    config = tmp_path / "config.json"
+    config.write_text(bf16.config.replace(n_layers=1).to_json())
+    out = tmp_path / "from-config"
+    train(tiny_config(shards, out, model={"config": str(config)}, steps=1, grad_accum=1))
+    assert load_checkpoint(out / "checkpoints" / "step-00000001" / "model").config.n_layers == 1
 
 
 def test_schedule_warms_up_then_decays_to_min_lr(shards, tmp_path):

@@ -12,25 +12,28 @@ state in registers:
 - forward: one program per (value block, sequence, head), state [K, BV]; only the final state is
   written;
 - dq: forward walk again, one program per (key block, sequence, head), state [BK, V]; it also
-  writes each chunk's end state S_c (in the input dtype) for the decay gradient below;
+  writes the state each chunk starts from, S_prev (fp32), for the decay gradient below;
 - dk: backward walk with the key-block rows of the state gradient dS, one program per (key block,
   sequence, head);
 - dv, ddt, dA, dD: backward walk with the value-block columns of dS, one program per (value block,
   sequence, head); its ddt, dA, dD are per-block shares summed in torch.
 
 Scalings by dt and by decays go onto [BT, BT] score tiles or onto rows of dot results rather than
-onto [BT, K] operand tiles, which keeps the kernels inside the register file.
+onto [BT, K] operand tiles, which keeps register pressure down.
 
-Decay gradient. Within chunk c, b_t = sum_{j <= t} a_j with a_j = A dt_j, so
-dL/da_j = sum_{t >= j in c} dL/db_t, where (k~ = dt k)
+Decay gradient. Within chunk c, b_t = sum_{j <= t} a_j with a_j = A dt_j. With k~ = dt k, dS the
+gradient of the state at the chunk's end and C_ts = exp(b_t - b_s) dt_s (q_t . k_s)(do_t . v_s)
+for s <= t, every way a_j moves the loss gives
 
-    dL/db_t = sum_s C_ts - sum_s C_st + q_t . dq_t^inter - k~_t . dk~_t^inter + [t = last] <dS_c, S_c>,
-    C_ts = exp(b_t - b_s) dt_s (q_t . k_s)(do_t . v_s)  for s <= t,
+    dL/da_j = sum_{t >= j} (sum_s C_ts - sum_s C_st + q_t . dq~_t^inter)      (t, s in chunk c)
+            + sum_{s < j} k~_s . dk~_s^inter + exp(b_last) <dS, S_prev>,
 
-dS_c being dL/d(state at the end of chunk c). The intra-chunk pairs enter as row minus column sums
-of one fp32 matrix, so they cancel exactly, and no sum runs across chunks except through
-<dS_c, S_c>. (A reverse cumsum of q.dq - k~.dk~ over the whole sequence is exact in real arithmetic,
-but in bf16 cancellation leaves dA with errors of order 100%.)
+where dq~^inter = exp(b_t) S_prev do_t and dk~^inter = exp(b_last - b_s) dS v_s are the parts of
+dq and dk~ that go through the states. Each term is computed once: the intra-chunk pairs as row minus
+column sums of one fp32 matrix, and nothing is summed across chunks except through <dS, S_prev>.
+(The textbook route, a reverse cumsum of q.dq - k~.dk~ over the whole sequence, is exact in real
+arithmetic but in bf16 cancellation leaves dA with errors of order 100%; so does summing
+<dS, S_end> against the k~.dk~^inter terms it should cancel, at the percent level.)
 """
 import torch
 import triton
@@ -38,7 +41,7 @@ import triton.language as tl
 
 from ._inputs import check_ssd_inputs
 
-# Tile caps, warps and pipeline depth of the three kernels; bench/bench_mamba2.py sweeps these on the GPU.
+# Tile caps, warps and pipeline depth of the four kernels (bench/bench_mamba2.py --sweep times variants).
 KERNEL_SETTINGS = dict(
     fwd_block_v=64, fwd_warps=8,
     bwd_block_k=64, dq_warps=8, dk_warps=8,
@@ -164,8 +167,8 @@ def _ssd_bwd_dq_kernel(
 ):
     """dq_t = sum_{s <= t} exp(b_t - b_s) dt_s (do_t . v_s) k_s + exp(b_t) S_prev do_t, per key block.
 
-    Also writes this key block's share of q_t . dq_t^inter (summed over blocks by the dk/dv kernel)
-    and of each chunk's end state S_c."""
+    Also writes this key block's share of q_t . dq~_t^inter (summed over blocks by the dv kernel)
+    and of the state each chunk starts from, S_prev."""
     i_k, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, seq_len = _sequence_span(cu_seqlens, i_n, T, IS_VARLEN)
@@ -199,10 +202,10 @@ def _ssd_bwd_dq_kernel(
         partial = tl.sum(dq_inter * q_c.to(tl.float32), axis=1)
         tl.store(q_dot_dq_inter + i_k * total_tokens * H + rows * H + i_h, partial, mask=row_ok)
 
-        v_to_end = (v_c.to(tl.float32) * (dt_c * tl.exp(last - log_decay))[:, None]).to(v_c.dtype)
-        state = state * tl.exp(last) + tl.dot(tl.trans(k_c), v_to_end, input_precision=DOT_PRECISION)
         chunk_state = chunk_states + ((first_chunk + chunk) * H + i_h) * K * V + state_tile
         tl.store(chunk_state, state.to(chunk_states.dtype.element_ty), mask=state_ok)
+        v_to_end = (v_c.to(tl.float32) * (dt_c * tl.exp(last - log_decay))[:, None]).to(v_c.dtype)
+        state = state * tl.exp(last) + tl.dot(tl.trans(k_c), v_to_end, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -323,10 +326,11 @@ def _ssd_bwd_dv_kernel(
         k_dot_dk = tl.sum(pair_terms, axis=0) + k_inter
         pair_terms = pair_terms * dt_c[None, :]
         chunk_state = chunk_states + ((first_chunk + chunk) * H + i_h) * K * V + state_tile
-        end_term = tl.sum(tl.sum(d_state * tl.load(chunk_state, mask=state_ok, other=0.0).to(tl.float32), axis=1), axis=0)
-        d_b = tl.sum(pair_terms, axis=1) - tl.sum(pair_terms, axis=0) + q_inter - dt_c * k_inter
-        d_b += tl.where(t_index == BT - 1, end_term, 0.0)
-        d_a = tl.sum(d_b, axis=0) - tl.cumsum(d_b, axis=0) + d_b  # sum over j >= t within the chunk
+        carried = tl.exp(last) * tl.sum(tl.sum(d_state * tl.load(chunk_state, mask=state_ok, other=0.0), axis=1), axis=0)
+        later = tl.sum(pair_terms, axis=1) - tl.sum(pair_terms, axis=0) + q_inter  # summed over t >= j
+        earlier = dt_c * k_inter  # summed over s < j
+        d_a = tl.sum(later, axis=0) - tl.cumsum(later, axis=0) + later
+        d_a += tl.cumsum(earlier, axis=0) - earlier + carried
         tl.store(d_dt + i_v * total_tokens * H + rows * H + i_h, k_dot_dk + a_h * d_a, mask=row_ok)
         d_A_total += d_a * dt_c
         d_D_total += tl.sum(tl.where(t_index[:, None] == t_index[None, :], do_v, 0.0), axis=1)
