@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .config import PRESETS, ConfigError, preset
+from .default import DEFAULT_MODEL
 from .evaluate import BACKEND_MODULES, evaluate_mqar, evaluate_text
 from .init import init_params
 from .plan import PlanError
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="config, parameter counts and tied fraction of a checkpoint or preset",
                        description="Show a checkpoint's (or a preset's) config, parameters shared and per mode, tied fraction, "
                                    "dtype and size on disk.")
-    p.add_argument("path", help="checkpoint directory, or a preset name (" + ", ".join(PRESETS) + ")")
+    p.add_argument("path", nargs="?", default=str(DEFAULT_MODEL),
+                   help="checkpoint directory, or a preset name (" + ", ".join(PRESETS) + "); default: the embedded model")
     p.add_argument("--mixer", choices=["gdn", "mamba2"], default="gdn", help="recurrent mixer, for a preset (default gdn)")
     p.add_argument("--json", **json_flag)
     p.set_defaults(func=cmd_info)
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Mean negative log-likelihood, perplexity and token count of a text under a mode plan, "
                                    "or multi-query associative recall accuracy (--mqar). "
                                    "Plans: attention, recurrent, last:10%, every:4:64, A:0-512,R:512- ...")
-    p.add_argument("path", help="checkpoint directory")
+    p.add_argument("path", nargs="?", default=str(DEFAULT_MODEL), help="checkpoint directory (default: the embedded model)")
     p.add_argument("--text", help="UTF-8 text file to score")
     p.add_argument("--mqar", type=int, metavar="PAIRS", help="instead of a text: MQAR accuracy with PAIRS key-value pairs")
     p.add_argument("--mqar-length", type=int, default=256, help="MQAR sequence length (default 256)")

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up, then run Oryx on the bundled default.
+# The main job on a fresh machine: set up (MLX backend; on Linux mlx[cpu]), then run the
+# embedded default model (oryx_core/default_model) under three mode plans: generate, and score
+# a held-out text (data/heldout.txt: tokens 100,000-101,199 of the corpus' validation split).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ORYX_EXTRAS=${ORYX_EXTRAS:-dev} bash scripts/setup.sh
-OUT=${OUT_DIR:-runs/demo}
-.venv/bin/oryx init "$OUT/tiny-gdn" --preset tiny --mixer gdn
-.venv/bin/oryx info "$OUT/tiny-gdn"
-for plan in attention recurrent "A:0-200,R:200-400,A:400-"; do
-    .venv/bin/oryx eval "$OUT/tiny-gdn" --text README.md --plan "$plan" --max-tokens 600
+ORYX_EXTRAS=${ORYX_EXTRAS:-mlx} bash scripts/setup.sh
+ORYX=.venv/bin/oryx
+$ORYX info
+for plan in attention recurrent prefill-attention; do
+    echo "== generate, plan $plan"
+    $ORYX generate --backend mlx --prompt "The history of the city" --plan "$plan" --max-tokens 60
+    echo
+done
+for plan in attention recurrent "A:0-400,R:400-800,A:800-"; do
+    $ORYX eval --backend mlx --text data/heldout.txt --plan "$plan"
 done

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from oryx_core.default import DEFAULT_MODEL
+
 BACKENDS = ("torch", "mlx")
 
 
@@ -13,7 +15,8 @@ def register(subparsers) -> None:
                               description="Stream a completion of --prompt to stdout. The plan says which tokens run "
                                           "in attention mode: prefill-attention (default), attention, recurrent, "
                                           "last:10%, every:4:64, A:0-512,R:512- ...")
-    p.add_argument("path", help="checkpoint directory (with tokenizer.json, else the byte-level tokenizer)")
+    p.add_argument("path", nargs="?", default=str(DEFAULT_MODEL),
+                   help="checkpoint directory (with tokenizer.json, else the byte-level tokenizer); default: the embedded model")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--plan", default="prefill-attention", help="mode plan (default prefill-attention)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
