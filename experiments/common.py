@@ -6,6 +6,7 @@ overrides (`--scale toy` for the CPU pretest of the whole pipeline).
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -43,6 +44,18 @@ def load_experiment_config(path: str | Path, scale: str | None) -> dict:
     if scale not in scales:
         raise ValueError(f"--scale {scale!r}: {path} defines scales {sorted(scales)}")
     return deep_merge(raw, scales[scale])
+
+
+def experiment_args(description: str, default_config: str) -> argparse.Namespace:
+    """The command line every experiment runner shares."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default_config)
+    parser.add_argument("--scale", help="a smaller scale defined in the config (toy: the CPU pretest)")
+    parser.add_argument("--out", required=True, help="output directory")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--budget-s", type=float, help="wall-clock seconds for the whole experiment (probe included)")
+    which.add_argument("--steps", type=int, help="optimizer steps per model (default: the config's)")
+    return parser.parse_args()
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -19,14 +19,13 @@ directory per model (log.jsonl, final checkpoint).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
 import time
 from pathlib import Path
 
-from common import environment, load_experiment_config, log, steps_for_budget, write_json
+from common import environment, experiment_args, load_experiment_config, log, steps_for_budget, write_json
 
 from oryx_core.spec import parameter_counts
 from oryx_cuda.train import config_from_dict, model_config, train
@@ -104,14 +103,7 @@ def run_model(exp: dict, entry: dict, out: Path, steps: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="experiments/configs/lm_budget.json")
-    parser.add_argument("--scale", help="a smaller scale defined in the config (toy: the CPU pretest)")
-    parser.add_argument("--out", required=True, help="output directory")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--budget-s", type=float, help="wall-clock seconds for the whole experiment (probe included)")
-    which.add_argument("--steps", type=int, help="optimizer steps per model (default: the config's)")
-    args = parser.parse_args()
+    args = experiment_args(__doc__.splitlines()[0], "experiments/configs/lm_budget.json")
 
     started = time.perf_counter()
     exp = load_experiment_config(args.config, args.scale)

@@ -22,14 +22,13 @@ s = 0 is the all-recurrent plan and s = 1 the all-attention plan. Baselines: the
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import environment, load_experiment_config, log, steps_for_budget, write_json
+from common import environment, experiment_args, load_experiment_config, log, steps_for_budget, write_json
 
 from oryx_core.config import preset
 from oryx_core.mqar import FILLER, IGNORE, make_mqar
@@ -204,14 +203,7 @@ def probe_seconds_per_step(exp: dict, mixers: list[str]) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="experiments/configs/mqar.json")
-    parser.add_argument("--scale", help="a smaller scale defined in the config (toy: the CPU pretest)")
-    parser.add_argument("--out", required=True, help="output directory")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--budget-s", type=float, help="wall-clock seconds for the whole experiment (probe included)")
-    which.add_argument("--steps", type=int, help="optimizer steps per model (default: the config's)")
-    args = parser.parse_args()
+    args = experiment_args(__doc__.splitlines()[0], "experiments/configs/mqar.json")
 
     started = time.perf_counter()
     exp = load_experiment_config(args.config, args.scale)
