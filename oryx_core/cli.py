@@ -22,7 +22,7 @@ from .spec import parameter_counts
 from .tokenizer import byte_level_tokenizer, load_tokenizer
 from .weights import load_checkpoint, save_checkpoint
 
-COMMAND_MODULES = ["oryx_cuda.cli", "oryx_mlx.cli", "oryx_convert.cli", "oryx_core.data"]
+COMMAND_MODULES = ["oryx_cuda.cli", "oryx_cuda.train_cli", "oryx_mlx.cli", "oryx_convert.cli", "oryx_core.data"]
 USER_ERRORS = (ConfigError, FormatError, PlanError, ValueError, FileNotFoundError)
 
 
