@@ -2,13 +2,15 @@
 
     python3 bench/train_gpu.py [--steps 300] [--kill-at 160] [--save-every 100] [--out DIR]
 
+The main run is eager (the config's default); --compile true compiles it.
+
 1. builds token shards from data/docs-corpus.txt.xz with a trained 8192-token BPE;
 2. trains configs/train/20m.json for --steps steps, SIGKILLs the process once the log
    reaches --kill-at, resumes with --resume from the last checkpoint and trains to the end;
 3. compares the losses the killed run logged after its last checkpoint with the ones the
    resumed run logged for the same steps, and prints the loss curve, eval losses and tokens/s;
-4. probes, eager (no torch.compile) at a higher lr, each fixed plan and mixed: tokens/s without
-   compile, and which path first gives non-finite gradients (skipped steps) if any;
+4. short probe runs per plan and compile flag (default: mixed, attention, recurrent, each
+   compiled): tokens/s with compile, and which path gives non-finite gradients, if any;
 5. with 2+ GPUs, trains a few steps under `torchrun --nproc_per_node=2` (DDP, then FSDP2).
 
 Writes train_gpu.json (all numbers) and the logs under $OUT (or --out).
@@ -113,10 +115,10 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--compile", default="auto", help="true | false | auto")
+    parser.add_argument("--compile", default="false", help="for the main run: true | false | auto")
     parser.add_argument("--timeout", type=float, default=170.0, help="seconds for the run up to the kill")
-    parser.add_argument("--probe-plans", nargs="*", default=["mixed", "attention", "recurrent"],
-                        help="eager probe runs, one per plan (see the code)")
+    parser.add_argument("--probes", nargs="*", default=["mixed:true", "attention:true", "recurrent:true"],
+                        metavar="PLAN:COMPILE", help="short runs, one per training plan and compile flag")
     parser.add_argument("--probe-steps", type=int, default=100)
     parser.add_argument("--probe-lr", type=float, default=2e-3)
     parser.add_argument("--probe-until-s", type=float, default=220.0, help="start no probe after this many seconds")
@@ -153,23 +155,24 @@ def main() -> None:
 
     result.update(kill_and_resume(train_command, work, out, args))
 
-    # Eager runs, one per fixed plan and mixed, at a higher lr: tokens/s without torch.compile, and
-    # which path (attention, recurrence, both) first yields non-finite gradients when pushed.
+    # Short runs per training plan with and without torch.compile: tokens/s of each, and which path
+    # (attention, recurrence, both; compiled or not) gives non-finite gradients, if any (run 1 did, compiled).
     result["probes"] = {}
-    for plan in args.probe_plans:
+    for name in args.probes:
+        plan, _, compile_flag = name.partition(":")
         if time.time() - started > args.probe_until_s:
-            result["probes"][plan] = "not run: out of time"
+            result["probes"][name] = "not run: out of time"
             continue
-        probe = work / f"probe-{plan}"
-        command = train_command(probe, "false", args.probe_steps) + ["--set", f"modes={plan}", "--set",
-                                                                      f"lr={args.probe_lr}", "--set", "eval_every=0"]
+        probe = work / f"probe-{plan}-{compile_flag}"
+        command = train_command(probe, compile_flag, args.probe_steps) + ["--set", f"modes={plan}", "--set",
+                                                                           f"lr={args.probe_lr}", "--set", "eval_every=0"]
         done = subprocess.run(command, cwd=ROOT)
         log = read_log(probe / "log.jsonl")
         trained = [r for r in log if "loss" in r]
-        result["probes"][plan] = {
+        result["probes"][name] = {
             "lr": args.probe_lr, "returncode": done.returncode, "steps_logged": len(trained),
             "losses": [(r["step"], r["loss"]) for r in trained], "skipped_steps": [r["step"] for r in log if "skipped" in r],
-            "eager_tokens_per_s_median": median_rate(log, 20)}
+            "tokens_per_s_median": median_rate(log, 20)}
 
     if torch.cuda.device_count() >= 2:
         for parallel in ("ddp", "fsdp"):
@@ -205,9 +208,9 @@ def main() -> None:
             print(f"probe {plan}: {probe}")
             continue
         last = probe["losses"][-1] if probe["losses"] else None
-        rate = probe["eager_tokens_per_s_median"]
-        print(f"probe {plan} (eager, lr {probe['lr']}): rc {probe['returncode']}, last {last}, "
-              f"skipped steps {probe['skipped_steps']}, eager median "
+        rate = probe["tokens_per_s_median"]
+        print(f"probe {plan} (lr {probe['lr']}): rc {probe['returncode']}, last {last}, "
+              f"skipped steps {probe['skipped_steps']}, median "
               + (f"{rate:,.0f} tokens/s" if rate else "n/a"))
     print(f"total {time.time() - started:.0f} s")
     for key in ("torchrun2", "torchrun2_ddp", "torchrun2_fsdp"):

@@ -17,7 +17,7 @@ import numpy as np
 
 from oryx_core.config import MIXERS
 from oryx_core.safetensors_io import FormatError
-from oryx_core.weights import (DEFAULT_SHARD_BYTES, FLOAT_DTYPES, TOKENIZER_FILE, _check_against_spec, load_checkpoint,
+from oryx_core.weights import (DEFAULT_SHARD_BYTES, FLOAT_DTYPES, TOKENIZER_FILE, check_against_spec, load_checkpoint,
                                save_checkpoint)
 
 from . import backends
@@ -103,7 +103,7 @@ def _check_options(src: Path, dst: Path, from_kind: str, to_kind: str, dtype, qu
 
 def _validate(model: ConvertedModel, where: str) -> None:
     if model.quantization is None:
-        _check_against_spec(model.config, model.params, where)
+        check_against_spec(model.config, model.params, where)
     else:
         backends.mlx_model(model)  # checks every packed tensor against the spec (needs MLX)
 

@@ -102,7 +102,7 @@ def save_checkpoint(path: str | Path, config: OryxConfig, params: dict[str, np.n
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise FormatError(f"--dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
     if quantization is None:
-        _check_against_spec(config, params, "params")
+        check_against_spec(config, params, "params")
     tensors = {}
     for name, value in params.items():
         arr = np.asarray(value)
@@ -208,14 +208,15 @@ def load_checkpoint(path: str | Path, verify_checksums: bool = True) -> Checkpoi
         raise FormatError(f"{path}: tensors listed in {INDEX_FILE} but absent from their shards: {listed_missing[:5]}")
     quantization = meta.get("quantization")
     if quantization is None:
-        _check_against_spec(cfg, params, str(path))
+        check_against_spec(cfg, params, str(path))
         _check_dtypes(params, meta.get("dtype"), path)
     tok = path / TOKENIZER_FILE
     extra = {TOKENIZER_FILE: tok.read_bytes()} if tok.exists() else {}
     return Checkpoint(cfg, params, meta.get("dtype", "float32"), quantization, path, extra)
 
 
-def _check_against_spec(cfg: OryxConfig, params: dict, where: str) -> None:
+def check_against_spec(cfg: OryxConfig, params: dict, where: str) -> None:
+    """Every tensor the spec names is present with its shape, and no other: else one FormatError."""
     specs = {s.name: s for s in parameter_specs(cfg)}
     missing = sorted(set(specs) - set(params))
     if missing:

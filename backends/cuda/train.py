@@ -68,7 +68,9 @@ class TrainConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0  # 0: no clipping
     bf16: bool = True  # bf16 autocast (CUDA); master weights and optimizer stay fp32
-    compile: object = "auto"  # true | false | "auto" (on for CUDA, off on CPU)
+    # torch.compile of the model: false | true | "auto" (on for CUDA). Off by default: the one compiled
+    # 20m run (H200, docs/benchmarks.md "Training") went NaN at step ~55 where eager runs did not.
+    compile: object = False
     modes: str = "mixed"  # "mixed" (the design's sampler) or a fixed plan: "attention", "recurrent", ...
     mode_chunk: int = 64
     pure_share: float = 0.2
