@@ -30,7 +30,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ("import sys; sys.path.insert(0, {bench!r}); import _paths; from oryx_core import cli; "
-            "cli.COMMAND_MODULES.count('oryx_cuda.train_cli') or cli.COMMAND_MODULES.append('oryx_cuda.train_cli'); "
             "sys.exit(cli.main(sys.argv[1:]))")
 
 
