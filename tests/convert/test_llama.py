@@ -47,6 +47,16 @@ def test_converted_checkpoint_runs_on_backend(hf_llama_dir, tmp_path, backend):
     assert relative_error(logits, hf_logits(model, TOKENS)) < 1e-4
 
 
+@pytest.mark.parametrize("attention", [True, False])
+def test_torch_and_mlx_backends_agree_on_a_converted_checkpoint(hf_llama_dir, tmp_path, attention):
+    pytest.importorskip("oryx_cuda.model")
+    pytest.importorskip("oryx_mlx.generate")
+    checkpoint = convert(hf_llama_dir[0], tmp_path / "oryx", from_kind="llama", mixer="mamba2")
+    torch_logits = backend_logits("torch", checkpoint, TOKENS, attention=attention)
+    mlx_logits = backend_logits("mlx", checkpoint, TOKENS, attention=attention)
+    assert relative_error(mlx_logits, torch_logits) < 1e-4
+
+
 def test_tokenizer_json_is_carried(hf_llama_dir, tmp_path):
     from oryx_core.tokenizer import byte_level_tokenizer
 
