@@ -175,7 +175,7 @@ class OryxMixer(nn.Module):
             y = self.o_norm(y if gate is None else y * gate)
         else:
             y = self.o_norm(y) if gate is None else self.o_norm(y) * gate
-        return self.o_proj(y.reshape(B, T, H * dv).to(o.dtype))
+        return self.o_proj(y.reshape(B, T, H * dv).to(xn.dtype))
 
     # -- parallel form (training, eval, prefill) --
     def forward(self, xn, plan: AttentionPlan, rope, layer_cache: LayerCache | None = None):

@@ -114,3 +114,29 @@ def test_cli_generate(tmp_path, capsys):
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
     assert oryx_main(["generate", str(ck), "--prompt", "Hi", "--plan", "A:0-2"]) == 2
     assert "plan" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+def test_bfloat16_decode_on_cpu_tracks_float32(mixer):
+    """Regression: the CPU step path once returned fp32 recurrent outputs into bf16 projections."""
+    from oryx_cuda.generate import DecodeRunner
+
+    cfg = preset("tiny", mixer)
+    params = init_params(cfg, 3)
+    plan = ModePlan.parse("A:0-4,R:4-7,A:7-")
+    prompt, steps = [5, 17, 99, 3], [42, 7, 250, 11, 60]
+    modes = plan.resolve(len(prompt) + len(steps))
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = OryxModel(cfg, seed=None)
+        model.load_params(params)
+        model = model.to(dtype).eval()
+        with torch.inference_mode():
+            cache = model.new_cache(1, len(prompt) + len(steps), "keep", with_kv=True)
+            out = [model(torch.tensor([prompt]), modes[None, :len(prompt)], cache=cache)[:, -1]]
+            runner = DecodeRunner(model, cache, cuda_graphs=False)
+            for i, token in enumerate(steps[:-1]):
+                out.append(runner.step([token], modes[len(prompt) + i:len(prompt) + i + 1]))
+        logits[dtype] = torch.cat(out).float()
+    error = (logits[torch.bfloat16] - logits[torch.float32]).norm() / logits[torch.float32].norm()
+    assert error < 3e-2
