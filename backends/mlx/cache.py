@@ -19,7 +19,7 @@ class LayerCache:
     def __init__(self):
         self.keys = None  # [B, Hkv, capacity, d], RoPE applied
         self.values = None  # [B, Hkv, capacity, dv]
-        self.conv = {}  # "k" / "v" / "q" -> the last W-1 conv inputs [B, W-1, C]
+        self.conv = None  # the last W-1 inputs of the q_rec, k, v convs, channels side by side [B, W-1, C]
         self.recurrent = None  # [B, H, d, dv] float32, one copy per query head
         self.offset = 0  # tokens seen so far (the next token's position)
         self.kv_dropped = False
@@ -48,7 +48,7 @@ class LayerCache:
     @property
     def state(self) -> list[mx.array]:
         """Every array the cache holds (mlx-lm evaluates these between prefill chunks)."""
-        arrays = [self.keys, self.values, self.recurrent, *self.conv.values()]
+        arrays = [self.keys, self.values, self.recurrent, self.conv]
         return [a for a in arrays if a is not None]
 
     @property

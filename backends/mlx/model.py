@@ -12,6 +12,9 @@ recurrent state run in float32.
 """
 from __future__ import annotations
 
+import functools
+import itertools
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -34,11 +37,8 @@ def l2_normalize(x):
 
 
 class CausalDepthwiseConv(nn.Module):
-    """Depthwise causal conv over time; weight [C, W] as in the spec (last tap = current token).
-
-    The caller passes the last W-1 inputs of the previous call (or None at the start) and
-    gets back the window to pass next time, so prefill and single steps share one code path.
-    """
+    """The parameters of a depthwise causal conv over time: weight [C, W] as in the spec
+    (last tap = current token). The mixer runs its three convs as one (`causal_conv`)."""
 
     def __init__(self, channels: int, width: int, bias: bool):
         super().__init__()
@@ -46,20 +46,143 @@ class CausalDepthwiseConv(nn.Module):
         if bias:
             self.bias = mx.zeros((channels,))
 
-    def __call__(self, x, window=None):
-        B, T, C = x.shape
-        W = self.weight.shape[1]
-        if window is None:
-            window = mx.zeros((B, W - 1, C), dtype=x.dtype)
-        padded = mx.concatenate([window.astype(x.dtype), x], axis=1)
-        out = sum(padded[:, j:j + T] * self.weight[:, j] for j in range(W))
-        if "bias" in self:
-            out = out + self.bias
-        return out, padded[:, T:]
+
+def causal_conv(x, weight, bias, window):
+    """Depthwise causal conv of x [B,T,C] with weight [C,W] (and bias [C] or None).
+
+    window: the last W-1 inputs of the previous call (None at the start). Returns the
+    output and the window to pass next time, so prefill and single steps share one path.
+    """
+    B, T, C = x.shape
+    W = weight.shape[1]
+    if window is None:
+        window = mx.zeros((B, W - 1, C), dtype=x.dtype)
+    padded = mx.concatenate([window.astype(x.dtype), x], axis=1)
+    out = sum(padded[:, j:j + T] * weight[:, j] for j in range(W))
+    if bias is not None:
+        out = out + bias
+    return out, padded[:, T:]
+
+
+class DerivedArrays:
+    """Values built once from some of a module's parameters (fused weights) or its static
+    configuration (compiled functions: no sources), each rebuilt when one of its sources is
+    replaced. load_weights, update and quantize replace parameter arrays (quantize also
+    modules), so identity tells; writing into a parameter array in place is not seen."""
+
+    def __init__(self):
+        self._built = {}
+
+    def get(self, key, sources, build):
+        """sources: a function returning the source objects, asked again after `build`
+        (which may replace them, see `fused_weights`)."""
+        current = sources()
+        hit = self._built.get(key)
+        if hit is None or len(hit[0]) != len(current) or any(a is not b for a, b in zip(hit[0], current)):
+            value = build()
+            hit = self._built[key] = (sources(), value)
+        return hit[1]
+
+
+LINEAR_ARRAYS = ("weight", "scales", "biases")  # Oryx's projections have no bias
+
+
+def _linear_kind(module) -> tuple:
+    """Projections of one kind can share a matmul (quantised ones: same bits, group size, mode)."""
+    if isinstance(module, nn.QuantizedLinear):
+        return ("quantized", module.bits, module.group_size, module.mode)
+    return ("float",)
+
+
+def _concatenated_linear(modules: list) -> dict:
+    """Weights of bias-free linear maps of one input and one kind, concatenated along the
+    output axis (for quantised ones also scales and biases: their groups run along the
+    input axis), so each output column is computed as by its own layer."""
+    if any("bias" in m for m in modules):
+        raise ValueError("fused projections: a projection has a bias, which Oryx's spec does not have")
+    join = (lambda arrays: arrays[0]) if len(modules) == 1 else mx.concatenate  # one: no copy
+    return {name: join([m[name] for m in modules]) for name in LINEAR_ARRAYS if name in modules[0]}
+
+
+def _apply_linear(kind: tuple, arrays: dict, x):
+    if kind[0] == "quantized":
+        _, bits, group_size, mode = kind
+        return mx.quantized_matmul(x, arrays["weight"], scales=arrays["scales"], biases=arrays.get("biases"),
+                                   transpose=True, group_size=group_size, bits=bits, mode=mode)
+    return x @ arrays["weight"].T
+
+
+def fused_weights(owner: nn.Module, derived: DerivedArrays, names: tuple) -> tuple:
+    """(layout, arrays) for `apply_fused`: the linear children of `owner` called `names`,
+    grouped by kind, each group's weights concatenated in the order of `names` (built once).
+    The layout is static (hashable); the arrays are a list of dicts, one per group.
+
+    Once fused, each module's weights become views of its rows of the fused arrays, so the
+    weights are held once (loading or quantising later replaces the views, and the fused
+    arrays are built again)."""
+    modules = tuple(owner[name] for name in names)
+
+    def sources():
+        return modules + tuple(m[key] for m in modules for key in LINEAR_ARRAYS if key in m)
+
+    def fuse():
+        groups = {}
+        for name, module in zip(names, modules):
+            groups.setdefault(_linear_kind(module), []).append((name, module))
+        layout = tuple((kind, tuple(name for name, _ in members), tuple(m.weight.shape[0] for _, m in members))
+                       for kind, members in groups.items())
+        arrays = [_concatenated_linear([m for _, m in members]) for members in groups.values()]
+        mx.eval(arrays)
+        for members, group_arrays in zip(groups.values(), arrays):
+            start = 0
+            for _, module in members:
+                end = start + module.weight.shape[0]
+                module.update({key: a[start:end] for key, a in group_arrays.items()})
+                start = end
+        mx.eval([[m[key] for key in LINEAR_ARRAYS if key in m] for m in modules])
+        return layout, arrays
+
+    return derived.get(names, sources, fuse)
+
+
+def apply_fused(layout: tuple, arrays: list, x, units: tuple) -> list:
+    """One array per unit (a tuple of projection names): its projections' outputs side by side.
+
+    One matmul per group, over the group's rows from the first to the last projection some
+    unit needs (a view of the fused weights): order the names so that what a call needs is
+    contiguous, and no unneeded rows are computed.
+    """
+    wanted = {name for unit in units for name in unit}
+    where = {}  # name -> (matmul output, first column, end column)
+    for (kind, names, widths), group_arrays in zip(layout, arrays):
+        used = [i for i, name in enumerate(names) if name in wanted]
+        if not used:
+            continue
+        starts = list(itertools.accumulate(widths, initial=0))
+        first, end = starts[used[0]], starts[used[-1] + 1]
+        if (first, end) != (0, starts[-1]):
+            group_arrays = {key: a[first:end] for key, a in group_arrays.items()}
+        y = _apply_linear(kind, group_arrays, x)
+        for i in range(used[0], used[-1] + 1):
+            where[names[i]] = (y, starts[i] - first, starts[i + 1] - first)
+    outputs = []
+    for unit in units:
+        pieces = [where[name] for name in unit]
+        y, start, end = pieces[0][0], pieces[0][1], pieces[-1][2]
+        if all(p[0] is y for p in pieces) and all(a[2] == b[1] for a, b in zip(pieces, pieces[1:])):
+            outputs.append(y if (start, end) == (0, y.shape[-1]) else y[..., start:end])
+        else:
+            outputs.append(mx.concatenate([p[0][..., p[1]:p[2]] for p in pieces], axis=-1))
+    return outputs
 
 
 class OryxMixer(nn.Module):
-    """The sequence mixer of one layer: shared K/V/gate/output path, two queries, two readouts."""
+    """The sequence mixer of one layer: shared K/V/gate/output path, two queries, two readouts.
+
+    Its parameters, and its computation in three stages that `OryxBlock` runs: `local`
+    (projections, convs, RoPE, the recurrent readout and state update: everything that does
+    not read the KV cache), `attention` over the KV cache, and `output`.
+    """
 
     def __init__(self, cfg: OryxConfig):
         super().__init__()
@@ -85,21 +208,90 @@ class OryxMixer(nn.Module):
         else:
             self.dt_proj = nn.Linear(D, Hkv, bias=False)
             self.D_skip = mx.zeros((Hkv,))
+        self.derived = DerivedArrays()
 
-    # ----- attention readout -----
-    def _attention(self, q, k, v, attention, cache: LayerCache | None):
-        """Appends k, v to the cache and attends with the queries of attention-mode tokens.
+    # ----- stage 1: everything that does not read the KV cache -----
+    def local_weights(self, recurrent: bool, needs_q_attn: bool) -> tuple:
+        """(static layout, arrays) of the local stage for this call's needs."""
+        cfg = self.cfg
+        gates = ("a_proj", "b_proj") if cfg.mixer == "gdn" else ("dt_proj",)
+        units = {"conv_in": ("q_rec", "k_proj", "v_proj") if recurrent else ("k_proj", "v_proj")}
+        if cfg.output_gate:
+            units["g_proj"] = ("g_proj",)
+        if needs_q_attn:
+            units["q_attn"] = ("q_attn",)
+        if recurrent:
+            units["gates"] = gates
+        # one fused matrix serves every call: a recurrent-mode call needs a prefix of this order,
+        # a stateless all-attention call a suffix, so neither computes rows it does not use
+        order = (*gates, "q_rec", "k_proj", "v_proj", *(("g_proj",) if cfg.output_gate else ()), "q_attn")
+        layout, projections = fused_weights(self, self.derived, order)
+        convs = [self[name] for name in (("conv_q", "conv_k", "conv_v") if recurrent else ("conv_k", "conv_v"))]
+        conv_names = tuple(c for c in ("weight", "bias") if c in convs[0])
+        conv = self.derived.get(("conv", recurrent), lambda: tuple(c[n] for c in convs for n in conv_names),
+                                lambda: {n: mx.concatenate([c[n] for c in convs]) for n in conv_names})
+        arrays = {"projections": projections, "conv": conv, "A_log": self.A_log, "dt_bias": self.dt_bias}
+        if cfg.mixer == "mamba2":
+            arrays["D_skip"] = self.D_skip
+        return (tuple(units), tuple(units.values()), layout), arrays
 
-        q [B,T,H,d], k [B,T,Hkv,d], v [B,T,Hkv,dv]; attention: numpy bool [B,T].
-        Returns [B,T,H,dv] (rows of recurrent-mode tokens are don't-care) or None if no
-        token of this call is in attention mode.
+    def local(self, static, arrays, x, window, state, offset):
+        """x [B,T,D] (normed) -> (q_attn [B,H,T,d] or None, k [B,Hkv,T,d], v [B,Hkv,T,dv] (RoPE applied),
+        o_rec [B,T,H,dv] or None, g or None, conv window, recurrent state); offset: position of x's first token."""
+        cfg = self.cfg
+        unit_names, units, layout = static
+        B, T, _ = x.shape
+        H, Hkv, d, dv = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim
+        projected = dict(zip(unit_names, apply_fused(layout, arrays["projections"], x, units)))
+        conv_out, window = causal_conv(projected["conv_in"], arrays["conv"]["weight"], arrays["conv"].get("bias"),
+                                       window)
+        if cfg.conv_act == "silu":
+            conv_out = nn.silu(conv_out)
+        recurrent = "gates" in projected
+        q_rec, k, v = mx.split(conv_out, [H * d, (H + Hkv) * d], axis=-1) if recurrent else (
+            None, *mx.split(conv_out, [Hkv * d], axis=-1))
+        k, v = k.reshape(B, T, Hkv, d), v.reshape(B, T, Hkv, dv)
+        o_rec = None
+        if recurrent:
+            gates = mx.split(projected["gates"], [Hkv], axis=-1) if cfg.mixer == "gdn" else (projected["gates"],)
+            o_rec, state = self._recurrence(gates, q_rec.reshape(B, T, H, d), k, v, state, arrays)
+        rope = (lambda t: mx.fast.rope(t, d, traditional=False, base=cfg.rope_theta, scale=1.0, offset=offset)
+                ) if cfg.rope else (lambda t: t)
+        q_attn = rope(projected["q_attn"].reshape(B, T, H, d).transpose(0, 2, 1, 3)) if "q_attn" in projected else None
+        return (q_attn, rope(k.transpose(0, 2, 1, 3)), v.transpose(0, 2, 1, 3), o_rec, projected.get("g_proj"),
+                window, state)
+
+    def _recurrence(self, gates, q, k, v, state, arrays):
+        """q [B,T,H,d], k [B,T,Hkv,d], v [B,T,Hkv,dv] after conv; gates: the outputs of a_proj,
+        b_proj (GDN) or dt_proj (Mamba-2) -> (o [B,T,H,dv], new state).
+
+        The kernels take as many key/value heads as query heads, so k, v and the gates are
+        repeated per query head; each query head then carries an exact copy of its group's state.
         """
         cfg = self.cfg
-        offset = cache.offset if cache is not None else 0
-        rope = (lambda x: mx.fast.rope(x, cfg.head_dim, traditional=False, base=cfg.rope_theta, scale=1.0,
-                                       offset=offset)) if cfg.rope else (lambda x: x)
-        k = rope(k.transpose(0, 2, 1, 3))
-        v = v.transpose(0, 2, 1, 3)
+        G = cfg.group_size
+        rep = (lambda t: mx.repeat(t, G, axis=2)) if G > 1 else (lambda t: t)
+        A = -mx.exp(arrays["A_log"].astype(mx.float32))
+        dt_bias = arrays["dt_bias"].astype(mx.float32)
+        if cfg.mixer == "gdn":
+            a, b = gates
+            log_alpha = A * softplus(a.astype(mx.float32) + dt_bias)
+            beta = mx.sigmoid(b.astype(mx.float32))
+            return gated_delta_recurrence(l2_normalize(q), rep(l2_normalize(k)), rep(v), rep(log_alpha), rep(beta),
+                                          state=state, scale=cfg.head_dim ** -0.5)
+        dt = softplus(gates[0].astype(mx.float32) + dt_bias)
+        rep_heads = (lambda t: mx.repeat(t, G)) if G > 1 else (lambda t: t)
+        return ssd_recurrence(q, rep(k), rep(v), rep(dt), rep_heads(A), rep_heads(arrays["D_skip"].astype(mx.float32)),
+                              state=state)
+
+    # ----- stage 2: attention over the KV cache -----
+    def attention(self, q, k, v, attention, cache: LayerCache | None, offset: int):
+        """Appends k, v to the cache and attends with the queries of attention-mode tokens.
+
+        q [B,H,T,d] (None when no token of this call is in attention mode), k [B,Hkv,T,d],
+        v [B,Hkv,T,dv]; attention: numpy bool [B,T]. Returns [B,T,H,dv] (rows of
+        recurrent-mode tokens are don't-care) or None if no token of this call is in attention mode.
+        """
         if cache is not None:
             if cache.kv_dropped:
                 if attention.any():
@@ -111,8 +303,7 @@ class OryxMixer(nn.Module):
             return None
         T = attention.shape[1]
         rows = np.flatnonzero(attention.any(axis=0))  # tokens some sequence reads by attention
-        q = rope(q.transpose(0, 2, 1, 3))
-        scale = cfg.head_dim ** -0.5
+        scale = self.cfg.head_dim ** -0.5
         if len(rows) == T:
             mask = "causal" if T > 1 else None
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask).transpose(0, 2, 1, 3)
@@ -122,92 +313,71 @@ class OryxMixer(nn.Module):
         slot[rows] = np.arange(len(rows))  # each token's row in `o`; recurrent tokens read any row
         return o[:, :, mx.array(slot)].transpose(0, 2, 1, 3)
 
-    # ----- recurrent readout (always updates the state when there is a cache) -----
-    def _recurrence(self, x, q, k, v, cache: LayerCache | None):
-        """q [B,T,H,d], k [B,T,Hkv,d], v [B,T,Hkv,dv] after conv -> o [B,T,H,dv].
+    # ----- stage 3: readout choice, gated norm, output projection -----
+    def output_weights(self) -> tuple:
+        layout, projections = fused_weights(self, self.derived, ("o_proj",))
+        arrays = {"o_proj": projections}
+        if self.cfg.output_norm:
+            arrays["o_norm"] = self.o_norm.weight
+        return layout, arrays
 
-        The kernels take as many key/value heads as query heads, so k, v and the gates are
-        repeated per query head; each query head then carries an exact copy of its group's state.
-        """
-        cfg = self.cfg
-        G = cfg.group_size
-        rep = (lambda t: mx.repeat(t, G, axis=2)) if G > 1 else (lambda t: t)
-        state = cache.recurrent if cache is not None else None
-        A = -mx.exp(self.A_log.astype(mx.float32))
-        dt_bias = self.dt_bias.astype(mx.float32)
-        if cfg.mixer == "gdn":
-            log_alpha = A * softplus(self.a_proj(x).astype(mx.float32) + dt_bias)
-            beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))
-            o, state = gated_delta_recurrence(l2_normalize(q), rep(l2_normalize(k)), rep(v), rep(log_alpha), rep(beta),
-                                              state=state, scale=cfg.head_dim ** -0.5)
-        else:
-            dt = softplus(self.dt_proj(x).astype(mx.float32) + dt_bias)
-            rep_heads = (lambda t: mx.repeat(t, G)) if G > 1 else (lambda t: t)
-            o, state = ssd_recurrence(q, rep(k), rep(v), rep(dt), rep_heads(A),
-                                      rep_heads(self.D_skip.astype(mx.float32)), state=state)
-        if cache is not None:
-            cache.recurrent = state
-        return o
-
-    def _gated_norm(self, o, x):
-        """o [B,T,H,dv] -> [B,T,H*dv]: RMSNorm per head (or over all heads) and the SiLU(g) gate."""
-        cfg = self.cfg
-        B, T, H, dv = o.shape
-        if cfg.o_norm_grouping == "all":
-            o = o.reshape(B, T, 1, H * dv)
-        gate = nn.silu(self.g_proj(x)).reshape(o.shape) if cfg.output_gate else None
-        if not cfg.output_norm:
-            y = o if gate is None else o * gate
-        elif cfg.gate_before_norm:
-            y = self.o_norm(o if gate is None else o * gate)
-        else:
-            y = self.o_norm(o) if gate is None else self.o_norm(o) * gate
-        return y.reshape(B, T, H * dv)
-
-    def __call__(self, x, attention, cache: LayerCache | None = None):
-        """x [B,T,D] (normed); attention: numpy bool [B,T], True where a token reads by attention."""
-        cfg = self.cfg
-        B, T, _ = x.shape
-        H, Hkv, d, dv = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim
-        windows = cache.conv if cache is not None else {}
-        new_windows = {}
-        act = nn.silu if cfg.conv_act == "silu" else (lambda t: t)
-        k, new_windows["k"] = self.conv_k(self.k_proj(x), windows.get("k"))
-        v, new_windows["v"] = self.conv_v(self.v_proj(x), windows.get("v"))
-        k, v = act(k).reshape(B, T, Hkv, d), act(v).reshape(B, T, Hkv, dv)
-
-        o_attn = self._attention(self.q_attn(x).reshape(B, T, H, d), k, v, attention, cache)
-        o_rec = None
-        if cache is not None or not attention.all():  # with a cache the state advances whatever the mode
-            q_rec, new_windows["q"] = self.conv_q(self.q_rec(x), windows.get("q"))
-            o_rec = self._recurrence(x, act(q_rec).reshape(B, T, H, d), k, v, cache)
-        if cache is not None:
-            cache.conv = new_windows
-            cache.offset += T
-
+    def output(self, layout, arrays, o_attn, o_rec, g, attention):
+        """Each token's readout (attention where `attention` [B,T] is True) -> gated norm -> o_proj."""
         if o_rec is None:
             o = o_attn
         elif o_attn is None:
             o = o_rec
         else:
-            o = mx.where(mx.array(attention)[:, :, None, None], o_attn, o_rec)
-        return self.o_proj(self._gated_norm(o, x))
+            o = mx.where(attention[:, :, None, None], o_attn, o_rec)
+        return apply_fused(layout, arrays["o_proj"], self._gated_norm(o, g, arrays.get("o_norm")), (("o_proj",),))[0]
+
+    def _gated_norm(self, o, g, norm_weight):
+        """o [B,T,H,dv], g (g_proj's output or None) -> [B,T,H*dv]: RMSNorm per head (or over
+        all heads) and the SiLU(g) gate."""
+        cfg = self.cfg
+        B, T, H, dv = o.shape
+        if cfg.o_norm_grouping == "all":
+            o = o.reshape(B, T, 1, H * dv)
+        gate = nn.silu(g).reshape(o.shape) if cfg.output_gate else None
+        norm = (lambda t: mx.fast.rms_norm(t, norm_weight, cfg.norm_eps))
+        if not cfg.output_norm:
+            y = o if gate is None else o * gate
+        elif cfg.gate_before_norm:
+            y = norm(o if gate is None else o * gate)
+        else:
+            y = norm(o) if gate is None else norm(o) * gate
+        return y.reshape(B, T, H * dv)
+
 
 
 class MLP(nn.Module):
-    """SwiGLU."""
+    """SwiGLU (gate_proj and up_proj as one fused matmul)."""
 
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.derived = DerivedArrays()
 
-    def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def weights(self) -> tuple:
+        """(static layout, arrays) for `apply`."""
+        (gate_up, gate_up_arrays), (down, down_arrays) = (fused_weights(self, self.derived, names) for names in (
+            ("gate_proj", "up_proj"), ("down_proj",)))
+        return (gate_up, down), (gate_up_arrays, down_arrays)
+
+    def apply(self, layout, arrays, x):
+        gate, up = apply_fused(layout[0], arrays[0], x, (("gate_proj",), ("up_proj",)))
+        return apply_fused(layout[1], arrays[1], nn.silu(gate) * up, (("down_proj",),))[0]
 
 
 class OryxBlock(nn.Module):
+    """Pre-norm residual block: mixer, then SwiGLU MLP (if mlp_hidden). A call runs in three
+    stages: `_local` (attention norm and the mixer's local stage), the attention over the KV
+    cache, and `_output` (the mixer's output, residuals, the MLP). For single tokens with a
+    cache the first and last run as mx.compile'd graphs (static shapes: decoding traces them
+    once per mode pattern), since there op overhead, not arithmetic, dominates on a CPU."""
+
     def __init__(self, cfg: OryxConfig):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -215,10 +385,47 @@ class OryxBlock(nn.Module):
         if cfg.mlp_hidden:
             self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
             self.mlp = MLP(cfg.d_model, cfg.mlp_hidden)
+        self.compiled_stages = DerivedArrays()
 
-    def __call__(self, x, attention, cache=None):
-        h = x + self.mixer(self.attn_norm(x), attention, cache)
-        return h + self.mlp(self.mlp_norm(h)) if "mlp" in self else h
+    def _stage(self, name: str, static: tuple, compiled: bool):
+        """self.<name> with its static arguments bound; compiled once per static arguments
+        (mx.compile traces again for new input shapes)."""
+        function = functools.partial(getattr(self, name), static)
+        return self.compiled_stages.get((name, static), tuple, lambda: mx.compile(function)) if compiled else function
+
+    def _local(self, static, arrays, x, window, state, offset):
+        normed = mx.fast.rms_norm(x, arrays["attn_norm"], self.mixer.cfg.norm_eps)
+        return self.mixer.local(static, arrays["mixer"], normed, window, state, offset)
+
+    def _output(self, static, arrays, x, o_attn, o_rec, g, attention):
+        h = x + self.mixer.output(static[0], arrays["mixer"], o_attn, o_rec, g, attention)
+        if "mlp" not in self:
+            return h
+        normed = mx.fast.rms_norm(h, arrays["mlp_norm"], self.mixer.cfg.norm_eps)
+        return h + self.mlp.apply(static[1], arrays["mlp"], normed)
+
+    def __call__(self, x, attention, cache: LayerCache | None = None):
+        """x [B,T,D]; attention: numpy bool [B,T], True where a token reads by attention."""
+        T = x.shape[1]
+        recurrent = cache is not None or not attention.all()  # with a cache the state advances whatever the mode
+        state = cache.recurrent if cache is not None else None
+        offset = cache.offset if cache is not None else 0
+        single_step = T == 1 and state is not None
+        static, mixer_arrays = self.mixer.local_weights(recurrent, bool(attention.any()))
+        q_attn, k, v, o_rec, g, window, state = self._stage("_local", static, single_step)(
+            {"attn_norm": self.attn_norm.weight, "mixer": mixer_arrays}, x, cache.conv if cache is not None else None,
+            state, mx.array(offset, mx.int32))
+        o_attn = self.mixer.attention(q_attn, k, v, attention, cache, offset)
+        if cache is not None:
+            cache.conv, cache.recurrent = window, state
+            cache.offset += T
+        mixer_layout, arrays = self.mixer.output_weights()
+        arrays, mlp_layout = {"mixer": arrays}, None
+        if "mlp" in self:
+            mlp_layout, arrays["mlp"] = self.mlp.weights()
+            arrays["mlp_norm"] = self.mlp_norm.weight
+        return self._stage("_output", (mixer_layout, mlp_layout), single_step)(
+            arrays, x, o_attn, o_rec, g, mx.array(attention))
 
 
 class OryxModel(nn.Module):
