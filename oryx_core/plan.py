@@ -10,8 +10,8 @@ A plan is written as text and resolved against a sequence length:
     A:0-512,R:512-                explicit spans: contiguous from 0, the last may be open
 
 `resolve()` gives a boolean array, True where a token is in attention mode. v1 uses
-one mode per token for all layers; `resolve_layers()` broadcasts that to [layers, T]
-so backends already take per-layer plans.
+one mode per token for all layers; the reference and the MLX model already take modes
+broadcastable to [layers, batch, T], so a per-layer plan needs only a new kind here.
 """
 from __future__ import annotations
 
@@ -149,9 +149,6 @@ class ModePlan:
             raise PlanError(f"plan {self}: covers tokens 0-{covered} but the sequence has {length}; "
                             f"leave the last span open (e.g. R:{covered}-)")
         return modes
-
-    def resolve_layers(self, n_layers: int, length: int, prompt_length: int | None = None) -> np.ndarray:
-        return np.broadcast_to(self.resolve(length, prompt_length), (n_layers, length))
 
     def attention_after(self, position: int, prompt_length: int | None = None) -> bool:
         """Whether any token at index >= position may still run in attention mode.
