@@ -352,6 +352,20 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def forward_buffers(q, k, v, dt, A, D, initial_state, output_final_state, cu_seqlens):
+    """What both forward kernels take: contiguous inputs (dt, A, D and the initial state in fp32),
+    the output o (v's dtype) and the fp32 final-state buffer (or None); plus the number of sequences."""
+    num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    inputs = (q.contiguous(), k.contiguous(), v.contiguous(), dt.float().contiguous(), A.float().contiguous(),
+              None if D is None else D.float().contiguous(),
+              None if initial_state is None else initial_state.float().contiguous())
+    v = inputs[2]
+    o = torch.empty_like(v)
+    ht = (torch.empty(num_seqs, q.shape[2], q.shape[3], v.shape[-1], dtype=torch.float32, device=q.device)
+          if output_final_state else None)
+    return inputs, o, ht, num_seqs
+
+
 def _chunk_offsets(cu_seqlens, batch, length, chunk_size):
     """(first chunk of each sequence in the per-chunk state buffer, or None when not packed; total chunks)."""
     if cu_seqlens is None:
@@ -366,13 +380,8 @@ class ChunkSSDFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, dt, A, D, initial_state, output_final_state, cu_seqlens, chunk_size):
         B, T, H, K = q.shape
         V = v.shape[-1]
-        num_seqs = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        dt32, A32 = dt.float().contiguous(), A.float().contiguous()
-        D32 = None if D is None else D.float().contiguous()
-        h0 = None if initial_state is None else initial_state.float().contiguous()
-        o = torch.empty_like(v)
-        ht = torch.empty(num_seqs, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+        (q, k, v, dt32, A32, D32, h0), o, ht, num_seqs = forward_buffers(
+            q, k, v, dt, A, D, initial_state, output_final_state, cu_seqlens)
         settings = KERNEL_SETTINGS
         BK, BV = _block(K), _block(V, cap=settings["fwd_block_v"])
         _ssd_fwd_kernel[(triton.cdiv(V, BV), num_seqs * H)](

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ._inputs import check_ssd_inputs
-from .chunk import _block, _sequence_span
+from .chunk import _block, _sequence_span, forward_buffers
 
 
 @triton.jit
@@ -56,15 +56,10 @@ def _ssd_fused_recurrent_kernel(
 def fused_recurrent_ssd(q, k, v, dt, A, D=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Forward only; same arguments and results as naive_recurrent_ssd (o in v.dtype, fp32 states)."""
     check_ssd_inputs(q, k, v, dt, A, D, initial_state, cu_seqlens)
-    B, T, H, K = q.shape
+    _, T, H, K = q.shape
     V = v.shape[-1]
-    num_seqs = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    dt, A = dt.float().contiguous(), A.float().contiguous()
-    D = None if D is None else D.float().contiguous()
-    h0 = None if initial_state is None else initial_state.float().contiguous()
-    o = torch.empty_like(v)
-    ht = torch.empty(num_seqs, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    (q, k, v, dt, A, D, h0), o, ht, num_seqs = forward_buffers(
+        q, k, v, dt, A, D, initial_state, output_final_state, cu_seqlens)
     BK, BV = _block(K), _block(V, cap=32)
     _ssd_fused_recurrent_kernel[(triton.cdiv(V, BV), num_seqs * H)](
         q, k, v, dt, A, D if D is not None else A, h0 if h0 is not None else o, o,
