@@ -159,13 +159,14 @@ def layer_bench():
                      "attn10%": block_plan(rng, B, T, 0.10),
                      "attention": torch.ones(B, T, dtype=torch.bool, device="cuda")}
             row = {}
+            host_plans = {name: modes.cpu() for name, modes in plans.items()}  # plans come from the host (sampler)
             for name, modes in plans.items():
                 def fwd_bwd():  # the plan is built per call, as OryxModel.forward does (once for all layers)
-                    layer(x, AttentionPlan(modes), rope).backward(grad)
+                    layer(x, AttentionPlan(modes, 0, host_plans[name]), rope).backward(grad)
 
                 def fwd():
                     with torch.no_grad():
-                        layer(x, AttentionPlan(modes), rope)
+                        layer(x, AttentionPlan(modes, 0, host_plans[name]), rope)
 
                 row[name + "_fwdbwd_ms"] = do_bench(fwd_bwd, warmup=50, rep=300, return_mode="median")
                 row[name + "_fwd_ms"] = do_bench(fwd, warmup=50, rep=300, return_mode="median")
@@ -185,8 +186,9 @@ def layer_bench():
             row["flex10%_only_fwdbwd_ms"] = do_bench(
                 lambda: flex(q, k, v, block_mask=sparse.block_mask(T)).backward(do), warmup=50, rep=300,
                 return_mode="median")
-            row["blockmask_build_ms"] = do_bench(lambda: AttentionPlan(plans["attn10%"]).block_mask(T), warmup=20,
-                                                 rep=100, return_mode="median")
+            row["blockmask_build_ms"] = do_bench(
+                lambda: AttentionPlan(plans["attn10%"], 0, host_plans["attn10%"]).block_mask(T), warmup=20,
+                rep=100, return_mode="median")
             row["sdpa_padded_causal_only_fwdbwd_ms"] = do_bench(
                 lambda: causal_sdpa(q, k, v, d ** -0.5).backward(do), warmup=50, rep=300, return_mode="median")
             out[f"{mixer}/B{B}xT{T}"] = row

@@ -12,6 +12,8 @@ The main run is eager (the config's default); --compile true compiles it.
 4. short probe runs per plan and compile flag (default: mixed, attention, recurrent, each
    compiled): tokens/s with compile, and which path gives non-finite gradients, if any;
 5. with 2+ GPUs, trains a few steps under `torchrun --nproc_per_node=2` (DDP, then FSDP2).
+   `--multi-gpu skip` leaves step 5 out, `--multi-gpu only` runs steps 1 and 5 alone (so the
+   two-GPU run can wait until another job has freed the second GPU).
 
 Writes train_gpu.json (all numbers) and the logs under $OUT (or --out).
 """
@@ -121,6 +123,8 @@ def main() -> None:
     parser.add_argument("--probe-steps", type=int, default=100)
     parser.add_argument("--probe-lr", type=float, default=2e-3)
     parser.add_argument("--probe-until-s", type=float, default=220.0, help="start no probe after this many seconds")
+    parser.add_argument("--multi-gpu", default="auto", choices=["auto", "skip", "only"],
+                        help="the torchrun step: auto (with 2+ GPUs), skip, only (no single-GPU runs)")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/train_gpu"))
     args = parser.parse_args()
     if args.kill_at <= args.save_every or args.kill_at >= args.steps:
@@ -152,7 +156,11 @@ def main() -> None:
         return [*oryx, "train", str(ROOT / "configs" / "train" / "20m.json"),
                 *[a for o in overrides for a in ("--set", o)]]
 
-    result.update(kill_and_resume(train_command, work, out, args))
+    if args.multi_gpu == "only":
+        args.probes = []
+        result.update({"compile": args.compile, "main_run": "not run (--multi-gpu only)"})
+    else:
+        result.update(kill_and_resume(train_command, work, out, args))
 
     # Short runs per training plan with and without torch.compile: tokens/s of each, and which path
     # (attention, recurrence, both; compiled or not) gives non-finite gradients, if any (run 1 did, compiled).
@@ -173,7 +181,9 @@ def main() -> None:
             "losses": [(r["step"], r["loss"]) for r in trained], "skipped_steps": [r["step"] for r in log if "skipped" in r],
             "tokens_per_s_median": median_rate(log, 20)}
 
-    if torch.cuda.device_count() >= 2:
+    if args.multi_gpu == "skip":
+        result["torchrun2"] = "not run: --multi-gpu skip"
+    elif torch.cuda.device_count() >= 2:
         for parallel in ("ddp", "fsdp"):
             multi = work / f"run-{parallel}"
             multi_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", oryx[1], "train",
@@ -188,7 +198,7 @@ def main() -> None:
     else:
         result["torchrun2"] = "not run: this machine has one GPU"
 
-    (out / "train_gpu.json").write_text(json.dumps(result, indent=2))
+    (out / f"train_gpu{'_multi' if args.multi_gpu == 'only' else ''}.json").write_text(json.dumps(result, indent=2))
     print(f"\nmain run (compile {result['compile']}): {result['main_run']}")
     if "loss_curve" in result:
         losses = result["loss_curve"]

@@ -55,7 +55,20 @@ def experiment_args(description: str, default_config: str) -> argparse.Namespace
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--budget-s", type=float, help="wall-clock seconds for the whole experiment (probe included)")
     which.add_argument("--steps", type=int, help="optimizer steps per model (default: the config's)")
+    parser.add_argument("--models", nargs="+", metavar="NAME",
+                        help="train only these models of the config (e.g. to spread one experiment over GPUs)")
     return parser.parse_args()
+
+
+def select_models(exp: dict, names: list[str] | None) -> dict:
+    """The experiment restricted to the named models, in the config's order."""
+    if not names:
+        return exp
+    known = [m["name"] for m in exp["models"]]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"--models {' '.join(unknown)}: the config defines {', '.join(known)}")
+    return {**exp, "models": [m for m in exp["models"] if m["name"] in names]}
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -25,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import environment, experiment_args, load_experiment_config, log, steps_for_budget, write_json
+from common import environment, experiment_args, load_experiment_config, log, select_models, steps_for_budget, write_json
 
 from oryx_core.spec import parameter_counts
 from oryx_cuda.train import config_from_dict, model_config, train
@@ -106,7 +106,7 @@ def main() -> None:
     args = experiment_args(__doc__.splitlines()[0], "experiments/configs/lm_budget.json")
 
     started = time.perf_counter()
-    exp = load_experiment_config(args.config, args.scale)
+    exp = select_models(load_experiment_config(args.config, args.scale), args.models)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"experiment": "lm_budget", "config": args.config, "scale": args.scale, "settings": exp,
@@ -117,7 +117,8 @@ def main() -> None:
         steps = args.steps or exp["steps"]
     results["steps"] = steps
     results["command"] = (f"python3 experiments/lm_budget.py --config {args.config} --out OUT --steps {steps}"
-                          + (f" --scale {args.scale}" if args.scale else ""))
+                          + (f" --scale {args.scale}" if args.scale else "")
+                          + (f" --models {' '.join(args.models)}" if args.models else ""))
     for entry in exp["models"]:
         log(f"training {entry['name']} ({entry['mixer']}, modes {entry['modes']}) for {steps} steps")
         record = run_model(exp, entry, out, steps)

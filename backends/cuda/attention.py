@@ -129,7 +129,10 @@ def plan_block_mask(query_modes: torch.Tensor, kv_len: int, q_offset: int = 0, d
     key blocks entirely at or before its first query are "full" (no masking needed),
     the ones straddling the diagonal are "partial" (the causal mask_mod applies), and
     everything is empty when no token of the block is in attention mode. The tables are
-    computed where query_modes live and the mask is then moved to `device`.
+    computed where query_modes live and the mask is then moved to `device`. The
+    transposed (per key block) tables that the backward pass reads are made here from
+    the same block matrices: BlockMask.from_kv_blocks would rebuild them through a
+    vmapped scatter that costs milliseconds per mask.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -138,7 +141,7 @@ def plan_block_mask(query_modes: torch.Tensor, kv_len: int, q_offset: int = 0, d
     here = query_modes.device
     n_q, n_kv = -(-T // block), -(-kv_len // block)
     padded = F.pad(query_modes, (0, n_q * block - T))
-    active = padded.view(B, n_q, block).any(-1)                                   # [B, n_q]
+    active = padded.view(B, n_q, block).sum(-1, dtype=torch.int32) > 0            # [B, n_q]
     q_first = q_offset + torch.arange(n_q, device=here) * block
     q_last = torch.clamp(q_first + block - 1, max=q_offset + T - 1)
     kv_first = torch.arange(n_kv, device=here) * block
@@ -147,8 +150,14 @@ def plan_block_mask(query_modes: torch.Tensor, kv_len: int, q_offset: int = 0, d
     partial = (kv_first[None, :] <= q_last[:, None]) & ~full
     full = full[None] & active[:, :, None]
     partial = partial[None] & active[:, :, None]
-    mask = BlockMask.from_kv_blocks(*_block_lists(partial), *_block_lists(full), BLOCK_SIZE=block,
-                                    mask_mod=_causal_mask_mod(q_offset, device), seq_lengths=(T, kv_len))
+    kv_num, kv_idx = _block_lists(partial)
+    full_kv_num, full_kv_idx = _block_lists(full)
+    q_num, q_idx = _block_lists(partial.transpose(1, 2))
+    full_q_num, full_q_idx = _block_lists(full.transpose(1, 2))
+    mask = BlockMask(seq_lengths=(T, kv_len), kv_num_blocks=kv_num, kv_indices=kv_idx,
+                     full_kv_num_blocks=full_kv_num, full_kv_indices=full_kv_idx, q_num_blocks=q_num,
+                     q_indices=q_idx, full_q_num_blocks=full_q_num, full_q_indices=full_q_idx,
+                     BLOCK_SIZE=(block, block), mask_mod=_causal_mask_mod(q_offset, device))
     return mask.to(device)
 
 
@@ -160,10 +169,10 @@ def _causal_mask_mod(q_offset: int, device):
 
 
 def _block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, n_q, n_kv] bool -> (counts [B, 1, n_q], indices [B, 1, n_q, n_kv]) with the True blocks first, in order."""
+    """[B, rows, cols] bool -> (counts [B, 1, rows], indices [B, 1, rows, cols]) with the True columns first, in order."""
     counts = blocks.sum(-1, dtype=torch.int32)
     indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return counts[:, None], indices[:, None]
+    return counts[:, None].contiguous(), indices[:, None].contiguous()
 
 
 def decode_attention(q, k_cache, v_cache, position: torch.Tensor, scale: float):

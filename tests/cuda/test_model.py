@@ -162,6 +162,23 @@ def test_block_mask_skips_recurrent_query_blocks():
                 assert bool(mask[b, 0, i, j]) == needed, (b, i, j)
 
 
+def test_block_mask_backward_tables_are_the_transpose():
+    """The per-key-block tables the backward pass reads == the ones torch derives from the forward tables."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, T, S, block = 3, 45, 61, 8
+    modes = torch.tensor(np.random.default_rng(5).random((B, T)) < 0.2)
+    ours = plan_block_mask(modes, S, q_offset=S - T, block=block)
+    theirs = BlockMask.from_kv_blocks(ours.kv_num_blocks, ours.kv_indices, ours.full_kv_num_blocks,
+                                      ours.full_kv_indices, BLOCK_SIZE=block, seq_lengths=(T, S))
+    for counts, indices in (("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+        n = getattr(theirs, counts)
+        assert torch.equal(getattr(ours, counts), n)
+        for b, j in np.ndindex(B, n.shape[-1]):
+            used = int(n[b, 0, j])
+            assert torch.equal(getattr(ours, indices)[b, 0, j, :used], getattr(theirs, indices)[b, 0, j, :used])
+
+
 @pytest.mark.parametrize("q_offset", [0, 13])
 def test_flex_path_matches_rows_path(q_offset):
     """FlexAttention (run eagerly on CPU) under the plan's block mask == SDPA over the attention rows."""
@@ -183,6 +200,29 @@ def test_flex_path_matches_rows_path(q_offset):
         got = flex_attention(q, k, v, block_mask=mask, scale=0.4, enable_gqa=True)
     rows = modes[:, None, :, None].expand_as(want)
     assert rel(got[rows], want[rows]) < 1e-6
+
+
+@pytest.mark.gpu
+def test_flex_path_gradients_match_rows_path():
+    """Gradients through FlexAttention under the plan's block mask (its backward reads the transposed
+    tables; FlexAttention has no backward on CPU) == gradients of SDPA over the attention rows."""
+    from oryx_cuda.attention import _rows_attention
+
+    gen = torch.Generator().manual_seed(2)
+    B, H, Hkv, T, d, dv = 2, 4, 2, 700, 64, 128
+    leaves = [torch.randn(B, H, T, d, generator=gen), torch.randn(B, Hkv, T, d, generator=gen),
+              torch.randn(B, Hkv, T, dv, generator=gen)]
+    modes = torch.rand(B, T, generator=gen) < 0.05
+    upstream = torch.randn(B, H, T, dv, generator=gen) * modes[:, None, :, None]  # only attention rows count
+    grads = {}
+    for path in ("rows", "flex"):
+        q, k, v = (t.cuda().requires_grad_() for t in leaves)
+        out = (_rows_attention(q, k, v, modes.cuda(), 0, 0.4) if path == "rows" else
+               plan_attention(q, k, v, AttentionPlan(modes.cuda(), 0, modes), scale=0.4))
+        (out * upstream.cuda()).sum().backward()
+        grads[path] = [q.grad, k.grad, v.grad]
+    for got, want in zip(grads["flex"], grads["rows"]):
+        assert rel(got, want) < 1e-4  # fp32; FlexAttention may use TF32 dots
 
 
 @pytest.mark.parametrize("d, dv", [(8, 16), (16, 8)])
