@@ -1,6 +1,6 @@
 """GPU bench of the torch model: one layer's cost under a mode plan, decode latency, KV-drop memory.
 
-    python3 bench/bench_layer_decode.py [--quick]
+    python3 bench/bench_layer_decode.py [--quick] [SECTION ...]      (sections: check layer decode memory)
 
 0. check: the model on CUDA (fp32 and bf16) against the float64 reference: parallel form under
    mixed per-sequence plans (FlexAttention path), all-attention (SDPA path), all-recurrent,
@@ -31,6 +31,7 @@ from oryx_cuda.generate import DecodeRunner, generate_tokens
 from oryx_cuda.model import OryxModel
 
 QUICK = "--quick" in sys.argv
+SECTIONS = [a for a in sys.argv[1:] if not a.startswith("--")] or ["check", "layer", "decode", "memory"]
 RESULTS = {}
 
 
@@ -42,6 +43,8 @@ def rel(got, want):
 def section(name):
     def wrap(fn):
         def run():
+            if name not in SECTIONS:
+                return
             start = time.perf_counter()
             print(f"\n=== {name} ===", flush=True)
             try:

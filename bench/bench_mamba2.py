@@ -1,6 +1,6 @@
 """Mamba-2 (SSD) kernels on the GPU: correctness at real sizes, then timings against mamba-ssm.
 
-Run from the repo root: python3 bench/bench_mamba2.py [--budget SECONDS] [--sweep] [--skip-mamba]
+Run from the repo root: python3 bench/bench_mamba2.py [--budget SECONDS] [--sweep] [--skip-mamba] [--only TEXT ...]
 Sections stop being started once --budget seconds have passed (what ran is still printed).
 Results go to stdout (a table last) and, when $OUT is set, to $OUT/bench_mamba2.json.
 
@@ -263,6 +263,7 @@ def main():
     parser.add_argument("--budget", type=float, default=360.0)
     parser.add_argument("--sweep", action="store_true", help="also time KERNEL_SETTINGS and chunk-size variants")
     parser.add_argument("--skip-mamba", action="store_true")
+    parser.add_argument("--only", nargs="+", metavar="TEXT", help="run only the sections whose name contains a TEXT")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     RESULTS["env"] = dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
@@ -292,6 +293,8 @@ def main():
                     dict(chunk_size=32, num_stages=1), dict(fwd_warps=4)]
         for variant in variants:
             sections.append((f"sweep {variant}", lambda v=variant: sweep_variant(v, shapes)))
+    if args.only:
+        sections = [(name, run) for name, run in sections if any(text in name for text in args.only)]
     for section, run in sections:
         if within_budget(args.budget, section):
             try:

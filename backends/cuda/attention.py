@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -128,37 +129,37 @@ def plan_block_mask(query_modes: torch.Tensor, kv_len: int, q_offset: int = 0, d
     Built directly from block-level tables (no dense [T, S] mask): for query block i,
     key blocks entirely at or before its first query are "full" (no masking needed),
     the ones straddling the diagonal are "partial" (the causal mask_mod applies), and
-    everything is empty when no token of the block is in attention mode. The tables are
-    computed where query_modes live and the mask is then moved to `device`. The
-    transposed (per key block) tables that the backward pass reads are made here from
-    the same block matrices: BlockMask.from_kv_blocks would rebuild them through a
-    vmapped scatter that costs milliseconds per mask.
+    everything is empty when no token of the block is in attention mode. The transposed
+    (per key block) tables that the backward pass reads come from the same matrices.
+    The tables are a few NumPy operations on the host and reach `device` in one copy:
+    built with torch ops (or by BlockMask.from_kv_blocks, whose vmapped scatter rebuilds
+    the transposed tables) they cost milliseconds per mask, on the GPU as on the CPU.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     B, T = query_modes.shape
     device = query_modes.device if device is None else torch.device(device)
-    here = query_modes.device
     n_q, n_kv = -(-T // block), -(-kv_len // block)
-    padded = F.pad(query_modes, (0, n_q * block - T))
-    active = padded.view(B, n_q, block).sum(-1, dtype=torch.int32) > 0            # [B, n_q]
-    q_first = q_offset + torch.arange(n_q, device=here) * block
-    q_last = torch.clamp(q_first + block - 1, max=q_offset + T - 1)
-    kv_first = torch.arange(n_kv, device=here) * block
-    kv_last = torch.clamp(kv_first + block - 1, max=kv_len - 1)
+    padded = np.zeros((B, n_q * block), dtype=bool)
+    padded[:, :T] = query_modes.cpu().numpy()
+    active = padded.reshape(B, n_q, block).any(-1)                                 # [B, n_q]
+    q_first = q_offset + np.arange(n_q) * block
+    q_last = np.minimum(q_first + block - 1, q_offset + T - 1)
+    kv_first = np.arange(n_kv) * block
+    kv_last = np.minimum(kv_first + block - 1, kv_len - 1)
     full = kv_last[None, :] <= q_first[:, None]                                    # [n_q, n_kv]
     partial = (kv_first[None, :] <= q_last[:, None]) & ~full
     full = full[None] & active[:, :, None]
     partial = partial[None] & active[:, :, None]
-    kv_num, kv_idx = _block_lists(partial)
-    full_kv_num, full_kv_idx = _block_lists(full)
-    q_num, q_idx = _block_lists(partial.transpose(1, 2))
-    full_q_num, full_q_idx = _block_lists(full.transpose(1, 2))
-    mask = BlockMask(seq_lengths=(T, kv_len), kv_num_blocks=kv_num, kv_indices=kv_idx,
+    tables = [*_block_lists(partial), *_block_lists(full),
+              *_block_lists(partial.transpose(0, 2, 1)), *_block_lists(full.transpose(0, 2, 1))]
+    flat = torch.from_numpy(np.concatenate([t.ravel() for t in tables])).to(device)
+    on_device = [piece.view(t.shape) for piece, t in zip(flat.split([t.size for t in tables]), tables)]
+    kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx = on_device
+    return BlockMask(seq_lengths=(T, kv_len), kv_num_blocks=kv_num, kv_indices=kv_idx,
                      full_kv_num_blocks=full_kv_num, full_kv_indices=full_kv_idx, q_num_blocks=q_num,
                      q_indices=q_idx, full_q_num_blocks=full_q_num, full_q_indices=full_q_idx,
                      BLOCK_SIZE=(block, block), mask_mod=_causal_mask_mod(q_offset, device))
-    return mask.to(device)
 
 
 def _causal_mask_mod(q_offset: int, device):
@@ -168,11 +169,11 @@ def _causal_mask_mod(q_offset: int, device):
     return lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + offset
 
 
-def _block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, rows, cols] bool -> (counts [B, 1, rows], indices [B, 1, rows, cols]) with the True columns first, in order."""
-    counts = blocks.sum(-1, dtype=torch.int32)
-    indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return counts[:, None].contiguous(), indices[:, None].contiguous()
+def _block_lists(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[B, rows, cols] bool -> (counts [B, 1, rows], indices [B, 1, rows, cols]) int32, the True columns first, in order."""
+    counts = blocks.sum(-1, dtype=np.int32)
+    indices = np.argsort(~blocks, axis=-1, kind="stable").astype(np.int32)
+    return counts[:, None], indices[:, None]
 
 
 def decode_attention(q, k_cache, v_cache, position: torch.Tensor, scale: float):
