@@ -4,7 +4,9 @@
 
 "Best": the lowest mean held-out loss over the all-attention, all-recurrent and mixed plans
 (the model must serve every plan). Written in bfloat16 (shards of at most 16 MiB) with the
-tokenizer it was trained with; the choice and its losses are printed as one JSON line.
+tokenizer it was trained with, and max_context set to the context it was trained at (the
+preset's 2048 would make `oryx eval` score windows its attention never saw); the choice and
+its losses are printed as one JSON line.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ def main() -> None:
     tokenizer_json = tokenizer_path.read_text() if tokenizer_path.exists() else None
     if tokenizer_json is None:
         raise FileNotFoundError(f"{tokenizer_path}: the trained model has no tokenizer.json")
-    save_checkpoint(args.out, ckpt.config, ckpt.params, dtype=args.dtype, tokenizer_json=tokenizer_json)
+    config = ckpt.config.replace(max_context=lm["settings"]["seq_len"])
+    save_checkpoint(args.out, config, ckpt.params, dtype=args.dtype, tokenizer_json=tokenizer_json)
     print(json.dumps({"default_model": chosen["name"], "from": chosen["checkpoint"], "dtype": args.dtype,
                       "eval_loss": chosen["eval_loss"], "steps": chosen["steps"], "tokens": chosen["tokens"]}))
 

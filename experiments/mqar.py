@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import environment, experiment_args, load_experiment_config, log, steps_for_budget, write_json
+from common import environment, experiment_args, load_experiment_config, log, select_models, steps_for_budget, write_json
 
 from oryx_core.config import preset
 from oryx_core.mqar import FILLER, IGNORE, make_mqar
@@ -206,7 +206,7 @@ def main() -> None:
     args = experiment_args(__doc__.splitlines()[0], "experiments/configs/mqar.json")
 
     started = time.perf_counter()
-    exp = load_experiment_config(args.config, args.scale)
+    exp = select_models(load_experiment_config(args.config, args.scale), args.models)
     out = Path(args.out)
     results = {"experiment": "mqar", "config": args.config, "scale": args.scale, "settings": exp,
                "environment": environment(), "models": []}
@@ -221,7 +221,8 @@ def main() -> None:
         steps = args.steps or exp["steps"]
     results["steps"] = steps
     results["command"] = (f"python3 experiments/mqar.py --config {args.config} --out OUT --steps {steps}"
-                          + (f" --scale {args.scale}" if args.scale else ""))
+                          + (f" --scale {args.scale}" if args.scale else "")
+                          + (f" --models {' '.join(args.models)}" if args.models else ""))
     for entry in exp["models"]:
         log(f"mqar: training {entry['name']} for {steps} steps")
         model_started = time.perf_counter()
