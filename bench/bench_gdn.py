@@ -1,6 +1,8 @@
 """Gated DeltaNet kernels on the GPU: correctness checks at real sizes, then timings.
 
-Run from the repo root: `python3 bench/bench_gdn.py [--quick]`. Checks use fresh random
+Run from the repo root: `python3 bench/bench_gdn.py [--sweep] [--compare OLD_CHUNK_PY]`.
+--sweep times each kernel's launch shapes (each shape first checked for correctness) and
+keeps the fastest; --compare times other versions of chunk.py in the same process. Checks use fresh random
 inputs and the allocator poisoned with NaN (so unwritten outputs fail), against float64
 references (naive per-token loop; chunked torch, itself tested against naive on CPU)
 and against fla where installed. Timings: triton.testing.do_bench medians, bf16,
@@ -9,6 +11,7 @@ H=16, K=V=128. The table comes last.
 import _paths  # noqa: F401
 import argparse
 import datetime
+import importlib.util
 import time
 
 import torch
@@ -81,7 +84,7 @@ def check_chunk(label, B, T, H, K, V, dtype, tol, reference, cu=None, seed=0):
         check(f"{label} {name}", a, b, tol)
 
 
-def run_checks(fla_chunk, fla_recurrent):
+def run_chunk_checks(fla_chunk):
     naive, torch_chunk = naive_recurrent_gated_delta_rule, chunk_gated_delta_rule_torch
     check_chunk("chunk bf16 vs naive B2 T130", 2, 130, 4, 128, 128, torch.bfloat16, 1e-2, naive, seed=1)
     check_chunk("chunk fp32 vs naive B2 T130 K64 V128", 2, 130, 4, 64, 128, torch.float32, 1e-4, naive, seed=2)
@@ -100,7 +103,11 @@ def run_checks(fla_chunk, fla_recurrent):
             check(f"chunk bf16 fwd vs torch-fp64 B{B} T{T}", out, ref, 1e-2)
             if fla_chunk is not None:
                 check(f"fla chunk bf16 fwd vs torch-fp64 B{B} T{T}", fla_chunk(q, k, v, g, beta)[0], ref, 1e-2)
-    # token loop and decode step
+
+
+def run_recurrent_checks(fla_recurrent):
+    """Token loop and decode step."""
+    naive = naive_recurrent_gated_delta_rule
     B, T, H, K, V = 4, 64, 8, 128, 128
     q, k, v, g, beta, h0 = random_inputs(B, T, H, K, V, torch.bfloat16, device="cuda", seed=7)
     o_ref, s_ref = naive(q.double(), k.double(), v.double(), g.double(), beta.double(), initial_state=h0.double(),
@@ -125,7 +132,7 @@ def run_checks(fla_chunk, fla_recurrent):
           torch.cat([k, v], -1).transpose(1, 2), 0.0)
 
 
-def time_chunk(B, T, fla_chunk, rows):
+def time_chunk(B, T, fla_chunk, rows, ours=chunk_gated_delta_rule, label="chunk"):
     H, K, V = 16, 128, 128
     q, k, v, g, beta, _ = random_inputs(B, T, H, K, V, torch.bfloat16, device="cuda", seed=8, with_state=False)
     grad_o = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
@@ -140,8 +147,8 @@ def time_chunk(B, T, fla_chunk, rows):
         grads = torch.autograd.grad(o, leaves, grad_o)
         return grads
 
-    ours_fwd = do_bench(lambda: fwd(chunk_gated_delta_rule), warmup=50, rep=300, return_mode="median")
-    ours_fb = do_bench(lambda: fwd_bwd(chunk_gated_delta_rule), warmup=50, rep=300, return_mode="median")
+    ours_fwd = do_bench(lambda: fwd(ours), warmup=50, rep=300, return_mode="median")
+    ours_fb = do_bench(lambda: fwd_bwd(ours), warmup=50, rep=300, return_mode="median")
     fla_fwd = fla_fb = None
     if fla_chunk is not None:
         fla_fwd = do_bench(lambda: fwd(fla_chunk), warmup=50, rep=300, return_mode="median")
@@ -149,7 +156,7 @@ def time_chunk(B, T, fla_chunk, rows):
             fla_fb = do_bench(lambda: fwd_bwd(fla_chunk), warmup=20, rep=200, return_mode="median")
         except Exception as exc:
             print(f"fla fwd+bwd B{B} T{T} failed: {type(exc).__name__}: {str(exc)[:200]}")
-    rows.append((f"chunk B={B} T={T}", ours_fwd, ours_fb, fla_fwd, fla_fb))
+    rows.append((f"{label} B={B} T={T}", ours_fwd, ours_fb, fla_fwd, fla_fb))
 
 
 def time_decode(B, fla_recurrent, rows):
@@ -186,51 +193,92 @@ def kernel_breakdown(B=16, T=2048):
             print(f"  {event.key[:60]:60s} calls={event.count:2d} total={event.device_time_total / 1e3:.3f} ms")
 
 
-def sweep(kernel, configs, run):
-    """Times `run` under each launch shape of one kernel; keeps the fastest in chunk.LAUNCH."""
-    best = None
+def sweep_is_correct(reference, inputs, grad_o):
+    """Output and input gradients of the current launch shapes against the fp64 reference."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    o = chunk_gated_delta_rule(*leaves)[0]
+    out = [o, *torch.autograd.grad(o, leaves, grad_o.to(o.dtype))]
+    worst = max(rel_err(a, b) for a, b in zip(out, reference))
+    return worst <= 1e-2, worst
+
+
+def sweep(kernel, configs, run, verify):
+    """Times `run` under each launch shape of one kernel; keeps the fastest correct one in chunk.LAUNCH."""
+    best = (None, chunk_module.LAUNCH[kernel])
     for config in configs:
         chunk_module.LAUNCH[kernel] = config
         try:
+            ok, err = verify()
             ms = do_bench(run, warmup=20, rep=100, return_mode="median")
         except Exception as exc:
-            print(f"sweep {kernel} {config}: {type(exc).__name__}: {str(exc)[:300]}")
+            print(f"sweep {kernel} {config}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             continue
-        print(f"sweep {kernel} {config}: {ms:.3f} ms")
-        if best is None or ms < best[0]:
+        print(f"sweep {kernel} {config}: {ms:.3f} ms, max rel err {err:.2e} {'ok' if ok else 'WRONG'} "
+              f"[{time.perf_counter() - START:.0f} s]", flush=True)
+        if ok and (best[0] is None or ms < best[0]):
             best = (ms, config)
-    if best is not None:
-        chunk_module.LAUNCH[kernel] = best[1]
-        print(f"best {kernel}: {best[1]} ({best[0]:.3f} ms)")
+    chunk_module.LAUNCH[kernel] = best[1]
+    print(f"best {kernel}: {best[1]} ({best[0] or float('nan'):.3f} ms)", flush=True)
 
 
 def sweep_launch_shapes():
-    q, k, v, g, beta, _ = random_inputs(16, 2048, 16, 128, 128, torch.bfloat16, device="cuda", seed=10,
-                                        with_state=False)
-    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
-    grad_o = torch.randn_like(v)
+    """Sweeps each kernel's launch shapes in turn (forward kernels timed on the forward, backward
+    kernels on forward + backward), each shape first checked for correctness."""
+    def case(B, T, seed):
+        inputs = random_inputs(B, T, 16, 128, 128, torch.bfloat16, device="cuda", seed=seed, with_state=False)
+        return [x.requires_grad_() for x in inputs[:5]], torch.randn(B, T, 16, 128, device="cuda")
+
+    leaves, grad_o = case(16, 2048, 10)
+    # H=16 and no initial or final state, as timed, so that no kernel compiles twice
+    small, small_grad_o = case(1, 300, 13)
+    reference = reference_outputs(small, small_grad_o)
+    verify = lambda: sweep_is_correct(reference, small, small_grad_o)  # noqa: E731
 
     def fwd():
         with torch.no_grad():
-            return chunk_gated_delta_rule(q, k, v, g, beta)
+            return chunk_gated_delta_rule(*leaves)
 
     def fwd_bwd():
-        return torch.autograd.grad(chunk_gated_delta_rule(*leaves)[0], leaves, grad_o)
+        return torch.autograd.grad(chunk_gated_delta_rule(*leaves)[0], leaves, grad_o.to(leaves[0].dtype))
 
-    shapes = lambda *triples, **extra: [dict(BV=b, num_warps=w, num_stages=st, **extra)  # noqa: E731
-                                        for b, w, st in triples]
-    # BV=32 is left out: on 2026-11-27 (H200) one such shape hit an illegal address
-    sweep("state_fwd", shapes((64, 4, 2), (64, 4, 1), (64, 8, 2), (128, 8, 2), (128, 8, 1), (128, 4, 1)), fwd)
-    sweep("wy_fwd", shapes((64, 4, 1), (64, 8, 1), (64, 4, 2), BK=64), fwd)
-    sweep("state_bwd", shapes((64, 4, 2), (64, 8, 2), (128, 8, 2), (64, 4, 1)), fwd_bwd)
-    sweep("local_bwd", shapes((64, 4, 1), (64, 8, 1), (64, 4, 2), BK=64), fwd_bwd)
-    sweep("wy_bwd", shapes((64, 8, 1), (64, 4, 1), (64, 8, 2), BK=64), fwd_bwd)
+    def shapes(*triples, **extra):
+        return [dict(BV=b, num_warps=w, num_stages=st, **extra) for b, w, st in triples]
+
+    # DIAG: width of the diagonal blocks of I + L inverted as a batch (64 = full-width doubling)
+    wy_fwd = [dict(BK=64, BV=64, DIAG=d, num_warps=w, num_stages=1) for d in (16, 32, 64) for w in (4, 8)]
+    wy_fwd += [dict(BK=64, BV=64, DIAG=16, num_warps=w, num_stages=2) for w in (4, 8)]
+    sweep("wy_fwd", wy_fwd, fwd, verify)
+    sweep("state_fwd", shapes((64, 4, 2), (64, 4, 1), (64, 8, 2), (64, 8, 1), (128, 8, 1), (128, 4, 1)), fwd, verify)
+    sweep("state_bwd", shapes((64, 4, 2), (64, 4, 1), (64, 8, 1), (128, 8, 2), (128, 8, 1)), fwd_bwd, verify)
+    sweep("chunk_bwd", shapes((64, 4, 1), (64, 8, 1), (128, 8, 1), BK=64) + shapes((64, 8, 1), (128, 8, 1), BK=128),
+          fwd_bwd, verify)
+    print("launch shapes after the safe sweep:", chunk_module.LAUNCH, flush=True)
+    # Last, as they may fault: on 2026-11-27 (H200) a BV=32 shape of state_fwd hit an illegal
+    # address, which ends the process. Narrow blocks mean more programs or fewer spills.
+    launch = chunk_module.LAUNCH
+    sweep("chunk_bwd", [launch["chunk_bwd"], *shapes((32, 4, 1), (32, 8, 1), BK=32), *shapes((32, 8, 1), BK=128)],
+          fwd_bwd, verify)
+    sweep("state_fwd", [launch["state_fwd"], *shapes((32, 4, 2), (32, 8, 1))], fwd, verify)
+
+
+def reference_outputs(inputs, grad_o):
+    """fp64 chunked-torch output and gradients w.r.t. q, k, v, g, beta."""
+    leaves = [x.detach().double().requires_grad_() for x in inputs]
+    o = chunk_gated_delta_rule_torch(*leaves)[0]
+    return [o, *torch.autograd.grad(o, leaves, grad_o.double())]
+
+
+def load_chunk_file(path, index):
+    """Another version of chunk.py (e.g. the one before a change), to time against this one."""
+    spec = importlib.util.spec_from_file_location(f"oryx_cuda.kernels.gdn._compared_chunk_{index}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.chunk_gated_delta_rule
 
 
 def print_kernel_resources():
     """Registers, spills and shared memory of every compiled GDN kernel (from Triton's cache)."""
-    for name in ("_wy_fwd_kernel", "_state_fwd_kernel", "_state_bwd_kernel",
-                 "_local_bwd_kernel", "_wy_bwd_kernel"):
+    for name in ("_wy_fwd_kernel", "_state_fwd_kernel", "_state_bwd_kernel", "_chunk_bwd_kernel"):
         fn = getattr(chunk_module, name)
         try:
             cache = fn.device_caches[torch.cuda.current_device()][0]
@@ -245,34 +293,49 @@ def print_kernel_resources():
 
 def print_table(rows):
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    print(f"\n{'case':22s} {'ours fwd':>9s} {'ours f+b':>9s} {'fla fwd':>9s} {'fla f+b':>9s} {'fla/ours fwd':>12s}")
+    print(f"\n{'case':26s} {'ours fwd':>9s} {'ours f+b':>9s} {'f+b/fwd':>8s} {'fla fwd':>9s} {'fla f+b':>9s} "
+          f"{'fla/ours fwd':>12s}")
     for name, fwd, fb, fla_fwd, fla_fb in rows:
         ratio = "-" if fla_fwd is None else f"{fla_fwd / fwd:.2f}x"
-        print(f"{name:22s} {fmt(fwd):>9s} {fmt(fb):>9s} {fmt(fla_fwd):>9s} {fmt(fla_fb):>9s} {ratio:>12s}")
+        backward_ratio = "-" if fb is None else f"{fb / fwd:.2f}x"
+        print(f"{name:26s} {fmt(fwd):>9s} {fmt(fb):>9s} {backward_ratio:>8s} {fmt(fla_fwd):>9s} {fmt(fla_fb):>9s} "
+              f"{ratio:>12s}")
     print("(ms, median of do_bench; decode rows: one token, fla = fused_recurrent with T=1)")
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sweep", action="store_true", help="also sweep launch shapes, then time again")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also sweep launch shapes (each checked for correctness), then check and time again")
+    parser.add_argument("--compare", metavar="CHUNK_PY", nargs="+", default=[],
+                        help="other versions of chunk.py (e.g. before a change) to time in the same process")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {props.name}, "
           f"{props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
     fla_chunk, fla_recurrent = load_fla()
-    run_checks(fla_chunk, fla_recurrent)
+    run_chunk_checks(fla_chunk)
+    run_recurrent_checks(fla_recurrent)
     kernel_breakdown()
     print_kernel_resources()
     rows = []
     for B, T in ((16, 2048), (4, 8192)):
         time_chunk(B, T, fla_chunk, rows)
+    for index, path in enumerate(args.compare):
+        print(f"compared {index}: {path}")
+        compared = load_chunk_file(path, index)
+        for B, T in ((16, 2048), (4, 8192)):
+            time_chunk(B, T, None, rows, ours=compared, label=f"compared {index}")
     for B in (1, 16):
         time_decode(B, fla_recurrent, rows)
     if args.sweep:
         print_table(rows)
         sweep_launch_shapes()
         print("launch shapes after the sweep:", chunk_module.LAUNCH)
+        print("checks again, with the swept launch shapes:")
+        run_chunk_checks(None)
         kernel_breakdown()
+        print_kernel_resources()
         rows = []
         for B, T in ((16, 2048), (4, 8192)):
             time_chunk(B, T, fla_chunk, rows)

@@ -8,20 +8,23 @@ W = X diag(beta e^G) K, U = X diag(beta) V:
     S_C   = e^{G_C} S_0 + (diag(e^{G_C - G}) K)^T Delta
 
 Forward launches:
-  1. _wy_fwd_kernel      (chunk, head):      G, X, W, U            (parallel over chunks)
+  1. _wy_fwd_kernel      (chunk, head):      G, A, X, W, U         (parallel over chunks)
   2. _state_fwd_kernel   (V block, seq*head): Delta, O, S per chunk (sequential over chunks)
 Backward launches:
   3. _state_bwd_kernel   (V block, seq*head): dDelta and dS_C per chunk, reverse order
-  4. _local_bwd_kernel   (chunk, head):      dq, the S-side parts of dk, dW, dG
-  5. _wy_bwd_kernel      (chunk, head):      dv, dbeta, the WY parts of dk, dG; dg
+  4. _chunk_bwd_kernel   (chunk, head):      dq, dk, dv, dbeta, dg
+A and X are made once per chunk by the parallel kernel and stored ([tokens, H, C], input
+dtype): the sequential kernels then skip one product per chunk and V block, and the
+backward reads X instead of inverting I + L again. The backward of a chunk, given dDelta
+and dS_C, is one kernel with no scratch through memory.
 Backward formulas (per chunk, dS_C = gradient w.r.t. the state after the chunk):
     dDelta = A^T dO + diag(e^{G_C - G}) K dS_C
     dS_0   = e^{G_C} dS_C + scale (diag(e^G) Q)^T dO - W^T dDelta
     dW = -dDelta S_0^T,  dU = dDelta,  dX = dW (beta e^G K)^T + dU (beta V)^T,
-    dL = -X^T dX X^T (strictly lower part).
+    dL = -X^T dX X^T (strictly lower part) = -(X^T dDelta) Delta^T (see _chunk_bwd_kernel).
 All sequences are handled as packed (cu_seqlens) sequences; a plain batch is the packed
-case with equal lengths. Intermediates (W, U, S per chunk, Delta) are kept in the input
-dtype, as the matrix units take them; states and accumulators are fp32.
+case with equal lengths. Intermediates (A, X, W, U, S per chunk, Delta) are kept in
+the input dtype, as the matrix units take them; states and accumulators are fp32.
 """
 import functools
 import itertools
@@ -36,14 +39,17 @@ from ._triton_compat import patch_interpreter_scalar_index
 
 patch_interpreter_scalar_index()
 CHUNK = 64
-# Launch shapes per kernel (BK, BV: key and value columns per block or program), the
-# fastest of a sweep by bench/bench_gdn.py --sweep on H200, 2026-11-27.
+# Launch shapes per kernel (BK, BV: key and value columns per block or program; DIAG:
+# width of the diagonal blocks of I + L inverted as one batch, C = full-width doubling).
+# bench/bench_gdn.py --sweep times (and checks) the alternatives and prints the fastest.
+# state_fwd and state_bwd are from a sweep on H200, 2026-11-27, of the kernels before A
+# and X were stored; DIAG=16 and chunk_bwd (shaped like the two kernels it replaced) are
+# not yet measured on a GPU.
 LAUNCH = {
-    "wy_fwd": dict(BK=64, BV=64, num_warps=4, num_stages=2),
+    "wy_fwd": dict(BK=64, BV=64, DIAG=16, num_warps=4, num_stages=2),
     "state_fwd": dict(BV=64, num_warps=4, num_stages=2),
     "state_bwd": dict(BV=64, num_warps=4, num_stages=1),
-    "local_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=2),
-    "wy_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=1),
+    "chunk_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=1),
 }
 
 
@@ -70,50 +76,72 @@ def _decay_matrix(G, C: tl.constexpr, STRICT: tl.constexpr):
 
 
 @triton.jit
-def _merge_blocks(X, L, WIDTH: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+def _merge_blocks(X, L, WIDTH: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr):
     """X inverts each diagonal WIDTH-block of I + L; returns the inverse on 2*WIDTH-blocks.
     For a 2x2 block lower-triangular M = D + E (E the lower-left blocks), E D^-1 E = 0, so
-    M^-1 = D^-1 - D^-1 E D^-1 exactly."""
-    rows = tl.arange(0, C)[:, None]
-    cols = tl.arange(0, C)[None, :]
+    M^-1 = D^-1 - D^-1 E D^-1 exactly. X and L are [N, N] or a batch [NB, N, N]."""
+    rows = tl.arange(0, N)[:, None]
+    cols = tl.arange(0, N)[None, :]
     lower_left = ((rows // (2 * WIDTH)) == (cols // (2 * WIDTH))) & ((rows // WIDTH) != (cols // WIDTH))
     E = tl.where(lower_left, L, 0.0)
     return X - tl.dot(X, tl.dot(E, X, input_precision=PREC), input_precision=PREC)
 
 
 @triton.jit
-def _unit_lower_inverse(L, C: tl.constexpr, PREC: tl.constexpr):
-    """(I + L)^{-1} for strictly lower-triangular L [C, C], C in {16, 32, 64}.
-
-    Block doubling from 1x1 blocks: the 2x2 blocks are I - L on their subdiagonal, then
-    each level merges pairs of blocks with two matrix products. Every step multiplies
-    true inverse blocks, so no intermediate grows beyond the inverse itself, and the
-    work runs on the matrix units instead of a row-by-row substitution."""
-    rows = tl.arange(0, C)[:, None]
-    cols = tl.arange(0, C)[None, :]
-    pair_subdiagonal = ((rows // 2) == (cols // 2)) & (rows != cols)
-    X = tl.where(rows == cols, 1.0, 0.0) - tl.where(pair_subdiagonal, L, 0.0)
-    X = _merge_blocks(X, L, 2, C, PREC)
-    X = _merge_blocks(X, L, 4, C, PREC)
-    X = _merge_blocks(X, L, 8, C, PREC)
-    if C > 16:
-        X = _merge_blocks(X, L, 16, C, PREC)
-    if C > 32:
-        X = _merge_blocks(X, L, 32, C, PREC)
+def _merge_up_to(X, L, FROM: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr):
+    """Merges inverse blocks of width FROM, 2 FROM, ... until X inverts all of I + L [.., N, N]."""
+    for level in tl.static_range(N.bit_length() - FROM.bit_length()):
+        X = _merge_blocks(X, L, FROM << level, N, PREC)
     return X
 
 
 @triton.jit
-def _chunk_wy_system(k, bos, seq_len, H, i_h, t0, beta_c, G,
-                     K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """Returns (X = (I + L)^{-1}, L, k_i.k_j e^{G_i - G_j} on i > j) of one chunk."""
+def _doubling_inverse(L, N: tl.constexpr, PREC: tl.constexpr):
+    """(I + L)^{-1} for strictly lower-triangular L [.., N, N] by block doubling from 1x1
+    blocks: the 2x2 blocks are I - L on their subdiagonal, then each level merges pairs
+    of blocks with two matrix products. Every step multiplies true inverse blocks, so no
+    intermediate grows beyond the inverse itself."""
+    rows = tl.arange(0, N)[:, None]
+    cols = tl.arange(0, N)[None, :]
+    pair_subdiagonal = ((rows // 2) == (cols // 2)) & (rows != cols)
+    X = tl.where(rows == cols, 1.0, 0.0) - tl.where(pair_subdiagonal, L, 0.0)
+    return _merge_up_to(X, L, 2, N, PREC)
+
+
+@triton.jit
+def _unit_lower_inverse(L, C: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constexpr):
+    """(I + L)^{-1} for strictly lower-triangular L [C, C], C and DIAG powers of two >= 16.
+
+    The C/DIAG diagonal DIAG-blocks are inverted as one batch of small matrix products,
+    then merged at full width. The early levels of a full-width doubling would spend
+    C x C x C products on block-diagonal matrices; batched, the same levels cost
+    (DIAG/C)^2 of that. DIAG = C is the plain full-width doubling."""
+    if DIAG < C:
+        NB: tl.constexpr = C // DIAG
+        blocks = tl.arange(0, NB)
+        same_block = blocks[:, None, None, None] == blocks[None, None, :, None]    # [NB, 1, NB, 1]
+        L_diag = tl.sum(tl.where(same_block, tl.reshape(L, (NB, DIAG, NB, DIAG)), 0.0), axis=2)
+        X_diag = _doubling_inverse(L_diag, DIAG, PREC)
+        X = tl.reshape(tl.where(same_block, X_diag[:, :, None, :], 0.0), (C, C))
+        X = _merge_up_to(X, L, DIAG, C, PREC)
+    else:
+        X = _doubling_inverse(L, C, PREC)
+    return X
+
+
+@triton.jit
+def _chunk_grams(q, k, bos, seq_len, H, i_h, t0, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                 WITH_Q: tl.constexpr, PREC: tl.constexpr):
+    """(K K^T, Q K^T) of one chunk, [C, C] each; Q K^T only if WITH_Q."""
     kk = tl.zeros([C, C], dtype=tl.float32)
+    qk = tl.zeros([C, C], dtype=tl.float32)
     for i_k in tl.static_range(K // BK):
         k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
         kk += tl.dot(k_block, tl.trans(k_block), input_precision=PREC)
-    kk_decayed = kk * _decay_matrix(G, C, True)
-    L = beta_c[:, None] * kk_decayed
-    return _unit_lower_inverse(L, C, PREC), L, kk_decayed
+        if WITH_Q:
+            q_block = tl.load(_tile(q, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
+            qk += tl.dot(q_block, tl.trans(k_block), input_precision=PREC)
+    return kk, qk
 
 
 @triton.jit
@@ -139,9 +167,9 @@ def _state_tile(base, index, i_h, H, r0, c0, K: tl.constexpr, V: tl.constexpr, B
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _wy_fwd_kernel(k, v, g, beta, w, u, gcum, cu_seqlens, chunk_indices, H,
+def _wy_fwd_kernel(q, k, v, g, beta, w, u, x_inv, attn, gcum, cu_seqlens, chunk_indices, scale, H,
                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   PREC: tl.constexpr):
+                   DIAG: tl.constexpr, STORE_X: tl.constexpr, PREC: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, seq_len, t0 = _chunk_location(cu_seqlens, chunk_indices, i_c, C)
     rows = tl.arange(0, C)
@@ -151,9 +179,16 @@ def _wy_fwd_kernel(k, v, g, beta, w, u, gcum, cu_seqlens, chunk_indices, H,
     G = tl.cumsum(g_c, axis=0)
     tl.store(gcum + (bos + t0 + rows) * H + i_h, G, mask=valid)
 
-    X, _, _ = _chunk_wy_system(k, bos, seq_len, H, i_h, t0, beta_c, G, K, C, BK, PREC)
+    kk, qk = _chunk_grams(q, k, bos, seq_len, H, i_h, t0, K, C, BK, True, PREC)
     dt = k.dtype.element_ty
-    X_io = X.to(dt)
+    # A is a chunk-local quantity: made here once, not in each V block of the state loops
+    A = qk * scale * _decay_matrix(G, C, False)
+    tl.store(_tile(attn, bos, seq_len, H, i_h, t0, 0, C, C, C), A.to(dt), boundary_check=(0, 1))
+    L = beta_c[:, None] * kk * _decay_matrix(G, C, True)
+    # rounded once to the input dtype: W, U and the backward all use this same X
+    X_io = _unit_lower_inverse(L, C, DIAG, PREC).to(dt)
+    if STORE_X:
+        tl.store(_tile(x_inv, bos, seq_len, H, i_h, t0, 0, C, C, C), X_io, boundary_check=(0, 1))
     for i_k in tl.static_range(K // BK):
         k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
         k_scaled = (k_block * (beta_c * tl.exp(G))[:, None]).to(dt)
@@ -166,7 +201,7 @@ def _wy_fwd_kernel(k, v, g, beta, w, u, gcum, cu_seqlens, chunk_indices, H,
 
 
 @triton.jit
-def _state_fwd_kernel(q, k, w, u, gcum, o, h0, ht, states, deltas, cu_seqlens, chunk_offsets, scale, H,
+def _state_fwd_kernel(q, k, w, u, attn, gcum, o, h0, ht, states, deltas, cu_seqlens, chunk_offsets, scale, H,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
                       HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_CHUNKS: tl.constexpr,
                       PREC: tl.constexpr):
@@ -197,9 +232,9 @@ def _state_fwd_kernel(q, k, w, u, gcum, o, h0, ht, states, deltas, cu_seqlens, c
         if STORE_CHUNKS:
             tl.store(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), delta_io, boundary_check=(0, 1))
         q_tile = tl.load(_tile(q, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
-        A = tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC) * scale * _decay_matrix(G, C, False)
+        A = tl.load(_tile(attn, bos, seq_len, H, i_h, t0, 0, C, C, C), boundary_check=(0, 1))
         q_decayed = (q_tile * (scale * tl.exp(G))[:, None]).to(dt)
-        o_tile = tl.dot(q_decayed, S_io, input_precision=PREC) + tl.dot(A.to(dt), delta_io, input_precision=PREC)
+        o_tile = tl.dot(q_decayed, S_io, input_precision=PREC) + tl.dot(A, delta_io, input_precision=PREC)
         tl.store(_tile(o, bos, seq_len, H, i_h, t0, c0, V, C, BV), o_tile.to(o.dtype.element_ty),
                  boundary_check=(0, 1))
         k_to_end = (k_tile * tl.exp(g_last - G)[:, None]).to(dt)
@@ -210,7 +245,7 @@ def _state_fwd_kernel(q, k, w, u, gcum, o, h0, ht, states, deltas, cu_seqlens, c
 
 # ----------------------------------------------------------------------------- backward
 @triton.jit
-def _state_bwd_kernel(q, k, w, gcum, do, dht, dh0, dstates, ddeltas, cu_seqlens, chunk_offsets, scale, H,
+def _state_bwd_kernel(q, k, w, attn, gcum, do, dht, dh0, dstates, ddeltas, cu_seqlens, chunk_offsets, scale, H,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
                       HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -220,7 +255,6 @@ def _state_bwd_kernel(q, k, w, gcum, do, dht, dh0, dstates, ddeltas, cu_seqlens,
     first_chunk = tl.load(chunk_offsets + i_n)
     c0 = i_v * BV
     dt = q.dtype.element_ty
-    rows = tl.arange(0, C)
     dS = tl.zeros([K, BV], dtype=tl.float32)
     if HAS_DHT:
         dS += tl.load(_state_tile(dht, i_n, i_h, H, 0, c0, K, V, K, BV)).to(tl.float32)
@@ -234,11 +268,9 @@ def _state_bwd_kernel(q, k, w, gcum, do, dht, dh0, dstates, ddeltas, cu_seqlens,
         k_tile = tl.load(_tile(k, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
         w_tile = tl.load(_tile(w, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
         do_tile = tl.load(_tile(do, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1)).to(dt)
-        # A^T[r, c] = A[c, r] = scale k_r.q_c e^{G_c - G_r} for c >= r
-        A_t = tl.where(rows[:, None] <= rows[None, :], tl.exp(G[None, :] - G[:, None]), 0.0)
-        A_t = tl.dot(k_tile, tl.trans(q_tile), input_precision=PREC) * scale * A_t
+        A_t = tl.trans(tl.load(_tile(attn, bos, seq_len, H, i_h, t0, 0, C, C, C), boundary_check=(0, 1)))
         k_to_end = (k_tile * tl.exp(g_last - G)[:, None]).to(dt)
-        ddelta = tl.dot(A_t.to(dt), do_tile, input_precision=PREC) \
+        ddelta = tl.dot(A_t, do_tile, input_precision=PREC) \
             + tl.dot(k_to_end, dS.to(dt), input_precision=PREC)
         ddelta_io = ddelta.to(dt)
         tl.store(_tile(ddeltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), ddelta_io, boundary_check=(0, 1))
@@ -250,30 +282,58 @@ def _state_bwd_kernel(q, k, w, gcum, do, dht, dh0, dstates, ddeltas, cu_seqlens,
 
 
 @triton.jit
-def _local_bwd_kernel(q, k, gcum, states, dstates, deltas, ddeltas, do, dq, dk_part, dw, dG_part,
-                      cu_seqlens, chunk_indices, scale, H,
+def _chunk_bwd_kernel(q, k, v, beta, gcum, x_inv, attn, states, dstates, deltas, ddeltas, do,
+                      dq, dk, dv, dbeta, dg, cu_seqlens, chunk_indices, scale, H,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       PREC: tl.constexpr):
+    """All gradients of one chunk once dDelta and dS_C are known.
+
+    W and U enter only Delta = U - W S_0 = X (beta V - diag(beta e^G) K S_0), so
+        dX = dW (beta e^G K)^T + dU (beta V)^T = dDelta ((I + L) Delta)^T,
+        dL = -X^T dX X^T = -(X^T dDelta) Delta^T:
+    the WY part needs no dW before the key loop, and no scratch goes through memory."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, seq_len, t0 = _chunk_location(cu_seqlens, chunk_indices, i_c, C)
     rows = tl.arange(0, C)
+    valid = t0 + rows < seq_len
     dt = q.dtype.element_ty
     G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
-    # intra-chunk part, o += A Delta with A = scale (Q K^T) e^{G_i - G_j} [i >= j]
+    beta_c = tl.load(beta + (bos + t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    k_scale = beta_c * tl.exp(G)
+    # X as the forward used it; padding rows load as zero and meet only zero rows of dDelta, Delta
+    X_t = tl.trans(tl.load(_tile(x_inv, bos, seq_len, H, i_h, t0, 0, C, C, C), boundary_check=(0, 1)))
     dA = tl.zeros([C, C], dtype=tl.float32)
+    dL = tl.zeros([C, C], dtype=tl.float32)
+    dbeta_c = tl.zeros([C], dtype=tl.float32)
     for i_v in tl.static_range(V // BV):
-        do_tile = tl.load(_tile(do, bos, seq_len, H, i_h, t0, i_v * BV, V, C, BV), boundary_check=(0, 1)).to(dt)
-        delta = tl.load(_tile(deltas, bos, seq_len, H, i_h, t0, i_v * BV, V, C, BV), boundary_check=(0, 1))
+        c0 = i_v * BV
+        do_tile = tl.load(_tile(do, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1)).to(dt)
+        delta = tl.load(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
+        ddelta = tl.load(_tile(ddeltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
+        v_tile = tl.load(_tile(v, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
+        # o += A Delta
         dA += tl.dot(do_tile, tl.trans(delta), input_precision=PREC)
-    qk = tl.zeros([C, C], dtype=tl.float32)
-    for i_k in tl.static_range(K // BK):
-        q_block = tl.load(_tile(q, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
-        k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
-        qk += tl.dot(q_block, tl.trans(k_block), input_precision=PREC)
-    dA = dA * scale * _decay_matrix(G, C, False)
-    dA_g = dA * qk
-    dG = tl.sum(dA_g, axis=1) - tl.sum(dA_g, axis=0)
-    dA_io = dA.to(dt)
+        # U = X (beta V) with dU = dDelta
+        dv_scaled = tl.dot(X_t, ddelta, input_precision=PREC)
+        dbeta_c += tl.sum(dv_scaled * v_tile.to(tl.float32), axis=1)
+        tl.store(_tile(dv, bos, seq_len, H, i_h, t0, c0, V, C, BV),
+                 (dv_scaled * beta_c[:, None]).to(dv.dtype.element_ty), boundary_check=(0, 1))
+        dL -= tl.dot(dv_scaled.to(dt), tl.trans(delta), input_precision=PREC)
+    # L = beta_i e^{G_i - G_j} k_i.k_j (i > j)
+    kk, _ = _chunk_grams(k, k, bos, seq_len, H, i_h, t0, K, C, BK, False, PREC)
+    kk_decayed = kk * _decay_matrix(G, C, True)
+    dL = tl.where(rows[:, None] > rows[None, :], dL, 0.0)
+    dbeta_c += tl.sum(dL * kk_decayed, axis=1)
+    dL_g = dL * kk_decayed * beta_c[:, None]
+    dG = tl.sum(dL_g, axis=1) - tl.sum(dL_g, axis=0)
+    # k_i.k_j for i > j with gradient dkk_ij gives dk = (dkk + dkk^T) K
+    dkk = dL * beta_c[:, None] * _decay_matrix(G, C, True)
+    dkk_sym = (dkk + tl.trans(dkk)).to(dt)
+    # A = scale (Q K^T) e^{G_i - G_j} [i >= j]: dA_ij A_ij is the gradient of its exponent
+    A = tl.load(_tile(attn, bos, seq_len, H, i_h, t0, 0, C, C, C), boundary_check=(0, 1))
+    dA_g = dA * A.to(tl.float32)
+    dG += tl.sum(dA_g, axis=1) - tl.sum(dA_g, axis=0)
+    dA_io = (dA * scale * _decay_matrix(G, C, False)).to(dt)
     decay_to_end = tl.exp(g_last - G)
     from_last = tl.zeros([C], dtype=tl.float32)
     d_total_decay = 0.0                         # d/d(e^{G_C}) of e^{G_C} S_0
@@ -295,77 +355,27 @@ def _local_bwd_kernel(q, k, gcum, states, dstates, deltas, ddeltas, do, dq, dk_p
             d_total_decay += tl.sum(S0.to(tl.float32) * dSC.to(tl.float32))
         q_block = tl.load(_tile(q, bos, seq_len, H, i_h, t0, k0, K, C, BK), boundary_check=(0, 1))
         k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, k0, K, C, BK), boundary_check=(0, 1))
+        k_f32 = k_block.to(tl.float32)
         # readout of the carried state: o += scale e^G Q S_0
         dq_block = dq_acc * (scale * tl.exp(G))[:, None]
         dG += tl.sum(dq_block * q_block.to(tl.float32), axis=1)
         dq_block += tl.dot(dA_io, k_block, input_precision=PREC)
-        # state passed on: S_C = e^{G_C} S_0 + (e^{G_C - G} K)^T Delta
-        dk_state = dk_state * decay_to_end[:, None]
-        from_last += tl.sum(dk_state * k_block.to(tl.float32), axis=1)
-        dk_block = dk_state + tl.dot(tl.trans(dA_io), q_block, input_precision=PREC)
         tl.store(_tile(dq, bos, seq_len, H, i_h, t0, k0, K, C, BK), dq_block.to(dq.dtype.element_ty),
                  boundary_check=(0, 1))
-        tl.store(_tile(dk_part, bos, seq_len, H, i_h, t0, k0, K, C, BK), dk_block, boundary_check=(0, 1))
-        tl.store(_tile(dw, bos, seq_len, H, i_h, t0, k0, K, C, BK), dw_acc, boundary_check=(0, 1))
-    dG -= from_last
-    dG += tl.where(rows == C - 1, tl.sum(from_last) + d_total_decay * tl.exp(g_last), 0.0)
-    # padding rows carry the last row's G: keep their dG for the reverse cumsum
-    tl.store(dG_part + (i_c * H + i_h) * C + rows, dG)
-
-
-@triton.jit
-def _wy_bwd_kernel(k, v, beta, gcum, ddeltas, dk_part, dw, dG_part, dk, dv, dbeta, dg,
-                   cu_seqlens, chunk_indices, H,
-                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   PREC: tl.constexpr):
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    bos, seq_len, t0 = _chunk_location(cu_seqlens, chunk_indices, i_c, C)
-    rows = tl.arange(0, C)
-    valid = t0 + rows < seq_len
-    dt = k.dtype.element_ty
-    G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
-    beta_c = tl.load(beta + (bos + t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
-    k_scale = beta_c * tl.exp(G)
-    X, L, kk_decayed = _chunk_wy_system(k, bos, seq_len, H, i_h, t0, beta_c, G, K, C, BK, PREC)
-    X_io_t = tl.trans(X).to(dt)
-    # W = X (beta e^G K): dX = dW (beta e^G K)^T
-    dX = tl.zeros([C, C], dtype=tl.float32)
-    for i_k in tl.static_range(K // BK):
-        k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
-        dw_block = tl.load(_tile(dw, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
-        dX += tl.dot(dw_block, tl.trans(k_block.to(tl.float32) * k_scale[:, None]), input_precision=PREC)
-    # U = X (beta V), dU = dDelta
-    dbeta_c = tl.zeros([C], dtype=tl.float32)
-    for i_v in tl.static_range(V // BV):
-        c0 = i_v * BV
-        v_tile = tl.load(_tile(v, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
-        du = tl.load(_tile(ddeltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
-        dX += tl.dot(du, tl.trans((v_tile * beta_c[:, None]).to(dt)), input_precision=PREC)
-        dv_scaled = tl.dot(X_io_t, du, input_precision=PREC)
-        dbeta_c += tl.sum(dv_scaled * v_tile.to(tl.float32), axis=1)
-        tl.store(_tile(dv, bos, seq_len, H, i_h, t0, c0, V, C, BV),
-                 (dv_scaled * beta_c[:, None]).to(dv.dtype.element_ty), boundary_check=(0, 1))
-    # X = (I + L)^{-1}, L = beta_i e^{G_i - G_j} k_i.k_j (i > j)
-    dL = -tl.dot(tl.trans(X), tl.dot(dX, tl.trans(X), input_precision=PREC), input_precision=PREC)
-    dL = tl.where(rows[:, None] > rows[None, :], dL, 0.0)
-    dbeta_c += tl.sum(dL * kk_decayed, axis=1)
-    dL_g = dL * L
-    dG = tl.load(dG_part + (i_c * H + i_h) * C + rows) + tl.sum(dL_g, axis=1) - tl.sum(dL_g, axis=0)
-    dkk = (dL * beta_c[:, None] * _decay_matrix(G, C, True)).to(dt)
-    for i_k in tl.static_range(K // BK):
-        k0 = i_k * BK
-        k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, k0, K, C, BK), boundary_check=(0, 1))
-        dw_block = tl.load(_tile(dw, bos, seq_len, H, i_h, t0, k0, K, C, BK), boundary_check=(0, 1))
-        dk_block = tl.load(_tile(dk_part, bos, seq_len, H, i_h, t0, k0, K, C, BK), boundary_check=(0, 1))
-        dk_scaled = tl.dot(tl.trans(X), dw_block, input_precision=PREC)
-        k_f32 = k_block.to(tl.float32)
+        # state passed on: S_C = e^{G_C} S_0 + (e^{G_C - G} K)^T Delta
+        dk_state = dk_state * decay_to_end[:, None]
+        from_last += tl.sum(dk_state * k_f32, axis=1)
+        # W = X (beta e^G K) with dW = -dDelta S_0^T
+        dk_scaled = tl.dot(X_t, dw_acc.to(dt), input_precision=PREC)
         dbeta_c += tl.sum(dk_scaled * k_f32 * tl.exp(G)[:, None], axis=1)
         dG += tl.sum(dk_scaled * k_f32 * k_scale[:, None], axis=1)
-        dk_block += dk_scaled * k_scale[:, None]
-        dk_block += tl.dot(dkk, k_block, input_precision=PREC) + tl.dot(tl.trans(dkk), k_block, input_precision=PREC)
+        dk_block = dk_state + dk_scaled * k_scale[:, None] + tl.dot(tl.trans(dA_io), q_block, input_precision=PREC)
+        dk_block += tl.dot(dkk_sym, k_block, input_precision=PREC)
         tl.store(_tile(dk, bos, seq_len, H, i_h, t0, k0, K, C, BK), dk_block.to(dk.dtype.element_ty),
                  boundary_check=(0, 1))
-    # G = cumsum(g): dg_i = sum_{j >= i} dG_j
+    dG -= from_last
+    dG += tl.where(rows == C - 1, tl.sum(from_last) + d_total_decay * tl.exp(g_last), 0.0)
+    # G = cumsum(g): dg_i = sum_{j >= i} dG_j (padding rows carry the last G and add nothing)
     dg_c = tl.sum(dG) - tl.cumsum(dG, axis=0) + dG
     tl.store(dbeta + (bos + t0 + rows) * H + i_h, dbeta_c.to(dbeta.dtype.element_ty), mask=valid)
     tl.store(dg + (bos + t0 + rows) * H + i_h, dg_c.to(dg.dtype.element_ty), mask=valid)
@@ -405,8 +415,12 @@ def _launch_args(kernel, K, V, dtype):
     if "BK" in args:
         args["BK"] = min(K, args["BK"])
     if dtype == torch.float32:
-        # fp32 tiles are twice as large: one pipeline stage keeps them in shared memory
+        # fp32 tiles are twice as large: one pipeline stage and at most 64 columns keep them
+        # in shared memory (state_bwd with BV=128 would need 256 KiB)
         args["num_stages"] = 1
+        args["BV"] = min(64, args["BV"])
+        if "BK" in args:
+            args["BK"] = min(64, args["BK"])
     return args
 
 
@@ -426,23 +440,26 @@ def _forward(q, k, v, g, beta, scale, initial_state, want_final, layout, keep_fo
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     gcum = torch.empty(T_total, H, dtype=torch.float32, device=q.device)
-    _wy_fwd_kernel[(num_chunks, H)](k, v, g, beta, w, u, gcum, cu, chunk_indices, H,
-                                    K=K, V=V, C=CHUNK, PREC=prec, **_launch_args("wy_fwd", K, V, q.dtype))
+    x_inv = torch.empty(T_total, H, CHUNK, dtype=q.dtype, device=q.device) if keep_for_backward else None
+    attn = torch.empty(T_total, H, CHUNK, dtype=q.dtype, device=q.device)
+    _wy_fwd_kernel[(num_chunks, H)](q, k, v, g, beta, w, u, x_inv, attn, gcum, cu, chunk_indices, scale, H,
+                                    K=K, V=V, C=CHUNK, STORE_X=keep_for_backward, PREC=prec,
+                                    **_launch_args("wy_fwd", K, V, q.dtype))
     o = torch.empty_like(v)
     final = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if want_final else None
     states = torch.empty(num_chunks, H, K, V, dtype=q.dtype, device=q.device) if keep_for_backward else None
     deltas = torch.empty_like(v) if keep_for_backward else None
     launch = _launch_args("state_fwd", K, V, q.dtype)
     _state_fwd_kernel[(V // launch["BV"], N * H)](
-        q, k, w, u, gcum, o, initial_state, final, states, deltas, cu, chunk_offsets, scale, H,
+        q, k, w, u, attn, gcum, o, initial_state, final, states, deltas, cu, chunk_offsets, scale, H,
         K=K, V=V, C=CHUNK, HAS_H0=initial_state is not None, STORE_FINAL=want_final,
         STORE_CHUNKS=keep_for_backward, PREC=prec, **launch)
-    return o, final, (w, gcum, states, deltas)
+    return o, final, (w, gcum, x_inv, attn, states, deltas)
 
 
 def _backward(q, k, v, g, beta, scale, initial_state, layout, saved, do, dht):
     cu, chunk_indices, chunk_offsets = layout
-    w, gcum, states, deltas = saved
+    w, gcum, x_inv, attn, states, deltas = saved
     T_total, H, K = q.shape
     V = v.shape[-1]
     N = cu.numel() - 1
@@ -455,23 +472,17 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout, saved, do, dht):
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
     launch = _launch_args("state_bwd", K, V, q.dtype)
     _state_bwd_kernel[(V // launch["BV"], N * H)](
-        q, k, w, gcum, do, dht, dh0, dstates, ddeltas, cu, chunk_offsets, scale, H,
+        q, k, w, attn, gcum, do, dht, dh0, dstates, ddeltas, cu, chunk_offsets, scale, H,
         K=K, V=V, C=CHUNK, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
         PREC=prec, **launch)
     dq = torch.empty_like(q)
-    dk_part = torch.empty(T_total, H, K, dtype=torch.float32, device=q.device)
-    dw = torch.empty_like(dk_part)
-    dG_part = torch.empty(num_chunks, H, CHUNK, dtype=torch.float32, device=q.device)
-    _local_bwd_kernel[(num_chunks, H)](
-        q, k, gcum, states, dstates, deltas, ddeltas, do, dq, dk_part, dw, dG_part,
-        cu, chunk_indices, scale, H, K=K, V=V, C=CHUNK, PREC=prec, **_launch_args("local_bwd", K, V, q.dtype))
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g)
-    _wy_bwd_kernel[(num_chunks, H)](
-        k, v, beta, gcum, ddeltas, dk_part, dw, dG_part, dk, dv, dbeta, dg,
-        cu, chunk_indices, H, K=K, V=V, C=CHUNK, PREC=prec, **_launch_args("wy_bwd", K, V, q.dtype))
+    _chunk_bwd_kernel[(num_chunks, H)](
+        q, k, v, beta, gcum, x_inv, attn, states, dstates, deltas, ddeltas, do, dq, dk, dv, dbeta, dg,
+        cu, chunk_indices, scale, H, K=K, V=V, C=CHUNK, PREC=prec, **_launch_args("chunk_bwd", K, V, q.dtype))
     return dq, dk, dv, dg, dbeta, dh0
 
 
@@ -486,7 +497,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, beta, initial_state, *saved = ctx.saved_tensors
-        if saved[2] is None:
+        if saved[2] is None:                    # X, kept only when a gradient was wanted
             raise RuntimeError("chunk_gated_delta_rule: backward needs the forward run with grad enabled")
         dq, dk, dv, dg, dbeta, dh0 = _backward(q, k, v, g, beta, ctx.scale, initial_state, ctx.layout,
                                                saved, do, dht)
