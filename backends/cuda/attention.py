@@ -96,7 +96,13 @@ def causal_sdpa(q, k, v, scale):
         q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
     elif dv < d:
         v = F.pad(v, (0, d - dv))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    grouped = q.shape[1] != k.shape[1]
+    if grouped and q.dtype == torch.float32:
+        # No fused kernel takes fp32 with grouped heads (flash and cuDNN need 16-bit inputs, the
+        # memory-efficient kernel has no GQA): expand the kv heads rather than fall back to math.
+        group = q.shape[1] // k.shape[1]
+        k, v, grouped = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), False
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=grouped)
     return out[..., :dv]
 
 

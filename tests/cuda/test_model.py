@@ -225,12 +225,13 @@ def test_flex_path_gradients_match_rows_path():
         assert rel(got, want) < 1e-4  # fp32; FlexAttention may use TF32 dots
 
 
-@pytest.mark.parametrize("d, dv", [(8, 16), (16, 8)])
-def test_causal_sdpa_pads_unequal_head_dims(d, dv):
-    """The all-attention CUDA path (zero-padded to equal head sizes) against the CPU row path."""
+@pytest.mark.parametrize("d, dv, kv_heads", [(8, 16, 4), (16, 8, 4), (8, 16, 2), (16, 16, 1)])
+def test_causal_sdpa_pads_unequal_head_dims(d, dv, kv_heads):
+    """The all-attention CUDA path (zero-padded to equal head sizes, kv heads expanded in fp32)
+    against the CPU row path."""
     gen = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 4, 9, d, generator=gen), torch.randn(2, 4, 9, d, generator=gen)
-    v = torch.randn(2, 4, 9, dv, generator=gen)
+    q, k = torch.randn(2, 4, 9, d, generator=gen), torch.randn(2, kv_heads, 9, d, generator=gen)
+    v = torch.randn(2, kv_heads, 9, dv, generator=gen)
     want = plan_attention(q, k, v, AttentionPlan(torch.ones(2, 9, dtype=torch.bool)), scale=0.3)
     got = causal_sdpa(q, k, v, 0.3)
     assert got.shape == want.shape and rel(got, want) < 1e-6
