@@ -42,14 +42,20 @@ CHUNK = 64
 # Launch shapes per kernel (BK, BV: key and value columns per block or program; DIAG:
 # width of the diagonal blocks of I + L inverted as one batch, C = full-width doubling).
 # bench/bench_gdn.py --sweep times (and checks) the alternatives and prints the fastest.
-# state_fwd and state_bwd are from a sweep on H200, 2026-11-27, of the kernels before A
-# and X were stored; DIAG=16 and chunk_bwd (shaped like the two kernels it replaced) are
-# not yet measured on a GPU.
+# LAUNCH is the sweep's choice at B=16, T=2048, H=16, K=V=128 bf16 on an H200 (2026-11-27).
 LAUNCH = {
-    "wy_fwd": dict(BK=64, BV=64, DIAG=16, num_warps=4, num_stages=2),
+    "wy_fwd": dict(BK=64, BV=64, DIAG=16, num_warps=4, num_stages=1),
+    "state_fwd": dict(BV=64, num_warps=4, num_stages=1),
+    "state_bwd": dict(BV=128, num_warps=8, num_stages=2),
+    "chunk_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=1),
+}
+# With fewer (sequence, head) pairs than the GPU has SMs, the two sequential kernels run one
+# program per SM or less and are latency-bound: narrower value blocks (more programs) and a
+# second pipeline stage for state_fwd win there. Same card and date, B=4, T=8192: fwd 0.88 /
+# fwd+bwd 2.95 ms with these, 0.92 / 3.21 ms with LAUNCH.
+FEW_PAIRS_LAUNCH = {
     "state_fwd": dict(BV=64, num_warps=4, num_stages=2),
     "state_bwd": dict(BV=64, num_warps=4, num_stages=1),
-    "chunk_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=1),
 }
 
 
@@ -409,8 +415,16 @@ def _dot_precision(dtype):
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _launch_args(kernel, K, V, dtype):
-    args = dict(LAUNCH[kernel])
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _launch_args(kernel, K, V, dtype, pairs=None, device=None):
+    """Launch shape of `kernel`; `pairs` = sequences x heads, which decides how full the GPU is."""
+    few = (pairs is not None and device is not None and device.type == "cuda"
+           and kernel in FEW_PAIRS_LAUNCH and pairs < _sm_count(device.index or 0))
+    args = dict(FEW_PAIRS_LAUNCH[kernel] if few else LAUNCH[kernel])
     args["BV"] = min(V, args["BV"])
     if "BK" in args:
         args["BK"] = min(K, args["BK"])
@@ -449,7 +463,7 @@ def _forward(q, k, v, g, beta, scale, initial_state, want_final, layout, keep_fo
     final = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if want_final else None
     states = torch.empty(num_chunks, H, K, V, dtype=q.dtype, device=q.device) if keep_for_backward else None
     deltas = torch.empty_like(v) if keep_for_backward else None
-    launch = _launch_args("state_fwd", K, V, q.dtype)
+    launch = _launch_args("state_fwd", K, V, q.dtype, pairs=N * H, device=q.device)
     _state_fwd_kernel[(V // launch["BV"], N * H)](
         q, k, w, u, attn, gcum, o, initial_state, final, states, deltas, cu, chunk_offsets, scale, H,
         K=K, V=V, C=CHUNK, HAS_H0=initial_state is not None, STORE_FINAL=want_final,
@@ -470,7 +484,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout, saved, do, dht):
     dstates = torch.empty_like(states)
     ddeltas = torch.empty_like(deltas)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
-    launch = _launch_args("state_bwd", K, V, q.dtype)
+    launch = _launch_args("state_bwd", K, V, q.dtype, pairs=N * H, device=q.device)
     _state_bwd_kernel[(V // launch["BV"], N * H)](
         q, k, w, attn, gcum, do, dht, dh0, dstates, ddeltas, cu, chunk_offsets, scale, H,
         K=K, V=V, C=CHUNK, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
