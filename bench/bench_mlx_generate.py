@@ -3,8 +3,9 @@
 1. Attention mode vs mlx-lm's `llama` on the SAME weights: an Oryx checkpoint without output
    gate and norm, identity convs (last tap 1) without activation, RoPE on, is a Llama; the
    bench maps its tensors onto mlx_lm.models.llama and first checks both give the same logits.
-   Oryx in attention mode still advances its recurrent state at every token (the design: the
-   mode may switch at any token), so this row shows that price.
+   An all-attention plan never reads the recurrent state, so the Oryx cache drops it up front
+   (as stream_generate's state_policy "auto" does) and no token does recurrent work; the row
+   with the state kept shows the price of being able to switch to recurrent mode at any token.
 2. Recurrent GDN vs mlx-lm's `qwen3_next` Gated DeltaNet layers at equal shapes (every layer
    linear, dense SwiGLU MLP; random weights on both sides: only speed is compared).
 3. Oryx decode speed in recurrent mode (KV dropped) after 1K..16K tokens of context, and in
@@ -30,6 +31,7 @@ from mlx_lm.models import llama, qwen3_next
 
 from oryx_core.config import OryxConfig
 from oryx_core.init import init_params
+from oryx_mlx.cache import drop_recurrent
 from oryx_mlx.model import OryxModel
 from oryx_mlx.quantize import quantize_model
 
@@ -94,9 +96,14 @@ def qwen3_next_gdn(cfg: OryxConfig):
 
 
 # ----- timing -----
-def oryx_runner(model: OryxModel, attention: bool, drop_kv: bool):
+def oryx_runner(model: OryxModel, attention: bool, drop_kv: bool, keep_state: bool = False):
+    """attention: every token in attention mode (then the recurrent state is dropped up front unless
+    keep_state); else every token recurrent, the KV cache dropped after the prompt if drop_kv."""
     def make():
-        return model.make_cache()
+        cache = model.make_cache()
+        if attention and not keep_state:
+            drop_recurrent(cache)
+        return cache
 
     def call(tokens, cache):
         logits = model(tokens, attention, cache)
@@ -215,7 +222,8 @@ def main():
     q_ours, q_theirs = quantize_model(oryx_model(LLAMA_LIKE, params), 4, 64), llama_from_oryx(LLAMA_LIKE, params)
     nn.quantize(q_theirs, group_size=64, bits=4)
     print_table(compare({"mlx-lm llama": mlx_lm_runner(theirs),
-                         "Oryx attention mode (recurrent state kept too)": oryx_runner(ours, True, False),
+                         "Oryx attention mode": oryx_runner(ours, True, False),
+                         "Oryx attention mode, recurrent state kept": oryx_runner(ours, True, False, keep_state=True),
                          "mlx-lm llama, 4-bit": mlx_lm_runner(q_theirs),
                          "Oryx attention mode, 4-bit": oryx_runner(q_ours, True, False)}, prompt, steps, args.repeats))
     del ours, theirs, q_ours, q_theirs

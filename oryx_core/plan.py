@@ -156,18 +156,34 @@ class ModePlan:
         Used by the KV `drop` policy: when False, the KV cache can be freed. Plans whose
         attention depends on the final length (last:) always answer True.
         """
-        if self.kind == "attention" or self.kind in ("last", "every"):
+        return self._mode_after(True, position, prompt_length)
+
+    def recurrent_after(self, position: int, prompt_length: int | None = None) -> bool:
+        """Whether any token at index >= position may still run in recurrent mode.
+
+        Used by the recurrent-state `drop` policy: when False, the recurrent state (and the
+        recurrent-only work of every later token) can be dropped. Plans whose modes depend
+        on the final length (last:) always answer True, and so does prefill-attention (its
+        generated tokens are recurrent, however many there are).
+        """
+        return self._mode_after(False, position, prompt_length)
+
+    def _mode_after(self, attention: bool, position: int, prompt_length: int | None) -> bool:
+        """Whether any token at index >= position may still run in the given mode."""
+        if self.kind == "last":
             return True
-        if self.kind == "recurrent":
-            return False
+        if self.kind == "every":  # chunk 0 of every K is attention; the others (if K > 1) recurrent
+            return attention or self.every > 1
+        if self.kind in ("attention", "recurrent"):
+            return (self.kind == "attention") == attention
         if self.kind == "prefill-attention":
+            if not attention:
+                return True
             if prompt_length is None:
                 raise PlanError(f"plan {self}: needs a prompt length")
             return position < prompt_length
-        for is_attention, start, end in self.spans:
-            if is_attention and (end is None or end > position):
-                return True
-        return False
+        return any(is_attention == attention and (end is None or end > position)
+                   for is_attention, _, end in self.spans)
 
 
 def sample_training_modes(rng: np.random.Generator, batch: int, length: int, chunk: int = 64,

@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
     p.add_argument("--kv-policy", choices=["keep", "drop"], default="keep",
                    help="keep the KV cache, or drop it once the plan has no attention left (constant memory)")
+    p.add_argument("--state-policy", choices=["auto", "keep", "drop"], default="auto",
+                   help="recurrent state when no recurrent token is left: auto (drop it; the torch backend keeps "
+                        "it), keep, drop (MLX only)")
     p.add_argument("--backend", choices=BACKENDS, default="torch", help="backend (default torch)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -43,6 +46,8 @@ def cmd_generate(args) -> None:
             raise ValueError(f"--backend mlx: not available ({e})") from None
         cli_generate(args)
         return
+    if args.state_policy == "drop":
+        raise ValueError("--state-policy drop: only --backend mlx drops the recurrent state; the torch backend keeps it")
     import torch
 
     from oryx_core.evaluate import tokenizer_for

@@ -1,8 +1,12 @@
 """The prompt cache: per layer a KV cache, the conv windows and the recurrent state.
 
 Every token appends its key/value and updates the recurrent state whatever its mode, so
-a later call may read any earlier token either way. The KV `drop` policy frees the keys
-and values once the plan says no attention-mode token follows (decoding in constant memory).
+a later call may read any earlier token either way. Two `drop` policies give that up when
+the plan says a mode does not come back: the KV `drop` frees the keys and values once no
+attention-mode token follows (decoding in constant memory), the recurrent-state `drop`
+frees the recurrent state once no recurrent-mode token follows, and every later token then
+skips the recurrent-only work (q_rec, its conv, the gates, the state update), so attention
+mode costs what a plain Transformer costs.
 
 The objects follow mlx-lm's cache protocol where mlx-lm touches it (`state`, `offset`,
 `nbytes`), so `mlx_lm.generate` can drive an exported Oryx model with them.
@@ -12,17 +16,22 @@ from __future__ import annotations
 import mlx.core as mx
 
 KV_GROWTH = 256  # tokens added to the KV buffers at a time, so appending is amortised O(1)
-KV_POLICIES = ("keep", "drop")
+# "auto": drop only a cache the call made itself (no one can read it afterwards); keep a caller's cache
+DROP_POLICIES = ("auto", "keep", "drop")
 
 
 class LayerCache:
-    def __init__(self):
+    def __init__(self, query_conv_channels: int):
         self.keys = None  # [B, Hkv, capacity, d], RoPE applied
         self.values = None  # [B, Hkv, capacity, dv]
-        self.conv = None  # the last W-1 inputs of the q_rec, k, v convs, channels side by side [B, W-1, C]
+        # the last W-1 inputs of the q_rec, k, v convs, channels side by side [B, W-1, C]; the first
+        # query_conv_channels (q_rec's) are gone once the recurrent state is dropped
+        self.conv = None
+        self.query_conv_channels = query_conv_channels
         self.recurrent = None  # [B, H, d, dv] float32, one copy per query head
         self.offset = 0  # tokens seen so far (the next token's position)
         self.kv_dropped = False
+        self.recurrent_dropped = False
 
     def append_kv(self, keys, values):
         """Appends keys [B,Hkv,T,d] and values [B,Hkv,T,dv]; returns all cached ones so far."""
@@ -45,6 +54,13 @@ class LayerCache:
         self.keys = self.values = None
         self.kv_dropped = True
 
+    def drop_recurrent(self):
+        """Frees the recurrent state and q_rec's conv window; the k, v windows stay (attention needs them)."""
+        self.recurrent = None
+        if self.conv is not None and not self.recurrent_dropped:
+            self.conv = self.conv[..., self.query_conv_channels:]
+        self.recurrent_dropped = True
+
     @property
     def state(self) -> list[mx.array]:
         """Every array the cache holds (mlx-lm evaluates these between prefill chunks)."""
@@ -52,12 +68,19 @@ class LayerCache:
         return [a for a in arrays if a is not None]
 
     @property
+    def batch_size(self) -> int | None:
+        """Sequences the cache holds (None while empty)."""
+        arrays = self.state
+        return arrays[0].shape[0] if arrays else None
+
+    @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state)
 
 
-def make_prompt_cache(n_layers: int) -> list[LayerCache]:
-    return [LayerCache() for _ in range(n_layers)]
+def make_prompt_cache(n_layers: int, query_conv_channels: int) -> list[LayerCache]:
+    """query_conv_channels: the q_rec channels of a layer's conv window (n_heads * head_dim)."""
+    return [LayerCache(query_conv_channels) for _ in range(n_layers)]
 
 
 def cache_offset(cache: list[LayerCache]) -> int:
@@ -67,3 +90,8 @@ def cache_offset(cache: list[LayerCache]) -> int:
 def drop_kv(cache: list[LayerCache]) -> None:
     for layer in cache:
         layer.drop_kv()
+
+
+def drop_recurrent(cache: list[LayerCache]) -> None:
+    for layer in cache:
+        layer.drop_recurrent()

@@ -5,6 +5,13 @@
     for r in stream_generate(model, tokenizer, prompt, plan="recurrent", kv_policy="drop"):
         print(r.text, end="")
 
+Drop policies: `kv_policy` and `state_policy` ("auto", "keep", "drop") free the KV cache
+once the plan has no attention-mode token left, and the recurrent state once it has no
+recurrent-mode token left (later tokens then skip the recurrent-only work: an all-attention
+plan decodes as a plain Transformer). "auto" drops only from a cache the call made itself,
+which no one can read afterwards, and keeps a caller's `prompt_cache`, which a later call
+may continue in either mode. Defaults: kv_policy "keep", state_policy "auto".
+
 The mode plan is per call and is resolved over absolute positions: the prompt cache may
 already hold earlier tokens (pass `prompt_cache=` to continue a conversation), and
 `prompt_length` for plans such as prefill-attention is everything fed before generation
@@ -26,7 +33,7 @@ from oryx_core.tokenizer import end_of_text_id
 from oryx_core.evaluate import tokenizer_for
 from oryx_core.weights import load_checkpoint
 
-from .cache import KV_POLICIES, cache_offset, drop_kv
+from .cache import DROP_POLICIES, cache_offset, drop_kv, drop_recurrent
 from .model import OryxModel
 from .quantize import quantized_model
 
@@ -103,7 +110,7 @@ def sample_token(logits, key, temperature: float, top_k: int, top_p: float) -> i
     return int(mx.random.categorical(logits, key=key))
 
 
-def _check_arguments(max_tokens, temperature, top_k, top_p, repetition_penalty, kv_policy, prefill_step_size):
+def _check_arguments(max_tokens, temperature, top_k, top_p, repetition_penalty, policies: dict, prefill_step_size):
     if not isinstance(max_tokens, int) or max_tokens < 0:
         raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
     if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
@@ -116,8 +123,9 @@ def _check_arguments(max_tokens, temperature, top_k, top_p, repetition_penalty, 
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    if kv_policy not in KV_POLICIES:
-        raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
+    for name, policy in policies.items():
+        if policy not in DROP_POLICIES:
+            raise ValueError(f"{name} must be one of {DROP_POLICIES}, got {policy!r}")
 
 
 class _TextStream:
@@ -171,12 +179,13 @@ def _encode(tokenizer, prompt, vocab_size: int) -> list[int]:
 # ----- generation -----
 def stream_generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, plan="prefill-attention",
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                    seed: int = 0, kv_policy: str = "keep", prompt_cache=None, stop_strings=(),
-                    stop_at_end_of_text: bool = True, prefill_step_size: int = 2048) -> Iterator[GenerationResponse]:
+                    seed: int = 0, kv_policy: str = "keep", state_policy: str = "auto", prompt_cache=None,
+                    stop_strings=(), stop_at_end_of_text: bool = True,
+                    prefill_step_size: int = 2048) -> Iterator[GenerationResponse]:
     """Yields one GenerationResponse per generated token.
 
     prompt: text or token ids. plan: a mode plan (text or ModePlan) for this call.
-    kv_policy "drop" frees the KV cache once the plan has no attention token left.
+    kv_policy / state_policy: when to free the KV cache / the recurrent state (module docstring).
     prompt_cache: a cache from `model.make_cache()` to continue from (updated in place).
     The prompt goes through the model in pieces of prefill_step_size tokens (bounds the
     attention scores' memory; the result is the same).
@@ -184,7 +193,8 @@ def stream_generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, 
     stop_at_end_of_text is False) or when the text completes a stop string ("stop_string";
     the stop string is not emitted).
     """
-    _check_arguments(max_tokens, temperature, top_k, top_p, repetition_penalty, kv_policy, prefill_step_size)
+    _check_arguments(max_tokens, temperature, top_k, top_p, repetition_penalty,
+                     {"kv_policy": kv_policy, "state_policy": state_policy}, prefill_step_size)
     plan = ModePlan.parse(plan)
     ids = _encode(tokenizer, prompt, model.cfg.vocab_size)
     cache = model.make_cache() if prompt_cache is None else prompt_cache
@@ -196,9 +206,18 @@ def stream_generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, 
     text_stream = _TextStream(tokenizer, stop_strings)
     history = list(ids)
 
+    def drops(policy):
+        return policy == "drop" or (policy == "auto" and prompt_cache is None)
+
+    drop_kv_when_done, drop_state_when_done = drops(kv_policy), drops(state_policy)
+
     def drop_if_done(position):
-        if kv_policy == "drop" and not cache[0].kv_dropped and not plan.attention_after(position, prompt_length):
+        """Frees what no token from `position` on will read."""
+        if drop_kv_when_done and not cache[0].kv_dropped and not plan.attention_after(position, prompt_length):
             drop_kv(cache)
+        if (drop_state_when_done and not cache[0].recurrent_dropped
+                and not plan.recurrent_after(position, prompt_length)):
+            drop_recurrent(cache)
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
@@ -251,14 +270,18 @@ def _speed_line(r: GenerationResponse) -> str:
 
 def cli_generate(args) -> None:
     """`oryx generate --backend mlx`: args from the shared generate parser (path, prompt, plan, max_tokens,
-    temperature, top_k, top_p, seed, kv_policy, json; dtype, stop and repetition_penalty where present)."""
+    temperature, top_k, top_p, seed, kv_policy, state_policy, json; dtype, stop and repetition_penalty where
+    present). The call owns its cache, so the default state_policy "auto" drops the recurrent state once the
+    plan has no recurrent token left."""
     dtype = getattr(args, "dtype", None)
     model, tokenizer = load(args.path, dtype)
     responses = stream_generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, plan=args.plan,
                                 temperature=args.temperature, top_k=args.top_k or 0,
                                 top_p=1.0 if args.top_p is None else args.top_p,
                                 repetition_penalty=getattr(args, "repetition_penalty", None) or 1.0,
-                                seed=args.seed, kv_policy=args.kv_policy, stop_strings=getattr(args, "stop", None) or ())
+                                seed=args.seed, kv_policy=args.kv_policy,
+                                state_policy=args.state_policy,
+                                stop_strings=getattr(args, "stop", None) or ())
     text, tokens, last = "", [], None
     for last in responses:
         text += last.text

@@ -9,17 +9,23 @@ so checkpoints load without a name map, and quantised tensors get the names
 
 Activations run in the weights' dtype; the gate arithmetic (decays, step sizes) and the
 recurrent state run in float32.
+
+With a prompt cache every token advances the recurrent state whatever its mode, until the
+cache's state is dropped (`cache.drop_recurrent`: the plan has no recurrent token left);
+from then on a call does no recurrent work and only attention-mode tokens are accepted.
 """
 from __future__ import annotations
 
 import functools
 import itertools
+import operator
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from oryx_core.config import OryxConfig
+from oryx_core.reference import rope_angles
 
 from .cache import LayerCache, make_prompt_cache
 from .kernels import gated_delta_recurrence, ssd_recurrence
@@ -36,6 +42,32 @@ def l2_normalize(x):
     return (x32 * mx.rsqrt((x32 * x32).sum(-1, keepdims=True) + L2NORM_EPS)).astype(x.dtype)
 
 
+def rope_table(cfg: OryxConfig, start: int, length: int) -> tuple | None:
+    """RoPE factors of positions start..start+length-1 for `apply_rope` (None without RoPE):
+    [cos, cos] and [-sin, sin], float32 [length, 2, head_dim/2].
+
+    Built once per model call and shared by every layer's queries and keys: on a CPU,
+    mx.fast.rope is no kernel but ~10 ops that recompute the angles at each of its 2·n_layers
+    calls (about 1 ms of a 26 ms decode step of the bench's Llama-like model). The angles
+    come from the reference's float64 formula.
+    """
+    if not cfg.rope:
+        return None
+    cos, sin = rope_angles(cfg, np.arange(start, start + length))
+    return mx.array(np.stack([cos, cos], axis=-2), mx.float32), mx.array(np.stack([-sin, sin], axis=-2), mx.float32)
+
+
+def apply_rope(x, table):
+    """Rotate-half RoPE of x [..., T, d] with table = rope_table(...) of its T positions:
+    out = x·[cos, cos] + (x's halves swapped)·[-sin, sin], on x viewed as [..., T, 2, d/2]
+    (the swap is a reversed view, so no split or concatenation)."""
+    if table is None:
+        return x
+    cos, sin = table
+    halves = x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2)
+    return (halves * cos + halves[..., ::-1, :] * sin).reshape(x.shape).astype(x.dtype)
+
+
 class CausalDepthwiseConv(nn.Module):
     """The parameters of a depthwise causal conv over time: weight [C, W] as in the spec
     (last tap = current token). The mixer runs its three convs as one (`causal_conv`)."""
@@ -47,18 +79,22 @@ class CausalDepthwiseConv(nn.Module):
             self.bias = mx.zeros((channels,))
 
 
-def causal_conv(x, weight, bias, window):
-    """Depthwise causal conv of x [B,T,C] with weight [C,W] (and bias [C] or None).
+def causal_conv(x, taps, bias, window):
+    """Depthwise causal conv of x [B,T,C] with taps [W,C] (the spec's weight [C,W] transposed;
+    the last tap is the current token's) and bias [C] or None.
 
     window: the last W-1 inputs of the previous call (None at the start). Returns the
     output and the window to pass next time, so prefill and single steps share one path.
     """
     B, T, C = x.shape
-    W = weight.shape[1]
+    W = taps.shape[0]
     if window is None:
         window = mx.zeros((B, W - 1, C), dtype=x.dtype)
-    padded = mx.concatenate([window.astype(x.dtype), x], axis=1)
-    out = sum(padded[:, j:j + T] * weight[:, j] for j in range(W))
+    padded = mx.concatenate([window.astype(x.dtype), x], axis=1)  # [B, T+W-1, C], row-major
+    # frames[b, t, j] = padded[b, t + j]: a strided view instead of W slices (a few graph nodes
+    # instead of ~3 per tap, which on a CPU decode step costs more than the arithmetic)
+    frames = mx.as_strided(padded, (B, T, W, C), ((T + W - 1) * C, C, C, 1))
+    out = (frames * taps).sum(axis=2)
     if bias is not None:
         out = out + bias
     return out, padded[:, T:]
@@ -78,7 +114,7 @@ class DerivedArrays:
         (which may replace them, see `fused_weights`)."""
         current = sources()
         hit = self._built.get(key)
-        if hit is None or len(hit[0]) != len(current) or any(a is not b for a, b in zip(hit[0], current)):
+        if hit is None or len(hit[0]) != len(current) or not all(map(operator.is_, hit[0], current)):
             value = build()
             hit = self._built[key] = (sources(), value)
         return hit[1]
@@ -222,28 +258,33 @@ class OryxMixer(nn.Module):
             units["q_attn"] = ("q_attn",)
         if recurrent:
             units["gates"] = gates
-        # one fused matrix serves every call: a recurrent-mode call needs a prefix of this order,
-        # a stateless all-attention call a suffix, so neither computes rows it does not use
+        # one fused matrix serves every call: a recurrent-mode call needs a prefix of this order, an
+        # all-attention call without recurrent work (no cache, or the state dropped) a suffix, so
+        # neither computes rows it does not use
         order = (*gates, "q_rec", "k_proj", "v_proj", *(("g_proj",) if cfg.output_gate else ()), "q_attn")
         layout, projections = fused_weights(self, self.derived, order)
         convs = [self[name] for name in (("conv_q", "conv_k", "conv_v") if recurrent else ("conv_k", "conv_v"))]
         conv_names = tuple(c for c in ("weight", "bias") if c in convs[0])
         conv = self.derived.get(("conv", recurrent), lambda: tuple(c[n] for c in convs for n in conv_names),
-                                lambda: {n: mx.concatenate([c[n] for c in convs]) for n in conv_names})
-        arrays = {"projections": projections, "conv": conv, "A_log": self.A_log, "dt_bias": self.dt_bias}
-        if cfg.mixer == "mamba2":
-            arrays["D_skip"] = self.D_skip
+                                lambda: {"taps": mx.concatenate([c.weight.T for c in convs], axis=1),
+                                         "bias": mx.concatenate([c.bias for c in convs]) if "bias" in conv_names
+                                         else None})
+        arrays = {"projections": projections, "conv": conv}
+        if recurrent:
+            arrays.update(A_log=self.A_log, dt_bias=self.dt_bias)
+            if cfg.mixer == "mamba2":
+                arrays["D_skip"] = self.D_skip
         return (tuple(units), tuple(units.values()), layout), arrays
 
-    def local(self, static, arrays, x, window, state, offset):
+    def local(self, static, arrays, x, window, state, rope):
         """x [B,T,D] (normed) -> (q_attn [B,H,T,d] or None, k [B,Hkv,T,d], v [B,Hkv,T,dv] (RoPE applied),
-        o_rec [B,T,H,dv] or None, g or None, conv window, recurrent state); offset: position of x's first token."""
+        o_rec [B,T,H,dv] or None, g or None, conv window, recurrent state); rope: `rope_table` of x's positions."""
         cfg = self.cfg
         unit_names, units, layout = static
         B, T, _ = x.shape
         H, Hkv, d, dv = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim
         projected = dict(zip(unit_names, apply_fused(layout, arrays["projections"], x, units)))
-        conv_out, window = causal_conv(projected["conv_in"], arrays["conv"]["weight"], arrays["conv"].get("bias"),
+        conv_out, window = causal_conv(projected["conv_in"], arrays["conv"]["taps"], arrays["conv"]["bias"],
                                        window)
         if cfg.conv_act == "silu":
             conv_out = nn.silu(conv_out)
@@ -255,11 +296,10 @@ class OryxMixer(nn.Module):
         if recurrent:
             gates = mx.split(projected["gates"], [Hkv], axis=-1) if cfg.mixer == "gdn" else (projected["gates"],)
             o_rec, state = self._recurrence(gates, q_rec.reshape(B, T, H, d), k, v, state, arrays)
-        rope = (lambda t: mx.fast.rope(t, d, traditional=False, base=cfg.rope_theta, scale=1.0, offset=offset)
-                ) if cfg.rope else (lambda t: t)
-        q_attn = rope(projected["q_attn"].reshape(B, T, H, d).transpose(0, 2, 1, 3)) if "q_attn" in projected else None
-        return (q_attn, rope(k.transpose(0, 2, 1, 3)), v.transpose(0, 2, 1, 3), o_rec, projected.get("g_proj"),
-                window, state)
+        q_attn = (apply_rope(projected["q_attn"].reshape(B, T, H, d).transpose(0, 2, 1, 3), rope)
+                  if "q_attn" in projected else None)
+        return (q_attn, apply_rope(k.transpose(0, 2, 1, 3), rope), v.transpose(0, 2, 1, 3), o_rec,
+                projected.get("g_proj"), window, state)
 
     def _recurrence(self, gates, q, k, v, state, arrays):
         """q [B,T,H,d], k [B,T,Hkv,d], v [B,T,Hkv,dv] after conv; gates: the outputs of a_proj,
@@ -293,17 +333,14 @@ class OryxMixer(nn.Module):
         recurrent-mode tokens are don't-care) or None if no token of this call is in attention mode.
         """
         if cache is not None:
-            if cache.kv_dropped:
-                if attention.any():
-                    raise ValueError(f"modes: attention-mode token at position >= {offset} after the KV cache was "
-                                     "dropped; use kv_policy='keep'")
+            if cache.kv_dropped:  # OryxModel checked that no token of this call reads by attention
                 return None
             k, v = cache.append_kv(k, v)
-        if not attention.any():
+        if q is None:
             return None
         T = attention.shape[1]
-        rows = np.flatnonzero(attention.any(axis=0))  # tokens some sequence reads by attention
         scale = self.cfg.head_dim ** -0.5
+        rows = np.arange(T) if attention.all() else np.flatnonzero(attention.any(axis=0))  # tokens read by attention
         if len(rows) == T:
             mask = "causal" if T > 1 else None
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask).transpose(0, 2, 1, 3)
@@ -390,12 +427,14 @@ class OryxBlock(nn.Module):
     def _stage(self, name: str, static: tuple, compiled: bool):
         """self.<name> with its static arguments bound; compiled once per static arguments
         (mx.compile traces again for new input shapes)."""
-        function = functools.partial(getattr(self, name), static)
-        return self.compiled_stages.get((name, static), tuple, lambda: mx.compile(function)) if compiled else function
+        def bound():
+            return functools.partial(getattr(self, name), static)
 
-    def _local(self, static, arrays, x, window, state, offset):
+        return self.compiled_stages.get((name, static), tuple, lambda: mx.compile(bound())) if compiled else bound()
+
+    def _local(self, static, arrays, x, window, state, rope):
         normed = mx.fast.rms_norm(x, arrays["attn_norm"], self.mixer.cfg.norm_eps)
-        return self.mixer.local(static, arrays["mixer"], normed, window, state, offset)
+        return self.mixer.local(static, arrays["mixer"], normed, window, state, rope)
 
     def _output(self, static, arrays, x, o_attn, o_rec, g, attention):
         h = x + self.mixer.output(static[0], arrays["mixer"], o_attn, o_rec, g, attention)
@@ -404,18 +443,22 @@ class OryxBlock(nn.Module):
         normed = mx.fast.rms_norm(h, arrays["mlp_norm"], self.mixer.cfg.norm_eps)
         return h + self.mlp.apply(static[1], arrays["mlp"], normed)
 
-    def __call__(self, x, attention, cache: LayerCache | None = None):
-        """x [B,T,D]; attention: numpy bool [B,T], True where a token reads by attention."""
+    def __call__(self, x, attention, rope, cache: LayerCache | None = None):
+        """x [B,T,D]; attention: numpy bool [B,T], True where a token reads by attention; rope: `rope_table`
+        of the tokens' positions."""
         T = x.shape[1]
-        recurrent = cache is not None or not attention.all()  # with a cache the state advances whatever the mode
-        state = cache.recurrent if cache is not None else None
+        all_attention = bool(attention.all())
+        # with a cache the state advances whatever the mode, until the state is dropped
+        recurrent = not all_attention or (cache is not None and not cache.recurrent_dropped)
         offset = cache.offset if cache is not None else 0
-        single_step = T == 1 and state is not None
-        static, mixer_arrays = self.mixer.local_weights(recurrent, bool(attention.any()))
+        single_step = T == 1 and cache is not None
+        static, mixer_arrays = self.mixer.local_weights(recurrent, all_attention or bool(attention.any()))
         q_attn, k, v, o_rec, g, window, state = self._stage("_local", static, single_step)(
-            {"attn_norm": self.attn_norm.weight, "mixer": mixer_arrays}, x, cache.conv if cache is not None else None,
-            state, mx.array(offset, mx.int32))
+            {"attn_norm": self.attn_norm.weight, "mixer": mixer_arrays}, x, None if cache is None else cache.conv,
+            None if cache is None else cache.recurrent, rope)
         o_attn = self.mixer.attention(q_attn, k, v, attention, cache, offset)
+        if all_attention:
+            o_rec = None  # the recurrent readout (if the state advanced) is read by no token of this call
         if cache is not None:
             cache.conv, cache.recurrent = window, state
             cache.offset += T
@@ -424,8 +467,8 @@ class OryxBlock(nn.Module):
         if "mlp" in self:
             mlp_layout, arrays["mlp"] = self.mlp.weights()
             arrays["mlp_norm"] = self.mlp_norm.weight
-        return self._stage("_output", (mixer_layout, mlp_layout), single_step)(
-            arrays, x, o_attn, o_rec, g, mx.array(attention))
+        readout = mx.array(attention) if o_attn is not None and o_rec is not None else None  # per-token choice
+        return self._stage("_output", (mixer_layout, mlp_layout), single_step)(arrays, x, o_attn, o_rec, g, readout)
 
 
 class OryxModel(nn.Module):
@@ -459,15 +502,35 @@ class OryxModel(nn.Module):
         except ValueError:
             raise ValueError(f"modes: shape {list(np.shape(modes))} does not broadcast to "
                              f"[n_layers={L}, batch={B}, time={T}]") from None
-        if cache is not None and len(cache) != L:
-            raise ValueError(f"cache: has {len(cache)} layers, the model has {L}")
-        if cache is not None and cache[0].recurrent is not None and cache[0].recurrent.shape[0] != B:
-            raise ValueError(f"cache: holds {cache[0].recurrent.shape[0]} sequences, tokens have batch {B}")
+        if cache is not None:
+            check_cache_fits(cache, attention)
         x = self.embed(mx.array(ids))
+        rope = rope_table(self.cfg, 0 if cache is None else cache[0].offset, T)
         for i, layer in enumerate(self.layers):
-            x = layer(x, attention[i], None if cache is None else cache[i])
+            x = layer(x, attention[i], rope, None if cache is None else cache[i])
         x = self.norm(x)
         return self.embed.as_linear(x) if self.cfg.tie_embeddings else self.lm_head(x)
 
     def make_cache(self) -> list[LayerCache]:
-        return make_prompt_cache(self.cfg.n_layers)
+        return make_prompt_cache(self.cfg.n_layers, self.cfg.n_heads * self.cfg.head_dim)
+
+
+def check_cache_fits(cache: list[LayerCache], attention) -> None:
+    """Refuses, before any layer changes its cache, a call the cache cannot serve.
+
+    attention: bool [n_layers, B, T], True where a token reads by attention.
+    """
+    L, B, _ = attention.shape
+    if len(cache) != L:
+        raise ValueError(f"cache: has {len(cache)} layers, the model has {L}")
+    held = cache[0].batch_size
+    if held is not None and held != B:
+        raise ValueError(f"cache: holds {held} sequences, tokens have batch {B}")
+    offset = cache[0].offset
+    for layer_cache, any_attention, all_attention in zip(cache, attention.any(axis=(1, 2)), attention.all(axis=(1, 2))):
+        if layer_cache.kv_dropped and any_attention:
+            raise ValueError(f"modes: attention-mode token at position >= {offset} after the KV cache was "
+                             "dropped; use kv_policy='keep'")
+        if layer_cache.recurrent_dropped and not all_attention:
+            raise ValueError(f"modes: recurrent-mode token at position >= {offset} after the recurrent state was "
+                             "dropped; use state_policy='keep'")

@@ -114,6 +114,8 @@ def test_cli_generate(tmp_path, capsys):
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
     assert oryx_main(["generate", str(ck), "--prompt", "Hi", "--plan", "A:0-2"]) == 2
     assert "plan" in capsys.readouterr().err
+    assert oryx_main(args + ["--state-policy", "drop"]) == 2  # the torch backend keeps the state
+    assert "--state-policy drop" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mixer", ["gdn", "mamba2"])

@@ -1,4 +1,5 @@
-"""The MLX generation API: greedy == float64 reference decoding, sampling, prompt cache reuse, KV drop, CLI."""
+"""The MLX generation API: greedy == float64 reference decoding, sampling, prompt cache reuse, KV and
+recurrent-state drop policies, CLI."""
 import json
 
 import numpy as np
@@ -92,6 +93,62 @@ def test_kv_drop_decodes_in_constant_memory(checkpoint):
     assert sum(layer.nbytes for layer in kept) > sizes[0]
 
 
+def _capture_made_caches(model):
+    """Records the caches stream_generate makes for itself (not visible to the caller otherwise)."""
+    made, make = [], model.make_cache
+    model.make_cache = lambda: made.append(make()) or made[-1]
+    return made
+
+
+@pytest.mark.parametrize("plan", ["attention", "R:0-5,A:5-"])
+def test_state_drop_policy_same_tokens_and_automatic(checkpoint, plan):
+    """state_policy "auto" drops the recurrent state of a cache the call made once the plan has no recurrent
+    token left, "keep" never does; both decode the reference's greedy tokens."""
+    path, ref = checkpoint
+    model, tokenizer = load(path)
+    made = _capture_made_caches(model)
+    options = dict(max_tokens=10, plan=plan, stop_at_end_of_text=False, prefill_step_size=4)
+    tokens = {policy: [r.token for r in stream_generate(model, tokenizer, PROMPT, state_policy=policy, **options)]
+              for policy in ("auto", "keep")}
+    assert tokens["auto"] == tokens["keep"] == reference_greedy(ref, tokenizer.encode(PROMPT).ids, 10, plan)
+    assert made[0][0].recurrent_dropped and made[0][0].recurrent is None
+    assert not made[1][0].recurrent_dropped and made[1][0].recurrent is not None
+
+
+def test_state_drop_policy_on_a_callers_cache(checkpoint):
+    """A caller's cache is kept under "auto" (a later call may continue it in recurrent mode); "drop" drops it,
+    and a later recurrent-mode token then gets a clear error; a plan with recurrent tokens ahead drops nothing."""
+    path, _ = checkpoint
+    model, tokenizer = load(path)
+    options = dict(max_tokens=3, plan="attention", stop_at_end_of_text=False)
+    kept, dropped, mixed = model.make_cache(), model.make_cache(), model.make_cache()
+    generate(model, tokenizer, PROMPT, prompt_cache=kept, **options)
+    generate(model, tokenizer, PROMPT, prompt_cache=dropped, state_policy="drop", **options)
+    generate(model, tokenizer, PROMPT, prompt_cache=mixed, state_policy="drop", **{**options, "plan": "every:2:4"})
+    assert not kept[0].recurrent_dropped and dropped[0].recurrent_dropped and not mixed[0].recurrent_dropped
+    assert generate(model, tokenizer, "x", max_tokens=2, plan="recurrent", prompt_cache=kept)  # continues
+    with pytest.raises(ValueError, match="recurrent state was dropped; use state_policy='keep'"):
+        generate(model, tokenizer, "x", max_tokens=2, plan="recurrent", prompt_cache=dropped)
+
+
+@pytest.mark.parametrize("text", ["attention", "recurrent", "prefill-attention", "every:1:4", "every:3:4",
+                                  "last:25%", "A:0-7,R:7-13,A:13-", "R:0-9,A:9-"])
+def test_mode_after_never_misses_a_mode_the_plan_resolves(text):
+    """attention_after / recurrent_after (which the drop policies trust) are True wherever the resolved plan
+    still has a token of that mode, and exact for plans decided by position (the tail is long enough)."""
+    plan, prompt_length = ModePlan.parse(text), 6
+    for length in (8, 40):
+        modes = plan.resolve(length, prompt_length=prompt_length)
+        for position in range(length):
+            ahead = {True: plan.attention_after(position, prompt_length),
+                     False: plan.recurrent_after(position, prompt_length)}
+            for attention in (True, False):
+                present = bool((modes[position:] == attention).any())
+                assert ahead[attention] or not present
+                if length == 40 and position < 20 and plan.kind != "last":
+                    assert ahead[attention] == present
+
+
 def test_stop_strings_and_stop_token(checkpoint):
     path, _ = checkpoint
     model, tokenizer = load(path)
@@ -132,7 +189,8 @@ def test_bad_arguments_give_clear_errors(checkpoint):
     path, _ = checkpoint
     model, tokenizer = load(path)
     bad = [(dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k"),
-           (dict(kv_policy="forget"), "kv_policy"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+           (dict(kv_policy="forget"), "kv_policy"), (dict(state_policy="never"), "state_policy"),
+           (dict(repetition_penalty=0.0), "repetition_penalty"),
            (dict(max_tokens=-1), "max_tokens"), (dict(plan="sometimes"), "plan"),
            (dict(prefill_step_size=0), "prefill_step_size")]
     for kwargs, name in bad:
@@ -155,3 +213,14 @@ def test_oryx_generate_backend_mlx(checkpoint, capsys):
     assert result["tokens"] == expected and result["text"] == tokenizer.decode(expected)
     assert cli.main(["generate", str(path), "--prompt", PROMPT, "--backend", "mlx", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy", ["auto", "keep", "drop"])
+def test_oryx_generate_state_policy_flag(checkpoint, capsys, policy):
+    """--state-policy reaches the MLX generator; every policy gives the reference's greedy tokens."""
+    path, ref = checkpoint
+    assert cli.main(["generate", str(path), "--prompt", PROMPT, "--max-tokens", "5", "--backend", "mlx",
+                     "--plan", "attention", "--state-policy", policy, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    tokenizer = byte_level_tokenizer()
+    assert result["tokens"] == reference_greedy(ref, tokenizer.encode(PROMPT).ids, 5, "attention")
