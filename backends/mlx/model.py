@@ -79,18 +79,24 @@ class CausalDepthwiseConv(nn.Module):
             self.bias = mx.zeros((channels,))
 
 
-def causal_conv(x, taps, bias, window):
+def causal_conv(x, taps, bias, window, identity: bool = False):
     """Depthwise causal conv of x [B,T,C] with taps [W,C] (the spec's weight [C,W] transposed;
     the last tap is the current token's) and bias [C] or None.
 
     window: the last W-1 inputs of the previous call (None at the start). Returns the
     output and the window to pass next time, so prefill and single steps share one path.
+    identity: the taps are known to be the identity (see `is_identity_conv`): x is returned
+    as it is and only the window is kept up to date.
     """
     B, T, C = x.shape
     W = taps.shape[0]
+    if identity and T >= W - 1:
+        return x, x[:, T - (W - 1):]
     if window is None:
         window = mx.zeros((B, W - 1, C), dtype=x.dtype)
     padded = mx.concatenate([window.astype(x.dtype), x], axis=1)  # [B, T+W-1, C], row-major
+    if identity:
+        return x, padded[:, T:]
     # frames[b, t, j] = padded[b, t + j]: a strided view instead of W slices (a few graph nodes
     # instead of ~3 per tap, which on a CPU decode step costs more than the arithmetic)
     frames = mx.as_strided(padded, (B, T, W, C), ((T + W - 1) * C, C, C, 1))
@@ -98,6 +104,15 @@ def causal_conv(x, taps, bias, window):
     if bias is not None:
         out = out + bias
     return out, padded[:, T:]
+
+
+def is_identity_conv(taps, bias, activation: str) -> bool:
+    """True when the conv passes its input through: last tap 1, earlier taps 0, no bias, no
+    activation ("none"). A Llama imported into the spec has such convs; skipping them saves
+    passes over q, k and v that a Transformer never makes."""
+    if bias is not None or activation != "none":
+        return False
+    return bool(mx.all(taps[-1] == 1).item() and mx.all(taps[:-1] == 0).item())
 
 
 class DerivedArrays:
@@ -269,23 +284,25 @@ class OryxMixer(nn.Module):
                                 lambda: {"taps": mx.concatenate([c.weight.T for c in convs], axis=1),
                                          "bias": mx.concatenate([c.bias for c in convs]) if "bias" in conv_names
                                          else None})
+        identity = self.derived.get(("conv_identity", recurrent), lambda: (conv["taps"],),
+                                    lambda: is_identity_conv(conv["taps"], conv["bias"], cfg.conv_act))
         arrays = {"projections": projections, "conv": conv}
         if recurrent:
             arrays.update(A_log=self.A_log, dt_bias=self.dt_bias)
             if cfg.mixer == "mamba2":
                 arrays["D_skip"] = self.D_skip
-        return (tuple(units), tuple(units.values()), layout), arrays
+        return (tuple(units), tuple(units.values()), layout, identity), arrays
 
     def local(self, static, arrays, x, window, state, rope):
         """x [B,T,D] (normed) -> (q_attn [B,H,T,d] or None, k [B,Hkv,T,d], v [B,Hkv,T,dv] (RoPE applied),
         o_rec [B,T,H,dv] or None, g or None, conv window, recurrent state); rope: `rope_table` of x's positions."""
         cfg = self.cfg
-        unit_names, units, layout = static
+        unit_names, units, layout, identity_conv = static
         B, T, _ = x.shape
         H, Hkv, d, dv = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim
         projected = dict(zip(unit_names, apply_fused(layout, arrays["projections"], x, units)))
         conv_out, window = causal_conv(projected["conv_in"], arrays["conv"]["taps"], arrays["conv"]["bias"],
-                                       window)
+                                       window, identity_conv)
         if cfg.conv_act == "silu":
             conv_out = nn.silu(conv_out)
         recurrent = "gates" in projected

@@ -276,3 +276,22 @@ def test_weights_replaced_after_use_are_seen():
     model.load_weights([(k, mx.array(v)) for k, v in changed.items()], strict=True)
     expected, _ = OryxReference(cfg, changed).forward(tokens, modes)
     assert relative_error(np.array(model(mx.array(tokens), modes)), expected) < 1e-4
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 9])
+def test_identity_conv_shortcut_matches_the_conv(T):
+    """The pass-through for identity taps (imported Llamas) gives the conv's output and next window."""
+    from oryx_mlx.model import causal_conv, is_identity_conv
+
+    W, C = 4, 6
+    rng = np.random.default_rng(T)
+    x = mx.array(rng.standard_normal((2, T, C)).astype(np.float32))
+    window = mx.array(rng.standard_normal((2, W - 1, C)).astype(np.float32))
+    taps = mx.array(np.eye(W, dtype=np.float32)[-1][:, None].repeat(C, 1))  # [W, C]: last tap 1
+    assert is_identity_conv(taps, None, "none")
+    assert not is_identity_conv(taps, None, "silu") and not is_identity_conv(taps * 0.5, None, "none")
+    for start in (None, window):
+        want = causal_conv(x, taps, None, start)
+        got = causal_conv(x, taps, None, start, identity=True)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.array(a), np.array(b))
