@@ -95,3 +95,16 @@ def steps_for_budget(seconds: float, tokens_per_s: float, tokens_per_step: int, 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S', time.gmtime())}] {message}", flush=True)
+
+
+def run_main(main) -> None:
+    """Runs a runner's main(); a bad argument, config or input file ends with one line and exit status 2."""
+    try:
+        main()
+    except (ValueError, OSError, KeyError) as error:
+        if isinstance(error, OSError) and error.filename:
+            message = f"{error.filename}: {error.strerror}"
+        else:
+            message = error.args[0] if error.args else repr(error)
+        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import ROOT  # noqa: F401  (import paths)
+from common import ROOT, run_main  # noqa: F401  (ROOT: import paths)
 
 from oryx_core.weights import load_checkpoint, save_checkpoint
 
@@ -49,4 +49,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

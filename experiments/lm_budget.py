@@ -25,7 +25,8 @@ import statistics
 import time
 from pathlib import Path
 
-from common import environment, experiment_args, load_experiment_config, log, select_models, steps_for_budget, write_json
+from common import (environment, experiment_args, load_experiment_config, log, run_main, select_models,
+                    steps_for_budget, write_json)
 
 from oryx_core.spec import parameter_counts
 from oryx_cuda.train import config_from_dict, model_config, train
@@ -130,4 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import environment, experiment_args, load_experiment_config, log, select_models, steps_for_budget, write_json
+from common import (environment, experiment_args, load_experiment_config, log, run_main, select_models,
+                    steps_for_budget, write_json)
 
 from oryx_core.config import preset
 from oryx_core.mqar import FILLER, IGNORE, make_mqar
@@ -243,4 +244,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import environment, load_experiment_config, log, write_json
+from common import environment, load_experiment_config, log, run_main, write_json
 
 from oryx_core.data import TokenShards
 from oryx_core.plan import ModePlan
@@ -103,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

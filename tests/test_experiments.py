@@ -1,0 +1,70 @@
+"""The experiment runners of issue 6 end to end at toy scale on the CPU: experiment 1 for one
+model (`--models`), experiment 3 on it, and the export of the default model."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from oryx_core import cli  # noqa: E402
+from oryx_core.weights import load_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def toy_config(tmp_path_factory):
+    """experiments/configs/lm_budget.json with its data pointed at shards of the bundled docs corpus."""
+    work = tmp_path_factory.mktemp("experiments")
+    shards = work / "shards"
+    assert cli.main(["data", "build", "--input", str(ROOT / "data" / "docs-corpus.txt.xz"), "--tokenizer",
+                     str(ROOT / "data" / "tokenizer-8k.json"), "--out", str(shards), "--quiet"]) == 0
+    config = json.loads((ROOT / "experiments" / "configs" / "lm_budget.json").read_text())
+    config["data"] = str(shards)
+    path = work / "lm_budget.json"
+    path.write_text(json.dumps(config))
+    return work, path
+
+
+def test_one_model_then_switching_then_default_export(toy_config):
+    work, config = toy_config
+    out = work / "out"
+    done = run("lm_budget.py", "--config", str(config), "--scale", "toy", "--models", "oryx-mamba2", "--steps", "3",
+               "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "lm_budget.json").read_text())
+    assert [m["name"] for m in results["models"]] == ["oryx-mamba2"] and results["steps"] == 3
+    assert "--models oryx-mamba2" in results["command"]
+    losses = results["models"][0]["eval_loss"]
+    assert set(losses) >= {"attention", "recurrent", "mixed"} and all(0 < v < 20 for v in losses.values())
+
+    done = run("switching.py", "--scale", "toy", "--lm-results", str(out / "lm_budget.json"), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    plans = json.loads((out / "switching.json").read_text())["models"][0]["plans"]
+    pure = {p["plan"]: p for p in plans if p["switches"] == 0}
+    assert pure["attention"]["switch_cost"] == 0 and pure["recurrent"]["switch_cost"] == 0
+
+    done = run("export_default.py", "--lm-results", str(out / "lm_budget.json"), "--out", str(out / "default"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    exported = load_checkpoint(out / "default")
+    assert exported.config.max_context == results["settings"]["seq_len"]  # the context it was trained at
+    assert (out / "default" / "tokenizer.json").exists()
+
+
+def test_bad_arguments_end_with_one_line(toy_config):
+    _, config = toy_config
+    done = run("lm_budget.py", "--config", str(config), "--scale", "toy", "--models", "nope", "--steps", "1",
+               "--out", "/tmp/never")
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
+    assert "--models nope" in done.stderr
+    done = run("export_default.py", "--lm-results", "/nonexistent/lm_budget.json", "--out", "/tmp/never")
+    assert done.returncode == 2 and "/nonexistent/lm_budget.json" in done.stderr
+    assert done.stderr.strip().count("\n") == 0
