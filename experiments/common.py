@@ -101,7 +101,7 @@ def run_main(main) -> None:
     """Runs a runner's main(); a bad argument, config or input file ends with one line and exit status 2."""
     try:
         main()
-    except (ValueError, OSError, KeyError) as error:
+    except (ValueError, KeyError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as error:
         if isinstance(error, OSError) and error.filename:
             message = f"{error.filename}: {error.strerror}"
         else:

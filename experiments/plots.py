@@ -2,6 +2,7 @@
 
     python3 experiments/plots.py --results experiments/results/gpu/results.json --tables
     python3 experiments/plots.py --results experiments/results/gpu/results.json --figures docs/figures
+    python3 experiments/plots.py --lm-results experiments/results/gpu-long/lm_budget_*.json --figure docs/figures/lm_long.png
 
 --tables needs only the standard library; --figures needs matplotlib.
 """
@@ -11,6 +12,8 @@ import argparse
 import json
 import math
 from pathlib import Path
+
+from common import run_main
 
 SHARE_TICKS = [0.0, 0.05, 0.1, 0.25, 1.0]
 LM_PLANS = ["attention", "recurrent", "mixed", "every:2:64", "last:10%"]
@@ -98,13 +101,16 @@ def lm_figure(lm: dict, path: Path) -> None:
     curves.set(xlabel="training tokens (M)", ylabel="training loss (nats)", title="Training loss")
     curves.legend()
     names, width = [m["name"] for m in lm["models"]], 0.15
+    centres = {j: [] for j in range(len(names))}
     for i, plan in enumerate(LM_PLANS):
         xs = [j + (i - 2) * width for j, m in enumerate(lm["models"]) if plan in m["eval_loss"]]
         ys = [math.exp(m["eval_loss"][plan]) for m in lm["models"] if plan in m["eval_loss"]]
+        for x in xs:
+            centres[round(x)].append(x)
         bars.bar(xs, ys, width, label=plan)
     every_ppl = [math.exp(v) for m in lm["models"] for v in m["eval_loss"].values()]
     bars.set_ylim(0.9 * min(every_ppl), 1.05 * max(every_ppl))  # the differences, not the bars' height, matter
-    bars.set_xticks(range(len(names)), [label(n) for n in names], rotation=15)
+    bars.set_xticks([sum(c) / len(c) if c else j for j, c in centres.items()], [label(n) for n in names], rotation=15)
     bars.set(ylabel="held-out perplexity", title="Held-out perplexity per plan")
     bars.legend(fontsize=8)
     fig.tight_layout()
@@ -176,12 +182,33 @@ def write_figures(results: dict, folder: Path) -> None:
             print(f"wrote {folder / name}")
 
 
+def merge_lm(paths: list[str]) -> dict:
+    """One experiment-1 result from several lm_budget.json files of the same settings (one per GPU or call)."""
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    for path, part in zip(paths[1:], parts[1:]):
+        for key in ("seq_len", "batch_size"):
+            if part["settings"][key] != parts[0]["settings"][key]:
+                raise ValueError(f"--lm-results {path}: {key} {part['settings'][key]} differs from "
+                                 f"{paths[0]}'s {parts[0]['settings'][key]}")
+    return {**parts[0], "models": [m for part in parts for m in part["models"]]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", required=True, help="results.json from experiments/gpu_all.sh")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--results", help="results.json from experiments/gpu_all.sh")
+    source.add_argument("--lm-results", nargs="+", metavar="JSON",
+                        help="lm_budget.json files to draw as one experiment-1 figure (with --figure)")
     parser.add_argument("--tables", action="store_true", help="print the markdown tables")
     parser.add_argument("--figures", metavar="DIR", help="write the PNG figures to DIR")
+    parser.add_argument("--figure", metavar="PNG", help="with --lm-results: the figure's path")
     args = parser.parse_args()
+    if args.lm_results:
+        if not args.figure:
+            raise ValueError("--lm-results needs --figure PNG")
+        lm_figure(merge_lm(args.lm_results), Path(args.figure))
+        print(f"wrote {args.figure}")
+        return
     results = json.loads(Path(args.results).read_text())
     if args.tables:
         print_tables(results)
@@ -190,4 +217,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
