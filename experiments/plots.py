@@ -13,8 +13,6 @@ import json
 import math
 from pathlib import Path
 
-from common import run_main
-
 SHARE_TICKS = [0.0, 0.05, 0.1, 0.25, 1.0]
 LM_PLANS = ["attention", "recurrent", "mixed", "every:2:64", "last:10%"]
 MODEL_LABELS = {"transformer": "Transformer", "gdn-only": "GDN-only", "mamba2-only": "Mamba-2-only",
@@ -101,16 +99,16 @@ def lm_figure(lm: dict, path: Path) -> None:
     curves.set(xlabel="training tokens (M)", ylabel="training loss (nats)", title="Training loss")
     curves.legend()
     names, width = [m["name"] for m in lm["models"]], 0.15
-    centres = {j: [] for j in range(len(names))}
     for i, plan in enumerate(LM_PLANS):
         xs = [j + (i - 2) * width for j, m in enumerate(lm["models"]) if plan in m["eval_loss"]]
         ys = [math.exp(m["eval_loss"][plan]) for m in lm["models"] if plan in m["eval_loss"]]
-        for x in xs:
-            centres[round(x)].append(x)
         bars.bar(xs, ys, width, label=plan)
     every_ppl = [math.exp(v) for m in lm["models"] for v in m["eval_loss"].values()]
     bars.set_ylim(0.9 * min(every_ppl), 1.05 * max(every_ppl))  # the differences, not the bars' height, matter
-    bars.set_xticks([sum(c) / len(c) if c else j for j, c in centres.items()], [label(n) for n in names], rotation=15)
+    # each model's label under the middle of its own bars (a baseline has one plan, Oryx five)
+    offsets = [[(i - 2) * width for i, plan in enumerate(LM_PLANS) if plan in m["eval_loss"]] for m in lm["models"]]
+    ticks = [j + sum(o) / len(o) if o else j for j, o in enumerate(offsets)]
+    bars.set_xticks(ticks, [label(n) for n in names], rotation=15)
     bars.set(ylabel="held-out perplexity", title="Held-out perplexity per plan")
     bars.legend(fontsize=8)
     fig.tight_layout()
@@ -205,8 +203,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.lm_results:
         if not args.figure:
-            raise ValueError("--lm-results needs --figure PNG")
-        lm_figure(merge_lm(args.lm_results), Path(args.figure))
+            parser.error("--lm-results needs --figure PNG")
+        try:
+            lm = merge_lm(args.lm_results)
+        except (ValueError, OSError) as error:
+            parser.error(str(error))
+        lm_figure(lm, Path(args.figure))
         print(f"wrote {args.figure}")
         return
     results = json.loads(Path(args.results).read_text())
@@ -217,4 +219,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    main()
