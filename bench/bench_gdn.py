@@ -229,8 +229,10 @@ def sweep_launch_shapes():
         return [x.requires_grad_() for x in inputs[:5]], torch.randn(B, T, 16, 128, device="cuda")
 
     leaves, grad_o = case(16, 2048, 10)
-    # H=16 and no initial or final state, as timed, so that no kernel compiles twice
-    small, small_grad_o = case(1, 300, 13)
+    # H=16 and no initial or final state, as timed, so that no kernel compiles twice; 16 x 16
+    # (sequence, head) pairs, at least the SM count, so the checked launch shapes are the swept
+    # LAUNCH ones and not chunk.FEW_PAIRS_LAUNCH
+    small, small_grad_o = case(16, 130, 13)
     reference = reference_outputs(small, small_grad_o)
     verify = lambda: sweep_is_correct(reference, small, small_grad_o)  # noqa: E731
 
