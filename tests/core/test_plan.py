@@ -70,3 +70,21 @@ def test_mixed_training_sampler():
     assert mixed.std() > 0.15  # the attention share varies across sequences
     again = sample_training_modes(np.random.default_rng(0), 400, 510, 8, 0.2)
     assert (again == modes).all()
+
+
+@pytest.mark.parametrize("text", ["attention", "recurrent", "prefill-attention", "every:1:4", "every:3:4",
+                                  "last:25%", "A:0-7,R:7-13,A:13-", "R:0-9,A:9-"])
+def test_mode_after_never_misses_a_mode_the_plan_resolves(text):
+    """attention_after / recurrent_after (which the drop policies trust) are True wherever the resolved plan
+    still has a token of that mode, and exact for plans decided by position (the tail is long enough)."""
+    plan, prompt_length = ModePlan.parse(text), 6
+    for length in (8, 40):
+        modes = plan.resolve(length, prompt_length=prompt_length)
+        for position in range(length):
+            ahead = {True: plan.attention_after(position, prompt_length),
+                     False: plan.recurrent_after(position, prompt_length)}
+            for attention in (True, False):
+                present = bool((modes[position:] == attention).any())
+                assert ahead[attention] or not present
+                if length == 40 and position < 20 and plan.kind != "last":
+                    assert ahead[attention] == present

@@ -131,24 +131,6 @@ def test_state_drop_policy_on_a_callers_cache(checkpoint):
         generate(model, tokenizer, "x", max_tokens=2, plan="recurrent", prompt_cache=dropped)
 
 
-@pytest.mark.parametrize("text", ["attention", "recurrent", "prefill-attention", "every:1:4", "every:3:4",
-                                  "last:25%", "A:0-7,R:7-13,A:13-", "R:0-9,A:9-"])
-def test_mode_after_never_misses_a_mode_the_plan_resolves(text):
-    """attention_after / recurrent_after (which the drop policies trust) are True wherever the resolved plan
-    still has a token of that mode, and exact for plans decided by position (the tail is long enough)."""
-    plan, prompt_length = ModePlan.parse(text), 6
-    for length in (8, 40):
-        modes = plan.resolve(length, prompt_length=prompt_length)
-        for position in range(length):
-            ahead = {True: plan.attention_after(position, prompt_length),
-                     False: plan.recurrent_after(position, prompt_length)}
-            for attention in (True, False):
-                present = bool((modes[position:] == attention).any())
-                assert ahead[attention] or not present
-                if length == 40 and position < 20 and plan.kind != "last":
-                    assert ahead[attention] == present
-
-
 def test_stop_strings_and_stop_token(checkpoint):
     path, _ = checkpoint
     model, tokenizer = load(path)
