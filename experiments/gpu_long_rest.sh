@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# What the long run (docs/results.md, section 1b) still lacked, in one call on a 4-GPU machine:
+#   GPU 0: Mamba-2-only at 4,000 steps, then MQAR's Mamba-2-only baseline for $MQAR_STEPS steps
+#   GPU 1: Oryx-GDN at 4,000 steps, then its switching cost (experiment 3)
+#   GPU 2: GDN-only at 4,000 steps, then MQAR's GDN-only baseline for $MQAR_STEPS steps
+#   GPU 3: the larger default model (experiments/configs/default_model.json) for a time budget,
+#          then its switching cost and its export as the embedded default model
+# With fewer GPUs, job k runs on GPU k mod N after the jobs before it there.
+#
+#   OUT=DIR bash experiments/gpu_long_rest.sh
+#   OUT=DIR ORYX_EXP_SCALE=toy ORYX_LONG_STEPS=3 ORYX_MQAR_STEPS=3 ORYX_DEFAULT_STEPS=3 \
+#       bash experiments/gpu_long_rest.sh                                     # CPU pretest
+#
+# Every job is stopped at ORYX_DEADLINE_S seconds (default 540) after the start, so that a
+# 10-minute call still packs what finished: $OUT/results.tgz (results JSON, logs) and, when the
+# default model finished, its files (default_model_meta.tar and the safetensors shards).
+set -uo pipefail
+: "${OUT:?set OUT to the output directory}"
+cd "$(dirname "$0")/.."
+DEADLINE=${ORYX_DEADLINE_S:-540}
+LM_STEPS=${ORYX_LONG_STEPS:-4000}
+MQAR_STEPS=${ORYX_MQAR_STEPS:-4000}
+if [ -n "${ORYX_DEFAULT_STEPS:-}" ]; then DEFAULT_RUN=(--steps "$ORYX_DEFAULT_STEPS")
+else DEFAULT_RUN=(--budget-s "${ORYX_DEFAULT_BUDGET_S:-430}"); fi
+WORK=${ORYX_EXP_WORK:-/tmp/oryx-long-rest}
+SCALE=${ORYX_EXP_SCALE:-}
+SCALE_ARG=${SCALE:+--scale $SCALE}
+export PYTHONUNBUFFERED=1 PYTHON=${PYTHON:-python3}
+GPUS=$("$PYTHON" -c "import torch; print(max(1, torch.cuda.device_count()))")
+STARTED=$(date +%s)
+mkdir -p "$OUT" "$WORK"
+
+if [ ! -f data/cache/shards-8k/meta.json ]; then
+  "$PYTHON" -c "import sys; sys.path.insert(0, 'bench'); import _paths; from oryx_core import cli; sys.exit(cli.main(sys.argv[1:]))" \
+    data build --input data/cache/corpus.txt.xz --tokenizer data/tokenizer-8k.json --out data/cache/shards-8k --quiet || exit 2
+fi
+
+# runs one step of a job with what is left of the deadline; its log gets the exit status
+step() {
+  local name=$1; shift
+  local left=$((DEADLINE - ($(date +%s) - STARTED)))
+  if [ "$left" -le 0 ]; then echo "$name: skipped, deadline reached" >> "$WORK/$name.log"; return 1; fi
+  timeout "$left" "$@" >> "$WORK/$name.log" 2>&1
+  echo "$name: exit $?" >> "$WORK/$name.log"
+}
+lm() { step "lm-$1" "$PYTHON" experiments/lm_budget.py $SCALE_ARG --models "$1" --steps "$LM_STEPS" --out "$WORK/lm-$1"; }
+mqar() { step "mqar-$1" "$PYTHON" experiments/mqar.py $SCALE_ARG --models "$1" --steps "$MQAR_STEPS" --out "$WORK/mqar-$1"; }
+switching() { step "switching-$1" "$PYTHON" experiments/switching.py $SCALE_ARG --lm-results "$WORK/$1/lm_budget.json" --out "$WORK/$1"; }
+default_model() {
+  step default "$PYTHON" experiments/lm_budget.py --config experiments/configs/default_model.json $SCALE_ARG \
+    "${DEFAULT_RUN[@]}" --out "$WORK/default" || return
+  switching default
+  step export "$PYTHON" experiments/export_default.py --lm-results "$WORK/default/lm_budget.json" \
+    --out "$WORK/default_model"
+}
+JOBS=("lm mamba2-only; mqar mamba2-only" "lm oryx-gdn; switching lm-oryx-gdn"
+      "lm gdn-only; mqar gdn-only" "default_model")
+for ((gpu = 0; gpu < GPUS && gpu < ${#JOBS[@]}; gpu++)); do
+  (
+    export CUDA_VISIBLE_DEVICES=$gpu
+    for ((j = gpu; j < ${#JOBS[@]}; j += GPUS)); do eval "${JOBS[j]}"; done
+  ) &
+done
+wait
+
+if [ -f "$WORK/default_model/config.json" ]; then
+  tar -C "$WORK/default_model" -cf "$OUT/default_model_meta.tar" config.json model.safetensors.index.json tokenizer.json
+  cp "$WORK"/default_model/*.safetensors "$OUT/"
+fi
+tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='checkpoints' --exclude='./default_model' .
+grep -h "exit\|skipped\|eval {\|Error" "$WORK"/*.log
