@@ -5,9 +5,12 @@
 #   GPU 2: GDN-only at 4,000 steps, then MQAR's GDN-only baseline for $MQAR_STEPS steps
 #   GPU 3: the larger default model (experiments/configs/default_model.json) for a time budget,
 #          then its switching cost and its export as the embedded default model
-# With fewer GPUs, job k runs on GPU k mod N after the jobs before it there.
+# With fewer GPUs, job k runs on GPU k mod N after the jobs before it there. Jobs can be given
+# as arguments instead, each a ';'-separated list of the steps above (lm MODEL, mqar MODEL,
+# switching lm-MODEL, default_model), one argument per GPU.
 #
-#   OUT=DIR bash experiments/gpu_long_rest.sh
+#   OUT=DIR bash experiments/gpu_long_rest.sh [JOB ...]
+#   OUT=DIR bash experiments/gpu_long_rest.sh "lm mamba2-only; mqar mamba2-only" default_model
 #   OUT=DIR ORYX_EXP_SCALE=toy ORYX_LONG_STEPS=3 ORYX_MQAR_STEPS=3 ORYX_DEFAULT_STEPS=3 \
 #       bash experiments/gpu_long_rest.sh                                     # CPU pretest
 #
@@ -53,8 +56,9 @@ default_model() {
   step export "$PYTHON" experiments/export_default.py --lm-results "$WORK/default/lm_budget.json" \
     --out "$WORK/default_model"
 }
-JOBS=("lm mamba2-only; mqar mamba2-only" "lm oryx-gdn; switching lm-oryx-gdn"
-      "lm gdn-only; mqar gdn-only" "default_model")
+JOBS=("$@")
+[ ${#JOBS[@]} -gt 0 ] || JOBS=("lm mamba2-only; mqar mamba2-only" "lm oryx-gdn; switching lm-oryx-gdn"
+                              "lm gdn-only; mqar gdn-only" "default_model")
 for ((gpu = 0; gpu < GPUS && gpu < ${#JOBS[@]}; gpu++)); do
   (
     export CUDA_VISIBLE_DEVICES=$gpu
