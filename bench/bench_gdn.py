@@ -69,7 +69,7 @@ def forward_backward(fn, inputs, grad_o, grad_final, cu_seqlens=None):
     return o, final, [x.grad for x in leaves]
 
 
-def check_chunk(label, B, T, H, K, V, dtype, tol, reference, cu=None, seed=0):
+def check_chunk(label, B, T, H, K, V, dtype, tol, reference, cu=None, seed=0, ours=chunk_gated_delta_rule):
     num_seqs = B if cu is None else len(cu) - 1
     cu_seqlens = None if cu is None else torch.tensor(cu, device="cuda", dtype=torch.int32)
     inputs = random_inputs(B, T, H, K, V, dtype, device="cuda", seed=seed, num_seqs=num_seqs)
@@ -77,7 +77,7 @@ def check_chunk(label, B, T, H, K, V, dtype, tol, reference, cu=None, seed=0):
     grad_final = torch.randn(num_seqs, H, K, V, device="cuda")
     ref = forward_backward(reference, [x.double() for x in inputs], grad_o.double(), grad_final.double(), cu_seqlens)
     poison_allocator()
-    out = forward_backward(chunk_gated_delta_rule, inputs, grad_o.to(dtype), grad_final, cu_seqlens)
+    out = forward_backward(ours, inputs, grad_o.to(dtype), grad_final, cu_seqlens)
     check(f"{label} o", out[0], ref[0], tol)
     check(f"{label} final", out[1], ref[1], tol)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), out[2], ref[2]):
@@ -252,13 +252,14 @@ def sweep_launch_shapes():
     sweep("wy_fwd", wy_fwd, fwd, verify)
     sweep("state_fwd", shapes((64, 4, 2), (64, 4, 1), (64, 8, 2), (64, 8, 1), (128, 8, 1), (128, 4, 1)), fwd, verify)
     sweep("state_bwd", shapes((64, 4, 2), (64, 4, 1), (64, 8, 1), (128, 8, 2), (128, 8, 1)), fwd_bwd, verify)
-    sweep("chunk_bwd", shapes((64, 4, 1), (64, 8, 1), (128, 8, 1), BK=64) + shapes((64, 8, 1), (128, 8, 1), BK=128),
+    sweep("chunk_bwd_value", shapes((64, 4, 1), (64, 8, 1), (128, 8, 1), BK=64), fwd_bwd, verify)
+    sweep("chunk_bwd_key", shapes((64, 4, 1), (64, 8, 1), (128, 4, 1), BK=64) + shapes((64, 4, 1), (64, 8, 1), BK=32),
           fwd_bwd, verify)
     print("launch shapes after the safe sweep:", chunk_module.LAUNCH, flush=True)
     # Last, as they may fault: on 2026-11-27 (H200) a BV=32 shape of state_fwd hit an illegal
     # address, which ends the process. Narrow blocks mean more programs or fewer spills.
     launch = chunk_module.LAUNCH
-    sweep("chunk_bwd", [launch["chunk_bwd"], *shapes((32, 4, 1), (32, 8, 1), BK=32), *shapes((32, 8, 1), BK=128)],
+    sweep("chunk_bwd_key", [launch["chunk_bwd_key"], *shapes((32, 4, 1), BK=32), *shapes((32, 4, 1), BK=16)],
           fwd_bwd, verify)
     sweep("state_fwd", [launch["state_fwd"], *shapes((32, 4, 2), (32, 8, 1))], fwd, verify)
 
@@ -280,7 +281,8 @@ def load_chunk_file(path, index):
 
 def print_kernel_resources():
     """Registers, spills and shared memory of every compiled GDN kernel (from Triton's cache)."""
-    for name in ("_wy_fwd_kernel", "_state_fwd_kernel", "_state_bwd_kernel", "_chunk_bwd_kernel"):
+    for name in ("_wy_fwd_kernel", "_state_fwd_kernel", "_state_bwd_kernel", "_chunk_bwd_value_kernel",
+                 "_chunk_bwd_key_kernel", "_chunk_bwd_finish_kernel"):
         fn = getattr(chunk_module, name)
         try:
             cache = fn.device_caches[torch.cuda.current_device()][0]
@@ -326,6 +328,11 @@ def main():
     for index, path in enumerate(args.compare):
         print(f"compared {index}: {path}")
         compared = load_chunk_file(path, index)
+        # a compared version is timed only after the same kind of checks as ours
+        check_chunk(f"compared {index} bf16 vs torch-fp64 B2 T2048 H16", 2, 2048, 16, 128, 128, torch.bfloat16,
+                    1e-2, chunk_gated_delta_rule_torch, seed=4, ours=compared)
+        check_chunk(f"compared {index} fp32 varlen vs naive", 1, 300, 2, 32, 64, torch.float32, 1e-4,
+                    naive_recurrent_gated_delta_rule, cu=[0, 1, 64, 65, 200, 300], seed=3, ours=compared)
         for B, T in ((16, 2048), (4, 8192)):
             time_chunk(B, T, None, rows, ours=compared, label=f"compared {index}")
     for B in (1, 16):
