@@ -23,7 +23,7 @@ TOL = 1e-4
 
 
 def rel(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    got, want = (np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, np.float64) for x in (got, want))
     return np.linalg.norm(got - want) / np.linalg.norm(want)
 
 
