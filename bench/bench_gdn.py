@@ -252,14 +252,13 @@ def sweep_launch_shapes():
     sweep("wy_fwd", wy_fwd, fwd, verify)
     sweep("state_fwd", shapes((64, 4, 2), (64, 4, 1), (64, 8, 2), (64, 8, 1), (128, 8, 1), (128, 4, 1)), fwd, verify)
     sweep("state_bwd", shapes((64, 4, 2), (64, 4, 1), (64, 8, 1), (128, 8, 2), (128, 8, 1)), fwd_bwd, verify)
-    sweep("chunk_bwd_value", shapes((64, 4, 1), (64, 8, 1), (128, 8, 1), BK=64), fwd_bwd, verify)
-    sweep("chunk_bwd_key", shapes((64, 4, 1), (64, 8, 1), (128, 4, 1), BK=64) + shapes((64, 4, 1), (64, 8, 1), BK=32),
+    sweep("chunk_bwd", shapes((64, 4, 1), (64, 8, 1), (128, 8, 1), BK=64) + shapes((64, 8, 1), (128, 8, 1), BK=128),
           fwd_bwd, verify)
     print("launch shapes after the safe sweep:", chunk_module.LAUNCH, flush=True)
     # Last, as they may fault: on 2026-11-27 (H200) a BV=32 shape of state_fwd hit an illegal
     # address, which ends the process. Narrow blocks mean more programs or fewer spills.
     launch = chunk_module.LAUNCH
-    sweep("chunk_bwd_key", [launch["chunk_bwd_key"], *shapes((32, 4, 1), BK=32), *shapes((32, 4, 1), BK=16)],
+    sweep("chunk_bwd", [launch["chunk_bwd"], *shapes((32, 4, 1), (32, 8, 1), BK=32), *shapes((32, 8, 1), BK=128)],
           fwd_bwd, verify)
     sweep("state_fwd", [launch["state_fwd"], *shapes((32, 4, 2), (32, 8, 1))], fwd, verify)
 
@@ -281,8 +280,7 @@ def load_chunk_file(path, index):
 
 def print_kernel_resources():
     """Registers, spills and shared memory of every compiled GDN kernel (from Triton's cache)."""
-    for name in ("_wy_fwd_kernel", "_state_fwd_kernel", "_state_bwd_kernel", "_chunk_bwd_value_kernel",
-                 "_chunk_bwd_key_kernel", "_chunk_bwd_finish_kernel"):
+    for name in ("_wy_fwd_kernel", "_state_fwd_kernel", "_state_bwd_kernel", "_chunk_bwd_kernel"):
         fn = getattr(chunk_module, name)
         try:
             cache = fn.device_caches[torch.cuda.current_device()][0]

@@ -12,20 +12,16 @@ Forward launches:
   2. _state_fwd_kernel   (V block, seq*head): Delta, O, S per chunk (sequential over chunks)
 Backward launches:
   3. _state_bwd_kernel   (V block, seq*head): dDelta and dS_C per chunk, reverse order
-  4. _chunk_bwd_value_kernel (chunk, head):  dv; dA, dK K^T and parts of dG, dbeta to scratch
-  5. _chunk_bwd_key_kernel (chunk x key block, head): dq, dk; parts of dG, dbeta to scratch
-  6. _chunk_bwd_finish_kernel (chunk, head): dbeta, dg
+  4. _chunk_bwd_kernel   (chunk, head):      dq, dk, dv, dbeta, dg
 A and X are made once per chunk by the parallel kernel and stored ([tokens, H, C], input
 dtype): the sequential kernels then skip one product per chunk and V block, and the
 backward reads X instead of inverting I + L again. The backward of a chunk, given dDelta
-and dS_C, is split in a value side and a key side (one program per key block): shorter
-live ranges (no register spills on sm_90a) and K/BK times the programs, for two C x C
-matrices and a few [tokens, H] vectors through memory.
+and dS_C, is one kernel with no scratch through memory.
 Backward formulas (per chunk, dS_C = gradient w.r.t. the state after the chunk):
     dDelta = A^T dO + diag(e^{G_C - G}) K dS_C
     dS_0   = e^{G_C} dS_C + scale (diag(e^G) Q)^T dO - W^T dDelta
     dW = -dDelta S_0^T,  dU = dDelta,  dX = dW (beta e^G K)^T + dU (beta V)^T,
-    dL = -X^T dX X^T (strictly lower part) = -(X^T dDelta) Delta^T (see _chunk_bwd_value_kernel).
+    dL = -X^T dX X^T (strictly lower part) = -(X^T dDelta) Delta^T (see _chunk_bwd_kernel).
 All sequences are handled as packed (cu_seqlens) sequences; a plain batch is the packed
 case with equal lengths. Intermediates (A, X, W, U, S per chunk, Delta) are kept in
 the input dtype, as the matrix units take them; states and accumulators are fp32.
@@ -51,9 +47,7 @@ LAUNCH = {
     "wy_fwd": dict(BK=64, BV=64, DIAG=16, num_warps=4, num_stages=1),
     "state_fwd": dict(BV=64, num_warps=4, num_stages=1),
     "state_bwd": dict(BV=128, num_warps=8, num_stages=2),
-    # chunk_bwd_value/key: picked by sm_90a register use (no spills) before a GPU timing
-    "chunk_bwd_value": dict(BK=64, BV=64, num_warps=4, num_stages=1),
-    "chunk_bwd_key": dict(BK=64, BV=64, num_warps=4, num_stages=1),
+    "chunk_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=1),
 }
 # With fewer (sequence, head) pairs than the GPU has SMs, the two sequential kernels run one
 # program per SM or less and are latency-bound: narrower value blocks (more programs) and a
@@ -294,50 +288,39 @@ def _state_bwd_kernel(q, k, w, attn, gcum, do, dht, dh0, dstates, ddeltas, cu_se
 
 
 @triton.jit
-def _chunk_bwd_value_kernel(k, v, beta, gcum, x_inv, attn, deltas, ddeltas, do, dv, dattn, dkk_sym,
-                            dgcum_part, dbeta_part, cu_seqlens, chunk_indices, scale, H,
-                            K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                            NS: tl.constexpr, PREC: tl.constexpr):
-    """Value side of one chunk's backward: dv, and the C x C gradients the key side needs.
+def _chunk_bwd_kernel(q, k, v, beta, gcum, x_inv, attn, states, dstates, deltas, ddeltas, do,
+                      dq, dk, dv, dbeta, dg, cu_seqlens, chunk_indices, scale, H,
+                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      PREC: tl.constexpr):
+    """All gradients of one chunk once dDelta and dS_C are known.
 
     W and U enter only Delta = U - W S_0 = X (beta V - diag(beta e^G) K S_0), so
         dX = dW (beta e^G K)^T + dU (beta V)^T = dDelta ((I + L) Delta)^T,
         dL = -X^T dX X^T = -(X^T dDelta) Delta^T:
-    the WY part needs no dW. Writes dA (scaled, masked) and the symmetrised gradient of
-    K K^T in the input dtype, and this kernel's parts of dG and dbeta to slot 0 of their
-    scratch."""
+    the WY part needs no dW before the key loop, and no scratch goes through memory."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, seq_len, t0 = _chunk_location(cu_seqlens, chunk_indices, i_c, C)
     rows = tl.arange(0, C)
     valid = t0 + rows < seq_len
-    dt = k.dtype.element_ty
+    dt = q.dtype.element_ty
     G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
     beta_c = tl.load(beta + (bos + t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
-    # Two passes over V, so that only one C x C fp32 accumulator is live at a time.
-    # o += A Delta
-    dA = tl.zeros([C, C], dtype=tl.float32)
-    for i_v in tl.static_range(V // BV):
-        c0 = i_v * BV
-        do_tile = tl.load(_tile(do, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1)).to(dt)
-        delta = tl.load(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
-        dA += tl.dot(do_tile, tl.trans(delta), input_precision=PREC)
-    # A = scale (Q K^T) e^{G_i - G_j} [i >= j]: dA_ij A_ij is the gradient of its exponent
-    A = tl.load(_tile(attn, bos, seq_len, H, i_h, t0, 0, C, C, C), boundary_check=(0, 1))
-    dA_g = dA * A.to(tl.float32)
-    dG = tl.sum(dA_g, axis=1) - tl.sum(dA_g, axis=0)
-    tl.store(_tile(dattn, bos, seq_len, H, i_h, t0, 0, C, C, C), (dA * scale * _decay_matrix(G, C, False)).to(dt),
-             boundary_check=(0, 1))
+    k_scale = beta_c * tl.exp(G)
     # X as the forward used it; padding rows load as zero and meet only zero rows of dDelta, Delta
     X_t = tl.trans(tl.load(_tile(x_inv, bos, seq_len, H, i_h, t0, 0, C, C, C), boundary_check=(0, 1)))
+    dA = tl.zeros([C, C], dtype=tl.float32)
     # accumulates -dL: a dot adds into its accumulator in place, a subtraction would keep
     # the product and the sum live side by side
     dL_neg = tl.zeros([C, C], dtype=tl.float32)
     dbeta_c = tl.zeros([C], dtype=tl.float32)
-    for i_v in tl.static_range(V // BV):
+    for i_v in range(V // BV):
         c0 = i_v * BV
+        do_tile = tl.load(_tile(do, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1)).to(dt)
         delta = tl.load(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
         ddelta = tl.load(_tile(ddeltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
         v_tile = tl.load(_tile(v, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
+        # o += A Delta
+        dA += tl.dot(do_tile, tl.trans(delta), input_precision=PREC)
         # U = X (beta V) with dU = dDelta
         dv_scaled = tl.dot(X_t, ddelta, input_precision=PREC)
         dbeta_c += tl.sum(dv_scaled * v_tile.to(tl.float32), axis=1)
@@ -350,98 +333,61 @@ def _chunk_bwd_value_kernel(k, v, beta, gcum, x_inv, attn, deltas, ddeltas, do, 
     dL = tl.where(rows[:, None] > rows[None, :], -dL_neg, 0.0)
     dbeta_c += tl.sum(dL * kk_decayed, axis=1)
     dL_g = dL * kk_decayed * beta_c[:, None]
-    dG += tl.sum(dL_g, axis=1) - tl.sum(dL_g, axis=0)
+    dG = tl.sum(dL_g, axis=1) - tl.sum(dL_g, axis=0)
     # k_i.k_j for i > j with gradient dkk_ij gives dk = (dkk + dkk^T) K
     dkk = dL * beta_c[:, None] * _decay_matrix(G, C, True)
-    tl.store(_tile(dkk_sym, bos, seq_len, H, i_h, t0, 0, C, C, C), (dkk + tl.trans(dkk)).to(dt),
-             boundary_check=(0, 1))
-    part = ((bos + t0 + rows) * H + i_h) * NS
-    tl.store(dgcum_part + part, dG, mask=valid)
-    tl.store(dbeta_part + part, dbeta_c, mask=valid)
-
-
-@triton.jit
-def _chunk_bwd_key_kernel(q, k, beta, gcum, x_inv, dattn, dkk_sym, states, dstates, deltas, ddeltas, do,
-                          dq, dk, dgcum_part, dbeta_part, cu_seqlens, chunk_indices, scale, H,
-                          K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          NS: tl.constexpr, PREC: tl.constexpr):
-    """Key side of one chunk's backward for key columns k0..k0+BK: dq, dk, and this block's
-    parts of dG and dbeta (slot 1 + key block of their scratch)."""
-    # (chunk, key block) share grid axis 0, the one with room for any number of chunks
-    i_c, i_k, i_h = tl.program_id(0) // (NS - 1), tl.program_id(0) % (NS - 1), tl.program_id(1)
-    bos, seq_len, t0 = _chunk_location(cu_seqlens, chunk_indices, i_c, C)
-    rows = tl.arange(0, C)
-    valid = t0 + rows < seq_len
-    dt = q.dtype.element_ty
-    k0 = i_k * BK
-    G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
-    dq_acc = tl.zeros([C, BK], dtype=tl.float32)
-    dw_neg = tl.zeros([C, BK], dtype=tl.float32)     # -dW, accumulated in place by the dots
-    dk_state = tl.zeros([C, BK], dtype=tl.float32)
-    d_total_decay = 0.0                         # d/d(e^{G_C}) of e^{G_C} S_0, this key block's part
-    for i_v in tl.static_range(V // BV):
-        c0 = i_v * BV
-        S0 = tl.load(_state_tile(states, i_c, i_h, H, k0, c0, K, V, BK, BV))
-        dSC = tl.load(_state_tile(dstates, i_c, i_h, H, k0, c0, K, V, BK, BV))
-        delta = tl.load(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
-        ddelta = tl.load(_tile(ddeltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
-        do_tile = tl.load(_tile(do, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1)).to(dt)
-        dq_acc += tl.dot(do_tile, tl.trans(S0), input_precision=PREC)
-        dw_neg += tl.dot(ddelta, tl.trans(S0), input_precision=PREC)
-        dk_state += tl.dot(delta, tl.trans(dSC), input_precision=PREC)
-        d_total_decay += tl.sum(S0.to(tl.float32) * dSC.to(tl.float32))
-    q_block = tl.load(_tile(q, bos, seq_len, H, i_h, t0, k0, K, C, BK), boundary_check=(0, 1))
-    k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, k0, K, C, BK), boundary_check=(0, 1))
-    k_f32 = k_block.to(tl.float32)
-    dA_io = tl.load(_tile(dattn, bos, seq_len, H, i_h, t0, 0, C, C, C), boundary_check=(0, 1))
-    # readout of the carried state: o += scale e^G Q S_0
-    dq_block = dq_acc * (scale * tl.exp(G))[:, None]
-    dG = tl.sum(dq_block * q_block.to(tl.float32), axis=1)
-    dq_block += tl.dot(dA_io, k_block, input_precision=PREC)
-    tl.store(_tile(dq, bos, seq_len, H, i_h, t0, k0, K, C, BK), dq_block.to(dq.dtype.element_ty),
-             boundary_check=(0, 1))
-    # state passed on: S_C = e^{G_C} S_0 + (e^{G_C - G} K)^T Delta
-    dk_state = dk_state * tl.exp(g_last - G)[:, None]
-    from_last = tl.sum(dk_state * k_f32, axis=1)
-    # W = X (beta e^G K) with dW = -dDelta S_0^T
-    X_t = tl.trans(tl.load(_tile(x_inv, bos, seq_len, H, i_h, t0, 0, C, C, C), boundary_check=(0, 1)))
-    dk_scaled = tl.dot(X_t, (-dw_neg).to(dt), input_precision=PREC)
-    beta_c = tl.load(beta + (bos + t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
-    dk_scaled_k = dk_scaled * k_f32 * tl.exp(G)[:, None]
-    dbeta_c = tl.sum(dk_scaled_k, axis=1)
-    dG += beta_c * dbeta_c
-    k_scale = beta_c * tl.exp(G)
-    dk_block = dk_state + dk_scaled * k_scale[:, None] + tl.dot(tl.trans(dA_io), q_block, input_precision=PREC)
-    dkk = tl.load(_tile(dkk_sym, bos, seq_len, H, i_h, t0, 0, C, C, C), boundary_check=(0, 1))
-    dk_block += tl.dot(dkk, k_block, input_precision=PREC)
-    tl.store(_tile(dk, bos, seq_len, H, i_h, t0, k0, K, C, BK), dk_block.to(dk.dtype.element_ty),
-             boundary_check=(0, 1))
-    # the e^{G_C} terms go to the chunk's last token (padding rows are dropped by the finish)
-    last = tl.minimum(seq_len - t0, C) - 1
-    dG += tl.where(rows == last, tl.sum(from_last) + d_total_decay * tl.exp(g_last), 0.0) - from_last
-    part = ((bos + t0 + rows) * H + i_h) * NS + 1 + i_k
-    tl.store(dgcum_part + part, dG, mask=valid)
-    tl.store(dbeta_part + part, dbeta_c, mask=valid)
-
-
-@triton.jit
-def _chunk_bwd_finish_kernel(dgcum_part, dbeta_part, dg, dbeta, cu_seqlens, chunk_indices, H,
-                             C: tl.constexpr, NS: tl.constexpr):
-    """Sums the NS parts of dG and dbeta of one chunk; dg from G = cumsum(g)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    bos, seq_len, t0 = _chunk_location(cu_seqlens, chunk_indices, i_c, C)
-    rows = tl.arange(0, C)
-    valid = t0 + rows < seq_len
-    token = (bos + t0 + rows) * H + i_h
-    dG = tl.zeros([C], dtype=tl.float32)
-    dbeta_c = tl.zeros([C], dtype=tl.float32)
-    for slot in tl.static_range(NS):
-        dG += tl.load(dgcum_part + token * NS + slot, mask=valid, other=0.0)
-        dbeta_c += tl.load(dbeta_part + token * NS + slot, mask=valid, other=0.0)
-    # G = cumsum(g): dg_i = sum_{j >= i} dG_j
+    dkk_sym = (dkk + tl.trans(dkk)).to(dt)
+    # A = scale (Q K^T) e^{G_i - G_j} [i >= j]: dA_ij A_ij is the gradient of its exponent
+    A = tl.load(_tile(attn, bos, seq_len, H, i_h, t0, 0, C, C, C), boundary_check=(0, 1))
+    dA_g = dA * A.to(tl.float32)
+    dG += tl.sum(dA_g, axis=1) - tl.sum(dA_g, axis=0)
+    dA_io = (dA * scale * _decay_matrix(G, C, False)).to(dt)
+    decay_to_end = tl.exp(g_last - G)
+    from_last = tl.zeros([C], dtype=tl.float32)
+    d_total_decay = tl.zeros([], dtype=tl.float32)     # d/d(e^{G_C}) of e^{G_C} S_0
+    # plain loops (not unrolled): one key block's tiles are live at a time
+    for i_k in range(K // BK):
+        k0 = i_k * BK
+        dq_acc = tl.zeros([C, BK], dtype=tl.float32)
+        dw_neg = tl.zeros([C, BK], dtype=tl.float32)     # -dW, accumulated in place by the dots
+        dk_state = tl.zeros([C, BK], dtype=tl.float32)
+        for i_v in range(V // BV):
+            c0 = i_v * BV
+            S0 = tl.load(_state_tile(states, i_c, i_h, H, k0, c0, K, V, BK, BV))
+            dSC = tl.load(_state_tile(dstates, i_c, i_h, H, k0, c0, K, V, BK, BV))
+            delta = tl.load(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
+            ddelta = tl.load(_tile(ddeltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
+            do_tile = tl.load(_tile(do, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1)).to(dt)
+            dq_acc += tl.dot(do_tile, tl.trans(S0), input_precision=PREC)
+            dw_neg += tl.dot(ddelta, tl.trans(S0), input_precision=PREC)
+            dk_state += tl.dot(delta, tl.trans(dSC), input_precision=PREC)
+            d_total_decay += tl.sum(S0.to(tl.float32) * dSC.to(tl.float32))
+        q_block = tl.load(_tile(q, bos, seq_len, H, i_h, t0, k0, K, C, BK), boundary_check=(0, 1))
+        k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, k0, K, C, BK), boundary_check=(0, 1))
+        k_f32 = k_block.to(tl.float32)
+        # readout of the carried state: o += scale e^G Q S_0
+        dq_block = dq_acc * (scale * tl.exp(G))[:, None]
+        dG += tl.sum(dq_block * q_block.to(tl.float32), axis=1)
+        dq_block += tl.dot(dA_io, k_block, input_precision=PREC)
+        tl.store(_tile(dq, bos, seq_len, H, i_h, t0, k0, K, C, BK), dq_block.to(dq.dtype.element_ty),
+                 boundary_check=(0, 1))
+        # state passed on: S_C = e^{G_C} S_0 + (e^{G_C - G} K)^T Delta
+        dk_state = dk_state * decay_to_end[:, None]
+        from_last += tl.sum(dk_state * k_f32, axis=1)
+        # W = X (beta e^G K) with dW = -dDelta S_0^T
+        dk_scaled = tl.dot(X_t, (-dw_neg).to(dt), input_precision=PREC)
+        dbeta_c += tl.sum(dk_scaled * k_f32 * tl.exp(G)[:, None], axis=1)
+        dG += tl.sum(dk_scaled * k_f32 * k_scale[:, None], axis=1)
+        dk_block = dk_state + dk_scaled * k_scale[:, None] + tl.dot(tl.trans(dA_io), q_block, input_precision=PREC)
+        dk_block += tl.dot(dkk_sym, k_block, input_precision=PREC)
+        tl.store(_tile(dk, bos, seq_len, H, i_h, t0, k0, K, C, BK), dk_block.to(dk.dtype.element_ty),
+                 boundary_check=(0, 1))
+    dG -= from_last
+    dG += tl.where(rows == C - 1, tl.sum(from_last) + d_total_decay * tl.exp(g_last), 0.0)
+    # G = cumsum(g): dg_i = sum_{j >= i} dG_j (padding rows carry the last G and add nothing)
     dg_c = tl.sum(dG) - tl.cumsum(dG, axis=0) + dG
-    tl.store(dbeta + token, dbeta_c.to(dbeta.dtype.element_ty), mask=valid)
-    tl.store(dg + token, dg_c.to(dg.dtype.element_ty), mask=valid)
+    tl.store(dbeta + (bos + t0 + rows) * H + i_h, dbeta_c.to(dbeta.dtype.element_ty), mask=valid)
+    tl.store(dg + (bos + t0 + rows) * H + i_h, dg_c.to(dg.dtype.element_ty), mask=valid)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -551,24 +497,9 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout, saved, do, dht):
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g)
-    dattn = torch.empty_like(attn)
-    dkk_sym = torch.empty_like(attn)
-    key_launch = _launch_args("chunk_bwd_key", K, V, q.dtype)
-    num_key_blocks = K // key_launch["BK"]
-    # slot 0: the value kernel's part; slot 1 + i: key block i's part
-    num_slots = 1 + num_key_blocks
-    dgcum_part = torch.empty(T_total, H, num_slots, dtype=torch.float32, device=q.device)
-    dbeta_part = torch.empty_like(dgcum_part)
-    _chunk_bwd_value_kernel[(num_chunks, H)](
-        k, v, beta, gcum, x_inv, attn, deltas, ddeltas, do, dv, dattn, dkk_sym, dgcum_part, dbeta_part,
-        cu, chunk_indices, scale, H, K=K, V=V, C=CHUNK, NS=num_slots, PREC=prec,
-        **_launch_args("chunk_bwd_value", K, V, q.dtype))
-    _chunk_bwd_key_kernel[(num_chunks * num_key_blocks, H)](
-        q, k, beta, gcum, x_inv, dattn, dkk_sym, states, dstates, deltas, ddeltas, do, dq, dk,
-        dgcum_part, dbeta_part, cu, chunk_indices, scale, H, K=K, V=V, C=CHUNK, NS=num_slots, PREC=prec,
-        **key_launch)
-    _chunk_bwd_finish_kernel[(num_chunks, H)](dgcum_part, dbeta_part, dg, dbeta, cu, chunk_indices, H,
-                                              C=CHUNK, NS=num_slots)
+    _chunk_bwd_kernel[(num_chunks, H)](
+        q, k, v, beta, gcum, x_inv, attn, states, dstates, deltas, ddeltas, do, dq, dk, dv, dbeta, dg,
+        cu, chunk_indices, scale, H, K=K, V=V, C=CHUNK, PREC=prec, **_launch_args("chunk_bwd", K, V, q.dtype))
     return dq, dk, dv, dg, dbeta, dh0
 
 
