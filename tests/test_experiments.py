@@ -20,6 +20,15 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+def pointed_at(work: Path, shards: Path, name: str) -> Path:
+    """experiments/configs/NAME with its data pointed at `shards`, written into `work`."""
+    config = json.loads((ROOT / "experiments" / "configs" / name).read_text())
+    config["data"] = str(shards)
+    path = work / name
+    path.write_text(json.dumps(config))
+    return path
+
+
 @pytest.fixture(scope="module")
 def toy_config(tmp_path_factory):
     """experiments/configs/lm_budget.json with its data pointed at shards of the bundled docs corpus."""
@@ -27,11 +36,7 @@ def toy_config(tmp_path_factory):
     shards = work / "shards"
     assert cli.main(["data", "build", "--input", str(ROOT / "data" / "docs-corpus.txt.xz"), "--tokenizer",
                      str(ROOT / "data" / "tokenizer-8k.json"), "--out", str(shards), "--quiet"]) == 0
-    config = json.loads((ROOT / "experiments" / "configs" / "lm_budget.json").read_text())
-    config["data"] = str(shards)
-    path = work / "lm_budget.json"
-    path.write_text(json.dumps(config))
-    return work, path
+    return work, pointed_at(work, shards, "lm_budget.json")
 
 
 def test_one_model_then_switching_then_default_export(toy_config):
@@ -68,3 +73,16 @@ def test_bad_arguments_end_with_one_line(toy_config):
     done = run("export_default.py", "--lm-results", "/nonexistent/lm_budget.json", "--out", "/tmp/never")
     assert done.returncode == 2 and "/nonexistent/lm_budget.json" in done.stderr
     assert done.stderr.strip().count("\n") == 0
+
+
+def test_default_model_config_trains_and_exports_at_toy_scale(toy_config):
+    work, config = toy_config
+    default_config = pointed_at(work, Path(json.loads(config.read_text())["data"]), "default_model.json")
+    out = work / "default-out"
+    done = run("lm_budget.py", "--config", str(default_config), "--scale", "toy", "--steps", "2", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "lm_budget.json").read_text())
+    assert [m["modes"] for m in results["models"]] == ["mixed"]
+    done = run("export_default.py", "--lm-results", str(out / "lm_budget.json"), "--out", str(out / "default"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_checkpoint(out / "default").config.max_context == results["settings"]["seq_len"]
