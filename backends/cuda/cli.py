@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already in the text (prompt included) by this, "
+                        "multiply the negative ones (1 = off, the default; 1.1-1.3 curbs loops)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
     p.add_argument("--kv-policy", choices=["keep", "drop"], default="keep",
@@ -60,7 +63,7 @@ def cmd_generate(args) -> None:
     model = OryxModel.from_checkpoint(args.path, dtype=dtype, device=device).eval()
     tokenizer = tokenizer_for(args.path)
     options = dict(plan=args.plan, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                   stop_strings=args.stop, kv_policy=args.kv_policy)
+                   stop_strings=args.stop, kv_policy=args.kv_policy, repetition_penalty=args.repetition_penalty)
     if args.json:
         result = generate(model, tokenizer, args.prompt, args.max_tokens, **options)
         print(json.dumps({"text": result.text, "tokens": result.tokens, "backend": "torch", "device": device,

@@ -62,13 +62,25 @@ class GenerationResult:
 
 
 # ----- sampling -----
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+def check_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float = 1.0) -> None:
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: list[int], penalty: float) -> torch.Tensor:
+    """CTRL's penalty on logits [B, V]: tokens already seen get their logit divided by `penalty`
+    if positive, multiplied by it if negative (the MLX backend's rule, so both pick the same)."""
+    if penalty == 1.0 or not history:
+        return logits
+    seen = torch.tensor(sorted(set(history)), device=logits.device)
+    picked = logits[:, seen]
+    return logits.index_copy(1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -144,7 +156,8 @@ class DecodeRunner:
 # ----- the token loop -----
 def generate_tokens(model, prompt_ids, max_new_tokens: int = 256, plan="prefill-attention", temperature: float = 0.0,
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, kv_policy: str = "keep",
-                    cuda_graphs: bool = True, prefill_chunk: int | None = None) -> Iterator[tuple[int, GenerationStats]]:
+                    cuda_graphs: bool = True, prefill_chunk: int | None = None,
+                    repetition_penalty: float = 1.0) -> Iterator[tuple[int, GenerationStats]]:
     """Yields (token, stats) for each generated token; the caller stops iterating to stop.
 
     Token i of the whole sequence (prompt then generated) runs in the mode
@@ -159,7 +172,7 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int = 256, plan="prefill-
         raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, repetition_penalty)
     plan = ModePlan.parse(plan)
     P, total = len(prompt_ids), len(prompt_ids) + max_new_tokens
     modes = plan.resolve(total, prompt_length=P)
@@ -180,9 +193,12 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int = 256, plan="prefill-
             logits = model(torch.tensor([prompt_ids[begin:end]]), modes[None, begin:end], cache=cache)[:, -1]
         stats.prompt_seconds = _now(device) - start
         runner = DecodeRunner(model, cache, cuda_graphs)
+        history = list(prompt_ids)
         start = _now(device)
         for i in range(max_new_tokens):
+            logits = apply_repetition_penalty(logits, history, repetition_penalty)
             token = int(sample(logits, temperature, top_k, top_p, generator)[0])
+            history.append(token)
             stats.generated_tokens = i + 1
             stats.generation_seconds = _now(device) - start
             stats.cache_bytes = cache.nbytes()
@@ -205,7 +221,7 @@ def _now(device) -> float:
 def stream_generate(model, tokenizer, prompt: str, max_new_tokens: int = 256, plan="prefill-attention",
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                     stop_tokens=None, stop_strings=(), kv_policy: str = "keep", cuda_graphs: bool = True,
-                    prefill_chunk: int | None = None) -> Iterator[GenerationPiece]:
+                    prefill_chunk: int | None = None, repetition_penalty: float = 1.0) -> Iterator[GenerationPiece]:
     """Yields text pieces as they become final.
 
     Stops at max_new_tokens, at a stop token (default: the tokenizer's <|endoftext|>) or at a
@@ -220,7 +236,7 @@ def stream_generate(model, tokenizer, prompt: str, max_new_tokens: int = 256, pl
     generated, emitted = [], 0
     stats = GenerationStats(prompt_tokens=len(prompt_ids), stop_reason="length")
     for token, stats in generate_tokens(model, prompt_ids, max_new_tokens, plan, temperature, top_k, top_p, seed,
-                                        kv_policy, cuda_graphs, prefill_chunk):
+                                        kv_policy, cuda_graphs, prefill_chunk, repetition_penalty):
         if token in stop_tokens:
             stats.stop_reason = "stop_token"
             break

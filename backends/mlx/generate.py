@@ -270,7 +270,7 @@ def _speed_line(r: GenerationResponse) -> str:
 
 def cli_generate(args) -> None:
     """`oryx generate --backend mlx`: args from the shared generate parser (path, prompt, plan, max_tokens,
-    temperature, top_k, top_p, seed, kv_policy, state_policy, json; dtype, stop and repetition_penalty where
+    temperature, top_k, top_p, repetition_penalty, seed, kv_policy, state_policy, json; dtype and stop where
     present). The call owns its cache, so the default state_policy "auto" drops the recurrent state once the
     plan has no recurrent token left."""
     dtype = getattr(args, "dtype", None)
@@ -278,7 +278,7 @@ def cli_generate(args) -> None:
     responses = stream_generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, plan=args.plan,
                                 temperature=args.temperature, top_k=args.top_k or 0,
                                 top_p=1.0 if args.top_p is None else args.top_p,
-                                repetition_penalty=getattr(args, "repetition_penalty", None) or 1.0,
+                                repetition_penalty=args.repetition_penalty,
                                 seed=args.seed, kv_policy=args.kv_policy,
                                 state_policy=args.state_policy,
                                 stop_strings=getattr(args, "stop", None) or ())

@@ -11,7 +11,7 @@ from oryx_core.init import init_params
 from oryx_core.plan import ModePlan
 from oryx_core.reference import OryxReference
 from oryx_core.tokenizer import byte_level_tokenizer, end_of_text_id
-from oryx_cuda.generate import generate, generate_tokens, sample, stream_generate
+from oryx_cuda.generate import apply_repetition_penalty, generate, generate_tokens, sample, stream_generate
 from oryx_cuda.model import OryxModel
 
 
@@ -34,6 +34,35 @@ def test_greedy_is_reference_argmax(tiny):
         logits = ref.forward(sequence, modes)[0][0]
         expected = logits[len(prompt) - 1:-1].argmax(-1)
         np.testing.assert_array_equal(tokens, expected, err_msg=plan)
+
+
+def test_repetition_penalty_greedy_is_penalised_reference_argmax():
+    # at init scale the tiny model repeats one token, which the penalty has to break
+    cfg = preset("tiny", "gdn")
+    params = init_params(cfg, 11)
+    model = OryxModel(cfg, seed=None)
+    model.load_params(params)
+    model, ref = model.eval(), OryxReference(cfg, params)
+    prompt, penalty, plan = byte_level_tokenizer().encode("Oryx mixes modes").ids, 5.0, "A:0-4,R:4-20,A:20-"
+    tokens = [t for t, _ in generate_tokens(model, prompt, max_new_tokens=12, plan=plan, repetition_penalty=penalty)]
+    modes = ModePlan.parse(plan).resolve(len(prompt) + 12, prompt_length=len(prompt))
+    expected = []
+    for _ in range(12):
+        sequence = prompt + expected
+        logits = ref.forward(np.array([sequence]), modes[:len(sequence)])[0][0][-1].copy()
+        seen = sorted(set(sequence))
+        logits[seen] = np.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
+        expected.append(int(logits.argmax()))
+    assert tokens == expected
+    assert tokens != [t for t, _ in generate_tokens(model, prompt, max_new_tokens=12, plan=plan)]  # it acts here
+
+
+def test_apply_repetition_penalty_rule():
+    logits = torch.tensor([[2.0, -2.0, 1.0], [4.0, 4.0, -1.0]])
+    np.testing.assert_allclose(apply_repetition_penalty(logits, [0, 1, 1], 2.0), [[1.0, -4.0, 1.0], [2.0, 2.0, -1.0]])
+    assert apply_repetition_penalty(logits, [0], 1.0) is logits
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        generate_tokens(torch.nn.Linear(1, 1), [1], repetition_penalty=0.0).__next__()
 
 
 def test_seeded_sampling_is_deterministic(tiny):
@@ -116,6 +145,8 @@ def test_cli_generate(tmp_path, capsys):
     assert "plan" in capsys.readouterr().err
     assert oryx_main(args + ["--state-policy", "drop"]) == 2  # the torch backend keeps the state
     assert "--state-policy drop" in capsys.readouterr().err
+    assert oryx_main(args + ["--repetition-penalty", "-1"]) == 2
+    assert "repetition_penalty must be > 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mixer", ["gdn", "mamba2"])

@@ -29,14 +29,18 @@ def checkpoint(request, tmp_path_factory):
     return path, OryxReference(cfg, params)
 
 
-def reference_greedy(ref, prompt_ids, n_tokens, plan):
-    """Greedy decoding with the float64 Stepper, one token at a time, modes from the same plan."""
+def reference_greedy(ref, prompt_ids, n_tokens, plan, repetition_penalty=1.0):
+    """Greedy decoding with the float64 Stepper, one token at a time, modes from the same plan;
+    logits of tokens already in the text divided (> 0) or multiplied (< 0) by repetition_penalty."""
     modes = ModePlan.parse(plan).resolve(len(prompt_ids) + n_tokens, prompt_length=len(prompt_ids))
     stepper, out = Stepper(ref), []
     for position, token in enumerate(prompt_ids):
         logits = stepper.step(np.array([token]), modes[position])
     for position in range(len(prompt_ids), len(prompt_ids) + n_tokens):
-        out.append(int(np.argmax(logits[0])))
+        scores = logits[0].copy()
+        seen = sorted(set(prompt_ids) | set(out))
+        scores[seen] = np.where(scores[seen] > 0, scores[seen] / repetition_penalty, scores[seen] * repetition_penalty)
+        out.append(int(np.argmax(scores)))
         logits = stepper.step(np.array([out[-1]]), modes[position])
     return out
 
@@ -195,6 +199,19 @@ def test_oryx_generate_backend_mlx(checkpoint, capsys):
     assert result["tokens"] == expected and result["text"] == tokenizer.decode(expected)
     assert cli.main(["generate", str(path), "--prompt", PROMPT, "--backend", "mlx", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_oryx_generate_repetition_penalty_flag(checkpoint, capsys):
+    """--repetition-penalty reaches the MLX generator and gives the penalised reference's greedy tokens."""
+    path, ref = checkpoint
+    assert cli.main(["generate", str(path), "--prompt", PROMPT, "--max-tokens", "8", "--backend", "mlx",
+                     "--repetition-penalty", "1.7", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    prompt_ids = byte_level_tokenizer().encode(PROMPT).ids
+    assert result["tokens"] == reference_greedy(ref, prompt_ids, 8, "prefill-attention", repetition_penalty=1.7)
+    assert result["tokens"] != reference_greedy(ref, prompt_ids, 8, "prefill-attention")  # it acts here
+    assert cli.main(["generate", str(path), "--prompt", PROMPT, "--backend", "mlx", "--repetition-penalty", "0"]) == 2
+    assert "repetition_penalty" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("policy", ["auto", "keep", "drop"])
