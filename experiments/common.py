@@ -57,7 +57,27 @@ def experiment_args(description: str, default_config: str) -> argparse.Namespace
     which.add_argument("--steps", type=int, help="optimizer steps per model (default: the config's)")
     parser.add_argument("--models", nargs="+", metavar="NAME",
                         help="train only these models of the config (e.g. to spread one experiment over GPUs)")
+    parser.add_argument("--lr", type=float,
+                        help="peak learning rate instead of the config's (min_lr scales with it), e.g. for a sweep")
     return parser.parse_args()
+
+
+def experiment_from_args(args: argparse.Namespace) -> dict:
+    """The config at args.scale, restricted to args.models, with args.lr applied."""
+    exp = select_models(load_experiment_config(args.config, args.scale), args.models)
+    if args.lr is not None:
+        if not args.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {args.lr}")
+        exp = {**exp, "lr": args.lr, "min_lr": exp["min_lr"] * args.lr / exp["lr"]}
+    return exp
+
+
+def rerun_command(script: str, args: argparse.Namespace, steps: int) -> str:
+    """The command that reruns this experiment exactly (the step count fixed)."""
+    return (f"python3 experiments/{script} --config {args.config} --out OUT --steps {steps}"
+            + (f" --scale {args.scale}" if args.scale else "")
+            + (f" --models {' '.join(args.models)}" if args.models else "")
+            + (f" --lr {args.lr}" if args.lr is not None else ""))
 
 
 def select_models(exp: dict, names: list[str] | None) -> dict:

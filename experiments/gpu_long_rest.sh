@@ -6,7 +6,7 @@
 #   GPU 3: the larger default model (experiments/configs/default_model.json) for a time budget,
 #          then its switching cost and its export as the embedded default model
 # With fewer GPUs, job k runs on GPU k mod N after the jobs before it there. Jobs can be given
-# as arguments instead, each a ';'-separated list of the steps above (lm MODEL, mqar MODEL,
+# as arguments instead, each a ';'-separated list of the steps above (lm MODEL, mqar MODEL [LR],
 # switching lm-MODEL, default_model), one argument per GPU.
 #
 #   OUT=DIR bash experiments/gpu_long_rest.sh [JOB ...]
@@ -47,7 +47,13 @@ step() {
   echo "$name: exit $?" >> "$WORK/$name.log"
 }
 lm() { step "lm-$1" "$PYTHON" experiments/lm_budget.py $SCALE_ARG --models "$1" --steps "$LM_STEPS" --out "$WORK/lm-$1"; }
-mqar() { step "mqar-$1" "$PYTHON" experiments/mqar.py $SCALE_ARG --models "$1" --steps "$MQAR_STEPS" --out "$WORK/mqar-$1"; }
+# mqar MODEL [LR]: one MQAR model, at the config's learning rate or at LR (a sweep point)
+mqar() {
+  local tag=$1 lr=()
+  if [ $# -gt 1 ]; then tag="$1-lr$2"; lr=(--lr "$2"); fi
+  step "mqar-$tag" "$PYTHON" experiments/mqar.py $SCALE_ARG --models "$1" --steps "$MQAR_STEPS" "${lr[@]}" \
+    --out "$WORK/mqar-$tag"
+}
 switching() { step "switching-$1" "$PYTHON" experiments/switching.py $SCALE_ARG --lm-results "$WORK/$1/lm_budget.json" --out "$WORK/$1"; }
 default_model() {
   step default "$PYTHON" experiments/lm_budget.py --config experiments/configs/default_model.json $SCALE_ARG \

@@ -25,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import (environment, experiment_args, load_experiment_config, log, run_main, select_models,
+from common import (environment, experiment_args, experiment_from_args, log, rerun_command, run_main,
                     steps_for_budget, write_json)
 
 from oryx_core.spec import parameter_counts
@@ -107,7 +107,7 @@ def main() -> None:
     args = experiment_args(__doc__.splitlines()[0], "experiments/configs/lm_budget.json")
 
     started = time.perf_counter()
-    exp = select_models(load_experiment_config(args.config, args.scale), args.models)
+    exp = experiment_from_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"experiment": "lm_budget", "config": args.config, "scale": args.scale, "settings": exp,
@@ -117,9 +117,7 @@ def main() -> None:
     else:
         steps = args.steps or exp["steps"]
     results["steps"] = steps
-    results["command"] = (f"python3 experiments/lm_budget.py --config {args.config} --out OUT --steps {steps}"
-                          + (f" --scale {args.scale}" if args.scale else "")
-                          + (f" --models {' '.join(args.models)}" if args.models else ""))
+    results["command"] = rerun_command("lm_budget.py", args, steps)
     for entry in exp["models"]:
         log(f"training {entry['name']} ({entry['mixer']}, modes {entry['modes']}) for {steps} steps")
         record = run_model(exp, entry, out, steps)

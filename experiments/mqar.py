@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (environment, experiment_args, load_experiment_config, log, run_main, select_models,
+from common import (environment, experiment_args, experiment_from_args, log, rerun_command, run_main,
                     steps_for_budget, write_json)
 
 from oryx_core.config import preset
@@ -207,7 +207,7 @@ def main() -> None:
     args = experiment_args(__doc__.splitlines()[0], "experiments/configs/mqar.json")
 
     started = time.perf_counter()
-    exp = select_models(load_experiment_config(args.config, args.scale), args.models)
+    exp = experiment_from_args(args)
     out = Path(args.out)
     results = {"experiment": "mqar", "config": args.config, "scale": args.scale, "settings": exp,
                "environment": environment(), "models": []}
@@ -221,9 +221,7 @@ def main() -> None:
     else:
         steps = args.steps or exp["steps"]
     results["steps"] = steps
-    results["command"] = (f"python3 experiments/mqar.py --config {args.config} --out OUT --steps {steps}"
-                          + (f" --scale {args.scale}" if args.scale else "")
-                          + (f" --models {' '.join(args.models)}" if args.models else ""))
+    results["command"] = rerun_command("mqar.py", args, steps)
     for entry in exp["models"]:
         log(f"mqar: training {entry['name']} for {steps} steps")
         model_started = time.perf_counter()

@@ -86,3 +86,18 @@ def test_default_model_config_trains_and_exports_at_toy_scale(toy_config):
     done = run("export_default.py", "--lm-results", str(out / "lm_budget.json"), "--out", str(out / "default"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert load_checkpoint(out / "default").config.max_context == results["settings"]["seq_len"]
+
+
+def test_learning_rate_override_is_recorded(toy_config):
+    work, config = toy_config
+    out = work / "lr-out"
+    done = run("lm_budget.py", "--config", str(config), "--scale", "toy", "--models", "gdn-only", "--steps", "2",
+               "--lr", "0.01", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "lm_budget.json").read_text())
+    written = json.loads(config.read_text())
+    assert results["settings"]["lr"] == 0.01
+    assert results["settings"]["min_lr"] == pytest.approx(written["min_lr"] * 0.01 / written["lr"])
+    assert results["command"].endswith("--models gdn-only --lr 0.01")
+    done = run("mqar.py", "--scale", "toy", "--steps", "1", "--lr", "-1", "--out", str(work / "never"))
+    assert done.returncode == 2 and done.stderr.strip() == "mqar.py: error: --lr must be > 0, got -1.0"
