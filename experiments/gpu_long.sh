@@ -1,25 +1,38 @@
 #!/usr/bin/env bash
-# Experiment 1 at 65.5M tokens per model (docs/results.md, section 1b), the models spread over
-# the GPUs of one machine, then experiment 3 on the Oryx models and the default-model export.
+# The long run (docs/results.md, section 1b and 4) over the GPUs of one machine, one job per GPU.
+# A job is a ';'-separated list of steps, run one after the other on its GPU:
+#   lm MODEL          experiment 1 for one model of experiments/configs/lm_budget.json, 4,000 steps
+#   mqar MODEL [LR]   experiment 2 for one model, $MQAR_STEPS steps, at the config's or at LR
+#   switching lm-MODEL  experiment 3 on a model an `lm` step of this run trained
+#   default_model     experiments/configs/default_model.json for a time budget, its switching
+#                     cost, and its export as the embedded default model
+# With no arguments, the four jobs of 2026-11-27 13:20 (meant for a 4-GPU machine): Mamba-2-only
+# and its MQAR baseline; Oryx-GDN and its switching cost; GDN-only and its MQAR baseline; the
+# default model. With fewer GPUs than jobs, job k runs on GPU k mod N after the ones before it.
 #
-#   OUT=DIR bash experiments/gpu_long.sh [MODEL ...]     # default: every model of the config
-#   OUT=DIR ORYX_EXP_SCALE=toy ORYX_LONG_STEPS=3 bash experiments/gpu_long.sh oryx-mamba2   # CPU pretest
+#   OUT=DIR bash experiments/gpu_long.sh [JOB ...]
+#   OUT=DIR bash experiments/gpu_long.sh "lm oryx-mamba2; switching lm-oryx-mamba2" "lm transformer"
+#   OUT=DIR ORYX_EXP_SCALE=toy ORYX_LONG_STEPS=3 ORYX_MQAR_STEPS=3 ORYX_DEFAULT_STEPS=3 \
+#       bash experiments/gpu_long.sh                                          # CPU pretest
 #
 # Needs data/cache/shards-8k, or data/cache/corpus.txt.xz to build it from (7 s on a GPU host;
-# docs/data.md). Model k goes to GPU k mod N; each GPU trains its models one after the other
-# (about 4-6 minutes per model on an H200). $OUT receives results.tgz (every lm_budget.json,
-# switching.json, the logs) and, when an Oryx model was trained, the default model's files.
+# docs/data.md). Every job is stopped at ORYX_DEADLINE_S seconds (default 540) after the start,
+# so that a 10-minute call still packs what finished: $OUT/results.tgz (results JSON, logs) and,
+# when the default model finished, its files (default_model_meta.tar and the safetensors shards).
 set -uo pipefail
 : "${OUT:?set OUT to the output directory}"
 cd "$(dirname "$0")/.."
-STEPS=${ORYX_LONG_STEPS:-4000}
-WORK=${ORYX_EXP_WORK:-/tmp/oryx-long}
+DEADLINE=${ORYX_DEADLINE_S:-540}
+LM_STEPS=${ORYX_LONG_STEPS:-4000}
+MQAR_STEPS=${ORYX_MQAR_STEPS:-4000}
+if [ -n "${ORYX_DEFAULT_STEPS:-}" ]; then DEFAULT_RUN=(--steps "$ORYX_DEFAULT_STEPS")
+else DEFAULT_RUN=(--budget-s "${ORYX_DEFAULT_BUDGET_S:-430}"); fi
+WORK=${ORYX_EXP_WORK:-/tmp/oryx-long-rest}
 SCALE=${ORYX_EXP_SCALE:-}
 SCALE_ARG=${SCALE:+--scale $SCALE}
 export PYTHONUNBUFFERED=1 PYTHON=${PYTHON:-python3}
-MODELS=("$@")
-[ ${#MODELS[@]} -gt 0 ] || MODELS=(oryx-gdn transformer gdn-only oryx-mamba2 mamba2-only)
 GPUS=$("$PYTHON" -c "import torch; print(max(1, torch.cuda.device_count()))")
+STARTED=$(date +%s)
 mkdir -p "$OUT" "$WORK"
 
 if [ ! -f data/cache/shards-8k/meta.json ]; then
@@ -27,22 +40,44 @@ if [ ! -f data/cache/shards-8k/meta.json ]; then
     data build --input data/cache/corpus.txt.xz --tokenizer data/tokenizer-8k.json --out data/cache/shards-8k --quiet || exit 2
 fi
 
-for ((gpu = 0; gpu < GPUS; gpu++)); do
-  mine=()
-  for ((i = gpu; i < ${#MODELS[@]}; i += GPUS)); do mine+=("${MODELS[i]}"); done
-  [ ${#mine[@]} -gt 0 ] || continue
-  # one output directory per GPU: lm_budget.json is rewritten after every model it trains
-  CUDA_VISIBLE_DEVICES=$gpu "$PYTHON" experiments/lm_budget.py $SCALE_ARG --models "${mine[@]}" --steps "$STEPS" \
-    --out "$WORK/gpu$gpu" > "$WORK/gpu$gpu.log" 2>&1 &
+# runs one step of a job with what is left of the deadline; its log gets the exit status
+step() {
+  local name=$1; shift
+  local left=$((DEADLINE - ($(date +%s) - STARTED)))
+  if [ "$left" -le 0 ]; then echo "$name: skipped, deadline reached" >> "$WORK/$name.log"; return 1; fi
+  timeout "$left" "$@" >> "$WORK/$name.log" 2>&1
+  echo "$name: exit $?" >> "$WORK/$name.log"
+}
+lm() { step "lm-$1" "$PYTHON" experiments/lm_budget.py $SCALE_ARG --models "$1" --steps "$LM_STEPS" --out "$WORK/lm-$1"; }
+# mqar MODEL [LR]: one MQAR model, at the config's learning rate or at LR (a sweep point)
+mqar() {
+  local tag=$1 lr=()
+  if [ $# -gt 1 ]; then tag="$1-lr$2"; lr=(--lr "$2"); fi
+  step "mqar-$tag" "$PYTHON" experiments/mqar.py $SCALE_ARG --models "$1" --steps "$MQAR_STEPS" "${lr[@]}" \
+    --out "$WORK/mqar-$tag"
+}
+switching() { step "switching-$1" "$PYTHON" experiments/switching.py $SCALE_ARG --lm-results "$WORK/$1/lm_budget.json" --out "$WORK/$1"; }
+default_model() {
+  step default "$PYTHON" experiments/lm_budget.py --config experiments/configs/default_model.json $SCALE_ARG \
+    "${DEFAULT_RUN[@]}" --out "$WORK/default" || return
+  switching default
+  step export "$PYTHON" experiments/export_default.py --lm-results "$WORK/default/lm_budget.json" \
+    --out "$WORK/default_model"
+}
+JOBS=("$@")
+[ ${#JOBS[@]} -gt 0 ] || JOBS=("lm mamba2-only; mqar mamba2-only" "lm oryx-gdn; switching lm-oryx-gdn"
+                              "lm gdn-only; mqar gdn-only" "default_model")
+for ((gpu = 0; gpu < GPUS && gpu < ${#JOBS[@]}; gpu++)); do
+  (
+    export CUDA_VISIBLE_DEVICES=$gpu
+    for ((j = gpu; j < ${#JOBS[@]}; j += GPUS)); do eval "${JOBS[j]}"; done
+  ) &
 done
 wait
-for results in "$WORK"/gpu*/lm_budget.json; do
-  "$PYTHON" experiments/switching.py $SCALE_ARG --lm-results "$results" --out "$(dirname "$results")" >> "$WORK/switching.log" 2>&1
-done
-if "$PYTHON" experiments/export_default.py --lm-results "$WORK"/gpu*/lm_budget.json --out "$WORK/default_model" \
-     > "$WORK/default_model.json" 2>> "$WORK/switching.log"; then
+
+if [ -f "$WORK/default_model/config.json" ]; then
   tar -C "$WORK/default_model" -cf "$OUT/default_model_meta.tar" config.json model.safetensors.index.json tokenizer.json
   cp "$WORK"/default_model/*.safetensors "$OUT/"
 fi
-tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*/checkpoints' --exclude='./default_model' .
-grep -h "eval\|error" "$WORK"/gpu*.log "$WORK/switching.log" | grep -v "warn"
+tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='checkpoints' --exclude='./default_model' .
+grep -h "exit\|skipped\|eval {\|Error" "$WORK"/*.log

@@ -1,7 +1,8 @@
 """The embedded default model: what `oryx generate` and `oryx eval` use when no model is named.
 
-A small Oryx model trained by experiments/gpu_all.sh (see docs/results.md for how, on what
-and how well), shipped as package data in bfloat16 safetensors shards with its tokenizer.
+A small Oryx model (31M parameters) trained with experiments/configs/default_model.json by
+experiments/gpu_long.sh (docs/results.md, section 4: how, on what and how well), shipped as
+package data in bfloat16 safetensors shards with its tokenizer.
 """
 from pathlib import Path
 
