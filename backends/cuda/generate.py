@@ -73,14 +73,13 @@ def check_sampling(temperature: float, top_k: int, top_p: float, repetition_pena
         raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
 
 
-def apply_repetition_penalty(logits: torch.Tensor, history: list[int], penalty: float) -> torch.Tensor:
-    """CTRL's penalty on logits [B, V]: tokens already seen get their logit divided by `penalty`
-    if positive, multiplied by it if negative (the MLX backend's rule, so both pick the same)."""
-    if penalty == 1.0 or not history:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """CTRL's penalty on logits [B, V]: the tokens marked in `seen` (bool [V]) get their logit
+    divided by `penalty` if positive, multiplied by it if negative (the MLX backend's rule, so
+    both pick the same)."""
+    if penalty == 1.0:
         return logits
-    seen = torch.tensor(sorted(set(history)), device=logits.device)
-    picked = logits[:, seen]
-    return logits.index_copy(1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -193,12 +192,18 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int = 256, plan="prefill-
             logits = model(torch.tensor([prompt_ids[begin:end]]), modes[None, begin:end], cache=cache)[:, -1]
         stats.prompt_seconds = _now(device) - start
         runner = DecodeRunner(model, cache, cuda_graphs)
-        history = list(prompt_ids)
+        # tokens already in the text, as a mask on the device kept up to date token by token;
+        # only built when a penalty reads it
+        seen = None
+        if repetition_penalty != 1.0:
+            seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+            seen[prompt_ids] = True
         start = _now(device)
         for i in range(max_new_tokens):
-            logits = apply_repetition_penalty(logits, history, repetition_penalty)
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
             token = int(sample(logits, temperature, top_k, top_p, generator)[0])
-            history.append(token)
+            if seen is not None:
+                seen[token] = True
             stats.generated_tokens = i + 1
             stats.generation_seconds = _now(device) - start
             stats.cache_bytes = cache.nbytes()

@@ -81,14 +81,12 @@ def load(path, dtype: str | None = None):
 
 
 # ----- sampling -----
-def apply_repetition_penalty(logits, history: list[int], penalty: float):
-    """CTRL's penalty: logits of tokens already seen are divided (if > 0) or multiplied by `penalty`."""
-    if penalty == 1.0 or not history:
+def apply_repetition_penalty(logits, seen, penalty: float):
+    """CTRL's penalty: logits of the tokens marked in `seen` (bool [V]) are divided (if > 0) or
+    multiplied by `penalty`."""
+    if penalty == 1.0:
         return logits
-    seen = mx.array(sorted(set(history)))
-    picked = logits[seen]
-    logits[seen] = mx.where(picked > 0, picked / penalty, picked * penalty)
-    return logits
+    return mx.where(seen, mx.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def sample_token(logits, key, temperature: float, top_k: int, top_p: float) -> int:
@@ -204,7 +202,12 @@ def stream_generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, 
     end_id = end_of_text_id(tokenizer) if stop_at_end_of_text else None
     key = mx.random.key(seed)
     text_stream = _TextStream(tokenizer, stop_strings)
-    history = list(ids)
+    # tokens already in the text, as a mask kept up to date token by token (no per-token set of
+    # the whole history); only built when a penalty reads it
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = mx.zeros((model.cfg.vocab_size,), mx.bool_)
+        seen[mx.array(ids)] = True
 
     def drops(policy):
         return policy == "drop" or (policy == "auto" and prompt_cache is None)
@@ -231,9 +234,10 @@ def stream_generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, 
     for n in range(1, max_tokens + 1):
         position = prompt_length + n - 1  # where the sampled token will sit
         key, subkey = mx.random.split(key)
-        token = sample_token(apply_repetition_penalty(logits, history, repetition_penalty), subkey,
+        token = sample_token(apply_repetition_penalty(logits, seen, repetition_penalty), subkey,
                              temperature, top_k, top_p)
-        history.append(token)
+        if seen is not None:
+            seen[token] = True
         if token == end_id:
             text, finished = text_stream.flush(), "stop_token"
         else:

@@ -59,8 +59,9 @@ def test_repetition_penalty_greedy_is_penalised_reference_argmax():
 
 def test_apply_repetition_penalty_rule():
     logits = torch.tensor([[2.0, -2.0, 1.0], [4.0, 4.0, -1.0]])
-    np.testing.assert_allclose(apply_repetition_penalty(logits, [0, 1, 1], 2.0), [[1.0, -4.0, 1.0], [2.0, 2.0, -1.0]])
-    assert apply_repetition_penalty(logits, [0], 1.0) is logits
+    seen = torch.tensor([True, True, False])
+    np.testing.assert_allclose(apply_repetition_penalty(logits, seen, 2.0), [[1.0, -4.0, 1.0], [2.0, 2.0, -1.0]])
+    assert apply_repetition_penalty(logits, seen, 1.0) is logits
     with pytest.raises(ValueError, match="repetition_penalty"):
         generate_tokens(torch.nn.Linear(1, 1), [1], repetition_penalty=0.0).__next__()
 

@@ -167,7 +167,7 @@ def test_sampling():
     assert draws == {1, 2}
     same_seed = [sample_token(logits, mx.random.key(7), 1.0, 0, 1.0) for _ in range(3)]
     assert len(set(same_seed)) == 1
-    penalised = apply_repetition_penalty(mx.array([2.0, -2.0, 1.0]), [0, 1, 1], 2.0)
+    penalised = apply_repetition_penalty(mx.array([2.0, -2.0, 1.0]), mx.array([True, True, False]), 2.0)
     np.testing.assert_allclose(np.array(penalised), [1.0, -4.0, 1.0])
 
 
