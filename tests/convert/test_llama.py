@@ -41,7 +41,6 @@ def test_hf_llama_recurrent_mode_runs_with_initialised_gates(hf_llama_dir, mixer
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_converted_checkpoint_runs_on_backend(hf_llama_dir, tmp_path, backend):
-    pytest.importorskip({"torch": "oryx_cuda.model", "mlx": "oryx_mlx.generate"}[backend])
     path, model = hf_llama_dir
     logits = backend_logits(backend, convert(path, tmp_path / "oryx", from_kind="llama"), TOKENS, attention=True)
     assert relative_error(logits, hf_logits(model, TOKENS)) < 1e-4
