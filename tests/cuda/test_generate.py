@@ -15,13 +15,19 @@ from oryx_cuda.generate import apply_repetition_penalty, generate, generate_toke
 from oryx_cuda.model import OryxModel
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def tiny_model(matrix_scale: float):
+    """(torch model, float64 reference, tokenizer) of the tiny preset, its non-embedding matrices
+    scaled up from their init scale by `matrix_scale`."""
     cfg = preset("tiny", "gdn")
-    params = {n: (p * 8 if p.ndim == 2 and "embed" not in n else p) for n, p in init_params(cfg, 11).items()}
+    params = {n: (p * matrix_scale if p.ndim == 2 and "embed" not in n else p) for n, p in init_params(cfg, 11).items()}
     model = OryxModel(cfg, seed=None)
     model.load_params(params)
     return model.eval(), OryxReference(cfg, params), byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(8)
 
 
 def test_greedy_is_reference_argmax(tiny):
@@ -38,12 +44,8 @@ def test_greedy_is_reference_argmax(tiny):
 
 def test_repetition_penalty_greedy_is_penalised_reference_argmax():
     # at init scale the tiny model repeats one token, which the penalty has to break
-    cfg = preset("tiny", "gdn")
-    params = init_params(cfg, 11)
-    model = OryxModel(cfg, seed=None)
-    model.load_params(params)
-    model, ref = model.eval(), OryxReference(cfg, params)
-    prompt, penalty, plan = byte_level_tokenizer().encode("Oryx mixes modes").ids, 5.0, "A:0-4,R:4-20,A:20-"
+    model, ref, tok = tiny_model(1)
+    prompt, penalty, plan = tok.encode("Oryx mixes modes").ids, 5.0, "A:0-4,R:4-20,A:20-"
     tokens = [t for t, _ in generate_tokens(model, prompt, max_new_tokens=12, plan=plan, repetition_penalty=penalty)]
     modes = ModePlan.parse(plan).resolve(len(prompt) + 12, prompt_length=len(prompt))
     expected = []
