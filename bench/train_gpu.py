@@ -27,6 +27,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--probe-until-s", type=float, default=220.0, help="start no probe after this many seconds")
     parser.add_argument("--multi-gpu", default="auto", choices=["auto", "skip", "only"],
                         help="the torchrun step: auto (with 2+ GPUs), skip, only (no single-GPU runs)")
+    parser.add_argument("--main-run", default="yes", choices=["yes", "no"],
+                        help="no: leave out step 2 (the kill-and-resume run), e.g. for probes alone")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/train_gpu"))
     args = parser.parse_args()
     if args.kill_at <= args.save_every or args.kill_at >= args.steps:
@@ -132,9 +135,8 @@ def main() -> None:
 
     import torch
 
-    out, work = Path(args.out), Path("/tmp/oryx_train_gpu")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    # a fresh work directory per process, so that runs on other GPUs of the machine can go on beside it
+    out, work = Path(args.out), Path(tempfile.mkdtemp(prefix="oryx_train_gpu_"))
     out.mkdir(parents=True, exist_ok=True)
     oryx = oryx_command(work)
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
@@ -159,6 +161,8 @@ def main() -> None:
     if args.multi_gpu == "only":
         args.probes = []
         result.update({"compile": args.compile, "main_run": "not run (--multi-gpu only)"})
+    elif args.main_run == "no":
+        result.update({"compile": args.compile, "main_run": "not run (--main-run no)"})
     else:
         result.update(kill_and_resume(train_command, work, out, args))
 
