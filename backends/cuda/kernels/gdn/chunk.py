@@ -521,6 +521,11 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
 
 
+# Opaque to torch.compile. Traced, these kernels go through inductor, which passed `scale` as fp64
+# (the backward kernel then failed to compile in the recurrent-plan probe) and gave non-finite
+# gradients from step 47 of the mixed-plan probe; as an opaque call the compiled graph breaks around
+# it and trains like eager (H200 probes, 2026-11-27, docs/benchmarks.md).
+@torch.compiler.disable
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                            cu_seqlens=None):
     """Triton chunked Gated DeltaNet (forward and backward).

@@ -455,6 +455,8 @@ class ChunkSSDFunction(torch.autograd.Function):
         )
 
 
+# Opaque to torch.compile for the reason given at gdn.chunk.chunk_gated_delta_rule.
+@torch.compiler.disable
 def chunk_ssd(q, k, v, dt, A, D=None, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64):
     """Triton chunked SSD with autograd; same arguments and results as chunk_ssd_torch.
 
