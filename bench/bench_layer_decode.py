@@ -61,6 +61,7 @@ def section(name):
 def save():
     out = os.environ.get("OUT")
     if out:
+        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(RESULTS, f, indent=1, default=str)
 
@@ -199,6 +200,7 @@ def layer_bench():
     for title, prof in profiles:
         print(f"  profile {title}:\n{kernel_summary(prof)}", flush=True)
         if os.environ.get("OUT"):
+            os.makedirs(os.environ["OUT"], exist_ok=True)
             with open(os.path.join(os.environ["OUT"], "profiles.txt"), "a") as f:
                 f.write(f"== {title}\n" + prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
     return out
