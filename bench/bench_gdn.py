@@ -1,6 +1,6 @@
 """Gated DeltaNet kernels on the GPU: correctness checks at real sizes, then timings.
 
-Run from the repo root: `python3 bench/bench_gdn.py [--sweep] [--compare OLD_CHUNK_PY]`.
+Run from the repo root: `python3 bench/bench_gdn.py [--sweep] [--compare OLD_CHUNK_PY ... [--compare-only]]`.
 --sweep times each kernel's launch shapes (each shape first checked for correctness) and
 keeps the fastest; --compare times other versions of chunk.py in the same process. Checks use fresh random
 inputs and the allocator poisoned with NaN (so unwritten outputs fail), against float64
@@ -281,6 +281,14 @@ def load_chunk_file(path, index):
     return module.chunk_gated_delta_rule
 
 
+def check_version(label, version):
+    """The two checks every timed version of chunk.py passes first: bf16 at a real width, fp32 varlen."""
+    check_chunk(f"{label} bf16 vs torch-fp64 B2 T2048 H16", 2, 2048, 16, 128, 128, torch.bfloat16,
+                1e-2, chunk_gated_delta_rule_torch, seed=4, ours=version)
+    check_chunk(f"{label} fp32 varlen vs naive", 1, 300, 2, 32, 64, torch.float32, 1e-4,
+                naive_recurrent_gated_delta_rule, cu=[0, 1, 64, 65, 200, 300], seed=3, ours=version)
+
+
 def print_kernel_resources():
     """Registers, spills and shared memory of every compiled GDN kernel (from Triton's cache)."""
     for name in ("_wy_fwd_kernel", "_state_fwd_kernel", "_state_bwd_kernel", "_chunk_bwd_kernel"):
@@ -314,30 +322,33 @@ def main():
                         help="also sweep launch shapes (each checked for correctness), then check and time again")
     parser.add_argument("--compare", metavar="CHUNK_PY", nargs="+", default=[],
                         help="other versions of chunk.py (e.g. before a change) to time in the same process")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="with --compare: check this version as the compared ones are checked, instead of "
+                             "the full check suite, and time the chunk kernels alone (a short GPU call)")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {props.name}, "
           f"{props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
     fla_chunk, fla_recurrent = load_fla()
-    run_chunk_checks(fla_chunk)
-    run_recurrent_checks(fla_recurrent)
-    kernel_breakdown()
-    print_kernel_resources()
+    if args.compare_only:
+        check_version("ours", chunk_gated_delta_rule)
+    else:
+        run_chunk_checks(fla_chunk)
+        run_recurrent_checks(fla_recurrent)
+        kernel_breakdown()
+        print_kernel_resources()
     rows = []
     for B, T in ((16, 2048), (4, 8192)):
         time_chunk(B, T, fla_chunk, rows)
     for index, path in enumerate(args.compare):
         print(f"compared {index}: {path}")
         compared = load_chunk_file(path, index)
-        # a compared version is timed only after the same kind of checks as ours
-        check_chunk(f"compared {index} bf16 vs torch-fp64 B2 T2048 H16", 2, 2048, 16, 128, 128, torch.bfloat16,
-                    1e-2, chunk_gated_delta_rule_torch, seed=4, ours=compared)
-        check_chunk(f"compared {index} fp32 varlen vs naive", 1, 300, 2, 32, 64, torch.float32, 1e-4,
-                    naive_recurrent_gated_delta_rule, cu=[0, 1, 64, 65, 200, 300], seed=3, ours=compared)
+        check_version(f"compared {index}", compared)  # timed only after the same kind of checks as ours
         for B, T in ((16, 2048), (4, 8192)):
             time_chunk(B, T, None, rows, ours=compared, label=f"compared {index}")
-    for B in (1, 16):
-        time_decode(B, fla_recurrent, rows)
+    if not args.compare_only:
+        for B in (1, 16):
+            time_decode(B, fla_recurrent, rows)
     if args.sweep:
         print_table(rows)
         sweep_launch_shapes()
