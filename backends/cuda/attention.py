@@ -31,7 +31,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     With x = [x1, x2]: out = [x1 c - x2 s, x2 c + x1 s] = x * [c, c] + [x2, x1] * [-s, s],
     four element-wise kernels, in fp32 through type promotion against the fp32 tables.
+    Eager CUDA calls on [B, T, H, d] take kernels.rope.fused_rope instead (one launch each
+    way); under torch.compile inductor fuses this form itself.
     """
+    if (x.is_cuda and x.dim() == 4 and cos.shape == (x.shape[1], x.shape[3]) and x.shape[3] & (x.shape[3] - 1) == 0
+            and not torch.compiler.is_compiling()):
+        from .kernels.rope import fused_rope
+        return fused_rope(x, cos, sin)
     half = x.shape[-1] // 2
     swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
     return torch.addcmul(x * cos[:, None, :], swapped, sin[:, None, :]).to(x.dtype)
