@@ -34,13 +34,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Eager CUDA calls on [B, T, H, d] take kernels.rope.fused_rope instead (one launch each
     way); under torch.compile inductor fuses this form itself.
     """
-    if (x.is_cuda and x.dim() == 4 and cos.shape == (x.shape[1], x.shape[3]) and x.shape[3] & (x.shape[3] - 1) == 0
-            and not torch.compiler.is_compiling()):
+    if _fused_rope_applies(x, cos):
         from .kernels.rope import fused_rope
         return fused_rope(x, cos, sin)
     half = x.shape[-1] // 2
     swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
     return torch.addcmul(x * cos[:, None, :], swapped, sin[:, None, :]).to(x.dtype)
+
+
+def _fused_rope_applies(x, cos):
+    # the kernel computes in fp32, as this form does for 16- and 32-bit inputs (not for fp64 ones)
+    return (x.is_cuda and x.dtype != torch.float64 and x.dim() == 4 and cos.shape == (x.shape[1], x.shape[3])
+            and x.shape[3] & (x.shape[3] - 1) == 0 and not torch.compiler.is_compiling())
 
 
 def rope_tables(head_dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
