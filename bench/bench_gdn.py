@@ -255,7 +255,8 @@ def sweep_launch_shapes():
     sweep("wy_fwd", wy_fwd, fwd, verify)
     sweep("state_fwd", shapes((64, 4, 2), (64, 4, 1), (64, 8, 2), (64, 8, 1), (128, 8, 1), (128, 4, 1)), fwd, verify)
     sweep("state_bwd", shapes((64, 4, 2), (64, 4, 1), (64, 8, 1), (128, 8, 2), (128, 8, 1)), fwd_bwd, verify)
-    sweep("chunk_bwd", shapes((64, 4, 1), (64, 8, 1), (128, 8, 1), BK=64) + shapes((64, 8, 1), (128, 8, 1), BK=128),
+    sweep("chunk_bwd", shapes((64, 4, 1), (64, 4, 2), (64, 8, 1), (128, 8, 1), BK=64)
+          + shapes((64, 8, 1), (128, 8, 1), BK=128),
           fwd_bwd, verify)
     print("launch shapes after the safe sweep:", chunk_module.LAUNCH, flush=True)
     # Last, as they may fault: on 2026-11-27 (H200) a BV=32 shape of state_fwd hit an illegal

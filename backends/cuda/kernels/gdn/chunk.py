@@ -42,12 +42,14 @@ CHUNK = 64
 # Launch shapes per kernel (BK, BV: key and value columns per block or program; DIAG:
 # width of the diagonal blocks of I + L inverted as one batch, C = full-width doubling).
 # bench/bench_gdn.py --sweep times (and checks) the alternatives and prints the fastest.
-# LAUNCH is the sweep's choice at B=16, T=2048, H=16, K=V=128 bf16 on an H200 (2026-11-27).
+# LAUNCH is the sweep's choice at B=16, T=2048, H=16, K=V=128 bf16 on an H200 (2026-11-27), except
+# chunk_bwd's second pipeline stage, which the sweep did not try: 1.7% less fwd+bwd there (and 1.4% at
+# B=4, T=8192) in a later comparison in one process, despite 300 B of spills (docs/benchmarks.md).
 LAUNCH = {
     "wy_fwd": dict(BK=64, BV=64, DIAG=16, num_warps=4, num_stages=1),
     "state_fwd": dict(BV=64, num_warps=4, num_stages=1),
     "state_bwd": dict(BV=128, num_warps=8, num_stages=2),
-    "chunk_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=1),
+    "chunk_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=2),
 }
 # With fewer (sequence, head) pairs than the GPU has SMs, the two sequential kernels run one
 # program per SM or less and are latency-bound: narrower value blocks (more programs) and a
