@@ -114,8 +114,9 @@ class Trainer:
                                      weight_decay=exp["weight_decay"])
         self.optimizer = make_optimizer(self.model, self.train_cfg, Runtime(0, 1, device))
         self.device, self.steps = device, steps
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                         else torch.autocast("cpu", enabled=False))
+        # bf16 autocast on CUDA unless the experiment says "bf16": false
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                       enabled=device.type == "cuda" and exp.get("bf16", True))
 
     def logits(self, inputs: np.ndarray, modes: np.ndarray):
         tokens = self.torch.from_numpy(inputs).to(self.device)

@@ -101,3 +101,18 @@ def test_learning_rate_override_is_recorded(toy_config):
     assert results["command"].endswith("--models gdn-only --lr 0.01")
     done = run("mqar.py", "--scale", "toy", "--steps", "1", "--lr", "-1", "--out", str(work / "never"))
     assert done.returncode == 2 and done.stderr.strip() == "mqar.py: error: --lr must be > 0, got -1.0"
+
+
+def test_mqar_precision_runs_each_precision_at_toy_size(tmp_path):
+    for precision in ("fp32", "bf16-gdn-kernel-bf16"):
+        out = tmp_path / f"{precision}.json"
+        done = run("mqar_precision.py", "--precision", precision, "--length", "16", "--pairs", "2", "--steps", "2",
+                   "--batch-size", "4", "--log-every", "1", "--out", str(out))
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads(out.read_text())
+        assert [step for step, _ in result["loss_curve"]] == [1, 2]
+        assert all(6 < loss < 9 for _, loss in result["loss_curve"])  # near ln(2048) before learning
+        assert 0.0 <= result["accuracy"] <= 1.0 and result["args"]["precision"] == precision
+    done = run("mqar_precision.py", "--length", "16", "--pairs", "8")
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith("--pairs: 8 pairs need --length >= 32 (pairs, then queries and answers)")
