@@ -116,3 +116,29 @@ def test_mqar_precision_runs_each_precision_at_toy_size(tmp_path):
     done = run("mqar_precision.py", "--length", "16", "--pairs", "8")
     assert done.returncode == 2
     assert done.stderr.strip().endswith("--pairs: 8 pairs need --length >= 32 (pairs, then queries and answers)")
+
+
+def test_gdn_bf16_emulation_is_the_kernel_math_and_rounds_like_bf16():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import torch
+
+    import gdn_bf16_emulation as emulation
+    from oryx_cuda.kernels.gdn import chunk_gated_delta_rule_torch
+    from oryx_cuda.kernels.gdn._inputs import random_inputs
+
+    inputs = random_inputs(2, 64, 3, 32, 64, torch.float64, seed=4, with_state=False)[:5]
+
+    def output_and_grads(fn, dtype):
+        leaves = [x.detach().to(dtype).requires_grad_() for x in inputs]
+        o, _ = fn(*leaves)
+        (o * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view(o.shape).to(dtype)).sum().backward()
+        return [o, *(x.grad for x in leaves)]
+
+    reference = output_and_grads(chunk_gated_delta_rule_torch, torch.float64)
+    for points, low, high in (("none", 0.0, 1e-6), ("all", 1e-3, 1e-2)):
+        emulation.ROUND.clear()
+        emulation.ROUND.update(emulation.parse_points(points))
+        for got, want in zip(output_and_grads(emulation.emulated_gated_delta_rule, torch.float32), reference):
+            assert low <= ((got.double() - want).norm() / want.norm()).item() < high, points
+    done = run("gdn_bf16_emulation.py", "--round", "X,nope")
+    assert done.returncode == 2 and done.stderr.strip().endswith("error: --round: unknown rounding point 'nope'")
