@@ -203,6 +203,7 @@ def main() -> None:
         result["torchrun2"] = "not run: this machine has one GPU"
 
     (out / f"train_gpu{'_multi' if args.multi_gpu == 'only' else ''}.json").write_text(json.dumps(result, indent=2))
+    shutil.rmtree(work, ignore_errors=True)  # shards and checkpoints; the logs that matter were copied to out
     print(f"\nmain run (compile {result['compile']}): {result['main_run']}")
     if "loss_curve" in result:
         losses = result["loss_curve"]

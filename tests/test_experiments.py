@@ -118,8 +118,8 @@ def test_mqar_precision_runs_each_precision_at_toy_size(tmp_path):
     assert done.stderr.strip().endswith("--pairs: 8 pairs need --length >= 32 (pairs, then queries and answers)")
 
 
-def test_gdn_bf16_emulation_is_the_kernel_math_and_rounds_like_bf16():
-    sys.path.insert(0, str(ROOT / "experiments"))
+def test_gdn_bf16_emulation_is_the_kernel_math_and_rounds_like_bf16(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
     import torch
 
     import gdn_bf16_emulation as emulation
@@ -136,8 +136,7 @@ def test_gdn_bf16_emulation_is_the_kernel_math_and_rounds_like_bf16():
 
     reference = output_and_grads(chunk_gated_delta_rule_torch, torch.float64)
     for points, low, high in (("none", 0.0, 1e-6), ("all", 1e-3, 1e-2)):
-        emulation.ROUND.clear()
-        emulation.ROUND.update(emulation.parse_points(points))
+        monkeypatch.setattr(emulation, "ROUND", emulation.parse_points(points))
         for got, want in zip(output_and_grads(emulation.emulated_gated_delta_rule, torch.float32), reference):
             assert low <= ((got.double() - want).norm() / want.norm()).item() < high, points
     done = run("gdn_bf16_emulation.py", "--round", "X,nope")
