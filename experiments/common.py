@@ -59,12 +59,16 @@ def experiment_args(description: str, default_config: str) -> argparse.Namespace
                         help="train only these models of the config (e.g. to spread one experiment over GPUs)")
     parser.add_argument("--lr", type=float,
                         help="peak learning rate instead of the config's (min_lr scales with it), e.g. for a sweep")
+    parser.add_argument("--seed", type=int,
+                        help="seed instead of the config's (model init, data order, modes), for a repeat run")
     return parser.parse_args()
 
 
 def experiment_from_args(args: argparse.Namespace) -> dict:
-    """The config at args.scale, restricted to args.models, with args.lr applied."""
+    """The config at args.scale, restricted to args.models, with args.lr and args.seed applied."""
     exp = select_models(load_experiment_config(args.config, args.scale), args.models)
+    if args.seed is not None:
+        exp = {**exp, "seed": args.seed}
     if args.lr is not None:
         if not args.lr > 0:
             raise ValueError(f"--lr must be > 0, got {args.lr}")
@@ -77,7 +81,8 @@ def rerun_command(script: str, args: argparse.Namespace, steps: int) -> str:
     return (f"python3 experiments/{script} --config {args.config} --out OUT --steps {steps}"
             + (f" --scale {args.scale}" if args.scale else "")
             + (f" --models {' '.join(args.models)}" if args.models else "")
-            + (f" --lr {args.lr}" if args.lr is not None else ""))
+            + (f" --lr {args.lr}" if args.lr is not None else "")
+            + (f" --seed {args.seed}" if args.seed is not None else ""))
 
 
 def select_models(exp: dict, names: list[str] | None) -> dict:

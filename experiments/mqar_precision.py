@@ -1,14 +1,15 @@
 """One MQAR setting, one model, under a chosen precision: does the model learn associative recall?
 
-    python3 experiments/mqar_precision.py --mixer gdn --precision bf16-gdn-kernel-bf16 --out OUT.json
+    python3 experiments/mqar_precision.py --mixer gdn --precision bf16 --unpadded-keys --out OUT.json
 
 Trains with experiments/mqar.py's loop (same optimizer, schedule and batches) on a single
 (length, pairs) setting and prints the loss curve and the accuracy on 256 held-out sequences.
 --precision:
   fp32                   no autocast
-  bf16                   bf16 autocast, as the experiments train (the GDN kernel is fed fp32 q, k, v)
-  bf16-gdn-kernel-bf16   bf16 autocast with the GDN chunk kernel fed bf16 q, k, v, as before that
-                         change: the path with which GDN did not learn MQAR (docs/results.md, section 2)
+  bf16                   bf16 autocast, as the experiments train
+  bf16-gdn-kernel-fp32   bf16 autocast with the GDN chunk kernel fed fp32 q, k, v (its fp32 path)
+--unpadded-keys runs the GDN kernel at the model's key width 32 instead of padding it to
+chunk.MIN_KEY_WIDTH: the path on which bf16 GDN did not learn MQAR (docs/results.md, section 2).
 """
 import argparse
 import json
@@ -18,19 +19,26 @@ from pathlib import Path
 import mqar  # imports common, which puts the repo's packages on the path
 import numpy as np
 
-PRECISIONS = ("fp32", "bf16", "bf16-gdn-kernel-bf16")
+PRECISIONS = ("fp32", "bf16", "bf16-gdn-kernel-fp32")
 
 
-def feed_gdn_kernel_bf16():
-    """Hands the GDN chunk kernel bf16 q, k, v again (the model itself casts them to fp32)."""
-    import torch
+def feed_gdn_kernel_fp32():
+    """Hands the GDN chunk kernel fp32 q, k, v and gives its output back in their dtype."""
     from oryx_cuda import model as model_module
 
     kernel = model_module.gated_delta_rule
 
-    def bf16_inputs(q, k, v, g, beta, **kwargs):
-        return kernel(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), g, beta, **kwargs)
-    model_module.gated_delta_rule = bf16_inputs
+    def fp32_inputs(q, k, v, g, beta, **kwargs):
+        o, final = kernel(q.float(), k.float(), v.float(), g, beta, **kwargs)
+        return o.to(v.dtype), final
+    model_module.gated_delta_rule = fp32_inputs
+
+
+def unpad_gdn_keys():
+    """Runs the GDN chunk kernel at the key width it is given (the failing path of head size 32)."""
+    from oryx_cuda.kernels.gdn import chunk
+
+    chunk.MIN_KEY_WIDTH = 0
 
 
 def main() -> None:
@@ -38,6 +46,8 @@ def main() -> None:
     parser.add_argument("--mixer", choices=["gdn", "mamba2"], default="gdn")
     parser.add_argument("--modes", choices=["recurrent", "attention", "mixed"], default="recurrent")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
+    parser.add_argument("--unpadded-keys", action="store_true",
+                        help="GDN kernel at key width 32, not padded to chunk.MIN_KEY_WIDTH")
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--steps", type=int, default=1000)
@@ -57,8 +67,10 @@ def main() -> None:
            "batch_size": args.batch_size, "lr": args.lr, "min_lr": args.lr / 10, "seed": args.seed,
            "log_every": args.log_every}
     exp["bf16"] = args.precision != "fp32"
-    if args.precision == "bf16-gdn-kernel-bf16":
-        feed_gdn_kernel_bf16()
+    if args.precision == "bf16-gdn-kernel-fp32":
+        feed_gdn_kernel_fp32()
+    if args.unpadded_keys:
+        unpad_gdn_keys()
     started = time.time()
     entry = {"name": f"{args.mixer}-{args.modes}", "mixer": args.mixer, "modes": args.modes}
     trainer, curve, _ = mqar.train_model(exp, entry, args.steps)

@@ -104,15 +104,16 @@ def test_learning_rate_override_is_recorded(toy_config):
 
 
 def test_mqar_precision_runs_each_precision_at_toy_size(tmp_path):
-    for precision in ("fp32", "bf16-gdn-kernel-bf16"):
+    for precision, extra in (("fp32", []), ("bf16-gdn-kernel-fp32", ["--unpadded-keys"])):
         out = tmp_path / f"{precision}.json"
         done = run("mqar_precision.py", "--precision", precision, "--length", "16", "--pairs", "2", "--steps", "2",
-                   "--batch-size", "4", "--log-every", "1", "--out", str(out))
+                   "--batch-size", "4", "--log-every", "1", "--out", str(out), *extra)
         assert done.returncode == 0, done.stderr[-2000:]
         result = json.loads(out.read_text())
         assert [step for step, _ in result["loss_curve"]] == [1, 2]
         assert all(6 < loss < 9 for _, loss in result["loss_curve"])  # near ln(2048) before learning
         assert 0.0 <= result["accuracy"] <= 1.0 and result["args"]["precision"] == precision
+        assert result["args"]["unpadded_keys"] == bool(extra)
     done = run("mqar_precision.py", "--length", "16", "--pairs", "8")
     assert done.returncode == 2
     assert done.stderr.strip().endswith("--pairs: 8 pairs need --length >= 32 (pairs, then queries and answers)")

@@ -207,12 +207,8 @@ class OryxMixer(nn.Module):
     def _recurrence(self, r: dict, initial_state):
         state_args = dict(initial_state=initial_state, output_final_state=initial_state is not None)
         if self.cfg.mixer == "gdn":
-            # q, k, v go in as fp32: with 16-bit inputs the chunk kernel keeps its per-chunk intermediates
-            # in that dtype, and so trained (bf16 autocast, H200) GDN did not learn associative recall at
-            # all, where fp32 inputs learned it (docs/results.md, section 2)
-            o, final = gated_delta_rule(r["q"].float(), r["k"].float(), r["v"].float(), r["g"], r["beta"],
-                                        scale=self.cfg.head_dim ** -0.5, **state_args)
-            return o.to(r["v"].dtype), final
+            return gated_delta_rule(r["q"], r["k"], r["v"], r["g"], r["beta"], scale=self.cfg.head_dim ** -0.5,
+                                    **state_args)
         return ssd(r["q"], r["k"], r["v"], r["dt"], r["A"], r["D"], **state_args)
 
     def _attention(self, xn, k, v, plan: AttentionPlan, rope, layer_cache):

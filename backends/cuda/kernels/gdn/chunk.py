@@ -31,6 +31,7 @@ import itertools
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -39,6 +40,12 @@ from ._triton_compat import patch_interpreter_scalar_index
 
 patch_interpreter_scalar_index()
 CHUNK = 64
+# Narrowest key width the kernels are run at. With 32-wide keys in bf16, an H200 with Triton 3.6
+# (2026-11-27) gave dk with relative error 1.2 (o, dq, dv, dg, dbeta were right) and an illegal
+# memory access once an initial state was passed; a model with head size 32 trained that way did
+# not learn MQAR. Zero key columns change no product (q.k and k.k are the same; the state's extra
+# rows stay zero), so narrower heads run zero-padded to this width.
+MIN_KEY_WIDTH = 64
 # Launch shapes per kernel (BK, BV: key and value columns per block or program; DIAG:
 # width of the diagonal blocks of I + L inverted as one batch, C = full-width doubling).
 # bench/bench_gdn.py --sweep times (and checks) the alternatives and prints the fastest.
@@ -547,6 +554,11 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("chunk_gated_delta_rule needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     scale = default_scale(scale, K)
+    pad = max(0, MIN_KEY_WIDTH - K)
+    if pad:
+        q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
+        if initial_state is not None:
+            initial_state = F.pad(initial_state, (0, 0, 0, pad))
     layout = _packed_layout(B, T, cu_seqlens, q.device)
     flat = [t.reshape(B * T, *t.shape[2:]).contiguous() for t in (q, k, v, g, beta)]
     if initial_state is not None:
@@ -555,4 +567,6 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     keep = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state))
     o, final = _ChunkGatedDeltaRule.apply(*flat, scale, initial_state, output_final_state, layout, keep)
+    if pad and final is not None:
+        final = final[:, :, :K].contiguous()
     return o.reshape(B, T, H, V), final
