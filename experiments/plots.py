@@ -3,6 +3,7 @@
     python3 experiments/plots.py --results experiments/results/gpu/results.json --tables
     python3 experiments/plots.py --results experiments/results/gpu/results.json --figures docs/figures
     python3 experiments/plots.py --lm-results experiments/results/gpu-long/lm_budget_*.json --figure docs/figures/lm_long.png
+    python3 experiments/plots.py --mqar-results experiments/results/gpu/results.json RERUN.json --tables --figure F.png
 
 --tables needs only the standard library; --figures needs matplotlib.
 """
@@ -180,15 +181,24 @@ def write_figures(results: dict, folder: Path) -> None:
             print(f"wrote {folder / name}")
 
 
-def merge_lm(paths: list[str]) -> dict:
-    """One experiment-1 result from several lm_budget.json files of the same settings (one per GPU or call)."""
-    parts = [json.loads(Path(path).read_text()) for path in paths]
+def merge_runs(paths: list[str], section: str) -> dict:
+    """One experiment's result from several result files of the same settings (one per GPU, call or rerun).
+
+    A file is the runner's own JSON or a results.json holding it under `section`; a model named in a later
+    file replaces the one of that name before it (a rerun)."""
+    parts = []
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        parts.append(part.get(section, part))
     for path, part in zip(paths[1:], parts[1:]):
         for key in ("seq_len", "batch_size"):
             if part["settings"][key] != parts[0]["settings"][key]:
-                raise ValueError(f"--lm-results {path}: {key} {part['settings'][key]} differs from "
+                raise ValueError(f"{path}: {key} {part['settings'][key]} differs from "
                                  f"{paths[0]}'s {parts[0]['settings'][key]}")
-    return {**parts[0], "models": [m for part in parts for m in part["models"]]}
+    models = {}
+    for part in parts:
+        models.update({m["name"]: m for m in part["models"]})
+    return {**parts[0], "models": list(models.values())}
 
 
 def main() -> None:
@@ -197,19 +207,26 @@ def main() -> None:
     source.add_argument("--results", help="results.json from experiments/gpu_all.sh")
     source.add_argument("--lm-results", nargs="+", metavar="JSON",
                         help="lm_budget.json files to draw as one experiment-1 figure (with --figure)")
+    source.add_argument("--mqar-results", nargs="+", metavar="JSON",
+                        help="mqar.json (or results.json) files merged into one experiment 2, later models "
+                             "replacing earlier ones of the same name: --tables, and its figure with --figure")
     parser.add_argument("--tables", action="store_true", help="print the markdown tables")
     parser.add_argument("--figures", metavar="DIR", help="write the PNG figures to DIR")
-    parser.add_argument("--figure", metavar="PNG", help="with --lm-results: the figure's path")
+    parser.add_argument("--figure", metavar="PNG", help="with --lm-results or --mqar-results: the figure's path")
     args = parser.parse_args()
-    if args.lm_results:
-        if not args.figure:
+    if args.lm_results or args.mqar_results:
+        section, draw = ("lm_budget", lm_figure) if args.lm_results else ("mqar", mqar_figure)
+        if args.lm_results and not args.figure:
             parser.error("--lm-results needs --figure PNG")
         try:
-            lm = merge_lm(args.lm_results)
-        except (ValueError, OSError) as error:
+            merged = merge_runs(args.lm_results or args.mqar_results, section)
+        except (ValueError, OSError, KeyError) as error:
             parser.error(str(error))
-        lm_figure(lm, Path(args.figure))
-        print(f"wrote {args.figure}")
+        if args.tables:
+            print_tables({section: merged})
+        if args.figure:
+            draw(merged, Path(args.figure))
+            print(f"wrote {args.figure}")
         return
     results = json.loads(Path(args.results).read_text())
     if args.tables:

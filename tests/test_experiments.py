@@ -142,3 +142,24 @@ def test_gdn_bf16_emulation_is_the_kernel_math_and_rounds_like_bf16(monkeypatch)
             assert low <= ((got.double() - want).norm() / want.norm()).item() < high, points
     done = run("gdn_bf16_emulation.py", "--round", "X,nope")
     assert done.returncode == 2 and done.stderr.strip().endswith("error: --round: unknown rounding point 'nope'")
+
+
+def test_plots_merges_mqar_reruns_over_earlier_models(tmp_path):
+    def mqar_run(models):
+        return {"settings": {"seq_len": 256, "batch_size": 64},
+                "models": [{"name": name, "mixer": "gdn", "modes": "recurrent",
+                            "eval": [{"length": 128, "pairs": 8, "placement": "own", "share": 0.0,
+                                      "attention_share": 0.0, "accuracy": accuracy}]}
+                           for name, accuracy in models]}
+    first, rerun = tmp_path / "results.json", tmp_path / "rerun.json"
+    first.write_text(json.dumps({"mqar": mqar_run([("gdn-only", 0.005), ("mamba2-only", 0.023)])}))
+    rerun.write_text(json.dumps(mqar_run([("gdn-only", 0.802)])))
+    done = run("plots.py", "--mqar-results", str(first), str(rerun), "--tables")
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| T=128, 8 pairs")][0]
+    assert table == "| T=128, 8 pairs | 0.802 | 0.023 |"      # the rerun's GDN-only, the first file's Mamba-2-only
+    other = json.loads(rerun.read_text())
+    other["settings"]["seq_len"] = 128
+    rerun.write_text(json.dumps(other))
+    done = run("plots.py", "--mqar-results", str(first), str(rerun), "--tables")
+    assert done.returncode == 2 and "seq_len 128 differs" in done.stderr
