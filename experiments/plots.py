@@ -128,8 +128,8 @@ def mqar_figure(mqar: dict, path: Path) -> None:
         for m in mqar["models"]:
             cell = [r for r in m["eval"] if (r["length"], r["pairs"]) == (length, pairs)]
             if m["modes"] != "mixed":
-                ax.axhline(cell[0]["accuracy"], linestyle="--", color="black" if m["modes"] == "attention" else "gray",
-                           linewidth=1, label=label(m["name"]))
+                ax.axhline(cell[0]["accuracy"], linestyle="-." if m["mixer"] == "mamba2" else "--",
+                           color="black" if m["modes"] == "attention" else "gray", linewidth=1, label=label(m["name"]))
                 continue
             for placement, style in (("query", "-o"), ("last", ":x")):
                 points = sorted((r["attention_share"], r["accuracy"]) for r in cell
