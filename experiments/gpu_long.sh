@@ -12,6 +12,7 @@
 #
 #   OUT=DIR bash experiments/gpu_long.sh [JOB ...]
 #   OUT=DIR bash experiments/gpu_long.sh "lm oryx-mamba2; switching lm-oryx-mamba2" "lm transformer"
+#   OUT=DIR ORYX_SEED=1 bash experiments/gpu_long.sh "lm gdn-only" "mqar oryx-gdn"   # a repeat with seed 1
 #   OUT=DIR ORYX_EXP_SCALE=toy ORYX_LONG_STEPS=3 ORYX_MQAR_STEPS=3 ORYX_DEFAULT_STEPS=3 \
 #       bash experiments/gpu_long.sh                                          # CPU pretest
 #
@@ -30,6 +31,7 @@ else DEFAULT_RUN=(--budget-s "${ORYX_DEFAULT_BUDGET_S:-430}"); fi
 WORK=${ORYX_EXP_WORK:-/tmp/oryx-long-rest}
 SCALE=${ORYX_EXP_SCALE:-}
 SCALE_ARG=${SCALE:+--scale $SCALE}
+SEED_ARG=${ORYX_SEED:+--seed $ORYX_SEED}   # lm and mqar steps: the config's seed unless ORYX_SEED is set
 export PYTHONUNBUFFERED=1 PYTHON=${PYTHON:-python3}
 GPUS=$("$PYTHON" -c "import torch; print(max(1, torch.cuda.device_count()))")
 STARTED=$(date +%s)
@@ -48,12 +50,12 @@ step() {
   timeout "$left" "$@" >> "$WORK/$name.log" 2>&1
   echo "$name: exit $?" >> "$WORK/$name.log"
 }
-lm() { step "lm-$1" "$PYTHON" experiments/lm_budget.py $SCALE_ARG --models "$1" --steps "$LM_STEPS" --out "$WORK/lm-$1"; }
+lm() { step "lm-$1" "$PYTHON" experiments/lm_budget.py $SCALE_ARG $SEED_ARG --models "$1" --steps "$LM_STEPS" --out "$WORK/lm-$1"; }
 # mqar MODEL [LR]: one MQAR model, at the config's learning rate or at LR (a sweep point)
 mqar() {
   local tag=$1 lr=()
   if [ $# -gt 1 ]; then tag="$1-lr$2"; lr=(--lr "$2"); fi
-  step "mqar-$tag" "$PYTHON" experiments/mqar.py $SCALE_ARG --models "$1" --steps "$MQAR_STEPS" "${lr[@]}" \
+  step "mqar-$tag" "$PYTHON" experiments/mqar.py $SCALE_ARG $SEED_ARG --models "$1" --steps "$MQAR_STEPS" "${lr[@]}" \
     --out "$WORK/mqar-$tag"
 }
 switching() { step "switching-$1" "$PYTHON" experiments/switching.py $SCALE_ARG --lm-results "$WORK/$1/lm_budget.json" --out "$WORK/$1"; }
