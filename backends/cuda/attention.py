@@ -170,13 +170,26 @@ def plan_block_mask(query_modes: torch.Tensor, kv_len: int, q_offset: int = 0, d
     partial = partial[None] & active[:, :, None]
     tables = [*_block_lists(partial), *_block_lists(full),
               *_block_lists(partial.transpose(0, 2, 1)), *_block_lists(full.transpose(0, 2, 1))]
-    flat = torch.from_numpy(np.concatenate([t.ravel() for t in tables])).to(device)
+    flat = _to_device(np.concatenate([t.ravel() for t in tables]), device)
     on_device = [piece.view(t.shape) for piece, t in zip(flat.split([t.size for t in tables]), tables)]
     kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx = on_device
     return BlockMask(seq_lengths=(T, kv_len), kv_num_blocks=kv_num, kv_indices=kv_idx,
                      full_kv_num_blocks=full_kv_num, full_kv_indices=full_kv_idx, q_num_blocks=q_num,
                      q_indices=q_idx, full_q_num_blocks=full_q_num, full_q_indices=full_q_idx,
                      BLOCK_SIZE=(block, block), mask_mod=_causal_mask_mod(q_offset, device))
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The host array on `device` without waiting for the GPU.
+
+    A copy from pageable host memory first waits for all work queued on the stream, which would
+    make every forward with a new plan drain the GPU; staged in pinned memory the copy is queued
+    like a kernel. (PyTorch's pinned-memory cache keeps the staging block until the copy is done.)
+    """
+    host = torch.from_numpy(array)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _causal_mask_mod(q_offset: int, device):
