@@ -185,9 +185,10 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     A copy from pageable host memory first waits for all work queued on the stream, which would
     make every forward with a new plan drain the GPU; staged in pinned memory the copy is queued
     like a kernel. (PyTorch's pinned-memory cache keeps the staging block until the copy is done.)
+    Under torch.compile the plain copy stays: that is the form the compiled training runs used.
     """
     host = torch.from_numpy(array)
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.compiler.is_compiling():
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
 
