@@ -6,7 +6,8 @@ Trains MQAR (experiments/mqar_precision.py, fp32 on the CPU) with the GDN recurr
 torch twin of backends/cuda/kernels/gdn/chunk.py for sequences of one chunk (T <= 64, no initial
 state) that rounds to bf16 at the points the kernel's bf16 path does. On the GPU, trained GDN did
 not learn MQAR with the kernel's bf16 path (docs/results.md, section 2); if this emulation learns,
-rounding alone does not explain that.
+rounding alone does not explain that. (It learned; the cause was a wrong dk from the bf16 kernels at
+32-wide keys, now padded to chunk.MIN_KEY_WIDTH: docs/benchmarks.md, "Narrow heads".)
 Rounding points: in (q, k, v and beta v), A, X, U, out (forward); do, ddelta, dv, dv_scaled,
 dkk_sym, dA_io (backward); "fwd" and "bwd" name each group.
 """

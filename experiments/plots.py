@@ -188,8 +188,14 @@ def merge_runs(paths: list[str], section: str) -> dict:
     file replaces the one of that name before it (a rerun)."""
     parts = []
     for path in paths:
-        part = json.loads(Path(path).read_text())
-        parts.append(part.get(section, part))
+        try:
+            part = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not JSON ({error})") from None
+        part = part.get(section, part) if isinstance(part, dict) else part
+        if not (isinstance(part, dict) and "settings" in part and "models" in part):
+            raise ValueError(f"{path}: no {section} result in it (expected its 'settings' and 'models')")
+        parts.append(part)
     for path, part in zip(paths[1:], parts[1:]):
         for key in ("seq_len", "batch_size"):
             if part["settings"][key] != parts[0]["settings"][key]:
@@ -220,7 +226,7 @@ def main() -> None:
             parser.error("--lm-results needs --figure PNG")
         try:
             merged = merge_runs(args.lm_results or args.mqar_results, section)
-        except (ValueError, OSError, KeyError) as error:
+        except (ValueError, OSError) as error:
             parser.error(str(error))
         if args.tables:
             print_tables({section: merged})

@@ -163,3 +163,10 @@ def test_plots_merges_mqar_reruns_over_earlier_models(tmp_path):
     rerun.write_text(json.dumps(other))
     done = run("plots.py", "--mqar-results", str(first), str(rerun), "--tables")
     assert done.returncode == 2 and "seq_len 128 differs" in done.stderr
+    rerun.write_text(json.dumps({"lm_budget": {}}))
+    done = run("plots.py", "--mqar-results", str(first), str(rerun), "--tables")
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith(f"{rerun}: no mqar result in it (expected its 'settings' and 'models')")
+    rerun.write_text("{")
+    done = run("plots.py", "--mqar-results", str(rerun), "--tables")
+    assert done.returncode == 2 and f"{rerun}: not JSON" in done.stderr.splitlines()[-1]
