@@ -16,3 +16,15 @@ for _name, _path in {
         _module = importlib.util.module_from_spec(_spec)
         sys.modules[_name] = _module
         _spec.loader.exec_module(_module)
+
+
+LAUNCHER = ("import sys; sys.path.insert(0, {bench!r}); import _paths; from oryx_core import cli; "
+            "sys.exit(cli.main(sys.argv[1:]))")
+
+
+def oryx_command(work: pathlib.Path) -> list:
+    """`oryx` from this checkout as a command line (a launcher file written into `work`), whether or not
+    the package is installed: what subprocesses and `torchrun` run on a bare GPU machine."""
+    launcher = pathlib.Path(work) / "oryx_launch.py"
+    launcher.write_text(LAUNCHER.format(bench=str(ROOT / "bench")))
+    return [sys.executable, str(launcher)]

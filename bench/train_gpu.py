@@ -31,16 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from _paths import oryx_command
+
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCHER = ("import sys; sys.path.insert(0, {bench!r}); import _paths; from oryx_core import cli; "
-            "sys.exit(cli.main(sys.argv[1:]))")
-
-
-def oryx_command(work: Path) -> list[str]:
-    """`oryx` from this checkout, whether or not the package is installed on the machine."""
-    launcher = work / "oryx_launch.py"
-    launcher.write_text(LAUNCHER.format(bench=str(ROOT / "bench")))
-    return [sys.executable, str(launcher)]
 
 
 def read_log(path: Path) -> list[dict]:

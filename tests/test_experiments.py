@@ -170,3 +170,28 @@ def test_plots_merges_mqar_reruns_over_earlier_models(tmp_path):
     rerun.write_text("{")
     done = run("plots.py", "--mqar-results", str(rerun), "--tables")
     assert done.returncode == 2 and f"{rerun}: not JSON" in done.stderr.splitlines()[-1]
+
+
+def test_train_default_plans_steps_from_a_probe_and_exports(toy_config):
+    work, config = toy_config
+    train_config = pointed_at(work, Path(json.loads(config.read_text())["data"]), "default_model_train.json")
+    out = work / "train-default"
+    done = run("train_default.py", "--config", str(train_config), "--scale", "toy", "--out", str(out),
+               "--budget-s", "40", "--probe-steps", "4", "--reserve-s", "5", "--nproc", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "train_default.json").read_text())
+    assert results["probe"]["steps"] == 4 and results["probe"]["tokens_per_s"] > 0
+    assert results["steps"] >= 4 and f"--steps {results['steps']}" in results["command"]
+    assert results["loss_curve"][-1][0] == results["steps"]
+    assert set(results["eval"][-1]["eval"]) >= {"attention", "recurrent", "mixed"}
+    assert not (out / "probe").exists()
+    exported = load_checkpoint(out / "default_model")
+    assert exported.config.max_context == results["settings"]["seq_len"] == 128
+    assert exported.config.mixer == "gdn" and (out / "default_model" / "tokenizer.json").exists()
+
+
+def test_train_default_bad_arguments_end_with_one_line(toy_config, tmp_path):
+    done = run("train_default.py", "--scale", "toy", "--out", str(tmp_path), "--steps", "1", "--config", "/nonexistent.json")
+    assert done.returncode == 2 and "/nonexistent.json" in done.stderr and done.stderr.strip().count("\n") == 0
+    done = run("export_default.py", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x"))
+    assert done.returncode == 2 and "--max-context" in done.stderr and done.stderr.strip().count("\n") == 0

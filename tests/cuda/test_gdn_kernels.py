@@ -110,6 +110,25 @@ def test_dispatcher_on_cpu_picks_torch_and_honours_impl(monkeypatch):
         gated_delta_rule(q, k, v, g, beta, impl="cuda")
 
 
+def test_launch_shapes_follow_the_card_then_the_pair_count(monkeypatch):
+    pytest.importorskip("triton")
+    from oryx_cuda.kernels.gdn import chunk
+
+    gpu = torch.device("cuda", 0)  # only its type and index are read once the card lookups are replaced
+    monkeypatch.setattr(chunk, "_sm_count", lambda index: 132)
+    for card in (None, "H100"):
+        monkeypatch.setattr(chunk, "_card", lambda index, card=card: card)
+        rows = chunk.CARD_LAUNCH.get(card, {})
+        for kernel in chunk.LAUNCH:
+            args = chunk._launch_args(kernel, 128, 128, torch.bfloat16, pairs=256, device=gpu)
+            assert args == {**rows.get(kernel, chunk.LAUNCH[kernel])}, (card, kernel)
+        few = chunk._launch_args("state_fwd", 128, 128, torch.bfloat16, pairs=64, device=gpu)
+        assert few == chunk.FEW_PAIRS_LAUNCH["state_fwd"], card
+    assert chunk.CARD_LAUNCH["H100"]["chunk_bwd"]["num_stages"] == 1
+    # the interpreter (a CPU device) never reads the card
+    assert chunk._launch_args("chunk_bwd", 128, 128, torch.bfloat16, device=torch.device("cpu")) == chunk.LAUNCH["chunk_bwd"]
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(k_shape=(1, 10, 2, 8)), "k must have"),
     (dict(g_shape=(1, 10)), "g must be"),

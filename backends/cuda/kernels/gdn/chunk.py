@@ -66,6 +66,12 @@ FEW_PAIRS_LAUNCH = {
     "state_fwd": dict(BV=64, num_warps=4, num_stages=2),
     "state_bwd": dict(BV=64, num_warps=4, num_stages=1),
 }
+# Per card, where its own sweep chose otherwise. H100 (less memory bandwidth than the H200 that
+# LAUNCH was swept on), 2026-11-27: chunk_bwd with one pipeline stage, fwd+bwd 2.609 against
+# 2.684 ms at B=16, T=2048 and 2.887 against 2.960 at B=4, T=8192 (docs/benchmarks.md).
+CARD_LAUNCH = {
+    "H100": {"chunk_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=1)},
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -432,11 +438,19 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def _card(device_index: int) -> str | None:
+    """The CARD_LAUNCH key naming this GPU, if any."""
+    name = torch.cuda.get_device_name(device_index)
+    return next((card for card in CARD_LAUNCH if card in name), None)
+
+
 def _launch_args(kernel, K, V, dtype, pairs=None, device=None):
     """Launch shape of `kernel`; `pairs` = sequences x heads, which decides how full the GPU is."""
-    few = (pairs is not None and device is not None and device.type == "cuda"
-           and kernel in FEW_PAIRS_LAUNCH and pairs < _sm_count(device.index or 0))
-    args = dict(FEW_PAIRS_LAUNCH[kernel] if few else LAUNCH[kernel])
+    on_gpu = device is not None and device.type == "cuda"
+    few = (pairs is not None and on_gpu and kernel in FEW_PAIRS_LAUNCH and pairs < _sm_count(device.index or 0))
+    card_launch = CARD_LAUNCH.get(_card(device.index or 0), {}) if on_gpu else {}
+    args = dict(FEW_PAIRS_LAUNCH[kernel] if few else card_launch.get(kernel, LAUNCH[kernel]))
     args["BV"] = min(V, args["BV"])
     if "BK" in args:
         args["BK"] = min(K, args["BK"])
@@ -508,7 +522,8 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout, saved, do, dht):
     dg = torch.empty_like(g)
     _chunk_bwd_kernel[(num_chunks, H)](
         q, k, v, beta, gcum, x_inv, attn, states, dstates, deltas, ddeltas, do, dq, dk, dv, dbeta, dg,
-        cu, chunk_indices, scale, H, K=K, V=V, C=CHUNK, PREC=prec, **_launch_args("chunk_bwd", K, V, q.dtype))
+        cu, chunk_indices, scale, H, K=K, V=V, C=CHUNK, PREC=prec,
+        **_launch_args("chunk_bwd", K, V, q.dtype, device=q.device))
     return dq, dk, dv, dg, dbeta, dh0
 
 
