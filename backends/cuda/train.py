@@ -330,13 +330,17 @@ def mean_over_ranks(value: torch.Tensor, rt: Runtime) -> float:
 
 @torch.no_grad()
 def evaluate(model, val: TokenShards, cfg: TrainConfig, rt: Runtime, autocast) -> dict[str, float]:
-    """Mean val loss per plan over the same fixed windows at every evaluation."""
+    """Mean val loss per plan over the same fixed windows at every evaluation.
+
+    The windows do not depend on the rank: every rank scores the same ones, so that runs on
+    different numbers of GPUs report comparable losses (with per-rank windows, two 131k-token
+    samples of one 285k-token validation split differed by 0.09 nats for one model)."""
     model.eval()
     losses = {}
     for plan in cfg.eval_plans:
         total = torch.zeros((), device=rt.device)
         for i in range(cfg.eval_batches):
-            rng = batch_rng(cfg.seed, EVAL_STREAM, i, 0, rt.rank)
+            rng = batch_rng(cfg.seed, EVAL_STREAM, i, 0, 0)
             windows = val.sample_windows(rng, cfg.batch_size, cfg.seq_len + 1)
             modes = batch_modes(plan, rng, cfg.batch_size, cfg.seq_len, cfg)
             total += batch_loss(model, windows, modes, rt, autocast, cfg.batch_size)

@@ -258,12 +258,29 @@ def test_cli_trains_and_refuses_to_overwrite(shards, tmp_path, capsys):
     assert code == 2 and "already holds checkpoints; pass --resume" in err, err
 
 
+def test_eval_windows_do_not_depend_on_the_rank(shards, full_run):
+    """Every rank scores the same windows, so evaluations at different GPU counts compare."""
+    from contextlib import nullcontext
+
+    from oryx_cuda.model import OryxModel
+
+    model = OryxModel.from_checkpoint(full_run / "checkpoints" / "step-00000006" / "model")
+    cfg = tiny_config(shards, full_run, eval_batches=2)
+    val = train_module.open_split(shards, "val")
+
+    def on(rank):
+        return train_module.evaluate(model, val, cfg, train_module.Runtime(rank, 1, torch.device("cpu")), nullcontext())
+
+    assert on(0) == on(1)
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_ddp_and_fsdp(shards, tmp_path):
     """Two gloo processes, DDP and FSDP2, each stopped and resumed: rank 0 alone writes, the two agree."""
-    launcher = tmp_path / "launch.py"
-    launcher.write_text(f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import _paths; "
-                        "from oryx_core import cli; sys.exit(cli.main(sys.argv[1:]))")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from _paths import oryx_command
+
+    oryx = oryx_command(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     losses = {}
@@ -275,7 +292,7 @@ def test_torchrun_two_cpu_processes_ddp_and_fsdp(shards, tmp_path):
                                       "seq_len": 32, "batch_size": 2, "eval_batches": 1, "eval_every": 2,
                                       "save_every": 2, "log_every": 1, "warmup": 1, "progress": False,
                                       "device": "cpu", "parallel": parallel}))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *oryx[1:],
                    "train", str(config)]
         for extra in (["--stop-after", "2"], ["--resume"]):
             done = subprocess.run([*command, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
