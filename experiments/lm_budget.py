@@ -19,13 +19,12 @@ directory per model (log.jsonl, final checkpoint).
 """
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import time
 from pathlib import Path
 
-from common import (environment, experiment_args, experiment_from_args, log, rerun_command, run_main,
+from common import (environment, experiment_args, experiment_from_args, log, read_log, rerun_command, run_main,
                     steps_for_budget, write_json)
 
 from oryx_core.spec import parameter_counts
@@ -54,10 +53,6 @@ def train_config(exp: dict, entry: dict, out: Path, steps: int, eval_plans: list
         "eval_plans": eval_plans, "save_every": 0, "keep_checkpoints": 1, "log_every": exp["log_every"],
         "seed": exp["seed"], "compile": False, "progress": False,
     }, source=f"lm_budget:{entry['name']}")
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
 
 
 def probe_rate(exp: dict, mixer: str, out: Path) -> float:

@@ -22,15 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, environment, load_experiment_config, log, run_main, steps_for_budget, write_json
+from common import ROOT, environment, load_experiment_config, log, read_log, run_main, steps_for_budget, write_json
 from export_default import write_default
 
 from _paths import oryx_command
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    path = run_dir / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def launch(oryx: list[str], nproc: int) -> list[str]:
@@ -70,6 +65,7 @@ def main() -> None:
     started = time.perf_counter()
 
     import torch
+    from oryx_cuda.train import config_from_dict, latest_checkpoint
 
     nproc = args.nproc or max(1, torch.cuda.device_count())
     if nproc < 1 or (torch.cuda.is_available() and torch.cuda.device_count() < nproc):
@@ -80,7 +76,7 @@ def main() -> None:
     config = out / "train_config.json"  # the resolved config (scale applied) that every run reads
     config.write_text(json.dumps(settings, indent=1) + "\n")
     command = launch(oryx_command(out), nproc)
-    tokens_per_step = settings["seq_len"] * settings["batch_size"] * settings.get("grad_accum", 1) * nproc
+    tokens_per_step = config_from_dict(settings, args.config).tokens_per_step(nproc)
     results = {"experiment": "train_default", "config": args.config, "scale": args.scale, "settings": settings,
                "processes": nproc, "tokens_per_step": tokens_per_step, "environment": environment()}
 
@@ -117,9 +113,7 @@ def main() -> None:
         "loss_curve": [(r["step"], r["loss"]) for r in trained],
         "eval": [r for r in records if "eval" in r],
     })
-    pointer = run_dir / "checkpoints" / "latest.json"
-    checkpoint = run_dir / "checkpoints" / json.loads(pointer.read_text())["checkpoint"] / "model"
-    write_default(checkpoint, settings["seq_len"], out / "default_model")
+    write_default(latest_checkpoint(run_dir) / "model", settings["seq_len"], out / "default_model")
     results["wall_s"] = time.perf_counter() - started
     write_json(out / "train_default.json", results)
     log(f"{steps} steps, {results['tokens']:,} tokens in {results['train_wall_s']:.0f} s; "

@@ -86,10 +86,13 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cuda" | "cpu"
     progress: bool = True
 
+    def tokens_per_step(self, world_size: int) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum * world_size
+
     def total_steps(self, world_size: int) -> int:
         if self.steps:
             return self.steps
-        return math.ceil(self.tokens / (self.seq_len * self.batch_size * self.grad_accum * world_size))
+        return math.ceil(self.tokens / self.tokens_per_step(world_size))
 
 
 CONFIG_TYPES = {"dict": dict, "str": str, "int": int, "float": (int, float), "bool": bool, "list": list,
@@ -534,7 +537,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         forward = data_parallel(forward, rt)
     autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16) if cfg.bf16 and rt.device.type == "cuda"
                 else nullcontext())
-    tokens_per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accum * rt.world
+    tokens_per_step = cfg.tokens_per_step(rt.world)
     pad_modes = is_sharded(cfg, rt) and cfg.modes == "mixed"
 
     log_file = None
