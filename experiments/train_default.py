@@ -67,7 +67,7 @@ def main() -> None:
     import torch
     from oryx_cuda.train import config_from_dict, latest_checkpoint
 
-    nproc = args.nproc or max(1, torch.cuda.device_count())
+    nproc = args.nproc if args.nproc is not None else max(1, torch.cuda.device_count())
     if nproc < 1 or (torch.cuda.is_available() and torch.cuda.device_count() < nproc):
         raise ValueError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} CUDA devices")
     settings = load_experiment_config(args.config, args.scale)

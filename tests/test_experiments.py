@@ -193,5 +193,7 @@ def test_train_default_plans_steps_from_a_probe_and_exports(toy_config):
 def test_train_default_bad_arguments_end_with_one_line(toy_config, tmp_path):
     done = run("train_default.py", "--scale", "toy", "--out", str(tmp_path), "--steps", "1", "--config", "/nonexistent.json")
     assert done.returncode == 2 and "/nonexistent.json" in done.stderr and done.stderr.strip().count("\n") == 0
+    done = run("train_default.py", "--scale", "toy", "--out", str(tmp_path), "--steps", "1", "--nproc", "0")
+    assert done.returncode == 2 and "--nproc 0" in done.stderr and done.stderr.strip().count("\n") == 0
     done = run("export_default.py", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x"))
     assert done.returncode == 2 and "--max-context" in done.stderr and done.stderr.strip().count("\n") == 0
