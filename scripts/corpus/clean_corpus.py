@@ -107,10 +107,29 @@ ATTACH_LEFT = re.compile(r" ([,.;:!?)\]}%]|''|'s\b|n't\b)")
 ATTACH_RIGHT = re.compile(r"([(\[{$]|``) ")
 
 
+SENTENCE_MARKS = {".", ",", "?", "!"}
+
+
+def tidy_marks(tokens: list[str]) -> list[str]:
+    """This copy of the corpus puts a closing quote before the mark that ends the quoted words
+    (`this '' ?`, `honor '' ,`) and writes every ? and ! twice (`it ? ?`): marks go back inside
+    the quotes, as the printed texts have them, and the doubles go."""
+    out: list[str] = []
+    for token in tokens:
+        previous = out[-2] if out and out[-1] == "''" and len(out) > 1 else out[-1] if out else None
+        if token in ("?", "!") and previous == token:
+            continue
+        if token in SENTENCE_MARKS and out and out[-1] == "''":
+            out.insert(len(out) - 1, token)
+        else:
+            out.append(token)
+    return out
+
+
 def untag(line: str) -> tuple[str, bool]:
     """(the sentence's words without tags, whether every token is a headline token)."""
     pairs = [tok.rsplit("/", 1) for tok in line.split()]
-    words = " ".join(p[0] for p in pairs)
+    words = " ".join(tidy_marks([p[0] for p in pairs]))
     words = ATTACH_RIGHT.sub(r"\1", ATTACH_LEFT.sub(r"\1", words))
     headline = all(len(p) == 2 and p[1].endswith("-hl") for p in pairs)
     words = words.replace("``", '"').replace("''", '"').replace(";;", ";")  # some texts double their semicolons
