@@ -23,15 +23,11 @@ PRECISIONS = ("fp32", "bf16", "bf16-gdn-kernel-fp32")
 
 
 def feed_gdn_kernel_fp32():
-    """Hands the GDN chunk kernel fp32 q, k, v and gives its output back in their dtype."""
+    """Hands the model's GDN chunk kernel fp32 q, k, v and gives its output back in their dtype."""
     from oryx_cuda import model as model_module
+    from oryx_cuda.kernels.gdn import fed_fp32
 
-    kernel = model_module.gated_delta_rule
-
-    def fp32_inputs(q, k, v, g, beta, **kwargs):
-        o, final = kernel(q.float(), k.float(), v.float(), g, beta, **kwargs)
-        return o.to(v.dtype), final
-    model_module.gated_delta_rule = fp32_inputs
+    model_module.gated_delta_rule = fed_fp32(model_module.gated_delta_rule)
 
 
 def unpad_gdn_keys():

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 from oryx_cuda.kernels.gdn import (  # noqa: E402
     chunk_gated_delta_rule_torch,
+    fed_fp32,
     gated_delta_rule,
     naive_recurrent_gated_delta_rule,
 )
@@ -108,6 +109,21 @@ def test_dispatcher_on_cpu_picks_torch_and_honours_impl(monkeypatch):
         assert rel_err(out, ref) < 1e-12, impl
     with pytest.raises(ValueError, match="impl"):
         gated_delta_rule(q, k, v, g, beta, impl="cuda")
+
+
+def test_fed_fp32_hands_the_kernel_fp32_and_returns_the_callers_dtype():
+    q, k, v, g, beta, h0 = random_inputs(1, 20, 2, 16, 16, torch.bfloat16, seed=5)
+    seen = []
+
+    def kernel(q, k, v, g, beta, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return gated_delta_rule(q, k, v, g, beta, impl="torch", **kwargs)
+
+    o, final = fed_fp32(kernel)(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    assert seen == [(torch.float32,) * 3] and o.dtype == torch.bfloat16 and final.dtype == torch.float32
+    ref, ref_final = gated_delta_rule(q.float(), k.float(), v.float(), g, beta, initial_state=h0,
+                                      output_final_state=True, impl="torch")
+    assert torch.equal(o, ref.to(torch.bfloat16)) and torch.equal(final, ref_final)
 
 
 def test_launch_shapes_follow_the_card_then_the_pair_count(monkeypatch):

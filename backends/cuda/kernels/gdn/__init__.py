@@ -60,7 +60,17 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
               output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
+def fed_fp32(kernel):
+    """`kernel` (a function like gated_delta_rule) given fp32 q, k, v whatever their dtype, its output
+    cast back to v's: the Triton kernels' fp32 path (tf32x3 dots) under bf16 autocast, for precision
+    experiments (experiments/mqar_precision.py) and its cost (bench/gdn_feed_cost.py)."""
+    def fp32_inputs(q, k, v, g, beta, **kwargs):
+        o, final = kernel(q.float(), k.float(), v.float(), g, beta, **kwargs)
+        return o.to(v.dtype), final
+    return fp32_inputs
+
+
 __all__ = [
-    "chunk_gated_delta_rule", "chunk_gated_delta_rule_torch", "fused_recurrent_gated_delta_rule",
+    "chunk_gated_delta_rule", "chunk_gated_delta_rule_torch", "fed_fp32", "fused_recurrent_gated_delta_rule",
     "gated_delta_rule", "gated_delta_rule_decode_step", "naive_recurrent_gated_delta_rule",
 ]
