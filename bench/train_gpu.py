@@ -33,24 +33,20 @@ from pathlib import Path
 
 from _paths import oryx_command
 
+from oryx_cuda.train import read_log
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def read_log(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def train_until_killed(command: list[str], log: Path, kill_at: int, timeout: float) -> int | None:
-    """Runs the training command and SIGKILLs it once the log holds a loss for step >= kill_at.
+def train_until_killed(command: list[str], run: Path, kill_at: int, timeout: float) -> int | None:
+    """Runs the training command and SIGKILLs it once the run's log holds a loss for step >= kill_at.
 
     Returns the last logged step, or None if the process failed first.
     """
     process = subprocess.Popen(command, cwd=ROOT)
     deadline = time.time() + timeout
     while process.poll() is None:
-        steps = [r["step"] for r in read_log(log) if "loss" in r]
+        steps = [r["step"] for r in read_log(run, missing_ok=True) if "loss" in r]
         if steps and steps[-1] >= kill_at:
             process.send_signal(signal.SIGKILL)
             process.wait()
@@ -73,21 +69,21 @@ def kill_and_resume(train_command, work: Path, out: Path, args) -> dict:
     run = work / "run"
     command = train_command(run, args.compile, args.steps)
     print("$", " ".join(command), flush=True)
-    killed_at = train_until_killed(command, run / "log.jsonl", args.kill_at, args.timeout)
+    killed_at = train_until_killed(command, run, args.kill_at, args.timeout)
     compile_used = args.compile
     if killed_at is None and args.compile != "false":
         run, compile_used = work / "run-eager", "false (the compiled run failed: see the output above)"
         command = train_command(run, "false", args.steps)
-        killed_at = train_until_killed(command, run / "log.jsonl", args.kill_at, args.timeout)
+        killed_at = train_until_killed(command, run, args.kill_at, args.timeout)
     if killed_at is None:
         shutil.copy(run / "log.jsonl", out / "log_failed.jsonl")
         return {"compile": compile_used, "main_run": "failed before the kill: see log_failed.jsonl"}
-    before_kill = read_log(run / "log.jsonl")
+    before_kill = read_log(run)
     shutil.copy(run / "log.jsonl", out / "log_before_kill.jsonl")
     resumed_from = json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
     print(f"killed at step {killed_at}; resuming from the checkpoint of step {resumed_from}", flush=True)
     resumed = subprocess.run([*command, "--resume"], cwd=ROOT)
-    after = read_log(run / "log.jsonl")
+    after = read_log(run)
     shutil.copy(run / "log.jsonl", out / "log.jsonl")
     killed_losses = {r["step"]: r["loss"] for r in before_kill if "loss" in r and r["step"] > resumed_from}
     resumed_losses = {r["step"]: r["loss"] for r in after if "loss" in r and r["step"] in killed_losses}
@@ -171,7 +167,7 @@ def main() -> None:
         command = train_command(probe, compile_flag, args.probe_steps) + ["--set", f"modes={plan}", "--set",
                                                                            f"lr={args.probe_lr}", "--set", "eval_every=0"]
         done = subprocess.run(command, cwd=ROOT)
-        log = read_log(probe / "log.jsonl")
+        log = read_log(probe)
         trained = [r for r in log if "loss" in r]
         result["probes"][name] = {
             "lr": args.probe_lr, "returncode": done.returncode, "steps_logged": len(trained),
@@ -188,7 +184,7 @@ def main() -> None:
                          "--set", "steps=30", "--set", "log_every=10", "--set", "eval_every=30", "--set",
                          f"parallel={parallel}", "--set", f"compile={args.compile}"]
             done = subprocess.run(multi_cmd, cwd=ROOT)
-            log = read_log(multi / "log.jsonl")
+            log = read_log(multi)
             result[f"torchrun2_{parallel}"] = {"returncode": done.returncode,
                                               "losses": [(r["step"], r["loss"]) for r in log if "loss" in r],
                                               "tokens_per_s": [r["tokens_per_s"] for r in log if "loss" in r]}

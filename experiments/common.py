@@ -113,11 +113,6 @@ def environment() -> dict:
             "python": platform.python_version()}
 
 
-def read_log(run_dir: str | Path) -> list[dict]:
-    """The records of an `oryx train` run's log.jsonl."""
-    return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines() if line.strip()]
-
-
 def steps_for_budget(seconds: float, tokens_per_s: float, tokens_per_step: int, minimum: int) -> int:
     """Optimizer steps that fit `seconds` at the measured rate (never fewer than `minimum`)."""
     return max(minimum, math.floor(seconds * tokens_per_s / tokens_per_step))

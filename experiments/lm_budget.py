@@ -24,11 +24,11 @@ import statistics
 import time
 from pathlib import Path
 
-from common import (environment, experiment_args, experiment_from_args, log, read_log, rerun_command, run_main,
+from common import (environment, experiment_args, experiment_from_args, log, rerun_command, run_main,
                     steps_for_budget, write_json)
 
 from oryx_core.spec import parameter_counts
-from oryx_cuda.train import config_from_dict, model_config, train
+from oryx_cuda.train import config_from_dict, model_config, read_log, train
 
 BASELINE_USED = {"attention": "attention_mode_total", "recurrent": "recurrent_mode_total", "mixed": "total"}
 

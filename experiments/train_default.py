@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, environment, load_experiment_config, log, read_log, run_main, steps_for_budget, write_json
+from common import ROOT, environment, load_experiment_config, log, run_main, steps_for_budget, write_json
 from export_default import write_default
 
 from _paths import oryx_command
@@ -65,7 +65,7 @@ def main() -> None:
     started = time.perf_counter()
 
     import torch
-    from oryx_cuda.train import config_from_dict, latest_checkpoint
+    from oryx_cuda.train import config_from_dict, latest_checkpoint, read_log
 
     nproc = args.nproc if args.nproc is not None else max(1, torch.cuda.device_count())
     if nproc < 1 or (torch.cuda.is_available() and torch.cuda.device_count() < nproc):

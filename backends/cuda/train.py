@@ -446,6 +446,14 @@ def save_training_checkpoint(out: Path, step: int, skipped_steps: int, model: Or
     return path
 
 
+def read_log(out: Path, missing_ok: bool = False) -> list[dict]:
+    """The records of a run's log.jsonl; [] for a run that has not written one yet if missing_ok."""
+    path = Path(out) / "log.jsonl"
+    if missing_ok and not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     pointer = out / "checkpoints" / "latest.json"
     if not pointer.exists():

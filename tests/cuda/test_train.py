@@ -314,3 +314,11 @@ def test_compiled_training_matches_eager(shards, full_run, tmp_path):
     compiled = [r for r in records(out) if "loss" in r]
     eager = [r for r in records(full_run) if "loss" in r]
     np.testing.assert_allclose([r["loss"] for r in compiled], [r["loss"] for r in eager], rtol=1e-5)
+
+
+def test_read_log_reads_records_and_tolerates_a_missing_log_only_when_asked(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        train_module.read_log(tmp_path)
+    assert train_module.read_log(tmp_path, missing_ok=True) == []
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 2.5}\n\n{"step": 2, "eval": {"attention": 2.4}}\n')
+    assert train_module.read_log(tmp_path) == [{"step": 1, "loss": 2.5}, {"step": 2, "eval": {"attention": 2.4}}]
