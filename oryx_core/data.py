@@ -485,6 +485,25 @@ def cmd_train_tokenizer(args) -> None:
           f"{END_OF_TEXT} = {end_of_text_id(tok)}")
 
 
+def split_text(path: str | Path, split: str, separators: bool = True) -> str:
+    """The documents of one split as text: separated by an `<|endoftext|>` line (what `oryx data build`
+    reads back), or run together (separators=False: the token stream decoded whole, as the held-out
+    texts of docs/results.md were made)."""
+    shards = TokenShards(path, split)
+    tokens = np.asarray(shards.tokens)
+    ends = np.flatnonzero(tokens == shards.eot_id)
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    tokenizer = shards.tokenizer()
+    documents = tokenizer.decode_batch([tokens[a:b].tolist() for a, b in zip(starts, ends)])
+    return (f"\n{END_OF_TEXT}\n" if separators else "").join(documents)
+
+
+def cmd_decode(args) -> None:
+    text = split_text(args.dir, args.split, separators=not args.plain)
+    atomic_write_bytes(args.out, text.encode("utf-8"))
+    print(f"wrote {args.out}: the {args.split} split of {args.dir}, {len(text):,} characters")
+
+
 def _add_reading_flags(p) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="text files, directories, .xz files or .tar.xz archives")
@@ -518,6 +537,16 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", *TOKEN_DTYPES], help="token id type (default auto)")
     p.add_argument("--json", action="store_true", help="print meta.json")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("decode", help="write one split of a shard directory back as text",
+                       description="Decode one split of a token shard directory to a UTF-8 text file: documents "
+                                   "separated by an <|endoftext|> line, or run together with --plain.")
+    p.add_argument("dir", help="token shard directory (from oryx data build)")
+    p.add_argument("--split", default="val", choices=list(SPLITS), help="which split (default val)")
+    p.add_argument("--out", required=True, help="text file to write (atomically)")
+    p.add_argument("--plain", action="store_true",
+                   help="no separators: the documents run together, as the held-out texts of docs/results.md")
+    p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text",
                        description="Train a byte-level BPE tokenizer (with <|endoftext|>) and write its tokenizer.json.")

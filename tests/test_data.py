@@ -294,3 +294,26 @@ def test_cli_build_and_errors(corpus, tmp_path, capsys):
     assert main(["data", "build", "--input", str(corpus_dir), "--out", str(out), "--tokenizer", str(tok_file),
                  "--val-fraction", "0.3", "--quiet"]) == 0
     assert json.loads((out / "meta.json").read_text())["vocab_size"] == 300
+
+
+def test_decode_writes_a_split_back_as_text_that_rebuilds_to_the_same_tokens(corpus, tmp_path, capsys):
+    corpus_dir, _, _ = corpus
+    build(corpus_dir, tmp_path / "shards", val_fraction=0.3, seed=3)
+    val = data.TokenShards(tmp_path / "shards", "val")
+    documents = split_documents(np.asarray(val.tokens), val.eot_id, val.tokenizer())
+
+    assert main(["data", "decode", str(tmp_path / "shards"), "--out", str(tmp_path / "val.txt")]) == 0
+    assert "the val split" in capsys.readouterr().out
+    data.build_shards([tmp_path / "val.txt"], tmp_path / "again", val_fraction=0.0)
+    assert np.array_equal(np.asarray(data.TokenShards(tmp_path / "again", "train").tokens), np.asarray(val.tokens))
+
+    assert main(["data", "decode", str(tmp_path / "shards"), "--split", "train", "--plain",
+                 "--out", str(tmp_path / "train.txt")]) == 0
+    train = data.TokenShards(tmp_path / "shards", "train")
+    expected = "".join(split_documents(np.asarray(train.tokens), train.eot_id, train.tokenizer()))
+    assert (tmp_path / "train.txt").read_text(encoding="utf-8") == expected
+    assert len(documents) >= 2 and data.split_text(tmp_path / "shards", "val", separators=False) == "".join(documents)
+
+    assert main(["data", "decode", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nowhere" in err and "\n" not in err and not (tmp_path / "x.txt").exists()
