@@ -190,13 +190,18 @@ def deduplicate(sources: dict[str, list[tuple[str, str]]]) -> tuple[list[tuple[s
     return kept, stats
 
 
-def write_archive(path: Path, docs: list[tuple[str, str]]) -> dict:
-    text = SEPARATOR.join(t for _, t in docs) + "\n"
-    data = text.encode("utf-8")
+def pack_archive(docs: list[tuple[str, str]]) -> tuple[bytes, dict]:
+    """(the xz archive of the documents, its stats entry without the file name)."""
+    data = (SEPARATOR.join(t for _, t in docs) + "\n").encode("utf-8")
     packed = lzma.compress(data, preset=XZ_PRESET)
+    return packed, {"documents": len(docs), "text_bytes": len(data), "xz_bytes": len(packed),
+                    "sha256": hashlib.sha256(packed).hexdigest()}
+
+
+def write_archive(path: Path, docs: list[tuple[str, str]]) -> dict:
+    packed, entry = pack_archive(docs)
     path.write_bytes(packed)
-    return {"file": path.name, "documents": len(docs), "text_bytes": len(data), "xz_bytes": len(packed),
-            "sha256": hashlib.sha256(packed).hexdigest()}
+    return {"file": path.name, **entry}
 
 
 def subset(docs: list[tuple[str, str]], text_bytes: int, seed: int) -> list[tuple[str, str]]:

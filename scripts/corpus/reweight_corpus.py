@@ -34,15 +34,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 
-from clean_corpus import write_archive
+from clean_corpus import pack_archive
 
 from oryx_core.data import iter_documents
+from oryx_core.weights import atomic_write_bytes
 
 ARCHIVE_SUFFIX = ".txt.xz"
 STATS_SUFFIX = ".stats.json"
@@ -115,22 +114,6 @@ def stats_path_for(out: Path) -> Path:
     return out.with_name(out.name[:-len(ARCHIVE_SUFFIX)] + STATS_SUFFIX)
 
 
-def replace_atomically(path: Path, write):
-    """Calls write(tmp) on a temp file beside `path`, renames it into place (removed if anything fails); returns
-    what write returned."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        result = write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary data files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return result
-
-
 def reweight(archive: Path, stats_path: Path, keep_flags: list[str], seed: int, out: Path) -> dict:
     """Writes OUT and its stats (see the module docstring); returns the stats written."""
     if not out.name.endswith(ARCHIVE_SUFFIX) or out.name == ARCHIVE_SUFFIX:
@@ -148,10 +131,11 @@ def reweight(archive: Path, stats_path: Path, keep_flags: list[str], seed: int, 
     for name, text in kept_docs:
         per_source[name]["documents"] += 1
         per_source[name]["characters"] += len(text)
-    entry = replace_atomically(out, lambda tmp: write_archive(tmp, kept_docs))
-    report = {"sources": per_source, "archives": [{**entry, "file": out.name}],
+    packed, entry = pack_archive(kept_docs)
+    atomic_write_bytes(out, packed)
+    report = {"sources": per_source, "archives": [{"file": out.name, **entry}],
               "reweighted_from": {"input": str(archive), "stats": str(stats_path), "seed": seed, "keep": keep}}
-    replace_atomically(stats_path_for(out), lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+    atomic_write_bytes(stats_path_for(out), (json.dumps(report, indent=2) + "\n").encode())
     return report
 
 

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import ml_dtypes
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from oryx_core.config import preset
 from oryx_core.init import init_params
 from oryx_core.safetensors_io import FormatError
-from oryx_core.weights import INDEX_FILE, load_checkpoint, save_checkpoint
+from oryx_core.weights import INDEX_FILE, atomic_write_bytes, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture
@@ -184,3 +186,15 @@ def test_no_pickle_anywhere(tiny):
     _, _, path = tiny
     for f in path.iterdir():
         assert f.suffix in (".json", ".safetensors")
+
+
+def test_atomic_write_gives_the_permissions_a_plain_write_would(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write_bytes(tmp_path / "f.bin", b"abc")
+        (tmp_path / "plain.bin").write_bytes(b"abc")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").read_bytes() == b"abc"
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == stat.S_IMODE((tmp_path / "plain.bin").stat().st_mode) == 0o640
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
