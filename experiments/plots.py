@@ -4,6 +4,10 @@
     python3 experiments/plots.py --results experiments/results/gpu/results.json --figures docs/figures
     python3 experiments/plots.py --lm-results experiments/results/gpu-long/lm_budget_*.json --figure docs/figures/lm_long.png
     python3 experiments/plots.py --mqar-results experiments/results/gpu/results.json RERUN.json --tables --figure F.png
+    python3 experiments/plots.py --mqar-results experiments/results/gpu-long/mqar-seeds/*_4000.json ... --tables
+
+Runs of one MQAR model with different seeds are pooled: a table cell is the mean over the seeds with
+their range, a figure draws the mean and shades the range.
 
 --tables needs only the standard library; --figures needs matplotlib.
 """
@@ -43,7 +47,8 @@ def lm_table(lm: dict) -> str:
 
 
 def mqar_cells(mqar: dict):
-    """{(length, pairs): {column: accuracy}} with baseline columns and one column per Oryx (placement, share)."""
+    """{(length, pairs): {column: [accuracy per seed]}} with baseline columns and one column per Oryx
+    (placement, share)."""
     cells, columns = {}, []
     for m in mqar["models"]:
         for r in m["eval"]:
@@ -55,14 +60,29 @@ def mqar_cells(mqar: dict):
                 column = f"{label(m['name'])} {r['placement']} {100 * r['share']:g}%"
             if column not in columns:
                 columns.append(column)
-            cells.setdefault((r["length"], r["pairs"]), {})[column] = r["accuracy"]
+            cells.setdefault((r["length"], r["pairs"]), {}).setdefault(column, []).append(r["accuracy"])
     return cells, columns
+
+
+def seed_summary(accuracies: list[float]) -> str:
+    mean = sum(accuracies) / len(accuracies)
+    if len(accuracies) == 1:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ({min(accuracies):.3f}–{max(accuracies):.3f})"
+
+
+def seeds_line(mqar: dict) -> str:
+    """'Seeds: Oryx-GDN 0, 1, 2; ...' (each model's seeds, in the order the models first appear)."""
+    seeds = {}
+    for m in mqar["models"]:
+        seeds.setdefault(label(m["name"]), []).append(str(m.get("seed", 0)))
+    return "Seeds: " + "; ".join(f"{name} {', '.join(s)}" for name, s in seeds.items())
 
 
 def mqar_table(mqar: dict, placement: str) -> str:
     cells, columns = mqar_cells(mqar)
     keep = [c for c in columns if (" query " not in c and " last " not in c) or f" {placement} " in c]
-    rows = [[f"T={t}, {p} pairs", *[f"{cells[(t, p)][c]:.3f}" if c in cells[(t, p)] else "-" for c in keep]]
+    rows = [[f"T={t}, {p} pairs", *[seed_summary(cells[(t, p)][c]) if c in cells[(t, p)] else "-" for c in keep]]
             for t, p in sorted(cells)]
     return markdown(["setting", *keep], rows)
 
@@ -81,6 +101,7 @@ def print_tables(results: dict) -> None:
     if results.get("lm_budget"):
         print("## LM at a fixed token budget (held-out perplexity)\n\n" + lm_table(results["lm_budget"]) + "\n")
     if results.get("mqar"):
+        print(seeds_line(results["mqar"]) + " (a cell with several: mean (lowest–highest))\n")
         for placement in ("query", "last"):
             print(f"## MQAR accuracy, attention placement: {placement}\n\n" + mqar_table(results["mqar"], placement) + "\n")
     if results.get("switching"):
@@ -124,17 +145,34 @@ def mqar_figure(mqar: dict, path: Path) -> None:
     cols = min(4, len(settings))
     rows = math.ceil(len(settings) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    runs = {}                                          # a model's runs, one per seed
+    for m in mqar["models"]:
+        runs.setdefault(m["name"], []).append(m)
     for ax, (length, pairs) in zip(axes.flat, settings):
-        for m in mqar["models"]:
-            cell = [r for r in m["eval"] if (r["length"], r["pairs"]) == (length, pairs)]
+        for name, seeds in runs.items():
+            m = seeds[0]
+            cells = [[r for r in s["eval"] if (r["length"], r["pairs"]) == (length, pairs)] for s in seeds]
             if m["modes"] != "mixed":
-                ax.axhline(cell[0]["accuracy"], linestyle="-." if m["mixer"] == "mamba2" else "--",
-                           color="black" if m["modes"] == "attention" else "gray", linewidth=1, label=label(m["name"]))
+                accuracies = [cell[0]["accuracy"] for cell in cells]
+                color = "black" if m["modes"] == "attention" else "gray"
+                ax.axhline(sum(accuracies) / len(accuracies), linestyle="-." if m["mixer"] == "mamba2" else "--",
+                           color=color, linewidth=1, label=label(name))
+                if len(seeds) > 1:
+                    ax.axhspan(min(accuracies), max(accuracies), color=color, alpha=0.12, linewidth=0)
                 continue
             for placement, style in (("query", "-o"), ("last", ":x")):
-                points = sorted((r["attention_share"], r["accuracy"]) for r in cell
-                                if r["placement"] == placement or r["share"] in (0.0, 1.0))
-                ax.plot(*zip(*points), style, markersize=3, label=f"{label(m['name'])} ({placement})")
+                keep = [[r for r in cell if r["placement"] == placement or r["share"] in (0.0, 1.0)] for cell in cells]
+                if not keep[0]:
+                    continue
+                # the same plans in every seed's run; the share is the first seed's measured one
+                rows = sorted(zip(*[sorted(k, key=lambda r: r["share"]) for k in keep]), key=lambda rs: rs[0]["share"])
+                shares = [rs[0]["attention_share"] for rs in rows]
+                accuracies = [[r["accuracy"] for r in rs] for rs in rows]
+                line, = ax.plot(shares, [sum(a) / len(a) for a in accuracies], style, markersize=3,
+                                label=f"{label(name)} ({placement})")
+                if len(seeds) > 1:
+                    ax.fill_between(shares, [min(a) for a in accuracies], [max(a) for a in accuracies],
+                                    color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_xscale("symlog", linthresh=0.1)  # linear up to 10%, where the claim lives
         ax.set_xticks(SHARE_TICKS, [f"{100 * s:g}%" for s in SHARE_TICKS])
         ax.set(title=f"T={length}, {pairs} pairs", xlabel="share of tokens in attention", ylim=(-0.02, 1.02))
@@ -185,7 +223,8 @@ def merge_runs(paths: list[str], section: str) -> dict:
     """One experiment's result from several result files of the same settings (one per GPU, call or rerun).
 
     A file is the runner's own JSON or a results.json holding it under `section`; a model named in a later
-    file replaces the one of that name before it (a rerun)."""
+    file replaces the one of that name before it (a rerun). For MQAR, runs with another seed (the file's
+    settings) are kept beside each other, each model tagged with its seed, and must share a step count."""
     parts = []
     for path in paths:
         try:
@@ -201,9 +240,17 @@ def merge_runs(paths: list[str], section: str) -> dict:
             if part["settings"][key] != parts[0]["settings"][key]:
                 raise ValueError(f"{path}: {key} {part['settings'][key]} differs from "
                                  f"{paths[0]}'s {parts[0]['settings'][key]}")
-    models = {}
-    for part in parts:
-        models.update({m["name"]: m for m in part["models"]})
+    models, steps = {}, {}
+    for path, part in zip(paths, parts):
+        seed = part["settings"].get("seed", 0)
+        for m in part["models"]:
+            if section == "mqar":
+                if steps.setdefault(m["name"], m.get("steps")) != m.get("steps"):
+                    raise ValueError(f"{path}: {m['name']} ran {m.get('steps')} steps, an earlier file's "
+                                     f"{steps[m['name']]}: runs of different lengths cannot be pooled")
+                models[m["name"], seed] = {**m, "seed": seed}
+            else:
+                models[m["name"]] = m
     return {**parts[0], "models": list(models.values())}
 
 

@@ -172,6 +172,31 @@ def test_plots_merges_mqar_reruns_over_earlier_models(tmp_path):
     assert done.returncode == 2 and f"{rerun}: not JSON" in done.stderr.splitlines()[-1]
 
 
+def test_plots_pools_mqar_seeds_and_refuses_mixed_lengths(tmp_path):
+    def mqar_run(seed, accuracy, steps=4000):
+        return {"settings": {"seq_len": 256, "batch_size": 64, "seed": seed},
+                "models": [{"name": "gdn-only", "mixer": "gdn", "modes": "recurrent", "steps": steps,
+                            "eval": [{"length": 128, "pairs": 8, "placement": "own", "share": 0.0,
+                                      "attention_share": 0.0, "accuracy": accuracy}]}]}
+    paths = [tmp_path / f"seed{seed}.json" for seed in range(3)]
+    for seed, (path, accuracy) in enumerate(zip(paths, (0.5, 0.9, 0.7))):
+        path.write_text(json.dumps(mqar_run(seed, accuracy)))
+    rerun = tmp_path / "seed1-rerun.json"                   # same seed again: replaces seed 1's run
+    rerun.write_text(json.dumps(mqar_run(1, 0.6)))
+    done = run("plots.py", "--mqar-results", *map(str, paths), str(rerun), "--tables",
+               "--figure", str(tmp_path / "pooled.png"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Seeds: GDN-only 0, 1, 2" in done.stdout
+    table = [line for line in done.stdout.splitlines() if line.startswith("| T=128, 8 pairs")][0]
+    assert table == "| T=128, 8 pairs | 0.600 (0.500–0.700) |"
+    assert (tmp_path / "pooled.png").stat().st_size > 0
+    paths[2].write_text(json.dumps(mqar_run(2, 0.7, steps=1320)))
+    done = run("plots.py", "--mqar-results", *map(str, paths), "--tables")
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith(f"{paths[2]}: gdn-only ran 1320 steps, an earlier file's 4000: "
+                                        "runs of different lengths cannot be pooled")
+
+
 def test_train_default_plans_steps_from_a_probe_and_exports(toy_config):
     work, config = toy_config
     train_config = pointed_at(work, Path(json.loads(config.read_text())["data"]), "default_model_train.json")
