@@ -1,6 +1,6 @@
 """Registers, spill bytes and shared memory of the GDN Triton kernels on sm_90a, with no GPU.
 
-    python3 bench/gdn_registers.py [--chunk-py FILE] [--dtype bf16|fp16|fp32] [--head-dims K V] [KERNEL ...]
+    python3 bench/gdn_registers.py [--chunk-py FILE] [--card H100] [--dtype bf16|fp16|fp32] [--head-dims K V] [KERNEL ...]
 
 Compiles each kernel of chunk.py (or of another version of it, --chunk-py) ahead of time for
 sm_90a with Triton's own ptxas, at the launch shape chunk._launch_args gives it, the flags of a
@@ -44,10 +44,13 @@ def load_chunk(path):
     return module
 
 
-def resources(module, name, dtype, K, V):
-    """(registers, spill-store bytes, shared memory bytes, launch) of one kernel."""
+def resources(module, name, dtype, K, V, card=None):
+    """(registers, spill-store bytes, shared memory bytes, launch) of one kernel; `card` takes that
+    card's CARD_LAUNCH row where it has one, as a launch on that card would."""
     kernel = getattr(module, f"_{name}_kernel")
     launch = module._launch_args(name, K, V, dtype)
+    if card is not None:
+        launch.update(module.CARD_LAUNCH[card].get(name, {}))
     values = {**TRAINING_FLAGS, **launch, "K": K, "V": V, "C": module.CHUNK,
               "PREC": module._dot_precision(dtype)}
     element = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
@@ -66,7 +69,7 @@ def resources(module, name, dtype, K, V):
                if signature[arg].startswith("*") or arg == "H"}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned),
                               target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=launch["num_warps"], num_stages=launch["num_stages"]))
+                              options={key: launch[key] for key in ("num_warps", "num_stages", "maxnreg") if key in launch})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
@@ -84,6 +87,7 @@ def main(argv=None):
     parser.add_argument("--chunk-py", help="another version of chunk.py (default: the package's)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--head-dims", nargs=2, type=int, default=[128, 128], metavar=("K", "V"))
+    parser.add_argument("--card", help="launch shapes of this CARD_LAUNCH row (e.g. H100) where it has one")
     args = parser.parse_args(argv)
     unknown = [name for name in args.kernels if name not in KERNELS]
     if unknown:
@@ -91,13 +95,15 @@ def main(argv=None):
     if not PTXAS.exists():
         parser.error(f"{PTXAS}: Triton's ptxas is missing (a Linux x86_64 triton wheel ships it)")
     module = load_chunk(args.chunk_py)
+    if args.card is not None and args.card not in module.CARD_LAUNCH:
+        parser.error(f"--card: no CARD_LAUNCH row {args.card!r} (rows: {', '.join(module.CARD_LAUNCH) or 'none'})")
     K, V = args.head_dims
     try:
         module._check_triton_shapes(K, V)
     except ValueError as error:
         parser.error(f"--head-dims: {error}")
     for name in args.kernels or KERNELS:
-        registers, spills, shared, launch = resources(module, name, DTYPES[args.dtype], K, V)
+        registers, spills, shared, launch = resources(module, name, DTYPES[args.dtype], K, V, args.card)
         print(f"{name:10s} {launch}: registers {registers}, spill stores {spills} B, shared memory {shared} B")
 
 

@@ -22,3 +22,23 @@ def test_every_gdn_kernel_compiles_for_sm90_and_reports_its_registers():
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "gdn_registers.py"), "--head-dims", "48", "128"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode == 2 and "--head-dims: " in bad.stderr and "head size K a power of two" in bad.stderr
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="this triton wheel ships no ptxas")
+def test_card_rows_and_register_caps_reach_the_compiler(tmp_path):
+    source = (ROOT / "backends" / "cuda" / "kernels" / "gdn" / "chunk.py").read_text()
+    launch = '"state_bwd": dict(BV=128, num_warps=8, num_stages=2),'
+    assert launch in source
+    capped = tmp_path / "chunk_capped.py"
+    capped.write_text(source.replace(launch, '"state_bwd": dict(BV=128, num_warps=8, num_stages=1, maxnreg=128),'))
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gdn_registers.py"), "--chunk-py", str(capped),
+                           "--card", "H100", "state_bwd", "chunk_bwd"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {name: (shape, int(regs))
+            for name, shape, regs in re.findall(r"^(\w+) +(\{.*\}): registers (\d+),", done.stdout, re.M)}
+    assert "'maxnreg': 128" in rows["state_bwd"][0] and rows["state_bwd"][1] <= 128
+    assert "'num_stages': 1" in rows["chunk_bwd"][0]          # the H100 row of CARD_LAUNCH
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "gdn_registers.py"), "--card", "Z80"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bad.returncode == 2 and "--card: no CARD_LAUNCH row 'Z80'" in bad.stderr
