@@ -240,17 +240,19 @@ def merge_runs(paths: list[str], section: str) -> dict:
             if part["settings"][key] != parts[0]["settings"][key]:
                 raise ValueError(f"{path}: {key} {part['settings'][key]} differs from "
                                  f"{paths[0]}'s {parts[0]['settings'][key]}")
-    models, steps = {}, {}
+    models, source = {}, {}
     for path, part in zip(paths, parts):
         seed = part["settings"].get("seed", 0)
         for m in part["models"]:
-            if section == "mqar":
-                if steps.setdefault(m["name"], m.get("steps")) != m.get("steps"):
-                    raise ValueError(f"{path}: {m['name']} ran {m.get('steps')} steps, an earlier file's "
-                                     f"{steps[m['name']]}: runs of different lengths cannot be pooled")
-                models[m["name"], seed] = {**m, "seed": seed}
-            else:
-                models[m["name"]] = m
+            key = (m["name"], seed) if section == "mqar" else m["name"]
+            models[key], source[key] = {**m, "seed": seed}, path
+    if section == "mqar":
+        first = {}
+        for (name, seed), m in models.items():
+            other = first.setdefault(name, (m, source[name, seed]))
+            if other[0].get("steps") != m.get("steps"):
+                raise ValueError(f"{source[name, seed]}: {name} ran {m.get('steps')} steps, {other[1]}'s "
+                                 f"{other[0].get('steps')}: runs of different lengths cannot be pooled")
     return {**parts[0], "models": list(models.values())}
 
 

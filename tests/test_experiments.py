@@ -193,8 +193,12 @@ def test_plots_pools_mqar_seeds_and_refuses_mixed_lengths(tmp_path):
     paths[2].write_text(json.dumps(mqar_run(2, 0.7, steps=1320)))
     done = run("plots.py", "--mqar-results", *map(str, paths), "--tables")
     assert done.returncode == 2
-    assert done.stderr.strip().endswith(f"{paths[2]}: gdn-only ran 1320 steps, an earlier file's 4000: "
+    assert done.stderr.strip().endswith(f"{paths[2]}: gdn-only ran 1320 steps, {paths[0]}'s 4000: "
                                         "runs of different lengths cannot be pooled")
+    rerun.write_text(json.dumps(mqar_run(2, 0.8)))           # seed 2 rerun at 4,000 steps replaces the 1,320
+    done = run("plots.py", "--mqar-results", *map(str, paths), str(rerun), "--tables")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| T=128, 8 pairs | 0.733 (0.500–0.900) |" in done.stdout
 
 
 def test_train_default_plans_steps_from_a_probe_and_exports(toy_config):
