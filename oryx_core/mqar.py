@@ -23,6 +23,8 @@ class MQARBatch:
 
 
 def make_mqar(rng: np.random.Generator, n: int, seq_len: int, pairs: int, vocab_size: int) -> MQARBatch:
+    if pairs < 1 or n < 1:
+        raise ValueError(f"mqar: needs at least 1 pair and 1 example, got {pairs} pairs and {n} examples")
     if 4 * pairs > seq_len:
         raise ValueError(f"mqar: {pairs} pairs need seq_len >= {4 * pairs} (pairs, then their queries and answers)")
     half = vocab_size // 2

@@ -33,6 +33,16 @@ def test_bad_sizes_are_clear():
         make_mqar(np.random.default_rng(0), 1, 64, 40, 512)
     with pytest.raises(ValueError, match="need vocab_size"):
         make_mqar(np.random.default_rng(0), 1, 512, 100, 64)
+    for examples, pairs in ((1, 0), (0, 4)):            # an empty batch would score nan
+        with pytest.raises(ValueError, match="at least 1 pair and 1 example"):
+            make_mqar(np.random.default_rng(0), examples, 64, pairs, 512)
+
+
+def test_eval_cli_refuses_an_empty_mqar(tmp_path, capsys):
+    main(["init", str(tmp_path / "m"), "--preset", "tiny"])
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "m"), "--mqar", "0", "--mqar-length", "32"]) == 2
+    assert "needs at least 1 pair and 1 example, got 0 pairs" in capsys.readouterr().err
 
 
 def test_eval_cli_reports_mqar_accuracy(tmp_path, capsys):
