@@ -48,9 +48,7 @@ def resources(module, name, dtype, K, V, card=None):
     """(registers, spill-store bytes, shared memory bytes, launch) of one kernel; `card` takes that
     card's CARD_LAUNCH row where it has one, as a launch on that card would."""
     kernel = getattr(module, f"_{name}_kernel")
-    launch = module._launch_args(name, K, V, dtype)
-    if card is not None:
-        launch.update(module.CARD_LAUNCH[card].get(name, {}))
+    launch = module._launch_args(name, K, V, dtype, card=card)
     values = {**TRAINING_FLAGS, **launch, "K": K, "V": V, "C": module.CHUNK,
               "PREC": module._dot_precision(dtype)}
     element = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]

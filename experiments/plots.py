@@ -165,7 +165,7 @@ def mqar_figure(mqar: dict, path: Path) -> None:
                 if not keep[0]:
                     continue
                 # the same plans in every seed's run; the share is the first seed's measured one
-                rows = sorted(zip(*[sorted(k, key=lambda r: r["share"]) for k in keep]), key=lambda rs: rs[0]["share"])
+                rows = list(zip(*[sorted(k, key=lambda r: r["share"]) for k in keep]))
                 shares = [rs[0]["attention_share"] for rs in rows]
                 accuracies = [[r["accuracy"] for r in rs] for rs in rows]
                 line, = ax.plot(shares, [sum(a) / len(a) for a in accuracies], style, markersize=3,

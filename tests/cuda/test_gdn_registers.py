@@ -39,6 +39,11 @@ def test_card_rows_and_register_caps_reach_the_compiler(tmp_path):
             for name, shape, regs in re.findall(r"^(\w+) +(\{.*\}): registers (\d+),", done.stdout, re.M)}
     assert "'maxnreg': 128" in rows["state_bwd"][0] and rows["state_bwd"][1] <= 128
     assert "'num_stages': 1" in rows["chunk_bwd"][0]          # the H100 row of CARD_LAUNCH
+    narrow = subprocess.run([sys.executable, str(ROOT / "bench" / "gdn_registers.py"), "--card", "H100",
+                             "--head-dims", "32", "32", "chunk_bwd"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert narrow.returncode == 0, narrow.stderr[-2000:]
+    assert "'BK': 32, 'BV': 32" in narrow.stdout              # a card's row is fitted to the head size too
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "gdn_registers.py"), "--card", "Z80"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode == 2 and "--card: no CARD_LAUNCH row 'Z80'" in bad.stderr

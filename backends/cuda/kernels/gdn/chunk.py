@@ -445,12 +445,14 @@ def _card(device_index: int) -> str | None:
     return next((card for card in CARD_LAUNCH if card in name), None)
 
 
-def _launch_args(kernel, K, V, dtype, pairs=None, device=None):
-    """Launch shape of `kernel`; `pairs` = sequences x heads, which decides how full the GPU is."""
+def _launch_args(kernel, K, V, dtype, pairs=None, device=None, card=None):
+    """Launch shape of `kernel`; `pairs` = sequences x heads, which decides how full the GPU is;
+    `card` = the CARD_LAUNCH row to use, by default the one naming `device`'s GPU."""
     on_gpu = device is not None and device.type == "cuda"
     few = (pairs is not None and on_gpu and kernel in FEW_PAIRS_LAUNCH and pairs < _sm_count(device.index or 0))
-    card_launch = CARD_LAUNCH.get(_card(device.index or 0), {}) if on_gpu else {}
-    args = dict(FEW_PAIRS_LAUNCH[kernel] if few else card_launch.get(kernel, LAUNCH[kernel]))
+    if card is None and on_gpu:
+        card = _card(device.index or 0)
+    args = dict(FEW_PAIRS_LAUNCH[kernel] if few else CARD_LAUNCH.get(card, {}).get(kernel, LAUNCH[kernel]))
     args["BV"] = min(V, args["BV"])
     if "BK" in args:
         args["BK"] = min(K, args["BK"])
