@@ -23,6 +23,7 @@ from oryx_cuda.kernels.gdn import (chunk_gated_delta_rule, chunk_gated_delta_rul
                                    fused_recurrent_gated_delta_rule, gated_delta_rule_decode_step,
                                    naive_recurrent_gated_delta_rule)
 from oryx_cuda.kernels.gdn._inputs import random_inputs
+from profile_gdn import kernel_times
 
 FAILURES = []
 START = time.perf_counter()
@@ -183,17 +184,16 @@ def kernel_breakdown(B=16, T=2048):
     for _ in range(3):
         o = chunk_gated_delta_rule(*leaves)[0]
         torch.autograd.grad(o, leaves, grad_o)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+
+    def inference_then_training_step():
         with torch.no_grad():
             chunk_gated_delta_rule(*leaves)
         o = chunk_gated_delta_rule(*leaves)[0]
         torch.autograd.grad(o, leaves, grad_o)
-        torch.cuda.synchronize()
+
     print(f"kernel breakdown B={B} T={T} (inference fwd, then training fwd + bwd):")
-    for event in prof.key_averages():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            print(f"  {event.key[:60]:60s} calls={event.count:2d} total={event.device_time_total / 1e3:.3f} ms")
+    for kernel, launches, ms in kernel_times(inference_then_training_step, calls=1):
+        print(f"  {kernel[:60]:60s} calls={launches:2d} total={ms:.3f} ms")
 
 
 def sweep_is_correct(reference, inputs, grad_o):
