@@ -246,3 +246,32 @@ def test_fused_recurrent_and_decode_gpu(dtype, tol):
              for t in range(T)]
     assert rel_err(torch.stack(steps, 1), o_ref) < tol and rel_err(state, final_ref) < tol
     assert torch.equal(k_cache, k[:, :, :2].transpose(1, 2)) and torch.equal(v_cache, v[:, :, :2].transpose(1, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="GPU kernels, not the interpreter")
+def test_decode_step_first_called_inside_a_cuda_graph_capture():
+    # The decode step keeps its one-token cu_seqlens per batch size; one first made during a capture lives in
+    # the graph's memory pool, so it must not be kept for later eager calls (B=5 is used by no other test).
+    from oryx_cuda.kernels.gdn import fused_recurrent
+    from oryx_cuda.kernels.gdn.fused_recurrent import gated_delta_rule_decode_step
+
+    B, H, K, V = 5, 2, 64, 64
+    q, k, v, g, beta, h0 = random_inputs(B, 1, H, K, V, torch.float32, device="cuda", seed=12)
+    fused_recurrent._ONE_TOKEN_EACH.pop((B, q.device), None)
+    q, k, v, g, beta = (x[:, 0] for x in (q, k, v, g, beta))
+    state = h0.clone()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):    # compile the kernel outside the capture, at another batch size
+        gated_delta_rule_decode_step(q[:1], k[:1], v[:1], g[:1], beta[:1], h0[:1].clone())
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_graph = gated_delta_rule_decode_step(q, k, v, g, beta, state)
+    assert (B, q.device) not in fused_recurrent._ONE_TOKEN_EACH
+    graph.replay()
+    del graph
+    eager_state = h0.clone()
+    o_eager = gated_delta_rule_decode_step(q, k, v, g, beta, eager_state)
+    assert (B, q.device) in fused_recurrent._ONE_TOKEN_EACH
+    assert torch.equal(o_graph, o_eager) and torch.equal(state, eager_state)
