@@ -23,7 +23,7 @@ from oryx_cuda.kernels.gdn import (chunk_gated_delta_rule, chunk_gated_delta_rul
                                    fused_recurrent_gated_delta_rule, gated_delta_rule_decode_step,
                                    naive_recurrent_gated_delta_rule)
 from oryx_cuda.kernels.gdn._inputs import random_inputs
-from profile_gdn import kernel_times
+from profile_gdn import chunk_calls, kernel_times
 
 FAILURES = []
 START = time.perf_counter()
@@ -137,27 +137,15 @@ def time_chunk(B, T, fla_chunk, rows, ours=chunk_gated_delta_rule, label="chunk"
     """Times the forward two ways: under no_grad (inference; it keeps nothing for a backward) and with
     inputs that require grad, which is what fla's own benchmarks time as "fwd" (benchmarks/ops/run.py)
     and the forward a training step runs (ours then keeps the chunk states and Delta)."""
-    H, K, V = 16, 128, 128
-    q, k, v, g, beta, _ = random_inputs(B, T, H, K, V, torch.bfloat16, device="cuda", seed=8, with_state=False)
-    grad_o = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
-    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
-
-    def fwd(fn):
-        with torch.no_grad():
-            return fn(q, k, v, g, beta)
-
-    def fwd_bwd(fn):
-        o = fn(*leaves)[0]
-        grads = torch.autograd.grad(o, leaves, grad_o)
-        return grads
-
     bench = lambda run: do_bench(run, warmup=50, rep=300, return_mode="median")  # noqa: E731
-    timed = dict(fwd=bench(lambda: fwd(ours)), fwd_grad=bench(lambda: ours(*leaves)), fb=bench(lambda: fwd_bwd(ours)))
+    fwd, train_fwd, fwd_bwd = chunk_calls(B, T, ours)
+    timed = dict(fwd=bench(fwd), fwd_grad=bench(train_fwd), fb=bench(fwd_bwd))
     if fla_chunk is not None:
-        timed["fla_fwd"] = bench(lambda: fwd(fla_chunk))
-        timed["fla_fwd_grad"] = bench(lambda: fla_chunk(*leaves))
+        fwd, train_fwd, fwd_bwd = chunk_calls(B, T, fla_chunk)
+        timed["fla_fwd"] = bench(fwd)
+        timed["fla_fwd_grad"] = bench(train_fwd)
         try:
-            timed["fla_fb"] = do_bench(lambda: fwd_bwd(fla_chunk), warmup=20, rep=200, return_mode="median")
+            timed["fla_fb"] = do_bench(fwd_bwd, warmup=20, rep=200, return_mode="median")
         except Exception as exc:
             print(f"fla fwd+bwd B{B} T{T} failed: {type(exc).__name__}: {str(exc)[:200]}")
     rows.append((f"{label} B={B} T={T}", timed))
@@ -165,18 +153,23 @@ def time_chunk(B, T, fla_chunk, rows, ours=chunk_gated_delta_rule, label="chunk"
     print(f"timed {label} B={B} T={T}: " + ", ".join(f"{key} {ms:.3f} ms" for key, ms in timed.items()), flush=True)
 
 
+def decode_calls(B, fla_recurrent):
+    """{"ours": ..., "fla": ...}: one decode token of B sequences (bf16, H=16, K=V=128) as a call without
+    arguments; fla = fused_recurrent with T=1, left out when fla is not installed."""
+    q, k, v, g, beta, h0 = random_inputs(B, 1, 16, 128, 128, torch.bfloat16, device="cuda", seed=9)
+    state = h0.clone()
+    calls = {"ours": lambda: gated_delta_rule_decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state)}
+    if fla_recurrent is not None:
+        calls["fla"] = lambda: fla_recurrent(q, k, v, g=g, beta=beta, initial_state=h0, output_final_state=True)
+    return calls
+
+
 def time_decode(B, fla_recurrent, rows):
     """One token. Eager, both calls are bound by the host's launch work (about 0.08 ms a call on the H100 host,
     2026-11-27), which do_bench's timing partly hides, so the GPU time of the kernels is printed beside it;
     the model's decode replays the step as a CUDA graph."""
-    H, K, V = 16, 128, 128
-    q, k, v, g, beta, h0 = random_inputs(B, 1, H, K, V, torch.bfloat16, device="cuda", seed=9)
-    state = h0.clone()
-    runs = {"ours": lambda: gated_delta_rule_decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state)}
-    if fla_recurrent is not None:
-        runs["fla"] = lambda: fla_recurrent(q, k, v, g=g, beta=beta, initial_state=h0, output_final_state=True)
     timed = {}
-    for name, run in runs.items():
+    for name, run in decode_calls(B, fla_recurrent).items():
         timed[name] = do_bench(run, warmup=20, rep=200, return_mode="median")
         gpu_ms = sum(ms for _, _, ms in kernel_times(run))
         print(f"decode step B={B} {name}: do_bench {timed[name]:.4f} ms, GPU time of its kernels {gpu_ms:.4f} ms",
@@ -186,18 +179,13 @@ def time_decode(B, fla_recurrent, rows):
 
 def kernel_breakdown(B=16, T=2048):
     """Per-kernel GPU time of one forward (inference) and one forward+backward, via the profiler."""
-    q, k, v, g, beta, _ = random_inputs(B, T, 16, 128, 128, torch.bfloat16, device="cuda", seed=11, with_state=False)
-    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
-    grad_o = torch.randn(B, T, 16, 128, device="cuda", dtype=torch.bfloat16)
+    fwd, _, fwd_bwd = chunk_calls(B, T, seed=11)
     for _ in range(3):
-        o = chunk_gated_delta_rule(*leaves)[0]
-        torch.autograd.grad(o, leaves, grad_o)
+        fwd_bwd()
 
     def inference_then_training_step():
-        with torch.no_grad():
-            chunk_gated_delta_rule(*leaves)
-        o = chunk_gated_delta_rule(*leaves)[0]
-        torch.autograd.grad(o, leaves, grad_o)
+        fwd()
+        fwd_bwd()
 
     print(f"kernel breakdown B={B} T={T} (inference fwd, then training fwd + bwd):")
     for kernel, launches, ms in kernel_times(inference_then_training_step, calls=1):
@@ -238,24 +226,14 @@ def sweep_launch_shapes():
     # the sweep starts from, and writes into, LAUNCH: this card's own row (chunk.CARD_LAUNCH) joins it first
     chunk_module.LAUNCH.update(chunk_module.CARD_LAUNCH.pop(chunk_module._card(0), {}))
 
-    def case(B, T, seed):
-        inputs = random_inputs(B, T, 16, 128, 128, torch.bfloat16, device="cuda", seed=seed, with_state=False)
-        return [x.requires_grad_() for x in inputs[:5]], torch.randn(B, T, 16, 128, device="cuda")
-
-    leaves, grad_o = case(16, 2048, 10)
+    fwd, _, fwd_bwd = chunk_calls(16, 2048, seed=10)
     # H=16 and no initial or final state, as timed, so that no kernel compiles twice; 16 x 16
     # (sequence, head) pairs, at least the SM count, so the checked launch shapes are the swept
     # LAUNCH ones and not chunk.FEW_PAIRS_LAUNCH
-    small, small_grad_o = case(16, 130, 13)
+    small = random_inputs(16, 130, 16, 128, 128, torch.bfloat16, device="cuda", seed=13, with_state=False)[:5]
+    small_grad_o = torch.randn(16, 130, 16, 128, device="cuda")
     reference = reference_outputs(small, small_grad_o)
     verify = lambda: sweep_is_correct(reference, small, small_grad_o)  # noqa: E731
-
-    def fwd():
-        with torch.no_grad():
-            return chunk_gated_delta_rule(*leaves)
-
-    def fwd_bwd():
-        return torch.autograd.grad(chunk_gated_delta_rule(*leaves)[0], leaves, grad_o.to(leaves[0].dtype))
 
     def shapes(*triples, **extra):
         return [dict(BV=b, num_warps=w, num_stages=st, **extra) for b, w, st in triples]

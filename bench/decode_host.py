@@ -1,6 +1,6 @@
 """Where an eager Gated DeltaNet decode step's time goes, ours against fla's fused_recurrent (one token).
 
-Run from the repo root on a GPU, with fla installed: `python3 bench/decode_host.py`. Per batch size and
+Run from the repo root on a GPU: `python3 bench/decode_host.py` (fla's rows only where fla is installed). Per batch size and
 implementation it prints the host time per call (2,000 calls without a sync), the same with the sync,
 do_bench's median, and the GPU time of each kernel a call launches (torch profiler); then a cProfile of
 the host side of ours. Eager, a call is bound by its host work; the model's decode replays the step as a
@@ -15,8 +15,7 @@ import _paths  # noqa: F401
 import torch
 from triton.testing import do_bench
 
-from oryx_cuda.kernels.gdn import gated_delta_rule_decode_step
-from oryx_cuda.kernels.gdn._inputs import random_inputs
+from bench_gdn import decode_calls, load_fla
 from profile_gdn import kernel_times
 
 
@@ -34,14 +33,10 @@ def host_ms(fn, calls=2000):
 
 
 def main():
-    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
-
+    _, fla_recurrent = load_fla()
     print(torch.cuda.get_device_name(0))
     for B in (1, 16):
-        q, k, v, g, beta, h0 = random_inputs(B, 1, 16, 128, 128, torch.bfloat16, device="cuda", seed=9)
-        state = h0.clone()
-        runs = {"ours": lambda: gated_delta_rule_decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state),
-                "fla": lambda: fla_recurrent(q, k, v, g=g, beta=beta, initial_state=h0, output_final_state=True)}
+        runs = decode_calls(B, fla_recurrent)
         for name, fn in runs.items():
             issued, synced = host_ms(fn)
             bench = do_bench(fn, warmup=20, rep=200, return_mode="median")

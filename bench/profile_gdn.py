@@ -43,21 +43,29 @@ def kernel_times(fn, calls=20):
             for e in sorted(events, key=lambda e: -e.device_time_total)]
 
 
-def profile(B, T):
-    q, k, v, g, beta, _ = random_inputs(B, T, 16, 128, 128, torch.bfloat16, device="cuda", seed=8, with_state=False)
+def chunk_calls(B, T, fn=chunk_gated_delta_rule, seed=8):
+    """(inference forward, training forward, forward + backward) of `fn` as calls without arguments, on bf16
+    inputs at H=16, K=V=128 that require grad: the training forward is what fla's own benchmarks time as
+    "fwd"; the inference one runs under no_grad and keeps nothing for a backward."""
+    q, k, v, g, beta, _ = random_inputs(B, T, 16, 128, 128, torch.bfloat16, device="cuda", seed=seed, with_state=False)
     grad_o = torch.randn(B, T, 16, 128, device="cuda", dtype=torch.bfloat16)
     leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
 
     def fwd():
         with torch.no_grad():
-            return chunk_gated_delta_rule(q, k, v, g, beta)
+            return fn(*leaves)
 
     def train_fwd():
-        return chunk_gated_delta_rule(*leaves)[0]
+        return fn(*leaves)[0]
 
     def fwd_bwd():
-        return torch.autograd.grad(chunk_gated_delta_rule(*leaves)[0], leaves, grad_o)
+        return torch.autograd.grad(fn(*leaves)[0], leaves, grad_o)
 
+    return fwd, train_fwd, fwd_bwd
+
+
+def profile(B, T):
+    fwd, train_fwd, fwd_bwd = chunk_calls(B, T)
     times = {name: do_bench(fn, warmup=50, rep=300, return_mode="median")
              for name, fn in (("fwd", fwd), ("train_fwd", train_fwd), ("fwd_bwd", fwd_bwd))}
     times["fwd_bwd_graph"] = graph_time(fwd_bwd)
