@@ -223,8 +223,10 @@ def sweep(kernel, configs, run, verify):
 def sweep_launch_shapes():
     """Sweeps each kernel's launch shapes in turn (forward kernels timed on the forward, backward
     kernels on forward + backward), each shape first checked for correctness."""
-    # the sweep starts from, and writes into, LAUNCH: this card's own row (chunk.CARD_LAUNCH) joins it first
-    chunk_module.LAUNCH.update(chunk_module.CARD_LAUNCH.pop(chunk_module._card(0), {}))
+    # the sweep starts from, and writes into, LAUNCH: this card's own rows (chunk.CARD_LAUNCH) join it first
+    card_rows = chunk_module.CARD_LAUNCH.pop(chunk_module._card(0), {})
+    chunk_module.FEW_PAIRS_LAUNCH.update(card_rows.pop("few_pairs", {}))
+    chunk_module.LAUNCH.update(card_rows)
 
     fwd, _, fwd_bwd = chunk_calls(16, 2048, seed=10)
     # H=16 and no initial or final state, as timed, so that no kernel compiles twice; 16 x 16
@@ -242,10 +244,13 @@ def sweep_launch_shapes():
     wy_fwd = [dict(BK=64, BV=64, DIAG=d, num_warps=w, num_stages=1) for d in (16, 32, 64) for w in (4, 8)]
     wy_fwd += [dict(BK=64, BV=64, DIAG=16, num_warps=w, num_stages=2) for w in (4, 8)]
     sweep("wy_fwd", wy_fwd, fwd, verify)
-    sweep("state_fwd", shapes((64, 4, 2), (64, 4, 1), (64, 8, 2), (64, 8, 1), (128, 8, 1), (128, 4, 1)), fwd, verify)
-    sweep("state_bwd", shapes((64, 4, 2), (64, 4, 1), (64, 8, 1), (128, 8, 2), (128, 8, 1)), fwd_bwd, verify)
+    # TMA=True: tiles moved by the TMA unit (chunk._launch), which pays with two or more pipeline stages
+    sweep("state_fwd", shapes((64, 4, 2), (64, 4, 1), (64, 8, 2), (64, 8, 1), (128, 8, 1), (128, 4, 1))
+          + shapes((64, 4, 2), (64, 8, 2), TMA=True), fwd, verify)
+    sweep("state_bwd", shapes((64, 4, 2), (64, 4, 1), (64, 8, 1), (128, 8, 2), (128, 8, 1))
+          + shapes((64, 8, 2), (128, 8, 2), TMA=True), fwd_bwd, verify)
     sweep("chunk_bwd", shapes((64, 4, 1), (64, 4, 2), (64, 8, 1), (128, 8, 1), BK=64)
-          + shapes((64, 8, 1), (128, 8, 1), BK=128),
+          + shapes((64, 8, 1), (128, 8, 1), BK=128) + shapes((64, 4, 2), (64, 8, 2), BK=64, TMA=True),
           fwd_bwd, verify)
     print("launch shapes after the safe sweep:", chunk_module.LAUNCH, flush=True)
     # Last, as they may fault: on 2026-11-27 (H200) a BV=32 shape of state_fwd hit an illegal

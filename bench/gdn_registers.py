@@ -49,9 +49,11 @@ def resources(module, name, dtype, K, V, card=None):
     card's CARD_LAUNCH row where it has one, as a launch on that card would."""
     kernel = getattr(module, f"_{name}_kernel")
     launch = module._launch_args(name, K, V, dtype, card=card)
-    values = {**TRAINING_FLAGS, **launch, "K": K, "V": V, "C": module.CHUNK,
+    values = {**TRAINING_FLAGS, "TMA": False, **launch, "K": K, "V": V, "C": module.CHUNK,
               "PREC": module._dot_precision(dtype)}
     element = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    # with TMA these arguments are descriptors of the tiles the kernel moves (chunk._launch)
+    tiles = module._tma_tiles(name, K, V, launch) if launch.get("TMA") else {}
     signature, constants = {}, {}
     for index, arg in enumerate(kernel.arg_names):
         if arg in kernel.constexprs or index in kernel.constexprs:
@@ -61,6 +63,8 @@ def resources(module, name, dtype, K, V, card=None):
             signature[arg] = "i32"
         elif arg == "scale":
             signature[arg] = "fp32"
+        elif arg in tiles:
+            signature[arg] = f"tensordesc<{element}{tiles[arg]}>"
         else:
             signature[arg] = "*i32" if arg in INT32_POINTERS else "*fp32" if arg in FP32_POINTERS else f"*{element}"
     aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)

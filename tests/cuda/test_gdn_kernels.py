@@ -137,10 +137,15 @@ def test_launch_shapes_follow_the_card_then_the_pair_count(monkeypatch):
         rows = chunk.CARD_LAUNCH.get(card, {})
         for kernel in chunk.LAUNCH:
             args = chunk._launch_args(kernel, 128, 128, torch.bfloat16, pairs=256, device=gpu)
-            assert args == {**rows.get(kernel, chunk.LAUNCH[kernel])}, (card, kernel)
-        few = chunk._launch_args("state_fwd", 128, 128, torch.bfloat16, pairs=64, device=gpu)
-        assert few == chunk.FEW_PAIRS_LAUNCH["state_fwd"], card
-    assert chunk.CARD_LAUNCH["H100"]["chunk_bwd"]["num_stages"] == 1
+            assert args == rows.get(kernel, chunk.LAUNCH[kernel]), (card, kernel)
+        for kernel in chunk.FEW_PAIRS_LAUNCH:
+            few = chunk._launch_args(kernel, 128, 128, torch.bfloat16, pairs=64, device=gpu)
+            assert few == rows.get("few_pairs", {}).get(kernel, chunk.FEW_PAIRS_LAUNCH[kernel]), (card, kernel)
+        # fp32 runs one stage, where TMA was the slower, so it never asks for TMA
+        assert "TMA" not in chunk._launch_args("chunk_bwd", 128, 128, torch.float32, device=gpu)
+    h100 = chunk.CARD_LAUNCH["H100"]
+    assert h100["chunk_bwd"]["TMA"] and h100["chunk_bwd"]["num_stages"] == 2
+    assert h100["few_pairs"]["state_bwd"] == dict(BV=64, num_warps=8, num_stages=2, TMA=True)
     # the interpreter (a CPU device) never reads the card
     assert chunk._launch_args("chunk_bwd", 128, 128, torch.bfloat16, device=torch.device("cpu")) == chunk.LAUNCH["chunk_bwd"]
 
@@ -192,6 +197,9 @@ GPU_CASES = [
     (2, 300, 4, 64, 128, torch.float32, None, True, 1e-4),
     (8, 100, 2, 32, 64, torch.float32, None, True, 1e-4),
     (1, 500, 4, 128, 64, torch.float32, [0, 1, 65, 200, 500], True, 1e-4),
+    # whole chunks only, so the kernels in chunk.TMA_KERNELS take their TMA path (fp32 tiles, packed sequences)
+    (3, 128, 2, 128, 128, torch.float32, None, True, 1e-4),
+    (1, 384, 3, 64, 128, torch.float32, [0, 128, 128, 384], True, 1e-4),
 ]
 
 

@@ -30,7 +30,7 @@ def test_in_interpreter_subprocess():
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     # every kernel test must have run there: only this launcher itself may be skipped
-    assert re.search(r"\b13 passed, 1 skipped\b", result.stdout), result.stdout[-2000:]
+    assert re.search(r"\b16 passed, 1 skipped\b", result.stdout), result.stdout[-2000:]
 
 
 def rel_err(out, ref):
@@ -97,6 +97,36 @@ def test_triton_chunk_other_launch_shapes(shapes, monkeypatch):
     for kernel, launch in shapes.items():
         monkeypatch.setitem(chunk.LAUNCH, kernel, launch)
     check_triton_chunk_against_naive(1, 70, 1, 64, 64, [0, 5, 70], torch.float32, 1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("B,T,cu,tma", [
+    (2, 128, None, True),                   # every sequence whole chunks: tiles move through TMA descriptors
+    (1, 320, [0, 128, 128, 320], True),     # packed, an empty sequence, still whole chunks
+    (1, 130, None, False),                  # a partial chunk: the same rows fall back to masked pointer loads
+])
+def test_triton_chunk_tma_path(B, T, cu, tma, monkeypatch):
+    """Every kernel's TMA path (asked for by its launch row, as CARD_LAUNCH's H100 rows do) against the
+    fp64 naive loop, in fp16 (fp32 never takes TMA, and the interpreter can't run bf16 dots)."""
+    from oryx_cuda.kernels.gdn import chunk
+
+    for kernel, row in chunk.LAUNCH.items():
+        monkeypatch.setitem(chunk.LAUNCH, kernel, dict(row, TMA=True))
+    kernels_with_descriptors = []
+    real_launch, real_descriptor = chunk._launch, chunk._descriptor
+
+    def spy_launch(kernel, *args, **kwargs):
+        kernels_with_descriptors.append([kernel, False])
+        return real_launch(kernel, *args, **kwargs)
+
+    def spy_descriptor(x, block):
+        kernels_with_descriptors[-1][1] = True
+        return real_descriptor(x, block)
+
+    monkeypatch.setattr(chunk, "_launch", spy_launch)
+    monkeypatch.setattr(chunk, "_descriptor", spy_descriptor)
+    check_triton_chunk_against_naive(B, T, 3, 64, 32, cu, torch.float16, 2e-3)
+    assert kernels_with_descriptors == [[name, tma] for name in ("wy_fwd", "state_fwd", "state_bwd", "chunk_bwd")]
 
 
 @needs_interpreter

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._inputs import check_inputs, default_scale
 from ._triton_compat import patch_interpreter_scalar_index
@@ -66,11 +67,22 @@ FEW_PAIRS_LAUNCH = {
     "state_fwd": dict(BV=64, num_warps=4, num_stages=2),
     "state_bwd": dict(BV=64, num_warps=4, num_stages=1),
 }
-# Per card, where its own sweep chose otherwise. H100 (less memory bandwidth than the H200 that
-# LAUNCH was swept on), 2026-11-27: chunk_bwd with one pipeline stage, fwd+bwd 2.609 against
-# 2.684 ms at B=16, T=2048 and 2.887 against 2.960 at B=4, T=8192 (docs/benchmarks.md).
+# Per card, where its own measurements chose otherwise: rows replacing those of LAUNCH, and of
+# FEW_PAIRS_LAUNCH under "few_pairs". TMA=True moves the kernel's tiles with the TMA unit (tensor
+# descriptors, see _launch), which frees the registers and address arithmetic of the copies.
+# H100, 2026-11-27 (docs/benchmarks.md, "TMA"): with TMA and two pipeline stages, chunk_bwd takes 14%
+# less time than without TMA and with one stage (TMA with one stage was 7% slower); with TMA the
+# sequential kernels win where the pairs are few and state_bwd also where they are many. fwd+bwd
+# 2.406 against 2.606 ms at B=16, T=2048 and 2.517 against 2.882 at B=4, T=8192.
 CARD_LAUNCH = {
-    "H100": {"chunk_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=1)},
+    "H100": {
+        "state_bwd": dict(BV=128, num_warps=8, num_stages=2, TMA=True),
+        "chunk_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=2, TMA=True),
+        "few_pairs": {
+            "state_fwd": dict(BV=64, num_warps=4, num_stages=2, TMA=True),
+            "state_bwd": dict(BV=64, num_warps=8, num_stages=2, TMA=True),
+        },
+    },
 }
 
 
@@ -152,15 +164,15 @@ def _unit_lower_inverse(L, C: tl.constexpr, DIAG: tl.constexpr, PREC: tl.constex
 
 @triton.jit
 def _chunk_grams(q, k, bos, seq_len, H, i_h, t0, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                 WITH_Q: tl.constexpr, PREC: tl.constexpr):
+                 WITH_Q: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     """(K K^T, Q K^T) of one chunk, [C, C] each; Q K^T only if WITH_Q."""
     kk = tl.zeros([C, C], dtype=tl.float32)
     qk = tl.zeros([C, C], dtype=tl.float32)
     for i_k in tl.static_range(K // BK):
-        k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
+        k_block = _load_rows(k, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK, TMA)
         kk += tl.dot(k_block, tl.trans(k_block), input_precision=PREC)
         if WITH_Q:
-            q_block = tl.load(_tile(q, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
+            q_block = _load_rows(q, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK, TMA)
             qk += tl.dot(q_block, tl.trans(k_block), input_precision=PREC)
     return kk, qk
 
@@ -186,11 +198,62 @@ def _state_tile(base, index, i_h, H, r0, c0, K: tl.constexpr, V: tl.constexpr, B
     return tl.make_block_ptr(base + (index * H + i_h).to(tl.int64) * K * V, (K, V), (V, 1), (r0, c0), (BK, BV), (1, 0))
 
 
+@triton.jit
+def _load_rows(src, bos, seq_len, H, i_h, t0, c0, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+               TMA: tl.constexpr):
+    """Rows t0..t0+C (zero past the sequence's end), columns c0..c0+BD of one head of a [tokens, H, D]
+    tensor. With TMA, `src` is a descriptor over its [tokens, H * D] view and the copy is the TMA
+    unit's; that path runs only when every sequence is whole chunks, so no tile crosses an end."""
+    if TMA:
+        tile = src.load([(bos + t0).to(tl.int32), i_h * D + c0])
+    else:
+        tile = tl.load(_tile(src, bos, seq_len, H, i_h, t0, c0, D, C, BD), boundary_check=(0, 1))
+    return tile
+
+
+@triton.jit
+def _store_rows(dst, value, bos, seq_len, H, i_h, t0, c0, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+                TMA: tl.constexpr):
+    """Stores `value` [C, BD], in dst's dtype, where _load_rows would load it from."""
+    if TMA:
+        dst.store([(bos + t0).to(tl.int32), i_h * D + c0], value.to(dst.dtype))
+    else:
+        tl.store(_tile(dst, bos, seq_len, H, i_h, t0, c0, D, C, BD), value.to(dst.dtype.element_ty),
+                 boundary_check=(0, 1))
+
+
+@triton.jit
+def _load_state(src, index, i_h, H, r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                TMA: tl.constexpr):
+    """Rows r0..r0+BK, columns c0..c0+BV of one [K, V] state in a [*, H, K, V] tensor (with TMA, a
+    descriptor over its [* H K, V] view)."""
+    if TMA:
+        tile = src.load([((index * H + i_h) * K + r0).to(tl.int32), c0])
+    else:
+        tile = tl.load(_state_tile(src, index, i_h, H, r0, c0, K, V, BK, BV))
+    return tile
+
+
+@triton.jit
+def _store_state(dst, value, index, i_h, H, r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, TMA: tl.constexpr):
+    if TMA:
+        dst.store([((index * H + i_h) * K + r0).to(tl.int32), c0], value.to(dst.dtype))
+    else:
+        tl.store(_state_tile(dst, index, i_h, H, r0, c0, K, V, BK, BV), value.to(dst.dtype.element_ty))
+
+
+@triton.constexpr_function
+def _element_type(dtype):
+    """The element type of a kernel argument of this dtype: a pointer's pointee, a descriptor's own."""
+    return dtype.element_ty if dtype.is_ptr() else dtype
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _wy_fwd_kernel(q, k, v, g, beta, w, u, x_inv, attn, gcum, cu_seqlens, chunk_indices, scale, H,
                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   DIAG: tl.constexpr, STORE_X: tl.constexpr, PREC: tl.constexpr):
+                   DIAG: tl.constexpr, STORE_X: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, seq_len, t0 = _chunk_location(cu_seqlens, chunk_indices, i_c, C)
     rows = tl.arange(0, C)
@@ -200,32 +263,32 @@ def _wy_fwd_kernel(q, k, v, g, beta, w, u, x_inv, attn, gcum, cu_seqlens, chunk_
     G = tl.cumsum(g_c, axis=0)
     tl.store(gcum + (bos + t0 + rows) * H + i_h, G, mask=valid)
 
-    kk, qk = _chunk_grams(q, k, bos, seq_len, H, i_h, t0, K, C, BK, True, PREC)
-    dt = k.dtype.element_ty
+    kk, qk = _chunk_grams(q, k, bos, seq_len, H, i_h, t0, K, C, BK, True, PREC, TMA)
+    dt: tl.constexpr = _element_type(k.dtype)
     # A is a chunk-local quantity: made here once, not in each V block of the state loops
     A = qk * scale * _decay_matrix(G, C, False)
-    tl.store(_tile(attn, bos, seq_len, H, i_h, t0, 0, C, C, C), A.to(dt), boundary_check=(0, 1))
+    _store_rows(attn, A, bos, seq_len, H, i_h, t0, 0, C, C, C, TMA)
     L = beta_c[:, None] * kk * _decay_matrix(G, C, True)
     # rounded once to the input dtype: W, U and the backward all use this same X
     X_io = _unit_lower_inverse(L, C, DIAG, PREC).to(dt)
     if STORE_X:
-        tl.store(_tile(x_inv, bos, seq_len, H, i_h, t0, 0, C, C, C), X_io, boundary_check=(0, 1))
+        _store_rows(x_inv, X_io, bos, seq_len, H, i_h, t0, 0, C, C, C, TMA)
     for i_k in tl.static_range(K // BK):
-        k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), boundary_check=(0, 1))
+        k_block = _load_rows(k, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK, TMA)
         k_scaled = (k_block * (beta_c * tl.exp(G))[:, None]).to(dt)
         w_block = tl.dot(X_io, k_scaled, input_precision=PREC)
-        tl.store(_tile(w, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK), w_block.to(dt), boundary_check=(0, 1))
+        _store_rows(w, w_block, bos, seq_len, H, i_h, t0, i_k * BK, K, C, BK, TMA)
     for i_v in tl.static_range(V // BV):
-        v_tile = tl.load(_tile(v, bos, seq_len, H, i_h, t0, i_v * BV, V, C, BV), boundary_check=(0, 1))
+        v_tile = _load_rows(v, bos, seq_len, H, i_h, t0, i_v * BV, V, C, BV, TMA)
         u_tile = tl.dot(X_io, (v_tile * beta_c[:, None]).to(dt), input_precision=PREC)
-        tl.store(_tile(u, bos, seq_len, H, i_h, t0, i_v * BV, V, C, BV), u_tile.to(dt), boundary_check=(0, 1))
+        _store_rows(u, u_tile, bos, seq_len, H, i_h, t0, i_v * BV, V, C, BV, TMA)
 
 
 @triton.jit
 def _state_fwd_kernel(q, k, w, u, attn, gcum, o, h0, ht, states, deltas, cu_seqlens, chunk_offsets, scale, H,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
                       HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_CHUNKS: tl.constexpr,
-                      PREC: tl.constexpr):
+                      PREC: tl.constexpr, TMA: tl.constexpr):
     """Walks the chunks of one sequence and head for state columns c0..c0+BV, writing o.
     (Measured on H200, 2026-11-27: a separate parallel output kernel over stored chunk
     states made the loop shorter but the whole forward slower, in training too.)"""
@@ -235,7 +298,7 @@ def _state_fwd_kernel(q, k, w, u, attn, gcum, o, h0, ht, states, deltas, cu_seql
     seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
     first_chunk = tl.load(chunk_offsets + i_n)
     c0 = i_v * BV
-    dt = k.dtype.element_ty
+    dt: tl.constexpr = _element_type(k.dtype)
     S = tl.zeros([K, BV], dtype=tl.float32)
     if HAS_H0:
         S += tl.load(_state_tile(h0, i_n, i_h, H, 0, c0, K, V, K, BV)).to(tl.float32)
@@ -243,21 +306,20 @@ def _state_fwd_kernel(q, k, w, u, attn, gcum, o, h0, ht, states, deltas, cu_seql
         t0 = i_t * C
         S_io = S.to(dt)
         if STORE_CHUNKS:
-            tl.store(_state_tile(states, first_chunk + i_t, i_h, H, 0, c0, K, V, K, BV), S_io)
+            _store_state(states, S_io, first_chunk + i_t, i_h, H, 0, c0, K, V, K, BV, TMA)
         G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
-        k_tile = tl.load(_tile(k, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
-        w_tile = tl.load(_tile(w, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
-        u_tile = tl.load(_tile(u, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
+        k_tile = _load_rows(k, bos, seq_len, H, i_h, t0, 0, K, C, K, TMA)
+        w_tile = _load_rows(w, bos, seq_len, H, i_h, t0, 0, K, C, K, TMA)
+        u_tile = _load_rows(u, bos, seq_len, H, i_h, t0, c0, V, C, BV, TMA)
         delta = u_tile.to(tl.float32) - tl.dot(w_tile, S_io, input_precision=PREC)
         delta_io = delta.to(dt)
         if STORE_CHUNKS:
-            tl.store(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), delta_io, boundary_check=(0, 1))
-        q_tile = tl.load(_tile(q, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
-        A = tl.load(_tile(attn, bos, seq_len, H, i_h, t0, 0, C, C, C), boundary_check=(0, 1))
+            _store_rows(deltas, delta_io, bos, seq_len, H, i_h, t0, c0, V, C, BV, TMA)
+        q_tile = _load_rows(q, bos, seq_len, H, i_h, t0, 0, K, C, K, TMA)
+        A = _load_rows(attn, bos, seq_len, H, i_h, t0, 0, C, C, C, TMA)
         q_decayed = (q_tile * (scale * tl.exp(G))[:, None]).to(dt)
         o_tile = tl.dot(q_decayed, S_io, input_precision=PREC) + tl.dot(A, delta_io, input_precision=PREC)
-        tl.store(_tile(o, bos, seq_len, H, i_h, t0, c0, V, C, BV), o_tile.to(o.dtype.element_ty),
-                 boundary_check=(0, 1))
+        _store_rows(o, o_tile, bos, seq_len, H, i_h, t0, c0, V, C, BV, TMA)
         k_to_end = (k_tile * tl.exp(g_last - G)[:, None]).to(dt)
         S = S * tl.exp(g_last) + tl.dot(tl.trans(k_to_end), delta_io, input_precision=PREC)
     if STORE_FINAL:
@@ -268,14 +330,14 @@ def _state_fwd_kernel(q, k, w, u, attn, gcum, o, h0, ht, states, deltas, cu_seql
 @triton.jit
 def _state_bwd_kernel(q, k, w, attn, gcum, do, dht, dh0, dstates, ddeltas, cu_seqlens, chunk_offsets, scale, H,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                      HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+                      HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
     first_chunk = tl.load(chunk_offsets + i_n)
     c0 = i_v * BV
-    dt = q.dtype.element_ty
+    dt: tl.constexpr = _element_type(q.dtype)
     dS = tl.zeros([K, BV], dtype=tl.float32)
     if HAS_DHT:
         dS += tl.load(_state_tile(dht, i_n, i_h, H, 0, c0, K, V, K, BV)).to(tl.float32)
@@ -283,18 +345,18 @@ def _state_bwd_kernel(q, k, w, attn, gcum, do, dht, dh0, dstates, ddeltas, cu_se
     for step in range(num_chunks):
         i_t = num_chunks - 1 - step
         t0 = i_t * C
-        tl.store(_state_tile(dstates, first_chunk + i_t, i_h, H, 0, c0, K, V, K, BV), dS.to(dt))
+        _store_state(dstates, dS, first_chunk + i_t, i_h, H, 0, c0, K, V, K, BV, TMA)
         G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
-        q_tile = tl.load(_tile(q, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
-        k_tile = tl.load(_tile(k, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
-        w_tile = tl.load(_tile(w, bos, seq_len, H, i_h, t0, 0, K, C, K), boundary_check=(0, 1))
-        do_tile = tl.load(_tile(do, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1)).to(dt)
-        A_t = tl.trans(tl.load(_tile(attn, bos, seq_len, H, i_h, t0, 0, C, C, C), boundary_check=(0, 1)))
+        q_tile = _load_rows(q, bos, seq_len, H, i_h, t0, 0, K, C, K, TMA)
+        k_tile = _load_rows(k, bos, seq_len, H, i_h, t0, 0, K, C, K, TMA)
+        w_tile = _load_rows(w, bos, seq_len, H, i_h, t0, 0, K, C, K, TMA)
+        do_tile = _load_rows(do, bos, seq_len, H, i_h, t0, c0, V, C, BV, TMA).to(dt)
+        A_t = tl.trans(_load_rows(attn, bos, seq_len, H, i_h, t0, 0, C, C, C, TMA))
         k_to_end = (k_tile * tl.exp(g_last - G)[:, None]).to(dt)
         ddelta = tl.dot(A_t, do_tile, input_precision=PREC) \
             + tl.dot(k_to_end, dS.to(dt), input_precision=PREC)
         ddelta_io = ddelta.to(dt)
-        tl.store(_tile(ddeltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), ddelta_io, boundary_check=(0, 1))
+        _store_rows(ddeltas, ddelta_io, bos, seq_len, H, i_h, t0, c0, V, C, BV, TMA)
         q_decayed = (q_tile * (scale * tl.exp(G))[:, None]).to(dt)
         dS = dS * tl.exp(g_last) + tl.dot(tl.trans(q_decayed), do_tile, input_precision=PREC) \
             - tl.dot(tl.trans(w_tile), ddelta_io, input_precision=PREC)
@@ -306,7 +368,7 @@ def _state_bwd_kernel(q, k, w, attn, gcum, do, dht, dh0, dstates, ddeltas, cu_se
 def _chunk_bwd_kernel(q, k, v, beta, gcum, x_inv, attn, states, dstates, deltas, ddeltas, do,
                       dq, dk, dv, dbeta, dg, cu_seqlens, chunk_indices, scale, H,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      PREC: tl.constexpr):
+                      PREC: tl.constexpr, TMA: tl.constexpr):
     """All gradients of one chunk once dDelta and dS_C are known.
 
     W and U enter only Delta = U - W S_0 = X (beta V - diag(beta e^G) K S_0), so
@@ -317,12 +379,12 @@ def _chunk_bwd_kernel(q, k, v, beta, gcum, x_inv, attn, states, dstates, deltas,
     bos, seq_len, t0 = _chunk_location(cu_seqlens, chunk_indices, i_c, C)
     rows = tl.arange(0, C)
     valid = t0 + rows < seq_len
-    dt = q.dtype.element_ty
+    dt: tl.constexpr = _element_type(q.dtype)
     G, g_last = _load_chunk_g(gcum, bos, t0, seq_len, H, i_h, C)
     beta_c = tl.load(beta + (bos + t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
     k_scale = beta_c * tl.exp(G)
     # X as the forward used it; padding rows load as zero and meet only zero rows of dDelta, Delta
-    X_t = tl.trans(tl.load(_tile(x_inv, bos, seq_len, H, i_h, t0, 0, C, C, C), boundary_check=(0, 1)))
+    X_t = tl.trans(_load_rows(x_inv, bos, seq_len, H, i_h, t0, 0, C, C, C, TMA))
     dA = tl.zeros([C, C], dtype=tl.float32)
     # accumulates -dL: a dot adds into its accumulator in place, a subtraction would keep
     # the product and the sum live side by side
@@ -330,20 +392,19 @@ def _chunk_bwd_kernel(q, k, v, beta, gcum, x_inv, attn, states, dstates, deltas,
     dbeta_c = tl.zeros([C], dtype=tl.float32)
     for i_v in range(V // BV):
         c0 = i_v * BV
-        do_tile = tl.load(_tile(do, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1)).to(dt)
-        delta = tl.load(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
-        ddelta = tl.load(_tile(ddeltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
-        v_tile = tl.load(_tile(v, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
+        do_tile = _load_rows(do, bos, seq_len, H, i_h, t0, c0, V, C, BV, TMA).to(dt)
+        delta = _load_rows(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV, TMA)
+        ddelta = _load_rows(ddeltas, bos, seq_len, H, i_h, t0, c0, V, C, BV, TMA)
+        v_tile = _load_rows(v, bos, seq_len, H, i_h, t0, c0, V, C, BV, TMA)
         # o += A Delta
         dA += tl.dot(do_tile, tl.trans(delta), input_precision=PREC)
         # U = X (beta V) with dU = dDelta
         dv_scaled = tl.dot(X_t, ddelta, input_precision=PREC)
         dbeta_c += tl.sum(dv_scaled * v_tile.to(tl.float32), axis=1)
-        tl.store(_tile(dv, bos, seq_len, H, i_h, t0, c0, V, C, BV),
-                 (dv_scaled * beta_c[:, None]).to(dv.dtype.element_ty), boundary_check=(0, 1))
+        _store_rows(dv, dv_scaled * beta_c[:, None], bos, seq_len, H, i_h, t0, c0, V, C, BV, TMA)
         dL_neg += tl.dot(dv_scaled.to(dt), tl.trans(delta), input_precision=PREC)
     # L = beta_i e^{G_i - G_j} k_i.k_j (i > j)
-    kk, _ = _chunk_grams(k, k, bos, seq_len, H, i_h, t0, K, C, BK, False, PREC)
+    kk, _ = _chunk_grams(k, k, bos, seq_len, H, i_h, t0, K, C, BK, False, PREC, TMA)
     kk_decayed = kk * _decay_matrix(G, C, True)
     dL = tl.where(rows[:, None] > rows[None, :], -dL_neg, 0.0)
     dbeta_c += tl.sum(dL * kk_decayed, axis=1)
@@ -353,7 +414,7 @@ def _chunk_bwd_kernel(q, k, v, beta, gcum, x_inv, attn, states, dstates, deltas,
     dkk = dL * beta_c[:, None] * _decay_matrix(G, C, True)
     dkk_sym = (dkk + tl.trans(dkk)).to(dt)
     # A = scale (Q K^T) e^{G_i - G_j} [i >= j]: dA_ij A_ij is the gradient of its exponent
-    A = tl.load(_tile(attn, bos, seq_len, H, i_h, t0, 0, C, C, C), boundary_check=(0, 1))
+    A = _load_rows(attn, bos, seq_len, H, i_h, t0, 0, C, C, C, TMA)
     dA_g = dA * A.to(tl.float32)
     dG += tl.sum(dA_g, axis=1) - tl.sum(dA_g, axis=0)
     dA_io = (dA * scale * _decay_matrix(G, C, False)).to(dt)
@@ -368,24 +429,23 @@ def _chunk_bwd_kernel(q, k, v, beta, gcum, x_inv, attn, states, dstates, deltas,
         dk_state = tl.zeros([C, BK], dtype=tl.float32)
         for i_v in range(V // BV):
             c0 = i_v * BV
-            S0 = tl.load(_state_tile(states, i_c, i_h, H, k0, c0, K, V, BK, BV))
-            dSC = tl.load(_state_tile(dstates, i_c, i_h, H, k0, c0, K, V, BK, BV))
-            delta = tl.load(_tile(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
-            ddelta = tl.load(_tile(ddeltas, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1))
-            do_tile = tl.load(_tile(do, bos, seq_len, H, i_h, t0, c0, V, C, BV), boundary_check=(0, 1)).to(dt)
+            S0 = _load_state(states, i_c, i_h, H, k0, c0, K, V, BK, BV, TMA)
+            dSC = _load_state(dstates, i_c, i_h, H, k0, c0, K, V, BK, BV, TMA)
+            delta = _load_rows(deltas, bos, seq_len, H, i_h, t0, c0, V, C, BV, TMA)
+            ddelta = _load_rows(ddeltas, bos, seq_len, H, i_h, t0, c0, V, C, BV, TMA)
+            do_tile = _load_rows(do, bos, seq_len, H, i_h, t0, c0, V, C, BV, TMA).to(dt)
             dq_acc += tl.dot(do_tile, tl.trans(S0), input_precision=PREC)
             dw_neg += tl.dot(ddelta, tl.trans(S0), input_precision=PREC)
             dk_state += tl.dot(delta, tl.trans(dSC), input_precision=PREC)
             d_total_decay += tl.sum(S0.to(tl.float32) * dSC.to(tl.float32))
-        q_block = tl.load(_tile(q, bos, seq_len, H, i_h, t0, k0, K, C, BK), boundary_check=(0, 1))
-        k_block = tl.load(_tile(k, bos, seq_len, H, i_h, t0, k0, K, C, BK), boundary_check=(0, 1))
+        q_block = _load_rows(q, bos, seq_len, H, i_h, t0, k0, K, C, BK, TMA)
+        k_block = _load_rows(k, bos, seq_len, H, i_h, t0, k0, K, C, BK, TMA)
         k_f32 = k_block.to(tl.float32)
         # readout of the carried state: o += scale e^G Q S_0
         dq_block = dq_acc * (scale * tl.exp(G))[:, None]
         dG += tl.sum(dq_block * q_block.to(tl.float32), axis=1)
         dq_block += tl.dot(dA_io, k_block, input_precision=PREC)
-        tl.store(_tile(dq, bos, seq_len, H, i_h, t0, k0, K, C, BK), dq_block.to(dq.dtype.element_ty),
-                 boundary_check=(0, 1))
+        _store_rows(dq, dq_block, bos, seq_len, H, i_h, t0, k0, K, C, BK, TMA)
         # state passed on: S_C = e^{G_C} S_0 + (e^{G_C - G} K)^T Delta
         dk_state = dk_state * decay_to_end[:, None]
         from_last += tl.sum(dk_state * k_f32, axis=1)
@@ -395,8 +455,7 @@ def _chunk_bwd_kernel(q, k, v, beta, gcum, x_inv, attn, states, dstates, deltas,
         dG += tl.sum(dk_scaled * k_f32 * k_scale[:, None], axis=1)
         dk_block = dk_state + dk_scaled * k_scale[:, None] + tl.dot(tl.trans(dA_io), q_block, input_precision=PREC)
         dk_block += tl.dot(dkk_sym, k_block, input_precision=PREC)
-        tl.store(_tile(dk, bos, seq_len, H, i_h, t0, k0, K, C, BK), dk_block.to(dk.dtype.element_ty),
-                 boundary_check=(0, 1))
+        _store_rows(dk, dk_block, bos, seq_len, H, i_h, t0, k0, K, C, BK, TMA)
     dG -= from_last
     dG += tl.where(rows == C - 1, tl.sum(from_last) + d_total_decay * tl.exp(g_last), 0.0)
     # G = cumsum(g): dg_i = sum_{j >= i} dG_j (padding rows carry the last G and add nothing)
@@ -407,7 +466,8 @@ def _chunk_bwd_kernel(q, k, v, beta, gcum, x_inv, attn, states, dstates, deltas,
 
 # ----------------------------------------------------------------------------- host side
 def _packed_layout(batch, length, cu_seqlens, device):
-    """(cu_seqlens int32, chunk_indices [NC, 2] int32 of (sequence, chunk in it), chunk_offsets [N+1])."""
+    """(cu_seqlens int32, chunk_indices [NC, 2] int32 of (sequence, chunk in it), chunk_offsets [N+1],
+    whether every sequence is whole chunks)."""
     if cu_seqlens is None:
         lengths = (length,) * batch
     else:
@@ -425,7 +485,52 @@ def _layout_for_lengths(lengths, device):
     bounds = [0] + list(itertools.accumulate(lengths))
     indices = [(n, i) for n, c in enumerate(chunks) for i in range(c)]
     as_tensor = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
-    return as_tensor(bounds), as_tensor(indices).reshape(-1, 2), as_tensor(offsets)
+    whole_chunks = all(n % CHUNK == 0 for n in lengths)
+    return as_tensor(bounds), as_tensor(indices).reshape(-1, 2), as_tensor(offsets), whole_chunks
+
+
+_KERNELS = {"wy_fwd": _wy_fwd_kernel, "state_fwd": _state_fwd_kernel, "state_bwd": _state_bwd_kernel,
+            "chunk_bwd": _chunk_bwd_kernel}
+
+
+def _tma_tiles(kernel, K, V, launch):
+    """{argument: tile [rows, columns]} of the tensors `kernel` moves with TMA where its row asks for it:
+    [tokens, H, D] tensors C rows at a time, [chunks, H, K, V] states a [BK or K, BV] block at a time."""
+    BK, BV = launch.get("BK", K), launch["BV"]
+    columns = {
+        "wy_fwd": dict(q=BK, k=BK, v=BV, w=BK, u=BV, x_inv=CHUNK, attn=CHUNK),
+        "state_fwd": dict(q=K, k=K, w=K, u=BV, attn=CHUNK, o=BV, deltas=BV),
+        "state_bwd": dict(q=K, k=K, w=K, attn=CHUNK, do=BV, ddeltas=BV),
+        "chunk_bwd": dict(q=BK, k=BK, v=BV, x_inv=CHUNK, attn=CHUNK, deltas=BV, ddeltas=BV, do=BV,
+                          dq=BK, dk=BK, dv=BV),
+    }[kernel]
+    states = {"state_fwd": dict(states=[K, BV]), "state_bwd": dict(dstates=[K, BV]),
+              "chunk_bwd": dict(states=[BK, BV], dstates=[BK, BV])}.get(kernel, {})
+    return {**{name: [CHUNK, width] for name, width in columns.items()}, **states}
+
+
+def _descriptor(x, block):
+    """A TMA descriptor over the 2-D view the kernels index: [tokens, H * D] or [chunks * H * K, V]."""
+    width = x.shape[-1] * (x.shape[-2] if x.dim() == 3 else 1)
+    return TensorDescriptor(x, [x.numel() // width, width], [width, 1], block)
+
+
+def _launch(kernel, grid, launch, whole_chunks, **args):
+    """Runs _<kernel>_kernel at `launch` (a _launch_args row). Where the row asks for TMA and the call
+    allows it, the tensors of _tma_tiles go as descriptors: that needs a Hopper-or-newer GPU (or the
+    interpreter, which runs the same kernel code), tiles that never cross a sequence's end (every
+    sequence whole chunks), 16-byte aligned tensors, and row offsets that fit in int32."""
+    launch = dict(launch)
+    tiles = _tma_tiles(kernel, args["K"], args["V"], launch)
+    moved = [args[name] for name in tiles if args[name] is not None]
+    device = moved[0].device
+    capable = (os.environ.get("TRITON_INTERPRET") == "1" if device.type != "cuda"
+               else torch.cuda.get_device_capability(device)[0] >= 9)
+    tma = (launch.pop("TMA", False) and capable and whole_chunks
+           and all(x.data_ptr() % 16 == 0 and x.numel() // x.shape[-1] < 2**31 for x in moved))
+    if tma:
+        args.update({name: _descriptor(args[name], block) for name, block in tiles.items() if args[name] is not None})
+    _KERNELS[kernel][grid](**args, TMA=tma, **launch)
 
 
 def _dot_precision(dtype):
@@ -452,7 +557,9 @@ def _launch_args(kernel, K, V, dtype, pairs=None, device=None, card=None):
     few = (pairs is not None and on_gpu and kernel in FEW_PAIRS_LAUNCH and pairs < _sm_count(device.index or 0))
     if card is None and on_gpu:
         card = _card(device.index or 0)
-    args = dict(FEW_PAIRS_LAUNCH[kernel] if few else CARD_LAUNCH.get(card, {}).get(kernel, LAUNCH[kernel]))
+    card_rows = CARD_LAUNCH.get(card, {})
+    rows = {**FEW_PAIRS_LAUNCH, **card_rows.get("few_pairs", {})} if few else {**LAUNCH, **card_rows}
+    args = dict(rows[kernel])
     args["BV"] = min(V, args["BV"])
     if "BK" in args:
         args["BK"] = min(K, args["BK"])
@@ -460,6 +567,7 @@ def _launch_args(kernel, K, V, dtype, pairs=None, device=None, card=None):
         # fp32 tiles are twice as large: one pipeline stage and at most 64 columns keep them
         # in shared memory (state_bwd with BV=128 would need 256 KiB)
         args["num_stages"] = 1
+        args.pop("TMA", None)   # measured in bf16 only, where TMA with one stage was the slower
         args["BV"] = min(64, args["BV"])
         if "BK" in args:
             args["BK"] = min(64, args["BK"])
@@ -473,7 +581,7 @@ def _check_triton_shapes(K, V):
 
 
 def _forward(q, k, v, g, beta, scale, initial_state, want_final, layout, keep_for_backward):
-    cu, chunk_indices, chunk_offsets = layout
+    cu, chunk_indices, chunk_offsets, whole_chunks = layout
     T_total, H, K = q.shape
     V = v.shape[-1]
     N = cu.numel() - 1
@@ -484,23 +592,23 @@ def _forward(q, k, v, g, beta, scale, initial_state, want_final, layout, keep_fo
     gcum = torch.empty(T_total, H, dtype=torch.float32, device=q.device)
     x_inv = torch.empty(T_total, H, CHUNK, dtype=q.dtype, device=q.device) if keep_for_backward else None
     attn = torch.empty(T_total, H, CHUNK, dtype=q.dtype, device=q.device)
-    _wy_fwd_kernel[(num_chunks, H)](q, k, v, g, beta, w, u, x_inv, attn, gcum, cu, chunk_indices, scale, H,
-                                    K=K, V=V, C=CHUNK, STORE_X=keep_for_backward, PREC=prec,
-                                    **_launch_args("wy_fwd", K, V, q.dtype))
+    _launch("wy_fwd", (num_chunks, H), _launch_args("wy_fwd", K, V, q.dtype, device=q.device), whole_chunks,
+            q=q, k=k, v=v, g=g, beta=beta, w=w, u=u, x_inv=x_inv, attn=attn, gcum=gcum, cu_seqlens=cu,
+            chunk_indices=chunk_indices, scale=scale, H=H, K=K, V=V, C=CHUNK, STORE_X=keep_for_backward, PREC=prec)
     o = torch.empty_like(v)
     final = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if want_final else None
     states = torch.empty(num_chunks, H, K, V, dtype=q.dtype, device=q.device) if keep_for_backward else None
     deltas = torch.empty_like(v) if keep_for_backward else None
     launch = _launch_args("state_fwd", K, V, q.dtype, pairs=N * H, device=q.device)
-    _state_fwd_kernel[(V // launch["BV"], N * H)](
-        q, k, w, u, attn, gcum, o, initial_state, final, states, deltas, cu, chunk_offsets, scale, H,
-        K=K, V=V, C=CHUNK, HAS_H0=initial_state is not None, STORE_FINAL=want_final,
-        STORE_CHUNKS=keep_for_backward, PREC=prec, **launch)
+    _launch("state_fwd", (V // launch["BV"], N * H), launch, whole_chunks,
+            q=q, k=k, w=w, u=u, attn=attn, gcum=gcum, o=o, h0=initial_state, ht=final, states=states,
+            deltas=deltas, cu_seqlens=cu, chunk_offsets=chunk_offsets, scale=scale, H=H, K=K, V=V, C=CHUNK,
+            HAS_H0=initial_state is not None, STORE_FINAL=want_final, STORE_CHUNKS=keep_for_backward, PREC=prec)
     return o, final, (w, gcum, x_inv, attn, states, deltas)
 
 
 def _backward(q, k, v, g, beta, scale, initial_state, layout, saved, do, dht):
-    cu, chunk_indices, chunk_offsets = layout
+    cu, chunk_indices, chunk_offsets, whole_chunks = layout
     w, gcum, x_inv, attn, states, deltas = saved
     T_total, H, K = q.shape
     V = v.shape[-1]
@@ -513,19 +621,19 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout, saved, do, dht):
     ddeltas = torch.empty_like(deltas)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
     launch = _launch_args("state_bwd", K, V, q.dtype, pairs=N * H, device=q.device)
-    _state_bwd_kernel[(V // launch["BV"], N * H)](
-        q, k, w, attn, gcum, do, dht, dh0, dstates, ddeltas, cu, chunk_offsets, scale, H,
-        K=K, V=V, C=CHUNK, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        PREC=prec, **launch)
+    _launch("state_bwd", (V // launch["BV"], N * H), launch, whole_chunks,
+            q=q, k=k, w=w, attn=attn, gcum=gcum, do=do, dht=dht, dh0=dh0, dstates=dstates, ddeltas=ddeltas,
+            cu_seqlens=cu, chunk_offsets=chunk_offsets, scale=scale, H=H, K=K, V=V, C=CHUNK,
+            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g)
-    _chunk_bwd_kernel[(num_chunks, H)](
-        q, k, v, beta, gcum, x_inv, attn, states, dstates, deltas, ddeltas, do, dq, dk, dv, dbeta, dg,
-        cu, chunk_indices, scale, H, K=K, V=V, C=CHUNK, PREC=prec,
-        **_launch_args("chunk_bwd", K, V, q.dtype, device=q.device))
+    _launch("chunk_bwd", (num_chunks, H), _launch_args("chunk_bwd", K, V, q.dtype, device=q.device), whole_chunks,
+            q=q, k=k, v=v, beta=beta, gcum=gcum, x_inv=x_inv, attn=attn, states=states, dstates=dstates,
+            deltas=deltas, ddeltas=ddeltas, do=do, dq=dq, dk=dk, dv=dv, dbeta=dbeta, dg=dg, cu_seqlens=cu,
+            chunk_indices=chunk_indices, scale=scale, H=H, K=K, V=V, C=CHUNK, PREC=prec)
     return dq, dk, dv, dg, dbeta, dh0
 
 
