@@ -13,6 +13,8 @@ Forward launches:
 Backward launches:
   3. _state_bwd_kernel   (V block, seq*head): dDelta and dS_C per chunk, reverse order
   4. _chunk_bwd_kernel   (chunk, head):      dq, dk, dv, dbeta, dg
+Where a card's launch row asks for it (CARD_LAUNCH) and every sequence is whole chunks, the kernels
+move their tiles with the TMA unit through tensor descriptors (_launch); otherwise through pointers.
 A and X are made once per chunk by the parallel kernel and stored ([tokens, H, C], input
 dtype): the sequential kernels then skip one product per chunk and V block, and the
 backward reads X instead of inverting I + L again. The backward of a chunk, given dDelta
