@@ -23,7 +23,8 @@ import numpy as np
 
 from oryx_core.config import ConfigError, OryxConfig
 from oryx_core.safetensors_io import FormatError
-from oryx_core.weights import DEFAULT_SHARD_BYTES, atomic_directory
+from oryx_core.atomic import atomic_directory
+from oryx_core.weights import DEFAULT_SHARD_BYTES
 
 from .sources import HF_CONFIG, HF_SAFETENSORS, HF_SAFETENSORS_INDEX, ConvertedModel, read_json, tokenizer_json_of
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import _paths  # noqa: E402,F401  (registers oryx_core / oryx_cuda for a plain checkout)
 
-from oryx_core.weights import atomic_write_bytes  # noqa: E402
+from oryx_core.atomic import atomic_write_bytes  # noqa: E402
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:

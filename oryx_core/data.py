@@ -45,7 +45,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from .safetensors_io import FormatError
 from .tokenizer import END_OF_TEXT, byte_level_tokenizer, end_of_text_id, load_tokenizer
-from .weights import atomic_directory, atomic_write_bytes
+from .atomic import atomic_directory, atomic_write_bytes
 
 FORMAT = "oryx-tokens"
 FORMAT_VERSION = 1

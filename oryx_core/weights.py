@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_directory
 from .config import ConfigError, OryxConfig
 from .safetensors_io import FormatError, dtype_name, encode, load_file
 from .spec import parameter_specs
@@ -46,52 +44,6 @@ class Checkpoint:
 
     def size_on_disk(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir()) if self.path else 0
-
-
-# ----- atomic file system helpers -----
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Writes a file through a temp file in the same directory and a rename, with the permissions a
-    plain open() would give it (mkstemp's are private)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_directory(dst: str | Path, fill) -> Path:
-    """Calls fill(tmp_dir) and then moves tmp_dir to dst, replacing any old dst only at the end."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
-        fill(tmp)
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
 
 
 def _sha256(path: Path) -> str:

@@ -1,4 +1,6 @@
-"""scripts/corpus/clean_corpus.py: Brown sentences come back as printed text (tags gone, marks inside quotes, no doubled ? or !)."""
+"""scripts/corpus/clean_corpus.py: Brown sentences come back as printed text (tags gone, marks inside quotes, no
+doubled ? or !), and archives are written atomically."""
+import os
 import sys
 from pathlib import Path
 
@@ -26,3 +28,18 @@ def test_brown_line_reads_as_printed(tagged, text):
 def test_headline_lines_are_flagged():
     assert clean_corpus.untag("Vote/nn-hl reported/vbn-hl")[1]
     assert not clean_corpus.untag("Vote/nn reported/vbn-hl")[1]
+
+
+def test_an_interrupted_archive_write_leaves_the_old_archive_whole(tmp_path, monkeypatch):
+    archive = tmp_path / "corpus.txt.xz"
+    clean_corpus.write_archive(archive, [("brown", "The first version.")])
+    before = archive.read_bytes()
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        clean_corpus.write_archive(archive, [("brown", "A second version, cut off while it was written.")])
+    assert archive.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["corpus.txt.xz"]    # no temp file left behind

@@ -35,7 +35,8 @@ from oryx_core.config import OryxConfig, preset
 from oryx_core.data import TokenShards
 from oryx_core.plan import ModePlan, sample_training_modes
 from oryx_core.safetensors_io import encode, load_file
-from oryx_core.weights import atomic_directory, atomic_write_bytes, read_config
+from oryx_core.atomic import atomic_directory, atomic_write_bytes
+from oryx_core.weights import read_config
 
 from .model import OryxModel
 

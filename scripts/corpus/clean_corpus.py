@@ -24,6 +24,11 @@ import sys
 import unicodedata
 from pathlib import Path
 
+# run by a bare python3 (build_corpus.sh), where the package may not be installed; oryx_core.atomic
+# needs only the standard library
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from oryx_core.atomic import atomic_write_bytes  # noqa: E402
+
 END_OF_TEXT = "<|endoftext|>"
 SEPARATOR = f"\n{END_OF_TEXT}\n"
 ENTRIES_PER_DOCUMENT = 100
@@ -200,7 +205,7 @@ def pack_archive(docs: list[tuple[str, str]]) -> tuple[bytes, dict]:
 
 def write_archive(path: Path, docs: list[tuple[str, str]]) -> dict:
     packed, entry = pack_archive(docs)
-    path.write_bytes(packed)
+    atomic_write_bytes(path, packed)
     return {"file": path.name, **entry}
 
 
@@ -245,7 +250,7 @@ def main() -> int:
     if full["xz_bytes"] > limit:  # aim 5% under the limit: the sample's compression ratio varies a little
         text_bytes = int(full["text_bytes"] * 0.95 * limit / full["xz_bytes"])
         report["archives"].append(write_archive(args.out / "corpus-small.txt.xz", subset(docs, text_bytes, args.seed)))
-    (args.out / "corpus.stats.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_bytes(args.out / "corpus.stats.json", (json.dumps(report, indent=2) + "\n").encode())
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0

@@ -9,7 +9,8 @@ import pytest
 from oryx_core.config import preset
 from oryx_core.init import init_params
 from oryx_core.safetensors_io import FormatError
-from oryx_core.weights import INDEX_FILE, atomic_write_bytes, load_checkpoint, save_checkpoint
+from oryx_core.atomic import atomic_write_bytes
+from oryx_core.weights import INDEX_FILE, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture
