@@ -71,11 +71,12 @@ FEW_PAIRS_LAUNCH = {
 }
 # Per card, where its own measurements chose otherwise: rows replacing those of LAUNCH, and of
 # FEW_PAIRS_LAUNCH under "few_pairs". TMA=True moves the kernel's tiles with the TMA unit (tensor
-# descriptors, see _launch), which frees the registers and address arithmetic of the copies.
-# H100, 2026-11-27 (docs/benchmarks.md, "TMA"): with TMA and two pipeline stages, chunk_bwd takes 14%
-# less time than without TMA and with one stage (TMA with one stage was 7% slower); with TMA the
-# sequential kernels win where the pairs are few and state_bwd also where they are many. fwd+bwd
-# 2.406 against 2.606 ms at B=16, T=2048 and 2.517 against 2.882 at B=4, T=8192.
+# descriptors, see _launch) instead of per-thread loads and stores.
+# H100, 2026-11-27 (docs/benchmarks.md, "TMA descriptors"): with TMA and two pipeline stages, chunk_bwd's
+# kernel time fell 13.5% against one stage without TMA (1.044 against 1.207 ms, separate runs; with TMA
+# and one stage, fwd+bwd was 7% slower); with TMA the sequential kernels win where the pairs are few, and
+# state_bwd also where they are many. fwd+bwd 2.406 against 2.606 ms at B=16, T=2048 and 2.517 against
+# 2.882 at B=4, T=8192.
 CARD_LAUNCH = {
     "H100": {
         "state_bwd": dict(BV=128, num_warps=8, num_stages=2, TMA=True),
