@@ -223,19 +223,27 @@ def sweep(kernel, configs, run, verify):
 def sweep_launch_shapes():
     """Sweeps each kernel's launch shapes in turn (forward kernels timed on the forward, backward
     kernels on forward + backward), each shape first checked for correctness."""
-    # the sweep starts from, and writes into, LAUNCH: this card's own rows (chunk.CARD_LAUNCH) join it first
-    card_rows = chunk_module.CARD_LAUNCH.pop(chunk_module._card(0), {})
-    chunk_module.FEW_PAIRS_LAUNCH.update(card_rows.pop("few_pairs", {}))
-    chunk_module.LAUNCH.update(card_rows)
+    # the sweep starts from, and writes into, LAUNCH: this card's own rows (chunk.CARD_LAUNCH, with its TMA
+    # rows, as the timed bf16 calls with whole chunks take them) join it first
+    card = chunk_module._card(0)
+    chunk_module.LAUNCH.update(chunk_module._card_rows(card, few_pairs=False, with_tma=True))
+    chunk_module.FEW_PAIRS_LAUNCH.update(chunk_module._card_rows(card, few_pairs=True, with_tma=True))
+    chunk_module.CARD_LAUNCH.pop(card, None)
 
     fwd, _, fwd_bwd = chunk_calls(16, 2048, seed=10)
     # H=16 and no initial or final state, as timed, so that no kernel compiles twice; 16 x 16
     # (sequence, head) pairs, at least the SM count, so the checked launch shapes are the swept
-    # LAUNCH ones and not chunk.FEW_PAIRS_LAUNCH
-    small = random_inputs(16, 130, 16, 128, 128, torch.bfloat16, device="cuda", seed=13, with_state=False)[:5]
-    small_grad_o = torch.randn(16, 130, 16, 128, device="cuda")
-    reference = reference_outputs(small, small_grad_o)
-    verify = lambda: sweep_is_correct(reference, small, small_grad_o)  # noqa: E731
+    # LAUNCH ones and not chunk.FEW_PAIRS_LAUNCH; T=130 ends in a partial chunk (pointer loads), T=128 is
+    # whole chunks (where a shape asking for TMA takes it)
+    checked = []
+    for T in (130, 128):
+        small = random_inputs(16, T, 16, 128, 128, torch.bfloat16, device="cuda", seed=13, with_state=False)[:5]
+        small_grad_o = torch.randn(16, T, 16, 128, device="cuda")
+        checked.append((reference_outputs(small, small_grad_o), small, small_grad_o))
+
+    def verify():
+        results = [sweep_is_correct(*case) for case in checked]
+        return all(ok for ok, _ in results), max(err for _, err in results)
 
     def shapes(*triples, **extra):
         return [dict(BV=b, num_warps=w, num_stages=st, **extra) for b, w, st in triples]

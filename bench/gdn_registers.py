@@ -1,6 +1,7 @@
 """Registers, spill bytes and shared memory of the GDN Triton kernels on sm_90a, with no GPU.
 
-    python3 bench/gdn_registers.py [--chunk-py FILE] [--card H100] [--dtype bf16|fp16|fp32] [--head-dims K V] [KERNEL ...]
+    python3 bench/gdn_registers.py [--chunk-py FILE] [--card H100] [--few-pairs] [--dtype bf16|fp16|fp32]
+                                   [--head-dims K V] [KERNEL ...]
 
 Compiles each kernel of chunk.py (or of another version of it, --chunk-py) ahead of time for
 sm_90a with Triton's own ptxas, at the launch shape chunk._launch_args gives it, the flags of a
@@ -44,11 +45,12 @@ def load_chunk(path):
     return module
 
 
-def resources(module, name, dtype, K, V, card=None):
+def resources(module, name, dtype, K, V, card=None, few_pairs=False):
     """(registers, spill-store bytes, shared memory bytes, launch) of one kernel; `card` takes that
-    card's CARD_LAUNCH row where it has one, as a launch on that card would."""
+    card's CARD_LAUNCH row where it has one, as a launch on that card would; `few_pairs` the rows for
+    fewer (sequence, head) pairs than SMs, where the kernel has them (every sequence whole chunks)."""
     kernel = getattr(module, f"_{name}_kernel")
-    launch = module._launch_args(name, K, V, dtype, card=card)
+    launch = module._launch_args(name, K, V, dtype, card=card, few_pairs=few_pairs)
     values = {**TRAINING_FLAGS, "TMA": False, **launch, "K": K, "V": V, "C": module.CHUNK,
               "PREC": module._dot_precision(dtype)}
     element = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
@@ -90,6 +92,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--head-dims", nargs=2, type=int, default=[128, 128], metavar=("K", "V"))
     parser.add_argument("--card", help="launch shapes of this CARD_LAUNCH row (e.g. H100) where it has one")
+    parser.add_argument("--few-pairs", action="store_true",
+                        help="the launch shapes for fewer (sequence, head) pairs than SMs (sequential kernels)")
     args = parser.parse_args(argv)
     unknown = [name for name in args.kernels if name not in KERNELS]
     if unknown:
@@ -105,7 +109,7 @@ def main(argv=None):
     except ValueError as error:
         parser.error(f"--head-dims: {error}")
     for name in args.kernels or KERNELS:
-        registers, spills, shared, launch = resources(module, name, DTYPES[args.dtype], K, V, args.card)
+        registers, spills, shared, launch = resources(module, name, DTYPES[args.dtype], K, V, args.card, args.few_pairs)
         print(f"{name:10s} {launch}: registers {registers}, spill stores {spills} B, shared memory {shared} B")
 
 

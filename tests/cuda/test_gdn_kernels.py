@@ -126,26 +126,35 @@ def test_fed_fp32_hands_the_kernel_fp32_and_returns_the_callers_dtype():
     assert torch.equal(o, ref.to(torch.bfloat16)) and torch.equal(final, ref_final)
 
 
-def test_launch_shapes_follow_the_card_then_the_pair_count(monkeypatch):
+def test_launch_shapes_follow_the_card_the_pair_count_and_tma(monkeypatch):
     pytest.importorskip("triton")
     from oryx_cuda.kernels.gdn import chunk
 
     gpu = torch.device("cuda", 0)  # only its type and index are read once the card lookups are replaced
     monkeypatch.setattr(chunk, "_sm_count", lambda index: 132)
-    for card in (None, "H100"):
-        monkeypatch.setattr(chunk, "_card", lambda index, card=card: card)
-        rows = chunk.CARD_LAUNCH.get(card, {})
-        for kernel in chunk.LAUNCH:
-            args = chunk._launch_args(kernel, 128, 128, torch.bfloat16, pairs=256, device=gpu)
-            assert args == rows.get(kernel, chunk.LAUNCH[kernel]), (card, kernel)
-        for kernel in chunk.FEW_PAIRS_LAUNCH:
-            few = chunk._launch_args(kernel, 128, 128, torch.bfloat16, pairs=64, device=gpu)
-            assert few == rows.get("few_pairs", {}).get(kernel, chunk.FEW_PAIRS_LAUNCH[kernel]), (card, kernel)
-        # fp32 runs one stage, where TMA was the slower, so it never asks for TMA
-        assert "TMA" not in chunk._launch_args("chunk_bwd", 128, 128, torch.float32, device=gpu)
+    bf16 = dict(K=128, V=128, dtype=torch.bfloat16, device=gpu)
+    monkeypatch.setattr(chunk, "_card", lambda index: None)
+    for kernel in chunk.LAUNCH:                # a card without rows of its own takes LAUNCH, never TMA
+        assert chunk._launch_args(kernel, pairs=256, **bf16) == chunk.LAUNCH[kernel], kernel
+    for kernel in chunk.FEW_PAIRS_LAUNCH:
+        assert chunk._launch_args(kernel, pairs=64, **bf16) == chunk.FEW_PAIRS_LAUNCH[kernel], kernel
+
+    monkeypatch.setattr(chunk, "_card", lambda index: "H100")
     h100 = chunk.CARD_LAUNCH["H100"]
-    assert h100["chunk_bwd"]["TMA"] and h100["chunk_bwd"]["num_stages"] == 2
-    assert h100["few_pairs"]["state_bwd"] == dict(BV=64, num_warps=8, num_stages=2, TMA=True)
+    # 16-bit inputs, heads up to 128 wide, whole chunks: the TMA rows
+    assert chunk._launch_args("chunk_bwd", **bf16) == h100["tma"]["chunk_bwd"]
+    assert chunk._launch_args("state_bwd", pairs=256, **bf16) == h100["tma"]["state_bwd"]
+    assert chunk._launch_args("state_fwd", pairs=256, **bf16) == chunk.LAUNCH["state_fwd"]
+    for kernel in ("state_fwd", "state_bwd"):
+        assert chunk._launch_args(kernel, pairs=64, **bf16) == h100["tma"]["few_pairs"][kernel]
+    assert chunk._launch_args("state_fwd", 64, 128, torch.float16, pairs=8, device=gpu)["TMA"]
+    # where TMA can't be used, the card's rows without it (each measured so)
+    for untuned in (dict(dtype=torch.float32), dict(K=256), dict(whole_chunks=False)):
+        call = {**bf16, **untuned}
+        assert chunk._launch_args("chunk_bwd", **call) == {**h100["chunk_bwd"], "BK": 64, "BV": 64}, untuned
+        for pairs in (64, 256):
+            assert "TMA" not in chunk._launch_args("state_bwd", pairs=pairs, **call), untuned
+    assert chunk._launch_args("state_bwd", pairs=64, whole_chunks=False, **bf16) == chunk.FEW_PAIRS_LAUNCH["state_bwd"]
     # the interpreter (a CPU device) never reads the card
     assert chunk._launch_args("chunk_bwd", 128, 128, torch.bfloat16, device=torch.device("cpu")) == chunk.LAUNCH["chunk_bwd"]
 
@@ -197,10 +206,13 @@ GPU_CASES = [
     (2, 300, 4, 64, 128, torch.float32, None, True, 1e-4),
     (8, 100, 2, 32, 64, torch.float32, None, True, 1e-4),
     (1, 500, 4, 128, 64, torch.float32, [0, 1, 65, 200, 500], True, 1e-4),
-    # whole chunks in fp32 (which never takes TMA) and packed; the bf16 cases above whose T is a multiple of 64
-    # are the ones that take the TMA path on a card whose CARD_LAUNCH rows ask for it (H100)
+    # whole chunks in fp32 (which never takes TMA) and packed; the bf16 cases whose T is a multiple of 64 take
+    # the TMA path on a card whose CARD_LAUNCH rows ask for it (H100): few pairs above, and here packed with
+    # an empty sequence (few pairs) and 48 x 3 = 144 pairs (the many-pairs rows)
     (3, 128, 2, 128, 128, torch.float32, None, True, 1e-4),
     (1, 384, 3, 64, 128, torch.float32, [0, 128, 128, 384], True, 1e-4),
+    (1, 384, 3, 128, 128, torch.bfloat16, [0, 128, 128, 384], True, 1e-2),
+    (48, 128, 3, 128, 128, torch.bfloat16, None, False, 1e-2),
 ]
 
 

@@ -36,12 +36,24 @@ def test_card_rows_tma_and_register_caps_reach_the_compiler(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     shape, regs = re.search(r"^state_bwd +(\{.*\}): registers (\d+),", done.stdout, re.M).groups()
     assert "'maxnreg': 128" in shape and int(regs) <= 128
-    # the H100 rows move their tiles with TMA: the kernels compile with descriptor arguments
-    h100 = subprocess.run([sys.executable, str(ROOT / "bench" / "gdn_registers.py"), "--card", "H100",
-                           "state_bwd", "chunk_bwd"], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert h100.returncode == 0, h100.stderr[-2000:]
-    rows = dict(re.findall(r"^(\w+) +(\{.*\}): registers \d+,", h100.stdout, re.M))
-    assert "'TMA': True" in rows["state_bwd"] and "'TMA': True" in rows["chunk_bwd"]
+    # the H100 rows move their tiles with TMA: the kernels compile with descriptor arguments, within the
+    # H100's 227 KiB of shared memory per block, for many (sequence, head) pairs and for few
+    for few in ([], ["--few-pairs"]):
+        h100 = subprocess.run([sys.executable, str(ROOT / "bench" / "gdn_registers.py"), "--card", "H100", *few],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert h100.returncode == 0, h100.stderr[-2000:]
+        rows = {name: (shape, int(shared)) for name, shape, shared in
+                re.findall(r"^(\w+) +(\{.*\}): registers \d+, .*shared memory (\d+) B$", h100.stdout, re.M)}
+        tma = {"state_bwd", "chunk_bwd"} | ({"state_fwd"} if few else set())
+        assert {name for name, (shape, _) in rows.items() if "'TMA': True" in shape} == tma, few
+        assert all(shared <= 227 * 1024 for _, shared in rows.values()), rows
+    # 256-wide heads (the widest the kernels take) fit too, for either card's rows and pair count
+    for extra in ([], ["--few-pairs"], ["--card", "H100"], ["--card", "H100", "--few-pairs"]):
+        wide = subprocess.run([sys.executable, str(ROOT / "bench" / "gdn_registers.py"), "--head-dims", "256", "256",
+                               *extra], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert wide.returncode == 0, wide.stderr[-2000:]
+        shared = [int(b) for b in re.findall(r"shared memory (\d+) B$", wide.stdout, re.M)]
+        assert len(shared) == 4 and max(shared) <= 227 * 1024, (extra, wide.stdout)
     narrow = subprocess.run([sys.executable, str(ROOT / "bench" / "gdn_registers.py"), "--card", "H100",
                              "--head-dims", "32", "32", "chunk_bwd"],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -30,7 +30,7 @@ def test_in_interpreter_subprocess():
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     # every kernel test must have run there: only this launcher itself may be skipped
-    assert re.search(r"\b16 passed, 1 skipped\b", result.stdout), result.stdout[-2000:]
+    assert re.search(r"\b18 passed, 1 skipped\b", result.stdout), result.stdout[-2000:]
 
 
 def rel_err(out, ref):
@@ -99,34 +99,59 @@ def test_triton_chunk_other_launch_shapes(shapes, monkeypatch):
     check_triton_chunk_against_naive(1, 70, 1, 64, 64, [0, 5, 70], torch.float32, 1e-4)
 
 
+def ask_for_tma_with_narrow_blocks(chunk, monkeypatch):
+    """Every kernel's launch row asks for TMA (as CARD_LAUNCH's H100 rows do), with 32-wide blocks so that
+    64-wide heads span two key and two value blocks and the tiles' offsets matter."""
+    for kernel, row in chunk.LAUNCH.items():
+        narrow = {key: min(value, 32) for key, value in row.items() if key in ("BK", "BV")}
+        monkeypatch.setitem(chunk.LAUNCH, kernel, dict(row, **narrow, TMA=True))
+
+
 @needs_interpreter
 @pytest.mark.parametrize("B,T,cu,tma", [
     (2, 128, None, True),                   # every sequence whole chunks: tiles move through TMA descriptors
     (1, 320, [0, 128, 128, 320], True),     # packed, an empty sequence, still whole chunks
-    (1, 130, None, False),                  # a partial chunk: the same rows fall back to masked pointer loads
+    (1, 130, None, False),                  # a partial chunk: the rows without TMA, masked pointer loads
 ])
 def test_triton_chunk_tma_path(B, T, cu, tma, monkeypatch):
-    """Every kernel's TMA path (asked for by its launch row, as CARD_LAUNCH's H100 rows do) against the
-    fp64 naive loop, in fp16 (fp32 never takes TMA, and the interpreter can't run bf16 dots)."""
+    """Every kernel's TMA path against the fp64 naive loop, in fp16 (fp32 never takes TMA, and the
+    interpreter can't run bf16 dots); a spy records which kernel launches got descriptors."""
     from oryx_cuda.kernels.gdn import chunk
 
-    for kernel, row in chunk.LAUNCH.items():
-        monkeypatch.setitem(chunk.LAUNCH, kernel, dict(row, TMA=True))
-    kernels_with_descriptors = []
-    real_launch, real_descriptor = chunk._launch, chunk._descriptor
+    ask_for_tma_with_narrow_blocks(chunk, monkeypatch)
+    launches = []
+    real_launch, real_descriptor = chunk._launch, chunk.TensorDescriptor
 
     def spy_launch(kernel, *args, **kwargs):
-        kernels_with_descriptors.append([kernel, False])
+        launches.append([kernel, False])
         return real_launch(kernel, *args, **kwargs)
 
-    def spy_descriptor(x, block):
-        kernels_with_descriptors[-1][1] = True
-        return real_descriptor(x, block)
+    def spy_descriptor(*args, **kwargs):
+        launches[-1][1] = True
+        return real_descriptor(*args, **kwargs)
 
     monkeypatch.setattr(chunk, "_launch", spy_launch)
-    monkeypatch.setattr(chunk, "_descriptor", spy_descriptor)
-    check_triton_chunk_against_naive(B, T, 3, 64, 32, cu, torch.float16, 2e-3)
-    assert kernels_with_descriptors == [[name, tma] for name in ("wy_fwd", "state_fwd", "state_bwd", "chunk_bwd")]
+    monkeypatch.setattr(chunk, "TensorDescriptor", spy_descriptor)
+    check_triton_chunk_against_naive(B, T, 3, 64, 64, cu, torch.float16, 2e-3)
+    assert launches == [[name, tma] for name in ("wy_fwd", "state_fwd", "state_bwd", "chunk_bwd")]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("B,cu", [(2, None), (1, [0, 0])])
+def test_triton_chunk_with_no_tokens_where_rows_ask_for_tma(B, cu, monkeypatch):
+    """No tokens count as whole chunks, but a TMA descriptor can't have zero rows: the pointer path runs,
+    and the final state is the initial one."""
+    from oryx_cuda.kernels.gdn import chunk
+
+    ask_for_tma_with_narrow_blocks(chunk, monkeypatch)
+    num_seqs = B if cu is None else len(cu) - 1
+    inputs = random_inputs(B, 0, 2, 64, 64, torch.float16, seed=22, num_seqs=num_seqs)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    o, final = chunk.chunk_gated_delta_rule(*leaves[:5], initial_state=leaves[5], output_final_state=True,
+                                            cu_seqlens=None if cu is None else torch.tensor(cu, dtype=torch.int32))
+    assert o.shape == (B, 0, 2, 64) and torch.equal(final, inputs[5])
+    final.sum().backward()
+    assert torch.equal(leaves[5].grad, torch.ones_like(inputs[5]))
 
 
 @needs_interpreter

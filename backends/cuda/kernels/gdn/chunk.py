@@ -70,20 +70,24 @@ FEW_PAIRS_LAUNCH = {
     "state_bwd": dict(BV=64, num_warps=4, num_stages=1),
 }
 # Per card, where its own measurements chose otherwise: rows replacing those of LAUNCH, and of
-# FEW_PAIRS_LAUNCH under "few_pairs". TMA=True moves the kernel's tiles with the TMA unit (tensor
-# descriptors, see _launch) instead of per-thread loads and stores.
-# H100, 2026-11-27 (docs/benchmarks.md, "TMA descriptors"): with TMA and two pipeline stages, chunk_bwd's
-# kernel time fell 13.5% against one stage without TMA (1.044 against 1.207 ms, separate runs; with TMA
-# and one stage, fwd+bwd was 7% slower); with TMA the sequential kernels win where the pairs are few, and
-# state_bwd also where they are many. fwd+bwd 2.406 against 2.606 ms at B=16, T=2048 and 2.517 against
-# 2.882 at B=4, T=8192.
+# FEW_PAIRS_LAUNCH under "few_pairs"; under "tma", rows (TMA=True) that replace those where the call can
+# move its tiles with the TMA unit (tensor descriptors, see _launch): 16-bit inputs, heads at most 128
+# wide (as measured), every sequence whole chunks.
+# H100, 2026-11-27 (docs/benchmarks.md): without TMA, chunk_bwd with one pipeline stage: fwd+bwd 2.609
+# against 2.684 ms at B=16, T=2048 and 2.887 against 2.960 at B=4, T=8192 ("On an H100"). With TMA
+# ("TMA descriptors"): chunk_bwd with two stages (its kernel time 1.044 against 1.207 ms, separate runs;
+# with TMA and one stage, fwd+bwd was 7% slower), state_bwd, and the few-pairs state kernels: fwd+bwd
+# 2.406 against 2.606 ms at B=16, T=2048 and 2.517 against 2.882 at B=4, T=8192.
 CARD_LAUNCH = {
     "H100": {
-        "state_bwd": dict(BV=128, num_warps=8, num_stages=2, TMA=True),
-        "chunk_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=2, TMA=True),
-        "few_pairs": {
-            "state_fwd": dict(BV=64, num_warps=4, num_stages=2, TMA=True),
-            "state_bwd": dict(BV=64, num_warps=8, num_stages=2, TMA=True),
+        "chunk_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=1),
+        "tma": {
+            "state_bwd": dict(BV=128, num_warps=8, num_stages=2, TMA=True),
+            "chunk_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=2, TMA=True),
+            "few_pairs": {
+                "state_fwd": dict(BV=64, num_warps=4, num_stages=2, TMA=True),
+                "state_bwd": dict(BV=64, num_warps=8, num_stages=2, TMA=True),
+            },
         },
     },
 }
@@ -498,7 +502,8 @@ _KERNELS = {"wy_fwd": _wy_fwd_kernel, "state_fwd": _state_fwd_kernel, "state_bwd
 
 def _tma_tiles(kernel, K, V, launch):
     """{argument: tile [rows, columns]} of the tensors `kernel` moves with TMA where its row asks for it:
-    [tokens, H, D] tensors C rows at a time, [chunks, H, K, V] states a [BK or K, BV] block at a time."""
+    [tokens, H, D] tensors C rows at a time, [chunks, H, K, V] states a [BK or K, BV] block at a time.
+    These are the tiles the kernel's _load_rows / _load_state calls ask for; a mismatch fails to compile."""
     BK, BV = launch.get("BK", K), launch["BV"]
     columns = {
         "wy_fwd": dict(q=BK, k=BK, v=BV, w=BK, u=BV, x_inv=CHUNK, attn=CHUNK),
@@ -512,27 +517,32 @@ def _tma_tiles(kernel, K, V, launch):
     return {**{name: [CHUNK, width] for name, width in columns.items()}, **states}
 
 
-def _descriptor(x, block):
-    """A TMA descriptor over the 2-D view the kernels index: [tokens, H * D] or [chunks * H * K, V]."""
+def _descriptor_view(x):
+    """(rows, width) of the 2-D view the kernels index: [tokens, H * D] or [chunks * H * K, V]."""
     width = x.shape[-1] * (x.shape[-2] if x.dim() == 3 else 1)
-    return TensorDescriptor(x, [x.numel() // width, width], [width, 1], block)
+    return x.numel() // width, width
 
 
 def _launch(kernel, grid, launch, whole_chunks, **args):
-    """Runs _<kernel>_kernel at `launch` (a _launch_args row). Where the row asks for TMA and the call
-    allows it, the tensors of _tma_tiles go as descriptors: that needs a Hopper-or-newer GPU (or the
-    interpreter, which runs the same kernel code), tiles that never cross a sequence's end (every
-    sequence whole chunks), 16-byte aligned tensors, and row offsets that fit in int32."""
+    """Runs _<kernel>_kernel at `launch` (a _launch_args row). Where the row asks for TMA, the tensors of
+    _tma_tiles go as descriptors over their 2-D views if the call allows it: a Hopper-or-newer GPU (or the
+    interpreter, which runs the same kernel code), tiles that never cross a sequence's end (every sequence
+    whole chunks), non-empty contiguous 16-byte aligned tensors, and row offsets that fit in int32."""
     launch = dict(launch)
-    tiles = _tma_tiles(kernel, args["K"], args["V"], launch)
-    moved = [args[name] for name in tiles if args[name] is not None]
-    device = moved[0].device
-    capable = (os.environ.get("TRITON_INTERPRET") == "1" if device.type != "cuda"
-               else torch.cuda.get_device_capability(device)[0] >= 9)
-    tma = (launch.pop("TMA", False) and capable and whole_chunks
-           and all(x.data_ptr() % 16 == 0 and x.numel() // x.shape[-1] < 2**31 for x in moved))
+    tma = launch.pop("TMA", False) and whole_chunks
     if tma:
-        args.update({name: _descriptor(args[name], block) for name, block in tiles.items() if args[name] is not None})
+        device = args["cu_seqlens"].device
+        tiles = {name: block for name, block in _tma_tiles(kernel, args["K"], args["V"], launch).items()
+                 if args[name] is not None}
+        views = {name: _descriptor_view(args[name]) for name in tiles}
+        tma = ((torch.cuda.get_device_capability(device)[0] >= 9 if device.type == "cuda"
+                else os.environ.get("TRITON_INTERPRET") == "1")
+               and all(args[name].is_contiguous() and args[name].data_ptr() % 16 == 0 and 0 < rows < 2**31
+                       for name, (rows, _) in views.items()))
+    if tma:
+        for name, block in tiles.items():
+            rows, width = views[name]
+            args[name] = TensorDescriptor(args[name], [rows, width], [width, 1], block)
     _KERNELS[kernel][grid](**args, TMA=tma, **launch)
 
 
@@ -553,24 +563,38 @@ def _card(device_index: int) -> str | None:
     return next((card for card in CARD_LAUNCH if card in name), None)
 
 
-def _launch_args(kernel, K, V, dtype, pairs=None, device=None, card=None):
-    """Launch shape of `kernel`; `pairs` = sequences x heads, which decides how full the GPU is;
-    `card` = the CARD_LAUNCH row to use, by default the one naming `device`'s GPU."""
+def _card_rows(card, few_pairs, with_tma):
+    """The rows CARD_LAUNCH gives `card` (for few or many pairs): its own, then its "tma" rows if with_tma."""
+    table = CARD_LAUNCH.get(card, {})
+    rows = {}
+    for part in (table, table.get("tma", {})) if with_tma else (table,):
+        chosen = part.get("few_pairs", {}) if few_pairs else part
+        rows.update({kernel: row for kernel, row in chosen.items() if kernel not in ("few_pairs", "tma")})
+    return rows
+
+
+def _launch_args(kernel, K, V, dtype, pairs=None, device=None, card=None, whole_chunks=True, few_pairs=None):
+    """Launch shape of `kernel`; `pairs` = sequences x heads, which decides how full the GPU is (or
+    `few_pairs` says it); `card` = the CARD_LAUNCH row to use, by default the one naming `device`'s GPU;
+    its TMA rows where the call can use TMA (16-bit inputs, heads at most 128 wide, whole chunks)."""
     on_gpu = device is not None and device.type == "cuda"
-    few = (pairs is not None and on_gpu and kernel in FEW_PAIRS_LAUNCH and pairs < _sm_count(device.index or 0))
+    if few_pairs is None:
+        few_pairs = pairs is not None and on_gpu and pairs < _sm_count(device.index or 0)
+    few = few_pairs and kernel in FEW_PAIRS_LAUNCH
     if card is None and on_gpu:
         card = _card(device.index or 0)
-    card_rows = CARD_LAUNCH.get(card, {})
-    rows = {**FEW_PAIRS_LAUNCH, **card_rows.get("few_pairs", {})} if few else {**LAUNCH, **card_rows}
-    args = dict(rows[kernel])
+    with_tma = dtype.itemsize == 2 and max(K, V) <= 128 and whole_chunks
+    args = dict({**(FEW_PAIRS_LAUNCH if few else LAUNCH), **_card_rows(card, few, with_tma)}[kernel])
     args["BV"] = min(V, args["BV"])
     if "BK" in args:
         args["BK"] = min(K, args["BK"])
-    if dtype == torch.float32:
-        # fp32 tiles are twice as large: one pipeline stage and at most 64 columns keep them
-        # in shared memory (state_bwd with BV=128 would need 256 KiB)
+    if dtype == torch.float32 or max(K, V) > 128:
+        # tiles twice as large (fp32, or 256-wide heads) take one pipeline stage to stay within shared
+        # memory: a second one would have state_bwd ask for 272 KiB at K=V=256 in bf16 (227 KiB per block
+        # on an H100 or H200)
         args["num_stages"] = 1
-        args.pop("TMA", None)   # measured in bf16 only, where TMA with one stage was the slower
+    if dtype == torch.float32:
+        # and at most 64 columns (state_bwd with BV=128 would need 256 KiB)
         args["BV"] = min(64, args["BV"])
         if "BK" in args:
             args["BK"] = min(64, args["BK"])
@@ -595,14 +619,14 @@ def _forward(q, k, v, g, beta, scale, initial_state, want_final, layout, keep_fo
     gcum = torch.empty(T_total, H, dtype=torch.float32, device=q.device)
     x_inv = torch.empty(T_total, H, CHUNK, dtype=q.dtype, device=q.device) if keep_for_backward else None
     attn = torch.empty(T_total, H, CHUNK, dtype=q.dtype, device=q.device)
-    _launch("wy_fwd", (num_chunks, H), _launch_args("wy_fwd", K, V, q.dtype, device=q.device), whole_chunks,
+    _launch("wy_fwd", (num_chunks, H), _launch_args("wy_fwd", K, V, q.dtype, device=q.device, whole_chunks=whole_chunks), whole_chunks,
             q=q, k=k, v=v, g=g, beta=beta, w=w, u=u, x_inv=x_inv, attn=attn, gcum=gcum, cu_seqlens=cu,
             chunk_indices=chunk_indices, scale=scale, H=H, K=K, V=V, C=CHUNK, STORE_X=keep_for_backward, PREC=prec)
     o = torch.empty_like(v)
     final = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if want_final else None
     states = torch.empty(num_chunks, H, K, V, dtype=q.dtype, device=q.device) if keep_for_backward else None
     deltas = torch.empty_like(v) if keep_for_backward else None
-    launch = _launch_args("state_fwd", K, V, q.dtype, pairs=N * H, device=q.device)
+    launch = _launch_args("state_fwd", K, V, q.dtype, pairs=N * H, device=q.device, whole_chunks=whole_chunks)
     _launch("state_fwd", (V // launch["BV"], N * H), launch, whole_chunks,
             q=q, k=k, w=w, u=u, attn=attn, gcum=gcum, o=o, h0=initial_state, ht=final, states=states,
             deltas=deltas, cu_seqlens=cu, chunk_offsets=chunk_offsets, scale=scale, H=H, K=K, V=V, C=CHUNK,
@@ -623,7 +647,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout, saved, do, dht):
     dstates = torch.empty_like(states)
     ddeltas = torch.empty_like(deltas)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
-    launch = _launch_args("state_bwd", K, V, q.dtype, pairs=N * H, device=q.device)
+    launch = _launch_args("state_bwd", K, V, q.dtype, pairs=N * H, device=q.device, whole_chunks=whole_chunks)
     _launch("state_bwd", (V // launch["BV"], N * H), launch, whole_chunks,
             q=q, k=k, w=w, attn=attn, gcum=gcum, do=do, dht=dht, dh0=dh0, dstates=dstates, ddeltas=ddeltas,
             cu_seqlens=cu, chunk_offsets=chunk_offsets, scale=scale, H=H, K=K, V=V, C=CHUNK,
@@ -633,7 +657,7 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout, saved, do, dht):
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g)
-    _launch("chunk_bwd", (num_chunks, H), _launch_args("chunk_bwd", K, V, q.dtype, device=q.device), whole_chunks,
+    _launch("chunk_bwd", (num_chunks, H), _launch_args("chunk_bwd", K, V, q.dtype, device=q.device, whole_chunks=whole_chunks), whole_chunks,
             q=q, k=k, v=v, beta=beta, gcum=gcum, x_inv=x_inv, attn=attn, states=states, dstates=dstates,
             deltas=deltas, ddeltas=ddeltas, do=do, dq=dq, dk=dk, dv=dv, dbeta=dbeta, dg=dg, cu_seqlens=cu,
             chunk_indices=chunk_indices, scale=scale, H=H, K=K, V=V, C=CHUNK, PREC=prec)
