@@ -222,11 +222,11 @@ def _load_rows(src, bos, seq_len, H, i_h, t0, c0, D: tl.constexpr, C: tl.constex
 def _store_rows(dst, value, bos, seq_len, H, i_h, t0, c0, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
                 TMA: tl.constexpr):
     """Stores `value` [C, BD], in dst's dtype, where _load_rows would load it from."""
+    value = value.to(_element_type(dst.dtype))
     if TMA:
-        dst.store([(bos + t0).to(tl.int32), i_h * D + c0], value.to(dst.dtype))
+        dst.store([(bos + t0).to(tl.int32), i_h * D + c0], value)
     else:
-        tl.store(_tile(dst, bos, seq_len, H, i_h, t0, c0, D, C, BD), value.to(dst.dtype.element_ty),
-                 boundary_check=(0, 1))
+        tl.store(_tile(dst, bos, seq_len, H, i_h, t0, c0, D, C, BD), value, boundary_check=(0, 1))
 
 
 @triton.jit
@@ -244,10 +244,11 @@ def _load_state(src, index, i_h, H, r0, c0, K: tl.constexpr, V: tl.constexpr, BK
 @triton.jit
 def _store_state(dst, value, index, i_h, H, r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                  BV: tl.constexpr, TMA: tl.constexpr):
+    value = value.to(_element_type(dst.dtype))
     if TMA:
-        dst.store([((index * H + i_h) * K + r0).to(tl.int32), c0], value.to(dst.dtype))
+        dst.store([((index * H + i_h) * K + r0).to(tl.int32), c0], value)
     else:
-        tl.store(_state_tile(dst, index, i_h, H, r0, c0, K, V, BK, BV), value.to(dst.dtype.element_ty))
+        tl.store(_state_tile(dst, index, i_h, H, r0, c0, K, V, BK, BV), value)
 
 
 @triton.constexpr_function
@@ -531,14 +532,12 @@ def _launch(kernel, grid, launch, whole_chunks, **args):
     launch = dict(launch)
     tma = launch.pop("TMA", False) and whole_chunks
     if tma:
-        device = args["cu_seqlens"].device
         tiles = {name: block for name, block in _tma_tiles(kernel, args["K"], args["V"], launch).items()
                  if args[name] is not None}
         views = {name: _descriptor_view(args[name]) for name in tiles}
-        tma = ((torch.cuda.get_device_capability(device)[0] >= 9 if device.type == "cuda"
-                else os.environ.get("TRITON_INTERPRET") == "1")
-               and all(args[name].is_contiguous() and args[name].data_ptr() % 16 == 0 and 0 < rows < 2**31
-                       for name, (rows, _) in views.items()))
+        tma = _has_tma(args["cu_seqlens"].device) and all(
+            args[name].is_contiguous() and args[name].data_ptr() % 16 == 0 and 0 < rows < 2**31
+            for name, (rows, _) in views.items())
     if tma:
         for name, block in tiles.items():
             rows, width = views[name]
@@ -549,6 +548,14 @@ def _launch(kernel, grid, launch, whole_chunks, **args):
 def _dot_precision(dtype):
     # fp32 inputs ask for fp32 accuracy: tf32x3 keeps the tensor cores at ~1e-6 error
     return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def _has_tma(device) -> bool:
+    """A GPU of compute capability 9 or more has the TMA unit; the interpreter runs descriptor code too."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
@@ -619,9 +626,11 @@ def _forward(q, k, v, g, beta, scale, initial_state, want_final, layout, keep_fo
     gcum = torch.empty(T_total, H, dtype=torch.float32, device=q.device)
     x_inv = torch.empty(T_total, H, CHUNK, dtype=q.dtype, device=q.device) if keep_for_backward else None
     attn = torch.empty(T_total, H, CHUNK, dtype=q.dtype, device=q.device)
-    _launch("wy_fwd", (num_chunks, H), _launch_args("wy_fwd", K, V, q.dtype, device=q.device, whole_chunks=whole_chunks), whole_chunks,
+    launch = _launch_args("wy_fwd", K, V, q.dtype, device=q.device, whole_chunks=whole_chunks)
+    _launch("wy_fwd", (num_chunks, H), launch, whole_chunks,
             q=q, k=k, v=v, g=g, beta=beta, w=w, u=u, x_inv=x_inv, attn=attn, gcum=gcum, cu_seqlens=cu,
-            chunk_indices=chunk_indices, scale=scale, H=H, K=K, V=V, C=CHUNK, STORE_X=keep_for_backward, PREC=prec)
+            chunk_indices=chunk_indices, scale=scale, H=H, K=K, V=V, C=CHUNK, STORE_X=keep_for_backward,
+            PREC=prec)
     o = torch.empty_like(v)
     final = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if want_final else None
     states = torch.empty(num_chunks, H, K, V, dtype=q.dtype, device=q.device) if keep_for_backward else None
@@ -657,7 +666,8 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout, saved, do, dht):
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g)
-    _launch("chunk_bwd", (num_chunks, H), _launch_args("chunk_bwd", K, V, q.dtype, device=q.device, whole_chunks=whole_chunks), whole_chunks,
+    launch = _launch_args("chunk_bwd", K, V, q.dtype, device=q.device, whole_chunks=whole_chunks)
+    _launch("chunk_bwd", (num_chunks, H), launch, whole_chunks,
             q=q, k=k, v=v, beta=beta, gcum=gcum, x_inv=x_inv, attn=attn, states=states, dstates=dstates,
             deltas=deltas, ddeltas=ddeltas, do=do, dq=dq, dk=dk, dv=dv, dbeta=dbeta, dg=dg, cu_seqlens=cu,
             chunk_indices=chunk_indices, scale=scale, H=H, K=K, V=V, C=CHUNK, PREC=prec)
