@@ -8,7 +8,6 @@ references (naive per-token loop; chunked torch, itself tested against naive on 
 and against fla where installed. Timings: triton.testing.do_bench medians, bf16,
 H=16, K=V=128. The table comes last.
 """
-import _paths  # noqa: F401
 import argparse
 import datetime
 import importlib.util
@@ -18,11 +17,11 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from oryx_cuda.kernels.gdn import chunk as chunk_module
-from oryx_cuda.kernels.gdn import (chunk_gated_delta_rule, chunk_gated_delta_rule_torch,
+from oryx_torch.kernels.gdn import chunk as chunk_module
+from oryx_torch.kernels.gdn import (chunk_gated_delta_rule, chunk_gated_delta_rule_torch,
                                    fused_recurrent_gated_delta_rule, gated_delta_rule_decode_step,
                                    naive_recurrent_gated_delta_rule)
-from oryx_cuda.kernels.gdn._inputs import random_inputs
+from oryx_torch.kernels.gdn._inputs import random_inputs
 from profile_gdn import chunk_calls, kernel_times
 
 FAILURES = []
@@ -278,7 +277,7 @@ def reference_outputs(inputs, grad_o):
 
 def load_chunk_file(path, index):
     """Another version of chunk.py (e.g. the one before a change), to time against this one."""
-    spec = importlib.util.spec_from_file_location(f"oryx_cuda.kernels.gdn._compared_chunk_{index}", path)
+    spec = importlib.util.spec_from_file_location(f"oryx_torch.kernels.gdn._compared_chunk_{index}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.chunk_gated_delta_rule

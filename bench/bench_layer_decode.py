@@ -19,16 +19,15 @@ import sys
 import time
 import traceback
 
-import _paths  # noqa: F401  (registers oryx_* import names)
 import numpy as np
 import torch
 
 from oryx_core.config import OryxConfig, preset
 from oryx_core.init import init_params
 from oryx_core.reference import OryxReference
-from oryx_cuda.attention import rope_tables
-from oryx_cuda.generate import DecodeRunner, generate_tokens
-from oryx_cuda.model import OryxModel
+from oryx_torch.attention import rope_tables
+from oryx_torch.generate import DecodeRunner, generate_tokens
+from oryx_torch.model import OryxModel
 
 QUICK = "--quick" in sys.argv
 SECTIONS = [a for a in sys.argv[1:] if not a.startswith("--")] or ["check", "layer", "decode", "memory"]
@@ -145,7 +144,7 @@ def layer_bench():
     from torch.profiler import ProfilerActivity, profile
     from triton.testing import do_bench
 
-    from oryx_cuda.attention import AttentionPlan, _compiled_flex_attention, causal_sdpa
+    from oryx_torch.attention import AttentionPlan, _compiled_flex_attention, causal_sdpa
 
     rng = np.random.default_rng(0)
     out = {}

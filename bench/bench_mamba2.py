@@ -8,7 +8,6 @@ mamba-ssm is used through its Triton ops only (a wheel built with MAMBA_SKIP_CUD
 package __init__ imports the missing CUDA extension, so `mamba_ssm` is registered here as a bare
 namespace for its own folder and the submodules are imported from it directly.
 """
-import _paths  # noqa: F401
 
 import argparse
 import datetime
@@ -23,8 +22,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from oryx_cuda.kernels.mamba2 import chunk as chunk_module
-from oryx_cuda.kernels.mamba2 import chunk_ssd, chunk_ssd_torch, fused_recurrent_ssd, naive_recurrent_ssd, ssd_decode_step
+from oryx_torch.kernels.mamba2 import chunk as chunk_module
+from oryx_torch.kernels.mamba2 import chunk_ssd, chunk_ssd_torch, fused_recurrent_ssd, naive_recurrent_ssd, ssd_decode_step
 
 RESULTS = {"correctness": [], "timings": []}
 START = time.time()

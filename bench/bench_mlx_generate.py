@@ -21,7 +21,6 @@ import os
 import platform
 import time
 
-import _paths  # noqa: F401  (registers the oryx_* import names)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np

@@ -15,7 +15,6 @@ import platform
 import statistics
 import time
 
-import _paths  # noqa: F401  (import path set-up)
 import mlx.core as mx
 
 from oryx_mlx.kernels import fallback, run_fast_gated_delta

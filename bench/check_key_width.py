@@ -13,7 +13,6 @@ import argparse
 import subprocess
 import sys
 
-import _paths  # noqa: F401  (registers oryx_* import names)
 
 # mixer, B, T, H, K, V, dtype, initial state, GDN key padding on, GDN decay ("fast": the model at init,
 # about 0.5 per token; "slow": long memory)
@@ -66,8 +65,8 @@ def run_case(index):
 
     v = randn(B, T, H, V)
     if mixer == "gdn":
-        from oryx_cuda.kernels.gdn import chunk
-        from oryx_cuda.kernels.gdn.chunk_torch import chunk_gated_delta_rule_torch as reference
+        from oryx_torch.kernels.gdn import chunk
+        from oryx_torch.kernels.gdn.chunk_torch import chunk_gated_delta_rule_torch as reference
 
         if not padded:
             chunk.MIN_KEY_WIDTH = 0
@@ -77,8 +76,8 @@ def run_case(index):
                       g=-torch.nn.functional.softplus(0.5 * randn(B, T, H) - (0 if decay == "fast" else 6)).float(),
                       beta=torch.sigmoid(randn(B, T, H) + 2).float())
     else:
-        from oryx_cuda.kernels.mamba2 import chunk_ssd as kernel
-        from oryx_cuda.kernels.mamba2.chunk_torch import chunk_ssd_torch as reference
+        from oryx_torch.kernels.mamba2 import chunk_ssd as kernel
+        from oryx_torch.kernels.mamba2.chunk_torch import chunk_ssd_torch as reference
 
         inputs = dict(q=randn(B, T, H, K).to(dtype), k=randn(B, T, H, K).to(dtype), v=v.to(dtype),
                       dt=torch.nn.functional.softplus(randn(B, T, H)).float(),

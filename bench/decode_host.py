@@ -11,7 +11,6 @@ import io
 import pstats
 import time
 
-import _paths  # noqa: F401
 import torch
 from triton.testing import do_bench
 

@@ -10,12 +10,11 @@ rounds of 10 steps each, the two feeds alternating. Prints ms per step and token
 import json
 import time
 
-import _paths  # noqa: F401  (registers oryx_* import names)
 import torch
 
 from oryx_core.config import preset
-from oryx_cuda import model as model_module
-from oryx_cuda.kernels.gdn import fed_fp32
+from oryx_torch import model as model_module
+from oryx_torch.kernels.gdn import fed_fp32
 
 bf16_feed = model_module.gated_delta_rule
 fp32_feed = fed_fp32(bf16_feed)

@@ -10,7 +10,6 @@ ptxas reports. Spills are what held back the fused backward on the H200 (docs/be
 "The backward kernel without spills"), so this is the check between GPU runs; only a GPU can
 say whether a change is faster.
 """
-import _paths  # noqa: F401
 import argparse
 import importlib.util
 import re
@@ -23,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from oryx_cuda.kernels.gdn import chunk as chunk_module
+from oryx_torch.kernels.gdn import chunk as chunk_module
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -39,7 +38,7 @@ KERNELS = ("wy_fwd", "state_fwd", "state_bwd", "chunk_bwd")
 def load_chunk(path):
     if path is None:
         return chunk_module
-    spec = importlib.util.spec_from_file_location("oryx_cuda.kernels.gdn._registers_of", path)
+    spec = importlib.util.spec_from_file_location("oryx_torch.kernels.gdn._registers_of", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

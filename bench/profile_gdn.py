@@ -6,10 +6,9 @@ forward + backward (eager and replayed as a CUDA graph), and per-kernel device t
 bf16, H=16, K=V=128, at the two benchmark shapes of bench_gdn.py. The training forward keeps the chunk states,
 Delta and X for the backward; its difference from the inference forward is what keeping them costs.
 """
-import _paths  # noqa: F401
 import torch
-from oryx_cuda.kernels.gdn import chunk_gated_delta_rule
-from oryx_cuda.kernels.gdn._inputs import random_inputs
+from oryx_torch.kernels.gdn import chunk_gated_delta_rule
+from oryx_torch.kernels.gdn._inputs import random_inputs
 from triton.testing import do_bench
 
 

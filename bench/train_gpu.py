@@ -31,9 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _paths import oryx_command
+from oryx_core.cli import command_line
 
-from oryx_cuda.train import read_log
+from oryx_torch.train import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def main() -> None:
     # a fresh work directory per process, so that runs on other GPUs of the machine can go on beside it
     out, work = Path(args.out), Path(tempfile.mkdtemp(prefix="oryx_train_gpu_"))
     out.mkdir(parents=True, exist_ok=True)
-    oryx = oryx_command(work)
+    oryx = command_line()
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     result = {"card": card, "gpus": torch.cuda.device_count(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
@@ -179,7 +179,7 @@ def main() -> None:
     elif torch.cuda.device_count() >= 2:
         for parallel in ("ddp", "fsdp"):
             multi = work / f"run-{parallel}"
-            multi_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", oryx[1], "train",
+            multi_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *oryx[1:], "train",
                          str(ROOT / "configs" / "train" / "20m.json"), "--set", f"data={data}", "--set", f"out={multi}",
                          "--set", "steps=30", "--set", "log_every=10", "--set", "eval_every=30", "--set",
                          f"parallel={parallel}", "--set", f"compile={args.compile}"]

@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import _paths  # noqa: E402,F401  (registers oryx_core / oryx_cuda for a plain checkout)
 
 from oryx_core.atomic import atomic_write_bytes  # noqa: E402
 

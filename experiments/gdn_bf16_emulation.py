@@ -3,7 +3,7 @@
     python3 experiments/gdn_bf16_emulation.py --round all|none|POINT[,POINT...] [mqar_precision.py options]
 
 Trains MQAR (experiments/mqar_precision.py, fp32 on the CPU) with the GDN recurrence computed by a
-torch twin of backends/cuda/kernels/gdn/chunk.py for sequences of one chunk (T <= 64, no initial
+torch twin of backends/cuda/oryx_torch/kernels/gdn/chunk.py for sequences of one chunk (T <= 64, no initial
 state) that rounds to bf16 at the points the kernel's bf16 path does. On the GPU, trained GDN did
 not learn MQAR with the kernel's bf16 path (docs/results.md, section 2); if this emulation learns,
 rounding alone does not explain that. (It learned; the cause was a wrong dk from the bf16 kernels at
@@ -114,7 +114,7 @@ def main() -> None:
         ROUND.update(parse_points(args.round))
     except ValueError as exc:
         parser.error(str(exc))
-    from oryx_cuda import model as model_module
+    from oryx_torch import model as model_module
     model_module.gated_delta_rule = emulated_gated_delta_rule
     sys.argv = ["mqar_precision.py", "--precision", "fp32", *rest]
     mqar_precision.main()

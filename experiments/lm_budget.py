@@ -3,7 +3,7 @@
     python3 experiments/lm_budget.py --config experiments/configs/lm_budget.json --out DIR
                                      [--scale toy] [--budget-s S | --steps N]
 
-Trains, one after the other with `oryx train`'s loop (backends/cuda/train.py), the same
+Trains, one after the other with `oryx train`'s loop (backends/cuda/oryx_torch/train.py), the same
 architecture as
 - a Transformer (fixed plan "attention"), a GDN-only and a Mamba-2-only model (fixed plan
   "recurrent"): the single-mixer baselines, each using only its own mode's weights;
@@ -28,7 +28,7 @@ from common import (environment, experiment_args, experiment_from_args, log, rer
                     steps_for_budget, write_json)
 
 from oryx_core.spec import parameter_counts
-from oryx_cuda.train import config_from_dict, model_config, read_log, train
+from oryx_torch.train import config_from_dict, model_config, read_log, train
 
 BASELINE_USED = {"attention": "attention_mode_total", "recurrent": "recurrent_mode_total", "mixed": "total"}
 

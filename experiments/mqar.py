@@ -102,8 +102,8 @@ class Trainer:
     def __init__(self, exp: dict, entry: dict, steps: int):
         import torch
 
-        from oryx_cuda.model import OryxModel
-        from oryx_cuda.train import Runtime, TrainConfig, make_optimizer
+        from oryx_torch.model import OryxModel
+        from oryx_torch.train import Runtime, TrainConfig, make_optimizer
 
         self.torch = torch
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -124,7 +124,7 @@ class Trainer:
             return self.model(tokens, self.torch.from_numpy(np.ascontiguousarray(modes)))
 
     def step(self, index: int, inputs, targets, modes) -> float:
-        from oryx_cuda.train import lr_at
+        from oryx_torch.train import lr_at
 
         torch = self.torch
         for group in self.optimizer.param_groups:

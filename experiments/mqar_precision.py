@@ -24,15 +24,15 @@ PRECISIONS = ("fp32", "bf16", "bf16-gdn-kernel-fp32")
 
 def feed_gdn_kernel_fp32():
     """Hands the model's GDN chunk kernel fp32 q, k, v and gives its output back in their dtype."""
-    from oryx_cuda import model as model_module
-    from oryx_cuda.kernels.gdn import fed_fp32
+    from oryx_torch import model as model_module
+    from oryx_torch.kernels.gdn import fed_fp32
 
     model_module.gated_delta_rule = fed_fp32(model_module.gated_delta_rule)
 
 
 def unpad_gdn_keys():
     """Runs the GDN chunk kernel at the key width it is given (the failing path of head size 32)."""
-    from oryx_cuda.kernels.gdn import chunk
+    from oryx_torch.kernels.gdn import chunk
 
     chunk.MIN_KEY_WIDTH = 0
 

@@ -49,7 +49,7 @@ def token_losses(model, windows: np.ndarray, modes: np.ndarray, batch_size: int)
 def score_model(checkpoint: str, exp: dict, windows: np.ndarray) -> dict:
     import torch
 
-    from oryx_cuda.model import OryxModel
+    from oryx_torch.model import OryxModel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = OryxModel.from_checkpoint(checkpoint, dtype=torch.float32, device=device).eval()

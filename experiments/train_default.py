@@ -25,7 +25,7 @@ from pathlib import Path
 from common import ROOT, environment, load_experiment_config, log, run_main, steps_for_budget, write_json
 from export_default import write_default
 
-from _paths import oryx_command
+from oryx_core.cli import command_line
 
 
 def launch(oryx: list[str], nproc: int) -> list[str]:
@@ -65,7 +65,7 @@ def main() -> None:
     started = time.perf_counter()
 
     import torch
-    from oryx_cuda.train import config_from_dict, latest_checkpoint, read_log
+    from oryx_torch.train import config_from_dict, latest_checkpoint, read_log
 
     nproc = args.nproc if args.nproc is not None else max(1, torch.cuda.device_count())
     if nproc < 1 or (torch.cuda.is_available() and torch.cuda.device_count() < nproc):
@@ -75,7 +75,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     config = out / "train_config.json"  # the resolved config (scale applied) that every run reads
     config.write_text(json.dumps(settings, indent=1) + "\n")
-    command = launch(oryx_command(out), nproc)
+    command = launch(command_line(), nproc)
     tokens_per_step = config_from_dict(settings, args.config).tokens_per_step(nproc)
     results = {"experiment": "train_default", "config": args.config, "scale": args.scale, "settings": settings,
                "processes": nproc, "tokens_per_step": tokens_per_step, "environment": environment()}

@@ -22,7 +22,7 @@ from .spec import parameter_counts
 from .tokenizer import byte_level_tokenizer, load_tokenizer
 from .weights import load_checkpoint, save_checkpoint
 
-COMMAND_MODULES = ["oryx_cuda.cli", "oryx_cuda.train_cli", "oryx_mlx.cli", "oryx_convert.cli", "oryx_core.data"]
+COMMAND_MODULES = ["oryx_torch.cli", "oryx_torch.train_cli", "oryx_mlx.cli", "oryx_convert.cli", "oryx_core.data"]
 USER_ERRORS = (ConfigError, FormatError, PlanError, ValueError, FileNotFoundError)
 
 
@@ -154,6 +154,12 @@ def main(argv=None) -> int:
         print(f"oryx {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def command_line() -> list:
+    """`oryx` as a subprocess argv from this interpreter (`python -m oryx_core`), installed or on PYTHONPATH;
+    under torchrun the two items are its `-m oryx_core` arguments."""
+    return [sys.executable, "-m", "oryx_core"]
 
 
 if __name__ == "__main__":

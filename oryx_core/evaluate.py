@@ -16,7 +16,7 @@ from .reference import OryxReference
 from .tokenizer import byte_level_tokenizer, load_tokenizer
 from .weights import TOKENIZER_FILE, load_checkpoint, read_config
 
-BACKEND_MODULES = {"reference": "oryx_core.evaluate", "torch": "oryx_cuda.evaluate", "mlx": "oryx_mlx.evaluate"}
+BACKEND_MODULES = {"reference": "oryx_core.evaluate", "torch": "oryx_torch.evaluate", "mlx": "oryx_mlx.evaluate"}
 
 
 def load_for_eval(path):

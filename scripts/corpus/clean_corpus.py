@@ -24,10 +24,9 @@ import sys
 import unicodedata
 from pathlib import Path
 
-# run by a bare python3 (build_corpus.sh), where the package may not be installed; oryx_core.atomic
-# needs only the standard library
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from oryx_core.atomic import atomic_write_bytes  # noqa: E402
+# build_corpus.sh runs this with the checkout on PYTHONPATH where the package is not installed;
+# oryx_core.atomic needs only the standard library
+from oryx_core.atomic import atomic_write_bytes
 
 END_OF_TEXT = "<|endoftext|>"
 SEPARATOR = f"\n{END_OF_TEXT}\n"

@@ -275,10 +275,10 @@ def mamba2_logits(model, tokens: np.ndarray) -> np.ndarray:
 def backend_logits(backend: str, checkpoint, tokens: np.ndarray, attention: bool) -> np.ndarray:
     """float32 logits of a checkpoint on the torch or MLX backend, all tokens in one mode
     (the test is skipped where that backend is not installed)."""
-    pytest.importorskip({"torch": "oryx_cuda.model", "mlx": "oryx_mlx.generate"}[backend])
+    pytest.importorskip({"torch": "oryx_torch.model", "mlx": "oryx_mlx.generate"}[backend])
     if backend == "torch":
         import torch
-        from oryx_cuda.model import OryxModel
+        from oryx_torch.model import OryxModel
 
         model = OryxModel.from_checkpoint(checkpoint, dtype=torch.float32).eval()
         with torch.no_grad():

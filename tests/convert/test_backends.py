@@ -61,9 +61,9 @@ def test_dtype_cast_rounds_like_torch(tmp_path):
         assert np.array_equal(value.view(np.int16), expected), name
 
 
-def test_torch_directory_loads_into_oryx_cuda_model(tmp_path):
+def test_torch_directory_loads_into_oryx_torch_model(tmp_path):
     torch = pytest.importorskip("torch")
-    model_module = pytest.importorskip("oryx_cuda.model")
+    model_module = pytest.importorskip("oryx_torch.model")
     from safetensors.torch import load_file
 
     src = _random_checkpoint(tmp_path / "src", "gdn", "float32")

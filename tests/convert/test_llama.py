@@ -48,7 +48,7 @@ def test_converted_checkpoint_runs_on_backend(hf_llama_dir, tmp_path, backend):
 
 @pytest.mark.parametrize("attention", [True, False])
 def test_torch_and_mlx_backends_agree_on_a_converted_checkpoint(hf_llama_dir, tmp_path, attention):
-    pytest.importorskip("oryx_cuda.model")
+    pytest.importorskip("oryx_torch.model")
     pytest.importorskip("oryx_mlx.generate")
     checkpoint = convert(hf_llama_dir[0], tmp_path / "oryx", from_kind="llama", mixer="mamba2")
     torch_logits = backend_logits("torch", checkpoint, TOKENS, attention=attention)

@@ -119,7 +119,7 @@ def test_smollm2_gguf_matches_transformers_on_every_backend(tmp_path):
                        strict=not hf_config["tie_word_embeddings"])
     reference = OryxReference(ckpt.config, ckpt.params)
     backends = {"reference": (lambda ids: reference.forward(ids, True)[0], reference_decoder(reference))}
-    from oryx_cuda.model import OryxModel
+    from oryx_torch.model import OryxModel
 
     torch_model = OryxModel.from_checkpoint(out, dtype=torch.float32).eval().requires_grad_(False)
     backends["torch"] = (lambda ids: torch_model(torch.from_numpy(ids), True).double().numpy(),

@@ -15,8 +15,7 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import msl_emulator  # noqa: E402
+import msl_emulator  # noqa: E402  (tests/ is on pytest's pythonpath)
 
 from oryx_mlx import kernels  # noqa: E402
 from oryx_mlx.kernels import chunked_metal, fallback, recurrent_metal  # noqa: E402

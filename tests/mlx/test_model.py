@@ -212,7 +212,7 @@ def test_eval_cli_mlx_matches_reference(tmp_path, capsys, mixer):
 
 def test_matches_torch_model():
     torch = pytest.importorskip("torch")
-    torch_model = pytest.importorskip("oryx_cuda.model")
+    torch_model = pytest.importorskip("oryx_torch.model")
     cfg = preset("tiny", "gdn")
     params = random_params(cfg, 7)
     model = OryxModel(cfg)

@@ -26,7 +26,7 @@ def test_every_gdn_kernel_compiles_for_sm90_and_reports_its_registers():
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this triton wheel ships no ptxas")
 def test_card_rows_tma_and_register_caps_reach_the_compiler(tmp_path):
-    source = (ROOT / "backends" / "cuda" / "kernels" / "gdn" / "chunk.py").read_text()
+    source = (ROOT / "backends" / "cuda" / "oryx_torch" / "kernels" / "gdn" / "chunk.py").read_text()
     launch = '"state_bwd": dict(BV=128, num_warps=8, num_stages=2),'
     assert launch in source
     capped = tmp_path / "chunk_capped.py"

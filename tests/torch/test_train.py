@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch")
 from oryx_core import cli  # noqa: E402
 from oryx_core.data import build_shards  # noqa: E402
 from oryx_core.weights import load_checkpoint, save_checkpoint  # noqa: E402
-from oryx_cuda import train as train_module  # noqa: E402
-from oryx_cuda.train import config_from_dict, load_train_config, lr_at, train  # noqa: E402
+from oryx_torch import train as train_module  # noqa: E402
+from oryx_torch.train import config_from_dict, load_train_config, lr_at, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -262,7 +262,7 @@ def test_eval_windows_do_not_depend_on_the_rank(shards, full_run):
     """Every rank scores the same windows, so evaluations at different GPU counts compare."""
     from contextlib import nullcontext
 
-    from oryx_cuda.model import OryxModel
+    from oryx_torch.model import OryxModel
 
     model = OryxModel.from_checkpoint(full_run / "checkpoints" / "step-00000006" / "model")
     cfg = tiny_config(shards, full_run, eval_batches=2)
@@ -277,10 +277,9 @@ def test_eval_windows_do_not_depend_on_the_rank(shards, full_run):
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_ddp_and_fsdp(shards, tmp_path):
     """Two gloo processes, DDP and FSDP2, each stopped and resumed: rank 0 alone writes, the two agree."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from _paths import oryx_command
+    from oryx_core.cli import command_line
 
-    oryx = oryx_command(tmp_path)
+    oryx = command_line()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     losses = {}

@@ -9,13 +9,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from oryx_cuda.kernels.gdn import (  # noqa: E402
+from oryx_torch.kernels.gdn import (  # noqa: E402
     chunk_gated_delta_rule_torch,
     fed_fp32,
     gated_delta_rule,
     naive_recurrent_gated_delta_rule,
 )
-from oryx_cuda.kernels.gdn._inputs import random_inputs  # noqa: E402
+from oryx_torch.kernels.gdn._inputs import random_inputs  # noqa: E402
 
 F64 = torch.float64
 
@@ -128,7 +128,7 @@ def test_fed_fp32_hands_the_kernel_fp32_and_returns_the_callers_dtype():
 
 def test_launch_shapes_follow_the_card_the_pair_count_and_tma(monkeypatch):
     pytest.importorskip("triton")
-    from oryx_cuda.kernels.gdn import chunk
+    from oryx_torch.kernels.gdn import chunk
 
     gpu = torch.device("cuda", 0)  # only its type and index are read once the card lookups are replaced
     monkeypatch.setattr(chunk, "_sm_count", lambda index: 132)
@@ -220,7 +220,7 @@ GPU_CASES = [
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="GPU kernels, not the interpreter")
 @pytest.mark.parametrize("B,T,H,K,V,dtype,cu,state,tol", GPU_CASES)
 def test_triton_chunk_forward_backward_gpu(B, T, H, K, V, dtype, cu, state, tol):
-    from oryx_cuda.kernels.gdn.chunk import chunk_gated_delta_rule
+    from oryx_torch.kernels.gdn.chunk import chunk_gated_delta_rule
 
     num_seqs = B if cu is None else len(cu) - 1
     cu_seqlens = None if cu is None else torch.tensor(cu, device="cuda")
@@ -248,7 +248,7 @@ def test_triton_chunk_forward_backward_gpu(B, T, H, K, V, dtype, cu, state, tol)
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="GPU kernels, not the interpreter")
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
 def test_fused_recurrent_and_decode_gpu(dtype, tol):
-    from oryx_cuda.kernels.gdn.fused_recurrent import (
+    from oryx_torch.kernels.gdn.fused_recurrent import (
         fused_recurrent_gated_delta_rule, gated_delta_rule_decode_step)
 
     B, T, H, K, V = 3, 40, 4, 128, 64
@@ -274,8 +274,8 @@ def test_fused_recurrent_and_decode_gpu(dtype, tol):
 def test_decode_step_first_called_inside_a_cuda_graph_capture():
     # The decode step keeps its one-token cu_seqlens per batch size; one first made during a capture lives in
     # the graph's memory pool, so it must not be kept for later eager calls (B=5 is used by no other test).
-    from oryx_cuda.kernels.gdn import fused_recurrent
-    from oryx_cuda.kernels.gdn.fused_recurrent import gated_delta_rule_decode_step
+    from oryx_torch.kernels.gdn import fused_recurrent
+    from oryx_torch.kernels.gdn.fused_recurrent import gated_delta_rule_decode_step
 
     B, H, K, V = 5, 2, 64, 64
     q, k, v, g, beta, h0 = random_inputs(B, 1, H, K, V, torch.float32, device="cuda", seed=12)

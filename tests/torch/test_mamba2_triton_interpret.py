@@ -28,7 +28,7 @@ pytest.importorskip("triton")
 
 import triton.runtime.interpreter as triton_interpreter  # noqa: E402
 
-from oryx_cuda.kernels.mamba2 import chunk, fused_recurrent, naive_recurrent_ssd  # noqa: E402
+from oryx_torch.kernels.mamba2 import chunk, fused_recurrent, naive_recurrent_ssd  # noqa: E402
 from test_mamba2_kernels import GRAD_NAMES, loss_and_grads, make_inputs, relative_error  # noqa: E402
 
 in_process_only = pytest.mark.skipif(not IN_PROCESS, reason="runs in the subprocess of test_interpreter_suite")

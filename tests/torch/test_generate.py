@@ -11,8 +11,8 @@ from oryx_core.init import init_params
 from oryx_core.plan import ModePlan
 from oryx_core.reference import OryxReference
 from oryx_core.tokenizer import byte_level_tokenizer, end_of_text_id
-from oryx_cuda.generate import apply_repetition_penalty, generate, generate_tokens, sample, stream_generate
-from oryx_cuda.model import OryxModel
+from oryx_torch.generate import apply_repetition_penalty, generate, generate_tokens, sample, stream_generate
+from oryx_torch.model import OryxModel
 
 
 def tiny_model(matrix_scale: float):
@@ -155,7 +155,7 @@ def test_cli_generate(tmp_path, capsys):
 @pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
 def test_bfloat16_decode_on_cpu_tracks_float32(mixer):
     """Regression: the CPU step path once returned fp32 recurrent outputs into bf16 projections."""
-    from oryx_cuda.generate import DecodeRunner
+    from oryx_torch.generate import DecodeRunner
 
     cfg = preset("tiny", mixer)
     params = init_params(cfg, 3)

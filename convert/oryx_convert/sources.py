@@ -87,7 +87,7 @@ def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     """A pytorch_model.bin state dict, loaded with weights_only=True (no arbitrary pickle code)."""
     import torch
 
-    from oryx_cuda.model import torch_to_numpy
+    from oryx_torch.model import torch_to_numpy
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -10,7 +10,7 @@ A torch directory is written and read by `safetensors.torch` (load it with
 `model.load_state_dict(safetensors.torch.load_file(...))`: the keys are the spec names,
 which are OryxModel's parameter names); an MLX directory by `mx.save_safetensors` /
 `mx.load` (`model.load_weights(...)` of oryx_mlx's OryxModel reads it). Tensors cross
-NumPy bit for bit through the backends' own converters (oryx_cuda.model's
+NumPy bit for bit through the backends' own converters (oryx_torch.model's
 numpy_to_torch / torch_to_numpy, oryx_mlx.quantize's to_numpy), bfloat16 included, so
 round trips through either are exact.
 """
@@ -100,7 +100,7 @@ def _read_container(src, fmt: str, load_shard) -> ConvertedModel:
 def write_torch_dir(dst, model: ConvertedModel, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     if model.quantization is not None:
         raise ValueError("--to torch: the model is MLX-quantised; PyTorch has no such weights (pass --dequantize)")
-    from oryx_cuda.model import numpy_to_torch
+    from oryx_torch.model import numpy_to_torch
     from safetensors.torch import save_file
 
     def save_shard(path, arrays):
@@ -110,7 +110,7 @@ def write_torch_dir(dst, model: ConvertedModel, shard_bytes: int = DEFAULT_SHARD
 
 
 def read_torch_dir(src) -> ConvertedModel:
-    from oryx_cuda.model import torch_to_numpy
+    from oryx_torch.model import torch_to_numpy
     from safetensors.torch import load_file
 
     def load_shard(path):

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from oryx_cuda.attention import apply_rope, rope_tables  # noqa: E402
+from oryx_torch.attention import apply_rope, rope_tables  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs inside the TRITON_INTERPRET=1 subprocess")
@@ -53,7 +53,7 @@ def rel(a, b):
 
 
 def check_fused(x, cos, sin, grad, tol):
-    from oryx_cuda.kernels.rope import fused_rope
+    from oryx_torch.kernels.rope import fused_rope
 
     out_ref, grad_ref = reference(x, cos, sin, grad)
     leaf = x.clone().requires_grad_()
@@ -75,7 +75,7 @@ def test_fused_rope_matches_float64(B, T, H, D, dtype, tol):
 
 @needs_interpreter
 def test_fused_rope_rejects_mismatched_tables():
-    from oryx_cuda.kernels.rope import fused_rope
+    from oryx_torch.kernels.rope import fused_rope
 
     x, cos, sin, _ = inputs(1, 4, 2, 8, torch.float32)
     with pytest.raises(ValueError, match="rope tables"):

@@ -16,8 +16,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from oryx_cuda.kernels.gdn import naive_recurrent_gated_delta_rule  # noqa: E402
-from oryx_cuda.kernels.gdn._inputs import random_inputs  # noqa: E402
+from oryx_torch.kernels.gdn import naive_recurrent_gated_delta_rule  # noqa: E402
+from oryx_torch.kernels.gdn._inputs import random_inputs  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs inside the TRITON_INTERPRET=1 subprocess")
 
@@ -47,7 +47,7 @@ def naive_fp64(inputs, cu_seqlens=None):
 
 
 def check_triton_chunk_against_naive(B, T, H, K, V, cu, dtype, tol):
-    from oryx_cuda.kernels.gdn.chunk import chunk_gated_delta_rule
+    from oryx_torch.kernels.gdn.chunk import chunk_gated_delta_rule
 
     num_seqs = B if cu is None else len(cu) - 1
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
@@ -92,7 +92,7 @@ SWEPT_SHAPES = [
 @needs_interpreter
 @pytest.mark.parametrize("shapes", SWEPT_SHAPES)
 def test_triton_chunk_other_launch_shapes(shapes, monkeypatch):
-    from oryx_cuda.kernels.gdn import chunk
+    from oryx_torch.kernels.gdn import chunk
 
     for kernel, launch in shapes.items():
         monkeypatch.setitem(chunk.LAUNCH, kernel, launch)
@@ -116,7 +116,7 @@ def ask_for_tma_with_narrow_blocks(chunk, monkeypatch):
 def test_triton_chunk_tma_path(B, T, cu, tma, monkeypatch):
     """Every kernel's TMA path against the fp64 naive loop, in fp16 (fp32 never takes TMA, and the
     interpreter can't run bf16 dots); a spy records which kernel launches got descriptors."""
-    from oryx_cuda.kernels.gdn import chunk
+    from oryx_torch.kernels.gdn import chunk
 
     ask_for_tma_with_narrow_blocks(chunk, monkeypatch)
     launches = []
@@ -141,7 +141,7 @@ def test_triton_chunk_tma_path(B, T, cu, tma, monkeypatch):
 def test_triton_chunk_with_no_tokens_where_rows_ask_for_tma(B, cu, monkeypatch):
     """No tokens count as whole chunks, but a TMA descriptor can't have zero rows: the pointer path runs,
     and the final state is the initial one."""
-    from oryx_cuda.kernels.gdn import chunk
+    from oryx_torch.kernels.gdn import chunk
 
     ask_for_tma_with_narrow_blocks(chunk, monkeypatch)
     num_seqs = B if cu is None else len(cu) - 1
@@ -156,7 +156,7 @@ def test_triton_chunk_with_no_tokens_where_rows_ask_for_tma(B, cu, monkeypatch):
 
 @needs_interpreter
 def test_triton_chunk_without_state_or_grad_and_dispatcher():
-    from oryx_cuda.kernels.gdn import gated_delta_rule
+    from oryx_torch.kernels.gdn import gated_delta_rule
 
     q, k, v, g, beta, _ = random_inputs(1, 20, 2, 16, 16, torch.float32, seed=21, with_state=False)
     o_ref, _ = naive_recurrent_gated_delta_rule(q.double(), k.double(), v.double(), g.double(), beta.double())
@@ -170,7 +170,7 @@ def test_triton_chunk_without_state_or_grad_and_dispatcher():
 def test_triton_chunk_is_opaque_to_torch_compile():
     """A compiled caller breaks its graph around the kernels (dynamo does not trace them into
     inductor, which broke them on the GPU) and gets the same values and gradients as eager."""
-    from oryx_cuda.kernels.gdn.chunk import chunk_gated_delta_rule
+    from oryx_torch.kernels.gdn.chunk import chunk_gated_delta_rule
 
     inputs = random_inputs(1, 70, 2, 16, 32, torch.float32, seed=31, with_state=False)
 
@@ -194,7 +194,7 @@ def test_triton_chunk_is_opaque_to_torch_compile():
 @needs_interpreter
 @pytest.mark.parametrize("use_qk_l2norm", [False, True])
 def test_fused_recurrent(use_qk_l2norm):
-    from oryx_cuda.kernels.gdn.fused_recurrent import fused_recurrent_gated_delta_rule
+    from oryx_torch.kernels.gdn.fused_recurrent import fused_recurrent_gated_delta_rule
 
     inputs = random_inputs(1, 23, 2, 16, 32, torch.float32, seed=22, num_seqs=3)
     q, k, v, g, beta, h0 = inputs
@@ -211,7 +211,7 @@ def test_fused_recurrent(use_qk_l2norm):
 
 @needs_interpreter
 def test_decode_steps_with_kv_append_match_the_sequence():
-    from oryx_cuda.kernels.gdn.fused_recurrent import gated_delta_rule_decode_step
+    from oryx_torch.kernels.gdn.fused_recurrent import gated_delta_rule_decode_step
 
     B, T, H, K, V = 2, 6, 2, 16, 32
     q, k, v, g, beta, h0 = random_inputs(B, T, H, K, V, torch.float32, seed=23)
@@ -235,8 +235,8 @@ def test_decode_steps_with_kv_append_match_the_sequence():
 
 @needs_interpreter
 def test_bad_arguments_raise():
-    from oryx_cuda.kernels.gdn.chunk import chunk_gated_delta_rule
-    from oryx_cuda.kernels.gdn.fused_recurrent import gated_delta_rule_decode_step
+    from oryx_torch.kernels.gdn.chunk import chunk_gated_delta_rule
+    from oryx_torch.kernels.gdn.fused_recurrent import gated_delta_rule_decode_step
 
     q, k, v, g, beta, h0 = random_inputs(1, 8, 2, 24, 16, torch.float32, seed=24)
     with pytest.raises(ValueError, match="power of two"):

@@ -16,8 +16,8 @@ from oryx_core.plan import ModePlan
 from oryx_core.reference import OryxReference, Stepper
 from oryx_core.spec import parameter_specs
 from oryx_core.weights import load_checkpoint
-from oryx_cuda.attention import AttentionPlan, causal_sdpa, plan_attention, plan_block_mask
-from oryx_cuda.model import OryxModel
+from oryx_torch.attention import AttentionPlan, causal_sdpa, plan_attention, plan_block_mask
+from oryx_torch.model import OryxModel
 
 TOL = 1e-4
 
@@ -206,7 +206,7 @@ def test_flex_path_matches_rows_path(q_offset):
 def test_flex_path_gradients_match_rows_path():
     """Gradients through FlexAttention under the plan's block mask (its backward reads the transposed
     tables; FlexAttention has no backward on CPU) == gradients of SDPA over the attention rows."""
-    from oryx_cuda.attention import _rows_attention
+    from oryx_torch.attention import _rows_attention
 
     gen = torch.Generator().manual_seed(2)
     B, H, Hkv, T, d, dv = 2, 4, 2, 700, 64, 128
@@ -301,7 +301,7 @@ def test_fused_decode_kernels_under_triton_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     here = os.path.abspath(__file__)
-    code = ("import sys, importlib.util; sys.path.insert(0, sys.argv[1]); import conftest; "  # registers import names
+    code = ("import sys, importlib.util; "
             "spec = importlib.util.spec_from_file_location('cuda_test_model', sys.argv[2]); "
             "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
             "module.fused_decode_check()")
@@ -313,7 +313,7 @@ def test_fused_decode_kernels_under_triton_interpreter():
 
 def fused_decode_check():
     """Run in a TRITON_INTERPRET=1 subprocess: Triton head sizes (>= 16), GQA, both mixers, A/R switches."""
-    from oryx_cuda.generate import DecodeRunner
+    from oryx_torch.generate import DecodeRunner
 
     for mixer in ("gdn", "mamba2"):
         cfg = OryxConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
@@ -340,7 +340,7 @@ def test_cuda_paths_match_reference(mixer):
     Triton recurrences, and prefill + CUDA-graph decode switching A -> R -> A."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from oryx_cuda.generate import DecodeRunner
+    from oryx_torch.generate import DecodeRunner
 
     cfg = OryxConfig(vocab_size=300, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
                      value_head_dim=64, mlp_hidden=256, max_context=1024, mixer=mixer)
