@@ -20,7 +20,7 @@ import numpy as np
 
 from common import environment, load_experiment_config, log, run_main, write_json
 
-from oryx_core.data import TokenShards
+from oryx_data import TokenShards
 from oryx_core.plan import ModePlan
 
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oryx_core import data
+from oryx_data import pipeline as data
 from oryx_core.cli import main
 from oryx_core.safetensors_io import FormatError
 from oryx_core.tokenizer import END_OF_TEXT

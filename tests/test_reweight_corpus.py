@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oryx_core.data import TokenShards, build_shards, iter_documents
+from oryx_data import TokenShards, build_shards, iter_documents
 
 import clean_corpus  # scripts/corpus is on pytest's pythonpath
 import reweight_corpus

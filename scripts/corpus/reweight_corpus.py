@@ -41,7 +41,7 @@ from pathlib import Path
 from clean_corpus import pack_archive
 
 from oryx_core.atomic import atomic_write_bytes
-from oryx_core.data import iter_documents
+from oryx_data import iter_documents
 
 ARCHIVE_SUFFIX = ".txt.xz"
 STATS_SUFFIX = ".stats.json"

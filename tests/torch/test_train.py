@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from oryx_core import cli  # noqa: E402
-from oryx_core.data import build_shards  # noqa: E402
+from oryx_data import build_shards  # noqa: E402
 from oryx_core.weights import load_checkpoint, save_checkpoint  # noqa: E402
 from oryx_torch import train as train_module  # noqa: E402
 from oryx_torch.train import config_from_dict, load_train_config, lr_at, train  # noqa: E402

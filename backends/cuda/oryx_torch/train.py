@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
 from oryx_core.config import OryxConfig, preset
-from oryx_core.data import TokenShards
+from oryx_data import TokenShards
 from oryx_core.plan import ModePlan, sample_training_modes
 from oryx_core.safetensors_io import encode, load_file
 from oryx_core.atomic import atomic_directory, atomic_write_bytes
