@@ -1,4 +1,4 @@
-"""Experiment 3 (issue 6): the cost of switching modes along a sequence.
+"""Experiment 3 (docs/results.md, section 3): the cost of switching modes along a sequence.
 
     python3 experiments/switching.py --lm-results DIR/lm_budget.json --out DIR
                                      [--config experiments/configs/switching.json] [--scale toy]
