@@ -3,7 +3,7 @@
 
     python3 bench/gdn_feed_cost.py
 
-Presets 20m (B=32, T=512, as the issue-6 experiments train) and 125m (B=8, T=2048), all-recurrent
+Presets 20m (B=32, T=512, as the experiments of docs/results.md train) and 125m (B=8, T=2048), all-recurrent
 and mixed (every other 64-token block in attention) plans; AdamW step included. Best of three
 rounds of 10 steps each, the two feeds alternating. Prints ms per step and tokens/s as JSON lines.
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 in one call: experiments 1-3 and the embedded default model, results under $OUT.
+# The small-scale experiments of docs/results.md in one call: experiments 1-3 and the embedded default model, results under $OUT.
 #
 #   OUT=DIR bash experiments/gpu_all.sh                                  # the GPU run
 #   OUT=DIR ORYX_EXP_SCALE=toy ORYX_EXP_BUDGET_S=60 bash experiments/gpu_all.sh   # CPU pretest

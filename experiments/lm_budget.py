@@ -1,4 +1,4 @@
-"""Experiment 1 (issue 6): language modelling at a fixed token budget.
+"""Experiment 1 (docs/results.md, section 1): language modelling at a fixed token budget.
 
     python3 experiments/lm_budget.py --config experiments/configs/lm_budget.json --out DIR
                                      [--scale toy] [--budget-s S | --steps N]

@@ -1,4 +1,4 @@
-"""Experiment 2 (issue 6): multi-query associative recall against the share of attention-mode tokens.
+"""Experiment 2 (docs/results.md, section 2): multi-query associative recall against the share of attention-mode tokens.
 
     python3 experiments/mqar.py --config experiments/configs/mqar.json --out DIR
                                 [--scale toy] [--budget-s S | --steps N]

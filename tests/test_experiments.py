@@ -1,4 +1,4 @@
-"""The experiment runners of issue 6 end to end at toy scale on the CPU: experiment 1 for one
+"""The small-scale experiment runners (docs/results.md) end to end at toy scale on the CPU: experiment 1 for one
 model (`--models`), experiment 3 on it, and the export of the default model."""
 import json
 import subprocess
