@@ -88,8 +88,27 @@ def cmd_eval(args) -> None:
                    f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens"])
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (no usage block) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+EXTRAS = {"torch": "cuda", "triton": "cuda", "mlx": "mlx", "mlx_lm": "mlx", "gguf": "convert", "transformers": "convert",
+          "fla": "cuda-ref", "mamba_ssm": "cuda-ref"}
+
+
+def missing_extra_message(e: ModuleNotFoundError) -> str | None:
+    """One line naming the extra that provides the missing module, or None when it is not an extra's."""
+    top = (e.name or "").split(".")[0]
+    if top not in EXTRAS:
+        return None
+    return f"needs the {top} package, which is not installed: pip install 'oryx[{EXTRAS[top]}]'"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="oryx", description="Oryx: every layer runs each token with attention or a linear "
+    parser = OneLineErrorParser(prog="oryx", description="Oryx: every layer runs each token with attention or a linear "
                                      "recurrence (Gated DeltaNet / Mamba-2), switching anywhere along the sequence.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -149,6 +168,12 @@ def main(argv=None) -> int:
         args.func(args)
     except USER_ERRORS as e:
         print(f"oryx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        message = missing_extra_message(e)
+        if message is None:
+            raise
+        print(f"oryx {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"oryx {args.command}: interrupted", file=sys.stderr)
