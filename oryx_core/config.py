@@ -40,6 +40,10 @@ class OryxConfig:
     o_norm_grouping: str = "head"  # RMSNorm statistics per head, or over all heads at once
     output_norm: bool = True  # False only for imports without one (Llama): no o_norm
     output_gate: bool = True  # False only for imports without one (Llama): no g_proj, no SiLU gate
+    # GDN readout o = scale * S^T q_hat; None: head_dim^-1/2. A model without an output norm (a retrofitted
+    # Llama) needs 1.0: with unit-norm queries and keys the readout is then at most a stored value's size,
+    # as an attention readout is, where head_dim^-1/2 would cap it at an eighth of that (head_dim 64).
+    recurrent_scale: float | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
     # ----- derived quantities -----
@@ -51,6 +55,10 @@ class OryxConfig:
     def group_size(self) -> int:
         """Query heads that read one key/value head (and its recurrent state)."""
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def gdn_scale(self) -> float:
+        return self.head_dim ** -0.5 if self.recurrent_scale is None else float(self.recurrent_scale)
 
     @property
     def conv_act(self) -> str:
@@ -77,6 +85,10 @@ class OryxConfig:
             problems.append(f"o_norm_grouping must be one of {O_NORM_GROUPINGS}, got {self.o_norm_grouping!r}")
         if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
             problems.append(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
+        if self.recurrent_scale is not None and not (isinstance(self.recurrent_scale, (int, float))
+                                                     and not isinstance(self.recurrent_scale, bool)
+                                                     and self.recurrent_scale > 0):
+            problems.append(f"recurrent_scale must be > 0 or null, got {self.recurrent_scale!r}")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             problems.append(f"rope_theta must be > 0, got {self.rope_theta!r}")
         if not problems:

@@ -238,7 +238,7 @@ class OryxReference:
             r = self._recurrent_inputs(i, k, v, q_rec, pr["gate_in"])
             state = np.zeros((B, Hkv, d, dv)) if states is None else states[i]
             if cfg.mixer == "gdn":
-                o_rec, final = gdn_parallel(r["q"], r["k"], r["v"], r["log_alpha"], r["beta"], d ** -0.5, state)
+                o_rec, final = gdn_parallel(r["q"], r["k"], r["v"], r["log_alpha"], r["beta"], cfg.gdn_scale, state)
             else:
                 o_rec, final = ssd_parallel(r["q"], r["k"], r["v"], r["dt"], r["A"], r["D"], state)
             finals.append(final)
@@ -317,7 +317,7 @@ class Stepper:
                 new_v = beta[..., None] * (vt - np.einsum("bhkv,bhk->bhv", S, kt))
                 S = S + kt[..., :, None] * new_v[..., None, :]
                 skip = 0.0
-                scale = d ** -0.5
+                scale = cfg.gdn_scale
             else:
                 dt = r["dt"][:, 0]
                 S = np.exp(r["A"] * dt)[..., None, None] * S + (dt[..., None] * kt)[..., :, None] * vt[..., None, :]

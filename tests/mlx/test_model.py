@@ -52,6 +52,7 @@ VARIANTS = {
     "conv_bias_gate_before_norm": dict(conv_bias=True, gate_before_norm=True),
     "norm_all_untied": dict(o_norm_grouping="all", tie_embeddings=False),
     "llama_like": dict(output_gate=False, output_norm=False, conv_activation="none"),
+    "retrofitted_llama": dict(output_gate=False, output_norm=False, conv_activation="none", recurrent_scale=1.0),
     "no_mlp_conv_silu": dict(mlp_hidden=0, conv_activation="silu", value_head_dim=8),
 }
 

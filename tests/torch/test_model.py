@@ -62,6 +62,7 @@ VARIANTS = {
     "o_norm_all": dict(o_norm_grouping="all"),
     "no_gate_no_norm_no_mlp": dict(output_gate=False, output_norm=False, mlp_hidden=0),
     "untied_no_rope_silu": dict(tie_embeddings=False, rope=False, conv_activation="silu"),
+    "retrofitted_llama": dict(output_gate=False, output_norm=False, conv_activation="none", recurrent_scale=1.0),
 }
 
 

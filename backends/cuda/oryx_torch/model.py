@@ -207,7 +207,7 @@ class OryxMixer(nn.Module):
     def _recurrence(self, r: dict, initial_state):
         state_args = dict(initial_state=initial_state, output_final_state=initial_state is not None)
         if self.cfg.mixer == "gdn":
-            return gated_delta_rule(r["q"], r["k"], r["v"], r["g"], r["beta"], scale=self.cfg.head_dim ** -0.5,
+            return gated_delta_rule(r["q"], r["k"], r["v"], r["g"], r["beta"], scale=self.cfg.gdn_scale,
                                     **state_args)
         return ssd(r["q"], r["k"], r["v"], r["dt"], r["A"], r["D"], **state_args)
 
@@ -260,7 +260,7 @@ class OryxMixer(nn.Module):
                 from .kernels.gdn import gated_delta_rule_decode_step
 
                 return gated_delta_rule_decode_step(r["q"], r["k"], r["v"], r["g"], r["beta"], state,
-                                                    scale=self.cfg.head_dim ** -0.5, **append)
+                                                    scale=self.cfg.gdn_scale, **append)
             from .kernels.mamba2 import ssd_decode_step
 
             return ssd_decode_step(r["q"], r["k"], r["v"], r["dt"], r["A"], r["D"], state, **append)
@@ -271,7 +271,7 @@ class OryxMixer(nn.Module):
         one = {name: t[:, None] for name, t in r.items() if name not in ("A", "D")}  # [B, 1, ...]: one token
         if self.cfg.mixer == "gdn":
             o, final = naive_recurrent_gated_delta_rule(one["q"], one["k"], one["v"], one["g"], one["beta"],
-                                                        scale=self.cfg.head_dim ** -0.5, initial_state=state,
+                                                        scale=self.cfg.gdn_scale, initial_state=state,
                                                         output_final_state=True)
         else:
             o, final = naive_recurrent_ssd(one["q"], one["k"], one["v"], one["dt"], r["A"], r["D"],

@@ -335,7 +335,7 @@ class OryxMixer(nn.Module):
             log_alpha = A * softplus(a.astype(mx.float32) + dt_bias)
             beta = mx.sigmoid(b.astype(mx.float32))
             return gated_delta_recurrence(l2_normalize(q), rep(l2_normalize(k)), rep(v), rep(log_alpha), rep(beta),
-                                          state=state, scale=cfg.head_dim ** -0.5)
+                                          state=state, scale=cfg.gdn_scale)
         dt = softplus(gates[0].astype(mx.float32) + dt_bias)
         rep_heads = (lambda t: mx.repeat(t, G)) if G > 1 else (lambda t: t)
         return ssd_recurrence(q, rep(k), rep(v), rep(dt), rep_heads(A), rep_heads(arrays["D_skip"].astype(mx.float32)),
