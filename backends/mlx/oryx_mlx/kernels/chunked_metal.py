@@ -14,8 +14,8 @@ Launch 1 ("prepare") computes U, W, Qd, Kd, P for every chunk in parallel; launc
 2 ("scan") walks the chunks of one head and value block in order, carrying S in
 threadgroup memory, doing only 8x8 simdgroup matrix products. A token loop does
 T sequential steps each ending in simd reductions; this does T/32 steps of dense
-matrix work, which is what the GPU's matrix units are for. (Not measured on a Mac:
-no Mac was available; the emulator checks correctness only.)
+matrix work, which is what the GPU's matrix units are for. (Untimed: the MSL emulator
+checks its correctness only.)
 """
 from __future__ import annotations
 

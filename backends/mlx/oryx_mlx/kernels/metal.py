@@ -10,7 +10,7 @@ from ._inputs import Recurrence
 from ._launch import Launcher, metal_launcher
 from .recurrent_metal import recurrent_launch
 
-# Shorter inputs take the one-launch token loop. A guess, not measured: no Mac here.
+# Shorter inputs take the one-launch token loop. The threshold is a guess: the Metal kernels have no timings yet.
 CHUNKED_MIN_TOKENS = 64
 MAX_CHUNKED_HEAD_DIM = 128  # the prepare kernel keeps a chunk of k in threadgroup memory
 

@@ -43,18 +43,18 @@ from ._triton_compat import patch_interpreter_scalar_index
 
 patch_interpreter_scalar_index()
 CHUNK = 64
-# Narrowest key width the kernels are run at. With 32-wide keys in bf16, an H200 with Triton 3.6
-# (2026-11-27) gave dk with relative error 1.2 (o, dq, dv, dg, dbeta were right) and an illegal
-# memory access once an initial state was passed; a model with head size 32 trained that way did
-# not learn MQAR. Zero key columns change no product (q.k and k.k are the same; the state's extra
-# rows stay zero), so narrower heads run zero-padded to this width.
+# Narrowest key width the kernels are run at. With 32-wide keys in bf16 or fp16 on Hopper with
+# Triton 3.6, dk came out wrong (o and the other gradients were right) and an initial state led to
+# an illegal memory access (docs/benchmarks.md, "Narrow heads"). Zero key columns change no product
+# (q.k and k.k are the same; the state's extra rows stay zero), so narrower heads run zero-padded
+# to this width.
 MIN_KEY_WIDTH = 64
 # Launch shapes per kernel (BK, BV: key and value columns per block or program; DIAG:
 # width of the diagonal blocks of I + L inverted as one batch, C = full-width doubling).
 # bench/bench_gdn.py --sweep times (and checks) the alternatives and prints the fastest.
-# LAUNCH is the sweep's choice at B=16, T=2048, H=16, K=V=128 bf16 on an H200 (2026-11-27), except
-# chunk_bwd's second pipeline stage, which the sweep did not try: 1.7% less fwd+bwd there (and 1.4% at
-# B=4, T=8192) in a later comparison in one process, despite 300 B of spills (docs/benchmarks.md).
+# LAUNCH is the sweep's choice at B=16, T=2048, H=16, K=V=128 bf16 on an H200, except chunk_bwd's
+# second pipeline stage, which the sweep did not try and a later comparison in one process chose
+# (measured in docs/benchmarks.md, "GDN launch shapes").
 LAUNCH = {
     "wy_fwd": dict(BK=64, BV=64, DIAG=16, num_warps=4, num_stages=1),
     "state_fwd": dict(BV=64, num_warps=4, num_stages=1),
@@ -63,8 +63,8 @@ LAUNCH = {
 }
 # With fewer (sequence, head) pairs than the GPU has SMs, the two sequential kernels run one
 # program per SM or less and are latency-bound: narrower value blocks (more programs) and a
-# second pipeline stage for state_fwd win there. Same card and date, B=4, T=8192: fwd 0.88 /
-# fwd+bwd 2.95 ms with these, 0.92 / 3.21 ms with LAUNCH.
+# second pipeline stage for state_fwd win there (measured at B=4, T=8192, H=16 on an H200:
+# docs/benchmarks.md, "GDN launch shapes").
 FEW_PAIRS_LAUNCH = {
     "state_fwd": dict(BV=64, num_warps=4, num_stages=2),
     "state_bwd": dict(BV=64, num_warps=4, num_stages=1),
@@ -73,11 +73,9 @@ FEW_PAIRS_LAUNCH = {
 # FEW_PAIRS_LAUNCH under "few_pairs"; under "tma", rows (TMA=True) that replace those where the call can
 # move its tiles with the TMA unit (tensor descriptors, see _launch): 16-bit inputs, heads at most 128
 # wide (as measured), every sequence whole chunks.
-# H100, 2026-11-27 (docs/benchmarks.md): without TMA, chunk_bwd with one pipeline stage: fwd+bwd 2.609
-# against 2.684 ms at B=16, T=2048 and 2.887 against 2.960 at B=4, T=8192 ("On an H100"). With TMA
-# ("TMA descriptors"): chunk_bwd with two stages (its kernel time 1.044 against 1.207 ms, separate runs;
-# with TMA and one stage, fwd+bwd was 7% slower), state_bwd, and the few-pairs state kernels: fwd+bwd
-# 2.406 against 2.606 ms at B=16, T=2048 and 2.517 against 2.882 at B=4, T=8192.
+# The H100's rows: without TMA, chunk_bwd runs one pipeline stage; with TMA, chunk_bwd, state_bwd and the
+# few-pairs state kernels run two, because TMA pays only when a second stage lets the next iteration's
+# copies overlap the current one's products (measured in docs/benchmarks.md, "GDN launch shapes").
 CARD_LAUNCH = {
     "H100": {
         "chunk_bwd": dict(BK=64, BV=64, num_warps=4, num_stages=1),
@@ -298,8 +296,8 @@ def _state_fwd_kernel(q, k, w, u, attn, gcum, o, h0, ht, states, deltas, cu_seql
                       HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_CHUNKS: tl.constexpr,
                       PREC: tl.constexpr, TMA: tl.constexpr):
     """Walks the chunks of one sequence and head for state columns c0..c0+BV, writing o.
-    (Measured on H200, 2026-11-27: a separate parallel output kernel over stored chunk
-    states made the loop shorter but the whole forward slower, in training too.)"""
+    o stays fused into this loop: a separate parallel output kernel over stored chunk states
+    makes the loop shorter but the whole forward slower, in training too."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -692,10 +690,10 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
 
 
-# Opaque to torch.compile. Traced, these kernels go through inductor, which passed `scale` as fp64
-# (the backward kernel then failed to compile in the recurrent-plan probe) and gave non-finite
-# gradients from step 47 of the mixed-plan probe; as an opaque call the compiled graph breaks around
-# it and trains like eager (H200 probes, 2026-11-27, docs/benchmarks.md).
+# Opaque to torch.compile. Traced, these kernels go through inductor, which retypes their arguments
+# (it passes `scale` as fp64, which the backward kernel cannot compile) and gave non-finite gradients
+# in mixed-plan training; as an opaque call the compiled graph breaks around it and trains like eager
+# (docs/benchmarks.md, "Training").
 @torch.compiler.disable
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                            cu_seqlens=None):

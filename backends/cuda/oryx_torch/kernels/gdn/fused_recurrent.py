@@ -166,8 +166,8 @@ _ONE_TOKEN_EACH: dict = {}
 
 
 def _one_token_each(batch, device):
-    """cu_seqlens of `batch` one-token sequences, made once per (batch, device): a fresh arange per token was one
-    more launch and about 13 us of host time (H100 host, 2026-11-27). Not kept when made during a CUDA graph
+    """cu_seqlens of `batch` one-token sequences, made once per (batch, device): a fresh arange per token would be
+    one more launch and more host time on every decode step. Not kept when made during a CUDA graph
     capture, where its memory would belong to the graph's pool (the decode runner warms up eagerly first)."""
     key = (batch, device)
     if key not in _ONE_TOKEN_EACH:
