@@ -9,11 +9,15 @@ here load with the `safetensors` library (tested).
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from .files import FormatError, open_regular, parse_json
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -22,11 +26,8 @@ DTYPES = {
     "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 * 1024 * 1024
-
-
-class FormatError(ValueError):
-    """A checkpoint file or directory that is not a valid Oryx checkpoint."""
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors package's own cap
+MAX_INDEX = 2**64  # header integers are u64 in the format
 
 
 def dtype_name(dtype) -> str:
@@ -52,43 +53,84 @@ def encode(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = Non
 
 
 def read_header(path: Path) -> tuple[dict, dict, int]:
-    """(tensor entries, metadata, data start) of a safetensors file, validated against its size."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    """(tensor entries, metadata, data start) of a safetensors file, validated as the safetensors package does:
+    integers are non-negative u64, the dtype is known, each byte range holds exactly its shape, and the
+    ranges tile the data section from its first byte to its last, without gaps, overlaps or trailing bytes."""
+    path = Path(path)
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise FormatError(f"{path}: truncated (no safetensors header)")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or 8 + n > size:
             raise FormatError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes, file has {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise FormatError(f"{path}: corrupt safetensors header (not JSON)") from None
+        text = f.read(n)
+    if len(text) < n:
+        raise FormatError(f"{path}: truncated safetensors header")
+    header = parse_json(text, f"{path}: corrupt safetensors header")
     if not isinstance(header, dict):
         raise FormatError(f"{path}: corrupt safetensors header (not an object)")
-    metadata = header.pop("__metadata__", {}) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{path}: safetensors __metadata__ must map strings to strings")
     data_start, data_size = 8 + n, size - 8 - n
     for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if end > data_size:
-            raise FormatError(f"{path}: truncated: tensor {name!r} ends at byte {end} of a {data_size}-byte data section")
-        if end - begin != int(np.prod(shape)) * dtype.itemsize or begin < 0:
-            raise FormatError(f"{path}: tensor {name!r}: byte range {begin}-{end} does not match {entry['dtype']}{list(shape)}")
+        _check_entry(path, name, entry)
+    ranges = sorted((tuple(e["data_offsets"]), name) for name, e in header.items())
+    end_so_far = 0
+    for (begin, end), name in ranges:
+        if begin != end_so_far:
+            what = "overlaps the tensor before it" if begin < end_so_far else "leaves a gap after the tensor before it"
+            raise FormatError(f"{path}: tensor {name!r}: byte range {begin}-{end} {what} (which ends at {end_so_far})")
+        end_so_far = end
+    if end_so_far > data_size:
+        raise FormatError(f"{path}: truncated: the tensors need {end_so_far} bytes of data, the file has {data_size}")
+    if end_so_far < data_size:
+        raise FormatError(f"{path}: {data_size - end_so_far} bytes after the last tensor (the tensors cover "
+                          f"{end_so_far} of {data_size})")
     return header, metadata, data_start
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_INDEX
+
+
+def _check_entry(path: Path, name: str, entry) -> None:
+    if not isinstance(entry, dict):
+        raise FormatError(f"{path}: tensor {name!r}: header entry must be an object, got {type(entry).__name__}")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise FormatError(f"{path}: tensor {name!r}: unknown dtype {dtype!r:.40} (known: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_index(s) for s in shape):
+        raise FormatError(f"{path}: tensor {name!r}: shape must be a list of non-negative integers, got {shape!r:.80}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets):
+        raise FormatError(f"{path}: tensor {name!r}: data_offsets must be [begin, end] non-negative integers, "
+                          f"got {offsets!r:.80}")
+    begin, end = offsets
+    if end < begin or math.prod(shape) * DTYPES[dtype].itemsize != end - begin:
+        raise FormatError(f"{path}: tensor {name!r}: byte range {begin}-{end} does not match {dtype}{shape}")
+
+
+def read_tensors(path: Path, header: dict, data_start: int, names=None) -> dict[str, np.ndarray]:
+    """The tensors of a validated header (all, or those in names), each read into its own array."""
+    tensors = {}
+    with open_regular(path) as f:
+        for name, entry in header.items():
+            if names is not None and name not in names:
+                continue
+            begin, end = entry["data_offsets"]
+            arr = np.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+            f.seek(data_start + begin)
+            if f.readinto(arr.reshape(-1).view(np.uint8)) != end - begin:
+                raise FormatError(f"{path}: truncated while reading tensor {name!r} (the file changed?)")
+            tensors[name] = arr
+    return tensors
 
 
 def load_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     path = Path(path)
     header, metadata, data_start = read_header(path)
-    raw = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
-    tensors = {}
-    for name, entry in header.items():
-        begin, end = entry["data_offsets"]
-        tensors[name] = np.frombuffer(raw[data_start + begin:data_start + end].tobytes(), dtype=DTYPES[entry["dtype"]]).reshape(entry["shape"])
-    return tensors, metadata
+    return read_tensors(path, header, data_start), metadata
