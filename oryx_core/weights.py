@@ -28,6 +28,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # HF-style: chat template and end-of-turn ids (oryx_core.chat)
 DEFAULT_SHARD_BYTES = 16 * 1024 * 1024
 FORMAT_KEYS = ("format", "format_version", "dtype", "quantization", "architectures", "model_type")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
@@ -57,8 +58,9 @@ def _sha256(path: Path) -> str:
 # ----- saving -----
 def save_checkpoint(path: str | Path, config: OryxConfig, params: dict[str, np.ndarray], dtype: str | None = None,
                     tokenizer_json: str | None = None, quantization: dict | None = None,
-                    shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Writes a checkpoint directory atomically. `dtype` casts float tensors (default: keep)."""
+                    shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer_config: dict | None = None) -> Path:
+    """Writes a checkpoint directory atomically. `dtype` casts float tensors (default: keep).
+    `tokenizer_config` (chat template, end-of-turn ids; oryx_core.chat) goes to tokenizer_config.json."""
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise FormatError(f"--dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
     if quantization is None:
@@ -97,6 +99,8 @@ def save_checkpoint(path: str | Path, config: OryxConfig, params: dict[str, np.n
         (tmp / CONFIG_FILE).write_text(json.dumps({**meta, **config.to_dict()}, indent=2))
         if tokenizer_json is not None:
             (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
+        if tokenizer_config is not None:
+            (tmp / TOKENIZER_CONFIG_FILE).write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
 
     return atomic_directory(path, fill)
 
@@ -172,6 +176,8 @@ def load_checkpoint(path: str | Path, verify_checksums: bool = True) -> Checkpoi
         _check_dtypes(params, meta.get("dtype"), path)
     tok = path / TOKENIZER_FILE
     extra = {TOKENIZER_FILE: tok.read_bytes()} if tok.exists() else {}
+    if (path / TOKENIZER_CONFIG_FILE).exists():
+        extra[TOKENIZER_CONFIG_FILE] = (path / TOKENIZER_CONFIG_FILE).read_bytes()
     return Checkpoint(cfg, params, meta.get("dtype", "float32"), quantization, path, extra)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from oryx_core.chat import read_tokenizer_config, tokenizer_config_from_gguf, tokenizer_config_from_hf
 from oryx_core.config import MIXERS
 from oryx_core.safetensors_io import FormatError
 from oryx_core.weights import (DEFAULT_SHARD_BYTES, FLOAT_DTYPES, TOKENIZER_FILE, check_against_spec, load_checkpoint,
@@ -108,10 +109,23 @@ def _validate(model: ConvertedModel, where: str) -> None:
         backends.mlx_model(model)  # checks every packed tensor against the spec (needs MLX)
 
 
-def _write(model: ConvertedModel, dst: Path, to_kind: str, plan: str, shard_bytes: int) -> Path:
+def source_tokenizer_config(src: Path, from_kind: str) -> dict | None:
+    """The chat template and end-of-turn ids a source carries (oryx_core.chat), or None."""
+    if from_kind == "gguf":
+        from .gguf import read_gguf
+
+        return tokenizer_config_from_gguf(read_gguf(src).metadata)
+    if from_kind in ("oryx", "torch", "mlx"):
+        return read_tokenizer_config(src)
+    return tokenizer_config_from_hf(src)
+
+
+def _write(model: ConvertedModel, dst: Path, to_kind: str, plan: str, shard_bytes: int,
+           tokenizer_config: dict | None = None) -> Path:
     if to_kind == "oryx":
         return save_checkpoint(dst, model.config, model.params, tokenizer_json=model.tokenizer_json,
-                               quantization=model.quantization, shard_bytes=shard_bytes)
+                               quantization=model.quantization, shard_bytes=shard_bytes,
+                               tokenizer_config=tokenizer_config)
     if to_kind == "torch":
         return backends.write_torch_dir(dst, model, shard_bytes)
     if to_kind == "mlx":
@@ -120,7 +134,7 @@ def _write(model: ConvertedModel, dst: Path, to_kind: str, plan: str, shard_byte
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
-        staged = _write(model, Path(tmp) / "checkpoint", "oryx", plan, shard_bytes)
+        staged = _write(model, Path(tmp) / "checkpoint", "oryx", plan, shard_bytes, tokenizer_config)
         return export_mlx_lm(staged, dst, plan=plan)
 
 
@@ -147,4 +161,4 @@ def convert(src, dst, from_kind: str = "auto", to_kind: str = "oryx", dtype: str
     if quantize is not None:
         model = backends.quantize(model, quantize, group_size)
     _validate(model, str(src))
-    return _write(model, dst, to_kind, plan, shard_bytes)
+    return _write(model, dst, to_kind, plan, shard_bytes, source_tokenizer_config(src, from_kind))

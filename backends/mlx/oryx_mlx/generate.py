@@ -179,7 +179,7 @@ def stream_generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, 
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                     seed: int = 0, kv_policy: str = "keep", state_policy: str = "auto", prompt_cache=None,
                     stop_strings=(), stop_at_end_of_text: bool = True,
-                    prefill_step_size: int = 2048) -> Iterator[GenerationResponse]:
+                    prefill_step_size: int = 2048, stop_token_ids=None) -> Iterator[GenerationResponse]:
     """Yields one GenerationResponse per generated token.
 
     prompt: text or token ids. plan: a mode plan (text or ModePlan) for this call.
@@ -188,8 +188,9 @@ def stream_generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, 
     The prompt goes through the model in pieces of prefill_step_size tokens (bounds the
     attention scores' memory; the result is the same).
     Stops after max_tokens ("length"), at the end-of-text token ("stop_token", unless
-    stop_at_end_of_text is False) or when the text completes a stop string ("stop_string";
-    the stop string is not emitted).
+    stop_at_end_of_text is False; stop_token_ids, when given, replaces that one id by a set, e.g. a
+    chat's end-of-turn ids) or when the text completes a stop string ("stop_string"; the stop string
+    is not emitted).
     """
     _check_arguments(max_tokens, temperature, top_k, top_p, repetition_penalty,
                      {"kv_policy": kv_policy, "state_policy": state_policy}, prefill_step_size)
@@ -199,7 +200,10 @@ def stream_generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, 
     start = cache_offset(cache)
     prompt_length = start + len(ids)
     modes = plan.resolve(prompt_length + max_tokens, prompt_length=prompt_length)
-    end_id = end_of_text_id(tokenizer) if stop_at_end_of_text else None
+    if stop_token_ids is not None:
+        end_ids = {int(t) for t in stop_token_ids}
+    else:
+        end_ids = {end_of_text_id(tokenizer)} - {None} if stop_at_end_of_text else set()
     key = mx.random.key(seed)
     text_stream = _TextStream(tokenizer, stop_strings)
     # tokens already in the text, as a mask kept up to date token by token (no per-token set of
@@ -238,7 +242,7 @@ def stream_generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, 
                              temperature, top_k, top_p)
         if seen is not None:
             seen[token] = True
-        if token == end_id:
+        if token in end_ids:
             text, finished = text_stream.flush(), "stop_token"
         else:
             text, hit = text_stream.add(token)
