@@ -1,16 +1,16 @@
-"""GGUF files: parsing (through the `gguf` package), our own dequantisers, RoPE row order, tokenizer.
+"""GGUF files: parsing and dequantisation (through the `gguf` package), RoPE row order, tokenizers.
 
-The `gguf` package parses the container (metadata and tensor table). Turning a tensor's
-bytes into floats is done here, block by block, for the types we support:
-
-    F32, F16, BF16  plain little-endian floats
-    Q8_0  blocks of 32: float16 scale d, 32 int8 q          -> d * q
-    Q4_0  blocks of 32: float16 d, 16 bytes of nibbles      -> d * (q - 8)
-    Q4_1  blocks of 32: float16 d, float16 m, 16 bytes      -> d * q + m
-          (byte j holds element j in its low nibble and element j + 16 in its high one)
+The `gguf` package parses the container and decodes every tensor type it has a dequantiser
+for (floats, Q4/Q5/Q8, the K-quants, the IQ and ternary types); a tensor is decoded only when
+asked for, so a conversion holds one source tensor in float32 at a time.
 
 llama.cpp stores attention Q and K rows interleaved for its RoPE kernel (the two halves of
 each head's rotary pairs side by side); `unpermute_rope_rows` restores the rotate-half order.
+
+Two vocabulary kinds are rebuilt as `tokenizers` tokenizers: byte-level BPE
+(`tokenizer.ggml.model == "gpt2"`, merges stored in the file) and SentencePiece
+(`"llama"`: pieces, scores and token types; a BPE with byte fallback whose merges are
+recovered from the scores, since a SentencePiece BPE merges the pair whose result scores best).
 """
 from __future__ import annotations
 
@@ -21,56 +21,30 @@ import numpy as np
 
 from oryx_core.safetensors_io import FormatError
 
-QUANT_BLOCK = 32
+
+def supported_types() -> list[str]:
+    """Names of the GGUF tensor types the installed `gguf` package dequantises."""
+    import gguf
+
+    return sorted({"F32", "F16"} | {t.name for t in gguf.quants._type_traits})
 
 
-def _halves(raw: np.ndarray, start: int) -> np.ndarray:
-    return raw[:, start:start + 2].copy().view(np.float16).astype(np.float32)  # [blocks, 1]
+def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...], name: str = "tensor") -> np.ndarray:
+    """float32 array of `shape` (NumPy order) from a GGUF tensor's stored array (as the gguf reader gives it)."""
+    import gguf
 
-
-def _nibbles(raw: np.ndarray) -> np.ndarray:
-    """[blocks, 16] bytes -> [blocks, 32] values 0..15, low nibbles first."""
-    return np.concatenate([raw & 0x0F, raw >> 4], axis=1).astype(np.float32)
-
-
-def _q8_0(raw):
-    return _halves(raw, 0) * raw[:, 2:].copy().view(np.int8).astype(np.float32)
-
-
-def _q4_0(raw):
-    return _halves(raw, 0) * (_nibbles(raw[:, 2:]) - 8.0)
-
-
-def _q4_1(raw):
-    return _halves(raw, 0) * _nibbles(raw[:, 4:]) + _halves(raw, 2)
-
-
-def _bf16(raw):
-    return (raw.copy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-# type name -> (bytes per block, elements per block, decoder of a [blocks, bytes] uint8 array)
-DEQUANTIZERS = {
-    "F32": (4, 1, lambda raw: raw.copy().view(np.float32)),
-    "F16": (2, 1, lambda raw: raw.copy().view(np.float16).astype(np.float32)),
-    "BF16": (2, 1, _bf16),
-    "Q8_0": (2 + QUANT_BLOCK, QUANT_BLOCK, _q8_0),
-    "Q4_0": (2 + QUANT_BLOCK // 2, QUANT_BLOCK, _q4_0),
-    "Q4_1": (4 + QUANT_BLOCK // 2, QUANT_BLOCK, _q4_1),
-}
-
-
-def dequantize(raw: bytes | np.ndarray, type_name: str, shape: tuple[int, ...], name: str = "tensor") -> np.ndarray:
-    """float32 array of `shape` (NumPy order) from a GGUF tensor's raw bytes."""
-    if type_name not in DEQUANTIZERS:
+    qtype = getattr(gguf.GGMLQuantizationType, type_name, None)
+    if qtype is None or type_name not in supported_types():
         raise FormatError(f"GGUF tensor {name!r} has type {type_name}, unsupported; "
-                          f"supported types: {', '.join(DEQUANTIZERS)}")
-    block_bytes, block_elems, decode = DEQUANTIZERS[type_name]
+                          f"supported types: {', '.join(supported_types())}")
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.asarray(data)
     n = int(np.prod(shape))
-    raw = np.frombuffer(raw, dtype=np.uint8) if isinstance(raw, bytes) else np.asarray(raw).reshape(-1).view(np.uint8)
-    if n % block_elems or raw.size != n // block_elems * block_bytes:
-        raise FormatError(f"GGUF tensor {name!r}: {raw.size} bytes do not hold {type_name}{list(shape)}")
-    return decode(raw.reshape(-1, block_bytes)).reshape(shape)
+    if n % block_elems or raw.nbytes != n // block_elems * block_bytes:
+        raise FormatError(f"GGUF tensor {name!r}: {raw.nbytes} bytes do not hold {type_name}{list(shape)}")
+    if type_name not in ("F32", "F16"):
+        raw = raw.reshape(-1).view(np.uint8).reshape(-1, block_bytes)
+    return np.asarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32).reshape(shape)
 
 
 def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -93,7 +67,13 @@ class GGUFFile:
             raise FormatError(f"{self.path}: missing tensor {name!r}")
         t = self._entries[name]
         shape = tuple(int(s) for s in reversed(t.shape))
-        return dequantize(np.asarray(t.data), t.tensor_type.name, shape, name)
+        return dequantize(t.data, t.tensor_type.name, shape, name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape in NumPy order, without reading its data."""
+        if name not in self._entries:
+            raise FormatError(f"{self.path}: missing tensor {name!r}")
+        return tuple(int(s) for s in reversed(self._entries[name].shape))
 
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)
@@ -129,7 +109,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
 # llama.cpp's pre-tokenizer names -> the `tokenizers` pre-tokenizer doing the same split.
 GPT2_STYLE = ("gpt2", "gpt-2", "default", "mpt", "olmo", "jais")
 DIGIT_SPLIT_STYLE = ("smollm", "starcoder", "refact", "codeshell", "command-r")
-TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4
+TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 1, 2, 3, 4
+SENTENCEPIECE_SPACE = "\u2581"
 
 
 def _pre_tokenizer(pre: str, where: str):
@@ -145,12 +126,15 @@ def _pre_tokenizer(pre: str, where: str):
 
 
 def tokenizer_json_from_gguf(g: GGUFFile) -> str:
-    """A byte-level BPE `tokenizers` tokenizer (as JSON) from the GGUF's vocab, merges, token types and BOS rule."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+    """A `tokenizers` tokenizer (as JSON) from the GGUF's vocabulary, merges or scores, token types and BOS rule."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
 
     kind = g.require("tokenizer.ggml.model")
+    if kind == "llama":
+        return _sentencepiece_tokenizer(g).to_str()
     if kind != "gpt2":
-        raise FormatError(f"{g.path}: tokenizer.ggml.model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
+        raise FormatError(f"{g.path}: tokenizer.ggml.model {kind!r} is not supported "
+                          "(byte-level BPE 'gpt2' and SentencePiece 'llama' are)")
     tokens = g.require("tokenizer.ggml.tokens")
     merges = [tuple(m.split(" ", 1)) for m in g.require("tokenizer.ggml.merges")]
     types = g.get("tokenizer.ggml.token_type", [1] * len(tokens))
@@ -161,9 +145,67 @@ def tokenizer_json_from_gguf(g: GGUFFile) -> str:
                             for t, k in zip(tokens, types) if k == TOKEN_TYPE_CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, k in zip(tokens, types) if k == TOKEN_TYPE_USER_DEFINED])
-    if g.get("tokenizer.ggml.add_bos_token", False):
-        bos_id = int(g.require("tokenizer.ggml.bos_token_id"))
-        bos = tokens[bos_id]
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, bos_id)])
+    _add_bos_eos(tok, g, tokens, add_bos=bool(g.get("tokenizer.ggml.add_bos_token", False)))
     return tok.to_str()
+
+
+def merges_from_scores(tokens: list[str], scores: list[float], mergeable: list[bool]) -> list[tuple[str, str]]:
+    """BPE merges that reproduce a SentencePiece BPE: every split of a mergeable token into two
+    vocabulary pieces is a merge, ranked by the token's score (higher first), ties by the pieces' ids."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for token, score, ok in zip(tokens, scores, mergeable):
+        if not ok:
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in ids and right in ids:
+                ranked.append((-float(score), ids[left], ids[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _sentencepiece_tokenizer(g: GGUFFile):
+    """A Llama-style SentencePiece vocabulary as a `tokenizers` BPE with byte fallback and a "\u2581" space."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = [str(t) for t in g.require("tokenizer.ggml.tokens")]
+    scores = g.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = g.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * len(tokens)
+    if not len(scores) == len(types) == len(tokens):
+        raise FormatError(f"{g.path}: tokenizer.ggml.tokens, scores and token_type differ in length "
+                          f"({len(tokens)}, {len(scores)}, {len(types)})")
+    unk_id = g.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None else None
+    merges = merges_from_scores(tokens, scores, [k == TOKEN_TYPE_NORMAL for k in types])
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, unk_token=unk,
+                               fuse_unk=True, byte_fallback=True))
+    prefix_space = bool(g.get("tokenizer.ggml.add_space_prefix", True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SENTENCEPIECE_SPACE, split=False,
+                                                 prepend_scheme="first" if prefix_space else "never")
+    steps = [decoders.Replace(SENTENCEPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix_space else []))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types)
+                            if k in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN)])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, k in zip(tokens, types) if k == TOKEN_TYPE_USER_DEFINED])
+    # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise
+    _add_bos_eos(tok, g, tokens, add_bos=bool(g.get("tokenizer.ggml.add_bos_token", True)))
+    return tok
+
+
+def _add_bos_eos(tok, g: GGUFFile, tokens: list[str], add_bos: bool) -> None:
+    from tokenizers import processors
+
+    add_eos = bool(g.get("tokenizer.ggml.add_eos_token", False))
+    single, pair, special = "$A", "$A $B", []
+    if add_bos:
+        bos_id = int(g.require("tokenizer.ggml.bos_token_id"))
+        single, pair = f"{tokens[bos_id]} {single}", f"{tokens[bos_id]} $A {tokens[bos_id]} $B"
+        special.append((tokens[bos_id], bos_id))
+    if add_eos:
+        eos_id = int(g.require("tokenizer.ggml.eos_token_id"))
+        single, pair = f"{single} {tokens[eos_id]}", f"{pair} {tokens[eos_id]}"
+        special.append((tokens[eos_id], eos_id))
+    if special:
+        tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(dict(special).items()))

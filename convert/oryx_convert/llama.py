@@ -8,6 +8,7 @@ Mamba-in-the-Llama reuses attention projections for its linear layers.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -133,20 +134,46 @@ def gguf_llama_as_hf(path: str | Path) -> tuple[dict, SourceTensors, str]:
         "max_position_embeddings": int(g.get("llama.context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in g.tensor_types,
     }
-    tensors = {}
-    for name in g.tensor_types:
-        value = g.tensor(name)
-        parts = name.split(".", 2)
-        if parts[0] == "blk" and len(parts) == 3 and parts[2] in GGUF_LAYER_NAMES:
-            if parts[2] == "attn_q.weight":
-                value = unpermute_rope_rows(value, n_heads)
-            elif parts[2] == "attn_k.weight":
-                value = unpermute_rope_rows(value, n_kv)
-            name = f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}"
-        tensors[GGUF_GLOBAL_NAMES.get(name, name)] = value  # unknown names stay, and `finish` reports them
-    hf["vocab_size"] = int(tensors["model.embed_tokens.weight"].shape[0]) if "model.embed_tokens.weight" in tensors \
+    tensors = GGUFLlamaTensors(g, n_heads, n_kv)
+    hf["vocab_size"] = int(tensors.shape("model.embed_tokens.weight")[0]) if "model.embed_tokens.weight" in tensors \
         else int(g.require("llama.vocab_size"))
     return hf, SourceTensors(tensors, str(g.path)), tokenizer_json_from_gguf(g)
+
+
+class GGUFLlamaTensors(Mapping):
+    """A Llama GGUF's tensors under HF names, each dequantised (and its RoPE rows restored) only when read,
+    with a progress bar over the reads."""
+
+    def __init__(self, g, n_heads: int, n_kv_heads: int):
+        self._g = g
+        self._sources = {}  # HF name -> (GGUF name, heads whose RoPE rows to restore, or 0)
+        for name in g.tensor_types:
+            parts, heads, hf_name = name.split(".", 2), 0, name
+            if parts[0] == "blk" and len(parts) == 3 and parts[2] in GGUF_LAYER_NAMES:
+                heads = {"attn_q.weight": n_heads, "attn_k.weight": n_kv_heads}.get(parts[2], 0)
+                hf_name = f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}"
+            self._sources[GGUF_GLOBAL_NAMES.get(hf_name, hf_name)] = (name, heads)  # unknown names stay; `finish` reports them
+        self._progress = None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._g.shape(self._sources[name][0])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        gguf_name, heads = self._sources[name]
+        if self._progress is None:
+            self._progress = tqdm(total=len(self._sources), desc=f"reading {self._g.path.name}", unit="tensor",
+                                  disable=None, leave=False)
+        value = self._g.tensor(gguf_name)
+        self._progress.update(1)
+        return unpermute_rope_rows(value, heads) if heads else value
+
+    def __iter__(self):
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
 
 
 def import_gguf_llama(path: str | Path, mixer: str = "gdn", seed: int = 0) -> ConvertedModel:

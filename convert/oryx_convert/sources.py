@@ -7,6 +7,7 @@ means the source is a variant the mapping does not describe (a bias, a hybrid la
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +27,9 @@ HF_TORCH_BIN = "pytorch_model.bin"
 class SourceTensors:
     """Named float arrays of a source checkpoint; `where` names it in every error."""
 
-    def __init__(self, tensors: dict[str, np.ndarray], where: str):
-        self.tensors = dict(tensors)
+    def __init__(self, tensors: Mapping[str, np.ndarray], where: str):
+        # a dict is copied; another mapping (one that reads each tensor on access) is kept as it is
+        self.tensors = dict(tensors) if isinstance(tensors, dict) else tensors
         self.where = where
         self.taken: set[str] = set()
 

@@ -1,6 +1,8 @@
 """Builders shared by the conversion tests: tiny random source models, written the way their libraries write them."""
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -66,13 +68,37 @@ def gguf_round_trip(weight: np.ndarray, type_name: str) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(weight, qtype), qtype).astype(np.float32)
 
 
-def _gguf_tensor(writer, name: str, value: np.ndarray, type_name: str) -> None:
+# where the one float16 scale (and min) of each K-quant block sits: byte offsets of d (and dmin)
+K_QUANT_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_k_quant(shape: tuple[int, ...], type_name: str, seed: int) -> np.ndarray:
+    """Stored bytes of a K-quant tensor (the gguf package cannot quantise to these types): random blocks
+    whose float16 scales are small and finite, so the decoded values are weight-sized."""
     import gguf
 
+    qtype = gguf.GGMLQuantizationType[type_name]
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(int(np.prod(shape)) // block_elems, block_bytes), dtype=np.uint8)
+    for offset in K_QUANT_SCALES[type_name]:
+        scale = rng.uniform(2e-5, 2e-4, size=blocks.shape[0]).astype(np.float16)
+        blocks[:, offset:offset + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(*shape[:-1], shape[-1] // block_elems * block_bytes)
+
+
+def _gguf_tensor(writer, name: str, value: np.ndarray, type_name) -> None:
+    import gguf
+
+    if callable(type_name):
+        type_name = type_name(name, value)
     if value.ndim == 1 or type_name == "F32":
         writer.add_tensor(name, value.astype(np.float32))
     elif type_name == "F16":
         writer.add_tensor(name, value.astype(np.float16))
+    elif type_name in K_QUANT_SCALES:
+        qtype = gguf.GGMLQuantizationType[type_name]
+        writer.add_tensor(name, random_k_quant(value.shape, type_name, zlib.crc32(name.encode())), raw_dtype=qtype)
     else:
         qtype = gguf.GGMLQuantizationType[type_name]
         writer.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
@@ -91,8 +117,11 @@ def gguf_vocab() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def write_llama_gguf(path, model, type_name: str, pre: str = "smollm", add_bos: bool = False) -> None:
-    """Writes an HF LlamaForCausalLM as llama.cpp would: GGUF names, permuted Q/K, norms in F32."""
+def write_llama_gguf(path, model, type_name, pre: str = "smollm", add_bos: bool = False, vocab=None) -> None:
+    """Writes an HF LlamaForCausalLM as llama.cpp would: GGUF names, permuted Q/K, norms in F32.
+
+    type_name is a GGUF type, or a function (GGUF name, value) -> type; a K-quant type stores
+    random blocks instead of the model's values (compare against a reader of the same file)."""
     import gguf
 
     c = model.config
@@ -106,14 +135,17 @@ def write_llama_gguf(path, model, type_name: str, pre: str = "smollm", add_bos: 
     writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    tokens, types = gguf_vocab()
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(GGUF_MERGES)
-    writer.add_bos_token_id(tokens.index(GGUF_SPECIALS[0]))
-    writer.add_add_bos_token(add_bos)
+    if vocab is not None:
+        vocab(writer)  # writes its own tokenizer.ggml.* keys
+    else:
+        tokens, types = gguf_vocab()
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(GGUF_MERGES)
+        writer.add_bos_token_id(tokens.index(GGUF_SPECIALS[0]))
+        writer.add_add_bos_token(add_bos)
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     if not c.tie_word_embeddings:
@@ -151,6 +183,37 @@ def as_stored_in_gguf(model, type_name: str):
             if p.ndim == 2:
                 p.copy_(torch.from_numpy(gguf_round_trip(p.numpy(), type_name)))
     return stored
+
+
+def sentencepiece_vocab_writer(model_file: str):
+    """A function writing a SentencePiece model's pieces, scores and token types as llama.cpp's converter does."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+
+    def token_type(i: int) -> int:  # llama.cpp's token types
+        if sp.is_unknown(i):
+            return 2
+        if sp.is_control(i):
+            return 3
+        if sp.is_byte(i):
+            return 6
+        if sp.is_unused(i):
+            return 5
+        return 1
+
+    def write(writer):
+        n = sp.get_piece_size()
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
+        writer.add_token_scores([sp.get_score(i) for i in range(n)])
+        writer.add_token_types([token_type(i) for i in range(n)])
+        writer.add_bos_token_id(sp.bos_id())
+        writer.add_eos_token_id(sp.eos_id())
+        writer.add_unk_token_id(sp.unk_id())
+
+    return write
 
 
 # ----- fla Gated DeltaNet -----
