@@ -21,7 +21,8 @@ import numpy as np
 
 from .atomic import atomic_directory
 from .config import ConfigError, OryxConfig
-from .safetensors_io import FormatError, dtype_name, encode, load_file
+from .files import check_file_name, member, open_regular, read_json_object
+from .safetensors_io import DTYPES, FormatError, dtype_name, encode, load_file, read_header, read_tensors
 from .spec import parameter_specs
 
 FORMAT_VERSION = 1
@@ -32,6 +33,9 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # HF-style: chat template and e
 DEFAULT_SHARD_BYTES = 16 * 1024 * 1024
 FORMAT_KEYS = ("format", "format_version", "dtype", "quantization", "architectures", "model_type")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+QUANT_BITS = (2, 3, 4, 5, 6, 8)  # what MLX's affine quantisation packs
+QUANT_GROUP_SIZES = (32, 64, 128)
+FULL_PRECISION_MODULES = ("a_proj", "b_proj", "dt_proj")  # recurrent gates: never quantised
 
 
 @dataclass
@@ -126,11 +130,8 @@ def read_config(path: str | Path) -> tuple[OryxConfig, dict]:
     cfg_path = path / CONFIG_FILE
     if not cfg_path.exists():
         raise FormatError(f"{path}: missing {CONFIG_FILE}")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict) or raw.get("format") != "oryx":
+    raw = read_json_object(cfg_path)
+    if raw.get("format") != "oryx":
         raise FormatError(f"{cfg_path}: not an Oryx checkpoint (no \"format\": \"oryx\")")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
@@ -146,39 +147,129 @@ def read_config(path: str | Path) -> tuple[OryxConfig, dict]:
 def load_checkpoint(path: str | Path, verify_checksums: bool = True) -> Checkpoint:
     path = Path(path)
     cfg, meta = read_config(path)
-    index_path = path / INDEX_FILE
-    if not index_path.exists():
-        raise FormatError(f"{path}: missing {INDEX_FILE}")
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-        sums = index.get("metadata", {}).get("shard_sha256", {})
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-        raise FormatError(f"{index_path}: corrupt index (needs a weight_map)") from None
-    params = {}
+    quantization = meta.get("quantization")
+    if quantization is not None:
+        check_quantization(quantization, f"{path / CONFIG_FILE}: quantization")
+    dtype = meta.get("dtype")
+    if dtype not in (*FLOAT_DTYPES, "mixed"):
+        raise FormatError(f"{path / CONFIG_FILE}: unknown dtype {dtype!r}")
+    weight_map, sums = read_index(path)
+    # Names, shapes and dtypes are checked against the config from the index and the shard headers
+    # alone, so a config or header that claims huge tensors fails before anything is allocated.
+    layout = tensor_layout(cfg, quantization, set(weight_map), str(path))
+    _check_names(set(weight_map), layout, f"{path / INDEX_FILE}")
+    headers = {}
     for fname in sorted(set(weight_map.values())):
-        shard = path / fname
-        if not shard.exists():
+        if not (path / fname).exists() and not (path / fname).is_symlink():
             raise FormatError(f"{path}: missing shard {fname} named in {INDEX_FILE}")
+        shard = member(path, fname, str(path / INDEX_FILE))
         if verify_checksums and fname in sums and _sha256(shard) != sums[fname]:
             raise FormatError(f"{shard}: checksum mismatch: the file is corrupt or was changed after saving")
-        tensors, _ = load_file(shard)
-        for name in tensors:
+        header, _, data_start = read_header(shard)
+        for name, entry in header.items():
             if weight_map.get(name) != fname:
                 raise FormatError(f"{shard}: tensor {name!r} is not listed for this shard in {INDEX_FILE}")
-        params.update(tensors)
-    listed_missing = sorted(set(weight_map) - set(params))
+            _check_entry_layout(shard, name, entry, layout[name], dtype)
+        headers[fname] = (shard, header, data_start)
+    listed_missing = sorted(set(weight_map) - {n for _, h, _ in headers.values() for n in h})
     if listed_missing:
         raise FormatError(f"{path}: tensors listed in {INDEX_FILE} but absent from their shards: {listed_missing[:5]}")
-    quantization = meta.get("quantization")
-    if quantization is None:
-        check_against_spec(cfg, params, str(path))
-        _check_dtypes(params, meta.get("dtype"), path)
+    params = {}
+    for shard, header, data_start in headers.values():
+        params.update(read_tensors(shard, header, data_start))
     tok = path / TOKENIZER_FILE
     extra = {TOKENIZER_FILE: tok.read_bytes()} if tok.exists() else {}
     if (path / TOKENIZER_CONFIG_FILE).exists():
         extra[TOKENIZER_CONFIG_FILE] = (path / TOKENIZER_CONFIG_FILE).read_bytes()
     return Checkpoint(cfg, params, meta.get("dtype", "float32"), quantization, path, extra)
+
+
+def read_index(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(weight_map, shard sha256 sums) of a checkpoint directory's index, strictly typed: tensor names to
+    plain shard file names, and shard file names to hex digests."""
+    index_path = path / INDEX_FILE
+    if not index_path.exists():
+        raise FormatError(f"{path}: missing {INDEX_FILE}")
+    index = read_json_object(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise FormatError(f"{index_path}: corrupt index (weight_map must map tensor names to shard file names)")
+    for fname in set(weight_map.values()):
+        check_file_name(fname, f"{index_path}: weight_map")
+    metadata = index.get("metadata")
+    metadata = {} if metadata is None else metadata
+    sums = metadata.get("shard_sha256") if isinstance(metadata, dict) else None
+    sums = {} if sums is None else sums
+    if not isinstance(metadata, dict) or not isinstance(sums, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+        raise FormatError(f"{index_path}: corrupt index (metadata.shard_sha256 must map shard names to hex digests)")
+    return weight_map, sums
+
+
+def check_quantization(quantization, where: str) -> None:
+    """{"bits": one of QUANT_BITS, "group_size": one of QUANT_GROUP_SIZES}, else FormatError."""
+    ok = (isinstance(quantization, dict) and set(quantization) == {"bits", "group_size"}
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in quantization.values()))
+    if not ok:
+        raise FormatError(f"{where} must be {{\"bits\": N, \"group_size\": G}}, got {quantization!r:.80}")
+    if quantization["bits"] not in QUANT_BITS:
+        raise FormatError(f"{where}: bits must be one of {QUANT_BITS}, got {quantization['bits']}")
+    if quantization["group_size"] not in QUANT_GROUP_SIZES:
+        raise FormatError(f"{where}: group_size must be one of {QUANT_GROUP_SIZES}, got {quantization['group_size']}")
+
+
+def is_quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
+    """Whether a spec tensor may be stored packed: a projection or embedding weight (not a conv, not a
+    recurrent gate) whose input width is a whole number of groups."""
+    if not name.endswith(".weight") or len(shape) != 2:
+        return False
+    module = name[:-len(".weight")].rsplit(".", 1)[-1]
+    return not module.startswith("conv") and module not in FULL_PRECISION_MODULES and shape[1] % group_size == 0
+
+
+def tensor_layout(cfg: OryxConfig, quantization: dict | None, stored: set[str], where: str) -> dict[str, tuple]:
+    """name -> (shape, "float" or "packed") of every tensor the checkpoint must hold. Unquantised: the spec.
+    Quantised: the spec, except that a module whose `.scales` are stored holds a packed uint32 weight
+    [rows, cols * bits / 32] with float scales and biases [rows, cols / group_size]."""
+    layout = {}
+    for spec in parameter_specs(cfg):
+        module = spec.name[:-len(".weight")] if spec.name.endswith(".weight") else None
+        if quantization is None or module is None or module + ".scales" not in stored:
+            layout[spec.name] = (spec.shape, "float")
+            continue
+        bits, group_size = quantization["bits"], quantization["group_size"]
+        if not is_quantizable(spec.name, spec.shape, group_size):
+            raise FormatError(f"{where}: tensor {module + '.scales'!r}: {module} must stay full precision")
+        rows, cols = spec.shape
+        layout[spec.name] = ((rows, cols * bits // 32), "packed")
+        layout[module + ".scales"] = layout[module + ".biases"] = ((rows, cols // group_size), "float")
+    return layout
+
+
+def _check_names(names: set[str], layout: dict, where: str) -> None:
+    missing = sorted(set(layout) - names)
+    if len(missing) == 1:
+        raise FormatError(f"{where}: missing tensor {missing[0]!r}")
+    if missing:
+        raise FormatError(f"{where}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+    extra = sorted(names - set(layout))
+    if extra:
+        raise FormatError(f"{where}: unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''} ({len(extra)} in all)")
+
+
+def _check_entry_layout(shard: Path, name: str, entry: dict, expected: tuple, dtype: str) -> None:
+    """A validated header entry against its expected (shape, kind) and the config's dtype."""
+    shape, kind = expected
+    if tuple(entry["shape"]) != tuple(shape):
+        raise FormatError(f"{shard}: tensor {name!r} has shape {entry['shape']}, the config needs {list(shape)}")
+    stored = DTYPES[entry["dtype"]].name
+    if kind == "packed":
+        if stored != "uint32":
+            raise FormatError(f"{shard}: tensor {name!r} is {entry['dtype']}, packed weights are uint32 (U32)")
+    elif stored not in FLOAT_DTYPES:
+        raise FormatError(f"{shard}: tensor {name!r} is {entry['dtype']}, a float dtype ({', '.join(FLOAT_DTYPES)}) is needed")
+    elif dtype != "mixed" and stored != dtype:
+        raise FormatError(f"{shard}: tensor {name!r} is {entry['dtype']} but config.json says dtype {dtype}")
 
 
 def check_against_spec(cfg: OryxConfig, params: dict, where: str) -> None:
@@ -195,10 +286,3 @@ def check_against_spec(cfg: OryxConfig, params: dict, where: str) -> None:
         if shape != spec.shape:
             raise FormatError(f"{where}: tensor {name!r} has shape {list(shape)}, the config needs {list(spec.shape)}")
 
-
-def _check_dtypes(params: dict, dtype: str | None, path: Path) -> None:
-    if dtype not in (*FLOAT_DTYPES, "mixed"):
-        raise FormatError(f"{path / CONFIG_FILE}: unknown dtype {dtype!r}")
-    for name, arr in params.items():
-        if dtype != "mixed" and arr.dtype.name != dtype:
-            raise FormatError(f"{path}: tensor {name!r} is {dtype_name(arr.dtype)} but config.json says dtype {dtype}")
