@@ -12,10 +12,12 @@ import json
 import sys
 from pathlib import Path
 
+from .argtypes import non_negative_int, positive_int
 from .config import PRESETS, ConfigError, preset
 from .default import DEFAULT_MODEL
 from .evaluate import BACKEND_MODULES, evaluate_mqar, evaluate_text
 from .init import init_params
+from .output import check_output, replacing_allowed
 from .plan import PlanError
 from .safetensors_io import FormatError
 from .spec import parameter_counts
@@ -24,6 +26,10 @@ from .weights import load_checkpoint, save_checkpoint
 
 COMMAND_MODULES = ["oryx_torch.cli", "oryx_torch.train_cli", "oryx_mlx.cli", "oryx_convert.cli", "oryx_data.cli"]
 USER_ERRORS = (ConfigError, FormatError, PlanError, ValueError, FileNotFoundError)
+
+
+FORCE_FLAG = dict(action="store_true",
+                  help="replace the destination even if it exists and is not an artifact of this command's kind")
 
 
 def emit(args, result: dict, lines: list[str]) -> None:
@@ -53,12 +59,14 @@ def cmd_info(args) -> None:
 
 # ----- oryx init -----
 def cmd_init(args) -> None:
+    check_output(args.out, "checkpoint", [("--tokenizer", args.tokenizer)], args.force)
     cfg = preset(args.preset, args.mixer)
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else byte_level_tokenizer()
     if tok.get_vocab_size() > cfg.vocab_size:
         cfg = cfg.replace(vocab_size=tok.get_vocab_size())
     params = init_params(cfg, args.seed)
-    out = save_checkpoint(args.out, cfg, params, dtype=args.dtype, tokenizer_json=tok.to_str())
+    with replacing_allowed(args.out if args.force else None):
+        out = save_checkpoint(args.out, cfg, params, dtype=args.dtype, tokenizer_json=tok.to_str())
     counts = parameter_counts(cfg)
     emit(args, {"path": str(out), "preset": args.preset, "mixer": args.mixer, "parameters": counts["total"],
                 "tied_fraction": counts["tied_fraction"], "dtype": args.dtype},
@@ -113,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     json_flag = dict(action="store_true", help="print machine-readable JSON")
+    force_flag = FORCE_FLAG
 
     p = sub.add_parser("info", help="config, parameter counts and tied fraction of a checkpoint or preset",
                        description="Show a checkpoint's (or a preset's) config, parameters shared and per mode, tied fraction, "
@@ -128,9 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output checkpoint directory")
     p.add_argument("--preset", required=True, choices=list(PRESETS), help="model size")
     p.add_argument("--mixer", choices=["gdn", "mamba2"], default="gdn", help="recurrent mixer (default gdn)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="stored dtype")
     p.add_argument("--tokenizer", help="tokenizer.json to ship (default: byte-level)")
+    p.add_argument("--force", **force_flag)
     p.add_argument("--json", **json_flag)
     p.set_defaults(func=cmd_init)
 
