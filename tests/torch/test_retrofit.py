@@ -1,0 +1,143 @@
+"""`oryx retrofit` on CPU with a tiny Llama-like checkpoint: only recurrent tensors train, attention mode
+stays bit-identical, both stages lower their losses, resume is exact, errors are one line."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from oryx_core import cli  # noqa: E402
+from oryx_core.config import preset  # noqa: E402
+from oryx_core.init import init_params  # noqa: E402
+from oryx_core.spec import RECURRENT, parameter_specs  # noqa: E402
+from oryx_core.weights import load_checkpoint, save_checkpoint  # noqa: E402
+from oryx_data import build_shards  # noqa: E402
+from oryx_torch.model import OryxModel  # noqa: E402
+from oryx_torch.retrofit import RetrofitConfig, retrofit, student_modes  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        yield
+    torch.set_num_threads(threads)
+
+
+def llama_like_source(path: Path, seed: int = 3) -> Path:
+    """A tiny checkpoint shaped like a converted Llama: identity convs, no output gate or norm, q_rec = q_attn,
+    attention weights large enough that attention mode does real work."""
+    cfg = preset("tiny", "gdn", output_gate=False, output_norm=False, conv_activation="none")
+    rng = np.random.default_rng(seed)
+    params = init_params(cfg, seed)
+    for name, p in params.items():
+        if p.ndim == 2 and "conv" not in name:
+            params[name] = rng.normal(0.0, 1.0 / np.sqrt(p.shape[1]), p.shape).astype(np.float32)
+        elif "conv" in name:
+            params[name] = np.zeros_like(p)
+            params[name][:, -1] = 1.0
+    for i in range(cfg.n_layers):
+        params[f"layers.{i}.mixer.q_rec.weight"] = params[f"layers.{i}.mixer.q_attn.weight"].copy()
+    return save_checkpoint(path, cfg, params, dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("retrofit")
+    rng = np.random.default_rng(0)
+    words = ["oryx", "layer", "token", "reads", "state", "keys", "values", "attention", "recurrence", "the", "a"]
+    docs = [" ".join(rng.choice(words, 60)) for _ in range(30)]
+    (root / "corpus.txt").write_text("\n<|endoftext|>\n".join(docs))
+    build_shards([root / "corpus.txt"], root / "shards", val_fraction=0.25, seed=0)
+    return {"root": root, "src": llama_like_source(root / "src"), "data": root / "shards"}
+
+
+def config(ws, out: Path, **changes) -> RetrofitConfig:
+    base = dict(src=str(ws["src"]), out=str(out), data=str(ws["data"]), layer_tokens=8 * 2 * 32,
+                tokens=8 * 2 * 32, seq_len=32, batch_size=2, lr=1e-2, min_lr=1e-3, warmup=2, eval_every=4,
+                eval_batches=1, save_every=4, log_every=1, seed=5, progress=False, device="cpu",
+                eval_plans=["attention", "recurrent", "last:10%"])
+    base.update(changes)
+    return RetrofitConfig(**base)
+
+
+def records(out: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in lines if "event" not in r]
+
+
+@pytest.fixture(scope="module")
+def full_run(workspace) -> Path:
+    out = workspace["root"] / "full"
+    summary = retrofit(config(workspace, out))
+    assert summary["step"] == 16 and Path(summary["model"]) == out / "model"
+    return out
+
+
+def test_only_recurrent_tensors_change_and_attention_is_bit_identical(workspace, full_run):
+    src, dst = load_checkpoint(workspace["src"]), load_checkpoint(full_run / "model")
+    assert dst.config.recurrent_scale == 1.0 and dst.dtype == "bfloat16"
+    recurrent = {s.name for s in parameter_specs(dst.config) if s.mode == RECURRENT}
+    changed = {n for n in src.params if not np.array_equal(src.params[n].view(np.uint16), dst.params[n].view(np.uint16))}
+    assert changed and changed <= recurrent
+    assert "layers.0.mixer.q_rec.weight" in changed and "layers.1.mixer.a_proj.weight" in changed
+    tokens = torch.from_numpy(np.random.default_rng(1).integers(0, 260, (2, 40)))
+    with torch.no_grad():
+        before = OryxModel.from_checkpoint(workspace["src"], dtype=torch.float32)(tokens, True)
+        after = OryxModel.from_checkpoint(full_run / "model", dtype=torch.float32)(tokens, True)
+        rec_before = OryxModel.from_checkpoint(workspace["src"], dtype=torch.float32)(tokens, False)
+        rec_after = OryxModel.from_checkpoint(full_run / "model", dtype=torch.float32)(tokens, False)
+    assert torch.equal(before, after)
+    assert not torch.allclose(rec_before, rec_after)
+
+
+def test_both_stages_lower_their_losses(full_run):
+    log = records(full_run)
+    layer = [r["loss"] for r in log if r.get("stage") == "layer" and "loss" in r]
+    logits = [r["loss"] for r in log if r.get("stage") == "logits" and "loss" in r]
+    assert len(layer) == 8 and len(logits) == 8
+    assert layer[-1] < 0.7 * layer[0]
+    evals = {r["step"]: r["eval"] for r in log if "eval" in r}  # fixed windows: steps 0, 4, 8 (end of a), 12, 16
+    assert all(e["kl/attention"] == 0.0 for e in evals.values())
+    for plan in ("recurrent", "last:10%"):
+        assert evals[8][f"kl/{plan}"] < 0.9 * evals[0][f"kl/{plan}"]   # stage (a) brings the plans closer
+        assert evals[16][f"kl/{plan}"] < 0.9 * evals[8][f"kl/{plan}"]  # and stage (b) closer still
+
+
+def test_resume_is_exact(workspace, full_run):
+    out = workspace["root"] / "resumed"
+    retrofit(config(workspace, out), stop_after=10)  # two steps into stage (b)
+    assert not (out / "model").exists()
+    retrofit(config(workspace, out), resume=True)
+    assert records(out) == records(full_run)
+    a, b = load_checkpoint(out / "model").params, load_checkpoint(full_run / "model").params
+    assert all(np.array_equal(a[n].view(np.uint16), b[n].view(np.uint16)) for n in a)
+
+
+def test_student_modes_draw_each_plan():
+    modes = student_modes(np.random.default_rng(0), ["recurrent", "prefill-attention", "last:10%", "every:4:64"],
+                          64, 256)
+    kinds = {("R" if not m.any() else "A" if m.all() else "mix") for m in modes}
+    assert kinds == {"R", "mix"}
+    assert any(m[:32].all() and not m[-1] for m in modes)  # a prefill prompt: attention first, recurrent after
+    assert any(m[-25:].all() and not m[0] for m in modes)  # last:10%
+
+
+def test_cli_retrofit_and_one_line_errors(workspace, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    assert cli.main(["retrofit", str(workspace["src"]), str(dst), "--data", str(workspace["data"]), "--tokens", "64",
+                     "--seq-len", "32", "--batch-size", "2", "--device", "cpu", "--eval-batches", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 1
+    assert load_checkpoint(dst).config.recurrent_scale == 1.0
+    for argv, words in ((["--data", str(tmp_path / "nowhere"), "--tokens", "64"], "--data"),
+                        (["--data", str(workspace["data"])], "--tokens"),
+                        (["--data", str(workspace["data"]), "--tokens", "64", "--plans", "sideways"], "--student-plans")):
+        with pytest.raises(SystemExit) as e:
+            code = cli.main(["retrofit", str(workspace["src"]), str(tmp_path / "x"), *argv, "--device", "cpu"])
+            raise SystemExit(code)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err, err
