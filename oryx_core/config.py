@@ -10,6 +10,20 @@ from pathlib import Path
 MIXERS = ("gdn", "mamba2")
 CONV_ACTIVATIONS = ("silu", "none")
 O_NORM_GROUPINGS = ("head", "all")
+# Upper bounds far above any real model, so that a config can never ask for more than memory can hold
+# before its tensors are checked (n_layers 10**8 would otherwise build 10**9 tensor specs).
+INT_LIMITS = {"vocab_size": 1 << 24, "d_model": 1 << 16, "n_layers": 1 << 10, "n_heads": 1 << 12, "n_kv_heads": 1 << 12,
+              "head_dim": 1 << 12, "value_head_dim": 1 << 12, "mlp_hidden": 1 << 18, "conv_width": 64,
+              "max_context": 1 << 24}
+BOOL_FIELDS = ("rope", "tie_embeddings", "conv_bias", "gate_before_norm", "output_norm", "output_gate")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class ConfigError(ValueError):
@@ -71,26 +85,31 @@ class OryxConfig:
         problems = []
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "conv_width", "max_context"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
-        if self.value_head_dim is not None and (not isinstance(self.value_head_dim, int) or self.value_head_dim < 1):
-            problems.append(f"value_head_dim must be a positive integer or null, got {self.value_head_dim!r}")
-        if not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 0:
-            problems.append(f"mlp_hidden must be an integer >= 0, got {self.mlp_hidden!r}")
+            if not _is_int(value) or not 1 <= value <= INT_LIMITS[name]:
+                problems.append(f"{name} must be a positive integer (at most {INT_LIMITS[name]}), got {value!r:.40}")
+        if self.value_head_dim is not None and (not _is_int(self.value_head_dim)
+                                                or not 1 <= self.value_head_dim <= INT_LIMITS["value_head_dim"]):
+            problems.append(f"value_head_dim must be a positive integer (at most {INT_LIMITS['value_head_dim']}) or null, "
+                            f"got {self.value_head_dim!r:.40}")
+        if not _is_int(self.mlp_hidden) or not 0 <= self.mlp_hidden <= INT_LIMITS["mlp_hidden"]:
+            problems.append(f"mlp_hidden must be an integer >= 0 (at most {INT_LIMITS['mlp_hidden']}), got {self.mlp_hidden!r:.40}")
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {getattr(self, name)!r:.40}")
+        if not isinstance(self.extra, dict):
+            problems.append(f"extra must be an object, got {type(self.extra).__name__}")
         if self.mixer not in MIXERS:
             problems.append(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
         if self.conv_activation not in (None, *CONV_ACTIVATIONS):
             problems.append(f"conv_activation must be one of {CONV_ACTIVATIONS} or null, got {self.conv_activation!r}")
         if self.o_norm_grouping not in O_NORM_GROUPINGS:
             problems.append(f"o_norm_grouping must be one of {O_NORM_GROUPINGS}, got {self.o_norm_grouping!r}")
-        if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
+        if not (_is_real(self.norm_eps) and 0 < self.norm_eps < 1):
             problems.append(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
-        if self.recurrent_scale is not None and not (isinstance(self.recurrent_scale, (int, float))
-                                                     and not isinstance(self.recurrent_scale, bool)
-                                                     and self.recurrent_scale > 0):
+        if self.recurrent_scale is not None and not (_is_real(self.recurrent_scale) and self.recurrent_scale > 0):
             problems.append(f"recurrent_scale must be > 0 or null, got {self.recurrent_scale!r}")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            problems.append(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        if not (_is_real(self.rope_theta) and self.rope_theta > 0):
+            problems.append(f"rope_theta must be a finite number > 0, got {self.rope_theta!r:.40}")
         if not problems:
             if self.n_heads % self.n_kv_heads:
                 problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
