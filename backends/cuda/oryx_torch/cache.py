@@ -52,6 +52,9 @@ class OryxCache:
         self.length = 0  # tokens seen so far (host copy)
         # The same count on the device, per sequence: what graph-captured steps read and advance.
         self.position = torch.zeros(batch, dtype=torch.int64, device=device)
+        # True when the sequences may sit at different positions (batched serving): decoding then
+        # rotates each sequence by its own position; `length` is then only a bound.
+        self.ragged = False
 
     @property
     def has_kv(self) -> bool:

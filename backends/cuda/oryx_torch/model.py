@@ -265,9 +265,9 @@ class OryxMixer(nn.Module):
 
             return ssd_decode_step(r["q"], r["k"], r["v"], r["dt"], r["A"], r["D"], state, **append)
         if has_kv:
-            slot = position[:1]  # every sequence of a cache is at the same position
-            layer_cache.keys.index_copy_(2, slot, keys[:, :, None].to(layer_cache.keys.dtype))
-            layer_cache.values.index_copy_(2, slot, values[:, :, None].to(layer_cache.values.dtype))
+            rows = torch.arange(keys.shape[0], device=keys.device)
+            layer_cache.keys[rows, :, position] = keys.to(layer_cache.keys.dtype)  # sequence b at its position[b]
+            layer_cache.values[rows, :, position] = values.to(layer_cache.values.dtype)
         one = {name: t[:, None] for name, t in r.items() if name not in ("A", "D")}  # [B, 1, ...]: one token
         if self.cfg.mixer == "gdn":
             o, final = naive_recurrent_gated_delta_rule(one["q"], one["k"], one["v"], one["g"], one["beta"],
@@ -445,7 +445,11 @@ class OryxModel(nn.Module):
 
         Advances cache.position on the device; the caller advances cache.length.
         """
-        rope = self._rope(cache.position[:1])
+        if cache.ragged:  # sequences at different positions: one RoPE row per sequence, [B, 1, d]
+            rope = self._rope(cache.position)
+            rope = None if rope is None else (rope[0][:, None], rope[1][:, None])
+        else:
+            rope = self._rope(cache.position[:1])
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             x = layer.step(x, modes, rope, cache.layers[i], cache.position, attend)

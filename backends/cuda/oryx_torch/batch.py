@@ -1,0 +1,322 @@
+"""Batched generation on the PyTorch backend: many sequences, one decode step for all of them.
+
+    gen = BatchGenerator(model, max_batch=16)
+    a = gen.add(SequenceRequest(prompt_ids=[...], max_new_tokens=64, plan="prefill-attention"))
+    b = gen.add(SequenceRequest(prompt_ids=[...], max_new_tokens=8, plan="recurrent", stop_token_ids={2}))
+    while gen.active:
+        for event in gen.step():          # one token per live sequence
+            print(event.sequence, event.token, event.finish_reason)
+
+Layout: one OryxCache of `max_batch` rows and `capacity` tokens, marked ragged (each row at
+its own position). Live sequences occupy rows 0..n-1; when one finishes, the last live row
+is copied into its place, so a decode step always runs rows 0..bucket-1, where bucket is the
+smallest power of two >= n (padding rows are decoded too, at position 0, and ignored). On
+CUDA each (bucket, attention on/off) step is captured once into a CUDA graph and replayed.
+
+A new sequence is prefilled alone into its row (the parallel form, through a one-row view
+of the batch cache), so prompts of any length join at any step. Its modes come from its
+own plan, resolved over prompt + max_new_tokens as `generate_tokens` resolves it, and its
+sampling (temperature, top-k, top-p, seed) uses its own generator, so a sequence gets the
+tokens it would get alone. The KV cache is kept for every row (a row's memory is the
+batch's; the `drop` policy has nothing to free per sequence).
+
+Prompt cache: `add(..., reuse=True)` looks for a saved row whose tokens are a prefix of
+the new prompt (a chat's previous turn) and prefills only the rest; `finish` saves the
+row of a finished sequence when asked (`keep_state=True`). Every token fed to the model
+is in a saved row; the last sampled token is not.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from oryx_core.plan import ModePlan
+
+from .cache import LayerCache, OryxCache
+from oryx_core.generation import SamplingParams
+
+from .generate import sample
+
+
+@dataclass
+class SequenceRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int = 256
+    plan: str | ModePlan = "prefill-attention"
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: set[int] = field(default_factory=set)
+    keep_state: bool = False  # save the row for a later prompt that extends this sequence
+
+
+@dataclass
+class TokenEvent:
+    sequence: int
+    token: int
+    finish_reason: str | None  # "stop_token" (this token is a stop id), "length", "cancelled" or None
+
+
+@dataclass
+class _Sequence:
+    sid: int
+    request: SequenceRequest
+    modes: torch.Tensor  # bool [prompt + max_new_tokens] on the host
+    prompt_length: int
+    generator: torch.Generator
+    fed: list[int]  # every token in the row's cache
+    pending: int = -1  # sampled, not yet handed out nor fed
+    generated: int = 0
+    reused_tokens: int = 0
+
+
+def _row_view(cache: OryxCache, rows: slice) -> OryxCache:
+    """An OryxCache whose tensors are views of `rows` of `cache` (writes land in the batch cache)."""
+    view = OryxCache.__new__(OryxCache)
+    view.cfg, view.capacity = cache.cfg, cache.capacity
+    view.batch = len(range(*rows.indices(cache.batch)))
+    view.layers = []
+    for layer in cache.layers:
+        lv = LayerCache.__new__(LayerCache)
+        lv.keys = None if layer.keys is None else layer.keys[rows]
+        lv.values = None if layer.values is None else layer.values[rows]
+        lv.conv = {name: t[rows] for name, t in layer.conv.items()}
+        lv.recurrent = layer.recurrent[rows]
+        view.layers.append(lv)
+    view.position = cache.position[rows]
+    view.length = 0
+    view.ragged = True
+    return view
+
+
+@dataclass
+class _Saved:
+    ids: list[int]
+    tensors: list[torch.Tensor]  # per layer: keys[:n], values[:n], conv k, v, q, recurrent state (one row)
+
+
+class BatchGenerator:
+    """Sequences of different lengths, plans and stop conditions decoded together (module docstring)."""
+
+    def __init__(self, model, max_batch: int = 16, capacity: int | None = None, cuda_graphs: bool = True,
+                 saved_rows: int = 8):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model
+        self.capacity = capacity or model.cfg.max_context
+        self.max_batch = max_batch
+        self.cache = model.make_cache(max_batch, self.capacity)
+        self.cache.ragged = True
+        self.rows: list[_Sequence] = []  # row i holds self.rows[i]
+        self.by_id: dict[int, _Sequence] = {}
+        self.next_id = 0
+        self.use_graphs = cuda_graphs and model.device.type == "cuda"
+        self.views: dict[int, OryxCache] = {}
+        self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.warmed: set[tuple[int, bool]] = set()
+        self.saved: OrderedDict[int, _Saved] = OrderedDict()
+        self.saved_rows = saved_rows
+        self.next_saved = 0
+
+    # -- public --
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    @property
+    def free(self) -> int:
+        return self.max_batch - len(self.rows)
+
+    def add(self, request: SequenceRequest, reuse: bool = False) -> int:
+        """Prefills a new sequence into a free row and samples its first token; returns its id."""
+        ids = [int(t) for t in request.prompt_ids]
+        if not ids:
+            raise ValueError("prompt: needs at least one token")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        SamplingParams(request.temperature, request.top_k, request.top_p, 1.0, request.seed)  # checks them
+        if len(ids) + request.max_new_tokens > self.capacity:
+            raise ValueError(f"prompt: {len(ids)} tokens + max_new_tokens {request.max_new_tokens} exceed the "
+                             f"context of {self.capacity} tokens")
+        if self.free == 0:
+            raise RuntimeError("batch: every row is taken; wait for a sequence to finish")
+        plan = ModePlan.parse(request.plan)
+        P = len(ids)
+        modes = plan.resolve(P + request.max_new_tokens, prompt_length=P)
+        modes = torch.as_tensor(modes, dtype=torch.bool)
+        model, row = self.model, len(self.rows)
+        generator = torch.Generator(device=model.device).manual_seed(request.seed)
+        seq = _Sequence(self.next_id, request, modes, P, generator, [])
+        self.next_id += 1
+        with torch.inference_mode():
+            self._clear_row(row)
+            view = _row_view(self.cache, slice(row, row + 1))
+            start = self._restore(view, ids) if reuse else 0
+            view.length = start
+            if start:
+                view.position.fill_(start)
+            logits = model(torch.tensor([ids[start:]]), modes[None, start:P], cache=view)[:, -1]
+            seq.reused_tokens = start
+            seq.fed = list(ids)
+            seq.pending = int(sample(logits, request.temperature, request.top_k, request.top_p, generator)[0])
+        self.rows.append(seq)
+        self.by_id[seq.sid] = seq
+        return seq.sid
+
+    def step(self) -> list[TokenEvent]:
+        """Hands out every live sequence's pending token; decodes one step for those that go on."""
+        events, going = [], []
+        for seq in list(self.rows):
+            token = seq.pending
+            seq.generated += 1
+            if token in seq.request.stop_token_ids:
+                events.append(TokenEvent(seq.sid, token, "stop_token"))
+                self._finish(seq)
+            elif seq.generated >= seq.request.max_new_tokens:
+                events.append(TokenEvent(seq.sid, token, "length"))
+                self._finish(seq)
+            else:
+                events.append(TokenEvent(seq.sid, token, None))
+                going.append(seq)
+        if going:
+            self._decode()
+        return events
+
+    def cancel(self, sid: int) -> None:
+        """Ends a sequence now (e.g. its client went away); its row is freed, nothing is saved."""
+        seq = self.by_id.get(sid)
+        if seq is not None:
+            seq.request.keep_state = False
+            self._finish(seq)
+
+    def state_of(self, sid: int) -> _Sequence | None:
+        return self.by_id.get(sid)
+
+    # -- decoding --
+    def _decode(self) -> None:
+        n = len(self.rows)
+        bucket = 1 << (n - 1).bit_length() if self.use_graphs else n
+        bucket = min(bucket, self.max_batch)
+        tokens = torch.zeros(bucket, dtype=torch.long)
+        modes = torch.zeros(bucket, dtype=torch.bool)
+        for i, seq in enumerate(self.rows):
+            tokens[i] = seq.pending
+            modes[i] = seq.modes[len(seq.fed)]
+        attend = bool(modes.any())
+        with torch.inference_mode():
+            if bucket > n:
+                self.cache.position[n:bucket].zero_()  # padding rows stay inside the cache
+            logits = self._run(bucket, tokens, modes, attend)[:n]
+            for i, seq in enumerate(self.rows):
+                seq.fed.append(seq.pending)
+                r = seq.request
+                seq.pending = int(sample(logits[i:i + 1], r.temperature, r.top_k, r.top_p, seq.generator)[0])
+
+    def _run(self, bucket: int, tokens, modes, attend: bool) -> torch.Tensor:
+        model = self.model
+        if bucket not in self.views:
+            self.views[bucket] = _row_view(self.cache, slice(0, bucket))
+            self.inputs[bucket] = (torch.zeros(bucket, dtype=torch.long, device=model.device),
+                                   torch.zeros(bucket, dtype=torch.bool, device=model.device))
+        view = self.views[bucket]
+        token_buf, mode_buf = self.inputs[bucket]
+        token_buf.copy_(tokens)
+        mode_buf.copy_(modes)
+        key = (bucket, attend)
+        if not self.use_graphs:
+            return model.decode_step(token_buf, mode_buf, view, attend)
+        if key in self.graphs:
+            graph, logits = self.graphs[key]
+            graph.replay()
+            return logits
+        if key in self.warmed:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = model.decode_step(token_buf, mode_buf, view, attend)
+            self.graphs[key] = (graph, logits)
+            graph.replay()
+            return logits
+        self.warmed.add(key)
+        return model.decode_step(token_buf, mode_buf, view, attend)
+
+    # -- rows --
+    def _row_tensors(self, row: int) -> list[torch.Tensor]:
+        out = []
+        for layer in self.cache.layers:
+            out += [layer.keys[row], layer.values[row], *(t[row] for t in layer.conv.values()), layer.recurrent[row]]
+        return out
+
+    def _clear_row(self, row: int) -> None:
+        for layer in self.cache.layers:
+            for t in layer.conv.values():
+                t[row].zero_()
+            layer.recurrent[row].zero_()
+        self.cache.position[row] = 0
+
+    def _finish(self, seq: _Sequence) -> None:
+        row = self.rows.index(seq)
+        if seq.request.keep_state:
+            self._save(row, seq.fed)
+        last = len(self.rows) - 1
+        if row != last:
+            with torch.inference_mode():
+                for dst, src in zip(self._row_tensors(row), self._row_tensors(last)):
+                    dst.copy_(src)
+                self.cache.position[row] = self.cache.position[last]
+            self.rows[row] = self.rows[last]
+        self.rows.pop()
+        del self.by_id[seq.sid]
+
+    def _save(self, row: int, ids: list[int]) -> None:
+        n = len(ids)
+        with torch.inference_mode():
+            tensors = []
+            for layer in self.cache.layers:
+                tensors += [layer.keys[row, :, :n].clone(), layer.values[row, :, :n].clone(),
+                            *(t[row].clone() for t in layer.conv.values()), layer.recurrent[row].clone()]
+        self.saved[self.next_saved] = _Saved(list(ids), tensors)
+        self.next_saved += 1
+        while len(self.saved) > self.saved_rows:
+            self.saved.popitem(last=False)
+
+    def _restore(self, view: OryxCache, ids: list[int]) -> int:
+        """Loads the longest saved row whose tokens are a proper prefix of ids into `view`; returns its length."""
+        best, best_key = None, None
+        for key, saved in self.saved.items():
+            n = len(saved.ids)
+            if n < len(ids) and ids[:n] == saved.ids and (best is None or n > len(best.ids)):
+                best, best_key = saved, key
+        if best is None:
+            return 0
+        del self.saved[best_key]  # the row now continues elsewhere; a finished turn saves it again
+        n, it = len(best.ids), iter(best.tensors)
+        for layer in view.layers:
+            layer.keys[0, :, :n].copy_(next(it))
+            layer.values[0, :, :n].copy_(next(it))
+            for t in layer.conv.values():
+                t[0].copy_(next(it))
+            layer.recurrent[0].copy_(next(it))
+        return n
+
+
+def generate_batch(model, requests: list[SequenceRequest], max_batch: int | None = None,
+                   capacity: int | None = None, cuda_graphs: bool = True) -> list[list[int]]:
+    """Every request's generated tokens (a final stop token included), decoding them together;
+    requests beyond max_batch join as rows free up."""
+    if capacity is None:
+        capacity = max(len(r.prompt_ids) + r.max_new_tokens for r in requests) if requests else 1
+    gen = BatchGenerator(model, max_batch or max(1, len(requests)), capacity, cuda_graphs)
+    out: dict[int, list[int]] = {}
+    order, waiting = [], list(requests)
+    while waiting or gen.active:
+        while waiting and gen.free:
+            sid = gen.add(waiting.pop(0))
+            order.append(sid)
+            out[sid] = []
+        for event in gen.step():
+            out[event.sequence].append(event.token)
+    return [out[sid] for sid in order]
