@@ -6,9 +6,8 @@
 Compiles each kernel of chunk.py (or of another version of it, --chunk-py) ahead of time for
 sm_90a with Triton's own ptxas, at the launch shape chunk._launch_args gives it, the flags of a
 training forward and backward, and the 16-byte pointer alignment a real launch sees; prints what
-ptxas reports. Spills are what held back the fused backward on the H200 (docs/benchmarks.md,
-"The backward kernel without spills"), so this is the check between GPU runs; only a GPU can
-say whether a change is faster.
+ptxas reports. Spills slow the backward kernels down, so this is the check between GPU runs
+(docs/benchmarks.md, "GDN launch shapes"); only a GPU can say whether a change is faster.
 """
 import argparse
 import importlib.util
