@@ -177,10 +177,11 @@ def load_checkpoint(path: str | Path, verify_checksums: bool = True) -> Checkpoi
     params = {}
     for shard, header, data_start in headers.values():
         params.update(read_tensors(shard, header, data_start))
-    tok = path / TOKENIZER_FILE
-    extra = {TOKENIZER_FILE: tok.read_bytes()} if tok.exists() else {}
-    if (path / TOKENIZER_CONFIG_FILE).exists():
-        extra[TOKENIZER_CONFIG_FILE] = (path / TOKENIZER_CONFIG_FILE).read_bytes()
+    extra = {}
+    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+        if (path / name).exists() or (path / name).is_symlink():
+            with open_regular(member(path, name, str(path))) as f:
+                extra[name] = f.read()
     return Checkpoint(cfg, params, meta.get("dtype", "float32"), quantization, path, extra)
 
 
