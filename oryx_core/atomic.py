@@ -28,7 +28,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -50,7 +50,7 @@ _LEGACY = re.compile(r"^\.(?P<name>.+)\.(old-\d+|[A-Za-z0-9_]{8}\.tmp)$")  # nam
 PAUSE_ENV = "ORYX_PAUSE_AT"  # "POINT:MARKER_FILE": stop at that point of a save so tests can kill -9 it there
 
 
-def _temp_prefix(dst: Path) -> str:
+def temp_prefix(dst: Path) -> str:
     return f".{dst.name}.{TEMP_TAG}-{os.getpid()}-"
 
 
@@ -181,7 +181,7 @@ def atomic_directory(dst: str | Path, fill, report=_say) -> Path:
     guard_replacement(dst)  # an existing dst that is not an Oryx artifact needs --force (replacing_allowed)
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(dst, report)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=_temp_prefix(dst)))
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=temp_prefix(dst)))
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is an ordinary directory
         fill(tmp)

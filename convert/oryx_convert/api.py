@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from oryx_core.chat import read_tokenizer_config, tokenizer_config_from_gguf, tokenizer_config_from_hf
+from oryx_core.atomic import temp_prefix
 from oryx_core.config import MIXERS
 from oryx_core.safetensors_io import FormatError
 from oryx_core.weights import (DEFAULT_SHARD_BYTES, FLOAT_DTYPES, TOKENIZER_FILE, check_against_spec, load_checkpoint,
@@ -133,7 +134,7 @@ def _write(model: ConvertedModel, dst: Path, to_kind: str, plan: str, shard_byte
     from oryx_mlx.export import export_mlx_lm
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=temp_prefix(dst)) as tmp:  # a killed run's is cleaned up
         staged = _write(model, Path(tmp) / "checkpoint", "oryx", plan, shard_bytes, tokenizer_config)
         return export_mlx_lm(staged, dst, plan=plan)
 

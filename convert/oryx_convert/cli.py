@@ -4,15 +4,21 @@ torch and mlx are imported only when a conversion needs them, so `oryx --help` w
 """
 from __future__ import annotations
 
-from oryx_core.cli import emit
+from oryx_core.argtypes import non_negative_int
+from oryx_core.cli import FORCE_FLAG, emit
+from oryx_core.output import check_output, replacing_allowed
+
+OUTPUT_KINDS = {"oryx": "checkpoint", "torch": "torch", "mlx": "mlx", "mlx-lm": "mlx-lm"}
 
 
 def cmd_convert(args) -> None:
     from .api import convert
 
-    out = convert(args.src, args.dst, from_kind=args.from_kind, to_kind=args.to_kind, dtype=args.dtype,
-                  quantize=args.quantize, group_size=args.group_size, mixer=args.mixer, seed=args.seed,
-                  dequantize=args.dequantize, plan=args.plan)
+    check_output(args.dst, OUTPUT_KINDS[args.to_kind], [("SRC", args.src)], args.force, "DST")
+    with replacing_allowed(args.dst if args.force else None):
+        out = convert(args.src, args.dst, from_kind=args.from_kind, to_kind=args.to_kind, dtype=args.dtype,
+                      quantize=args.quantize, group_size=args.group_size, mixer=args.mixer, seed=args.seed,
+                      dequantize=args.dequantize, plan=args.plan)
     size = sum(f.stat().st_size for f in out.iterdir())
     emit(args, {"path": str(out), "from": args.from_kind, "to": args.to_kind, "dtype": args.dtype,
                 "quantize": args.quantize, "size_on_disk_bytes": size},
@@ -42,7 +48,9 @@ def register(subparsers) -> None:
     p.add_argument("--dequantize", action="store_true", help="expand an MLX-quantised source to float weights first")
     p.add_argument("--mixer", choices=["gdn", "mamba2"], default="gdn",
                    help="recurrent mixer given to a Llama import (default gdn)")
-    p.add_argument("--seed", type=int, default=0, help="seed of a Llama import's initialised recurrent gates (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of a Llama import's initialised recurrent gates (default 0)")
     p.add_argument("--plan", default="attention", help="mode plan of an --to mlx-lm export (default attention)")
+    p.add_argument("--force", **FORCE_FLAG)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_convert)

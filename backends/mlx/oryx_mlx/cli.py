@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from oryx_core.cli import emit
+from oryx_core.cli import FORCE_FLAG, emit
+from oryx_core.output import check_output, replacing_allowed
 
 
 def cmd_quantize(args) -> None:
@@ -12,11 +13,13 @@ def cmd_quantize(args) -> None:
     from .generate import load_model
     from .quantize import quantize_model, save_quantized
 
+    check_output(args.out, "checkpoint", [("PATH", args.path)], args.force)
     model = load_model(args.path, args.dtype)
     quantize_model(model, args.bits, args.group_size)
     tokenizer = Path(args.path) / TOKENIZER_FILE
-    out = save_quantized(model, args.out, args.bits, args.group_size,
-                         tokenizer.read_text() if tokenizer.exists() else None)
+    with replacing_allowed(args.out if args.force else None):
+        out = save_quantized(model, args.out, args.bits, args.group_size,
+                             tokenizer.read_text() if tokenizer.exists() else None)
     size = sum(f.stat().st_size for f in out.iterdir())
     emit(args, {"path": str(out), "bits": args.bits, "group_size": args.group_size, "size_on_disk_bytes": size},
          [f"wrote {out}: {args.bits}-bit, groups of {args.group_size}, {size / 2**20:.2f} MiB on disk"])
@@ -25,7 +28,9 @@ def cmd_quantize(args) -> None:
 def cmd_export_mlx_lm(args) -> None:
     from .export import export_mlx_lm
 
-    out = export_mlx_lm(args.path, args.out, plan=args.plan, bits=args.bits, group_size=args.group_size)
+    check_output(args.out, "mlx-lm", [("PATH", args.path)], args.force)
+    with replacing_allowed(args.out if args.force else None):
+        out = export_mlx_lm(args.path, args.out, plan=args.plan, bits=args.bits, group_size=args.group_size)
     emit(args, {"path": str(out), "plan": args.plan, "bits": args.bits},
          [f"wrote {out} (plan {args.plan}); load it with mlx_lm.load({str(out)!r}, trust_remote_code=True)"])
 
@@ -44,6 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128], help="weights per scale (default 64)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="dtype of scales, biases and unquantised tensors (default: as stored)")
+    p.add_argument("--force", **FORCE_FLAG)
     p.add_argument("--json", **json_flag)
     p.set_defaults(func=cmd_quantize)
 
@@ -56,5 +62,6 @@ def register(subparsers) -> None:
                    help="mode plan mlx-lm runs with: attention, recurrent, every:K:C or spans (default attention)")
     p.add_argument("--bits", type=int, choices=bits_choices, help="quantise on export")
     p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128], help="weights per scale (default 64)")
+    p.add_argument("--force", **FORCE_FLAG)
     p.add_argument("--json", **json_flag)
     p.set_defaults(func=cmd_export_mlx_lm)
