@@ -117,8 +117,9 @@ def guard_replacement(dst, kind: str | None = None, force: bool = False, flag: s
     if found is not None and (found == kind or (kind is None and found != "tokenizer")):
         return
     wanted = KINDS[kind] if kind else "an Oryx artifact"
-    raise OutputError(f"{flag + ' ' if flag else ''}{dst}: exists and is {_describe(dst)}, not {wanted}; "
-                      "pass --force to replace it (everything in it is deleted)")
+    remedy = ("pass --force to write the run into it anyway" if kind == "run"
+              else "pass --force to replace it (everything in it is deleted)")
+    raise OutputError(f"{flag + ' ' if flag else ''}{dst}: exists and is {_describe(dst)}, not {wanted}; {remedy}")
 
 
 def check_output(dst, kind: str, sources=(), force: bool = False, flag: str = "OUT") -> Path:
