@@ -21,7 +21,7 @@ from oryx_torch.kernels.gdn import chunk as chunk_module
 from oryx_torch.kernels.gdn import (chunk_gated_delta_rule, chunk_gated_delta_rule_torch,
                                    fused_recurrent_gated_delta_rule, gated_delta_rule_decode_step,
                                    naive_recurrent_gated_delta_rule)
-from oryx_torch.kernels.gdn._inputs import random_inputs
+from gdn_inputs import random_inputs
 from profile_gdn import chunk_calls, kernel_times
 
 FAILURES = []

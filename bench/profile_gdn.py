@@ -8,7 +8,7 @@ Delta and X for the backward; its difference from the inference forward is what 
 """
 import torch
 from oryx_torch.kernels.gdn import chunk_gated_delta_rule
-from oryx_torch.kernels.gdn._inputs import random_inputs
+from gdn_inputs import random_inputs
 from triton.testing import do_bench
 
 

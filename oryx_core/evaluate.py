@@ -7,14 +7,13 @@ The reference backend lives here; `torch` and `mlx` are added by their packages.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import numpy as np
 
 from .plan import ModePlan
 from .reference import OryxReference
-from .tokenizer import byte_level_tokenizer, load_tokenizer
-from .weights import TOKENIZER_FILE, load_checkpoint, read_config
+from .tokenizer import tokenizer_for
+from .weights import load_checkpoint, read_config
 
 BACKEND_MODULES = {"reference": "oryx_core.evaluate", "torch": "oryx_torch.evaluate", "mlx": "oryx_mlx.evaluate"}
 
@@ -34,11 +33,6 @@ def backend_loader(name: str):
         extra = {"torch": "cuda", "mlx": "mlx"}.get(name, "")
         raise ValueError(f"--backend {name}: not available ({e}); install it with pip install 'oryx[{extra}]'") from None
     return module.load_for_eval
-
-
-def tokenizer_for(path):
-    path = Path(path)
-    return load_tokenizer(path) if (path / TOKENIZER_FILE).exists() else byte_level_tokenizer()
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 END_OF_TEXT = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"  # a checkpoint directory's tokenizer
 
 
 def _byte_symbols() -> list[str]:
@@ -34,13 +35,19 @@ def byte_level_tokenizer() -> Tokenizer:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer from a tokenizer.json file or a checkpoint directory holding one."""
     path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
+    file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"{path}: no tokenizer.json")
     try:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # the tokenizers library raises a bare Exception on bad files
         raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
+
+
+def tokenizer_for(path: str | Path) -> Tokenizer:
+    """The tokenizer of a checkpoint directory: its tokenizer.json, else the byte-level default."""
+    path = Path(path)
+    return load_tokenizer(path) if (path / TOKENIZER_FILE).exists() else byte_level_tokenizer()
 
 
 def end_of_text_id(tok: Tokenizer) -> int | None:

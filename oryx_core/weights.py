@@ -24,11 +24,11 @@ from .config import ConfigError, OryxConfig
 from .files import check_file_name, member, open_regular, read_json_object
 from .safetensors_io import DTYPES, FormatError, dtype_name, encode, load_file, read_header, read_tensors
 from .spec import parameter_specs
+from .tokenizer import TOKENIZER_FILE
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # HF-style: chat template and end-of-turn ids (oryx_core.chat)
 DEFAULT_SHARD_BYTES = 16 * 1024 * 1024
 FORMAT_KEYS = ("format", "format_version", "dtype", "quantization", "architectures", "model_type")

@@ -125,7 +125,7 @@ def test_gdn_bf16_emulation_is_the_kernel_math_and_rounds_like_bf16(monkeypatch)
 
     import gdn_bf16_emulation as emulation
     from oryx_torch.kernels.gdn import chunk_gated_delta_rule_torch
-    from oryx_torch.kernels.gdn._inputs import random_inputs
+    from gdn_inputs import random_inputs
 
     inputs = random_inputs(2, 64, 3, 32, 64, torch.float64, seed=4, with_state=False)[:5]
 

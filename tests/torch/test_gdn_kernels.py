@@ -15,7 +15,7 @@ from oryx_torch.kernels.gdn import (  # noqa: E402
     gated_delta_rule,
     naive_recurrent_gated_delta_rule,
 )
-from oryx_torch.kernels.gdn._inputs import random_inputs  # noqa: E402
+from gdn_inputs import random_inputs  # noqa: E402
 
 F64 = torch.float64
 

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from oryx_torch.kernels.gdn import naive_recurrent_gated_delta_rule  # noqa: E402
-from oryx_torch.kernels.gdn._inputs import random_inputs  # noqa: E402
+from gdn_inputs import random_inputs  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs inside the TRITON_INTERPRET=1 subprocess")
 

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from oryx_core.evaluate import tokenizer_for
+from oryx_core.tokenizer import tokenizer_for
 from oryx_core.tokenizer import END_OF_TEXT, end_of_text_id
 from oryx_core.atomic import atomic_directory
 from oryx_core.weights import INDEX_FILE, TOKENIZER_FILE, load_checkpoint

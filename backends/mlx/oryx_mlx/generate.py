@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from oryx_core.plan import ModePlan
 from oryx_core.tokenizer import end_of_text_id
-from oryx_core.evaluate import tokenizer_for
+from oryx_core.tokenizer import tokenizer_for
 from oryx_core.weights import load_checkpoint
 
 from .cache import DROP_POLICIES, cache_offset, drop_kv, drop_recurrent

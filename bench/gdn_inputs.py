@@ -1,0 +1,1 @@
+../tests/torch/gdn_inputs.py
