@@ -32,6 +32,11 @@ INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # HF-style: chat template and end-of-turn ids (oryx_core.chat)
 DEFAULT_SHARD_BYTES = 16 * 1024 * 1024
 FORMAT_KEYS = ("format", "format_version", "dtype", "quantization", "architectures", "model_type")
+# What a checkpoint exported for transformers adds to config.json (oryx_torch.hf): the HF spellings of
+# config fields, auto_map and the default plan; Oryx reads its own keys and passes over these.
+HF_CONFIG_KEYS = ("auto_map", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "intermediate_size", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+                  "oryx_plan", "transformers_version", "torch_dtype", "bos_token_id", "eos_token_id")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 QUANT_BITS = (2, 3, 4, 5, 6, 8)  # what MLX's affine quantisation packs
 QUANT_GROUP_SIZES = (32, 64, 128)
@@ -137,6 +142,8 @@ def read_config(path: str | Path) -> tuple[OryxConfig, dict]:
     if version != FORMAT_VERSION:
         raise FormatError(f"{cfg_path}: unknown format_version {version!r} (this Oryx reads {FORMAT_VERSION})")
     meta = {k: raw.pop(k) for k in FORMAT_KEYS if k in raw}
+    for key in HF_CONFIG_KEYS:
+        raw.pop(key, None)
     try:
         cfg = OryxConfig.from_dict(raw, str(cfg_path))
     except ConfigError as e:

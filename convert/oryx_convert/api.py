@@ -3,7 +3,8 @@
 Source kinds: oryx (an Oryx checkpoint), torch / mlx (the containers of oryx_convert.backends),
 llama (a Hugging Face LlamaForCausalLM directory), gguf (a llama.cpp Llama GGUF file),
 fla-gdn (fla's GatedDeltaNetForCausalLM directory), mamba2 (mamba-ssm's MambaLMHeadModel
-directory with Mamba-2 layers). Target kinds: oryx, torch, mlx, mlx-lm.
+directory with Mamba-2 layers). Target kinds: oryx, torch, mlx, mlx-lm, hf (an Oryx checkpoint that
+transformers' AutoModelForCausalLM also loads, oryx_torch.hf).
 
 Every target is written through an atomic directory, after the whole model was read and
 validated, so a failed conversion leaves nothing at dst.
@@ -48,7 +49,7 @@ SOURCE_KINDS = {
     "fla-gdn": lambda src, **_: import_fla_gdn(src),
     "mamba2": lambda src, **_: import_mamba2(src),
 }
-TARGET_KINDS = ("oryx", "torch", "mlx", "mlx-lm")
+TARGET_KINDS = ("oryx", "torch", "mlx", "mlx-lm", "hf")  # hf: an Oryx checkpoint transformers also loads
 CONTAINER_FORMATS = {"oryx": "oryx", backends.TORCH_FORMAT: "torch", backends.MLX_FORMAT: "mlx"}
 HF_MODEL_TYPES = {"llama": "llama", "gated_deltanet": "fla-gdn"}
 
@@ -95,8 +96,8 @@ def _check_options(src: Path, dst: Path, from_kind: str, to_kind: str, dtype, qu
         raise ValueError(f"--quantize must be one of {QUANT_BITS} bits, got {quantize!r}")
     if group_size not in GROUP_SIZES:
         raise ValueError(f"--group-size must be one of {GROUP_SIZES}, got {group_size!r}")
-    if quantize is not None and to_kind == "torch":
-        raise ValueError("--quantize: MLX quantisation cannot be stored for --to torch")
+    if quantize is not None and to_kind in ("torch", "hf"):
+        raise ValueError(f"--quantize: MLX quantisation cannot be stored for --to {to_kind}")
     if mixer not in MIXERS:
         raise ValueError(f"--mixer must be one of {', '.join(MIXERS)}, got {mixer!r}")
     if src.resolve() == dst.resolve():
@@ -127,6 +128,10 @@ def _write(model: ConvertedModel, dst: Path, to_kind: str, plan: str, shard_byte
         return save_checkpoint(dst, model.config, model.params, tokenizer_json=model.tokenizer_json,
                                quantization=model.quantization, shard_bytes=shard_bytes,
                                tokenizer_config=tokenizer_config)
+    if to_kind == "hf":
+        from oryx_torch.hf import add_hf_files
+
+        return add_hf_files(_write(model, dst, "oryx", plan, shard_bytes, tokenizer_config), plan)
     if to_kind == "torch":
         return backends.write_torch_dir(dst, model, shard_bytes)
     if to_kind == "mlx":

@@ -8,7 +8,7 @@ from oryx_core.argtypes import non_negative_int
 from oryx_core.cli import FORCE_FLAG, emit
 from oryx_core.output import check_output, replacing_allowed
 
-OUTPUT_KINDS = {"oryx": "checkpoint", "torch": "torch", "mlx": "mlx", "mlx-lm": "mlx-lm"}
+OUTPUT_KINDS = {"oryx": "checkpoint", "torch": "torch", "mlx": "mlx", "mlx-lm": "mlx-lm", "hf": "checkpoint"}
 
 
 def cmd_convert(args) -> None:
@@ -50,7 +50,7 @@ def register(subparsers) -> None:
                    help="recurrent mixer given to a Llama import (default gdn)")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of a Llama import's initialised recurrent gates (default 0)")
-    p.add_argument("--plan", default="attention", help="mode plan of an --to mlx-lm export (default attention)")
+    p.add_argument("--plan", default="attention", help="mode plan of an --to mlx-lm or hf export (default attention)")
     p.add_argument("--force", **FORCE_FLAG)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_convert)

@@ -1,0 +1,133 @@
+"""Oryx through transformers: AutoModelForCausalLM on an exported checkpoint, logits, loss, generate, Trainer, save_pretrained."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from oryx_core.config import OryxConfig  # noqa: E402
+from oryx_core.weights import load_checkpoint  # noqa: E402
+from oryx_torch.hf import export_hf_model  # noqa: E402
+from oryx_torch.model import OryxModel  # noqa: E402
+
+TINY = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_hidden=64, max_context=64)
+
+
+@pytest.fixture(scope="module", params=["gdn", "mamba2"])
+def exported(request, tmp_path_factory):
+    model = OryxModel(OryxConfig(**TINY, mixer=request.param), seed=3).eval()
+    path = tmp_path_factory.mktemp(f"hf-{request.param}") / "ckpt"
+    export_hf_model(model, path, plan="prefill-attention")
+    return model, path
+
+
+def load_hf(path, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kwargs)
+
+
+@pytest.mark.parametrize("plan, modes", [("attention", [True] * 11), ("recurrent", [False] * 11),
+                                         ("A:0-4,R:4-8,A:8-", [True] * 4 + [False] * 4 + [True] * 3)])
+def test_transformers_logits_equal_oryx(exported, plan, modes):
+    from transformers import AutoConfig
+
+    model, path = exported
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    assert (config.hidden_size, config.num_hidden_layers, config.oryx_plan) == (32, 2, "prefill-attention")
+    hf = load_hf(path)
+    assert type(hf).__name__ == "OryxForCausalLM"
+    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, 97, size=(2, 11)))
+    with torch.no_grad():
+        ours = model(tokens, torch.tensor(modes))
+        theirs = hf(tokens, plan=plan).logits
+    assert theirs.shape == (2, 11, 97)
+    assert (theirs - ours).abs().max().item() <= 1e-5
+    assert (hf(tokens, plan="recurrent").logits - hf(tokens, plan="attention").logits).abs().max() > 1e-3
+
+
+def test_labels_give_the_shifted_next_token_loss(exported):
+    _, path = exported
+    hf = load_hf(path)
+    tokens = torch.from_numpy(np.random.default_rng(1).integers(0, 97, size=(2, 9)))
+    labels = tokens.clone()
+    labels[1, 5:] = -100
+    out = hf(tokens, labels=labels, plan="attention")
+    logits = out.logits.double()
+    picked = [(b, t) for b in range(2) for t in range(8) if labels[b, t + 1] != -100]
+    expected = -np.mean([torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]].item() for b, t in picked])
+    assert abs(out.loss.item() - expected) < 1e-5
+
+
+def test_generate_with_cache_equals_recomputation_and_oryx_greedy(exported):
+    model, path = exported
+    hf = load_hf(path)
+    prompt = torch.tensor([[5, 17, 42, 8, 61, 3]])
+    for plan in ("attention", "recurrent", "prefill-attention"):
+        cached = hf.generate(prompt, max_new_tokens=6, do_sample=False, plan=plan)
+        recomputed = hf.generate(prompt, max_new_tokens=6, do_sample=False, plan=plan, use_cache=False)
+        assert torch.equal(cached, recomputed), plan
+        tokens = prompt[0].tolist()  # greedy by hand on the Oryx model, the whole sequence each step
+        for _ in range(6):
+            modes = {"attention": True, "recurrent": False}.get(plan)
+            modes = torch.arange(len(tokens)) < prompt.shape[1] if modes is None else modes
+            with torch.no_grad():
+                tokens.append(int(model(torch.tensor([tokens]), modes)[0, -1].argmax()))
+        assert cached[0].tolist() == tokens, plan
+
+
+def test_save_pretrained_round_trips_bit_exactly_and_oryx_loads_it(exported, tmp_path):
+    model, path = exported
+    hf = load_hf(path, dtype=torch.bfloat16)
+    hf.save_pretrained(tmp_path / "again")
+    again = load_checkpoint(tmp_path / "again")  # Oryx reads an exported checkpoint like any other
+    assert again.dtype == "bfloat16"
+    for name, p in hf.model.named_parameters():
+        np.testing.assert_array_equal(again.params[name].view(np.uint16), p.detach().view(torch.int16).numpy().view(np.uint16))
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_oryx.OryxForCausalLM"
+    reloaded = load_hf(tmp_path / "again")
+    assert reloaded.model.embed.weight.dtype == torch.bfloat16
+    assert torch.equal(reloaded.model.embed.weight, hf.model.embed.weight)
+
+
+def test_trainer_runs_two_steps(exported, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    _, path = exported
+    hf = load_hf(path)
+    hf.config.oryx_plan = "A:0-8,R:8-"  # both modes train (the plan also applies without a cache)
+    hf.train()
+    before = {n: p.detach().clone() for n, p in hf.named_parameters()}
+    rng = np.random.default_rng(2)
+    data = [{"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(ids)}
+            for ids in rng.integers(0, 97, size=(8, 16))]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1,
+                             disable_tqdm=True)
+    trainer = Trainer(model=hf, args=args, train_dataset=data)
+    result = trainer.train()
+    assert result.global_step == 2 and np.isfinite(result.training_loss) and result.training_loss > 3.0
+    changed = [n for n, p in hf.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert "model.embed.weight" in changed and len(changed) == len(before)
+    trainer.save_model(str(tmp_path / "trained"))
+    saved = load_checkpoint(tmp_path / "trained")
+    np.testing.assert_array_equal(saved.params["embed.weight"], hf.model.embed.weight.detach().numpy())
+
+
+def test_oryx_convert_to_hf_writes_a_checkpoint_both_load(exported, tmp_path):
+    from oryx_convert.api import convert
+
+    model, path = exported
+    out = convert(path, tmp_path / "hf", to_kind="hf", plan="recurrent")
+    assert {"configuration_oryx.py", "modeling_oryx.py"} <= {f.name for f in out.iterdir()}
+    hf = load_hf(out)
+    assert hf.config.oryx_plan == "recurrent"
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens, False)).abs().max().item() <= 1e-5
+    assert load_checkpoint(out).config == model.cfg
