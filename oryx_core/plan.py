@@ -127,27 +127,47 @@ class ModePlan:
         """Boolean [length]: True where the token runs in attention mode."""
         if length < 0:
             raise PlanError(f"plan {self}: negative length {length}")
-        t = np.arange(length)
+        return self.resolve_window(0, length, length, prompt_length)
+
+    @property
+    def needs_length(self) -> bool:
+        """Whether a token's mode depends on the sequence's final length (last:), not only on its position."""
+        return self.kind == "last"
+
+    def resolve_window(self, start: int, stop: int, length: int | None,
+                       prompt_length: int | None = None) -> np.ndarray:
+        """Boolean [stop - start]: the modes of tokens start..stop-1 of a sequence of `length` tokens, equal to
+        resolve(length)[start:stop] without building the whole sequence's modes. A text scored window by window
+        resolves each window so, so that the plan's positions are positions in the whole text. `length` may be
+        None (not known yet) unless the plan needs_length."""
+        if not 0 <= start <= stop or (length is not None and stop > length):
+            raise PlanError(f"plan {self}: tokens {start}-{stop} are not a window of a sequence of {length} tokens")
+        t = np.arange(start, stop)
         if self.kind == "attention":
-            return np.ones(length, dtype=bool)
+            return np.ones(len(t), dtype=bool)
         if self.kind == "recurrent":
-            return np.zeros(length, dtype=bool)
+            return np.zeros(len(t), dtype=bool)
         if self.kind == "prefill-attention":
             if prompt_length is None:
                 raise PlanError(f"plan {self}: needs a prompt length; for plain text use spans such as A:0-512,R:512-")
             return t < prompt_length
         if self.kind == "last":
+            if length is None:
+                raise PlanError(f"plan {self}: needs the sequence's length")
             n = self.last_tokens if self.last_tokens is not None else int(round(self.last_fraction * length))
             return t >= length - n
         if self.kind == "every":
             return (t // self.chunk) % self.every == 0
-        modes = np.zeros(length, dtype=bool)
-        for is_attention, start, end in self.spans:
-            modes[start:length if end is None else min(end, length)] = is_attention
         covered = self.spans[-1][2]
-        if covered is not None and length > covered:
-            raise PlanError(f"plan {self}: covers tokens 0-{covered} but the sequence has {length}; "
+        seen = stop if length is None else length
+        if covered is not None and seen > covered:
+            raise PlanError(f"plan {self}: covers tokens 0-{covered} but the sequence has {seen}; "
                             f"leave the last span open (e.g. R:{covered}-)")
+        modes = np.zeros(len(t), dtype=bool)
+        for is_attention, span_start, span_end in self.spans:
+            lo, hi = max(span_start, start), stop if span_end is None else min(span_end, stop)
+            if hi > lo:
+                modes[lo - start:hi - start] = is_attention
         return modes
 
     def attention_after(self, position: int, prompt_length: int | None = None) -> bool:

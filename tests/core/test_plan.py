@@ -88,3 +88,25 @@ def test_mode_after_never_misses_a_mode_the_plan_resolves(text):
                 assert ahead[attention] or not present
                 if length == 40 and position < 20 and plan.kind != "last":
                     assert ahead[attention] == present
+
+
+@pytest.mark.parametrize("text", ["attention", "recurrent", "last:25%", "last:7", "every:3:5",
+                                  "A:0-4,R:4-13,A:13-", "R:0-9,A:9-40", "A:0-40"])
+def test_a_window_resolves_as_the_same_slice_of_the_whole_sequence(text):
+    plan, length = ModePlan.parse(text), 40
+    whole = plan.resolve(length)
+    for start, stop in [(0, 0), (0, 40), (0, 7), (3, 16), (13, 14), (16, 40), (39, 40), (40, 40)]:
+        assert modes_text(plan.resolve_window(start, stop, length)) == modes_text(whole[start:stop])
+        if not plan.needs_length:
+            assert modes_text(plan.resolve_window(start, stop, None)) == modes_text(whole[start:stop])
+
+
+def test_window_errors_name_the_plan():
+    with pytest.raises(PlanError, match="last:10%.*needs the sequence's length"):
+        ModePlan.parse("last:10%").resolve_window(0, 4, None)
+    with pytest.raises(PlanError, match="tokens 5-9 are not a window of a sequence of 8 tokens"):
+        ModePlan.parse("attention").resolve_window(5, 9, 8)
+    with pytest.raises(PlanError, match="covers tokens 0-8 but the sequence has 12"):
+        ModePlan.parse("A:0-4,R:4-8").resolve_window(0, 4, 12)
+    with pytest.raises(PlanError, match="covers tokens 0-8 but the sequence has 9"):
+        ModePlan.parse("A:0-4,R:4-8").resolve_window(6, 9, None)
