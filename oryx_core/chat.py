@@ -15,12 +15,16 @@ Templates render in Jinja2's immutable sandbox with the conventions HF's
 `strftime_now`, a `tojson` that keeps non-ASCII), so a model's own template gives the same
 prompt as transformers. A checkpoint without a template gets DEFAULT_CHAT_TEMPLATE:
 
-    system: You are terse.<|endoftext|>
-    user: Hello<|endoftext|>
+    system:
+    You are terse.<|endoftext|>
+    user:
+    Hello<|endoftext|>
     assistant:
 
-Each turn is `role: content` closed by the end-of-text token, and the reply ends at the
-model's next end-of-text token.
+Each turn is the role, a colon and a newline, then the content closed by the end-of-text
+token and a newline; the reply ends at the model's next end-of-text token. The history as
+rendered begins with the tokens the model saw and produced in earlier turns, so a prompt
+cache can continue it.
 """
 from __future__ import annotations
 
@@ -36,9 +40,9 @@ from .weights import TOKENIZER_CONFIG_FILE
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ message['role'] + ': ' + message['content'] + eos_token + '\\n' }}"
+    "{{ message['role'] + ':\\n' + message['content'] + eos_token + '\\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ 'assistant:\\n' }}{% endif %}"
 )
 ROLES = ("system", "user", "assistant", "tool", "developer")
 

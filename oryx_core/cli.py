@@ -24,7 +24,7 @@ from .spec import parameter_counts
 from .tokenizer import byte_level_tokenizer, load_tokenizer
 from .weights import load_checkpoint, save_checkpoint
 
-COMMAND_MODULES = ["oryx_torch.cli", "oryx_torch.train_cli", "oryx_torch.retrofit_cli", "oryx_mlx.cli", "oryx_convert.cli", "oryx_data.cli"]
+COMMAND_MODULES = ["oryx_torch.cli", "oryx_core.serve", "oryx_core.chat_cli", "oryx_torch.train_cli", "oryx_torch.retrofit_cli", "oryx_mlx.cli", "oryx_convert.cli", "oryx_data.cli"]
 USER_ERRORS = (ConfigError, FormatError, PlanError, ValueError, FileNotFoundError)
 
 

@@ -26,9 +26,9 @@ def test_default_template_renders_turns_closed_by_end_of_text():
     fmt = chat_format(byte_level_tokenizer(), None)
     assert fmt.is_default and fmt.template == DEFAULT_CHAT_TEMPLATE
     text = fmt.render([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}])
-    assert text == "system: Be terse.<|endoftext|>\nuser: Hi<|endoftext|>\nassistant:"
+    assert text == "system:\nBe terse.<|endoftext|>\nuser:\nHi<|endoftext|>\nassistant:\n"
     assert fmt.stop_token_ids == [256]
-    assert fmt.render([{"role": "user", "content": "Hi"}], add_generation_prompt=False) == "user: Hi<|endoftext|>\n"
+    assert fmt.render([{"role": "user", "content": "Hi"}], add_generation_prompt=False) == "user:\nHi<|endoftext|>\n"
 
 
 def test_model_template_and_every_end_id_stop():
