@@ -15,7 +15,8 @@ from pathlib import Path
 from .argtypes import non_negative_int, positive_int
 from .config import PRESETS, ConfigError, preset
 from .default import DEFAULT_MODEL
-from .evaluate import BACKEND_MODULES, evaluate_mqar, evaluate_text
+from .backend import BACKENDS
+from .evaluate import evaluate_mqar, evaluate_text
 from .init import init_params
 from .output import check_output, replacing_allowed
 from .plan import PlanError
@@ -24,7 +25,7 @@ from .spec import parameter_counts
 from .tokenizer import byte_level_tokenizer, load_tokenizer
 from .weights import load_checkpoint, save_checkpoint
 
-COMMAND_MODULES = ["oryx_torch.cli", "oryx_core.serve", "oryx_core.chat_cli", "oryx_torch.train_cli", "oryx_torch.retrofit_cli", "oryx_mlx.cli", "oryx_convert.cli", "oryx_data.cli"]
+COMMAND_MODULES = ["oryx_core.generate_cli", "oryx_core.serve", "oryx_core.chat_cli", "oryx_torch.train_cli", "oryx_torch.retrofit_cli", "oryx_mlx.cli", "oryx_convert.cli", "oryx_data.cli"]
 USER_ERRORS = (ConfigError, FormatError, PlanError, ValueError, FileNotFoundError)
 
 
@@ -155,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqar-examples", type=int, default=64, help="MQAR examples (default 64)")
     p.add_argument("--seed", type=int, default=0, help="MQAR data seed (default 0)")
     p.add_argument("--plan", default="attention", help="mode plan (default attention)")
-    p.add_argument("--backend", default="reference", choices=list(BACKEND_MODULES), help="backend (default reference)")
-    p.add_argument("--window", type=int, help="tokens per scored window (default: the model's max_context)")
-    p.add_argument("--max-tokens", type=int, help="score only the first N tokens")
+    p.add_argument("--backend", default="reference", choices=list(BACKENDS), help="backend (default reference)")
+    p.add_argument("--window", type=positive_int, help="tokens per scored window (default: the model's max_context)")
+    p.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens")
     p.add_argument("--json", **json_flag)
     p.set_defaults(func=cmd_eval)
 

@@ -1,38 +1,32 @@
-"""Perplexity of a text under a mode plan, on any backend.
+"""Perplexity of a text under a mode plan, on any backend (oryx_core.backend).
 
-A backend is a module with `load_for_eval(path) -> logits_fn`, where
-`logits_fn(tokens int64 [B, T], modes bool [T]) -> logits [B, T, V]` (any float dtype).
-The reference backend lives here; `torch` and `mlx` are added by their packages.
+`backend_loader(name)(path)` gives `logits_fn(tokens int64 [B, T], modes bool [T] or [B, T]) ->
+logits [B, T, V]`, the backend's stateless forward in the dtype BACKENDS names for scoring.
 """
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 
+from .backend import BACKENDS, get_backend
 from .plan import ModePlan
-from .reference import OryxReference
 from .tokenizer import tokenizer_for
-from .weights import load_checkpoint, read_config
-
-BACKEND_MODULES = {"reference": "oryx_core.evaluate", "torch": "oryx_torch.evaluate", "mlx": "oryx_mlx.evaluate"}
-
-
-def load_for_eval(path):
-    ckpt = load_checkpoint(path)
-    model = OryxReference(ckpt.config, ckpt.params)
-    return lambda tokens, modes: model.forward(tokens, modes)[0]
+from .weights import read_config
 
 
 def backend_loader(name: str):
-    if name not in BACKEND_MODULES:
-        raise ValueError(f"--backend must be one of {sorted(BACKEND_MODULES)}, got {name!r}")
-    try:
-        module = importlib.import_module(BACKEND_MODULES[name])
-    except ImportError as e:
-        extra = {"torch": "cuda", "mlx": "mlx"}.get(name, "")
-        raise ValueError(f"--backend {name}: not available ({e}); install it with pip install 'oryx[{extra}]'") from None
-    return module.load_for_eval
+    """path -> logits_fn of the named backend (one-line errors for an unknown or uninstalled one)."""
+    backend = get_backend(name)
+
+    def load(path):
+        model = backend.load(path, dtype=BACKENDS[name].score_dtype)
+
+        def logits_fn(tokens, modes):
+            tokens = np.asarray(tokens, dtype=np.int64)
+            return model.forward(tokens, np.broadcast_to(np.asarray(modes, dtype=bool), tokens.shape))
+
+        return logits_fn
+
+    return load
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

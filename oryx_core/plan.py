@@ -31,6 +31,7 @@ POLICY_ALIASES = {
     "prefill-attention": "prefill-attention",
 }
 _SPAN = re.compile(r"^([AR]):(\d+)-(\d*)$")
+MAX_PLAN_NUMBER = 2**53  # token counts, chunks and positions beyond this fit no sequence (and overflow int64 maths)
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,12 @@ class ModePlan:
                     raise ValueError
                 return cls("last", last_fraction=frac)
             n = int(amount)
-            if n < 0:
+            if not 0 <= n <= MAX_PLAN_NUMBER:
                 raise ValueError
             return cls("last", last_tokens=n)
         except ValueError:
-            raise PlanError(f"plan {text!r}: 'last:' takes a percentage in [0%, 100%] or a token count >= 0") from None
+            raise PlanError(f"plan {text!r}: 'last:' takes a percentage in [0%, 100%] or a token count in "
+                            f"[0, 2^53]") from None
 
     @classmethod
     def _parse_every(cls, text: str) -> "ModePlan":
@@ -81,10 +83,10 @@ class ModePlan:
             if len(parts) != 3:
                 raise ValueError
             k, chunk = int(parts[1]), int(parts[2])
-            if k < 1 or chunk < 1:
+            if not (1 <= k <= MAX_PLAN_NUMBER and 1 <= chunk <= MAX_PLAN_NUMBER):
                 raise ValueError
         except ValueError:
-            raise PlanError(f"plan {text!r}: expected every:K:CHUNK with K, CHUNK >= 1 (e.g. every:4:64)") from None
+            raise PlanError(f"plan {text!r}: expected every:K:CHUNK with K, CHUNK in [1, 2^53] (e.g. every:4:64)") from None
         return cls("every", every=k, chunk=chunk)
 
     @classmethod
@@ -98,6 +100,8 @@ class ModePlan:
                 known = ", ".join(sorted(set(POLICY_ALIASES.values()))) + ", last:P%, every:K:CHUNK"
                 raise PlanError(f"plan {text!r}: cannot read {item!r}; use spans like A:0-512,R:512- or one of: {known}")
             mode, start, end = m.group(1), int(m.group(2)), (int(m.group(3)) if m.group(3) else None)
+            if max(start, end or 0) > MAX_PLAN_NUMBER:
+                raise PlanError(f"plan {text!r}: span {item!r} reaches past token 2^53")
             if start != expected_start:
                 what = "a gap" if start > expected_start else "an overlap"
                 raise PlanError(f"plan {text!r}: span {item!r} starts at {start} but the previous one ends at "

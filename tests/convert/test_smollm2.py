@@ -78,7 +78,7 @@ def torch_decoder(model):
     import torch
 
     def decoder(prompt):
-        cache = model.new_cache(1, len(prompt) + NEW_TOKENS)
+        cache = model.make_cache(1, len(prompt) + NEW_TOKENS)
         with torch.no_grad():
             logits = model(torch.tensor([prompt]), True, cache)[0, -1].numpy()
 

@@ -7,7 +7,7 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from oryx_core import cli  # noqa: E402
+from oryx_core import cli as oryx_cli  # noqa: E402
 from oryx_core.config import preset  # noqa: E402
 from oryx_core.init import init_params  # noqa: E402
 from oryx_core.plan import ModePlan  # noqa: E402
@@ -17,6 +17,16 @@ from oryx_core.weights import save_checkpoint  # noqa: E402
 from oryx_mlx.generate import apply_repetition_penalty, generate, load, sample_token, stream_generate  # noqa: E402
 
 PROMPT = "Oryx switches modes"
+
+
+class cli:
+    @staticmethod
+    def main(argv) -> int:
+        """`oryx` in-process: its exit status, argparse's refusals (SystemExit) included."""
+        try:
+            return oryx_cli.main(argv)
+        except SystemExit as e:
+            return e.code
 
 
 @pytest.fixture(scope="module", params=["gdn", "mamba2"])
@@ -62,12 +72,12 @@ def test_responses_report_modes_speeds_and_memory(checkpoint):
     model, tokenizer = load(path)
     responses = list(stream_generate(model, tokenizer, PROMPT, max_tokens=5, plan="prefill-attention",
                                      stop_at_end_of_text=False))
-    assert [r.generation_tokens for r in responses] == [1, 2, 3, 4, 5]
+    assert [r.stats.generation_tokens for r in responses] == [1, 2, 3, 4, 5]
     assert [r.finish_reason for r in responses] == [None] * 4 + ["length"]
     assert not any(r.is_attention for r in responses)  # generated tokens run recurrent under this plan
     last = responses[-1]
-    assert last.prompt_tokens == len(tokenizer.encode(PROMPT).ids)
-    assert last.prompt_tps > 0 and last.generation_tps > 0 and last.peak_memory > 0
+    assert last.stats.prompt_tokens == len(tokenizer.encode(PROMPT).ids)
+    assert last.stats.prompt_tps > 0 and last.stats.generation_tps > 0 and last.stats.peak_memory_bytes > 0
     assert "".join(r.text for r in responses) == tokenizer.decode([r.token for r in responses])
 
 
@@ -76,11 +86,12 @@ def test_prompt_cache_continues_across_calls(checkpoint):
     model, tokenizer = load(path)
     first, second = "Oryx ", "switches modes"
     cache = model.make_cache()
-    assert generate(model, tokenizer, first, max_tokens=0, plan="attention", prompt_cache=cache) == ""
+    prefilled = generate(model, tokenizer, first, max_tokens=0, plan="attention", prompt_cache=cache)
+    assert prefilled.text == "" and prefilled.tokens == [] and prefilled.finish_reason == "length"
     continued = generate(model, tokenizer, second, max_tokens=8, plan="every:2:4", prompt_cache=cache,
                          stop_at_end_of_text=False)
     whole = generate(model, tokenizer, first + second, max_tokens=8, plan="every:2:4", stop_at_end_of_text=False)
-    assert continued == whole
+    assert continued.tokens == whole.tokens and continued.text == whole.text and len(whole.tokens) == 8
 
 
 def test_kv_drop_decodes_in_constant_memory(checkpoint):
@@ -146,14 +157,7 @@ def test_stop_strings_and_stop_token(checkpoint):
     assert "".join(r.text for r in cut) == full[:full.find(stop)]
     assert cut[-1].finish_reason == "stop_string"
 
-    class EndsAtThird:
-        """The byte-level tokenizer, with the third greedy token standing in for <|endoftext|>."""
-        encode, decode = tokenizer.encode, tokenizer.decode
-
-        def token_to_id(self, text):
-            return responses[2].token
-
-    stopped = list(stream_generate(model, EndsAtThird(), PROMPT, **options))
+    stopped = list(stream_generate(model, tokenizer, PROMPT, stop_token_ids={responses[2].token}, **options))
     assert [r.finish_reason for r in stopped][-1] == "stop_token" and len(stopped) == 3
 
 
@@ -193,12 +197,12 @@ def test_oryx_generate_backend_mlx(checkpoint, capsys):
     assert cli.main(["generate", str(path), "--prompt", PROMPT, "--max-tokens", "6", "--backend", "mlx",
                      "--kv-policy", "drop", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["backend"] == "mlx" and result["generated_tokens"] == 6 and result["stop_reason"] == "length"
+    assert result["backend"] == "mlx" and result["generation_tokens"] == 6 and result["finish_reason"] == "length"
     tokenizer = byte_level_tokenizer()
     expected = reference_greedy(ref, tokenizer.encode(PROMPT).ids, 6, "prefill-attention")
     assert result["tokens"] == expected and result["text"] == tokenizer.decode(expected)
     assert cli.main(["generate", str(path), "--prompt", PROMPT, "--backend", "mlx", "--top-p", "0"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p" in capsys.readouterr().err
 
 
 def test_oryx_generate_repetition_penalty_flag(checkpoint, capsys):
@@ -211,7 +215,7 @@ def test_oryx_generate_repetition_penalty_flag(checkpoint, capsys):
     assert result["tokens"] == reference_greedy(ref, prompt_ids, 8, "prefill-attention", repetition_penalty=1.7)
     assert result["tokens"] != reference_greedy(ref, prompt_ids, 8, "prefill-attention")  # it acts here
     assert cli.main(["generate", str(path), "--prompt", PROMPT, "--backend", "mlx", "--repetition-penalty", "0"]) == 2
-    assert "repetition_penalty" in capsys.readouterr().err
+    assert "--repetition-penalty" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("policy", ["auto", "keep", "drop"])

@@ -5,13 +5,22 @@ import numpy as np
 import pytest
 import torch
 
-from oryx_core.cli import main as oryx_main
+from oryx_core.cli import main
+
+
+def oryx_main(argv) -> int:
+    """`oryx` in-process: its exit status, argparse's refusals (SystemExit) included."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
 from oryx_core.config import preset
 from oryx_core.init import init_params
 from oryx_core.plan import ModePlan
 from oryx_core.reference import OryxReference
 from oryx_core.tokenizer import byte_level_tokenizer, end_of_text_id
-from oryx_torch.generate import apply_repetition_penalty, generate, generate_tokens, sample, stream_generate
+from oryx_core.generation import SamplingParams
+from oryx_torch.generate import apply_repetition_penalty, generate, sample, stream_generate
 from oryx_torch.model import OryxModel
 
 
@@ -34,7 +43,7 @@ def test_greedy_is_reference_argmax(tiny):
     model, ref, tok = tiny
     prompt = tok.encode("Oryx mixes modes").ids
     for plan in ("prefill-attention", "A:0-4,R:4-20,A:20-"):
-        tokens = [t for t, _ in generate_tokens(model, prompt, max_new_tokens=12, plan=plan)]
+        tokens = generate(model, tok, prompt, 12, plan, stop_at_end_of_text=False).tokens
         sequence = np.array([prompt + tokens])
         modes = ModePlan.parse(plan).resolve(len(prompt) + 12, prompt_length=len(prompt))[:sequence.shape[1]]
         logits = ref.forward(sequence, modes)[0][0]
@@ -46,7 +55,7 @@ def test_repetition_penalty_greedy_is_penalised_reference_argmax():
     # at init scale the tiny model repeats one token, which the penalty has to break
     model, ref, tok = tiny_model(1)
     prompt, penalty, plan = tok.encode("Oryx mixes modes").ids, 5.0, "A:0-4,R:4-20,A:20-"
-    tokens = [t for t, _ in generate_tokens(model, prompt, max_new_tokens=12, plan=plan, repetition_penalty=penalty)]
+    tokens = generate(model, tok, prompt, 12, plan, repetition_penalty=penalty, stop_at_end_of_text=False).tokens
     modes = ModePlan.parse(plan).resolve(len(prompt) + 12, prompt_length=len(prompt))
     expected = []
     for _ in range(12):
@@ -56,7 +65,7 @@ def test_repetition_penalty_greedy_is_penalised_reference_argmax():
         logits[seen] = np.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
         expected.append(int(logits.argmax()))
     assert tokens == expected
-    assert tokens != [t for t, _ in generate_tokens(model, prompt, max_new_tokens=12, plan=plan)]  # it acts here
+    assert tokens != generate(model, tok, prompt, 12, plan, stop_at_end_of_text=False).tokens  # it acts here
 
 
 def test_apply_repetition_penalty_rule():
@@ -65,13 +74,13 @@ def test_apply_repetition_penalty_rule():
     np.testing.assert_allclose(apply_repetition_penalty(logits, seen, 2.0), [[1.0, -4.0, 1.0], [2.0, 2.0, -1.0]])
     assert apply_repetition_penalty(logits, seen, 1.0) is logits
     with pytest.raises(ValueError, match="repetition_penalty"):
-        generate_tokens(torch.nn.Linear(1, 1), [1], repetition_penalty=0.0).__next__()
+        SamplingParams(repetition_penalty=0.0)
 
 
 def test_seeded_sampling_is_deterministic(tiny):
     model, _, tok = tiny
     run = lambda seed: generate(model, tok, "abc", 16, temperature=1.0, top_k=50, top_p=0.9, seed=seed,  # noqa: E731
-                                stop_tokens=set())
+                                stop_at_end_of_text=False)
     first, again, other = run(1), run(1), run(2)
     assert first.tokens == again.tokens and len(first.tokens) == 16
     assert first.tokens != other.tokens
@@ -86,49 +95,81 @@ def test_sample_filters():
     nucleus = sample(torch.tensor([[0.0, 0.0, 5.0, 5.0]]).repeat(200, 1), 1.0, 0, 0.5, gen)
     assert set(nucleus.tolist()) <= {2, 3}
     with pytest.raises(ValueError, match="top_p"):
-        generate_tokens(torch.nn.Linear(1, 1), [1], top_p=0.0).__next__()
+        SamplingParams(top_p=0.0)
 
 
 def test_stop_token_and_stop_string(tiny):
     model, _, tok = tiny
-    free = generate(model, tok, "xyz", 10, stop_tokens=set())
-    assert free.stats.stop_reason == "length" and len(free.tokens) == 10
+    free = generate(model, tok, "xyz", 10, stop_at_end_of_text=False)
+    assert free.stats.finish_reason == "length" and len(free.tokens) == 10
     third = free.tokens[2]
-    stopped = generate(model, tok, "xyz", 10, stop_tokens={third})
-    assert stopped.stats.stop_reason == "stop_token"
+    stopped = generate(model, tok, "xyz", 10, stop_token_ids={third})
+    assert stopped.stats.finish_reason == "stop_token"
     assert stopped.tokens == free.tokens[:free.tokens.index(third)]
     stop = free.text[3:5]
-    cut = generate(model, tok, "xyz", 10, stop_tokens=set(), stop_strings=[stop])
-    assert cut.stats.stop_reason == "stop_string" and cut.text == free.text[:free.text.find(stop)]
+    cut = generate(model, tok, "xyz", 10, stop_at_end_of_text=False, stop_strings=[stop])
+    assert cut.stats.finish_reason == "stop_string" and cut.text == free.text[:free.text.find(stop)]
     assert end_of_text_id(tok) is not None
 
 
 def test_stream_pieces_join_to_text(tiny):
     model, _, tok = tiny
-    pieces = list(stream_generate(model, tok, "héllo wörld", 24, temperature=0.7, seed=3, stop_tokens=set()))
-    whole = generate(model, tok, "héllo wörld", 24, temperature=0.7, seed=3, stop_tokens=set())
+    pieces = list(stream_generate(model, tok, "héllo wörld", 24, temperature=0.7, seed=3, stop_at_end_of_text=False))
+    whole = generate(model, tok, "héllo wörld", 24, temperature=0.7, seed=3, stop_at_end_of_text=False)
     assert "".join(p.text for p in pieces) == whole.text
-    assert whole.stats.generated_tokens == 24 and whole.stats.prompt_tokens == len(tok.encode("héllo wörld").ids)
+    assert whole.stats.generation_tokens == 24 and whole.stats.prompt_tokens == len(tok.encode("héllo wörld").ids)
 
 
 def test_kv_drop_same_tokens(tiny):
     model, _, tok = tiny
-    keep = generate(model, tok, "drop me", 12, plan="prefill-attention", kv_policy="keep", stop_tokens=set())
-    drop = generate(model, tok, "drop me", 12, plan="prefill-attention", kv_policy="drop", stop_tokens=set())
+    keep = generate(model, tok, "drop me", 12, plan="prefill-attention", kv_policy="keep", stop_at_end_of_text=False)
+    drop = generate(model, tok, "drop me", 12, plan="prefill-attention", kv_policy="drop", stop_at_end_of_text=False)
     assert keep.tokens == drop.tokens
     assert drop.stats.cache_bytes < keep.stats.cache_bytes
     # dropped mid-decode (prompt of 7 tokens, attention until 10), and with attention coming back: never dropped
     for plan in ("A:0-10,R:10-", "A:0-3,R:3-9,A:9-"):
-        keep = generate(model, tok, "drop me", 12, plan=plan, kv_policy="keep", stop_tokens=set())
-        drop = generate(model, tok, "drop me", 12, plan=plan, kv_policy="drop", stop_tokens=set())
+        keep = generate(model, tok, "drop me", 12, plan=plan, kv_policy="keep", stop_at_end_of_text=False)
+        drop = generate(model, tok, "drop me", 12, plan=plan, kv_policy="drop", stop_at_end_of_text=False)
         assert keep.tokens == drop.tokens
         assert (drop.stats.cache_bytes < keep.stats.cache_bytes) == plan.startswith("A:0-10")
 
 
+def test_state_drop_same_tokens(tiny):
+    model, _, tok = tiny
+    # attention from token 9 on: the recurrent state is freed once the prompt (7 tokens) and 2 more are in
+    plan = "R:0-9,A:9-"
+    keep = generate(model, tok, "drop me", 12, plan=plan, state_policy="keep", stop_at_end_of_text=False)
+    drop = generate(model, tok, "drop me", 12, plan=plan, state_policy="drop", stop_at_end_of_text=False)
+    assert keep.tokens == drop.tokens
+    cfg = model.cfg
+    state_bytes = cfg.n_layers * cfg.n_heads * cfg.head_dim * (cfg.v_head_dim * 4 + (cfg.conv_width - 1) * 4)
+    assert keep.stats.cache_bytes - drop.stats.cache_bytes == state_bytes
+    # "auto" drops from the call's own cache too; a plan whose recurrence comes back never drops
+    assert generate(model, tok, "drop me", 12, plan=plan, stop_at_end_of_text=False).stats.cache_bytes == \
+        drop.stats.cache_bytes
+    back = generate(model, tok, "drop me", 12, plan="R:0-9,A:9-12,R:12-", state_policy="drop",
+                    stop_at_end_of_text=False)
+    assert back.stats.cache_bytes == keep.stats.cache_bytes
+
+
+def test_dropped_parts_refuse_their_mode(tiny):
+    model, _, _ = tiny
+    with torch.inference_mode():
+        cache = model.make_cache(1, 8)
+        model(torch.tensor([[1, 2, 3]]), torch.tensor([True, True, True]), cache=cache)
+        cache.drop_recurrent()
+        model.step(torch.tensor([4]), True, cache)  # attention still runs
+        with pytest.raises(ValueError, match="recurrent-mode token at position >= 4 after the recurrent state"):
+            model.step(torch.tensor([5]), False, cache)
+        cache.drop_kv()
+        with pytest.raises(ValueError, match="attention-mode token at position >= 4 after the KV cache"):
+            model(torch.tensor([[5]]), torch.tensor([True]), cache=cache)
+
+
 def test_prefill_chunks_do_not_change_tokens(tiny):
     model, _, tok = tiny
-    whole = generate(model, tok, "a longer prompt of text", 8, plan="last:30%", stop_tokens=set())
-    chunked = generate(model, tok, "a longer prompt of text", 8, plan="last:30%", stop_tokens=set(), prefill_chunk=5)
+    whole = generate(model, tok, "a longer prompt of text", 8, plan="last:30%", stop_at_end_of_text=False)
+    chunked = generate(model, tok, "a longer prompt of text", 8, plan="last:30%", stop_at_end_of_text=False, prefill_step_size=5)
     assert whole.tokens == chunked.tokens
 
 
@@ -139,17 +180,18 @@ def test_cli_generate(tmp_path, capsys):
     args = ["generate", str(ck), "--prompt", "Hi", "--max-tokens", "6", "--temperature", "0.9", "--seed", "4"]
     assert oryx_main(args + ["--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["generated_tokens"] == 6 or result["stop_reason"] != "length"
+    assert result["generation_tokens"] == 6 or result["finish_reason"] != "length"
+    assert result["backend"] == "torch" and len(result["tokens"]) == result["generation_tokens"]
     assert oryx_main(args) == 0
     assert capsys.readouterr().out.rstrip("\n") == result["text"]
     assert oryx_main(args + ["--top-p", "1.5"]) == 2
-    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert "--top-p: must be <= 1.0" in capsys.readouterr().err
     assert oryx_main(["generate", str(ck), "--prompt", "Hi", "--plan", "A:0-2"]) == 2
     assert "plan" in capsys.readouterr().err
-    assert oryx_main(args + ["--state-policy", "drop"]) == 2  # the torch backend keeps the state
-    assert "--state-policy drop" in capsys.readouterr().err
+    assert oryx_main(args + ["--state-policy", "drop", "--json"]) == 0  # prefill-attention: the state stays needed
+    assert json.loads(capsys.readouterr().out)["tokens"] == result["tokens"]
     assert oryx_main(args + ["--repetition-penalty", "-1"]) == 2
-    assert "repetition_penalty must be > 0" in capsys.readouterr().err
+    assert "--repetition-penalty: must be > 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
@@ -168,7 +210,7 @@ def test_bfloat16_decode_on_cpu_tracks_float32(mixer):
         model.load_params(params)
         model = model.to(dtype).eval()
         with torch.inference_mode():
-            cache = model.new_cache(1, len(prompt) + len(steps), "keep", with_kv=True)
+            cache = model.make_cache(1, len(prompt) + len(steps))
             out = [model(torch.tensor([prompt]), modes[None, :len(prompt)], cache=cache)[:, -1]]
             runner = DecodeRunner(model, cache, cuda_graphs=False)
             for i, token in enumerate(steps[:-1]):

@@ -100,7 +100,7 @@ def test_prefill_then_steps_match_reference(mixer):
     tokens = rng.integers(0, cfg.vocab_size, (B, T))
     modes = mixed_modes(rng, B, T)
     want = ref.forward(tokens, modes)[0]
-    cache = model.new_cache(B, T)
+    cache = model.make_cache(B, T)
     pieces = [run(model, tokens[:, :P], modes[:, :P], cache)]
     pieces.append(run(model, tokens[:, P:P + 5], modes[:, P:P + 5], cache))  # a second prefill chunk
     with torch.no_grad():
@@ -115,7 +115,7 @@ def test_steps_match_reference_stepper():
     model, ref = build(cfg, seed=3)
     stepper = Stepper(ref, batch=1)
     rng = np.random.default_rng(2)
-    cache = model.new_cache(1, 12)
+    cache = model.make_cache(1, 12)
     for t in range(12):
         token, is_attention = rng.integers(0, cfg.vocab_size, 1), bool(t % 3 == 0)
         want = stepper.step(token, is_attention)
@@ -131,13 +131,14 @@ def test_kv_drop_same_logits_and_constant_memory():
     P, T = 6, 16
     tokens = rng.integers(0, cfg.vocab_size, (1, T))
     modes = np.arange(T) < P  # attention prefill, then recurrent only
-    caches = {policy: model.new_cache(1, T + 1, kv_policy=policy) for policy in ("keep", "drop")}
+    caches = {policy: model.make_cache(1, T + 1) for policy in ("keep", "drop")}
     logits, sizes = {}, []
     for policy, cache in caches.items():
         out = [run(model, tokens[:, :P], modes[:P], cache)[0]]
         with torch.no_grad():
             for t in range(P, T):
-                cache.maybe_drop_kv(ModePlan.parse("prefill-attention"), P)
+                if policy == "drop" and not ModePlan.parse("prefill-attention").attention_after(t, P) and cache.has_kv:
+                    cache.drop_kv()
                 out.append(model.step(torch.tensor(tokens[:, t]), False, cache).numpy())
                 if policy == "drop":
                     sizes.append(cache.nbytes())
@@ -278,9 +279,9 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="tokens: expected integer"):
         model(tokens.float(), True)
     with pytest.raises(ValueError, match="capacity"):
-        model(tokens, True, cache=model.new_cache(1, 4))
+        model(tokens, True, cache=model.make_cache(1, 4))
     with pytest.raises(ValueError, match="batch"):
-        model(tokens, True, cache=model.new_cache(2, 8))
+        model(tokens, True, cache=model.make_cache(2, 8))
 
 
 def test_eval_torch_matches_reference(tmp_path, capsys):
@@ -324,7 +325,7 @@ def fused_decode_check():
         P, T = 5, 11
         tokens = rng.integers(0, cfg.vocab_size, (1, T))
         modes = np.array([1, 1, 0, 0, 1, 1, 0, 0, 1, 0, 1], bool)
-        cache = model.new_cache(1, T)
+        cache = model.make_cache(1, T)
         out = [run(model, tokens[:, :P], modes[:P], cache)[0]]
         runner = DecodeRunner(model, cache)
         with torch.no_grad():
@@ -357,7 +358,7 @@ def test_cuda_paths_match_reference(mixer):
         assert rel(got, ref.forward(tokens, modes)[0]) < TOL
     P, steps = 200, 60
     modes = np.concatenate([np.ones(P + 10, bool), np.zeros(30, bool), np.ones(20, bool)])
-    cache = model.new_cache(1, P + steps)
+    cache = model.make_cache(1, P + steps)
     with torch.no_grad():
         logits = [model(torch.tensor(tokens[:1, :P]), modes[:P], cache=cache)[0]]
         runner = DecodeRunner(model, cache, cuda_graphs=True)

@@ -4,11 +4,12 @@ Every token appends its key and value and updates the recurrent state whatever i
 (DESIGN.md), so the mode may switch at any token. Buffers are preallocated at a fixed
 `capacity` and updated in place, which keeps their addresses fixed for CUDA graphs.
 
-KV policy:
-- `keep`: the KV cache lives for the whole generation (attention can come back anytime).
-- `drop`: the KV cache is freed once the plan has no attention token left
-  (`ModePlan.attention_after`), so decoding then runs in memory independent of context.
-  A cache made with `with_kv=False` never allocates it.
+Either part can be freed once the plan no longer needs it (the policies live in
+oryx_core.generation): `drop_kv` frees the keys and values (attention-mode tokens are then
+refused; decoding runs in memory independent of context), `drop_recurrent` frees the
+recurrent state and q_rec's conv window (recurrent-mode tokens are then refused, and every
+later token skips the recurrent-only work). A cache made with `with_kv=False` never
+allocates the KV cache.
 
 Layouts: keys [B, Hkv, capacity, d] (RoPE applied), values [B, Hkv, capacity, dv];
 conv windows [B, W-1, C] (the last W-1 pre-conv inputs); recurrent state fp32
@@ -21,8 +22,6 @@ import torch
 
 from oryx_core.config import OryxConfig
 
-KV_POLICIES = ("keep", "drop")
-
 
 class LayerCache:
     def __init__(self, cfg: OryxConfig, batch: int, capacity: int, device, dtype, with_kv: bool):
@@ -31,23 +30,21 @@ class LayerCache:
         self.values = torch.zeros(batch, Hkv, capacity, dv, device=device, dtype=dtype) if with_kv else None
         self.conv = {name: torch.zeros(batch, W - 1, width, device=device, dtype=dtype)
                      for name, width in (("k", Hkv * d), ("v", Hkv * dv), ("q", H * d))}
-        self.state = torch.zeros(batch, H, d, dv, device=device, dtype=torch.float32)
+        self.recurrent = torch.zeros(batch, H, d, dv, device=device, dtype=torch.float32)
 
     def tensors(self) -> list[torch.Tensor]:
         kv = [] if self.keys is None else [self.keys, self.values]
-        return kv + list(self.conv.values()) + [self.state]
+        return kv + list(self.conv.values()) + ([] if self.recurrent is None else [self.recurrent])
 
 
 class OryxCache:
     """All layers' inference state for `batch` sequences of up to `capacity` tokens."""
 
     def __init__(self, cfg: OryxConfig, batch: int, capacity: int, device="cpu", dtype=torch.float32,
-                 kv_policy: str = "keep", with_kv: bool = True):
-        if kv_policy not in KV_POLICIES:
-            raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
+                 with_kv: bool = True):
         if batch < 1 or capacity < 1:
             raise ValueError(f"cache: batch and capacity must be >= 1, got batch={batch}, capacity={capacity}")
-        self.cfg, self.batch, self.capacity, self.kv_policy = cfg, batch, capacity, kv_policy
+        self.cfg, self.batch, self.capacity = cfg, batch, capacity
         self.layers = [LayerCache(cfg, batch, capacity, device, dtype, with_kv) for _ in range(cfg.n_layers)]
         self.length = 0  # tokens seen so far (host copy)
         # The same count on the device, per sequence: what graph-captured steps read and advance.
@@ -60,6 +57,10 @@ class OryxCache:
     def has_kv(self) -> bool:
         return self.layers[0].keys is not None
 
+    @property
+    def has_recurrent(self) -> bool:
+        return self.layers[0].recurrent is not None
+
     def reserve(self, new_tokens: int) -> None:
         """Checks that `new_tokens` more tokens fit."""
         if self.length + new_tokens > self.capacity:
@@ -71,14 +72,15 @@ class OryxCache:
         self.position.add_(tokens)
 
     def drop_kv(self) -> None:
-        """The `drop` policy's step: frees every layer's KV cache (attention is then refused)."""
+        """Frees every layer's KV cache (attention-mode tokens are then refused)."""
         for layer in self.layers:
             layer.keys = layer.values = None
 
-    def maybe_drop_kv(self, plan, prompt_length: int | None) -> None:
-        """Under the `drop` policy, frees the KV cache once the plan has no attention token at or after here."""
-        if self.kv_policy == "drop" and self.has_kv and not plan.attention_after(self.length, prompt_length):
-            self.drop_kv()
+    def drop_recurrent(self) -> None:
+        """Frees every layer's recurrent state and q_rec's conv window (recurrent-mode tokens are then refused)."""
+        for layer in self.layers:
+            layer.recurrent = None
+            layer.conv.pop("q", None)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())

@@ -8,7 +8,7 @@ the same in fp32 or bf16 (recurrent state always fp32). Parameter names are the 
 
     model = OryxModel.from_checkpoint(path, dtype=torch.bfloat16, device="cuda")
     logits = model(tokens, modes)                # tokens [B, T]; modes bool [T] or [B, T], True = attention
-    cache = model.new_cache(batch=1, capacity=4096)
+    cache = model.make_cache(batch=1, capacity=4096)
     logits = model(prompt, modes, cache=cache)   # prefill: fills KV cache, conv windows, recurrent state
     logits = model.step(token, is_attention, cache)   # one token per sequence
 
@@ -184,12 +184,13 @@ class OryxMixer(nn.Module):
         k, k_tail = self.conv_k(self.k_proj(xn), windows.get("k"))
         v, v_tail = self.conv_v(self.v_proj(xn), windows.get("v"))
         o_rec = o_attn = None
-        if plan.any_recurrent or layer_cache is not None:  # with a cache the state must advance anyway
+        # with a cache the state must advance anyway, unless it was dropped (then no token is recurrent)
+        if plan.any_recurrent or (layer_cache is not None and layer_cache.recurrent is not None):
             q_raw, q_tail = self.conv_q(self.q_rec(xn), windows.get("q"))
             o_rec, final = self._recurrence(self._recurrence_inputs(xn, k, v, q_raw),
-                                            None if layer_cache is None else layer_cache.state)
+                                            None if layer_cache is None else layer_cache.recurrent)
             if layer_cache is not None:
-                layer_cache.state.copy_(final)
+                layer_cache.recurrent.copy_(final)
                 layer_cache.conv["q"].copy_(q_tail)
         if layer_cache is not None:
             layer_cache.conv["k"].copy_(k_tail)
@@ -234,8 +235,15 @@ class OryxMixer(nn.Module):
         B = xn.shape[0]
         k = self.conv_k.step(self.k_proj(xn), layer_cache.conv["k"])
         v = self.conv_v.step(self.v_proj(xn), layer_cache.conv["v"])
-        q_raw = self.conv_q.step(self.q_rec(xn), layer_cache.conv["q"])
         keys, values = self._keys_values(k[:, None], v[:, None], rope)              # [B, Hkv, 1, *]
+        if layer_cache.recurrent is None:  # dropped: every token attends (the caller checked), no recurrent work
+            slot = position[:1]
+            layer_cache.keys.index_copy_(2, slot, keys.to(layer_cache.keys.dtype))
+            layer_cache.values.index_copy_(2, slot, values.to(layer_cache.values.dtype))
+            q = self._attention_queries(xn[:, None], rope)[:, 0]
+            o = decode_attention(q, layer_cache.keys, layer_cache.values, position, cfg.head_dim ** -0.5)
+            return self._output(o.to(xn.dtype)[:, None], xn[:, None])[:, 0]
+        q_raw = self.conv_q.step(self.q_rec(xn), layer_cache.conv["q"])
         o_rec = self._recurrence_step(self._recurrence_inputs(xn, k, v, q_raw), layer_cache, position,
                                       keys[:, :, 0], values[:, :, 0])
         if not attend:
@@ -251,7 +259,7 @@ class OryxMixer(nn.Module):
         On CUDA (or under TRITON_INTERPRET=1) the fused Triton decode step does both in one
         launch; elsewhere the per-token torch recurrence runs and the cache is written with index_copy_.
         """
-        state, has_kv = layer_cache.state, layer_cache.keys is not None
+        state, has_kv = layer_cache.recurrent, layer_cache.keys is not None
         if fused_decode_available(state):  # Triton is imported only here, so CPU-only installs need none
             append = dict(k_cache=layer_cache.keys, v_cache=layer_cache.values, cache_pos=position,
                           k_append=keys.to(layer_cache.keys.dtype), v_append=values.to(layer_cache.values.dtype)) \
@@ -369,8 +377,9 @@ class OryxModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
-    def new_cache(self, batch: int, capacity: int, kv_policy: str = "keep", with_kv: bool = True) -> OryxCache:
-        return OryxCache(self.cfg, batch, capacity, self.device, self.dtype, kv_policy, with_kv)
+    def make_cache(self, batch: int = 1, capacity: int | None = None, with_kv: bool = True) -> OryxCache:
+        """An empty cache for `batch` sequences of up to `capacity` tokens (default: the config's max_context)."""
+        return OryxCache(self.cfg, batch, capacity or self.cfg.max_context, self.device, self.dtype, with_kv)
 
     # -- input checks (one-line errors naming the argument) --
     def check_tokens(self, tokens, ndim: int) -> torch.Tensor:
@@ -416,9 +425,8 @@ class OryxModel(nn.Module):
         modes = torch.as_tensor(modes)
         host_modes = None if modes.is_cuda else self.check_modes(modes, (B, T), device="cpu")
         plan = AttentionPlan(self.check_modes(modes, (B, T)), offset, host_modes)
-        if cache is not None and plan.any_attention and not cache.has_kv:
-            raise ValueError("modes: attention-mode tokens, but this cache has no KV (dropped); "
-                             "use the `keep` KV policy for plans that return to attention")
+        if cache is not None:
+            check_cache_modes(cache, plan.any_attention, plan.any_recurrent)
         rope = self._rope(torch.arange(offset, offset + T, device=self.device))
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
@@ -433,9 +441,7 @@ class OryxModel(nn.Module):
         modes = self.check_modes(modes, tuple(tokens.shape))
         self.check_cache(cache, tokens.shape[0], 1)
         attend = bool(modes.any())
-        if attend and not cache.has_kv:
-            raise ValueError("modes: attention-mode token, but this cache has no KV (dropped); "
-                             "use the `keep` KV policy for plans that return to attention")
+        check_cache_modes(cache, attend, not bool(modes.all()))
         logits = self.decode_step(tokens, modes, cache, attend)
         cache.length += 1
         return logits
@@ -469,6 +475,16 @@ class OryxModel(nn.Module):
         if cache.batch != batch:
             raise ValueError(f"cache: holds {cache.batch} sequences but the tokens have batch {batch}")
         cache.reserve(new_tokens)
+
+
+def check_cache_modes(cache: OryxCache, any_attention: bool, any_recurrent: bool) -> None:
+    """Refuses tokens in a mode whose part of the cache was dropped."""
+    if any_attention and not cache.has_kv:
+        raise ValueError(f"modes: attention-mode token at position >= {cache.length} after the KV cache was dropped; "
+                         "use the `keep` KV policy for plans that return to attention")
+    if any_recurrent and not cache.has_recurrent:
+        raise ValueError(f"modes: recurrent-mode token at position >= {cache.length} after the recurrent state was "
+                         "dropped; use the `keep` state policy for plans that return to the recurrence")
 
 
 def fused_decode_available(t: torch.Tensor) -> bool:

@@ -1,0 +1,131 @@
+"""The PyTorch model behind oryx_core.backend's interface (`--backend torch`)."""
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+
+from oryx_core.weights import FLOAT_DTYPES
+
+from .cache import OryxCache
+from .generate import DecodeRunner, apply_repetition_penalty, sample
+from .model import OryxModel
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The device a --device flag names (default: cuda if present, else cpu); one-line errors."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: {device!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
+                             "use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif resolved.type != "cpu":
+        raise ValueError(f"--device {device}: the torch backend runs on cpu or cuda")
+    return resolved
+
+
+class TorchModel:
+    """An OryxModel as an oryx_core.backend.LoadedModel."""
+    backend = "torch"
+
+    def __init__(self, model: OryxModel, cuda_graphs: bool = True):
+        self.model = model.eval()
+        self.config = model.cfg
+        self.device = str(model.device)
+        self.dtype = str(model.dtype).removeprefix("torch.")
+        self.cuda_graphs = cuda_graphs
+        self._runners: weakref.WeakKeyDictionary[OryxCache, DecodeRunner] = weakref.WeakKeyDictionary()
+
+    def forward(self, tokens: np.ndarray, modes: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(np.asarray(tokens, dtype=np.int64)),
+                                torch.from_numpy(np.asarray(modes, dtype=bool)))
+        return logits.float().cpu().numpy()
+
+    def make_cache(self, batch: int = 1, capacity: int | None = None) -> OryxCache:
+        with torch.inference_mode():
+            cache = self.model.make_cache(batch, capacity)
+        self._runners[cache] = DecodeRunner(self.model, cache, self.cuda_graphs)
+        return cache
+
+    def cache_length(self, cache: OryxCache) -> int:
+        return cache.length
+
+    def cache_nbytes(self, cache: OryxCache) -> int:
+        return cache.nbytes()
+
+    def prefill(self, cache: OryxCache, tokens: np.ndarray, modes: np.ndarray) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(np.asarray(tokens, dtype=np.int64)),
+                              torch.from_numpy(np.asarray(modes, dtype=bool)), cache=cache)[:, -1]
+
+    def step(self, cache: OryxCache, tokens: np.ndarray, modes: np.ndarray) -> torch.Tensor:
+        runner = self._runners.get(cache)
+        if runner is None:
+            runner = self._runners[cache] = DecodeRunner(self.model, cache, self.cuda_graphs)
+        with torch.inference_mode():
+            return runner.step(np.asarray(tokens, dtype=np.int64), np.asarray(modes, dtype=bool))
+
+    def _after_drop(self, cache: OryxCache) -> None:
+        runner = self._runners.get(cache)
+        if runner is not None:
+            runner.release()
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def drop_kv(self, cache: OryxCache) -> None:
+        cache.drop_kv()
+        self._after_drop(cache)
+
+    def drop_recurrent(self, cache: OryxCache) -> None:
+        cache.drop_recurrent()
+        self._after_drop(cache)
+
+    def sampler(self, sampling, prompt_ids):
+        device = self.model.device
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        seen = None  # tokens already in the text, a mask kept on the device; built only when a penalty reads it
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=device)
+            seen[list(prompt_ids)] = True
+
+        def draw(logits: torch.Tensor) -> int:
+            with torch.inference_mode():
+                logits = apply_repetition_penalty(logits[:1], seen, sampling.repetition_penalty)
+                token = int(sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)[0])
+                if seen is not None:
+                    seen[token] = True
+            return token
+
+        return draw
+
+    def reset_peak_memory(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.model.device)
+
+    def peak_memory_bytes(self) -> int | None:
+        if self.model.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.model.device))
+        return None
+
+    def synchronize(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+
+
+def load(path, dtype: str | None = None, device: str | None = None, cuda_graphs: bool = True) -> TorchModel:
+    """A checkpoint on `device` (default cuda if present, else cpu) in `dtype` (default: bfloat16 on CUDA,
+    float32 on the CPU)."""
+    resolved = resolve_device(device)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+    dtype = dtype or ("bfloat16" if resolved.type == "cuda" else "float32")
+    return TorchModel(OryxModel.from_checkpoint(path, dtype=dtype, device=resolved), cuda_graphs=cuda_graphs)
