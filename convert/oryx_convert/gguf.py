@@ -21,6 +21,8 @@ import numpy as np
 
 from oryx_core.safetensors_io import FormatError
 
+from .gguf_header import check_gguf_header
+
 
 def supported_types() -> list[str]:
     """Names of the GGUF tensor types the installed `gguf` package dequantises."""
@@ -90,8 +92,9 @@ def read_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     if path.is_dir():
         raise FormatError(f"{path}: a directory; a GGUF model is one .gguf file")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such GGUF file")
+    check_gguf_header(path)  # a regular file whose counts and lengths fit it, before the reader trusts them
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError, struct.error, IndexError ... on bad files
