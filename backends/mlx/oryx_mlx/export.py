@@ -4,8 +4,9 @@ Contents: the checkpoint's safetensors shards unchanged (the spec's tensor names
 model's parameter names, quantised or not), config.json for mlx-lm (the Oryx config,
 "model_type": "oryx", "model_file": "oryx_mlx_lm.py", "oryx_plan", "quantization" when
 quantised, "eos_token_id"), the model module `oryx_mlx_lm.py` (a copy of
-oryx_mlx/mlx_lm_model.py), tokenizer.json, and a tokenizer_config.json so that
-transformers' AutoTokenizer (which mlx-lm uses) reads it without knowing "oryx".
+oryx_mlx/mlx_lm_model.py, which imports only mlx and numpy, so the directory runs where Oryx
+is not installed), tokenizer.json, and a tokenizer_config.json so that transformers'
+AutoTokenizer (which mlx-lm uses) reads it without knowing "oryx".
 """
 from __future__ import annotations
 
@@ -17,11 +18,22 @@ from pathlib import Path
 from oryx_core.tokenizer import tokenizer_for
 from oryx_core.tokenizer import END_OF_TEXT, end_of_text_id
 from oryx_core.atomic import atomic_directory
+from oryx_core.plan import ModePlan
 from oryx_core.weights import INDEX_FILE, TOKENIZER_FILE, load_checkpoint
 
-from .mlx_lm_model import positional_plan
 
 MODEL_FILE = "oryx_mlx_lm.py"
+POSITIONAL_PLAN_KINDS = ("attention", "recurrent", "every", "spans")
+
+
+def positional_plan(text) -> ModePlan:
+    """The plan an export runs with: mlx-lm gives no prompt or final length, so only plans that
+    decide a token's mode from its position (the kinds mlx_lm_model.parse_plan reads)."""
+    plan = ModePlan.parse(text)
+    if plan.kind not in POSITIONAL_PLAN_KINDS:
+        raise ValueError(f"oryx_plan {str(plan)!r}: mlx-lm gives no prompt or final length, so the plan must decide "
+                         "each token's mode from its position (attention, recurrent, every:K:C or spans)")
+    return plan
 
 
 def export_mlx_lm(src, dst, plan: str = "attention", bits: int | None = None, group_size: int = 64) -> Path:
