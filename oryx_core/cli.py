@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of a text (or MQAR accuracy) under a mode plan",
                        description="Mean negative log-likelihood, perplexity and token count of a text under a mode plan, "
                                    "or multi-query associative recall accuracy (--mqar). "
-                                   "Plans: attention, recurrent, last:10%, every:4:64, A:0-512,R:512- ...")
+                                   "Plans: attention, recurrent, last:10%, every:4:64, A:0-512,R:512- ... "
+                                   "A text longer than --window is scored in windows whose context starts empty; "
+                                   "the plan's positions are positions in the whole text, across windows.")
     p.add_argument("path", nargs="?", default=str(DEFAULT_MODEL), help="checkpoint directory (default: the embedded model)")
     p.add_argument("--text", help="UTF-8 text file to score")
     p.add_argument("--mqar", type=int, metavar="PAIRS", help="instead of a text: MQAR accuracy with PAIRS key-value pairs")
@@ -157,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="MQAR data seed (default 0)")
     p.add_argument("--plan", default="attention", help="mode plan (default attention)")
     p.add_argument("--backend", default="reference", choices=list(BACKENDS), help="backend (default reference)")
-    p.add_argument("--window", type=positive_int, help="tokens per scored window (default: the model's max_context)")
+    p.add_argument("--window", type=positive_int,
+                   help="tokens per scored window, each from an empty context (default: the model's max_context)")
     p.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens")
     p.add_argument("--json", **json_flag)
     p.set_defaults(func=cmd_eval)

@@ -36,14 +36,19 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def sequence_nll(logits_fn, tokens: np.ndarray, plan: ModePlan, window: int) -> tuple[float, int]:
-    """Summed negative log-likelihood of tokens[1:], in non-overlapping windows of `window` tokens."""
+    """Summed negative log-likelihood of tokens[1:], in non-overlapping windows of `window` predictions.
+
+    Each window's context starts empty, but the plan spans the whole text: input token i (of the
+    len(tokens) - 1 that predict) runs in mode plan.resolve(len(tokens) - 1)[i], whichever window holds it.
+    """
     total, count = 0.0, 0
-    for start in range(0, len(tokens) - 1, window):
+    length = len(tokens) - 1
+    for start in range(0, length, window):
         chunk = tokens[start:start + window + 1]
         if len(chunk) < 2:
             break
         inputs, targets = chunk[:-1], chunk[1:]
-        modes = plan.resolve(len(inputs))
+        modes = plan.resolve_window(start, start + len(inputs), length)
         logp = log_softmax(np.asarray(logits_fn(inputs[None].astype(np.int64), modes))[0])
         total -= float(logp[np.arange(len(targets)), targets].sum())
         count += len(targets)
