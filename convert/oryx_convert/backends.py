@@ -26,7 +26,11 @@ from oryx_core.safetensors_io import FormatError
 from oryx_core.atomic import atomic_directory
 from oryx_core.weights import DEFAULT_SHARD_BYTES
 
-from .sources import HF_CONFIG, HF_SAFETENSORS, HF_SAFETENSORS_INDEX, ConvertedModel, read_json, tokenizer_json_of
+from oryx_core.files import member
+from oryx_core.safetensors_io import read_header
+
+from .sources import (HF_CONFIG, HF_SAFETENSORS, HF_SAFETENSORS_INDEX, ConvertedModel, index_shards, read_json,
+                      tokenizer_json_of)
 
 TORCH_FORMAT, MLX_FORMAT = "torch-state-dict", "mlx"
 CONTAINER_KEYS = ("format", "dtype", "quantization")
@@ -85,14 +89,15 @@ def _read_container(src, fmt: str, load_shard) -> ConvertedModel:
         raise FormatError(str(e)) from None
     index = src / HF_SAFETENSORS_INDEX
     if index.exists():
-        files = sorted(set(read_json(index).get("weight_map", {}).values()))
+        files = index_shards(src, index)
+    elif (src / HF_SAFETENSORS).exists() or (src / HF_SAFETENSORS).is_symlink():
+        files = [member(src, HF_SAFETENSORS, str(src))]
     else:
-        files = [HF_SAFETENSORS]
+        raise FormatError(f"{src}: missing {HF_SAFETENSORS}")
     params = {}
-    for fname in files:
-        if not (src / fname).exists():
-            raise FormatError(f"{src}: missing {fname}")
-        params.update(load_shard(src / fname))
+    for file in files:
+        read_header(file)  # as strict as the safetensors package, whichever library then loads it
+        params.update(load_shard(file))
     return ConvertedModel(cfg, params, tokenizer_json_of(src), meta["quantization"])
 
 

@@ -6,7 +6,6 @@ means the source is a variant the mapping does not describe (a bias, a hybrid la
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 
 from oryx_core.config import OryxConfig
 from oryx_core.init import init_params
+from oryx_core.files import check_file_name, check_regular, member, read_json_object
 from oryx_core.safetensors_io import FormatError, load_file
 from oryx_core.spec import parameter_specs
 
@@ -54,34 +54,37 @@ class SourceTensors:
 
 
 def read_json(path: Path) -> dict:
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise FormatError(f"{path.parent}: missing {path.name}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise FormatError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path)
+
+
+def index_shards(directory: Path, index: Path) -> list[Path]:
+    """The shard files an index's weight_map names, each a plain name of a regular file inside directory."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise FormatError(f"{index}: corrupt index (weight_map must map tensor names to shard file names)")
+    files = []
+    for name in sorted(set(weight_map.values())):
+        check_file_name(name, f"{index}: weight_map")
+        if not (directory / name).exists() and not (directory / name).is_symlink():
+            raise FormatError(f"{directory}: missing shard {name} named in {index.name}")
+        files.append(member(directory, name, str(index)))
+    return files
 
 
 def read_safetensors_dir(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a directory holding model.safetensors or an index with its shards."""
     index = path / HF_SAFETENSORS_INDEX
     if index.exists():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise FormatError(f"{index}: corrupt index (needs a weight_map)")
-        files = sorted(set(weight_map.values()))
+        files = index_shards(path, index)
     elif (path / HF_SAFETENSORS).exists():
-        files = [HF_SAFETENSORS]
+        files = [member(path, HF_SAFETENSORS, str(path))]
     else:
         raise FileNotFoundError(f"{path}: no {HF_SAFETENSORS} or {HF_SAFETENSORS_INDEX}")
     tensors = {}
-    for name in files:
-        if not (path / name).exists():
-            raise FormatError(f"{path}: missing shard {name} named in {HF_SAFETENSORS_INDEX}")
-        tensors.update(load_file(path / name)[0])
+    for file in files:
+        tensors.update(load_file(file)[0])
     return tensors
 
 
@@ -91,6 +94,7 @@ def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
 
     from oryx_torch.model import torch_to_numpy
 
+    check_regular(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several unrelated types for a bad file
@@ -157,5 +161,9 @@ class ConvertedModel:
 
 
 def tokenizer_json_of(path: Path) -> str | None:
-    file = path / "tokenizer.json"
-    return file.read_text() if file.exists() else None
+    if not (path / "tokenizer.json").exists() and not (path / "tokenizer.json").is_symlink():
+        return None
+    try:
+        return member(path, "tokenizer.json", str(path)).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FormatError(f"{path / 'tokenizer.json'}: not UTF-8 text") from None

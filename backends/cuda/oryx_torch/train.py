@@ -36,8 +36,10 @@ from oryx_data import TokenShards
 from oryx_core.plan import ModePlan, sample_training_modes
 from oryx_core.safetensors_io import encode, load_file
 from oryx_core.atomic import atomic_directory, atomic_write_bytes
+from oryx_core.files import FormatError, member, read_json_object
 from oryx_core.weights import read_config
 
+from .metrics import MetricSinks, check_sinks
 from .model import OryxModel
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # separate RNG streams for training batches and the fixed eval batches
@@ -86,6 +88,7 @@ class TrainConfig:
     parallel: str = "ddp"  # with several processes (torchrun): "ddp" or "fsdp" (FSDP2 fully_shard)
     device: str = "auto"  # "auto" | "cuda" | "cpu"
     progress: bool = True
+    log_to: list = field(default_factory=list)  # metric sinks besides log.jsonl: "tensorboard", "wandb" (metrics.py)
 
     def tokens_per_step(self, world_size: int) -> int:
         return self.seq_len * self.batch_size * self.grad_accum * world_size
@@ -127,6 +130,7 @@ def _check_values(cfg: TrainConfig, source: str) -> None:
     need(cfg.compile in (True, False, "auto"), "compile", "must be true, false or \"auto\"")
     need(cfg.parallel in ("ddp", "fsdp"), "parallel", "must be \"ddp\" or \"fsdp\"")
     need(cfg.device in ("auto", "cuda", "cpu"), "device", "must be \"auto\", \"cuda\" or \"cpu\"")
+    check_sinks(cfg.log_to, f"{source}: log_to")
     for key, plans in (("modes", [cfg.modes]), ("eval_plans", cfg.eval_plans)):
         need(isinstance(plans, list) and len(plans) > 0, key, "must name at least one plan")
         for plan in plans:
@@ -456,21 +460,35 @@ def read_log(out: Path, missing_ok: bool = False) -> list[dict]:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / "checkpoints" / "latest.json"
-    if not pointer.exists():
+    """The checkpoint directory latest.json names: a plain directory name inside out/checkpoints."""
+    root = out / "checkpoints"
+    pointer = root / "latest.json"
+    if not pointer.exists() and not pointer.is_symlink():
         return None
-    try:
-        path = out / "checkpoints" / json.loads(pointer.read_text())["checkpoint"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"{pointer}: corrupt (expected {{\"checkpoint\": \"step-N\"}})") from None
-    if not (path / "state.json").exists():
+    name = read_json_object(pointer, max_bytes=1 << 16).get("checkpoint")
+    if not isinstance(name, str):
+        raise FormatError(f"{pointer}: corrupt (expected {{\"checkpoint\": \"step-N\"}})")
+    path = member(root, name, str(pointer), regular=False)
+    if not path.is_dir() or not (path / "state.json").is_file():
         raise FileNotFoundError(f"{pointer}: names {path.name}, which is missing or incomplete")
     return path
 
 
+def read_state(path: Path) -> dict:
+    """A training checkpoint's state.json: step, skipped steps, world size and RNG states, typed."""
+    state = read_json_object(member(path, "state.json", str(path)))
+    for key in ("step", "skipped_steps", "world_size"):
+        value = state.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise FormatError(f"{path / 'state.json'}: {key} must be an integer >= 0, got {value!r:.40}")
+    if not isinstance(state.get("rng"), list) or len(state["rng"]) != state["world_size"]:
+        raise FormatError(f"{path / 'state.json'}: rng must be a list of one state per rank ({state['world_size']})")
+    return state
+
+
 def load_optimizer_state(path: Path, model, optimizer) -> None:
-    tensors, _ = load_file(path / "optimizer.safetensors")
-    rest = json.loads((path / "optimizer.json").read_text())
+    tensors, _ = load_file(member(path, "optimizer.safetensors", str(path)))
+    rest = read_json_object(member(path, "optimizer.json", str(path)))
     set_optimizer_state_dict(model, optimizer, optim_state_dict=join_optimizer_state(tensors, rest),
                              options=StateDictOptions(full_state_dict=True))
 
@@ -531,7 +549,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     start, skipped, nonfinite_run, rng_restored = 0, 0, 0, None
     log_path = out / "log.jsonl"
     if resume:
-        state = json.loads((resume_from / "state.json").read_text())
+        state = read_state(resume_from)
         start, skipped = state["step"], state["skipped_steps"]
         load_optimizer_state(resume_from, model, optimizer)
         rng_restored = state["world_size"] == rt.world  # batches depend on the rank count anyway
@@ -549,10 +567,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     tokens_per_step = cfg.tokens_per_step(rt.world)
     pad_modes = is_sharded(cfg, rt) and cfg.modes == "mixed"
 
-    log_file = None
+    log_file, sinks = None, None
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         log_file = open(log_path, "a")
+        sinks = MetricSinks(cfg.log_to, out, dataclasses.asdict(cfg)) if cfg.log_to else None
         log_record(log_file, {"event": "resume" if resume else "start", "step": start, "world_size": rt.world,
                               "device": str(rt.device), "compile": use_compile, "total_steps": total,
                               "rng_restored": rng_restored,
@@ -604,6 +623,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             if rt.device.type == "cuda":
                 record["max_memory_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
             log_record(log_file, record)
+            if sinks is not None:
+                sinks.log(record)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             summary["loss"] = loss_value
             loss_sum.zero_()
@@ -613,6 +634,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             # uncompiled: a compiled eval would recompile per plan (no grad, other branches) for little gain
             summary["eval"] = evaluate(model, val_data, cfg, rt, autocast)
             log_record(log_file, {"step": done, "eval": summary["eval"]})
+            if sinks is not None:
+                sinks.log({"step": done, "eval": summary["eval"]})
         if (cfg.save_every and done % cfg.save_every == 0) or done == stop:
             summary["checkpoint"] = str(save_training_checkpoint(out, done, skipped, model, optimizer, cfg, rt,
                                                                  tokenizer_json))
@@ -621,6 +644,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     bar.close()
     if log_file is not None:
         log_file.close()
+    if sinks is not None:
+        sinks.close()
     if rt.world > 1:
         dist.destroy_process_group()
     return summary
