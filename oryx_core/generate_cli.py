@@ -29,6 +29,7 @@ def default_backend() -> str:
 
 
 def cmd_generate(args) -> None:
+    from .chat import load_chat_format
     from .tokenizer import tokenizer_for
 
     backend = args.backend or default_backend()
@@ -37,8 +38,18 @@ def cmd_generate(args) -> None:
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed, kv_policy=args.kv_policy,
                    state_policy=args.state_policy, stop_strings=args.stop, prefill_step_size=args.prefill_step_size)
+    # the checkpoint's end-of-turn ids (tokenizer_config.json) and <|endoftext|> end the text
+    chat = load_chat_format(args.path, tokenizer)
+    options["stop_token_ids"] = chat.stop_token_ids
+    prompt = args.prompt
+    if args.chat:  # one chat turn: the prompt is the user's message, rendered with the chat template
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        text = chat.render(messages + [{"role": "user", "content": args.prompt}])
+        prompt = tokenizer.encode(text, add_special_tokens=False).ids
+    elif args.system:
+        raise ValueError("--system applies only with --chat")
     pieces, tokens, last = [], [], None
-    for last in stream_generate(model, tokenizer, args.prompt, args.max_tokens, args.plan, **options):
+    for last in stream_generate(model, tokenizer, prompt, args.max_tokens, args.plan, **options):
         pieces.append(last.text)
         tokens.extend(last.tokens)
         if not args.json:
@@ -87,5 +98,9 @@ def register(subparsers) -> None:
                    help="compute dtype (default: torch bfloat16 on CUDA and float32 on the CPU; mlx as stored)")
     p.add_argument("--prefill-step-size", type=positive_int, default=2048,
                    help="prompt tokens per prefill piece (bounds the attention scores' memory; default 2048)")
+    p.add_argument("--chat", action="store_true",
+                   help="one chat turn: --prompt is the user's message, rendered with the checkpoint's chat template "
+                        "(or the default one, see oryx chat)")
+    p.add_argument("--system", help="with --chat: a system message before the user's")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, speed) instead of streaming")
     p.set_defaults(func=cmd_generate)

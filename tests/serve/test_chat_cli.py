@@ -80,3 +80,15 @@ def test_oryx_chat_reads_messages_from_a_pipe(backend, checkpoint, torch_model):
     bad = subprocess.run([*command_line(), "chat", str(checkpoint), "--plan", "Q:0-"], input="", capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "plan" in bad.stderr
+
+
+def test_oryx_generate_chat_is_one_turn(checkpoint, torch_model):
+    import json
+
+    out = subprocess.run([*command_line(), "generate", str(checkpoint), "--chat", "--prompt", "Hello", "--system",
+                          "Be brief.", "--max-tokens", "6", "--backend", "torch", "--json"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    want = fresh(torch_model, checkpoint, [{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": "Hello"}], 6)
+    assert json.loads(out.stdout)["text"] == want
