@@ -8,12 +8,21 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _package_data() -> dict[str, list[str]]:
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["tool"]["setuptools"]["package-data"]
+
+
 def _build_wheel(tmp_path: Path) -> Path:
-    """A wheel built from a copy of the packaging inputs. The default model's weights are replaced by empty files
-    of the same names (the check is which files ship, and copying 50 MB would only slow the test)."""
+    """A wheel built from a copy of the packaging inputs. Files over 2 MB other than Python are replaced by empty
+    files of the same names (the check is which files ship; copying model weights would only slow the test)."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -23,9 +32,9 @@ def _build_wheel(tmp_path: Path) -> Path:
         shutil.copytree(REPO / package, src / package, ignore=skip)
     for folder in ("backends/cuda", "backends/mlx", "convert"):  # the other packages are not under test here
         (src / folder).mkdir(parents=True)
-    model = src / "oryx_core" / "default_model"
-    for f in model.iterdir():
-        f.write_bytes(b"")
+    for f in src.rglob("*"):
+        if f.is_file() and f.suffix != ".py" and f.stat().st_size > 2 << 20:
+            f.write_bytes(b"")
     out = tmp_path / "dist"
     subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_wheel({str(out)!r})"],
                    cwd=src, check=True, capture_output=True)
@@ -33,13 +42,20 @@ def _build_wheel(tmp_path: Path) -> Path:
     return wheel
 
 
-def test_wheel_ships_the_gpt2_tokenizer_and_default_model_files(tmp_path):
+def test_wheel_ships_the_gpt2_tokenizer_and_every_package_data_file(tmp_path):
+    package_data = _package_data()
+    assert "gpt2-tokenizer.json" in package_data["oryx_data"]
     wheel = _build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         assert z.read("oryx_data/gpt2-tokenizer.json") == (REPO / "oryx_data" / "gpt2-tokenizer.json").read_bytes()
-    shipped_model = {n.rsplit("/", 1)[1] for n in names if n.startswith("oryx_core/default_model/")}
-    assert shipped_model == {f.name for f in (REPO / "oryx_core" / "default_model").iterdir()}
+    for package, patterns in package_data.items():
+        if package not in ("oryx_core", "oryx_data"):
+            continue
+        for pattern in patterns:
+            for f in (REPO / package).glob(pattern):
+                if f.is_file():
+                    assert f.relative_to(REPO).as_posix() in names
 
     # From the unpacked wheel (outside the source tree), `oryx data build --gpt2` finds its tokenizer.
     site = tmp_path / "site"
