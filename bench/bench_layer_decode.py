@@ -26,7 +26,9 @@ from oryx_core.config import OryxConfig, preset
 from oryx_core.init import init_params
 from oryx_core.reference import OryxReference
 from oryx_torch.attention import rope_tables
-from oryx_torch.generate import DecodeRunner, generate_tokens
+from oryx_core.generation import generate
+from oryx_torch.backend import TorchModel
+from oryx_torch.generate import DecodeRunner
 from oryx_torch.model import OryxModel
 
 QUICK = "--quick" in sys.argv
@@ -104,7 +106,7 @@ def check():
             modes = np.concatenate([np.ones(P + 10, bool), np.zeros(60, bool), np.ones(30, bool)])
             want = ref.forward(tokens[:1, :P + steps], modes)[0][0]
             with torch.inference_mode():
-                cache = model.new_cache(1, P + steps)
+                cache = model.make_cache(1, P + steps)
                 logits = [model(torch.tensor(tokens[:1, :P]), modes[None, :P], cache=cache)[0]]
                 runner = DecodeRunner(model, cache, cuda_graphs=True)
                 for t in range(P, P + steps):
@@ -224,7 +226,7 @@ def decode_bench():
         for ctx in contexts:
             row = {}
             with torch.inference_mode():
-                cache = model.new_cache(1, ctx + 4 * steps + 8)
+                cache = model.make_cache(1, ctx + 4 * steps + 8)
                 prefill_random(model, cache, ctx, rng)
                 for mode_name, is_attention in (("recurrent", False), ("attention", True)):
                     for use_graphs in (True, False):
@@ -255,16 +257,16 @@ def decode_bench():
 def memory_bench():
     rng = np.random.default_rng(0)
     contexts = [1024, 4096] if QUICK else [1024, 4096, 16384, 32768]
-    model = OryxModel(preset("125m", "gdn"), seed=0).to(torch.bfloat16).cuda().eval()
+    # the context reaches past the preset's max_context, which generation would refuse
+    cfg = preset("125m", "gdn").replace(max_context=max(contexts) + 64)
+    model = OryxModel(cfg, seed=0).to(torch.bfloat16).cuda().eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     out = {"weights_MiB": weights / 2**20}
     for ctx in contexts:
         prompt = rng.integers(0, model.cfg.vocab_size, ctx).tolist()
         for policy in ("drop", "keep"):
-            stats = None
-            for _, stats in generate_tokens(model, prompt, max_new_tokens=16, plan="recurrent", kv_policy=policy,
-                                            prefill_chunk=1024):
-                pass
+            stats = generate(TorchModel(model), None, prompt, 16, "recurrent", kv_policy=policy, state_policy="keep",
+                             prefill_step_size=1024).stats
             out[f"ctx{ctx}/{policy}"] = {"peak_MiB": stats.peak_memory_bytes / 2**20,
                                          "cache_MiB": stats.cache_bytes / 2**20,
                                          "generation_tps": stats.generation_tps}

@@ -55,9 +55,10 @@ class LoadedModel(Protocol):
     def forward(self, tokens: np.ndarray, modes: np.ndarray) -> np.ndarray:
         """Stateless forward: tokens int64 [B, T], modes bool [B, T] -> float32 logits [B, T, V]."""
 
-    def make_cache(self, batch: int = 1, capacity: int | None = None) -> Any:
+    def make_cache(self, batch: int = 1, capacity: int | None = None, kv: bool = True) -> Any:
         """An empty cache for `batch` sequences of up to `capacity` tokens (default: the model's max_context;
-        a backend whose cache grows may ignore it)."""
+        a backend whose cache grows may ignore it); kv=False: without a KV cache (as if dropped), so a
+        plan with no attention token never allocates one."""
 
     def cache_length(self, cache) -> int:
         """Tokens the cache has seen (the next token's position)."""

@@ -245,6 +245,16 @@ class TextStream:
         return out
 
 
+class NoText:
+    """TextStream's stand-in when there is no tokenizer: tokens only."""
+
+    def add(self, token: int) -> tuple[str, bool]:
+        return "", False
+
+    def flush(self) -> str:
+        return ""
+
+
 # ----- the generation loop -----
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefill-attention", *,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
@@ -253,7 +263,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefi
                     prefill_step_size: int = 2048) -> Iterator[GenerationResponse]:
     """Yields one GenerationResponse per sampled token; the last one has stats.finish_reason set.
 
-    model: a LoadedModel (oryx_core.backend). prompt: text or token ids. plan: a mode plan for
+    model: a LoadedModel (oryx_core.backend). tokenizer: a tokenizers.Tokenizer, or None for a prompt of
+    token ids and no text (every response's text is empty; no end-of-text id unless stop_token_ids). prompt: text or token ids. plan: a mode plan for
     this call (module docstring). prompt_cache: a cache from `model.make_cache()` to continue
     (updated in place; the last sampled token is not in it yet: feed it at the start of the next
     prompt to continue the same text). The prompt goes through the model in pieces of
@@ -266,6 +277,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefi
     import numpy as np
 
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+    if tokenizer is None and isinstance(prompt, str):
+        raise ValueError("prompt (--prompt): text needs a tokenizer; pass token ids or a tokenizer")
     ids = tokenizer.encode(prompt).ids if isinstance(prompt, str) else [int(t) for t in prompt]
     vocab = model.config.vocab_size
     bad = [t for t in ids if not 0 <= t < vocab]
@@ -276,10 +289,14 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefi
     prompt_length = cached + len(ids)
     total = prompt_length + max_tokens
     plan, modes = resolve_plan(plan, total, prompt_length)
-    cache = model.make_cache(1, total) if prompt_cache is None else prompt_cache
     drop_kv = kv_policy == "drop"
     drop_state = state_policy == "drop" or (state_policy == "auto" and prompt_cache is None)
     kv_dropped = state_dropped = False
+    if prompt_cache is None:
+        kv_dropped = drop_kv and not plan.attention_after(0, prompt_length)
+        cache = model.make_cache(1, total, kv=not kv_dropped)
+    else:
+        cache = prompt_cache
 
     def drop_if_done(position: int) -> None:
         """Frees what no token from `position` on reads."""
@@ -294,8 +311,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefi
     if stop_token_ids is not None:
         end_ids = {int(t) for t in stop_token_ids}
     else:
-        end_ids = {end_of_text_id(tokenizer)} - {None} if stop_at_end_of_text else set()
-    text = TextStream(tokenizer, stop_strings)
+        end_ids = {end_of_text_id(tokenizer)} - {None} if stop_at_end_of_text and tokenizer is not None else set()
+    text = TextStream(tokenizer, stop_strings) if tokenizer is not None else NoText()
     sample = model.sampler(sampling, ids)
     stats = GenerationStats(prompt_tokens=len(ids))
     model.reset_peak_memory()

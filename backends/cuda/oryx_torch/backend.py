@@ -50,9 +50,9 @@ class TorchModel:
                                 torch.from_numpy(np.asarray(modes, dtype=bool)))
         return logits.float().cpu().numpy()
 
-    def make_cache(self, batch: int = 1, capacity: int | None = None) -> OryxCache:
+    def make_cache(self, batch: int = 1, capacity: int | None = None, kv: bool = True) -> OryxCache:
         with torch.inference_mode():
-            cache = self.model.make_cache(batch, capacity)
+            cache = self.model.make_cache(batch, capacity, with_kv=kv)
         self._runners[cache] = DecodeRunner(self.model, cache, self.cuda_graphs)
         return cache
 

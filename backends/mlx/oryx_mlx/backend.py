@@ -41,8 +41,11 @@ class MLXModel:
         logits = self._run(np.asarray(tokens, dtype=np.int64), np.asarray(modes, dtype=bool), None)
         return np.array(logits.astype(mx.float32))
 
-    def make_cache(self, batch: int = 1, capacity: int | None = None) -> list[LayerCache]:
-        return self.model.make_cache()  # grows as it fills: batch and capacity come from the first tokens
+    def make_cache(self, batch: int = 1, capacity: int | None = None, kv: bool = True) -> list[LayerCache]:
+        cache = self.model.make_cache()  # grows as it fills: batch and capacity come from the first tokens
+        if not kv:
+            drop_kv(cache)
+        return cache
 
     def cache_length(self, cache: list[LayerCache]) -> int:
         return cache_offset(cache)
