@@ -44,6 +44,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from oryx_core.atomic import atomic_directory
+from oryx_core.files import check_file_name, member as directory_member, read_json_object
 from oryx_core.safetensors_io import FormatError
 from oryx_core.tokenizer import END_OF_TEXT, byte_level_tokenizer, end_of_text_id, load_tokenizer
 
@@ -350,19 +351,30 @@ def read_meta(path: str | Path) -> dict:
     meta_path = path / META_FILE
     if not meta_path.exists():
         raise FileNotFoundError(f"{path}: no {META_FILE}; not a token shard directory (make one with `oryx data build`)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{meta_path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json_object(meta_path)
+    if meta.get("format") != FORMAT:
         raise FormatError(f"{meta_path}: not a token shard directory (no \"format\": \"{FORMAT}\")")
     if meta.get("version") != FORMAT_VERSION:
         raise FormatError(f"{meta_path}: unknown version {meta.get('version')!r} (this Oryx reads {FORMAT_VERSION})")
     if meta.get("dtype") not in TOKEN_DTYPES:
         raise FormatError(f"{meta_path}: dtype must be one of {list(TOKEN_DTYPES)}, got {meta.get('dtype')!r}")
     for key, kind in (("vocab_size", int), ("eot_id", int), ("splits", dict), ("tokens", dict)):
-        if not isinstance(meta.get(key), kind):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise FormatError(f"{meta_path}: missing or malformed {key!r}")
+    id_limit = np.iinfo(TOKEN_DTYPES[meta["dtype"]]).max + 1
+    if not 1 <= meta["vocab_size"] <= id_limit:
+        raise FormatError(f"{meta_path}: vocab_size must be in [1, {id_limit}] for {meta['dtype']} tokens, "
+                          f"got {meta['vocab_size']}")
+    if not 0 <= meta["eot_id"] < meta["vocab_size"]:
+        raise FormatError(f"{meta_path}: eot_id {meta['eot_id']} is not a token id below vocab_size {meta['vocab_size']}")
+    for split, files in meta["splits"].items():
+        if not isinstance(files, list):
+            raise FormatError(f"{meta_path}: splits[{split!r}] must be a list of shard file names")
+        for name in files:
+            check_file_name(name, f"{meta_path}: splits[{split!r}]")
+        count = meta["tokens"].get(split)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise FormatError(f"{meta_path}: tokens[{split!r}] must be an integer >= 0, got {count!r:.40}")
     return meta
 
 
@@ -427,8 +439,9 @@ class TokenShards:
 
     def _map(self, name: str) -> np.ndarray:
         file = self.path / name
-        if not file.is_file():
+        if not file.exists() and not file.is_symlink():
             raise FormatError(f"{self.path}: missing shard {name} named in {META_FILE}")
+        directory_member(self.path, name, str(self.path / META_FILE))
         size = file.stat().st_size
         if size == 0 or size % self.dtype.itemsize:
             raise FormatError(f"{file}: {size} bytes is not a whole number of {self.meta['dtype']} tokens")
