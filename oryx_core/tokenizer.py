@@ -5,6 +5,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from .files import check_regular
+
 END_OF_TEXT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"  # a checkpoint directory's tokenizer
 
@@ -38,6 +40,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"{path}: no tokenizer.json")
+    check_regular(file)  # a FIFO or device would block the reader forever
     try:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # the tokenizers library raises a bare Exception on bad files
