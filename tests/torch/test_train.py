@@ -258,6 +258,24 @@ def test_cli_trains_and_refuses_to_overwrite(shards, tmp_path, capsys):
     assert code == 2 and "already holds checkpoints; pass --resume" in err, err
 
 
+def test_cli_prints_the_model_path_that_loads(shards, tmp_path, capsys):
+    out = tmp_path / "o"
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"model": {"preset": "tiny"}, "data": str(shards), "out": str(out), "steps": 2,
+                                  "seq_len": 16, "batch_size": 1, "eval_batches": 1, "progress": False,
+                                  "device": "cpu"}))
+    assert cli.main(["train", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    model_line = next(line for line in lines if line.startswith("model "))
+    printed = Path(model_line.split()[1])
+    assert printed == out / "checkpoints" / "step-00000002" / "model"
+    ckpt = load_checkpoint(printed)
+    assert ckpt.config.vocab_size == 260 and ckpt.config.n_layers == 2
+    assert cli.main(["info", str(printed), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"]["total"] == sum(int(np.prod(v.shape)) for v in ckpt.params.values())
+
+
 def test_eval_windows_do_not_depend_on_the_rank(shards, full_run):
     """Every rank scores the same windows, so evaluations at different GPU counts compare."""
     from contextlib import nullcontext

@@ -46,6 +46,7 @@ TRAIN_STREAM, EVAL_STREAM = 0, 1  # separate RNG streams for training batches an
 MAX_NONFINITE_STEPS = 10  # consecutive steps with non-finite gradients before the run is declared diverged
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 MODEL_KEYS = {"preset", "mixer", "config", "checkpoint", "overrides"}
+MODEL_DIR = "model"  # inside a training checkpoint: the Oryx checkpoint that load_checkpoint and every oryx command read
 
 
 class TrainingDiverged(ValueError):
@@ -437,7 +438,7 @@ def save_training_checkpoint(out: Path, step: int, skipped_steps: int, model: Or
                  "rng": rng_states, "train_config": dataclasses.asdict(cfg)}
 
         def fill(tmp: Path):
-            saving.save(tmp / "model", tokenizer_json=tokenizer_json)
+            saving.save(tmp / MODEL_DIR, tokenizer_json=tokenizer_json)
             (tmp / "optimizer.safetensors").write_bytes(encode(tensors))
             (tmp / "optimizer.json").write_text(json.dumps(rest))
             (tmp / "state.json").write_text(json.dumps(state))
@@ -531,7 +532,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
 
     model_cfg, init_from = model_config(cfg.model)
     if resume:
-        init_from = resume_from / "model"
+        init_from = resume_from / MODEL_DIR
     if train_data.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"data: vocab_size {train_data.vocab_size} exceeds the model's vocab_size {model_cfg.vocab_size}")
     if cfg.seq_len > model_cfg.max_context:
@@ -648,4 +649,5 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         sinks.close()
     if rt.world > 1:
         dist.destroy_process_group()
+    summary["model"] = None if summary["checkpoint"] is None else str(Path(summary["checkpoint"]) / MODEL_DIR)
     return summary

@@ -27,8 +27,9 @@ def cmd_train(args) -> None:
     summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
         print(json.dumps(summary, indent=2) if args.json else
-              f"step {summary['step']}: loss {summary['loss']}, eval {summary['eval']}, "
-              f"checkpoint {summary['checkpoint']}")
+              f"step {summary['step']}: loss {summary['loss']}, eval {summary['eval']}\n"
+              f"model {summary['model']} (oryx generate, eval, info and load_checkpoint read it)\n"
+              f"training state {summary['checkpoint']} (oryx train --resume continues from it)")
 
 
 def register(subparsers) -> None:
