@@ -17,7 +17,7 @@ def resolve_device(device: str | None):
         raise ValueError(f"--device {device}: the mlx backend runs on cpu or gpu")
     if device == "gpu" and not mx.metal.is_available():
         raise ValueError("--device gpu: no Metal GPU here (mlx runs on the CPU); use --device cpu")
-    return mx.cpu if device == "cpu" else mx.gpu
+    return mx.Device(mx.cpu if device == "cpu" else mx.gpu)
 
 
 class MLXModel:
