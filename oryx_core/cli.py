@@ -22,6 +22,7 @@ from .output import check_output, replacing_allowed
 from .plan import PlanError
 from .safetensors_io import FormatError
 from .spec import parameter_counts
+from .text_tokens import evaluate_text_file
 from .tokenizer import byte_level_tokenizer, load_tokenizer
 from .weights import load_checkpoint, save_checkpoint
 
@@ -86,13 +87,8 @@ def cmd_eval(args) -> None:
                        f"MQAR accuracy {r['accuracy']:.4f} ({r['pairs']} pairs, length {r['seq_len']}, "
                        f"{r['examples']} examples)"])
         return
-    try:
-        text = Path(args.text).read_text(encoding="utf-8")
-    except OSError as e:
-        raise FileNotFoundError(f"--text {args.text}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"--text {args.text}: not UTF-8 text") from None
-    r = evaluate_text(args.path, text, plan=args.plan, backend=args.backend, window=args.window, max_tokens=args.max_tokens)
+    r = evaluate_text_file(args.path, args.text, plan=args.plan, backend=args.backend, window=args.window,
+                           max_tokens=args.max_tokens)
     emit(args, r, [f"{args.path} [{r['backend']}, plan {r['plan']}]: nll {r['nll']:.6f}, "
                    f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens"])
 
