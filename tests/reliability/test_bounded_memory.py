@@ -105,12 +105,12 @@ def run_main(argv) -> int:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--max-tokens", "-5"], "argument --max-tokens"),
-    (["--max-tokens", "0"], "argument --max-tokens"),
-    (["--max-tokens", "1e12"], "argument --max-tokens"),
+    (["--max-tokens", "-5"], "--max-tokens"),
+    (["--max-tokens", "0"], "--max-tokens"),
+    (["--max-tokens", "1e12"], "--max-tokens"),
     (["--max-tokens", "1"], "--max-tokens must be at least 2"),
-    (["--window", "-1"], "argument --window"),
-    (["--window", "0"], "argument --window"),
+    (["--window", "-1"], "--window"),
+    (["--window", "0"], "--window"),
 ])
 def test_bad_counts_are_refused(tiny, tmp_path, capsys, args, message):
     text = tmp_path / "t.txt"
