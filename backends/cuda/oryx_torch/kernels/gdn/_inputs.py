@@ -45,13 +45,5 @@ def check_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=None):
     return num_seqs
 
 
-def sequence_bounds(batch, length, cu_seqlens=None):
-    """[(bos, eos)] of each sequence in the flattened token axis of length batch*length."""
-    if cu_seqlens is None:
-        return [(b * length, (b + 1) * length) for b in range(batch)]
-    bounds = cu_seqlens.tolist()
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
 def default_scale(scale, head_dim):
     return head_dim ** -0.5 if scale is None else float(scale)

@@ -15,7 +15,8 @@ Only the last three lines run sequentially over chunks; the rest is batched.
 import torch
 import torch.nn.functional as F
 
-from ._inputs import check_inputs, default_scale, sequence_bounds
+from ..sequences import sequence_bounds
+from ._inputs import check_inputs, default_scale
 from .naive import _compute_dtype
 
 
@@ -79,7 +80,8 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
     q_, k_, v_, g_, beta_ = (t.reshape(B * T, *t.shape[2:]).to(dtype) for t in (q, k, v, g, beta))
 
     outputs, final_states = [], []
-    for n, (bos, eos) in enumerate(sequence_bounds(B, T, cu_seqlens)):
+    for n, (row, first, end) in enumerate(sequence_bounds(B, T, cu_seqlens)):
+        bos, eos = row * T + first, row * T + end  # on the flattened token axis
         state = q_.new_zeros(H, K, V) if initial_state is None else initial_state[n].to(dtype)
         if eos > bos:
             o, state = _chunked_sequence(q_[bos:eos], k_[bos:eos], v_[bos:eos], g_[bos:eos],

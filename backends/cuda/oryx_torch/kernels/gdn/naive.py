@@ -8,7 +8,8 @@ by autograd, so its gradients are the reference for the chunked implementations.
 """
 import torch
 
-from ._inputs import check_inputs, default_scale, sequence_bounds
+from ..sequences import sequence_bounds
+from ._inputs import check_inputs, default_scale
 
 
 def _compute_dtype(*tensors):
@@ -27,7 +28,8 @@ def naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
     q_, k_, v_, g_, beta_ = flat
 
     outputs, final_states = [], []
-    for n, (bos, eos) in enumerate(sequence_bounds(B, T, cu_seqlens)):
+    for n, (row, first, end) in enumerate(sequence_bounds(B, T, cu_seqlens)):
+        bos, eos = row * T + first, row * T + end  # on the flattened token axis
         if initial_state is None:
             state = q_.new_zeros(H, K, V)
         else:

@@ -47,11 +47,3 @@ def check_ssd_inputs(q, k, v, dt, A, D=None, initial_state=None, cu_seqlens=None
 def compute_dtype(x):
     """float64 stays float64 (reference runs); everything else is computed in float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def sequence_bounds(batch, length, cu_seqlens=None):
-    """(batch index, first token, end token) of each sequence, in the order of the state's N axis."""
-    if cu_seqlens is None:
-        return [(b, 0, length) for b in range(batch)]
-    bounds = cu_seqlens.tolist()
-    return [(0, bos, eos) for bos, eos in zip(bounds, bounds[1:])]

@@ -14,7 +14,8 @@ Autograd-able; used on CPU.
 import torch
 import torch.nn.functional as F
 
-from ._inputs import check_ssd_inputs, compute_dtype, sequence_bounds
+from ..sequences import sequence_bounds
+from ._inputs import check_ssd_inputs, compute_dtype
 
 
 def _chunk_ssd_batched(q, k, v, dt, A, D, initial_state, chunk_size):

@@ -11,7 +11,8 @@ ground truth for every faster path.
 """
 import torch
 
-from ._inputs import check_ssd_inputs, compute_dtype, sequence_bounds
+from ..sequences import sequence_bounds
+from ._inputs import check_ssd_inputs, compute_dtype
 
 
 def naive_recurrent_ssd(q, k, v, dt, A, D=None, initial_state=None, output_final_state=False, cu_seqlens=None):
