@@ -20,6 +20,8 @@ from common import ROOT, run_main  # noqa: F401  (ROOT: import paths)
 
 from oryx_core.weights import load_checkpoint, save_checkpoint
 
+EMBEDDED_SHARD_BYTES = 16 * 1024 * 1024  # the package ships small files
+
 SELECTION_PLANS = ("attention", "recurrent", "mixed")
 
 
@@ -38,7 +40,8 @@ def write_default(checkpoint: str | Path, max_context: int, out: str | Path, dty
     if not tokenizer_path.exists():
         raise FileNotFoundError(f"{tokenizer_path}: the trained model has no tokenizer.json")
     config = ckpt.config.replace(max_context=max_context)
-    save_checkpoint(out, config, ckpt.params, dtype=dtype, tokenizer_json=tokenizer_path.read_text())
+    save_checkpoint(out, config, ckpt.params, dtype=dtype, tokenizer_json=tokenizer_path.read_text(),
+                    shard_bytes=EMBEDDED_SHARD_BYTES)
 
 
 def main() -> None:

@@ -37,19 +37,40 @@ def dtype_name(dtype) -> str:
     return DTYPE_NAMES[dtype]
 
 
-def encode(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
-    header, chunks, offset = {}, [], 0
-    for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
-        data = arr.tobytes()
-        header[name] = {"dtype": dtype_name(arr.dtype), "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
+def _header(arrays: dict[str, np.ndarray], metadata: dict[str, str] | None) -> bytes:
+    """The length-prefixed JSON header of `arrays` (in name order), padded to 8 bytes."""
+    header, offset = {}, 0
+    for name, arr in arrays.items():
+        header[name] = {"dtype": dtype_name(arr.dtype), "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the spec aligns the data section to 8 bytes
-    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+    return struct.pack("<Q", len(text)) + text
+
+
+def encode(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    arrays = {name: np.ascontiguousarray(tensors[name]) for name in sorted(tensors)}
+    return _header(arrays, metadata) + b"".join(arr.tobytes() for arr in arrays.values())
+
+
+def write_file(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> str:
+    """Writes the bytes `encode` would give straight to `path`, one tensor at a time (no copy of the
+    whole file in memory, so GB-sized shards cost no more than their largest tensor); returns their sha256."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    arrays = {name: tensors[name] for name in sorted(tensors)}
+    with open(path, "wb") as f:
+        head = _header(arrays, metadata)  # (nbytes, shape and dtype do not depend on the memory layout)
+        f.write(head)
+        digest.update(head)
+        for arr in arrays.values():
+            data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+            f.write(data)
+            digest.update(data)
+    return digest.hexdigest()
 
 
 def read_header(path: Path) -> tuple[dict, dict, int]:

@@ -22,7 +22,7 @@ import numpy as np
 from .atomic import atomic_directory
 from .config import ConfigError, OryxConfig
 from .files import check_file_name, member, open_regular, read_json_object
-from .safetensors_io import DTYPES, FormatError, dtype_name, encode, load_file, read_header, read_tensors
+from .safetensors_io import DTYPES, FormatError, dtype_name, load_file, read_header, read_tensors, write_file
 from .spec import parameter_specs
 from .tokenizer import TOKENIZER_FILE
 
@@ -30,7 +30,10 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # HF-style: chat template and end-of-turn ids (oryx_core.chat)
-DEFAULT_SHARD_BYTES = 16 * 1024 * 1024
+DEFAULT_SHARD_BYTES = 5 * 10**9  # as transformers' save_pretrained (max_shard_size="5GB")
+# The weights-only directories `oryx convert` also writes (oryx_convert.backends), by their config.json "format".
+CONVERTER_CONTAINERS = {"torch-state-dict": "a PyTorch state dict written by oryx convert --to torch-state-dict",
+                        "mlx": "MLX weights written by oryx convert --to mlx-weights"}
 FORMAT_KEYS = ("format", "format_version", "dtype", "quantization", "architectures", "model_type")
 # What a checkpoint exported for transformers adds to config.json (oryx_torch.hf): the HF spellings of
 # config fields, auto_map and the default plan; Oryx reads its own keys and passes over these.
@@ -97,8 +100,7 @@ def save_checkpoint(path: str | Path, config: OryxConfig, params: dict[str, np.n
         weight_map, sums = {}, {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            (tmp / fname).write_bytes(encode(shard, {"format": "pt"}))
-            sums[fname] = _sha256(tmp / fname)
+            sums[fname] = write_file(tmp / fname, shard, {"format": "pt"})
             weight_map.update({name: fname for name in shard})
         index = {"metadata": {"format_version": FORMAT_VERSION, "total_size": sum(a.nbytes for a in tensors.values()),
                               "shard_sha256": sums}, "weight_map": dict(sorted(weight_map.items()))}
@@ -136,6 +138,9 @@ def read_config(path: str | Path) -> tuple[OryxConfig, dict]:
     if not cfg_path.exists():
         raise FormatError(f"{path}: missing {CONFIG_FILE}")
     raw = read_json_object(cfg_path)
+    if raw.get("format") in CONVERTER_CONTAINERS:
+        raise FormatError(f"{cfg_path}: {CONVERTER_CONTAINERS[raw['format']]}, not an Oryx checkpoint; make one with "
+                          f"oryx convert {path} DST --to oryx")
     if raw.get("format") != "oryx":
         raise FormatError(f"{cfg_path}: not an Oryx checkpoint (no \"format\": \"oryx\")")
     version = raw.get("format_version")

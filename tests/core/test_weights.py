@@ -176,7 +176,7 @@ def test_interrupted_save_keeps_the_old_checkpoint(tiny, monkeypatch):
     def explode(*args, **kwargs):
         raise KeyboardInterrupt  # as if the user pressed Ctrl-C halfway through writing shards
 
-    monkeypatch.setattr(weights, "_sha256", explode)
+    monkeypatch.setattr(weights, "write_file", explode)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, cfg, init_params(cfg, 5))
     assert {f.name: f.read_bytes() for f in path.iterdir()} == before
