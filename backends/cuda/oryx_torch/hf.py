@@ -31,7 +31,7 @@ from oryx_core.config import OryxConfig
 from oryx_core.plan import ModePlan
 from oryx_core.weights import CONFIG_FILE, FORMAT_KEYS, HF_CONFIG_KEYS, load_checkpoint, save_checkpoint
 
-from .model import TORCH_DTYPES, OryxModel, resolve_dtype
+from .model import DTYPES, OryxModel, resolve_dtype
 
 CONFIG_MODULE, MODELING_MODULE = "configuration_oryx", "modeling_oryx"
 AUTO_MAP = {"AutoConfig": f"{CONFIG_MODULE}.OryxHFConfig", "AutoModelForCausalLM": f"{MODELING_MODULE}.OryxForCausalLM"}
@@ -123,7 +123,7 @@ class OryxForCausalLM(PreTrainedModel, GenerationMixin):
         if ckpt.quantization is not None:
             raise ValueError(f"{path}: quantized checkpoints are MLX-only; convert to float first")
         if dtype in (None, "auto"):
-            dtype = TORCH_DTYPES.get(ckpt.dtype, torch.float32)
+            dtype = DTYPES.get(ckpt.dtype, torch.float32)
         inner = OryxModel(ckpt.config, seed=None).to(resolve_dtype(dtype))
         inner.load_params(ckpt.params)
         if config is None:

@@ -29,14 +29,14 @@ import torch.nn.functional as F
 from oryx_core.config import OryxConfig
 from oryx_core.init import init_params
 from oryx_core.reference import L2NORM_EPS
-from oryx_core.weights import load_checkpoint, save_checkpoint
+from oryx_core.weights import FLOAT_DTYPES, load_checkpoint, save_checkpoint
 
 from .attention import AttentionPlan, apply_rope, decode_attention, plan_attention, rope_tables
 from .cache import LayerCache, OryxCache
 from .kernels.gdn import gated_delta_rule, naive_recurrent_gated_delta_rule
 from .kernels.mamba2 import naive_recurrent_ssd, ssd
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPES}  # the weight format's float dtypes as torch dtypes
 
 
 # ----- small pieces -----
@@ -344,7 +344,7 @@ class OryxModel(nn.Module):
         if ckpt.quantization is not None:
             raise ValueError(f"{path}: quantized checkpoints ({ckpt.quantization}) are MLX-only; "
                              f"convert to float first")
-        dtype = resolve_dtype(dtype if dtype is not None else TORCH_DTYPES.get(ckpt.dtype, torch.float32))
+        dtype = resolve_dtype(dtype if dtype is not None else DTYPES.get(ckpt.dtype, torch.float32))
         model = cls(ckpt.config, seed=None).to(dtype)
         model.load_params(ckpt.params)
         return model.to(device)
@@ -495,9 +495,9 @@ def fused_decode_available(t: torch.Tensor) -> bool:
 def resolve_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
-    return TORCH_DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
 
 def numpy_to_torch(arr: np.ndarray) -> torch.Tensor:

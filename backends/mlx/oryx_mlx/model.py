@@ -25,12 +25,10 @@ import mlx.nn as nn
 import numpy as np
 
 from oryx_core.config import OryxConfig
-from oryx_core.reference import rope_angles
+from oryx_core.reference import L2NORM_EPS, rope_angles
 
 from .cache import LayerCache, make_prompt_cache
 from .kernels import gated_delta_recurrence, ssd_recurrence
-
-L2NORM_EPS = 1e-6  # inside the square root, as in the reference
 
 
 def softplus(x):
