@@ -164,8 +164,8 @@ def decode_calls(B, fla_recurrent):
 
 
 def time_decode(B, fla_recurrent, rows):
-    """One token. Eager, both calls are bound by the host's launch work (about 0.08 ms a call on the H100 host,
-    2026-11-27), which do_bench's timing partly hides, so the GPU time of the kernels is printed beside it;
+    """One token. Eager, both calls are bound by the host's launch work (docs/benchmarks.md, "Decode step"),
+    which do_bench's timing partly hides, so the GPU time of the kernels is printed beside it;
     the model's decode replays the step as a CUDA graph."""
     timed = {}
     for name, run in decode_calls(B, fla_recurrent).items():
@@ -260,8 +260,8 @@ def sweep_launch_shapes():
           + shapes((64, 8, 1), (128, 8, 1), BK=128) + shapes((64, 4, 2), (64, 8, 2), BK=64, TMA=True),
           fwd_bwd, verify)
     print("launch shapes after the safe sweep:", chunk_module.LAUNCH, flush=True)
-    # Last, as they may fault: on 2026-11-27 (H200) a BV=32 shape of state_fwd hit an illegal
-    # address, which ends the process. Narrow blocks mean more programs or fewer spills.
+    # Last, as they may fault: a BV=32 shape of state_fwd can hit an illegal address on an H200,
+    # which ends the process. Narrow blocks mean more programs or fewer spills.
     launch = chunk_module.LAUNCH
     sweep("chunk_bwd", [launch["chunk_bwd"], *shapes((32, 4, 1), (32, 8, 1), BK=32), *shapes((32, 8, 1), BK=128)],
           fwd_bwd, verify)

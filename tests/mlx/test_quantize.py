@@ -40,7 +40,7 @@ def setup(request):
     return cfg, params, tokens
 
 
-# Measured on exactly these cases (2026-11-27), gdn / mamba2: 4-bit groups of 32: 0.129 / 0.123,
+# Measured on exactly these cases, gdn / mamba2: 4-bit groups of 32: 0.129 / 0.123,
 # groups of 64: 0.144 / 0.139; 8-bit groups of 64: 0.0088 / 0.0081 (relative error of the logits).
 @pytest.mark.parametrize("bits, group_size, tolerance", [(4, 32, 0.2), (4, 64, 0.2), (8, 64, 0.015)])
 def test_quantised_logits_close_to_full_precision(setup, bits, group_size, tolerance):

@@ -72,8 +72,8 @@ class TrainConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0  # 0: no clipping
     bf16: bool = True  # bf16 autocast (CUDA); master weights and optimizer stay fp32
-    # torch.compile of the model: false | true | "auto" (on for CUDA, where it pays: 1.24x tokens/s on
-    # the 20m mixed run, H200; docs/benchmarks.md "Training"). Off on CPU, where compiling costs more
+    # torch.compile of the model: false | true | "auto" (on for CUDA, where it pays: docs/benchmarks.md,
+    # "Training"). Off on CPU, where compiling costs more
     # than a short run gains.
     compile: object = "auto"
     modes: str = "mixed"  # "mixed" (the design's sampler) or a fixed plan: "attention", "recurrent", ...
