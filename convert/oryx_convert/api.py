@@ -1,10 +1,11 @@
 """`convert(src, dst, ...)`: any supported source kind -> any target kind, with dtype casts and MLX quantisation.
 
-Source kinds: oryx (an Oryx checkpoint), torch / mlx (the containers of oryx_convert.backends),
+Source kinds: oryx (an Oryx checkpoint), torch-state-dict / mlx-weights (the containers of oryx_convert.backends),
 llama (a Hugging Face LlamaForCausalLM directory), gguf (a llama.cpp Llama GGUF file),
 fla-gdn (fla's GatedDeltaNetForCausalLM directory), mamba2 (mamba-ssm's MambaLMHeadModel
-directory with Mamba-2 layers). Target kinds: oryx, torch, mlx, mlx-lm, hf (an Oryx checkpoint that
-transformers' AutoModelForCausalLM also loads, oryx_torch.hf).
+directory with Mamba-2 layers). Target kinds: oryx, torch-state-dict, mlx-weights, mlx-lm, hf (an Oryx checkpoint
+that transformers' AutoModelForCausalLM also loads, oryx_torch.hf). Every oryx command reads oryx and hf; the two
+containers are weights for one's own PyTorch or MLX code, and mlx-lm is for mlx_lm.load.
 
 Every target is written through an atomic directory, after the whole model was read and
 validated, so a failed conversion leaves nothing at dst.
@@ -42,15 +43,15 @@ def read_oryx(src, **_) -> ConvertedModel:
 
 SOURCE_KINDS = {
     "oryx": read_oryx,
-    "torch": lambda src, **_: backends.read_torch_dir(src),
-    "mlx": lambda src, **_: backends.read_mlx_dir(src),
+    "torch-state-dict": lambda src, **_: backends.read_torch_dir(src),
+    "mlx-weights": lambda src, **_: backends.read_mlx_dir(src),
     "llama": lambda src, mixer, seed: import_hf_llama(src, mixer, seed),
     "gguf": lambda src, mixer, seed: import_gguf_llama(src, mixer, seed),
     "fla-gdn": lambda src, **_: import_fla_gdn(src),
     "mamba2": lambda src, **_: import_mamba2(src),
 }
-TARGET_KINDS = ("oryx", "torch", "mlx", "mlx-lm", "hf")  # hf: an Oryx checkpoint transformers also loads
-CONTAINER_FORMATS = {"oryx": "oryx", backends.TORCH_FORMAT: "torch", backends.MLX_FORMAT: "mlx"}
+TARGET_KINDS = ("oryx", "torch-state-dict", "mlx-weights", "mlx-lm", "hf")  # hf: an Oryx checkpoint transformers also loads
+CONTAINER_FORMATS = {"oryx": "oryx", backends.TORCH_FORMAT: "torch-state-dict", backends.MLX_FORMAT: "mlx-weights"}
 HF_MODEL_TYPES = {"llama": "llama", "gated_deltanet": "fla-gdn"}
 
 
@@ -96,7 +97,7 @@ def _check_options(src: Path, dst: Path, from_kind: str, to_kind: str, dtype, qu
         raise ValueError(f"--quantize must be one of {QUANT_BITS} bits, got {quantize!r}")
     if group_size not in GROUP_SIZES:
         raise ValueError(f"--group-size must be one of {GROUP_SIZES}, got {group_size!r}")
-    if quantize is not None and to_kind in ("torch", "hf"):
+    if quantize is not None and to_kind in ("torch-state-dict", "hf"):
         raise ValueError(f"--quantize: MLX quantisation cannot be stored for --to {to_kind}")
     if mixer not in MIXERS:
         raise ValueError(f"--mixer must be one of {', '.join(MIXERS)}, got {mixer!r}")
@@ -117,7 +118,7 @@ def source_tokenizer_config(src: Path, from_kind: str) -> dict | None:
         from .gguf import read_gguf
 
         return tokenizer_config_from_gguf(read_gguf(src).metadata)
-    if from_kind in ("oryx", "torch", "mlx"):
+    if from_kind in ("oryx", *CONTAINER_FORMATS.values()):
         return read_tokenizer_config(src)
     return tokenizer_config_from_hf(src)
 
@@ -132,9 +133,9 @@ def _write(model: ConvertedModel, dst: Path, to_kind: str, plan: str, shard_byte
         from oryx_torch.hf import add_hf_files
 
         return add_hf_files(_write(model, dst, "oryx", plan, shard_bytes, tokenizer_config), plan)
-    if to_kind == "torch":
+    if to_kind == "torch-state-dict":
         return backends.write_torch_dir(dst, model, shard_bytes)
-    if to_kind == "mlx":
+    if to_kind == "mlx-weights":
         return backends.write_mlx_dir(dst, model, shard_bytes)
     from oryx_mlx.export import export_mlx_lm
 

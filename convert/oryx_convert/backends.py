@@ -104,7 +104,7 @@ def _read_container(src, fmt: str, load_shard) -> ConvertedModel:
 # ----- torch -----
 def write_torch_dir(dst, model: ConvertedModel, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     if model.quantization is not None:
-        raise ValueError("--to torch: the model is MLX-quantised; PyTorch has no such weights (pass --dequantize)")
+        raise ValueError("--to torch-state-dict: the model is MLX-quantised; PyTorch has no such weights (pass --dequantize)")
     from oryx_torch.model import numpy_to_torch
     from safetensors.torch import save_file
 

@@ -8,7 +8,8 @@ from oryx_core.argtypes import non_negative_int
 from oryx_core.cli import FORCE_FLAG, emit
 from oryx_core.output import check_output, replacing_allowed
 
-OUTPUT_KINDS = {"oryx": "checkpoint", "torch": "torch", "mlx": "mlx", "mlx-lm": "mlx-lm", "hf": "checkpoint"}
+OUTPUT_KINDS = {"oryx": "checkpoint", "torch-state-dict": "torch", "mlx-weights": "mlx", "mlx-lm": "mlx-lm",
+                "hf": "checkpoint"}
 
 
 def cmd_convert(args) -> None:
@@ -31,10 +32,11 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "convert", help="convert between backends and dtypes, or import Llama (HF/GGUF), fla GDN, mamba-ssm Mamba-2",
-        description="Convert SRC to DST. Sources: an Oryx checkpoint, a torch or MLX directory written by this command, "
+        description="Convert SRC to DST. Sources: an Oryx checkpoint, a torch-state-dict or mlx-weights directory written by this command, "
                     "a Hugging Face Llama directory, a Llama GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1), an fla "
                     "GatedDeltaNetForCausalLM directory, a mamba-ssm MambaLMHeadModel (Mamba-2) directory. Targets: "
-                    "oryx, torch (safetensors state dict), mlx (mx.save_safetensors, optionally quantised), mlx-lm.")
+                    "oryx (what every oryx command reads; MLX-quantised with --quantize), hf, torch-state-dict (safetensors.torch, "
+                    "for load_state_dict), mlx-weights (mx.save_safetensors, for load_weights), mlx-lm (for mlx_lm.load).")
     p.add_argument("src", help="source directory (or .gguf file)")
     p.add_argument("dst", help="output directory (written atomically)")
     p.add_argument("--from", dest="from_kind", default="auto", choices=["auto", *SOURCE_KINDS],
@@ -42,7 +44,7 @@ def register(subparsers) -> None:
     p.add_argument("--to", dest="to_kind", default="oryx", choices=list(TARGET_KINDS), help="target kind (default oryx)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast float tensors (default: as stored; imports give float32)")
     p.add_argument("--quantize", type=int, choices=list(QUANT_BITS), metavar="BITS",
-                   help="MLX affine quantisation to BITS (2, 3, 4, 5, 6, 8) for --to oryx/mlx/mlx-lm")
+                   help="MLX affine quantisation to BITS (2, 3, 4, 5, 6, 8) for --to oryx/mlx-weights/mlx-lm")
     p.add_argument("--group-size", type=int, default=64, choices=list(GROUP_SIZES),
                    help="weights per quantisation scale (default 64)")
     p.add_argument("--dequantize", action="store_true", help="expand an MLX-quantised source to float weights first")

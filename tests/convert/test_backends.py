@@ -38,23 +38,23 @@ def _assert_same_checkpoint(a, b):
     assert ca.extra_files == cb.extra_files
 
 
-@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("backend, kind", [("torch", "torch-state-dict"), ("mlx", "mlx-weights")])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
-def test_round_trip_is_bit_exact(tmp_path, backend, dtype, mixer):
+def test_round_trip_is_bit_exact(tmp_path, backend, kind, dtype, mixer):
     pytest.importorskip(backend)
     src = _random_checkpoint(tmp_path / "src", mixer, dtype)
-    middle = convert(src, tmp_path / backend, to_kind=backend, shard_bytes=SMALL_SHARDS)
+    middle = convert(src, tmp_path / backend, to_kind=kind, shard_bytes=SMALL_SHARDS)
     index = json.loads((middle / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    back = convert(middle, tmp_path / "back", from_kind=backend)
+    back = convert(middle, tmp_path / "back", from_kind=kind)
     _assert_same_checkpoint(src, back)
 
 
 def test_dtype_cast_rounds_like_torch(tmp_path):
     torch = pytest.importorskip("torch")
     src = _random_checkpoint(tmp_path / "src", "gdn", "float32")
-    out = read_torch_dir(convert(src, tmp_path / "t", to_kind="torch", dtype="bfloat16"))
+    out = read_torch_dir(convert(src, tmp_path / "t", to_kind="torch-state-dict", dtype="bfloat16"))
     fp32 = load_checkpoint(src).params
     for name, value in out.params.items():
         expected = torch.from_numpy(np.array(fp32[name])).to(torch.bfloat16).view(torch.int16).numpy()
@@ -67,7 +67,7 @@ def test_torch_directory_loads_into_oryx_torch_model(tmp_path):
     from safetensors.torch import load_file
 
     src = _random_checkpoint(tmp_path / "src", "gdn", "float32")
-    out = convert(src, tmp_path / "t", to_kind="torch")
+    out = convert(src, tmp_path / "t", to_kind="torch-state-dict")
     ckpt = load_checkpoint(src)
     model = model_module.OryxModel(ckpt.config, seed=None)
     model.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
@@ -82,7 +82,7 @@ def test_mlx_directory_loads_into_oryx_mlx_model(tmp_path):
     model_module = pytest.importorskip("oryx_mlx.model")
 
     src = _random_checkpoint(tmp_path / "src", "mamba2", "float32")
-    out = convert(src, tmp_path / "m", to_kind="mlx")
+    out = convert(src, tmp_path / "m", to_kind="mlx-weights")
     ckpt = load_checkpoint(src)
     model = model_module.OryxModel(ckpt.config)
     model.load_weights(str(out / "model.safetensors"), strict=True)
@@ -95,7 +95,7 @@ def test_mlx_directory_loads_into_oryx_mlx_model(tmp_path):
 def quantized_mlx(tmp_path):
     pytest.importorskip("mlx.core")
     src = _random_checkpoint(tmp_path / "src", "gdn", "float32")
-    return src, convert(src, tmp_path / "q", to_kind="mlx", quantize=4, group_size=32)
+    return src, convert(src, tmp_path / "q", to_kind="mlx-weights", quantize=4, group_size=32)
 
 
 def test_quantized_mlx_matches_oryx_mlx_quantisation(tmp_path, quantized_mlx):
@@ -122,8 +122,8 @@ def test_dequantize_gives_the_quantised_model_in_floats(tmp_path, quantized_mlx)
 
     _, q = quantized_mlx
     quantized_logits = np.array(load_model(convert(q, tmp_path / "oq"))(mx.array(TOKENS), True).astype(mx.float32))
-    with pytest.raises(ValueError, match="--to torch: the model is MLX-quantised"):
-        convert(q, tmp_path / "t", to_kind="torch")
+    with pytest.raises(ValueError, match="--to torch-state-dict: the model is MLX-quantised"):
+        convert(q, tmp_path / "t", to_kind="torch-state-dict")
     floats = load_checkpoint(convert(q, tmp_path / "deq", dequantize=True))
     assert floats.quantization is None and floats.dtype == "float32"
     ref, _ = OryxReference(floats.config, floats.params).forward(TOKENS, True)
@@ -145,9 +145,9 @@ def test_mlx_lm_target_uses_the_mlx_exporter(tmp_path):
     (dict(dtype="float64"), ValueError, "--dtype must be one of"),
     (dict(quantize=7), ValueError, "--quantize must be one of"),
     (dict(quantize=4, group_size=48), ValueError, "--group-size must be one of"),
-    (dict(to_kind="torch", quantize=4), ValueError, "cannot be stored for --to torch"),
+    (dict(to_kind="torch-state-dict", quantize=4), ValueError, "cannot be stored for --to torch-state-dict"),
     (dict(mixer="mamba2"), ValueError, "--mixer/--seed apply only to"),
-    (dict(from_kind="torch"), FormatError, "not a torch-state-dict directory"),
+    (dict(from_kind="torch-state-dict"), FormatError, "not a torch-state-dict directory"),
 ])
 def test_bad_options_fail_clearly_and_write_nothing(tmp_path, kwargs, error, message):
     src = _random_checkpoint(tmp_path / "src", "gdn", "float32")
@@ -167,7 +167,7 @@ def test_container_with_missing_tensor_fails_clearly(tmp_path):
     from safetensors.torch import load_file, save_file
 
     src = _random_checkpoint(tmp_path / "src", "gdn", "float32")
-    t = convert(src, tmp_path / "t", to_kind="torch")
+    t = convert(src, tmp_path / "t", to_kind="torch-state-dict")
     tensors = load_file(str(t / "model.safetensors"))
     del tensors["layers.1.mixer.b_proj.weight"]
     save_file(tensors, str(t / "model.safetensors"))

@@ -50,7 +50,7 @@ def test_converted_mamba2_runs_on_backend(mamba_dir, tmp_path, backend):
 def test_mamba2_converts_to_torch_container(mamba_dir, tmp_path):
     pytest.importorskip("torch")
     path, _ = mamba_dir
-    out = convert(path, tmp_path / "t", to_kind="torch")  # kind detected from ssm_cfg
+    out = convert(path, tmp_path / "t", to_kind="torch-state-dict")  # kind detected from ssm_cfg
     assert json.loads((out / "config.json").read_text())["mixer"] == "mamba2"
 
 
