@@ -149,20 +149,26 @@ class OryxConfig:
 
     @classmethod
     def from_json(cls, text: str, source: str = "config") -> "OryxConfig":
+        from .files import FormatError, parse_json
+
         try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{source}: not valid JSON ({e})") from None
+            d = parse_json(text, source)
+        except FormatError as e:
+            raise ConfigError(str(e)) from None
         return cls.from_dict(d, source)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "OryxConfig":
+        from .files import FormatError, read_json
+
         path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: cannot read (No such file or directory)")
         try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-        return cls.from_json(text, str(path))
+            d = read_json(path)
+        except FormatError as e:
+            raise ConfigError(str(e)) from None
+        return cls.from_dict(d, str(path))
 
     def replace(self, **changes) -> "OryxConfig":
         return dataclasses.replace(self, **changes)

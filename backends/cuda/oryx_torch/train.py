@@ -36,7 +36,7 @@ from oryx_data import TokenShards
 from oryx_core.plan import ModePlan, sample_training_modes
 from oryx_core.safetensors_io import encode, load_file
 from oryx_core.atomic import atomic_directory, atomic_write_bytes
-from oryx_core.files import FormatError, member, read_json_object
+from oryx_core.files import MAX_JSON_BYTES, FormatError, member, open_regular, parse_json, read_json_object
 from oryx_core.weights import read_config
 
 from .metrics import MetricSinks, check_sinks
@@ -152,8 +152,8 @@ def _set_dotted(raw: dict, assignment: str) -> None:
     if not sep or not key:
         raise ValueError(f"--set {assignment!r}: expected KEY=VALUE (e.g. steps=100 or model.preset=20m)")
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
+        value = parse_json(text, f"--set {key}")
+    except FormatError:
         value = text  # a bare string such as a path or a plan
     *parents, leaf = key.split(".")
     node = raw
@@ -175,14 +175,19 @@ def _parse_toml(text: str) -> dict:
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """Reads a .json or .toml training config, applies KEY=VALUE overrides, validates every key."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise FileNotFoundError(f"{path}: cannot read the training config ({e.strerror})") from None
-    try:
-        raw = _parse_toml(text) if path.suffix == ".toml" else json.loads(text)
-    except ValueError as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-        raise ValueError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({e})") from None
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: cannot read the training config (No such file or directory)")
+    with open_regular(path) as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise FormatError(f"{path}: more than the {MAX_JSON_BYTES} bytes a training config may have")
+    if path.suffix != ".toml":
+        raw = parse_json(data, str(path))
+    else:
+        try:
+            raw = _parse_toml(data.decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{path}: not valid toml ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected an object of training settings")
     for assignment in overrides:
