@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) with Oryx and the extras named in $ORYX_EXTRAS (default: all, for tests).
-# torch is pinned to the CPU build first, so that no multi-GB CUDA build is pulled in on CPU machines.
+# Versions come from constraints.txt (the tested set; pyproject.toml holds only lower bounds). torch is installed
+# first, so that a torch already chosen for the machine's accelerator decides before the extras resolve.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -8,9 +9,9 @@ EXTRAS=${ORYX_EXTRAS:-cuda,mlx,dev}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-PIP=".venv/bin/python -m pip install -q --disable-pip-version-check"
+PIP=".venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt"
 if [[ ",$EXTRAS," == *",cuda,"* ]]; then
-    $PIP "torch==2.13.0" "triton==3.6.0"
+    $PIP torch "triton; platform_system == 'Linux'"
 fi
 $PIP -e ".[$EXTRAS]"
 if [[ ",$EXTRAS," == *",dev,"* ]]; then
