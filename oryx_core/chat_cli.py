@@ -137,7 +137,11 @@ def cmd_chat(args) -> None:
 
 
 def register(subparsers) -> None:
+    from .argtypes import finite_float, int_range, non_negative_float, non_negative_int, positive_int
+    from .backend import GENERATION_BACKENDS
     from .default import DEFAULT_MODEL
+    from .generation import KV_POLICIES, MAX_SEED, STATE_POLICIES
+    from .weights import FLOAT_DTYPES
 
     p = subparsers.add_parser("chat", help="an interactive chat with a checkpoint (its chat template)",
                               description="Chat in the terminal: each line is a user message; the reply streams "
@@ -146,21 +150,22 @@ def register(subparsers) -> None:
                                           "from a pipe too (one message per line).")
     p.add_argument("path", nargs="?", default=str(DEFAULT_MODEL), help="checkpoint directory (default: the "
                                                                          "embedded model)")
-    p.add_argument("--backend", choices=["torch", "mlx"], help="backend (default: torch if installed, else mlx)")
+    p.add_argument("--backend", choices=list(GENERATION_BACKENDS), help="backend (default: torch if installed, else mlx)")
     p.add_argument("--system", help="system message opening the conversation")
     p.add_argument("--plan", default="prefill-attention",
                    help="mode plan per turn, over the whole conversation's positions (default prefill-attention); "
                         f"{TURN_ATTENTION}: the new turn in attention, the history recurrent")
-    p.add_argument("--max-tokens", type=int, default=256, help="longest reply (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--kv-policy", choices=["keep", "drop"], default="keep",
+    p.add_argument("--max-tokens", type=positive_int, default=256, help="longest reply (default 256)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k most likely (0 = off)")
+    p.add_argument("--top-p", type=finite_float(0.0, 1.0, low_open=True), default=1.0,
+                   help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="sampling seed (default 0)")
+    p.add_argument("--kv-policy", choices=list(KV_POLICIES), default="keep",
                    help="drop frees the KV cache once a turn's plan has no attention left (later turns then "
                         "cannot attend)")
-    p.add_argument("--state-policy", choices=["auto", "keep", "drop"], default="auto",
+    p.add_argument("--state-policy", choices=list(STATE_POLICIES), default="auto",
                    help="auto keeps the recurrent state for the next turn")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    p.add_argument("--dtype", choices=list(FLOAT_DTYPES), help="compute dtype")
     p.add_argument("--device", help="torch device (default cuda if present, else cpu)")
     p.set_defaults(func=cmd_chat)
