@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 PIECE_CHARS = 1 << 18  # characters read before a piece is cut at the last safe point
-MAX_PIECE_CHARS = 1 << 22
+MAX_PIECE_CHARS = 1 << 20
 READ_BYTES = 1 << 16
 
 
@@ -68,7 +68,7 @@ def _cut_pieces(chunks: Iterable[str], piece_chars: int) -> Iterator[tuple[str, 
         buffer += chunk
         while len(buffer) > piece_chars:
             at_limit = len(buffer) >= MAX_PIECE_CHARS
-            cut = safe_cut(buffer, len(buffer) - 1, newline_ok=at_limit)
+            cut = safe_cut(buffer, piece_chars) or safe_cut(buffer, MAX_PIECE_CHARS, newline_ok=at_limit)
             if cut == 0:
                 if not at_limit:
                     break  # read on: a cut point may come with the next chunk
@@ -80,13 +80,13 @@ def _cut_pieces(chunks: Iterable[str], piece_chars: int) -> Iterator[tuple[str, 
 
 
 def encode_pieces(chunks: Iterable[str], tokenizer, max_tokens: int | None = None,
-                  piece_chars: int = PIECE_CHARS) -> Iterator[np.ndarray]:
-    """Token ids (int64) of the text in `chunks`, piece by piece, equal to tokenizer.encode(text).ids, stopping
-    after max_tokens tokens."""
+                  piece_chars: int = PIECE_CHARS, add_special_tokens: bool = True) -> Iterator[np.ndarray]:
+    """Token ids (int64) of the text in `chunks`, piece by piece, equal to tokenizer.encode(text,
+    add_special_tokens).ids, stopping after max_tokens tokens."""
     left = max_tokens
     for lead, piece in _cut_pieces(chunks, piece_chars):
         if not lead:
-            ids = tokenizer.encode(piece).ids
+            ids = tokenizer.encode(piece, add_special_tokens=add_special_tokens).ids
         else:
             encoding = tokenizer.encode(lead + piece, add_special_tokens=False)
             ids = [i for i, (start, _) in zip(encoding.ids, encoding.offsets) if start >= len(lead)]

@@ -46,6 +46,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from oryx_core.atomic import atomic_directory
 from oryx_core.files import check_file_name, member as directory_member, read_json_object
 from oryx_core.safetensors_io import FormatError
+from oryx_core.text_tokens import encode_pieces
 from oryx_core.tokenizer import END_OF_TEXT, byte_level_tokenizer, end_of_text_id, load_tokenizer
 
 FORMAT = "oryx-tokens"
@@ -57,6 +58,9 @@ TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 per shard
 DEFAULT_VOCAB_SIZE = 8192
 ENCODE_BATCH_CHARS = 4 << 20  # text handed to the tokenizer's parallel batch encoder at once
+# A longer document is tokenised in pieces (oryx_core.text_tokens, same tokens): whole, the tokenizer's
+# encoding of it needs about 140 bytes per character.
+LONG_DOCUMENT_CHARS = 1 << 20
 MARKER = END_OF_TEXT.encode()
 TAR_SUFFIXES = (".tar.xz", ".txz")
 # The GPT-2 tokenizer, built by scripts/corpus/fetch_gpt2_tokenizer.sh; package data, so it ships in the wheel.
@@ -311,14 +315,24 @@ def build_shards(inputs: Iterable[str | Path], out: str | Path, tokenizer: Token
         counts = {s: 0 for s in SPLITS}
         try:
             for batch in _batches(documents("tokenising"), ENCODE_BATCH_CHARS):
-                encodings = tokenizer.encode_batch_fast([d.text for d in batch], add_special_tokens=False)
+                short = [d.text for d in batch if len(d.text) <= LONG_DOCUMENT_CHARS]
+                encodings = iter(tokenizer.encode_batch_fast(short, add_special_tokens=False))
                 pieces = {s: [] for s in SPLITS}
-                for doc, enc in zip(batch, encodings):
-                    pieces[assign_split(doc.text, val_fraction, seed)] += [enc.ids, [eot_id]]
+                for doc in batch:
+                    split = assign_split(doc.text, val_fraction, seed)
+                    counts[split] += 1
+                    if len(doc.text) <= LONG_DOCUMENT_CHARS:
+                        pieces[split] += [next(encodings).ids, [eot_id]]
+                        continue
+                    if pieces[split]:  # what came before it, in order
+                        writers[split].write(np.concatenate(pieces[split]))
+                        pieces[split] = []
+                    for ids in encode_pieces([doc.text], tokenizer, add_special_tokens=False):
+                        writers[split].write(ids)
+                    writers[split].write(np.array([eot_id]))
                 for split, ids in pieces.items():
                     if ids:
                         writers[split].write(np.concatenate(ids))
-                        counts[split] += len(ids) // 2
         finally:
             for w in writers.values():
                 w.close()

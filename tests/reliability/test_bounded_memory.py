@@ -149,3 +149,33 @@ def test_fifty_megabytes_with_max_tokens_in_bounded_memory_and_time(tiny, tmp_pa
     peak_mib = int(done.stderr.split("peak_kib")[1].split()[0]) / 1024  # ru_maxrss is in KiB on Linux
     assert peak_mib < 1536, f"{peak_mib:.0f} MiB resident"
     assert seconds < 60, f"{seconds:.1f} s"
+
+
+def test_data_build_tokenises_long_documents_in_pieces_to_the_same_tokens(tmp_path, monkeypatch):
+    from oryx_data import pipeline
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "long.txt").write_text(SAMPLE.replace("<|endoftext|>", "") * 4)
+    (corpus / "short.txt").write_text("A short document.\n<|endoftext|>\nAnother one, " + SAMPLE[:300])
+    tok = TOKENIZERS["gpt2-regex"]()
+    whole = pipeline.build_shards([corpus], tmp_path / "whole", tokenizer=tok, val_fraction=0.0)
+    monkeypatch.setattr(pipeline, "LONG_DOCUMENT_CHARS", 500)
+    pieces = pipeline.build_shards([corpus], tmp_path / "pieces", tokenizer=tok, val_fraction=0.0)
+    assert pieces == whole and whole["documents"]["train"] == 4
+    assert (tmp_path / "pieces" / "train-00000.bin").read_bytes() == (tmp_path / "whole" / "train-00000.bin").read_bytes()
+
+
+@pytest.mark.slow
+def test_data_build_of_one_20_megabyte_document_in_bounded_memory(tmp_path):
+    text = tmp_path / "one.txt"
+    text.write_bytes(("Every layer reads each token with attention or a recurrence. " * 50 + "\n").encode() * 6600)
+    report_peak = ("import resource, sys; from oryx_core.cli import main; code = main(sys.argv[1:]); "
+                   "print('peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
+                   "sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", report_peak, "data", "build", "--input", str(text), "--out",
+                           str(tmp_path / "shards"), "--val-fraction", "0", "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    peak_mib = int(done.stderr.split("peak_kib")[1].split()[0]) / 1024
+    assert peak_mib < 768, f"{peak_mib:.0f} MiB resident"  # whole, the tokenizer took about 1.4 GB per 10 MB
