@@ -19,6 +19,7 @@ import numpy as np
 
 from oryx_core.chat import read_tokenizer_config, tokenizer_config_from_gguf, tokenizer_config_from_hf
 from oryx_core.atomic import temp_prefix
+from oryx_core.backend import get_backend
 from oryx_core.config import MIXERS
 from oryx_core.safetensors_io import FormatError
 from oryx_core.weights import (DEFAULT_SHARD_BYTES, FLOAT_DTYPES, TOKENIZER_FILE, check_against_spec, load_checkpoint,
@@ -130,15 +131,12 @@ def _write(model: ConvertedModel, dst: Path, to_kind: str, plan: str, shard_byte
                                quantization=model.quantization, shard_bytes=shard_bytes,
                                tokenizer_config=tokenizer_config)
     if to_kind == "hf":
-        from oryx_torch.hf import add_hf_files
-
-        return add_hf_files(_write(model, dst, "oryx", plan, shard_bytes, tokenizer_config), plan)
+        return get_backend("torch").add_hf_files(_write(model, dst, "oryx", plan, shard_bytes, tokenizer_config), plan)
     if to_kind == "torch-state-dict":
         return backends.write_torch_dir(dst, model, shard_bytes)
     if to_kind == "mlx-weights":
         return backends.write_mlx_dir(dst, model, shard_bytes)
-    from oryx_mlx.export import export_mlx_lm
-
+    export_mlx_lm = get_backend("mlx").export_mlx_lm
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=temp_prefix(dst)) as tmp:  # a killed run's is cleaned up
         staged = _write(model, Path(tmp) / "checkpoint", "oryx", plan, shard_bytes, tokenizer_config)

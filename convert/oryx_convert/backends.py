@@ -10,8 +10,8 @@ A torch directory is written and read by `safetensors.torch` (load it with
 `model.load_state_dict(safetensors.torch.load_file(...))`: the keys are the spec names,
 which are OryxModel's parameter names); an MLX directory by `mx.save_safetensors` /
 `mx.load` (`model.load_weights(...)` of oryx_mlx's OryxModel reads it). Tensors cross
-NumPy bit for bit through the backends' own converters (oryx_torch.model's
-numpy_to_torch / torch_to_numpy, oryx_mlx.quantize's to_numpy), bfloat16 included, so
+NumPy bit for bit through the backends' own converters (each backend module's
+save_tensors / load_tensors, reached through oryx_core.backend), bfloat16 included, so
 round trips through either are exact.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from oryx_core.backend import get_backend
 from oryx_core.config import ConfigError, OryxConfig
 from oryx_core.safetensors_io import FormatError
 from oryx_core.atomic import atomic_directory
@@ -105,76 +106,59 @@ def _read_container(src, fmt: str, load_shard) -> ConvertedModel:
 def write_torch_dir(dst, model: ConvertedModel, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     if model.quantization is not None:
         raise ValueError("--to torch-state-dict: the model is MLX-quantised; PyTorch has no such weights (pass --dequantize)")
-    from oryx_torch.model import numpy_to_torch
-    from safetensors.torch import save_file
+    torch_backend = get_backend("torch")
 
     def save_shard(path, arrays):
-        save_file({n: numpy_to_torch(a) for n, a in arrays.items()}, str(path), metadata={"format": "pt"})
+        torch_backend.save_tensors(path, arrays, metadata={"format": "pt"})
 
     return _write_container(dst, model, TORCH_FORMAT, save_shard, shard_bytes)
 
 
 def read_torch_dir(src) -> ConvertedModel:
-    from oryx_torch.model import torch_to_numpy
-    from safetensors.torch import load_file
+    torch_backend = get_backend("torch")
 
     def load_shard(path):
         try:
-            return {n: torch_to_numpy(t) for n, t in load_file(str(path)).items()}
-        except Exception as e:  # safetensors raises its own SafetensorError on corrupt files
-            raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
+            return torch_backend.load_tensors(path)
+        except ValueError as e:
+            raise FormatError(str(e)) from None
 
     return _read_container(src, TORCH_FORMAT, load_shard)
 
 
 # ----- MLX -----
 def write_mlx_dir(dst, model: ConvertedModel, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    import mlx.core as mx
+    mlx_backend = get_backend("mlx")
 
     def save_shard(path, arrays):
-        mx.save_safetensors(str(path), {n: mx.array(a) for n, a in arrays.items()}, metadata={"format": "mlx"})
+        mlx_backend.save_tensors(path, arrays, metadata={"format": "mlx"})
 
     return _write_container(dst, model, MLX_FORMAT, save_shard, shard_bytes)
 
 
 def read_mlx_dir(src) -> ConvertedModel:
-    import mlx.core as mx
-    from oryx_mlx.quantize import to_numpy
+    mlx_backend = get_backend("mlx")
 
     def load_shard(path):
         try:
-            return {n: to_numpy(a) for n, a in mx.load(str(path)).items()}
-        except (RuntimeError, ValueError) as e:
-            raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
+            return mlx_backend.load_tensors(path)
+        except ValueError as e:
+            raise FormatError(str(e)) from None
 
     return _read_container(src, MLX_FORMAT, load_shard)
 
 
-# ----- MLX quantisation (oryx_mlx decides what is quantised and how) -----
+# ----- MLX quantisation (the MLX backend decides what is quantised and how) -----
 def mlx_model(model: ConvertedModel):
-    """oryx_mlx's OryxModel holding the model's weights (quantised modules where it has scales); validates them."""
-    import mlx.core as mx
-    from oryx_mlx.model import OryxModel
-    from oryx_mlx.quantize import quantized_model
-
-    weights = {n: mx.array(a) for n, a in model.params.items()}
-    if model.quantization is None:
-        oryx_model = OryxModel(model.config)
-    else:
-        oryx_model = quantized_model(model.config, model.quantization, weights, "model")
-    oryx_model.load_weights(list(weights.items()), strict=True)
-    return oryx_model
+    """The MLX backend's model holding the model's weights (quantised modules where it has scales); validates them."""
+    return get_backend("mlx").build_model(model.config, model.params, model.quantization)
 
 
 def quantize(model: ConvertedModel, bits: int, group_size: int) -> ConvertedModel:
-    """The model with oryx_mlx's affine quantisation applied (floats in, packed weights + scales out)."""
+    """The model with the MLX backend's affine quantisation applied (floats in, packed weights + scales out)."""
     if model.quantization is not None:
         raise ValueError(f"--quantize: the source is already quantised ({model.quantization})")
-    from mlx.utils import tree_flatten
-    from oryx_mlx.quantize import quantize_model, to_numpy
-
-    quantized = quantize_model(mlx_model(model), bits, group_size)
-    params = {n: to_numpy(a) for n, a in tree_flatten(quantized.parameters())}
+    params = get_backend("mlx").quantize_params(model.config, model.params, bits, group_size)
     return ConvertedModel(model.config, params, model.tokenizer_json, {"bits": bits, "group_size": group_size})
 
 
@@ -182,19 +166,5 @@ def dequantize(model: ConvertedModel) -> ConvertedModel:
     """Float weights equal to what the quantised model computes with (mx.dequantize of each packed weight)."""
     if model.quantization is None:
         return model
-    import mlx.core as mx
-    from oryx_mlx.quantize import to_numpy
-
-    bits, group_size = model.quantization["bits"], model.quantization["group_size"]
-    mlx_model(model)  # validates the packed tensors against the spec
-    params = {}
-    for name, value in model.params.items():
-        if name.endswith((".scales", ".biases")):
-            continue
-        module = name[:-len(".weight")] if name.endswith(".weight") else None
-        if module is not None and module + ".scales" in model.params:
-            scales = model.params[module + ".scales"]
-            value = to_numpy(mx.dequantize(mx.array(value), mx.array(scales), mx.array(model.params[module + ".biases"]),
-                                               group_size=group_size, bits=bits))
-        params[name] = value
+    params = get_backend("mlx").dequantize_params(model.config, model.params, model.quantization)
     return ConvertedModel(model.config, params, model.tokenizer_json, None)

@@ -89,17 +89,14 @@ def read_safetensors_dir(path: Path) -> dict[str, np.ndarray]:
 
 
 def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
-    """A pytorch_model.bin state dict, loaded with weights_only=True (no arbitrary pickle code)."""
-    import torch
-
-    from oryx_torch.model import torch_to_numpy
+    """A pytorch_model.bin state dict, loaded by the torch backend with weights_only=True (no arbitrary pickle code)."""
+    from oryx_core.backend import get_backend
 
     check_regular(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several unrelated types for a bad file
-        raise FormatError(f"{path}: not a loadable torch state dict ({e.__class__.__name__}: {e})") from None
-    return {name: torch_to_numpy(t) for name, t in state.items()}
+        return get_backend("torch").load_pickled_state_dict(path)
+    except ValueError as e:
+        raise FormatError(str(e)) from None
 
 
 def read_hf_directory(path: str | Path) -> tuple[dict, SourceTensors]:

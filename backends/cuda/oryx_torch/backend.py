@@ -129,3 +129,47 @@ def load(path, dtype: str | None = None, device: str | None = None, cuda_graphs:
         raise ValueError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
     dtype = dtype or ("bfloat16" if resolved.type == "cuda" else "float32")
     return TorchModel(OryxModel.from_checkpoint(path, dtype=dtype, device=resolved), cuda_graphs=cuda_graphs)
+
+
+# ----- what oryx_convert asks of this backend (NumPy in, NumPy out) -----
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """torch -> NumPy bit for bit (bfloat16 through ml_dtypes)."""
+    from .model import torch_to_numpy
+
+    return torch_to_numpy(tensor)
+
+
+def save_tensors(path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    from .model import numpy_to_torch
+
+    save_file({n: numpy_to_torch(a) for n, a in arrays.items()}, str(path), metadata=metadata)
+
+
+def load_tensors(path) -> dict[str, np.ndarray]:
+    """A safetensors file's tensors; ValueError for a file safetensors cannot read."""
+    from safetensors.torch import load_file
+
+    try:
+        return {n: to_numpy(t) for n, t in load_file(str(path)).items()}
+    except Exception as e:  # safetensors raises its own SafetensorError on corrupt files
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_pickled_state_dict(path) -> dict[str, np.ndarray]:
+    """A pytorch_model.bin state dict, loaded with weights_only=True (no arbitrary pickle code)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for a bad file
+        raise ValueError(f"{path}: not a loadable torch state dict ({e.__class__.__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return {name: to_numpy(t) for name, t in state.items() if isinstance(t, torch.Tensor)}
+
+
+def add_hf_files(path, plan: str = "attention"):
+    """Makes the Oryx checkpoint at `path` loadable by transformers."""
+    from .hf import add_hf_files as add
+
+    return add(path, plan)

@@ -101,3 +101,66 @@ def load(path, dtype: str | None = None, device: str | None = None) -> MLXModel:
     """A checkpoint (full precision or quantised) in `dtype` (default: as stored)."""
     resolved = resolve_device(device)
     return MLXModel(load_model(path, dtype), None if device is None else resolved)
+
+
+# ----- what oryx_convert asks of this backend (NumPy in, NumPy out) -----
+def to_numpy(array) -> np.ndarray:
+    """mx -> NumPy without a float round trip (bfloat16 through its bits)."""
+    from .quantize import to_numpy as convert
+
+    return convert(array)
+
+
+def save_tensors(path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    mx.save_safetensors(str(path), {n: mx.array(a) for n, a in arrays.items()}, metadata=metadata)
+
+
+def load_tensors(path) -> dict[str, np.ndarray]:
+    """A safetensors file's tensors; ValueError for a file MLX cannot read."""
+    try:
+        return {n: to_numpy(a) for n, a in mx.load(str(path)).items()}
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def build_model(config, params: dict[str, np.ndarray], quantization: dict | None) -> OryxModel:
+    """The MLX model holding these weights (quantised modules where they have scales); validates them."""
+    from .quantize import quantized_model
+
+    weights = {n: mx.array(a) for n, a in params.items()}
+    model = OryxModel(config) if quantization is None else quantized_model(config, quantization, weights, "model")
+    model.load_weights(list(weights.items()), strict=True)
+    return model
+
+
+def quantize_params(config, params: dict[str, np.ndarray], bits: int, group_size: int) -> dict[str, np.ndarray]:
+    """Float weights -> this backend's affine quantisation (packed weights, scales, biases)."""
+    from mlx.utils import tree_flatten
+
+    from .quantize import quantize_model
+
+    quantized = quantize_model(build_model(config, params, None), bits, group_size)
+    return {n: to_numpy(a) for n, a in tree_flatten(quantized.parameters())}
+
+
+def dequantize_params(config, params: dict[str, np.ndarray], quantization: dict) -> dict[str, np.ndarray]:
+    """Float weights equal to what the quantised model computes with (mx.dequantize of each packed weight)."""
+    bits, group_size = quantization["bits"], quantization["group_size"]
+    build_model(config, params, quantization)  # validates the packed tensors against the spec
+    out = {}
+    for name, value in params.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        module = name[:-len(".weight")] if name.endswith(".weight") else None
+        if module is not None and module + ".scales" in params:
+            value = to_numpy(mx.dequantize(mx.array(value), mx.array(params[module + ".scales"]),
+                                           mx.array(params[module + ".biases"]), group_size=group_size, bits=bits))
+        out[name] = value
+    return out
+
+
+def export_mlx_lm(src, dst, plan: str = "attention", bits: int | None = None, group_size: int = 64):
+    """Exports checkpoint src to a directory mlx_lm.load runs."""
+    from .export import export_mlx_lm as export
+
+    return export(src, dst, plan=plan, bits=bits, group_size=group_size)
