@@ -46,7 +46,7 @@ def rope_table(cfg: OryxConfig, start: int, length: int) -> tuple | None:
 
     Built once per model call and shared by every layer's queries and keys: on a CPU,
     mx.fast.rope is no kernel but ~10 ops that recompute the angles at each of its 2·n_layers
-    calls (about 1 ms of a 26 ms decode step of the bench's Llama-like model). The angles
+    calls (docs/benchmarks.md, "MLX generation on a CPU"). The angles
     come from the reference's float64 formula.
     """
     if not cfg.rope:
