@@ -34,7 +34,7 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
-from .safetensors_io import FormatError
+from .files import check_regular, read_json, read_json_object
 from .tokenizer import END_OF_TEXT, end_of_text_id
 from .weights import TOKENIZER_CONFIG_FILE
 
@@ -162,13 +162,7 @@ def read_tokenizer_config(path: str | Path) -> dict | None:
     file = Path(path) / TOKENIZER_CONFIG_FILE
     if not file.exists():
         return None
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise FormatError(f"{file}: expected a JSON object")
-    return config
+    return read_json_object(file)
 
 
 def load_chat_format(path: str | Path, tokenizer) -> ChatFormat:
@@ -207,15 +201,13 @@ def tokenizer_config_from_hf(path: str | Path) -> dict | None:
         file = path / name
         if not file.exists():
             return {}
-        try:
-            value = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FormatError(f"{file}: not valid JSON ({e})") from None
+        value = read_json(file)
         return value if isinstance(value, dict) else {}
 
     source = read(TOKENIZER_CONFIG_FILE)
     template = source.get("chat_template")
     if (path / "chat_template.jinja").exists():
+        check_regular(path / "chat_template.jinja")
         template = (path / "chat_template.jinja").read_text(encoding="utf-8")
     elif read("chat_template.json").get("chat_template"):
         template = read("chat_template.json")["chat_template"]
