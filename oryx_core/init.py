@@ -15,8 +15,10 @@ def inverse_softplus(y):
     return y + np.log(-np.expm1(-y))
 
 
-def init_params(cfg: OryxConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """float32 parameters for every tensor of the spec.
+def init_params(cfg: OryxConfig, seed: int = 0, names=None) -> dict[str, np.ndarray]:
+    """float32 parameters for every tensor of the spec (or, with `names`, a predicate on tensor names,
+    for those it accepts, drawn in spec order from the same seed: an import initialising a few gates
+    never allocates the rest).
 
     Projections ~ N(0, 0.02), output projections scaled by 1/sqrt(2 L) (GPT-2), convs
     U(+-1/sqrt(W)) (PyTorch's default for a depthwise conv), norms 1; A_log = log U[1, 16] and
@@ -26,6 +28,8 @@ def init_params(cfg: OryxConfig, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     params = {}
     for s in parameter_specs(cfg):
+        if names is not None and not names(s.name):
+            continue
         if s.init == "normal":
             x = rng.normal(0.0, INIT_STD, s.shape)
         elif s.init == "normal_out":

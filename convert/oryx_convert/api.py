@@ -82,7 +82,7 @@ def cast_floats(model: ConvertedModel, dtype: str) -> ConvertedModel:
     import ml_dtypes
 
     target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-    params = {n: a.astype(target) if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a
+    params = {n: a.astype(target, copy=False) if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a
               for n, a in model.params.items()}
     return ConvertedModel(model.config, params, model.tokenizer_json, model.quantization)
 
@@ -158,7 +158,12 @@ def convert(src, dst, from_kind: str = "auto", to_kind: str = "oryx", dtype: str
     _check_options(src, dst, from_kind, to_kind, dtype, quantize, group_size, mixer)
     if from_kind not in FAMILY_KINDS and (mixer != "gdn" or seed != 0):
         raise ValueError(f"--mixer/--seed apply only to --from {'/'.join(FAMILY_KINDS)}; {from_kind} fixes its mixer")
-    model = SOURCE_KINDS[from_kind](src, mixer=mixer, seed=seed)
+    if from_kind == "gguf" and dtype is not None and quantize is None and not dequantize:
+        import ml_dtypes  # the GGUF import casts tensor by tensor, so float32 copies never pile up
+
+        model = import_gguf_llama(src, mixer, seed, np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype))
+    else:
+        model = SOURCE_KINDS[from_kind](src, mixer=mixer, seed=seed)
     if dequantize:
         model = backends.dequantize(model)
     if dtype is not None:

@@ -176,7 +176,9 @@ class GGUFLlamaTensors(Mapping):
         return len(self._sources)
 
 
-def import_gguf_llama(path: str | Path, mixer: str = "gdn", seed: int = 0) -> ConvertedModel:
+def import_gguf_llama(path: str | Path, mixer: str = "gdn", seed: int = 0, dtype=None) -> ConvertedModel:
+    """`dtype` (a numpy dtype) casts each tensor as it is read, so the import holds the output, not float32."""
     hf, src, tokenizer_json = gguf_llama_as_hf(path)
+    src.dtype = dtype
     cfg, params = llama_to_oryx(hf, src, mixer, seed)
     return ConvertedModel(cfg, params, tokenizer_json)

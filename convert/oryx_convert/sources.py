@@ -27,10 +27,11 @@ HF_TORCH_BIN = "pytorch_model.bin"
 class SourceTensors:
     """Named float arrays of a source checkpoint; `where` names it in every error."""
 
-    def __init__(self, tensors: Mapping[str, np.ndarray], where: str):
+    def __init__(self, tensors: Mapping[str, np.ndarray], where: str, dtype=None):
         # a dict is copied; another mapping (one that reads each tensor on access) is kept as it is
         self.tensors = dict(tensors) if isinstance(tensors, dict) else tensors
         self.where = where
+        self.dtype = dtype  # the numpy dtype `take` hands out (None: float32), so a conversion holds its output dtype
         self.taken: set[str] = set()
 
     def __contains__(self, name: str) -> bool:
@@ -43,7 +44,7 @@ class SourceTensors:
         if shape is not None and tuple(value.shape) != tuple(shape):
             raise FormatError(f"{self.where}: tensor {name!r} has shape {list(value.shape)}, the config needs {list(shape)}")
         self.taken.add(name)
-        return value
+        return value if self.dtype is None else value.astype(self.dtype, copy=False)
 
     def finish(self, ignorable: tuple[str, ...] = ()) -> None:
         """Fails on tensors no mapping used, except names ending in one of `ignorable`."""
@@ -125,11 +126,13 @@ def fill_from_init(cfg: OryxConfig, mapped: dict[str, np.ndarray], initialised: 
 
     Any other spec tensor left unmapped is a bug in the mapping, reported by name.
     """
-    fresh = init_params(cfg, seed) if initialised else {}
+    fresh = init_params(cfg, seed, names=lambda n: n.endswith(initialised) and n not in mapped) if initialised else {}
     params = {}
     for spec in parameter_specs(cfg):
         if spec.name in mapped:
-            value = np.asarray(mapped[spec.name], dtype=np.float32)
+            value = np.asarray(mapped[spec.name])
+            if value.dtype.kind != "f" and value.dtype.name != "bfloat16":
+                value = value.astype(np.float32)
             if value.shape != spec.shape:
                 raise FormatError(f"mapped tensor {spec.name!r} has shape {list(value.shape)}, the config needs {list(spec.shape)}")
             params[spec.name] = value

@@ -173,3 +173,19 @@ def test_gguf_errors_are_clear(llama, tmp_path):
     assert not (tmp_path / "dst").exists()
     with pytest.raises(FileNotFoundError, match="no such"):
         convert(tmp_path / "absent.gguf", tmp_path / "dst", from_kind="gguf")
+
+
+def test_gguf_cast_while_reading_equals_casting_afterwards(llama, tmp_path):
+    import ml_dtypes
+
+    from oryx_core.weights import load_checkpoint
+
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(path, llama, "Q8_0")
+    streamed = load_checkpoint(convert(path, tmp_path / "bf16", dtype="bfloat16"))
+    full = load_checkpoint(convert(path, tmp_path / "fp32"))
+    assert streamed.params.keys() == full.params.keys()
+    for name, value in full.params.items():
+        assert streamed.params[name].dtype == np.dtype(ml_dtypes.bfloat16), name
+        np.testing.assert_array_equal(streamed.params[name].view(np.uint16),
+                                      value.astype(ml_dtypes.bfloat16).view(np.uint16), err_msg=name)
