@@ -41,9 +41,11 @@ def sequence_nll(logits_fn, tokens: np.ndarray, plan: ModePlan, window: int) -> 
     Each window's context starts empty, but the plan spans the whole text: input token i (of the
     len(tokens) - 1 that predict) runs in mode plan.resolve(len(tokens) - 1)[i], whichever window holds it.
     """
+    from tqdm.auto import tqdm
+
     total, count = 0.0, 0
     length = len(tokens) - 1
-    for start in range(0, length, window):
+    for start in tqdm(range(0, length, window), desc="scoring", unit="window", disable=None, leave=False):
         chunk = tokens[start:start + window + 1]
         if len(chunk) < 2:
             break
@@ -82,8 +84,10 @@ def evaluate_mqar(path, pairs: int, seq_len: int, examples: int = 64, plan: str 
     logits_fn = backend_loader(backend)(path)
     data = make_mqar(np.random.default_rng(seed), examples, seq_len, pairs, cfg.vocab_size)
     modes = plan_obj.resolve(seq_len)
+    from tqdm.auto import tqdm
+
     correct = []
-    for start in range(0, examples, batch):
+    for start in tqdm(range(0, examples, batch), desc="MQAR", unit="batch", disable=None, leave=False):
         rows = slice(start, start + batch)
         logits = np.asarray(logits_fn(data.inputs[rows], modes))
         part = type(data)(data.inputs[rows], data.targets[rows], data.query_start)
