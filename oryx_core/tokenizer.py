@@ -5,10 +5,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from .files import check_regular
+from .files import FormatError, check_regular
 
 END_OF_TEXT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"  # a checkpoint directory's tokenizer
+MAX_TOKENIZER_BYTES = 512 * 1024 * 1024  # the largest published tokenizer.json files are tens of MiB
 
 
 def _byte_symbols() -> list[str]:
@@ -40,7 +41,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"{path}: no tokenizer.json")
-    check_regular(file)  # a FIFO or device would block the reader forever
+    size = check_regular(file)  # a FIFO or device would block the reader forever
+    if size > MAX_TOKENIZER_BYTES:
+        raise FormatError(f"{file}: {size} bytes, more than the {MAX_TOKENIZER_BYTES} a tokenizer.json may have")
     try:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # the tokenizers library raises a bare Exception on bad files
