@@ -47,7 +47,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 TEMP_TAG, OLD_TAG = "oryx-tmp", "oryx-old"
 _OURS = re.compile(rf"^\.(?P<name>.+)\.(?P<tag>{TEMP_TAG}|{OLD_TAG})-(?P<pid>\d+)(-.*)?$")
 _LEGACY = re.compile(r"^\.(?P<name>.+)\.(old-\d+|[A-Za-z0-9_]{8}\.tmp)$")  # names older Oryx versions used
-PAUSE_ENV = "ORYX_PAUSE_AT"  # "POINT:MARKER_FILE": stop at that point of a save so tests can kill -9 it there
+# "POINT:NAME:MARKER_FILE": a save of a destination named NAME (or any, for "*") stops at POINT ("swap": the new
+# tree is complete and flushed; "aside": the old one is set aside) so that tests can kill -9 it there
+PAUSE_ENV = "ORYX_PAUSE_AT"
 
 
 def temp_prefix(dst: Path) -> str:
@@ -140,12 +142,12 @@ def remove_stale_temps(dst: str | Path, report=_say) -> list[Path]:
     return handled
 
 
-def _pause_for_tests(point: str, detail: Path) -> None:
-    """When ORYX_PAUSE_AT names this point, writes its marker file and waits (up to a minute) to be killed."""
-    spec = os.environ.get(PAUSE_ENV, "")
-    if not spec.startswith(point + ":"):
+def _pause_for_tests(point: str, dst: Path) -> None:
+    """When ORYX_PAUSE_AT names this point and destination, writes its marker file and waits (up to a minute)."""
+    spec = os.environ.get(PAUSE_ENV, "").split(":", 2)
+    if len(spec) != 3 or spec[0] != point or spec[1] not in ("*", dst.name):
         return
-    Path(spec[len(point) + 1:]).write_text(str(detail))
+    Path(spec[2]).write_text(str(os.getpid()))
     time.sleep(60)
 
 
@@ -186,7 +188,7 @@ def atomic_directory(dst: str | Path, fill, report=_say) -> Path:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is an ordinary directory
         fill(tmp)
         _fsync_tree(tmp)
-        _pause_for_tests("swap", tmp)
+        _pause_for_tests("swap", dst)
         if not os.path.lexists(dst):
             os.replace(tmp, dst)
         elif _exchange(tmp, dst):
@@ -195,7 +197,7 @@ def atomic_directory(dst: str | Path, fill, report=_say) -> Path:
         else:
             old = _old_name(dst)
             os.replace(dst, old)
-            _pause_for_tests("aside", old)
+            _pause_for_tests("aside", dst)
             try:
                 os.replace(tmp, dst)
             except BaseException:
