@@ -11,13 +11,13 @@ import torch
 
 from oryx_core.cli import main as oryx_main
 from oryx_core.config import OryxConfig, preset
-from oryx_core.init import init_params
 from oryx_core.plan import ModePlan
 from oryx_core.reference import OryxReference, Stepper
 from oryx_core.spec import parameter_specs
 from oryx_core.weights import load_checkpoint
 from oryx_torch.attention import AttentionPlan, causal_sdpa, plan_attention, plan_block_mask
 from oryx_torch.model import OryxModel
+from model_params import lively_params
 
 TOL = 1e-4
 
@@ -25,18 +25,6 @@ TOL = 1e-4
 def rel(got, want):
     got, want = (np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, np.float64) for x in (got, want))
     return np.linalg.norm(got - want) / np.linalg.norm(want)
-
-
-def lively_params(cfg, seed):
-    """Fresh random parameters with projections large enough that every part changes the logits."""
-    rng = np.random.default_rng(seed)
-    params = init_params(cfg, seed)
-    for name, p in params.items():
-        if p.ndim == 2 and "conv" not in name:
-            params[name] = rng.normal(0.0, 0.6 / np.sqrt(p.shape[1]), p.shape).astype(np.float32)
-        elif name.endswith(("norm.weight", "D_skip")) or name.endswith(".bias"):
-            params[name] = rng.uniform(0.5, 1.5, p.shape).astype(np.float32)
-    return params
 
 
 def build(cfg, seed=1):
@@ -301,8 +289,10 @@ def test_eval_torch_matches_reference(tmp_path, capsys):
 def test_fused_decode_kernels_under_triton_interpreter():
     """The CUDA decode path (Triton decode steps with fused KV append) run by Triton's CPU interpreter."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
     here = os.path.abspath(__file__)
+    helpers = os.path.join(os.path.dirname(os.path.dirname(here)), "core")  # model_params, as pytest's pythonpath
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (helpers, os.environ.get("PYTHONPATH")) if p)}
     code = ("import sys, importlib.util; "
             "spec = importlib.util.spec_from_file_location('cuda_test_model', sys.argv[2]); "
             "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
