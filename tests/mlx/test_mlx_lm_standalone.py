@@ -104,3 +104,20 @@ def test_mlx_lm_server_answers_a_completion_without_oryx(python_without_oryx, ex
     tokenizer = load_tokenizer(out / "tokenizer.json")
     assert reply["choices"][0]["text"] == tokenizer.decode(expected)
     assert reply["usage"]["completion_tokens"] == NEW_TOKENS
+
+
+def test_oryx_mlx_load_gives_mlx_lm_tokenizer_with_chat_template(tmp_path):
+    from oryx_mlx.generate import load, stream_generate
+
+    src = write_checkpoint(tmp_path / "ckpt", "gdn")
+    model, tokenizer = load(src, mlx_lm_tokenizer=True)
+    assert type(tokenizer).__name__ == "TokenizerWrapper"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                           tokenize=False)
+    assert prompt == "user:\nHi<|endoftext|>\nassistant:\n"  # Oryx's default template
+    assert tokenizer.eos_token_ids == {tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+    # mlx-lm drives the Oryx MLX model itself (every token in attention mode), and Oryx's generate takes the wrapper
+    theirs = [r.token for r in mlx_lm.stream_generate(model, tokenizer, PROMPT, max_tokens=6)]
+    ours = [r.token for r in stream_generate(model, tokenizer, PROMPT, max_tokens=6, plan="attention",
+                                             stop_at_end_of_text=False)]
+    assert theirs == ours == oryx_tokens(src, "attention", 6)

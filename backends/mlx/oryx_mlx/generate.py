@@ -47,8 +47,13 @@ def load_model(path, dtype: str | None = None) -> OryxModel:
     return model
 
 
-def load(path, dtype: str | None = None):
-    """(model, tokenizer) of a checkpoint directory; the tokenizer is a `tokenizers.Tokenizer`."""
+def load(path, dtype: str | None = None, mlx_lm_tokenizer: bool = False):
+    """(model, tokenizer) of a checkpoint directory; the tokenizer is a `tokenizers.Tokenizer`, or with
+    mlx_lm_tokenizer mlx-lm's TokenizerWrapper (apply_chat_template, mlx_lm.stream_generate; mlx_lm_tokenizer.py)."""
+    if mlx_lm_tokenizer:
+        from .mlx_lm_tokenizer import mlx_lm_tokenizer as wrapper
+
+        return load_model(path, dtype), wrapper(path)
     return load_model(path, dtype), tokenizer_for(path)
 
 
@@ -85,7 +90,9 @@ def stream_generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, 
     """oryx_core.generation.stream_generate on an MLX OryxModel; kwargs as there."""
     from .backend import MLXModel
 
-    return generation.stream_generate(MLXModel(model), tokenizer, prompt, max_tokens, plan, **kwargs)
+    from .mlx_lm_tokenizer import plain_tokenizer
+
+    return generation.stream_generate(MLXModel(model), plain_tokenizer(tokenizer), prompt, max_tokens, plan, **kwargs)
 
 
 def generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, plan="prefill-attention",
@@ -93,4 +100,6 @@ def generate(model: OryxModel, tokenizer, prompt, max_tokens: int = 256, plan="p
     """oryx_core.generation.generate on an MLX OryxModel: text, output tokens and stats; kwargs as there."""
     from .backend import MLXModel
 
-    return generation.generate(MLXModel(model), tokenizer, prompt, max_tokens, plan, **kwargs)
+    from .mlx_lm_tokenizer import plain_tokenizer
+
+    return generation.generate(MLXModel(model), plain_tokenizer(tokenizer), prompt, max_tokens, plan, **kwargs)
