@@ -111,6 +111,8 @@ def _check_types(raw: dict, source: str) -> None:
             wrong_bool = isinstance(value, bool) and f.type in ("int", "float")
             if wrong_bool or not isinstance(value, expected):
                 raise ValueError(f"{source}: {f.name} must be {f.type}, got {value!r}")
+            if f.type == "float" and not math.isfinite(value):  # JSON's 1e999 parses to inf
+                raise ValueError(f"{source}: {f.name} must be a finite number, got {value!r}")
 
 
 def _check_values(cfg: TrainConfig, source: str) -> None:
