@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -127,6 +128,13 @@ def test_oryx_convert_to_hf_writes_a_checkpoint_both_load(exported, tmp_path):
     assert {"configuration_oryx.py", "modeling_oryx.py"} <= {f.name for f in out.iterdir()}
     hf = load_hf(out)
     assert hf.config.oryx_plan == "recurrent"
+    assert hf.generation_config.eos_token_id is None  # the exported checkpoint had no tokenizer
+    from oryx_core.tokenizer import byte_level_tokenizer, end_of_text_id
+
+    shutil.copytree(path, tmp_path / "with-tokenizer")
+    (tmp_path / "with-tokenizer" / "tokenizer.json").write_text(byte_level_tokenizer().to_str())
+    with_tokenizer = load_hf(convert(tmp_path / "with-tokenizer", tmp_path / "hf-tok", to_kind="hf"))
+    assert with_tokenizer.generation_config.eos_token_id == end_of_text_id(byte_level_tokenizer())
     tokens = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert (hf(tokens).logits - model(tokens, False)).abs().max().item() <= 1e-5

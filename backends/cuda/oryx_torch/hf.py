@@ -27,8 +27,10 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from oryx_core.atomic import atomic_write_bytes
+from oryx_core.chat import stop_token_ids
 from oryx_core.config import OryxConfig
 from oryx_core.plan import ModePlan
+from oryx_core.tokenizer import TOKENIZER_FILE, tokenizer_for
 from oryx_core.weights import CONFIG_FILE, FORMAT_KEYS, HF_CONFIG_KEYS, load_checkpoint, save_checkpoint
 
 from .model import DTYPES, OryxModel, resolve_dtype
@@ -62,7 +64,8 @@ class OryxHFConfig(PretrainedConfig):
             if value is not None:
                 oryx.setdefault(name, value)
         for key in FORMAT_KEYS + HF_CONFIG_KEYS:
-            if key not in ("architectures", "transformers_version", "dtype", "torch_dtype", "auto_map"):
+            if key not in ("architectures", "transformers_version", "dtype", "torch_dtype", "auto_map", "bos_token_id",
+                           "eos_token_id"):
                 kwargs.pop(key, None)
         ModePlan.parse(oryx_plan)  # a bad plan fails here, naming itself
         self.oryx_plan = oryx_plan
@@ -205,9 +208,14 @@ def add_hf_files(path, plan: str = "attention") -> Path:
     config_file = path / CONFIG_FILE
     config = json.loads(config_file.read_text())
     cfg = OryxConfig.from_dict({k: v for k, v in config.items() if k in ORYX_FIELDS}, str(config_file))
+    extra = hf_config_dict(cfg, plan)
+    if (path / TOKENIZER_FILE).exists():  # generate() stops at the ids that end a reply
+        stops = stop_token_ids(path, tokenizer_for(path))
+        if stops:
+            extra["eos_token_id"] = stops[0] if len(stops) == 1 else stops
     for module, source in MODULE_SOURCES.items():
         atomic_write_bytes(path / f"{module}.py", source.encode())
-    atomic_write_bytes(config_file, json.dumps({**config, **hf_config_dict(cfg, plan)}, indent=2).encode())
+    atomic_write_bytes(config_file, json.dumps({**config, **extra}, indent=2).encode())
     return path
 
 
