@@ -14,7 +14,7 @@ from oryx_core.plan import ModePlan  # noqa: E402
 from oryx_core.reference import OryxReference, Stepper  # noqa: E402
 from oryx_core.tokenizer import byte_level_tokenizer  # noqa: E402
 from oryx_core.weights import save_checkpoint  # noqa: E402
-from oryx_mlx.generate import apply_repetition_penalty, generate, load, sample_token, stream_generate  # noqa: E402
+from oryx_mlx.generate import apply_repetition_penalty, generate, load, sample, stream_generate  # noqa: E402
 
 PROMPT = "Oryx switches modes"
 
@@ -164,11 +164,20 @@ def test_stop_strings_and_stop_token(checkpoint):
 def test_sampling():
     logits = mx.array([0.5, 3.0, 2.9, -1.0, 1.0])
     key = mx.random.key(0)
+    def sample_token(logits, key, temperature, top_k, top_p):
+        return int(sample(logits[None], temperature, top_k, top_p, key)[0])
+
     assert sample_token(logits, key, 0.0, 0, 1.0) == 1
     assert sample_token(logits, key, 5.0, 1, 1.0) == 1  # top-k 1 is greedy at any temperature
     assert sample_token(logits, key, 5.0, 0, 0.01) == 1  # so is a tiny nucleus
     draws = {sample_token(logits, k, 1.0, 2, 1.0) for k in mx.random.split(key, 64)}
     assert draws == {1, 2}
+    # rows sample apart: each row's nucleus is its own two tokens
+    rows = mx.array([[0.0, 0.0, 5.0, 5.0], [5.0, 5.0, 0.0, 0.0]] * 100)
+    nucleus = np.array(sample(rows, 1.0, 0, 0.5, key)).reshape(100, 2)
+    assert set(nucleus[:, 0]) == {2, 3} and set(nucleus[:, 1]) == {0, 1}
+    top1 = np.array(sample(mx.array([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]]), 3.0, 1, 1.0, key))
+    assert top1.tolist() == [2, 0]
     same_seed = [sample_token(logits, mx.random.key(7), 1.0, 0, 1.0) for _ in range(3)]
     assert len(set(same_seed)) == 1
     penalised = apply_repetition_penalty(mx.array([2.0, -2.0, 1.0]), mx.array([True, True, False]), 2.0)

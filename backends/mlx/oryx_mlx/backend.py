@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import LayerCache, cache_offset, drop_kv, drop_recurrent
-from .generate import apply_repetition_penalty, load_model, sample_token
+from .generate import apply_repetition_penalty, load_model, sample
 from .model import OryxModel
 
 
@@ -79,8 +79,8 @@ class MLXModel:
         def draw(logits) -> int:
             nonlocal key
             key, subkey = mx.random.split(key)
-            token = sample_token(apply_repetition_penalty(logits[0], seen, sampling.repetition_penalty), subkey,
-                                 sampling.temperature, sampling.top_k, sampling.top_p)
+            token = int(sample(apply_repetition_penalty(logits[:1], seen, sampling.repetition_penalty),
+                               sampling.temperature, sampling.top_k, sampling.top_p, subkey)[0])
             if seen is not None:
                 seen[token] = True
             return token

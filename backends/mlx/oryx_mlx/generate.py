@@ -66,23 +66,23 @@ def apply_repetition_penalty(logits, seen, penalty: float):
     return mx.where(seen, mx.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def sample_token(logits, key, temperature: float, top_k: int, top_p: float) -> int:
-    """One token from float32 logits [V]: greedy at temperature 0, else top-k / nucleus sampling."""
+def sample(logits, temperature: float, top_k: int, top_p: float, key) -> mx.array:
+    """Next tokens [B] from float32 logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling
+    (the torch backend's `sample`, with an MLX random key)."""
     if temperature == 0:
-        return int(mx.argmax(logits))
+        return mx.argmax(logits, axis=-1)
     logits = logits / temperature
-    if 0 < top_k < logits.shape[0]:
-        kth = mx.sort(logits)[-top_k]
+    if 0 < top_k < logits.shape[-1]:
+        kth = mx.sort(logits, axis=-1)[:, -top_k, None]
         logits = mx.where(logits < kth, -mx.inf, logits)
     if top_p < 1.0:
-        order = mx.argsort(-logits)
-        probs = mx.softmax(logits[order])
-        # keep the smallest prefix whose mass reaches top_p (the most likely token always stays)
-        drop_sorted = (mx.cumsum(probs) - probs) >= top_p
-        drop = mx.zeros(logits.shape, mx.bool_)
-        drop[order] = drop_sorted
-        logits = mx.where(drop, -mx.inf, logits)
-    return int(mx.random.categorical(logits, key=key))
+        order = mx.argsort(-logits, axis=-1)
+        sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+        probs = mx.softmax(sorted_logits, axis=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass (the top one always stays)
+        outside = (mx.cumsum(probs, axis=-1) - probs) >= top_p
+        logits = mx.put_along_axis(logits, order, mx.where(outside, -mx.inf, sorted_logits), axis=-1)
+    return mx.random.categorical(logits, key=key)
 
 
 # ----- text in, text out (oryx_core.generation's loop on this backend) -----
