@@ -15,6 +15,11 @@ sequences. Every token fed through it appends its key/value and advances the rec
 whatever its mode; `drop_kv` frees the KV cache (attention-mode tokens are then refused) and
 `drop_recurrent` frees the recurrent state (recurrent-mode tokens are then refused, and later
 tokens skip the recurrent-only work).
+
+Conversion (oryx_convert) asks the torch and MLX modules for NumPy-level functions beside
+`load`: to_numpy, save_tensors(path, arrays, metadata), load_tensors(path) (both bit-exact,
+bfloat16 included); torch adds load_pickled_state_dict and add_hf_files; MLX adds
+build_model, quantize_params, dequantize_params and export_mlx_lm.
 """
 from __future__ import annotations
 
