@@ -119,8 +119,9 @@ def json_depth_exceeds(data: bytes, limit: int) -> bool:
     return bool(steps.size) and int(np.cumsum(steps).max()) > limit
 
 
-def parse_json(data: bytes | str, where: str, max_depth: int = MAX_JSON_DEPTH):
-    """The JSON value of data; FormatError (naming `where`) for anything but strict, shallow JSON."""
+def parse_json(data: bytes | str, where: str, max_depth: int = MAX_JSON_DEPTH, constants: bool = False):
+    """The JSON value of data; FormatError (naming `where`) for anything but strict, shallow JSON
+    (`constants` admits the NaN/Infinity literals that Python's json writes)."""
     raw = bytes(data) if isinstance(data, (bytes, bytearray)) else data.encode("utf-8", errors="surrogatepass")
     try:
         text = raw.decode("utf-8")
@@ -129,14 +130,15 @@ def parse_json(data: bytes | str, where: str, max_depth: int = MAX_JSON_DEPTH):
     if json_depth_exceeds(raw, max_depth):
         raise FormatError(f"{where}: JSON nested deeper than {max_depth} levels")
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=None if constants else _reject_constant)
     except RecursionError:
         raise FormatError(f"{where}: JSON nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, a duplicate key, NaN/Infinity
         raise FormatError(f"{where}: not valid JSON ({e})") from None
 
 
-def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH):
+def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH,
+              constants: bool = False):
     """The JSON value of a regular file of at most max_bytes; FormatError naming the file otherwise."""
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
@@ -145,11 +147,11 @@ def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES, max_depth: int 
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise FormatError(f"{path}: more than the {max_bytes} bytes a JSON file here may have")
-    return parse_json(data, str(path), max_depth)
+    return parse_json(data, str(path), max_depth, constants)
 
 
-def read_json_object(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> dict:
-    value = read_json(path, max_bytes)
+def read_json_object(path: str | Path, max_bytes: int = MAX_JSON_BYTES, constants: bool = False) -> dict:
+    value = read_json(path, max_bytes, constants=constants)
     if not isinstance(value, dict):
         raise FormatError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value

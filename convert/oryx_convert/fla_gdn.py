@@ -14,8 +14,8 @@ import numpy as np
 from oryx_core.config import OryxConfig
 from oryx_core.safetensors_io import FormatError
 
-from .sources import (ConvertedModel, SourceTensors, fill_from_init, identity_conv, read_hf_directory, require,
-                      tokenizer_json_of)
+from .sources import (ConvertedModel, SourceTensors, check_config_types, fill_from_init, identity_conv, read_hf_directory,
+                      require, tokenizer_json_of)
 
 FLA_GDN_ARCHITECTURES = ("GatedDeltaNetForCausalLM",)
 
@@ -28,7 +28,17 @@ def _mlp_hidden(hf: dict) -> int:
     return 256 * ((width + 255) // 256)
 
 
+FLA_KEY_KINDS = {
+    "hidden_size": "int", "num_hidden_layers": "int", "vocab_size": "int", "num_heads": "int", "num_v_heads": "int",
+    "head_dim": "int", "expand_v": "number", "intermediate_size": "int", "hidden_ratio": "number", "norm_eps": "number",
+    "tie_word_embeddings": "bool", "conv_size": "int", "max_position_embeddings": "int", "use_gate": "bool",
+    "use_short_conv": "bool", "allow_neg_eigval": "bool", "hidden_act": "str", "output_gate_activation": "str",
+    "architectures": "list", "model_type": "str",
+}
+
+
 def _check_supported(hf: dict, where: str) -> None:
+    check_config_types(hf, FLA_KEY_KINDS, where)
     if hf.get("model_type") != "gated_deltanet" and not set(hf.get("architectures") or []) & set(FLA_GDN_ARCHITECTURES):
         raise FormatError(f"{where}: not an fla Gated DeltaNet model (model_type {hf.get('model_type')!r}); "
                           f"use the matching --from kind")

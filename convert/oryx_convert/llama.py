@@ -17,8 +17,8 @@ from oryx_core.config import OryxConfig
 from oryx_core.safetensors_io import FormatError
 
 from .gguf import read_gguf, tokenizer_json_from_gguf, unpermute_rope_rows
-from .sources import (ConvertedModel, SourceTensors, fill_from_init, identity_conv, read_hf_directory, require,
-                      tokenizer_json_of)
+from .sources import (ConvertedModel, SourceTensors, check_config_types, fill_from_init, identity_conv, read_hf_directory,
+                      require, tokenizer_json_of)
 
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
 # The recurrence's own parameters, which Llama lacks: they get oryx_core.init's values.
@@ -30,8 +30,18 @@ def _float32_literal(x: float) -> float:
     return float(str(np.float32(x)))
 
 
+LLAMA_KEY_KINDS = {
+    "hidden_size": "int", "num_attention_heads": "int", "num_hidden_layers": "int", "num_key_value_heads": "int",
+    "head_dim": "int", "intermediate_size": "int", "vocab_size": "int", "max_position_embeddings": "int",
+    "rms_norm_eps": "number", "rope_theta": "number", "tie_word_embeddings": "bool", "attention_bias": "bool",
+    "mlp_bias": "bool", "hidden_act": "str", "rope_scaling": "object", "rope_parameters": "object",
+    "architectures": "list", "model_type": "str",
+}
+
+
 def _rope_theta(hf: dict, where: str) -> float:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    check_config_types(params, {"rope_theta": "number", "rope_type": "str", "type": "str"}, f"{where} (RoPE parameters)")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         raise FormatError(f"{where}: RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
@@ -39,6 +49,7 @@ def _rope_theta(hf: dict, where: str) -> float:
 
 
 def oryx_config_from_llama(hf: dict, mixer: str, where: str) -> OryxConfig:
+    check_config_types(hf, LLAMA_KEY_KINDS, where)
     architectures = hf.get("architectures") or []
     if hf.get("model_type") != "llama" and not set(architectures) & set(LLAMA_ARCHITECTURES):
         raise FormatError(f"{where}: not a Llama model (model_type {hf.get('model_type')!r}, "

@@ -18,18 +18,28 @@ import numpy as np
 from oryx_core.config import OryxConfig
 from oryx_core.safetensors_io import FormatError
 
-from .sources import ConvertedModel, SourceTensors, fill_from_init, read_hf_directory, require, tokenizer_json_of
+from .sources import (ConvertedModel, SourceTensors, check_config_types, fill_from_init, read_hf_directory, require,
+                      tokenizer_json_of)
 
 MAMBA2_DEFAULTS = dict(d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, rmsnorm=True, norm_before_gate=False,
                        D_has_hdim=False, bias=False, conv_bias=True, d_ssm=None, dt_limit=(0.0, math.inf))
 MAMBA_NORM_EPS = 1e-5  # mamba-ssm's block norms and gated norm both use 1e-5
 
 
+MAMBA_KEY_KINDS = {"d_model": "int", "n_layer": "int", "d_intermediate": "int", "vocab_size": "int",
+                   "tie_embeddings": "bool", "rms_norm": "bool", "ssm_cfg": "object", "attn_layer_idx": "list"}
+SSM_KEY_KINDS = {"d_state": "int", "d_conv": "int", "expand": "int", "headdim": "int", "ngroups": "int",
+                 "D_has_hdim": "bool", "bias": "bool", "conv_bias": "bool", "norm_before_gate": "bool", "rmsnorm": "bool",
+                 "d_ssm": "int", "layer": "str", "dt_limit": "list"}
+
+
 def _ssm_settings(hf: dict, where: str) -> dict:
     if "ssm_cfg" not in hf:
         raise FormatError(f"{where}: not a mamba-ssm MambaLMHeadModel (its config.json has no ssm_cfg); "
                           f"use the matching --from kind")
+    check_config_types(hf, MAMBA_KEY_KINDS, where)
     ssm = {**MAMBA2_DEFAULTS, **(hf.get("ssm_cfg") or {})}
+    check_config_types(ssm, SSM_KEY_KINDS, f"{where} (ssm_cfg)")
     if ssm.get("layer", "Mamba1") != "Mamba2":
         raise FormatError(f"{where}: ssm_cfg.layer {ssm.get('layer', 'Mamba1')!r} is not supported (only Mamba2)")
     if hf.get("attn_layer_idx"):

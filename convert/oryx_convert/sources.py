@@ -6,6 +6,7 @@ means the source is a variant the mapping does not describe (a bias, a hybrid la
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ class SourceTensors:
 def read_json(path: Path) -> dict:
     if not path.exists() and not path.is_symlink():
         raise FormatError(f"{path.parent}: missing {path.name}")
-    return read_json_object(path)
+    return read_json_object(path, constants=True)  # Python's json writes Infinity (mamba-ssm's dt_limit)
 
 
 def index_shards(directory: Path, index: Path) -> list[Path]:
@@ -113,6 +114,26 @@ def read_hf_directory(path: str | Path) -> tuple[dict, SourceTensors]:
     else:
         raise FileNotFoundError(f"{path}: no {HF_SAFETENSORS}, {HF_SAFETENSORS_INDEX} or {HF_TORCH_BIN}")
     return config, SourceTensors(tensors, str(path))
+
+
+JSON_KINDS = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "object": lambda v: isinstance(v, dict),
+    "list": lambda v: isinstance(v, (list, tuple)),
+}
+
+
+def check_config_types(config: dict, kinds: dict[str, str], where: str) -> None:
+    """Each key of `kinds` that config holds (and is not null) has that JSON kind ("tie_word_embeddings":
+    "false" is a string, not a boolean); else one FormatError naming the key."""
+    for key, kind in kinds.items():
+        value = config.get(key)
+        if value is not None and not JSON_KINDS[kind](value):
+            raise FormatError(f"{where}: config key {key!r} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, "
+                              f"got {value!r:.40}")
 
 
 def require(config: dict, key: str, where: str):
