@@ -32,7 +32,9 @@ def cmd_export_mlx_lm(args) -> None:
     with replacing_allowed(args.out if args.force else None):
         out = export_mlx_lm(args.path, args.out, plan=args.plan, bits=args.bits, group_size=args.group_size)
     emit(args, {"path": str(out), "plan": args.plan, "bits": args.bits},
-         [f"wrote {out} (plan {args.plan}); load it with mlx_lm.load({str(out)!r}, trust_remote_code=True)"])
+         [f"wrote {out} (plan {args.plan}); it holds code (oryx_mlx_lm.py): with Oryx installed load it with "
+          f"oryx_mlx.export.load_export({str(out)!r}), which runs none of it; elsewhere "
+          f"mlx_lm.load({str(out)!r}, trust_remote_code=True) runs it"])
 
 
 def register(subparsers) -> None:
@@ -53,9 +55,14 @@ def register(subparsers) -> None:
     p.add_argument("--json", **json_flag)
     p.set_defaults(func=cmd_quantize)
 
-    p = subparsers.add_parser("export-mlx-lm", help="write a directory mlx_lm.load can run",
-                              description="Export a checkpoint (full precision or quantised) for mlx-lm: "
-                                          "mlx_lm.load(OUT, trust_remote_code=True) then mlx_lm.generate.")
+    p = subparsers.add_parser("export-mlx-lm", help="write a directory mlx_lm.load can run (it holds code)",
+                              description="Export a checkpoint (full precision or quantised) for mlx-lm. The export is "
+                                          "code: OUT/oryx_mlx_lm.py builds the model, and mlx_lm.load(OUT, "
+                                          "trust_remote_code=True) executes it, so give an export only to people "
+                                          "who trust you, and load one only from a source you trust. Where Oryx is "
+                                          "installed, oryx_mlx.export.load_export(OUT) loads it through mlx-lm's "
+                                          "loader with the installed model code instead, running nothing from OUT; "
+                                          "either way mlx_lm.generate then runs it.")
     p.add_argument("path", help="checkpoint directory")
     p.add_argument("out", help="output directory")
     p.add_argument("--plan", default="attention",

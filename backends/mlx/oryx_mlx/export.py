@@ -1,5 +1,10 @@
 """Writes a directory that `mlx_lm.load(path, trust_remote_code=True)` loads and `mlx_lm.generate` runs.
 
+The export is code: loaded that way, mlx-lm executes the directory's `oryx_mlx_lm.py`, so load an export
+that way only from a source you trust. Where Oryx is installed, `load_export(path)` loads it through
+mlx-lm's own loader (`mlx_lm.utils.load_model` with `get_model_classes`) with the installed
+oryx_mlx.mlx_lm_model instead, executing nothing from the directory.
+
 Contents: the checkpoint's safetensors shards unchanged (the spec's tensor names are the
 model's parameter names, quantised or not), config.json for mlx-lm (the Oryx config,
 "model_type": "oryx", "model_file": "oryx_mlx_lm.py", "oryx_plan", "quantization" when
@@ -22,7 +27,26 @@ from oryx_core.plan import ModePlan
 from oryx_core.weights import INDEX_FILE, TOKENIZER_FILE, load_checkpoint
 
 
-MODEL_FILE = "oryx_mlx_lm.py"
+MODEL_FILE = "oryx_mlx_lm.py"  # a plain file name inside the export
+
+
+def _installed_classes(config: dict):
+    """mlx-lm's get_model_classes for an Oryx export: the installed model module, not the directory's copy."""
+    from . import mlx_lm_model
+
+    if config.get("model_type") != "oryx":
+        raise ValueError(f"not an Oryx mlx-lm export (model_type {config.get('model_type')!r})")
+    return mlx_lm_model.Model, mlx_lm_model.ModelArgs
+
+
+def load_export(path, lazy: bool = False):
+    """(model, tokenizer) of an `oryx export-mlx-lm` directory, as mlx_lm.load gives them, built from the
+    installed oryx_mlx instead of the directory's oryx_mlx_lm.py, so no trust_remote_code is needed."""
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    path = Path(path)
+    model, config = load_model(path, lazy, model_config={"model_file": None}, get_model_classes=_installed_classes)
+    return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
 POSITIONAL_PLAN_KINDS = ("attention", "recurrent", "every", "spans")
 
 
