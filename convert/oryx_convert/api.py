@@ -20,7 +20,7 @@ import numpy as np
 from oryx_core.chat import read_tokenizer_config, tokenizer_config_from_gguf, tokenizer_config_from_hf
 from oryx_core.atomic import temp_prefix
 from oryx_core.backend import get_backend
-from oryx_core.config import MIXERS
+from oryx_core.config import MIXERS, ConfigError
 from oryx_core.safetensors_io import FormatError
 from oryx_core.weights import (DEFAULT_SHARD_BYTES, FLOAT_DTYPES, TOKENIZER_FILE, check_against_spec, load_checkpoint,
                                save_checkpoint)
@@ -158,12 +158,16 @@ def convert(src, dst, from_kind: str = "auto", to_kind: str = "oryx", dtype: str
     _check_options(src, dst, from_kind, to_kind, dtype, quantize, group_size, mixer)
     if from_kind not in FAMILY_KINDS and (mixer != "gdn" or seed != 0):
         raise ValueError(f"--mixer/--seed apply only to --from {'/'.join(FAMILY_KINDS)}; {from_kind} fixes its mixer")
-    if from_kind == "gguf" and dtype is not None and quantize is None and not dequantize:
-        import ml_dtypes  # the GGUF import casts tensor by tensor, so float32 copies never pile up
+    try:
+        if from_kind == "gguf" and dtype is not None and quantize is None and not dequantize:
+            import ml_dtypes  # the GGUF import casts tensor by tensor, so float32 copies never pile up
 
-        model = import_gguf_llama(src, mixer, seed, np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype))
-    else:
-        model = SOURCE_KINDS[from_kind](src, mixer=mixer, seed=seed)
+            model = import_gguf_llama(src, mixer, seed,
+                                      np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype))
+        else:
+            model = SOURCE_KINDS[from_kind](src, mixer=mixer, seed=seed)
+    except ConfigError as e:  # a source config that maps to no valid Oryx config: name the source
+        raise FormatError(f"{src}: {e}") from None
     if dequantize:
         model = backends.dequantize(model)
     if dtype is not None:
