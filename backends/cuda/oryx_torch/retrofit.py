@@ -257,9 +257,11 @@ def start_runtime(cfg: RetrofitConfig) -> Runtime:
 
 
 # ----- the loop -----
-def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None = None) -> dict:
+def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None = None, on_eval=None) -> dict:
     """Runs both stages; the finished model (all tensors, SRC's dtype) goes to out/model.
-    `stop_after` ends after that many steps with a checkpoint, as a kill would; `resume` continues."""
+    `stop_after` ends after that many steps with a checkpoint, as a kill would; `resume` continues.
+    `on_eval(step, tokens, stage, model)`, if given, runs on rank 0 after each evaluation (e.g. a held-out
+    text scored per plan); it must leave the model as it found it."""
     from oryx_data import TokenShards
 
     check_config(cfg)
@@ -317,9 +319,12 @@ def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None =
                               "device": str(rt.device), "stage_steps": [steps_a, steps_b],
                               "trainable_parameters": sum(p.numel() for p in trainable),
                               "model": model_cfg.to_dict(), "retrofit": dataclasses.asdict(cfg)})
-        if start == 0:
-            summary_eval = evaluate(model, val_data, cfg, rt, autocast)
-            log_record(log_file, {"step": 0, "tokens": 0, "eval": summary_eval})
+
+    if start == 0:  # every rank: the evaluation averages over ranks
+        start_eval = evaluate(model, val_data, cfg, rt, autocast)
+        log_record(log_file, {"step": 0, "tokens": 0, "eval": start_eval})
+        if on_eval is not None and rt.is_main:
+            on_eval(0, 0, "start", model)
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=start, disable=not (rt.is_main and cfg.progress), unit="step",
@@ -375,6 +380,8 @@ def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None =
             summary["eval"] = evaluate(model, val_data, cfg, rt, autocast)
             log_record(log_file, {"step": done, "stage": stage, "tokens": done * tokens_per_step,
                                   "eval": summary["eval"]})
+            if on_eval is not None and rt.is_main:
+                on_eval(done, done * tokens_per_step, stage, model)
         if (cfg.save_every and done % cfg.save_every == 0) or done == stop:
             summary["checkpoint"] = str(save_training_checkpoint(out, done, skipped, model, optimizer, cfg, rt,
                                                                  tokenizer_json))

