@@ -120,9 +120,20 @@ GGUF_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_n
                      "output.weight": "lm_head.weight"}
 
 
+GGUF_KEY_KINDS = {
+    "general.architecture": "str", "llama.expert_count": "int", "llama.rope.scaling.type": "str",
+    "llama.attention.head_count": "positive int", "llama.attention.head_count_kv": "positive int",
+    "llama.embedding_length": "positive int", "llama.attention.key_length": "positive int",
+    "llama.rope.dimension_count": "int", "llama.block_count": "positive int", "llama.feed_forward_length": "positive int",
+    "llama.attention.layer_norm_rms_epsilon": "number", "llama.rope.freq_base": "number",
+    "llama.context_length": "positive int", "llama.vocab_size": "positive int",
+}
+
+
 def gguf_llama_as_hf(path: str | Path) -> tuple[dict, SourceTensors, str]:
     """(HF-style config, HF-named dequantised tensors, tokenizer.json text) of a llama GGUF file."""
     g = read_gguf(path)
+    check_config_types(g.metadata, GGUF_KEY_KINDS, f"{g.path} (GGUF metadata)")
     arch = g.require("general.architecture")
     if arch != "llama":
         raise FormatError(f"{g.path}: GGUF architecture {arch!r} is not supported (only 'llama')")

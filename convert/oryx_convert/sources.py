@@ -118,6 +118,7 @@ def read_hf_directory(path: str | Path) -> tuple[dict, SourceTensors]:
 
 JSON_KINDS = {
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "positive int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
     "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
     "bool": lambda v: isinstance(v, bool),
     "str": lambda v: isinstance(v, str),

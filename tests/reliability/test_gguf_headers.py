@@ -175,3 +175,33 @@ def test_convert_cli_refuses_with_one_line(tmp_path):
         lines = stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and "not a readable GGUF file (corrupt header" in lines[0], stderr
         assert time.monotonic() - start < 60 and not out.exists()
+
+
+def llama_metadata(**values) -> bytes:
+    """A header-valid GGUF whose Llama metadata holds `values` (key -> (GGUF value type, payload bytes))."""
+    entries = [kv("general.architecture", T_STRING, s("llama"))]
+    entries += [kv(key, kind, payload) for key, (kind, payload) in values.items()]
+    return build(kvs=entries)
+
+
+U32 = lambda v: (T_UINT32, struct.pack("<I", v))  # noqa: E731
+METADATA_CASES = [
+    ("head_count a string", llama_metadata(**{"llama.attention.head_count": (T_STRING, s("4"))}),
+     "'llama.attention.head_count' must be a positive int"),
+    ("head_count 0", llama_metadata(**{"llama.attention.head_count": U32(0)}), "'llama.attention.head_count' must be a positive int"),
+    ("block_count an array", llama_metadata(**{"llama.block_count": (T_ARRAY, array(T_UINT32, 1, struct.pack("<I", 2)))}),
+     "'llama.block_count' must be a positive int"),
+    ("architecture a number", build(kvs=[kv("general.architecture", T_UINT32, struct.pack("<I", 1))]),
+     "'general.architecture' must be a str"),
+]
+
+
+@pytest.mark.parametrize("data, message", [c[1:] for c in METADATA_CASES], ids=[c[0] for c in METADATA_CASES])
+def test_mistyped_llama_metadata_is_refused(tmp_path, data, message):
+    from oryx_convert.api import convert
+
+    src = tmp_path / "bad.gguf"
+    src.write_bytes(data)
+    with pytest.raises(FormatError, match=message):
+        convert(src, tmp_path / "dst", from_kind="gguf")
+    assert not (tmp_path / "dst").exists()
