@@ -66,23 +66,24 @@ class DecodeRunner:
         self.model, self.cache = model, cache
         self.use_graphs = cuda_graphs and model.device.type == "cuda"
         self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=model.device)
-        self.modes = torch.zeros(cache.batch, dtype=torch.bool, device=model.device)
+        self.modes = torch.zeros(model.cfg.n_layers, cache.batch, dtype=torch.bool, device=model.device)
         self.graphs: dict[tuple[bool, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.warmed: set[tuple[bool, bool, bool]] = set()
 
     def step(self, tokens, modes) -> torch.Tensor:
-        """Logits [B, V] for tokens [B] (host ints) under modes [B] (host bools)."""
+        """Logits [B, V] for tokens [B] (host ints) under modes (host bools: one, [B], or per layer [L, B])."""
         model, cache = self.model, self.cache
         tokens = model.check_tokens(torch.as_tensor(tokens, device="cpu"), 1)  # checked on the host: no device sync
         modes = torch.as_tensor(modes, device="cpu")
-        if modes.dtype != torch.bool or modes.shape not in ((), (1,), tokens.shape):
-            raise ValueError(f"modes: expected a bool or bools [B] = {list(tokens.shape)}, got {modes.dtype} "
+        L, B = self.modes.shape
+        if modes.dtype != torch.bool or modes.shape not in ((), (1,), (B,), (1, B), (L, B)):
+            raise ValueError(f"modes: expected a bool, bools [B] = [{B}] or [L, B] = [{L}, {B}], got {modes.dtype} "
                              f"{list(modes.shape)}")
         model.check_cache(cache, tokens.shape[0], 1)
         attend = bool(modes.any())
         check_cache_modes(cache, attend, not bool(modes.all()))
         self.tokens.copy_(tokens)
-        self.modes.copy_(modes.expand(tokens.shape))
+        self.modes.copy_(modes.expand(L, B))
         variant = (attend, cache.has_kv, cache.has_recurrent)
         if not self.use_graphs:
             logits = model.decode_step(self.tokens, self.modes, cache, attend)

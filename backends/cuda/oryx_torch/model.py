@@ -396,6 +396,20 @@ class OryxModel(nn.Module):
                 raise ValueError(f"tokens: id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
         return tokens.to(self.device, torch.long)
 
+    def layer_modes(self, modes, shape: tuple[int, ...]) -> list:
+        """Each layer's modes: `modes` broadcastable to [n_layers, *shape] (the convention of every backend:
+        a bool, [T] shared by the batch, [B, T], or per layer [L, B, T]; for one step [B] or [L, B])."""
+        modes = torch.as_tensor(modes)
+        L = self.cfg.n_layers
+        if modes.dim() != len(shape) + 1:
+            return [modes] * L
+        if modes.shape[0] not in (1, L):
+            raise ValueError(f"modes: shape {list(modes.shape)} does not broadcast to [n_layers={L}, "
+                             f"{', '.join(map(str, shape))}]")
+        if modes.shape[0] == 1 or bool((modes == modes[:1]).all()):
+            return [modes[0]] * L  # one plan serves every layer
+        return list(modes)
+
     def check_modes(self, modes, shape: tuple[int, ...], device=None) -> torch.Tensor:
         """modes -> bool [*shape] on `device` (default the model's); accepts a bool, per-token [T]
         (shared by the batch) or the full shape."""
@@ -411,7 +425,8 @@ class OryxModel(nn.Module):
 
     # -- forward --
     def forward(self, tokens, modes, cache: OryxCache | None = None):
-        """Logits [B, T, V] for tokens [B, T] under modes (bool [T] or [B, T], True = attention).
+        """Logits [B, T, V] for tokens [B, T] under modes (True = attention): a bool, [T], [B, T] or per layer
+        [L, B, T].
 
         With a cache, the tokens continue the cached sequences (prefill): their keys and
         values are appended, conv windows and recurrent states advanced.
@@ -422,23 +437,29 @@ class OryxModel(nn.Module):
         if cache is not None:
             self.check_cache(cache, B, T)
             offset = cache.length
-        modes = torch.as_tensor(modes)
-        host_modes = None if modes.is_cuda else self.check_modes(modes, (B, T), device="cpu")
-        plan = AttentionPlan(self.check_modes(modes, (B, T)), offset, host_modes)
+        per_layer = self.layer_modes(modes, (B, T))
+        plans = {}  # one AttentionPlan per distinct modes tensor (usually one for every layer)
+        for modes in per_layer:
+            if id(modes) not in plans:
+                host_modes = None if modes.is_cuda else self.check_modes(modes, (B, T), device="cpu")
+                plans[id(modes)] = AttentionPlan(self.check_modes(modes, (B, T)), offset, host_modes)
+        layer_plans = [plans[id(m)] for m in per_layer]
         if cache is not None:
-            check_cache_modes(cache, plan.any_attention, plan.any_recurrent)
+            check_cache_modes(cache, any(p.any_attention for p in layer_plans),
+                              any(p.any_recurrent for p in layer_plans))
         rope = self._rope(torch.arange(offset, offset + T, device=self.device))
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, plan, rope, None if cache is None else cache.layers[i])
+            x = layer(x, layer_plans[i], rope, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.advance(T)
         return self.logits(x)
 
     def step(self, tokens, modes, cache: OryxCache) -> torch.Tensor:
-        """Logits [B, V] for one token per sequence (tokens [B]); modes: a bool or bool [B]."""
+        """Logits [B, V] for one token per sequence (tokens [B]); modes: a bool, [B] or per layer [L, B]."""
         tokens = self.check_tokens(tokens, 1)
-        modes = self.check_modes(modes, tuple(tokens.shape))
+        per_layer = self.layer_modes(modes, tuple(tokens.shape))
+        modes = torch.stack([self.check_modes(m, tuple(tokens.shape)) for m in per_layer])  # [L, B]
         self.check_cache(cache, tokens.shape[0], 1)
         attend = bool(modes.any())
         check_cache_modes(cache, attend, not bool(modes.all()))
@@ -449,6 +470,8 @@ class OryxModel(nn.Module):
     def decode_step(self, tokens, modes, cache: OryxCache, attend: bool) -> torch.Tensor:
         """The device part of `step`: no checks, no host syncs, fixed shapes (what a CUDA graph captures).
 
+        modes: bool [B], or per layer [L, B]; attend: whether any layer's token attends.
+
         Advances cache.position on the device; the caller advances cache.length.
         """
         if cache.ragged:  # sequences at different positions: one RoPE row per sequence, [B, 1, d]
@@ -458,7 +481,7 @@ class OryxModel(nn.Module):
             rope = self._rope(cache.position[:1])
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer.step(x, modes, rope, cache.layers[i], cache.position, attend)
+            x = layer.step(x, modes[i] if modes.dim() == 2 else modes, rope, cache.layers[i], cache.position, attend)
         cache.position.add_(1)
         return self.logits(x)
 
