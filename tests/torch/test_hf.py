@@ -139,3 +139,19 @@ def test_oryx_convert_to_hf_writes_a_checkpoint_both_load(exported, tmp_path):
     with torch.no_grad():
         assert (hf(tokens).logits - model(tokens, False)).abs().max().item() <= 1e-5
     assert load_checkpoint(out).config == model.cfg
+
+
+def test_peft_lora_trains_generates_and_merges(exported):
+    peft = pytest.importorskip("peft")
+
+    model, path = exported
+    lora = peft.get_peft_model(load_hf(path), peft.LoraConfig(r=4, target_modules=["q_attn", "k_proj", "o_proj"],
+                                                              task_type="CAUSAL_LM"))
+    tokens = torch.from_numpy(np.random.default_rng(3).integers(0, 97, size=(2, 10)))
+    lora(input_ids=tokens, labels=tokens, plan="attention").loss.backward()
+    trained = [n for n, p in lora.named_parameters() if p.grad is not None]
+    assert trained and all("lora_" in n for n in trained)
+    assert lora.generate(input_ids=tokens[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+    merged = lora.merge_and_unload()  # LoRA B starts at zero: merging gives back the original model
+    with torch.no_grad():
+        assert (merged(tokens, plan="attention").logits - model(tokens, True)).abs().max().item() <= 1e-5
