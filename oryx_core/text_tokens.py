@@ -5,8 +5,9 @@ memory `oryx eval --text` needs depends on the window and the piece size, never 
 The tokens are those of tokenising the whole text at once. Pieces end only at a point where no tokenizer
 Oryx reads (byte-level, GPT-2 / Llama-3 style regex pre-tokenisation, SentencePiece-style Metaspace) joins
 the characters on either side into one pre-token: after a letter or digit followed by a space. Each piece
-after the first is tokenised with the character before it in front and the tokens of that character dropped, so that a tokenizer which marks the start of its input
-(a prepended "▁", a BOS token) marks it once, as for the whole text. A text with no such point in
+after the first is tokenised with the character before it in front and that character's tokens dropped, so
+that a tokenizer which marks the start of its input (a prepended "▁", a BOS token) marks it once, as for the
+whole text. A text with no such point in
 MAX_PIECE_CHARS characters is cut after a newline followed by a letter or digit (where only Metaspace joins),
 else anywhere: only there may a token or two differ from whole-text tokenisation.
 """
@@ -79,25 +80,42 @@ def _cut_pieces(chunks: Iterable[str], piece_chars: int) -> Iterator[tuple[str, 
         yield lead, buffer
 
 
-def encode_pieces(chunks: Iterable[str], tokenizer, max_tokens: int | None = None,
-                  piece_chars: int = PIECE_CHARS, add_special_tokens: bool = True) -> Iterator[np.ndarray]:
+def _grouped(items: Iterable, size: int) -> Iterator[list]:
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def encode_pieces(chunks: Iterable[str], tokenizer, max_tokens: int | None = None, piece_chars: int = PIECE_CHARS,
+                  add_special_tokens: bool = True, pieces_per_call: int = 1) -> Iterator[np.ndarray]:
     """Token ids (int64) of the text in `chunks`, piece by piece, equal to tokenizer.encode(text,
-    add_special_tokens).ids, stopping after max_tokens tokens."""
+    add_special_tokens).ids, stopping after max_tokens tokens. pieces_per_call pieces go to the tokenizer's
+    parallel batch encoder at once (more memory, less time)."""
     left = max_tokens
-    for lead, piece in _cut_pieces(chunks, piece_chars):
-        if not lead:
-            ids = tokenizer.encode(piece, add_special_tokens=add_special_tokens).ids
-        else:
-            encoding = tokenizer.encode(lead + piece, add_special_tokens=False)
-            ids = [i for i, (start, _) in zip(encoding.ids, encoding.offsets) if start >= len(lead)]
-        ids = np.asarray(ids, dtype=np.int64)
-        if left is not None:
-            ids = ids[:left]
-            left -= len(ids)
-        if len(ids):
-            yield ids
-        if left == 0:
-            return
+    lead_tokens = {}  # the character before a piece is its own pre-token, so its tokens are those it has alone
+    for group in _grouped(_cut_pieces(chunks, piece_chars), pieces_per_call):
+        texts = [piece if not lead else lead + piece for lead, piece in group]
+        if group[0][0]:
+            encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        else:  # the text's start: special tokens as for the whole text
+            encodings = (tokenizer.encode_batch_fast(texts[:1], add_special_tokens=add_special_tokens)
+                         + tokenizer.encode_batch_fast(texts[1:], add_special_tokens=False))
+        for (lead, _), encoding in zip(group, encodings):
+            if lead and lead not in lead_tokens:
+                lead_tokens[lead] = len(tokenizer.encode_batch_fast([lead], add_special_tokens=False)[0].ids)
+            ids = np.asarray(encoding.ids[lead_tokens[lead] if lead else 0:], dtype=np.int64)
+            if left is not None:
+                ids = ids[:left]
+                left -= len(ids)
+            if len(ids):
+                yield ids
+            if left == 0:
+                return
 
 
 def score_pieces(logits_fn, pieces: Iterable[np.ndarray], plan, window: int, vocab_size: int,

@@ -327,7 +327,7 @@ def build_shards(inputs: Iterable[str | Path], out: str | Path, tokenizer: Token
                     if pieces[split]:  # what came before it, in order
                         writers[split].write(np.concatenate(pieces[split]))
                         pieces[split] = []
-                    for ids in encode_pieces([doc.text], tokenizer, add_special_tokens=False):
+                    for ids in encode_pieces([doc.text], tokenizer, add_special_tokens=False, pieces_per_call=4):
                         writers[split].write(ids)
                     writers[split].write(np.array([eot_id]))
                 for split, ids in pieces.items():

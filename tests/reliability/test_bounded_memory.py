@@ -42,15 +42,19 @@ TOKENIZERS = {
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
-@pytest.mark.parametrize("piece_chars", [16, 101, 4096])
-def test_pieces_tokenise_as_the_whole_text(name, piece_chars):
+@pytest.mark.parametrize("piece_chars, per_call", [(16, 1), (101, 3), (4096, 1)])
+def test_pieces_tokenise_as_the_whole_text(name, piece_chars, per_call):
     tok = TOKENIZERS[name]()
     whole = tok.encode(SAMPLE).ids
     chunks = [SAMPLE[i:i + 37] for i in range(0, len(SAMPLE), 37)]
-    got = np.concatenate(list(encode_pieces(chunks, tok, piece_chars=piece_chars)))
+    got = np.concatenate(list(encode_pieces(chunks, tok, piece_chars=piece_chars, pieces_per_call=per_call)))
     assert got.tolist() == whole
+    assert np.concatenate(list(encode_pieces(chunks, tok, piece_chars=piece_chars, add_special_tokens=False,
+                                             pieces_per_call=per_call))).tolist() == tok.encode(
+        SAMPLE, add_special_tokens=False).ids
     for limit in (1, 5, 333, len(whole) + 10):
-        got = np.concatenate(list(encode_pieces(chunks, tok, max_tokens=limit, piece_chars=piece_chars)))
+        got = np.concatenate(list(encode_pieces(chunks, tok, max_tokens=limit, piece_chars=piece_chars,
+                                                pieces_per_call=per_call)))
         assert got.tolist() == whole[:limit]
 
 
