@@ -152,11 +152,10 @@ def test_the_issues_examples_in_subprocesses(workspace, checkpoint_copy):
     ckpt = workspace / "models" / "ckpt"
     examples = [["init", str(workspace / "project"), "--preset", "tiny"],
                 ["convert", str(ckpt), str(workspace / "models")],
-                ["data", "build", "--input", str(workspace / "corpus"), "--out", str(workspace / "corpus")],
-                ["init", str(workspace / "file.txt"), "--preset", "tiny"]]
+                ["data", "build", "--input", str(workspace / "corpus"), "--out", str(workspace / "corpus")]]
     try:
         import mlx.core  # noqa: F401
-        examples += [["quantize", str(ckpt), str(ckpt)], ["export-mlx-lm", str(ckpt), str(ckpt)]]
+        examples.append(["quantize", str(ckpt), str(ckpt)])  # export-mlx-lm's twin runs in-process below
     except ImportError:
         pass
     before = tree_digest(workspace)
