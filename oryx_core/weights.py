@@ -181,13 +181,15 @@ def load_checkpoint(path: str | Path, verify_checksums: bool = True) -> Checkpoi
         if not (path / fname).exists() and not (path / fname).is_symlink():
             raise FormatError(f"{path}: missing shard {fname} named in {INDEX_FILE}")
         shard = member(path, fname, str(path / INDEX_FILE))
-        if verify_checksums and fname in sums and _sha256(shard) != sums[fname]:
-            raise FormatError(f"{shard}: checksum mismatch: the file is corrupt or was changed after saving")
         header, _, data_start = read_header(shard)
         for name, entry in header.items():
             if weight_map.get(name) != fname:
                 raise FormatError(f"{shard}: tensor {name!r} is not listed for this shard in {INDEX_FILE}")
             _check_entry_layout(shard, name, entry, layout[name], dtype)
+        # hashed only once its header says it holds exactly the tensors the config needs, so a huge or
+        # padded file is refused without being read through
+        if verify_checksums and fname in sums and _sha256(shard) != sums[fname]:
+            raise FormatError(f"{shard}: checksum mismatch: the file is corrupt or was changed after saving")
         headers[fname] = (shard, header, data_start)
     listed_missing = sorted(set(weight_map) - {n for _, h, _ in headers.values() for n in h})
     if listed_missing:
