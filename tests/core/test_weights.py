@@ -112,7 +112,7 @@ def test_truncated_shard(tiny):
     _, _, path = tiny
     f = shards(path)[0]
     f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(FormatError, match="checksum mismatch"):
+    with pytest.raises(FormatError, match="truncated"):  # the header check comes before the checksum
         load_checkpoint(path)
     with pytest.raises(FormatError, match="truncated"):
         load_checkpoint(path, verify_checksums=False)
