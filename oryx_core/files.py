@@ -8,7 +8,8 @@ files are checked with stat before they are opened and again with fstat on the o
 (opened with O_NONBLOCK, which keeps opening a FIFO from waiting for a writer).
 
 JSON is read with a size cap and a nesting cap (Python's parser recurses once per level), with
-duplicate keys and the non-standard NaN/Infinity literals refused.
+duplicate keys refused, and the non-standard NaN/Infinity literals too unless a reader of foreign
+files (Hugging Face configs, which Python's json may write with them) admits them.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ MAX_JSON_DEPTH = 256
 
 
 class FormatError(ValueError):
-    """A checkpoint file or directory that is not a valid Oryx checkpoint."""
+    """A file or directory that is not what its reader needs (a checkpoint, a shard, an index, a config ...)."""
 
 
 def _kind(mode: int) -> str:
@@ -33,7 +34,7 @@ def _kind(mode: int) -> str:
                        (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
         if test(mode):
             return name
-    return "not a regular file"
+    return "of an unknown file type"
 
 
 def check_regular(path: str | Path) -> int:
