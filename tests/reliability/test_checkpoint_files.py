@@ -350,3 +350,15 @@ def test_cli_refuses_with_one_line(base, tmp_path):
         assert "Traceback" not in stderr and seconds < 60, (case, seconds)
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     assert peak_mib < 1024, peak_mib
+
+
+def test_padded_shard_is_refused_before_it_is_hashed(ckpt):
+    """A shard padded (sparsely) to 8 GiB, its checksum still listed: refused from its header in seconds,
+    without reading the 8 GiB through sha256."""
+    shard = ckpt / first_shard(ckpt)
+    with open(shard, "r+b") as f:
+        f.truncate(8 << 30)
+    start = time.monotonic()
+    with pytest.raises(FormatError, match="bytes after the last tensor"):
+        load_checkpoint(ckpt)
+    assert time.monotonic() - start < 5
