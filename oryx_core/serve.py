@@ -6,7 +6,8 @@ Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stre
 server-sent events when "stream": true, ending with a usage chunk and `data: [DONE]`).
 Request fields: model, prompt / messages, max_tokens (max_completion_tokens), temperature,
 top_p, top_k, stop, seed, stream, stream_options; Oryx's own fields (the openai client's
-extra_body): plan, kv_policy, state_policy.
+extra_body): plan, kv_policy, state_policy, and ignore_eos (generate max_tokens whatever the end-of-turn
+tokens say; for load tests).
 
 Built on Starlette (routing, streaming responses, disconnect detection) under uvicorn
 (HTTP/1.1, graceful shutdown on SIGTERM), with pydantic checking the request bodies.
@@ -70,6 +71,7 @@ def _models():
         plan: str = "prefill-attention"
         kv_policy: Literal["keep", "drop"] = "keep"
         state_policy: Literal["auto", "keep", "drop"] = "auto"
+        ignore_eos: bool = False
 
     class Completion(Common):
         prompt: str | list[int] | list[str]
@@ -192,11 +194,11 @@ class Engine:
 class BatchEngine(Engine):
     """The torch backend's batched engine (oryx_torch.batch)."""
 
-    def __init__(self, model, tokenizer, max_batch: int, max_queue: int):
+    def __init__(self, model, tokenizer, max_batch: int, max_queue: int, capacity: int):
         super().__init__(tokenizer, max_queue)
         from oryx_torch.batch import BatchGenerator
 
-        self.gen = BatchGenerator(model, max_batch=max_batch)
+        self.gen = BatchGenerator(model, max_batch=max_batch, capacity=capacity)
         self.live: dict[int, tuple[Job, Any]] = {}
 
     def run(self) -> None:
@@ -216,7 +218,9 @@ class BatchEngine(Engine):
                     waiting.append(job)
             except queue.Empty:
                 pass
-            while waiting and self.gen.free:
+            # one admission (a prefill) per decode step, so live sequences keep streaming while others join
+            admitted = False
+            while waiting and self.gen.free and not admitted:
                 job = waiting.pop(0)
                 if job.cancelled.is_set():
                     continue
@@ -227,6 +231,7 @@ class BatchEngine(Engine):
                 except (ValueError, RuntimeError) as e:
                     job.emit({"error": str(e), "status": 400})
                     continue
+                admitted = True
                 self.live[sid] = (job, TextStream(self.tokenizer, job.stop_strings))
                 job.emit({"text": "", "tokens": 0, "reused": self.gen.state_of(sid).reused_tokens})
             for sid, (job, _) in list(self.live.items()):
@@ -385,11 +390,12 @@ def build_app(state: ServerState):
                                f"{state.limits.max_prompt_tokens}", param="messages" if kind == "chat" else "prompt",
                                code="context_length_exceeded")
         if len(ids) + req.max_tokens > state.context:
-            raise RequestError(f"max_tokens: {len(ids)} prompt tokens + {req.max_tokens} exceed the model's context "
-                               f"of {state.context}", param="max_tokens", code="context_length_exceeded")
+            raise RequestError(f"max_tokens: {len(ids)} prompt tokens + {req.max_tokens} exceed this server's context "
+                               f"of {state.context} tokens", param="max_tokens", code="context_length_exceeded")
         seed = req.seed if req.seed is not None else (0 if req.temperature == 0 else secrets.randbits(62))
         job = Job(ids, req.max_tokens, req.plan, req.temperature, req.top_k, req.top_p, seed, req.stop,
-                  set(state.chat.stop_token_ids), req.kv_policy, req.state_policy, keep_state=kind == "chat")
+                  set() if req.ignore_eos else set(state.chat.stop_token_ids), req.kv_policy, req.state_policy,
+                  keep_state=kind == "chat")
         return job, len(ids)
 
     async def handle(request: Request, kind: str):
@@ -515,7 +521,10 @@ def build_app(state: ServerState):
 
 # ----- loading and running -----
 def load_server_state(path, backend: str, max_batch: int, limits: Limits, dtype: str | None = None,
-                      device: str | None = None, model_id: str | None = None) -> ServerState:
+                      device: str | None = None, model_id: str | None = None,
+                      context: int | None = None) -> ServerState:
+    """context: tokens per sequence (prompt + reply) the server accepts, at most the model's max_context; the
+    torch engine preallocates this many per batch row."""
     from .chat import load_chat_format
     from .tokenizer import byte_level_tokenizer, load_tokenizer
     from .weights import read_config
@@ -527,12 +536,14 @@ def load_server_state(path, backend: str, max_batch: int, limits: Limits, dtype:
     from .backend import get_backend
 
     model = get_backend(backend).load(path, dtype=dtype, device=device)
-    context = model.config.max_context
+    if context is not None and context < 2:
+        raise ValueError(f"--context must be >= 2, got {context}")
+    context = min(context or model.config.max_context, model.config.max_context)
     limits.max_prompt_tokens = min(limits.max_prompt_tokens, context)
     limits.max_tokens = min(limits.max_tokens, context)
     limits.default_max_tokens = min(limits.default_max_tokens, limits.max_tokens)
     if backend == "torch" and max_batch > 1:
-        engine: Engine = BatchEngine(model.model, tokenizer, max_batch, limits.max_queue)
+        engine: Engine = BatchEngine(model.model, tokenizer, max_batch, limits.max_queue, context)
     else:
         engine = SerialEngine(model, tokenizer, limits.max_queue)
     return ServerState(model_id or path.resolve().name, backend, engine, tokenizer, chat, limits, context)
@@ -566,7 +577,7 @@ def cmd_serve(args) -> None:
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                     max_tokens=args.max_tokens_limit, max_queue=args.max_queue)
     state = load_server_state(args.path, args.backend, args.max_batch, limits, dtype=args.dtype, device=args.device,
-                              model_id=args.model_id)
+                              model_id=args.model_id, context=args.context)
     print(f"oryx serve: {state.model_id} ({args.backend}) on http://{args.host}:{args.port}/v1", flush=True)
     serve(state, args.host, args.port, args.log_level)
 
@@ -589,6 +600,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", help="torch device (default cuda if present, else cpu)")
     p.add_argument("--max-batch", type=int, default=16, help="torch: sequences decoded together (default 16; "
                                                               "1 = one request at a time)")
+    p.add_argument("--context", type=int, help="tokens per sequence, prompt and reply (default: the model's "
+                                                "max_context; torch preallocates this per batch row)")
     p.add_argument("--max-queue", type=int, default=64, help="requests in progress before 503 (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body "
                                                                                       "(default 1 MiB; above: 413)")

@@ -121,6 +121,10 @@ def test_stop_string_and_per_request_plan(server, direct):
     stop = full[4:6]
     got = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=24, temperature=0, stop=[stop])
     assert got.choices[0].text == full[:full.find(stop)] and got.choices[0].finish_reason == "stop"
+    forced = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=24, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert forced.usage.completion_tokens == 24 and forced.choices[0].finish_reason == "length"
+    assert forced.choices[0].text.startswith(full)
     for plan in ("recurrent", "attention", "A:0-3,R:3-"):
         got = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=10, temperature=0,
                                         extra_body={"plan": plan, "kv_policy": "keep"})
