@@ -19,7 +19,6 @@ gradients are averaged across ranks before each step (they are few: no DDP wrapp
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -41,7 +40,8 @@ from oryx_core.weights import load_checkpoint
 from .attention import AttentionPlan
 from .model import OryxModel
 from .train import (EVAL_STREAM, TRAIN_STREAM, Runtime, batch_rng, keep_log_until, latest_checkpoint, log_record,
-                    load_optimizer_state, make_optimizer, mean_over_ranks, restore_rng_state, save_training_checkpoint)
+                    load_optimizer_state, make_optimizer, mean_over_ranks, read_state, restore_rng_state,
+                    save_training_checkpoint)
 
 STUDENT_PLANS = ("recurrent", "prefill-attention", "last:10%", "every:4:64")
 EVAL_PLANS = ("attention", "recurrent", "prefill-attention", "last:10%", "every:4:64")
@@ -300,7 +300,7 @@ def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None =
     start, skipped = 0, 0
     log_path = out / "log.jsonl"
     if resume:
-        state = json.loads((resume_from / "state.json").read_text())
+        state = read_state(resume_from)
         start, skipped = state["step"], state["skipped_steps"]
         load_optimizer_state(resume_from, model, optimizer)
         if state["world_size"] == rt.world:

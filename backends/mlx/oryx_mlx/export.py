@@ -24,7 +24,7 @@ from oryx_core.tokenizer import tokenizer_for
 from oryx_core.tokenizer import END_OF_TEXT, end_of_text_id
 from oryx_core.atomic import atomic_directory
 from oryx_core.plan import ModePlan
-from oryx_core.weights import INDEX_FILE, TOKENIZER_FILE, load_checkpoint
+from oryx_core.weights import INDEX_FILE, TOKENIZER_FILE, load_checkpoint, read_index
 
 
 MODEL_FILE = "oryx_mlx_lm.py"  # a plain file name inside the export
@@ -79,7 +79,7 @@ def export_mlx_lm(src, dst, plan: str = "attention", bits: int | None = None, gr
 
 def _export(src: Path, dst: Path, plan_text: str) -> Path:
     ckpt = load_checkpoint(src)  # validates the checkpoint before anything is written
-    shards = sorted(set(json.loads((src / INDEX_FILE).read_text())["weight_map"].values()))
+    shards = sorted(set(read_index(src)[0].values()))
     tokenizer = tokenizer_for(src)  # the checkpoint's tokenizer.json, else the byte-level default
     eos = end_of_text_id(tokenizer)
     config = {**ckpt.config.to_dict(), "model_type": "oryx", "architectures": ["OryxForCausalLM"],
