@@ -21,7 +21,7 @@ def model(request):
 def alone(model, r: SequenceRequest) -> list[int]:
     """The sampled tokens (a final stop token included) of oryx_core.generation's one-sequence loop."""
     out = []
-    for response in stream_generate(TorchModel(model, cuda_graphs=False), byte_level_tokenizer(), r.prompt_ids, r.max_new_tokens,
+    for response in stream_generate(TorchModel(model, cuda_graphs=False), byte_level_tokenizer(), r.prompt_ids, r.max_tokens,
                                     r.plan, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, seed=r.seed,
                                     stop_token_ids=r.stop_token_ids, state_policy="keep"):
         out += response.tokens
@@ -36,7 +36,7 @@ def requests():
     out = []
     for i in range(9):
         length = [1, 5, 12, 3, 20, 7, 9, 2, 16][i]
-        out.append(SequenceRequest(torch.randint(0, 256, (length,), generator=g).tolist(), max_new_tokens=4 + 3 * (i % 4),
+        out.append(SequenceRequest(torch.randint(0, 256, (length,), generator=g).tolist(), max_tokens=4 + 3 * (i % 4),
                                    plan=plans[i % len(plans)], temperature=0.0 if i % 3 else 0.9, top_p=0.9, seed=i))
     return out
 
@@ -53,21 +53,21 @@ def test_a_sequence_stops_at_its_own_stop_token(model):
     reference = alone(model, reqs[1])
     stop = reference[2]
     reqs[1].stop_token_ids = {stop}
-    reqs[1].max_new_tokens = 20
+    reqs[1].max_tokens = 20
     got = generate_batch(model, reqs, cuda_graphs=False)
     assert got[1] == reference[:reference.index(stop) + 1]
     assert got[0] == alone(model, reqs[0]) and got[2] == alone(model, reqs[2])
 
 
 def test_saved_row_continues_a_longer_prompt_exactly(model):
-    first = SequenceRequest(list(range(10, 30)), max_new_tokens=6, plan="attention", keep_state=True)
+    first = SequenceRequest(list(range(10, 30)), max_tokens=6, plan="attention", keep_state=True)
     gen = BatchGenerator(model, max_batch=2, capacity=128, cuda_graphs=False)
     sid = gen.add(first)
     tokens = []
     while gen.active:
         tokens += [e.token for e in gen.step()]
     follow = first.prompt_ids + tokens[:-1] + [tokens[-1], 40, 41, 42]  # the next turn extends everything fed
-    second = SequenceRequest(follow, max_new_tokens=5, plan="last:4")
+    second = SequenceRequest(follow, max_tokens=5, plan="last:4")
     sid = gen.add(second, reuse=True)
     assert gen.state_of(sid).reused_tokens == len(first.prompt_ids) + len(tokens) - 1
     again = []
@@ -79,11 +79,11 @@ def test_saved_row_continues_a_longer_prompt_exactly(model):
 def test_bad_requests_are_refused_with_the_argument_named(model):
     gen = BatchGenerator(model, max_batch=1, capacity=16, cuda_graphs=False)
     with pytest.raises(ValueError, match="prompt"):
-        gen.add(SequenceRequest([], max_new_tokens=2))
+        gen.add(SequenceRequest([], max_tokens=2))
     with pytest.raises(ValueError, match="context"):
-        gen.add(SequenceRequest(list(range(10)), max_new_tokens=10))
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        gen.add(SequenceRequest([1], max_new_tokens=0))
-    gen.add(SequenceRequest([1], max_new_tokens=2))
+        gen.add(SequenceRequest(list(range(10)), max_tokens=10))
+    with pytest.raises(ValueError, match="max_tokens"):
+        gen.add(SequenceRequest([1], max_tokens=0))
+    gen.add(SequenceRequest([1], max_tokens=2))
     with pytest.raises(RuntimeError, match="every row"):
-        gen.add(SequenceRequest([1], max_new_tokens=2))
+        gen.add(SequenceRequest([1], max_tokens=2))

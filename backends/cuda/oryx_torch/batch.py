@@ -1,8 +1,8 @@
 """Batched generation on the PyTorch backend: many sequences, one decode step for all of them.
 
     gen = BatchGenerator(model, max_batch=16)
-    a = gen.add(SequenceRequest(prompt_ids=[...], max_new_tokens=64, plan="prefill-attention"))
-    b = gen.add(SequenceRequest(prompt_ids=[...], max_new_tokens=8, plan="recurrent", stop_token_ids={2}))
+    a = gen.add(SequenceRequest(prompt_ids=[...], max_tokens=64, plan="prefill-attention"))
+    b = gen.add(SequenceRequest(prompt_ids=[...], max_tokens=8, plan="recurrent", stop_token_ids={2}))
     while gen.active:
         for event in gen.step():          # one token per live sequence
             print(event.sequence, event.token, event.finish_reason)
@@ -15,7 +15,7 @@ CUDA each (bucket, attention on/off) step is captured once into a CUDA graph and
 
 A new sequence is prefilled alone into its row (the parallel form, through a one-row view
 of the batch cache), so prompts of any length join at any step. Its modes come from its
-own plan, resolved over prompt + max_new_tokens as `generate_tokens` resolves it, and its
+own plan, resolved over prompt + max_tokens as oryx_core.generation resolves it, and its
 sampling (temperature, top-k, top-p, seed) uses its own generator, so a sequence gets the
 tokens it would get alone. The KV cache is kept for every row (a row's memory is the
 batch's; the `drop` policy has nothing to free per sequence).
@@ -43,7 +43,7 @@ from .generate import sample
 @dataclass
 class SequenceRequest:
     prompt_ids: list[int]
-    max_new_tokens: int = 256
+    max_tokens: int = 256
     plan: str | ModePlan = "prefill-attention"
     temperature: float = 0.0
     top_k: int = 0
@@ -64,7 +64,7 @@ class TokenEvent:
 class _Sequence:
     sid: int
     request: SequenceRequest
-    modes: torch.Tensor  # bool [prompt + max_new_tokens] on the host
+    modes: torch.Tensor  # bool [prompt + max_tokens] on the host
     prompt_length: int
     generator: torch.Generator
     fed: list[int]  # every token in the row's cache
@@ -136,17 +136,17 @@ class BatchGenerator:
         ids = [int(t) for t in request.prompt_ids]
         if not ids:
             raise ValueError("prompt: needs at least one token")
-        if request.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
         SamplingParams(request.temperature, request.top_k, request.top_p, 1.0, request.seed)  # checks them
-        if len(ids) + request.max_new_tokens > self.capacity:
-            raise ValueError(f"prompt: {len(ids)} tokens + max_new_tokens {request.max_new_tokens} exceed the "
+        if len(ids) + request.max_tokens > self.capacity:
+            raise ValueError(f"prompt: {len(ids)} tokens + max_tokens {request.max_tokens} exceed the "
                              f"context of {self.capacity} tokens")
         if self.free == 0:
             raise RuntimeError("batch: every row is taken; wait for a sequence to finish")
         plan = ModePlan.parse(request.plan)
         P = len(ids)
-        modes = plan.resolve(P + request.max_new_tokens, prompt_length=P)
+        modes = plan.resolve(P + request.max_tokens, prompt_length=P)
         modes = torch.as_tensor(modes, dtype=torch.bool)
         model, row = self.model, len(self.rows)
         generator = torch.Generator(device=model.device).manual_seed(request.seed)
@@ -176,7 +176,7 @@ class BatchGenerator:
             if token in seq.request.stop_token_ids:
                 events.append(TokenEvent(seq.sid, token, "stop_token"))
                 self._finish(seq)
-            elif seq.generated >= seq.request.max_new_tokens:
+            elif seq.generated >= seq.request.max_tokens:
                 events.append(TokenEvent(seq.sid, token, "length"))
                 self._finish(seq)
             else:
@@ -308,7 +308,7 @@ def generate_batch(model, requests: list[SequenceRequest], max_batch: int | None
     """Every request's generated tokens (a final stop token included), decoding them together;
     requests beyond max_batch join as rows free up."""
     if capacity is None:
-        capacity = max(len(r.prompt_ids) + r.max_new_tokens for r in requests) if requests else 1
+        capacity = max(len(r.prompt_ids) + r.max_tokens for r in requests) if requests else 1
     gen = BatchGenerator(model, max_batch or max(1, len(requests)), capacity, cuda_graphs)
     out: dict[int, list[int]] = {}
     order, waiting = [], list(requests)
