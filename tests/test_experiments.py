@@ -11,6 +11,7 @@ pytest.importorskip("torch")
 
 from oryx_core import cli  # noqa: E402
 from oryx_core.weights import load_checkpoint  # noqa: E402
+from error_metrics import relative_error  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,10 +137,11 @@ def test_gdn_bf16_emulation_is_the_kernel_math_and_rounds_like_bf16(monkeypatch)
         return [o, *(x.grad for x in leaves)]
 
     reference = output_and_grads(chunk_gated_delta_rule_torch, torch.float64)
-    for points, low, high in (("none", 0.0, 1e-6), ("all", 1e-3, 1e-2)):
+    for points, low, high in (("none", 0.0, 1e-5), ("all", 1e-3, 1e-2)):
         monkeypatch.setattr(emulation, "ROUND", emulation.parse_points(points))
         for got, want in zip(output_and_grads(emulation.emulated_gated_delta_rule, torch.float32), reference):
-            assert low <= ((got.double() - want).norm() / want.norm()).item() < high, points
+            frobenius = ((got.double() - want).norm() / want.norm()).item()
+            assert low <= frobenius and relative_error(got, want) < high, points  # the latter bounds every element
     done = run("gdn_bf16_emulation.py", "--round", "X,nope")
     assert done.returncode == 2 and done.stderr.strip().endswith("error: --round: unknown rounding point 'nope'")
 
@@ -189,7 +191,11 @@ def test_plots_pools_mqar_seeds_and_refuses_mixed_lengths(tmp_path):
     assert "Seeds: GDN-only 0, 1, 2" in done.stdout
     table = [line for line in done.stdout.splitlines() if line.startswith("| T=128, 8 pairs")][0]
     assert table == "| T=128, 8 pairs | 0.600 (0.500–0.700) |"
-    assert (tmp_path / "pooled.png").stat().st_size > 0
+    import matplotlib.image
+    import numpy as np
+
+    figure = matplotlib.image.imread(tmp_path / "pooled.png")  # a decodable PNG with something drawn on it
+    assert figure.ndim == 3 and min(figure.shape[:2]) >= 100 and len(np.unique(figure.reshape(-1, figure.shape[2]), axis=0)) > 2
     paths[2].write_text(json.dumps(mqar_run(2, 0.7, steps=1320)))
     done = run("plots.py", "--mqar-results", *map(str, paths), "--tables")
     assert done.returncode == 2

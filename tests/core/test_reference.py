@@ -6,6 +6,7 @@ from oryx_core.config import preset
 from oryx_core.init import init_params
 from oryx_core.plan import ModePlan
 from oryx_core.reference import OryxReference, Stepper
+from error_metrics import relative_error as worst_relative_error
 
 
 def random_params(cfg, seed):
@@ -16,7 +17,7 @@ def random_params(cfg, seed):
 
 
 def rel(a, b):
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
+    return worst_relative_error(a, b)
 
 
 def run_steps(model, tokens, modes):

@@ -146,11 +146,14 @@ def test_nonfinite_steps_are_skipped_and_a_diverged_run_stops(shards, tmp_path, 
     monkeypatch.setattr(train_module, "batch_loss", poisoned)
     bad = {2}.__contains__
     out = tmp_path / "run"
-    train(tiny_config(shards, out, steps=4, grad_accum=1, eval_every=0, save_every=0))
+    train(tiny_config(shards, out, steps=4, grad_accum=1, eval_every=0, save_every=1, keep_checkpoints=4))
     log = records(out)
     assert {"step": 2, "skipped": "non-finite gradients"} in log
     assert [r["skipped_steps"] for r in log if "loss" in r] == [0, 1, 1, 1]
-    assert all(np.isfinite(v).all() for v in load_checkpoint(out / "checkpoints" / "step-00000004" / "model").params.values())
+    weights = {step: load_checkpoint(out / "checkpoints" / f"step-{step:08d}" / "model").params for step in (1, 2, 3)}
+    for name in weights[1]:  # the skipped step left every weight as it was; the next step moved them again
+        np.testing.assert_array_equal(weights[2][name], weights[1][name], err_msg=name)
+    assert any(not np.array_equal(weights[3][name], weights[2][name]) for name in weights[2])
 
     bad = (lambda n: n >= 3)
     calls.clear()
