@@ -74,6 +74,23 @@ def prepare(args) -> None:
         print(f"split {args.gguf} ({len(data):,} bytes) into .gguf_a/part and .gguf_b/part")
 
 
+def make_adapter(args) -> None:
+    """The default adapter from `run`'s recurrent shards, on the base oryx_core.default builds."""
+    from oryx_core.adapter import save_adapter
+    from oryx_core.default import DEFAULT_ADAPTER, SMOLLM2, named_base
+    from oryx_core.safetensors_io import load_file
+    from oryx_core.weights import load_checkpoint
+
+    base = named_base(SMOLLM2)
+    ckpt = load_checkpoint(base)
+    params = dict(ckpt.params)
+    for shard in sorted(Path(args.shards).glob("recurrent-*.safetensors")):
+        params.update({k: np.asarray(v).astype(np.float32) for k, v in load_file(shard)[0].items()})
+    out = save_adapter(args.out or DEFAULT_ADAPTER, base, ckpt.config.replace(recurrent_scale=1.0), params,
+                       base_ref=f"named:{SMOLLM2}")
+    print(f"wrote {out}")
+
+
 # ----- scoring -----
 def heldout_windows(tokenizer, eos: int, limit: int | None = None) -> tuple[np.ndarray, int]:
     """[N, WINDOW] windows: the end-of-text token, then WINDOW-1 tokens of the text; and the text's bytes
@@ -438,6 +455,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("prepare")
     p.add_argument("--gguf", help="also split this GGUF into .gguf_a/part and .gguf_b/part (to carry)")
     p.set_defaults(func=prepare)
+    p = sub.add_parser("adapter")
+    p.add_argument("--shards", required=True, help="folder with run's recurrent-0000i.safetensors")
+    p.add_argument("--out", help="adapter directory (default: oryx_core/default_adapter)")
+    p.set_defaults(func=make_adapter)
     p = sub.add_parser("run")
     p.add_argument("--gguf", help="SmolLM2 GGUF (omit when WORK/src already holds an Oryx checkpoint)")
     p.add_argument("--work", required=True)

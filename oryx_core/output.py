@@ -20,6 +20,7 @@ from pathlib import Path
 
 KINDS = {
     "checkpoint": "an Oryx checkpoint",
+    "adapter": "an Oryx recurrent adapter",
     "torch": "an Oryx torch-state-dict directory",
     "mlx": "an Oryx MLX directory",
     "mlx-lm": "an Oryx mlx-lm export",
@@ -79,6 +80,9 @@ def artifact_kind(path) -> str | None:
             return CONFIG_FORMATS[config["format"]]
         if config.get("model_type") == "oryx" and "model_file" in config:
             return "mlx-lm"
+    adapter = _small_json(path / "adapter.json")
+    if isinstance(adapter, dict) and adapter.get("format") == "oryx-adapter":
+        return "adapter"
     meta = _small_json(path / "meta.json")
     if isinstance(meta, dict) and meta.get("format") == "oryx-tokens":
         return "shards"

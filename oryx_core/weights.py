@@ -34,9 +34,6 @@ DEFAULT_SHARD_BYTES = 5 * 10**9  # as transformers' save_pretrained (max_shard_s
 # The weights-only directories `oryx convert` also writes (oryx_convert.backends), by their config.json "format".
 CONVERTER_CONTAINERS = {"torch-state-dict": "a PyTorch state dict written by oryx convert --to torch-state-dict",
                         "mlx": "MLX weights written by oryx convert --to mlx-weights"}
-# The weights-only directories `oryx convert` also writes (oryx_convert.backends), by their config.json "format".
-CONVERTER_CONTAINERS = {"torch-state-dict": "a PyTorch state dict written by oryx convert --to torch-state-dict",
-                        "mlx": "MLX weights written by oryx convert --to mlx-weights"}
 FORMAT_KEYS = ("format", "format_version", "dtype", "quantization", "architectures", "model_type")
 # What a checkpoint exported for transformers adds to config.json (oryx_torch.hf): the HF spellings of
 # config fields, auto_map and the default plan; Oryx reads its own keys and passes over these.
@@ -138,12 +135,13 @@ def read_config(path: str | Path) -> tuple[OryxConfig, dict]:
     if not path.is_dir():
         raise FormatError(f"{path}: a checkpoint is a directory (config.json + safetensors shards), not a file")
     cfg_path = path / CONFIG_FILE
+    if not cfg_path.exists() and (path / "adapter.json").exists():  # a recurrent adapter on a base
+        from .adapter import adapter_config
+
+        return adapter_config(path)[0], {"adapter": True}
     if not cfg_path.exists():
         raise FormatError(f"{path}: missing {CONFIG_FILE}")
     raw = read_json_object(cfg_path)
-    if raw.get("format") in CONVERTER_CONTAINERS:
-        raise FormatError(f"{cfg_path}: {CONVERTER_CONTAINERS[raw['format']]}, not an Oryx checkpoint; make one with "
-                          f"oryx convert {path} DST --to oryx")
     if raw.get("format") in CONVERTER_CONTAINERS:
         raise FormatError(f"{cfg_path}: {CONVERTER_CONTAINERS[raw['format']]}, not an Oryx checkpoint; make one with "
                           f"oryx convert {path} DST --to oryx")
@@ -164,6 +162,10 @@ def read_config(path: str | Path) -> tuple[OryxConfig, dict]:
 
 def load_checkpoint(path: str | Path, verify_checksums: bool = True) -> Checkpoint:
     path = Path(path)
+    if path.is_dir() and not (path / CONFIG_FILE).exists() and (path / "adapter.json").exists():
+        from .adapter import load_adapter  # base + recurrent adapter, merged (oryx_core/adapter.py)
+
+        return load_adapter(path, verify_checksums=verify_checksums)
     cfg, meta = read_config(path)
     quantization = meta.get("quantization")
     if quantization is not None:

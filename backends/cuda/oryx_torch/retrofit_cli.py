@@ -31,21 +31,21 @@ def cmd_retrofit(args) -> None:
     summary = retrofit(cfg, resume=args.resume, stop_after=args.stop_after)
     if "model" in summary:
         with replacing_allowed(args.dst if args.force else None):
-            summary["model"] = str(publish(Path(summary["model"]), Path(args.dst), args.adapter))
+            summary["model"] = str(publish(Path(summary["model"]), Path(args.dst), args.adapter, args.src))
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2) if args.json else
               f"step {summary['step']}: loss {summary['loss']}, eval {summary['eval']}, "
               f"model {summary.get('model', '(not finished: --resume continues)')}")
 
 
-def publish(model_dir: Path, dst: Path, adapter: bool) -> Path:
+def publish(model_dir: Path, dst: Path, adapter: bool, src: str) -> Path:
     """The finished run's model to DST: the whole checkpoint, or (--adapter) its recurrent adapter."""
     from oryx_core.atomic import atomic_directory
 
     if adapter:
         from oryx_core.adapter import save_adapter_of
 
-        return save_adapter_of(model_dir, dst)
+        return save_adapter_of(model_dir, dst, base=src)
     import shutil
 
     atomic_directory(dst, lambda tmp: [shutil.copy2(f, tmp / f.name) for f in sorted(model_dir.iterdir())])
