@@ -26,7 +26,7 @@ from .text_tokens import evaluate_text_file
 from .tokenizer import byte_level_tokenizer, load_tokenizer
 from .weights import load_checkpoint, save_checkpoint
 
-COMMAND_MODULES = ["oryx_core.generate_cli", "oryx_core.serve", "oryx_core.chat_cli", "oryx_torch.train_cli", "oryx_torch.retrofit_cli", "oryx_mlx.cli", "oryx_convert.cli", "oryx_data.cli"]
+COMMAND_MODULES = ["oryx_core.generate_cli", "oryx_core.serve", "oryx_core.chat_cli", "oryx_core.backend_commands", "oryx_torch.retrofit_cli", "oryx_convert.cli", "oryx_data.cli"]
 USER_ERRORS = (ConfigError, FormatError, PlanError, ValueError, FileNotFoundError)
 
 
