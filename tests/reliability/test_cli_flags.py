@@ -93,6 +93,11 @@ def flag_cases():
                           ("device=tpu", "device"), ("parallel=zero", "parallel"), ("compile=maybe", "compile"),
                           ("seq_len=1.5", "seq_len"), ("bf16=\"no\"", "bf16"), ("no_such_key=1", "no_such_key")]:
         cases.append((f"train --set {setting}", [*train, "--set", setting], word))
+    mqar = ["eval", "{ws}/ckpt", "--mqar", "4"]
+    for flag, value in [("--mqar-length", "-1"), ("--mqar-length", "0"), ("--mqar-length", "100000000000"),
+                        ("--mqar-examples", "0"), ("--mqar-examples", "10000000"), ("--seed", "-1")]:
+        cases.append((f"eval --mqar {flag} {value}", [*mqar, flag, value], flag))
+    cases.append(("eval --mqar -5", ["eval", "{ws}/ckpt", "--mqar", "-5"], "mqar"))
     retrofit = ["retrofit", "{ws}/ckpt", "{ws}/new", "--data", "{ws}/shards"]
     for flag, value in [("--lr", "nan"), ("--lr", "0"), ("--lr", "-1e-3"), ("--min-lr", "-1"), ("--seq-len", "0"),
                         ("--batch-size", "-2"), ("--grad-accum", "0"), ("--seed", "-1"), ("--tokens", "-1"),
