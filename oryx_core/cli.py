@@ -149,10 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the plan's positions are positions in the whole text, across windows.")
     p.add_argument("path", nargs="?", default=str(DEFAULT_MODEL), help="checkpoint directory (default: the embedded model)")
     p.add_argument("--text", help="UTF-8 text file to score")
-    p.add_argument("--mqar", type=int, metavar="PAIRS", help="instead of a text: MQAR accuracy with PAIRS key-value pairs")
-    p.add_argument("--mqar-length", type=int, default=256, help="MQAR sequence length (default 256)")
-    p.add_argument("--mqar-examples", type=int, default=64, help="MQAR examples (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="MQAR data seed (default 0)")
+    p.add_argument("--mqar", type=int, metavar="PAIRS",
+                   help="instead of a text: MQAR accuracy with PAIRS key-value pairs")
+    p.add_argument("--mqar-length", type=positive_int, default=256, help="MQAR sequence length (default 256)")
+    p.add_argument("--mqar-examples", type=positive_int, default=64, help="MQAR examples (default 64)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="MQAR data seed (default 0)")
     p.add_argument("--plan", default="attention", help="mode plan (default attention)")
     p.add_argument("--backend", default="reference", choices=list(BACKENDS), help="backend (default reference)")
     p.add_argument("--window", type=positive_int,

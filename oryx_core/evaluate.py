@@ -74,12 +74,20 @@ def evaluate_text(path, text: str, plan: str = "attention", backend: str = "refe
             "perplexity": float(np.exp(nll / count))}
 
 
+MAX_MQAR_TOKENS = 1 << 26  # inputs and targets of that many int64 tokens take 1 GiB
+
+
 def evaluate_mqar(path, pairs: int, seq_len: int, examples: int = 64, plan: str = "attention",
                   backend: str = "reference", seed: int = 0, batch: int = 16) -> dict:
     """MQAR accuracy of a checkpoint under a plan (keys/values drawn from the model's vocabulary)."""
     from .mqar import make_mqar, mqar_accuracy
 
     cfg, _ = read_config(path)
+    if seq_len > cfg.max_context:
+        raise ValueError(f"--mqar-length {seq_len} exceeds the model's max_context {cfg.max_context}")
+    if examples * seq_len > MAX_MQAR_TOKENS:
+        raise ValueError(f"--mqar-examples x --mqar-length must be at most {MAX_MQAR_TOKENS:,} tokens (the examples "
+                         f"are built in memory), got {examples} x {seq_len}")
     plan_obj = ModePlan.parse(plan)
     logits_fn = backend_loader(backend)(path)
     data = make_mqar(np.random.default_rng(seed), examples, seq_len, pairs, cfg.vocab_size)
