@@ -272,3 +272,36 @@ def test_cli_names_the_missing_extra(tmp_path, capsys, monkeypatch):
     assert oryx(["generate", str(tmp_path / "ck"), "--prompt", "Hi", "--backend", "torch"]) == 2
     err = capsys.readouterr().err
     assert "--backend torch: not available" in err and "pip install 'oryx[cuda]'" in err and err.count("\n") == 1
+
+
+def test_help_lists_every_command_without_the_extras(tmp_path):
+    """With torch and mlx unimportable, `oryx --help` still lists every command, and a backend command says
+    which extra to install (one process, several calls of main)."""
+    import json
+    import subprocess
+    import sys
+
+    assert oryx(["init", str(tmp_path / "ck"), "--preset", "tiny"]) == 0
+    calls = [["generate", str(tmp_path / "ck"), "--prompt", "x", "--backend", "torch"],
+             ["quantize", str(tmp_path / "ck"), str(tmp_path / "q")]]
+    code = ("import contextlib, io, json, sys\n"
+            "sys.modules.update({m: None for m in ('torch', 'mlx', 'mlx.core', 'triton')})\n"
+            "from oryx_core.cli import main\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n"
+            "    try:\n"
+            "        main(['--help'])\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "results = []\n"
+            f"for argv in {calls!r}:\n"
+            "    err = io.StringIO()\n"
+            "    with contextlib.redirect_stderr(err):\n"
+            "        results.append((main(argv), err.getvalue()))\n"
+            "print(json.dumps({'help': out.getvalue(), 'results': results}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    report = json.loads(done.stdout)
+    for command in ("info", "init", "eval", "generate", "chat", "train", "quantize", "export-mlx-lm", "convert"):
+        assert f"    {command} " in report["help"] or f"    {command}\n" in report["help"], command
+    for (status, err), extra in zip(report["results"], ("cuda", "mlx")):
+        assert status == 2 and f"pip install 'oryx[{extra}]'" in err and err.count("\n") == 1, err
