@@ -141,3 +141,17 @@ def test_cli_retrofit_and_one_line_errors(workspace, tmp_path, capsys):
             raise SystemExit(code)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+def test_cli_adapter_output_merges_to_the_retrofitted_model(workspace, tmp_path, capsys):
+    """--adapter writes only the recurrent tensors on SRC; loading it gives the whole retrofitted model."""
+    args = ["--data", str(workspace["data"]), "--tokens", "128", "--seq-len", "32", "--batch-size", "2",
+            "--device", "cpu", "--eval-batches", "1", "--json"]
+    assert cli.main(["retrofit", str(workspace["src"]), str(tmp_path / "whole"), *args]) == 0
+    assert cli.main(["retrofit", str(workspace["src"]), str(tmp_path / "adapter"), "--adapter", *args]) == 0
+    capsys.readouterr()
+    assert not (tmp_path / "adapter" / "config.json").exists()
+    whole, merged = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "adapter")
+    assert merged.config == whole.config
+    for name, value in whole.params.items():  # bf16 checkpoints: the adapter's bf16 matrices are exact
+        assert np.array_equal(value.view(np.uint16), merged.params[name].view(np.uint16)), name
