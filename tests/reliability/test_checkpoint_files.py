@@ -353,12 +353,12 @@ def test_cli_refuses_with_one_line(base, tmp_path):
 
 
 def test_padded_shard_is_refused_before_it_is_hashed(ckpt):
-    """A shard padded (sparsely) to 8 GiB, its checksum still listed: refused from its header in seconds,
-    without reading the 8 GiB through sha256."""
+    """A shard padded (sparsely) to 64 GiB, its checksum still listed: refused from its header, without
+    reading the 64 GiB through sha256 (which alone would take over 20 s at any current hashing speed)."""
     shard = ckpt / first_shard(ckpt)
     with open(shard, "r+b") as f:
-        f.truncate(8 << 30)
+        f.truncate(64 << 30)
     start = time.monotonic()
     with pytest.raises(FormatError, match="bytes after the last tensor"):
         load_checkpoint(ckpt)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 20

@@ -115,7 +115,7 @@ def test_bad_gguf_header_is_refused(tmp_path, data, message):
     start = time.monotonic()
     with pytest.raises(FormatError, match=message) as info:
         read_gguf(path)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 30  # a walk over a forged count would take hours, not seconds
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
