@@ -24,6 +24,7 @@ KINDS = {
     "torch": "an Oryx torch-state-dict directory",
     "mlx": "an Oryx MLX directory",
     "mlx-lm": "an Oryx mlx-lm export",
+    "adapter": "an Oryx recurrent adapter",
     "shards": "an Oryx token shard directory",
     "training-checkpoint": "an Oryx training checkpoint",
     "run": "an Oryx training run directory",
@@ -80,6 +81,9 @@ def artifact_kind(path) -> str | None:
             return CONFIG_FORMATS[config["format"]]
         if config.get("model_type") == "oryx" and "model_file" in config:
             return "mlx-lm"
+    adapter = _small_json(path / "adapter.json")
+    if isinstance(adapter, dict) and adapter.get("format") == "oryx-adapter":
+        return "adapter"
     adapter = _small_json(path / "adapter.json")
     if isinstance(adapter, dict) and adapter.get("format") == "oryx-adapter":
         return "adapter"
