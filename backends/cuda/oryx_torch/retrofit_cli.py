@@ -18,7 +18,7 @@ def cmd_retrofit(args) -> None:
     from .retrofit import EVAL_PLANS, STUDENT_PLANS, RetrofitConfig, retrofit
 
     sources = [("SRC", args.src), ("--data", args.data)]
-    check_output(args.dst, None if args.adapter else "checkpoint", sources, args.force, "DST")
+    check_output(args.dst, "adapter" if args.adapter else "checkpoint", sources, args.force, "DST")
     check_output(args.run_dir or f"{args.dst}.run", "run", sources, args.force, "--run-dir")
     cfg = RetrofitConfig(
         src=args.src, out=args.run_dir or f"{args.dst}.run", data=args.data, mixer=args.mixer,
