@@ -136,6 +136,11 @@ def check_output(dst, kind: str, sources=(), force: bool = False, flag: str = "O
     (guard_replacement). Returns dst."""
     dst = Path(dst)
     real = _resolved(dst)
+    ancestor = real.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"{flag} {dst}: {ancestor} is not a directory, so nothing can be written under it")
     for label, source in sources:
         if source is None:
             continue

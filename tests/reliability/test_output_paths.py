@@ -102,6 +102,7 @@ def writer_cases(root: Path):
         cases.append((f"{name} inside its source", make_argv(source / "out"), "lies inside the"))
         cases.append((f"{name} onto a symlink to its source", make_argv(link_to_source), "is the"))
         cases.append((f"{name} onto {other_kind[0]}", make_argv(other_kind[1]), "pass --force"))
+        cases.append((f"{name} onto a path under a file", make_argv(root / "file.txt" / "out"), "is not a directory"))
 
     dir_writer("init", lambda d: ["init", str(d), "--preset", "tiny", "--tokenizer", str(ckpt / "tokenizer.json")],
                ckpt / "tokenizer.json", ckpt, root / "link-to-tokenizer", ("token shards", shards))
@@ -118,6 +119,8 @@ def writer_cases(root: Path):
                   ["data", "decode", str(shards), "--out", str(shards / "meta.json")], "lies inside"))
     cases.append(("data decode onto a user's file", ["data", "decode", str(shards), "--out", str(root / "file.txt")],
                   "pass --force"))
+    cases.append(("data decode onto a path under a file",
+                  ["data", "decode", str(shards), "--out", str(root / "file.txt" / "x.txt")], "is not a directory"))
     cases.append(("data decode onto a directory", ["data", "decode", str(shards), "--out", str(root / "project")],
                   "is a directory"))
     cases.append(("train-tokenizer onto an input", ["data", "train-tokenizer", "--input", str(corpus), "--out",
