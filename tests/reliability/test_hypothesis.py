@@ -177,7 +177,7 @@ def test_plan_parser(text, length, prompt, window):
                 assert plan.recurrent_after(position, prompt)
         except PlanError:
             assume(prompt is None)
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 10  # microseconds in practice; the bound catches a runaway loop
 
 
 @pytest.mark.parametrize("text", ["every:1:" + "9" * 30, "last:" + "9" * 400, "A:0-" + "9" * 40 + ",R:" + "9" * 40 + "-",
@@ -188,4 +188,4 @@ def test_huge_plan_numbers_are_refused_or_bounded(text):
         ModePlan.parse(text).resolve(100)
     except PlanError:
         pass
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 10  # microseconds in practice; the bound catches a runaway loop
