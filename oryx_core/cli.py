@@ -186,6 +186,10 @@ def main(argv=None) -> int:
             raise
         print(f"oryx {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except OSError as e:  # the system refused a read or write: a full disk, a read-only or missing path
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"oryx {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"oryx {args.command}: interrupted", file=sys.stderr)
         return 130
