@@ -91,31 +91,47 @@ def _grouped(items: Iterable, size: int) -> Iterator[list]:
         yield group
 
 
+def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer's post-processor puts before and after a whole text (a BOS, an EOS), read off by
+    encoding a probe with and without them."""
+    probe = "a"
+    plain = tokenizer.encode(probe, add_special_tokens=False).ids
+    full = tokenizer.encode(probe, add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start], full[start + len(plain):]
+    raise ValueError("the tokenizer's post-processor changes the text's own tokens; cannot tokenise in pieces")
+
+
 def encode_pieces(chunks: Iterable[str], tokenizer, max_tokens: int | None = None, piece_chars: int = PIECE_CHARS,
                   add_special_tokens: bool = True, pieces_per_call: int = 1) -> Iterator[np.ndarray]:
     """Token ids (int64) of the text in `chunks`, piece by piece, equal to tokenizer.encode(text,
     add_special_tokens).ids, stopping after max_tokens tokens. pieces_per_call pieces go to the tokenizer's
     parallel batch encoder at once (more memory, less time)."""
+    before, after = special_tokens_around(tokenizer) if add_special_tokens else ([], [])
     left = max_tokens
     lead_tokens = {}  # the character before a piece is its own pre-token, so its tokens are those it has alone
+
+    def limited(ids: list[int]) -> np.ndarray:
+        nonlocal left
+        ids = np.asarray(ids, dtype=np.int64)
+        if left is not None:
+            ids = ids[:left]
+            left -= len(ids)
+        return ids
+
     for group in _grouped(_cut_pieces(chunks, piece_chars), pieces_per_call):
         texts = [piece if not lead else lead + piece for lead, piece in group]
-        if group[0][0]:
-            encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        else:  # the text's start: special tokens as for the whole text
-            encodings = (tokenizer.encode_batch_fast(texts[:1], add_special_tokens=add_special_tokens)
-                         + tokenizer.encode_batch_fast(texts[1:], add_special_tokens=False))
-        for (lead, _), encoding in zip(group, encodings):
+        for (lead, _), encoding in zip(group, tokenizer.encode_batch_fast(texts, add_special_tokens=False)):
             if lead and lead not in lead_tokens:
                 lead_tokens[lead] = len(tokenizer.encode_batch_fast([lead], add_special_tokens=False)[0].ids)
-            ids = np.asarray(encoding.ids[lead_tokens[lead] if lead else 0:], dtype=np.int64)
-            if left is not None:
-                ids = ids[:left]
-                left -= len(ids)
+            ids = limited((before if not lead else []) + encoding.ids[lead_tokens[lead] if lead else 0:])
             if len(ids):
                 yield ids
             if left == 0:
                 return
+    if after and (ids := limited(after)).size:
+        yield ids
 
 
 def score_pieces(logits_fn, pieces: Iterable[np.ndarray], plan, window: int, vocab_size: int,

@@ -30,6 +30,15 @@ def _trained(pre_tokenizer) -> Tokenizer:
     return tok
 
 
+def _with_bos_and_eos(tok: Tokenizer) -> Tokenizer:
+    from tokenizers import processors
+
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[
+        ("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))])
+    return tok
+
+
 TOKENIZERS = {
     "byte-level": byte_level_tokenizer,
     "gpt2-regex": lambda: _trained(pre_tokenizers.ByteLevel(add_prefix_space=False)),
@@ -38,6 +47,7 @@ TOKENIZERS = {
                                                                                        use_regex=False)])),
     "metaspace-first": lambda: _trained(pre_tokenizers.Metaspace(prepend_scheme="first")),
     "metaspace-always": lambda: _trained(pre_tokenizers.Metaspace(prepend_scheme="always")),
+    "bos-and-eos": lambda: _with_bos_and_eos(_trained(pre_tokenizers.Metaspace(prepend_scheme="first"))),
 }
 
 
