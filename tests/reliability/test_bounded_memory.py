@@ -3,6 +3,7 @@ as sequence_nll scores them, --max-tokens stops the reading, and a 50 MB text sc
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +194,18 @@ def test_data_build_of_one_20_megabyte_document_in_bounded_memory(tmp_path):
     assert done.returncode == 0, done.stderr
     peak_mib = int(done.stderr.split("peak_kib")[1].split()[0]) / 1024
     assert peak_mib < 768, f"{peak_mib:.0f} MiB resident"  # whole, the tokenizer took about 1.4 GB per 10 MB
+
+
+SHIPPED_TOKENIZERS = ["oryx_core/default_adapter/tokenizer.json", "oryx_data/gpt2-tokenizer.json",
+                      "data/tokenizer-8k.json"]
+
+
+@pytest.mark.parametrize("path", SHIPPED_TOKENIZERS)
+def test_shipped_tokenizers_tokenise_pieces_as_the_whole_text(path):
+    file = Path(__file__).resolve().parents[2] / path
+    if not file.is_file():
+        pytest.skip(f"{path} is not in this tree")
+    tok = Tokenizer.from_file(str(file))
+    whole = tok.encode(SAMPLE).ids
+    chunks = [SAMPLE[i:i + 50] for i in range(0, len(SAMPLE), 50)]
+    assert np.concatenate(list(encode_pieces(chunks, tok, piece_chars=64, pieces_per_call=2))).tolist() == whole
