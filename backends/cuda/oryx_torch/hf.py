@@ -150,6 +150,16 @@ class OryxForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.model.lm_head
 
+    def generate(self, inputs=None, *args, **kwargs):
+        """transformers' generate; the prompt's length is kept so that plans such as prefill-attention
+        know it also when use_cache=False hands forward the whole sequence at every step."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        self._prompt_length = None if ids is None else int(ids.shape[-1])
+        try:
+            return super().generate(inputs, *args, **kwargs)
+        finally:
+            self._prompt_length = None
+
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
                                       past_key_values=None, use_cache=True, plan=None, **kwargs):
         cache = cache if cache is not None else past_key_values
@@ -171,11 +181,12 @@ class OryxForCausalLM(PreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         plan = ModePlan.parse(plan if plan is not None else self.config.oryx_plan)
         B, T = input_ids.shape
+        generating = getattr(self, "_prompt_length", None)  # set by generate: the prompt's length
         if cache is None and use_cache and not self.training:
             cache = self.model.make_cache(batch=B, capacity=self.model.cfg.max_context)
-            cache.prompt_length = T
+            cache.prompt_length = generating or T
         offset = 0 if cache is None else cache.length
-        prompt_length = getattr(cache, "prompt_length", T)
+        prompt_length = getattr(cache, "prompt_length", None) or generating or T
         modes = torch.from_numpy(plan.resolve(offset + T, prompt_length)[offset:].copy())
         if cache is not None and T == 1:
             logits = self.model.step(input_ids[:, 0], modes.expand(B), cache)[:, None]
