@@ -33,6 +33,7 @@ KINDS = {
 }
 CONFIG_FORMATS = {"oryx": "checkpoint", "torch-state-dict": "torch", "mlx": "mlx"}
 MARKER_BYTES = 1 << 20  # marker files are small; a larger one is not ours
+TOKENIZER_BYTES = 64 << 20  # a tokenizer.json of a 150k vocabulary is about 10 MB
 
 
 class OutputError(ValueError):
@@ -56,9 +57,9 @@ def _resolved(path) -> Path:
     return Path(os.path.abspath(Path(path).expanduser())).resolve()
 
 
-def _small_json(path: Path):
+def _small_json(path: Path, limit: int = MARKER_BYTES):
     try:
-        if not path.is_file() or path.stat().st_size > MARKER_BYTES:
+        if not path.is_file() or path.stat().st_size > limit:
             return None
         return json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError):
@@ -69,7 +70,7 @@ def artifact_kind(path) -> str | None:
     """The kind of Oryx artifact at path (a key of KINDS), or None when it is not recognisably one."""
     path = Path(path)
     if path.is_file():
-        raw = _small_json(path) if path.suffix == ".json" else None
+        raw = _small_json(path, TOKENIZER_BYTES) if path.suffix == ".json" else None
         if isinstance(raw, dict) and "model" in raw and "added_tokens" in raw:
             return "tokenizer"
         return None

@@ -244,3 +244,16 @@ def test_leftovers_of_killed_writers_are_removed_restored_or_reported(tmp_path, 
     os.rename(dst, tmp_path / f".ckpt.oryx-old-{dead}")
     restored = remove_stale_temps(dst, report=lambda message: None)
     assert restored == [tmp_path / f".ckpt.oryx-old-{dead}"] and artifact_kind(dst) == "checkpoint"
+
+
+def test_train_tokenizer_replaces_its_own_output(tmp_path):
+    """A tokenizer.json larger than a marker file (GPT-2's is 1.5 MB) is still recognised as one."""
+    gpt2 = Path(__file__).resolve().parents[2] / "oryx_data" / "gpt2-tokenizer.json"
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("some words and more words for a tokenizer " * 20)
+    out = tmp_path / "tokenizer.json"
+    out.write_bytes(gpt2.read_bytes())
+    assert artifact_kind(out) == "tokenizer"
+    assert run(["data", "train-tokenizer", "--input", str(tmp_path / "corpus"), "--out", str(out),
+                "--vocab-size", "300", "--quiet"])[0] == 0
+    assert out.stat().st_size < gpt2.stat().st_size
