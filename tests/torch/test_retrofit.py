@@ -155,3 +155,33 @@ def test_cli_adapter_output_merges_to_the_retrofitted_model(workspace, tmp_path,
     assert merged.config == whole.config
     for name, value in whole.params.items():  # bf16 checkpoints: the adapter's bf16 matrices are exact
         assert np.array_equal(value.view(np.uint16), merged.params[name].view(np.uint16)), name
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_stop_and_resume(workspace, tmp_path):
+    """Two gloo processes: each rank its own batches, trainable gradients averaged; stopped and resumed, the
+    run ends with one model whose attention mode is still SRC's."""
+    import os
+    import subprocess
+    import sys
+
+    from oryx_core.cli import command_line
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    dst = tmp_path / "dst"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *command_line()[1:], "retrofit", str(workspace["src"]), str(dst), "--data", str(workspace["data"]),
+               "--layer-tokens", "256", "--tokens", "256", "--seq-len", "32", "--batch-size", "2", "--device", "cpu",
+               "--eval-batches", "1", "--eval-every", "2", "--save-every", "2", "--json"]
+    for extra in (["--stop-after", "3"], ["--resume"]):
+        done = subprocess.run([*command, *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    log = records(tmp_path / "dst.run")
+    assert [r["step"] for r in log if "loss" in r] == [2, 3, 4]  # 128 tokens per step over two ranks: 2 + 2 steps
+    state = json.loads((tmp_path / "dst.run" / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["world_size"] == 2
+    src, out = load_checkpoint(workspace["src"]), load_checkpoint(dst)
+    assert np.array_equal(src.params["embed.weight"].view(np.uint16), out.params["embed.weight"].view(np.uint16))
+    assert not np.array_equal(src.params["layers.0.mixer.q_rec.weight"].view(np.uint16),
+                              out.params["layers.0.mixer.q_rec.weight"].view(np.uint16))

@@ -348,10 +348,13 @@ def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None =
                 else:
                     modes = student_modes(rng, cfg.student_plans, cfg.batch_size, cfg.seq_len)
                     loss = logit_loss(model, tokens, torch.from_numpy(modes).to(rt.device))
-            (loss / cfg.grad_accum).backward()
+            if loss.requires_grad:  # a micro-batch whose every sequence drew an all-attention plan has no gradient
+                (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum
-        if rt.world > 1:
-            for p in trainable:
+        for p in trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if rt.world > 1:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
         done = step + 1
