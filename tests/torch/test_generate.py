@@ -158,7 +158,9 @@ def test_dropped_parts_refuse_their_mode(tiny):
     with torch.inference_mode():
         cache = model.make_cache(1, 8)
         model(torch.tensor([[1, 2, 3]]), torch.tensor([True, True, True]), cache=cache)
+        assert not cache.layers[0].recurrent_dropped
         cache.drop_recurrent()
+        assert cache.layers[0].recurrent_dropped and not cache.layers[0].kv_dropped
         model.step(torch.tensor([4]), True, cache)  # attention still runs
         with pytest.raises(ValueError, match="recurrent-mode token at position >= 4 after the recurrent state"):
             model.step(torch.tensor([5]), False, cache)

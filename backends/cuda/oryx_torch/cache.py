@@ -24,6 +24,9 @@ from oryx_core.config import OryxConfig
 
 
 class LayerCache:
+    """One layer's state; the fields mean what the MLX backend's LayerCache's mean: keys, values, conv (the conv
+    windows), recurrent (the recurrent state), kv_dropped, recurrent_dropped."""
+
     def __init__(self, cfg: OryxConfig, batch: int, capacity: int, device, dtype, with_kv: bool):
         H, Hkv, d, dv, W = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim, cfg.conv_width
         self.keys = torch.zeros(batch, Hkv, capacity, d, device=device, dtype=dtype) if with_kv else None
@@ -31,6 +34,14 @@ class LayerCache:
         self.conv = {name: torch.zeros(batch, W - 1, width, device=device, dtype=dtype)
                      for name, width in (("k", Hkv * d), ("v", Hkv * dv), ("q", H * d))}
         self.recurrent = torch.zeros(batch, H, d, dv, device=device, dtype=torch.float32)
+
+    @property
+    def kv_dropped(self) -> bool:
+        return self.keys is None
+
+    @property
+    def recurrent_dropped(self) -> bool:
+        return self.recurrent is None
 
     def tensors(self) -> list[torch.Tensor]:
         kv = [] if self.keys is None else [self.keys, self.values]
