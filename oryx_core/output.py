@@ -151,8 +151,8 @@ def check_output(dst, kind: str, sources=(), force: bool = False, flag: str = "O
         if src in real.parents:
             raise OutputError(f"{flag} {dst}: lies inside the {label} {source}; write the output elsewhere")
         if real in src.parents:
-            raise OutputError(f"{flag} {dst}: contains the {label} {source}, which replacing it would delete; "
-                              "write the output elsewhere")
+            why = "keep a run apart from what it reads" if kind == "run" else "replacing it would delete that"
+            raise OutputError(f"{flag} {dst}: contains the {label} {source}; {why}, so write the output elsewhere")
     if kind in ("tokenizer", "text"):
         if dst.is_dir():
             raise OutputError(f"{flag} {dst}: is a directory; give a file name")
