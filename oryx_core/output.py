@@ -57,6 +57,15 @@ def _resolved(path) -> Path:
     return Path(os.path.abspath(Path(path).expanduser())).resolve()
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two existing paths are one file or directory (a case-insensitive file system, a hard link, a
+    bind mount: spellings that resolve() leaves different)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _small_json(path: Path, limit: int = MARKER_BYTES):
     try:
         if not path.is_file() or path.stat().st_size > limit:
@@ -146,11 +155,11 @@ def check_output(dst, kind: str, sources=(), force: bool = False, flag: str = "O
         if source is None:
             continue
         src = _resolved(source)
-        if real == src:
+        if real == src or _same_file(real, src):
             raise OutputError(f"{flag} {dst}: is the {label} {source}; write the output elsewhere")
-        if src in real.parents:
+        if src in real.parents or any(_same_file(parent, src) for parent in real.parents):
             raise OutputError(f"{flag} {dst}: lies inside the {label} {source}; write the output elsewhere")
-        if real in src.parents:
+        if real in src.parents or any(_same_file(parent, real) for parent in src.parents):
             why = "keep a run apart from what it reads" if kind == "run" else "replacing it would delete that"
             raise OutputError(f"{flag} {dst}: contains the {label} {source}; {why}, so write the output elsewhere")
     if kind in ("tokenizer", "text"):

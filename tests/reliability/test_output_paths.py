@@ -257,3 +257,14 @@ def test_train_tokenizer_replaces_its_own_output(tmp_path):
     assert run(["data", "train-tokenizer", "--input", str(tmp_path / "corpus"), "--out", str(out),
                 "--vocab-size", "300", "--quiet"])[0] == 0
     assert out.stat().st_size < gpt2.stat().st_size
+
+
+def test_a_second_name_of_the_source_is_the_source(tmp_path):
+    """Spellings resolve() keeps apart but the file system does not (here a bind-mount stand-in: a hard link to
+    a file, the way a case-insensitive file system names one directory twice)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("words " * 20)
+    os.link(corpus / "a.txt", tmp_path / "same-a.txt")
+    with pytest.raises(OutputError, match="is the --input"):
+        check_output(tmp_path / "same-a.txt", "tokenizer", [("--input", corpus / "a.txt")], flag="--out")
