@@ -260,8 +260,8 @@ def test_train_tokenizer_replaces_its_own_output(tmp_path):
 
 
 def test_a_second_name_of_the_source_is_the_source(tmp_path):
-    """Spellings resolve() keeps apart but the file system does not (here a bind-mount stand-in: a hard link to
-    a file, the way a case-insensitive file system names one directory twice)."""
+    """A name resolve() keeps apart from the source's but the file system does not: here a hard link (a
+    case-insensitive file system or a bind mount gives one directory two names the same way)."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text("words " * 20)
