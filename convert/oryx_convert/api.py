@@ -21,6 +21,7 @@ from oryx_core.chat import read_tokenizer_config, tokenizer_config_from_gguf, to
 from oryx_core.atomic import temp_prefix
 from oryx_core.backend import get_backend
 from oryx_core.config import MIXERS, ConfigError
+from oryx_core.output import check_output
 from oryx_core.safetensors_io import FormatError
 from oryx_core.weights import (DEFAULT_SHARD_BYTES, FLOAT_DTYPES, TOKENIZER_FILE, check_against_spec, load_checkpoint,
                                save_checkpoint)
@@ -104,6 +105,7 @@ def _check_options(src: Path, dst: Path, from_kind: str, to_kind: str, dtype, qu
         raise ValueError(f"--mixer must be one of {', '.join(MIXERS)}, got {mixer!r}")
     if src.resolve() == dst.resolve():
         raise ValueError(f"DST {dst}: the same path as SRC; write the conversion elsewhere")
+    check_output(dst, None, [("SRC", src)], force=True, flag="DST")  # nor inside or around it
 
 
 def _validate(model: ConvertedModel, where: str) -> None:
