@@ -14,7 +14,7 @@ echo
 echo "== prompt: $PROMPT"
 for plan in "${PLANS[@]}"; do
     echo "-- plan $plan"
-    $ORYX generate --backend mlx --prompt "$PROMPT" --plan "$plan" --max-tokens 60
+    $ORYX generate --backend mlx --prompt "$PROMPT" --plan "$plan" --max-tokens 48
     echo
 done
 QUESTION="Write a short story about a fox who finds a lost key."
@@ -22,9 +22,9 @@ echo
 echo "== chat prompt: $QUESTION"
 for plan in "${PLANS[@]}"; do
     echo "-- plan $plan"
-    $ORYX generate --backend mlx --chat --prompt "$QUESTION" --plan "$plan" --max-tokens 60
+    $ORYX generate --backend mlx --chat --prompt "$QUESTION" --plan "$plan" --max-tokens 48
     echo
 done
-for plan in attention recurrent "A:0-512,R:512-"; do
-    $ORYX eval --backend mlx --text data/heldout.txt --plan "$plan" --window 1024
+for plan in attention recurrent "A:0-256,R:256-"; do
+    $ORYX eval --backend mlx --text data/heldout.txt --plan "$plan" --max-tokens 512
 done
