@@ -46,6 +46,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from oryx_core.atomic import atomic_directory
 from oryx_core.files import check_file_name, member as directory_member, read_json_object
 from oryx_core.safetensors_io import FormatError
+from oryx_core.output import check_output
 from oryx_core.text_tokens import encode_pieces
 from oryx_core.tokenizer import END_OF_TEXT, byte_level_tokenizer, end_of_text_id, load_tokenizer
 
@@ -290,6 +291,7 @@ def build_shards(inputs: Iterable[str | Path], out: str | Path, tokenizer: Token
     if tokenizer is not None and train_vocab_size is not None:
         raise ValueError("pass a tokenizer or a vocabulary size to train one, not both")
     files = expand_inputs(inputs)  # missing inputs fail here, before any work
+    check_output(out, None, [("--input", i) for i in inputs], force=True, flag="--out")  # never over what it reads
 
     def documents(desc: str) -> Iterator[Document]:
         from tqdm import tqdm
