@@ -103,7 +103,7 @@ def test_generate_with_cache_and_without_equals_oryx_greedy(exported):
 
 
 def test_save_pretrained_round_trips_bit_exactly_and_oryx_loads_it(exported, tmp_path):
-    model, path = exported
+    _, path = exported
     hf = load_hf(path, dtype=torch.bfloat16)
     hf.save_pretrained(tmp_path / "again")
     again = load_checkpoint(tmp_path / "again")  # Oryx reads an exported checkpoint like any other
