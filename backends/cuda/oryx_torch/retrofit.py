@@ -114,7 +114,7 @@ def recurrent_names(model_cfg) -> list[str]:
 
 
 def retrofit_start(src: str | Path, mixer: str | None, recurrent_scale: float | None, seed: int = 0):
-    """SRC's config and params ready to train: the mixer switched (recurrent tensors re-initialised:
+    """SRC's config, params, tokenizer.json text and stored dtype, ready to train: the mixer switched (recurrent tensors re-initialised:
     q_rec from q_attn, conv_q as the identity tap, gates from oryx_core.init), the readout scale set.
 
     SRC's own recurrent tensors are kept when its mixer is the one asked for, so a retrofit can
@@ -141,7 +141,7 @@ def retrofit_start(src: str | Path, mixer: str | None, recurrent_scale: float | 
     if recurrent_scale is not None:
         cfg = cfg.replace(recurrent_scale=float(recurrent_scale))
     tokenizer = ckpt.extra_files.get("tokenizer.json")
-    return cfg, params, None if tokenizer is None else tokenizer.decode("utf-8")
+    return cfg, params, None if tokenizer is None else tokenizer.decode("utf-8"), ckpt.dtype
 
 
 def freeze_all_but_recurrent(model: OryxModel) -> list[torch.nn.Parameter]:
@@ -279,9 +279,8 @@ def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None =
     if not resume and resume_from is not None:
         raise ValueError(f"{out}: already holds checkpoints; pass --resume to continue, or choose another output")
 
-    src_dtype = load_checkpoint(cfg.src).dtype
+    model_cfg, params, tokenizer_json, src_dtype = retrofit_start(cfg.src, cfg.mixer, cfg.recurrent_scale, cfg.seed)
     src_dtype = src_dtype if src_dtype in ("float32", "bfloat16", "float16") else None
-    model_cfg, params, tokenizer_json = retrofit_start(cfg.src, cfg.mixer, cfg.recurrent_scale, cfg.seed)
     if train_data.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"--data {data_dir}: vocab_size {train_data.vocab_size} exceeds the model's "
                          f"{model_cfg.vocab_size} (tokenise with SRC's tokenizer)")
