@@ -26,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import os
 import secrets
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -159,9 +161,10 @@ class Engine:
         self.thread.start()
 
     def stop(self) -> None:
+        """Ends the jobs in progress at their next token and joins the worker."""
         self.stopping.set()
         self.jobs.put(None)
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
         if self.busy >= self.max_queue:
@@ -300,7 +303,7 @@ class SerialEngine(Engine):
                     sampled.append(r.token if r.tokens else -1)
                     finish = r.finish_reason
                     job.emit({"text": r.text, "tokens": 1, **({"finish": finish} if finish else {})})
-                    if job.cancelled.is_set() and not finish:
+                    if (job.cancelled.is_set() or self.stopping.is_set()) and not finish:
                         finish = "cancelled"
                         job.emit({"finish": "cancelled", "tokens": 0})
                         break
@@ -579,7 +582,21 @@ def cmd_serve(args) -> None:
     state = load_server_state(args.path, args.backend, args.max_batch, limits, dtype=args.dtype, device=args.device,
                               model_id=args.model_id, context=args.context)
     print(f"oryx serve: {state.model_id} ({args.backend}) on http://{args.host}:{args.port}/v1", flush=True)
-    serve(state, args.host, args.port, args.log_level)
+    status = 0
+    try:
+        serve(state, args.host, args.port, args.log_level)
+    except KeyboardInterrupt:
+        if args.backend != "mlx":
+            raise
+        print("oryx serve: interrupted", file=sys.stderr)
+        status = 130
+    if args.backend == "mlx":
+        # Everything is answered and the engine has stopped. MLX aborts the interpreter's normal exit once a
+        # thread other than the main one has run it ("terminate called without an active exception"), so
+        # the process ends here instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def register(subparsers) -> None:

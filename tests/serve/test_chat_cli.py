@@ -67,7 +67,7 @@ def test_turn_attention_plan_is_recurrent_over_the_history(torch_model, checkpoi
                            plan=f"R:0-{start},A:{start}-")
 
 
-@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("mlx", marks=pytest.mark.slow)])
 def test_oryx_chat_reads_messages_from_a_pipe(backend, checkpoint, torch_model):
     pytest.importorskip({"torch": "torch", "mlx": "mlx.core"}[backend])
     out = subprocess.run([*command_line(), "chat", str(checkpoint), "--backend", backend, "--max-tokens", "6",
