@@ -185,3 +185,18 @@ def test_torchrun_two_cpu_processes_stop_and_resume(workspace, tmp_path):
     assert np.array_equal(src.params["embed.weight"].view(np.uint16), out.params["embed.weight"].view(np.uint16))
     assert not np.array_equal(src.params["layers.0.mixer.q_rec.weight"].view(np.uint16),
                               out.params["layers.0.mixer.q_rec.weight"].view(np.uint16))
+
+
+def test_switching_the_mixer_starts_fresh_recurrent_tensors(workspace):
+    from oryx_torch.retrofit import retrofit_start
+
+    cfg, params, tokenizer_json, dtype = retrofit_start(workspace["src"], "mamba2", None)
+    src = load_checkpoint(workspace["src"])
+    assert cfg.mixer == "mamba2" and cfg.recurrent_scale is None and dtype == "bfloat16" and tokenizer_json is None
+    assert set(params) == {s.name for s in parameter_specs(cfg)}
+    for i in range(cfg.n_layers):
+        m = f"layers.{i}.mixer."
+        assert np.array_equal(params[m + "q_rec.weight"], params[m + "q_attn.weight"])
+        assert (params[m + "conv_q.weight"][:, -1] == 1).all() and (params[m + "conv_q.weight"][:, :-1] == 0).all()
+        assert m + "dt_proj.weight" in params and m + "a_proj.weight" not in params
+        assert np.array_equal(params[m + "k_proj.weight"], np.asarray(src.params[m + "k_proj.weight"], np.float32))
