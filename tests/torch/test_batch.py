@@ -87,3 +87,13 @@ def test_bad_requests_are_refused_with_the_argument_named(model):
     gen.add(SequenceRequest([1], max_tokens=2))
     with pytest.raises(RuntimeError, match="every row"):
         gen.add(SequenceRequest([1], max_tokens=2))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_buckets_give_the_eager_tokens():
+    torch.manual_seed(0)
+    model = OryxModel(preset("tiny"), seed=1).to("cuda").eval()
+    reqs = requests()
+    eager = generate_batch(model, reqs, max_batch=8, cuda_graphs=False)
+    graphed = generate_batch(model, reqs, max_batch=8, cuda_graphs=True)  # buckets 8, 4, 2, 1 as rows leave
+    assert graphed == eager
