@@ -176,3 +176,13 @@ def test_peft_lora_trains_generates_and_merges(exported):
     merged = lora.merge_and_unload()  # LoRA B starts at zero: merging gives back the original model
     with torch.no_grad():
         assert (merged(tokens, plan="attention").logits - model(tokens, True)).abs().max().item() <= 1e-5
+
+
+def test_cli_to_hf_refuses_quantisation_in_one_line(exported, tmp_path, capsys):
+    from oryx_core import cli
+
+    _, path = exported
+    assert cli.main(["convert", str(path), str(tmp_path / "q"), "--to", "hf", "--quantize", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--quantize" in err[0] and "hf" in err[0]
+    assert not (tmp_path / "q").exists()
