@@ -69,18 +69,53 @@ class AttentionPlan:
     def __init__(self, modes: torch.Tensor, q_offset: int = 0, host_modes: torch.Tensor | None = None):
         self.modes, self.q_offset = modes, q_offset
         self._source = host_modes if host_modes is not None else modes
+        self._block_masks, self._rows = {}, None
+        # Inside torch.compile the mode values are data, not constants: a plan built there is "traced",
+        # assumes both modes occur and attends on every row (the caller keeps each token's own readout),
+        # so one graph serves every plan. A plan built before the compiled call (then `prepare`d) keeps
+        # its exact flags, attention rows and block masks, and dynamo guards on the flags.
+        self.traced = torch.compiler.is_compiling()
+        if self.traced:
+            self.any_attention, self.all_attention = True, False
+            return
         any_attention, all_attention = torch.stack([self._source.any(), self._source.all()]).tolist()
         self.any_attention, self.all_attention = bool(any_attention), bool(all_attention)
-        self._block_masks = {}
 
     @property
     def any_recurrent(self) -> bool:
         return not self.all_attention
 
     def block_mask(self, kv_len: int):
+        """The FlexAttention mask for `kv_len` keys; None inside torch.compile unless `prepare` built it."""
         if kv_len not in self._block_masks:
+            if torch.compiler.is_compiling():
+                return None
             self._block_masks[kv_len] = plan_block_mask(self._source, kv_len, self.q_offset, self.modes.device)
         return self._block_masks[kv_len]
+
+    def attention_rows(self):
+        """Indices [R] of the query rows any sequence runs in attention mode (None: every row).
+
+        Worked out on the host copy of the modes when there is one; inside torch.compile only
+        a `prepare`d plan has them (a data-dependent count cannot be traced without a break).
+        """
+        if self._rows is None and not self.traced and not torch.compiler.is_compiling():
+            rows = torch.nonzero(self._source.any(0)).flatten()
+            self._rows = rows.to(self.modes.device)
+        return self._rows
+
+    def prepare(self, kv_len: int | None = None) -> "AttentionPlan":
+        """Builds, outside any compiled region, what `plan_attention` reads for `kv_len` keys (default:
+        q_offset + T): the block mask on CUDA, the attention rows elsewhere. Returns self."""
+        if self.traced:
+            raise ValueError("plan: a plan built inside torch.compile cannot be prepared; build it before the call")
+        kv_len = self.q_offset + self.modes.shape[1] if kv_len is None else kv_len
+        if self.modes.is_cuda:
+            if self.any_attention and not (self.q_offset == 0 and self.all_attention):
+                self.block_mask(kv_len)
+        else:
+            self.attention_rows()
+        return self
 
 
 def plan_attention(q, k, v, plan: AttentionPlan, scale: float | None = None):
@@ -92,9 +127,12 @@ def plan_attention(q, k, v, plan: AttentionPlan, scale: float | None = None):
     if q.is_cuda:
         if plan.q_offset == 0 and plan.all_attention:
             return causal_sdpa(q, k, v, scale)
-        return _compiled_flex_attention()(q, k, v, block_mask=plan.block_mask(k.shape[2]), scale=scale,
-                                          enable_gqa=H != k.shape[1])
-    return _rows_attention(q, k, v, plan.modes, plan.q_offset, scale)
+        block_mask = plan.block_mask(k.shape[2])
+        if block_mask is None:  # traced plan: every row attends
+            return _rows_attention(q, k, v, None, plan.q_offset, scale)
+        flex = flex_attention_function() if torch.compiler.is_compiling() else _compiled_flex_attention()
+        return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=H != k.shape[1])
+    return _rows_attention(q, k, v, plan.attention_rows(), plan.q_offset, scale)
 
 
 def causal_sdpa(q, k, v, scale):
@@ -117,11 +155,14 @@ def causal_sdpa(q, k, v, scale):
     return out[..., :dv]
 
 
-def _rows_attention(q, k, v, query_modes, q_offset, scale):
-    """Plain SDPA over only the query rows any sequence needs; the other rows stay zero."""
+def _rows_attention(q, k, v, rows, q_offset, scale):
+    """Plain SDPA over only the query rows `rows` [R] (None: all of them); the other rows stay zero."""
     B, H, T, _ = q.shape
     S = k.shape[2]
-    rows = torch.nonzero(query_modes.any(0)).flatten()
+    if rows is None:
+        if q_offset == 0:
+            return causal_sdpa(q, k, v, scale)
+        rows = torch.arange(T, device=q.device)
     out = q.new_zeros(B, H, T, v.shape[-1])
     if rows.numel() == 0:
         return out
@@ -134,9 +175,14 @@ def _rows_attention(q, k, v, query_modes, q_offset, scale):
 
 @functools.cache
 def _compiled_flex_attention():
+    return torch.compile(flex_attention_function())
+
+
+def flex_attention_function():
+    """FlexAttention itself: inside an enclosing torch.compile it is traced into that graph."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention)
+    return flex_attention
 
 
 def plan_block_mask(query_modes: torch.Tensor, kv_len: int, q_offset: int = 0, device=None,

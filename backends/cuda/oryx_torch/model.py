@@ -389,7 +389,9 @@ class OryxModel(nn.Module):
         if tokens.dim() != ndim:
             raise ValueError(f"tokens: expected {ndim} dimensions ({'[B, T]' if ndim == 2 else '[B]'}), "
                              f"got shape {list(tokens.shape)}")
-        if tokens.numel():  # one host sync for tokens on the GPU: an id out of range would index garbage
+        # one host sync for tokens on the GPU: an id out of range would index garbage. Inside torch.compile
+        # the values are not known at trace time: compiled callers validate at their boundary (`prepare`).
+        if tokens.numel() and not torch.compiler.is_compiling():
             low, high = int(tokens.min()), int(tokens.max())
             if low < 0 or high >= self.cfg.vocab_size:
                 bad = low if low < 0 else high
@@ -406,7 +408,7 @@ class OryxModel(nn.Module):
         if modes.shape[0] not in (1, L):
             raise ValueError(f"modes: shape {list(modes.shape)} does not broadcast to [n_layers={L}, "
                              f"{', '.join(map(str, shape))}]")
-        if modes.shape[0] == 1 or bool((modes == modes[:1]).all()):
+        if modes.shape[0] == 1 or (not torch.compiler.is_compiling() and bool((modes == modes[:1]).all())):
             return [modes[0]] * L  # one plan serves every layer
         return list(modes)
 
@@ -424,9 +426,38 @@ class OryxModel(nn.Module):
         return modes
 
     # -- forward --
+    def prepare(self, tokens, modes, offset: int = 0) -> tuple[torch.Tensor, list[AttentionPlan]]:
+        """Checks tokens [B, T] and modes once, outside any compiled region, and builds each layer's
+        AttentionPlan with what attention needs (block masks or attention rows): `forward(tokens, plans)`
+        then runs without a host sync or a graph break, specialised to the plan's flags."""
+        tokens = self.check_tokens(tokens, 2)
+        return tokens, [plan.prepare() for plan in self.attention_plans(modes, tuple(tokens.shape), offset)]
+
+    def attention_plans(self, modes, shape: tuple[int, int], offset: int = 0) -> list[AttentionPlan]:
+        """One AttentionPlan per layer for modes over tokens of `shape` [B, T] at positions offset..;
+        `modes` may already be such a list (or one plan for every layer)."""
+        if isinstance(modes, AttentionPlan):
+            modes = [modes] * self.cfg.n_layers
+        if isinstance(modes, (list, tuple)) and modes and all(isinstance(p, AttentionPlan) for p in modes):
+            if len(modes) != self.cfg.n_layers:
+                raise ValueError(f"modes: {len(modes)} plans for {self.cfg.n_layers} layers")
+            for plan in modes:
+                if tuple(plan.modes.shape) != tuple(shape) or plan.q_offset != offset:
+                    raise ValueError(f"modes: a plan for shape {list(plan.modes.shape)} at offset {plan.q_offset}, "
+                                     f"the tokens need {list(shape)} at offset {offset}")
+            return list(modes)
+        B, T = shape
+        plans = {}  # one AttentionPlan per distinct modes tensor (usually one for every layer)
+        per_layer = self.layer_modes(modes, (B, T))
+        for modes in per_layer:
+            if id(modes) not in plans:
+                host_modes = None if modes.is_cuda else self.check_modes(modes, (B, T), device="cpu")
+                plans[id(modes)] = AttentionPlan(self.check_modes(modes, (B, T)), offset, host_modes)
+        return [plans[id(m)] for m in per_layer]
+
     def forward(self, tokens, modes, cache: OryxCache | None = None):
         """Logits [B, T, V] for tokens [B, T] under modes (True = attention): a bool, [T], [B, T] or per layer
-        [L, B, T].
+        [L, B, T], or the plans `prepare` returned.
 
         With a cache, the tokens continue the cached sequences (prefill): their keys and
         values are appended, conv windows and recurrent states advanced.
@@ -437,14 +468,8 @@ class OryxModel(nn.Module):
         if cache is not None:
             self.check_cache(cache, B, T)
             offset = cache.length
-        per_layer = self.layer_modes(modes, (B, T))
-        plans = {}  # one AttentionPlan per distinct modes tensor (usually one for every layer)
-        for modes in per_layer:
-            if id(modes) not in plans:
-                host_modes = None if modes.is_cuda else self.check_modes(modes, (B, T), device="cpu")
-                plans[id(modes)] = AttentionPlan(self.check_modes(modes, (B, T)), offset, host_modes)
-        layer_plans = [plans[id(m)] for m in per_layer]
-        if cache is not None:
+        layer_plans = self.attention_plans(modes, (B, T), offset)
+        if cache is not None and not any(p.traced for p in layer_plans):
             check_cache_modes(cache, any(p.any_attention for p in layer_plans),
                               any(p.any_recurrent for p in layer_plans))
         rope = self._rope(torch.arange(offset, offset + T, device=self.device))
