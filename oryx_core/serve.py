@@ -576,7 +576,21 @@ def serve(state: ServerState, host: str, port: int, log_level: str = "warning", 
         state.engine.stop()
 
 
+def check_address(host: str, port: int) -> None:
+    """A one-line error now for an address the server could not listen on, before the model loads."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except (OSError, OverflowError) as e:
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({getattr(e, 'strerror', None) or e})") \
+            from None
+
+
 def cmd_serve(args) -> None:
+    check_address(args.host, args.port)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                     max_tokens=args.max_tokens_limit, max_queue=args.max_queue)
     state = load_server_state(args.path, args.backend, args.max_batch, limits, dtype=args.dtype, device=args.device,

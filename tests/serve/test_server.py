@@ -206,3 +206,19 @@ def test_clients_leaving_mid_stream_free_their_slots(server):
         except openai.APIStatusError as e:  # the engine may still be finishing the cancelled ones
             assert e.status_code == 503 and time.time() < deadline
 
+
+
+def test_command_line_mistakes_are_one_line_with_status_2(checkpoint, tmp_path, capsys):
+    from oryx_core.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [([str(tmp_path / "missing"), "--port", str(free_port())], "missing"),
+                 ([str(checkpoint), "--port", str(port)], f"--port {port}"),
+                 ([str(checkpoint), "--port", "70000"], "--port 70000")]
+        for argv, named in cases:
+            assert main(["serve", *argv]) == 2
+            err = capsys.readouterr().err
+            assert len(err.strip().splitlines()) == 1 and named in err, err
