@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
 try:  # the openai client's HTTP library (httpx, or its successor httpx2 in newer openai releases)
     import httpx
 except ImportError:
