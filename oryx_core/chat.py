@@ -108,6 +108,21 @@ class ChatFormat:
             raise ChatError(f"chat template failed to render: {type(e).__name__}: {e}") from None
 
 
+TURN_ATTENTION = "turn-attention"
+
+
+def turn_attention_plan(chat_format: ChatFormat, tokenizer, messages, ids: list[int]) -> str:
+    """The plan TURN_ATTENTION names for a chat turn whose prompt `ids` renders `messages` (ending in the new
+    message): recurrent over the history's tokens, attention from the new message on (all attention when
+    there is no history, or when the history's tokens are not a prefix of the prompt's)."""
+    history = []
+    if len(messages) > 1:
+        text = chat_format.render(messages[:-1], add_generation_prompt=False)
+        history = tokenizer.encode(text, add_special_tokens=False).ids
+    start = len(history) if 0 < len(history) < len(ids) and ids[:len(history)] == history else 0
+    return f"R:0-{start},A:{start}-" if start else "attention"
+
+
 def check_messages(messages) -> list[dict]:
     """Messages as plain {"role", "content"} dicts; OpenAI content parts of type text are joined."""
     if not isinstance(messages, list) or not messages:

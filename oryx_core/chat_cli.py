@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from .backend import BackendUnavailable, get_backend
+from .chat import TURN_ATTENTION, turn_attention_plan
 
-TURN_ATTENTION = "turn-attention"
 
 
 class Conversation:
@@ -44,9 +44,7 @@ class Conversation:
         TURN_ATTENTION becomes recurrent over the history, attention from the new message on."""
         if self.plan != TURN_ATTENTION:
             return self.plan
-        history = self._ids(messages[:-1], add_generation_prompt=False) if len(messages) > 1 else []
-        start = len(history) if ids[:len(history)] == history else 0
-        return f"R:0-{start},A:{start}-" if start else "attention"
+        return turn_attention_plan(self.format, self.tokenizer, messages, ids)
 
     def reply(self, text: str, max_tokens: int = 256):
         """Streams the reply to `text` (oryx_core.generation responses); the reply joins the history as it ends

@@ -6,7 +6,8 @@ Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stre
 server-sent events when "stream": true, ending with a usage chunk and `data: [DONE]`).
 Request fields: model, prompt / messages, max_tokens (max_completion_tokens), temperature,
 top_p, top_k, stop, seed, stream, stream_options; Oryx's own fields (the openai client's
-extra_body): plan, kv_policy, state_policy, and ignore_eos (generate max_tokens whatever the end-of-turn
+extra_body): plan (a mode plan, or turn-attention for chat: the history recurrent, the new turn in
+attention), kv_policy, state_policy, and ignore_eos (generate max_tokens whatever the end-of-turn
 tokens say; for load tests).
 
 Built on Starlette (routing, streaming responses, disconnect detection) under uvicorn
@@ -362,11 +363,14 @@ def build_app(state: ServerState):
         if req.model != state.model_id:
             raise RequestError(f"model: {req.model!r} is not served here (this server has {state.model_id!r})", 404,
                                param="model", code="model_not_found")
-        from .chat import ChatError
+        from .chat import TURN_ATTENTION, ChatError, turn_attention_plan
         from .plan import ModePlan, PlanError
 
+        if req.plan == TURN_ATTENTION and kind != "chat":
+            raise RequestError(f"plan: {TURN_ATTENTION} applies to chat completions", param="plan")
         try:
-            ModePlan.parse(req.plan)
+            if req.plan != TURN_ATTENTION:
+                ModePlan.parse(req.plan)
         except (PlanError, ValueError) as e:
             raise RequestError(f"plan: {e}", param="plan") from None
         tok = state.tokenizer
@@ -376,6 +380,8 @@ def build_app(state: ServerState):
             except ChatError as e:
                 raise RequestError(str(e), param="messages") from None
             ids = tok.encode(text, add_special_tokens=False).ids
+            if req.plan == TURN_ATTENTION:
+                req.plan = turn_attention_plan(state.chat, tok, req.messages, ids)
         elif isinstance(req.prompt, str) or (isinstance(req.prompt, list) and req.prompt
                                              and all(isinstance(p, str) for p in req.prompt)):
             if isinstance(req.prompt, list) and len(req.prompt) != 1:

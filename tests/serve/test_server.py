@@ -20,7 +20,7 @@ except ImportError:
     httpx = pytest.importorskip("httpx2")
 
 from oryx_core.backend import BackendUnavailable, get_backend  # noqa: E402
-from oryx_core.chat import load_chat_format  # noqa: E402
+from oryx_core.chat import chat_format, load_chat_format  # noqa: E402
 from oryx_core.cli import command_line  # noqa: E402
 from oryx_core.config import preset  # noqa: E402
 from oryx_core.generation import generate  # noqa: E402
@@ -224,3 +224,17 @@ def test_command_line_mistakes_are_one_line_with_status_2(checkpoint, tmp_path, 
             assert main(["serve", *argv]) == 2
             err = capsys.readouterr().err
             assert len(err.strip().splitlines()) == 1 and named in err, err
+
+
+def test_turn_attention_plan_runs_the_history_recurrent(server, direct):
+    _, _, client = server
+    tok = byte_level_tokenizer()
+    messages = [{"role": "user", "content": "First."}, {"role": "assistant", "content": "Yes."},
+                {"role": "user", "content": "Second."}]
+    chat = chat_format(tok, None)
+    h = len(tok.encode(chat.render(messages[:-1], add_generation_prompt=False), add_special_tokens=False).ids)
+    got = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                         extra_body={"plan": "turn-attention"})
+    assert got.choices[0].message.content == direct(messages=messages, max_tokens=8, plan=f"R:0-{h},A:{h}-").text
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"plan": "turn-attention"})
