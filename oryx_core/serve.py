@@ -142,6 +142,7 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    answered: bool = False  # the engine has finished this job (set by the event loop)
 
     def emit(self, event: dict) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -336,6 +337,22 @@ def build_app(state: ServerState):
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
+    class JobStream(StreamingResponse):
+        """A streamed answer that releases its job however the response ends: finished, failed, or cancelled
+        because the client went away (even before the first chunk, when the body iterator never started)."""
+
+        def __init__(self, job: Job, engine: Engine, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.job, self.engine = job, engine
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                if not self.job.answered:
+                    self.job.cancelled.set()
+                self.engine.done()
+
     def error(e: RequestError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
@@ -476,34 +493,31 @@ def build_app(state: ServerState):
         async def events():
             nonlocal cached
             completion, finish, first = 0, None, True
-            try:
-                while finish is None:
-                    event = await job.events.get()
-                    if "error" in event:
-                        yield sse({"error": {"message": event["error"], "type": "server_error", "param": None,
-                                             "code": None}})
-                        return
-                    completion += event.get("tokens", 0)
-                    cached = event.get("reused", cached)
-                    finish = event.get("finish")
-                    text = event.get("text", "")
-                    if text or first:
-                        yield sse({"id": rid, "object": chunk_obj, "created": created, "model": state.model_id,
-                                   "choices": [choice(text, None, first)]})
-                        first = False
-                yield sse({"id": rid, "object": chunk_obj, "created": created, "model": state.model_id,
-                           "choices": [choice(None, FINISH[finish])]})
-                if include_usage:
+            while finish is None:
+                event = await job.events.get()
+                if "error" in event:
+                    job.answered = True  # the engine is done with it
+                    yield sse({"error": {"message": event["error"], "type": "server_error", "param": None,
+                                         "code": None}})
+                    return
+                completion += event.get("tokens", 0)
+                cached = event.get("reused", cached)
+                finish = event.get("finish")
+                job.answered = finish is not None  # the engine is done with it; nothing left to cancel
+                text = event.get("text", "")
+                if text or first:
                     yield sse({"id": rid, "object": chunk_obj, "created": created, "model": state.model_id,
-                               "choices": [], "usage": usage(completion)})
-                yield "data: [DONE]\n\n"
-            finally:  # also when the client went away mid-stream (the response task is cancelled)
-                if finish is None:
-                    job.cancelled.set()
-                state.engine.done()
+                               "choices": [choice(text, None, first)]})
+                    first = False
+            yield sse({"id": rid, "object": chunk_obj, "created": created, "model": state.model_id,
+                       "choices": [choice(None, FINISH[finish])]})
+            if include_usage:
+                yield sse({"id": rid, "object": chunk_obj, "created": created, "model": state.model_id,
+                           "choices": [], "usage": usage(completion)})
+            yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JobStream(job, state.engine, events(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def completions(request: Request):
         return await handle(request, "completion")
