@@ -672,29 +672,87 @@ def _backward(q, k, v, g, beta, scale, initial_state, layout, saved, do, dht):
     return dq, dk, dv, dg, dbeta, dh0
 
 
-class _ChunkGatedDeltaRule(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, want_final, layout, keep):
-        o, final, saved = _forward(q, k, v, g, beta, scale, initial_state, want_final, layout, keep)
-        ctx.scale, ctx.layout = scale, layout
-        ctx.save_for_backward(q, k, v, g, beta, initial_state, *saved)
-        return o, final
-
-    @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, g, beta, initial_state, *saved = ctx.saved_tensors
-        if saved[2] is None:                    # X, kept only when a gradient was wanted
-            raise RuntimeError("chunk_gated_delta_rule: backward needs the forward run with grad enabled")
-        dq, dk, dv, dg, dbeta, dh0 = _backward(q, k, v, g, beta, ctx.scale, initial_state, ctx.layout,
-                                               saved, do, dht)
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
+# ---- the kernels as torch custom ops: torch.compile traces a call to each (shapes from the fake
+# implementations) without looking inside, so the graph does not break and inductor never retypes the
+# kernels' arguments; autograd pairs the forward op with the backward op. A custom op returns no None:
+# an absent optional tensor is an empty one (numel 0).
+def _absent(t):
+    return t is None or t.numel() == 0
 
 
-# Opaque to torch.compile. Traced, these kernels go through inductor, which retypes their arguments
-# (it passes `scale` as fp64, which the backward kernel cannot compile) and gave non-finite gradients
-# in mixed-plan training; as an opaque call the compiled graph breaks around it and trains like eager
-# (docs/benchmarks.md, "Training").
-@torch.compiler.disable
+def _empty(like):
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("oryx::gdn_chunk_forward", mutates_args=())
+def gdn_chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                      cu_seqlens: torch.Tensor, chunk_indices: torch.Tensor, chunk_offsets: torch.Tensor,
+                      scale: float, initial_state: torch.Tensor | None, want_final: bool, keep: bool,
+                      whole_chunks: bool) -> list[torch.Tensor]:
+    """Packed q, k [T, H, K], v [T, H, V], g, beta [T, H] -> [o, final, w, gcum, x_inv, attn, states, deltas]."""
+    layout = (cu_seqlens, chunk_indices, chunk_offsets, whole_chunks)
+    o, final, saved = _forward(q, k, v, g, beta, scale, None if _absent(initial_state) else initial_state,
+                               want_final, layout, keep)
+    return [o, final if final is not None else _empty(q.new_empty(0, dtype=torch.float32)),
+            *(t if t is not None else _empty(q) for t in saved)]
+
+
+@gdn_chunk_forward.register_fake
+def _(q, k, v, g, beta, cu_seqlens, chunk_indices, chunk_offsets, scale, initial_state, want_final, keep,
+      whole_chunks):
+    T_total, H, K = q.shape
+    V = v.shape[-1]
+    N, num_chunks = cu_seqlens.shape[0] - 1, chunk_indices.shape[0]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    final = q.new_empty(N, H, K, V, **f32) if want_final else q.new_empty(0, **f32)
+    x_inv = q.new_empty(T_total, H, CHUNK) if keep else _empty(q)
+    states = q.new_empty(num_chunks, H, K, V) if keep else _empty(q)
+    deltas = torch.empty_like(v) if keep else _empty(q)
+    return [torch.empty_like(v), final, torch.empty_like(k), q.new_empty(T_total, H, **f32), x_inv,
+            q.new_empty(T_total, H, CHUNK), states, deltas]
+
+
+@torch.library.custom_op("oryx::gdn_chunk_backward", mutates_args=())
+def gdn_chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                       cu_seqlens: torch.Tensor, chunk_indices: torch.Tensor, chunk_offsets: torch.Tensor,
+                       scale: float, initial_state: torch.Tensor | None, whole_chunks: bool,
+                       saved: list[torch.Tensor], do: torch.Tensor, dht: torch.Tensor | None) -> list[torch.Tensor]:
+    """[dq, dk, dv, dg, dbeta, dh0 (empty without an initial state)] from gdn_chunk_forward's saved tensors."""
+    layout = (cu_seqlens, chunk_indices, chunk_offsets, whole_chunks)
+    grads = _backward(q, k, v, g, beta, scale, None if _absent(initial_state) else initial_state, layout,
+                      saved, do, None if _absent(dht) else dht)
+    return [*grads[:5], grads[5] if grads[5] is not None else q.new_empty(0, dtype=torch.float32)]
+
+
+@gdn_chunk_backward.register_fake
+def _(q, k, v, g, beta, cu_seqlens, chunk_indices, chunk_offsets, scale, initial_state, whole_chunks, saved, do,
+      dht):
+    dh0 = torch.empty_like(initial_state) if not _absent(initial_state) else q.new_empty(0, dtype=torch.float32)
+    return [torch.empty_like(t) for t in (q, k, v, g, beta)] + [dh0]
+
+
+def _forward_setup_context(ctx, inputs, output):
+    q, k, v, g, beta, cu, chunk_indices, chunk_offsets, scale, initial_state, want_final, keep, whole = inputs
+    ctx.scale, ctx.whole_chunks, ctx.keep = scale, whole, keep
+    ctx.save_for_backward(q, k, v, g, beta, cu, chunk_indices, chunk_offsets, initial_state, *output[2:])
+
+
+def _forward_backward(ctx, grads):
+    q, k, v, g, beta, cu, chunk_indices, chunk_offsets, initial_state, *saved = ctx.saved_tensors
+    if not ctx.keep:
+        raise RuntimeError("chunk_gated_delta_rule: backward needs the forward run with grad enabled")
+    do, dht = grads[0], grads[1]
+    do = torch.zeros_like(v) if do is None else do.contiguous()
+    dht = None if dht is None or dht.numel() == 0 else dht.contiguous()
+    dq, dk, dv, dg, dbeta, dh0 = gdn_chunk_backward(q, k, v, g, beta, cu, chunk_indices, chunk_offsets, ctx.scale,
+                                                    initial_state, ctx.whole_chunks, saved, do, dht)
+    return (dq, dk, dv, dg, dbeta, None, None, None, None, None if _absent(initial_state) else dh0,
+            None, None, None)
+
+
+gdn_chunk_forward.register_autograd(_forward_backward, setup_context=_forward_setup_context)
+
+
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                            cu_seqlens=None):
     """Triton chunked Gated DeltaNet (forward and backward).
@@ -726,7 +784,10 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     # Grad mode is off inside Function.forward: decide here whether to keep intermediates.
     keep = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state))
-    o, final = _ChunkGatedDeltaRule.apply(*flat, scale, initial_state, output_final_state, layout, keep)
+    cu, chunk_indices, chunk_offsets, whole_chunks = layout
+    o, final, *_ = gdn_chunk_forward(*flat, cu, chunk_indices, chunk_offsets, scale, initial_state,
+                                     output_final_state, keep, whole_chunks)
+    final = final if output_final_state else None
     if pad and final is not None:
         final = final[:, :, :K].contiguous()
     return o.reshape(B, T, H, V), final

@@ -1,0 +1,78 @@
+"""The Triton GDN chunk kernels as torch custom ops (oryx::gdn_chunk_forward / _backward), on CPU through
+Triton's interpreter: opcheck of the schema, fake (meta) implementations and autograd registration; a
+torch.compile'd call without graph breaks whose output and gradients equal eager and the naive recurrence.
+
+TRITON_INTERPRET=1 must be set before triton is imported, so the outer pytest process runs this file
+again in a subprocess with it set; the op tests run there and skip in the outer process.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from gdn_inputs import random_inputs  # noqa: E402
+from error_metrics import relative_error  # noqa: E402
+
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs inside the TRITON_INTERPRET=1 subprocess")
+
+
+def test_in_interpreter_subprocess():
+    if INTERPRETED:
+        pytest.skip("already inside the interpreter run")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.search(r"\b3 passed, 1 skipped\b", result.stdout), result.stdout[-2000:]
+
+
+def op_arguments(T=70, H=2, K=64, V=16, with_state=True, requires_grad=True):
+    """gdn_chunk_forward's arguments for one packed sequence of T tokens (two chunks, the last partial)."""
+    from oryx_torch.kernels.gdn.chunk import _packed_layout
+
+    q, k, v, g, beta, h0 = (None if t is None else t[0] for t in random_inputs(1, T, H, K, V, seed=3,
+                                                                               with_state=with_state))
+    h0 = None if h0 is None else h0[None]
+    cu, chunk_indices, chunk_offsets, whole = _packed_layout(1, T, None, q.device)
+    leaves = [t.requires_grad_(requires_grad) for t in (q, k, v, g, beta)]
+    return (*leaves, cu, chunk_indices, chunk_offsets, K ** -0.5, h0, True, requires_grad, whole)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("with_state", [True, False])
+def test_opcheck_gdn_chunk_forward(with_state):
+    from oryx_torch.kernels.gdn.chunk import gdn_chunk_forward
+
+    torch.library.opcheck(gdn_chunk_forward, op_arguments(with_state=with_state),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@needs_interpreter
+def test_compiled_call_matches_eager_and_naive():
+    from oryx_torch.kernels.gdn import chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
+
+    def loss_and_grads(fn, leaves, upstream):
+        o, final = fn(*leaves[:5], scale=0.3, initial_state=leaves[5], output_final_state=True)
+        loss = (o * upstream).sum() + final.square().sum()
+        return [o, final, *torch.autograd.grad(loss, leaves)]
+
+    inputs = random_inputs(2, 70, 2, 16, 16, seed=4)
+    upstream = torch.randn(2, 70, 2, 16, generator=torch.Generator().manual_seed(5))
+    fresh = lambda dtype: [t.detach().to(dtype).requires_grad_() for t in inputs]  # noqa: E731
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(chunk_gated_delta_rule)(*fresh(torch.float32)[:5], initial_state=inputs[5],
+                                                           output_final_state=True)
+    assert report.graph_break_count == 0, [b.reason for b in report.break_reasons]
+    compiled = torch.compile(chunk_gated_delta_rule, backend="aot_eager", fullgraph=True)
+    got = loss_and_grads(compiled, fresh(torch.float32), upstream)
+    eager = loss_and_grads(chunk_gated_delta_rule, fresh(torch.float32), upstream)
+    want = loss_and_grads(naive_recurrent_gated_delta_rule, fresh(torch.float64), upstream.double())
+    for name, a, b, c in zip(["o", "final", "dq", "dk", "dv", "dg", "dbeta", "dh0"], got, eager, want):
+        assert relative_error(a, b) < 1e-6, name
+        assert relative_error(a, c) < 1e-4, name
