@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import os
+import queue
 import secrets
 import signal
 import sys
@@ -124,7 +124,7 @@ class Limits:
 
 
 # ----- engines -----
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the engine keeps a set of open jobs
 class Job:
     """One generation: token ids in, events out (put on `events` from the worker thread)."""
     ids: list[int]
@@ -157,7 +157,9 @@ class Engine:
         self.max_queue = max_queue
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run_guarded, name="oryx-engine", daemon=True)
-        self.busy = 0  # jobs submitted and not yet finished (read by the event loop)
+        self.open: set[Job] = set()  # submitted and not yet released by their response
+        self.lock = threading.Lock()
+        self.failed = False
 
     def start(self) -> None:
         self.thread.start()
@@ -169,28 +171,31 @@ class Engine:
         self.thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
-        if self.busy >= self.max_queue:
-            raise RequestError(f"server busy: {self.busy} requests in progress; retry later", status=503,
-                               kind="server_error")
-        self.busy += 1
+        with self.lock:
+            if self.failed:
+                raise RequestError("the generation engine has failed; restart the server", 500, kind="server_error")
+            if len(self.open) >= self.max_queue:
+                raise RequestError(f"server busy: {len(self.open)} requests in progress; retry later", status=503,
+                                   kind="server_error")
+            self.open.add(job)
         self.jobs.put(job)
 
-    def done(self) -> None:
-        self.busy -= 1
+    def done(self, job: Job) -> None:
+        with self.lock:
+            self.open.discard(job)
 
     def _run_guarded(self) -> None:
         try:
             self.run()
-        except Exception as e:  # a bug in the engine: fail the waiting jobs instead of hanging them
-            self.failure = f"{type(e).__name__}: {e}"
-            while True:
-                try:
-                    job = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is not None:
-                    job.emit({"error": self.failure})
-            raise
+        except Exception:  # a bug in the engine: answer every open job with a 500 instead of leaving it hanging
+            import traceback
+
+            traceback.print_exc()  # for the operator, on the server's stderr; clients get one generic line
+            with self.lock:
+                self.failed = True
+                jobs = list(self.open)
+            for job in jobs:
+                job.emit({"error": "internal error in the generation engine", "status": 500})
 
     def run(self) -> None:
         raise NotImplementedError
@@ -351,7 +356,7 @@ def build_app(state: ServerState):
             finally:
                 if not self.job.answered:
                     self.job.cancelled.set()
-                self.engine.done()
+                self.engine.done(self.job)
 
     def error(e: RequestError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
@@ -474,7 +479,7 @@ def build_app(state: ServerState):
             finally:
                 if finish is None:
                     job.cancelled.set()
-                state.engine.done()
+                state.engine.done(job)
             text = "".join(pieces)
             body = {"id": rid, "object": obj, "created": created, "model": state.model_id, "usage": usage(completion)}
             if kind == "chat":
