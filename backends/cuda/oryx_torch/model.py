@@ -127,22 +127,59 @@ class OryxMixer(nn.Module):
             self.D_skip = nn.Parameter(torch.ones(Hkv))
         self.A_log = nn.Parameter(torch.zeros(Hkv))
         self.dt_bias = nn.Parameter(torch.zeros(Hkv))
+        # Input projections in one fixed order: the attention-only ones first, the recurrent-only ones last,
+        # so what either mode alone needs is one contiguous run of rows of their concatenated weight.
+        gates = ("a_proj", "b_proj") if cfg.mixer == "gdn" else ("dt_proj",)
+        self.projection_order = ("q_attn", "k_proj", "v_proj") + (("g_proj",) if cfg.output_gate else ()) + \
+            ("q_rec",) + gates
+        self._fused = None  # (key, weight): the concatenation for inference, rebuilt whenever a part changes
+
+    # One matmul for every input projection a call needs. The checkpoint (and state_dict) keeps each weight
+    # apart; with gradients on they are concatenated afresh in each call (autograd splits the gradient back),
+    # without, the concatenation is cached and rebuilt when any part's storage or version changes.
+    fuse_projections = True
+
+    def _projections(self, xn, attention: bool, recurrent: bool) -> dict:
+        """{name: xn @ W_name^T} for k_proj, v_proj, g_proj, plus q_attn when `attention`, plus q_rec and the
+        recurrence's gates when `recurrent`."""
+        order = self.projection_order
+        first = 0 if attention else 1
+        last = len(order) if recurrent else order.index("q_rec")
+        names = order[first:last]
+        layers = [getattr(self, name) for name in names]
+        if not self.fuse_projections:
+            return {name: layer(xn) for name, layer in zip(names, layers)}
+        sizes = [layer.out_features for layer in layers]
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            weight = torch.cat([layer.weight for layer in layers])
+        else:
+            whole = self._fused_weight()
+            start = sum(getattr(self, name).out_features for name in order[:first])
+            weight = whole[start:start + sum(sizes)]
+        return dict(zip(names, F.linear(xn, weight).split(sizes, dim=-1)))
+
+    def _fused_weight(self) -> torch.Tensor:
+        weights = [getattr(self, name).weight for name in self.projection_order]
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        if self._fused is None or self._fused[0] != key:
+            self._fused = (key, torch.cat(weights).detach())
+        return self._fused[1]
 
     # -- pieces shared by the parallel and the step form (leading dims: [B, T] or [B]) --
-    def _recurrence_inputs(self, xn, k, v, q_raw) -> dict:
+    def _recurrence_inputs(self, proj: dict, k, v, q_raw) -> dict:
         """Kernel arguments, heads repeated to the H query heads (the kernels take equal heads)."""
         cfg = self.cfg
-        lead, G = xn.shape[:-1], cfg.group_size
+        lead, G = q_raw.shape[:-1], cfg.group_size
         q = q_raw.view(*lead, cfg.n_heads, cfg.head_dim)
         k = k.view(*lead, cfg.n_kv_heads, cfg.head_dim)
         v = repeat_heads(v.view(*lead, cfg.n_kv_heads, cfg.v_head_dim), G, -2)
         A = -torch.exp(self.A_log.float())
         if cfg.mixer == "gdn":
-            log_alpha = A * F.softplus(self.a_proj(xn).float() + self.dt_bias.float())
-            beta = torch.sigmoid(self.b_proj(xn).float())
+            log_alpha = A * F.softplus(proj["a_proj"].float() + self.dt_bias.float())
+            beta = torch.sigmoid(proj["b_proj"].float())
             return dict(q=l2_normalize(q), k=repeat_heads(l2_normalize(k), G, -2), v=v,
                         g=repeat_heads(log_alpha, G, -1), beta=repeat_heads(beta, G, -1))
-        dt = F.softplus(self.dt_proj(xn).float() + self.dt_bias.float())
+        dt = F.softplus(proj["dt_proj"].float() + self.dt_bias.float())
         return dict(q=q, k=repeat_heads(k, G, -2), v=v, dt=repeat_heads(dt, G, -1), A=repeat_heads(A, G, 0),
                     D=repeat_heads(self.D_skip.float(), G, 0))
 
@@ -154,16 +191,16 @@ class OryxMixer(nn.Module):
             keys = apply_rope(keys, *rope)
         return keys.transpose(1, 2), v.view(B, T, self.cfg.n_kv_heads, self.cfg.v_head_dim).transpose(1, 2)
 
-    def _attention_queries(self, xn, rope):
-        B, T = xn.shape[:2]
-        q = self.q_attn(xn).view(B, T, self.cfg.n_heads, self.cfg.head_dim)
+    def _attention_queries(self, q_attn, rope):
+        B, T = q_attn.shape[:2]
+        q = q_attn.view(B, T, self.cfg.n_heads, self.cfg.head_dim)
         return apply_rope(q, *rope) if rope is not None else q
 
-    def _output(self, o, xn):
+    def _output(self, o, proj: dict, dtype):
         """o [B, T, H, dv] -> gated output norm -> o_proj; the same formula as reference.gated_out_norm."""
         cfg = self.cfg
         B, T, H, dv = o.shape
-        g = self.g_proj(xn).view(B, T, H, dv) if self.g_proj is not None else None
+        g = proj["g_proj"].reshape(B, T, H, dv) if self.g_proj is not None else None
         if cfg.o_norm_grouping == "all":
             o = o.reshape(B, T, 1, H * dv)
             g = None if g is None else g.reshape(B, T, 1, H * dv)
@@ -175,19 +212,21 @@ class OryxMixer(nn.Module):
             y = self.o_norm(y if gate is None else y * gate)
         else:
             y = self.o_norm(y) if gate is None else self.o_norm(y) * gate
-        return self.o_proj(y.reshape(B, T, H * dv).to(xn.dtype))
+        return self.o_proj(y.reshape(B, T, H * dv).to(dtype))
 
     # -- parallel form (training, eval, prefill) --
     def forward(self, xn, plan: AttentionPlan, rope, layer_cache: LayerCache | None = None):
         """xn [B, T, D] normed input; plan: the modes; rope (cos, sin) for positions plan.q_offset.. or None."""
         windows = layer_cache.conv if layer_cache is not None else {}
-        k, k_tail = self.conv_k(self.k_proj(xn), windows.get("k"))
-        v, v_tail = self.conv_v(self.v_proj(xn), windows.get("v"))
-        o_rec = o_attn = None
         # with a cache the state must advance anyway, unless it was dropped (then no token is recurrent)
-        if plan.any_recurrent or (layer_cache is not None and layer_cache.recurrent is not None):
-            q_raw, q_tail = self.conv_q(self.q_rec(xn), windows.get("q"))
-            o_rec, final = self._recurrence(self._recurrence_inputs(xn, k, v, q_raw),
+        recurrent = plan.any_recurrent or (layer_cache is not None and layer_cache.recurrent is not None)
+        proj = self._projections(xn, plan.any_attention, recurrent)
+        k, k_tail = self.conv_k(proj["k_proj"], windows.get("k"))
+        v, v_tail = self.conv_v(proj["v_proj"], windows.get("v"))
+        o_rec = o_attn = None
+        if recurrent:
+            q_raw, q_tail = self.conv_q(proj["q_rec"], windows.get("q"))
+            o_rec, final = self._recurrence(self._recurrence_inputs(proj, k, v, q_raw),
                                             None if layer_cache is None else layer_cache.recurrent)
             if layer_cache is not None:
                 layer_cache.recurrent.copy_(final)
@@ -196,14 +235,14 @@ class OryxMixer(nn.Module):
             layer_cache.conv["k"].copy_(k_tail)
             layer_cache.conv["v"].copy_(v_tail)
         if plan.any_attention or (layer_cache is not None and layer_cache.keys is not None):
-            o_attn = self._attention(xn, k, v, plan, rope, layer_cache)
+            o_attn = self._attention(proj, k, v, plan, rope, layer_cache)
         if o_attn is None:
             o = o_rec
         elif o_rec is None:
             o = o_attn
         else:
             o = torch.where(plan.modes[:, :, None, None], o_attn, o_rec)
-        return self._output(o, xn)
+        return self._output(o, proj, xn.dtype)
 
     def _recurrence(self, r: dict, initial_state):
         state_args = dict(initial_state=initial_state, output_final_state=initial_state is not None)
@@ -212,7 +251,7 @@ class OryxMixer(nn.Module):
                                     **state_args)
         return ssd(r["q"], r["k"], r["v"], r["dt"], r["A"], r["D"], **state_args)
 
-    def _attention(self, xn, k, v, plan: AttentionPlan, rope, layer_cache):
+    def _attention(self, proj: dict, k, v, plan: AttentionPlan, rope, layer_cache):
         """Appends this chunk's keys/values to the cache (if any) and attends for the attention-mode rows."""
         keys, values = self._keys_values(k, v, rope)
         offset = plan.q_offset
@@ -224,7 +263,7 @@ class OryxMixer(nn.Module):
             values = layer_cache.values[:, :, :offset + T].to(values.dtype)
         if not plan.any_attention:
             return None
-        q = self._attention_queries(xn, rope).transpose(1, 2)
+        q = self._attention_queries(proj["q_attn"], rope).transpose(1, 2)
         o = plan_attention(q, keys, values, plan, scale=self.cfg.head_dim ** -0.5)
         return o.transpose(1, 2)
 
@@ -233,25 +272,28 @@ class OryxMixer(nn.Module):
         """xn [B, D]; modes [B] bool; position [B] (the slot this token takes). Graph-capturable."""
         cfg = self.cfg
         B = xn.shape[0]
-        k = self.conv_k.step(self.k_proj(xn), layer_cache.conv["k"])
-        v = self.conv_v.step(self.v_proj(xn), layer_cache.conv["v"])
+        recurrent = layer_cache.recurrent is not None
+        proj = self._projections(xn[:, None], attend or not recurrent, recurrent)   # each [B, 1, *]
+        k = self.conv_k.step(proj["k_proj"][:, 0], layer_cache.conv["k"])
+        v = self.conv_v.step(proj["v_proj"][:, 0], layer_cache.conv["v"])
         keys, values = self._keys_values(k[:, None], v[:, None], rope)              # [B, Hkv, 1, *]
-        if layer_cache.recurrent is None:  # dropped: every token attends (the caller checked), no recurrent work
+        if not recurrent:  # dropped: every token attends (the caller checked), no recurrent work
             slot = position[:1]
             layer_cache.keys.index_copy_(2, slot, keys.to(layer_cache.keys.dtype))
             layer_cache.values.index_copy_(2, slot, values.to(layer_cache.values.dtype))
-            q = self._attention_queries(xn[:, None], rope)[:, 0]
+            q = self._attention_queries(proj["q_attn"], rope)[:, 0]
             o = decode_attention(q, layer_cache.keys, layer_cache.values, position, cfg.head_dim ** -0.5)
-            return self._output(o.to(xn.dtype)[:, None], xn[:, None])[:, 0]
-        q_raw = self.conv_q.step(self.q_rec(xn), layer_cache.conv["q"])
-        o_rec = self._recurrence_step(self._recurrence_inputs(xn, k, v, q_raw), layer_cache, position,
+            return self._output(o.to(xn.dtype)[:, None], proj, xn.dtype)[:, 0]
+        q_raw = self.conv_q.step(proj["q_rec"][:, 0], layer_cache.conv["q"])
+        step_proj = {name: t[:, 0] for name, t in proj.items()}
+        o_rec = self._recurrence_step(self._recurrence_inputs(step_proj, k, v, q_raw), layer_cache, position,
                                       keys[:, :, 0], values[:, :, 0])
         if not attend:
-            return self._output(o_rec[:, None], xn[:, None])[:, 0]
-        q = self._attention_queries(xn[:, None], rope)[:, 0]                         # [B, H, d]
+            return self._output(o_rec[:, None], proj, xn.dtype)[:, 0]
+        q = self._attention_queries(proj["q_attn"], rope)[:, 0]                     # [B, H, d]
         o_attn = decode_attention(q, layer_cache.keys, layer_cache.values, position, cfg.head_dim ** -0.5)
         o = torch.where(modes.view(B, 1, 1), o_attn.to(o_rec.dtype), o_rec)
-        return self._output(o[:, None], xn[:, None])[:, 0]
+        return self._output(o[:, None], proj, xn.dtype)[:, 0]
 
     def _recurrence_step(self, r: dict, layer_cache: LayerCache, position, keys, values):
         """One recurrence token, state updated in place; also writes this token's key/value to the KV cache.
