@@ -1,6 +1,7 @@
-"""The Triton GDN chunk kernels as torch custom ops (oryx::gdn_chunk_forward / _backward), on CPU through
-Triton's interpreter: opcheck of the schema, fake (meta) implementations and autograd registration; a
-torch.compile'd call without graph breaks whose output and gradients equal eager and the naive recurrence.
+"""The Triton chunk kernels as torch custom ops (oryx::gdn_chunk_forward / _backward, oryx::ssd_chunk_forward /
+_backward), on CPU through Triton's interpreter: opcheck of the schema, fake (meta) implementations and autograd
+registration; a torch.compile'd GDN call without graph breaks whose output and gradients equal eager and the
+naive recurrence (test_mamba2_triton_interpret.py has Mamba-2's); the same opcheck of the RoPE kernel (oryx::rope).
 
 TRITON_INTERPRET=1 must be set before triton is imported, so the outer pytest process runs this file
 again in a subprocess with it set; the op tests run there and skip in the outer process.
@@ -29,7 +30,7 @@ def test_in_interpreter_subprocess():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert re.search(r"\b3 passed, 1 skipped\b", result.stdout), result.stdout[-2000:]
+    assert re.search(r"\b6 passed, 1 skipped\b", result.stdout), result.stdout[-2000:]
 
 
 def op_arguments(T=70, H=2, K=64, V=16, with_state=True, requires_grad=True):
@@ -76,3 +77,33 @@ def test_compiled_call_matches_eager_and_naive():
     for name, a, b, c in zip(["o", "final", "dq", "dk", "dv", "dg", "dbeta", "dh0"], got, eager, want):
         assert relative_error(a, b) < 1e-6, name
         assert relative_error(a, c) < 1e-4, name
+
+
+@needs_interpreter
+@pytest.mark.parametrize("with_extras", [True, False])
+def test_opcheck_ssd_chunk_forward(with_extras):
+    """Mamba-2 with and without D and an initial state, two chunks of 16 (the last partial)."""
+    from oryx_torch.kernels.mamba2.chunk import ssd_chunk_forward
+
+    gen = torch.Generator().manual_seed(6)
+    B, T, H, K, V = 2, 24, 2, 16, 16
+    q, k, v = (torch.randn(B, T, H, width, generator=gen) * 0.5 for width in (K, K, V))
+    dt = torch.nn.functional.softplus(torch.randn(B, T, H, generator=gen))
+    A = -torch.rand(H, generator=gen) - 0.1
+    D = torch.randn(H, generator=gen) if with_extras else None
+    h0 = torch.randn(B, H, K, V, generator=gen) if with_extras else None
+    leaves = [t.requires_grad_() for t in (q, k, v, dt, A) + ((D, h0) if with_extras else ())]
+    args = (*leaves[:5], D, h0, True, None, 16)
+    torch.library.opcheck(ssd_chunk_forward, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@needs_interpreter
+def test_opcheck_rope():
+    from oryx_torch.attention import rope_tables
+    from oryx_torch.kernels.rope import rope_rotate
+
+    x = torch.randn(2, 5, 3, 16, generator=torch.Generator().manual_seed(7)).requires_grad_()
+    cos, sin = rope_tables(16, 10000.0, torch.arange(5))
+    torch.library.opcheck(rope_rotate, (x, cos, sin, 1.0),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

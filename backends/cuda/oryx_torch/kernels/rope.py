@@ -39,16 +39,31 @@ def _rotate(x, cos, sin, sign):
     return out
 
 
-class _Rope(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, 1.0)
+# A torch custom op (fake implementation and autograd registered), so a compiled graph can call it without
+# breaking; the backward is the same op with the rotation reversed.
+@torch.library.custom_op("oryx::rope", mutates_args=())
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """x [B, T, H, d] rotated by the tables [T, d]: sign +1 is RoPE, -1 its inverse (the backward)."""
+    return _rotate(x, cos, sin, sign)
 
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, sin, -1.0), None, None
+
+@rope_rotate.register_fake
+def _(x, cos, sin, sign):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _rope_setup_context(ctx, inputs, output):
+    _, cos, sin, sign = inputs
+    ctx.sign = sign
+    ctx.save_for_backward(cos, sin)
+
+
+def _rope_backward(ctx, grad):
+    cos, sin = ctx.saved_tensors
+    return rope_rotate(grad.contiguous(), cos, sin, -ctx.sign), None, None, None
+
+
+rope_rotate.register_autograd(_rope_backward, setup_context=_rope_setup_context)
 
 
 def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -59,4 +74,4 @@ def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
                          f"sin {list(sin.shape)} {sin.dtype}")
     if D % 2 or D & (D - 1):
         raise ValueError(f"fused_rope needs a head size that is a power of two, got {D}")
-    return _Rope.apply(x, cos.contiguous(), sin.contiguous())
+    return rope_rotate(x, cos.contiguous(), sin.contiguous(), 1.0)

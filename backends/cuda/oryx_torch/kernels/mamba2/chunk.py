@@ -39,7 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..gdn._triton_compat import patch_interpreter_scalar_index
 from ._inputs import check_ssd_inputs
+
+patch_interpreter_scalar_index()
 
 # Tile caps, warps and pipeline depth of the four kernels (bench/bench_mamba2.py --sweep times variants).
 KERNEL_SETTINGS = dict(
@@ -375,88 +378,145 @@ def _chunk_offsets(cu_seqlens, batch, length, chunk_size):
     return offsets.to(torch.int32), int(num_chunks.sum())
 
 
-class ChunkSSDFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, dt, A, D, initial_state, output_final_state, cu_seqlens, chunk_size):
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        (q, k, v, dt32, A32, D32, h0), o, ht, num_seqs = forward_buffers(
-            q, k, v, dt, A, D, initial_state, output_final_state, cu_seqlens)
-        settings = KERNEL_SETTINGS
-        BK, BV = _block(K), _block(V, cap=settings["fwd_block_v"])
-        _ssd_fwd_kernel[(triton.cdiv(V, BV), num_seqs * H)](
-            q, k, v, dt32, A32, D32 if D32 is not None else A32, h0 if h0 is not None else o,
-            o, ht if ht is not None else o, cu_seqlens if cu_seqlens is not None else dt32, T,
-            H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
-            HAS_D=D32 is not None, HAS_H0=h0 is not None, STORE_HT=ht is not None,
-            IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_dot_precision(q.dtype),
-            num_warps=settings["fwd_warps"], num_stages=settings["num_stages"],
-        )
-        ctx.save_for_backward(q, k, v, dt32, A32, D32, h0, cu_seqlens)
-        ctx.chunk_size = chunk_size
-        ctx.input_dtypes = (dt.dtype, A.dtype, None if D is None else D.dtype,
-                            None if initial_state is None else initial_state.dtype)
-        return o, ht
-
-    @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, dt, A, D, h0, cu_seqlens = ctx.saved_tensors
-        dt_dtype, A_dtype, D_dtype, h0_dtype = ctx.input_dtypes
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        num_seqs = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        do = do.contiguous()
-        dht = None if dht is None else dht.float().contiguous()
-        BT, settings = ctx.chunk_size, KERNEL_SETTINGS
-        BK_split, BK, BV = _block(K, cap=settings["bwd_block_k"]), _block(K), _block(V)
-        num_k_blocks = triton.cdiv(K, BK_split)
-        chunk_offsets, total_chunks = _chunk_offsets(cu_seqlens, B, T, BT)
-        # Placeholders for absent optional tensors: never read (their constexpr flag is off).
-        unused = dt
-        packed = dict(cu_seqlens=cu_seqlens if cu_seqlens is not None else unused,
-                      chunk_offsets=chunk_offsets if chunk_offsets is not None else unused)
-        common = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=cu_seqlens is not None,
-                      DOT_PRECISION=_dot_precision(q.dtype), num_stages=settings["num_stages"])
-
-        dq = torch.empty_like(q)
-        q_dot_dq_inter = torch.empty(num_k_blocks, B * T, H, dtype=torch.float32, device=q.device)
-        chunk_states = torch.empty(total_chunks, H, K, V, dtype=torch.float32, device=q.device)
-        _ssd_bwd_dq_kernel[(num_k_blocks, num_seqs * H)](
-            q, k, v, dt, A, h0 if h0 is not None else unused, do, dq, q_dot_dq_inter, chunk_states,
-            T=T, total_tokens=B * T, BK=BK_split, BV=BV, HAS_H0=h0 is not None,
-            num_warps=settings["dq_warps"], **packed, **common,
-        )
-        dk = torch.empty_like(k)
-        k_dot_dk_inter = torch.empty_like(q_dot_dq_inter)
-        dh0 = torch.empty_like(h0) if h0 is not None else None
-        _ssd_bwd_dk_kernel[(num_k_blocks, num_seqs * H)](
-            q, k, v, dt, A, do, dht if dht is not None else unused, dk, k_dot_dk_inter,
-            dh0 if dh0 is not None else unused,
-            cu_seqlens=packed["cu_seqlens"], T=T, total_tokens=B * T, BK=BK_split, BV=BV,
-            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, num_warps=settings["dk_warps"], **common,
-        )
-        dv = torch.empty_like(v)
-        BV_dv = _block(V, cap=settings["dv_block_v"])
-        num_v_blocks = triton.cdiv(V, BV_dv)
-        d_dt = torch.empty(num_v_blocks, B * T, H, dtype=torch.float32, device=q.device)
-        d_A = torch.empty(num_v_blocks, num_seqs, H, dtype=torch.float32, device=q.device)
-        d_D = torch.empty(num_v_blocks, num_seqs, H, dtype=torch.float32, device=q.device)
-        _ssd_bwd_dv_kernel[(num_v_blocks, num_seqs * H)](
-            q, k, v, dt, A, D if D is not None else unused, do, dht if dht is not None else unused,
-            q_dot_dq_inter, k_dot_dk_inter, chunk_states, dv, d_dt, d_A, d_D,
-            T=T, total_tokens=B * T, BK=BK, BV=BV_dv, NUM_K_BLOCKS=num_k_blocks,
-            HAS_D=D is not None, HAS_DHT=dht is not None, num_warps=settings["dv_warps"], **packed, **common,
-        )
-        return (
-            dq, dk, dv, d_dt.sum(0).view(B, T, H).to(dt_dtype), d_A.sum((0, 1)).to(A_dtype),
-            None if D is None else d_D.sum((0, 1)).to(D_dtype),
-            None if dh0 is None else dh0.to(h0_dtype),
-            None, None, None,
-        )
+def _ssd_forward(q, k, v, dt, A, D, initial_state, output_final_state, cu_seqlens, chunk_size):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    (q, k, v, dt32, A32, D32, h0), o, ht, num_seqs = forward_buffers(
+        q, k, v, dt, A, D, initial_state, output_final_state, cu_seqlens)
+    settings = KERNEL_SETTINGS
+    BK, BV = _block(K), _block(V, cap=settings["fwd_block_v"])
+    _ssd_fwd_kernel[(triton.cdiv(V, BV), num_seqs * H)](
+        q, k, v, dt32, A32, D32 if D32 is not None else A32, h0 if h0 is not None else o,
+        o, ht if ht is not None else o, cu_seqlens if cu_seqlens is not None else dt32, T,
+        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
+        HAS_D=D32 is not None, HAS_H0=h0 is not None, STORE_HT=ht is not None,
+        IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=settings["fwd_warps"], num_stages=settings["num_stages"],
+    )
+    return o, ht
 
 
-# Opaque to torch.compile for the reason given at gdn.chunk.chunk_gated_delta_rule.
-@torch.compiler.disable
+def _ssd_backward(q, k, v, dt, A, D, h0, cu_seqlens, chunk_size, do, dht):
+    """Gradients of every input in its own dtype (None for an absent D or initial state)."""
+    dt_dtype, A_dtype, D_dtype, h0_dtype = dt.dtype, A.dtype, None if D is None else D.dtype, \
+        None if h0 is None else h0.dtype
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dt, A = dt.float().contiguous(), A.float().contiguous()
+    D = None if D is None else D.float().contiguous()
+    h0 = None if h0 is None else h0.float().contiguous()
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    num_seqs = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    do = do.contiguous()
+    dht = None if dht is None else dht.float().contiguous()
+    BT, settings = chunk_size, KERNEL_SETTINGS
+    BK_split, BK, BV = _block(K, cap=settings["bwd_block_k"]), _block(K), _block(V)
+    num_k_blocks = triton.cdiv(K, BK_split)
+    chunk_offsets, total_chunks = _chunk_offsets(cu_seqlens, B, T, BT)
+    # Placeholders for absent optional tensors: never read (their constexpr flag is off).
+    unused = dt
+    packed = dict(cu_seqlens=cu_seqlens if cu_seqlens is not None else unused,
+                  chunk_offsets=chunk_offsets if chunk_offsets is not None else unused)
+    common = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=cu_seqlens is not None,
+                  DOT_PRECISION=_dot_precision(q.dtype), num_stages=settings["num_stages"])
+
+    dq = torch.empty_like(q)
+    q_dot_dq_inter = torch.empty(num_k_blocks, B * T, H, dtype=torch.float32, device=q.device)
+    chunk_states = torch.empty(total_chunks, H, K, V, dtype=torch.float32, device=q.device)
+    _ssd_bwd_dq_kernel[(num_k_blocks, num_seqs * H)](
+        q, k, v, dt, A, h0 if h0 is not None else unused, do, dq, q_dot_dq_inter, chunk_states,
+        T=T, total_tokens=B * T, BK=BK_split, BV=BV, HAS_H0=h0 is not None,
+        num_warps=settings["dq_warps"], **packed, **common,
+    )
+    dk = torch.empty_like(k)
+    k_dot_dk_inter = torch.empty_like(q_dot_dq_inter)
+    dh0 = torch.empty_like(h0) if h0 is not None else None
+    _ssd_bwd_dk_kernel[(num_k_blocks, num_seqs * H)](
+        q, k, v, dt, A, do, dht if dht is not None else unused, dk, k_dot_dk_inter,
+        dh0 if dh0 is not None else unused,
+        cu_seqlens=packed["cu_seqlens"], T=T, total_tokens=B * T, BK=BK_split, BV=BV,
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, num_warps=settings["dk_warps"], **common,
+    )
+    dv = torch.empty_like(v)
+    BV_dv = _block(V, cap=settings["dv_block_v"])
+    num_v_blocks = triton.cdiv(V, BV_dv)
+    d_dt = torch.empty(num_v_blocks, B * T, H, dtype=torch.float32, device=q.device)
+    d_A = torch.empty(num_v_blocks, num_seqs, H, dtype=torch.float32, device=q.device)
+    d_D = torch.empty(num_v_blocks, num_seqs, H, dtype=torch.float32, device=q.device)
+    _ssd_bwd_dv_kernel[(num_v_blocks, num_seqs * H)](
+        q, k, v, dt, A, D if D is not None else unused, do, dht if dht is not None else unused,
+        q_dot_dq_inter, k_dot_dk_inter, chunk_states, dv, d_dt, d_A, d_D,
+        T=T, total_tokens=B * T, BK=BK, BV=BV_dv, NUM_K_BLOCKS=num_k_blocks,
+        HAS_D=D is not None, HAS_DHT=dht is not None, num_warps=settings["dv_warps"], **packed, **common,
+    )
+    return (dq, dk, dv, d_dt.sum(0).view(B, T, H).to(dt_dtype), d_A.sum((0, 1)).to(A_dtype),
+            None if D is None else d_D.sum((0, 1)).to(D_dtype), None if dh0 is None else dh0.to(h0_dtype))
+
+
+# ---- the kernels as torch custom ops (see gdn.chunk): torch.compile calls them from its graph without
+# tracing into them; an absent optional tensor is an empty one.
+def _absent(t):
+    return t is None or t.numel() == 0
+
+
+def _present(t):
+    return None if _absent(t) else t
+
+
+@torch.library.custom_op("oryx::ssd_chunk_forward", mutates_args=())
+def ssd_chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                      D: torch.Tensor | None, initial_state: torch.Tensor | None, output_final_state: bool,
+                      cu_seqlens: torch.Tensor | None, chunk_size: int) -> list[torch.Tensor]:
+    """[o, final state (empty unless asked for)]."""
+    o, ht = _ssd_forward(q, k, v, dt, A, _present(D), _present(initial_state), output_final_state,
+                         _present(cu_seqlens), chunk_size)
+    return [o, ht if ht is not None else q.new_empty(0, dtype=torch.float32)]
+
+
+@ssd_chunk_forward.register_fake
+def _(q, k, v, dt, A, D, initial_state, output_final_state, cu_seqlens, chunk_size):
+    num_seqs = q.shape[0] if _absent(cu_seqlens) else cu_seqlens.shape[0] - 1
+    f32 = dict(dtype=torch.float32, device=q.device)
+    ht = q.new_empty(num_seqs, q.shape[2], q.shape[3], v.shape[-1], **f32) if output_final_state else \
+        q.new_empty(0, **f32)
+    return [torch.empty_like(v, memory_format=torch.contiguous_format), ht]
+
+
+@torch.library.custom_op("oryx::ssd_chunk_backward", mutates_args=())
+def ssd_chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                       D: torch.Tensor | None, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                       chunk_size: int, do: torch.Tensor, dht: torch.Tensor | None) -> list[torch.Tensor]:
+    """[dq, dk, dv, d_dt, d_A, d_D (empty without D), d_initial_state (empty without one)]."""
+    grads = _ssd_backward(q, k, v, dt, A, _present(D), _present(initial_state), _present(cu_seqlens), chunk_size,
+                          do, _present(dht))
+    return [g if g is not None else q.new_empty(0, dtype=torch.float32) for g in grads]
+
+
+@ssd_chunk_backward.register_fake
+def _(q, k, v, dt, A, D, initial_state, cu_seqlens, chunk_size, do, dht):
+    like = lambda t: q.new_empty(0, dtype=torch.float32) if _absent(t) else torch.empty_like(  # noqa: E731
+        t, memory_format=torch.contiguous_format)
+    return [like(q), like(k), like(v), like(dt), like(A), like(D), like(initial_state)]
+
+
+def _ssd_setup_context(ctx, inputs, output):
+    q, k, v, dt, A, D, initial_state, _, cu_seqlens, chunk_size = inputs
+    ctx.chunk_size = chunk_size
+    ctx.save_for_backward(q, k, v, dt, A, D, initial_state, cu_seqlens)
+
+
+def _ssd_autograd_backward(ctx, grads):
+    q, k, v, dt, A, D, initial_state, cu_seqlens = ctx.saved_tensors
+    do, dht = grads
+    do = torch.zeros_like(v) if do is None else do
+    dq, dk, dv, d_dt, d_A, d_D, dh0 = ssd_chunk_backward(q, k, v, dt, A, D, initial_state, cu_seqlens,
+                                                          ctx.chunk_size, do, _present(dht))
+    return (dq, dk, dv, d_dt, d_A, _present(d_D), _present(dh0), None, None, None)
+
+
+ssd_chunk_forward.register_autograd(_ssd_autograd_backward, setup_context=_ssd_setup_context)
+
+
 def chunk_ssd(q, k, v, dt, A, D=None, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64):
     """Triton chunked SSD with autograd; same arguments and results as chunk_ssd_torch.
 
@@ -470,4 +530,5 @@ def chunk_ssd(q, k, v, dt, A, D=None, initial_state=None, output_final_state=Fal
         raise ValueError(f"v must be float32, bfloat16 or float16 for the Triton kernel, got {v.dtype}")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
-    return ChunkSSDFunction.apply(q, k, v, dt, A, D, initial_state, output_final_state, cu_seqlens, chunk_size)
+    o, ht = ssd_chunk_forward(q, k, v, dt, A, D, initial_state, output_final_state, cu_seqlens, chunk_size)
+    return o, ht if output_final_state else None
