@@ -156,6 +156,11 @@ def test_oryx_convert_to_hf_writes_a_checkpoint_both_load(exported, tmp_path):
     (tmp_path / "with-tokenizer" / "tokenizer.json").write_text(byte_level_tokenizer().to_str())
     with_tokenizer = load_hf(convert(tmp_path / "with-tokenizer", tmp_path / "hf-tok", to_kind="hf"))
     assert with_tokenizer.generation_config.eos_token_id == end_of_text_id(byte_level_tokenizer())
+    from transformers import AutoTokenizer  # without trust_remote_code: the tokenizer needs none of the model's code
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf-tok")
+    assert hf_tokenizer("hello").input_ids == byte_level_tokenizer().encode("hello").ids
+    assert load_checkpoint(tmp_path / "hf-tok").config == model.cfg  # and Oryx still reads the directory
     tokens = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert (hf(tokens).logits - model(tokens, False)).abs().max().item() <= 1e-5

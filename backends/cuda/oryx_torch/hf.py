@@ -27,11 +27,12 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from oryx_core.atomic import atomic_write_bytes
-from oryx_core.chat import stop_token_ids
+from oryx_core.chat import read_tokenizer_config, stop_token_ids
 from oryx_core.config import OryxConfig
 from oryx_core.plan import ModePlan
 from oryx_core.tokenizer import TOKENIZER_FILE, tokenizer_for
-from oryx_core.weights import CONFIG_FILE, FORMAT_KEYS, HF_CONFIG_KEYS, load_checkpoint, save_checkpoint
+from oryx_core.weights import (CONFIG_FILE, FORMAT_KEYS, HF_CONFIG_KEYS, TOKENIZER_CONFIG_FILE, load_checkpoint,
+                               save_checkpoint)
 
 from .model import DTYPES, OryxModel, resolve_dtype
 
@@ -224,6 +225,10 @@ def add_hf_files(path, plan: str = "attention") -> Path:
         stops = stop_token_ids(path, tokenizer_for(path))
         if stops:
             extra["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+        # AutoTokenizer then reads tokenizer.json directly, without the model's remote code
+        tokenizer_config = read_tokenizer_config(path) or {}
+        tokenizer_config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        atomic_write_bytes(path / TOKENIZER_CONFIG_FILE, json.dumps(tokenizer_config, indent=2, ensure_ascii=False).encode())
     for module, source in MODULE_SOURCES.items():
         atomic_write_bytes(path / f"{module}.py", source.encode())
     atomic_write_bytes(config_file, json.dumps({**config, **extra}, indent=2).encode())
