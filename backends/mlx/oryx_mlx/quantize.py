@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from oryx_core.config import OryxConfig
 from oryx_core.safetensors_io import FormatError
@@ -51,8 +51,16 @@ def quantize_model(model: OryxModel, bits: int = 4, group_size: int = 64) -> Ory
     _check_settings(bits, group_size, "quantize")
     if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
         raise ValueError("quantize: the model is already quantised")
-    nn.quantize(model, group_size=group_size, bits=bits,
-                class_predicate=lambda path, module: is_quantizable(path, module, group_size))
+    from tqdm.auto import tqdm
+
+    # module by module (what nn.quantize does in one call), evaluated as it goes, so a progress bar shows the work
+    targets = [(path, module) for path, module in model.named_modules() if is_quantizable(path, module, group_size)]
+    quantized = []
+    for path, module in tqdm(targets, desc="quantizing", unit="matrix", disable=None, leave=False):
+        packed = module.to_quantized(group_size=group_size, bits=bits)
+        mx.eval(packed.parameters())
+        quantized.append((path, packed))
+    model.update_modules(tree_unflatten(quantized))
     return model
 
 
