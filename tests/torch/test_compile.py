@@ -101,7 +101,7 @@ def test_prepared_plans_are_checked():
         model.prepare(torch.full((2, 8), 999999), torch.ones(2, 8, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+@pytest.mark.parametrize("mixer", ["gdn", pytest.param("mamba2", marks=pytest.mark.slow)])
 def test_fused_projections_match_separate_ones(mixer):
     """One matmul over the concatenated input projections == one per projection: outputs against the float64
     reference in every plan, gradients against the separate form; the inference copy follows new weights."""
