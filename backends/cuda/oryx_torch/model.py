@@ -33,8 +33,10 @@ from oryx_core.weights import FLOAT_DTYPES, load_checkpoint, save_checkpoint
 
 from .attention import AttentionPlan, apply_rope, decode_attention, plan_attention, rope_tables
 from .cache import LayerCache, OryxCache
-from .kernels.gdn import gated_delta_rule, naive_recurrent_gated_delta_rule
-from .kernels.mamba2 import naive_recurrent_ssd, ssd
+from .kernels.gdn import gated_delta_rule
+from .kernels.gdn.naive import gated_delta_rule_step_torch
+from .kernels.mamba2 import ssd
+from .kernels.mamba2.naive import ssd_step_torch
 
 DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPES}  # the weight format's float dtypes as torch dtypes
 
@@ -318,16 +320,10 @@ class OryxMixer(nn.Module):
             rows = torch.arange(keys.shape[0], device=keys.device)
             layer_cache.keys[rows, :, position] = keys.to(layer_cache.keys.dtype)  # sequence b at its position[b]
             layer_cache.values[rows, :, position] = values.to(layer_cache.values.dtype)
-        one = {name: t[:, None] for name, t in r.items() if name not in ("A", "D")}  # [B, 1, ...]: one token
         if self.cfg.mixer == "gdn":
-            o, final = naive_recurrent_gated_delta_rule(one["q"], one["k"], one["v"], one["g"], one["beta"],
-                                                        scale=self.cfg.gdn_scale, initial_state=state,
-                                                        output_final_state=True)
-        else:
-            o, final = naive_recurrent_ssd(one["q"], one["k"], one["v"], one["dt"], r["A"], r["D"],
-                                           initial_state=state, output_final_state=True)
-        state.copy_(final)
-        return o[:, 0]
+            return gated_delta_rule_step_torch(r["q"], r["k"], r["v"], r["g"], r["beta"], state,
+                                               scale=self.cfg.gdn_scale)
+        return ssd_step_torch(r["q"], r["k"], r["v"], r["dt"], r["A"], r["D"], state)
 
 
 class SwiGLU(nn.Module):

@@ -49,3 +49,20 @@ def naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
         o = v_.new_zeros(B, T, H, V)
     final_state = torch.stack(final_states) if output_final_state else None
     return o.to(v.dtype), final_state
+
+
+def gated_delta_rule_step_torch(q, k, v, g, beta, state, scale=None):
+    """One token of every sequence at once, `state` [B, H, K, V] updated in place: the torch twin of
+    fused_recurrent.gated_delta_rule_decode_step (q, k [B, H, K]; v [B, H, V]; g, beta [B, H]).
+
+    The same arithmetic as the loop above, batched over sequences, so a decode step costs a fixed
+    handful of operators whatever the batch. Returns o [B, H, V] in v.dtype.
+    """
+    scale = default_scale(scale, q.shape[-1])
+    dtype = state.dtype
+    q, k, v, g, beta = (t.to(dtype) for t in (q, k, v, g, beta))
+    decayed = state * torch.exp(g)[..., None, None]
+    predicted = torch.einsum("bhkv,bhk->bhv", decayed, k)
+    correction = beta[..., None] * (v - predicted)
+    state.copy_(torch.addcmul(decayed, k[..., None], correction[..., None, :]))
+    return (scale * torch.einsum("bhkv,bhk->bhv", state, q)).to(v.dtype)

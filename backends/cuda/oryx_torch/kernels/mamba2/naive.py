@@ -43,3 +43,19 @@ def naive_recurrent_ssd(q, k, v, dt, A, D=None, initial_state=None, output_final
     o = torch.stack(outputs).reshape(v.shape).to(v.dtype) if outputs else torch.empty_like(v)
     final_state = torch.stack(finals) if output_final_state else None
     return o, final_state
+
+
+def ssd_step_torch(q, k, v, dt, A, D, state):
+    """One token of every sequence at once, `state` [B, H, K, V] updated in place: the torch twin of
+    fused_recurrent.ssd_decode_step (q, k [B, H, K]; v [B, H, V]; dt [B, H]; A, D [H], D may be None).
+
+    The loop above batched over sequences. Returns o [B, H, V] in v.dtype.
+    """
+    dtype = state.dtype
+    q, k, v, dt, A = (t.to(dtype) for t in (q, k, v, dt, A))
+    decay = torch.exp(A * dt)[..., None, None]
+    state.mul_(decay).add_((dt[..., None] * k)[..., None] * v[..., None, :])
+    out = torch.einsum("bhkv,bhk->bhv", state, q)
+    if D is not None:
+        out = out + D.to(dtype)[:, None] * v
+    return out.to(v.dtype)
