@@ -84,3 +84,24 @@ def test_figures_shown_in_docs_exist():
             if not (doc.parent / target).exists():
                 missing.append(f"{doc.name}: {target}")
     assert missing == []
+
+
+POINTED_DOCS = ["benchmarks.md"]  # the docs whose sections code comments point at for measurements
+
+
+def test_code_points_only_at_doc_sections_that_exist():
+    """A comment's `docs/X.md, "Section"` must name a heading of that doc, so the pointer survives a docs rewrite."""
+    headings = {doc.name: {line.lstrip("#").strip() for line in doc.read_text().splitlines() if line.startswith("#")}
+                for doc in (ROOT / "docs").glob("*.md")}
+    dangling = []
+    for path in project_files({".py"}):
+        if path == Path(__file__).resolve():  # its own pattern and docstring are no pointers
+            continue
+        text = path.read_text(errors="replace")
+        for match in re.finditer(r'docs/([\w-]+\.md)[,\s#]*"([^"\n]+)"', text):
+            doc, section = match.groups()
+            if doc not in POINTED_DOCS:
+                continue
+            if not any(heading.startswith(section) for heading in headings.get(doc, ())):
+                dangling.append(f"{path.relative_to(ROOT)}: {doc}, {section!r}")
+    assert dangling == []
