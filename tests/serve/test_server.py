@@ -1,7 +1,6 @@
 """`oryx serve` on each backend, driven over HTTP by the official openai client."""
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
