@@ -42,6 +42,17 @@ DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPES}  # the weight for
 
 
 # ----- small pieces -----
+def fp32(x: torch.Tensor) -> torch.Tensor:
+    """x as float32; x itself when it already is (a no-op .float() still costs an operator dispatch, which adds
+    up over the hundreds of small tensors of a CPU decode step)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`, without an operator call when it already is."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * w, computed in fp32, returned in x's dtype."""
 
@@ -51,14 +62,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(width))
 
     def forward(self, x):
-        xf = x.float()
+        xf = fp32(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return cast(y * fp32(self.weight), x.dtype)
 
 
 def l2_normalize(x):
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + L2NORM_EPS)).to(x.dtype)
+    xf = fp32(x)
+    return cast(xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + L2NORM_EPS), x.dtype)
 
 
 def repeat_heads(x, group: int, dim: int):
@@ -82,9 +93,9 @@ class CausalConv(nn.Module):
         """x [B, T, C], window [B, W-1, C] (earlier inputs, zeros if None) -> (out [B, T, C], new window)."""
         B, T, C = x.shape
         W = self.weight.shape[1]
-        history = x.new_zeros(B, W - 1, C) if window is None else window.to(x.dtype)
+        history = x.new_zeros(B, W - 1, C) if window is None else cast(window, x.dtype)
         padded = torch.cat([history, x], dim=1)
-        out = F.conv1d(padded.transpose(1, 2), self.weight[:, None, :].to(x.dtype), groups=C)
+        out = F.conv1d(padded.transpose(1, 2), cast(self.weight[:, None, :], x.dtype), groups=C)
         # back to [B, T, C] in memory too: a channels-first view would leave q/k/v with a strided
         # last axis, which SDPA's flash kernels refuse (silently falling back to the math kernel)
         out = out.transpose(1, 2).contiguous()
@@ -94,12 +105,12 @@ class CausalConv(nn.Module):
 
     def step(self, x, window):
         """One token x [B, C]; shifts `window` [B, W-1, C] in place."""
-        full = torch.cat([window, x[:, None].to(window.dtype)], dim=1)                # [B, W, C]
-        out = (full.float() * self.weight.float().t()).sum(1)
+        full = torch.cat([window, cast(x[:, None], window.dtype)], dim=1)                # [B, W, C]
+        out = (fp32(full) * fp32(self.weight).t()).sum(1)
         if self.bias is not None:
-            out = out + self.bias.float()
+            out = out + fp32(self.bias)
         window.copy_(full[:, 1:])
-        return self._activate(out).to(x.dtype)
+        return cast(self._activate(out), x.dtype)
 
 
 # ----- the mixer: both modes over shared keys and values -----
@@ -175,15 +186,15 @@ class OryxMixer(nn.Module):
         q = q_raw.view(*lead, cfg.n_heads, cfg.head_dim)
         k = k.view(*lead, cfg.n_kv_heads, cfg.head_dim)
         v = repeat_heads(v.view(*lead, cfg.n_kv_heads, cfg.v_head_dim), G, -2)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(fp32(self.A_log))
         if cfg.mixer == "gdn":
-            log_alpha = A * F.softplus(proj["a_proj"].float() + self.dt_bias.float())
-            beta = torch.sigmoid(proj["b_proj"].float())
+            log_alpha = A * F.softplus(fp32(proj["a_proj"]) + fp32(self.dt_bias))
+            beta = torch.sigmoid(fp32(proj["b_proj"]))
             return dict(q=l2_normalize(q), k=repeat_heads(l2_normalize(k), G, -2), v=v,
                         g=repeat_heads(log_alpha, G, -1), beta=repeat_heads(beta, G, -1))
-        dt = F.softplus(proj["dt_proj"].float() + self.dt_bias.float())
+        dt = F.softplus(fp32(proj["dt_proj"]) + fp32(self.dt_bias))
         return dict(q=q, k=repeat_heads(k, G, -2), v=v, dt=repeat_heads(dt, G, -1), A=repeat_heads(A, G, 0),
-                    D=repeat_heads(self.D_skip.float(), G, 0))
+                    D=repeat_heads(fp32(self.D_skip), G, 0))
 
     def _keys_values(self, k, v, rope):
         """Head-major attention keys (RoPE applied) and values: [B, Hkv, T, d], [B, Hkv, T, dv]."""
@@ -206,8 +217,8 @@ class OryxMixer(nn.Module):
         if cfg.o_norm_grouping == "all":
             o = o.reshape(B, T, 1, H * dv)
             g = None if g is None else g.reshape(B, T, 1, H * dv)
-        y = o.float()
-        gate = F.silu(g.float()) if g is not None else None
+        y = fp32(o)
+        gate = F.silu(fp32(g)) if g is not None else None
         if self.o_norm is None:
             y = y if gate is None else y * gate
         elif cfg.gate_before_norm:
@@ -281,11 +292,11 @@ class OryxMixer(nn.Module):
         keys, values = self._keys_values(k[:, None], v[:, None], rope)              # [B, Hkv, 1, *]
         if not recurrent:  # dropped: every token attends (the caller checked), no recurrent work
             slot = position[:1]
-            layer_cache.keys.index_copy_(2, slot, keys.to(layer_cache.keys.dtype))
-            layer_cache.values.index_copy_(2, slot, values.to(layer_cache.values.dtype))
+            layer_cache.keys.index_copy_(2, slot, cast(keys, layer_cache.keys.dtype))
+            layer_cache.values.index_copy_(2, slot, cast(values, layer_cache.values.dtype))
             q = self._attention_queries(proj["q_attn"], rope)[:, 0]
             o = decode_attention(q, layer_cache.keys, layer_cache.values, position, cfg.head_dim ** -0.5)
-            return self._output(o.to(xn.dtype)[:, None], proj, xn.dtype)[:, 0]
+            return self._output(cast(o, xn.dtype)[:, None], proj, xn.dtype)[:, 0]
         q_raw = self.conv_q.step(proj["q_rec"][:, 0], layer_cache.conv["q"])
         step_proj = {name: t[:, 0] for name, t in proj.items()}
         o_rec = self._recurrence_step(self._recurrence_inputs(step_proj, k, v, q_raw), layer_cache, position,
@@ -294,7 +305,7 @@ class OryxMixer(nn.Module):
             return self._output(o_rec[:, None], proj, xn.dtype)[:, 0]
         q = self._attention_queries(proj["q_attn"], rope)[:, 0]                     # [B, H, d]
         o_attn = decode_attention(q, layer_cache.keys, layer_cache.values, position, cfg.head_dim ** -0.5)
-        o = torch.where(modes.view(B, 1, 1), o_attn.to(o_rec.dtype), o_rec)
+        o = torch.where(modes.view(B, 1, 1), cast(o_attn, o_rec.dtype), o_rec)
         return self._output(o[:, None], proj, xn.dtype)[:, 0]
 
     def _recurrence_step(self, r: dict, layer_cache: LayerCache, position, keys, values):
@@ -318,8 +329,8 @@ class OryxMixer(nn.Module):
             return ssd_decode_step(r["q"], r["k"], r["v"], r["dt"], r["A"], r["D"], state, **append)
         if has_kv:
             rows = torch.arange(keys.shape[0], device=keys.device)
-            layer_cache.keys[rows, :, position] = keys.to(layer_cache.keys.dtype)  # sequence b at its position[b]
-            layer_cache.values[rows, :, position] = values.to(layer_cache.values.dtype)
+            layer_cache.keys[rows, :, position] = cast(keys, layer_cache.keys.dtype)  # sequence b at its position[b]
+            layer_cache.values[rows, :, position] = cast(values, layer_cache.values.dtype)
         if self.cfg.mixer == "gdn":
             return gated_delta_rule_step_torch(r["q"], r["k"], r["v"], r["g"], r["beta"], state,
                                                scale=self.cfg.gdn_scale)

@@ -60,9 +60,10 @@ def gated_delta_rule_step_torch(q, k, v, g, beta, state, scale=None):
     """
     scale = default_scale(scale, q.shape[-1])
     dtype = state.dtype
-    q, k, v, g, beta = (t.to(dtype) for t in (q, k, v, g, beta))
+    q, k, v, g, beta = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v, g, beta))
     decayed = state * torch.exp(g)[..., None, None]
     predicted = torch.einsum("bhkv,bhk->bhv", decayed, k)
     correction = beta[..., None] * (v - predicted)
     state.copy_(torch.addcmul(decayed, k[..., None], correction[..., None, :]))
-    return (scale * torch.einsum("bhkv,bhk->bhv", state, q)).to(v.dtype)
+    o = scale * torch.einsum("bhkv,bhk->bhv", state, q)
+    return o if o.dtype == v.dtype else o.to(v.dtype)

@@ -52,10 +52,10 @@ def ssd_step_torch(q, k, v, dt, A, D, state):
     The loop above batched over sequences. Returns o [B, H, V] in v.dtype.
     """
     dtype = state.dtype
-    q, k, v, dt, A = (t.to(dtype) for t in (q, k, v, dt, A))
+    q, k, v, dt, A = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v, dt, A))
     decay = torch.exp(A * dt)[..., None, None]
     state.mul_(decay).add_((dt[..., None] * k)[..., None] * v[..., None, :])
     out = torch.einsum("bhkv,bhk->bhv", state, q)
     if D is not None:
         out = out + D.to(dtype)[:, None] * v
-    return out.to(v.dtype)
+    return out if out.dtype == v.dtype else out.to(v.dtype)
