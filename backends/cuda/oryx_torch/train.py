@@ -40,6 +40,7 @@ from oryx_core.files import MAX_JSON_BYTES, FormatError, member, open_regular, p
 from oryx_core.weights import read_config
 
 from .metrics import MetricSinks, check_sinks
+from .attention import AttentionPlan
 from .model import OryxModel
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # separate RNG streams for training batches and the fixed eval batches
@@ -332,9 +333,12 @@ def cover_both_modes(windows: np.ndarray, modes: np.ndarray) -> tuple[np.ndarray
 def batch_loss(model, windows: np.ndarray, modes: np.ndarray, rt: Runtime, autocast, rows: int) -> torch.Tensor:
     """Mean next-token loss of the first `rows` sequences (those after are only there for cover_both_modes)."""
     tokens = torch.from_numpy(windows).to(rt.device, non_blocking=True)
-    mode_mask = torch.from_numpy(np.array(modes, dtype=bool)).to(rt.device, non_blocking=True)
+    host_modes = torch.from_numpy(np.array(modes, dtype=bool))
+    # The plan is worked out here, outside a compiled forward, from the host copy of the modes: the compiled
+    # graph is then specialised to which modes occur (a plan built inside it would run both everywhere).
+    plan = AttentionPlan(host_modes.to(rt.device, non_blocking=True), 0, host_modes).prepare()
     with autocast:
-        logits = model(tokens[:, :-1], mode_mask)
+        logits = model(tokens[:, :-1], plan)
     return F.cross_entropy(logits[:rows].float().flatten(0, 1), tokens[:rows, 1:].flatten())
 
 
