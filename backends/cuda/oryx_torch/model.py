@@ -179,8 +179,9 @@ class OryxMixer(nn.Module):
         return self._fused[1]
 
     # -- pieces shared by the parallel and the step form (leading dims: [B, T] or [B]) --
-    def _recurrence_inputs(self, proj: dict, k, v, q_raw) -> dict:
-        """Kernel arguments, heads repeated to the H query heads (the kernels take equal heads)."""
+    def _recurrence_inputs(self, proj: dict, k, v, q_raw, l2_normalize_qk: bool = True) -> dict:
+        """Kernel arguments, heads repeated to the H query heads (the kernels take equal heads). GDN's q and
+        k are L2-normalised here unless `l2_normalize_qk` is False (the fused decode step normalises them)."""
         cfg = self.cfg
         lead, G = q_raw.shape[:-1], cfg.group_size
         q = q_raw.view(*lead, cfg.n_heads, cfg.head_dim)
@@ -190,7 +191,9 @@ class OryxMixer(nn.Module):
         if cfg.mixer == "gdn":
             log_alpha = A * F.softplus(fp32(proj["a_proj"]) + fp32(self.dt_bias))
             beta = torch.sigmoid(fp32(proj["b_proj"]))
-            return dict(q=l2_normalize(q), k=repeat_heads(l2_normalize(k), G, -2), v=v,
+            if l2_normalize_qk:
+                q, k = l2_normalize(q), l2_normalize(k)
+            return dict(q=q, k=repeat_heads(k, G, -2), v=v,
                         g=repeat_heads(log_alpha, G, -1), beta=repeat_heads(beta, G, -1))
         dt = F.softplus(fp32(proj["dt_proj"]) + fp32(self.dt_bias))
         return dict(q=q, k=repeat_heads(k, G, -2), v=v, dt=repeat_heads(dt, G, -1), A=repeat_heads(A, G, 0),
@@ -299,8 +302,11 @@ class OryxMixer(nn.Module):
             return self._output(cast(o, xn.dtype)[:, None], proj, xn.dtype)[:, 0]
         q_raw = self.conv_q.step(proj["q_rec"][:, 0], layer_cache.conv["q"])
         step_proj = {name: t[:, 0] for name, t in proj.items()}
-        o_rec = self._recurrence_step(self._recurrence_inputs(step_proj, k, v, q_raw), layer_cache, position,
-                                      keys[:, :, 0], values[:, :, 0])
+        # the fused GDN decode kernel L2-normalises q and k itself (same epsilon), saving their launches
+        in_kernel_norm = cfg.mixer == "gdn" and fused_decode_available(layer_cache.recurrent)
+        r = self._recurrence_inputs(step_proj, k, v, q_raw, l2_normalize_qk=not in_kernel_norm)
+        o_rec = self._recurrence_step(r, layer_cache, position, keys[:, :, 0], values[:, :, 0],
+                                      qk_normalized=not in_kernel_norm)
         if not attend:
             return self._output(o_rec[:, None], proj, xn.dtype)[:, 0]
         q = self._attention_queries(proj["q_attn"], rope)[:, 0]                     # [B, H, d]
@@ -308,7 +314,7 @@ class OryxMixer(nn.Module):
         o = torch.where(modes.view(B, 1, 1), cast(o_attn, o_rec.dtype), o_rec)
         return self._output(o[:, None], proj, xn.dtype)[:, 0]
 
-    def _recurrence_step(self, r: dict, layer_cache: LayerCache, position, keys, values):
+    def _recurrence_step(self, r: dict, layer_cache: LayerCache, position, keys, values, qk_normalized=True):
         """One recurrence token, state updated in place; also writes this token's key/value to the KV cache.
 
         On CUDA (or under TRITON_INTERPRET=1) the fused Triton decode step does both in one
@@ -323,7 +329,8 @@ class OryxMixer(nn.Module):
                 from .kernels.gdn import gated_delta_rule_decode_step
 
                 return gated_delta_rule_decode_step(r["q"], r["k"], r["v"], r["g"], r["beta"], state,
-                                                    scale=self.cfg.gdn_scale, **append)
+                                                    scale=self.cfg.gdn_scale, use_qk_l2norm=not qk_normalized,
+                                                    **append)
             from .kernels.mamba2 import ssd_decode_step
 
             return ssd_decode_step(r["q"], r["k"], r["v"], r["dt"], r["A"], r["D"], state, **append)
