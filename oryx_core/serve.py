@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_CONTEXT = 2048  # tokens per sequence unless --context says otherwise (torch preallocates them per row)
 FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length", "cancelled": "stop"}
 
 
@@ -566,7 +567,7 @@ def load_server_state(path, backend: str, max_batch: int, limits: Limits, dtype:
     model = get_backend(backend).load(path, dtype=dtype, device=device)
     if context is not None and context < 2:
         raise ValueError(f"--context must be >= 2, got {context}")
-    context = min(context or model.config.max_context, model.config.max_context)
+    context = min(context or DEFAULT_CONTEXT, model.config.max_context)
     limits.max_prompt_tokens = min(limits.max_prompt_tokens, context)
     limits.max_tokens = min(limits.max_tokens, context)
     limits.default_max_tokens = min(limits.default_max_tokens, limits.max_tokens)
@@ -620,7 +621,11 @@ def cmd_serve(args) -> None:
                     max_tokens=args.max_tokens_limit, max_queue=args.max_queue)
     state = load_server_state(args.path, args.backend, args.max_batch, limits, dtype=args.dtype, device=args.device,
                               model_id=args.model_id, context=args.context)
-    print(f"oryx serve: {state.model_id} ({args.backend}) on http://{args.host}:{args.port}/v1", flush=True)
+    cache = ""
+    if isinstance(state.engine, BatchEngine):
+        cache = (f", {state.engine.gen.max_batch} rows of {state.context} tokens, "
+                 f"{state.engine.gen.cache.nbytes() / 2**20:.0f} MiB of cache")
+    print(f"oryx serve: {state.model_id} ({args.backend}{cache}) on http://{args.host}:{args.port}/v1", flush=True)
     status = 0
     try:
         serve(state, args.host, args.port, args.log_level)
@@ -656,8 +661,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", help="torch device (default cuda if present, else cpu)")
     p.add_argument("--max-batch", type=int, default=16, help="torch: sequences decoded together (default 16; "
                                                               "1 = one request at a time)")
-    p.add_argument("--context", type=int, help="tokens per sequence, prompt and reply (default: the model's "
-                                                "max_context; torch preallocates this per batch row)")
+    p.add_argument("--context", type=int, help=f"tokens per sequence, prompt and reply (default {DEFAULT_CONTEXT}, at "
+                                                f"most the model's max_context; torch preallocates this per batch row)")
     p.add_argument("--max-queue", type=int, default=64, help="requests in progress before 503 (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body "
                                                                                       "(default 1 MiB; above: 413)")
