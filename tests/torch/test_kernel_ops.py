@@ -1,7 +1,8 @@
 """The Triton chunk kernels as torch custom ops (oryx::gdn_chunk_forward / _backward, oryx::ssd_chunk_forward /
 _backward), on CPU through Triton's interpreter: opcheck of the schema, fake (meta) implementations and autograd
 registration; a torch.compile'd GDN call without graph breaks whose output and gradients equal eager and the
-naive recurrence (test_mamba2_triton_interpret.py has Mamba-2's); the same opcheck of the RoPE kernel (oryx::rope).
+naive recurrence (test_mamba2_triton_interpret.py has Mamba-2's); the same opcheck of the RoPE kernel (oryx::rope) and of
+the decode steps, which write the state and the KV cache in place (oryx::gdn_decode_step, oryx::ssd_decode_step).
 
 TRITON_INTERPRET=1 must be set before triton is imported, so the outer pytest process runs this file
 again in a subprocess with it set; the op tests run there and skip in the outer process.
@@ -30,7 +31,7 @@ def test_in_interpreter_subprocess():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert re.search(r"\b6 passed, 1 skipped\b", result.stdout), result.stdout[-2000:]
+    assert re.search(r"\b8 passed, 1 skipped\b", result.stdout), result.stdout[-2000:]
 
 
 def op_arguments(T=70, H=2, K=64, V=16, with_state=True, requires_grad=True):
@@ -107,3 +108,35 @@ def test_opcheck_rope():
     cos, sin = rope_tables(16, 10000.0, torch.arange(5))
     torch.library.opcheck(rope_rotate, (x, cos, sin, 1.0),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def decode_arguments(seed, K=16, V=32, B=2, H=2, capacity=6):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, H, K, generator=gen), torch.nn.functional.normalize(torch.randn(B, H, K, generator=gen), dim=-1)
+    v = torch.randn(B, H, V, generator=gen)
+    state = torch.randn(B, H, K, V, generator=gen)
+    caches = [torch.zeros(B, 1, capacity, K), torch.zeros(B, 1, capacity, V)]
+    appends = [torch.randn(B, 1, K, generator=gen), torch.randn(B, 1, V, generator=gen)]
+    return gen, q, k, v, state, caches, appends, torch.tensor([3, 1])
+
+
+@needs_interpreter
+def test_opcheck_gdn_decode_step():
+    from oryx_torch.kernels.gdn.fused_recurrent import gdn_decode_step
+
+    gen, q, k, v, state, caches, appends, pos = decode_arguments(8)
+    g, beta = -torch.rand(2, 2, generator=gen), torch.rand(2, 2, generator=gen)
+    for cache in ((*caches, *appends, pos), (None,) * 5):
+        torch.library.opcheck(gdn_decode_step, (q, k, v, g, beta, state.clone(), 0.25, True, *cache),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_interpreter
+def test_opcheck_ssd_decode_step():
+    from oryx_torch.kernels.mamba2.fused_recurrent import ssd_decode
+
+    gen, q, k, v, state, caches, appends, pos = decode_arguments(9)
+    dt, A, D = torch.rand(2, 2, generator=gen), -torch.rand(2, generator=gen), torch.randn(2, generator=gen)
+    for cache in ((*caches, *appends, pos), (None,) * 5):
+        torch.library.opcheck(ssd_decode, (q, k, v, dt, A, D, state.clone(), *cache),
+                              test_utils=("test_schema", "test_faketensor"))

@@ -156,10 +156,28 @@ def gated_delta_rule_decode_step(q, k, v, g, beta, state, scale=None, use_qk_l2n
     _check_device(q, "gated_delta_rule_decode_step")
     _check_head_sizes(K, v.shape[-1])
     q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
+    return gdn_decode_step(q, k, v, g, beta, state, default_scale(scale, K), use_qk_l2norm,
+                           *(cache if cache is not None else (None,) * 5))
+
+
+# The decode step as a torch custom op that declares what it writes (the state, and the KV cache when one is
+# given), so torch.compile can call it from a captured decode graph without tracing into the kernel.
+@torch.library.custom_op("oryx::gdn_decode_step", mutates_args=("state", "k_cache", "v_cache"))
+def gdn_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                    state: torch.Tensor, scale: float, use_qk_l2norm: bool, k_cache: torch.Tensor | None,
+                    v_cache: torch.Tensor | None, k_append: torch.Tensor | None, v_append: torch.Tensor | None,
+                    cache_pos: torch.Tensor | None) -> torch.Tensor:
+    """Checked, contiguous arguments of gated_delta_rule_decode_step -> o [B, H, V]."""
+    B = q.shape[0]
     o = torch.empty_like(v)
-    _launch(q, k, v, g, beta, o, _one_token_each(B, q.device), B, default_scale(scale, K), state, state,
-            use_qk_l2norm, cache)
+    cache = None if k_cache is None else (k_cache, v_cache, k_append, v_append, cache_pos)
+    _launch(q, k, v, g, beta, o, _one_token_each(B, q.device), B, scale, state, state, use_qk_l2norm, cache)
     return o
+
+
+@gdn_decode_step.register_fake
+def _(q, k, v, g, beta, state, scale, use_qk_l2norm, k_cache, v_cache, k_append, v_append, cache_pos):
+    return torch.empty_like(v)
 
 
 _ONE_TOKEN_EACH: dict = {}

@@ -173,6 +173,22 @@ def ssd_decode_step(q, k, v, dt, A, D, state, k_cache=None, v_cache=None, k_appe
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dt, A = dt.float().contiguous(), A.float().contiguous()
     D = None if D is None else D.float().contiguous()
+    if not has_cache:
+        k_append = v_append = None
+    return ssd_decode(q, k, v, dt, A, D, state, k_cache, v_cache, k_append, v_append, cache_pos)
+
+
+# The decode step as a torch custom op that declares what it writes (the state, and the KV cache when one is
+# given), so torch.compile can call it from a captured decode graph without tracing into the kernel.
+@torch.library.custom_op("oryx::ssd_decode_step", mutates_args=("state", "k_cache", "v_cache"))
+def ssd_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+               D: torch.Tensor | None, state: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+               k_append: torch.Tensor | None, v_append: torch.Tensor | None,
+               cache_pos: torch.Tensor | None) -> torch.Tensor:
+    """Checked, contiguous, fp32-gated arguments of ssd_decode_step -> o [B, H, V]."""
+    B, H, K = q.shape
+    V = v.shape[-1]
+    has_cache = k_cache is not None
     o = torch.empty_like(v)
     BK, BV = _block(K), _block(V, cap=32)
     cache_args = (k_cache, v_cache, k_append, v_append, cache_pos) if has_cache else (o, o, o, o, o)
@@ -185,3 +201,8 @@ def ssd_decode_step(q, k, v, dt, A, D, state, k_cache=None, v_cache=None, k_appe
         HAS_D=D is not None, HAS_CACHE=has_cache,
     )
     return o
+
+
+@ssd_decode.register_fake
+def _(q, k, v, dt, A, D, state, k_cache, v_cache, k_append, v_append, cache_pos):
+    return torch.empty_like(v)
