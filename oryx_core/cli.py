@@ -1,4 +1,5 @@
-"""The `oryx` command line. Core commands live here; backends add theirs through COMMAND_MODULES.
+"""The `oryx` command line. Core commands live here and in the modules of COMMAND_MODULES (the
+one-backend commands' parsers in oryx_core.backend_commands); oryx_convert and oryx_data add theirs.
 
 Each module in COMMAND_MODULES has `register(subparsers)` and imports its heavy
 dependencies (torch, mlx) only inside the command functions, so `oryx --help` works
@@ -26,7 +27,7 @@ from .text_tokens import evaluate_text_file
 from .tokenizer import byte_level_tokenizer, load_tokenizer
 from .weights import load_checkpoint, save_checkpoint
 
-COMMAND_MODULES = ["oryx_core.generate_cli", "oryx_core.serve", "oryx_core.chat_cli", "oryx_core.backend_commands", "oryx_torch.retrofit_cli", "oryx_convert.cli", "oryx_data.cli"]
+COMMAND_MODULES = ["oryx_core.generate_cli", "oryx_core.serve", "oryx_core.chat_cli", "oryx_core.backend_commands", "oryx_convert.cli", "oryx_data.cli"]
 USER_ERRORS = (ConfigError, FormatError, PlanError, ValueError, FileNotFoundError)
 
 
