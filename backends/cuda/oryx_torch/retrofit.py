@@ -41,7 +41,7 @@ from .attention import AttentionPlan
 from .model import OryxModel
 from .train import (EVAL_STREAM, TRAIN_STREAM, Runtime, batch_rng, keep_log_until, latest_checkpoint, log_record,
                     load_optimizer_state, make_optimizer, mean_over_ranks, read_state, restore_rng_state,
-                    save_training_checkpoint)
+                    save_training_checkpoint, start_runtime)
 
 STUDENT_PLANS = ("recurrent", "prefill-attention", "last:10%", "every:4:64")
 EVAL_PLANS = ("attention", "recurrent", "prefill-attention", "last:10%", "every:4:64")
@@ -241,21 +241,6 @@ def stage_lr(cfg: RetrofitConfig, step: int, steps_a: int, steps_b: int) -> tupl
     return stage, cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def start_runtime(cfg: RetrofitConfig) -> Runtime:
-    import os
-
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA device")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Runtime(rank, world, torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu"))
-
-
 # ----- the loop -----
 def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None = None, on_eval=None) -> dict:
     """Runs both stages; the finished model (all tensors, SRC's dtype) goes to out/model.
@@ -284,7 +269,7 @@ def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None =
     if train_data.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"--data {data_dir}: vocab_size {train_data.vocab_size} exceeds the model's "
                          f"{model_cfg.vocab_size} (tokenise with SRC's tokenizer)")
-    rt = start_runtime(cfg)
+    rt = start_runtime(cfg.device, "--device")
     torch.manual_seed(cfg.seed)
     if resume:
         model = OryxModel.from_checkpoint(resume_from / "model", dtype=torch.float32)

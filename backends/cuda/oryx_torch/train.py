@@ -256,16 +256,18 @@ class Runtime:
         return self.rank == 0
 
 
-def start_runtime(cfg: TrainConfig) -> Runtime:
-    """One process, or one of WORLD_SIZE processes started by torchrun (NCCL on GPUs, gloo on CPUs)."""
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+def start_runtime(device: str, setting: str = "device") -> Runtime:
+    """One process, or one of WORLD_SIZE processes started by torchrun (NCCL on GPUs, gloo on CPUs).
+
+    device is "auto", "cuda" or "cpu"; setting names where the user chose it, for the error message."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("device: \"cuda\" asked for, but torch sees no CUDA device")
+        raise ValueError(f"{setting}: \"cuda\" asked for, but torch sees no CUDA device")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    if world > 1:
+    if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Runtime(rank, world, torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu"))
 
@@ -549,7 +551,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     if cfg.seq_len > model_cfg.max_context:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_context {model_cfg.max_context}")
 
-    rt = start_runtime(cfg)
+    rt = start_runtime(cfg.device)
     torch.manual_seed(cfg.seed)
     # fp32 master weights whatever the stored dtype; bf16 comes from autocast
     model = (OryxModel.from_checkpoint(init_from, dtype=torch.float32) if init_from
