@@ -2,9 +2,7 @@
 out-of-range, non-finite or malformed value with one line naming the flag and exit status 2, before it writes
 anything; a missing extra names the pip install that provides it; --device cuda without CUDA is one line."""
 import argparse
-import contextlib
 import hashlib
-import io
 import json
 import subprocess
 import sys
@@ -14,19 +12,9 @@ from pathlib import Path
 import pytest
 
 from oryx_core import argtypes
-from oryx_core.cli import main
+from cli_runs import run
 
 BAD_INTS = ["-1", "1.5", "nan", "1e12", "abc", "", str(2**60)]
-
-
-def run(argv) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
-    return code, err.getvalue()
 
 
 def digest(root: Path) -> dict:

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from oryx_core.atomic import atomic_directory, remove_stale_temps
-from oryx_core.cli import main
 from oryx_core.output import OutputError, artifact_kind, check_output, replacing_allowed
+
+from cli_runs import run
 
 REFUSAL_SECONDS = 10  # in-process; a refusal comes before any model is loaded
 
@@ -33,20 +34,6 @@ def tree_digest(root: Path) -> dict:
             else:
                 state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return state
-
-
-def run(argv) -> tuple[int, str]:
-    """cli.main in-process: (exit status, stderr); an argparse refusal's SystemExit gives its status."""
-    import contextlib
-    import io
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
-    return code, err.getvalue()
 
 
 def assert_refused(root: Path, argv: list[str], words: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import struct
 
 import numpy as np
@@ -125,18 +124,6 @@ def test_valid_edge_cases_load_like_safetensors(tmp_path):
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(encode({}, {"format": "pt"}))
     assert load_file(empty) == ({}, {"format": "pt"})
-
-
-@pytest.fixture
-def no_hang():
-    """Turns a read that would block forever into a test failure after 10 s."""
-    def fail(*_):
-        raise TimeoutError("the reader blocked")
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "symlink-to-dev-zero", "directory", "missing", "dangling-symlink"])

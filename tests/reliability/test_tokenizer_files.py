@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -33,17 +32,6 @@ CASES = [
     ("vocab id a string", with_model(vocab={"a": "0"}), "not a valid tokenizer.json"),
     ("merge of unknown tokens", with_model(merges=["zz qq"]), "not a valid tokenizer.json"),
 ]
-
-
-@pytest.fixture
-def no_hang():
-    def fail(*_):
-        raise TimeoutError("the reader blocked")
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 @pytest.mark.parametrize("data, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
