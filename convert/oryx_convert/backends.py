@@ -55,15 +55,16 @@ def _stored_dtype(params: dict[str, np.ndarray]) -> str:
     return floats[0] if len(floats) == 1 else "mixed"
 
 
-def _write_container(dst, model: ConvertedModel, fmt: str, save_shard, shard_bytes: int) -> Path:
-    """Writes config, shards (through save_shard(path, {name: array})) and index atomically."""
+def _write_container(dst, model: ConvertedModel, fmt: str, backend: str, shard_format: str, shard_bytes: int) -> Path:
+    """Writes config, shards (through the backend's save_tensors, tagged shard_format) and index atomically."""
+    tensors = get_backend(backend)
     shards = shard_names(model.params, shard_bytes)
 
     def fill(tmp: Path):
         weight_map = {}
         for i, names in enumerate(shards):
             fname = HF_SAFETENSORS if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_shard(tmp / fname, {n: model.params[n] for n in names})
+            tensors.save_tensors(tmp / fname, {n: model.params[n] for n in names}, metadata={"format": shard_format})
             weight_map.update({n: fname for n in names})
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(a.nbytes for a in model.params.values())}, "weight_map": weight_map}
@@ -76,7 +77,8 @@ def _write_container(dst, model: ConvertedModel, fmt: str, save_shard, shard_byt
     return atomic_directory(dst, fill)
 
 
-def _read_container(src, fmt: str, load_shard) -> ConvertedModel:
+def _read_container(src, fmt: str, backend: str) -> ConvertedModel:
+    tensors = get_backend(backend)
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such directory")
@@ -98,7 +100,10 @@ def _read_container(src, fmt: str, load_shard) -> ConvertedModel:
     params = {}
     for file in files:
         read_header(file)  # as strict as the safetensors package, whichever library then loads it
-        params.update(load_shard(file))
+        try:
+            params.update(tensors.load_tensors(file))
+        except ValueError as e:
+            raise FormatError(str(e)) from None
     return ConvertedModel(cfg, params, tokenizer_json_of(src), meta["quantization"])
 
 
@@ -106,46 +111,20 @@ def _read_container(src, fmt: str, load_shard) -> ConvertedModel:
 def write_torch_dir(dst, model: ConvertedModel, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     if model.quantization is not None:
         raise ValueError("--to torch-state-dict: the model is MLX-quantised; PyTorch has no such weights (pass --dequantize)")
-    torch_backend = get_backend("torch")
-
-    def save_shard(path, arrays):
-        torch_backend.save_tensors(path, arrays, metadata={"format": "pt"})
-
-    return _write_container(dst, model, TORCH_FORMAT, save_shard, shard_bytes)
+    return _write_container(dst, model, TORCH_FORMAT, "torch", "pt", shard_bytes)
 
 
 def read_torch_dir(src) -> ConvertedModel:
-    torch_backend = get_backend("torch")
-
-    def load_shard(path):
-        try:
-            return torch_backend.load_tensors(path)
-        except ValueError as e:
-            raise FormatError(str(e)) from None
-
-    return _read_container(src, TORCH_FORMAT, load_shard)
+    return _read_container(src, TORCH_FORMAT, "torch")
 
 
 # ----- MLX -----
 def write_mlx_dir(dst, model: ConvertedModel, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    mlx_backend = get_backend("mlx")
-
-    def save_shard(path, arrays):
-        mlx_backend.save_tensors(path, arrays, metadata={"format": "mlx"})
-
-    return _write_container(dst, model, MLX_FORMAT, save_shard, shard_bytes)
+    return _write_container(dst, model, MLX_FORMAT, "mlx", "mlx", shard_bytes)
 
 
 def read_mlx_dir(src) -> ConvertedModel:
-    mlx_backend = get_backend("mlx")
-
-    def load_shard(path):
-        try:
-            return mlx_backend.load_tensors(path)
-        except ValueError as e:
-            raise FormatError(str(e)) from None
-
-    return _read_container(src, MLX_FORMAT, load_shard)
+    return _read_container(src, MLX_FORMAT, "mlx")
 
 
 # ----- MLX quantisation (the MLX backend decides what is quantised and how) -----
