@@ -5,14 +5,10 @@ decorated afterwards. So the outer pytest process runs this file again in a subp
 with the variable set (test_in_interpreter_subprocess); there the kernel tests run, and
 in the outer process they skip.
 """
-import os
-import re
-import subprocess
-import sys
-
 import pytest
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from triton_interpreter import needs_interpreter, rerun_under_interpreter
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
@@ -20,18 +16,9 @@ from oryx_torch.kernels.gdn import naive_recurrent_gated_delta_rule  # noqa: E40
 from gdn_inputs import random_inputs  # noqa: E402
 from error_metrics import relative_error as worst_relative_error  # noqa: E402
 
-needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs inside the TRITON_INTERPRET=1 subprocess")
-
 
 def test_in_interpreter_subprocess():
-    if INTERPRETED:
-        pytest.skip("already inside the interpreter run")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    # every kernel test must have run there: only this launcher itself may be skipped
-    assert re.search(r"\b18 passed, 1 skipped\b", result.stdout), result.stdout[-2000:]
+    rerun_under_interpreter(__file__, passed=18, timeout=300)
 
 
 def rel_err(out, ref):

@@ -7,31 +7,19 @@ the decode steps, which write the state and the KV cache in place (oryx::gdn_dec
 TRITON_INTERPRET=1 must be set before triton is imported, so the outer pytest process runs this file
 again in a subprocess with it set; the op tests run there and skip in the outer process.
 """
-import os
-import re
-import subprocess
-import sys
-
 import pytest
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from triton_interpreter import needs_interpreter, rerun_under_interpreter
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from gdn_inputs import random_inputs  # noqa: E402
 from error_metrics import relative_error  # noqa: E402
 
-needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs inside the TRITON_INTERPRET=1 subprocess")
-
 
 def test_in_interpreter_subprocess():
-    if INTERPRETED:
-        pytest.skip("already inside the interpreter run")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert re.search(r"\b8 passed, 1 skipped\b", result.stdout), result.stdout[-2000:]
+    rerun_under_interpreter(__file__, passed=8, timeout=900)
 
 
 def op_arguments(T=70, H=2, K=64, V=16, with_state=True, requires_grad=True):

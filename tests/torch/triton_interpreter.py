@@ -1,0 +1,27 @@
+"""Running a test file's Triton kernel tests on CPU through Triton's interpreter.
+
+TRITON_INTERPRET=1 must be set before triton is imported, and it changes every kernel decorated afterwards,
+so such a file's launcher test reruns the whole file in a subprocess with the variable set; its kernel tests
+(marked needs_interpreter) run there and skip in the outer pytest process.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs inside the TRITON_INTERPRET=1 subprocess")
+
+
+def rerun_under_interpreter(test_file: str, passed: int, timeout: float) -> None:
+    """Runs test_file under TRITON_INTERPRET=1 and asserts that exactly `passed` tests passed there and only
+    the launcher itself skipped, so a kernel test that silently skips fails the launcher."""
+    if INTERPRETED:
+        pytest.skip("already inside the interpreter run")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+                            env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.search(rf"\b{passed} passed, 1 skipped\b", result.stdout), result.stdout[-2000:]
