@@ -97,11 +97,16 @@ def save_checkpoint(path: str | Path, config: OryxConfig, params: dict[str, np.n
     shards.append(current)
 
     def fill(tmp: Path):
+        from tqdm.auto import tqdm
+
         weight_map, sums = {}, {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            sums[fname] = write_file(tmp / fname, shard, {"format": "pt"})
-            weight_map.update({name: fname for name in shard})
+        with tqdm(total=sum(a.nbytes for a in tensors.values()), desc=f"writing {Path(path).name}", unit="B",
+                  unit_scale=True, disable=None, leave=False) as progress:
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                sums[fname] = write_file(tmp / fname, shard, {"format": "pt"})
+                weight_map.update({name: fname for name in shard})
+                progress.update(sum(a.nbytes for a in shard.values()))
         index = {"metadata": {"format_version": FORMAT_VERSION, "total_size": sum(a.nbytes for a in tensors.values()),
                               "shard_sha256": sums}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))

@@ -14,8 +14,8 @@ import numpy as np
 from oryx_core.config import OryxConfig
 from oryx_core.safetensors_io import FormatError
 
-from .sources import (ConvertedModel, SourceTensors, check_config_types, fill_from_init, identity_conv, read_hf_directory,
-                      require, tokenizer_json_of)
+from .sources import (ConvertedModel, SourceTensors, check_config_types, fill_from_init, identity_conv, layer_progress,
+                      read_hf_directory, require, tokenizer_json_of)
 
 FLA_GDN_ARCHITECTURES = ("GatedDeltaNetForCausalLM",)
 
@@ -95,7 +95,7 @@ def fla_gdn_to_oryx(hf: dict, src: SourceTensors) -> tuple[OryxConfig, dict[str,
               "norm.weight": src.take("model.norm.weight", (D,))}
     if not cfg.tie_embeddings:
         mapped["lm_head.weight"] = src.take("lm_head.weight", (cfg.vocab_size, D))
-    for i in range(cfg.n_layers):
+    for i in layer_progress(cfg.n_layers, src.where):
         block, layer = f"model.layers.{i}.", f"layers.{i}."
         attn, mix = block + "attn.", layer + "mixer."
         q = src.take(attn + "q_proj.weight", (H * d, D))

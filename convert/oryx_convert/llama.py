@@ -17,8 +17,8 @@ from oryx_core.config import OryxConfig
 from oryx_core.safetensors_io import FormatError
 
 from .gguf import read_gguf, tokenizer_json_from_gguf, unpermute_rope_rows
-from .sources import (ConvertedModel, SourceTensors, check_config_types, fill_from_init, identity_conv, read_hf_directory,
-                      require, tokenizer_json_of)
+from .sources import (ConvertedModel, SourceTensors, check_config_types, fill_from_init, identity_conv, layer_progress,
+                      read_hf_directory, require, tokenizer_json_of)
 
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
 # The recurrence's own parameters, which Llama lacks: they get oryx_core.init's values.
@@ -79,7 +79,7 @@ def llama_to_oryx(hf: dict, src: SourceTensors, mixer: str, seed: int = 0) -> tu
               "norm.weight": src.take("model.norm.weight", (D,))}
     if not cfg.tie_embeddings:
         mapped["lm_head.weight"] = src.take("lm_head.weight", (cfg.vocab_size, D))
-    for i in range(cfg.n_layers):
+    for i in layer_progress(cfg.n_layers, src.where):
         hf_layer, layer = f"model.layers.{i}.", f"layers.{i}."
         attn, mixer_p = hf_layer + "self_attn.", layer + "mixer."
         q = src.take(attn + "q_proj.weight", (H * d, D))

@@ -18,8 +18,8 @@ import numpy as np
 from oryx_core.config import OryxConfig
 from oryx_core.safetensors_io import FormatError
 
-from .sources import (ConvertedModel, SourceTensors, check_config_types, fill_from_init, read_hf_directory, require,
-                      tokenizer_json_of)
+from .sources import (ConvertedModel, SourceTensors, check_config_types, fill_from_init, layer_progress,
+                      read_hf_directory, require, tokenizer_json_of)
 
 MAMBA2_DEFAULTS = dict(d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, rmsnorm=True, norm_before_gate=False,
                        D_has_hdim=False, bias=False, conv_bias=True, d_ssm=None, dt_limit=(0.0, math.inf))
@@ -92,7 +92,7 @@ def mamba2_to_oryx(hf: dict, src: SourceTensors) -> tuple[OryxConfig, dict[str, 
               "norm.weight": src.take("backbone.norm_f.weight", (D,))}
     if not cfg.tie_embeddings:
         mapped["lm_head.weight"] = src.take("lm_head.weight", (cfg.vocab_size, D))
-    for i in range(cfg.n_layers):
+    for i in layer_progress(cfg.n_layers, src.where):
         block, layer = f"backbone.layers.{i}.", f"layers.{i}."
         mixer, mix = block + "mixer.", layer + "mixer."
         z, x, b, c, dt = np.split(src.take(mixer + "in_proj.weight", (z_x_b_c_dt[-1], D)), z_x_b_c_dt[1:-1])

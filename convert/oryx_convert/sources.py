@@ -75,6 +75,13 @@ def index_shards(directory: Path, index: Path) -> list[Path]:
     return files
 
 
+def layer_progress(n_layers: int, where: str):
+    """range(n_layers), with a progress bar on stderr when stderr is a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(range(n_layers), desc=f"converting {Path(where).name}", unit="layer", disable=None, leave=False)
+
+
 def read_safetensors_dir(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a directory holding model.safetensors or an index with its shards."""
     index = path / HF_SAFETENSORS_INDEX
@@ -84,9 +91,14 @@ def read_safetensors_dir(path: Path) -> dict[str, np.ndarray]:
         files = [member(path, HF_SAFETENSORS, str(path))]
     else:
         raise FileNotFoundError(f"{path}: no {HF_SAFETENSORS} or {HF_SAFETENSORS_INDEX}")
+    from tqdm.auto import tqdm
+
     tensors = {}
-    for file in files:
-        tensors.update(load_file(file)[0])
+    with tqdm(total=sum(f.stat().st_size for f in files), desc=f"reading {path.name}", unit="B", unit_scale=True,
+              disable=None, leave=False) as progress:
+        for file in files:
+            tensors.update(load_file(file)[0])
+            progress.update(file.stat().st_size)
     return tensors
 
 
