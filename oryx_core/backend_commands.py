@@ -11,10 +11,8 @@ import importlib
 
 from .argtypes import finite_float, int_choice, non_negative_float, non_negative_int, positive_float, positive_int
 from .backend import get_backend
-from .weights import FLOAT_DTYPES
-
-QUANT_BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
+from .weights import FLOAT_DTYPES, QUANT_BITS
+from .weights import QUANT_GROUP_SIZES as GROUP_SIZES
 
 
 def backend_handler(backend: str, module: str, function: str):

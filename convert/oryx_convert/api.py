@@ -23,8 +23,9 @@ from oryx_core.backend import get_backend
 from oryx_core.config import MIXERS, ConfigError
 from oryx_core.output import check_output
 from oryx_core.safetensors_io import FormatError
-from oryx_core.weights import (DEFAULT_SHARD_BYTES, FLOAT_DTYPES, TOKENIZER_FILE, check_against_spec, load_checkpoint,
-                               save_checkpoint)
+from oryx_core.weights import (DEFAULT_SHARD_BYTES, FLOAT_DTYPES, QUANT_BITS, TOKENIZER_FILE, check_against_spec,
+                               load_checkpoint, save_checkpoint)
+from oryx_core.weights import QUANT_GROUP_SIZES as GROUP_SIZES
 
 from . import backends
 from .fla_gdn import import_fla_gdn
@@ -32,8 +33,6 @@ from .llama import import_gguf_llama, import_hf_llama
 from .mamba2 import import_mamba2
 from .sources import HF_CONFIG, ConvertedModel, read_json
 
-QUANT_BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
 FAMILY_KINDS = ("llama", "gguf")  # the imports that take --mixer and --seed (their recurrent gates are initialised)
 
 

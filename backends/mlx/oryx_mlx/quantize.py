@@ -24,13 +24,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 from oryx_core.config import OryxConfig
 from oryx_core.safetensors_io import FormatError
 from oryx_core.spec import parameter_specs
-from oryx_core.weights import save_checkpoint
+from oryx_core.weights import FULL_PRECISION_MODULES, save_checkpoint
+from oryx_core.weights import QUANT_BITS as BITS
+from oryx_core.weights import QUANT_GROUP_SIZES as GROUP_SIZES
 
 from .model import OryxModel
-
-BITS = (2, 3, 4, 5, 6, 8)  # what MLX's affine quantisation packs
-GROUP_SIZES = (32, 64, 128)
-FULL_PRECISION_MODULES = ("a_proj", "b_proj", "dt_proj")
 
 
 def _check_settings(bits, group_size, where: str) -> None:
