@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from .attention import AttentionPlan
 from .model import OryxModel
 from .train import (EVAL_STREAM, TRAIN_STREAM, Runtime, batch_rng, keep_log_until, latest_checkpoint, log_record,
                     load_optimizer_state, make_optimizer, mean_over_ranks, read_state, restore_rng_state,
-                    save_training_checkpoint, start_runtime)
+                    save_training_checkpoint, start_runtime, step_progress)
 
 STUDENT_PLANS = ("recurrent", "prefill-attention", "last:10%", "every:4:64")
 EVAL_PLANS = ("attention", "recurrent", "prefill-attention", "last:10%", "every:4:64")
@@ -309,10 +308,7 @@ def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None =
         log_record(log_file, {"step": 0, "tokens": 0, "eval": start_eval})
         if on_eval is not None and rt.is_main:
             on_eval(0, 0, "start", model)
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=start, disable=not (rt.is_main and cfg.progress), unit="step",
-               mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+    bar = step_progress(total, start, rt.is_main and cfg.progress)
     summary = {"step": start, "loss": None, "eval": None, "checkpoint": str(resume_from) if resume_from else None}
     loss_sum = torch.zeros((), device=rt.device)
     last_time, last_step = time.perf_counter(), start

@@ -256,6 +256,14 @@ class Runtime:
         return self.rank == 0
 
 
+def step_progress(total: int, start: int, show: bool):
+    """The bar over optimiser steps: redrawn each second on a terminal, every 30 s into a log file."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not show, unit="step",
+                mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+
+
 def start_runtime(device: str, setting: str = "device") -> Runtime:
     """One process, or one of WORLD_SIZE processes started by torchrun (NCCL on GPUs, gloo on CPUs).
 
@@ -590,10 +598,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                               "device": str(rt.device), "compile": use_compile, "total_steps": total,
                               "rng_restored": rng_restored,
                               "model": model_cfg.to_dict(), "train": dataclasses.asdict(cfg)})
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=start, disable=not (rt.is_main and cfg.progress), unit="step",
-               mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+    bar = step_progress(total, start, rt.is_main and cfg.progress)
     summary = {"step": start, "loss": None, "eval": None, "checkpoint": str(resume_from) if resume_from else None}
     loss_sum = torch.zeros((), device=rt.device)
     last_time, last_step = time.perf_counter(), start
