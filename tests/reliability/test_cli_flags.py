@@ -143,6 +143,7 @@ BLOCK = "import sys; sys.modules[{module!r}] = None; from oryx_core.cli import m
 
 @pytest.mark.parametrize("module, argv, extra", [
     ("torch", ["train", "{ws}/train.json"], "oryx[cuda]"),
+    ("torch", ["retrofit", "{ws}/ckpt", "{ws}/new", "--data", "{ws}/shards"], "oryx[cuda]"),
     ("mlx", ["quantize", "{ws}/ckpt", "{ws}/q"], "oryx[mlx]"),
 ])
 def test_missing_extra_names_the_install(ws, module, argv, extra):
