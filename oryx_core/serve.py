@@ -644,7 +644,10 @@ def cmd_serve(args) -> None:
 
 
 def register(subparsers) -> None:
+    from .argtypes import positive_int
+    from .backend import GENERATION_BACKENDS
     from .default import DEFAULT_MODEL
+    from .weights import FLOAT_DTYPES
 
     p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and completions)",
                               description="Serve a checkpoint over the OpenAI API: /v1/models, /v1/completions, "
@@ -652,23 +655,23 @@ def register(subparsers) -> None:
                                           "(plan, kv_policy, state_policy) go in the body beside the OpenAI ones.")
     p.add_argument("path", nargs="?", default=str(DEFAULT_MODEL), help="checkpoint directory (default: the embedded "
                                                                          "model)")
-    p.add_argument("--backend", choices=["torch", "mlx"], default="torch", help="backend (default torch)")
+    p.add_argument("--backend", choices=list(GENERATION_BACKENDS), default="torch", help="backend (default torch)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--model-id", help="the model name clients send (default: the checkpoint directory's name)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: the "
+    p.add_argument("--dtype", choices=list(FLOAT_DTYPES), help="compute dtype (default: the "
                                                                                  "backend's)")
     p.add_argument("--device", help="torch device (default cuda if present, else cpu)")
-    p.add_argument("--max-batch", type=int, default=16, help="torch: sequences decoded together (default 16; "
+    p.add_argument("--max-batch", type=positive_int, default=16, help="torch: sequences decoded together (default 16; "
                                                               "1 = one request at a time)")
-    p.add_argument("--context", type=int, help=f"tokens per sequence, prompt and reply (default {DEFAULT_CONTEXT}, at "
+    p.add_argument("--context", type=positive_int, help=f"tokens per sequence, prompt and reply (default {DEFAULT_CONTEXT}, at "
                                                 f"most the model's max_context; torch preallocates this per batch row)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests in progress before 503 (default 64)")
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body "
+    p.add_argument("--max-queue", type=positive_int, default=64, help="requests in progress before 503 (default 64)")
+    p.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body "
                                                                                       "(default 1 MiB; above: 413)")
-    p.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt (default 4096, at most "
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=4096, help="longest prompt (default 4096, at most "
                                                                         "the model's context)")
-    p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for "
+    p.add_argument("--max-tokens-limit", type=positive_int, default=2048, help="largest max_tokens a request may ask for "
                                                                        "(default 2048)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
