@@ -25,7 +25,7 @@ from .safetensors_io import FormatError
 from .spec import parameter_counts
 from .text_tokens import evaluate_text_file
 from .tokenizer import byte_level_tokenizer, load_tokenizer
-from .weights import load_checkpoint, save_checkpoint
+from .weights import FLOAT_DTYPES, load_checkpoint, save_checkpoint
 
 COMMAND_MODULES = ["oryx_core.generate_cli", "oryx_core.serve", "oryx_core.chat_cli", "oryx_core.backend_commands", "oryx_convert.cli", "oryx_data.cli"]
 USER_ERRORS = (ConfigError, FormatError, PlanError, ValueError, FileNotFoundError)
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True, choices=list(PRESETS), help="model size")
     p.add_argument("--mixer", choices=["gdn", "mamba2"], default="gdn", help="recurrent mixer (default gdn)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="stored dtype")
+    p.add_argument("--dtype", choices=list(FLOAT_DTYPES), default="float32", help="stored dtype")
     p.add_argument("--tokenizer", help="tokenizer.json to ship (default: byte-level)")
     p.add_argument("--force", **force_flag)
     p.add_argument("--json", **json_flag)

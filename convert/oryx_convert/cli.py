@@ -29,11 +29,12 @@ def cmd_convert(args) -> None:
 
 def register(subparsers) -> None:
     from .api import GROUP_SIZES, QUANT_BITS, SOURCE_KINDS, TARGET_KINDS
+    from oryx_core.weights import FLOAT_DTYPES
 
     p = subparsers.add_parser(
         "convert", help="convert between backends and dtypes, or import Llama (HF/GGUF), fla GDN, mamba-ssm Mamba-2",
         description="Convert SRC to DST. Sources: an Oryx checkpoint, a torch-state-dict or mlx-weights directory written by this command, "
-                    "a Hugging Face Llama directory, a Llama GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1), an fla "
+                    "a Hugging Face Llama directory, a Llama GGUF file (any tensor type the gguf package dequantises, K-quants included), an fla "
                     "GatedDeltaNetForCausalLM directory, a mamba-ssm MambaLMHeadModel (Mamba-2) directory. Targets: "
                     "oryx (what every oryx command reads; MLX-quantised with --quantize), hf, torch-state-dict (safetensors.torch, "
                     "for load_state_dict), mlx-weights (mx.save_safetensors, for load_weights), mlx-lm (for mlx_lm.load).")
@@ -42,7 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--from", dest="from_kind", default="auto", choices=["auto", *SOURCE_KINDS],
                    help="source kind (default: detected from the file or config.json)")
     p.add_argument("--to", dest="to_kind", default="oryx", choices=list(TARGET_KINDS), help="target kind (default oryx)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast float tensors (default: as stored; imports give float32)")
+    p.add_argument("--dtype", choices=list(FLOAT_DTYPES), help="cast float tensors (default: as stored; imports give float32)")
     p.add_argument("--quantize", type=int, choices=list(QUANT_BITS), metavar="BITS",
                    help="MLX affine quantisation to BITS (2, 3, 4, 5, 6, 8) for --to oryx/mlx-weights/mlx-lm")
     p.add_argument("--group-size", type=int, default=64, choices=list(GROUP_SIZES),
