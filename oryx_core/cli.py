@@ -174,25 +174,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_prog(args) -> str:
+    """The command that ran, as its parser names itself in usage errors: `oryx eval`, `oryx data build`
+    (a command with subcommands parses them into `subcommand`)."""
+    sub = getattr(args, "subcommand", None)
+    return f"oryx {args.command}" + (f" {sub}" if sub else "")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    prog = command_prog(args)
     try:
         args.func(args)
     except USER_ERRORS as e:
-        print(f"oryx {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         message = missing_extra_message(e)
         if message is None:
             raise
-        print(f"oryx {args.command}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     except OSError as e:  # the system refused a read or write: a full disk, a read-only or missing path
         where = f"{e.filename}: " if e.filename else ""
-        print(f"oryx {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"oryx {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -66,7 +66,7 @@ def _add_reading_flags(p) -> None:
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="build token shards for training; train tokenizers",
                                  description="Turn text into memory-mapped token shards, and train tokenizers.")
-    sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    sub = data.add_subparsers(dest="subcommand", metavar="DATA_COMMAND")  # oryx_core.cli.command_prog names it in errors
     sub.required = True
 
     p = sub.add_parser("build", help="tokenise text into train/val token shards",

@@ -93,6 +93,8 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
                                 and not any(part.startswith(".") for part in f.relative_to(path).parts)))
         elif path.is_file():
             files.append(path)
+        elif path.exists():
+            raise ValueError(f"--input {item}: not a regular file or directory")
         else:
             raise FileNotFoundError(f"--input {item}: no such file or directory")
     if not files:

@@ -4,6 +4,7 @@ import json
 import lzma
 import tarfile
 from collections import Counter
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -282,7 +283,7 @@ def test_cli_build_and_errors(corpus, tmp_path, capsys):
 
     assert main(["data", "build", "--input", str(tmp_path / "missing"), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("oryx data: error: --input") and "missing" in err and "\n" not in err
+    assert err.startswith("oryx data build: error: --input") and "missing" in err and "\n" not in err
 
     assert main(["data", "build", "--input", str(corpus_dir), "--out", str(out), "--vocab-size", "300"]) == 2
     assert "--vocab-size is for --train-tokenizer" in capsys.readouterr().err
@@ -294,6 +295,30 @@ def test_cli_build_and_errors(corpus, tmp_path, capsys):
     assert main(["data", "build", "--input", str(corpus_dir), "--out", str(out), "--tokenizer", str(tok_file),
                  "--val-fraction", "0.3", "--quiet"]) == 0
     assert json.loads((out / "meta.json").read_text())["vocab_size"] == 300
+
+
+@pytest.mark.parametrize("argv, prog, word", [
+    (["data", "build", "--input", "{tmp}/missing", "--out", "{tmp}/o", "--quiet"], "oryx data build", "--input"),
+    (["data", "build", "--input", "/dev/null", "--out", "{tmp}/o", "--quiet"], "oryx data build", "regular file"),
+    (["data", "build", "--input", "{tmp}/doc.txt", "--out", "{tmp}/o", "--seed", "-1"], "oryx data build", "--seed"),
+    (["data", "decode", "{tmp}/nowhere", "--out", "{tmp}/x.txt"], "oryx data decode", "nowhere"),
+    (["data", "decode", "{tmp}", "--split", "test", "--out", "{tmp}/x.txt"], "oryx data decode", "--split"),
+    (["data", "train-tokenizer", "--input", "{tmp}/missing", "--out", "{tmp}/t.json"], "oryx data train-tokenizer",
+     "--input"),
+    (["data", "train-tokenizer", "--input", "{tmp}/doc.txt", "--out", "{tmp}/t.json", "--vocab-size", "5", "--quiet"],
+     "oryx data train-tokenizer", "--vocab-size"),
+    (["data"], "oryx data", "DATA_COMMAND"),
+])
+def test_cli_errors_name_the_data_subcommand_like_usage_errors(tmp_path, capsys, argv, prog, word):
+    """A refusal found while running and one found while parsing open the same way, `oryx data build: error:`,
+    as every other command's do: one line, exit status 2."""
+    (tmp_path / "doc.txt").write_text("Some words.\n")
+    with pytest.raises(SystemExit) if prog == "oryx data" or word in ("--seed", "--split") else nullcontext() as done:
+        code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    if done is not None:
+        code = done.value.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"{prog}: error: ") and word in err and err.count("\n") == 1, err
 
 
 def test_decode_writes_a_split_back_as_text_that_rebuilds_to_the_same_tokens(corpus, tmp_path, capsys):
