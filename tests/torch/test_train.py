@@ -295,6 +295,24 @@ def test_eval_windows_do_not_depend_on_the_rank(shards, full_run):
     assert on(0) == on(1)
 
 
+def test_eval_seed_fixes_the_windows_across_run_seeds(shards, full_run):
+    """With eval_seed set, runs of different seeds score the same windows; without it, each seed its own."""
+    from contextlib import nullcontext
+
+    from oryx_torch.model import OryxModel
+
+    model = OryxModel.from_checkpoint(full_run / "checkpoints" / "step-00000006" / "model")
+    val = train_module.open_split(shards, "val")
+    rt = train_module.Runtime(0, 1, torch.device("cpu"))
+
+    def loss(**changes):
+        cfg = tiny_config(shards, full_run, eval_batches=1, eval_plans=["attention"], **changes)
+        return train_module.evaluate(model, val, cfg, rt, nullcontext())["attention"]
+
+    assert loss(seed=1, eval_seed=5) == loss(seed=2, eval_seed=5) == loss(seed=5)
+    assert loss(seed=1) != loss(seed=2)
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_ddp_and_fsdp(shards, tmp_path):
     """Two gloo processes, DDP and FSDP2, each stopped and resumed: rank 0 alone writes, the two agree."""

@@ -83,6 +83,7 @@ class TrainConfig:
     eval_every: int = 100  # 0: evaluate only at the end
     eval_batches: int = 4
     eval_plans: list = field(default_factory=lambda: ["attention", "recurrent", "mixed"])
+    eval_seed: int = -1  # seed of the fixed validation windows; -1: `seed` (so runs of several seeds can share them)
     save_every: int = 500  # 0: save only at the end
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -370,7 +371,7 @@ def evaluate(model, val: TokenShards, cfg: TrainConfig, rt: Runtime, autocast) -
     for plan in cfg.eval_plans:
         total = torch.zeros((), device=rt.device)
         for i in range(cfg.eval_batches):
-            rng = batch_rng(cfg.seed, EVAL_STREAM, i, 0, 0)
+            rng = batch_rng(cfg.seed if cfg.eval_seed < 0 else cfg.eval_seed, EVAL_STREAM, i, 0, 0)
             windows = val.sample_windows(rng, cfg.batch_size, cfg.seq_len + 1)
             modes = batch_modes(plan, rng, cfg.batch_size, cfg.seq_len, cfg)
             total += batch_loss(model, windows, modes, rt, autocast, cfg.batch_size)
