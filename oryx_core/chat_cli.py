@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .backend import BackendUnavailable, get_backend
+from .backend import get_backend
 from .chat import TURN_ATTENTION, turn_attention_plan
 
 
@@ -71,18 +71,9 @@ class Conversation:
             self.messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
-def default_backend() -> str:
-    for name in ("torch", "mlx"):
-        try:
-            get_backend(name)
-            return name
-        except BackendUnavailable:
-            continue
-    raise BackendUnavailable("oryx chat: no backend installed; pip install 'oryx[cuda]' (PyTorch) or 'oryx[mlx]' (MLX)")
-
-
 def load_conversation(args) -> Conversation:
     from .chat import load_chat_format
+    from .generate_cli import default_backend
     from .tokenizer import byte_level_tokenizer, load_tokenizer
     from .weights import read_config
 
@@ -90,8 +81,9 @@ def load_conversation(args) -> Conversation:
     read_config(path)
     tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else byte_level_tokenizer()
     model = get_backend(args.backend or default_backend()).load(path, dtype=args.dtype, device=args.device)
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                   kv_policy=args.kv_policy, state_policy=args.state_policy)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, seed=args.seed, kv_policy=args.kv_policy,
+                   state_policy=args.state_policy, prefill_step_size=args.prefill_step_size)
     return Conversation(model, tokenizer, load_chat_format(path, tokenizer), args.system, args.plan, **options)
 
 
@@ -135,11 +127,8 @@ def cmd_chat(args) -> None:
 
 
 def register(subparsers) -> None:
-    from .argtypes import finite_float, int_range, non_negative_float, non_negative_int, positive_int
-    from .backend import GENERATION_BACKENDS
     from .default import DEFAULT_MODEL
-    from .generation import KV_POLICIES, MAX_SEED, STATE_POLICIES
-    from .weights import FLOAT_DTYPES
+    from .generate_cli import add_generation_flags
 
     p = subparsers.add_parser("chat", help="an interactive chat with a checkpoint (its chat template)",
                               description="Chat in the terminal: each line is a user message; the reply streams "
@@ -148,22 +137,9 @@ def register(subparsers) -> None:
                                           "from a pipe too (one message per line).")
     p.add_argument("path", nargs="?", default=str(DEFAULT_MODEL), help="checkpoint directory (default: the "
                                                                          "embedded model)")
-    p.add_argument("--backend", choices=list(GENERATION_BACKENDS), help="backend (default: torch if installed, else mlx)")
     p.add_argument("--system", help="system message opening the conversation")
     p.add_argument("--plan", default="prefill-attention",
                    help="mode plan per turn, over the whole conversation's positions (default prefill-attention); "
                         f"{TURN_ATTENTION}: the new turn in attention, the history recurrent")
-    p.add_argument("--max-tokens", type=positive_int, default=256, help="longest reply (default 256)")
-    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k most likely (0 = off)")
-    p.add_argument("--top-p", type=finite_float(0.0, 1.0, low_open=True), default=1.0,
-                   help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="sampling seed (default 0)")
-    p.add_argument("--kv-policy", choices=list(KV_POLICIES), default="keep",
-                   help="drop frees the KV cache once a turn's plan has no attention left (later turns then "
-                        "cannot attend)")
-    p.add_argument("--state-policy", choices=list(STATE_POLICIES), default="auto",
-                   help="auto keeps the recurrent state for the next turn")
-    p.add_argument("--dtype", choices=list(FLOAT_DTYPES), help="compute dtype")
-    p.add_argument("--device", help="torch device (default cuda if present, else cpu)")
+    add_generation_flags(p)
     p.set_defaults(func=cmd_chat)

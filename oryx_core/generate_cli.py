@@ -24,8 +24,38 @@ def default_backend() -> str:
             return name
         except BackendUnavailable:
             continue
-    raise BackendUnavailable("oryx generate: no backend installed; pip install 'oryx[cuda]' (PyTorch) or "
-                             "'oryx[mlx]' (MLX)")
+    raise BackendUnavailable("no backend installed; pip install 'oryx[cuda]' (PyTorch) or 'oryx[mlx]' (MLX)")
+
+
+def add_generation_flags(p) -> None:
+    """The flags every command that generates takes (`oryx generate`, `oryx chat`): sampling, the cache policies,
+    backend, device and dtype; each refuses a bad value in one line naming it (oryx_core.argtypes)."""
+    p.add_argument("--max-tokens", type=positive_int, default=256,
+                   help="tokens to generate at most, per reply (default 256)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0,
+                   help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=finite_float(0.0, 1.0, low_open=True), default=1.0,
+                   help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--repetition-penalty", type=positive_float, default=1.0,
+                   help="divide the logits of tokens already in the text (prompt included) by this, "
+                        "multiply the negative ones (1 = off, the default; 1.1-1.3 curbs loops)")
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="random seed (default 0)")
+    p.add_argument("--kv-policy", choices=list(KV_POLICIES), default="keep",
+                   help="keep the KV cache, or drop it once the plan has no attention token left (constant memory; "
+                        "oryx chat then reads the whole conversation again at the next turn)")
+    p.add_argument("--state-policy", choices=list(STATE_POLICIES), default="auto",
+                   help="keep the recurrent state, or drop it once the plan has no recurrent token left (later "
+                        "tokens skip the recurrent work); auto = drop where the command owns its cache (oryx "
+                        "generate), keep where the next turn reads it (oryx chat)")
+    p.add_argument("--backend", choices=list(GENERATION_BACKENDS), default=None,
+                   help="backend (default: torch if installed, else mlx)")
+    p.add_argument("--device", default=None,
+                   help="torch: cpu, cuda, cuda:N (default cuda if present); mlx: cpu or gpu (default: MLX's)")
+    p.add_argument("--dtype", choices=list(FLOAT_DTYPES), default=None,
+                   help="compute dtype (default: torch bfloat16 on CUDA and float32 on the CPU; mlx as stored)")
+    p.add_argument("--prefill-step-size", type=positive_int, default=2048,
+                   help="prompt tokens per prefill piece (bounds the attention scores' memory; default 2048)")
 
 
 def cmd_generate(args) -> None:
@@ -74,30 +104,8 @@ def register(subparsers) -> None:
                         "embedded model")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--plan", default="prefill-attention", help="mode plan (default prefill-attention)")
-    p.add_argument("--max-tokens", type=positive_int, default=256, help="tokens to generate at most (default 256)")
-    p.add_argument("--temperature", type=non_negative_float, default=0.0,
-                   help="sampling temperature; 0 = greedy (default)")
-    p.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=finite_float(0.0, 1.0, low_open=True), default=1.0,
-                   help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--repetition-penalty", type=positive_float, default=1.0,
-                   help="divide the logits of tokens already in the text (prompt included) by this, "
-                        "multiply the negative ones (1 = off, the default; 1.1-1.3 curbs loops)")
-    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="random seed (default 0)")
+    add_generation_flags(p)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
-    p.add_argument("--kv-policy", choices=list(KV_POLICIES), default="keep",
-                   help="keep the KV cache, or drop it once the plan has no attention token left (constant memory)")
-    p.add_argument("--state-policy", choices=list(STATE_POLICIES), default="auto",
-                   help="keep the recurrent state, or drop it once the plan has no recurrent token left (later "
-                        "tokens skip the recurrent work); auto = drop (the command owns its cache)")
-    p.add_argument("--backend", choices=list(GENERATION_BACKENDS), default=None,
-                   help="backend (default: torch if installed, else mlx)")
-    p.add_argument("--device", default=None,
-                   help="torch: cpu, cuda, cuda:N (default cuda if present); mlx: cpu or gpu (default: MLX's)")
-    p.add_argument("--dtype", choices=list(FLOAT_DTYPES), default=None,
-                   help="compute dtype (default: torch bfloat16 on CUDA and float32 on the CPU; mlx as stored)")
-    p.add_argument("--prefill-step-size", type=positive_int, default=2048,
-                   help="prompt tokens per prefill piece (bounds the attention scores' memory; default 2048)")
     p.add_argument("--chat", action="store_true",
                    help="one chat turn: --prompt is the user's message, rendered with the checkpoint's chat template "
                         "(or the default one, see oryx chat)")

@@ -92,3 +92,60 @@ def test_oryx_generate_chat_is_one_turn(checkpoint, torch_model):
     want = fresh(torch_model, checkpoint, [{"role": "system", "content": "Be brief."},
                                            {"role": "user", "content": "Hello"}], 6)
     assert json.loads(out.stdout)["text"] == want
+
+
+def _options(command: str) -> dict:
+    """`oryx COMMAND`'s optional flags: the option string -> its argparse action."""
+    import argparse
+
+    from oryx_core.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {s: a for a in sub.choices[command]._actions for s in a.option_strings}
+
+
+SHARED_FLAGS = ["--max-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--seed",
+                "--kv-policy", "--state-policy", "--backend", "--device", "--dtype", "--prefill-step-size"]
+
+
+def test_generate_and_chat_share_their_generation_flags():
+    generate, chat = _options("generate"), _options("chat")
+    for flag in SHARED_FLAGS:
+        g, c = generate[flag], chat[flag]
+        assert (g.help, g.default, g.choices) == (c.help, c.default, c.choices), flag
+        assert getattr(g.type, "__qualname__", None) == getattr(c.type, "__qualname__", None), flag
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "nan"], "argument --temperature: must be a finite number"),
+    (["--top-p", "0"], "argument --top-p: must be > 0.0"),
+    (["--repetition-penalty", "0"], "argument --repetition-penalty: must be > 0"),
+    (["--prefill-step-size", "0"], "argument --prefill-step-size: must be >= 1"),
+    (["--seed", "-1"], "argument --seed: must be >= 0"),
+    (["--state-policy", "forget"], "argument --state-policy: invalid choice"),
+])
+def test_oryx_chat_refuses_bad_flags_as_generate_does(checkpoint, capsys, flags, message):
+    from oryx_core.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["chat", str(checkpoint), *flags])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.startswith("oryx chat: error: ") and message in err and err.count("\n") == 1
+
+
+def test_oryx_chat_passes_the_repetition_penalty_to_every_turn(checkpoint, torch_model, monkeypatch):
+    import argparse
+
+    from oryx_core import chat_cli
+    from oryx_core.cli import build_parser
+
+    monkeypatch.setattr(chat_cli, "get_backend", lambda name: argparse.Namespace(load=lambda *a, **k: torch_model))
+    args = build_parser().parse_args(["chat", str(checkpoint), "--repetition-penalty", "1.3", "--prefill-step-size",
+                                      "3", "--max-tokens", "8"])
+    conv = chat_cli.load_conversation(args)
+    reply = "".join(r.text for r in conv.reply("Hello", args.max_tokens))
+    tok = byte_level_tokenizer()
+    fmt = load_chat_format(checkpoint, tok)
+    ids = tok.encode(fmt.render([{"role": "user", "content": "Hello"}]), add_special_tokens=False).ids
+    assert reply == generate(torch_model, tok, ids, 8, "prefill-attention", stop_token_ids=fmt.stop_token_ids,
+                             repetition_penalty=1.3).text
