@@ -4,9 +4,11 @@
 
 For each batch size B: B distinct prompts, `--new-tokens` greedy tokens each (no stop tokens), timed
 from the call to the last token (prefill included), best of `--repeats`, the three contestants taking turns. Ours: oryx_torch.batch's
-generate_batch under the attention plan (the plan that equals the Llama source) and under
+BatchGenerator (one per batch size and plan, kept across repeats, as the server keeps it; CUDA graphs
+per batch-size bucket on CUDA) under the attention plan (the plan that equals the Llama source) and under
 prefill-attention; transformers: LlamaForCausalLM loaded from the GGUF, prompts left-padded, one
-`generate` call. Also reports how many sequences' tokens agree with transformers' exactly.
+`generate` call. Both run on `--device` in `--dtype`. Also reports how many sequences' tokens agree with
+transformers' exactly. An untimed warm-up call per contestant comes first (kernel compilation, graph capture).
 """
 from __future__ import annotations
 
@@ -48,6 +50,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="torch device for both models (default cpu)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of both models (default float32)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -56,21 +61,22 @@ def main(argv=None) -> int:
 
     from oryx_core.backend import get_backend
     from oryx_core.tokenizer import load_tokenizer
-    from oryx_torch.batch import SequenceRequest, generate_batch
+    from oryx_torch.batch import BatchGenerator, SequenceRequest
 
     gguf = Path(args.gguf)
     hf_tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf_tok.padding_side = "left"
     if hf_tok.pad_token is None:
         hf_tok.pad_token = hf_tok.eos_token
+    dtype = getattr(torch, args.dtype)
     hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                           torch_dtype=torch.float32).eval()
-    ours = get_backend("torch").load(args.path, dtype="float32").model
+                                                           dtype=dtype).to(args.device).eval()
+    ours = get_backend("torch").load(args.path, dtype=args.dtype, device=args.device).model
     tok = load_tokenizer(args.path)
     N, rows = args.new_tokens, []
     for B in args.batches:
         texts = prompts(B)
-        enc = hf_tok(texts, return_tensors="pt", padding=True)
+        enc = hf_tok(texts, return_tensors="pt", padding=True).to(args.device)
 
         def run_hf():
             with torch.inference_mode():
@@ -81,7 +87,10 @@ def main(argv=None) -> int:
         runs = {"transformers": run_hf}
         for plan in ("attention", "prefill-attention"):
             requests = [SequenceRequest(tok.encode(t).ids, N, plan) for t in texts]
-            runs[f"oryx_{plan}"] = lambda requests=requests: generate_batch(ours, requests, cuda_graphs=False)
+            gen = BatchGenerator(ours, max_batch=B, capacity=max(len(r.prompt_ids) for r in requests) + N)
+            runs[f"oryx_{plan}"] = lambda gen=gen, requests=requests: gen.generate(requests)
+        for run in runs.values():
+            run()  # warm-up, untimed
         # the contestants take turns, repeat after repeat, so a load that drifts over the run hits all alike
         best, tokens = {name: float("inf") for name in runs}, {}
         for _ in range(args.repeats):
@@ -94,7 +103,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+              "dtype": args.dtype, "cuda_graphs": args.device.startswith("cuda"), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "transformers": transformers.__version__, "command": " ".join(sys.argv), "rows": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

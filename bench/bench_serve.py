@@ -41,16 +41,26 @@ PROMPTS = ["The history of the city", "Write a short poem about the sea.", "def 
            "Explain why the sky is blue.", "A recipe for bread:"]
 
 
+def gpu_name() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start(path: str, backend: str, context: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start(path: str, backend: str, context: int, max_batch: int, device: str | None = None,
+          dtype: str | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    extra = ([] if device is None else ["--device", device]) + ([] if dtype is None else ["--dtype", dtype])
     proc = subprocess.Popen([*command_line(), "serve", path, "--backend", backend, "--port", str(port),
-                             "--context", str(context), "--max-batch", str(max_batch), "--model-id", "bench"],
+                             "--context", str(context), "--max-batch", str(max_batch), "--model-id", "bench", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -128,6 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
     ap.add_argument("--context", type=int, default=512, help="server --context (default 512)")
     ap.add_argument("--max-batch", type=int, default=16, help="server --max-batch for torch (default 16)")
+    ap.add_argument("--device", help="server --device for torch (default: the server's, cuda if present)")
+    ap.add_argument("--dtype", help="server --dtype (default: the backend's, bfloat16 on CUDA, else float32)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per request (default 600)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
@@ -141,9 +153,17 @@ def main(argv=None) -> int:
         convert(gguf, args.path)
     rows = []
     for backend in args.backends:
-        proc, url = start(args.path, backend, args.context, args.max_batch)
+        proc, url = start(args.path, backend, args.context, args.max_batch,
+                          args.device if backend == "torch" else None, args.dtype)
         try:
-            one_request(url, "warm up", 4, args.timeout)
+            # warm-up: kernel compilation and, on CUDA, a graph per batch-size bucket the levels will use
+            for clients in sorted(set(args.clients)):
+                warm = [threading.Thread(target=one_request, args=(url, f"warm up {i}", 4, args.timeout))
+                        for i in range(clients)]
+                for t in warm:
+                    t.start()
+                for t in warm:
+                    t.join()
             for clients in args.clients:
                 row = {"backend": backend, **level(url, clients, args.requests, args.max_tokens, args.timeout)}
                 rows.append(row)
@@ -158,6 +178,7 @@ def main(argv=None) -> int:
                 proc.kill()
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
               "processor": platform.processor() or platform.machine(), "command": " ".join(sys.argv),
+              "device": args.device, "gpu": gpu_name(), "dtype": args.dtype,
               "model": args.path, "max_tokens": args.max_tokens, "requests_per_client": args.requests, "rows": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -196,6 +196,20 @@ class BatchGenerator:
     def state_of(self, sid: int) -> _Sequence | None:
         return self.by_id.get(sid)
 
+    def generate(self, requests: list[SequenceRequest]) -> list[list[int]]:
+        """Every request's generated tokens (a final stop token included); requests join as rows free up.
+        The generator (its cache and captured graphs) stays usable for the next call."""
+        out: dict[int, list[int]] = {}
+        order, waiting = [], list(requests)
+        while waiting or self.active:
+            while waiting and self.free:
+                sid = self.add(waiting.pop(0))
+                order.append(sid)
+                out[sid] = []
+            for event in self.step():
+                out[event.sequence].append(event.token)
+        return [out[sid] for sid in order]
+
     # -- decoding --
     def _decode(self) -> None:
         n = len(self.rows)
@@ -211,10 +225,15 @@ class BatchGenerator:
             if bucket > n:
                 self.cache.position[n:bucket].zero_()  # padding rows stay inside the cache
             logits = self._run(bucket, tokens, modes, attend)[:n]
+            # greedy rows are picked in one argmax and one device-to-host copy; sampled rows draw from their own
+            # generators, one row at a time
+            greedy = [i for i, seq in enumerate(self.rows) if seq.request.temperature == 0]
+            picked = dict(zip(greedy, (logits if len(greedy) == n else logits[greedy]).float().argmax(-1).tolist()))
             for i, seq in enumerate(self.rows):
                 seq.fed.append(seq.pending)
                 r = seq.request
-                seq.pending = int(sample(logits[i:i + 1], r.temperature, r.top_k, r.top_p, seq.generator)[0])
+                seq.pending = picked[i] if i in picked else \
+                    int(sample(logits[i:i + 1], r.temperature, r.top_k, r.top_p, seq.generator)[0])
 
     def _run(self, bucket: int, tokens, modes, attend: bool) -> torch.Tensor:
         model = self.model
@@ -309,14 +328,4 @@ def generate_batch(model, requests: list[SequenceRequest], max_batch: int | None
     requests beyond max_batch join as rows free up."""
     if capacity is None:
         capacity = max(len(r.prompt_ids) + r.max_tokens for r in requests) if requests else 1
-    gen = BatchGenerator(model, max_batch or max(1, len(requests)), capacity, cuda_graphs)
-    out: dict[int, list[int]] = {}
-    order, waiting = [], list(requests)
-    while waiting or gen.active:
-        while waiting and gen.free:
-            sid = gen.add(waiting.pop(0))
-            order.append(sid)
-            out[sid] = []
-        for event in gen.step():
-            out[event.sequence].append(event.token)
-    return [out[sid] for sid in order]
+    return BatchGenerator(model, max_batch or max(1, len(requests)), capacity, cuda_graphs).generate(requests)
