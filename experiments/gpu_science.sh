@@ -20,7 +20,7 @@ TOTAL=${ORYX_SCIENCE_S:-480}
 SCALE=${ORYX_EXP_SCALE:-}
 SCALE_ARG=${SCALE:+--scale $SCALE}
 WORK=${ORYX_EXP_WORK:-/tmp/oryx-science}
-SHARING_RUNNER=${SHARING_RUNNER:-experiments/sharing_ablation.py}
+SHARING_RUNNER=${SHARING_RUNNER:-experiments/sharing.py}
 export PYTHONUNBUFFERED=1 PYTHON=${PYTHON:-python3}
 export PYTHONPATH=".:backends/cuda:backends/mlx:convert${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT" "$WORK"
