@@ -12,29 +12,54 @@ import json
 import math
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from .files import FormatError, open_regular, parse_json
 
-DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U32": np.dtype(np.uint32), "U16": np.dtype(np.uint16),
-    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# safetensors dtype -> NumPy's name for it (bfloat16 is ml_dtypes', which NumPy reports by that name)
+NUMPY_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+               "I32": "int32", "I16": "int16", "I8": "int8", "U32": "uint32", "U16": "uint16", "U8": "uint8",
+               "BOOL": "bool"}
+DTYPE_NAMES = {v: k for k, v in NUMPY_NAMES.items()}
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype NumPy calls `name` (float32, bfloat16, ...). ml_dtypes, whose import costs seconds of
+    command start-up, is imported only for bfloat16."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+class _SafetensorsDtypes(Mapping):
+    """safetensors dtype name -> NumPy dtype, each made when first asked for (see numpy_dtype)."""
+
+    def __getitem__(self, key: str) -> np.dtype:
+        return numpy_dtype(NUMPY_NAMES[key])
+
+    def __iter__(self):
+        return iter(NUMPY_NAMES)
+
+    def __len__(self) -> int:
+        return len(NUMPY_NAMES)
+
+
+DTYPES = _SafetensorsDtypes()
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors package's own cap
 MAX_INDEX = 2**64  # header integers are u64 in the format
 
 
 def dtype_name(dtype) -> str:
     dtype = np.dtype(dtype)
-    if dtype not in DTYPE_NAMES:
+    # the name alone would also match a byte-swapped dtype, which is not the one stored (little-endian)
+    if dtype.name not in DTYPE_NAMES or DTYPES[DTYPE_NAMES[dtype.name]] != dtype:
         raise FormatError(f"dtype {dtype} cannot be stored in safetensors")
-    return DTYPE_NAMES[dtype]
+    return DTYPE_NAMES[dtype.name]
 
 
 def _header(arrays: dict[str, np.ndarray], metadata: dict[str, str] | None) -> bytes:

@@ -22,7 +22,8 @@ import numpy as np
 from .atomic import atomic_directory
 from .config import ConfigError, OryxConfig
 from .files import check_file_name, member, open_regular, read_json_object
-from .safetensors_io import DTYPES, FormatError, dtype_name, load_file, read_header, read_tensors, write_file
+from .safetensors_io import (DTYPES, FormatError, dtype_name, load_file, numpy_dtype, read_header, read_tensors,
+                              write_file)
 from .spec import parameter_specs
 from .tokenizer import TOKENIZER_FILE
 
@@ -81,7 +82,7 @@ def save_checkpoint(path: str | Path, config: OryxConfig, params: dict[str, np.n
     for name, value in params.items():
         arr = np.asarray(value)
         if dtype is not None and _is_float(arr):
-            arr = arr.astype(_np_dtype(dtype))
+            arr = arr.astype(numpy_dtype(dtype))
         tensors[name] = arr
     float_dtypes = sorted({a.dtype.name for a in tensors.values() if _is_float(a)})
     stored = dtype or (float_dtypes[0] if len(float_dtypes) == 1 else "mixed")
@@ -123,12 +124,6 @@ def save_checkpoint(path: str | Path, config: OryxConfig, params: dict[str, np.n
 
 def _is_float(arr: np.ndarray) -> bool:
     return arr.dtype.kind == "f" or arr.dtype.name == "bfloat16"
-
-
-def _np_dtype(name: str):
-    import ml_dtypes
-
-    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
 # ----- loading -----

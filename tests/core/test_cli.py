@@ -59,3 +59,40 @@ def test_console_script_help_reads_well():
     out = subprocess.run([sys.executable, "-m", "oryx_core.cli", "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("info", "init", "eval"):
         assert command in out
+
+
+STARTUP_PROBE = """import contextlib, io, sys
+from oryx_core.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    try:
+        main(['--help'])
+    except SystemExit:
+        pass
+    after_help = 'ml_dtypes' in sys.modules
+    code = main(['info', sys.argv[1]])
+print(after_help, 'ml_dtypes' in sys.modules, code)
+"""
+
+
+def test_help_and_info_on_a_float32_checkpoint_do_not_import_ml_dtypes(tmp_path):
+    """ml_dtypes takes seconds to import; only a bfloat16 tensor needs it."""
+    assert main(["init", str(tmp_path / "f32"), "--preset", "tiny", "--dtype", "float32"]) == 0
+    assert main(["init", str(tmp_path / "bf16"), "--preset", "tiny", "--dtype", "bfloat16"]) == 0
+    for name, imported in [("f32", "False False 0"), ("bf16", "False True 0")]:
+        out = subprocess.run([sys.executable, "-c", STARTUP_PROBE, str(tmp_path / name)], capture_output=True,
+                             text=True, timeout=120)
+        assert out.stdout.split() == imported.split(), (name, out.stdout, out.stderr)
+
+
+def test_safetensors_dtypes_round_trip_and_refuse_byte_swapped_arrays():
+    import ml_dtypes
+    import numpy as np
+
+    from oryx_core.safetensors_io import DTYPES, FormatError, dtype_name
+
+    assert len(DTYPES) == 12 and DTYPES["BF16"] == np.dtype(ml_dtypes.bfloat16)
+    assert all(dtype_name(DTYPES[name]) == name for name in DTYPES)
+    with pytest.raises(FormatError, match="cannot be stored"):
+        dtype_name(np.dtype(">f4"))
+    with pytest.raises(FormatError, match="cannot be stored"):
+        dtype_name(np.dtype(np.complex64))
