@@ -10,6 +10,9 @@ from pathlib import Path
 MIXERS = ("gdn", "mamba2")
 CONV_ACTIVATIONS = ("silu", "none")
 O_NORM_GROUPINGS = ("head", "all")
+# Which input projections the two modes share (oryx_core.spec): "kv" keys and values (the design's block),
+# "none" only the output path (each mode has its own query, keys and values), "qkv" the query too.
+SHARINGS = ("kv", "none", "qkv")
 # Upper bounds far above any real model, so that a config can never ask for more than memory can hold
 # before its tensors are checked (n_layers 10**8 would otherwise build 10**9 tensor specs).
 INT_LIMITS = {"vocab_size": 1 << 24, "d_model": 1 << 16, "n_layers": 1 << 10, "n_heads": 1 << 12, "n_kv_heads": 1 << 12,
@@ -58,6 +61,7 @@ class OryxConfig:
     # Llama) needs 1.0: with unit-norm queries and keys the readout is then at most a stored value's size,
     # as an attention readout is, where head_dim^-1/2 would cap it at an eighth of that (head_dim 64).
     recurrent_scale: float | None = None
+    sharing: str = "kv"
     extra: dict = field(default_factory=dict, compare=False)
 
     # ----- derived quantities -----
@@ -102,6 +106,8 @@ class OryxConfig:
             problems.append(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
         if self.conv_activation not in (None, *CONV_ACTIVATIONS):
             problems.append(f"conv_activation must be one of {CONV_ACTIVATIONS} or null, got {self.conv_activation!r}")
+        if self.sharing not in SHARINGS:
+            problems.append(f"sharing must be one of {SHARINGS}, got {self.sharing!r:.40}")
         if self.o_norm_grouping not in O_NORM_GROUPINGS:
             problems.append(f"o_norm_grouping must be one of {O_NORM_GROUPINGS}, got {self.o_norm_grouping!r}")
         if not (_is_real(self.norm_eps) and 0 < self.norm_eps < 1):
@@ -123,6 +129,8 @@ class OryxConfig:
         d = dataclasses.asdict(self)
         if not d["extra"]:
             d.pop("extra")
+        if d["sharing"] == "kv":  # the default is left out, so a default model's config.json is what it always was
+            d.pop("sharing")
         return d
 
     @classmethod

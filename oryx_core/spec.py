@@ -31,27 +31,44 @@ def layer_specs(cfg: OryxConfig, i: int) -> list[ParamSpec]:
     p = f"layers.{i}."
     m = p + "mixer."
     norm_width = dv if cfg.o_norm_grouping == "head" else H * dv
+    # sharing "kv": both modes read k_proj/v_proj (through conv_k/conv_v), each has its own query;
+    # "none": those are attention-only and the recurrence has its own (k_rec/v_rec, conv_k_rec/conv_v_rec);
+    # "qkv": the recurrence also reads q_attn (through its own conv_q), and there is no q_rec.
+    kv_mode = ATTENTION if cfg.sharing == "none" else SHARED
     specs = [
         ParamSpec(p + "attn_norm.weight", (D,), SHARED, "ones"),
-        ParamSpec(m + "k_proj.weight", (Hkv * d, D), SHARED, "normal"),
-        ParamSpec(m + "v_proj.weight", (Hkv * dv, D), SHARED, "normal"),
-        ParamSpec(m + "conv_k.weight", (Hkv * d, W), SHARED, "conv"),
-        ParamSpec(m + "conv_v.weight", (Hkv * dv, W), SHARED, "conv"),
+        ParamSpec(m + "k_proj.weight", (Hkv * d, D), kv_mode, "normal"),
+        ParamSpec(m + "v_proj.weight", (Hkv * dv, D), kv_mode, "normal"),
+        ParamSpec(m + "conv_k.weight", (Hkv * d, W), kv_mode, "conv"),
+        ParamSpec(m + "conv_v.weight", (Hkv * dv, W), kv_mode, "conv"),
         ParamSpec(m + "o_proj.weight", (D, H * dv), SHARED, "normal_out"),
-        ParamSpec(m + "q_attn.weight", (H * d, D), ATTENTION, "normal"),
-        ParamSpec(m + "q_rec.weight", (H * d, D), RECURRENT, "normal"),
-        ParamSpec(m + "conv_q.weight", (H * d, W), RECURRENT, "conv"),
+        ParamSpec(m + "q_attn.weight", (H * d, D), SHARED if cfg.sharing == "qkv" else ATTENTION, "normal"),
     ]
+    if cfg.sharing != "qkv":
+        specs.append(ParamSpec(m + "q_rec.weight", (H * d, D), RECURRENT, "normal"))
+    specs.append(ParamSpec(m + "conv_q.weight", (H * d, W), RECURRENT, "conv"))
+    if cfg.sharing == "none":
+        specs += [
+            ParamSpec(m + "k_rec.weight", (Hkv * d, D), RECURRENT, "normal"),
+            ParamSpec(m + "v_rec.weight", (Hkv * dv, D), RECURRENT, "normal"),
+            ParamSpec(m + "conv_k_rec.weight", (Hkv * d, W), RECURRENT, "conv"),
+            ParamSpec(m + "conv_v_rec.weight", (Hkv * dv, W), RECURRENT, "conv"),
+        ]
     if cfg.output_gate:
         specs.append(ParamSpec(m + "g_proj.weight", (H * dv, D), SHARED, "normal"))
     if cfg.output_norm:
         specs.append(ParamSpec(m + "o_norm.weight", (norm_width,), SHARED, "ones"))
     if cfg.conv_bias:
         specs += [
-            ParamSpec(m + "conv_k.bias", (Hkv * d,), SHARED, "zeros"),
-            ParamSpec(m + "conv_v.bias", (Hkv * dv,), SHARED, "zeros"),
+            ParamSpec(m + "conv_k.bias", (Hkv * d,), kv_mode, "zeros"),
+            ParamSpec(m + "conv_v.bias", (Hkv * dv,), kv_mode, "zeros"),
             ParamSpec(m + "conv_q.bias", (H * d,), RECURRENT, "zeros"),
         ]
+        if cfg.sharing == "none":
+            specs += [
+                ParamSpec(m + "conv_k_rec.bias", (Hkv * d,), RECURRENT, "zeros"),
+                ParamSpec(m + "conv_v_rec.bias", (Hkv * dv,), RECURRENT, "zeros"),
+            ]
     if cfg.mixer == "gdn":
         specs += [
             ParamSpec(m + "a_proj.weight", (Hkv, D), RECURRENT, "normal"),

@@ -23,6 +23,9 @@ import torch
 from oryx_core.config import OryxConfig
 
 
+RECURRENT_WINDOWS = ("q", "k_rec", "v_rec")  # conv windows only the recurrence reads
+
+
 class LayerCache:
     """One layer's state; the fields mean what the MLX backend's LayerCache's mean: keys, values, conv (the conv
     windows), recurrent (the recurrent state), kv_dropped, recurrent_dropped."""
@@ -31,8 +34,12 @@ class LayerCache:
         H, Hkv, d, dv, W = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim, cfg.conv_width
         self.keys = torch.zeros(batch, Hkv, capacity, d, device=device, dtype=dtype) if with_kv else None
         self.values = torch.zeros(batch, Hkv, capacity, dv, device=device, dtype=dtype) if with_kv else None
-        self.conv = {name: torch.zeros(batch, W - 1, width, device=device, dtype=dtype)
-                     for name, width in (("k", Hkv * d), ("v", Hkv * dv), ("q", H * d))}
+        # windows of the convs before k_proj, v_proj and the recurrence's query; with sharing "none" also
+        # of the recurrence's own keys and values (k_rec, v_rec)
+        widths = (("k", Hkv * d), ("v", Hkv * dv), ("q", H * d))
+        if cfg.sharing == "none":
+            widths += (("k_rec", Hkv * d), ("v_rec", Hkv * dv))
+        self.conv = {name: torch.zeros(batch, W - 1, width, device=device, dtype=dtype) for name, width in widths}
         self.recurrent = torch.zeros(batch, H, d, dv, device=device, dtype=torch.float32)
 
     @property
@@ -88,10 +95,12 @@ class OryxCache:
             layer.keys = layer.values = None
 
     def drop_recurrent(self) -> None:
-        """Frees every layer's recurrent state and q_rec's conv window (recurrent-mode tokens are then refused)."""
+        """Frees every layer's recurrent state and the conv windows only it reads (recurrent-mode tokens are then
+        refused)."""
         for layer in self.layers:
             layer.recurrent = None
-            layer.conv.pop("q", None)
+            for name in RECURRENT_WINDOWS:
+                layer.conv.pop(name, None)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())

@@ -123,14 +123,24 @@ class OryxMixer(nn.Module):
         def linear(out_features):
             return nn.Linear(D, out_features, bias=False)
 
+        # cfg.sharing (oryx_core.spec): "kv" both modes read k_proj/v_proj, "none" the recurrence has its own
+        # k_rec/v_rec (and convs), "qkv" it also reads q_attn (through its own conv_q) and there is no q_rec.
+        self.separate_kv = cfg.sharing == "none"
+        self.recurrent_query = "q_attn" if cfg.sharing == "qkv" else "q_rec"
         self.k_proj, self.v_proj = linear(Hkv * d), linear(Hkv * dv)
-        self.q_attn, self.q_rec = linear(H * d), linear(H * d)
+        self.q_attn = linear(H * d)
+        self.q_rec = linear(H * d) if cfg.sharing != "qkv" else None
+        if self.separate_kv:
+            self.k_rec, self.v_rec = linear(Hkv * d), linear(Hkv * dv)
         self.g_proj = linear(H * dv) if cfg.output_gate else None
         self.o_proj = nn.Linear(H * dv, D, bias=False)
         act = cfg.conv_act
         self.conv_k = CausalConv(Hkv * d, W, cfg.conv_bias, act)
         self.conv_v = CausalConv(Hkv * dv, W, cfg.conv_bias, act)
         self.conv_q = CausalConv(H * d, W, cfg.conv_bias, act)
+        if self.separate_kv:
+            self.conv_k_rec = CausalConv(Hkv * d, W, cfg.conv_bias, act)
+            self.conv_v_rec = CausalConv(Hkv * dv, W, cfg.conv_bias, act)
         norm_width = dv if cfg.o_norm_grouping == "head" else H * dv
         self.o_norm = RMSNorm(norm_width, cfg.norm_eps) if cfg.output_norm else None
         if cfg.mixer == "gdn":
@@ -143,8 +153,14 @@ class OryxMixer(nn.Module):
         # Input projections in one fixed order: the attention-only ones first, the recurrent-only ones last,
         # so what either mode alone needs is one contiguous run of rows of their concatenated weight.
         gates = ("a_proj", "b_proj") if cfg.mixer == "gdn" else ("dt_proj",)
-        self.projection_order = ("q_attn", "k_proj", "v_proj") + (("g_proj",) if cfg.output_gate else ()) + \
-            ("q_rec",) + gates
+        gate = ("g_proj",) if cfg.output_gate else ()
+        attention_only, shared, recurrent_only = {
+            "kv": (("q_attn",), ("k_proj", "v_proj") + gate, ("q_rec",) + gates),
+            "none": (("q_attn", "k_proj", "v_proj"), gate, ("q_rec", "k_rec", "v_rec") + gates),
+            "qkv": ((), ("q_attn", "k_proj", "v_proj") + gate, gates),
+        }[cfg.sharing]
+        self.projection_order = attention_only + shared + recurrent_only
+        self._shared_rows = (len(attention_only), len(attention_only) + len(shared))  # [start, end) in the order
         self._fused = None  # (key, weight): the concatenation for inference, rebuilt whenever a part changes
 
     # One matmul for every input projection a call needs. The checkpoint (and state_dict) keeps each weight
@@ -153,11 +169,12 @@ class OryxMixer(nn.Module):
     fuse_projections = True
 
     def _projections(self, xn, attention: bool, recurrent: bool) -> dict:
-        """{name: xn @ W_name^T} for k_proj, v_proj, g_proj, plus q_attn when `attention`, plus q_rec and the
-        recurrence's gates when `recurrent`."""
+        """{name: xn @ W_name^T} for the projections both modes read (with the default sharing k_proj, v_proj,
+        g_proj), plus the attention-only ones when `attention`, plus the recurrent-only ones (q_rec and the
+        recurrence's gates) when `recurrent`."""
         order = self.projection_order
-        first = 0 if attention else 1
-        last = len(order) if recurrent else order.index("q_rec")
+        first = 0 if attention else self._shared_rows[0]
+        last = len(order) if recurrent else self._shared_rows[1]
         names = order[first:last]
         layers = [getattr(self, name) for name in names]
         if not self.fuse_projections:
@@ -234,23 +251,34 @@ class OryxMixer(nn.Module):
     def forward(self, xn, plan: AttentionPlan, rope, layer_cache: LayerCache | None = None):
         """xn [B, T, D] normed input; plan: the modes; rope (cos, sin) for positions plan.q_offset.. or None."""
         windows = layer_cache.conv if layer_cache is not None else {}
-        # with a cache the state must advance anyway, unless it was dropped (then no token is recurrent)
+        # with a cache the state must advance anyway, unless it was dropped (then no token is recurrent);
+        # likewise the KV cache takes every token's key and value while it is kept
         recurrent = plan.any_recurrent or (layer_cache is not None and layer_cache.recurrent is not None)
-        proj = self._projections(xn, plan.any_attention, recurrent)
-        k, k_tail = self.conv_k(proj["k_proj"], windows.get("k"))
-        v, v_tail = self.conv_v(proj["v_proj"], windows.get("v"))
+        attention_kv = plan.any_attention or (layer_cache is not None and layer_cache.keys is not None)
+        proj = self._projections(xn, plan.any_attention or (self.separate_kv and attention_kv), recurrent)
+        k = v = None
+        if attention_kv or not self.separate_kv:
+            k, k_tail = self.conv_k(proj["k_proj"], windows.get("k"))
+            v, v_tail = self.conv_v(proj["v_proj"], windows.get("v"))
+            if layer_cache is not None:
+                layer_cache.conv["k"].copy_(k_tail)
+                layer_cache.conv["v"].copy_(v_tail)
         o_rec = o_attn = None
         if recurrent:
-            q_raw, q_tail = self.conv_q(proj["q_rec"], windows.get("q"))
-            o_rec, final = self._recurrence(self._recurrence_inputs(proj, k, v, q_raw),
+            q_raw, q_tail = self.conv_q(proj[self.recurrent_query], windows.get("q"))
+            k_rec, v_rec = k, v
+            if self.separate_kv:
+                k_rec, k_rec_tail = self.conv_k_rec(proj["k_rec"], windows.get("k_rec"))
+                v_rec, v_rec_tail = self.conv_v_rec(proj["v_rec"], windows.get("v_rec"))
+            o_rec, final = self._recurrence(self._recurrence_inputs(proj, k_rec, v_rec, q_raw),
                                             None if layer_cache is None else layer_cache.recurrent)
             if layer_cache is not None:
                 layer_cache.recurrent.copy_(final)
                 layer_cache.conv["q"].copy_(q_tail)
-        if layer_cache is not None:
-            layer_cache.conv["k"].copy_(k_tail)
-            layer_cache.conv["v"].copy_(v_tail)
-        if plan.any_attention or (layer_cache is not None and layer_cache.keys is not None):
+                if self.separate_kv:
+                    layer_cache.conv["k_rec"].copy_(k_rec_tail)
+                    layer_cache.conv["v_rec"].copy_(v_rec_tail)
+        if attention_kv:
             o_attn = self._attention(proj, k, v, plan, rope, layer_cache)
         if o_attn is None:
             o = o_rec
@@ -289,10 +317,14 @@ class OryxMixer(nn.Module):
         cfg = self.cfg
         B = xn.shape[0]
         recurrent = layer_cache.recurrent is not None
-        proj = self._projections(xn[:, None], attend or not recurrent, recurrent)   # each [B, 1, *]
-        k = self.conv_k.step(proj["k_proj"][:, 0], layer_cache.conv["k"])
-        v = self.conv_v.step(proj["v_proj"][:, 0], layer_cache.conv["v"])
-        keys, values = self._keys_values(k[:, None], v[:, None], rope)              # [B, Hkv, 1, *]
+        has_kv = layer_cache.keys is not None
+        proj = self._projections(xn[:, None], attend or not recurrent or (self.separate_kv and has_kv),
+                                 recurrent)                                          # each [B, 1, *]
+        k = v = keys = values = None
+        if has_kv or not self.separate_kv:
+            k = self.conv_k.step(proj["k_proj"][:, 0], layer_cache.conv["k"])
+            v = self.conv_v.step(proj["v_proj"][:, 0], layer_cache.conv["v"])
+            keys, values = self._keys_values(k[:, None], v[:, None], rope)          # [B, Hkv, 1, *]
         if not recurrent:  # dropped: every token attends (the caller checked), no recurrent work
             slot = position[:1]
             layer_cache.keys.index_copy_(2, slot, cast(keys, layer_cache.keys.dtype))
@@ -300,13 +332,16 @@ class OryxMixer(nn.Module):
             q = self._attention_queries(proj["q_attn"], rope)[:, 0]
             o = decode_attention(q, layer_cache.keys, layer_cache.values, position, cfg.head_dim ** -0.5)
             return self._output(cast(o, xn.dtype)[:, None], proj, xn.dtype)[:, 0]
-        q_raw = self.conv_q.step(proj["q_rec"][:, 0], layer_cache.conv["q"])
+        q_raw = self.conv_q.step(proj[self.recurrent_query][:, 0], layer_cache.conv["q"])
+        if self.separate_kv:
+            k = self.conv_k_rec.step(proj["k_rec"][:, 0], layer_cache.conv["k_rec"])
+            v = self.conv_v_rec.step(proj["v_rec"][:, 0], layer_cache.conv["v_rec"])
         step_proj = {name: t[:, 0] for name, t in proj.items()}
         # the fused GDN decode kernel L2-normalises q and k itself (same epsilon), saving their launches
         in_kernel_norm = cfg.mixer == "gdn" and fused_decode_available(layer_cache.recurrent)
         r = self._recurrence_inputs(step_proj, k, v, q_raw, l2_normalize_qk=not in_kernel_norm)
-        o_rec = self._recurrence_step(r, layer_cache, position, keys[:, :, 0], values[:, :, 0],
-                                      qk_normalized=not in_kernel_norm)
+        o_rec = self._recurrence_step(r, layer_cache, position, None if keys is None else keys[:, :, 0],
+                                      None if values is None else values[:, :, 0], qk_normalized=not in_kernel_norm)
         if not attend:
             return self._output(o_rec[:, None], proj, xn.dtype)[:, 0]
         q = self._attention_queries(proj["q_attn"], rope)[:, 0]                     # [B, H, d]

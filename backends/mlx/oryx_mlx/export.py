@@ -79,6 +79,8 @@ def export_mlx_lm(src, dst, plan: str = "attention", bits: int | None = None, gr
 
 def _export(src: Path, dst: Path, plan_text: str) -> Path:
     ckpt = load_checkpoint(src)  # validates the checkpoint before anything is written
+    if ckpt.config.sharing != "kv":  # the exported model file implements the design's block only
+        raise ValueError(f"{src}: sharing {ckpt.config.sharing!r} cannot be exported to mlx-lm (only sharing 'kv')")
     shards = sorted(set(read_index(src)[0].values()))
     tokenizer = tokenizer_for(src)  # the checkpoint's tokenizer.json, else the byte-level default
     eos = end_of_text_id(tokenizer)

@@ -486,9 +486,17 @@ class OryxBlock(nn.Module):
         return self._stage("_output", (mixer_layout, mlp_layout), single_step)(arrays, x, o_attn, o_rec, g, readout)
 
 
+def check_default_sharing(cfg: OryxConfig, source: str = "config") -> None:
+    """The MLX backend (and the mlx-lm export) implements the design's block, where the modes share keys and values."""
+    if cfg.sharing != "kv":
+        raise ValueError(f"{source}: sharing {cfg.sharing!r} runs on the torch backend only; "
+                         f"the MLX backend runs sharing 'kv'")
+
+
 class OryxModel(nn.Module):
     def __init__(self, cfg: OryxConfig):
         super().__init__()
+        check_default_sharing(cfg)
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = [OryxBlock(cfg) for _ in range(cfg.n_layers)]
