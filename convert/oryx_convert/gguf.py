@@ -24,6 +24,12 @@ from oryx_core.safetensors_io import FormatError
 from .gguf_header import check_gguf_header
 
 
+# Tensor types the reader hands over as NumPy arrays of the file's byte order; the others come as raw block
+# bytes, whose fields (fp16 scales, packed integers) in a big-endian file are swapped by some writers (llama.cpp's
+# gguf_convert_endian.py) and left as they were by others (the gguf package's writer), so they cannot be decoded.
+BYTE_ORDERED_TYPES = ("F32", "F16")
+
+
 def supported_types() -> list[str]:
     """Names of the GGUF tensor types the installed `gguf` package dequantises."""
     import gguf
@@ -44,8 +50,9 @@ def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...], name: s
     n = int(np.prod(shape))
     if n % block_elems or raw.nbytes != n // block_elems * block_bytes:
         raise FormatError(f"GGUF tensor {name!r}: {raw.nbytes} bytes do not hold {type_name}{list(shape)}")
-    if type_name not in ("F32", "F16"):
-        raw = raw.reshape(-1).view(np.uint8).reshape(-1, block_bytes)
+    if type_name in BYTE_ORDERED_TYPES:  # the reader's dtype carries the file's byte order, which a view would drop
+        return np.asarray(raw, dtype=np.float32).reshape(shape)
+    raw = raw.reshape(-1).view(np.uint8).reshape(-1, block_bytes)
     return np.asarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32).reshape(shape)
 
 
@@ -94,7 +101,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
         raise FormatError(f"{path}: a directory; a GGUF model is one .gguf file")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such GGUF file")
-    check_gguf_header(path)  # a regular file whose counts and lengths fit it, before the reader trusts them
+    header = check_gguf_header(path)  # a regular file whose counts and lengths fit it, before the reader trusts them
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError, struct.error, IndexError ... on bad files
@@ -105,6 +112,13 @@ def read_gguf(path: str | Path) -> GGUFFile:
             continue
         metadata[key] = field.contents()
     entries = {t.name: t for t in reader.tensors}
+    if header.byte_order == ">":
+        blocks = [(n, t.tensor_type.name) for n, t in entries.items() if t.tensor_type.name not in BYTE_ORDERED_TYPES]
+        if blocks:
+            raise FormatError(f"{path}: a big-endian GGUF file with {blocks[0][1]} tensors ({blocks[0][0]!r}"
+                              f"{f' and {len(blocks) - 1} more' if len(blocks) > 1 else ''}): only "
+                              f"{' and '.join(BYTE_ORDERED_TYPES)} tensors are read from big-endian files; "
+                              f"convert it to little-endian first (llama.cpp's gguf_convert_endian.py)")
     return GGUFFile(path, metadata, {n: t.tensor_type.name for n, t in entries.items()}, entries)
 
 

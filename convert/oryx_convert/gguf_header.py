@@ -40,6 +40,7 @@ class GGUFHeader:
     kv_count: int
     alignment: int
     data_offset: int  # where the tensor data section starts
+    byte_order: str = "<"  # the struct prefix of the file's integers: "<" little-endian, ">" big-endian
 
 
 class _Walk:
@@ -164,4 +165,4 @@ def _walk(w: _Walk, gguf) -> GGUFHeader:
         if offset + nbytes > data_size:
             w.fail(f"tensor {name!r} needs bytes {offset}-{offset + nbytes} of the data section, the file has "
                    f"{max(data_size, 0)} (truncated?)")
-    return GGUFHeader(version, tensor_count, kv_count, alignment, data_offset)
+    return GGUFHeader(version, tensor_count, kv_count, alignment, data_offset, w.order)

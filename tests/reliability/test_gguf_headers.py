@@ -17,7 +17,7 @@ from oryx_convert.gguf import read_gguf  # noqa: E402
 from oryx_convert.gguf_header import check_gguf_header  # noqa: E402
 from oryx_core.files import FormatError  # noqa: E402
 
-F32, Q8_0 = 0, 8
+F32, F16, Q8_0 = 0, 1, 8
 T_UINT32, T_STRING, T_ARRAY = 4, 8, 9
 
 
@@ -127,11 +127,60 @@ def test_valid_file_passes_and_agrees_with_the_reader(tmp_path, order):
     reader = gguf.GGUFReader(str(path))
     assert (header.tensor_count, header.kv_count) == (2, 2)
     assert header.data_offset == reader.data_offset
-    if order == ">":
-        return  # the converter decodes little-endian tensors only; the header walk reads both orders
+    assert header.byte_order == order
+    if order == ">":  # block-quantised tensors are not read from big-endian files
+        with pytest.raises(FormatError, match=r"big-endian GGUF file with Q8_0 tensors \('b'\)") as info:
+            read_gguf(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+        return
     g = read_gguf(path)
     np.testing.assert_array_equal(g.tensor("a"), A_VALUES)
     np.testing.assert_allclose(g.tensor("b"), 0.5 * np.arange(32, dtype=np.float32))
+
+
+F16_VALUES = np.linspace(-3, 3, 32).astype(np.float16)
+
+
+def float_tensors_file(order: str) -> bytes:
+    """"a" F32[4] at 0 and "h" F16[32] at 32, in the given byte order."""
+    a = A_VALUES.astype(order + "f4").tobytes()
+    return build(tensors=[tensor("a", [4], F32, 0, order), tensor("h", [32], F16, 32, order)],
+                 kvs=[kv("general.architecture", T_STRING, s("llama", order), order)], order=order,
+                 data=a + b"\0" * (32 - len(a)) + F16_VALUES.astype(order + "f2").tobytes())
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_float_tensors_decode_in_either_byte_order(tmp_path, order):
+    path = tmp_path / "floats.gguf"
+    path.write_bytes(float_tensors_file(order))
+    g = read_gguf(path)
+    assert g.get("general.architecture") == "llama"
+    np.testing.assert_array_equal(g.tensor("a"), A_VALUES)
+    np.testing.assert_array_equal(g.tensor("h"), F16_VALUES.astype(np.float32))
+
+
+def test_big_endian_file_from_the_gguf_writer_decodes(tmp_path):
+    path = tmp_path / "be.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama", endianess=gguf.GGUFEndian.BIG)
+    writer.add_tensor("w", np.arange(12, dtype=np.float32).reshape(3, 4) - 5.5)
+    writer.add_tensor("v", F16_VALUES)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    g = read_gguf(path)
+    np.testing.assert_array_equal(g.tensor("w"), np.arange(12, dtype=np.float32).reshape(3, 4) - 5.5)
+    np.testing.assert_array_equal(g.tensor("v"), F16_VALUES.astype(np.float32))
+
+
+def test_convert_refuses_a_quantised_big_endian_file_in_one_line(tmp_path):
+    src = tmp_path / "be.gguf"
+    src.write_bytes(build(order=">"))
+    done = subprocess.run([sys.executable, "-m", "oryx_core", "convert", str(src), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "big-endian" in lines[0] and "Q8_0" in lines[0], done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_file_written_by_the_gguf_package_passes(tmp_path):
