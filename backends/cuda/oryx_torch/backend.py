@@ -32,6 +32,13 @@ def resolve_device(device: str | None) -> torch.device:
     return resolved
 
 
+def host_tensor(array, dtype) -> torch.Tensor:
+    """A CPU tensor of a host array of tokens or modes: its memory shared when NumPy lets it be written, else
+    copied (a broadcast or read-only view; torch has no read-only tensors, and these arrays are small)."""
+    array = np.asarray(array, dtype=dtype)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 class TorchModel:
     """An OryxModel as an oryx_core.backend.LoadedModel."""
     backend = "torch"
@@ -46,8 +53,7 @@ class TorchModel:
 
     def forward(self, tokens: np.ndarray, modes: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            logits = self.model(torch.from_numpy(np.asarray(tokens, dtype=np.int64)),
-                                torch.from_numpy(np.asarray(modes, dtype=bool)))
+            logits = self.model(host_tensor(tokens, np.int64), host_tensor(modes, bool))
         return logits.float().cpu().numpy()
 
     def make_cache(self, batch: int = 1, capacity: int | None = None, kv: bool = True) -> OryxCache:
@@ -64,15 +70,14 @@ class TorchModel:
 
     def prefill(self, cache: OryxCache, tokens: np.ndarray, modes: np.ndarray) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model(torch.from_numpy(np.asarray(tokens, dtype=np.int64)),
-                              torch.from_numpy(np.asarray(modes, dtype=bool)), cache=cache)[:, -1]
+            return self.model(host_tensor(tokens, np.int64), host_tensor(modes, bool), cache=cache)[:, -1]
 
     def step(self, cache: OryxCache, tokens: np.ndarray, modes: np.ndarray) -> torch.Tensor:
         runner = self._runners.get(cache)
         if runner is None:
             runner = self._runners[cache] = DecodeRunner(self.model, cache, self.cuda_graphs)
         with torch.inference_mode():
-            return runner.step(np.asarray(tokens, dtype=np.int64), np.asarray(modes, dtype=bool))
+            return runner.step(host_tensor(tokens, np.int64), host_tensor(modes, bool))
 
     def _after_drop(self, cache: OryxCache) -> None:
         runner = self._runners.get(cache)
