@@ -229,22 +229,25 @@ class BatchEngine(Engine):
                     waiting.append(job)
             except queue.Empty:
                 pass
-            # one admission (a prefill) per decode step, so live sequences keep streaming while others join
-            admitted = False
-            while waiting and self.gen.free and not admitted:
+            # every waiting request that finds a free row joins before the next decode step, prefilled together
+            joining: list[tuple[Job, SequenceRequest]] = []
+            while waiting and len(joining) < self.gen.free:
                 job = waiting.pop(0)
                 if job.cancelled.is_set():
                     continue
+                request = SequenceRequest(job.ids, job.max_tokens, job.plan, job.temperature, job.top_k, job.top_p,
+                                          job.seed, job.stop_token_ids, job.keep_state)
                 try:
-                    sid = self.gen.add(SequenceRequest(job.ids, job.max_tokens, job.plan, job.temperature, job.top_k,
-                                                       job.top_p, job.seed, job.stop_token_ids, job.keep_state),
-                                       reuse=True)
-                except (ValueError, RuntimeError) as e:
+                    self.gen.check(request)
+                except ValueError as e:
                     job.emit({"error": str(e), "status": 400})
                     continue
-                admitted = True
-                self.live[sid] = (job, TextStream(self.tokenizer, job.stop_strings))
-                job.emit({"text": "", "tokens": 0, "reused": self.gen.state_of(sid).reused_tokens})
+                joining.append((job, request))
+            if joining:
+                sids = self.gen.add_many([request for _, request in joining], reuse=True)
+                for (job, _), sid in zip(joining, sids):
+                    self.live[sid] = (job, TextStream(self.tokenizer, job.stop_strings))
+                    job.emit({"text": "", "tokens": 0, "reused": self.gen.state_of(sid).reused_tokens})
             for sid, (job, _) in list(self.live.items()):
                 if job.cancelled.is_set():
                     self.gen.cancel(sid)

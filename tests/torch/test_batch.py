@@ -1,6 +1,8 @@
 """Batched generation (oryx_torch.batch): each sequence gets the tokens it gets alone."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -48,6 +50,68 @@ def test_batched_tokens_equal_one_at_a_time(model):
         assert got == alone(model, r), r.plan
 
 
+def prefill_alone_and_together(model, reqs, capacity: int = 64):
+    """(first-token logits, cache rows) per request: each prefilled alone in its own generator, and all
+    prefilled together by one add_many."""
+    def capture(gen):
+        got = {}
+        original = gen._sample_first
+
+        def keep(seqs, last_logits):
+            got.update({seq.sid: last_logits[seq.sid].clone() for seq in seqs})
+            original(seqs, last_logits)
+        gen._sample_first = keep
+        return got
+
+    def row_state(gen, sid):
+        seq = gen.state_of(sid)
+        row, P = gen.rows.index(seq), seq.prompt_length
+        out = []
+        for layer in gen.cache.layers:
+            out += [layer.keys[row, :, :P], layer.values[row, :, :P], *(t[row] for t in layer.conv.values()),
+                    layer.recurrent[row]]
+        return [t.clone() for t in out]
+
+    alone = []
+    for r in reqs:
+        gen = BatchGenerator(model, max_batch=1, capacity=capacity, cuda_graphs=False)
+        logits = capture(gen)
+        sid = gen.add(r)
+        alone.append((logits[sid], row_state(gen, sid), gen.state_of(sid).pending))
+    gen = BatchGenerator(model, max_batch=len(reqs), capacity=capacity, cuda_graphs=False)
+    logits = capture(gen)
+    sids = gen.add_many(reqs)
+    together = [(logits[sid], row_state(gen, sid), gen.state_of(sid).pending) for sid in sids]
+    return alone, together, gen, sids
+
+
+def test_prompts_prefilled_together_give_each_prompt_alone_logits_and_state(model):
+    g = torch.Generator().manual_seed(5)
+    lengths = [7, 3, 12, 7, 1, 12, 5]  # repeated lengths share a forward; the shortest leave first
+    plans = ["attention", "recurrent", "prefill-attention", "A:0-2,R:2-", "last:50%", "every:2:3", "attention"]
+    reqs = [SequenceRequest(torch.randint(0, 256, (n,), generator=g).tolist(), max_tokens=4, plan=p)
+            for n, p in zip(lengths, plans)]
+    alone, together, gen, sids = prefill_alone_and_together(model, reqs)
+    assert [gen.state_of(sid).prompt_length for sid in sids] == lengths  # ids come back in request order
+    assert [gen.rows.index(gen.state_of(sid)) for sid in sids] == [2, 5, 0, 3, 6, 1, 4]  # rows: longest first
+    for (logits_a, state_a, token_a), (logits_t, state_t, token_t) in zip(alone, together):
+        torch.testing.assert_close(logits_t, logits_a, rtol=1e-4, atol=1e-4)
+        for a, t in zip(state_a, state_t):
+            torch.testing.assert_close(t, a, rtol=1e-4, atol=1e-4)
+        assert token_t == token_a
+    # and a wrong result is caught: another prompt's logits differ by far more than the tolerance
+    assert (together[0][0] - alone[1][0]).abs().max() > 1e-2
+
+
+def test_add_many_refuses_before_touching_any_row(model):
+    gen = BatchGenerator(model, max_batch=3, capacity=16, cuda_graphs=False)
+    with pytest.raises(ValueError, match="max_tokens"):
+        gen.add_many([SequenceRequest([1, 2], max_tokens=2), SequenceRequest([3], max_tokens=0)])
+    with pytest.raises(RuntimeError, match="4 new sequences for 3 free rows"):
+        gen.add_many([SequenceRequest([1], max_tokens=2)] * 4)
+    assert gen.active == 0 and gen.free == 3
+
+
 def test_a_sequence_stops_at_its_own_stop_token(model):
     reqs = requests()[:3]
     reference = alone(model, reqs[1])
@@ -89,11 +153,46 @@ def test_bad_requests_are_refused_with_the_argument_named(model):
         gen.add(SequenceRequest([1], max_tokens=2))
 
 
-@pytest.mark.gpu
-def test_cuda_graph_buckets_give_the_eager_tokens():
+@pytest.fixture(scope="module", params=["gdn", "mamba2"])
+def cuda_model(request):
+    if not torch.cuda.is_available():
+        pytest.skip("gpu: no CUDA device")
     torch.manual_seed(0)
-    model = OryxModel(preset("tiny"), seed=1).to("cuda").eval()
+    cfg = preset("tiny", mixer=request.param, head_dim=32)  # the Triton kernels take heads of 16 to 256
+    return OryxModel(cfg, seed=1).to("cuda").eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_buckets_give_the_eager_tokens(cuda_model, dtype):
+    model = copy.deepcopy(cuda_model).to(dtype)
     reqs = requests()
     eager = generate_batch(model, reqs, max_batch=8, cuda_graphs=False)
-    graphed = generate_batch(model, reqs, max_batch=8, cuda_graphs=True)  # buckets 8, 4, 2, 1 as rows leave
+    gen = BatchGenerator(model, max_batch=8, capacity=64, cuda_graphs=True)
+    graphed = gen.generate(reqs)  # buckets 8, 4, 2, 1 as rows leave, then grow again as later requests join
     assert graphed == eager
+    assert gen.graphs, "no CUDA graph was captured"
+    assert gen.generate(reqs) == eager  # the captured graphs replayed for a second batch
+
+
+@pytest.mark.gpu
+def test_cuda_graph_batch_gives_one_at_a_time_tokens(cuda_model):
+    reqs = [r for r in requests() if r.temperature == 0]  # greedy: kernels that differ in rounding pick alike
+    graphed = generate_batch(cuda_model, reqs, max_batch=4, cuda_graphs=True)
+    for r, got in zip(reqs, graphed):
+        assert got == alone(cuda_model, r), r.plan
+
+
+@pytest.mark.gpu
+def test_prompts_prefilled_together_on_cuda_give_each_prompt_alone(cuda_model):
+    g = torch.Generator().manual_seed(5)
+    lengths = [70, 3, 130, 70, 1, 33]  # longer than one kernel chunk (64), so the chunked kernels run
+    reqs = [SequenceRequest(torch.randint(0, 256, (n,), generator=g).tolist(), max_tokens=4, plan=p)
+            for n, p in zip(lengths, ["attention", "recurrent", "prefill-attention", "A:0-40,R:40-", "last:50%",
+                                      "every:2:3"])]
+    alone_, together, _, _ = prefill_alone_and_together(cuda_model, reqs, capacity=160)
+    for (logits_a, state_a, token_a), (logits_t, state_t, token_t) in zip(alone_, together):
+        torch.testing.assert_close(logits_t, logits_a, rtol=1e-3, atol=1e-3)
+        for a, t in zip(state_a, state_t):
+            torch.testing.assert_close(t, a, rtol=1e-3, atol=1e-3)
+        assert token_t == token_a

@@ -131,8 +131,8 @@ class BatchGenerator:
     def free(self) -> int:
         return self.max_batch - len(self.rows)
 
-    def add(self, request: SequenceRequest, reuse: bool = False) -> int:
-        """Prefills a new sequence into a free row and samples its first token; returns its id."""
+    def check(self, request: SequenceRequest) -> tuple[list[int], torch.Tensor]:
+        """The request's prompt ids and its modes over prompt + max_tokens; ValueError naming the bad field."""
         ids = [int(t) for t in request.prompt_ids]
         if not ids:
             raise ValueError("prompt: needs at least one token")
@@ -142,30 +142,83 @@ class BatchGenerator:
         if len(ids) + request.max_tokens > self.capacity:
             raise ValueError(f"prompt: {len(ids)} tokens + max_tokens {request.max_tokens} exceed the "
                              f"context of {self.capacity} tokens")
-        if self.free == 0:
-            raise RuntimeError("batch: every row is taken; wait for a sequence to finish")
         plan = ModePlan.parse(request.plan)
-        P = len(ids)
-        modes = plan.resolve(P + request.max_tokens, prompt_length=P)
-        modes = torch.as_tensor(modes, dtype=torch.bool)
-        model, row = self.model, len(self.rows)
-        generator = torch.Generator(device=model.device).manual_seed(request.seed)
-        seq = _Sequence(self.next_id, request, modes, P, generator, [])
-        self.next_id += 1
+        modes = plan.resolve(len(ids) + request.max_tokens, prompt_length=len(ids))
+        return ids, torch.as_tensor(modes, dtype=torch.bool)
+
+    def add(self, request: SequenceRequest, reuse: bool = False) -> int:
+        """Prefills a new sequence into a free row and samples its first token; returns its id."""
+        return self.add_many([request], reuse)[0]
+
+    def add_many(self, requests: list[SequenceRequest], reuse: bool = False) -> list[int]:
+        """Prefills new sequences into free rows together and samples each one's first token; returns their ids.
+
+        With `reuse`, a request whose prompt extends a saved row continues from it (prefilled alone, from
+        the saved length); the others are prefilled together: sorted by prompt length, longest first, into
+        consecutive rows, one forward per distinct length over the rows that still have prompt tokens (all at
+        the same position, so the batch is dense: no padding, plain causal attention, each row under its own
+        modes).
+        """
+        checked = [self.check(r) for r in requests]  # every request is checked before any row changes
+        if len(requests) > self.free:
+            raise RuntimeError("batch: every row is taken; wait for a sequence to finish" if not self.free else
+                               f"batch: {len(requests)} new sequences for {self.free} free rows")
+        model = self.model
+        seqs = []
+        for request, (ids, modes) in zip(requests, checked):
+            generator = torch.Generator(device=model.device).manual_seed(request.seed)
+            seqs.append(_Sequence(self.next_id, request, modes, len(ids), generator, list(ids)))
+            self.next_id += 1
+        together, last_logits = [], {}
         with torch.inference_mode():
-            self._clear_row(row)
-            view = _row_view(self.cache, slice(row, row + 1))
-            start = self._restore(view, ids) if reuse else 0
-            view.length = start
-            if start:
+            for seq in seqs:
+                row = len(self.rows)
+                self._clear_row(row)
+                view = _row_view(self.cache, slice(row, row + 1))
+                start = self._restore(view, seq.fed) if reuse else 0
+                if not start:
+                    together.append(seq)
+                    continue
+                view.length = start
                 view.position.fill_(start)
-            logits = model(torch.tensor([ids[start:]]), modes[None, start:P], cache=view)[:, -1]
-            seq.reused_tokens = start
-            seq.fed = list(ids)
-            seq.pending = int(sample(logits, request.temperature, request.top_k, request.top_p, generator)[0])
+                last_logits[seq.sid] = model(torch.tensor([seq.fed[start:]]), seq.modes[None, start:seq.prompt_length],
+                                             cache=view)[:, -1]
+                seq.reused_tokens = start
+                self._place(seq)
+            together.sort(key=lambda seq: -seq.prompt_length)
+            base = len(self.rows)
+            for seq in together:
+                self._clear_row(len(self.rows))
+                self._place(seq)
+            done, live = 0, len(together)
+            while live:  # rows base..base+live-1 still have prompt tokens, all from position `done`
+                end = together[live - 1].prompt_length
+                view = _row_view(self.cache, slice(base, base + live))
+                view.length = done
+                tokens = torch.tensor([seq.fed[done:end] for seq in together[:live]])
+                modes = torch.stack([seq.modes[done:end] for seq in together[:live]])
+                logits = model(tokens, modes, cache=view)[:, -1]
+                while live and together[live - 1].prompt_length == end:
+                    live -= 1
+                    last_logits[together[live].sid] = logits[live:live + 1]
+                done = end
+            self._sample_first(seqs, last_logits)
+        return [seq.sid for seq in seqs]
+
+    def _place(self, seq: _Sequence) -> None:
         self.rows.append(seq)
         self.by_id[seq.sid] = seq
-        return seq.sid
+
+    def _sample_first(self, seqs: list[_Sequence], last_logits: dict[int, torch.Tensor]) -> None:
+        greedy = [seq for seq in seqs if seq.request.temperature == 0]
+        if greedy:
+            picks = torch.cat([last_logits[seq.sid] for seq in greedy]).float().argmax(-1).tolist()
+            for seq, token in zip(greedy, picks):
+                seq.pending = token
+        for seq in seqs:
+            r = seq.request
+            if r.temperature != 0:
+                seq.pending = int(sample(last_logits[seq.sid], r.temperature, r.top_k, r.top_p, seq.generator)[0])
 
     def step(self) -> list[TokenEvent]:
         """Hands out every live sequence's pending token; decodes one step for those that go on."""
@@ -202,10 +255,11 @@ class BatchGenerator:
         out: dict[int, list[int]] = {}
         order, waiting = [], list(requests)
         while waiting or self.active:
-            while waiting and self.free:
-                sid = self.add(waiting.pop(0))
-                order.append(sid)
-                out[sid] = []
+            if waiting and self.free:
+                joining, waiting = waiting[:self.free], waiting[self.free:]
+                for sid in self.add_many(joining):
+                    order.append(sid)
+                    out[sid] = []
             for event in self.step():
                 out[event.sequence].append(event.token)
         return [out[sid] for sid in order]
