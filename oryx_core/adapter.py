@@ -79,7 +79,7 @@ def save_adapter(path: str | Path, base: str | Path, config: OryxConfig, params:
     `base_ref` is what adapter.json names (default: base's path relative to the adapter's parent,
     or absolute). The kept tensors' sha256 come from `base` as stored.
     """
-    from .weights import load_checkpoint
+    from .weights import load_checkpoint, shard_file_name, shard_names
 
     path = Path(path)
     base_ckpt = load_checkpoint(base)
@@ -93,15 +93,9 @@ def save_adapter(path: str | Path, base: str | Path, config: OryxConfig, params:
                               f"recurrent-mode tensors")
     base_config = base_ckpt.config.to_dict()
     changes = {k: v for k, v in config.to_dict().items() if base_config.get(k) != v}
-    shards, current, size = [], {}, 0
-    for name in names:
-        value = _stored(name, params[name])
-        if current and size + value.nbytes > shard_bytes - 4096:  # room for the safetensors header
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = value
-        size += value.nbytes
-    shards.append(current)
+    stored = {name: _stored(name, params[name]) for name in names}
+    shards = [{name: stored[name] for name in group}
+              for group in shard_names(stored, shard_bytes - 4096)]  # room for the safetensors header
     if base_ref is None:
         base_ref = str(Path(base).resolve())
     meta = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_VERSION, "base": base_ref, "config": changes,
@@ -110,7 +104,7 @@ def save_adapter(path: str | Path, base: str | Path, config: OryxConfig, params:
     def fill(tmp: Path) -> None:
         weight_map, sums = {}, {}
         for i, shard in enumerate(shards):
-            fname = f"adapter-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            fname = shard_file_name(i, len(shards), "adapter")
             (tmp / fname).write_bytes(encode(shard))
             sums[fname] = _file_sha256(tmp / fname)
             weight_map.update({name: fname for name in shard})

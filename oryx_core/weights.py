@@ -69,6 +69,24 @@ def _sha256(path: Path) -> str:
 
 
 # ----- saving -----
+def shard_names(tensors: dict[str, np.ndarray], shard_bytes: int) -> list[list[str]]:
+    """The names of `tensors`, in its order, grouped into consecutive shards of at most shard_bytes (a larger
+    tensor gets a shard of its own); always at least one shard, if empty."""
+    shards, current, size = [], [], 0
+    for name, value in tensors.items():
+        if current and size + value.nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += value.nbytes
+    return shards + [current]
+
+
+def shard_file_name(index: int, count: int, prefix: str = "model") -> str:
+    """The file of shard `index` (from 0) of `count`, as transformers names them: model-00001-of-00003.safetensors."""
+    return f"{prefix}-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
 def save_checkpoint(path: str | Path, config: OryxConfig, params: dict[str, np.ndarray], dtype: str | None = None,
                     tokenizer_json: str | None = None, quantization: dict | None = None,
                     shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer_config: dict | None = None) -> Path:
@@ -86,16 +104,8 @@ def save_checkpoint(path: str | Path, config: OryxConfig, params: dict[str, np.n
         tensors[name] = arr
     float_dtypes = sorted({a.dtype.name for a in tensors.values() if _is_float(a)})
     stored = dtype or (float_dtypes[0] if len(float_dtypes) == 1 else "mixed")
-
-    shards, current, size = [], {}, 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].nbytes
-        if current and size + nbytes > shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = tensors[name]
-        size += nbytes
-    shards.append(current)
+    shards = [{name: tensors[name] for name in names}
+              for names in shard_names({name: tensors[name] for name in sorted(tensors)}, shard_bytes)]
 
     def fill(tmp: Path):
         from tqdm.auto import tqdm
@@ -104,7 +114,7 @@ def save_checkpoint(path: str | Path, config: OryxConfig, params: dict[str, np.n
         with tqdm(total=sum(a.nbytes for a in tensors.values()), desc=f"writing {Path(path).name}", unit="B",
                   unit_scale=True, disable=None, leave=False) as progress:
             for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                fname = shard_file_name(i, len(shards))
                 sums[fname] = write_file(tmp / fname, shard, {"format": "pt"})
                 weight_map.update({name: fname for name in shard})
                 progress.update(sum(a.nbytes for a in shard.values()))

@@ -25,7 +25,7 @@ from oryx_core.backend import get_backend
 from oryx_core.config import ConfigError, OryxConfig
 from oryx_core.safetensors_io import FormatError
 from oryx_core.atomic import atomic_directory
-from oryx_core.weights import DEFAULT_SHARD_BYTES
+from oryx_core.weights import DEFAULT_SHARD_BYTES, shard_file_name, shard_names
 
 from oryx_core.files import member
 from oryx_core.safetensors_io import read_header
@@ -37,19 +37,6 @@ TORCH_FORMAT, MLX_FORMAT = "torch-state-dict", "mlx"
 CONTAINER_KEYS = ("format", "dtype", "quantization")
 
 
-def shard_names(params: dict[str, np.ndarray], shard_bytes: int) -> list[list[str]]:
-    """Tensor names grouped into shards of at most shard_bytes (a larger tensor gets a shard of its own)."""
-    shards, current, size = [], [], 0
-    for name in sorted(params):
-        nbytes = params[name].nbytes
-        if current and size + nbytes > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    return shards + [current]
-
-
 def _stored_dtype(params: dict[str, np.ndarray]) -> str:
     floats = sorted({a.dtype.name for a in params.values() if a.dtype.kind == "f" or a.dtype.name == "bfloat16"})
     return floats[0] if len(floats) == 1 else "mixed"
@@ -58,12 +45,12 @@ def _stored_dtype(params: dict[str, np.ndarray]) -> str:
 def _write_container(dst, model: ConvertedModel, fmt: str, backend: str, shard_format: str, shard_bytes: int) -> Path:
     """Writes config, shards (through the backend's save_tensors, tagged shard_format) and index atomically."""
     tensors = get_backend(backend)
-    shards = shard_names(model.params, shard_bytes)
+    shards = shard_names(dict(sorted(model.params.items())), shard_bytes)
 
     def fill(tmp: Path):
         weight_map = {}
         for i, names in enumerate(shards):
-            fname = HF_SAFETENSORS if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            fname = HF_SAFETENSORS if len(shards) == 1 else shard_file_name(i, len(shards))
             tensors.save_tensors(tmp / fname, {n: model.params[n] for n in names}, metadata={"format": shard_format})
             weight_map.update({n: fname for n in names})
         if len(shards) > 1:

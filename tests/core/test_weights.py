@@ -199,3 +199,31 @@ def test_atomic_write_gives_the_permissions_a_plain_write_would(tmp_path):
     assert (tmp_path / "f.bin").read_bytes() == b"abc"
     assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == stat.S_IMODE((tmp_path / "plain.bin").stat().st_mode) == 0o640
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_shard_names_group_in_order_within_the_budget():
+    from oryx_core.weights import shard_file_name, shard_names
+
+    sizes = {"c": 40, "a": 30, "big": 500, "b": 60, "d": 1}
+    tensors = {name: np.zeros(n, np.uint8) for name, n in sizes.items()}
+    assert shard_names(tensors, 100) == [["c", "a"], ["big"], ["b", "d"]]
+    assert shard_names(dict(sorted(tensors.items())), 100) == [["a", "b"], ["big"], ["c", "d"]]
+    assert shard_names({}, 100) == [[]]
+    assert shard_file_name(1, 3) == "model-00002-of-00003.safetensors"
+    assert shard_file_name(0, 1, "adapter") == "adapter-00001-of-00001.safetensors"
+
+
+def test_checkpoints_and_converter_containers_shard_with_the_core_grouping(tmp_path):
+    """save_checkpoint's shards are shard_names' groups in name order; the converter's containers use the same
+    function (one definition)."""
+    from oryx_core.weights import shard_file_name, shard_names
+
+    cfg = preset("tiny")
+    params = init_params(cfg, seed=2)
+    path = save_checkpoint(tmp_path / "ckpt", cfg, params, shard_bytes=48 * 1024)
+    groups = shard_names(dict(sorted(params.items())), 48 * 1024)
+    weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+    assert len(groups) > 2
+    assert weight_map == {n: shard_file_name(i, len(groups)) for i, group in enumerate(groups) for n in group}
+    backends = pytest.importorskip("oryx_convert.backends")
+    assert backends.shard_names is shard_names and not hasattr(backends, "_shard_names")
