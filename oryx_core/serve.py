@@ -626,8 +626,9 @@ def cmd_serve(args) -> None:
                               model_id=args.model_id, context=args.context)
     cache = ""
     if isinstance(state.engine, BatchEngine):
-        cache = (f", {state.engine.gen.max_batch} rows of {state.context} tokens, "
-                 f"{state.engine.gen.cache.nbytes() / 2**20:.0f} MiB of cache")
+        gen = state.engine.gen
+        cache = (f", up to {gen.max_batch} rows of {state.context} tokens, "
+                 f"{gen.cache.nbytes() / gen.allocated / 2**20:.1f} MiB of cache per live row")
     print(f"oryx serve: {state.model_id} ({args.backend}{cache}) on http://{args.host}:{args.port}/v1", flush=True)
     status = 0
     try:

@@ -112,6 +112,31 @@ def test_add_many_refuses_before_touching_any_row(model):
     assert gen.active == 0 and gen.free == 3
 
 
+def test_finished_sequences_free_their_rows_and_the_others_go_on_exactly(model):
+    g = torch.Generator().manual_seed(7)
+    reqs = [SequenceRequest(torch.randint(0, 256, (3 + i,), generator=g).tolist(), max_tokens=12 if i == 5 else 2,
+                            plan=["attention", "recurrent", "prefill-attention"][i % 3]) for i in range(8)]
+    gen = BatchGenerator(model, max_batch=8, capacity=32, cuda_graphs=False)
+    row_bytes = model.make_cache(1, 32).nbytes()
+    assert gen.allocated == 1 and gen.cache.nbytes() == row_bytes  # nothing is held before a sequence joins
+    sids = gen.add_many(reqs)
+    assert gen.allocated == 8 and gen.cache.nbytes() == 8 * row_bytes
+    out = {sid: [] for sid in sids}
+    for event in gen.step() + gen.step():  # seven sequences end after 2 tokens, one goes on
+        out[event.sequence].append(event.token)
+    assert gen.active == 1 and gen.allocated == 2 and gen.cache.nbytes() == 2 * row_bytes
+    late = [SequenceRequest([5, 6, 7], max_tokens=3, plan="recurrent"), SequenceRequest([9] * 6, max_tokens=3)]
+    sids += gen.add_many(late)  # 3 live rows: grows to 4
+    out.update({sid: [] for sid in sids[8:]})
+    assert gen.allocated == 4
+    while gen.active:
+        for event in gen.step():
+            out[event.sequence].append(event.token)
+    assert gen.allocated == 1
+    for r, sid in zip(reqs + late, sids):
+        assert out[sid] == alone(model, r), r.plan
+
+
 def test_a_sequence_stops_at_its_own_stop_token(model):
     reqs = requests()[:3]
     reference = alone(model, reqs[1])

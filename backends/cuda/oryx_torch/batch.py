@@ -7,18 +7,23 @@
         for event in gen.step():          # one token per live sequence
             print(event.sequence, event.token, event.finish_reason)
 
-Layout: one OryxCache of `max_batch` rows and `capacity` tokens, marked ragged (each row at
-its own position). Live sequences occupy rows 0..n-1; when one finishes, the last live row
-is copied into its place, so a decode step always runs rows 0..bucket-1, where bucket is the
-smallest power of two >= n (padding rows are decoded too, at position 0, and ignored). On
-CUDA each (bucket, attention on/off) step is captured once into a CUDA graph and replayed.
+Layout: one OryxCache of `capacity` tokens per row, marked ragged (each row at its own
+position), with a power-of-two number of rows up to `max_batch`. Live sequences occupy rows
+0..n-1; when one finishes, the last live row is copied into its place, so a decode step
+always runs rows 0..bucket-1, where bucket is the smallest power of two >= n (padding rows
+are decoded too, at position 0, and ignored). The cache grows (to the power of two that
+holds the live rows) when sequences join and shrinks (to twice that) once at most a quarter
+of its rows are live, copying the live rows over; so a finished sequence's KV cache, conv
+windows and recurrent state are freed, not only skipped. On CUDA each (bucket, attention
+on/off) step is captured once into a CUDA graph and replayed; a resize drops the graphs,
+which read the old cache.
 
-A new sequence is prefilled alone into its row (the parallel form, through a one-row view
-of the batch cache), so prompts of any length join at any step. Its modes come from its
+New sequences are prefilled together (`add_many`, the parallel form through views of the
+batch cache), so prompts of any length join at any step. A sequence's modes come from its
 own plan, resolved over prompt + max_tokens as oryx_core.generation resolves it, and its
 sampling (temperature, top-k, top-p, seed) uses its own generator, so a sequence gets the
-tokens it would get alone. The KV cache is kept for every row (a row's memory is the
-batch's; the `drop` policy has nothing to free per sequence).
+tokens it would get alone. The KV cache is kept for every live row (`kv_policy` and
+`state_policy` free nothing inside a row).
 
 Prompt cache: `add(..., reuse=True)` looks for a saved row whose tokens are a prefix of
 the new prompt (a chat's previous turn) and prefills only the rest; `finish` saves the
@@ -108,8 +113,8 @@ class BatchGenerator:
         self.model = model
         self.capacity = capacity or model.cfg.max_context
         self.max_batch = max_batch
-        self.cache = model.make_cache(max_batch, self.capacity)
-        self.cache.ragged = True
+        self.allocated = 0  # rows of self.cache
+        self.cache: OryxCache | None = None
         self.rows: list[_Sequence] = []  # row i holds self.rows[i]
         self.by_id: dict[int, _Sequence] = {}
         self.next_id = 0
@@ -121,6 +126,7 @@ class BatchGenerator:
         self.saved: OrderedDict[int, _Saved] = OrderedDict()
         self.saved_rows = saved_rows
         self.next_saved = 0
+        self._resize(1)
 
     # -- public --
     @property
@@ -164,6 +170,7 @@ class BatchGenerator:
             raise RuntimeError("batch: every row is taken; wait for a sequence to finish" if not self.free else
                                f"batch: {len(requests)} new sequences for {self.free} free rows")
         model = self.model
+        self._fit(len(self.rows) + len(requests))
         seqs = []
         for request, (ids, modes) in zip(requests, checked):
             generator = torch.Generator(device=model.device).manual_seed(request.seed)
@@ -235,6 +242,7 @@ class BatchGenerator:
             else:
                 events.append(TokenEvent(seq.sid, token, None))
                 going.append(seq)
+        self._shrink()
         if going:
             self._decode()
         return events
@@ -245,6 +253,7 @@ class BatchGenerator:
         if seq is not None:
             seq.request.keep_state = False
             self._finish(seq)
+            self._shrink()
 
     def state_of(self, sid: int) -> _Sequence | None:
         return self.by_id.get(sid)
@@ -267,8 +276,8 @@ class BatchGenerator:
     # -- decoding --
     def _decode(self) -> None:
         n = len(self.rows)
-        bucket = 1 << (n - 1).bit_length() if self.use_graphs else n
-        bucket = min(bucket, self.max_batch)
+        bucket = _power_of_two(n) if self.use_graphs else n
+        bucket = min(bucket, self.allocated)
         tokens = torch.zeros(bucket, dtype=torch.long)
         modes = torch.zeros(bucket, dtype=torch.bool)
         for i, seq in enumerate(self.rows):
@@ -317,6 +326,35 @@ class BatchGenerator:
         return model.decode_step(token_buf, mode_buf, view, attend)
 
     # -- rows --
+    def _fit(self, rows: int) -> None:
+        """Grows the cache to hold `rows` live rows (a power of two, at most max_batch)."""
+        if rows > self.allocated:
+            self._resize(min(self.max_batch, _power_of_two(rows)))
+
+    def _shrink(self) -> None:
+        """Once at most a quarter of the rows are live, keeps twice the power of two that holds them (a
+        sequence or two joining right after does not grow it again)."""
+        n = len(self.rows)
+        if self.allocated > 1 and n <= self.allocated // 4:
+            self._resize(min(self.max_batch, 2 * _power_of_two(n)) if n else 1)
+
+    def _resize(self, rows: int) -> None:
+        """A cache of `rows` rows holding the live rows 0..n-1 of the current one."""
+        cache = self.model.make_cache(rows, self.capacity)
+        cache.ragged = True
+        n = len(self.rows)
+        if n:
+            with torch.inference_mode():
+                for new, old in zip(cache.layers, self.cache.layers):
+                    for dst, src in zip(new.tensors(), old.tensors()):
+                        dst[:n].copy_(src[:n])
+                cache.position[:n].copy_(self.cache.position[:n])
+        self.cache, self.allocated = cache, rows
+        self.views.clear()
+        self.inputs.clear()
+        self.graphs.clear()  # captured on the old cache's addresses
+        self.warmed.clear()
+
     def _row_tensors(self, row: int) -> list[torch.Tensor]:
         out = []
         for layer in self.cache.layers:
@@ -374,6 +412,11 @@ class BatchGenerator:
                 t[0].copy_(next(it))
             layer.recurrent[0].copy_(next(it))
         return n
+
+
+def _power_of_two(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
 
 
 def generate_batch(model, requests: list[SequenceRequest], max_batch: int | None = None,
