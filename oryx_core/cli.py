@@ -51,7 +51,8 @@ def cmd_info(args) -> None:
     result = {"source": source, "config": cfg.to_dict(), "parameters": counts, "dtype": dtype, "size_on_disk_bytes": size}
     lines = [f"{source}",
              f"  mixer {cfg.mixer}, {cfg.n_layers} layers, d_model {cfg.d_model}, heads {cfg.n_heads} (kv {cfg.n_kv_heads}) "
-             f"of {cfg.head_dim}/{cfg.v_head_dim}, mlp {cfg.mlp_hidden}, vocab {cfg.vocab_size}, context {cfg.max_context}",
+             f"of {cfg.head_dim}/{cfg.v_head_dim}, mlp {cfg.mlp_hidden}, vocab {cfg.vocab_size}, context {cfg.max_context}"
+             + (f", sharing {cfg.sharing}" if cfg.sharing != "kv" else ""),
              f"  parameters: {counts['total']:,} total, {counts['shared']:,} shared, "
              f"{counts['attention_only']:,} attention-only, {counts['recurrent_only']:,} recurrent-only",
              f"  per mode: attention {counts['attention_mode_total']:,}, recurrent {counts['recurrent_mode_total']:,}",

@@ -158,3 +158,15 @@ def test_sharing_changes_the_function():
         cfg = preset("tiny", sharing=sharing)
         logits[sharing] = OryxReference(cfg, random_params(cfg, 26)).forward(tokens, False)[0]
     assert relative_error(logits["none"], logits["kv"]) > 1e-3 and relative_error(logits["qkv"], logits["kv"]) > 1e-3
+
+
+def test_info_names_a_non_default_sharing(tmp_path, capsys):
+    from oryx_core import cli
+
+    for sharing in SHARINGS:
+        cfg = preset("tiny", sharing=sharing)
+        save_checkpoint(tmp_path / sharing, cfg, init_params(cfg, 0))
+        assert cli.main(["info", str(tmp_path / sharing), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["parameters"] == parameter_counts(cfg)
+        assert cli.main(["info", str(tmp_path / sharing)]) == 0
+        assert ("sharing" in capsys.readouterr().out) == (sharing != "kv")
