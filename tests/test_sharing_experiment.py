@@ -78,6 +78,15 @@ def test_toy_run_values(toy_config):
     check_results(results, [0, 1], ["mamba2"], ["kv", "none", "qkv"], 2)
     assert not list((out / "runs").glob("*/checkpoints"))  # checkpoints removed
 
+    import sharing_report  # the report's same-seed differences against kv, and its tables
+
+    by = {(r["sharing"], r["seed"]): r["eval_loss"]["mixed"] for r in results["runs"]}
+    diffs = sharing_report.paired_differences(results)
+    assert diffs[("mamba2", "qkv", "mixed")] == [by[("qkv", s)] - by[("kv", s)] for s in (0, 1)]
+    assert set(diffs) == {("mamba2", s, p) for s in ("none", "qkv") for p in ("attention", "recurrent", "mixed")}
+    table = sharing_report.main_table(results)
+    assert table.count("\n") == 4 and "Oryx-Mamba-2" in table
+
 
 @pytest.mark.slow
 def test_toy_budget_with_worker_processes(toy_config):
