@@ -1,0 +1,147 @@
+"""The runners of the paper's open questions at toy scale on the CPU: retrieval without an oracle
+(experiments/mqar_no_oracle.py) and single-pass budgets (experiments/lm_single_pass.py), in-process (workers 0)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from oryx_core import cli  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def toy_config(tmp_path: Path, name: str, **changes) -> Path:
+    """experiments/configs/NAME with the toy scale's workers set to 0 (in-process) and `changes` applied (to the toy
+    scale too where it sets the key)."""
+    config = json.loads((ROOT / "experiments" / "configs" / name).read_text())
+    config["scales"]["toy"]["workers"] = 0
+    config.update(changes)
+    config["scales"]["toy"].update({k: v for k, v in changes.items() if k in config["scales"]["toy"]})
+    path = tmp_path / name
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_mqar_training_modes_never_depend_on_where_the_queries_are():
+    """With query_plan_share 0 the modes come from the sampler alone: other targets, same modes."""
+    import mqar
+
+    exp = json.loads((ROOT / "experiments" / "configs" / "mqar_no_oracle.json").read_text())
+    entry = {"name": "oryx-gdn", "mixer": "gdn", "modes": "mixed"}
+    rng = np.random.default_rng(0)
+    lengths = np.array([256, 128, 256, 128])
+    first = np.full((4, 256), -100)
+    first[:, 40:60:2] = 7
+    second = np.full((4, 256), -100)
+    second[:, 100:200:4] = 9
+    modes = [mqar.training_modes(entry, exp, targets, lengths, np.random.default_rng(1)) for targets in (first, second)]
+    np.testing.assert_array_equal(modes[0], modes[1])
+    assert 0 < modes[0].mean() < 1
+    del rng
+
+
+def test_blind_plans_give_the_shares_they_name():
+    from mqar_no_oracle import plan_modes
+
+    rng = np.random.default_rng(0)
+    assert plan_modes("last:25%", 128, 2, 256, rng).sum(axis=1).tolist() == [32, 32]
+    modes = plan_modes("last:16", 128, 1, 256, rng)[0]
+    assert modes[112:128].all() and not modes[:112].any() and not modes[128:].any()  # padding stays recurrent
+    assert np.flatnonzero(plan_modes("every:10:4", 128, 1, 256, rng)[0]).tolist() == [0, 1, 2, 3, 40, 41, 42, 43,
+                                                                                      80, 81, 82, 83, 120, 121, 122, 123]
+    drawn = plan_modes("chunks:25%:16", 256, 400, 256, rng)
+    assert abs(drawn.mean() - 0.25) < 0.02 and (drawn.reshape(400, 16, 16).std(axis=2) == 0).all()  # whole chunks
+
+
+def test_mqar_no_oracle_end_to_end(tmp_path):
+    # Mamba-2 and five plans: the GDN torch path on the CPU makes each evaluation several times slower
+    config = toy_config(tmp_path, "mqar_no_oracle.json", lr_sweep={"model": "mamba2-only", "lrs": [0.01]},
+                        eval_plans=["recurrent", "last:25%", "last:16", "every:2:16", "chunks:25%:16", "attention"],
+                        eval_lengths=[32, 64], eval_pairs=[8])
+    out = tmp_path / "out"
+    done = run("mqar_no_oracle.py", "--config", str(config), "--scale", "toy", "--models", "oryx-mamba2",
+               "mamba2-only", "--seed", "1", "--steps", "3", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "mqar_no_oracle.json").read_text())
+    assert results["steps"] == 3 and "--steps 3" in results["command"] and "--seed 1" in results["command"]
+    assert results["settings"]["query_plan_share"] == 0
+    # the two models at the config's lr, then the swept baseline at the toy sweep's other lr
+    runs = sorted((m["name"], m["seed"], m["lr"]) for m in results["models"])
+    assert runs == [("mamba2-only", 1, 0.003), ("mamba2-only", 1, 0.01), ("oryx-mamba2", 1, 0.003)]
+    exp = results["settings"]
+    oryx = next(m for m in results["models"] if m["name"] == "oryx-mamba2")
+    settings = {(r["length"], r["pairs"]) for r in oryx["eval"]}
+    assert settings == {(32, 8), (64, 8)}
+    assert len(oryx["eval"]) == len(settings) * len(exp["eval_plans"])
+    for row in oryx["eval"]:
+        assert row["total"] == exp["eval_batches"] * exp["batch_size"] * row["pairs"]
+        assert row["accuracy"] == row["correct"] / row["total"]
+        expected = {"recurrent": 0.0, "attention": 1.0, "last:25%": round(0.25 * row["length"]) / row["length"],
+                    "last:16": 16 / row["length"], "every:2:16": 0.5}
+        if row["plan"] in expected:
+            assert row["share"] == pytest.approx(expected[row["plan"]])
+    baseline = [m for m in results["models"] if m["name"] == "mamba2-only"]
+    assert all({r["plan"] for r in m["eval"]} == {"recurrent"} for m in baseline)
+    assert all(m["parameters"]["used"] < oryx["parameters"]["used"] for m in baseline)
+
+
+def test_mqar_no_oracle_refuses_an_oracle_config(tmp_path):
+    config = toy_config(tmp_path, "mqar_no_oracle.json", query_plan_share=0.5)
+    done = run("mqar_no_oracle.py", "--config", str(config), "--scale", "toy", "--steps", "1", "--out", str(tmp_path))
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "query_plan_share" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def docs_shards(tmp_path_factory) -> Path:
+    shards = tmp_path_factory.mktemp("science") / "shards"
+    assert cli.main(["data", "build", "--input", str(ROOT / "data" / "docs-corpus.txt.xz"), "--tokenizer",
+                     str(ROOT / "data" / "tokenizer-8k.json"), "--out", str(shards), "--quiet"]) == 0
+    return shards
+
+
+@pytest.mark.slow  # ~20-30 s on a shared 2-core CPU; the cap test below runs the same path for fewer steps
+def test_lm_single_pass_end_to_end(tmp_path, docs_shards):
+    config = toy_config(tmp_path, "lm_single_pass.json", data=str(docs_shards))
+    out = tmp_path / "out"
+    done = run("lm_single_pass.py", "--config", str(config), "--scale", "toy", "--models", "transformer",
+               "--steps", "6", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "lm_single_pass.json").read_text())
+    tokens_per_step = 128 * 4
+    assert results["steps"] == 6 and results["eval_every"] == 2 and results["tokens_per_model"] == 6 * tokens_per_step
+    assert results["passes"] == pytest.approx(6 * tokens_per_step / results["train_split_tokens"])
+    assert results["corpora_considered"] and results["validation"]["windows"] == 2 * 4
+    assert sorted(m["seed"] for m in results["models"]) == [0, 1]
+    for model in results["models"]:
+        assert [p["step"] for p in model["eval_curve"]] == [2, 4, 6]
+        assert [p["tokens"] for p in model["eval_curve"]] == [2 * tokens_per_step, 4 * tokens_per_step, 6 * tokens_per_step]
+        assert model["eval_curve"][-1]["loss"] == model["eval_loss"] and set(model["eval_loss"]) == {"attention"}
+        assert model["eval_curve"][-1]["loss"]["attention"] < model["eval_curve"][0]["loss"]["attention"] < math.log(8192) + 1
+        start = json.loads((out / f"transformer-seed{model['seed']}" / "log.jsonl").read_text().splitlines()[0])
+        assert start["train"]["eval_seed"] == 0 and start["train"]["seed"] == model["seed"]
+        assert not (out / f"transformer-seed{model['seed']}" / "checkpoints").exists()
+
+
+def test_lm_single_pass_caps_the_steps_at_one_pass(tmp_path, docs_shards):
+    config = toy_config(tmp_path, "lm_single_pass.json", data=str(docs_shards), max_passes=0.0004)
+    out = tmp_path / "out"
+    done = run("lm_single_pass.py", "--config", str(config), "--scale", "toy", "--models", "transformer", "--seed", "0",
+               "--steps", "1000", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "lm_single_pass.json").read_text())
+    expected = math.floor(0.0004 * results["train_split_tokens"] / (128 * 4))
+    assert 1 <= results["steps"] == expected < 1000 and results["passes"] <= 0.0004
+    assert results["models"][0]["steps"] == expected
+    assert results["models"][0]["eval_curve"][-1]["tokens"] == expected * 128 * 4
