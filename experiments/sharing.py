@@ -210,6 +210,7 @@ def train_run(job: dict) -> dict:
             "parameters": {k: v for k, v in counts.items()},
             "tokens_per_s": statistics.median(rates[1:] or rates),  # the first interval includes start-up
             "train_s": train_s, "wall_s": time.perf_counter() - started, "final_train_loss": summary["loss"],
+            "max_memory_gib": max((r.get("max_memory_gib", 0.0) for r in records), default=0.0),
             "eval_loss": eval_loss, "eval_ppl": {plan: math.exp(loss) for plan, loss in eval_loss.items()},
             "loss_curve": [(r["step"], r["loss"]) for r in records if "loss" in r],
             "validation_sha256": about["sha256"], "first_batch_sha256": first_batch_digest(exp, run["seed"]),
