@@ -31,6 +31,7 @@ from oryx_core.init import init_params
 from oryx_core.reference import L2NORM_EPS
 from oryx_core.weights import FLOAT_DTYPES, load_checkpoint, save_checkpoint
 
+from . import host_step
 from .attention import AttentionPlan, apply_rope, decode_attention, plan_attention, rope_tables
 from .cache import LayerCache, OryxCache
 from .kernels.gdn import gated_delta_rule
@@ -167,6 +168,9 @@ class OryxMixer(nn.Module):
     # apart; with gradients on they are concatenated afresh in each call (autograd splits the gradient back),
     # without, the concatenation is cached and rebuilt when any part's storage or version changes.
     fuse_projections = True
+    # Set by `frozen_projections` around compiled no-grad calls (the compiled decode step): the traced graph then
+    # reads the cached concatenation instead of concatenating the weights on every call.
+    frozen_projections = False
 
     def _projections(self, xn, attention: bool, recurrent: bool) -> dict:
         """{name: xn @ W_name^T} for the projections both modes read (with the default sharing k_proj, v_proj,
@@ -180,10 +184,11 @@ class OryxMixer(nn.Module):
         if not self.fuse_projections:
             return {name: layer(xn) for name, layer in zip(names, layers)}
         sizes = [layer.out_features for layer in layers]
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if torch.is_grad_enabled() or (compiling and not (self.frozen_projections and self._fused is not None)):
             weight = torch.cat([layer.weight for layer in layers])
         else:
-            whole = self._fused_weight()
+            whole = self._fused[1] if compiling else self._fused_weight()
             start = sum(getattr(self, name).out_features for name in order[:first])
             weight = whole[start:start + sum(sizes)]
         return dict(zip(names, F.linear(xn, weight).split(sizes, dim=-1)))
@@ -590,6 +595,8 @@ class OryxModel(nn.Module):
 
         Advances cache.position on the device; the caller advances cache.length.
         """
+        if host_step.applies(self) and not fused_decode_available(cache.position) and not torch.compiler.is_compiling():
+            return host_step.decode_step(self, tokens, modes, cache, attend)  # fewer operators, same function
         if cache.ragged:  # sequences at different positions: one RoPE row per sequence, [B, 1, d]
             rope = self._rope(cache.position)
             rope = None if rope is None else (rope[0][:, None], rope[1][:, None])

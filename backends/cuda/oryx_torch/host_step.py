@@ -1,0 +1,202 @@
+"""The decode step on the CPU, in as few operators as the function allows.
+
+One token through a small model is a few thousand tiny operators, and on a CPU each costs
+microseconds of dispatch, and a wake-up of the thread pool where it runs in parallel: the
+operator count, not the arithmetic, decides the speed. `decode_step` computes what
+`OryxModel.decode_step` computes (the generic step form in model.py, which also runs on CUDA
+and under CUDA graphs) for fp32 models on the CPU:
+
+- one matmul for every input projection (the mixer's cached concatenation), sliced into views;
+- RMSNorm as torch's `rms_norm`; GDN's L2 norms of q and k as `rms_norm` too, since
+  x·rsqrt(Σx² + ε) = rms_norm(x, eps=ε/d)·d^-½, with the recurrence's scale folded into q's weight;
+- a conv that is the identity (last tap 1, others 0, no bias, no activation: every Llama import)
+  only shifts its window;
+- RoPE as x·cos + (x's halves swapped)·sin, on the queries and keys together when they are
+  adjacent in the projection's output;
+- the recurrence on the state viewed per key/value head group [B, Hkv, G, K, V]: keys, values and
+  gates broadcast over a group's G query heads instead of being repeated to them;
+- attention as one SDPA call over the filled part of the KV cache when the sequences share a
+  position (sequences at different positions take the masked `decode_attention`);
+- the output projection and the MLP's down projection add the residual in their matmul (addmm).
+
+`applies` says when this path runs; everything else takes the generic step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from oryx_core.reference import L2NORM_EPS
+
+from .attention import decode_attention
+
+
+def applies(model) -> bool:
+    """Whether `decode_step` computes this model's step: fp32 on the CPU, without autograd, with the
+    default projection sharing ("kv": both modes read k_proj and v_proj)."""
+    return (model.cfg.sharing == "kv" and model.embed.weight.device.type == "cpu"
+            and model.embed.weight.dtype == torch.float32 and not torch.is_grad_enabled())
+
+
+class LayerConstants:
+    """What a mixer's step reads besides its weights, derived once from the parameters: the fused
+    projection's column ranges, which convs are the identity, the recurrence's decay rate and the
+    L2 norms' weights."""
+
+    def __init__(self, mixer):
+        cfg = mixer.cfg
+        self.offsets, start = {}, 0
+        for name in mixer.projection_order:
+            size = getattr(mixer, name).out_features
+            self.offsets[name] = (start, start + size)
+            start += size
+        self.identity = {name: is_identity_conv(conv) for name, conv in
+                         (("k", mixer.conv_k), ("v", mixer.conv_v), ("q", mixer.conv_q))}
+        with torch.no_grad():
+            self.A = -torch.exp(mixer.A_log.detach().float())
+            d = cfg.head_dim
+            # rms_norm(x, eps=ε/d)·w with w = d^-½ (keys) or scale·d^-½ (queries) is scale·x·rsqrt(Σx² + ε)
+            self.l2_eps = L2NORM_EPS / d
+            self.k_weight = torch.full((d,), d ** -0.5)
+            self.q_weight = torch.full((d,), cfg.gdn_scale * d ** -0.5)
+
+
+def is_identity_conv(conv) -> bool:
+    w = conv.weight
+    return (conv.activation != "silu" and (conv.bias is None or not bool(conv.bias.any()))
+            and bool((w[:, -1] == 1).all()) and bool((w[:, :-1] == 0).all()))
+
+
+def layer_constants(mixer) -> LayerConstants:
+    """The mixer's LayerConstants, rebuilt when any parameter they come from changes."""
+    params = [mixer.A_log] + [t for conv in (mixer.conv_k, mixer.conv_v, mixer.conv_q)
+                              for t in (conv.weight, conv.bias) if t is not None]
+    key = tuple((p.data_ptr(), p._version) for p in params)
+    cached = getattr(mixer, "_host_step_constants", None)
+    if cached is None or cached[0] != key:
+        cached = (key, LayerConstants(mixer))
+        mixer._host_step_constants = cached
+    return cached[1]
+
+
+def decode_step(model, tokens, modes, cache, attend: bool) -> torch.Tensor:
+    """OryxModel.decode_step on the CPU: logits [B, V] for tokens [B]; modes bool [B] or per layer [L, B].
+    Advances cache.position; the caller advances cache.length."""
+    rope = model._rope(cache.position if cache.ragged else cache.position[:1])
+    if rope is not None:
+        rope = (rope[0][:, None], rope[1][:, None])          # [B or 1, 1, d]: broadcast over heads
+    slot = None if cache.ragged else cache.length          # where every sequence's token goes, if shared
+    x = model.embed(tokens)
+    for i, layer in enumerate(model.layers):
+        layer_modes = modes[i] if modes.dim() == 2 else modes
+        x = layer_step(layer, x, layer_modes, rope, cache.layers[i], cache.position, slot, attend)
+    cache.position.add_(1)
+    return model.logits(x)
+
+
+def layer_step(layer, x, modes, rope, layer_cache, position, slot, attend: bool):
+    """One layer, x [B, D] -> [B, D]."""
+    D = x.shape[-1]
+    xn = F.rms_norm(x, (D,), layer.attn_norm.weight, layer.attn_norm.eps)
+    h = mixer_step(layer.mixer, xn, x, modes, rope, layer_cache, position, slot, attend)
+    mlp = layer.mlp
+    if mlp is None:
+        return h
+    hn = F.rms_norm(h, (D,), layer.mlp_norm.weight, layer.mlp_norm.eps)
+    y = F.silu(F.linear(hn, mlp.gate_proj.weight)).mul_(F.linear(hn, mlp.up_proj.weight))
+    return torch.addmm(h, y, mlp.down_proj.weight.t())
+
+
+def rotate(x, rope):
+    """RoPE on x [B, n, d] (rotate-half) with tables [B or 1, 1, d] from rope_tables: the same arithmetic
+    as attention.apply_rope."""
+    cos, sin = rope
+    swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin)
+
+
+def conv_step(conv, x, window, identity: bool):
+    """One token x [B, C] through a depthwise causal conv; shifts `window` [B, W-1, C] in place."""
+    full = torch.cat([window, x[:, None]], dim=1)                                   # [B, W, C]
+    window.copy_(full[:, 1:])
+    if identity:
+        return x
+    out = (full * conv.weight.t()).sum(1)
+    if conv.bias is not None:
+        out = out + conv.bias
+    return F.silu(out) if conv.activation == "silu" else out
+
+
+def mixer_step(mixer, xn, x, modes, rope, layer_cache, position, slot, attend: bool):
+    """x + mixer(xn) for one token per sequence (xn, x [B, D])."""
+    cfg, c = mixer.cfg, layer_constants(mixer)
+    B = xn.shape[0]
+    H, Hkv, d, dv, G = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim, cfg.group_size
+    recurrent, has_kv = layer_cache.recurrent is not None, layer_cache.keys is not None
+    attention = attend or not recurrent   # with the state dropped every token attends (the caller checked)
+    order = mixer.projection_order
+    first = c.offsets[order[0 if attention else mixer._shared_rows[0]]][0]
+    last = c.offsets[order[-1 if recurrent else mixer._shared_rows[1] - 1]][1]
+    proj = F.linear(xn, mixer._fused_weight()[first:last])                           # [B, N]
+
+    def part(name):
+        start, end = c.offsets[name]
+        return proj[:, start - first:end - first]
+
+    k = conv_step(mixer.conv_k, part("k_proj"), layer_cache.conv["k"], c.identity["k"])
+    v = conv_step(mixer.conv_v, part("v_proj"), layer_cache.conv["v"], c.identity["v"])
+    q = keys = None
+    if rope is None:
+        q, keys = part("q_attn").view(B, H, d) if attention else None, k.view(B, Hkv, d)
+    elif attention and c.identity["k"] and c.offsets["q_attn"][1] == c.offsets["k_proj"][0]:
+        rotated = rotate(proj[:, c.offsets["q_attn"][0] - first:c.offsets["k_proj"][1] - first].view(B, H + Hkv, d),
+                         rope)                                                       # queries and keys at once
+        q, keys = rotated[:, :H], rotated[:, H:]
+    else:
+        q = rotate(part("q_attn").view(B, H, d), rope) if attention else None
+        keys = rotate(k.view(B, Hkv, d), rope) if has_kv else None
+    if has_kv:
+        if slot is None:  # each sequence b at its own position[b]
+            rows = torch.arange(B)
+            layer_cache.keys[rows, :, position] = keys
+            layer_cache.values[rows, :, position] = v.view(B, Hkv, dv)
+        else:
+            layer_cache.keys[:, :, slot] = keys
+            layer_cache.values[:, :, slot] = v.view(B, Hkv, dv)
+    o_rec = o_attn = None
+    if recurrent:
+        q_rec = conv_step(mixer.conv_q, part("q_rec"), layer_cache.conv["q"], c.identity["q"])
+        state = layer_cache.recurrent.view(B, Hkv, G, d, dv)
+        if cfg.mixer == "gdn":
+            decay = torch.exp(c.A * F.softplus(part("a_proj") + mixer.dt_bias))      # [B, Hkv]
+            beta = torch.sigmoid(part("b_proj"))
+            qn = F.rms_norm(q_rec.view(B, Hkv, G, 1, d), (d,), c.q_weight, c.l2_eps)
+            kn = F.rms_norm(k.view(B, Hkv, 1, 1, d), (d,), c.k_weight, c.l2_eps)
+            state.mul_(decay[:, :, None, None, None])
+            correction = (v.view(B, Hkv, 1, 1, dv) - torch.matmul(kn, state)).mul_(beta[:, :, None, None, None])
+            state.addcmul_(kn.view(B, Hkv, 1, d, 1), correction)
+            o_rec = torch.matmul(qn, state).view(B, H, dv)
+        else:
+            dt = F.softplus(part("dt_proj") + mixer.dt_bias)                          # [B, Hkv]
+            state.mul_(torch.exp(c.A * dt)[:, :, None, None, None])
+            state.addcmul_((dt[:, :, None] * k.view(B, Hkv, d)).view(B, Hkv, 1, d, 1), v.view(B, Hkv, 1, 1, dv))
+            o_rec = torch.matmul(q_rec.view(B, Hkv, G, 1, d), state).view(B, Hkv, G, dv)
+            o_rec = torch.addcmul(o_rec, mixer.D_skip.view(Hkv, 1, 1), v.view(B, Hkv, 1, dv)).view(B, H, dv)
+    if attention:
+        scale = d ** -0.5
+        if slot is None:
+            o_attn = decode_attention(q, layer_cache.keys, layer_cache.values, position, scale)
+        else:
+            o_attn = F.scaled_dot_product_attention(
+                q[:, :, None], layer_cache.keys[:, :, :slot + 1], layer_cache.values[:, :, :slot + 1], scale=scale,
+                enable_gqa=H != Hkv)[:, :, 0]                                        # [B, H, dv]
+    if o_attn is None:
+        o = o_rec
+    elif o_rec is None:
+        o = o_attn
+    else:
+        o = torch.where(modes.view(B, 1, 1), o_attn, o_rec)
+    if mixer.g_proj is None and mixer.o_norm is None:
+        return torch.addmm(x, o.reshape(B, H * dv), mixer.o_proj.weight.t())
+    gate = {"g_proj": part("g_proj")[:, None]} if mixer.g_proj is not None else {}
+    return x + mixer._output(o[:, None], gate, x.dtype)[:, 0]

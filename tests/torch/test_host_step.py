@@ -1,0 +1,131 @@
+"""The CPU decode step (oryx_torch.host_step) against the float64 reference and against the generic step form
+it replaces on the CPU: both mixers, identity and learned convs, every config flag, attention / recurrent /
+per-sequence plans, a dropped recurrent state or KV cache, sequences at different positions; the cache it
+leaves behind (state, keys, values, conv windows) is the generic step's."""
+import numpy as np
+import pytest
+import torch
+
+from oryx_core.config import preset
+from oryx_core.reference import OryxReference
+from oryx_torch import host_step
+from oryx_torch.model import OryxModel
+from model_params import lively_params
+from error_metrics import relative_error
+
+TOL = 1e-4  # against the float64 reference, as in test_model.py
+SAME = 1e-5  # against the generic fp32 step: the same arithmetic up to rounding
+
+VARIANTS = {
+    "default": {},
+    "conv_bias_gate_before_norm": dict(conv_bias=True, gate_before_norm=True),
+    "o_norm_all": dict(o_norm_grouping="all"),
+    "no_gate_no_norm_no_mlp": dict(output_gate=False, output_norm=False, mlp_hidden=0),
+    "untied_no_rope_silu": dict(tie_embeddings=False, rope=False, conv_activation="silu"),
+    "llama_import": dict(output_gate=False, output_norm=False, conv_activation="none", recurrent_scale=1.0),
+}
+
+
+def build(mixer, variant, seed=1):
+    cfg = preset("tiny", mixer, **VARIANTS[variant])  # tiny has GQA: 4 query heads over 2 kv heads
+    params = lively_params(cfg, seed)
+    if variant == "llama_import":  # identity convs, as oryx_convert's Llama import writes them
+        for name in params:
+            if ".conv_" in name:
+                params[name] = np.zeros_like(params[name])
+                params[name][:, -1] = 1.0
+    model = OryxModel(cfg, seed=None)
+    model.load_params(params)
+    return model.eval(), OryxReference(cfg, params)
+
+
+def decode(model, tokens, modes, prompt, generic, drop=None, ragged=False):
+    """Prefill tokens[:, :prompt], then step through the rest; logits [B, T - prompt, V] and the cache."""
+    B, T = tokens.shape
+    cache = model.make_cache(B, T + 1)
+    out = []
+    with torch.no_grad():
+        model(torch.tensor(tokens[:, :prompt]), torch.tensor(modes[:, :prompt]), cache=cache)
+        if drop == "state":
+            cache.drop_recurrent()
+        elif drop == "kv":
+            cache.drop_kv()
+        cache.ragged = ragged
+        applies = host_step.applies
+        host_step.applies = (lambda m: False) if generic else applies
+        try:
+            for t in range(prompt, T):
+                out.append(model.step(torch.tensor(tokens[:, t]), torch.tensor(modes[:, t]), cache).numpy())
+        finally:
+            host_step.applies = applies
+    return np.stack(out, 1), cache
+
+
+def cache_tensors(cache):
+    return [t.clone() for layer in cache.layers for t in layer.tensors()]
+
+
+def plans(rng, B, T, P):
+    per_sequence = np.repeat(rng.random((B, -(-T // 3))) < 0.5, 3, axis=1)[:, :T]
+    return {"prefill-attention": np.broadcast_to(np.arange(T) < P, (B, T)), "per_sequence": per_sequence}
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_host_step_matches_reference_and_generic_step(mixer, variant):
+    model, ref = build(mixer, variant)
+    with torch.no_grad():
+        assert host_step.applies(model)
+    rng = np.random.default_rng(0)
+    B, P, T = 2, 5, 12
+    tokens = rng.integers(0, model.cfg.vocab_size, (B, T))
+    for name, modes in plans(rng, B, T, P).items():
+        want = ref.forward(tokens, modes)[0][:, P:]
+        got, cache = decode(model, tokens, modes, P, generic=False)
+        generic, generic_cache = decode(model, tokens, modes, P, generic=True)
+        assert relative_error(got, want) < TOL, name
+        assert relative_error(got, generic) < SAME, name
+        for a, b in zip(cache_tensors(cache), cache_tensors(generic_cache)):
+            assert relative_error(a, b) < SAME, name
+    assert relative_error(got, decode(model, tokens, np.zeros((B, T), bool), P, generic=False)[0]) > 1e-2
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+def test_dropped_parts_and_ragged_positions(mixer):
+    model, ref = build(mixer, "llama_import", seed=2)
+    rng = np.random.default_rng(1)
+    B, P, T = 3, 4, 10
+    tokens = rng.integers(0, model.cfg.vocab_size, (B, T))
+    cases = {("state", False): np.ones((B, T), bool), ("kv", False): np.arange(T) < P,
+             (None, True): plans(rng, B, T, P)["per_sequence"], ("state", True): np.ones((B, T), bool)}
+    for (drop, ragged), modes in cases.items():
+        modes = np.broadcast_to(modes, (B, T))
+        want = ref.forward(tokens, modes)[0][:, P:]
+        got, _ = decode(model, tokens, modes, P, generic=False, drop=drop, ragged=ragged)
+        generic, _ = decode(model, tokens, modes, P, generic=True, drop=drop, ragged=ragged)
+        assert relative_error(got, want) < TOL, (drop, ragged)
+        assert relative_error(got, generic) < SAME, (drop, ragged)
+
+
+def test_identity_convs_are_recognised_and_recomputed_after_a_weight_change():
+    model, _ = build("gdn", "llama_import")
+    mixer = model.layers[0].mixer
+    assert all(host_step.layer_constants(mixer).identity.values())
+    with torch.no_grad():
+        mixer.conv_q.weight[3, 0] = 0.5  # a learned tap: q_rec's conv is no longer the identity
+    assert host_step.layer_constants(mixer).identity == {"k": True, "v": True, "q": False}
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, model.cfg.vocab_size, (1, 8))
+    modes = np.zeros((1, 8), bool)
+    got, _ = decode(model, tokens, modes, 3, generic=False)
+    generic, _ = decode(model, tokens, modes, 3, generic=True)
+    assert relative_error(got, generic) < SAME
+
+
+def test_generic_path_where_the_host_step_does_not_apply():
+    model, _ = build("gdn", "default")
+    assert not host_step.applies(model)  # autograd on
+    with torch.no_grad():
+        assert host_step.applies(model)
+        assert not host_step.applies(OryxModel(preset("tiny", "gdn", sharing="none")))
+        assert not host_step.applies(model.to(torch.bfloat16))
