@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import math
 import shutil
+import signal
 import statistics
 import time
 from contextlib import nullcontext
@@ -265,6 +266,13 @@ def choose_steps(exp: dict, pool, out: Path, n_runs: int, budget_s: float, start
     return steps
 
 
+def stop_workers(pool) -> None:
+    """Ends the pool's worker processes now (on SIGTERM; a pool shutdown would wait for their running jobs)."""
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.terminate()
+    raise SystemExit(143)
+
+
 def rerun_command(args: argparse.Namespace, exp: dict, steps: int) -> str:
     return (f"PYTHONPATH=.:backends/cuda python3 experiments/sharing.py --config {args.config} --out OUT --steps {steps} "
             f"--workers {exp['workers']}" + (f" --scale {args.scale}" if args.scale else "")
@@ -304,6 +312,8 @@ def main() -> None:
     results = {"experiment": "sharing", "config": args.config, "scale": args.scale, "settings": exp,
                "budget_s": args.budget_s, "validation": about, "runs": []}
     pool = job_pool(exp["workers"]) if exp["workers"] > 0 else None
+    if pool is not None:  # killed at a deadline: take the workers along (the results file is already written)
+        signal.signal(signal.SIGTERM, lambda *_: stop_workers(pool))
     try:
         steps = (choose_steps(exp, pool, out, len(runs), args.budget_s, started, results) if args.budget_s
                  else args.steps or exp["steps"])
