@@ -42,6 +42,11 @@ def spread(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
+def fail(message: str):
+    print(f"plot_science.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def load(paths: list[str], experiment: str) -> dict:
     """The files' runs pooled into one results dict (the first file's settings)."""
     merged = None
@@ -49,13 +54,13 @@ def load(paths: list[str], experiment: str) -> dict:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
-            raise SystemExit(f"plot_science.py: error: {path}: cannot read results ({e})")
+            fail(f"{path}: cannot read results ({e})")
         if data.get("experiment") != experiment:
-            raise SystemExit(f"plot_science.py: error: {path}: not a {experiment} results file")
+            fail(f"{path}: not a {experiment} results file")
         if merged is None:
             merged = {**data, "models": [], "sources": []}
         elif data["steps"] != merged["steps"]:
-            raise SystemExit(f"plot_science.py: error: {path}: {data['steps']} steps, the others {merged['steps']}")
+            fail(f"{path}: {data['steps']} steps, the others {merged['steps']}")
         merged["models"] += [m for m in data["models"] if "error" not in m]
         merged["sources"].append({"file": path, "command": data.get("command"), "environment": data["environment"]})
     return merged
@@ -244,7 +249,7 @@ def main() -> None:
         results = load(args.single_pass, "lm_single_pass")
         tables, figure = single_pass_tables, single_pass_figure
     if not results["models"]:
-        raise SystemExit("plot_science.py: error: no finished runs in the given files")
+        fail("no finished runs in the given files")
     if args.tables:
         print(tables(results))
     if args.figure:

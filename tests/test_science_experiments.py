@@ -145,3 +145,30 @@ def test_lm_single_pass_caps_the_steps_at_one_pass(tmp_path, docs_shards):
     assert 1 <= results["steps"] == expected < 1000 and results["passes"] <= 0.0004
     assert results["models"][0]["steps"] == expected
     assert results["models"][0]["eval_curve"][-1]["tokens"] == expected * 128 * 4
+
+
+def test_plot_science_pools_seeds_into_mean_and_range(tmp_path):
+    def run_of(name, modes, seed, lr, accuracy):
+        plans = ["recurrent", "last:10%"] if modes == "mixed" else [modes]
+        return {"name": name, "modes": modes, "seed": seed, "lr": lr,
+                "eval": [{"length": 64, "pairs": 4, "plan": p, "share": 0.1 if p == "last:10%" else 0.0,
+                          "accuracy": accuracy} for p in plans]}
+
+    results = {"experiment": "mqar_no_oracle", "steps": 10, "environment": {}, "command": "c",
+               "settings": {"lr": 0.003, "eval_plans": ["recurrent", "last:10%"],
+                            "lr_sweep": {"model": "gdn-only", "lrs": [0.01]}},
+               "models": [run_of("oryx-gdn", "mixed", 0, 0.003, 0.4), run_of("oryx-gdn", "mixed", 1, 0.003, 0.6),
+                          run_of("gdn-only", "recurrent", 0, 0.003, 0.2), run_of("gdn-only", "recurrent", 0, 0.01, 0.1),
+                          {"name": "gdn-only", "seed": 1, "lr": 0.01, "error": "Traceback ..."}]}
+    path = tmp_path / "mqar_no_oracle.json"
+    path.write_text(json.dumps(results))
+    done = run("plot_science.py", "--retrieval", str(path), "--tables")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "| Oryx-GDN `last:10%` (10.0%) | 0.500 (0.400–0.600) |" in lines
+    assert "| **GDN-only** | 0.200 |" in lines
+    assert "| GDN-only lr 0.01 | 0.100 |" in lines and "| GDN-only lr 0.003 | 0.200 |" in lines
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**results, "steps": 20}))
+    done = run("plot_science.py", "--retrieval", str(path), str(other), "--tables")
+    assert done.returncode == 2 and "20 steps" in done.stderr and done.stderr.strip().count("\n") == 0
