@@ -116,7 +116,7 @@ def test_finished_sequences_free_their_rows_and_the_others_go_on_exactly(model):
     g = torch.Generator().manual_seed(7)
     reqs = [SequenceRequest(torch.randint(0, 256, (3 + i,), generator=g).tolist(), max_tokens=12 if i == 5 else 2,
                             plan=["attention", "recurrent", "prefill-attention"][i % 3]) for i in range(8)]
-    gen = BatchGenerator(model, max_batch=8, capacity=32, cuda_graphs=False)
+    gen = BatchGenerator(model, max_batch=8, capacity=32, cuda_graphs=False, shrink_patience=0)
     row_bytes = model.make_cache(1, 32).nbytes()
     assert gen.allocated == 1 and gen.cache.nbytes() == row_bytes  # nothing is held before a sequence joins
     sids = gen.add_many(reqs)
@@ -135,6 +135,19 @@ def test_finished_sequences_free_their_rows_and_the_others_go_on_exactly(model):
     assert gen.allocated == 1
     for r, sid in zip(reqs + late, sids):
         assert out[sid] == alone(model, r), r.plan
+
+
+def test_a_batch_that_empties_and_refills_at_once_keeps_its_rows(model):
+    gen = BatchGenerator(model, max_batch=4, capacity=16, cuda_graphs=False, shrink_patience=2)
+    reqs = [SequenceRequest([i + 1, i + 2], max_tokens=2) for i in range(4)]
+    first = gen.generate(reqs)
+    assert gen.allocated == 4  # one sparse step (the last) is within the patience
+    assert gen.generate(reqs) == first
+    gen.add(SequenceRequest([1, 2], max_tokens=6))
+    for _ in range(3):
+        gen.step()
+        assert gen.allocated == 4 or _ == 2  # the third step with 1 of 4 rows live exceeds the patience
+    assert gen.allocated == 2
 
 
 def test_a_sequence_stops_at_its_own_stop_token(model):

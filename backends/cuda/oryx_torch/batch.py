@@ -13,7 +13,7 @@ position), with a power-of-two number of rows up to `max_batch`. Live sequences 
 always runs rows 0..bucket-1, where bucket is the smallest power of two >= n (padding rows
 are decoded too, at position 0, and ignored). The cache grows (to the power of two that
 holds the live rows) when sequences join and shrinks (to twice that) once at most a quarter
-of its rows are live, copying the live rows over; so a finished sequence's KV cache, conv
+of its rows have been live for `shrink_patience` steps, copying the live rows over; so a finished sequence's KV cache, conv
 windows and recurrent state are freed, not only skipped. On CUDA each (bucket, attention
 on/off) step is captured once into a CUDA graph and replayed; a resize drops the graphs,
 which read the old cache.
@@ -107,7 +107,7 @@ class BatchGenerator:
     """Sequences of different lengths, plans and stop conditions decoded together (module docstring)."""
 
     def __init__(self, model, max_batch: int = 16, capacity: int | None = None, cuda_graphs: bool = True,
-                 saved_rows: int = 8):
+                 saved_rows: int = 8, shrink_patience: int = 32):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -126,6 +126,7 @@ class BatchGenerator:
         self.saved: OrderedDict[int, _Saved] = OrderedDict()
         self.saved_rows = saved_rows
         self.next_saved = 0
+        self.shrink_patience = shrink_patience
         self._resize(1)
 
     # -- public --
@@ -171,6 +172,7 @@ class BatchGenerator:
                                f"batch: {len(requests)} new sequences for {self.free} free rows")
         model = self.model
         self._fit(len(self.rows) + len(requests))
+        self.sparse_steps = 0  # a join restarts the patience
         seqs = []
         for request, (ids, modes) in zip(requests, checked):
             generator = torch.Generator(device=model.device).manual_seed(request.seed)
@@ -332,10 +334,16 @@ class BatchGenerator:
             self._resize(min(self.max_batch, _power_of_two(rows)))
 
     def _shrink(self) -> None:
-        """Once at most a quarter of the rows are live, keeps twice the power of two that holds them (a
-        sequence or two joining right after does not grow it again)."""
+        """Once at most a quarter of the rows have been live for more than `shrink_patience` steps in a row,
+        keeps twice the power of two that holds the live ones (a sequence or two joining right after does not
+        grow it again). The patience spares a batch that empties and refills at once (a benchmark's repeats,
+        a burst of requests) the re-capture of its graphs."""
         n = len(self.rows)
-        if self.allocated > 1 and n <= self.allocated // 4:
+        if self.allocated == 1 or n > self.allocated // 4:
+            self.sparse_steps = 0
+            return
+        self.sparse_steps += 1
+        if self.sparse_steps > self.shrink_patience:
             self._resize(min(self.max_batch, 2 * _power_of_two(n)) if n else 1)
 
     def _resize(self, rows: int) -> None:
@@ -349,7 +357,7 @@ class BatchGenerator:
                     for dst, src in zip(new.tensors(), old.tensors()):
                         dst[:n].copy_(src[:n])
                 cache.position[:n].copy_(self.cache.position[:n])
-        self.cache, self.allocated = cache, rows
+        self.cache, self.allocated, self.sparse_steps = cache, rows, 0
         self.views.clear()
         self.inputs.clear()
         self.graphs.clear()  # captured on the old cache's addresses
