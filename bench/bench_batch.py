@@ -44,8 +44,10 @@ def best_time(fn, repeats: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("path", help="Oryx checkpoint converted from --gguf")
-    ap.add_argument("--gguf", required=True, help="the GGUF file the checkpoint came from (transformers loads it)")
+    ap.add_argument("path", help="Oryx checkpoint converted from --gguf or --hf")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--gguf", help="the GGUF file the checkpoint came from (transformers loads it)")
+    source.add_argument("--hf", help="the HF checkpoint directory the checkpoint came from (e.g. bench/random_llama.py's)")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
@@ -63,14 +65,17 @@ def main(argv=None) -> int:
     from oryx_core.tokenizer import load_tokenizer
     from oryx_torch.batch import BatchGenerator, SequenceRequest
 
-    gguf = Path(args.gguf)
-    hf_tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if args.gguf:
+        gguf = Path(args.gguf)
+        where, load_args = gguf.parent, dict(gguf_file=gguf.name)
+    else:
+        where, load_args = Path(args.hf), {}
+    hf_tok = transformers.AutoTokenizer.from_pretrained(where, **load_args)
     hf_tok.padding_side = "left"
     if hf_tok.pad_token is None:
         hf_tok.pad_token = hf_tok.eos_token
     dtype = getattr(torch, args.dtype)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                           dtype=dtype).to(args.device).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(where, **load_args, dtype=dtype).to(args.device).eval()
     ours = get_backend("torch").load(args.path, dtype=args.dtype, device=args.device).model
     tok = load_tokenizer(args.path)
     N, rows = args.new_tokens, []
@@ -104,6 +109,7 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+              "weights": f"gguf {Path(args.gguf).name}" if args.gguf else f"hf {args.hf}",
               "dtype": args.dtype, "cuda_graphs": args.device.startswith("cuda"), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "transformers": transformers.__version__, "command": " ".join(sys.argv), "rows": rows}
     if args.out:
