@@ -11,9 +11,13 @@ Measured, each as a table row with the Llama number beside Oryx's under every pl
   useful work per second; peak = the card's dense bf16 rate where known);
 - prefill tokens/s (batch 1, no gradient);
 - decode tokens/s at each batch size after the prompt (greedy, one token read back per step as a server does;
-  Oryx through oryx_torch.generate.DecodeRunner, CUDA graphs on CUDA; Llama through its own KV cache);
+  Oryx through oryx_torch.generate.DecodeRunner, CUDA graphs on CUDA, the step torch.compile'd or eager
+  (`--decode-compile`), the greedy pick inside the step; Llama through its own KV cache; on CUDA both models
+  decode in bfloat16 weights, without autocast, as `oryx generate` does); for Oryx also the
+  rate with each step's token fed to the next on the device (no host round trip: the graph alone), and the
+  seconds the first two steps took (compile, warm-up, capture);
 - launches per Oryx decode step: CUDA kernels (CPU: aten operators) that torch.profiler counts in one
-  eager step, per plan.
+  step run without a CUDA graph, per plan, eager and (on CUDA) compiled.
 
 Plans: attention (every token), recurrent (none), mixed (50% of 64-token chunks, a fixed draw) for training
 and prefill; for decoding attention, recurrent and prefill-attention (prompt in attention, decoding recurrent).
@@ -223,59 +227,85 @@ def prefill(hf, llama, oryx, args, device, autocast) -> list[dict]:
 def decode(hf, llama, oryx, args, device, autocast) -> list[dict]:
     from transformers import DynamicCache
 
-    from oryx_torch.generate import DecodeRunner
-
     T, n = args.prompt_length, args.decode_tokens
     rows = []
     for batch in args.decode_batches:
         prompt = torch.randint(0, hf["vocab_size"], (batch, T), generator=torch.Generator().manual_seed(3)).to(device)
-        for name, plan in [("llama", None)] + [("oryx", p) for p in DECODE_PLANS]:
-            reset_peak(device)
-            with autocast:
-                if plan is None:
-                    cache = {llama_cache_argument(): DynamicCache()}
-                    next_tokens = llama(input_ids=prompt, **cache, use_cache=True).logits[:, -1].argmax(-1)
-                    synchronize(device)
-                    start = time.perf_counter()
-                    for _ in range(n):
-                        logits = llama(input_ids=next_tokens[:, None], **cache, use_cache=True).logits
-                        next_tokens = logits[:, -1].argmax(-1).cpu().to(device)
-                else:
-                    prompt_mode, decode_mode = DECODE_PLANS[plan]
-                    cache = oryx.make_cache(batch, T + n + 8)
-                    next_tokens = oryx(prompt, prompt_mode, cache=cache)[:, -1].argmax(-1).cpu()
-                    runner = DecodeRunner(oryx, cache)
-                    for _ in range(2):  # warm-up and graph capture, outside the timing
-                        next_tokens = runner.step(next_tokens, decode_mode).argmax(-1).cpu()
-                    synchronize(device)
-                    start = time.perf_counter()
-                    for _ in range(n):
-                        next_tokens = runner.step(next_tokens, decode_mode).argmax(-1).cpu()
-                synchronize(device)
-                seconds = time.perf_counter() - start
-            rows.append(dict(kind="decode", model=name, plan=plan or "-", batch=batch, length=T,
-                             tokens_per_s=batch * n / seconds, ms=seconds / n * 1e3, peak_mib=peak_memory_mib(device)))
+        reset_peak(device)
+        with autocast:
+            cache = {llama_cache_argument(): DynamicCache()}
+            next_tokens = llama(input_ids=prompt, **cache, use_cache=True).logits[:, -1].argmax(-1)
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(n):
+                logits = llama(input_ids=next_tokens[:, None], **cache, use_cache=True).logits
+                next_tokens = logits[:, -1].argmax(-1).cpu().to(device)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+        rows.append(dict(kind="decode", model="llama", plan="-", batch=batch, length=T, tokens_per_s=batch * n / seconds,
+                         ms=seconds / n * 1e3, peak_mib=peak_memory_mib(device)))
+        for plan in DECODE_PLANS:
+            for compiled in decode_compile_modes(args.decode_compile, device):
+                with autocast:
+                    rows.append(oryx_decode(oryx, prompt, plan, n, compiled, device))
     return rows
 
 
-@torch.no_grad()
-def decode_launches(oryx, prompt_length: int, device) -> list[dict]:
-    """Kernels (CUDA) or aten operators (CPU) in one eager decode step per plan, as torch.profiler counts them."""
-    from torch.profiler import ProfilerActivity, profile
+def decode_compile_modes(flag: str, device) -> list[bool]:
+    return {"on": [True], "off": [False], "both": [False, True], "auto": [device.type == "cuda"]}[flag]
 
+
+def oryx_decode(oryx, prompt, plan: str, n: int, compiled: bool, device) -> dict:
+    """One decode row: `n` greedy steps read back to the host one by one, then `n` fed on the device."""
+    from oryx_torch.generate import DecodeRunner
+
+    batch, T = prompt.shape
+    reset_peak(device)
+    prompt_mode, decode_mode = DECODE_PLANS[plan]
+    cache = oryx.make_cache(batch, T + 2 * n + 8)
+    next_tokens = oryx(prompt, prompt_mode, cache=cache)[:, -1].argmax(-1).cpu()
+    runner = DecodeRunner(oryx, cache, compiled=compiled)
+    start = time.perf_counter()
+    for _ in range(2):  # warm-up (and compile) then graph capture, outside the timing
+        next_tokens = runner.greedy_step(next_tokens, decode_mode).cpu()
+    setup = time.perf_counter() - start
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        next_tokens = runner.greedy_step(next_tokens, decode_mode).cpu()
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(n):
+        runner.greedy_step(None, decode_mode)  # the previous step's pick, read on the device
+    synchronize(device)
+    fed = time.perf_counter() - start
+    return dict(kind="decode", model="oryx", plan=plan, compiled=compiled, batch=batch, length=T,
+                tokens_per_s=batch * n / seconds, ms=seconds / n * 1e3, device_fed_tokens_per_s=batch * n / fed,
+                device_fed_ms=fed / n * 1e3, setup_s=setup, peak_mib=peak_memory_mib(device))
+
+
+@torch.no_grad()
+def decode_launches(oryx, prompt_length: int, device, compile_flag: str = "auto") -> list[dict]:
+    """Kernels (CUDA) or aten operators (CPU) in one decode step per plan, run without a CUDA graph, as
+    torch.profiler counts them; eager, and compiled where `compile_flag` asks for it on CUDA (compiled CPU
+    code calls no aten operators, so there is nothing comparable to count)."""
     from oryx_torch.generate import DecodeRunner
 
     rows = []
-    for plan, (prompt_mode, decode_mode) in DECODE_PLANS.items():
-        cache = oryx.make_cache(1, prompt_length + 8)
-        prompt = torch.randint(0, oryx.cfg.vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(4))
-        token = oryx(prompt.to(device), prompt_mode, cache=cache)[:, -1].argmax(-1).cpu()
-        runner = DecodeRunner(oryx, cache, cuda_graphs=False)
-        token = runner.step(token, decode_mode).argmax(-1).cpu()  # warm-up
-        count = count_launches(lambda: runner.step(token, decode_mode), device)
-        rows.append(dict(kind="launches", model="oryx", plan=plan, batch=1, length=prompt_length,
-                         unit="CUDA kernels" if device.type == "cuda" else "outermost aten operators", per_step=count,
-                         per_layer=count / oryx.cfg.n_layers))
+    for compiled in decode_compile_modes(compile_flag, device):
+        if compiled and device.type != "cuda":
+            continue
+        for plan, (prompt_mode, decode_mode) in DECODE_PLANS.items():
+            cache = oryx.make_cache(1, prompt_length + 8)
+            prompt = torch.randint(0, oryx.cfg.vocab_size, (1, prompt_length),
+                                   generator=torch.Generator().manual_seed(4))
+            token = oryx(prompt.to(device), prompt_mode, cache=cache)[:, -1].argmax(-1).cpu()
+            runner = DecodeRunner(oryx, cache, cuda_graphs=False, compiled=compiled)
+            token = runner.greedy_step(token, decode_mode).cpu()  # warm-up (and compile)
+            count = count_launches(lambda: runner.greedy_step(token, decode_mode), device)
+            rows.append(dict(kind="launches", model="oryx", plan=plan, compiled=compiled, batch=1,
+                             length=prompt_length, unit="CUDA kernels" if device.type == "cuda" else
+                             "outermost aten operators", per_step=count, per_layer=count / oryx.cfg.n_layers))
     return rows
 
 
@@ -310,9 +340,13 @@ def table(rows: list[dict]) -> str:
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     for r in rows:
         if r["kind"] == "launches":
-            lines.append(f"| {r['unit']} per decode step | oryx | {r['plan']} | - | 1 | {r['length']} | - | "
-                         f"{r['per_step']} ({r['per_layer']:.1f} a layer) | - | - |")
+            lines.append(f"| {r['unit']} per decode step | oryx | {r['plan']} | {r['compiled']} | 1 | {r['length']} "
+                         f"| - | {r['per_step']} ({r['per_layer']:.1f} a layer) | - | - |")
             continue
+        if "device_fed_tokens_per_s" in r:
+            lines.append(f"| decode, fed on device | oryx | {r['plan']} | {r['compiled']} | {r['batch']} | "
+                         f"{r['length']} | {r['device_fed_ms']:.3f} | {r['device_fed_tokens_per_s']:.1f} | - | "
+                         f"first two steps {r['setup_s']:.1f} s |")
         lines.append(f"| {r['kind']} | {r['model']} | {r['plan']} | {r.get('compiled', '-')} | {r['batch']} | "
                      f"{r['length']} | {r['ms']:.2f} | {r['tokens_per_s']:.1f} | {fmt(r['peak_mib'], '.0f')} | "
                      f"{fmt(r.get('mfu'), '.3f')} |")
@@ -327,6 +361,9 @@ def parse_args(argv=None):
     parser.add_argument("--json", type=Path, help="write the results here too")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="time compiled training steps too (auto: on CUDA only)")
+    parser.add_argument("--decode-compile", choices=("auto", "on", "off", "both"), default="auto",
+                        help="decode with the torch.compile'd step, the eager one, or both (auto: compiled on CUDA, "
+                             "as oryx_torch.generate does)")
     parser.add_argument("--skip", action="append", default=[], choices=("train", "prefill", "decode", "launches"))
     parser.add_argument("--train-batch", type=int)
     parser.add_argument("--train-length", type=int)
@@ -374,10 +411,13 @@ def main(argv=None) -> int:
         rows += train_steps(hf, llama, oryx, args, device, autocast)
     if "prefill" not in args.skip:
         rows += prefill(hf, llama, oryx, args, device, autocast)
+    if device.type == "cuda":  # decoding as `oryx generate` runs on CUDA: bfloat16 weights and caches
+        llama, oryx = llama.to(torch.bfloat16), oryx.to(torch.bfloat16)
+        autocast = torch.autocast("cuda", enabled=False)
     if "decode" not in args.skip:
         rows += decode(hf, llama, oryx, args, device, autocast)
     if "launches" not in args.skip:
-        rows += decode_launches(oryx, min(args.prompt_length, 64), device)
+        rows += decode_launches(oryx, min(args.prompt_length, 64), device, args.decode_compile)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     report = dict(card=card, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command=" ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),

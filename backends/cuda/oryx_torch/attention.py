@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 FLEX_BLOCK = 128  # FlexAttention's default tile: the plan's granularity for skipping work
+# How CUDA computes a plan that mixes modes from position 0: "flex" (FlexAttention over the query blocks that
+# hold an attention token) or "dense" (causal SDPA over every row; the recurrent rows are computed and unused).
+MIXED_ATTENTION = "flex"
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -125,7 +128,7 @@ def plan_attention(q, k, v, plan: AttentionPlan, scale: float | None = None):
         raise ValueError(f"plan.modes must be [B, T] = {[B, T]}, got {list(plan.modes.shape)}")
     scale = d ** -0.5 if scale is None else scale
     if q.is_cuda:
-        if plan.q_offset == 0 and plan.all_attention:
+        if plan.q_offset == 0 and (plan.all_attention or MIXED_ATTENTION == "dense"):
             return causal_sdpa(q, k, v, scale)
         block_mask = plan.block_mask(k.shape[2])
         if block_mask is None:  # traced plan: every row attends

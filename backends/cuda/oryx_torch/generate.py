@@ -11,9 +11,16 @@ take an OryxModel and run that loop through oryx_torch.backend.TorchModel:
 
 On CUDA each distinct step shape (attention on/off, KV cache kept/dropped, recurrent state
 kept/dropped) runs once eagerly (compiling the Triton kernels) and is then captured into a
-CUDA graph and replayed.
+CUDA graph and replayed. By default on CUDA the step is first compiled by torch.compile
+(fullgraph: inductor fuses the norms, gates, convs, RoPE and casts between the matmuls and
+the Triton decode kernels, which are custom ops), and it is that compiled step the graph
+captures, with the greedy pick inside it; `ORYX_COMPILED_DECODE=0` (or `compiled=False`)
+keeps the eager step.
 """
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 
@@ -53,54 +60,127 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-# ----- one decode step, graph-captured on CUDA -----
+# ----- one decode step, compiled and graph-captured on CUDA -----
+def compiled_decode_default(device) -> bool:
+    """Whether decode steps are compiled unless told: on CUDA, unless ORYX_COMPILED_DECODE=0."""
+    return torch.device(device).type == "cuda" and os.environ.get("ORYX_COMPILED_DECODE", "1") != "0"
+
+
+def decode_and_pick(model, tokens, modes, cache: OryxCache, attend: bool, pick: bool = True):
+    """model.decode_step, then (with `pick`) the greedy pick, also written into `tokens` so that a following
+    step can read it on the device: (logits [B, V], picked [B] or None)."""
+    logits = model.decode_step(tokens, modes, cache, attend)
+    if not pick:
+        return logits, None
+    picked = logits.argmax(-1)
+    tokens.copy_(picked)
+    return logits, picked
+
+
+# Compiled variants of the step kept per process (dynamo's limit per function, which every model's step
+# shares): each model, batch size (the second one makes the batch dynamic), attention on/off, dropped cache part
+# and greedy pick on/off is a variant; beyond this many the step runs eagerly.
+COMPILED_VARIANTS = 64
+
+
+def compiled_decode(model, backend: str = "inductor"):
+    """decode_and_pick compiled for `model` (fullgraph, one compiled function per model and backend; shapes
+    and flags are guarded: a new batch size or attention on/off compiles again, the second batch size with a
+    dynamic batch)."""
+    cached = model.__dict__.setdefault("_compiled_decode", {})
+    if backend not in cached:
+        cached[backend] = torch.compile(decode_and_pick, fullgraph=True, backend=backend)
+    return cached[backend]
+
+
+@contextlib.contextmanager
+def frozen_projections(model):
+    """Inside, each mixer's concatenated input projection is built once (now) and a compiled step reads it
+    rather than concatenating the weights in its graph; the weights must not change inside (a CUDA graph
+    captures their addresses anyway)."""
+    mixers = [layer.mixer for layer in model.layers]
+    for mixer in mixers:
+        mixer._fused_weight()
+        mixer.frozen_projections = True
+    try:
+        yield
+    finally:
+        for mixer in mixers:
+            mixer.frozen_projections = False
+
+
 class DecodeRunner:
     """Runs `model.decode_step` on one cache; on CUDA through a graph per step variant.
 
     A variant is (attention needed, KV cache present, recurrent state present). Its first step runs eagerly (warm-up:
-    compiles kernels, sets up libraries); the second captures a graph (capture runs nothing)
-    and replays it; later steps only copy the inputs in and replay.
+    compiles kernels, and with `compiled` the step itself, sets up libraries); the second captures a graph
+    (capture runs nothing) and replays it; later steps only copy the inputs in and replay. Every step also
+    picks the greedy tokens on the device (`greedy_step` returns them, and can feed them to the next step
+    without a trip through the host).
+
+    compiled: torch.compile the step (None: compiled_decode_default); compile_backend: torch.compile's backend.
     """
 
-    def __init__(self, model, cache: OryxCache, cuda_graphs: bool = True):
+    def __init__(self, model, cache: OryxCache, cuda_graphs: bool = True, compiled: bool | None = None,
+                 compile_backend: str = "inductor"):
         self.model, self.cache = model, cache
         self.use_graphs = cuda_graphs and model.device.type == "cuda"
+        self.compiled = compiled_decode_default(model.device) if compiled is None else compiled
+        self.compile_backend = compile_backend
         self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=model.device)
         self.modes = torch.zeros(model.cfg.n_layers, cache.batch, dtype=torch.bool, device=model.device)
-        self.graphs: dict[tuple[bool, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[bool, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.warmed: set[tuple[bool, bool, bool]] = set()
 
     def step(self, tokens, modes) -> torch.Tensor:
         """Logits [B, V] for tokens [B] (host ints) under modes (host bools: one, [B], or per layer [L, B])."""
+        return self._step(tokens, modes, pick=False)[0]
+
+    def greedy_step(self, tokens, modes) -> torch.Tensor:
+        """The greedy next tokens [B] on the device, picked inside the step (a graph replay on CUDA), for tokens
+        [B] (host ints), or None: the tokens the previous step picked, read on the device."""
+        return self._step(tokens, modes, pick=True)[1]
+
+    def _step(self, tokens, modes, pick: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, greedy tokens): a graph always picks (one small kernel); an eager step only with `pick`."""
         model, cache = self.model, self.cache
-        tokens = model.check_tokens(torch.as_tensor(tokens, device="cpu"), 1)  # checked on the host: no device sync
-        modes = torch.as_tensor(modes, device="cpu")
         L, B = self.modes.shape
+        if tokens is not None:
+            tokens = model.check_tokens(torch.as_tensor(tokens, device="cpu"), 1)  # checked on the host: no sync
+        modes = torch.as_tensor(modes, device="cpu")
         if modes.dtype != torch.bool or modes.shape not in ((), (1,), (B,), (1, B), (L, B)):
             raise ValueError(f"modes: expected a bool, bools [B] = [{B}] or [L, B] = [{L}, {B}], got {modes.dtype} "
                              f"{list(modes.shape)}")
-        model.check_cache(cache, tokens.shape[0], 1)
+        model.check_cache(cache, B if tokens is None else tokens.shape[0], 1)
         attend = bool(modes.any())
         check_cache_modes(cache, attend, not bool(modes.all()))
-        self.tokens.copy_(tokens)
+        if tokens is not None:
+            self.tokens.copy_(tokens)
         self.modes.copy_(modes.expand(L, B))
         variant = (attend, cache.has_kv, cache.has_recurrent)
         if not self.use_graphs:
-            logits = model.decode_step(self.tokens, self.modes, cache, attend)
+            out = self._run(attend, pick)
         elif variant in self.graphs:
-            graph, logits = self.graphs[variant]
+            graph, *out = self.graphs[variant]
             graph.replay()
         elif variant in self.warmed:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                logits = model.decode_step(self.tokens, self.modes, cache, attend)
-            self.graphs[variant] = (graph, logits)
+                out = self._run(attend, True)
+            self.graphs[variant] = (graph, *out)
             graph.replay()
         else:
-            logits = model.decode_step(self.tokens, self.modes, cache, attend)
+            out = self._run(attend, True)
             self.warmed.add(variant)
         cache.length += 1
-        return logits
+        return tuple(out)
+
+    def _run(self, attend: bool, pick: bool):
+        if not self.compiled:
+            return decode_and_pick(self.model, self.tokens, self.modes, self.cache, attend, pick)
+        with frozen_projections(self.model), torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS):
+            return compiled_decode(self.model, self.compile_backend)(self.model, self.tokens, self.modes, self.cache,
+                                                                     attend, pick)
 
     def release(self) -> None:
         """Forgets the graphs of variants the cache can no longer run (after a drop), with their memory."""
