@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
 import shutil
 import signal
 import statistics
@@ -45,6 +46,9 @@ from oryx_core.cli import OneLineErrorParser
 from oryx_core.config import MIXERS, SHARINGS
 
 RESULTS_NAME = "sharing.json"
+# Several training processes share one GPU: growable segments keep each one's cached-but-free memory small.
+# Set before any worker imports torch (spawned workers import this module first).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def positive_int(text: str) -> int:
