@@ -11,6 +11,10 @@ import os
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+# Growable allocator segments keep each process's cached-but-free GPU memory small, so more of them fit on one GPU.
+# Set at import, before any worker (which imports its runner, and so this module, first) initialises CUDA.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 
 def _init_worker(threads: int) -> None:
     import torch
@@ -31,6 +35,19 @@ def _guarded(function, job):
         return function(job)
     except Exception:  # noqa: BLE001 -- reported in the results file, the other jobs go on
         return {"error": traceback.format_exc(limit=6)}
+    finally:
+        release_device_memory()
+
+
+def release_device_memory() -> None:
+    """Hands the finished job's cached GPU memory back, for the other processes on the device."""
+    import gc
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def run_jobs(pool: ProcessPoolExecutor, function, jobs: list, on_result) -> None:
