@@ -38,9 +38,10 @@ class LayerCache:
         T = keys.shape[2]
         start = self.offset
         if self.keys is None or start + T > self.keys.shape[2]:
-            grow = -(-(start + T) // KV_GROWTH) * KV_GROWTH - (0 if self.keys is None else self.keys.shape[2])
-            new_k = mx.zeros((*keys.shape[:2], grow, keys.shape[3]), keys.dtype)
-            new_v = mx.zeros((*values.shape[:2], grow, values.shape[3]), values.dtype)
+            capacity = -(-(start + T) // KV_GROWTH) * KV_GROWTH  # whole steps of KV_GROWTH holding start + T
+            kept = 0 if self.keys is None else start  # the tokens already cached stay at their positions
+            new_k = mx.zeros((*keys.shape[:2], capacity - kept, keys.shape[3]), keys.dtype)
+            new_v = mx.zeros((*values.shape[:2], capacity - kept, values.shape[3]), values.dtype)
             if self.keys is None:
                 self.keys, self.values = new_k, new_v
             else:
