@@ -50,7 +50,7 @@ def test_batched_tokens_equal_one_at_a_time(model):
         assert got == alone(model, r), r.plan
 
 
-def prefill_alone_and_together(model, reqs, capacity: int = 64):
+def prefill_alone_and_together(model, reqs, capacity: int = 64, prefill: str = "auto"):
     """(first-token logits, cache rows) per request: each prefilled alone in its own generator, and all
     prefilled together by one add_many."""
     def capture(gen):
@@ -74,24 +74,25 @@ def prefill_alone_and_together(model, reqs, capacity: int = 64):
 
     alone = []
     for r in reqs:
-        gen = BatchGenerator(model, max_batch=1, capacity=capacity, cuda_graphs=False)
+        gen = BatchGenerator(model, max_batch=1, capacity=capacity, cuda_graphs=False, prefill="segmented")
         logits = capture(gen)
         sid = gen.add(r)
         alone.append((logits[sid], row_state(gen, sid), gen.state_of(sid).pending))
-    gen = BatchGenerator(model, max_batch=len(reqs), capacity=capacity, cuda_graphs=False)
+    gen = BatchGenerator(model, max_batch=len(reqs), capacity=capacity, cuda_graphs=False, prefill=prefill)
     logits = capture(gen)
     sids = gen.add_many(reqs)
     together = [(logits[sid], row_state(gen, sid), gen.state_of(sid).pending) for sid in sids]
     return alone, together, gen, sids
 
 
-def test_prompts_prefilled_together_give_each_prompt_alone_logits_and_state(model):
+@pytest.mark.parametrize("prefill", ["padded", "segmented"])
+def test_prompts_prefilled_together_give_each_prompt_alone_logits_and_state(model, prefill):
     g = torch.Generator().manual_seed(5)
     lengths = [7, 3, 12, 7, 1, 12, 5]  # repeated lengths share a forward; the shortest leave first
     plans = ["attention", "recurrent", "prefill-attention", "A:0-2,R:2-", "last:50%", "every:2:3", "attention"]
     reqs = [SequenceRequest(torch.randint(0, 256, (n,), generator=g).tolist(), max_tokens=4, plan=p)
             for n, p in zip(lengths, plans)]
-    alone, together, gen, sids = prefill_alone_and_together(model, reqs)
+    alone, together, gen, sids = prefill_alone_and_together(model, reqs, prefill=prefill)
     assert [gen.state_of(sid).prompt_length for sid in sids] == lengths  # ids come back in request order
     assert [gen.rows.index(gen.state_of(sid)) for sid in sids] == [2, 5, 0, 3, 6, 1, 4]  # rows: longest first
     for (logits_a, state_a, token_a), (logits_t, state_t, token_t) in zip(alone, together):
@@ -222,13 +223,14 @@ def test_cuda_graph_batch_gives_one_at_a_time_tokens(cuda_model):
 
 
 @pytest.mark.gpu
-def test_prompts_prefilled_together_on_cuda_give_each_prompt_alone(cuda_model):
+@pytest.mark.parametrize("prefill", ["padded", "segmented"])
+def test_prompts_prefilled_together_on_cuda_give_each_prompt_alone(cuda_model, prefill):
     g = torch.Generator().manual_seed(5)
     lengths = [70, 3, 130, 70, 1, 33]  # longer than one kernel chunk (64), so the chunked kernels run
     reqs = [SequenceRequest(torch.randint(0, 256, (n,), generator=g).tolist(), max_tokens=4, plan=p)
             for n, p in zip(lengths, ["attention", "recurrent", "prefill-attention", "A:0-40,R:40-", "last:50%",
                                       "every:2:3"])]
-    alone_, together, _, _ = prefill_alone_and_together(cuda_model, reqs, capacity=160)
+    alone_, together, _, _ = prefill_alone_and_together(cuda_model, reqs, capacity=160, prefill=prefill)
     for (logits_a, state_a, token_a), (logits_t, state_t, token_t) in zip(alone_, together):
         torch.testing.assert_close(logits_t, logits_a, rtol=1e-3, atol=1e-3)
         for a, t in zip(state_a, state_t):

@@ -18,8 +18,9 @@ windows and recurrent state are freed, not only skipped. On CUDA each (bucket, a
 on/off) step is captured once into a CUDA graph and replayed; a resize drops the graphs,
 which read the old cache.
 
-New sequences are prefilled together (`add_many`, the parallel form through views of the
-batch cache), so prompts of any length join at any step. A sequence's modes come from its
+New sequences are prefilled together (`add_many`: right-padded in one forward, or one forward
+per distinct prompt length; the parallel form through views of the batch cache), so prompts of
+any length join at any step. A sequence's modes come from its
 own plan, resolved over prompt + max_tokens as oryx_core.generation resolves it, and its
 sampling (temperature, top-k, top-p, seed) uses its own generator, so a sequence gets the
 tokens it would get alone. The KV cache is kept for every live row (`kv_policy` and
@@ -107,9 +108,12 @@ class BatchGenerator:
     """Sequences of different lengths, plans and stop conditions decoded together (module docstring)."""
 
     def __init__(self, model, max_batch: int = 16, capacity: int | None = None, cuda_graphs: bool = True,
-                 saved_rows: int = 8, shrink_patience: int = 32):
+                 saved_rows: int = 8, shrink_patience: int = 32, prefill: str = "auto"):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill not in ("auto", "padded", "segmented"):
+            raise ValueError(f"prefill must be auto, padded or segmented, got {prefill!r}")
+        self.prefill = prefill
         self.model = model
         self.capacity = capacity or model.cfg.max_context
         self.max_batch = max_batch
@@ -161,10 +165,12 @@ class BatchGenerator:
         """Prefills new sequences into free rows together and samples each one's first token; returns their ids.
 
         With `reuse`, a request whose prompt extends a saved row continues from it (prefilled alone, from
-        the saved length); the others are prefilled together: sorted by prompt length, longest first, into
-        consecutive rows, one forward per distinct length over the rows that still have prompt tokens (all at
-        the same position, so the batch is dense: no padding, plain causal attention, each row under its own
-        modes).
+        the saved length); the others are prefilled together, sorted by prompt length, longest first, into
+        consecutive rows, each row under its own modes. `prefill` says how: "padded" runs one forward with
+        the prompts right-padded to the longest (causal attention never lets a real token see the padding
+        after it; the model keeps the padding out of the conv windows and recurrent states); "segmented" runs
+        one forward per distinct length over the rows that still have prompt tokens (dense, no padding);
+        "auto" pads when padding at most doubles the tokens.
         """
         checked = [self.check(r) for r in requests]  # every request is checked before any row changes
         if len(requests) > self.free:
@@ -199,20 +205,48 @@ class BatchGenerator:
             for seq in together:
                 self._clear_row(len(self.rows))
                 self._place(seq)
-            done, live = 0, len(together)
-            while live:  # rows base..base+live-1 still have prompt tokens, all from position `done`
-                end = together[live - 1].prompt_length
-                view = _row_view(self.cache, slice(base, base + live))
-                view.length = done
-                tokens = torch.tensor([seq.fed[done:end] for seq in together[:live]])
-                modes = torch.stack([seq.modes[done:end] for seq in together[:live]])
-                logits = model(tokens, modes, cache=view)[:, -1]
-                while live and together[live - 1].prompt_length == end:
-                    live -= 1
-                    last_logits[together[live].sid] = logits[live:live + 1]
-                done = end
+            if together:
+                lengths = [seq.prompt_length for seq in together]
+                padded = self.prefill == "padded" or (
+                    self.prefill == "auto" and len(lengths) * lengths[0] <= 2 * sum(lengths))
+                prefill = self._prefill_padded if padded else self._prefill_segmented
+                last_logits.update(prefill(together, base))
             self._sample_first(seqs, last_logits)
         return [seq.sid for seq in seqs]
+
+    def _prefill_padded(self, together: list[_Sequence], base: int) -> dict[int, torch.Tensor]:
+        """One forward over rows base.. with every prompt right-padded to the longest (the model keeps each
+        row's conv windows, recurrent state and position at its own last real token)."""
+        longest = together[0].prompt_length
+        tokens = torch.zeros(len(together), longest, dtype=torch.long)
+        modes = torch.zeros(len(together), longest, dtype=torch.bool)
+        for i, seq in enumerate(together):
+            tokens[i, :seq.prompt_length] = torch.tensor(seq.fed)
+            modes[i, :seq.prompt_length] = seq.modes[:seq.prompt_length]
+        view = _row_view(self.cache, slice(base, base + len(together)))
+        lengths = [seq.prompt_length for seq in together]
+        logits = self.model(tokens, modes, cache=view, lengths=lengths)
+        last = torch.tensor(lengths, device=logits.device) - 1
+        logits = logits[torch.arange(len(together), device=logits.device), last]
+        return {seq.sid: logits[i:i + 1] for i, seq in enumerate(together)}
+
+    def _prefill_segmented(self, together: list[_Sequence], base: int) -> dict[int, torch.Tensor]:
+        """One forward per distinct prompt length over the rows (longest first from row base) that still have
+        prompt tokens, all at the same position: no padding."""
+        last_logits = {}
+        done, live = 0, len(together)
+        while live:  # rows base..base+live-1 still have prompt tokens, all from position `done`
+            end = together[live - 1].prompt_length
+            view = _row_view(self.cache, slice(base, base + live))
+            view.length = done
+            tokens = torch.tensor([seq.fed[done:end] for seq in together[:live]])
+            modes = torch.stack([seq.modes[done:end] for seq in together[:live]])
+            logits = self.model(tokens, modes, cache=view)[:, -1]
+            while live and together[live - 1].prompt_length == end:
+                live -= 1
+                last_logits[together[live].sid] = logits[live:live + 1]
+            done = end
+        return last_logits
 
     def _place(self, seq: _Sequence) -> None:
         self.rows.append(seq)

@@ -90,8 +90,9 @@ class CausalConv(nn.Module):
     def _activate(self, x):
         return F.silu(x) if self.activation == "silu" else x
 
-    def forward(self, x, window=None):
-        """x [B, T, C], window [B, W-1, C] (earlier inputs, zeros if None) -> (out [B, T, C], new window)."""
+    def forward(self, x, window=None, lengths=None):
+        """x [B, T, C], window [B, W-1, C] (earlier inputs, zeros if None) -> (out [B, T, C], new window);
+        with lengths [B], row b's new window ends at its input lengths[b] - 1 (the rest is padding)."""
         B, T, C = x.shape
         W = self.weight.shape[1]
         history = x.new_zeros(B, W - 1, C) if window is None else cast(window, x.dtype)
@@ -102,7 +103,10 @@ class CausalConv(nn.Module):
         out = out.transpose(1, 2).contiguous()
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
-        return self._activate(out), padded[:, T:]
+        if lengths is None:
+            return self._activate(out), padded[:, T:]
+        slots = lengths[:, None] + torch.arange(W - 1, device=x.device)                  # [B, W-1] in padded
+        return self._activate(out), padded.gather(1, slots[:, :, None].expand(B, W - 1, C))
 
     def step(self, x, window):
         """One token x [B, C]; shifts `window` [B, W-1, C] in place."""
@@ -253,8 +257,11 @@ class OryxMixer(nn.Module):
         return self.o_proj(y.reshape(B, T, H * dv).to(dtype))
 
     # -- parallel form (training, eval, prefill) --
-    def forward(self, xn, plan: AttentionPlan, rope, layer_cache: LayerCache | None = None):
-        """xn [B, T, D] normed input; plan: the modes; rope (cos, sin) for positions plan.q_offset.. or None."""
+    def forward(self, xn, plan: AttentionPlan, rope, layer_cache: LayerCache | None = None, lengths=None):
+        """xn [B, T, D] normed input; plan: the modes; rope (cos, sin) for positions plan.q_offset.. or None.
+        lengths [B] (with a cache): row b's tokens from lengths[b] on are right padding, which leaves its conv
+        windows and recurrent state as they were after its last real token; their keys and values land in
+        KV cache slots that later tokens overwrite before anything reads them."""
         windows = layer_cache.conv if layer_cache is not None else {}
         # with a cache the state must advance anyway, unless it was dropped (then no token is recurrent);
         # likewise the KV cache takes every token's key and value while it is kept
@@ -263,20 +270,24 @@ class OryxMixer(nn.Module):
         proj = self._projections(xn, plan.any_attention or (self.separate_kv and attention_kv), recurrent)
         k = v = None
         if attention_kv or not self.separate_kv:
-            k, k_tail = self.conv_k(proj["k_proj"], windows.get("k"))
-            v, v_tail = self.conv_v(proj["v_proj"], windows.get("v"))
+            k, k_tail = self.conv_k(proj["k_proj"], windows.get("k"), lengths)
+            v, v_tail = self.conv_v(proj["v_proj"], windows.get("v"), lengths)
             if layer_cache is not None:
                 layer_cache.conv["k"].copy_(k_tail)
                 layer_cache.conv["v"].copy_(v_tail)
         o_rec = o_attn = None
         if recurrent:
-            q_raw, q_tail = self.conv_q(proj[self.recurrent_query], windows.get("q"))
+            q_raw, q_tail = self.conv_q(proj[self.recurrent_query], windows.get("q"), lengths)
             k_rec, v_rec = k, v
             if self.separate_kv:
-                k_rec, k_rec_tail = self.conv_k_rec(proj["k_rec"], windows.get("k_rec"))
-                v_rec, v_rec_tail = self.conv_v_rec(proj["v_rec"], windows.get("v_rec"))
-            o_rec, final = self._recurrence(self._recurrence_inputs(proj, k_rec, v_rec, q_raw),
-                                            None if layer_cache is None else layer_cache.recurrent)
+                k_rec, k_rec_tail = self.conv_k_rec(proj["k_rec"], windows.get("k_rec"), lengths)
+                v_rec, v_rec_tail = self.conv_v_rec(proj["v_rec"], windows.get("v_rec"), lengths)
+            r = self._recurrence_inputs(proj, k_rec, v_rec, q_raw)
+            if lengths is not None:  # padding leaves the state alone: no decay (g = 0), no write (beta = 0, dt = 0)
+                real = (torch.arange(xn.shape[1], device=xn.device)[None, :] < lengths[:, None])[:, :, None]
+                for name in ("g", "beta") if self.cfg.mixer == "gdn" else ("dt",):
+                    r[name] = r[name] * real
+            o_rec, final = self._recurrence(r, None if layer_cache is None else layer_cache.recurrent)
             if layer_cache is not None:
                 layer_cache.recurrent.copy_(final)
                 layer_cache.conv["q"].copy_(q_tail)
@@ -411,8 +422,8 @@ class OryxLayer(nn.Module):
     def _mlp(self, h):
         return h if self.mlp is None else h + self.mlp(self.mlp_norm(h))
 
-    def forward(self, x, plan: AttentionPlan, rope, layer_cache=None):
-        h = x + self.mixer(self.attn_norm(x), plan, rope, layer_cache)
+    def forward(self, x, plan: AttentionPlan, rope, layer_cache=None, lengths=None):
+        h = x + self.mixer(self.attn_norm(x), plan, rope, layer_cache, lengths)
         return self._mlp(h)
 
     def step(self, x, modes, rope, layer_cache, position, attend):
@@ -551,12 +562,14 @@ class OryxModel(nn.Module):
                 plans[id(modes)] = AttentionPlan(self.check_modes(modes, (B, T)), offset, host_modes)
         return [plans[id(m)] for m in per_layer]
 
-    def forward(self, tokens, modes, cache: OryxCache | None = None):
+    def forward(self, tokens, modes, cache: OryxCache | None = None, lengths=None):
         """Logits [B, T, V] for tokens [B, T] under modes (True = attention): a bool, [T], [B, T] or per layer
         [L, B, T], or the plans `prepare` returned.
 
         With a cache, the tokens continue the cached sequences (prefill): their keys and
-        values are appended, conv windows and recurrent states advanced.
+        values are appended, conv windows and recurrent states advanced. `lengths` (a sequence of B
+        ints, with a ragged cache) right-pads: row b continues by its first lengths[b] tokens only, and
+        its cache.position ends at the old length + lengths[b]; logits past them are meaningless.
         """
         tokens = self.check_tokens(tokens, 2)
         B, T = tokens.shape
@@ -564,6 +577,12 @@ class OryxModel(nn.Module):
         if cache is not None:
             self.check_cache(cache, B, T)
             offset = cache.length
+        if lengths is not None:
+            if cache is None or not cache.ragged:
+                raise ValueError("lengths: right-padded prefill needs a ragged cache (rows at their own positions)")
+            if len(lengths) != B or min(lengths) < 1 or max(lengths) > T:
+                raise ValueError(f"lengths: expected {B} lengths in [1, {T}], got {list(lengths)}")
+            lengths = torch.as_tensor(list(lengths), dtype=torch.long, device=self.device)
         layer_plans = self.attention_plans(modes, (B, T), offset)
         if cache is not None and not any(p.traced for p in layer_plans):
             check_cache_modes(cache, any(p.any_attention for p in layer_plans),
@@ -571,9 +590,11 @@ class OryxModel(nn.Module):
         rope = self._rope(torch.arange(offset, offset + T, device=self.device))
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, layer_plans[i], rope, None if cache is None else cache.layers[i])
+            x = layer(x, layer_plans[i], rope, None if cache is None else cache.layers[i], lengths)
         if cache is not None:
             cache.advance(T)
+            if lengths is not None:
+                cache.position.copy_(offset + lengths)
         return self.logits(x)
 
     def step(self, tokens, modes, cache: OryxCache) -> torch.Tensor:
