@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 # Growable allocator segments keep each process's cached-but-free GPU memory small, so more of them fit on one GPU.
 # Set at import, before any worker (which imports its runner, and so this module, first) initialises CUDA.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+OOM_RETRY_WAIT_S = 5.0
 
 
 def _init_worker(threads: int) -> None:
@@ -30,13 +32,21 @@ def job_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def _guarded(function, job):
-    """The job's result, or {"error": traceback} so that one failed job does not end the others."""
-    try:
-        return function(job)
-    except Exception:  # noqa: BLE001 -- reported in the results file, the other jobs go on
-        return {"error": traceback.format_exc(limit=6)}
-    finally:
-        release_device_memory()
+    """The job's result, or {"error": traceback} so that one failed job does not end the others.
+
+    A job that runs out of device memory (other processes' peaks coinciding with its own) is tried once more
+    after OOM_RETRY_WAIT_S."""
+    for attempt in (1, 2):
+        try:
+            return function(job)
+        except Exception as error:  # noqa: BLE001 -- reported in the results file, the other jobs go on
+            if attempt == 1 and type(error).__name__ == "OutOfMemoryError":
+                release_device_memory()
+                time.sleep(OOM_RETRY_WAIT_S)
+                continue
+            return {"error": traceback.format_exc(limit=6)}
+        finally:
+            release_device_memory()
 
 
 def release_device_memory() -> None:

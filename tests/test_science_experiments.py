@@ -172,3 +172,33 @@ def test_plot_science_pools_seeds_into_mean_and_range(tmp_path):
     other.write_text(json.dumps({**results, "steps": 20}))
     done = run("plot_science.py", "--retrieval", str(path), str(other), "--tables")
     assert done.returncode == 2 and "20 steps" in done.stderr and done.stderr.strip().count("\n") == 0
+
+
+def test_a_job_out_of_device_memory_is_tried_once_more(monkeypatch):
+    import parallel_jobs
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    monkeypatch.setattr(parallel_jobs, "OOM_RETRY_WAIT_S", 0.0)
+    calls = []
+
+    def flaky(job):
+        calls.append(job)
+        if len(calls) == 1:
+            raise OutOfMemoryError("CUDA out of memory")
+        return {"value": job * 2}
+
+    assert parallel_jobs._guarded(flaky, 21) == {"value": 42} and calls == [21, 21]
+
+    def always(job):
+        raise OutOfMemoryError("CUDA out of memory")
+
+    assert "OutOfMemoryError" in parallel_jobs._guarded(always, 1)["error"]
+
+    def broken(job):
+        calls.append(job)
+        raise ValueError("bad")
+
+    calls.clear()
+    assert "ValueError: bad" in parallel_jobs._guarded(broken, 3)["error"] and calls == [3]  # not retried
