@@ -129,3 +129,35 @@ def test_generic_path_where_the_host_step_does_not_apply():
         assert host_step.applies(model)
         assert not host_step.applies(OryxModel(preset("tiny", "gdn", sharing="none")))
         assert not host_step.applies(model.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+def test_identity_convs_pass_through_in_the_parallel_form(mixer):
+    """Prefill and eval with a Llama import's identity convs skip the conv arithmetic on the CPU without autograd:
+    the same logits and conv windows as the reference, at prompts shorter and longer than the window; with
+    autograd on the conv runs, so its weights still get gradients."""
+    model, ref = build(mixer, "llama_import", seed=3)
+    conv = model.layers[0].mixer.conv_k
+    with torch.no_grad():
+        assert conv.is_identity() and conv.passes_through(torch.zeros(1, 4, conv.weight.shape[0]))
+    assert not conv.passes_through(torch.zeros(1, 4, conv.weight.shape[0]))  # autograd on
+    rng = np.random.default_rng(4)
+    B, T = 2, 9
+    tokens = rng.integers(0, model.cfg.vocab_size, (B, T))
+    modes = plans(rng, B, T, 4)["per_sequence"]
+    want = ref.forward(tokens, modes)[0]
+    with torch.no_grad():
+        assert relative_error(model(torch.tensor(tokens), torch.tensor(modes)).numpy(), want) < TOL
+        cache = model.make_cache(B, T)
+        pieces = [model(torch.tensor(tokens[:, :2]), torch.tensor(modes[:, :2]), cache=cache).numpy(),  # T < W - 1
+                  model(torch.tensor(tokens[:, 2:]), torch.tensor(modes[:, 2:]), cache=cache).numpy()]
+    assert relative_error(np.concatenate(pieces, 1), want) < TOL
+    window = cache.layers[0].conv["k"]
+    with torch.no_grad():
+        k_inputs = torch.nn.functional.linear(
+            model.layers[0].attn_norm(model.embed(torch.tensor(tokens[:, -window.shape[1]:]))),
+            model.layers[0].mixer.k_proj.weight)
+    assert relative_error(window, k_inputs) < SAME  # the window holds the last W-1 inputs
+    logits = model(torch.tensor(tokens), torch.tensor(modes))
+    logits.square().mean().backward()
+    assert float(model.layers[0].mixer.conv_k.weight.grad.abs().max()) > 0

@@ -135,6 +135,8 @@ def plan_attention(q, k, v, plan: AttentionPlan, scale: float | None = None):
             return _rows_attention(q, k, v, None, plan.q_offset, scale)
         flex = flex_attention_function() if torch.compiler.is_compiling() else _compiled_flex_attention()
         return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=H != k.shape[1])
+    if plan.q_offset == 0 and plan.all_attention:  # every row attends: no row gather, no explicit mask
+        return causal_sdpa(q, k, v, scale)
     return _rows_attention(q, k, v, plan.attention_rows(), plan.q_offset, scale)
 
 
@@ -149,9 +151,10 @@ def causal_sdpa(q, k, v, scale):
     elif dv < d:
         v = F.pad(v, (0, d - dv))
     grouped = q.shape[1] != k.shape[1]
-    if grouped and q.dtype == torch.float32:
-        # No fused kernel takes fp32 with grouped heads (flash and cuDNN need 16-bit inputs, the
+    if grouped and q.dtype == torch.float32 and q.is_cuda:
+        # No fused CUDA kernel takes fp32 with grouped heads (flash and cuDNN need 16-bit inputs, the
         # memory-efficient kernel has no GQA): expand the kv heads rather than fall back to math.
+        # The CPU's flash kernel takes grouped heads in fp32.
         group = q.shape[1] // k.shape[1]
         k, v, grouped = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), False
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=grouped)
