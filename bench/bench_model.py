@@ -248,6 +248,7 @@ def decode(hf, llama, oryx, args, device, autocast) -> list[dict]:
             for compiled in decode_compile_modes(args.decode_compile, device):
                 with autocast:
                     rows.append(oryx_decode(oryx, prompt, plan, n, compiled, device))
+                print("\n".join(table(rows[-1:]).splitlines()[2:]), flush=True)  # as it comes, in case the run is cut
     return rows
 
 
@@ -343,13 +344,13 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['unit']} per decode step | oryx | {r['plan']} | {r['compiled']} | 1 | {r['length']} "
                          f"| - | {r['per_step']} ({r['per_layer']:.1f} a layer) | - | - |")
             continue
+        lines.append(f"| {r['kind']} | {r['model']} | {r['plan']} | {r.get('compiled', '-')} | {r['batch']} | "
+                     f"{r['length']} | {r['ms']:.2f} | {r['tokens_per_s']:.1f} | {fmt(r['peak_mib'], '.0f')} | "
+                     f"{fmt(r.get('mfu'), '.3f')} |")
         if "device_fed_tokens_per_s" in r:
             lines.append(f"| decode, fed on device | oryx | {r['plan']} | {r['compiled']} | {r['batch']} | "
                          f"{r['length']} | {r['device_fed_ms']:.3f} | {r['device_fed_tokens_per_s']:.1f} | - | "
                          f"first two steps {r['setup_s']:.1f} s |")
-        lines.append(f"| {r['kind']} | {r['model']} | {r['plan']} | {r.get('compiled', '-')} | {r['batch']} | "
-                     f"{r['length']} | {r['ms']:.2f} | {r['tokens_per_s']:.1f} | {fmt(r['peak_mib'], '.0f')} | "
-                     f"{fmt(r.get('mfu'), '.3f')} |")
     return "\n".join(lines)
 
 

@@ -130,7 +130,7 @@ def profile_plan(step, args, device) -> dict:
         if cuda:
             if event.device_type != torch.autograd.DeviceType.CUDA:
                 continue
-            micros = event.device_time
+            micros = event.device_time_total
         else:
             if not event.name.startswith("aten::") or bench_model._inside_aten(event):
                 continue
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
         step, model = training_step(hf, llama, oryx, plan, args, device, autocast)
         results[plan] = profile_plan(step, args, device)
         model.eval()
-        print(f"{plan}: {results[plan]['step_ms']:.2f} ms per step", flush=True)
+        print(report_tables({plan: results[plan]}, layers), flush=True)  # as it comes, in case the run is cut
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     command = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv)))

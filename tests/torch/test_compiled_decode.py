@@ -18,7 +18,7 @@ import torch
 from oryx_core.config import preset
 from oryx_core.plan import ModePlan
 from oryx_core.reference import OryxReference
-from oryx_torch.generate import DecodeRunner, decode_and_pick, frozen_projections
+from oryx_torch.generate import DecodeRunner, frozen_projections, layer_step
 from oryx_torch.model import OryxModel
 from model_params import lively_params
 from triton_interpreter import INTERPRETED, needs_interpreter
@@ -48,10 +48,11 @@ def plan_modes(plan: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def greedy_tokens(model, modes: np.ndarray, feed_on_device=False, **runner_args) -> np.ndarray:
-    """[B, STEPS] greedy tokens after a fixed prompt, each step under its own column of `modes`."""
+def greedy_tokens(model, modes: np.ndarray, feed_on_device=False, capacity=PROMPT + STEPS + 4,
+                  **runner_args) -> tuple[np.ndarray, np.ndarray]:
+    """([B, STEPS] greedy tokens, [B, PROMPT] prompt): a fixed prompt, then each step under its column of `modes`."""
     prompt = torch.tensor(np.random.default_rng(7).integers(0, model.cfg.vocab_size, (B, PROMPT)))
-    cache = model.make_cache(B, PROMPT + STEPS + 4)
+    cache = model.make_cache(B, capacity)
     token = model(prompt.to(model.device), torch.tensor(modes[:, :PROMPT]), cache=cache)[:, -1].argmax(-1).cpu()
     runner = DecodeRunner(model, cache, **runner_args)
     out = [token]
@@ -71,13 +72,15 @@ def reference_greedy(ref: OryxReference, prompt: np.ndarray, tokens: np.ndarray,
 
 @on_host
 @pytest.mark.parametrize("attend", [True, False])
-def test_compiled_step_is_one_graph(attend):
+def test_compiled_layer_step_is_one_graph(attend):
     model, _ = build("gdn")
     cache = model.make_cache(B, 16)
-    tokens, modes = torch.tensor([3, 4]), torch.full((model.cfg.n_layers, B), attend)
+    x = torch.randn(B, model.cfg.d_model)
+    rope = model._rope(cache.position[:1])
     torch._dynamo.reset()
     with torch.no_grad(), frozen_projections(model):
-        report = torch._dynamo.explain(decode_and_pick)(model, tokens, modes, cache, attend, True)
+        report = torch._dynamo.explain(layer_step)(model.layers[0], x, torch.tensor([attend, False]), rope,
+                                                   cache.layers[0], cache.position, attend)
     assert report.graph_break_count == 0, [b.reason for b in report.break_reasons]
     assert report.graph_count == 1
 
@@ -85,17 +88,25 @@ def test_compiled_step_is_one_graph(attend):
 @on_host
 @pytest.mark.parametrize("mixer", ["gdn", pytest.param("mamba2", marks=pytest.mark.slow)])
 def test_compiled_greedy_equals_eager_and_reference(mixer):
+    """Also: one compilation (some row attends at every step: one variant) serves every layer and both cache
+    capacities, rather than one per layer or capacity."""
+    from torch._dynamo.utils import counters
+
     model, ref = build(mixer)
+    assert model.cfg.n_layers > 1
     torch._dynamo.reset()
+    counters.clear()
     for plan in PLANS:
         modes = plan_modes(plan)
         eager, prompt = greedy_tokens(model, modes, compiled=False)
-        compiled, _ = greedy_tokens(model, modes, compiled=True, compile_backend="aot_eager")
+        compiled, _ = greedy_tokens(model, modes, compiled=True, compile_backend="aot_eager",
+                                    capacity=PROMPT + STEPS + 4 + len(plan))
         fed, _ = greedy_tokens(model, modes, feed_on_device=True, compiled=True, compile_backend="aot_eager")
         np.testing.assert_array_equal(compiled, eager, err_msg=plan)
         np.testing.assert_array_equal(fed, eager, err_msg=plan)
         np.testing.assert_array_equal(eager, reference_greedy(ref, prompt, eager, modes), err_msg=plan)
         assert len(set(eager.ravel().tolist())) > 3, plan  # the test can tell tokens apart
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 @on_host

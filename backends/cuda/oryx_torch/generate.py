@@ -66,10 +66,11 @@ def compiled_decode_default(device) -> bool:
     return torch.device(device).type == "cuda" and os.environ.get("ORYX_COMPILED_DECODE", "1") != "0"
 
 
-def decode_and_pick(model, tokens, modes, cache: OryxCache, attend: bool, pick: bool = True):
-    """model.decode_step, then (with `pick`) the greedy pick, also written into `tokens` so that a following
-    step can read it on the device: (logits [B, V], picked [B] or None)."""
-    logits = model.decode_step(tokens, modes, cache, attend)
+def decode_and_pick(model, tokens, modes, cache: OryxCache, attend: bool, pick: bool = True, layer_step=None):
+    """model.decode_step (each layer through `layer_step`, default the eager one), then (with `pick`) the greedy
+    pick, also written into `tokens` so that a following step can read it on the device: (logits [B, V],
+    picked [B] or None)."""
+    logits = model.decode_step(tokens, modes, cache, attend, layer_step)
     if not pick:
         return logits, None
     picked = logits.argmax(-1)
@@ -77,20 +78,26 @@ def decode_and_pick(model, tokens, modes, cache: OryxCache, attend: bool, pick: 
     return logits, picked
 
 
-# Compiled variants of the step kept per process (dynamo's limit per function, which every model's step
-# shares): each model, batch size (the second one makes the batch dynamic), attention on/off, dropped cache part
-# and greedy pick on/off is a variant; beyond this many the step runs eagerly.
+def layer_step(layer, x, modes, rope, layer_cache, position, attend: bool):
+    """One layer's decode step (OryxLayer.step) as a plain function, what `compiled_layer_step` compiles."""
+    return layer.step(x, modes, rope, layer_cache, position, attend)
+
+
+# Compiled variants of the layer step kept per process (dynamo's limit per function): batch size 1 and any
+# other (the second size makes the batch dynamic), attention on/off, KV cache or recurrent state dropped, and
+# each distinct layer structure; beyond this many the step runs eagerly.
 COMPILED_VARIANTS = 64
+_COMPILED_LAYER_STEP: dict = {}
 
 
-def compiled_decode(model, backend: str = "inductor"):
-    """decode_and_pick compiled for `model` (fullgraph, one compiled function per model and backend; shapes
-    and flags are guarded: a new batch size or attention on/off compiles again, the second batch size with a
-    dynamic batch)."""
-    cached = model.__dict__.setdefault("_compiled_decode", {})
-    if backend not in cached:
-        cached[backend] = torch.compile(decode_and_pick, fullgraph=True, backend=backend)
-    return cached[backend]
+def compiled_layer_step(backend: str = "inductor"):
+    """layer_step compiled (fullgraph). The compiled step is one layer's: dynamo lifts a layer's parameters and
+    cache tensors to graph inputs and guards on their shapes, not on which layer they belong to, so one
+    compilation serves every layer of every model of that shape (compiling the whole unrolled step would take
+    the number of layers times as long)."""
+    if backend not in _COMPILED_LAYER_STEP:
+        _COMPILED_LAYER_STEP[backend] = torch.compile(layer_step, fullgraph=True, backend=backend)
+    return _COMPILED_LAYER_STEP[backend]
 
 
 @contextlib.contextmanager
@@ -131,6 +138,11 @@ class DecodeRunner:
         self.modes = torch.zeros(model.cfg.n_layers, cache.batch, dtype=torch.bool, device=model.device)
         self.graphs: dict[tuple[bool, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.warmed: set[tuple[bool, bool, bool]] = set()
+        if self.compiled:  # one compiled step for every cache capacity, rather than one per capacity
+            for layer in cache.layers:
+                for t in (layer.keys, layer.values):
+                    if t is not None:
+                        torch._dynamo.maybe_mark_dynamic(t, 2)
 
     def step(self, tokens, modes) -> torch.Tensor:
         """Logits [B, V] for tokens [B] (host ints) under modes (host bools: one, [B], or per layer [L, B])."""
@@ -179,8 +191,8 @@ class DecodeRunner:
         if not self.compiled:
             return decode_and_pick(self.model, self.tokens, self.modes, self.cache, attend, pick)
         with frozen_projections(self.model), torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS):
-            return compiled_decode(self.model, self.compile_backend)(self.model, self.tokens, self.modes, self.cache,
-                                                                     attend, pick)
+            return decode_and_pick(self.model, self.tokens, self.modes, self.cache, attend, pick,
+                                   compiled_layer_step(self.compile_backend))
 
     def release(self) -> None:
         """Forgets the graphs of variants the cache can no longer run (after a drop), with their memory."""

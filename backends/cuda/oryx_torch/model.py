@@ -630,14 +630,16 @@ class OryxModel(nn.Module):
         cache.length += 1
         return logits
 
-    def decode_step(self, tokens, modes, cache: OryxCache, attend: bool) -> torch.Tensor:
+    def decode_step(self, tokens, modes, cache: OryxCache, attend: bool, layer_step=None) -> torch.Tensor:
         """The device part of `step`: no checks, no host syncs, fixed shapes (what a CUDA graph captures).
 
-        modes: bool [B], or per layer [L, B]; attend: whether any layer's token attends.
+        modes: bool [B], or per layer [L, B]; attend: whether any layer's token attends; layer_step: what runs
+        each layer (default OryxLayer.step; the compiled decode passes one compiled function for every layer).
 
         Advances cache.position on the device; the caller advances cache.length.
         """
-        if host_step.applies(self) and not fused_decode_available(cache.position) and not torch.compiler.is_compiling():
+        if (layer_step is None and host_step.applies(self) and not fused_decode_available(cache.position)
+                and not torch.compiler.is_compiling()):
             return host_step.decode_step(self, tokens, modes, cache, attend)  # fewer operators, same function
         if cache.ragged:  # sequences at different positions: one RoPE row per sequence, [B, 1, d]
             rope = self._rope(cache.position)
@@ -645,8 +647,10 @@ class OryxModel(nn.Module):
         else:
             rope = self._rope(cache.position[:1])
         x = self.embed(tokens)
+        layer_step = OryxLayer.step if layer_step is None else layer_step
         for i, layer in enumerate(self.layers):
-            x = layer.step(x, modes[i] if modes.dim() == 2 else modes, rope, cache.layers[i], cache.position, attend)
+            x = layer_step(layer, x, modes[i] if modes.dim() == 2 else modes, rope, cache.layers[i], cache.position,
+                           attend)
         cache.position.add_(1)
         return self.logits(x)
 
