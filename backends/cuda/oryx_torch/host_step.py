@@ -50,7 +50,7 @@ class LayerConstants:
             size = getattr(mixer, name).out_features
             self.offsets[name] = (start, start + size)
             start += size
-        self.identity = {name: is_identity_conv(conv) for name, conv in
+        self.identity = {name: conv.is_identity() for name, conv in
                          (("k", mixer.conv_k), ("v", mixer.conv_v), ("q", mixer.conv_q))}
         with torch.no_grad():
             self.A = -torch.exp(mixer.A_log.detach().float())
@@ -59,12 +59,6 @@ class LayerConstants:
             self.l2_eps = L2NORM_EPS / d
             self.k_weight = torch.full((d,), d ** -0.5)
             self.q_weight = torch.full((d,), cfg.gdn_scale * d ** -0.5)
-
-
-def is_identity_conv(conv) -> bool:
-    w = conv.weight
-    return (conv.activation != "silu" and (conv.bias is None or not bool(conv.bias.any()))
-            and bool((w[:, -1] == 1).all()) and bool((w[:, :-1] == 0).all()))
 
 
 def layer_constants(mixer) -> LayerConstants:
