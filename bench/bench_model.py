@@ -246,8 +246,14 @@ def decode(hf, llama, oryx, args, device, autocast) -> list[dict]:
                          ms=seconds / n * 1e3, peak_mib=peak_memory_mib(device)))
         for plan in DECODE_PLANS:
             for compiled in decode_compile_modes(args.decode_compile, device):
-                with autocast:
-                    rows.append(oryx_decode(oryx, prompt, plan, n, compiled, device))
+                try:
+                    with autocast:
+                        rows.append(oryx_decode(oryx, prompt, plan, n, compiled, device))
+                except Exception as error:  # a failing compiled step is reported, the other rows still run
+                    if not compiled:
+                        raise
+                    print(f"compiled decode, {plan}, batch {batch}: {type(error).__name__}: {error}"[:2000], flush=True)
+                    continue
                 print("\n".join(table(rows[-1:]).splitlines()[2:]), flush=True)  # as it comes, in case the run is cut
     return rows
 
@@ -302,8 +308,14 @@ def decode_launches(oryx, prompt_length: int, device, compile_flag: str = "auto"
                                    generator=torch.Generator().manual_seed(4))
             token = oryx(prompt.to(device), prompt_mode, cache=cache)[:, -1].argmax(-1).cpu()
             runner = DecodeRunner(oryx, cache, cuda_graphs=False, compiled=compiled)
-            token = runner.greedy_step(token, decode_mode).cpu()  # warm-up (and compile)
-            count = count_launches(lambda: runner.greedy_step(token, decode_mode), device)
+            try:
+                token = runner.greedy_step(token, decode_mode).cpu()  # warm-up (and compile)
+                count = count_launches(lambda: runner.greedy_step(token, decode_mode), device)
+            except Exception as error:  # a failing compiled step is reported, the other rows still run
+                if not compiled:
+                    raise
+                print(f"compiled decode launches, {plan}: {type(error).__name__}: {error}"[:2000], flush=True)
+                continue
             rows.append(dict(kind="launches", model="oryx", plan=plan, compiled=compiled, batch=1,
                              length=prompt_length, unit="CUDA kernels" if device.type == "cuda" else
                              "outermost aten operators", per_step=count, per_layer=count / oryx.cfg.n_layers))
