@@ -70,7 +70,8 @@ class TorchModel:
 
     def prefill(self, cache: OryxCache, tokens: np.ndarray, modes: np.ndarray) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model(host_tensor(tokens, np.int64), host_tensor(modes, bool), cache=cache)[:, -1]
+            # a copy of the last position's row: a view would keep every position's logits [B, T, vocab] alive
+            return self.model(host_tensor(tokens, np.int64), host_tensor(modes, bool), cache=cache)[:, -1].clone()
 
     def step(self, cache: OryxCache, tokens: np.ndarray, modes: np.ndarray) -> torch.Tensor:
         runner = self._runners.get(cache)
