@@ -25,8 +25,11 @@ import torch.nn.functional as F
 
 FLEX_BLOCK = 128  # FlexAttention's default tile: the plan's granularity for skipping work
 # How CUDA computes a plan that mixes modes from position 0: "flex" (FlexAttention over the query blocks that
-# hold an attention token) or "dense" (causal SDPA over every row; the recurrent rows are computed and unused).
+# hold an attention token), "dense" (causal SDPA over every row; the recurrent rows are computed and unused) or
+# "auto" (dense when the query blocks holding an attention token cover at least DENSE_FROM of the causal
+# score matrix, since a FlexAttention block costs more than a flash one).
 MIXED_ATTENTION = "flex"
+DENSE_FROM = 0.5
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -72,7 +75,7 @@ class AttentionPlan:
     def __init__(self, modes: torch.Tensor, q_offset: int = 0, host_modes: torch.Tensor | None = None):
         self.modes, self.q_offset = modes, q_offset
         self._source = host_modes if host_modes is not None else modes
-        self._block_masks, self._rows = {}, None
+        self._block_masks, self._rows, self._active_area = {}, None, None
         # Inside torch.compile the mode values are data, not constants: a plan built there is "traced",
         # assumes both modes occur and attends on every row (the caller keeps each token's own readout),
         # so one graph serves every plan. A plan built before the compiled call (then `prepare`d) keeps
@@ -96,6 +99,27 @@ class AttentionPlan:
             self._block_masks[kv_len] = plan_block_mask(self._source, kv_len, self.q_offset, self.modes.device)
         return self._block_masks[kv_len]
 
+    def active_area(self, block: int = FLEX_BLOCK) -> float:
+        """The fraction of the causal score matrix (in query blocks of `block` rows, summed over the batch) that
+        FlexAttention computes: the blocks holding an attention token, each weighted by the key blocks it reads."""
+        if self._active_area is None:
+            B, T = self._source.shape
+            n_q = -(-T // block)
+            padded = torch.zeros(B, n_q * block, dtype=torch.bool)
+            padded[:, :T] = self._source.cpu()
+            active = padded.view(B, n_q, block).any(-1)
+            weight = torch.arange(1, n_q + 1, dtype=torch.float64) + self.q_offset / block
+            self._active_area = float((active * weight).sum() / (weight.sum() * B))
+        return self._active_area
+
+    def dense_attention(self) -> bool:
+        """Whether CUDA computes this plan's attention with causal SDPA over every row (MIXED_ATTENTION)."""
+        if self.q_offset != 0 or self.traced:
+            return False
+        if self.all_attention or MIXED_ATTENTION == "dense":
+            return True
+        return MIXED_ATTENTION == "auto" and self.active_area() >= DENSE_FROM
+
     def attention_rows(self):
         """Indices [R] of the query rows any sequence runs in attention mode (None: every row).
 
@@ -116,6 +140,7 @@ class AttentionPlan:
         if self.modes.is_cuda:
             if self.any_attention and not (self.q_offset == 0 and self.all_attention):
                 self.block_mask(kv_len)
+                self.active_area()  # what MIXED_ATTENTION = "auto" decides by, worked out on the host now
         else:
             self.attention_rows()
         return self
@@ -128,7 +153,7 @@ def plan_attention(q, k, v, plan: AttentionPlan, scale: float | None = None):
         raise ValueError(f"plan.modes must be [B, T] = {[B, T]}, got {list(plan.modes.shape)}")
     scale = d ** -0.5 if scale is None else scale
     if q.is_cuda:
-        if plan.q_offset == 0 and (plan.all_attention or MIXED_ATTENTION == "dense"):
+        if plan.dense_attention():
             return causal_sdpa(q, k, v, scale)
         block_mask = plan.block_mask(k.shape[2])
         if block_mask is None:  # traced plan: every row attends

@@ -43,7 +43,7 @@ from oryx_core.plan import ModePlan
 from .cache import LayerCache, OryxCache
 from oryx_core.generation import SamplingParams
 
-from .generate import sample
+from .generate import compiled_decode_default, run_decode_step, sample
 
 
 @dataclass
@@ -108,7 +108,8 @@ class BatchGenerator:
     """Sequences of different lengths, plans and stop conditions decoded together (module docstring)."""
 
     def __init__(self, model, max_batch: int = 16, capacity: int | None = None, cuda_graphs: bool = True,
-                 saved_rows: int = 8, shrink_patience: int = 32, prefill: str = "auto"):
+                 saved_rows: int = 8, shrink_patience: int = 32, prefill: str = "auto", compiled: bool | None = None,
+                 compile_backend: str = "inductor"):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill not in ("auto", "padded", "segmented"):
@@ -123,9 +124,12 @@ class BatchGenerator:
         self.by_id: dict[int, _Sequence] = {}
         self.next_id = 0
         self.use_graphs = cuda_graphs and model.device.type == "cuda"
+        # the decode step torch.compile'd (generate.DecodeRunner's; default on CUDA), the greedy pick inside it
+        self.compiled = compiled_decode_default(model.device) if compiled is None else compiled
+        self.compile_backend = compile_backend
         self.views: dict[int, OryxCache] = {}
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.warmed: set[tuple[int, bool]] = set()
         self.saved: OrderedDict[int, _Saved] = OrderedDict()
         self.saved_rows = saved_rows
@@ -323,18 +327,21 @@ class BatchGenerator:
         with torch.inference_mode():
             if bucket > n:
                 self.cache.position[n:bucket].zero_()  # padding rows stay inside the cache
-            logits = self._run(bucket, tokens, modes, attend)[:n]
-            # greedy rows are picked in one argmax and one device-to-host copy; sampled rows draw from their own
+            logits, picks = self._run(bucket, tokens, modes, attend)
+            logits = logits[:n]
+            # greedy rows take the step's own argmax, in one device-to-host copy; sampled rows draw from their own
             # generators, one row at a time
             greedy = [i for i, seq in enumerate(self.rows) if seq.request.temperature == 0]
-            picked = dict(zip(greedy, (logits if len(greedy) == n else logits[greedy]).float().argmax(-1).tolist()))
+            row_picks = picks[:n].tolist() if greedy else []
+            picked = {i: row_picks[i] for i in greedy}
             for i, seq in enumerate(self.rows):
                 seq.fed.append(seq.pending)
                 r = seq.request
                 seq.pending = picked[i] if i in picked else \
                     int(sample(logits[i:i + 1], r.temperature, r.top_k, r.top_p, seq.generator)[0])
 
-    def _run(self, bucket: int, tokens, modes, attend: bool) -> torch.Tensor:
+    def _run(self, bucket: int, tokens, modes, attend: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [bucket, V], greedy picks [bucket]) of one step over rows 0..bucket-1."""
         model = self.model
         if bucket not in self.views:
             self.views[bucket] = _row_view(self.cache, slice(0, bucket))
@@ -345,21 +352,25 @@ class BatchGenerator:
         token_buf.copy_(tokens)
         mode_buf.copy_(modes)
         key = (bucket, attend)
+
+        def step():
+            return run_decode_step(model, token_buf, mode_buf, view, attend, True, self.compiled, self.compile_backend)
+
         if not self.use_graphs:
-            return model.decode_step(token_buf, mode_buf, view, attend)
+            return step()
         if key in self.graphs:
-            graph, logits = self.graphs[key]
+            graph, *out = self.graphs[key]
             graph.replay()
-            return logits
+            return tuple(out)
         if key in self.warmed:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                logits = model.decode_step(token_buf, mode_buf, view, attend)
-            self.graphs[key] = (graph, logits)
+                out = step()
+            self.graphs[key] = (graph, *out)
             graph.replay()
-            return logits
+            return out
         self.warmed.add(key)
-        return model.decode_step(token_buf, mode_buf, view, attend)
+        return step()
 
     # -- rows --
     def _fit(self, rows: int) -> None:

@@ -100,6 +100,15 @@ def compiled_layer_step(backend: str = "inductor"):
     return _COMPILED_LAYER_STEP[backend]
 
 
+def run_decode_step(model, tokens, modes, cache: OryxCache, attend: bool, pick: bool = True, compiled: bool = False,
+                    backend: str = "inductor"):
+    """decode_and_pick, its layers through the compiled layer step when `compiled`."""
+    if not compiled:
+        return decode_and_pick(model, tokens, modes, cache, attend, pick)
+    with frozen_projections(model), torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS):
+        return decode_and_pick(model, tokens, modes, cache, attend, pick, compiled_layer_step(backend))
+
+
 @contextlib.contextmanager
 def frozen_projections(model):
     """Inside, each mixer's concatenated input projection is built once (now) and a compiled step reads it
@@ -188,11 +197,8 @@ class DecodeRunner:
         return tuple(out)
 
     def _run(self, attend: bool, pick: bool):
-        if not self.compiled:
-            return decode_and_pick(self.model, self.tokens, self.modes, self.cache, attend, pick)
-        with frozen_projections(self.model), torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS):
-            return decode_and_pick(self.model, self.tokens, self.modes, self.cache, attend, pick,
-                                   compiled_layer_step(self.compile_backend))
+        return run_decode_step(self.model, self.tokens, self.modes, self.cache, attend, pick, self.compiled,
+                               self.compile_backend)
 
     def release(self) -> None:
         """Forgets the graphs of variants the cache can no longer run (after a drop), with their memory."""
