@@ -18,7 +18,7 @@ import torch
 from oryx_core.config import preset
 from oryx_core.plan import ModePlan
 from oryx_core.reference import OryxReference
-from oryx_torch.generate import DecodeRunner, frozen_projections, layer_step
+from oryx_torch.generate import DecodeRunner, decode_inputs, frozen_projections, layer_step, logits_and_pick
 from oryx_torch.model import OryxModel
 from model_params import lively_params
 from triton_interpreter import INTERPRETED, needs_interpreter
@@ -72,24 +72,30 @@ def reference_greedy(ref: OryxReference, prompt: np.ndarray, tokens: np.ndarray,
 
 @on_host
 @pytest.mark.parametrize("attend", [True, False])
-def test_compiled_layer_step_is_one_graph(attend):
+def test_compiled_parts_are_one_graph_each(attend):
+    """The three compiled parts of a step (inputs, a layer's step, logits and pick) trace without breaks."""
     model, _ = build("gdn")
     cache = model.make_cache(B, 16)
+    tokens = torch.tensor([3, 4])
     x = torch.randn(B, model.cfg.d_model)
     rope = model._rope(cache.position[:1])
-    torch._dynamo.reset()
-    with torch.no_grad(), frozen_projections(model):
-        report = torch._dynamo.explain(layer_step)(model.layers[0], x, torch.tensor([attend, False]), rope,
-                                                   cache.layers[0], cache.position, attend)
-    assert report.graph_break_count == 0, [b.reason for b in report.break_reasons]
-    assert report.graph_count == 1
+    calls = [(decode_inputs, (model, tokens, cache)),
+             (layer_step, (model.layers[0], x, torch.tensor([attend, False]), rope, cache.layers[0], cache.position,
+                           attend)),
+             (logits_and_pick, (model, x, tokens, cache, attend))]
+    for fn, args in calls:
+        torch._dynamo.reset()
+        with torch.no_grad(), frozen_projections(model):
+            report = torch._dynamo.explain(fn)(*args)
+        assert report.graph_break_count == 0, (fn.__name__, [b.reason for b in report.break_reasons])
+        assert report.graph_count == 1, fn.__name__
 
 
 @on_host
 @pytest.mark.parametrize("mixer", ["gdn", pytest.param("mamba2", marks=pytest.mark.slow)])
 def test_compiled_greedy_equals_eager_and_reference(mixer):
-    """Also: one compilation (some row attends at every step: one variant) serves every layer and both cache
-    capacities, rather than one per layer or capacity."""
+    """Also: one compilation per part (inputs, layer step, logits; some row attends at every step: one variant)
+    serves every layer and both cache capacities, rather than one per layer or capacity."""
     from torch._dynamo.utils import counters
 
     model, ref = build(mixer)
@@ -106,7 +112,7 @@ def test_compiled_greedy_equals_eager_and_reference(mixer):
         np.testing.assert_array_equal(fed, eager, err_msg=plan)
         np.testing.assert_array_equal(eager, reference_greedy(ref, prompt, eager, modes), err_msg=plan)
         assert len(set(eager.ravel().tolist())) > 3, plan  # the test can tell tokens apart
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 3
 
 
 @on_host

@@ -66,11 +66,33 @@ def compiled_decode_default(device) -> bool:
     return torch.device(device).type == "cuda" and os.environ.get("ORYX_COMPILED_DECODE", "1") != "0"
 
 
-def decode_and_pick(model, tokens, modes, cache: OryxCache, attend: bool, pick: bool = True, layer_step=None):
-    """model.decode_step (each layer through `layer_step`, default the eager one), then (with `pick`) the greedy
-    pick, also written into `tokens` so that a following step can read it on the device: (logits [B, V],
-    picked [B] or None)."""
-    logits = model.decode_step(tokens, modes, cache, attend, layer_step)
+def decode_and_pick(model, tokens, modes, cache: OryxCache, attend: bool, pick: bool = True, parts=None):
+    """model.decode_step, then (with `pick`) the greedy pick, also written into `tokens` so that a following step
+    can read it on the device: (logits [B, V], picked [B] or None). `parts`: compiled_parts(), the same step
+    as three compiled functions (the inputs, one layer's step run for every layer, the logits and pick)."""
+    if parts is None:
+        return logits_and_pick(model, None, tokens, cache, pick, model.decode_step(tokens, modes, cache, attend))
+    inputs, layer, head = parts
+    x, rope = inputs(model, tokens, cache)
+    for i, block in enumerate(model.layers):
+        x = layer(block, x, modes[i] if modes.dim() == 2 else modes, rope, cache.layers[i], cache.position, attend)
+    return head(model, x, tokens, cache, pick)
+
+
+def decode_inputs(model, tokens, cache: OryxCache):
+    return model.decode_inputs(tokens, cache)
+
+
+def layer_step(layer, x, modes, rope, layer_cache, position, attend: bool):
+    """One layer's decode step (OryxLayer.step) as a plain function, what `compiled_parts` compiles."""
+    return layer.step(x, modes, rope, layer_cache, position, attend)
+
+
+def logits_and_pick(model, x, tokens, cache: OryxCache, pick: bool, logits=None):
+    """The step's logits (model.decode_logits of x, unless given) and, with `pick`, the greedy pick written into
+    `tokens` too."""
+    if logits is None:
+        logits = model.decode_logits(x, cache)
     if not pick:
         return logits, None
     picked = logits.argmax(-1)
@@ -78,26 +100,22 @@ def decode_and_pick(model, tokens, modes, cache: OryxCache, attend: bool, pick: 
     return logits, picked
 
 
-def layer_step(layer, x, modes, rope, layer_cache, position, attend: bool):
-    """One layer's decode step (OryxLayer.step) as a plain function, what `compiled_layer_step` compiles."""
-    return layer.step(x, modes, rope, layer_cache, position, attend)
-
-
-# Compiled variants of the layer step kept per process (dynamo's limit per function): batch size 1 and any
-# other (the second size makes the batch dynamic), attention on/off, KV cache or recurrent state dropped, and
-# each distinct layer structure; beyond this many the step runs eagerly.
+# Compiled variants kept per process and function (dynamo's limit): batch size 1 and any other (the second
+# size makes the batch dynamic), attention on/off, KV cache or recurrent state dropped, greedy pick on/off and
+# each distinct model structure; beyond this many a part runs eagerly.
 COMPILED_VARIANTS = 64
-_COMPILED_LAYER_STEP: dict = {}
+_COMPILED_PARTS: dict = {}
 
 
-def compiled_layer_step(backend: str = "inductor"):
-    """layer_step compiled (fullgraph). The compiled step is one layer's: dynamo lifts a layer's parameters and
-    cache tensors to graph inputs and guards on their shapes, not on which layer they belong to, so one
-    compilation serves every layer of every model of that shape (compiling the whole unrolled step would take
-    the number of layers times as long)."""
-    if backend not in _COMPILED_LAYER_STEP:
-        _COMPILED_LAYER_STEP[backend] = torch.compile(layer_step, fullgraph=True, backend=backend)
-    return _COMPILED_LAYER_STEP[backend]
+def compiled_parts(backend: str = "inductor"):
+    """(inputs, layer step, logits and pick), each compiled (fullgraph). The layer step is one layer's: dynamo
+    lifts a layer's parameters and cache tensors to graph inputs and guards on their shapes, not on which layer
+    they belong to, so one compilation serves every layer of every model of that shape (compiling the whole
+    unrolled step would take the number of layers times as long)."""
+    if backend not in _COMPILED_PARTS:
+        _COMPILED_PARTS[backend] = tuple(torch.compile(fn, fullgraph=True, backend=backend)
+                                         for fn in (decode_inputs, layer_step, logits_and_pick))
+    return _COMPILED_PARTS[backend]
 
 
 def run_decode_step(model, tokens, modes, cache: OryxCache, attend: bool, pick: bool = True, compiled: bool = False,
@@ -106,23 +124,24 @@ def run_decode_step(model, tokens, modes, cache: OryxCache, attend: bool, pick: 
     if not compiled:
         return decode_and_pick(model, tokens, modes, cache, attend, pick)
     with frozen_projections(model), torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS):
-        return decode_and_pick(model, tokens, modes, cache, attend, pick, compiled_layer_step(backend))
+        return decode_and_pick(model, tokens, modes, cache, attend, pick, compiled_parts(backend))
 
 
 @contextlib.contextmanager
 def frozen_projections(model):
-    """Inside, each mixer's concatenated input projection is built once (now) and a compiled step reads it
-    rather than concatenating the weights in its graph; the weights must not change inside (a CUDA graph
-    captures their addresses anyway)."""
-    mixers = [layer.mixer for layer in model.layers]
-    for mixer in mixers:
-        mixer._fused_weight()
-        mixer.frozen_projections = True
+    """Inside, each mixer's concatenated input projection and each MLP's [gate; up] projection are built once
+    (now) and a compiled no-grad step reads them rather than concatenating the weights in its graph (the MLP then
+    runs one matmul where it ran two); the weights must not change inside (a CUDA graph captures their addresses
+    anyway)."""
+    parts = [layer.mixer for layer in model.layers] + [layer.mlp for layer in model.layers if layer.mlp is not None]
+    for part in parts:
+        part._fused_weight()
+        part.frozen_projections = True
     try:
         yield
     finally:
-        for mixer in mixers:
-            mixer.frozen_projections = False
+        for part in parts:
+            part.frozen_projections = False
 
 
 class DecodeRunner:

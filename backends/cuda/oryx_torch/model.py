@@ -422,9 +422,21 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self._fused = None  # (key, [gate; up] weight) for frozen_projections
+        self.frozen_projections = False  # as OryxMixer's: a compiled no-grad call reads the cached [gate; up]
 
     def forward(self, x):
+        if self.frozen_projections and self._fused is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, self._fused[1]).chunk(2, dim=-1)  # one matmul for both
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def _fused_weight(self) -> torch.Tensor:
+        weights = (self.gate_proj.weight, self.up_proj.weight)
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        if self._fused is None or self._fused[0] != key:
+            self._fused = (key, torch.cat(weights).detach())
+        return self._fused[1]
 
 
 class OryxLayer(nn.Module):
@@ -630,27 +642,32 @@ class OryxModel(nn.Module):
         cache.length += 1
         return logits
 
-    def decode_step(self, tokens, modes, cache: OryxCache, attend: bool, layer_step=None) -> torch.Tensor:
+    def decode_step(self, tokens, modes, cache: OryxCache, attend: bool) -> torch.Tensor:
         """The device part of `step`: no checks, no host syncs, fixed shapes (what a CUDA graph captures).
 
-        modes: bool [B], or per layer [L, B]; attend: whether any layer's token attends; layer_step: what runs
-        each layer (default OryxLayer.step; the compiled decode passes one compiled function for every layer).
+        modes: bool [B], or per layer [L, B]; attend: whether any layer's token attends.
 
-        Advances cache.position on the device; the caller advances cache.length.
+        Advances cache.position on the device; the caller advances cache.length. The compiled decode
+        (generate.decode_and_pick) runs the same pieces: decode_inputs, each layer's step, decode_logits.
         """
-        if (layer_step is None and host_step.applies(self) and not fused_decode_available(cache.position)
-                and not torch.compiler.is_compiling()):
+        if host_step.applies(self) and not fused_decode_available(cache.position) and not torch.compiler.is_compiling():
             return host_step.decode_step(self, tokens, modes, cache, attend)  # fewer operators, same function
+        x, rope = self.decode_inputs(tokens, cache)
+        for i, layer in enumerate(self.layers):
+            x = layer.step(x, modes[i] if modes.dim() == 2 else modes, rope, cache.layers[i], cache.position, attend)
+        return self.decode_logits(x, cache)
+
+    def decode_inputs(self, tokens, cache: OryxCache):
+        """A decode step's embedded tokens [B, D] and RoPE tables (one row per sequence when the cache is ragged)."""
         if cache.ragged:  # sequences at different positions: one RoPE row per sequence, [B, 1, d]
             rope = self._rope(cache.position)
             rope = None if rope is None else (rope[0][:, None], rope[1][:, None])
         else:
             rope = self._rope(cache.position[:1])
-        x = self.embed(tokens)
-        layer_step = OryxLayer.step if layer_step is None else layer_step
-        for i, layer in enumerate(self.layers):
-            x = layer_step(layer, x, modes[i] if modes.dim() == 2 else modes, rope, cache.layers[i], cache.position,
-                           attend)
+        return self.embed(tokens), rope
+
+    def decode_logits(self, x, cache: OryxCache):
+        """A decode step's logits [B, V] from the last layer's output; advances cache.position."""
         cache.position.add_(1)
         return self.logits(x)
 
