@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import os
 import shutil
 import signal
 import statistics
@@ -46,9 +45,6 @@ from oryx_core.cli import OneLineErrorParser
 from oryx_core.config import MIXERS, SHARINGS
 
 RESULTS_NAME = "sharing.json"
-# Several training processes share one GPU: growable segments keep each one's cached-but-free memory small.
-# Set before any worker imports torch (spawned workers import this module first).
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def positive_int(text: str) -> int:
@@ -239,16 +235,19 @@ def probe_run(job: dict) -> dict:
 
 
 def call_all(pool, function, jobs: list) -> list:
-    """function(job) for every job (on the pool if there is one), in order; a failed job raises."""
+    """function(job) for every job (on the pool if there is one), in order; the results of the jobs that ran (a
+    failed one is left out, printed; all failing raises)."""
     jobs = [{**job, "index": i} for i, job in enumerate(jobs)]
     if pool is None:
         return [function(job) for job in jobs]
     results = [None] * len(jobs)
     run_jobs(pool, function, jobs, lambda job, result: results.__setitem__(job["index"], result))
     failed = [r["error"] for r in results if "error" in r]
-    if failed:
-        raise RuntimeError(f"probe failed: {failed[0]}")
-    return results
+    for error in failed:
+        log(f"sharing probe failed:\n{error}")
+    if len(failed) == len(results):
+        raise RuntimeError(f"every probe failed: {failed[0]}")
+    return [r for r in results if "error" not in r]
 
 
 def choose_steps(exp: dict, pool, out: Path, n_runs: int, budget_s: float, started: float, results: dict) -> int:
@@ -263,7 +262,7 @@ def choose_steps(exp: dict, pool, out: Path, n_runs: int, budget_s: float, start
     rounds = math.ceil(n_runs / workers)
     per_run = left * exp["budget_safety"] / rounds - exp["per_run_overhead_s"]
     steps = steps_for_budget(per_run, rate, exp["seq_len"] * exp["batch_size"], exp["min_steps"])
-    results["probe"] = {"runs": measured, "workers": workers, "rounds": rounds, "seconds_per_run": per_run,
+    results["probe"] = {"runs": measured, "failed": workers - len(measured), "workers": workers, "rounds": rounds, "seconds_per_run": per_run,
                         "probe_s": time.perf_counter() - started, "steps": steps}
     log(f"sharing probe: {rate:,.0f} tok/s per run with {workers} side by side; {rounds} rounds of "
         f"{per_run:.0f} s -> {steps} steps")
