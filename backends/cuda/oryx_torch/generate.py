@@ -80,6 +80,7 @@ def decode_and_pick(model, tokens, modes, cache: OryxCache, attend: bool, pick: 
 
 
 def decode_inputs(model, tokens, cache: OryxCache):
+    """model.decode_inputs as a plain function, what `compiled_parts` compiles."""
     return model.decode_inputs(tokens, cache)
 
 
@@ -120,7 +121,7 @@ def compiled_parts(backend: str = "inductor"):
 
 def run_decode_step(model, tokens, modes, cache: OryxCache, attend: bool, pick: bool = True, compiled: bool = False,
                     backend: str = "inductor"):
-    """decode_and_pick, its layers through the compiled layer step when `compiled`."""
+    """decode_and_pick; through compiled_parts(backend) when `compiled`."""
     if not compiled:
         return decode_and_pick(model, tokens, modes, cache, attend, pick)
     with frozen_projections(model), torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS):
