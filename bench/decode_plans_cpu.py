@@ -178,6 +178,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pivot(rows: list[dict], source: str = "synthetic") -> str:
+    """One row per plan and context, torch and MLX side by side (the table in docs/results.md), of the runs whose
+    context was made the `source` way."""
+    rows = [r for r in rows if r.get("source") == source]
+    cell = {(r["backend"], r["plan"], r["context"]): r for r in rows if "error" not in r}
+    contexts = sorted({r["context"] for r in rows})
+    plans = [p for p in PLANS if any(k[1] == p for k in cell)] + sorted({k[1] for k in cell} - set(PLANS))
+    lines = ["| plan | context | torch tok/s | torch cache MiB | torch RSS MiB | MLX tok/s | MLX cache MiB | MLX RSS MiB "
+             "| MLX peak MiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for plan in plans:
+        for context in contexts:
+            t, m = cell.get(("torch", plan, context)), cell.get(("mlx", plan, context))
+            if t is None and m is None:
+                continue
+            part = lambda r, keys: [("" if r is None or r[k] is None else f"{r[k]:.{d}f}") for k, d in keys]  # noqa: E731
+            lines.append("| " + " | ".join([f"`{plan}`", str(context),
+                                            *part(t, [("decode_tps", 1), ("cache_mib", 1), ("decode_rss_mib", 0)]),
+                                            *part(m, [("decode_tps", 1), ("cache_mib", 1), ("decode_rss_mib", 0),
+                                                      ("backend_peak_mib", 0)])]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", nargs="+", default=["torch", "mlx"], choices=["torch", "mlx"])
@@ -188,8 +210,12 @@ def main(argv=None) -> int:
                    help="how the context is made: synthetic (default; see synthetic_context) or a real prompt")
     p.add_argument("--budget-minutes", type=float, default=None, help="start no run after this many minutes")
     p.add_argument("--out", help="write every run and the machine to this JSON file")
+    p.add_argument("--pivot", metavar="FILE.json", help="print the side-by-side table of a written --out file")
     p.add_argument("--one", nargs=4, metavar=("BACKEND", "PLAN", "CONTEXT", "SOURCE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.pivot:
+        print(pivot(json.loads(Path(args.pivot).read_text())["runs"]))
+        return 0
     if args.one:
         backend, plan, context, source = args.one
         print(json.dumps(run_one(backend, plan, int(context), args.tokens, source)))
@@ -213,6 +239,8 @@ def main(argv=None) -> int:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
+    for source in args.sources:
+        print(pivot(rows, source))
     if args.out:
         from oryx_core.atomic import atomic_write_bytes
 
