@@ -11,9 +11,9 @@ query blocks without an attention token) and `mixed-dense` (the same plan, its a
 row by causal SDPA and each token then taking its own mode's output: what FlexAttention has to beat).
 
 Printed per plan: the step's wall time (median, outside the profiler), the kernels' summed time per step and
-their count, the time by category (attention, recurrence kernels, matmuls, fused elementwise and reductions,
-optimizer, copies), then the top kernels by time. `--layers` builds fewer layers than 30 (each layer runs the
-same kernels; compiling is faster); per-layer categories divide by it.
+their count, the time by category (attention, recurrence kernels, convolutions, matmuls, fused elementwise and
+reductions, optimizer, copies), then the top kernels by time. `--layers` builds fewer layers than 30 (each layer
+runs the same kernels; compiling is faster); per-layer categories divide by it.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ PLANS = ("llama", "attention", "recurrent", "mixed", "mixed-dense")
 CATEGORIES = (
     ("attention", r"flash|fmha|attention|flex|tem_fused|sdpa|cudnn"),
     ("recurrence", r"_wy_fwd|_state_fwd|_state_bwd|_chunk_bwd|_ssd_|_fused_recurrent|_decode_kernel"),
+    ("convolution", r"conv|fprop|dgrad|wgrad"),
     ("matmul", r"gemm|nvjet|xmma|cutlass|matmul|splitk|wgmma|_mm_|sm90_|sm80_|::mm$|::bmm$|::addmm$|::linear$"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("elementwise (inductor)", r"^triton_poi"),

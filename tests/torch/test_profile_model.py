@@ -46,6 +46,8 @@ def test_kernel_categories():
     assert category("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN") == "matmul"
     assert category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
     assert category("aten::mm") == "matmul"
+    assert category("sm90_xmma_dgrad_implicit_gemm_indexed_bf16bf16_bf16f32_f32_nhwckrsc_nchw") == "convolution"
+    assert category("void at::native::conv_depthwise2d_forward_kernel<1, float, int>") == "convolution"
     assert category("triton_poi_fused_add_mul_silu_3") == "elementwise (inductor)"
     assert category("triton_red_fused_pow_mean_rsqrt_1") == "reduction (inductor)"
     assert category("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") == \
