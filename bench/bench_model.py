@@ -242,8 +242,8 @@ def decode(hf, llama, oryx, args, device, autocast) -> list[dict]:
                 next_tokens = logits[:, -1].argmax(-1).cpu().to(device)
             synchronize(device)
             seconds = time.perf_counter() - start
-        rows.append(dict(kind="decode", model="llama", plan="-", batch=batch, length=T, tokens_per_s=batch * n / seconds,
-                         ms=seconds / n * 1e3, peak_mib=peak_memory_mib(device)))
+        rows.append(dict(kind="decode", model="llama", plan="-", batch=batch, length=T,
+                         tokens_per_s=batch * n / seconds, ms=seconds / n * 1e3, peak_mib=peak_memory_mib(device)))
         for plan in DECODE_PLANS:
             for compiled in decode_compile_modes(args.decode_compile, device):
                 try:

@@ -143,7 +143,8 @@ def profile_plan(step, args, device) -> dict:
     for name, (ms, _) in kernels.items():
         by_category[category(name)] = by_category.get(category(name), 0.0) + ms
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])
-    return dict(step_ms=statistics.median(times) * 1e3, compile_s=compile_s, kernel_ms=sum(v[0] for v in kernels.values()),
+    return dict(step_ms=statistics.median(times) * 1e3, compile_s=compile_s,
+                kernel_ms=sum(v[0] for v in kernels.values()),
                 kernels_per_step=sum(v[1] for v in kernels.values()) / args.profile_steps,
                 categories=by_category,
                 top=[dict(name=name, ms=ms, calls=calls / args.profile_steps, category=category(name))
