@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--compare-prefill", action="store_true",
+                    help="also run the attention plan with the prompts prefilled one forward per distinct length "
+                         "instead of padded into one")
     ap.add_argument("--device", default="cpu", help="torch device for both models (default cpu)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype of both models (default float32)")
@@ -94,6 +97,11 @@ def main(argv=None) -> int:
             requests = [SequenceRequest(tok.encode(t).ids, N, plan) for t in texts]
             gen = BatchGenerator(ours, max_batch=B, capacity=max(len(r.prompt_ids) for r in requests) + N)
             runs[f"oryx_{plan}"] = lambda gen=gen, requests=requests: gen.generate(requests)
+        if args.compare_prefill:  # the attention plan again, the prompts prefilled one forward per distinct length
+            requests = [SequenceRequest(tok.encode(t).ids, N, "attention") for t in texts]
+            gen = BatchGenerator(ours, max_batch=B, capacity=max(len(r.prompt_ids) for r in requests) + N,
+                                 prefill="segmented")
+            runs["oryx_attention_segmented_prefill"] = lambda gen=gen, requests=requests: gen.generate(requests)
         for run in runs.values():
             run()  # warm-up, untimed
         # the contestants take turns, repeat after repeat, so a load that drifts over the run hits all alike

@@ -104,6 +104,28 @@ def test_prompts_prefilled_together_give_each_prompt_alone_logits_and_state(mode
     assert (together[0][0] - alone[1][0]).abs().max() > 1e-2
 
 
+def test_padded_prefill_with_identity_convs_keeps_each_prompts_windows():
+    # a Llama import's convs pass their input through (last tap 1, no bias, no activation): the CPU forward
+    # then skips the conv, and the windows must still end at each row's own last real token
+    torch.manual_seed(0)
+    model = OryxModel(preset("tiny", conv_activation="none", conv_bias=False), seed=1).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            for conv in (layer.mixer.conv_k, layer.mixer.conv_v, layer.mixer.conv_q):
+                conv.weight.zero_()
+                conv.weight[:, -1] = 1
+    with torch.inference_mode():
+        assert model.layers[0].mixer.conv_k.passes_through(torch.zeros(1, 1, 1))
+    reqs = [SequenceRequest(list(range(3, 3 + n)), max_tokens=2, plan=p)
+            for n, p in zip([9, 2, 6, 1], ["attention", "recurrent", "last:50%", "attention"])]
+    alone_, together, _, _ = prefill_alone_and_together(model, reqs, prefill="padded")
+    for (logits_a, state_a, token_a), (logits_t, state_t, token_t) in zip(alone_, together):
+        torch.testing.assert_close(logits_t, logits_a, rtol=1e-4, atol=1e-4)
+        for a, t in zip(state_a, state_t):
+            torch.testing.assert_close(t, a, rtol=1e-4, atol=1e-4)
+        assert token_t == token_a
+
+
 def test_add_many_refuses_before_touching_any_row(model):
     gen = BatchGenerator(model, max_batch=3, capacity=16, cuda_graphs=False)
     with pytest.raises(ValueError, match="max_tokens"):

@@ -174,7 +174,7 @@ class BatchGenerator:
         the prompts right-padded to the longest (causal attention never lets a real token see the padding
         after it; the model keeps the padding out of the conv windows and recurrent states); "segmented" runs
         one forward per distinct length over the rows that still have prompt tokens (dense, no padding);
-        "auto" pads when padding at most doubles the tokens.
+        "auto" pads when padding at most doubles the tokens. Prompts of one length run one plain forward.
         """
         checked = [self.check(r) for r in requests]  # every request is checked before any row changes
         if len(requests) > self.free:
@@ -211,8 +211,9 @@ class BatchGenerator:
                 self._place(seq)
             if together:
                 lengths = [seq.prompt_length for seq in together]
-                padded = self.prefill == "padded" or (
-                    self.prefill == "auto" and len(lengths) * lengths[0] <= 2 * sum(lengths))
+                # prompts of one length need no padding: the segmented way is then one plain forward
+                padded = lengths[0] != lengths[-1] and (self.prefill == "padded" or (
+                    self.prefill == "auto" and len(lengths) * lengths[0] <= 2 * sum(lengths)))
                 prefill = self._prefill_padded if padded else self._prefill_segmented
                 last_logits.update(prefill(together, base))
             self._sample_first(seqs, last_logits)

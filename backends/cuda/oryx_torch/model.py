@@ -99,16 +99,20 @@ class CausalConv(nn.Module):
             return x, x[:, T - (W - 1):]
         history = x.new_zeros(B, W - 1, C) if window is None else cast(window, x.dtype)
         padded = torch.cat([history, x], dim=1)
+        if lengths is None:
+            tail = padded[:, T:]
+        else:
+            slots = lengths[:, None] + torch.arange(W - 1, device=x.device)              # [B, W-1] in padded
+            tail = padded.gather(1, slots[:, :, None].expand(B, W - 1, C))
+            if self.passes_through(x):
+                return x, tail
         out = F.conv1d(padded.transpose(1, 2), cast(self.weight[:, None, :], x.dtype), groups=C)
         # back to [B, T, C] in memory too: a channels-first view would leave q/k/v with a strided
         # last axis, which SDPA's flash kernels refuse (silently falling back to the math kernel)
         out = out.transpose(1, 2).contiguous()
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
-        if lengths is None:
-            return self._activate(out), padded[:, T:]
-        slots = lengths[:, None] + torch.arange(W - 1, device=x.device)                  # [B, W-1] in padded
-        return self._activate(out), padded.gather(1, slots[:, :, None].expand(B, W - 1, C))
+        return self._activate(out), tail
 
     def is_identity(self) -> bool:
         """Whether the conv passes its input through: last tap 1, the others 0, no bias, no activation (the convs
