@@ -42,22 +42,42 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, pe
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
            generator: torch.Generator | None) -> torch.Tensor:
-    """Next tokens [B] from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
-    logits = logits.float()
+    """Next tokens [B] from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling, one uniform
+    number per row drawn from `generator` (sample_rows)."""
     if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass (the top one always stays).
-        outside = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        return logits.float().argmax(-1)
+    B = logits.shape[0]
+    device = generator.device if generator is not None else logits.device
+    uniform = torch.rand(B, generator=generator, device=device).to(logits.device)
+    full = lambda value, dtype: torch.full((B,), value, dtype=dtype, device=logits.device)  # noqa: E731
+    return sample_rows(logits, full(temperature, torch.float32), full(top_k, torch.long), full(top_p, torch.float32),
+                       uniform)
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                uniform: torch.Tensor) -> torch.Tensor:
+    """Next tokens [B] from logits [B, V], each row under its own settings (tensors [B]): greedy where temperature
+    is 0; else the logits / temperature keep the top_k largest (0: all; ties with the k-th kept), then the
+    smallest set of most likely tokens holding top_p of the mass (1: all; the most likely always stays), and the
+    token is the one whose interval of the remaining distribution's cumulative sum holds `uniform` (in [0, 1)):
+    a draw from that distribution. No host sync and fixed shapes, so it runs inside a CUDA graph."""
+    logits = logits.float()
+    greedy = logits.argmax(-1)
+    V = logits.shape[-1]
+    scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    ordered, order = torch.sort(scaled, dim=-1, descending=True)
+    k = torch.where((top_k > 0) & (top_k < V), top_k, V)
+    kth = ordered.gather(-1, (k - 1)[:, None])
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    probs = torch.softmax(ordered, dim=-1)
+    # a token is dropped when the tokens ranked above it already hold top_p of the mass
+    outside = ((torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None]) & (top_p < 1)[:, None]
+    probs = probs.masked_fill(outside, 0.0)
+    cdf = torch.cumsum(probs, dim=-1)
+    target = uniform[:, None].to(cdf.dtype) * cdf[:, -1:]
+    rank = torch.searchsorted(cdf, target, right=True).clamp_(max=V - 1)
+    drawn = order.gather(-1, rank)[:, 0]
+    return torch.where(temperature > 0, drawn, greedy)
 
 
 # ----- one decode step, compiled and graph-captured on CUDA -----
