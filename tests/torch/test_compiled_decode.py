@@ -194,7 +194,9 @@ def batch_requests():
     from oryx_torch.batch import SequenceRequest
 
     plans = ["attention", "recurrent", "prefill-attention", "A:0-5,R:5-8,A:8-"]
-    return [SequenceRequest(list(range(3 + i, 9 + 2 * i)), max_tokens=3 + 2 * i, plan=p) for i, p in enumerate(plans)]
+    return [SequenceRequest(list(range(3 + i, 9 + 2 * i)), max_tokens=3 + 2 * i, plan=p, seed=i,
+                            temperature=0.8 if i % 2 else 0.0, top_k=20 * (i == 3), top_p=0.9)
+            for i, p in enumerate(plans)]  # rows 1 and 3 sampled inside the step
 
 
 @on_host

@@ -97,7 +97,7 @@ class TorchModel:
 
     def sampler(self, sampling, prompt_ids):
         device = self.model.device
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        generator = torch.Generator().manual_seed(sampling.seed)  # host draws, as oryx_torch.batch's
         seen = None  # tokens already in the text, a mask kept on the device; built only when a penalty reads it
         if sampling.repetition_penalty != 1.0:
             seen = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=device)

@@ -129,8 +129,8 @@ class BatchGenerator:
         self.compile_backend = compile_backend
         self.views: dict[int, OryxCache] = {}
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self.warmed: set[tuple[int, bool]] = set()
+        self.graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.warmed: set[tuple[int, bool, bool]] = set()
         self.saved: OrderedDict[int, _Saved] = OrderedDict()
         self.saved_rows = saved_rows
         self.next_saved = 0
@@ -185,7 +185,7 @@ class BatchGenerator:
         self.sparse_steps = 0  # a join restarts the patience
         seqs = []
         for request, (ids, modes) in zip(requests, checked):
-            generator = torch.Generator(device=model.device).manual_seed(request.seed)
+            generator = torch.Generator().manual_seed(request.seed)  # on the host, as TorchModel.sampler's
             seqs.append(_Sequence(self.next_id, request, modes, len(ids), generator, list(ids)))
             self.next_id += 1
         together, last_logits = [], {}
@@ -325,37 +325,46 @@ class BatchGenerator:
             tokens[i] = seq.pending
             modes[i] = seq.modes[len(seq.fed)]
         attend = bool(modes.any())
+        # Sampled rows: their settings and one uniform number each from their own generator (what `sample` draws
+        # for a sequence alone); the step picks every row's token on the device, greedy rows by argmax.
+        sampling = None
+        if any(seq.request.temperature != 0 for seq in self.rows):
+            sampling = torch.zeros(4, bucket)  # temperature, top_k, top_p, uniform
+            sampling[2] = 1.0
+            for i, seq in enumerate(self.rows):
+                r = seq.request
+                if r.temperature != 0:
+                    uniform = float(torch.rand(1, generator=seq.generator))
+                    sampling[:, i] = torch.tensor([r.temperature, r.top_k, r.top_p, uniform])
         with torch.inference_mode():
             if bucket > n:
                 self.cache.position[n:bucket].zero_()  # padding rows stay inside the cache
-            logits, picks = self._run(bucket, tokens, modes, attend)
-            logits = logits[:n]
-            # greedy rows take the step's own argmax, in one device-to-host copy; sampled rows draw from their own
-            # generators, one row at a time
-            greedy = [i for i, seq in enumerate(self.rows) if seq.request.temperature == 0]
-            row_picks = picks[:n].tolist() if greedy else []
-            picked = {i: row_picks[i] for i in greedy}
-            for i, seq in enumerate(self.rows):
+            _, picks = self._run(bucket, tokens, modes, attend, sampling)
+            for seq, token in zip(self.rows, picks[:n].tolist()):  # one device-to-host copy
                 seq.fed.append(seq.pending)
-                r = seq.request
-                seq.pending = picked[i] if i in picked else \
-                    int(sample(logits[i:i + 1], r.temperature, r.top_k, r.top_p, seq.generator)[0])
+                seq.pending = token
 
-    def _run(self, bucket: int, tokens, modes, attend: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [bucket, V], greedy picks [bucket]) of one step over rows 0..bucket-1."""
+    def _run(self, bucket: int, tokens, modes, attend: bool, sampling=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [bucket, V], picked tokens [bucket]) of one step over rows 0..bucket-1; `sampling` (host
+        float [4, bucket], generate.decode_and_pick's) or None: every row greedy."""
         model = self.model
         if bucket not in self.views:
             self.views[bucket] = _row_view(self.cache, slice(0, bucket))
             self.inputs[bucket] = (torch.zeros(bucket, dtype=torch.long, device=model.device),
-                                   torch.zeros(bucket, dtype=torch.bool, device=model.device))
+                                   torch.zeros(bucket, dtype=torch.bool, device=model.device),
+                                   torch.zeros(4, bucket, device=model.device))
         view = self.views[bucket]
-        token_buf, mode_buf = self.inputs[bucket]
+        token_buf, mode_buf, sampling_buf = self.inputs[bucket]
         token_buf.copy_(tokens)
         mode_buf.copy_(modes)
-        key = (bucket, attend)
+        if sampling is not None:
+            sampling_buf.copy_(sampling)
+        sampled = sampling is not None
+        key = (bucket, attend, sampled)
 
         def step():
-            return run_decode_step(model, token_buf, mode_buf, view, attend, True, self.compiled, self.compile_backend)
+            return run_decode_step(model, token_buf, mode_buf, view, attend, True, self.compiled, self.compile_backend,
+                                   sampling_buf if sampled else None)
 
         if not self.use_graphs:
             return step()

@@ -86,17 +86,21 @@ def compiled_decode_default(device) -> bool:
     return torch.device(device).type == "cuda" and os.environ.get("ORYX_COMPILED_DECODE", "1") != "0"
 
 
-def decode_and_pick(model, tokens, modes, cache: OryxCache, attend: bool, pick: bool = True, parts=None):
-    """model.decode_step, then (with `pick`) the greedy pick, also written into `tokens` so that a following step
-    can read it on the device: (logits [B, V], picked [B] or None). `parts`: compiled_parts(), the same step
-    as three compiled functions (the inputs, one layer's step run for every layer, the logits and pick)."""
+def decode_and_pick(model, tokens, modes, cache: OryxCache, attend: bool, pick: bool = True, parts=None,
+                    sampling=None):
+    """model.decode_step, then (with `pick`) the next tokens, also written into `tokens` so that a following
+    step can read them on the device: (logits [B, V], picked [B] or None). The pick is greedy, or with
+    `sampling` (float [4, B]: temperature, top_k, top_p, a uniform number per row) sample_rows'. `parts`:
+    compiled_parts(), the same step as three compiled functions (the inputs, one layer's step run for every
+    layer, the logits and pick)."""
     if parts is None:
-        return logits_and_pick(model, None, tokens, cache, pick, model.decode_step(tokens, modes, cache, attend))
+        return logits_and_pick(model, None, tokens, cache, pick, sampling,
+                               model.decode_step(tokens, modes, cache, attend))
     inputs, layer, head = parts
     x, rope = inputs(model, tokens, cache)
     for i, block in enumerate(model.layers):
         x = layer(block, x, modes[i] if modes.dim() == 2 else modes, rope, cache.layers[i], cache.position, attend)
-    return head(model, x, tokens, cache, pick)
+    return head(model, x, tokens, cache, pick, sampling)
 
 
 def decode_inputs(model, tokens, cache: OryxCache):
@@ -109,14 +113,17 @@ def layer_step(layer, x, modes, rope, layer_cache, position, attend: bool):
     return layer.step(x, modes, rope, layer_cache, position, attend)
 
 
-def logits_and_pick(model, x, tokens, cache: OryxCache, pick: bool, logits=None):
-    """The step's logits (model.decode_logits of x, unless given) and, with `pick`, the greedy pick written into
-    `tokens` too."""
+def logits_and_pick(model, x, tokens, cache: OryxCache, pick: bool, sampling=None, logits=None):
+    """The step's logits (model.decode_logits of x, unless given) and, with `pick`, the next tokens (greedy, or
+    sample_rows under `sampling`, as in decode_and_pick) written into `tokens` too."""
     if logits is None:
         logits = model.decode_logits(x, cache)
     if not pick:
         return logits, None
-    picked = logits.argmax(-1)
+    if sampling is None:
+        picked = logits.argmax(-1)
+    else:
+        picked = sample_rows(logits, sampling[0], sampling[1].long(), sampling[2], sampling[3])
     tokens.copy_(picked)
     return logits, picked
 
@@ -140,12 +147,12 @@ def compiled_parts(backend: str = "inductor"):
 
 
 def run_decode_step(model, tokens, modes, cache: OryxCache, attend: bool, pick: bool = True, compiled: bool = False,
-                    backend: str = "inductor"):
+                    backend: str = "inductor", sampling=None):
     """decode_and_pick; through compiled_parts(backend) when `compiled`."""
     if not compiled:
-        return decode_and_pick(model, tokens, modes, cache, attend, pick)
+        return decode_and_pick(model, tokens, modes, cache, attend, pick, None, sampling)
     with frozen_projections(model), torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS):
-        return decode_and_pick(model, tokens, modes, cache, attend, pick, compiled_parts(backend))
+        return decode_and_pick(model, tokens, modes, cache, attend, pick, compiled_parts(backend), sampling)
 
 
 @contextlib.contextmanager
