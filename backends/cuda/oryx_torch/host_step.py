@@ -111,7 +111,7 @@ def rotate(x, rope):
 
 def conv_step(conv, x, window, identity: bool):
     """One token x [B, C] through a depthwise causal conv; shifts `window` [B, W-1, C] in place."""
-    full = torch.cat([window, x[:, None]], dim=1)                                   # [B, W, C]
+    full = torch.cat([window, x.unsqueeze(1)], dim=1)                               # [B, W, C]
     window.copy_(full[:, 1:])
     if identity:
         return x
@@ -132,10 +132,9 @@ def mixer_step(mixer, xn, x, modes, rope, layer_cache, position, slot, attend: b
     first = c.offsets[order[0 if attention else mixer._shared_rows[0]]][0]
     last = c.offsets[order[-1 if recurrent else mixer._shared_rows[1] - 1]][1]
     proj = F.linear(xn, mixer._fused_weight()[first:last])                           # [B, N]
-
-    def part(name):
-        start, end = c.offsets[name]
-        return proj[:, start - first:end - first]
+    names = [name for name in order if first <= c.offsets[name][0] < last]
+    parts = dict(zip(names, proj.split([c.offsets[name][1] - c.offsets[name][0] for name in names], dim=1)))
+    part = parts.__getitem__
 
     k = conv_step(mixer.conv_k, part("k_proj"), layer_cache.conv["k"], c.identity["k"])
     v = conv_step(mixer.conv_v, part("v_proj"), layer_cache.conv["v"], c.identity["v"])
@@ -166,14 +165,14 @@ def mixer_step(mixer, xn, x, modes, rope, layer_cache, position, slot, attend: b
             beta = torch.sigmoid(part("b_proj"))
             qn = F.rms_norm(q_rec.view(B, Hkv, G, 1, d), (d,), c.q_weight, c.l2_eps)
             kn = F.rms_norm(k.view(B, Hkv, 1, 1, d), (d,), c.k_weight, c.l2_eps)
-            state.mul_(decay[:, :, None, None, None])
-            correction = (v.view(B, Hkv, 1, 1, dv) - torch.matmul(kn, state)).mul_(beta[:, :, None, None, None])
+            state.mul_(decay.view(B, Hkv, 1, 1, 1))
+            correction = (v.view(B, Hkv, 1, 1, dv) - torch.matmul(kn, state)).mul_(beta.view(B, Hkv, 1, 1, 1))
             state.addcmul_(kn.view(B, Hkv, 1, d, 1), correction)
             o_rec = torch.matmul(qn, state).view(B, H, dv)
         else:
             dt = F.softplus(part("dt_proj") + mixer.dt_bias)                          # [B, Hkv]
-            state.mul_(torch.exp(c.A * dt)[:, :, None, None, None])
-            state.addcmul_((dt[:, :, None] * k.view(B, Hkv, d)).view(B, Hkv, 1, d, 1), v.view(B, Hkv, 1, 1, dv))
+            state.mul_(torch.exp(c.A * dt).view(B, Hkv, 1, 1, 1))
+            state.addcmul_((dt.view(B, Hkv, 1) * k.view(B, Hkv, d)).view(B, Hkv, 1, d, 1), v.view(B, Hkv, 1, 1, dv))
             o_rec = torch.matmul(q_rec.view(B, Hkv, G, 1, d), state).view(B, Hkv, G, dv)
             o_rec = torch.addcmul(o_rec, mixer.D_skip.view(Hkv, 1, 1), v.view(B, Hkv, 1, dv)).view(B, H, dv)
     if attention:

