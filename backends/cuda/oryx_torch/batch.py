@@ -15,15 +15,17 @@ are decoded too, at position 0, and ignored). The cache grows (to the power of t
 holds the live rows) when sequences join and shrinks (to twice that) once at most a quarter
 of its rows have been live for `shrink_patience` steps, copying the live rows over; so a finished sequence's KV cache, conv
 windows and recurrent state are freed, not only skipped. On CUDA each (bucket, attention
-on/off) step is captured once into a CUDA graph and replayed; a resize drops the graphs,
-which read the old cache.
+on/off, any row sampled) step is torch.compile'd (generate.compiled_parts; `compiled=False` or
+ORYX_COMPILED_DECODE=0 keeps it eager), captured once into a CUDA graph and replayed; a resize
+drops the graphs, which read the old cache. Every row's next token is picked inside the step:
+greedy rows by argmax, sampled rows by generate.sample_rows, and all come back in one copy.
 
 New sequences are prefilled together (`add_many`: right-padded in one forward, or one forward
 per distinct prompt length; the parallel form through views of the batch cache), so prompts of
 any length join at any step. A sequence's modes come from its
 own plan, resolved over prompt + max_tokens as oryx_core.generation resolves it, and its
-sampling (temperature, top-k, top-p, seed) uses its own generator, so a sequence gets the
-tokens it would get alone. The KV cache is kept for every live row (`kv_policy` and
+sampling (temperature, top-k, top-p, seed) draws one uniform number per token from its own
+generator, as `generate.sample` does for a sequence alone, so it gets the tokens it would get alone. The KV cache is kept for every live row (`kv_policy` and
 `state_policy` free nothing inside a row).
 
 Prompt cache: `add(..., reuse=True)` looks for a saved row whose tokens are a prefix of
