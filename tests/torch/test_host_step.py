@@ -161,3 +161,23 @@ def test_identity_convs_pass_through_in_the_parallel_form(mixer):
     logits = model(torch.tensor(tokens), torch.tensor(modes))
     logits.square().mean().backward()
     assert float(model.layers[0].mixer.conv_k.weight.grad.abs().max()) > 0
+
+
+def test_last_only_logits_are_the_last_row():
+    """A prompt read before sampling projects only its last token onto the vocabulary; the backend's prefill
+    (what generation calls) returns that row."""
+    from oryx_torch.backend import TorchModel
+
+    model, ref = build("gdn", "default", seed=5)
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, model.cfg.vocab_size, (2, 7))
+    modes = plans(rng, 2, 7, 3)["per_sequence"]
+    with torch.no_grad():
+        full = model(torch.tensor(tokens), torch.tensor(modes)).numpy()
+        last = model(torch.tensor(tokens), torch.tensor(modes), last_only=True).numpy()
+    assert last.shape == (2, 1, model.cfg.vocab_size)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
+    backend = TorchModel(model, cuda_graphs=False)
+    cache = backend.make_cache(2, 8)
+    got = backend.prefill(cache, tokens, modes).numpy()
+    assert relative_error(got, ref.forward(tokens, modes)[0][:, -1]) < TOL

@@ -70,8 +70,9 @@ class TorchModel:
 
     def prefill(self, cache: OryxCache, tokens: np.ndarray, modes: np.ndarray) -> torch.Tensor:
         with torch.inference_mode():
-            # a copy of the last position's row: a view would keep every position's logits [B, T, vocab] alive
-            return self.model(host_tensor(tokens, np.int64), host_tensor(modes, bool), cache=cache)[:, -1].clone()
+            # the vocabulary projection of the last position only: sampling reads no other
+            return self.model(host_tensor(tokens, np.int64), host_tensor(modes, bool), cache=cache,
+                              last_only=True)[:, -1]
 
     def step(self, cache: OryxCache, tokens: np.ndarray, modes: np.ndarray) -> torch.Tensor:
         runner = self._runners.get(cache)

@@ -599,9 +599,11 @@ class OryxModel(nn.Module):
                 plans[id(modes)] = AttentionPlan(self.check_modes(modes, (B, T)), offset, host_modes)
         return [plans[id(m)] for m in per_layer]
 
-    def forward(self, tokens, modes, cache: OryxCache | None = None, lengths=None):
+    def forward(self, tokens, modes, cache: OryxCache | None = None, lengths=None, last_only: bool = False):
         """Logits [B, T, V] for tokens [B, T] under modes (True = attention): a bool, [T], [B, T] or per layer
-        [L, B, T], or the plans `prepare` returned.
+        [L, B, T], or the plans `prepare` returned. `last_only`: the last token's logits only, [B, 1, V] (a prompt
+        read before sampling needs no others, and the vocabulary projection of every token is a fifth of a small
+        model's prompt arithmetic).
 
         With a cache, the tokens continue the cached sequences (prefill): their keys and
         values are appended, conv windows and recurrent states advanced. `lengths` (a sequence of B
@@ -632,7 +634,7 @@ class OryxModel(nn.Module):
             cache.advance(T)
             if lengths is not None:
                 cache.position.copy_(offset + lengths)
-        return self.logits(x)
+        return self.logits(x[:, -1:] if last_only else x)
 
     def step(self, tokens, modes, cache: OryxCache) -> torch.Tensor:
         """Logits [B, V] for one token per sequence (tokens [B]); modes: a bool, [B] or per layer [L, B]."""

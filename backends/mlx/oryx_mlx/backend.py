@@ -31,11 +31,11 @@ class MLXModel:
         self.device = (device or mx.default_device()).type.name
         self.dtype = str(model.norm.weight.dtype).rsplit(".", 1)[-1]
 
-    def _run(self, tokens: np.ndarray, modes: np.ndarray, cache):
+    def _run(self, tokens: np.ndarray, modes: np.ndarray, cache, last_only: bool = False):
         if self._device is not None:
             with mx.stream(self._device):
-                return self.model(mx.array(tokens), modes, cache)
-        return self.model(mx.array(tokens), modes, cache)
+                return self.model(mx.array(tokens), modes, cache, last_only=last_only)
+        return self.model(mx.array(tokens), modes, cache, last_only=last_only)
 
     def forward(self, tokens: np.ndarray, modes: np.ndarray) -> np.ndarray:
         logits = self._run(np.asarray(tokens, dtype=np.int64), np.asarray(modes, dtype=bool), None)
@@ -54,7 +54,8 @@ class MLXModel:
         return sum(layer.nbytes for layer in cache)
 
     def prefill(self, cache, tokens: np.ndarray, modes: np.ndarray):
-        logits = self._run(np.asarray(tokens, dtype=np.int64), np.asarray(modes, dtype=bool), cache)[:, -1]
+        logits = self._run(np.asarray(tokens, dtype=np.int64), np.asarray(modes, dtype=bool), cache,
+                           last_only=True)[:, -1]
         logits = logits.astype(mx.float32)
         mx.eval(logits, [layer.state for layer in cache])  # one prefill piece at a time bounds the memory
         return logits
