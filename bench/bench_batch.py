@@ -3,10 +3,11 @@
     python bench/bench_batch.py runs/smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf --batches 1 8 32
 
 For each batch size B: B distinct prompts, `--new-tokens` greedy tokens each (no stop tokens), timed
-from the call to the last token (prefill included), best of `--repeats`, the three contestants taking turns. Ours: oryx_torch.batch's
+from the call to the last token (prefill included), best of `--repeats`, the contestants taking turns. Ours: oryx_torch.batch's
 BatchGenerator (one per batch size and plan, kept across repeats, as the server keeps it; CUDA graphs
 per batch-size bucket on CUDA) under the attention plan (the plan that equals the Llama source) and under
-prefill-attention; transformers: LlamaForCausalLM loaded from the GGUF, prompts left-padded, one
+prefill-attention (with --compare-prefill also the attention plan with its prompts prefilled one forward
+per distinct length instead of padded into one); transformers: LlamaForCausalLM loaded from the GGUF, prompts left-padded, one
 `generate` call. Both run on `--device` in `--dtype`. Also reports how many sequences' tokens agree with
 transformers' exactly. An untimed warm-up call per contestant comes first (kernel compilation, graph capture).
 """
