@@ -181,3 +181,29 @@ def test_last_only_logits_are_the_last_row():
     cache = backend.make_cache(2, 8)
     got = backend.prefill(cache, tokens, modes).numpy()
     assert relative_error(got, ref.forward(tokens, modes)[0][:, -1]) < TOL
+
+
+def test_grouped_chunked_recurrence_is_the_repeated_one():
+    """GDN's chunked recurrence once per key/value head group equals the one over repeated heads (what the
+    parallel form runs on the CPU without autograd) and the float64 per-token loop, at lengths that end inside a
+    chunk and that span several chunks."""
+    from oryx_torch.kernels.gdn.chunk_torch import chunk_gated_delta_rule_grouped, chunk_gated_delta_rule_torch
+    from oryx_torch.kernels.gdn.naive import naive_recurrent_gated_delta_rule
+
+    gen = torch.Generator().manual_seed(0)
+    for B, T, Hkv, G, K, V in [(2, 70, 2, 3, 8, 16), (1, 5, 1, 2, 4, 8)]:
+        q = torch.randn(B, T, Hkv * G, K, generator=gen)
+        k = torch.nn.functional.normalize(torch.randn(B, T, Hkv, K, generator=gen), dim=-1)
+        v = torch.randn(B, T, Hkv, V, generator=gen)
+        g, beta = -torch.rand(B, T, Hkv, generator=gen) * 0.5, torch.rand(B, T, Hkv, generator=gen)
+        state = torch.randn(B, Hkv, K, V, generator=gen)
+        repeated = [t.repeat_interleave(G, dim=2) for t in (k, v, g, beta)]
+        got, got_state = chunk_gated_delta_rule_grouped(q, k, v, g, beta, scale=0.3, initial_state=state,
+                                                        output_final_state=True, chunk_size=16)
+        want, want_state = chunk_gated_delta_rule_torch(q, *repeated, scale=0.3, output_final_state=True,
+                                                        initial_state=state.repeat_interleave(G, 1), chunk_size=16)
+        exact, exact_state = naive_recurrent_gated_delta_rule(
+            *(t.double() for t in (q, *repeated)), scale=0.3, initial_state=state.repeat_interleave(G, 1).double(),
+            output_final_state=True)
+        assert relative_error(got, want) < SAME and relative_error(got_state.repeat_interleave(G, 1), want_state) < SAME
+        assert relative_error(got, exact) < 1e-5 and relative_error(got_state.repeat_interleave(G, 1), exact_state) < 1e-5

@@ -35,6 +35,7 @@ from . import host_step
 from .attention import AttentionPlan, apply_rope, decode_attention, plan_attention, rope_tables
 from .cache import LayerCache, OryxCache
 from .kernels.gdn import gated_delta_rule
+from .kernels.gdn.chunk_torch import chunk_gated_delta_rule_grouped
 from .kernels.gdn.naive import gated_delta_rule_step_torch
 from .kernels.mamba2 import ssd
 from .kernels.mamba2.naive import ssd_step_torch
@@ -332,9 +333,23 @@ class OryxMixer(nn.Module):
     def _recurrence(self, r: dict, initial_state):
         state_args = dict(initial_state=initial_state, output_final_state=initial_state is not None)
         if self.cfg.mixer == "gdn":
+            if self.cfg.group_size > 1 and grouped_recurrence_applies(r["q"]):
+                return self._grouped_recurrence(r, initial_state)
             return gated_delta_rule(r["q"], r["k"], r["v"], r["g"], r["beta"], scale=self.cfg.gdn_scale,
                                     **state_args)
         return ssd(r["q"], r["k"], r["v"], r["dt"], r["A"], r["D"], **state_args)
+
+    def _grouped_recurrence(self, r: dict, initial_state):
+        """GDN's chunked torch recurrence run once per key/value head group. Exact: r's keys, values and gates are
+        repeated, so equal within a group, and so are the G per-query-head copies of a cached state (every path
+        that writes the state computes the copies from equal inputs)."""
+        G = self.cfg.group_size
+        B, _, H, _ = r["q"].shape
+        state = None if initial_state is None else initial_state.unflatten(1, (H // G, G))[:, :, 0]
+        o, final = chunk_gated_delta_rule_grouped(r["q"], r["k"][:, :, ::G], r["v"][:, :, ::G], r["g"][..., ::G],
+                                                  r["beta"][..., ::G], scale=self.cfg.gdn_scale, initial_state=state,
+                                                  output_final_state=initial_state is not None)
+        return o, None if final is None else final.repeat_interleave(G, dim=1)
 
     def _attention(self, proj: dict, k, v, plan: AttentionPlan, rope, layer_cache):
         """Appends this chunk's keys/values to the cache (if any) and attends for the attention-mode rows."""
@@ -704,6 +719,12 @@ def check_cache_modes(cache: OryxCache, any_attention: bool, any_recurrent: bool
 
 def fused_decode_available(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def grouped_recurrence_applies(q: torch.Tensor) -> bool:
+    """Whether the parallel form's GDN recurrence may run once per key/value head group: the torch chunked path
+    (CPU, no Triton interpreter), outside autograd and torch.compile."""
+    return not (fused_decode_available(q) or torch.is_grad_enabled() or torch.compiler.is_compiling())
 
 
 # ----- numpy <-> torch, bf16 bit-exact -----

@@ -91,3 +91,62 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
     o = torch.cat(outputs) if outputs else v_.new_zeros(0, H, V)
     final_state = torch.stack(final_states) if output_final_state else None
     return o.reshape(B, T, H, V).to(v.dtype), final_state
+
+
+def chunk_gated_delta_rule_grouped(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                                   chunk_size=64):
+    """chunk_gated_delta_rule_torch for grouped heads, without autograd: q [B, T, H, K] reads key/value head
+    h // G of k [B, T, Hkv, K], v [B, T, Hkv, V], g, beta [B, T, Hkv] (H = Hkv * G). The state depends on keys,
+    values and gates only, so one state per key/value head [B, Hkv, K, V] serves its G query heads, and the
+    work that does not read q (the WY transform, the state recurrence) runs once per group instead of G times.
+    Returns (o [B, T, H, V] in v.dtype, final_state [B, Hkv, K, V] or None)."""
+    B, T, H, K = q.shape
+    Hkv, V = k.shape[2], v.shape[-1]
+    if H % Hkv or k.shape != (B, T, Hkv, K) or v.shape[:3] != (B, T, Hkv) or g.shape != (B, T, Hkv) \
+            or beta.shape != (B, T, Hkv):
+        raise ValueError(f"grouped heads: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}, "
+                         f"g {list(g.shape)}, beta {list(beta.shape)}")
+    G = H // Hkv
+    scale = default_scale(scale, K)
+    dtype = _compute_dtype(q, k, v, g, beta)
+    outputs, finals = [], []
+    for b in range(B):
+        state = q.new_zeros(Hkv, K, V, dtype=dtype) if initial_state is None else initial_state[b].to(dtype)
+        o, state = _grouped_sequence(*(t[b].to(dtype) for t in (q, k, v, g, beta)), state, scale, chunk_size, G)
+        outputs.append(o)
+        finals.append(state)
+    o = torch.stack(outputs).to(v.dtype)
+    return o, torch.stack(finals) if output_final_state else None
+
+
+def _grouped_sequence(q, k, v, g, beta, state, scale, chunk_size, G):
+    """One sequence: q [L, H, K], k [L, Hkv, K], v [L, Hkv, V], g, beta [L, Hkv], state [Hkv, K, V]; the
+    arithmetic of _chunked_sequence with each group's G query heads stacked as rows."""
+    length, H, K = q.shape
+    Hkv = k.shape[1]
+    k, v, g, beta = (_to_chunks(x, chunk_size) for x in (k, v, g, beta))           # [Hkv, NT, C, ...]
+    NT, C = k.shape[1], k.shape[2]
+    q = _to_chunks(q.reshape(length, Hkv, G * K), chunk_size)                        # [Hkv, NT, C, G*K]
+    q = q.view(Hkv, NT, C, G, K).transpose(2, 3)                                     # [Hkv, NT, G, C, K]
+    Gc = torch.cumsum(g, dim=-1)                                                     # [Hkv, NT, C]
+    idx = torch.arange(C, device=q.device)
+    causal = idx[:, None] >= idx[None, :]
+    decay_causal = torch.exp((Gc[..., :, None] - Gc[..., None, :]).masked_fill(~causal, float("-inf")))
+    decay_strict = decay_causal.masked_fill(idx[:, None] == idx[None, :], 0.0)
+    L = beta[..., :, None] * decay_strict * (k @ k.transpose(-1, -2))
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    X = torch.linalg.solve_triangular(eye + L, eye.expand_as(L), upper=False, unitriangular=True)
+    W = X @ ((beta * torch.exp(Gc))[..., None] * k)
+    U = X @ (beta[..., None] * v)
+    intra = (scale * (q @ k.transpose(-1, -2)[:, :, None])) * decay_causal[:, :, None]   # [Hkv, NT, G, C, C]
+    q_decayed = (scale * torch.exp(Gc)[:, :, None, :, None] * q).reshape(Hkv, NT, G * C, K)
+    k_to_end = (torch.exp(Gc[..., -1:] - Gc)[..., None] * k).transpose(-1, -2)     # [Hkv, NT, K, C]
+    chunk_decay = torch.exp(Gc[..., -1])                                             # [Hkv, NT]
+    outputs = []
+    for c in range(NT):
+        delta = U[:, c] - W[:, c] @ state                                            # [Hkv, C, V]
+        outputs.append((q_decayed[:, c] @ state).view(Hkv, G, C, -1) + intra[:, c] @ delta[:, None])
+        state = chunk_decay[:, c, None, None] * state + k_to_end[:, c] @ delta
+    o = torch.stack(outputs, dim=1)                                                  # [Hkv, NT, G, C, V]
+    o = o.permute(1, 3, 0, 2, 4).reshape(NT * C, H, -1)[:length]
+    return o, state
