@@ -231,11 +231,12 @@ class OryxMixer(nn.Module):
         return self._fused[1]
 
     # -- pieces shared by the parallel and the step form (leading dims: [B, T] or [B]) --
-    def _recurrence_inputs(self, proj: dict, k, v, q_raw, l2_normalize_qk: bool = True) -> dict:
-        """Kernel arguments, heads repeated to the H query heads (the kernels take equal heads). GDN's q and
-        k are L2-normalised here unless `l2_normalize_qk` is False (the fused decode step normalises them)."""
+    def _recurrence_inputs(self, proj: dict, k, v, q_raw, l2_normalize_qk: bool = True, grouped: bool = False) -> dict:
+        """Kernel arguments, heads repeated to the H query heads (the kernels take equal heads) unless `grouped`
+        (GDN's grouped recurrence reads each key/value head once). GDN's q and k are L2-normalised here unless
+        `l2_normalize_qk` is False (the fused decode step normalises them)."""
         cfg = self.cfg
-        lead, G = q_raw.shape[:-1], cfg.group_size
+        lead, G = q_raw.shape[:-1], 1 if grouped else cfg.group_size
         q = q_raw.view(*lead, cfg.n_heads, cfg.head_dim)
         k = k.view(*lead, cfg.n_kv_heads, cfg.head_dim)
         v = repeat_heads(v.view(*lead, cfg.n_kv_heads, cfg.v_head_dim), G, -2)
@@ -308,7 +309,8 @@ class OryxMixer(nn.Module):
             if self.separate_kv:
                 k_rec, k_rec_tail = self.conv_k_rec(proj["k_rec"], windows.get("k_rec"), lengths)
                 v_rec, v_rec_tail = self.conv_v_rec(proj["v_rec"], windows.get("v_rec"), lengths)
-            r = self._recurrence_inputs(proj, k_rec, v_rec, q_raw)
+            grouped = self.cfg.mixer == "gdn" and self.cfg.group_size > 1 and grouped_recurrence_applies(xn)
+            r = self._recurrence_inputs(proj, k_rec, v_rec, q_raw, grouped=grouped)
             if lengths is not None:  # padding leaves the state alone: no decay (g = 0), no write (beta = 0, dt = 0)
                 real = (torch.arange(xn.shape[1], device=xn.device)[None, :] < lengths[:, None])[:, :, None]
                 for name in ("g", "beta") if self.cfg.mixer == "gdn" else ("dt",):
@@ -333,22 +335,21 @@ class OryxMixer(nn.Module):
     def _recurrence(self, r: dict, initial_state):
         state_args = dict(initial_state=initial_state, output_final_state=initial_state is not None)
         if self.cfg.mixer == "gdn":
-            if self.cfg.group_size > 1 and grouped_recurrence_applies(r["q"]):
+            if r["k"].shape[-2] != r["q"].shape[-2]:  # kv heads not repeated: grouped_recurrence_applies
                 return self._grouped_recurrence(r, initial_state)
             return gated_delta_rule(r["q"], r["k"], r["v"], r["g"], r["beta"], scale=self.cfg.gdn_scale,
                                     **state_args)
         return ssd(r["q"], r["k"], r["v"], r["dt"], r["A"], r["D"], **state_args)
 
     def _grouped_recurrence(self, r: dict, initial_state):
-        """GDN's chunked torch recurrence run once per key/value head group. Exact: r's keys, values and gates are
-        repeated, so equal within a group, and so are the G per-query-head copies of a cached state (every path
-        that writes the state computes the copies from equal inputs)."""
+        """GDN's chunked torch recurrence run once per key/value head group (r: keys, values and gates per key/value
+        head). Exact: the G per-query-head copies of a cached state are equal (every path that writes the state
+        computes the copies from the same keys, values and gates)."""
         G = self.cfg.group_size
         B, _, H, _ = r["q"].shape
         state = None if initial_state is None else initial_state.unflatten(1, (H // G, G))[:, :, 0]
-        o, final = chunk_gated_delta_rule_grouped(r["q"], r["k"][:, :, ::G], r["v"][:, :, ::G], r["g"][..., ::G],
-                                                  r["beta"][..., ::G], scale=self.cfg.gdn_scale, initial_state=state,
-                                                  output_final_state=initial_state is not None)
+        o, final = chunk_gated_delta_rule_grouped(r["q"], r["k"], r["v"], r["g"], r["beta"], scale=self.cfg.gdn_scale,
+                                                  initial_state=state, output_final_state=initial_state is not None)
         return o, None if final is None else final.repeat_interleave(G, dim=1)
 
     def _attention(self, proj: dict, k, v, plan: AttentionPlan, rope, layer_cache):
