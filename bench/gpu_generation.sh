@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Generation speed on one GPU in one call, results under $OUT (at most 5 files), each step capped by the time left:
+# batched decode against transformers' batched generate (bench_batch.py), the OpenAI server under 1/4/16
+# streaming clients (bench_serve.py), decode with the eager and the compiled step (bench_model.py), then the
+# gpu-marked tests of batching, compiled decode and the sharing variants.
+#
+#   OUT=DIR [TOTAL=SECONDS] bash bench/gpu_generation.sh
+#
+# The weights are random, SmolLM2-135M-Instruct's shape and tokenizer (bench/random_llama.py), so that hosts
+# that cannot receive the 98 MB GGUF measure the real sizes. Needs, carried: SERVER_WHEELS (a folder of wheels
+# for what the serve extra adds to the image: starlette, uvicorn, pydantic and theirs, gguf) and TOKENIZER_FROM
+# (a folder with SmolLM2's tokenizer.json and tokenizer_config.json, e.g. the default model's cache folder).
+# Make them where the registries are reachable, for the GPU image's Python (3.12 here):
+#   python -m pip download -d .whl_serve --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 starlette uvicorn pydantic gguf
+#   mkdir -p runs/smollm2_tok && cp ~/.cache/oryx/smollm2-135m-instruct/tokenizer*.json runs/smollm2_tok/
+set -u
+: "${OUT:?set OUT to the output directory}"
+cd "$(dirname "$0")/.."
+START=$(date +%s); TOTAL=${TOTAL:-570}
+WHEELS=${SERVER_WHEELS:-.whl_serve}; TOKENIZER_FROM=${TOKENIZER_FROM:-runs/smollm2_tok}
+left() { echo $((TOTAL - ($(date +%s) - START))); }
+cap() { local want=$1 l; l=$(left); [ "$l" -lt 20 ] && echo 1 && return; [ "$want" -lt "$l" ] && echo "$want" || echo "$l"; }
+mkdir -p "$OUT"
+if ! python3 -c "import starlette, uvicorn, pydantic" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$WHEELS"/*.whl || exit 2
+fi
+export PYTHONPATH=/tmp/site:.:backends/cuda:backends/mlx:convert PYTHONUNBUFFERED=1
+timeout "$(cap 60)" python3 bench/random_llama.py --tokenizer-from "$TOKENIZER_FROM" --out /tmp/rl > /dev/null &&
+  timeout "$(cap 60)" python3 -m oryx_core convert /tmp/rl /tmp/smollm2-shape > /tmp/convert.log 2>&1
+echo "convert rc=$? at $(( $(date +%s) - START )) s"
+# eager steps under CUDA graphs per bucket; the compiled step is timed by bench_model below
+ORYX_COMPILED_DECODE=0 timeout "$(cap 90)" python3 bench/bench_batch.py /tmp/smollm2-shape --hf /tmp/rl --device cuda \
+  --dtype bfloat16 --batches 1 8 32 --new-tokens 64 --repeats 3 --out "$OUT/bench_batch.json" > /tmp/bench_batch.log 2>&1
+echo "batch rc=$?"; grep -v -i -E "warn|it/s" /tmp/bench_batch.log | tail -4 | cut -c1-400
+ORYX_COMPILED_DECODE=0 timeout "$(cap 80)" python3 bench/bench_serve.py /tmp/smollm2-shape --backends torch --device cuda \
+  --dtype bfloat16 --clients 1 4 16 --requests 4 --max-tokens 64 --out "$OUT/bench_serve.json" > /tmp/bench_serve.log 2>&1
+echo "serve rc=$?"; tail -8 /tmp/bench_serve.log | cut -c1-400
+timeout "$(cap 140)" python3 bench/bench_model.py --skip train --skip prefill --decode-compile both \
+  --json "$OUT/bench_model_decode.json" > /tmp/bench_model_decode.log 2>&1
+echo "decode rc=$?"; grep -v "USDT\|warn" /tmp/bench_model_decode.log | tail -c 3000
+timeout "$(cap 100)" python3 -m pytest -q -p no:cacheprovider -m gpu tests/torch/test_batch.py \
+  tests/torch/test_compiled_decode.py tests/torch/test_sharing.py > /tmp/gpu_tests.log 2>&1
+echo "tests rc=$?"; tail -6 /tmp/gpu_tests.log | cut -c1-300
+cat /tmp/convert.log /tmp/bench_batch.log /tmp/bench_serve.log /tmp/bench_model_decode.log /tmp/gpu_tests.log \
+  > "$OUT/log.txt" 2>/dev/null
+echo "end at $(( $(date +%s) - START )) s"
