@@ -1,0 +1,42 @@
+"""bench/bench_cpu.py: the --tiny smoke run times transformers and every Oryx generation plan in each round and
+reports rates and per-round ratios; bad flags end with exit status 2."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench_module():
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "bench" / "bench_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_reports_every_plan(tmp_path, capsys):
+    bench = bench_module()
+    out = tmp_path / "cpu.json"
+    assert bench.main(["--tiny", "--rounds", "2", "--prompt-length", "12", "--decode-tokens", "3",
+                       "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["attention_logits_error_vs_llama"] < 1e-5 and len(report["load_averages"]) == 2
+    rows = {r["plan"]: r for r in report["rows"]}
+    assert set(rows) == {"-", "attention", "recurrent", "prefill-attention"}
+    assert rows["-"]["model"] == "transformers" and rows["-"]["prompt_ratio"] == rows["-"]["decode_ratio"] == 1
+    for row in rows.values():
+        assert len(row["prompt_rates"]) == len(row["decode_rates"]) == 2
+        assert row["prompt_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0 and row["decode_ratio"] > 0
+    assert "| oryx | prefill-attention |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--rounds", "--prompt-length", "--decode-tokens"])
+def test_non_positive_counts_are_refused(flag):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_module().main(["--tiny", flag, "0"])
+    assert exit_info.value.code == 2
