@@ -34,8 +34,8 @@ RESULTS_NAME = "lm_single_pass.json"
 
 # Larger prose corpora looked for in the registries this project can reach (package metadata only).
 CORPORA_CONSIDERED = [
-    {"source": "Debian bible-kjv-text 4.38", "what": "King James Bible text, about 2.4 MB compressed",
-     "verdict": "archaic prose, about a tenth of the current corpus: would not change one-pass budgets; not added"},
+    {"source": "Debian bible-kjv-text 4.38", "what": "King James Bible with a concordance, a 2.4 MB package",
+     "verdict": "archaic prose, small beside the 17.3 MB corpus archive; not added"},
     {"source": "Debian fortunes 1:1.99.1-7.3", "what": "fortune cookies, 2.6 MB installed",
      "verdict": "short quips, not running prose; not added"},
     {"source": "npm nlp-corpus 4.4.0", "what": "texts for testing NLP components", "verdict": "not added (time)"},
