@@ -225,11 +225,7 @@ def main() -> None:
             results["wall_s"] = time.perf_counter() - started
             write_json(out / RESULTS_NAME, results)
 
-        if pool is None:
-            for job in jobs:
-                record(job, train_job(job))
-        else:
-            run_jobs(pool, train_job, jobs, record)
+        run_jobs(pool, train_job, jobs, record)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

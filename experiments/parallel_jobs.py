@@ -60,8 +60,13 @@ def release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_jobs(pool: ProcessPoolExecutor, function, jobs: list, on_result) -> None:
-    """Runs function(job) for every job on the pool, in order of submission; on_result(job, result) as each ends."""
+def run_jobs(pool: ProcessPoolExecutor | None, function, jobs: list, on_result) -> None:
+    """Runs function(job) for every job on the pool (None: one after the other in this process), in order of
+    submission; on_result(job, result) as each ends, a failed job's result being {"error": its traceback}."""
+    if pool is None:
+        for job in jobs:
+            on_result(job, _guarded(function, job))
+        return
     pending = {pool.submit(_guarded, function, job): job for job in jobs}
     while pending:
         done, _ = wait(pending, return_when=FIRST_COMPLETED)

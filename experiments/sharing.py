@@ -341,11 +341,7 @@ def main() -> None:
             results["wall_s"] = time.perf_counter() - started
             write_json(out / RESULTS_NAME, results)
 
-        if pool is None:
-            for job in jobs:
-                record(job, train_run(job))
-        else:
-            run_jobs(pool, train_run, jobs, record)
+        run_jobs(pool, train_run, jobs, record)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
