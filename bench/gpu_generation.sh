@@ -29,11 +29,11 @@ export PYTHONPATH=/tmp/site:.:backends/cuda:backends/mlx:convert PYTHONUNBUFFERE
 timeout "$(cap 60)" python3 bench/random_llama.py --tokenizer-from "$TOKENIZER_FROM" --out /tmp/rl > /dev/null &&
   timeout "$(cap 60)" python3 -m oryx_core convert /tmp/rl /tmp/smollm2-shape > /tmp/convert.log 2>&1
 echo "convert rc=$? at $(( $(date +%s) - START )) s"
-# eager steps under CUDA graphs per bucket; the compiled step is timed by bench_model below
-ORYX_COMPILED_DECODE=0 timeout "$(cap 90)" python3 bench/bench_batch.py /tmp/smollm2-shape --hf /tmp/rl --device cuda \
+# eager steps under CUDA graphs per bucket (the default); the compiled step is timed by bench_model below
+timeout "$(cap 90)" python3 bench/bench_batch.py /tmp/smollm2-shape --hf /tmp/rl --device cuda \
   --dtype bfloat16 --batches 1 8 32 --new-tokens 64 --repeats 3 --out "$OUT/bench_batch.json" > /tmp/bench_batch.log 2>&1
 echo "batch rc=$?"; grep -v -i -E "warn|it/s" /tmp/bench_batch.log | tail -4 | cut -c1-400
-ORYX_COMPILED_DECODE=0 timeout "$(cap 80)" python3 bench/bench_serve.py /tmp/smollm2-shape --backends torch --device cuda \
+timeout "$(cap 80)" python3 bench/bench_serve.py /tmp/smollm2-shape --backends torch --device cuda \
   --dtype bfloat16 --clients 1 4 16 --requests 4 --max-tokens 64 --out "$OUT/bench_serve.json" > /tmp/bench_serve.log 2>&1
 echo "serve rc=$?"; tail -8 /tmp/bench_serve.log | cut -c1-400
 timeout "$(cap 140)" python3 bench/bench_model.py --skip train --skip prefill --decode-compile both \

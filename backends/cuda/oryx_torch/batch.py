@@ -15,8 +15,8 @@ are decoded too, at position 0, and ignored). The cache grows (to the power of t
 holds the live rows) when sequences join and shrinks (to twice that) once at most a quarter
 of its rows have been live for `shrink_patience` steps, copying the live rows over; so a finished sequence's KV cache, conv
 windows and recurrent state are freed, not only skipped. On CUDA each (bucket, attention
-on/off, any row sampled) step is torch.compile'd (generate.compiled_parts; `compiled=False` or
-ORYX_COMPILED_DECODE=0 keeps it eager), captured once into a CUDA graph and replayed; a resize
+on/off, any row sampled) step is captured once into a CUDA graph and replayed, torch.compile'd
+first with `compiled=True` or ORYX_COMPILED_DECODE=1 (generate.compiled_parts); a resize
 drops the graphs, which read the old cache. Every row's next token is picked inside the step:
 greedy rows by argmax, sampled rows by generate.sample_rows, and all come back in one copy.
 

@@ -11,11 +11,12 @@ take an OryxModel and run that loop through oryx_torch.backend.TorchModel:
 
 On CUDA each distinct step shape (attention on/off, KV cache kept/dropped, recurrent state
 kept/dropped) runs once eagerly (compiling the Triton kernels) and is then captured into a
-CUDA graph and replayed. By default on CUDA the step is first compiled by torch.compile
-(fullgraph: inductor fuses the norms, gates, convs, RoPE and casts between the matmuls and
-the Triton decode kernels, which are custom ops), and it is that compiled step the graph
-captures, with the greedy pick inside it; `ORYX_COMPILED_DECODE=0` (or `compiled=False`)
-keeps the eager step.
+CUDA graph and replayed. With `ORYX_COMPILED_DECODE=1` (or `compiled=True`) the step is
+first compiled by torch.compile (fullgraph: inductor fuses the norms, gates, convs, RoPE and
+casts between the matmuls and the Triton decode kernels, which are custom ops), and it is that
+compiled step the graph captures, with the greedy pick inside it. It is opt-in until it has
+been checked and timed on a GPU (tests/torch/test_compiled_decode.py's gpu tests,
+bench/gpu_generation.sh); the CPU checks pass.
 """
 from __future__ import annotations
 
@@ -82,8 +83,8 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
 
 # ----- one decode step, compiled and graph-captured on CUDA -----
 def compiled_decode_default(device) -> bool:
-    """Whether decode steps are compiled unless told: on CUDA, unless ORYX_COMPILED_DECODE=0."""
-    return torch.device(device).type == "cuda" and os.environ.get("ORYX_COMPILED_DECODE", "1") != "0"
+    """Whether decode steps are compiled unless told: on CUDA, when ORYX_COMPILED_DECODE=1."""
+    return torch.device(device).type == "cuda" and os.environ.get("ORYX_COMPILED_DECODE", "0") == "1"
 
 
 def decode_and_pick(model, tokens, modes, cache: OryxCache, attend: bool, pick: bool = True, parts=None,
