@@ -12,24 +12,16 @@ from oryx_torch import host_step
 from oryx_torch.model import OryxModel
 from model_params import lively_params
 from error_metrics import relative_error
+from torch_models import VARIANTS
 
 TOL = 1e-4  # against the float64 reference, as in test_model.py
 SAME = 1e-5  # against the generic fp32 step: the same arithmetic up to rounding
-
-VARIANTS = {
-    "default": {},
-    "conv_bias_gate_before_norm": dict(conv_bias=True, gate_before_norm=True),
-    "o_norm_all": dict(o_norm_grouping="all"),
-    "no_gate_no_norm_no_mlp": dict(output_gate=False, output_norm=False, mlp_hidden=0),
-    "untied_no_rope_silu": dict(tie_embeddings=False, rope=False, conv_activation="silu"),
-    "llama_import": dict(output_gate=False, output_norm=False, conv_activation="none", recurrent_scale=1.0),
-}
 
 
 def build(mixer, variant, seed=1):
     cfg = preset("tiny", mixer, **VARIANTS[variant])  # tiny has GQA: 4 query heads over 2 kv heads
     params = lively_params(cfg, seed)
-    if variant == "llama_import":  # identity convs, as oryx_convert's Llama import writes them
+    if variant == "retrofitted_llama":  # identity convs, as oryx_convert's Llama import writes them
         for name in params:
             if ".conv_" in name:
                 params[name] = np.zeros_like(params[name])
@@ -92,7 +84,7 @@ def test_host_step_matches_reference_and_generic_step(mixer, variant):
 
 @pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
 def test_dropped_parts_and_ragged_positions(mixer):
-    model, ref = build(mixer, "llama_import", seed=2)
+    model, ref = build(mixer, "retrofitted_llama", seed=2)
     rng = np.random.default_rng(1)
     B, P, T = 3, 4, 10
     tokens = rng.integers(0, model.cfg.vocab_size, (B, T))
@@ -108,7 +100,7 @@ def test_dropped_parts_and_ragged_positions(mixer):
 
 
 def test_identity_convs_are_recognised_and_recomputed_after_a_weight_change():
-    model, _ = build("gdn", "llama_import")
+    model, _ = build("gdn", "retrofitted_llama")
     mixer = model.layers[0].mixer
     assert all(host_step.layer_constants(mixer).identity.values())
     with torch.no_grad():
@@ -136,7 +128,7 @@ def test_identity_convs_pass_through_in_the_parallel_form(mixer):
     """Prefill and eval with a Llama import's identity convs skip the conv arithmetic on the CPU without autograd:
     the same logits and conv windows as the reference, at prompts shorter and longer than the window; with
     autograd on the conv runs, so its weights still get gradients."""
-    model, ref = build(mixer, "llama_import", seed=3)
+    model, ref = build(mixer, "retrofitted_llama", seed=3)
     conv = model.layers[0].mixer.conv_k
     with torch.no_grad():
         assert conv.is_identity() and conv.passes_through(torch.zeros(1, 4, conv.weight.shape[0]))

@@ -12,46 +12,19 @@ import torch
 from oryx_core.cli import main as oryx_main
 from oryx_core.config import OryxConfig, preset
 from oryx_core.plan import ModePlan
-from oryx_core.reference import OryxReference, Stepper
+from oryx_core.reference import Stepper
 from oryx_core.spec import parameter_specs
 from oryx_core.weights import load_checkpoint
 from oryx_torch.attention import AttentionPlan, causal_sdpa, plan_attention, plan_block_mask
 from oryx_torch.model import OryxModel
-from model_params import lively_params
 from error_metrics import relative_error as worst_relative_error
+from torch_models import VARIANTS, build, mixed_modes, run
 
 TOL = 1e-4
 
 
 def rel(got, want):
     return worst_relative_error(got, want)
-
-
-def build(cfg, seed=1):
-    params = lively_params(cfg, seed)
-    model = OryxModel(cfg, seed=None)
-    model.load_params(params)
-    return model.eval(), OryxReference(cfg, params)
-
-
-def run(model, tokens, modes, cache=None):
-    with torch.no_grad():
-        return model(torch.tensor(tokens), torch.tensor(np.asarray(modes)), cache=cache).numpy()
-
-
-def mixed_modes(rng, B, T):
-    """Per-sequence plans in chunks of 4 tokens: A and R alternate along each sequence."""
-    return np.repeat(rng.random((B, -(-T // 4))) < 0.5, 4, axis=1)[:, :T]
-
-
-VARIANTS = {
-    "default": {},
-    "conv_bias_gate_before_norm": dict(conv_bias=True, gate_before_norm=True),
-    "o_norm_all": dict(o_norm_grouping="all"),
-    "no_gate_no_norm_no_mlp": dict(output_gate=False, output_norm=False, mlp_hidden=0),
-    "untied_no_rope_silu": dict(tie_embeddings=False, rope=False, conv_activation="silu"),
-    "retrofitted_llama": dict(output_gate=False, output_norm=False, conv_activation="none", recurrent_scale=1.0),
-}
 
 
 @pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
@@ -290,9 +263,9 @@ def test_fused_decode_kernels_under_triton_interpreter():
     """The CUDA decode path (Triton decode steps with fused KV append) run by Triton's CPU interpreter."""
     pytest.importorskip("triton")
     here = os.path.abspath(__file__)
-    helpers = os.path.join(os.path.dirname(os.path.dirname(here)), "core")  # model_params, as pytest's pythonpath
+    helpers = [os.path.join(os.path.dirname(os.path.dirname(here)), "core"), os.path.dirname(here)]  # as pytest's pythonpath
     env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (helpers, os.environ.get("PYTHONPATH")) if p)}
+           "PYTHONPATH": os.pathsep.join(p for p in (*helpers, os.environ.get("PYTHONPATH")) if p)}
     code = ("import sys, importlib.util; "
             "spec = importlib.util.spec_from_file_location('cuda_test_model', sys.argv[2]); "
             "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "

@@ -10,30 +10,14 @@ import torch
 
 from oryx_core.config import OryxConfig, preset
 from oryx_core.plan import ModePlan
-from oryx_core.reference import OryxReference, Stepper
+from oryx_core.reference import Stepper
 from oryx_core.spec import parameter_counts, parameter_specs
 from oryx_torch.model import OryxMixer, OryxModel
-from model_params import lively_params
 from error_metrics import relative_error
+from torch_models import build, mixed_modes, run
 
 TOL = 1e-4
 SHARINGS = ["kv", "none", "qkv"]
-
-
-def build(cfg, seed=1):
-    params = lively_params(cfg, seed)
-    model = OryxModel(cfg, seed=None)
-    model.load_params(params)
-    return model.eval(), OryxReference(cfg, params)
-
-
-def run(model, tokens, modes, cache=None):
-    with torch.no_grad():
-        return model(torch.tensor(tokens), torch.tensor(np.asarray(modes)), cache=cache).numpy()
-
-
-def chunked_modes(rng, B, T):
-    return np.repeat(rng.random((B, -(-T // 4))) < 0.5, 4, axis=1)[:, :T]
 
 
 @pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
@@ -46,7 +30,7 @@ def test_forward_matches_reference_in_every_plan(mixer, sharing):
     rng = np.random.default_rng(32)  # fresh inputs
     B, T = 2, 21
     tokens = rng.integers(0, cfg.vocab_size, (B, T))
-    plans = {"A": np.ones(T, bool), "R": np.zeros(T, bool), "mixed": chunked_modes(rng, B, T),
+    plans = {"A": np.ones(T, bool), "R": np.zeros(T, bool), "mixed": mixed_modes(rng, B, T),
              "per_layer": rng.random((cfg.n_layers, B, T)) < 0.5}
     out = {}
     for name, modes in plans.items():
@@ -69,7 +53,7 @@ def test_prefill_then_steps_match_reference(mixer, sharing):
     rng = np.random.default_rng(34)
     B, P, T = 2, 9, 22
     tokens = rng.integers(0, cfg.vocab_size, (B, T))
-    modes = chunked_modes(rng, B, T)
+    modes = mixed_modes(rng, B, T)
     want = ref.forward(tokens, modes)[0]
     cache = model.make_cache(B, T)
     pieces = [run(model, tokens[:, :P], modes[:, :P], cache), run(model, tokens[:, P:P + 5], modes[:, P:P + 5], cache)]
@@ -130,7 +114,8 @@ def test_fused_decode_kernels_under_triton_interpreter():
     here = os.path.abspath(__file__)
     tests_dir = os.path.dirname(os.path.dirname(here))
     env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (os.path.join(tests_dir, "core"), os.environ.get("PYTHONPATH")) if p)}
+           "PYTHONPATH": os.pathsep.join(p for p in (os.path.join(tests_dir, "core"), os.path.dirname(here),
+                                                           os.environ.get("PYTHONPATH")) if p)}
     code = ("import sys, importlib.util; "
             "spec = importlib.util.spec_from_file_location('sharing_test', sys.argv[1]); "
             "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
@@ -177,13 +162,13 @@ def test_cuda_paths_match_reference(mixer, sharing):
     rng = np.random.default_rng(40)
     B, T = 2, 300
     tokens = rng.integers(0, cfg.vocab_size, (B, T))
-    for modes in (chunked_modes(rng, B, T), np.ones(T, bool), np.zeros(T, bool)):
+    for modes in (mixed_modes(rng, B, T), np.ones(T, bool), np.zeros(T, bool)):
         with torch.no_grad():
             got = model(torch.tensor(tokens), torch.tensor(modes)).cpu().numpy()
         assert relative_error(got, ref.forward(tokens, modes)[0]) < TOL
     model.train()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(torch.tensor(tokens).cuda(), torch.tensor(chunked_modes(rng, B, T))).float().logsumexp(-1).mean()
+        loss = model(torch.tensor(tokens).cuda(), torch.tensor(mixed_modes(rng, B, T))).float().logsumexp(-1).mean()
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     model.eval()
