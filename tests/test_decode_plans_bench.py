@@ -1,7 +1,5 @@
 """bench/decode_plans_cpu.py's synthetic context: on either backend, a cache filled to N tokens that way holds as many
 tokens and bytes as one a real N-token prompt filled, and decoding continues from it under every plan."""
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,15 +10,11 @@ from oryx_core.generation import stream_generate
 from oryx_core.init import init_params
 from oryx_core.plan import ModePlan
 from oryx_core.weights import save_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_scripts import load_bench_script
 
 
 def bench_module():
-    spec = importlib.util.spec_from_file_location("decode_plans_cpu", ROOT / "bench" / "decode_plans_cpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("decode_plans_cpu")
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,15 @@
 """bench/bench_cpu.py: the --tiny smoke run times transformers and every Oryx generation plan in each round and
 reports rates and per-round ratios; bad flags end with exit status 2."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script
 
 pytest.importorskip("transformers")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def bench_module():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "bench" / "bench_cpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("bench_cpu")
 
 
 def test_tiny_run_reports_every_plan(tmp_path, capsys):

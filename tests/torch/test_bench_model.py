@@ -1,21 +1,16 @@
 """bench/bench_model.py: the --tiny smoke run writes every row it promises, on two models that compute the
 same function; the launch counter counts what it says."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench_script
 
 pytest.importorskip("transformers")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def bench_module():
-    spec = importlib.util.spec_from_file_location("bench_model", ROOT / "bench" / "bench_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("bench_model")
 
 
 def test_tiny_run_reports_every_measure(tmp_path, capsys):

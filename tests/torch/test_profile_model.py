@@ -1,23 +1,16 @@
 """bench/profile_model.py: the CPU smoke run reports every plan it was given, attention time only where a plan
 attends; kernel names fall into the categories the report sums."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def profile_module():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("profile_model", ROOT / "bench" / "profile_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("profile_model")
 
 
 def test_tiny_run_reports_each_plan(tmp_path, capsys):
