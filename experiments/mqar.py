@@ -171,27 +171,33 @@ def eval_plans(entry: dict, exp: dict) -> list[tuple[str, float]]:
     return plans + [("last", s) for s in exp["eval_shares"] if 0.0 < s < 1.0]
 
 
+def eval_sets(exp: dict, seed: int, vocab_size: int):
+    """(length, pairs, batches) for each evaluation length and each pair count that fits it (4 tokens a pair), the
+    batches drawn from `seed`, the length and the pair count alone."""
+    for length in exp["eval_lengths"]:
+        for pairs in (p for p in exp["eval_pairs"] if 4 * p <= length):
+            data_rng = np.random.default_rng([seed, 2, length, pairs])
+            yield length, pairs, [padded_mqar(data_rng, exp["batch_size"], length, pairs, exp["seq_len"], vocab_size)
+                                  for _ in range(exp["eval_batches"])]
+
+
 def evaluate(trainer: Trainer, entry: dict, exp: dict) -> list[dict]:
     rows = []
     trainer.model.eval()
-    for length in exp["eval_lengths"]:
-        for pairs in (p for p in exp["eval_pairs"] if 4 * p <= length):
-            data_rng = np.random.default_rng([exp["seed"], 2, length, pairs])
-            batches = [padded_mqar(data_rng, exp["batch_size"], length, pairs, exp["seq_len"], trainer.cfg.vocab_size)
-                       for _ in range(exp["eval_batches"])]
-            lengths = np.full(exp["batch_size"], length)
-            for placement, share in eval_plans(entry, exp):
-                plan_rng = np.random.default_rng([exp["seed"], 3, length, pairs])
-                correct = total = attention_tokens = 0
-                for inputs, targets in batches:
-                    modes = (last_share_modes(lengths, exp["seq_len"], share) if placement == "last"
-                             else query_aligned_modes(targets, lengths, share, plan_rng))
-                    hit, count = trainer.accuracy(inputs, targets, modes)
-                    correct, total = correct + hit, total + count
-                    attention_tokens += int(modes[:, :length].sum())
-                rows.append({"length": length, "pairs": pairs, "placement": placement, "share": share,
-                             "attention_share": attention_tokens / (length * exp["batch_size"] * len(batches)),
-                             "accuracy": correct / total})
+    for length, pairs, batches in eval_sets(exp, exp["seed"], trainer.cfg.vocab_size):
+        lengths = np.full(exp["batch_size"], length)
+        for placement, share in eval_plans(entry, exp):
+            plan_rng = np.random.default_rng([exp["seed"], 3, length, pairs])
+            correct = total = attention_tokens = 0
+            for inputs, targets in batches:
+                modes = (last_share_modes(lengths, exp["seq_len"], share) if placement == "last"
+                         else query_aligned_modes(targets, lengths, share, plan_rng))
+                hit, count = trainer.accuracy(inputs, targets, modes)
+                correct, total = correct + hit, total + count
+                attention_tokens += int(modes[:, :length].sum())
+            rows.append({"length": length, "pairs": pairs, "placement": placement, "share": share,
+                         "attention_share": attention_tokens / (length * exp["batch_size"] * len(batches)),
+                         "accuracy": correct / total})
     return rows
 
 

@@ -79,26 +79,22 @@ def model_plans(entry: dict, exp: dict) -> list[str]:
 
 def evaluate(trainer, entry: dict, exp: dict) -> list[dict]:
     """One row per (length, pairs, plan): accuracy at the queried keys and the measured attention share."""
-    from mqar import padded_mqar
+    from mqar import eval_sets
 
     rows = []
     trainer.model.eval()
-    for length in exp["eval_lengths"]:
-        for pairs in (p for p in exp["eval_pairs"] if 4 * p <= length):
-            data_rng = np.random.default_rng([exp["eval_seed"], 2, length, pairs])
-            batches = [padded_mqar(data_rng, exp["batch_size"], length, pairs, exp["seq_len"], trainer.cfg.vocab_size)
-                       for _ in range(exp["eval_batches"])]
-            for spec in model_plans(entry, exp):
-                plan_rng = np.random.default_rng([exp["eval_seed"], 3, length, pairs])  # the same draws for every model
-                correct = total = attention = 0
-                for inputs, targets in batches:
-                    modes = plan_modes(spec, length, len(inputs), exp["seq_len"], plan_rng)
-                    right, scored = trainer.accuracy(inputs, targets, modes)
-                    correct, total, attention = correct + right, total + scored, attention + int(modes.sum())
-                queries = int((batches[0][1] != IGNORE).sum(axis=1)[0])
-                rows.append({"length": length, "pairs": pairs, "queries_share": queries / length, "plan": spec,
-                             "share": attention / (length * exp["batch_size"] * exp["eval_batches"]),
-                             "accuracy": correct / total, "correct": correct, "total": total})
+    for length, pairs, batches in eval_sets(exp, exp["eval_seed"], trainer.cfg.vocab_size):
+        for spec in model_plans(entry, exp):
+            plan_rng = np.random.default_rng([exp["eval_seed"], 3, length, pairs])  # the same draws for every model
+            correct = total = attention = 0
+            for inputs, targets in batches:
+                modes = plan_modes(spec, length, len(inputs), exp["seq_len"], plan_rng)
+                right, scored = trainer.accuracy(inputs, targets, modes)
+                correct, total, attention = correct + right, total + scored, attention + int(modes.sum())
+            queries = int((batches[0][1] != IGNORE).sum(axis=1)[0])
+            rows.append({"length": length, "pairs": pairs, "queries_share": queries / length, "plan": spec,
+                         "share": attention / (length * exp["batch_size"] * exp["eval_batches"]),
+                         "accuracy": correct / total, "correct": correct, "total": total})
     trainer.model.train()
     return rows
 
