@@ -26,9 +26,9 @@ def write_random_llama(tokenizer_from: Path, out: Path, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if not (tokenizer_from / "tokenizer.json").is_file():
-        raise SystemExit(f"random_llama.py: error: {tokenizer_from}/tokenizer.json: no such file")
+        raise ValueError(f"{tokenizer_from}/tokenizer.json: no such file")
     if out.exists():
-        raise SystemExit(f"random_llama.py: error: {out} exists; pass a new directory")
+        raise ValueError(f"{out} exists; pass a new directory")
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**hf_config_dict(SMOLLM2_135M))).eval()
     staged = out.with_name(out.name + ".partial")
@@ -48,7 +48,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="the new HF checkpoint directory")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    print(write_random_llama(args.tokenizer_from, args.out, args.seed))
+    try:
+        print(write_random_llama(args.tokenizer_from, args.out, args.seed))
+    except ValueError as error:
+        print(f"random_llama.py: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
