@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Generation speed on one GPU in one call, results under $OUT (at most 5 files), each step capped by the time left:
-# batched decode against transformers' batched generate (bench_batch.py), the OpenAI server under 1/4/16
-# streaming clients (bench_serve.py), decode with the eager and the compiled step (bench_model.py), then the
-# gpu-marked tests of batching, compiled decode and the sharing variants.
+# Generation speed on one GPU in one call, results under $OUT (at most 6 files), each step capped by the time left:
+# batched decode against transformers' batched generate (bench_batch.py), the gpu-marked tests of batching,
+# compiled decode, the sharing variants and mixed attention, the OpenAI server under 1/4/16 streaming clients (bench_serve.py),
+# decode with the eager and the compiled step (bench_model.py), then the training step's profile per plan
+# (profile_model.py).
 #
 #   OUT=DIR [TOTAL=SECONDS] bash bench/gpu_generation.sh
 #
@@ -33,15 +34,20 @@ echo "convert rc=$? at $(( $(date +%s) - START )) s"
 timeout "$(cap 90)" python3 bench/bench_batch.py /tmp/smollm2-shape --hf /tmp/rl --device cuda \
   --dtype bfloat16 --batches 1 8 32 --new-tokens 64 --repeats 3 --out "$OUT/bench_batch.json" > /tmp/bench_batch.log 2>&1
 echo "batch rc=$?"; grep -v -i -E "warn|it/s" /tmp/bench_batch.log | tail -4 | cut -c1-400
+timeout "$(cap 100)" python3 -m pytest -q -p no:cacheprovider -m gpu tests/torch/test_batch.py \
+  tests/torch/test_compiled_decode.py tests/torch/test_sharing.py tests/torch/test_mixed_attention.py > /tmp/gpu_tests.log 2>&1
+echo "tests rc=$?"; tail -6 /tmp/gpu_tests.log | cut -c1-300
 timeout "$(cap 80)" python3 bench/bench_serve.py /tmp/smollm2-shape --backends torch --device cuda \
   --dtype bfloat16 --clients 1 4 16 --requests 4 --max-tokens 64 --out "$OUT/bench_serve.json" > /tmp/bench_serve.log 2>&1
 echo "serve rc=$?"; tail -8 /tmp/bench_serve.log | cut -c1-400
 timeout "$(cap 140)" python3 bench/bench_model.py --skip train --skip prefill --decode-compile both \
   --json "$OUT/bench_model_decode.json" > /tmp/bench_model_decode.log 2>&1
 echo "decode rc=$?"; grep -v "USDT\|warn" /tmp/bench_model_decode.log | tail -c 3000
-timeout "$(cap 100)" python3 -m pytest -q -p no:cacheprovider -m gpu tests/torch/test_batch.py \
-  tests/torch/test_compiled_decode.py tests/torch/test_sharing.py > /tmp/gpu_tests.log 2>&1
-echo "tests rc=$?"; tail -6 /tmp/gpu_tests.log | cut -c1-300
-cat /tmp/convert.log /tmp/bench_batch.log /tmp/bench_serve.log /tmp/bench_model_decode.log /tmp/gpu_tests.log \
+# where the mixed plan's training step spends its time, against the other plans (3 layers compile faster)
+timeout "$(cap 100)" python3 bench/profile_model.py --layers 3 --plans llama,attention,recurrent,mixed,mixed-dense \
+  --json "$OUT/profile_model.json" > /tmp/profile_model.log 2>&1
+echo "profile rc=$?"; grep -v "USDT\|warn" /tmp/profile_model.log | tail -c 4000
+cat /tmp/convert.log /tmp/bench_batch.log /tmp/gpu_tests.log /tmp/bench_serve.log /tmp/bench_model_decode.log \
+  /tmp/profile_model.log \
   > "$OUT/log.txt" 2>/dev/null
 echo "end at $(( $(date +%s) - START )) s"
