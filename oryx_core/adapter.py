@@ -9,6 +9,13 @@ An adapter directory holds
     adapter.safetensors.index.json      weight map and a sha256 per shard
     tokenizer.json, tokenizer_config.json   the base's, copied
 
+An adapter may also carry low-rank deltas of base tensors it does not replace (the shared projections a
+mixed-mode stage adapted, `oryx retrofit --shared-rank`): for a base matrix W [out, in] the factor pair
+`W.lowrank_a` [rank, in] and `W.lowrank_b` [out, rank] (bfloat16), and the merged tensor is
+W + lowrank_b @ lowrank_a, computed in float32 and cast to the base's dtype (`merge_lowrank`, the one
+definition every loader and writer uses). Such an adapter has format_version 2 and lists the adapted
+tensors under "lowrank"; the base's sha256 record still covers W itself (the unadapted tensor).
+
 `load_checkpoint(adapter_dir)` (oryx_core.weights) loads the base, checks each kept tensor's sha256,
 and returns the merged checkpoint, with the adapter's tensors cast to the base's dtype; so every
 backend that loads through the core loader gets merged parameters. A base that does not match is
@@ -34,7 +41,10 @@ ADAPTER_FILE = "adapter.json"
 ADAPTER_INDEX = "adapter.safetensors.index.json"
 ADAPTER_FORMAT = "oryx-adapter"
 ADAPTER_VERSION = 1
+LOWRANK_VERSION = 2  # written only by adapters that carry low-rank deltas; readers take both
 SHARD_BYTES = 16 * 2**20
+ADAPTER_BYTES = 32 * 2**20  # every shard of one adapter together
+LOWRANK_A, LOWRANK_B = ".lowrank_a", ".lowrank_b"
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -61,6 +71,40 @@ def adapter_names(cfg: OryxConfig) -> list[str]:
     return [s.name for s in parameter_specs(cfg) if s.mode == RECURRENT]
 
 
+def lowrank_factor_names(name: str) -> tuple[str, str]:
+    return name + LOWRANK_A, name + LOWRANK_B
+
+
+def round_lowrank(factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The factor pairs as an adapter stores them (bfloat16), back in float32: merging these gives exactly what
+    loading the adapter gives."""
+    import ml_dtypes
+
+    return {name: tuple(np.asarray(f, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32) for f in pair)
+            for name, pair in factors.items()}
+
+
+def merge_lowrank(base: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """base + b @ a in float32, in base's dtype: how a low-rank delta is merged everywhere."""
+    base = np.asarray(base)
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != base.shape:
+        raise FormatError(f"low-rank factors {list(a.shape)} and {list(b.shape)} do not fit a tensor of shape "
+                          f"{list(base.shape)} (need [rank, in] and [out, rank])")
+    return (base.astype(np.float32) + b @ a).astype(base.dtype)
+
+
+def merge_lowrank_params(params: dict[str, np.ndarray],
+                         factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`params` with each tensor named in `factors` replaced by its merged value."""
+    merged = dict(params)
+    for name, (a, b) in factors.items():
+        if name not in params:
+            raise FormatError(f"low-rank delta for {name!r}: the model has no such tensor")
+        merged[name] = merge_lowrank(params[name], a, b)
+    return merged
+
+
 def _stored(name: str, value: np.ndarray) -> np.ndarray:
     """Matrices (projections) in bfloat16; vectors and conv taps in float32, where rounding would move the
     recurrence's decay rates and step sizes."""
@@ -73,11 +117,14 @@ def _stored(name: str, value: np.ndarray) -> np.ndarray:
 
 
 def save_adapter(path: str | Path, base: str | Path, config: OryxConfig, params: dict[str, np.ndarray],
-                 base_ref: str | None = None, shard_bytes: int = SHARD_BYTES) -> Path:
+                 base_ref: str | None = None, shard_bytes: int = SHARD_BYTES,
+                 lowrank: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
     """Writes the recurrent tensors of `params` (a model with `config`) as an adapter on `base`.
 
     `base_ref` is what adapter.json names (default: base's path relative to the adapter's parent,
-    or absolute). The kept tensors' sha256 come from `base` as stored.
+    or absolute). The kept tensors' sha256 come from `base` as stored. `lowrank` ({name: (a, b)}) adds
+    low-rank deltas of kept tensors; `params` then holds those tensors merged (merge_lowrank of the base's
+    tensor and the factors as stored), which is checked, so the adapter loads to exactly `params`.
     """
     from .weights import load_checkpoint, shard_file_name, shard_names
 
@@ -85,21 +132,39 @@ def save_adapter(path: str | Path, base: str | Path, config: OryxConfig, params:
     base_ckpt = load_checkpoint(base)
     names = adapter_names(config)
     kept = [s.name for s in parameter_specs(config) if s.mode != RECURRENT]
+    lowrank = round_lowrank(lowrank or {})
+    unknown = sorted(set(lowrank) - set(kept))
+    if unknown:
+        raise FormatError(f"lowrank: {unknown[0]!r} is not a tensor the adapted model keeps from its base")
     for name in kept:
         if name not in base_ckpt.params:
             raise FormatError(f"{base}: has no tensor {name!r}, which the adapted model keeps from its base")
-        if not np.array_equal(np.asarray(base_ckpt.params[name]), np.asarray(params[name])):
-            raise FormatError(f"params: tensor {name!r} differs from the base's; an adapter holds only "
-                              f"recurrent-mode tensors")
+        want = np.asarray(base_ckpt.params[name])
+        if name in lowrank:
+            want = merge_lowrank(want, *lowrank[name])
+        if not np.array_equal(want, np.asarray(params[name])):
+            raise FormatError(f"params: tensor {name!r} differs from the base's" +
+                              (" merged with its low-rank delta" if name in lowrank else
+                               "; an adapter holds only recurrent-mode tensors and low-rank deltas"))
     base_config = base_ckpt.config.to_dict()
     changes = {k: v for k, v in config.to_dict().items() if base_config.get(k) != v}
     stored = {name: _stored(name, params[name]) for name in names}
+    for name, pair in lowrank.items():
+        for fname, factor in zip(lowrank_factor_names(name), pair):
+            stored[fname] = _stored(fname, factor)
+    total = sum(v.nbytes for v in stored.values())
+    if total > ADAPTER_BYTES - 64 * 1024:  # room for the shards' headers and the index
+        raise FormatError(f"{path}: the adapter's tensors take {total / 2**20:.1f} MiB, over the "
+                          f"{ADAPTER_BYTES // 2**20} MiB an adapter may hold (lower the rank or adapt fewer tensors)")
     shards = [{name: stored[name] for name in group}
               for group in shard_names(stored, shard_bytes - 4096)]  # room for the safetensors header
     if base_ref is None:
         base_ref = str(Path(base).resolve())
-    meta = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_VERSION, "base": base_ref, "config": changes,
+    meta = {"format": ADAPTER_FORMAT, "format_version": LOWRANK_VERSION if lowrank else ADAPTER_VERSION,
+            "base": base_ref, "config": changes,
             "base_sha256": {name: tensor_sha256(base_ckpt.params[name]) for name in kept}}
+    if lowrank:
+        meta["lowrank"] = sorted(lowrank)
 
     def fill(tmp: Path) -> None:
         weight_map, sums = {}, {}
@@ -119,15 +184,24 @@ def save_adapter(path: str | Path, base: str | Path, config: OryxConfig, params:
 
 
 def save_adapter_of(model_dir: str | Path, path: str | Path, base: str | Path | None = None,
-                    base_ref: str | None = None) -> Path:
-    """The adapter of a whole checkpoint (e.g. `oryx retrofit`'s result) on `base` (default: the SRC
-    its config names under extra.retrofit_src, else an error)."""
+                    base_ref: str | None = None,
+                    lowrank: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
+    """The adapter of a whole checkpoint (e.g. `oryx retrofit`'s result) on `base`; `lowrank` as save_adapter's."""
     from .weights import load_checkpoint
 
     ckpt = load_checkpoint(model_dir)
     if base is None:
         raise ValueError(f"{model_dir}: name the base the adapter applies to")
-    return save_adapter(path, base, ckpt.config, ckpt.params, base_ref)
+    return save_adapter(path, base, ckpt.config, ckpt.params, base_ref, lowrank=lowrank)
+
+
+def adapter_base(path: str | Path) -> tuple[Path, str]:
+    """(base directory, the reference adapter.json gives) of an adapter: a new adapter trained from this
+    adapted model applies to the same base."""
+    path = Path(path)
+    meta = read_adapter_meta(path)
+    base = resolve_base(meta["base"], path)
+    return base, meta["base"] if meta["base"].startswith("named:") else str(base)
 
 
 def read_adapter_meta(path: Path) -> dict:
@@ -138,12 +212,17 @@ def read_adapter_meta(path: Path) -> dict:
         raise FormatError(f"{meta_path}: not readable JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
         raise FormatError(f"{meta_path}: not an Oryx adapter (no \"format\": \"{ADAPTER_FORMAT}\")")
-    if meta.get("format_version") != ADAPTER_VERSION:
+    if meta.get("format_version") not in (ADAPTER_VERSION, LOWRANK_VERSION):
         raise FormatError(f"{meta_path}: unknown format_version {meta.get('format_version')!r} "
-                          f"(this Oryx reads {ADAPTER_VERSION})")
+                          f"(this Oryx reads {ADAPTER_VERSION} and {LOWRANK_VERSION})")
     for key, kind in (("base", str), ("config", dict), ("base_sha256", dict)):
         if not isinstance(meta.get(key), kind):
             raise FormatError(f"{meta_path}: missing or malformed {key!r}")
+    lowrank = meta.setdefault("lowrank", [])
+    if not isinstance(lowrank, list) or not all(isinstance(n, str) for n in lowrank):
+        raise FormatError(f"{meta_path}: malformed 'lowrank' (a list of tensor names)")
+    if lowrank and meta["format_version"] != LOWRANK_VERSION:
+        raise FormatError(f"{meta_path}: 'lowrank' needs format_version {LOWRANK_VERSION}")
     return meta
 
 
@@ -207,11 +286,21 @@ def load_adapter(path: str | Path, base: str | Path | None = None, verify_checks
             raise FormatError(f"{shard}: checksum mismatch: the file is corrupt or was changed after saving")
         tensors.update(load_file(shard)[0])
     wanted = set(adapter_names(cfg))
-    if set(tensors) != wanted:
-        missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
+    factor_names = {f for name in meta["lowrank"] for f in lowrank_factor_names(name)}
+    if set(tensors) != wanted | factor_names:
+        missing, extra = sorted((wanted | factor_names) - set(tensors)), sorted(set(tensors) - wanted - factor_names)
         raise FormatError(f"{path}: adapter tensors do not fit the config: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name in meta["lowrank"]:
+        if name in wanted or name not in meta["base_sha256"]:
+            raise FormatError(f"{path / ADAPTER_FILE}: 'lowrank' names {name!r}, which is not a base tensor "
+                              f"this adapter keeps")
     dtype = next(iter(base_ckpt.params.values())).dtype
     params = {name: value for name, value in base_ckpt.params.items() if name not in wanted}
-    params.update({name: np.asarray(value).astype(dtype) for name, value in tensors.items()})
+    params.update({name: np.asarray(value).astype(dtype) for name, value in tensors.items() if name in wanted})
+    try:
+        params = merge_lowrank_params(params, {name: tuple(tensors[f] for f in lowrank_factor_names(name))
+                                               for name in meta["lowrank"]})
+    except FormatError as e:
+        raise FormatError(f"{path}: {e}") from None
     check_against_spec(cfg, params, str(path))
     return Checkpoint(cfg, params, base_ckpt.dtype, None, path, dict(base_ckpt.extra_files))

@@ -117,4 +117,23 @@ def register(subparsers) -> None:
     p.add_argument("--stop-after", type=positive_int, metavar="N", help="stop (with a checkpoint) after step N")
     p.add_argument("--force", **FORCE_FLAG)
     p.add_argument("--json", action="store_true", help="print the summary as JSON (and no progress bar)")
+    shared = p.add_argument_group(
+        "shared stage", "--shared-rank R makes the run the shared stage instead of stages (a) and (b): SRC is an "
+        "already retrofitted checkpoint or adapter; low-rank deltas (rank R) on shared projections and the recurrent "
+        "tensors train on mixed plans against the frozen source's all-attention logits, while all-attention rows hold "
+        "attention mode near SRC; the saved model is the best evaluation whose attention-mode validation NLL is within "
+        "--attention-budget of SRC's, deltas merged (with --adapter: an adapter carrying the factor pairs). "
+        "--tokens is its budget")
+    shared.add_argument("--shared-rank", type=non_negative_int, default=0, help="rank of the deltas (default 0: off)")
+    shared.add_argument("--shared-targets", default="k_proj,v_proj,o_proj",
+                        help="comma-separated projections to adapt: q_attn, k_proj, v_proj, g_proj, o_proj, gate_proj, "
+                             "up_proj, down_proj (default k_proj,v_proj,o_proj)")
+    shared.add_argument("--attention-budget", type=non_negative_float, default=0.01,
+                        help="allowed relative rise of attention mode's validation NLL (default 0.01)")
+    shared.add_argument("--attention-share", type=positive_float, default=0.25,
+                        help="share of each batch's rows run all-attention (default 0.25)")
+    shared.add_argument("--attention-weight", type=non_negative_float, default=1.0,
+                        help="weight of the all-attention rows' KL in the loss (default 1.0)")
+    shared.add_argument("--recurrent-lr-scale", type=non_negative_float, default=0.5,
+                        help="the recurrent tensors' learning rate relative to --lr (default 0.5)")
     p.set_defaults(func=backend_handler("torch", "oryx_torch.retrofit_cli", "cmd_retrofit"))
