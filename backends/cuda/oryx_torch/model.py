@@ -182,12 +182,13 @@ class OryxMixer(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(Hkv))
         self.dt_bias = nn.Parameter(torch.zeros(Hkv))
         # Input projections in one fixed order: the attention-only ones first, the recurrent-only ones last,
-        # so what either mode alone needs is one contiguous run of rows of their concatenated weight.
+        # so what either mode alone needs is one contiguous run of rows of their concatenated weight; q_rec
+        # comes last, so a state advanced without its readout (`state_only`) drops it from the run.
         gates = ("a_proj", "b_proj") if cfg.mixer == "gdn" else ("dt_proj",)
         gate = ("g_proj",) if cfg.output_gate else ()
         attention_only, shared, recurrent_only = {
-            "kv": (("q_attn",), ("k_proj", "v_proj") + gate, ("q_rec",) + gates),
-            "none": (("q_attn", "k_proj", "v_proj"), gate, ("q_rec", "k_rec", "v_rec") + gates),
+            "kv": (("q_attn",), ("k_proj", "v_proj") + gate, gates + ("q_rec",)),
+            "none": (("q_attn", "k_proj", "v_proj"), gate, ("k_rec", "v_rec") + gates + ("q_rec",)),
             "qkv": ((), ("q_attn", "k_proj", "v_proj") + gate, gates),
         }[cfg.sharing]
         self.projection_order = attention_only + shared + recurrent_only
@@ -202,13 +203,15 @@ class OryxMixer(nn.Module):
     # reads the cached concatenation instead of concatenating the weights on every call.
     frozen_projections = False
 
-    def _projections(self, xn, attention: bool, recurrent: bool) -> dict:
+    def _projections(self, xn, attention: bool, recurrent: bool, recurrent_query: bool = True) -> dict:
         """{name: xn @ W_name^T} for the projections both modes read (with the default sharing k_proj, v_proj,
         g_proj), plus the attention-only ones when `attention`, plus the recurrent-only ones (q_rec and the
-        recurrence's gates) when `recurrent`."""
+        recurrence's gates) when `recurrent`, q_rec left out when not `recurrent_query`."""
         order = self.projection_order
         first = 0 if attention else self._shared_rows[0]
         last = len(order) if recurrent else self._shared_rows[1]
+        if recurrent and not recurrent_query and order[-1] == "q_rec":
+            last -= 1
         names = order[first:last]
         layers = [getattr(self, name) for name in names]
         if not self.fuse_projections:
@@ -236,8 +239,8 @@ class OryxMixer(nn.Module):
         (GDN's grouped recurrence reads each key/value head once). GDN's q and k are L2-normalised here unless
         `l2_normalize_qk` is False (the fused decode step normalises them)."""
         cfg = self.cfg
-        lead, G = q_raw.shape[:-1], 1 if grouped else cfg.group_size
-        q = q_raw.view(*lead, cfg.n_heads, cfg.head_dim)
+        lead, G = k.shape[:-1], 1 if grouped else cfg.group_size
+        q = None if q_raw is None else q_raw.view(*lead, cfg.n_heads, cfg.head_dim)   # None: the state alone
         k = k.view(*lead, cfg.n_kv_heads, cfg.head_dim)
         v = repeat_heads(v.view(*lead, cfg.n_kv_heads, cfg.v_head_dim), G, -2)
         A = -torch.exp(fp32(self.A_log))
@@ -245,7 +248,7 @@ class OryxMixer(nn.Module):
             log_alpha = A * F.softplus(fp32(proj["a_proj"]) + fp32(self.dt_bias))
             beta = torch.sigmoid(fp32(proj["b_proj"]))
             if l2_normalize_qk:
-                q, k = l2_normalize(q), l2_normalize(k)
+                q, k = None if q is None else l2_normalize(q), l2_normalize(k)
             return dict(q=q, k=repeat_heads(k, G, -2), v=v,
                         g=repeat_heads(log_alpha, G, -1), beta=repeat_heads(beta, G, -1))
         dt = F.softplus(fp32(proj["dt_proj"]) + fp32(self.dt_bias))
@@ -294,7 +297,13 @@ class OryxMixer(nn.Module):
         # likewise the KV cache takes every token's key and value while it is kept
         recurrent = plan.any_recurrent or (layer_cache is not None and layer_cache.recurrent is not None)
         attention_kv = plan.any_attention or (layer_cache is not None and layer_cache.keys is not None)
-        proj = self._projections(xn, plan.any_attention or (self.separate_kv and attention_kv), recurrent)
+        # a state advanced by tokens none of which reads it (a prompt in attention mode before recurrent decoding):
+        # the grouped recurrence computes the final state alone, and q_rec is projected only for the tokens its
+        # conv window keeps
+        state_only = (recurrent and not plan.any_recurrent and lengths is None and self.recurrent_query == "q_rec"
+                      and self.cfg.mixer == "gdn" and grouped_recurrence_applies(xn))
+        proj = self._projections(xn, plan.any_attention or (self.separate_kv and attention_kv), recurrent,
+                                 recurrent_query=not state_only)
         k = v = None
         if attention_kv or not self.separate_kv:
             k, k_tail = self.conv_k(proj["k_proj"], windows.get("k"), lengths)
@@ -304,12 +313,19 @@ class OryxMixer(nn.Module):
                 layer_cache.conv["v"].copy_(v_tail)
         o_rec = o_attn = None
         if recurrent:
-            q_raw, q_tail = self.conv_q(proj[self.recurrent_query], windows.get("q"), lengths)
+            if state_only:  # no readout: the conv window's last W - 1 inputs are all q_rec is needed for
+                T, keep = xn.shape[1], min(xn.shape[1], self.conv_q.weight.shape[1] - 1)
+                q_raw, q_tail = None, windows["q"]
+                if keep:
+                    q_tail = self.conv_q(F.linear(xn[:, T - keep:], self.q_rec.weight), windows["q"])[1]
+            else:
+                q_raw, q_tail = self.conv_q(proj[self.recurrent_query], windows.get("q"), lengths)
             k_rec, v_rec = k, v
             if self.separate_kv:
                 k_rec, k_rec_tail = self.conv_k_rec(proj["k_rec"], windows.get("k_rec"), lengths)
                 v_rec, v_rec_tail = self.conv_v_rec(proj["v_rec"], windows.get("v_rec"), lengths)
-            grouped = self.cfg.mixer == "gdn" and self.cfg.group_size > 1 and grouped_recurrence_applies(xn)
+            grouped = state_only or (self.cfg.mixer == "gdn" and self.cfg.group_size > 1
+                                     and grouped_recurrence_applies(xn))
             r = self._recurrence_inputs(proj, k_rec, v_rec, q_raw, grouped=grouped)
             if lengths is not None:  # padding leaves the state alone: no decay (g = 0), no write (beta = 0, dt = 0)
                 real = (torch.arange(xn.shape[1], device=xn.device)[None, :] < lengths[:, None])[:, :, None]
@@ -335,7 +351,7 @@ class OryxMixer(nn.Module):
     def _recurrence(self, r: dict, initial_state):
         state_args = dict(initial_state=initial_state, output_final_state=initial_state is not None)
         if self.cfg.mixer == "gdn":
-            if r["k"].shape[-2] != r["q"].shape[-2]:  # kv heads not repeated: grouped_recurrence_applies
+            if r["q"] is None or r["k"].shape[-2] != r["q"].shape[-2]:  # kv heads once: grouped_recurrence_applies
                 return self._grouped_recurrence(r, initial_state)
             return gated_delta_rule(r["q"], r["k"], r["v"], r["g"], r["beta"], scale=self.cfg.gdn_scale,
                                     **state_args)
@@ -345,9 +361,8 @@ class OryxMixer(nn.Module):
         """GDN's chunked torch recurrence run once per key/value head group (r: keys, values and gates per key/value
         head). Exact: the G per-query-head copies of a cached state are equal (every path that writes the state
         computes the copies from the same keys, values and gates)."""
-        G = self.cfg.group_size
-        B, _, H, _ = r["q"].shape
-        state = None if initial_state is None else initial_state.unflatten(1, (H // G, G))[:, :, 0]
+        G, Hkv = self.cfg.group_size, self.cfg.n_kv_heads
+        state = None if initial_state is None else initial_state.unflatten(1, (Hkv, G))[:, :, 0]
         o, final = chunk_gated_delta_rule_grouped(r["q"], r["k"], r["v"], r["g"], r["beta"], scale=self.cfg.gdn_scale,
                                                   initial_state=state, output_final_state=initial_state is not None)
         return o, None if final is None else final.repeat_interleave(G, dim=1)
@@ -371,6 +386,8 @@ class OryxMixer(nn.Module):
     # -- step form (decoding one token per sequence) --
     def step(self, xn, modes, rope, layer_cache: LayerCache, position, attend: bool):
         """xn [B, D]; modes [B] bool; position [B] (the slot this token takes). Graph-capturable."""
+        if fused_step_applies(self, layer_cache):
+            return self._fused_step(xn, modes, rope, layer_cache, position, attend)
         cfg = self.cfg
         B = xn.shape[0]
         recurrent = layer_cache.recurrent is not None
@@ -405,6 +422,37 @@ class OryxMixer(nn.Module):
         o_attn = decode_attention(q, layer_cache.keys, layer_cache.values, position, cfg.head_dim ** -0.5)
         o = torch.where(modes.view(B, 1, 1), cast(o_attn, o_rec.dtype), o_rec)
         return self._output(o[:, None], proj, xn.dtype)[:, 0]
+
+    def _fused_step(self, xn, modes, rope, layer_cache: LayerCache, position, attend: bool):
+        """`step` through the fused kernels of kernels/decode_step.py: the input projections' matmul, at most two
+        kernels (the attention token when a row attends or the recurrent state was dropped, the GDN token when the
+        state is kept), o_proj. The same function as the unfused step (fused_step_applies says when it runs)."""
+        from .kernels.decode_step import attention_token_step, gdn_token_step
+
+        cfg = self.cfg
+        recurrent = layer_cache.recurrent is not None
+        proj = self._projections(xn, attend or not recurrent, recurrent)                  # each [B, *]
+        cos, sin = (None, None) if rope is None else (t.reshape(t.shape[0], -1) for t in rope)
+        silu = cfg.conv_act == "silu"
+        norm_w, norm_eps = (None, 0.0) if self.o_norm is None else (self.o_norm.weight, self.o_norm.eps)
+        gate, windows = proj.get("g_proj"), layer_cache.conv
+        convs = (self.conv_k.weight, self.conv_k.bias, self.conv_v.weight, self.conv_v.bias)
+        o_attn = None
+        if attend or not recurrent:
+            o_attn = attention_token_step(proj["q_attn"], proj["k_proj"], proj["v_proj"], gate, *convs, silu,
+                                          windows["k"], windows["v"], layer_cache.keys, layer_cache.values, position,
+                                          cos, sin, cfg.head_dim ** -0.5, cfg.n_heads, not recurrent, norm_w,
+                                          norm_eps, cfg.gate_before_norm, xn.dtype)
+            if not recurrent:
+                return self.o_proj(o_attn)
+        append = not attend and layer_cache.keys is not None  # an attending step's kernel appended already
+        y = gdn_token_step(proj[self.recurrent_query], proj["k_proj"], proj["v_proj"], proj["a_proj"], proj["b_proj"],
+                           gate, self.conv_q.weight, self.conv_q.bias, *convs, silu, windows["q"], windows["k"],
+                           windows["v"], self.A_log, self.dt_bias, layer_cache.recurrent, cfg.gdn_scale, L2NORM_EPS,
+                           norm_w, norm_eps, cfg.gate_before_norm, layer_cache.keys if append else None,
+                           layer_cache.values if append else None, position, cos, sin, modes if attend else None,
+                           o_attn, xn.dtype)
+        return self.o_proj(y)
 
     def _recurrence_step(self, r: dict, layer_cache: LayerCache, position, keys, values, qk_normalized=True):
         """One recurrence token, state updated in place; also writes this token's key/value to the KV cache.
@@ -720,6 +768,23 @@ def check_cache_modes(cache: OryxCache, any_attention: bool, any_recurrent: bool
 
 def fused_decode_available(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Whether decode steps run each layer's mixer through the fused token kernels (kernels/decode_step.py) where
+# fused_step_applies; read at every step, so it may be switched between runs (a captured CUDA graph or a compiled
+# step keeps what it was built with; dynamo guards on it).
+FUSED_DECODE = os.environ.get("ORYX_FUSED_DECODE", "0") == "1"
+
+
+def fused_step_applies(mixer: OryxMixer, layer_cache: LayerCache) -> bool:
+    """Whether OryxMixer.step runs the fused kernels: FUSED_DECODE on, CUDA tensors (or the Triton interpreter),
+    a GDN mixer whose modes share the keys and values (sharing "kv" or "qkv"), the output norm per head, conv
+    width >= 2, heads of >= 16 (the attention kernel's matrix products), and the parts of the cache it writes."""
+    cfg = mixer.cfg
+    return (FUSED_DECODE and cfg.mixer == "gdn" and not mixer.separate_kv and cfg.o_norm_grouping == "head"
+            and cfg.conv_width >= 2 and min(cfg.head_dim, cfg.v_head_dim) >= 16
+            and (layer_cache.keys is not None or layer_cache.recurrent is not None)
+            and fused_decode_available(layer_cache.conv["k"]))
 
 
 def grouped_recurrence_applies(q: torch.Tensor) -> bool:

@@ -1,0 +1,340 @@
+"""A layer's decode token in two Triton kernels: what lies between the input projection and o_proj.
+
+gdn_token_step, one program per (sequence, key/value head): the short convs of the recurrent query, the key and
+the value (the new input enters each conv window, which shifts in place), their activation, the L2 norms, the
+gates (decay e^g with g = -e^{A_log} softplus(a + dt_bias), write strength beta = sigmoid(b)), the delta-rule
+update of the state, shared by the group's query heads, written to each of their copies
+    S <- e^g S;  S <- S + k (beta (v - S^T k))^T;  o_h = scale S^T q_h,
+the gated RMSNorm of each query head's readout, and (optionally) the key, rotated by RoPE, and the value appended
+to the KV cache at the sequence's position. With `mixed`, the rows whose mode is attention take the readout the
+attention kernel wrote instead of the recurrence's before the norm.
+
+attention_token_step, one program per (sequence, key/value head): the same convs of the key and value (windows
+left alone unless `write_windows`), RoPE on the key and the group's queries, the KV-cache append, and softmax
+attention of the group's queries over the cache slots before the sequence's position plus the current token,
+in blocks with a running maximum; with `finish` (no recurrence in the step) also the window shift and the gated
+norm, otherwise the readout goes to gdn_token_step.
+
+Both read the projections as row views of the fused projection matmul's output (any row stride) and compute in
+fp32 whatever the model's dtype; the state is fp32 [B, H, K, V], one equal copy per query head.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gdn._triton_compat import patch_interpreter_scalar_index
+
+patch_interpreter_scalar_index()
+
+
+@triton.jit
+def _conv_token(x_row, win, weight, bias, b, C, channels, mask, W: tl.constexpr, BW: tl.constexpr,
+                HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    """One token of a depthwise causal conv at `channels` of sequence b: (output fp32, window rows [BW, BC] as
+    loaded, the input rounded to the window's dtype). The window holds the last W-1 inputs, oldest first."""
+    taps = tl.arange(0, BW)
+    history = (taps < W - 1)[:, None] & mask[None, :]
+    rows = tl.load(win + b * (W - 1) * C + taps[:, None] * C + channels[None, :], mask=history, other=0.0)
+    x = tl.load(x_row + channels, mask=mask, other=0.0).to(win.dtype.element_ty)
+    w = tl.load(weight + channels[None, :] * W + taps[:, None], mask=history, other=0.0).to(tl.float32)
+    w_last = tl.load(weight + channels * W + (W - 1), mask=mask, other=0.0).to(tl.float32)
+    out = tl.sum(rows.to(tl.float32) * w, axis=0) + x.to(tl.float32) * w_last
+    if HAS_BIAS:
+        out += tl.load(bias + channels, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        out = out * tl.sigmoid(out)
+    return out, rows, x
+
+
+@triton.jit
+def _shift_window(win, b, C, channels, mask, rows, x, W: tl.constexpr, BW: tl.constexpr):
+    """Writes the window's rows 1.. one row up and x into its last row (call after a barrier: other threads
+    of the program may still be reading the rows this overwrites)."""
+    taps = tl.arange(0, BW)
+    base = win + b * (W - 1) * C
+    keep = ((taps >= 1) & (taps < W - 1))[:, None] & mask[None, :]
+    tl.store(base + (taps[:, None] - 1) * C + channels[None, :], rows, mask=keep)
+    tl.store(base + (W - 2) * C + channels, x, mask=mask)
+
+
+@triton.jit
+def _rope(x, x_rot, cos, sin, row, idx, mask):
+    """Rotate-half RoPE: x * [c, c] + x[(i + D/2) % D] * [-s, s] (tables [.., D] as rope_tables makes them)."""
+    c = tl.load(cos + row + idx, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(sin + row + idx, mask=mask, other=0.0).to(tl.float32)
+    return x * c + x_rot * s
+
+
+@triton.jit
+def _gated_norm(o, gate_row, norm_w, eps, idx, mask, DV: tl.constexpr, OUTPUT_NORM: tl.constexpr,
+                OUTPUT_GATE: tl.constexpr, GATE_BEFORE_NORM: tl.constexpr):
+    """reference.gated_out_norm per head: RMSNorm(o) w SiLU(g), or RMSNorm(o SiLU(g)) w, or the parts present."""
+    if OUTPUT_GATE:
+        g = tl.load(gate_row + idx, mask=mask, other=0.0).to(tl.float32)
+        gate = g * tl.sigmoid(g)
+        if GATE_BEFORE_NORM or not OUTPUT_NORM:
+            o = o * gate
+    if OUTPUT_NORM:
+        o = o * (1.0 / tl.sqrt(tl.sum(o * o) / DV + eps))
+        o = o * tl.load(norm_w + idx, mask=mask, other=0.0).to(tl.float32)
+        if OUTPUT_GATE and not GATE_BEFORE_NORM:
+            o = o * gate
+    return o
+
+
+@triton.jit
+def _gdn_token_kernel(
+        q_in, q_stride, k_in, k_stride, v_in, v_stride, a_in, a_stride, b_in, b_stride, gate_in, gate_stride,
+        conv_q_w, conv_q_b, conv_k_w, conv_k_b, conv_v_w, conv_v_b, win_q, win_k, win_v,
+        A_log, dt_bias, state, scale, l2_eps, norm_w, norm_eps,
+        k_cache, v_cache, kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st, position, cos, sin, rope_stride,
+        modes, o_attn, out,
+        H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, W: tl.constexpr,
+        BD: tl.constexpr, BDV: tl.constexpr, BW: tl.constexpr,
+        CONV_BIAS: tl.constexpr, SILU: tl.constexpr, OUTPUT_NORM: tl.constexpr, OUTPUT_GATE: tl.constexpr,
+        GATE_BEFORE_NORM: tl.constexpr, APPEND_KV: tl.constexpr, ROPE: tl.constexpr, MIXED: tl.constexpr):
+    b, j = tl.program_id(0), tl.program_id(1)
+    G: tl.constexpr = H // HKV
+    d_idx = tl.arange(0, BD)
+    v_idx = tl.arange(0, BDV)
+    d_ok, v_ok = d_idx < D, v_idx < DV
+    k_ch = j * D + d_idx
+    v_ch = j * DV + v_idx
+    k, k_rows, k_x = _conv_token(k_in + b * k_stride, win_k, conv_k_w, conv_k_b, b, HKV * D, k_ch, d_ok, W, BW,
+                                 CONV_BIAS, SILU)
+    v, v_rows, v_x = _conv_token(v_in + b * v_stride, win_v, conv_v_w, conv_v_b, b, HKV * DV, v_ch, v_ok, W, BW,
+                                 CONV_BIAS, SILU)
+    if APPEND_KV:
+        pos = tl.load(position + b).to(tl.int64)
+        key = k
+        if ROPE:
+            rot_ch = j * D + (d_idx + D // 2) % D
+            k_rot, _r, _x = _conv_token(k_in + b * k_stride, win_k, conv_k_w, conv_k_b, b, HKV * D, rot_ch, d_ok,
+                                        W, BW, CONV_BIAS, SILU)
+            key = _rope(k, k_rot, cos, sin, b * rope_stride, d_idx, d_ok)
+        tl.store(k_cache + b * kc_sb + j * kc_sh + pos * kc_st + d_idx, key.to(k_cache.dtype.element_ty), mask=d_ok)
+        tl.store(v_cache + b * vc_sb + j * vc_sh + pos * vc_st + v_idx, v.to(v_cache.dtype.element_ty), mask=v_ok)
+    # gates of this key/value head
+    a = tl.load(a_in + b * a_stride + j).to(tl.float32) + tl.load(dt_bias + j).to(tl.float32)
+    softplus_a = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))
+    decay = tl.exp(-tl.exp(tl.load(A_log + j).to(tl.float32)) * softplus_a)
+    beta = tl.sigmoid(tl.load(b_in + b * b_stride + j).to(tl.float32))
+    k = k / tl.sqrt(tl.sum(k * k) + l2_eps)
+    # the group's state copies are equal: update the first, write it to each
+    copies = state + (b * H + j * G).to(tl.int64) * D * DV
+    tile = d_idx[:, None] * DV + v_idx[None, :]
+    tile_ok = d_ok[:, None] & v_ok[None, :]
+    S = tl.load(copies + tile, mask=tile_ok, other=0.0) * decay
+    correction = beta * (v - tl.sum(S * k[:, None], axis=0))
+    S = S + k[:, None] * correction[None, :]
+    attention_row = False
+    if MIXED:
+        attention_row = tl.load(modes + b) != 0
+    tl.debug_barrier()  # every thread has read the k and v windows before they shift
+    _shift_window(win_k, b, HKV * D, k_ch, d_ok, k_rows, k_x, W, BW)
+    _shift_window(win_v, b, HKV * DV, v_ch, v_ok, v_rows, v_x, W, BW)
+    for i in tl.static_range(G):
+        h = j * G + i
+        q_ch = h * D + d_idx
+        q, q_rows, q_x = _conv_token(q_in + b * q_stride, win_q, conv_q_w, conv_q_b, b, H * D, q_ch, d_ok, W, BW,
+                                     CONV_BIAS, SILU)
+        q = q / tl.sqrt(tl.sum(q * q) + l2_eps)
+        o = scale * tl.sum(S * q[:, None], axis=0)
+        tl.store(copies + i * D * DV + tile, S, mask=tile_ok)
+        if MIXED:
+            attended = tl.load(o_attn + (b * H + h) * DV + v_idx, mask=v_ok, other=0.0).to(tl.float32)
+            o = tl.where(attention_row, attended, o)
+        o = _gated_norm(o, gate_in + b * gate_stride + h * DV, norm_w, norm_eps, v_idx, v_ok, DV,
+                        OUTPUT_NORM, OUTPUT_GATE, GATE_BEFORE_NORM)
+        tl.store(out + (b * H + h) * DV + v_idx, o.to(out.dtype.element_ty), mask=v_ok)
+        tl.debug_barrier()
+        _shift_window(win_q, b, H * D, q_ch, d_ok, q_rows, q_x, W, BW)
+
+
+@triton.jit
+def _attention_token_kernel(
+        q_in, q_stride, k_in, k_stride, v_in, v_stride, gate_in, gate_stride,
+        conv_k_w, conv_k_b, conv_v_w, conv_v_b, win_k, win_v,
+        k_cache, v_cache, kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st, position, cos, sin, rope_stride, scale,
+        norm_w, norm_eps, out,
+        H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, W: tl.constexpr,
+        BD: tl.constexpr, BDV: tl.constexpr, BW: tl.constexpr, BG: tl.constexpr, BT: tl.constexpr,
+        CONV_BIAS: tl.constexpr, SILU: tl.constexpr, ROPE: tl.constexpr, WRITE_WINDOWS: tl.constexpr,
+        FINISH: tl.constexpr, OUTPUT_NORM: tl.constexpr, OUTPUT_GATE: tl.constexpr, GATE_BEFORE_NORM: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    b, j = tl.program_id(0), tl.program_id(1)
+    G: tl.constexpr = H // HKV
+    d_idx = tl.arange(0, BD)
+    v_idx = tl.arange(0, BDV)
+    g_idx = tl.arange(0, BG)
+    d_ok, v_ok, g_ok = d_idx < D, v_idx < DV, g_idx < G
+    k_ch = j * D + d_idx
+    v_ch = j * DV + v_idx
+    pos = tl.load(position + b).to(tl.int64)
+    k, k_rows, k_x = _conv_token(k_in + b * k_stride, win_k, conv_k_w, conv_k_b, b, HKV * D, k_ch, d_ok, W, BW,
+                                 CONV_BIAS, SILU)
+    v, v_rows, v_x = _conv_token(v_in + b * v_stride, win_v, conv_v_w, conv_v_b, b, HKV * DV, v_ch, v_ok, W, BW,
+                                 CONV_BIAS, SILU)
+    # the group's queries [BG, BD]
+    q_cols = (j * G + g_idx)[:, None] * D
+    qg_ok = g_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_in + b * q_stride + q_cols + d_idx[None, :], mask=qg_ok, other=0.0).to(tl.float32)
+    if ROPE:
+        rot = (d_idx + D // 2) % D
+        k_rot, _r, _x = _conv_token(k_in + b * k_stride, win_k, conv_k_w, conv_k_b, b, HKV * D, j * D + rot, d_ok,
+                                    W, BW, CONV_BIAS, SILU)
+        k = _rope(k, k_rot, cos, sin, b * rope_stride, d_idx, d_ok)
+        q_rot = tl.load(q_in + b * q_stride + q_cols + rot[None, :], mask=qg_ok, other=0.0).to(tl.float32)
+        q = _rope(q, q_rot, cos, sin, b * rope_stride, d_idx[None, :], d_ok[None, :])
+    key = k.to(k_cache.dtype.element_ty)
+    value = v.to(v_cache.dtype.element_ty)
+    tl.store(k_cache + b * kc_sb + j * kc_sh + pos * kc_st + d_idx, key, mask=d_ok)
+    tl.store(v_cache + b * vc_sb + j * vc_sh + pos * vc_st + v_idx, value, mask=v_ok)
+    q = (q * scale).to(k_cache.dtype.element_ty)
+    # the current token's key and value, as the cache holds them, start the running softmax
+    m = tl.sum(q.to(tl.float32) * key.to(tl.float32)[None, :], axis=1)
+    total = tl.full([BG], 1.0, tl.float32)
+    acc = tl.zeros([BG, BDV], tl.float32) + value.to(tl.float32)[None, :]
+    k_base = k_cache + b * kc_sb + j * kc_sh
+    v_base = v_cache + b * vc_sb + j * vc_sh
+    t_idx = tl.arange(0, BT)
+    for start in range(0, pos, BT):
+        t = start + t_idx
+        t_ok = t < pos
+        keys = tl.load(k_base + t[:, None] * kc_st + d_idx[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION)                  # [BG, BT]
+        scores = tl.where(t_ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        values = tl.load(v_base + t[:, None] * vc_st + v_idx[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
+        total = total * alpha + tl.sum(p, axis=1)
+        m = m_new
+    o = acc / total[:, None]                                                                  # [BG, BDV]
+    if FINISH:
+        if WRITE_WINDOWS:
+            tl.debug_barrier()
+            _shift_window(win_k, b, HKV * D, k_ch, d_ok, k_rows, k_x, W, BW)
+            _shift_window(win_v, b, HKV * DV, v_ch, v_ok, v_rows, v_x, W, BW)
+        cols = (j * G + g_idx)[:, None] * DV + v_idx[None, :]
+        o_ok = g_ok[:, None] & v_ok[None, :]
+        if OUTPUT_GATE:
+            g = tl.load(gate_in + b * gate_stride + cols, mask=o_ok, other=0.0).to(tl.float32)
+            gate = g * tl.sigmoid(g)
+            if GATE_BEFORE_NORM or not OUTPUT_NORM:
+                o = o * gate
+        if OUTPUT_NORM:
+            o = o * (1.0 / tl.sqrt(tl.sum(o * o, axis=1) / DV + norm_eps))[:, None]
+            o = o * tl.load(norm_w + v_idx, mask=v_ok, other=0.0).to(tl.float32)[None, :]
+            if OUTPUT_GATE and not GATE_BEFORE_NORM:
+                o = o * gate
+        tl.store(out + b * H * DV + cols, o.to(out.dtype.element_ty), mask=o_ok)
+    else:
+        cols = (j * G + g_idx)[:, None] * DV + v_idx[None, :]
+        tl.store(out + b * H * DV + cols, o.to(out.dtype.element_ty), mask=g_ok[:, None] & v_ok[None, :])
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _cache_strides(k_cache, v_cache):
+    if k_cache is None:
+        return (0,) * 6
+    return (*k_cache.stride()[:3], *v_cache.stride()[:3])
+
+
+def _rope_arguments(cos, sin, dummy):
+    """(cos, sin, row stride): tables [1, D] serve every sequence (stride 0), [B, D] one row each."""
+    if cos is None:
+        return dummy, dummy, 0
+    return cos, sin, (cos.stride(0) if cos.shape[0] > 1 else 0)
+
+
+# As torch custom ops declaring what they write, so that a torch.compile'd decode step calls them from its graph.
+@torch.library.custom_op("oryx::gdn_token_step", mutates_args=("win_q", "win_k", "win_v", "state", "k_cache",
+                                                                "v_cache"))
+def gdn_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   gate: torch.Tensor | None, conv_q_w: torch.Tensor, conv_q_b: torch.Tensor | None,
+                   conv_k_w: torch.Tensor, conv_k_b: torch.Tensor | None, conv_v_w: torch.Tensor,
+                   conv_v_b: torch.Tensor | None, silu: bool, win_q: torch.Tensor, win_k: torch.Tensor,
+                   win_v: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, state: torch.Tensor, scale: float,
+                   l2_eps: float, norm_w: torch.Tensor | None, norm_eps: float, gate_before_norm: bool,
+                   k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, position: torch.Tensor,
+                   cos: torch.Tensor | None, sin: torch.Tensor | None, modes: torch.Tensor | None,
+                   o_attn: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """One GDN decode token of every sequence (module docstring): q, k, v, a, b, gate are the projections [B, *]
+    (rows of any stride, last axis contiguous); windows [B, W-1, C] and state [B, H, K, V] change in place, the KV
+    cache too when given (keys RoPE'd with cos/sin [1 or B, K] when given); modes [B] bool with o_attn [B, H, V]:
+    the rows whose readout is the attention's. Returns the gated-normed readout [B, H * V] in out_dtype."""
+    B, H, K, V = state.shape
+    HKV, W = win_k.shape[2] // K, conv_k_w.shape[1]
+    out = torch.empty(B, H * V, dtype=out_dtype, device=q.device)
+    dummy = state
+    cos, sin, rope_stride = _rope_arguments(cos, sin, dummy)
+    _gdn_token_kernel[(B, HKV)](
+        q, q.stride(0), k, k.stride(0), v, v.stride(0), a, a.stride(0), b, b.stride(0),
+        dummy if gate is None else gate, 0 if gate is None else gate.stride(0),
+        conv_q_w, dummy if conv_q_b is None else conv_q_b, conv_k_w, dummy if conv_k_b is None else conv_k_b,
+        conv_v_w, dummy if conv_v_b is None else conv_v_b, win_q, win_k, win_v,
+        A_log, dt_bias, state, scale, l2_eps, dummy if norm_w is None else norm_w, norm_eps,
+        dummy if k_cache is None else k_cache, dummy if v_cache is None else v_cache, *_cache_strides(k_cache, v_cache),
+        position, cos, sin, rope_stride, dummy if modes is None else modes.view(torch.uint8), dummy if o_attn is None else o_attn, out,
+        H=H, HKV=HKV, D=K, DV=V, W=W, BD=_pow2(K), BDV=_pow2(V), BW=_pow2(W),
+        CONV_BIAS=conv_k_b is not None, SILU=silu, OUTPUT_NORM=norm_w is not None, OUTPUT_GATE=gate is not None,
+        GATE_BEFORE_NORM=gate_before_norm, APPEND_KV=k_cache is not None, ROPE=cos is not dummy,
+        MIXED=modes is not None, num_warps=4 if K * V >= 4096 else 2)
+    return out
+
+
+@gdn_token_step.register_fake
+def _(q, k, v, a, b, gate, conv_q_w, conv_q_b, conv_k_w, conv_k_b, conv_v_w, conv_v_b, silu, win_q, win_k, win_v,
+      A_log, dt_bias, state, scale, l2_eps, norm_w, norm_eps, gate_before_norm, k_cache, v_cache, position, cos, sin,
+      modes, o_attn, out_dtype):
+    B, H, _, V = state.shape
+    return q.new_empty(B, H * V, dtype=out_dtype)
+
+
+@torch.library.custom_op("oryx::attention_token_step", mutates_args=("win_k", "win_v", "k_cache", "v_cache"))
+def attention_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
+                         conv_k_w: torch.Tensor, conv_k_b: torch.Tensor | None, conv_v_w: torch.Tensor,
+                         conv_v_b: torch.Tensor | None, silu: bool, win_k: torch.Tensor, win_v: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
+                         cos: torch.Tensor | None, sin: torch.Tensor | None, scale: float, n_heads: int,
+                         finish: bool, norm_w: torch.Tensor | None, norm_eps: float, gate_before_norm: bool,
+                         out_dtype: torch.dtype) -> torch.Tensor:
+    """One attention decode token of every sequence (module docstring): q [B, n_heads * K] (before RoPE), k, v the
+    projections before their convs; the key (RoPE'd) and value land in the caches [B, Hkv, capacity, *] at
+    position[b], the queries attend to slots < position[b] and the current token. With `finish` the windows shift
+    and the result is the gated-normed readout [B, H * V] in out_dtype; without, the raw readout [B, H, V] fp32
+    (gdn_token_step's o_attn) and the windows stay."""
+    B, HKV, _, K = k_cache.shape
+    V, H, W = v_cache.shape[3], n_heads, conv_k_w.shape[1]
+    out = torch.empty(B, H * V, dtype=out_dtype, device=q.device) if finish else \
+        torch.empty(B, H, V, dtype=torch.float32, device=q.device)
+    dummy = k_cache
+    cos, sin, rope_stride = _rope_arguments(cos, sin, dummy)
+    _attention_token_kernel[(B, HKV)](
+        q, q.stride(0), k, k.stride(0), v, v.stride(0), dummy if gate is None else gate,
+        0 if gate is None else gate.stride(0),
+        conv_k_w, dummy if conv_k_b is None else conv_k_b, conv_v_w, dummy if conv_v_b is None else conv_v_b,
+        win_k, win_v, k_cache, v_cache, *_cache_strides(k_cache, v_cache), position, cos, sin, rope_stride, scale,
+        dummy if norm_w is None else norm_w, norm_eps, out,
+        H=H, HKV=HKV, D=K, DV=V, W=W, BD=_pow2(K), BDV=_pow2(V), BW=_pow2(W), BG=max(16, _pow2(H // HKV)),
+        BT=64 if K <= 64 else 32, CONV_BIAS=conv_k_b is not None, SILU=silu, ROPE=cos is not dummy,
+        WRITE_WINDOWS=finish, FINISH=finish, OUTPUT_NORM=norm_w is not None, OUTPUT_GATE=gate is not None,
+        GATE_BEFORE_NORM=gate_before_norm, DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        num_warps=4)
+    return out
+
+
+@attention_token_step.register_fake
+def _(q, k, v, gate, conv_k_w, conv_k_b, conv_v_w, conv_v_b, silu, win_k, win_v, k_cache, v_cache, position, cos,
+      sin, scale, n_heads, finish, norm_w, norm_eps, gate_before_norm, out_dtype):
+    B, V = k_cache.shape[0], v_cache.shape[3]
+    if finish:
+        return q.new_empty(B, n_heads * V, dtype=out_dtype)
+    return q.new_empty(B, n_heads, V, dtype=torch.float32)

@@ -1,0 +1,369 @@
+"""The fused decode-token kernels (oryx_torch.kernels.decode_step) against a float64 reference of the same step
+on fresh random inputs, through Triton's interpreter on the CPU; a tiny model decoding with them picks the
+greedy tokens of the unfused step in every mode and cache variant; on a GPU the same under CUDA graphs.
+
+TRITON_INTERPRET=1 must be set before triton is imported, so the outer pytest process reruns this file in a
+subprocess with it set (test_in_interpreter_subprocess), where the kernel tests run.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from triton_interpreter import INTERPRETED, needs_interpreter
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from oryx_core.config import preset  # noqa: E402
+from oryx_torch import model as model_module  # noqa: E402
+from oryx_torch.attention import rope_tables  # noqa: E402
+from oryx_torch.generate import DecodeRunner  # noqa: E402
+from oryx_torch.model import OryxModel  # noqa: E402
+from model_params import lively_params  # noqa: E402
+
+L2_EPS, NORM_EPS = 1e-6, 1e-5
+
+
+def run_interpreted(*pytest_args) -> str:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, __file__],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
+def test_in_interpreter_subprocess():
+    """Runs this file's fast CPU tests under TRITON_INTERPRET=1; exactly these many pass there (none silently
+    skips; this launcher skips there, the slow one is deselected)."""
+    out = run_interpreted("-m", "not gpu and not slow")
+    assert re.search(r"\b14 passed, 1 skipped\b", out), out[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
+def test_in_interpreter_subprocess_slow():
+    """The greedy-token comparisons of every mode and cache variant, under TRITON_INTERPRET=1 (about a minute)."""
+    out = run_interpreted("--runslow", "-m", "not gpu", "-k", "fused_greedy_tokens_equal_unfused")
+    assert re.search(r"\b5 passed\b", out), out[-2000:]
+
+
+# ----- the float64 reference of one decode token -----
+def conv_ref(x, window, weight, bias, silu):
+    """(out [B, C], shifted window) of a depthwise causal conv: x enters the window in the window's dtype."""
+    full = torch.cat([window.double(), x.to(window.dtype).double()[:, None]], dim=1)          # [B, W, C]
+    out = (full * weight.double().t()).sum(1)
+    if bias is not None:
+        out = out + bias.double()
+    return (out * torch.sigmoid(out) if silu else out), full[:, 1:]
+
+
+def rope_ref(x, cos, sin):
+    """x [B, n, D]; tables [1 or B, D]."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.double()[:, None] + swapped * sin.double()[:, None]
+
+
+def gated_norm_ref(o, gate, norm_w, gate_before_norm):
+    """o, gate [B, H, V] float64."""
+    silu_gate = None if gate is None else gate * torch.sigmoid(gate)
+    if silu_gate is not None and (gate_before_norm or norm_w is None):
+        o = o * silu_gate
+    if norm_w is not None:
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + NORM_EPS) * norm_w.double()
+        if silu_gate is not None and not gate_before_norm:
+            o = o * silu_gate
+    return o
+
+
+def l2(x):
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + L2_EPS)
+
+
+def gdn_token_ref(a):
+    """What gdn_token_step computes, in float64: (out [B, H*V], windows, state, k_cache, v_cache)."""
+    B, H, K, V = a["state"].shape
+    Hkv = a["win_k"].shape[2] // K
+    G = H // Hkv
+    k, win_k = conv_ref(a["k"], a["win_k"], a["conv_k_w"], a["conv_k_b"], a["silu"])
+    v, win_v = conv_ref(a["v"], a["win_v"], a["conv_v_w"], a["conv_v_b"], a["silu"])
+    q, win_q = conv_ref(a["q"], a["win_q"], a["conv_q_w"], a["conv_q_b"], a["silu"])
+    k, v, q = k.view(B, Hkv, K), v.view(B, Hkv, V), q.view(B, H, K)
+    k_cache = v_cache = None
+    if a["k_cache"] is not None:
+        keys = k if a["cos"] is None else rope_ref(k, a["cos"], a["sin"])
+        k_cache, v_cache = a["k_cache"].double().clone(), a["v_cache"].double().clone()
+        rows = torch.arange(B)
+        k_cache[rows, :, a["position"]] = keys
+        v_cache[rows, :, a["position"]] = v
+    decay = torch.exp(-torch.exp(a["A_log"].double()) * torch.nn.functional.softplus(a["a"].double() + a["dt_bias"].double()))
+    beta = torch.sigmoid(a["b"].double())
+    k = l2(k)
+    S = a["state"].double()[:, ::G] * decay[..., None, None]                                  # [B, Hkv, K, V]
+    S = S + k[..., None] * (beta[..., None] * (v - torch.einsum("bjkv,bjk->bjv", S, k)))[..., None, :]
+    S = S.repeat_interleave(G, dim=1)
+    o = a["scale"] * torch.einsum("bhkv,bhk->bhv", S, l2(q))
+    if a["modes"] is not None:
+        o = torch.where(a["modes"][:, None, None], a["o_attn"].double(), o)
+    gate = None if a["gate"] is None else a["gate"].double().view(B, H, V)
+    out = gated_norm_ref(o, gate, a["norm_w"], a["gate_before_norm"]).reshape(B, H * V)
+    return out, (win_q, win_k, win_v), S, k_cache, v_cache
+
+
+def attention_token_ref(a):
+    """What attention_token_step computes, in float64: (out, windows, k_cache, v_cache)."""
+    k_cache, v_cache = a["k_cache"].double().clone(), a["v_cache"].double().clone()
+    B, Hkv, _, K = k_cache.shape
+    V, H = v_cache.shape[3], a["n_heads"]
+    k, win_k = conv_ref(a["k"], a["win_k"], a["conv_k_w"], a["conv_k_b"], a["silu"])
+    v, win_v = conv_ref(a["v"], a["win_v"], a["conv_v_w"], a["conv_v_b"], a["silu"])
+    k, v, q = k.view(B, Hkv, K), v.view(B, Hkv, V), a["q"].double().view(B, H, K)
+    if a["cos"] is not None:
+        k, q = rope_ref(k, a["cos"], a["sin"]), rope_ref(q, a["cos"], a["sin"])
+    rows = torch.arange(B)
+    k_cache[rows, :, a["position"]] = k
+    v_cache[rows, :, a["position"]] = v
+    keys = k_cache.repeat_interleave(H // Hkv, dim=1)
+    values = v_cache.repeat_interleave(H // Hkv, dim=1)
+    scores = torch.einsum("bhk,bhtk->bht", q, keys) * a["scale"]
+    valid = torch.arange(k_cache.shape[2])[None, :] <= a["position"][:, None]
+    o = torch.einsum("bht,bhtv->bhv", torch.softmax(scores.masked_fill(~valid[:, None], float("-inf")), -1), values)
+    if not a["finish"]:
+        return o, None, k_cache, v_cache
+    gate = None if a["gate"] is None else a["gate"].double().view(B, H, V)
+    return gated_norm_ref(o, gate, a["norm_w"], a["gate_before_norm"]).reshape(B, H * V), (win_k, win_v), \
+        k_cache, v_cache
+
+
+# ----- random inputs -----
+def projection_rows(rng, B, widths):
+    """Row views of one [B, sum(widths)] tensor, as the fused projection matmul's split gives them."""
+    whole = torch.randn(B, sum(widths) + 3, generator=rng)
+    return list(whole[:, 3:].split(widths, dim=-1))
+
+
+def gdn_args(seed, B=3, H=4, Hkv=2, K=16, V=32, W=4, silu=True, bias=False, norm=True, gate=True,
+             gate_before_norm=False, kv=True, rope=True, ragged=False, mixed=False, capacity=12):
+    rng = torch.Generator().manual_seed(seed)
+    r = lambda *shape, s=1.0: torch.randn(*shape, generator=rng) * s  # noqa: E731
+    q, k, v, gate_rows, a, b = projection_rows(rng, B, [H * K, Hkv * K, Hkv * V, H * V, Hkv, Hkv])
+    state = r(B, Hkv, K, V, s=0.5).repeat_interleave(H // Hkv, dim=1).contiguous()
+    position = torch.randint(0, capacity, (B,), generator=rng)
+    cos, sin = rope_tables(K, 10000.0, position if ragged else position[:1] * 0 + 7)
+    return dict(q=q, k=k, v=v, a=a, b=b, gate=gate_rows if gate else None,
+                conv_q_w=r(H * K, W, s=0.5), conv_q_b=r(H * K) if bias else None,
+                conv_k_w=r(Hkv * K, W, s=0.5), conv_k_b=r(Hkv * K) if bias else None,
+                conv_v_w=r(Hkv * V, W, s=0.5), conv_v_b=r(Hkv * V) if bias else None, silu=silu,
+                win_q=r(B, W - 1, H * K), win_k=r(B, W - 1, Hkv * K), win_v=r(B, W - 1, Hkv * V),
+                A_log=r(Hkv, s=0.5), dt_bias=r(Hkv, s=0.5), state=state, scale=K ** -0.5, l2_eps=L2_EPS,
+                norm_w=1 + r(V, s=0.1) if norm else None, norm_eps=NORM_EPS, gate_before_norm=gate_before_norm,
+                k_cache=r(B, Hkv, capacity, K) if kv else None, v_cache=r(B, Hkv, capacity, V) if kv else None,
+                position=position, cos=cos if rope else None, sin=sin if rope else None,
+                modes=torch.tensor([True, False, True][:B]) if mixed else None,
+                o_attn=r(B, H, V) if mixed else None, out_dtype=torch.float32)
+
+
+def attention_args(seed, B=2, H=6, Hkv=2, K=16, V=32, W=4, silu=True, bias=True, norm=True, gate=True,
+                   gate_before_norm=False, rope=True, finish=True, positions=(5, 70), capacity=80):
+    rng = torch.Generator().manual_seed(seed)
+    r = lambda *shape, s=1.0: torch.randn(*shape, generator=rng) * s  # noqa: E731
+    q, k, v, gate_rows = projection_rows(rng, B, [H * K, Hkv * K, Hkv * V, H * V])
+    position = torch.tensor(positions[:B])
+    cos, sin = rope_tables(K, 10000.0, position)
+    return dict(q=q, k=k, v=v, gate=gate_rows if gate else None,
+                conv_k_w=r(Hkv * K, W, s=0.5), conv_k_b=r(Hkv * K) if bias else None,
+                conv_v_w=r(Hkv * V, W, s=0.5), conv_v_b=r(Hkv * V) if bias else None, silu=silu,
+                win_k=r(B, W - 1, Hkv * K), win_v=r(B, W - 1, Hkv * V),
+                k_cache=r(B, Hkv, capacity, K), v_cache=r(B, Hkv, capacity, V), position=position,
+                cos=cos if rope else None, sin=sin if rope else None, scale=K ** -0.5, n_heads=H, finish=finish,
+                norm_w=1 + r(V, s=0.1) if norm else None, norm_eps=NORM_EPS, gate_before_norm=gate_before_norm,
+                out_dtype=torch.float32)
+
+
+def assert_close(name, got, want, tol=2e-5):
+    """Worst element (against the largest reference element) and relative norm of the difference."""
+    got, want = got.double(), want.double()
+    diff = (got - want).abs()
+    worst = float(diff.max() / want.abs().max().clamp_min(1e-12))
+    norm = float(diff.norm() / want.norm().clamp_min(1e-12))
+    assert worst < tol and norm < tol, f"{name}: worst {worst:.2e}, relative norm {norm:.2e}"
+
+
+GDN_CASES = {
+    "design block": {},
+    "llama import (no conv activation, norm or gate; scale 1)": dict(silu=False, norm=False, gate=False),
+    "gate before norm, conv bias, ragged rope": dict(gate_before_norm=True, bias=True, ragged=True),
+    "no KV cache": dict(kv=False),
+    "no rope, one kv head, width 2": dict(rope=False, Hkv=1, W=2),
+    "mixed rows take the attention readout": dict(mixed=True),
+    "batch 1, equal heads, 64 x 64": dict(B=1, H=2, Hkv=2, K=64, V=64),
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", GDN_CASES)
+def test_gdn_token_step_matches_float64(case):
+    from oryx_torch.kernels.decode_step import gdn_token_step
+
+    args = gdn_args(len(case), **GDN_CASES[case])
+    want_out, want_windows, want_state, want_k, want_v = gdn_token_ref(args)
+    out = gdn_token_step(**args)
+    assert_close("out", out, want_out)
+    assert_close("state (every copy)", args["state"], want_state)
+    for name, want in zip(("win_q", "win_k", "win_v"), want_windows):
+        assert_close(name, args[name], want, tol=1e-7)
+    if want_k is not None:
+        assert_close("k_cache", args["k_cache"], want_k)
+        assert_close("v_cache", args["v_cache"], want_v)
+
+
+ATTENTION_CASES = {
+    "finished, two blocks of keys": {},
+    "raw readout for the recurrence (windows stay)": dict(finish=False),
+    "no norm or gate, no rope, first token": dict(norm=False, gate=False, rope=False, positions=(0, 3)),
+    "gate before norm, grouped 4, one sequence": dict(gate_before_norm=True, H=8, B=1, positions=(64,)),
+    "no conv activation, value heads 16": dict(silu=False, bias=False, V=16, positions=(129, 1), capacity=130),
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_attention_token_step_matches_float64(case):
+    from oryx_torch.kernels.decode_step import attention_token_step
+
+    args = attention_args(len(case), **ATTENTION_CASES[case])
+    windows_before = (args["win_k"].clone(), args["win_v"].clone())
+    want_out, want_windows, want_k, want_v = attention_token_ref(args)
+    out = attention_token_step(**args)
+    assert_close("out", out, want_out)
+    assert_close("k_cache", args["k_cache"], want_k)
+    assert_close("v_cache", args["v_cache"], want_v)
+    for name, before, want in zip(("win_k", "win_v"), windows_before, want_windows or windows_before):
+        assert_close(name, args[name], want, tol=1e-7)
+        if want_windows is not None:
+            assert not torch.equal(args[name], before)
+
+
+# ----- the model: fused and unfused steps pick the same tokens -----
+B, PROMPT, STEPS = 2, 6, 8
+
+
+def tiny_model(device="cpu", dtype=torch.float32, **changes):
+    cfg = preset("tiny", "gdn").replace(head_dim=16, value_head_dim=16, **changes)
+    model = OryxModel(cfg, seed=None)
+    model.load_params(lively_params(cfg, 5))
+    return model.to(device, dtype).eval()
+
+
+@torch.no_grad()
+def decode_tokens(model, fused: bool, prompt_mode: bool, step_modes, drop: str | None = None, **runner_args):
+    """[B, STEPS] greedy tokens after a fixed prompt, each step under step_modes[i] ([B] bools); `drop` the KV
+    cache or the recurrent state after the prompt."""
+    saved, model_module.FUSED_DECODE = model_module.FUSED_DECODE, fused
+    try:
+        prompt = torch.tensor(np.random.default_rng(7).integers(0, model.cfg.vocab_size, (B, PROMPT)))
+        cache = model.make_cache(B, PROMPT + STEPS + 2)
+        token = model(prompt.to(model.device), prompt_mode, cache=cache)[:, -1].argmax(-1).cpu()
+        if drop == "kv":
+            cache.drop_kv()
+        elif drop == "recurrent":
+            cache.drop_recurrent()
+        runner = DecodeRunner(model, cache, **runner_args)
+        out = [token]
+        for i in range(STEPS - 1):
+            token = runner.greedy_step(token, step_modes[i]).cpu()
+            out.append(token)
+        return torch.stack(out, 1).numpy()
+    finally:
+        model_module.FUSED_DECODE = saved
+
+
+ALTERNATING = [[i % 3 == 0, i % 2 == 0] for i in range(STEPS)]  # both modes, then each row in either
+MODEL_CASES = {
+    "mixed rows": (True, ALTERNATING, None),
+    "attention": (True, [[True, True]] * STEPS, None),
+    "recurrent": (False, [[False, False]] * STEPS, None),
+    "recurrent, KV cache dropped": (True, [[False, False]] * STEPS, "kv"),
+    "attention, recurrent state dropped": (True, [[True, True]] * STEPS, "recurrent"),
+}
+SLOW_MODEL_CASES = [c if c == "mixed rows" else pytest.param(c, marks=pytest.mark.slow) for c in MODEL_CASES]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", SLOW_MODEL_CASES)
+def test_fused_greedy_tokens_equal_unfused(case, monkeypatch):
+    """Also: the fused kernels are what runs (no silent fallback), and only while switched on."""
+    from oryx_torch.kernels import decode_step
+
+    calls = []
+    for name in ("gdn_token_step", "attention_token_step"):
+        original = getattr(decode_step, name)
+        monkeypatch.setattr(decode_step, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    prompt_mode, step_modes, drop = MODEL_CASES[case]
+    model = tiny_model()
+    fused = decode_tokens(model, True, prompt_mode, step_modes, drop)
+    ran = set(calls)
+    unfused = decode_tokens(model, False, prompt_mode, step_modes, drop)
+    np.testing.assert_array_equal(fused, unfused)
+    assert len(set(unfused.ravel().tolist())) > 3  # the comparison can tell tokens apart
+    assert ran == {"mixed rows": {"gdn_token_step", "attention_token_step"}, "attention": {"gdn_token_step",
+                   "attention_token_step"}, "attention, recurrent state dropped": {"attention_token_step"}}.get(
+        case, {"gdn_token_step"})
+    attending = sum(any(m) for m in step_modes[:STEPS - 1])
+    recurrent = 0 if drop == "recurrent" else STEPS - 1
+    assert (calls.count("attention_token_step"), calls.count("gdn_token_step")) == (
+        attending * model.cfg.n_layers, recurrent * model.cfg.n_layers)
+
+
+def test_fused_step_is_off_by_default_and_on_cpu():
+    """Off unless ORYX_FUSED_DECODE=1; even on, a CPU tensor outside the interpreter takes the torch step."""
+    from oryx_torch.model import fused_step_applies
+
+    model = tiny_model()
+    cache = model.make_cache(1, 8)
+    saved, model_module.FUSED_DECODE = model_module.FUSED_DECODE, True
+    try:
+        assert fused_step_applies(model.layers[0].mixer, cache.layers[0]) == INTERPRETED
+    finally:
+        model_module.FUSED_DECODE = saved
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MODEL_CASES)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_greedy_tokens_equal_unfused_cuda_graphs(case, compiled):
+    prompt_mode, step_modes, drop = MODEL_CASES[case]
+    model = tiny_model("cuda")
+    fused = decode_tokens(model, True, prompt_mode, step_modes, drop, compiled=compiled)
+    unfused = decode_tokens(model, False, prompt_mode, step_modes, drop, compiled=False, cuda_graphs=False)
+    np.testing.assert_array_equal(fused, unfused)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["design block", "mixed rows take the attention readout",
+                                  "batch 1, equal heads, 64 x 64"])
+def test_gdn_token_step_matches_float64_cuda(case):
+    from oryx_torch.kernels.decode_step import gdn_token_step
+
+    args = gdn_args(len(case), **GDN_CASES[case])
+    want = gdn_token_ref(args)
+    cuda = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    assert_close("out", gdn_token_step(**cuda).cpu(), want[0], tol=1e-4)
+    assert_close("state", cuda["state"].cpu(), want[2], tol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_attention_token_step_matches_float64_cuda(case):
+    from oryx_torch.kernels.decode_step import attention_token_step
+
+    args = attention_args(len(case), **ATTENTION_CASES[case])
+    want = attention_token_ref(args)
+    cuda = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    assert_close("out", attention_token_step(**cuda).cpu(), want[0], tol=1e-4)
+    assert_close("k_cache", cuda["k_cache"].cpu(), want[2], tol=1e-4)
