@@ -8,9 +8,12 @@ earlier keys) and key s at position s. Rows of tokens in recurrent mode are left
 whatever is cheapest (zeros or a full causal row): the caller picks each token's
 readout, so they are never read.
 
-- CUDA: SDPA (flash) when every query attends; otherwise FlexAttention with a block
-  mask built from the plan (once per forward), so query blocks holding no attention
-  token cost nothing.
+- CUDA: SDPA (flash) when every query attends; otherwise (MIXED_ATTENTION) causal SDPA
+  over every row, or FlexAttention under a block mask built from the plan on the host
+  (once per forward) that skips the query blocks holding no attention token: either over
+  the rows as they are ("flex") or over each sequence's attention rows moved to its first
+  rows ("packed", so a 128-row block is never only partly needed because its sequence
+  switches mode inside it).
 - CPU: SDPA over just the attention rows, with an explicit causal mask.
 - Decoding: one query against a preallocated cache, masked by the current position
   (no host sync, so it can be captured in a CUDA graph).
@@ -18,18 +21,23 @@ readout, so they are never read.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 FLEX_BLOCK = 128  # FlexAttention's default tile: the plan's granularity for skipping work
-# How CUDA computes a plan that mixes modes from position 0: "flex" (FlexAttention over the query blocks that
-# hold an attention token), "dense" (causal SDPA over every row; the recurrent rows are computed and unused) or
-# "auto" (dense when the query blocks holding an attention token cover at least DENSE_FROM of the causal
-# score matrix, since a FlexAttention block costs more than a flash one).
+# How CUDA computes a plan that mixes modes: "flex" (FlexAttention over the query blocks that hold an
+# attention token), "packed" (FlexAttention over each sequence's attention rows gathered to its first rows,
+# the output scattered back), "dense" (causal SDPA over every row; the recurrent rows are computed and unused;
+# from position 0 only, else "packed") or "auto" (dense when the packed blocks cover at least DENSE_FROM of the
+# causal score matrix, since a FlexAttention block costs more than a flash one, else packed).
 MIXED_ATTENTION = "flex"
 DENSE_FROM = 0.5
+# Whether the CPU takes the CUDA path's choice (FlexAttention eagerly, without backward) instead of SDPA over
+# the attention rows: for tests of the CUDA path on a machine without one.
+FLEX_ON_CPU = False
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -75,7 +83,7 @@ class AttentionPlan:
     def __init__(self, modes: torch.Tensor, q_offset: int = 0, host_modes: torch.Tensor | None = None):
         self.modes, self.q_offset = modes, q_offset
         self._source = host_modes if host_modes is not None else modes
-        self._block_masks, self._rows, self._active_area = {}, None, None
+        self._block_masks, self._packed, self._rows, self._active_area = {}, {}, None, None
         # Inside torch.compile the mode values are data, not constants: a plan built there is "traced",
         # assumes both modes occur and attends on every row (the caller keeps each token's own readout),
         # so one graph serves every plan. A plan built before the compiled call (then `prepare`d) keeps
@@ -112,13 +120,34 @@ class AttentionPlan:
             self._active_area = float((active * weight).sum() / (weight.sum() * B))
         return self._active_area
 
+    def packed_rows(self, kv_len: int) -> "PackedRows | None":
+        """The packed layout and its FlexAttention mask for `kv_len` keys; None inside torch.compile unless
+        `prepare` built it."""
+        if kv_len not in self._packed:
+            if torch.compiler.is_compiling():
+                return None
+            self._packed[kv_len] = plan_packed_rows(self._source, kv_len, self.q_offset, self.modes.device)
+        return self._packed[kv_len]
+
+    def method(self) -> str:
+        """How the CUDA path attends under this plan: "dense" (causal SDPA over every row), "flex" or "packed"
+        (MIXED_ATTENTION; "auto" decides by the share of the causal score matrix the packed blocks cover)."""
+        if self.traced:
+            return "flex"  # no host tables: plan_attention attends on every row
+        if self.q_offset == 0 and self.all_attention:
+            return "dense"
+        if MIXED_ATTENTION == "flex":
+            return "flex"
+        if self.q_offset == 0 and MIXED_ATTENTION == "dense":
+            return "dense"
+        if MIXED_ATTENTION == "auto" and self.q_offset == 0:
+            kv_len = self.modes.shape[1]
+            return "dense" if self.packed_rows(kv_len).area >= DENSE_FROM else "packed"
+        return "packed"
+
     def dense_attention(self) -> bool:
         """Whether CUDA computes this plan's attention with causal SDPA over every row (MIXED_ATTENTION)."""
-        if self.q_offset != 0 or self.traced:
-            return False
-        if self.all_attention or MIXED_ATTENTION == "dense":
-            return True
-        return MIXED_ATTENTION == "auto" and self.active_area() >= DENSE_FROM
+        return self.method() == "dense"
 
     def attention_rows(self):
         """Indices [R] of the query rows any sequence runs in attention mode (None: every row).
@@ -137,10 +166,13 @@ class AttentionPlan:
         if self.traced:
             raise ValueError("plan: a plan built inside torch.compile cannot be prepared; build it before the call")
         kv_len = self.q_offset + self.modes.shape[1] if kv_len is None else kv_len
-        if self.modes.is_cuda:
+        if self.modes.is_cuda or FLEX_ON_CPU:
             if self.any_attention and not (self.q_offset == 0 and self.all_attention):
-                self.block_mask(kv_len)
-                self.active_area()  # what MIXED_ATTENTION = "auto" decides by, worked out on the host now
+                method = self.method()  # "auto" decides on the host now
+                if method == "flex":
+                    self.block_mask(kv_len)
+                elif method == "packed":
+                    self.packed_rows(kv_len)
         else:
             self.attention_rows()
         return self
@@ -152,14 +184,21 @@ def plan_attention(q, k, v, plan: AttentionPlan, scale: float | None = None):
     if plan.modes.shape != (B, T):
         raise ValueError(f"plan.modes must be [B, T] = {[B, T]}, got {list(plan.modes.shape)}")
     scale = d ** -0.5 if scale is None else scale
-    if q.is_cuda:
-        if plan.dense_attention():
+    if q.is_cuda or FLEX_ON_CPU:
+        method = plan.method()
+        if method == "dense":
             return causal_sdpa(q, k, v, scale)
+        flex = flex_attention_function() if torch.compiler.is_compiling() or not q.is_cuda else \
+            _compiled_flex_attention()
+        grouped = H != k.shape[1]
+        if method == "packed" and (packed := plan.packed_rows(k.shape[2])) is not None:
+            rows = _PermuteRows.apply(q, packed.order, packed.inverse)
+            out = flex(rows, k, v, block_mask=packed.block_mask, scale=scale, enable_gqa=grouped)
+            return _PermuteRows.apply(out, packed.inverse, packed.order)
         block_mask = plan.block_mask(k.shape[2])
         if block_mask is None:  # traced plan: every row attends
             return _rows_attention(q, k, v, None, plan.q_offset, scale)
-        flex = flex_attention_function() if torch.compiler.is_compiling() else _compiled_flex_attention()
-        return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=H != k.shape[1])
+        return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=grouped)
     if plan.q_offset == 0 and plan.all_attention:  # every row attends: no row gather, no explicit mask
         return causal_sdpa(q, k, v, scale)
     return _rows_attention(q, k, v, plan.attention_rows(), plan.q_offset, scale)
@@ -229,31 +268,114 @@ def plan_block_mask(query_modes: torch.Tensor, kv_len: int, q_offset: int = 0, d
     built with torch ops (or by BlockMask.from_kv_blocks, whose vmapped scatter rebuilds
     the transposed tables) they cost milliseconds per mask, on the GPU as on the CPU.
     """
-    from torch.nn.attention.flex_attention import BlockMask
-
     B, T = query_modes.shape
     device = query_modes.device if device is None else torch.device(device)
-    n_q, n_kv = -(-T // block), -(-kv_len // block)
+    n_q = -(-T // block)
     padded = np.zeros((B, n_q * block), dtype=bool)
     padded[:, :T] = query_modes.cpu().numpy()
     active = padded.reshape(B, n_q, block).any(-1)                                 # [B, n_q]
     q_first = q_offset + np.arange(n_q) * block
     q_last = np.minimum(q_first + block - 1, q_offset + T - 1)
+    tables = _block_tables(active, np.broadcast_to(q_first, (B, n_q)), np.broadcast_to(q_last, (B, n_q)),
+                           kv_len, block)
+    return _block_mask(tables, _to_device(np.concatenate([t.ravel() for t in tables]), device), T, kv_len, block,
+                       _causal_mask_mod(q_offset, device))
+
+
+class PackedRows(NamedTuple):
+    """A plan's attention rows moved to the front of each sequence: packed row j of sequence b is row
+    order[b, j] (its attention rows first, in order, then the others); inverse undoes order. block_mask is
+    FlexAttention's mask over the packed rows (each attends the keys up to its own position, the rows after
+    the attention rows none); area the share of the causal score matrix its blocks cover."""
+    order: torch.Tensor      # [B, T] int64
+    inverse: torch.Tensor    # [B, T] int64
+    block_mask: object
+    area: float
+
+
+def plan_packed_rows(query_modes: torch.Tensor, kv_len: int, q_offset: int = 0, device=None,
+                     block: int = FLEX_BLOCK) -> PackedRows:
+    """The packed layout of a plan's attention rows, worked out on the host (as plan_block_mask).
+
+    A query block of packed rows holds attention rows only (but for the last one of a sequence), so the
+    blocks computed are about the attention rows' share of the causal score matrix whatever the plan's
+    chunk size; the keys a block reads run from 0 to its last row's position, its first row's position
+    bounding the blocks that need no mask.
+    """
+    B, T = query_modes.shape
+    device = query_modes.device if device is None else torch.device(device)
+    modes = query_modes.cpu().numpy().astype(bool)
+    order = np.argsort(~modes, axis=1, kind="stable")                              # [B, T]
+    inverse = np.argsort(order, axis=1, kind="stable")
+    counts = modes.sum(1)                                                          # attention rows per sequence
+    n_q = -(-T // block)
+    positions = np.full((B, n_q * block), -1, dtype=np.int64)                      # -1: attends to nothing
+    attends = np.arange(T)[None, :] < counts[:, None]
+    positions[:, :T] = np.where(attends, order + q_offset, -1)
+    first_row = np.arange(n_q) * block
+    active = first_row[None, :] < counts[:, None]                                  # [B, n_q]
+    last_row = np.clip(np.minimum(first_row[None, :] + block, counts[:, None]) - 1, 0, None)
+    q_first = positions[:, first_row]
+    q_last = np.take_along_axis(positions, last_row, axis=1)
+    tables = _block_tables(active, q_first, q_last, kv_len, block)
+    causal_blocks = (np.minimum(q_offset + np.minimum(first_row + block, T) - 1, kv_len - 1) // block + 1).sum()
+    area = float(tables[0].sum() + tables[2].sum()) / float(B * causal_blocks)
+    int32 = _to_device(np.concatenate([t.ravel() for t in tables] + [positions[:, :T].astype(np.int32).ravel()]),
+                       device)
+    int64 = _to_device(np.concatenate([order.ravel(), inverse.ravel()]), device)
+    order_d, inverse_d = (piece.view(B, T) for piece in int64.split(B * T))
+    position_d = int32[-B * T:].view(B, T)
+    mask = _block_mask(tables, int32[:-B * T], T, kv_len, block, _packed_mask_mod(position_d))
+    return PackedRows(order_d, inverse_d, mask, area)
+
+
+def _packed_mask_mod(positions: torch.Tensor):
+    return lambda b, h, q_idx, kv_idx: kv_idx <= positions[b, q_idx]
+
+
+class _PermuteRows(torch.autograd.Function):
+    """x [B, H, T, e] with row t of sequence b taken from row order[b, t]; `inverse` is order's inverse, so
+    the gradient is the inverse gather (no scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return _gather_rows(x, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return _gather_rows(grad, inverse), None, None
+
+
+def _gather_rows(x, index):
+    B, H, _, e = x.shape
+    return x.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], e))
+
+
+def _block_tables(active, q_first, q_last, kv_len: int, block: int) -> list[np.ndarray]:
+    """FlexAttention's eight block tables for query blocks [B, n_q] that are `active` and hold queries at
+    positions q_first..q_last (each block's least and greatest), causal over kv_len keys: key blocks wholly
+    at or before q_first are full, the others up to q_last partial (their mask applies)."""
+    n_kv = -(-kv_len // block)
     kv_first = np.arange(n_kv) * block
     kv_last = np.minimum(kv_first + block - 1, kv_len - 1)
-    full = kv_last[None, :] <= q_first[:, None]                                    # [n_q, n_kv]
-    partial = (kv_first[None, :] <= q_last[:, None]) & ~full
-    full = full[None] & active[:, :, None]
-    partial = partial[None] & active[:, :, None]
-    tables = [*_block_lists(partial), *_block_lists(full),
-              *_block_lists(partial.transpose(0, 2, 1)), *_block_lists(full.transpose(0, 2, 1))]
-    flat = _to_device(np.concatenate([t.ravel() for t in tables]), device)
+    full = (kv_last[None, None, :] <= q_first[:, :, None]) & active[:, :, None]            # [B, n_q, n_kv]
+    partial = (kv_first[None, None, :] <= q_last[:, :, None]) & active[:, :, None] & ~full
+    return [*_block_lists(partial), *_block_lists(full),
+            *_block_lists(partial.transpose(0, 2, 1)), *_block_lists(full.transpose(0, 2, 1))]
+
+
+def _block_mask(tables: list[np.ndarray], flat: torch.Tensor, T: int, kv_len: int, block: int, mask_mod):
+    """The BlockMask over `tables` (as _block_tables returns them), whose values are `flat` on the device."""
+    from torch.nn.attention.flex_attention import BlockMask
+
     on_device = [piece.view(t.shape) for piece, t in zip(flat.split([t.size for t in tables]), tables)]
     kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx = on_device
     return BlockMask(seq_lengths=(T, kv_len), kv_num_blocks=kv_num, kv_indices=kv_idx,
                      full_kv_num_blocks=full_kv_num, full_kv_indices=full_kv_idx, q_num_blocks=q_num,
                      q_indices=q_idx, full_q_num_blocks=full_q_num, full_q_indices=full_q_idx,
-                     BLOCK_SIZE=(block, block), mask_mod=_causal_mask_mod(q_offset, device))
+                     BLOCK_SIZE=(block, block), mask_mod=mask_mod)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,170 @@
+"""The CUDA path's packed attention (attention.MIXED_ATTENTION = "packed"), run on the CPU: each sequence's
+attention rows gathered to its first rows, FlexAttention under a block mask over those, the output put back.
+Against float64 attention written out here (forward and gradients) and the float64 reference model.
+
+FlexAttention refuses a backward on the CPU at its entry; its dense implementation behind that check computes
+one, which the gradient tests use (`flex_backward_on_cpu`).
+"""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from oryx_core.config import preset
+from oryx_torch import attention
+from oryx_torch.attention import AttentionPlan, plan_attention, plan_packed_rows
+from error_metrics import relative_error
+from torch_models import build
+
+
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    import torch.nn.attention.flex_attention as flex_module
+
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)
+    monkeypatch.setattr(attention, "FLEX_ON_CPU", True)
+    monkeypatch.setattr(attention, "MIXED_ATTENTION", "packed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+        yield
+
+
+def reference_attention(q, k, v, q_offset, scale):
+    """Causal grouped-query attention in float64, every row: q [B, H, T, d], k [B, Hkv, S, d], v [B, Hkv, S, dv]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    scores = q.double() @ k.transpose(-1, -2) * scale
+    T, S = q.shape[2], k.shape[2]
+    causal = torch.arange(S)[None, :] <= torch.arange(T)[:, None] + q_offset
+    return torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v
+
+
+def chunk_modes(rng, B, T, chunk, share):
+    return torch.from_numpy(np.repeat(rng.random((B, -(-T // chunk))) < share, chunk, axis=1)[:, :T])
+
+
+def errors(got, want):
+    """(worst element ÷ largest reference element, relative norm)."""
+    diff = (got.double() - want.double()).abs()
+    return float(diff.max() / want.abs().max()), float(diff.norm() / want.norm())
+
+
+@pytest.mark.parametrize("seed, T, q_offset, chunk", [(0, 300, 0, 64), (1, 290, 0, 16), (2, 200, 37, 64),
+                                                       (3, 260, 0, 1)])
+def test_packed_forward_and_gradients_match_float64(flex_backward_on_cpu, seed, T, q_offset, chunk):
+    """Attention rows (output, and gradients of q, k, v under an upstream gradient on those rows only) against
+    float64 attention; the plans switch mode inside 128-row blocks (chunks of 64, 16 or single tokens), one
+    sequence has no attention row and one only attention rows."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    B, H, Hkv, d, dv = 4, 4, 2, 16, 32
+    S = T + q_offset
+    modes = chunk_modes(np.random.default_rng(seed), B, T, chunk, 0.5)
+    modes[2], modes[3] = False, True
+    leaves = [torch.randn(B, H, T, d, generator=gen, dtype=torch.float64),
+              torch.randn(B, Hkv, S, d, generator=gen, dtype=torch.float64),
+              torch.randn(B, Hkv, S, dv, generator=gen, dtype=torch.float64)]
+    upstream = torch.randn(B, H, T, dv, generator=gen, dtype=torch.float64) * modes[:, None, :, None]
+    outputs, grads = {}, {}
+    for path in ("packed", "reference"):
+        q, k, v = (t.clone().requires_grad_() for t in leaves)
+        out = plan_attention(q, k, v, AttentionPlan(modes, q_offset, modes), scale=0.3) if path == "packed" else \
+            reference_attention(q, k, v, q_offset, 0.3)
+        (out * upstream).sum().backward()
+        outputs[path], grads[path] = out, (q.grad, k.grad, v.grad)
+    rows = modes[:, None, :, None].expand_as(outputs["reference"])
+    worst, norm = errors(outputs["packed"][rows], outputs["reference"][rows])
+    assert worst < 1e-12 and norm < 1e-12, (worst, norm)
+    assert outputs["packed"][~rows].abs().max() == 0  # rows of recurrent tokens: nothing computed
+    for name, got, want in zip("qkv", grads["packed"], grads["reference"]):
+        worst, norm = errors(got, want)
+        assert worst < 1e-12 and norm < 1e-12, (name, worst, norm)
+
+
+def test_packed_blocks_are_the_needed_ones():
+    """Each packed query block reads exactly the key blocks some attention row in it reaches; 'full' ones
+    (no mask) only where every attention row in it sees the whole key block; the backward's per-key-block
+    tables are the transpose of the forward's."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    rng = np.random.default_rng(7)
+    B, T, S, block = 3, 70, 83, 8
+    modes = torch.from_numpy(rng.random((B, T)) < 0.3)
+    modes[1] = False
+    packed = plan_packed_rows(modes, S, q_offset=S - T, block=block)
+    dense = packed.block_mask.to_dense()[:, 0].numpy()                             # [B, n_q, n_kv]
+    full = np.zeros_like(dense)
+    for b in range(B):
+        for i in range(n := -(-T // block)):
+            order = packed.order[b, i * block:(i + 1) * block].numpy()
+            positions = [S - T + t for t in order if modes[b, t]]
+            for j in range(-(-S // block)):
+                assert bool(dense[b, i, j]) == any(p >= j * block for p in positions), (b, i, j)
+                full[b, i, j] = bool(positions) and min(positions) >= min(j * block + block, S) - 1
+    got_full = np.zeros_like(dense)
+    counts, indices = packed.block_mask.full_kv_num_blocks[:, 0].numpy(), packed.block_mask.full_kv_indices[:, 0]
+    for b, i in np.ndindex(B, n):
+        got_full[b, i, indices[b, i, :counts[b, i]].numpy()] = 1
+    np.testing.assert_array_equal(got_full, full)
+    mask = packed.block_mask
+    theirs = BlockMask.from_kv_blocks(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
+                                      mask.full_kv_indices, BLOCK_SIZE=block, seq_lengths=(T, S))
+    for counts, indices in (("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+        n_blocks = getattr(theirs, counts)
+        assert torch.equal(getattr(mask, counts), n_blocks)
+        for b, j in np.ndindex(B, n_blocks.shape[-1]):
+            used = int(n_blocks[b, 0, j])
+            assert torch.equal(getattr(mask, indices)[b, 0, j, :used], getattr(theirs, indices)[b, 0, j, :used])
+
+
+def test_packed_order_and_area():
+    """order puts each sequence's attention rows first, in position order; inverse undoes it; the area is the
+    share of causal 128-blocks computed: for the benchmark's plan (half of the 64-token chunks) below the
+    unpacked mask's, which counts every 128-row block holding any attention row."""
+    import bench_scripts
+
+    rng = np.random.default_rng(3)
+    modes = torch.from_numpy(rng.random((2, 50)) < 0.4)
+    packed = plan_packed_rows(modes, 50)
+    for b in range(2):
+        rows = modes[b].nonzero().flatten()
+        assert torch.equal(packed.order[b, :len(rows)], rows)
+        assert torch.equal(packed.order[b][packed.inverse[b]], torch.arange(50))
+    bench_model = bench_scripts.load_bench_script("bench_model")
+    plan = bench_model.plan_modes("mixed", 8, 2048, "cpu")
+    flex_area, packed_area = AttentionPlan(plan, 0, plan).active_area(), plan_packed_rows(plan, 2048).area
+    assert flex_area == pytest.approx(0.7335, abs=1e-4) and packed_area == pytest.approx(0.5156, abs=1e-4)
+    assert plan_packed_rows(torch.ones(2, 300, dtype=torch.bool), 300).area == 1.0
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+def test_model_through_packed_attention_matches_reference(flex_backward_on_cpu, mixer):
+    """A float64 model whose attention runs the packed path: logits against the float64 reference, and logits
+    and every parameter's gradient against the same model through the CPU's row attention (SDPA over the
+    gathered rows)."""
+    cfg = preset("tiny", mixer)
+    model, ref = build(cfg, seed=11)
+    model = model.double()
+    rng = np.random.default_rng(12)
+    B, T = 3, 150
+    tokens = rng.integers(0, cfg.vocab_size, (B, T))
+    modes = chunk_modes(rng, B, T, 16, 0.5).numpy()
+    modes[1, :] = True
+    want = torch.from_numpy(ref.forward(tokens, modes)[0])
+    logits, grads = {}, {}
+    for flex_on_cpu in (True, False):
+        attention.FLEX_ON_CPU = flex_on_cpu
+        model.zero_grad(set_to_none=True)
+        logits[flex_on_cpu] = model(torch.tensor(tokens), torch.tensor(modes))
+        weights = torch.from_numpy(np.random.default_rng(13).standard_normal(logits[flex_on_cpu].shape))
+        (logits[flex_on_cpu] * weights).sum().backward()
+        grads[flex_on_cpu] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    # the model rounds its norms through fp32 (so 1e-6 from the reference); its attention runs in float64
+    worst, norm = errors(logits[True].detach(), want)
+    assert worst < 1e-5 and norm < 1e-5, (worst, norm)
+    worst, norm = errors(logits[True].detach(), logits[False].detach())
+    assert worst < 1e-12 and norm < 1e-12, (worst, norm)
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) == len(list(model.parameters()))
+    for name, got in grads[True].items():
+        worst, norm = errors(got, grads[False][name])
+        assert worst < 1e-10 and norm < 1e-10, (name, worst, norm)
