@@ -168,3 +168,36 @@ def test_model_through_packed_attention_matches_reference(flex_backward_on_cpu, 
     for name, got in grads[True].items():
         worst, norm = errors(got, grads[False][name])
         assert worst < 1e-10 and norm < 1e-10, (name, worst, norm)
+
+
+@pytest.mark.slow
+def test_compiled_packed_plans_share_one_graph(flex_backward_on_cpu):
+    """Prepared packed plans compile into one graph (fullgraph) that later plans of the same shape reuse: the
+    layout and its mask are graph inputs, not constants; the compiled logits and gradients equal eager's."""
+    from torch._dynamo.utils import counters
+
+    cfg = preset("tiny", "gdn")
+    model, _ = build(cfg, seed=14)
+    model.train()
+    rng = np.random.default_rng(15)
+    B, T = 2, 140
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    graphs = []
+    for _ in range(3):
+        tokens = torch.tensor(rng.integers(0, cfg.vocab_size, (B, T)))
+        modes = chunk_modes(rng, B, T, 64, 0.5)
+        modes[0, :70], modes[1, 70:] = True, False  # both modes in the batch
+        tokens, plans = model.prepare(tokens, modes)
+        results = []
+        for forward in (compiled, model):
+            logits = forward(tokens, plans)
+            grads = torch.autograd.grad(logits.square().mean(), list(model.parameters()), allow_unused=True)
+            results.append((logits.detach(), grads))
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert relative_error(results[0][0], results[1][0]) < 1e-6
+        for got, want in zip(results[0][1], results[1][1]):
+            assert (got is None) == (want is None)
+            if want is not None and want.abs().max() > 0:
+                assert relative_error(got, want) < 1e-5
+    assert graphs[0] >= 1 and graphs[1] == graphs[0] and graphs[2] == graphs[0], graphs

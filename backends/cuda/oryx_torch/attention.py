@@ -84,6 +84,7 @@ class AttentionPlan:
         self.modes, self.q_offset = modes, q_offset
         self._source = host_modes if host_modes is not None else modes
         self._block_masks, self._packed, self._rows, self._active_area = {}, {}, None, None
+        self._auto_dense = None  # MIXED_ATTENTION = "auto"'s choice, made once on the host (a bool dynamo guards on)
         # Inside torch.compile the mode values are data, not constants: a plan built there is "traced",
         # assumes both modes occur and attends on every row (the caller keeps each token's own readout),
         # so one graph serves every plan. A plan built before the compiled call (then `prepare`d) keeps
@@ -141,8 +142,12 @@ class AttentionPlan:
         if self.q_offset == 0 and MIXED_ATTENTION == "dense":
             return "dense"
         if MIXED_ATTENTION == "auto" and self.q_offset == 0:
-            kv_len = self.modes.shape[1]
-            return "dense" if self.packed_rows(kv_len).area >= DENSE_FROM else "packed"
+            if self._auto_dense is None:
+                packed = self.packed_rows(self.modes.shape[1])
+                if packed is None:  # not prepared, inside torch.compile: plan_attention attends on every row
+                    return "packed"
+                self._auto_dense = packed.area >= DENSE_FROM
+            return "dense" if self._auto_dense else "packed"
         return "packed"
 
     def dense_attention(self) -> bool:
