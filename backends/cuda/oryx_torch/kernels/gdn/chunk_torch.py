@@ -99,54 +99,71 @@ def chunk_gated_delta_rule_grouped(q, k, v, g, beta, scale=None, initial_state=N
     h // G of k [B, T, Hkv, K], v [B, T, Hkv, V], g, beta [B, T, Hkv] (H = Hkv * G). The state depends on keys,
     values and gates only, so one state per key/value head [B, Hkv, K, V] serves its G query heads, and the
     work that does not read q (the WY transform, the state recurrence) runs once per group instead of G times.
-    Returns (o [B, T, H, V] in v.dtype, final_state [B, Hkv, K, V] or None)."""
-    B, T, H, K = q.shape
-    Hkv, V = k.shape[2], v.shape[-1]
-    if H % Hkv or k.shape != (B, T, Hkv, K) or v.shape[:3] != (B, T, Hkv) or g.shape != (B, T, Hkv) \
-            or beta.shape != (B, T, Hkv):
-        raise ValueError(f"grouped heads: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}, "
-                         f"g {list(g.shape)}, beta {list(beta.shape)}")
-    G = H // Hkv
-    scale = default_scale(scale, K)
-    dtype = _compute_dtype(q, k, v, g, beta)
-    outputs, finals = [], []
-    for b in range(B):
-        state = q.new_zeros(Hkv, K, V, dtype=dtype) if initial_state is None else initial_state[b].to(dtype)
-        o, state = _grouped_sequence(*(t[b].to(dtype) for t in (q, k, v, g, beta)), state, scale, chunk_size, G)
-        outputs.append(o)
-        finals.append(state)
-    o = torch.stack(outputs).to(v.dtype)
-    return o, torch.stack(finals) if output_final_state else None
+    q None: only the final state (what a prompt read in another mode leaves for later tokens), without the
+    per-token outputs. Returns (o [B, T, H, V] in v.dtype or None, final_state [B, Hkv, K, V] or None).
 
-
-def _grouped_sequence(q, k, v, g, beta, state, scale, chunk_size, G):
-    """One sequence: q [L, H, K], k [L, Hkv, K], v [L, Hkv, V], g, beta [L, Hkv], state [Hkv, K, V]; the
-    arithmetic of _chunked_sequence with each group's G query heads stacked as rows."""
-    length, H, K = q.shape
-    Hkv = k.shape[1]
-    k, v, g, beta = (_to_chunks(x, chunk_size) for x in (k, v, g, beta))           # [Hkv, NT, C, ...]
-    NT, C = k.shape[1], k.shape[2]
-    q = _to_chunks(q.reshape(length, Hkv, G * K), chunk_size)                        # [Hkv, NT, C, G*K]
-    q = q.view(Hkv, NT, C, G, K).transpose(2, 3)                                     # [Hkv, NT, G, C, K]
-    Gc = torch.cumsum(g, dim=-1)                                                     # [Hkv, NT, C]
-    idx = torch.arange(C, device=q.device)
-    causal = idx[:, None] >= idx[None, :]
-    decay_causal = torch.exp((Gc[..., :, None] - Gc[..., None, :]).masked_fill(~causal, float("-inf")))
-    decay_strict = decay_causal.masked_fill(idx[:, None] == idx[None, :], 0.0)
-    L = beta[..., :, None] * decay_strict * (k @ k.transpose(-1, -2))
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    X = torch.linalg.solve_triangular(eye + L, eye.expand_as(L), upper=False, unitriangular=True)
-    W = X @ ((beta * torch.exp(Gc))[..., None] * k)
-    U = X @ (beta[..., None] * v)
-    intra = (scale * (q @ k.transpose(-1, -2)[:, :, None])) * decay_causal[:, :, None]   # [Hkv, NT, G, C, C]
-    q_decayed = (scale * torch.exp(Gc)[:, :, None, :, None] * q).reshape(Hkv, NT, G * C, K)
-    k_to_end = (torch.exp(Gc[..., -1:] - Gc)[..., None] * k).transpose(-1, -2)     # [Hkv, NT, K, C]
-    chunk_decay = torch.exp(Gc[..., -1])                                             # [Hkv, NT]
-    outputs = []
+    Every sequence and key/value head is one batch row of each matrix product, and the chunks are chained by
+    their transitions S' = M S + P (M = e^{G_C} I - K_end^T W, P = K_end^T U with K_end = diag(e^{G_C - G}) K):
+    one product per chunk runs sequentially, everything else once for all chunks."""
+    B, T, Hkv, K = k.shape
+    V = v.shape[-1]
+    H = Hkv if q is None else q.shape[2]
+    if H % Hkv or (q is not None and q.shape != (B, T, H, K)) or v.shape[:3] != (B, T, Hkv) \
+            or g.shape != (B, T, Hkv) or beta.shape != (B, T, Hkv):
+        raise ValueError(f"grouped heads: q {None if q is None else list(q.shape)}, k {list(k.shape)}, "
+                         f"v {list(v.shape)}, g {list(g.shape)}, beta {list(beta.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    G, C = H // Hkv, chunk_size
+    dtype = _compute_dtype(*(t for t in (q, k, v, g, beta) if t is not None))
+    NT = -(-T // C)
+    N, pad = B * Hkv, NT * C - T
+    # each token's keys, values and gates in one zero-padded, chunked, head-major copy [N, NT, C, K + V + 2]:
+    # padded tokens have g = beta = 0, so they leave the state as it is
+    packed = torch.cat([k.to(dtype), v.to(dtype), g.to(dtype)[..., None], beta.to(dtype)[..., None]], dim=-1)
+    packed = F.pad(packed, (0, 0, 0, 0, 0, pad)).view(B, NT, C, Hkv, K + V + 2).permute(0, 3, 1, 2, 4) \
+        .reshape(N, NT, C, K + V + 2)
+    keys, gate, rate = packed[..., :K], packed[..., K + V], packed[..., K + V + 1]
+    Gc = gate.cumsum(-1)                                                             # [N, NT, C]
+    eG = Gc.exp()
+    idx = torch.arange(C, device=k.device)
+    decay = (Gc[..., :, None] - Gc[..., None, :]).masked_fill_(idx[:, None] < idx[None, :], float("-inf")).exp_()
+    # the solves read only the strictly lower triangle of L (beta_i e^{G_i - G_j} k_i.k_j, i > j) and take
+    # its diagonal as ones
+    L = (keys @ keys.transpose(-1, -2)).mul_(decay).mul_(rate[..., None])
+    rhs = packed[..., :K + V] * rate[..., None]                                      # [beta k | beta v]
+    rhs[..., :K].mul_(eG[..., None])                                                 # [beta e^G k | beta v]
+    k_end = keys * (Gc[..., -1:] - Gc).exp_()[..., None]                             # [N, NT, C, K]
+    if q is None:  # [M' | P] = K_end^T X rhs with K_end^T X solved for directly: (I + L)^T (K_end^T X)^T = K_end
+        WU = None
+        transfer = torch.linalg.solve_triangular(L.transpose(-1, -2), k_end, upper=True, unitriangular=True)
+        MP = transfer.transpose(-1, -2) @ rhs                                        # [N, NT, K, K + V]
+    else:
+        WU = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)  # [W | U] = X rhs
+        MP = k_end.transpose(-1, -2) @ WU
+    M, P = MP[..., :K], MP[..., K:]
+    M.neg_().diagonal(dim1=-2, dim2=-1).add_(eG[..., -1:])                           # M = e^{G_C} I - M'
+    state = (torch.zeros(N, K, V, dtype=dtype, device=k.device) if initial_state is None
+             else initial_state.to(dtype).reshape(N, K, V))
+    entries = []                                                                     # the state entering each chunk
     for c in range(NT):
-        delta = U[:, c] - W[:, c] @ state                                            # [Hkv, C, V]
-        outputs.append((q_decayed[:, c] @ state).view(Hkv, G, C, -1) + intra[:, c] @ delta[:, None])
-        state = chunk_decay[:, c, None, None] * state + k_to_end[:, c] @ delta
-    o = torch.stack(outputs, dim=1)                                                  # [Hkv, NT, G, C, V]
-    o = o.permute(1, 3, 0, 2, 4).reshape(NT * C, H, -1)[:length]
-    return o, state
+        if q is not None:
+            entries.append(state)
+        state = torch.baddbmm(P[:, c], M[:, c], state)
+    final = state.view(B, Hkv, K, V) if output_final_state else None
+    if q is None:
+        return None, final
+    scale = default_scale(scale, K)
+    S = torch.stack(entries, 1).view(N * NT, K, V)
+    delta = torch.baddbmm(WU[..., K:].reshape(N * NT, C, V), WU[..., :K].reshape(N * NT, C, K), S, alpha=-1)
+    # each group's G query heads as rows of one matrix per chunk: [N * NT, G * C, K]
+    qc = F.pad(q.to(dtype), (0, 0, 0, 0, 0, pad)).view(B, NT, C, Hkv, G, K).permute(0, 3, 1, 4, 2, 5) \
+        .reshape(N * NT, G * C, K)
+    if scale != 1:
+        qc = qc.mul_(scale)
+    o = torch.bmm(qc, S).view(N, NT, G, C, V).mul_(eG[:, :, None, :, None])         # e^{G_i} q_i S_0
+    scores = torch.bmm(qc, keys.reshape(N * NT, C, K).transpose(-1, -2))
+    scores.view(N, NT, G, C, C).mul_(decay[:, :, None])
+    o = torch.baddbmm(o.view(N * NT, G * C, V), scores, delta)
+    o = o.view(B, Hkv, NT, G, C, V).permute(0, 2, 4, 1, 3, 5).reshape(B, NT * C, H, V)[:, :T]
+    return o.to(v.dtype), final
