@@ -335,7 +335,7 @@ def test_fused_step_is_off_by_default_and_on_cpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", MODEL_CASES)
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager_step", "compiled_step"])
 def test_fused_greedy_tokens_equal_unfused_cuda_graphs(case, compiled):
     prompt_mode, step_modes, drop = MODEL_CASES[case]
     model = tiny_model("cuda")

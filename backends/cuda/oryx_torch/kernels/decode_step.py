@@ -91,12 +91,11 @@ def _gdn_token_kernel(
         A_log, dt_bias, state, scale, l2_eps, norm_w, norm_eps,
         k_cache, v_cache, kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st, position, cos, sin, rope_stride,
         modes, o_attn, out,
-        H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, W: tl.constexpr,
+        H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, W: tl.constexpr,
         BD: tl.constexpr, BDV: tl.constexpr, BW: tl.constexpr,
         CONV_BIAS: tl.constexpr, SILU: tl.constexpr, OUTPUT_NORM: tl.constexpr, OUTPUT_GATE: tl.constexpr,
         GATE_BEFORE_NORM: tl.constexpr, APPEND_KV: tl.constexpr, ROPE: tl.constexpr, MIXED: tl.constexpr):
     b, j = tl.program_id(0), tl.program_id(1)
-    G: tl.constexpr = H // HKV
     d_idx = tl.arange(0, BD)
     v_idx = tl.arange(0, BDV)
     d_ok, v_ok = d_idx < D, v_idx < DV
@@ -159,13 +158,12 @@ def _attention_token_kernel(
         conv_k_w, conv_k_b, conv_v_w, conv_v_b, win_k, win_v,
         k_cache, v_cache, kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st, position, cos, sin, rope_stride, scale,
         norm_w, norm_eps, out,
-        H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, W: tl.constexpr,
+        H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, W: tl.constexpr,
         BD: tl.constexpr, BDV: tl.constexpr, BW: tl.constexpr, BG: tl.constexpr, BT: tl.constexpr,
         CONV_BIAS: tl.constexpr, SILU: tl.constexpr, ROPE: tl.constexpr, WRITE_WINDOWS: tl.constexpr,
         FINISH: tl.constexpr, OUTPUT_NORM: tl.constexpr, OUTPUT_GATE: tl.constexpr, GATE_BEFORE_NORM: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     b, j = tl.program_id(0), tl.program_id(1)
-    G: tl.constexpr = H // HKV
     d_idx = tl.arange(0, BD)
     v_idx = tl.arange(0, BDV)
     g_idx = tl.arange(0, BG)
@@ -283,7 +281,7 @@ def gdn_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.T
         A_log, dt_bias, state, scale, l2_eps, dummy if norm_w is None else norm_w, norm_eps,
         dummy if k_cache is None else k_cache, dummy if v_cache is None else v_cache, *_cache_strides(k_cache, v_cache),
         position, cos, sin, rope_stride, dummy if modes is None else modes.view(torch.uint8), dummy if o_attn is None else o_attn, out,
-        H=H, HKV=HKV, D=K, DV=V, W=W, BD=_pow2(K), BDV=_pow2(V), BW=_pow2(W),
+        H=H, HKV=HKV, G=H // HKV, D=K, DV=V, W=W, BD=_pow2(K), BDV=_pow2(V), BW=_pow2(W),
         CONV_BIAS=conv_k_b is not None, SILU=silu, OUTPUT_NORM=norm_w is not None, OUTPUT_GATE=gate is not None,
         GATE_BEFORE_NORM=gate_before_norm, APPEND_KV=k_cache is not None, ROPE=cos is not dummy,
         MIXED=modes is not None, num_warps=4 if K * V >= 4096 else 2)
@@ -323,7 +321,7 @@ def attention_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate
         conv_k_w, dummy if conv_k_b is None else conv_k_b, conv_v_w, dummy if conv_v_b is None else conv_v_b,
         win_k, win_v, k_cache, v_cache, *_cache_strides(k_cache, v_cache), position, cos, sin, rope_stride, scale,
         dummy if norm_w is None else norm_w, norm_eps, out,
-        H=H, HKV=HKV, D=K, DV=V, W=W, BD=_pow2(K), BDV=_pow2(V), BW=_pow2(W), BG=max(16, _pow2(H // HKV)),
+        H=H, HKV=HKV, G=H // HKV, D=K, DV=V, W=W, BD=_pow2(K), BDV=_pow2(V), BW=_pow2(W), BG=max(16, _pow2(H // HKV)),
         BT=64 if K <= 64 else 32, CONV_BIAS=conv_k_b is not None, SILU=silu, ROPE=cos is not dummy,
         WRITE_WINDOWS=finish, FINISH=finish, OUTPUT_NORM=norm_w is not None, OUTPUT_GATE=gate is not None,
         GATE_BEFORE_NORM=gate_before_norm, DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",

@@ -1,0 +1,252 @@
+"""Decode with the fused per-layer token kernels against the existing decode steps, in one process.
+
+    PYTHONPATH=.:backends/cuda:backends/mlx:convert python bench/bench_fused_decode.py --out $OUT/fused_decode.json
+    python bench/bench_fused_decode.py --tiny --out /tmp/fused_decode.json   # CPU smoke run (Triton interpreter)
+
+The model is Oryx-GDN holding a random Llama of SmolLM2-135M's shape (bench_model.oryx_twin; --tiny: a tiny
+one), decoding in bfloat16 on CUDA (fp32 on the CPU). Four decode steps, each run by
+oryx_torch.generate.DecodeRunner (under CUDA graphs on CUDA, the greedy pick inside the step):
+    eager           the torch step (what `oryx generate` runs by default)
+    compiled        the torch.compile'd step (ORYX_COMPILED_DECODE=1)
+    fused           the torch step with each mixer's token through kernels/decode_step.py (ORYX_FUSED_DECODE=1)
+    fused+compiled  both
+For each plan (attention: prompt and decode in attention, recurrent state kept; recurrent: everything
+recurrent, KV cache kept; dropped: prompt in attention, KV cache dropped, decode recurrent) and batch size:
+tokens/s with one token read back to the host per step (as a server does) and with the pick fed to the next
+step on the device (graph replays back to back), and how many of each step's greedy tokens equal the eager
+step's (the uncompiled variants at every batch size run first). Also CUDA kernels per step at batch 1 (a step run without a graph, counted by torch.profiler; on the
+CPU aten operators), and in fp32 the first step's logits of the fused step against the eager step's and how
+many of 16 greedy steps (3 with --tiny) agree. Rows that would start after --budget-s seconds are listed as skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {"eager": (False, False), "fused": (False, True), "fused+compiled": (True, True),
+            "compiled": (True, False)}
+# plan: (prompt in attention, decode step in attention, drop the KV cache after the prompt)
+PLANS = {"attention": (True, True, False), "recurrent": (False, False, False), "dropped": (True, False, True)}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU through the Triton interpreter")
+    parser.add_argument("--out", type=Path, help="write the results here (JSON)")
+    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    parser.add_argument("--prompt-length", type=int, default=None)
+    parser.add_argument("--decode-tokens", type=int, default=None)
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    parser.add_argument("--plans", type=lambda s: s.split(","), default=list(PLANS))
+    parser.add_argument("--budget-s", type=float, default=170.0, help="start no row after this many seconds")
+    args = parser.parse_args(argv)
+    args.batches = args.batches or ([1, 2] if args.tiny else [1, 8, 32])
+    args.prompt_length = args.prompt_length or (8 if args.tiny else 512)
+    args.decode_tokens = args.decode_tokens or (3 if args.tiny else 64)
+    for name, chosen, known in (("--variants", args.variants, VARIANTS), ("--plans", args.plans, PLANS)):
+        if not set(chosen) <= set(known):
+            parser.error(f"{name}: expected some of {','.join(known)}, got {','.join(chosen)}")
+    if min(args.batches) < 1 or args.prompt_length < 1 or args.decode_tokens < 1:
+        parser.error("--batches, --prompt-length and --decode-tokens must be positive")
+    return args
+
+
+def use(variant: str) -> tuple[bool, bool]:
+    """(compiled, fused) for a variant, with the fused switch set accordingly."""
+    from oryx_torch import model as model_module
+
+    compiled, fused = VARIANTS[variant]
+    model_module.FUSED_DECODE = fused
+    return compiled, fused
+
+
+def synchronize(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prefilled(oryx, prompt, plan: str, extra: int):
+    """(cache after the prompt under `plan`, its greedy next tokens on the host)."""
+    prompt_mode, _, drop_kv = PLANS[plan]
+    cache = oryx.make_cache(prompt.shape[0], prompt.shape[1] + extra)
+    tokens = oryx(prompt, prompt_mode, cache=cache)[:, -1].argmax(-1).cpu()
+    if drop_kv:
+        cache.drop_kv()
+    return cache, tokens
+
+
+def timed_decode(oryx, prompt, plan: str, variant: str, n: int, device) -> tuple[dict, "torch.Tensor"]:
+    """One row: 2 untimed steps (warm-up and compile, then graph capture), n timed steps read back one by one,
+    n fed on the device. Returns (row, the greedy tokens of the prompt and the read-back steps [B, n + 3])."""
+    import torch
+
+    from oryx_torch.generate import DecodeRunner
+
+    compiled, _ = use(variant)
+    cache, next_tokens = prefilled(oryx, prompt, plan, 2 * n + 8)
+    decode_mode = PLANS[plan][1]
+    runner = DecodeRunner(oryx, cache, compiled=compiled)
+    picked = [next_tokens]
+    start = time.perf_counter()
+    for _ in range(2):
+        next_tokens = runner.greedy_step(next_tokens, decode_mode).cpu()
+        picked.append(next_tokens)
+    setup = time.perf_counter() - start
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        next_tokens = runner.greedy_step(next_tokens, decode_mode).cpu()
+        picked.append(next_tokens)
+    host = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(n):
+        runner.greedy_step(None, decode_mode)
+    synchronize(device)
+    fed = time.perf_counter() - start
+    batch = prompt.shape[0]
+    row = dict(plan=plan, variant=variant, batch=batch, prompt=prompt.shape[1], tokens_per_s=batch * n / host,
+               ms_per_step=host / n * 1e3, device_fed_tokens_per_s=batch * n / fed, device_fed_ms=fed / n * 1e3,
+               setup_s=setup)
+    return row, torch.stack(picked, 1)
+
+
+def launches(oryx, plan: str, variant: str, prompt_length: int, device) -> dict:
+    """Kernels (CUDA) or outermost aten operators (CPU) in one batch-1 step run without a CUDA graph."""
+    import torch
+
+    from bench_model import count_launches
+    from oryx_torch.generate import DecodeRunner
+
+    compiled, _ = use(variant)
+    prompt = torch.randint(0, oryx.cfg.vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(4))
+    cache, token = prefilled(oryx, prompt.to(device), plan, 8)
+    runner = DecodeRunner(oryx, cache, cuda_graphs=False, compiled=compiled)
+    decode_mode = PLANS[plan][1]
+    token = runner.greedy_step(token, decode_mode).cpu()  # warm-up (and compile)
+    count = count_launches(lambda: runner.greedy_step(token, decode_mode), device)
+    return dict(plan=plan, variant=variant, unit="CUDA kernels" if device.type == "cuda" else "aten operators",
+                per_step=count, per_layer=count / oryx.cfg.n_layers)
+
+
+def fp32_parity(oryx, plan: str, variant: str, prompt, steps: int) -> dict:
+    """The fused variant against the eager step on the same fp32 model: the first step's logits (largest
+    difference over the largest eager logit) and how many of `steps` greedy steps pick the same tokens."""
+    import torch
+
+    from oryx_torch.generate import DecodeRunner
+
+    out = {}
+    for name in ("eager", variant):
+        compiled, _ = use(name)
+        cache, token = prefilled(oryx, prompt, plan, steps + 8)
+        runner = DecodeRunner(oryx, cache, compiled=compiled)
+        decode_mode = PLANS[plan][1]
+        logits = runner.step(token, decode_mode).float().cpu()
+        token = logits.argmax(-1)
+        tokens = [token]
+        for _ in range(steps - 1):
+            token = runner.greedy_step(token, decode_mode).cpu()
+            tokens.append(token)
+        out[name] = (logits, torch.stack(tokens, 1))
+    (ref_logits, ref_tokens), (logits, tokens) = out["eager"], out[variant]
+    return dict(plan=plan, variant=variant, batch=prompt.shape[0], dtype="float32",
+                first_logits_error=float((logits - ref_logits).abs().max() / ref_logits.abs().max()),
+                equal_tokens=int((tokens == ref_tokens).sum()), tokens=int(ref_tokens.numel()))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.tiny:  # before triton is imported: the fused kernels run on the CPU through the interpreter
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    from bench_model import SMOLLM2_135M, TINY, hf_config_dict, llama_model, oryx_twin
+    from oryx_core.atomic import atomic_write_bytes
+
+    began = time.perf_counter()
+    device = torch.device("cpu" if args.tiny else "cuda")
+    hf = hf_config_dict(TINY if args.tiny else SMOLLM2_135M)
+    oryx = oryx_twin(hf, llama_model(hf, None, seed=0)).to(device)
+    report = dict(card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  command=" ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
+                  torch=torch.__version__, shape=hf, parity_fp32=[], decode=[], launches=[], skipped=[], errors=[])
+
+    def save():  # after every row, so that a run cut short still leaves what it measured
+        report["seconds"] = time.perf_counter() - began
+        if args.out:
+            atomic_write_bytes(args.out, (json.dumps(report, indent=1) + "\n").encode())
+
+    def attempt(section: str, what: dict, fn):
+        if time.perf_counter() - began > args.budget_s:
+            report["skipped"].append(dict(section=section, **what))
+            return None
+        try:
+            result = fn()
+        except Exception as error:  # one failing variant is reported; the others still run
+            report["errors"].append(dict(section=section, **what, error=f"{type(error).__name__}: {error}"[:1500]))
+            print(f"{section} {what}: {type(error).__name__}: {error}"[:1500], flush=True)
+            return None
+        print(f"{section}: {result if not isinstance(result, tuple) else result[0]}", flush=True)
+        return result
+
+    with torch.no_grad():
+        parity_prompt = torch.randint(0, hf["vocab_size"], (4, min(args.prompt_length, 64)),
+                                      generator=torch.Generator().manual_seed(5)).to(device)
+        for plan in args.plans:  # fp32 first: the eager and fused steps of the model as built
+            for variant in [v for v in args.variants if v == "fused"]:  # compiling again in fp32 costs too long
+                row = attempt("parity_fp32", dict(plan=plan, variant=variant),
+                              lambda: fp32_parity(oryx, plan, variant, parity_prompt, 3 if args.tiny else 16))
+                if row:
+                    report["parity_fp32"].append(row)
+                    save()
+        if device.type == "cuda":
+            oryx = oryx.to(torch.bfloat16)
+        prompts = {batch: torch.randint(0, hf["vocab_size"], (batch, args.prompt_length),
+                                        generator=torch.Generator().manual_seed(3)).to(device)
+                   for batch in args.batches}
+        eager_tokens = {}
+        # the uncompiled steps at every batch size first: the compiled ones spend most of the budget compiling
+        for group in ([v for v in args.variants if not VARIANTS[v][0]], [v for v in args.variants if VARIANTS[v][0]]):
+            for batch in args.batches:
+                for plan in args.plans:
+                    for variant in group:
+                        result = attempt("decode", dict(plan=plan, variant=variant, batch=batch),
+                                         lambda: timed_decode(oryx, prompts[batch], plan, variant,
+                                                              args.decode_tokens, device))
+                        if result is None:
+                            continue
+                        row, tokens = result
+                        if variant == "eager":
+                            eager_tokens[batch, plan] = tokens
+                        elif (batch, plan) in eager_tokens:
+                            same = (tokens == eager_tokens[batch, plan]).all(0)
+                            row.update(tokens_equal_to_eager=int((tokens == eager_tokens[batch, plan]).sum()),
+                                       tokens_compared=int(tokens.numel()),
+                                       first_differing_step=None if bool(same.all()) else int((~same).nonzero()[0, 0]))
+                        report["decode"].append(row)
+                        save()
+            for plan in args.plans:
+                for variant in group:
+                    row = attempt("launches", dict(plan=plan, variant=variant),
+                                  lambda: launches(oryx, plan, variant, min(args.prompt_length, 64), device))
+                    if row:
+                        report["launches"].append(row)
+                        save()
+    use("eager")
+    save()
+    print(f"{report['card']} {report['date']}: {len(report['decode'])} decode rows, {len(report['launches'])} "
+          f"launch counts, {len(report['skipped'])} skipped, {len(report['errors'])} errors, "
+          f"{report['seconds']:.0f} s")
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
