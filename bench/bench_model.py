@@ -160,19 +160,25 @@ def train_steps(hf, llama, oryx, args, device, autocast) -> list[dict]:
     flops = model_flops(hf, params, B, T)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = next((rate for name, rate in DENSE_BF16_FLOPS.items() if card and name in card), None)
+    from oryx_torch import attention
+
+    default_method = attention.MIXED_ATTENTION
     rows = []
-    compile_modes = {"on": [False, True], "off": [False], "auto": [False, True] if device.type == "cuda" else [False]}
+    compile_modes = {"on": [False, True], "off": [False], "only": [True],
+                     "auto": [False, True] if device.type == "cuda" else [False]}
     for compiled in compile_modes[args.compile]:
-        for name, plan in [("llama", None)] + [("oryx", p) for p in TRAIN_PLANS]:
+        for name, plan, method in [("llama", None, None)] + [("oryx", *p) for p in train_plans(args)]:
             model = llama if plan is None else oryx
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
             torch._dynamo.reset()
             forward = torch.compile(model) if compiled else model
+            attention.MIXED_ATTENTION = method or default_method
             if plan is None:
                 run = lambda: forward(input_ids=inputs).logits  # noqa: E731
             else:
-                tokens, plans = oryx.prepare(inputs, plan_modes(plan, B, T, device))  # checks outside the graph
+                modes = plan_modes(plan.split("-")[0], B, T, device)
+                tokens, plans = oryx.prepare(inputs, modes)  # checks outside the graph
                 run = lambda: forward(tokens, plans)  # noqa: E731
 
             def step():
@@ -185,12 +191,28 @@ def train_steps(hf, llama, oryx, args, device, autocast) -> list[dict]:
 
             reset_peak(device)
             seconds = median_seconds(step, device, args.warmup + (2 if compiled else 0), args.repeat)
+            attention.MIXED_ATTENTION = default_method
             rows.append(dict(kind="train", model=name, plan=plan or "-", compiled=compiled, batch=B, length=T,
                              ms=seconds * 1e3, tokens_per_s=B * T / seconds, peak_mib=peak_memory_mib(device),
-                             mfu=None if peak is None else flops / seconds / peak))
+                             mfu=None if peak is None else flops / seconds / peak,
+                             mixed_attention=method if plan and plan.startswith("mixed") else None))
+            print("\n".join(table(rows[-1:]).splitlines()[2:]), flush=True)  # as it comes, in case the run is cut
             model.eval()
             del optimizer
     return rows
+
+
+def train_plans(args) -> list[tuple[str, str | None]]:
+    """(plan row label, attention.MIXED_ATTENTION for it) per training row: the mixed plan once per
+    --mixed-attention method (labelled mixed-METHOD when more than one), None = the library's default."""
+    out = []
+    for plan in TRAIN_PLANS:
+        if plan == "mixed" and args.mixed_attention:
+            methods = args.mixed_attention
+            out += [(plan if len(methods) == 1 else f"{plan}-{m}", m) for m in methods]
+        else:
+            out.append((plan, None))
+    return out
 
 
 @torch.no_grad()
@@ -372,8 +394,12 @@ def parse_args(argv=None):
     where.add_argument("--cpu", action="store_true", help="CPU, fp32, SmolLM2-135M-Instruct's real weights")
     where.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU: the smoke test")
     parser.add_argument("--json", type=Path, help="write the results here too")
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="time compiled training steps too (auto: on CUDA only)")
+    parser.add_argument("--compile", choices=("auto", "on", "off", "only"), default="auto",
+                        help="time compiled training steps too (auto: on CUDA only; only: no eager steps)")
+    parser.add_argument("--mixed-attention", type=lambda s: s.split(","), default=None,
+                        help="train the mixed plan once per attention method, comma-separated, of "
+                             "oryx_torch.attention.MIXED_ATTENTION (flex, packed, dense, auto; default: its value)")
+    parser.add_argument("--layers", type=int, help="layers of the model (default: the shape's)")
     parser.add_argument("--decode-compile", choices=("auto", "on", "off", "both"), default="auto",
                         help="decode with the torch.compile'd step, the eager one, or both (auto: compiled on CUDA, "
                              "as oryx_torch.generate does)")
@@ -395,6 +421,11 @@ def parse_args(argv=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    bad = [m for m in args.mixed_attention or [] if m not in ("flex", "packed", "dense", "auto")]
+    if bad:
+        parser.error(f"--mixed-attention: unknown method {bad[0]!r}; choose from flex, packed, dense, auto")
+    if args.layers is not None and args.layers < 1:
+        parser.error(f"--layers must be positive, got {args.layers}")
     for key in ("train_batch", "train_length", "prompt_length", "decode_tokens", "repeat"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
@@ -412,7 +443,10 @@ def main(argv=None) -> int:
         hf, tensors = smollm2_gguf()
         llama = llama_model(hf, tensors, seed=0)
     else:
-        hf = hf_config_dict(TINY if args.tiny else SMOLLM2_135M)
+        shape = dict(TINY if args.tiny else SMOLLM2_135M)
+        if args.layers:
+            shape["num_hidden_layers"] = args.layers
+        hf = hf_config_dict(shape)
         llama = llama_model(hf, None, seed=0)
     oryx = oryx_twin(hf, llama)
     llama, oryx = llama.to(device), oryx.to(device)

@@ -1,14 +1,15 @@
 """Where a whole-model training step's GPU time goes, per plan: one torch.compile'd step under torch.profiler.
 
-    python bench/profile_model.py [--layers N] [--plans llama,attention,recurrent,mixed,mixed-dense] [--json OUT]
+    python bench/profile_model.py [--layers N] [--plans llama,attention,recurrent,mixed,mixed-packed,...] [--json OUT]
     python bench/profile_model.py --tiny     # a smoke run on the CPU in seconds (aten operators, not kernels)
 
 The models are bench_model.py's: SmolLM2-135M's shape with random weights as Hugging Face `LlamaForCausalLM`
 and the same weights in Oryx-GDN, bf16 autocast, a training step of forward, fp32 cross-entropy, backward and
 fused AdamW at B=8 T=2048. Plans: `llama`; Oryx `attention`, `recurrent`, `mixed` (50% of 64-token chunks in
-attention, bench_model's fixed draw; its attention runs through FlexAttention with a block mask that skips
-query blocks without an attention token) and `mixed-dense` (the same plan, its attention computed for every
-row by causal SDPA and each token then taking its own mode's output: what FlexAttention has to beat).
+attention, bench_model's fixed draw, attended as oryx_torch.attention.MIXED_ATTENTION says) and the same plan
+under each attention method: `mixed-flex` (FlexAttention with a block mask that skips query blocks without an
+attention token), `mixed-packed` (FlexAttention over each sequence's attention rows gathered to its first rows)
+and `mixed-dense` (causal SDPA over every row, each token then taking its own mode's output).
 
 Printed per plan: the step's wall time (median, outside the profiler), the kernels' summed time per step and
 their count, the time by category (attention, recurrence kernels, convolutions, matmuls, fused elementwise and
@@ -34,7 +35,7 @@ import bench_model  # noqa: E402
 
 from oryx_core.atomic import atomic_write_bytes  # noqa: E402
 
-PLANS = ("llama", "attention", "recurrent", "mixed", "mixed-dense")
+PLANS = ("llama", "attention", "recurrent", "mixed", "mixed-dense", "mixed-flex", "mixed-packed")
 # Kernel name -> category, first match wins. Our recurrence kernels are named in oryx_torch.kernels; inductor
 # names its generated kernels triton_poi_ (pointwise), triton_red_ / triton_per_ (reductions) and
 # triton_tem_ (templates: FlexAttention here, matmuls only under max-autotune).
@@ -80,17 +81,22 @@ def training_step(hf, llama, oryx, plan: str, args, device, autocast):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     torch._dynamo.reset()
     forward = torch.compile(model) if args.compile == "on" else model
+    method = plan.split("-")[1] if plan.startswith("mixed-") else None  # MIXED_ATTENTION for this plan
     if plan == "llama":
         run = lambda: forward(input_ids=inputs).logits  # noqa: E731
     else:
         modes = bench_model.plan_modes("mixed" if plan.startswith("mixed") else plan, B, T, device)
-        tokens, plans = oryx.prepare(inputs, modes)
+        previous = attention.MIXED_ATTENTION
+        attention.MIXED_ATTENTION = method or previous
+        try:
+            tokens, plans = oryx.prepare(inputs, modes)  # what the method reads is built here, on the host
+        finally:
+            attention.MIXED_ATTENTION = previous
         run = lambda: forward(tokens, plans)  # noqa: E731
-    dense = plan == "mixed-dense"
 
     def step():
         previous = attention.MIXED_ATTENTION
-        attention.MIXED_ATTENTION = "dense" if dense else previous
+        attention.MIXED_ATTENTION = method or previous
         try:
             with autocast:
                 logits = run()

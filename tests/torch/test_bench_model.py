@@ -54,3 +54,21 @@ def test_bad_flags_exit_2(capsys):
         bench.main(["--tiny", "--repeat", "0"])
     assert exit_info.value.code == 2
     assert "--repeat must be positive" in capsys.readouterr().err
+
+
+def test_mixed_attention_rows_and_layers(tmp_path):
+    """--mixed-attention trains the mixed plan once per method, each row labelled with it and reporting it;
+    --layers builds that many layers; an unknown method is refused in one line with status 2."""
+    bench = bench_module()
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tiny", "--json", str(out), "--skip", "prefill", "--skip", "decode", "--skip", "launches",
+                       "--compile", "off", "--train-length", "32", "--warmup", "0", "--repeat", "1",
+                       "--mixed-attention", "packed,dense", "--layers", "1"]) == 0
+    report = json.loads(out.read_text())
+    rows = [(r["plan"], r["mixed_attention"]) for r in report["rows"]]
+    assert rows == [("-", None), ("attention", None), ("recurrent", None), ("mixed-packed", "packed"),
+                    ("mixed-dense", "dense")]
+    assert report["shape"]["num_hidden_layers"] == 1
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--tiny", "--mixed-attention", "sparse"])
+    assert exit_info.value.code == 2
