@@ -201,3 +201,60 @@ def test_compiled_packed_plans_share_one_graph(flex_backward_on_cpu):
             if want is not None and want.abs().max() > 0:
                 assert relative_error(got, want) < 1e-5
     assert graphs[0] >= 1 and graphs[1] == graphs[0] and graphs[2] == graphs[0], graphs
+
+
+
+def check_methods_agree(device: str, backend: str):
+    """A mixed plan's logits and every parameter's gradient (fp32 model on `device`) are the same through the
+    packed path, FlexAttention over the rows as they are and dense SDPA; the logits are the float64
+    reference's; the compiled (`backend`) packed forward equals the eager one for two plans of one shape
+    without a second graph."""
+    from torch._dynamo.utils import counters
+
+    cfg = preset("tiny", "gdn").replace(head_dim=32, value_head_dim=32)
+    model, ref = build(cfg, seed=16)
+    model = model.to(device)
+    rng = np.random.default_rng(17)
+    B, T = 3, 300
+    tokens = torch.from_numpy(rng.integers(0, cfg.vocab_size, (B, T)))
+    modes = chunk_modes(rng, B, T, 64, 0.5)
+    modes[0, :64], modes[1, :], modes[2, 64:128] = True, False, False
+    want = torch.from_numpy(ref.forward(tokens.numpy(), modes.numpy())[0])
+    results = {}
+    for how in ("packed", "flex", "dense"):
+        attention.MIXED_ATTENTION = how
+        logits = model(*model.prepare(tokens, modes))
+        grads = torch.autograd.grad(logits.square().mean(), list(model.parameters()), allow_unused=True)
+        results[how] = (logits.detach().cpu(), [None if g is None else g.cpu() for g in grads])
+    assert relative_error(results["packed"][0], want) < 1e-3  # FlexAttention may multiply in TF32
+    for other in ("flex", "dense"):
+        assert relative_error(results["packed"][0], results[other][0]) < 1e-3, other
+        for got, ref_grad in zip(results["packed"][1], results[other][1]):
+            assert (got is None) == (ref_grad is None)
+            if got is not None and ref_grad.abs().max() > 0:
+                assert relative_error(got, ref_grad) < 1e-3, other
+    attention.MIXED_ATTENTION = "packed"
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    graphs = []
+    for seed in (18, 19):
+        plan_modes = chunk_modes(np.random.default_rng(seed), B, T, 64, 0.5)
+        plan_modes[0, :64], plan_modes[1, :] = True, False
+        prepared = model.prepare(tokens, plan_modes)
+        got = compiled(*prepared)
+        assert relative_error(got.detach().cpu(), model(*prepared).detach().cpu()) < 1e-3
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0], graphs
+
+
+@pytest.mark.slow
+def test_methods_agree_on_cpu(flex_backward_on_cpu):
+    """check_methods_agree as the CPU runs it (FlexAttention eagerly, aot_eager for the compiled forward)."""
+    check_methods_agree("cpu", "aot_eager")
+
+
+@pytest.mark.gpu
+def test_methods_agree_on_cuda(monkeypatch):
+    """check_methods_agree on CUDA, the compiled forward through inductor."""
+    monkeypatch.setattr(attention, "MIXED_ATTENTION", "flex")  # restored after the test
+    check_methods_agree("cuda", "inductor")
