@@ -528,7 +528,22 @@ class OryxLayer(nn.Module):
         return self._mlp(h)
 
     def step(self, x, modes, rope, layer_cache, position, attend):
+        if fused_norms_apply(x):
+            return self._fused_step(x, modes, rope, layer_cache, position, attend)
         return self._mlp(x + self.mixer.step(self.attn_norm(x), modes, rope, layer_cache, position, attend))
+
+    def _fused_step(self, x, modes, rope, layer_cache, position, attend):
+        """`step` with the norms, the residual add before the MLP's norm and the MLP's SiLU-and-multiply each one
+        kernel (kernels/decode_step.py) and the MLP's [gate; up] projection one matmul."""
+        from .kernels.decode_step import add_rms_norm_rows, rms_norm_rows, silu_mul
+
+        x = x.contiguous()
+        mixed = self.mixer.step(rms_norm_rows(x, self.attn_norm.weight, self.attn_norm.eps), modes, rope, layer_cache,
+                                position, attend)
+        if self.mlp is None:
+            return x + mixed
+        h, hn = add_rms_norm_rows(x, mixed.contiguous(), self.mlp_norm.weight, self.mlp_norm.eps)
+        return h + self.mlp.down_proj(silu_mul(F.linear(hn, self.mlp._fused_weight())))
 
 
 # ----- the model -----
@@ -774,6 +789,14 @@ def fused_decode_available(t: torch.Tensor) -> bool:
 # fused_step_applies; read at every step, so it may be switched between runs (a captured CUDA graph or a compiled
 # step keeps what it was built with; dynamo guards on it).
 FUSED_DECODE = os.environ.get("ORYX_FUSED_DECODE", "0") == "1"
+
+
+def fused_norms_apply(x: torch.Tensor) -> bool:
+    """Whether OryxLayer.step runs its norms and the MLP's activation as single kernels: FUSED_DECODE on, CUDA
+    tensors (or the Triton interpreter), outside autograd and outside torch.compile (whose inductor fuses them
+    itself, and around them more)."""
+    return (FUSED_DECODE and fused_decode_available(x) and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
 
 
 def fused_step_applies(mixer: OryxMixer, layer_cache: LayerCache) -> bool:

@@ -336,3 +336,72 @@ def _(q, k, v, gate, conv_k_w, conv_k_b, conv_v_w, conv_v_b, silu, win_k, win_v,
     if finish:
         return q.new_empty(B, n_heads * V, dtype=out_dtype)
     return q.new_empty(B, n_heads, V, dtype=torch.float32)
+
+
+# ----- the elementwise work between a decode step's matrix products -----
+@triton.jit
+def _rms_norm_kernel(x, residual, h_out, y, weight, eps, N, BN: tl.constexpr, ADD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    idx = tl.arange(0, BN)
+    ok = idx < N
+    v = tl.load(x + row * N + idx, mask=ok, other=0.0).to(tl.float32)
+    if ADD:  # the residual sum is rounded to the stream's dtype before the norm reads it, as torch's add is
+        v = (v + tl.load(residual + row * N + idx, mask=ok, other=0.0).to(tl.float32)).to(h_out.dtype.element_ty)
+        tl.store(h_out + row * N + idx, v, mask=ok)
+        v = v.to(tl.float32)
+    v = v * (1.0 / tl.sqrt(tl.sum(v * v) / N + eps)) * tl.load(weight + idx, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y + row * N + idx, v.to(y.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _silu_mul_kernel(gate_up, out, F, BF: tl.constexpr):
+    row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    idx = block * BF + tl.arange(0, BF)
+    ok = idx < F
+    gate = tl.load(gate_up + row * 2 * F + idx, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(gate_up + row * 2 * F + F + idx, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out + row * F + idx, (gate * tl.sigmoid(gate) * up).to(out.dtype.element_ty), mask=ok)
+
+
+@torch.library.custom_op("oryx::rms_norm_rows", mutates_args=())
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row of contiguous x [B, N] (model.RMSNorm's formula, fp32 inside) in one launch."""
+    y = torch.empty_like(x)
+    _rms_norm_kernel[(x.shape[0],)](x, x, x, y, weight, eps, x.shape[1], BN=_pow2(x.shape[1]), ADD=False,
+                                    num_warps=4)
+    return y
+
+
+@rms_norm_rows.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("oryx::add_rms_norm_rows", mutates_args=())
+def add_rms_norm_rows(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h = x + residual, RMSNorm(h)) for contiguous rows [B, N] in one launch."""
+    h, y = torch.empty_like(x), torch.empty_like(x)
+    _rms_norm_kernel[(x.shape[0],)](x, residual, h, y, weight, eps, x.shape[1], BN=_pow2(x.shape[1]), ADD=True,
+                                    num_warps=4)
+    return h, y
+
+
+@add_rms_norm_rows.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("oryx::silu_mul", mutates_args=())
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for the fused [gate; up] projection's output [B, 2F] (contiguous) -> [B, F]."""
+    B, F = gate_up.shape[0], gate_up.shape[1] // 2
+    out = gate_up.new_empty(B, F)
+    block = min(1024, _pow2(F))
+    _silu_mul_kernel[(B, triton.cdiv(F, block))](gate_up, out, F, BF=block, num_warps=4)
+    return out
+
+
+@silu_mul.register_fake
+def _(gate_up):
+    return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
