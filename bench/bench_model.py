@@ -206,7 +206,7 @@ def train_plans(args) -> list[tuple[str, str | None]]:
     """(plan row label, attention.MIXED_ATTENTION for it) per training row: the mixed plan once per
     --mixed-attention method (labelled mixed-METHOD when more than one), None = the library's default."""
     out = []
-    for plan in TRAIN_PLANS:
+    for plan in args.train_plans:
         if plan == "mixed" and args.mixed_attention:
             methods = args.mixed_attention
             out += [(plan if len(methods) == 1 else f"{plan}-{m}", m) for m in methods]
@@ -400,6 +400,8 @@ def parse_args(argv=None):
                         help="train the mixed plan once per attention method, comma-separated, of "
                              "oryx_torch.attention.MIXED_ATTENTION (flex, packed, dense, auto; default: its value)")
     parser.add_argument("--layers", type=int, help="layers of the model (default: the shape's)")
+    parser.add_argument("--train-plans", type=lambda s: s.split(","), default=list(TRAIN_PLANS),
+                        help="Oryx plans of the training rows, comma-separated (default: all; Llama always runs)")
     parser.add_argument("--decode-compile", choices=("auto", "on", "off", "both"), default="auto",
                         help="decode with the torch.compile'd step, the eager one, or both (auto: compiled on CUDA, "
                              "as oryx_torch.generate does)")
@@ -421,6 +423,9 @@ def parse_args(argv=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    bad_plans = [p for p in args.train_plans if p not in TRAIN_PLANS]
+    if bad_plans:
+        parser.error(f"--train-plans: unknown plan {bad_plans[0]!r}; choose from {', '.join(TRAIN_PLANS)}")
     bad = [m for m in args.mixed_attention or [] if m not in ("flex", "packed", "dense", "auto")]
     if bad:
         parser.error(f"--mixed-attention: unknown method {bad[0]!r}; choose from flex, packed, dense, auto")

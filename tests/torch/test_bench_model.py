@@ -69,6 +69,11 @@ def test_mixed_attention_rows_and_layers(tmp_path):
     assert rows == [("-", None), ("attention", None), ("recurrent", None), ("mixed-packed", "packed"),
                     ("mixed-dense", "dense")]
     assert report["shape"]["num_hidden_layers"] == 1
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--tiny", "--mixed-attention", "sparse"])
-    assert exit_info.value.code == 2
+    for flag, value in (("--mixed-attention", "sparse"), ("--train-plans", "mixed,hybrid")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--tiny", flag, value])
+        assert exit_info.value.code == 2
+    assert bench.main(["--tiny", "--json", str(out), "--skip", "prefill", "--skip", "decode", "--skip", "launches",
+                       "--compile", "off", "--train-length", "32", "--warmup", "0", "--repeat", "1",
+                       "--train-plans", "mixed", "--layers", "1"]) == 0
+    assert [r["plan"] for r in json.loads(out.read_text())["rows"]] == ["-", "mixed"]
