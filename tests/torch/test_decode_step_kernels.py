@@ -41,7 +41,7 @@ def test_in_interpreter_subprocess():
     """Runs this file's fast CPU tests under TRITON_INTERPRET=1; exactly these many pass there (none silently
     skips; this launcher skips there, the slow one is deselected)."""
     out = run_interpreted("-m", "not gpu and not slow")
-    assert re.search(r"\b16 passed, 1 skipped\b", out), out[-2000:]
+    assert re.search(r"\b18 passed, 1 skipped\b", out), out[-2000:]
 
 
 @pytest.mark.slow
@@ -49,7 +49,7 @@ def test_in_interpreter_subprocess():
 def test_in_interpreter_subprocess_slow():
     """The greedy-token comparisons of every mode and cache variant, under TRITON_INTERPRET=1 (about a minute)."""
     out = run_interpreted("--runslow", "-m", "not gpu", "-k", "fused_greedy_tokens_equal_unfused")
-    assert re.search(r"\b5 passed\b", out), out[-2000:]
+    assert re.search(r"\b6 passed\b", out), out[-2000:]
 
 
 # ----- the float64 reference of one decode token -----
@@ -85,8 +85,8 @@ def l2(x):
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + L2_EPS)
 
 
-def gdn_token_ref(a):
-    """What gdn_token_step computes, in float64: (out [B, H*V], windows, state, k_cache, v_cache)."""
+def recurrent_token_ref(a):
+    """What recurrent_token_step computes, in float64: (out [B, H*V], windows, state, k_cache, v_cache)."""
     B, H, K, V = a["state"].shape
     Hkv = a["win_k"].shape[2] // K
     G = H // Hkv
@@ -101,13 +101,19 @@ def gdn_token_ref(a):
         rows = torch.arange(B)
         k_cache[rows, :, a["position"]] = keys
         v_cache[rows, :, a["position"]] = v
-    decay = torch.exp(-torch.exp(a["A_log"].double()) * torch.nn.functional.softplus(a["a"].double() + a["dt_bias"].double()))
-    beta = torch.sigmoid(a["b"].double())
-    k = l2(k)
-    S = a["state"].double()[:, ::G] * decay[..., None, None]                                  # [B, Hkv, K, V]
-    S = S + k[..., None] * (beta[..., None] * (v - torch.einsum("bjkv,bjk->bjv", S, k)))[..., None, :]
-    S = S.repeat_interleave(G, dim=1)
-    o = a["scale"] * torch.einsum("bhkv,bhk->bhv", S, l2(q))
+    dt = torch.nn.functional.softplus(a["a"].double() + a["dt_bias"].double())
+    S = a["state"].double()[:, ::G] * torch.exp(-torch.exp(a["A_log"].double()) * dt)[..., None, None]  # [B, Hkv, K, V]
+    if a["D_skip"] is not None:  # Mamba-2
+        S = S + (dt[..., None] * k)[..., None] * v[..., None, :]
+        S = S.repeat_interleave(G, dim=1)
+        skip = (a["D_skip"].double()[:, None] * v).repeat_interleave(G, dim=1)
+        o = torch.einsum("bhkv,bhk->bhv", S, q) + skip
+    else:
+        beta = torch.sigmoid(a["b"].double())
+        k = l2(k)
+        S = S + k[..., None] * (beta[..., None] * (v - torch.einsum("bjkv,bjk->bjv", S, k)))[..., None, :]
+        S = S.repeat_interleave(G, dim=1)
+        o = a["scale"] * torch.einsum("bhkv,bhk->bhv", S, l2(q))
     if a["modes"] is not None:
         o = torch.where(a["modes"][:, None, None], a["o_attn"].double(), o)
     gate = None if a["gate"] is None else a["gate"].double().view(B, H, V)
@@ -148,19 +154,19 @@ def projection_rows(rng, B, widths):
 
 
 def gdn_args(seed, B=3, H=4, Hkv=2, K=16, V=32, W=4, silu=True, bias=False, norm=True, gate=True,
-             gate_before_norm=False, kv=True, rope=True, ragged=False, mixed=False, capacity=12):
+             gate_before_norm=False, kv=True, rope=True, ragged=False, mixed=False, ssd=False, capacity=12):
     rng = torch.Generator().manual_seed(seed)
     r = lambda *shape, s=1.0: torch.randn(*shape, generator=rng) * s  # noqa: E731
     q, k, v, gate_rows, a, b = projection_rows(rng, B, [H * K, Hkv * K, Hkv * V, H * V, Hkv, Hkv])
     state = r(B, Hkv, K, V, s=0.5).repeat_interleave(H // Hkv, dim=1).contiguous()
     position = torch.randint(0, capacity, (B,), generator=rng)
     cos, sin = rope_tables(K, 10000.0, position if ragged else position[:1] * 0 + 7)
-    return dict(q=q, k=k, v=v, a=a, b=b, gate=gate_rows if gate else None,
+    return dict(q=q, k=k, v=v, a=a, b=None if ssd else b, gate=gate_rows if gate else None,
                 conv_q_w=r(H * K, W, s=0.5), conv_q_b=r(H * K) if bias else None,
                 conv_k_w=r(Hkv * K, W, s=0.5), conv_k_b=r(Hkv * K) if bias else None,
                 conv_v_w=r(Hkv * V, W, s=0.5), conv_v_b=r(Hkv * V) if bias else None, silu=silu,
                 win_q=r(B, W - 1, H * K), win_k=r(B, W - 1, Hkv * K), win_v=r(B, W - 1, Hkv * V),
-                A_log=r(Hkv, s=0.5), dt_bias=r(Hkv, s=0.5), state=state, scale=K ** -0.5, l2_eps=L2_EPS,
+                A_log=r(Hkv, s=0.5), dt_bias=r(Hkv, s=0.5), D_skip=r(Hkv) if ssd else None, state=state, scale=K ** -0.5, l2_eps=L2_EPS,
                 norm_w=1 + r(V, s=0.1) if norm else None, norm_eps=NORM_EPS, gate_before_norm=gate_before_norm,
                 k_cache=r(B, Hkv, capacity, K) if kv else None, v_cache=r(B, Hkv, capacity, V) if kv else None,
                 position=position, cos=cos if rope else None, sin=sin if rope else None,
@@ -202,17 +208,19 @@ GDN_CASES = {
     "no rope, one kv head, width 2": dict(rope=False, Hkv=1, W=2),
     "mixed rows take the attention readout": dict(mixed=True),
     "batch 1, equal heads, 64 x 64": dict(B=1, H=2, Hkv=2, K=64, V=64),
+    "mamba-2 (no conv activation)": dict(ssd=True, silu=False),
+    "mamba-2, mixed rows, conv bias, no KV cache": dict(ssd=True, mixed=True, bias=True, kv=False),
 }
 
 
 @needs_interpreter
 @pytest.mark.parametrize("case", GDN_CASES)
-def test_gdn_token_step_matches_float64(case):
-    from oryx_torch.kernels.decode_step import gdn_token_step
+def test_recurrent_token_step_matches_float64(case):
+    from oryx_torch.kernels.decode_step import recurrent_token_step
 
     args = gdn_args(len(case), **GDN_CASES[case])
-    want_out, want_windows, want_state, want_k, want_v = gdn_token_ref(args)
-    out = gdn_token_step(**args)
+    want_out, want_windows, want_state, want_k, want_v = recurrent_token_ref(args)
+    out = recurrent_token_step(**args)
     assert_close("out", out, want_out)
     assert_close("state (every copy)", args["state"], want_state)
     for name, want in zip(("win_q", "win_k", "win_v"), want_windows):
@@ -274,8 +282,8 @@ def test_norm_and_activation_kernels_match_float64(width):
 B, PROMPT, STEPS = 2, 6, 8
 
 
-def tiny_model(device="cpu", dtype=torch.float32, **changes):
-    cfg = preset("tiny", "gdn").replace(head_dim=16, value_head_dim=16, **changes)
+def tiny_model(device="cpu", dtype=torch.float32, mixer="gdn", **changes):
+    cfg = preset("tiny", mixer).replace(head_dim=16, value_head_dim=16, **changes)
     model = OryxModel(cfg, seed=None)
     model.load_params(lively_params(cfg, 5))
     return model.to(device, dtype).eval()
@@ -311,6 +319,7 @@ MODEL_CASES = {
     "recurrent": (False, [[False, False]] * STEPS, None),
     "recurrent, KV cache dropped": (True, [[False, False]] * STEPS, "kv"),
     "attention, recurrent state dropped": (True, [[True, True]] * STEPS, "recurrent"),
+    "mamba-2, mixed rows": (True, ALTERNATING, None),
 }
 SLOW_MODEL_CASES = [c if c == "mixed rows" else pytest.param(c, marks=pytest.mark.slow) for c in MODEL_CASES]
 
@@ -322,11 +331,11 @@ def test_fused_greedy_tokens_equal_unfused(case, monkeypatch):
     from oryx_torch.kernels import decode_step
 
     calls = []
-    for name in ("gdn_token_step", "attention_token_step", "rms_norm_rows", "add_rms_norm_rows", "silu_mul"):
+    for name in ("recurrent_token_step", "attention_token_step", "rms_norm_rows", "add_rms_norm_rows", "silu_mul"):
         original = getattr(decode_step, name)
         monkeypatch.setattr(decode_step, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     prompt_mode, step_modes, drop = MODEL_CASES[case]
-    model = tiny_model()
+    model = tiny_model(mixer="mamba2" if case.startswith("mamba-2") else "gdn")
     fused = decode_tokens(model, True, prompt_mode, step_modes, drop)
     fused_calls = list(calls)
     unfused = decode_tokens(model, False, prompt_mode, step_modes, drop)
@@ -335,7 +344,7 @@ def test_fused_greedy_tokens_equal_unfused(case, monkeypatch):
     assert calls == fused_calls  # nothing fused ran while switched off
     per_step = dict(rms_norm_rows=1, add_rms_norm_rows=1, silu_mul=1,
                     attention_token_step=sum(any(m) for m in step_modes[:STEPS - 1]) / (STEPS - 1),
-                    gdn_token_step=0 if drop == "recurrent" else 1)
+                    recurrent_token_step=0 if drop == "recurrent" else 1)
     for name, count in per_step.items():
         assert fused_calls.count(name) == count * (STEPS - 1) * model.cfg.n_layers, name
 
@@ -358,7 +367,7 @@ def test_fused_step_is_off_by_default_and_on_cpu():
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager_step", "compiled_step"])
 def test_fused_greedy_tokens_equal_unfused_cuda_graphs(case, compiled):
     prompt_mode, step_modes, drop = MODEL_CASES[case]
-    model = tiny_model("cuda")
+    model = tiny_model("cuda", mixer="mamba2" if case.startswith("mamba-2") else "gdn")
     fused = decode_tokens(model, True, prompt_mode, step_modes, drop, compiled=compiled)
     unfused = decode_tokens(model, False, prompt_mode, step_modes, drop, compiled=False, cuda_graphs=False)
     np.testing.assert_array_equal(fused, unfused)
@@ -367,13 +376,13 @@ def test_fused_greedy_tokens_equal_unfused_cuda_graphs(case, compiled):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["design block", "mixed rows take the attention readout",
                                   "batch 1, equal heads, 64 x 64"])
-def test_gdn_token_step_matches_float64_cuda(case):
-    from oryx_torch.kernels.decode_step import gdn_token_step
+def test_recurrent_token_step_matches_float64_cuda(case):
+    from oryx_torch.kernels.decode_step import recurrent_token_step
 
     args = gdn_args(len(case), **GDN_CASES[case])
-    want = gdn_token_ref(args)
+    want = recurrent_token_ref(args)
     cuda = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    assert_close("out", gdn_token_step(**cuda).cpu(), want[0], tol=1e-4)
+    assert_close("out", recurrent_token_step(**cuda).cpu(), want[0], tol=1e-4)
     assert_close("state", cuda["state"].cpu(), want[2], tol=1e-4)
 
 

@@ -425,9 +425,9 @@ class OryxMixer(nn.Module):
 
     def _fused_step(self, xn, modes, rope, layer_cache: LayerCache, position, attend: bool):
         """`step` through the fused kernels of kernels/decode_step.py: the input projections' matmul, at most two
-        kernels (the attention token when a row attends or the recurrent state was dropped, the GDN token when the
-        state is kept), o_proj. The same function as the unfused step (fused_step_applies says when it runs)."""
-        from .kernels.decode_step import attention_token_step, gdn_token_step
+        kernels (the attention token when a row attends or the recurrent state was dropped, the GDN or Mamba-2 token
+        when the state is kept), o_proj. The same function as the unfused step (fused_step_applies says when it runs)."""
+        from .kernels.decode_step import attention_token_step, recurrent_token_step
 
         cfg = self.cfg
         recurrent = layer_cache.recurrent is not None
@@ -446,12 +446,15 @@ class OryxMixer(nn.Module):
             if not recurrent:
                 return self.o_proj(o_attn)
         append = not attend and layer_cache.keys is not None  # an attending step's kernel appended already
-        y = gdn_token_step(proj[self.recurrent_query], proj["k_proj"], proj["v_proj"], proj["a_proj"], proj["b_proj"],
-                           gate, self.conv_q.weight, self.conv_q.bias, *convs, silu, windows["q"], windows["k"],
-                           windows["v"], self.A_log, self.dt_bias, layer_cache.recurrent, cfg.gdn_scale, L2NORM_EPS,
-                           norm_w, norm_eps, cfg.gate_before_norm, layer_cache.keys if append else None,
-                           layer_cache.values if append else None, position, cos, sin, modes if attend else None,
-                           o_attn, xn.dtype)
+        gdn = cfg.mixer == "gdn"
+        gates = (proj["a_proj"], proj["b_proj"]) if gdn else (proj["dt_proj"], None)
+        y = recurrent_token_step(proj[self.recurrent_query], proj["k_proj"], proj["v_proj"], *gates, gate,
+                                 self.conv_q.weight, self.conv_q.bias, *convs, silu, windows["q"], windows["k"],
+                                 windows["v"], self.A_log, self.dt_bias, None if gdn else self.D_skip,
+                                 layer_cache.recurrent, cfg.gdn_scale, L2NORM_EPS, norm_w, norm_eps,
+                                 cfg.gate_before_norm, layer_cache.keys if append else None,
+                                 layer_cache.values if append else None, position, cos, sin, modes if attend else None,
+                                 o_attn, xn.dtype)
         return self.o_proj(y)
 
     def _recurrence_step(self, r: dict, layer_cache: LayerCache, position, keys, values, qk_normalized=True):
@@ -801,10 +804,11 @@ def fused_norms_apply(x: torch.Tensor) -> bool:
 
 def fused_step_applies(mixer: OryxMixer, layer_cache: LayerCache) -> bool:
     """Whether OryxMixer.step runs the fused kernels: FUSED_DECODE on, CUDA tensors (or the Triton interpreter),
-    a GDN mixer whose modes share the keys and values (sharing "kv" or "qkv"), the output norm per head, conv
-    width >= 2, heads of >= 16 (the attention kernel's matrix products), and the parts of the cache it writes."""
+    a mixer (GDN or Mamba-2) whose modes share the keys and values (sharing "kv" or "qkv"), the output norm per
+    head, conv width >= 2, heads of >= 16 (the attention kernel's matrix products), and the parts of the cache it
+    writes."""
     cfg = mixer.cfg
-    return (FUSED_DECODE and cfg.mixer == "gdn" and not mixer.separate_kv and cfg.o_norm_grouping == "head"
+    return (FUSED_DECODE and not mixer.separate_kv and cfg.o_norm_grouping == "head"
             and cfg.conv_width >= 2 and min(cfg.head_dim, cfg.v_head_dim) >= 16
             and (layer_cache.keys is not None or layer_cache.recurrent is not None)
             and fused_decode_available(layer_cache.conv["k"]))

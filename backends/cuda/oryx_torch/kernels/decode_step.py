@@ -1,10 +1,12 @@
 """A layer's decode token in two Triton kernels: what lies between the input projection and o_proj.
 
-gdn_token_step, one program per (sequence, key/value head): the short convs of the recurrent query, the key and
-the value (the new input enters each conv window, which shifts in place), their activation, the L2 norms, the
-gates (decay e^g with g = -e^{A_log} softplus(a + dt_bias), write strength beta = sigmoid(b)), the delta-rule
-update of the state, shared by the group's query heads, written to each of their copies
+recurrent_token_step, one program per (sequence, key/value head): the short convs of the recurrent query, the key
+and the value (the new input enters each conv window, which shifts in place), their activation, for GDN the L2
+norms, the gates (decay e^g with g = -e^{A_log} softplus(a + dt_bias), write strength beta = sigmoid(b)) and the
+delta-rule update of the state, shared by the group's query heads and written to each of their copies,
     S <- e^g S;  S <- S + k (beta (v - S^T k))^T;  o_h = scale S^T q_h,
+for Mamba-2 (dt = softplus(a + dt_bias), g = -e^{A_log} dt)
+    S <- e^g S + dt k v^T;  o_h = S^T q_h + D v,
 the gated RMSNorm of each query head's readout, and (optionally) the key, rotated by RoPE, and the value appended
 to the KV cache at the sequence's position. With `mixed`, the rows whose mode is attention take the readout the
 attention kernel wrote instead of the recurrence's before the norm.
@@ -13,7 +15,7 @@ attention_token_step, one program per (sequence, key/value head): the same convs
 left alone unless `write_windows`), RoPE on the key and the group's queries, the KV-cache append, and softmax
 attention of the group's queries over the cache slots before the sequence's position plus the current token,
 in blocks with a running maximum; with `finish` (no recurrence in the step) also the window shift and the gated
-norm, otherwise the readout goes to gdn_token_step.
+norm, otherwise the readout goes to recurrent_token_step.
 
 Both read the projections as row views of the fused projection matmul's output (any row stride) and compute in
 fp32 whatever the model's dtype; the state is fp32 [B, H, K, V], one equal copy per query head.
@@ -85,16 +87,17 @@ def _gated_norm(o, gate_row, norm_w, eps, idx, mask, DV: tl.constexpr, OUTPUT_NO
 
 
 @triton.jit
-def _gdn_token_kernel(
+def _recurrent_token_kernel(
         q_in, q_stride, k_in, k_stride, v_in, v_stride, a_in, a_stride, b_in, b_stride, gate_in, gate_stride,
         conv_q_w, conv_q_b, conv_k_w, conv_k_b, conv_v_w, conv_v_b, win_q, win_k, win_v,
-        A_log, dt_bias, state, scale, l2_eps, norm_w, norm_eps,
+        A_log, dt_bias, D_skip, state, scale, l2_eps, norm_w, norm_eps,
         k_cache, v_cache, kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st, position, cos, sin, rope_stride,
         modes, o_attn, out,
         H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, W: tl.constexpr,
         BD: tl.constexpr, BDV: tl.constexpr, BW: tl.constexpr,
         CONV_BIAS: tl.constexpr, SILU: tl.constexpr, OUTPUT_NORM: tl.constexpr, OUTPUT_GATE: tl.constexpr,
-        GATE_BEFORE_NORM: tl.constexpr, APPEND_KV: tl.constexpr, ROPE: tl.constexpr, MIXED: tl.constexpr):
+        GATE_BEFORE_NORM: tl.constexpr, APPEND_KV: tl.constexpr, ROPE: tl.constexpr, MIXED: tl.constexpr,
+        SSD: tl.constexpr):
     b, j = tl.program_id(0), tl.program_id(1)
     d_idx = tl.arange(0, BD)
     v_idx = tl.arange(0, BDV)
@@ -115,19 +118,23 @@ def _gdn_token_kernel(
             key = _rope(k, k_rot, cos, sin, b * rope_stride, d_idx, d_ok)
         tl.store(k_cache + b * kc_sb + j * kc_sh + pos * kc_st + d_idx, key.to(k_cache.dtype.element_ty), mask=d_ok)
         tl.store(v_cache + b * vc_sb + j * vc_sh + pos * vc_st + v_idx, v.to(v_cache.dtype.element_ty), mask=v_ok)
-    # gates of this key/value head
+    # gates of this key/value head: GDN's decay and write strength, or Mamba-2's step size dt
     a = tl.load(a_in + b * a_stride + j).to(tl.float32) + tl.load(dt_bias + j).to(tl.float32)
     softplus_a = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))
     decay = tl.exp(-tl.exp(tl.load(A_log + j).to(tl.float32)) * softplus_a)
-    beta = tl.sigmoid(tl.load(b_in + b * b_stride + j).to(tl.float32))
-    k = k / tl.sqrt(tl.sum(k * k) + l2_eps)
     # the group's state copies are equal: update the first, write it to each
     copies = state + (b * H + j * G).to(tl.int64) * D * DV
     tile = d_idx[:, None] * DV + v_idx[None, :]
     tile_ok = d_ok[:, None] & v_ok[None, :]
     S = tl.load(copies + tile, mask=tile_ok, other=0.0) * decay
-    correction = beta * (v - tl.sum(S * k[:, None], axis=0))
-    S = S + k[:, None] * correction[None, :]
+    if SSD:
+        S = S + (softplus_a * k)[:, None] * v[None, :]
+        skip = tl.load(D_skip + j).to(tl.float32) * v
+    else:
+        beta = tl.sigmoid(tl.load(b_in + b * b_stride + j).to(tl.float32))
+        k = k / tl.sqrt(tl.sum(k * k) + l2_eps)
+        correction = beta * (v - tl.sum(S * k[:, None], axis=0))
+        S = S + k[:, None] * correction[None, :]
     attention_row = False
     if MIXED:
         attention_row = tl.load(modes + b) != 0
@@ -139,8 +146,11 @@ def _gdn_token_kernel(
         q_ch = h * D + d_idx
         q, q_rows, q_x = _conv_token(q_in + b * q_stride, win_q, conv_q_w, conv_q_b, b, H * D, q_ch, d_ok, W, BW,
                                      CONV_BIAS, SILU)
-        q = q / tl.sqrt(tl.sum(q * q) + l2_eps)
-        o = scale * tl.sum(S * q[:, None], axis=0)
+        if SSD:
+            o = tl.sum(S * q[:, None], axis=0) + skip
+        else:
+            q = q / tl.sqrt(tl.sum(q * q) + l2_eps)
+            o = scale * tl.sum(S * q[:, None], axis=0)
         tl.store(copies + i * D * DV + tile, S, mask=tile_ok)
         if MIXED:
             attended = tl.load(o_attn + (b * H + h) * DV + v_idx, mask=v_ok, other=0.0).to(tl.float32)
@@ -253,45 +263,51 @@ def _rope_arguments(cos, sin, dummy):
 
 
 # As torch custom ops declaring what they write, so that a torch.compile'd decode step calls them from its graph.
-@torch.library.custom_op("oryx::gdn_token_step", mutates_args=("win_q", "win_k", "win_v", "state", "k_cache",
-                                                                "v_cache"))
-def gdn_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   gate: torch.Tensor | None, conv_q_w: torch.Tensor, conv_q_b: torch.Tensor | None,
-                   conv_k_w: torch.Tensor, conv_k_b: torch.Tensor | None, conv_v_w: torch.Tensor,
-                   conv_v_b: torch.Tensor | None, silu: bool, win_q: torch.Tensor, win_k: torch.Tensor,
-                   win_v: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, state: torch.Tensor, scale: float,
-                   l2_eps: float, norm_w: torch.Tensor | None, norm_eps: float, gate_before_norm: bool,
-                   k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, position: torch.Tensor,
-                   cos: torch.Tensor | None, sin: torch.Tensor | None, modes: torch.Tensor | None,
-                   o_attn: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """One GDN decode token of every sequence (module docstring): q, k, v, a, b, gate are the projections [B, *]
-    (rows of any stride, last axis contiguous); windows [B, W-1, C] and state [B, H, K, V] change in place, the KV
-    cache too when given (keys RoPE'd with cos/sin [1 or B, K] when given); modes [B] bool with o_attn [B, H, V]:
-    the rows whose readout is the attention's. Returns the gated-normed readout [B, H * V] in out_dtype."""
+@torch.library.custom_op("oryx::recurrent_token_step", mutates_args=("win_q", "win_k", "win_v", "state", "k_cache",
+                                                                      "v_cache"))
+def recurrent_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None,
+                         gate: torch.Tensor | None, conv_q_w: torch.Tensor, conv_q_b: torch.Tensor | None,
+                         conv_k_w: torch.Tensor, conv_k_b: torch.Tensor | None, conv_v_w: torch.Tensor,
+                         conv_v_b: torch.Tensor | None, silu: bool, win_q: torch.Tensor, win_k: torch.Tensor,
+                         win_v: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, D_skip: torch.Tensor | None,
+                         state: torch.Tensor, scale: float, l2_eps: float, norm_w: torch.Tensor | None,
+                         norm_eps: float, gate_before_norm: bool, k_cache: torch.Tensor | None,
+                         v_cache: torch.Tensor | None, position: torch.Tensor, cos: torch.Tensor | None,
+                         sin: torch.Tensor | None, modes: torch.Tensor | None, o_attn: torch.Tensor | None,
+                         out_dtype: torch.dtype) -> torch.Tensor:
+    """One recurrent decode token of every sequence (module docstring): GDN, or Mamba-2 when D_skip is given
+    (then `a` is dt_proj's output, b is unused, and o = S^T q + D v without scale or L2 norms). q, k, v, a, b, gate
+    are the projections [B, *] (rows of any stride, last axis contiguous); windows [B, W-1, C] and state
+    [B, H, K, V] change in place, the KV cache too when given (keys RoPE'd with cos/sin [1 or B, K] when given);
+    modes [B] bool with o_attn [B, H, V]: the rows whose readout is the attention's. Returns the gated-normed
+    readout [B, H * V] in out_dtype."""
     B, H, K, V = state.shape
     HKV, W = win_k.shape[2] // K, conv_k_w.shape[1]
     out = torch.empty(B, H * V, dtype=out_dtype, device=q.device)
     dummy = state
     cos, sin, rope_stride = _rope_arguments(cos, sin, dummy)
-    _gdn_token_kernel[(B, HKV)](
+    b = a if b is None else b
+    _recurrent_token_kernel[(B, HKV)](
         q, q.stride(0), k, k.stride(0), v, v.stride(0), a, a.stride(0), b, b.stride(0),
         dummy if gate is None else gate, 0 if gate is None else gate.stride(0),
         conv_q_w, dummy if conv_q_b is None else conv_q_b, conv_k_w, dummy if conv_k_b is None else conv_k_b,
         conv_v_w, dummy if conv_v_b is None else conv_v_b, win_q, win_k, win_v,
-        A_log, dt_bias, state, scale, l2_eps, dummy if norm_w is None else norm_w, norm_eps,
+        A_log, dt_bias, dummy if D_skip is None else D_skip, state, scale, l2_eps,
+        dummy if norm_w is None else norm_w, norm_eps,
         dummy if k_cache is None else k_cache, dummy if v_cache is None else v_cache, *_cache_strides(k_cache, v_cache),
-        position, cos, sin, rope_stride, dummy if modes is None else modes.view(torch.uint8), dummy if o_attn is None else o_attn, out,
+        position, cos, sin, rope_stride, dummy if modes is None else modes.view(torch.uint8),
+        dummy if o_attn is None else o_attn, out,
         H=H, HKV=HKV, G=H // HKV, D=K, DV=V, W=W, BD=_pow2(K), BDV=_pow2(V), BW=_pow2(W),
         CONV_BIAS=conv_k_b is not None, SILU=silu, OUTPUT_NORM=norm_w is not None, OUTPUT_GATE=gate is not None,
         GATE_BEFORE_NORM=gate_before_norm, APPEND_KV=k_cache is not None, ROPE=cos is not dummy,
-        MIXED=modes is not None, num_warps=4 if K * V >= 4096 else 2)
+        MIXED=modes is not None, SSD=D_skip is not None, num_warps=4 if K * V >= 4096 else 2)
     return out
 
 
-@gdn_token_step.register_fake
+@recurrent_token_step.register_fake
 def _(q, k, v, a, b, gate, conv_q_w, conv_q_b, conv_k_w, conv_k_b, conv_v_w, conv_v_b, silu, win_q, win_k, win_v,
-      A_log, dt_bias, state, scale, l2_eps, norm_w, norm_eps, gate_before_norm, k_cache, v_cache, position, cos, sin,
-      modes, o_attn, out_dtype):
+      A_log, dt_bias, D_skip, state, scale, l2_eps, norm_w, norm_eps, gate_before_norm, k_cache, v_cache, position,
+      cos, sin, modes, o_attn, out_dtype):
     B, H, _, V = state.shape
     return q.new_empty(B, H * V, dtype=out_dtype)
 
@@ -308,7 +324,7 @@ def attention_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate
     projections before their convs; the key (RoPE'd) and value land in the caches [B, Hkv, capacity, *] at
     position[b], the queries attend to slots < position[b] and the current token. With `finish` the windows shift
     and the result is the gated-normed readout [B, H * V] in out_dtype; without, the raw readout [B, H, V] fp32
-    (gdn_token_step's o_attn) and the windows stay."""
+    (recurrent_token_step's o_attn) and the windows stay."""
     B, HKV, _, K = k_cache.shape
     V, H, W = v_cache.shape[3], n_heads, conv_k_w.shape[1]
     out = torch.empty(B, H * V, dtype=out_dtype, device=q.device) if finish else \
