@@ -93,6 +93,15 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
     return o.reshape(B, T, H, V).to(v.dtype), final_state
 
 
+def head_major(x, length: int):
+    """x [B, T, Hkv, F] -> [B, Hkv, length, F] (length >= T), zeros after T: one copy."""
+    B, T, Hkv, F_ = x.shape
+    out = x.new_empty(B, Hkv, length, F_)
+    out[:, :, T:].zero_()
+    out[:, :, :T].copy_(x.transpose(1, 2))
+    return out
+
+
 def chunk_gated_delta_rule_grouped(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                                    chunk_size=64):
     """chunk_gated_delta_rule_torch for grouped heads, without autograd: q [B, T, H, K] reads key/value head
@@ -114,35 +123,40 @@ def chunk_gated_delta_rule_grouped(q, k, v, g, beta, scale=None, initial_state=N
                          f"v {list(v.shape)}, g {list(g.shape)}, beta {list(beta.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    G, C = H // Hkv, chunk_size
+    G = H // Hkv
     dtype = _compute_dtype(*(t for t in (q, k, v, g, beta) if t is not None))
-    NT = -(-T // C)
-    N, pad = B * Hkv, NT * C - T
-    # each token's keys, values and gates in one zero-padded, chunked, head-major copy [N, NT, C, K + V + 2]:
-    # padded tokens have g = beta = 0, so they leave the state as it is
-    packed = torch.cat([k.to(dtype), v.to(dtype), g.to(dtype)[..., None], beta.to(dtype)[..., None]], dim=-1)
-    packed = F.pad(packed, (0, 0, 0, 0, 0, pad)).view(B, NT, C, Hkv, K + V + 2).permute(0, 3, 1, 2, 4) \
-        .reshape(N, NT, C, K + V + 2)
+    NT = max(1, -(-T // chunk_size))
+    C = max(1, -(-T // NT))  # NT chunks of at most chunk_size tokens, as equal as they come: the least padding
+    N, R = B * Hkv, B * Hkv * NT
+    # each token's keys, values and gates in one zero-padded, chunked, head-major copy, one chunk of one sequence's
+    # key/value head per batch row [R = B * Hkv * NT, C, K + V + 2]: padded tokens have g = beta = 0, so they leave
+    # the state as it is
+    packed = head_major(torch.cat([k.to(dtype), v.to(dtype), g.to(dtype)[..., None], beta.to(dtype)[..., None]],
+                                  dim=-1), NT * C).view(R, C, K + V + 2)
     keys, gate, rate = packed[..., :K], packed[..., K + V], packed[..., K + V + 1]
-    Gc = gate.cumsum(-1)                                                             # [N, NT, C]
+    Gc = gate.cumsum(-1)                                                             # [R, C]
     eG = Gc.exp()
     idx = torch.arange(C, device=k.device)
-    decay = (Gc[..., :, None] - Gc[..., None, :]).masked_fill_(idx[:, None] < idx[None, :], float("-inf")).exp_()
+    decay = (Gc[:, :, None] - Gc[:, None, :]).masked_fill_(idx[:, None] < idx[None, :], float("-inf")).exp_()
     # the solves read only the strictly lower triangle of L (beta_i e^{G_i - G_j} k_i.k_j, i > j) and take
     # its diagonal as ones
-    L = (keys @ keys.transpose(-1, -2)).mul_(decay).mul_(rate[..., None])
-    rhs = packed[..., :K + V] * rate[..., None]                                      # [beta k | beta v]
-    rhs[..., :K].mul_(eG[..., None])                                                 # [beta e^G k | beta v]
-    k_end = keys * (Gc[..., -1:] - Gc).exp_()[..., None]                             # [N, NT, C, K]
-    if q is None:  # [M' | P] = K_end^T X rhs with K_end^T X solved for directly: (I + L)^T (K_end^T X)^T = K_end
+    L = torch.bmm(keys, keys.transpose(1, 2)).mul_(decay).mul_(rate[:, :, None])
+    rhs = packed[..., :K + V] * rate[:, :, None]                                     # [beta k | beta v]
+    rhs[..., :K].mul_(eG[:, :, None])                                                # [beta e^G k | beta v]
+    k_end = keys * (Gc[:, -1:] - Gc).exp_()[:, :, None]                              # [R, C, K]
+    if q is None:  # [M' | P] = K_end^T X rhs, with K_end^T X solved for directly: (K_end^T X)(I + L) = K_end^T
         WU = None
-        transfer = torch.linalg.solve_triangular(L.transpose(-1, -2), k_end, upper=True, unitriangular=True)
-        MP = transfer.transpose(-1, -2) @ rhs                                        # [N, NT, K, K + V]
+        transfer = torch.linalg.solve_triangular(L, k_end.transpose(1, 2), upper=False, left=False,
+                                                 unitriangular=True)                 # [R, K, C]
+        MP = torch.bmm(transfer, rhs)                                                # [R, K, K + V]
     else:
-        WU = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)  # [W | U] = X rhs
-        MP = k_end.transpose(-1, -2) @ WU
+        eye = torch.eye(C, dtype=dtype, device=k.device)
+        X = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False, unitriangular=True)
+        WU = torch.bmm(X, rhs)                                                       # [W | U]
+        MP = torch.bmm(k_end.transpose(1, 2), WU)
     M, P = MP[..., :K], MP[..., K:]
-    M.neg_().diagonal(dim1=-2, dim2=-1).add_(eG[..., -1:])                           # M = e^{G_C} I - M'
+    M.neg_().diagonal(dim1=-2, dim2=-1).add_(eG[:, -1:])                             # M = e^{G_C} I - M'
+    M, P = M.view(N, NT, K, K), P.view(N, NT, K, V)
     state = (torch.zeros(N, K, V, dtype=dtype, device=k.device) if initial_state is None
              else initial_state.to(dtype).reshape(N, K, V))
     entries = []                                                                     # the state entering each chunk
@@ -154,16 +168,15 @@ def chunk_gated_delta_rule_grouped(q, k, v, g, beta, scale=None, initial_state=N
     if q is None:
         return None, final
     scale = default_scale(scale, K)
-    S = torch.stack(entries, 1).view(N * NT, K, V)
-    delta = torch.baddbmm(WU[..., K:].reshape(N * NT, C, V), WU[..., :K].reshape(N * NT, C, K), S, alpha=-1)
-    # each group's G query heads as rows of one matrix per chunk: [N * NT, G * C, K]
-    qc = F.pad(q.to(dtype), (0, 0, 0, 0, 0, pad)).view(B, NT, C, Hkv, G, K).permute(0, 3, 1, 4, 2, 5) \
-        .reshape(N * NT, G * C, K)
+    S = torch.stack(entries, 1).view(R, K, V)
+    delta = torch.baddbmm(WU[..., K:], WU[..., :K], S, alpha=-1)                     # [R, C, V]
+    # each group's G query heads as rows of one matrix per chunk, token-major: [R, C * G, K]
+    qc = head_major(q.to(dtype).view(B, T, Hkv, G * K), NT * C).view(R, C * G, K)
     if scale != 1:
         qc = qc.mul_(scale)
-    o = torch.bmm(qc, S).view(N, NT, G, C, V).mul_(eG[:, :, None, :, None])         # e^{G_i} q_i S_0
-    scores = torch.bmm(qc, keys.reshape(N * NT, C, K).transpose(-1, -2))
-    scores.view(N, NT, G, C, C).mul_(decay[:, :, None])
-    o = torch.baddbmm(o.view(N * NT, G * C, V), scores, delta)
-    o = o.view(B, Hkv, NT, G, C, V).permute(0, 2, 4, 1, 3, 5).reshape(B, NT * C, H, V)[:, :T]
+    o = torch.bmm(qc, S).view(R, C, G, V).mul_(eG[:, :, None, None])                # e^{G_i} q_i S_0
+    scores = torch.bmm(qc, keys.transpose(1, 2))
+    scores.view(R, C, G, C).mul_(decay[:, :, None])
+    o = o.view(R, C * G, V).baddbmm_(scores, delta)
+    o = o.view(B, Hkv, NT * C, G, V)[:, :, :T].transpose(1, 2).reshape(B, T, H, V)
     return o.to(v.dtype), final
