@@ -41,7 +41,7 @@ def test_in_interpreter_subprocess():
     """Runs this file's fast CPU tests under TRITON_INTERPRET=1; exactly these many pass there (none silently
     skips; this launcher skips there, the slow one is deselected)."""
     out = run_interpreted("-m", "not gpu and not slow")
-    assert re.search(r"\b18 passed, 1 skipped\b", out), out[-2000:]
+    assert re.search(r"\b20 passed, 1 skipped\b", out), out[-2000:]
 
 
 @pytest.mark.slow
@@ -175,7 +175,7 @@ def gdn_args(seed, B=3, H=4, Hkv=2, K=16, V=32, W=4, silu=True, bias=False, norm
 
 
 def attention_args(seed, B=2, H=6, Hkv=2, K=16, V=32, W=4, silu=True, bias=True, norm=True, gate=True,
-                   gate_before_norm=False, rope=True, finish=True, positions=(5, 70), capacity=80):
+                   gate_before_norm=False, rope=True, finish=True, positions=(5, 70), capacity=80, split=0):
     rng = torch.Generator().manual_seed(seed)
     r = lambda *shape, s=1.0: torch.randn(*shape, generator=rng) * s  # noqa: E731
     q, k, v, gate_rows = projection_rows(rng, B, [H * K, Hkv * K, Hkv * V, H * V])
@@ -188,7 +188,7 @@ def attention_args(seed, B=2, H=6, Hkv=2, K=16, V=32, W=4, silu=True, bias=True,
                 k_cache=r(B, Hkv, capacity, K), v_cache=r(B, Hkv, capacity, V), position=position,
                 cos=cos if rope else None, sin=sin if rope else None, scale=K ** -0.5, n_heads=H, finish=finish,
                 norm_w=1 + r(V, s=0.1) if norm else None, norm_eps=NORM_EPS, gate_before_norm=gate_before_norm,
-                out_dtype=torch.float32)
+                out_dtype=torch.float32, split=split)
 
 
 def assert_close(name, got, want, tol=2e-5):
@@ -236,6 +236,9 @@ ATTENTION_CASES = {
     "no norm or gate, no rope, first token": dict(norm=False, gate=False, rope=False, positions=(0, 3)),
     "gate before norm, grouped 4, one sequence": dict(gate_before_norm=True, H=8, B=1, positions=(64,)),
     "no conv activation, value heads 16": dict(silu=False, bias=False, V=16, positions=(129, 1), capacity=130),
+    "split over the cache (one split empty), finished": dict(split=64, positions=(5, 150), capacity=160),
+    "split over the cache, raw readout, grouped 4": dict(split=64, finish=False, H=8, positions=(130, 64),
+                                                         capacity=200),
 }
 
 
@@ -290,13 +293,14 @@ def tiny_model(device="cpu", dtype=torch.float32, mixer="gdn", **changes):
 
 
 @torch.no_grad()
-def decode_tokens(model, fused: bool, prompt_mode: bool, step_modes, drop: str | None = None, **runner_args):
+def decode_tokens(model, fused: bool, prompt_mode: bool, step_modes, drop: str | None = None,
+                  capacity=PROMPT + STEPS + 2, **runner_args):
     """[B, STEPS] greedy tokens after a fixed prompt, each step under step_modes[i] ([B] bools); `drop` the KV
     cache or the recurrent state after the prompt."""
     saved, model_module.FUSED_DECODE = model_module.FUSED_DECODE, fused
     try:
         prompt = torch.tensor(np.random.default_rng(7).integers(0, model.cfg.vocab_size, (B, PROMPT)))
-        cache = model.make_cache(B, PROMPT + STEPS + 2)
+        cache = model.make_cache(B, capacity)
         token = model(prompt.to(model.device), prompt_mode, cache=cache)[:, -1].argmax(-1).cpu()
         if drop == "kv":
             cache.drop_kv()
@@ -336,9 +340,14 @@ def test_fused_greedy_tokens_equal_unfused(case, monkeypatch):
         monkeypatch.setattr(decode_step, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     prompt_mode, step_modes, drop = MODEL_CASES[case]
     model = tiny_model(mixer="mamba2" if case.startswith("mamba-2") else "gdn")
-    fused = decode_tokens(model, True, prompt_mode, step_modes, drop)
+    capacity = PROMPT + STEPS + 2
+    if case == "attention":  # through the split attention and its combining kernel
+        monkeypatch.setattr(decode_step, "ATTENTION_SPLIT_FROM", 64)
+        monkeypatch.setattr(decode_step, "ATTENTION_SPLIT", 64)
+        capacity = 130
+    fused = decode_tokens(model, True, prompt_mode, step_modes, drop, capacity)
     fused_calls = list(calls)
-    unfused = decode_tokens(model, False, prompt_mode, step_modes, drop)
+    unfused = decode_tokens(model, False, prompt_mode, step_modes, drop, capacity)
     np.testing.assert_array_equal(fused, unfused)
     assert len(set(unfused.ravel().tolist())) > 3  # the comparison can tell tokens apart
     assert calls == fused_calls  # nothing fused ran while switched off

@@ -79,6 +79,22 @@ def repeat_heads(x, group: int, dim: int):
     return x if group == 1 else x.repeat_interleave(group, dim=dim)
 
 
+def causal_conv_taps(padded: torch.Tensor, weight: torch.Tensor, T: int) -> torch.Tensor:
+    """The depthwise causal conv as a sum of W shifted products, in fp32 at least, returned in padded's dtype:
+    out[:, t] = sum_j padded[:, t + j] * weight[:, j] for padded [B, T + W - 1, C], weight [C, W].
+
+    What the compiled forms run: inductor fuses the products (and their gradients: shifted sums for the
+    input, reductions over batch and time for the weight) into a few elementwise and reduction kernels,
+    where F.conv1d is an extern depthwise-convolution kernel with channels-first copies around it.
+    """
+    acc = torch.promote_types(padded.dtype, torch.float32)
+    w = weight.to(acc)
+    out = padded[:, :T].to(acc) * w[:, 0]
+    for j in range(1, weight.shape[1]):
+        out = out + padded[:, j:j + T].to(acc) * w[:, j]
+    return cast(out, padded.dtype)
+
+
 class CausalConv(nn.Module):
     """Depthwise causal conv over time; weight [C, W] with the last tap on the current token."""
 
@@ -107,10 +123,13 @@ class CausalConv(nn.Module):
             tail = padded.gather(1, slots[:, :, None].expand(B, W - 1, C))
             if self.passes_through(x):
                 return x, tail
-        out = F.conv1d(padded.transpose(1, 2), cast(self.weight[:, None, :], x.dtype), groups=C)
-        # back to [B, T, C] in memory too: a channels-first view would leave q/k/v with a strided
-        # last axis, which SDPA's flash kernels refuse (silently falling back to the math kernel)
-        out = out.transpose(1, 2).contiguous()
+        if torch.compiler.is_compiling():
+            out = causal_conv_taps(padded, self.weight, T)
+        else:
+            out = F.conv1d(padded.transpose(1, 2), cast(self.weight[:, None, :], x.dtype), groups=C)
+            # back to [B, T, C] in memory too: a channels-first view would leave q/k/v with a strided
+            # last axis, which SDPA's flash kernels refuse (silently falling back to the math kernel)
+            out = out.transpose(1, 2).contiguous()
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return self._activate(out), tail
@@ -427,7 +446,7 @@ class OryxMixer(nn.Module):
         """`step` through the fused kernels of kernels/decode_step.py: the input projections' matmul, at most two
         kernels (the attention token when a row attends or the recurrent state was dropped, the GDN or Mamba-2 token
         when the state is kept), o_proj. The same function as the unfused step (fused_step_applies says when it runs)."""
-        from .kernels.decode_step import attention_token_step, recurrent_token_step
+        from .kernels.decode_step import attention_split, attention_token_step, recurrent_token_step
 
         cfg = self.cfg
         recurrent = layer_cache.recurrent is not None
@@ -442,7 +461,8 @@ class OryxMixer(nn.Module):
             o_attn = attention_token_step(proj["q_attn"], proj["k_proj"], proj["v_proj"], gate, *convs, silu,
                                           windows["k"], windows["v"], layer_cache.keys, layer_cache.values, position,
                                           cos, sin, cfg.head_dim ** -0.5, cfg.n_heads, not recurrent, norm_w,
-                                          norm_eps, cfg.gate_before_norm, xn.dtype)
+                                          norm_eps, cfg.gate_before_norm, xn.dtype,
+                                          attention_split(layer_cache.keys.shape[2]))
             if not recurrent:
                 return self.o_proj(o_attn)
         append = not attend and layer_cache.keys is not None  # an attending step's kernel appended already

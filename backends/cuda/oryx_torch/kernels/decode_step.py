@@ -14,7 +14,8 @@ attention kernel wrote instead of the recurrence's before the norm.
 attention_token_step, one program per (sequence, key/value head): the same convs of the key and value (windows
 left alone unless `write_windows`), RoPE on the key and the group's queries, the KV-cache append, and softmax
 attention of the group's queries over the cache slots before the sequence's position plus the current token,
-in blocks with a running maximum; with `finish` (no recurrence in the step) also the window shift and the gated
+in blocks with a running maximum (over a long cache, split between programs whose partial results a second
+kernel combines); with `finish` (no recurrence in the step) also the window shift and the gated
 norm, otherwise the readout goes to recurrent_token_step.
 
 Both read the projections as row views of the fused projection matmul's output (any row stride) and compute in
@@ -167,13 +168,17 @@ def _attention_token_kernel(
         q_in, q_stride, k_in, k_stride, v_in, v_stride, gate_in, gate_stride,
         conv_k_w, conv_k_b, conv_v_w, conv_v_b, win_k, win_v,
         k_cache, v_cache, kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st, position, cos, sin, rope_stride, scale,
-        norm_w, norm_eps, out,
+        norm_w, norm_eps, out, part_max, part_sum, part_acc,
         H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, W: tl.constexpr,
         BD: tl.constexpr, BDV: tl.constexpr, BW: tl.constexpr, BG: tl.constexpr, BT: tl.constexpr,
         CONV_BIAS: tl.constexpr, SILU: tl.constexpr, ROPE: tl.constexpr, WRITE_WINDOWS: tl.constexpr,
         FINISH: tl.constexpr, OUTPUT_NORM: tl.constexpr, OUTPUT_GATE: tl.constexpr, GATE_BEFORE_NORM: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
-    b, j = tl.program_id(0), tl.program_id(1)
+        DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr):
+    # program (b, j, s): with SPLIT > 0 it attends over slots [s SPLIT, (s + 1) SPLIT) only and writes its running
+    # maximum, sum and weighted values for _attention_combine_kernel; split 0 also owns the current token, the
+    # cache append and the window shift
+    b, j, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    first = s == 0
     d_idx = tl.arange(0, BD)
     v_idx = tl.arange(0, BDV)
     g_idx = tl.arange(0, BG)
@@ -198,19 +203,24 @@ def _attention_token_kernel(
         q = _rope(q, q_rot, cos, sin, b * rope_stride, d_idx[None, :], d_ok[None, :])
     key = k.to(k_cache.dtype.element_ty)
     value = v.to(v_cache.dtype.element_ty)
-    tl.store(k_cache + b * kc_sb + j * kc_sh + pos * kc_st + d_idx, key, mask=d_ok)
-    tl.store(v_cache + b * vc_sb + j * vc_sh + pos * vc_st + v_idx, value, mask=v_ok)
+    tl.store(k_cache + b * kc_sb + j * kc_sh + pos * kc_st + d_idx, key, mask=d_ok & first)
+    tl.store(v_cache + b * vc_sb + j * vc_sh + pos * vc_st + v_idx, value, mask=v_ok & first)
     q = (q * scale).to(k_cache.dtype.element_ty)
-    # the current token's key and value, as the cache holds them, start the running softmax
-    m = tl.sum(q.to(tl.float32) * key.to(tl.float32)[None, :], axis=1)
-    total = tl.full([BG], 1.0, tl.float32)
-    acc = tl.zeros([BG, BDV], tl.float32) + value.to(tl.float32)[None, :]
+    # the current token's key and value, as the cache holds them, start split 0's running softmax
+    m = tl.where(first, tl.sum(q.to(tl.float32) * key.to(tl.float32)[None, :], axis=1), float("-inf"))
+    total = tl.where(first, tl.full([BG], 1.0, tl.float32), 0.0)
+    acc = tl.where(first, tl.zeros([BG, BDV], tl.float32) + value.to(tl.float32)[None, :], 0.0)
     k_base = k_cache + b * kc_sb + j * kc_sh
     v_base = v_cache + b * vc_sb + j * vc_sh
     t_idx = tl.arange(0, BT)
-    for start in range(0, pos, BT):
+    lo = 0
+    hi = pos
+    if SPLIT > 0:
+        lo = s * SPLIT
+        hi = tl.minimum(pos, lo + SPLIT)
+    for start in range(lo, hi, BT):
         t = start + t_idx
-        t_ok = t < pos
+        t_ok = t < hi
         keys = tl.load(k_base + t[:, None] * kc_st + d_idx[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION)                  # [BG, BT]
         scores = tl.where(t_ok[None, :], scores, float("-inf"))
@@ -221,28 +231,53 @@ def _attention_token_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
         total = total * alpha + tl.sum(p, axis=1)
         m = m_new
-    o = acc / total[:, None]                                                                  # [BG, BDV]
-    if FINISH:
-        if WRITE_WINDOWS:
-            tl.debug_barrier()
-            _shift_window(win_k, b, HKV * D, k_ch, d_ok, k_rows, k_x, W, BW)
-            _shift_window(win_v, b, HKV * DV, v_ch, v_ok, v_rows, v_x, W, BW)
-        cols = (j * G + g_idx)[:, None] * DV + v_idx[None, :]
-        o_ok = g_ok[:, None] & v_ok[None, :]
-        if OUTPUT_GATE:
-            g = tl.load(gate_in + b * gate_stride + cols, mask=o_ok, other=0.0).to(tl.float32)
-            gate = g * tl.sigmoid(g)
-            if GATE_BEFORE_NORM or not OUTPUT_NORM:
-                o = o * gate
-        if OUTPUT_NORM:
-            o = o * (1.0 / tl.sqrt(tl.sum(o * o, axis=1) / DV + norm_eps))[:, None]
-            o = o * tl.load(norm_w + v_idx, mask=v_ok, other=0.0).to(tl.float32)[None, :]
-            if OUTPUT_GATE and not GATE_BEFORE_NORM:
-                o = o * gate
-        tl.store(out + b * H * DV + cols, o.to(out.dtype.element_ty), mask=o_ok)
+    if WRITE_WINDOWS:
+        tl.debug_barrier()
+        _shift_window(win_k, b, HKV * D, k_ch, d_ok & first, k_rows, k_x, W, BW)
+        _shift_window(win_v, b, HKV * DV, v_ch, v_ok & first, v_rows, v_x, W, BW)
+    cols = (j * G + g_idx)[:, None] * DV + v_idx[None, :]
+    o_ok = g_ok[:, None] & v_ok[None, :]
+    if SPLIT > 0:
+        rows = (b * H + j * G + g_idx) * SPLITS + s                                          # [BG] in [B, H, S]
+        tl.store(part_max + rows, m, mask=g_ok)
+        tl.store(part_sum + rows, total, mask=g_ok)
+        tl.store(part_acc + rows[:, None] * DV + v_idx[None, :], acc, mask=o_ok)
     else:
-        cols = (j * G + g_idx)[:, None] * DV + v_idx[None, :]
-        tl.store(out + b * H * DV + cols, o.to(out.dtype.element_ty), mask=g_ok[:, None] & v_ok[None, :])
+        o = acc / total[:, None]                                                              # [BG, BDV]
+        if FINISH:
+            if OUTPUT_GATE:
+                g = tl.load(gate_in + b * gate_stride + cols, mask=o_ok, other=0.0).to(tl.float32)
+                gate = g * tl.sigmoid(g)
+                if GATE_BEFORE_NORM or not OUTPUT_NORM:
+                    o = o * gate
+            if OUTPUT_NORM:
+                o = o * (1.0 / tl.sqrt(tl.sum(o * o, axis=1) / DV + norm_eps))[:, None]
+                o = o * tl.load(norm_w + v_idx, mask=v_ok, other=0.0).to(tl.float32)[None, :]
+                if OUTPUT_GATE and not GATE_BEFORE_NORM:
+                    o = o * gate
+        tl.store(out + b * H * DV + cols, o.to(out.dtype.element_ty), mask=o_ok)
+
+
+@triton.jit
+def _attention_combine_kernel(part_max, part_sum, part_acc, gate_in, gate_stride, norm_w, norm_eps, out,
+                              H: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, SPLITS: tl.constexpr,
+                              BS: tl.constexpr, FINISH: tl.constexpr, OUTPUT_NORM: tl.constexpr,
+                              OUTPUT_GATE: tl.constexpr, GATE_BEFORE_NORM: tl.constexpr):
+    """One (sequence, query head): the splits' partial softmaxes into one readout (gated-normed with FINISH)."""
+    b, h = tl.program_id(0), tl.program_id(1)
+    s_idx = tl.arange(0, BS)
+    v_idx = tl.arange(0, BDV)
+    s_ok, v_ok = s_idx < SPLITS, v_idx < DV
+    rows = (b * H + h) * SPLITS + s_idx
+    m = tl.load(part_max + rows, mask=s_ok, other=float("-inf"))
+    weight = tl.exp(m - tl.max(m, axis=0))                                                    # 0 for empty splits
+    total = tl.sum(tl.load(part_sum + rows, mask=s_ok, other=0.0) * weight, axis=0)
+    acc = tl.load(part_acc + rows[:, None] * DV + v_idx[None, :], mask=s_ok[:, None] & v_ok[None, :], other=0.0)
+    o = tl.sum(acc * weight[:, None], axis=0) / total
+    if FINISH:
+        o = _gated_norm(o, gate_in + b * gate_stride + h * DV, norm_w, norm_eps, v_idx, v_ok, DV,
+                        OUTPUT_NORM, OUTPUT_GATE, GATE_BEFORE_NORM)
+    tl.store(out + (b * H + h) * DV + v_idx, o.to(out.dtype.element_ty), mask=v_ok)
 
 
 def _pow2(n: int) -> int:
@@ -312,6 +347,17 @@ def _(q, k, v, a, b, gate, conv_q_w, conv_q_b, conv_k_w, conv_k_b, conv_v_w, con
     return q.new_empty(B, H * V, dtype=out_dtype)
 
 
+# Caches longer than this are attended by several programs per (sequence, key/value head), each over
+# ATTENTION_SPLIT slots, and a second kernel combines their partial softmaxes: one program walking 32K slots
+# alone would leave the GPU idle.
+ATTENTION_SPLIT_FROM, ATTENTION_SPLIT = 2048, 1024
+
+
+def attention_split(capacity: int) -> int:
+    """Slots per program of attention_token_step for a cache of `capacity` slots (0: one program)."""
+    return ATTENTION_SPLIT if capacity > ATTENTION_SPLIT_FROM else 0
+
+
 @torch.library.custom_op("oryx::attention_token_step", mutates_args=("win_k", "win_v", "k_cache", "v_cache"))
 def attention_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
                          conv_k_w: torch.Tensor, conv_k_b: torch.Tensor | None, conv_v_w: torch.Tensor,
@@ -319,35 +365,51 @@ def attention_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate
                          k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
                          cos: torch.Tensor | None, sin: torch.Tensor | None, scale: float, n_heads: int,
                          finish: bool, norm_w: torch.Tensor | None, norm_eps: float, gate_before_norm: bool,
-                         out_dtype: torch.dtype) -> torch.Tensor:
+                         out_dtype: torch.dtype, split: int = 0) -> torch.Tensor:
     """One attention decode token of every sequence (module docstring): q [B, n_heads * K] (before RoPE), k, v the
     projections before their convs; the key (RoPE'd) and value land in the caches [B, Hkv, capacity, *] at
     position[b], the queries attend to slots < position[b] and the current token. With `finish` the windows shift
     and the result is the gated-normed readout [B, H * V] in out_dtype; without, the raw readout [B, H, V] fp32
-    (recurrent_token_step's o_attn) and the windows stay."""
-    B, HKV, _, K = k_cache.shape
+    (recurrent_token_step's o_attn) and the windows stay. `split` > 0 (a multiple of 64): each program attends
+    over that many slots and a second launch combines them (attention_split picks it by capacity)."""
+    B, HKV, capacity, K = k_cache.shape
     V, H, W = v_cache.shape[3], n_heads, conv_k_w.shape[1]
     out = torch.empty(B, H * V, dtype=out_dtype, device=q.device) if finish else \
         torch.empty(B, H, V, dtype=torch.float32, device=q.device)
     dummy = k_cache
     cos, sin, rope_stride = _rope_arguments(cos, sin, dummy)
-    _attention_token_kernel[(B, HKV)](
-        q, q.stride(0), k, k.stride(0), v, v.stride(0), dummy if gate is None else gate,
-        0 if gate is None else gate.stride(0),
+    block = 64 if K <= 64 else 32
+    if split % 64:
+        raise ValueError(f"split: expected a multiple of 64 slots, got {split}")
+    splits = triton.cdiv(capacity, split) if split > 0 else 1
+    if splits > 1:
+        part_max = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty(B, H, splits, V, dtype=torch.float32, device=q.device)
+    else:
+        part_max = part_sum = part_acc = out
+    flags = dict(OUTPUT_NORM=norm_w is not None, OUTPUT_GATE=gate is not None, GATE_BEFORE_NORM=gate_before_norm)
+    gate_args = (dummy if gate is None else gate, 0 if gate is None else gate.stride(0))
+    norm_args = (dummy if norm_w is None else norm_w, norm_eps)
+    _attention_token_kernel[(B, HKV, splits)](
+        q, q.stride(0), k, k.stride(0), v, v.stride(0), *gate_args,
         conv_k_w, dummy if conv_k_b is None else conv_k_b, conv_v_w, dummy if conv_v_b is None else conv_v_b,
         win_k, win_v, k_cache, v_cache, *_cache_strides(k_cache, v_cache), position, cos, sin, rope_stride, scale,
-        dummy if norm_w is None else norm_w, norm_eps, out,
+        *norm_args, out, part_max, part_sum, part_acc,
         H=H, HKV=HKV, G=H // HKV, D=K, DV=V, W=W, BD=_pow2(K), BDV=_pow2(V), BW=_pow2(W), BG=max(16, _pow2(H // HKV)),
-        BT=64 if K <= 64 else 32, CONV_BIAS=conv_k_b is not None, SILU=silu, ROPE=cos is not dummy,
-        WRITE_WINDOWS=finish, FINISH=finish, OUTPUT_NORM=norm_w is not None, OUTPUT_GATE=gate is not None,
-        GATE_BEFORE_NORM=gate_before_norm, DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
-        num_warps=4)
+        BT=block, CONV_BIAS=conv_k_b is not None, SILU=silu, ROPE=cos is not dummy, WRITE_WINDOWS=finish,
+        FINISH=finish, DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        SPLIT=split if splits > 1 else 0, SPLITS=splits, num_warps=4, **flags)
+    if splits > 1:
+        _attention_combine_kernel[(B, H)](part_max, part_sum, part_acc, *gate_args, *norm_args, out, H=H, DV=V,
+                                          BDV=_pow2(V), SPLITS=splits, BS=_pow2(splits), FINISH=finish,
+                                          num_warps=4, **flags)
     return out
 
 
 @attention_token_step.register_fake
 def _(q, k, v, gate, conv_k_w, conv_k_b, conv_v_w, conv_v_b, silu, win_k, win_v, k_cache, v_cache, position, cos,
-      sin, scale, n_heads, finish, norm_w, norm_eps, gate_before_norm, out_dtype):
+      sin, scale, n_heads, finish, norm_w, norm_eps, gate_before_norm, out_dtype, split=0):
     B, V = k_cache.shape[0], v_cache.shape[3]
     if finish:
         return q.new_empty(B, n_heads * V, dtype=out_dtype)
