@@ -152,7 +152,13 @@ def run_decode_step(model, tokens, modes, cache: OryxCache, attend: bool, pick: 
     """decode_and_pick; through compiled_parts(backend) when `compiled`."""
     if not compiled:
         return decode_and_pick(model, tokens, modes, cache, attend, pick, None, sampling)
-    with frozen_projections(model), torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS):
+    import torch._inductor.config as inductor_config
+
+    # shape_padding off: a decode matmul has one row per sequence, so padding its operands to aligned shapes buys
+    # nothing, and inductor's padding benchmark (torch 2.11, CUDA) fails with "expected mat1 and mat2 to have the
+    # same dtype" when this step recompiles for a model whose dtype changed
+    with frozen_projections(model), torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS), \
+            inductor_config.patch(shape_padding=False):
         return decode_and_pick(model, tokens, modes, cache, attend, pick, compiled_parts(backend), sampling)
 
 
