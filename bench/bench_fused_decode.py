@@ -14,9 +14,11 @@ For each plan (attention: prompt and decode in attention, recurrent state kept; 
 recurrent, KV cache kept; dropped: prompt in attention, KV cache dropped, decode recurrent) and batch size:
 tokens/s with one token read back to the host per step (as a server does) and with the pick fed to the next
 step on the device (graph replays back to back), and how many of each step's greedy tokens equal the eager
-step's (the uncompiled variants at every batch size run first). Also CUDA kernels per step at batch 1 (a step run without a graph, counted by torch.profiler; on the
-CPU aten operators), and in fp32 the first step's logits of the fused step against the eager step's and how
-many of 16 greedy steps (3 with --tiny) agree. Rows that would start after --budget-s seconds are listed as skipped.
+step's (the uncompiled variants at every batch size run first), and batch 1 after a --long-context prompt
+(32768 tokens; eager and fused, attention and recurrent). Also CUDA kernels per step at batch 1 (a step run
+without a graph, counted by torch.profiler; on the CPU aten operators), and in fp32 the first step's logits of
+the fused step against the eager step's and how many of 16 greedy steps (3 with --tiny) agree. Rows that would
+start after --budget-s seconds are listed as skipped.
 """
 from __future__ import annotations
 
@@ -43,11 +45,16 @@ def parse_args(argv=None):
     parser.add_argument("--decode-tokens", type=int, default=None)
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     parser.add_argument("--plans", type=lambda s: s.split(","), default=list(PLANS))
+    parser.add_argument("--long-context", type=int, default=None,
+                        help="also batch-1 rows (eager and fused, attention and recurrent) after a prompt this long "
+                             "(default 32768 on CUDA, 300 with --tiny; 0: none)")
     parser.add_argument("--budget-s", type=float, default=170.0, help="start no row after this many seconds")
     args = parser.parse_args(argv)
     args.batches = args.batches or ([1, 2] if args.tiny else [1, 8, 32])
     args.prompt_length = args.prompt_length or (8 if args.tiny else 512)
     args.decode_tokens = args.decode_tokens or (3 if args.tiny else 64)
+    if args.long_context is None:
+        args.long_context = 300 if args.tiny else 32768
     for name, chosen, known in (("--variants", args.variants, VARIANTS), ("--plans", args.plans, PLANS)):
         if not set(chosen) <= set(known):
             parser.error(f"{name}: expected some of {','.join(known)}, got {','.join(chosen)}")
@@ -76,7 +83,7 @@ def prefilled(oryx, prompt, plan: str, extra: int):
     """(cache after the prompt under `plan`, its greedy next tokens on the host)."""
     prompt_mode, _, drop_kv = PLANS[plan]
     cache = oryx.make_cache(prompt.shape[0], prompt.shape[1] + extra)
-    tokens = oryx(prompt, prompt_mode, cache=cache)[:, -1].argmax(-1).cpu()
+    tokens = oryx(prompt, prompt_mode, cache=cache, last_only=True)[:, -1].argmax(-1).cpu()
     if drop_kv:
         cache.drop_kv()
     return cache, tokens
@@ -213,6 +220,18 @@ def main(argv=None) -> int:
                                         generator=torch.Generator().manual_seed(3)).to(device)
                    for batch in args.batches}
         eager_tokens = {}
+        if args.long_context:  # batch 1 after a long prompt, uncompiled: flat in context where recurrent?
+            prompt = torch.randint(0, hf["vocab_size"], (1, args.long_context),
+                                   generator=torch.Generator().manual_seed(6)).to(device)
+            for plan in [p for p in ("recurrent", "attention") if p in args.plans]:
+                for variant in [v for v in ("eager", "fused") if v in args.variants]:
+                    result = attempt("decode", dict(plan=plan, variant=variant, batch=1, prompt=args.long_context),
+                                     lambda: timed_decode(oryx, prompt, plan, variant, args.decode_tokens, device))
+                    if result is not None:
+                        result[0]["long_context"] = True
+                        report["decode"].append(result[0])
+                        save()
+            del prompt
         # the uncompiled steps at every batch size first: the compiled ones spend most of the budget compiling
         for group in ([v for v in args.variants if not VARIANTS[v][0]], [v for v in args.variants if VARIANTS[v][0]]):
             for batch in args.batches:
