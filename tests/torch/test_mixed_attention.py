@@ -59,13 +59,14 @@ def test_cuda_dense_and_flex_give_the_same_model():
     tokens = torch.tensor(rng.integers(0, cfg.vocab_size, (2, 300)), device="cuda")
     modes = torch.tensor(np.repeat(rng.random((2, 5)) < 0.5, 64, axis=1)[:, :300], device="cuda")
     results = {}
+    default = attention.MIXED_ATTENTION
     for how in ("flex", "dense"):
         attention.MIXED_ATTENTION = how
         try:
             logits = model(tokens, modes)
             grads = torch.autograd.grad(logits.square().mean(), list(model.parameters()), allow_unused=True)
         finally:
-            attention.MIXED_ATTENTION = "flex"
+            attention.MIXED_ATTENTION = default
         results[how] = (logits, grads)
     assert relative_error(results["dense"][0], results["flex"][0]) < 1e-3
     for g_dense, g_flex in zip(results["dense"][1], results["flex"][1]):

@@ -30,11 +30,12 @@ import torch.nn.functional as F
 FLEX_BLOCK = 128  # FlexAttention's default tile: the plan's granularity for skipping work
 # How CUDA computes a plan that mixes modes: "flex" (FlexAttention over the query blocks that hold an
 # attention token), "packed" (FlexAttention over each sequence's attention rows gathered to its first rows,
-# the output scattered back), "dense" (causal SDPA over every row; the recurrent rows are computed and unused;
+# the output gathered back), "dense" (causal SDPA over every row; the recurrent rows are computed and unused;
 # from position 0 only, else "packed") or "auto" (dense when the packed blocks cover at least DENSE_FROM of the
-# causal score matrix, since a FlexAttention block costs more than a flash one, else packed).
-MIXED_ATTENTION = "flex"
-DENSE_FROM = 0.5
+# causal score matrix, else packed). A FlexAttention block costs about 3 flash ones in a compiled training step
+# at SmolLM2-135M's shape (docs/benchmarks.md), so dense wins unless a plan's attention rows are few.
+MIXED_ATTENTION = "dense"
+DENSE_FROM = 0.3
 # Whether the CPU takes the CUDA path's choice (FlexAttention eagerly, without backward) instead of SDPA over
 # the attention rows: for tests of the CUDA path on a machine without one.
 FLEX_ON_CPU = False
