@@ -569,8 +569,8 @@ def shared(args) -> None:
                         tokenizer_json=ckpt.extra_files["tokenizer.json"].decode())
     tokenizer = load_tokenizer(base)
     eos = tokenizer.token_to_id("<|endoftext|>")
-    global HELDOUT
-    HELDOUT = heldout
+    global HELDOUT, WINDOW
+    HELDOUT, WINDOW = heldout, args.window
     windows, covered = heldout_windows(tokenizer, eos, args.heldout_windows)
     covered_cont = continuation_bytes(tokenizer, windows)
     curve_windows = windows[:args.curve_windows]
@@ -580,7 +580,12 @@ def shared(args) -> None:
                           "windows": len(windows), "window": WINDOW, "bytes": covered,
                           "curve_windows": len(curve_windows)}
     model = OryxModel.from_checkpoint(start, dtype=torch.float32, device=device).eval()
-    results["before"] = to_bpb(score(model, windows, PLANS, device), covered, covered_cont)
+    before = work / "before.json"  # a rerun on the same machine (after a cut) scores the start only once
+    if before.is_file():
+        results["before"] = json.loads(before.read_text())
+    else:
+        results["before"] = to_bpb(score(model, windows, PLANS, device), covered, covered_cont)
+        before.write_text(json.dumps(results["before"]))
     note(f"before (default adapter) {results['before']}")
     save()
 
@@ -725,6 +730,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--gguf", help="SmolLM2 GGUF (default: reassembled from runs/gguf_part1..3/part)")
     p.add_argument("--heldout", default=str(HELDOUT), help="held-out prose (default: prepare's Brown fiction)")
+    p.add_argument("--window", type=int, default=WINDOW, help="held-out window in tokens (default 1024; smaller only "
+                   "for a CPU pretest)")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--targets", default="q_attn,k_proj,v_proj,o_proj")
     p.add_argument("--tokens", type=int, default=12_000_000)
