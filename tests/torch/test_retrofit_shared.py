@@ -237,3 +237,54 @@ def test_cli_one_line_errors(workspace, tmp_path, capsys):
             raise SystemExit(cli.main([*base, *argv]))
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+def test_adapter_metadata_that_does_not_fit_is_refused_in_one_line(workspace, tmp_path):
+    src = load_checkpoint(workspace["src"])
+    name = "layers.0.mixer.o_proj.weight"
+    out_f, in_f = src.params[name].shape
+    factors = {name: (np.full((2, in_f), 0.01, np.float32), np.full((out_f, 2), 0.01, np.float32))}
+    from oryx_core.adapter import merge_lowrank_params, round_lowrank
+
+    adapter = save_adapter(tmp_path / "adapter", workspace["src"], src.config,
+                           merge_lowrank_params(src.params, round_lowrank(factors)), lowrank=factors)
+    meta_path = adapter / ADAPTER_FILE
+    meta = json.loads(meta_path.read_text())
+    for change, words in (({"format_version": 1}, "needs format_version 2"),
+                          ({"lowrank": [name, "layers.0.mixer.q_rec.weight"]}, "missing"),
+                          ({"lowrank": "o_proj"}, "malformed 'lowrank'")):
+        meta_path.write_text(json.dumps({**meta, **change}))
+        with pytest.raises(FormatError) as e:
+            load_checkpoint(adapter)
+        assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_stop_and_resume(workspace, tmp_path):
+    """Two gloo processes: each rank its own batches, the deltas' and recurrent gradients averaged; stopped and resumed,
+    the run ends with one model and one best record."""
+    import os
+    import subprocess
+    import sys
+
+    from oryx_core.cli import command_line
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    dst = tmp_path / "dst"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *command_line()[1:], "retrofit", str(workspace["src"]), str(dst), "--data", str(workspace["data"]),
+               "--shared-rank", "2", "--tokens", "512", "--seq-len", "32", "--batch-size", "2", "--device", "cpu",
+               "--eval-batches", "1", "--eval-every", "2", "--save-every", "2", "--warmup", "1", "--json"]
+    for extra in (["--stop-after", "3"], ["--resume"]):
+        done = subprocess.run([*command, *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    log = records(tmp_path / "dst.run")
+    assert [r["step"] for r in log if "loss" in r] == [3, 4]  # 128 tokens per step over two ranks: 4 steps
+    assert [r["step"] for r in log if "eval" in r] == [0, 2, 4]
+    best = [r for r in log if r.get("event") == "best"]
+    assert len(best) == 1 and best[0]["step"] in (0, 2, 4)
+    state = json.loads((tmp_path / "dst.run" / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    src, out = load_checkpoint(workspace["src"]), load_checkpoint(dst)
+    assert np.array_equal(src.params["embed.weight"].view(np.uint16), out.params["embed.weight"].view(np.uint16))
