@@ -133,7 +133,11 @@ def register(subparsers) -> None:
     shared.add_argument("--attention-share", type=positive_float, default=0.25,
                         help="share of each batch's rows run all-attention (default 0.25)")
     shared.add_argument("--attention-weight", type=non_negative_float, default=1.0,
-                        help="weight of the all-attention rows' KL in the loss (default 1.0)")
+                        help="starting weight of the all-attention rows' KL in the loss (default 1.0); each "
+                             "evaluation doubles it while attention mode's drift is over half the budget and halves it "
+                             "(not below the start) under a fifth")
+    shared.add_argument("--attention-weight-fixed", action="store_true",
+                        help="keep --attention-weight as given throughout")
     shared.add_argument("--recurrent-lr-scale", type=non_negative_float, default=0.5,
                         help="the recurrent tensors' learning rate relative to --lr (default 0.5)")
     p.set_defaults(func=backend_handler("torch", "oryx_torch.retrofit_cli", "cmd_retrofit"))

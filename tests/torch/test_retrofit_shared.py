@@ -124,6 +124,7 @@ def test_the_start_is_kept_exactly_when_no_later_state_is_within_budget(workspac
     assert len(calls) == 3 and summary["best"]["step"] == 0
     log = records(out)
     assert [r["within_budget"] for r in log if "eval" in r] == [True, False, False]
+    assert [r["attention_weight"] for r in log if "eval" in r] == [1.0, 2.0, 4.0]  # over budget: held harder
     src, dst = load_checkpoint(workspace["src"]).params, load_checkpoint(out / "model").params
     assert all(np.array_equal(src[n].view(np.uint16), dst[n].view(np.uint16)) for n in src)
 
@@ -288,3 +289,22 @@ def test_torchrun_two_cpu_processes_stop_and_resume(workspace, tmp_path):
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     src, out = load_checkpoint(workspace["src"]), load_checkpoint(dst)
     assert np.array_equal(src.params["embed.weight"].view(np.uint16), out.params["embed.weight"].view(np.uint16))
+
+
+def test_resume_restores_the_adapted_attention_weight(workspace, monkeypatch):
+    import oryx_torch.retrofit_shared as stage
+
+    measured = stage.evaluate
+
+    def over_budget_once_moved(*args, **kwargs):
+        out = measured(*args, **kwargs)
+        out["attention_drift"] = 0.02 if out["attention_drift"] != 0.0 else 0.0
+        return out
+
+    monkeypatch.setattr(stage, "evaluate", over_budget_once_moved)
+    whole, cut = workspace["root"] / "weight-whole", workspace["root"] / "weight-cut"
+    retrofit_shared(config(workspace, whole, tokens=12 * 4 * 32, attention_budget=0.01))
+    retrofit_shared(config(workspace, cut, tokens=12 * 4 * 32, attention_budget=0.01), stop_after=6)
+    retrofit_shared(config(workspace, cut, tokens=12 * 4 * 32, attention_budget=0.01), resume=True)
+    assert [r["attention_weight"] for r in records(whole) if "eval" in r] == [1.0, 2.0, 4.0, 8.0]
+    assert records(cut) == records(whole)

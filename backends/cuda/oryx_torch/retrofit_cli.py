@@ -53,6 +53,7 @@ def cmd_shared_stage(args) -> None:
         seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         min_lr=args.min_lr if args.min_lr is not None else args.lr / 10, recurrent_lr_scale=args.recurrent_lr_scale,
         warmup=args.warmup, attention_share=args.attention_share, attention_weight=args.attention_weight,
+        attention_weight_fixed=args.attention_weight_fixed,
         attention_budget=args.attention_budget, student_plans=args.plans or list(STUDENT_PLANS),
         eval_plans=list(EVAL_PLANS), eval_every=args.eval_every, eval_batches=args.eval_batches,
         save_every=args.save_every, seed=args.seed, device=args.device, progress=not args.json)

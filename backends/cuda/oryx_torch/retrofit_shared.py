@@ -8,7 +8,10 @@ SRC exactly) while the recurrent-mode tensors keep training. One loss per batch:
   - the rows under recurrent and mixed plans (one plan per sequence, as stage (b)): KL of their logits to
     the FROZEN source's all-attention logits (SRC with no delta);
   - the first `attention_share` of the rows run all-attention with the deltas: KL of those logits to the
-    same source logits, weighted by `attention_weight`, which holds attention mode near SRC.
+    same source logits, weighted by `attention_weight`, which holds attention mode near SRC. Unless
+    `attention_weight_fixed`, each evaluation doubles the weight when the drift (below) is over half the budget
+    and halves it (not below its start) when the drift is under a fifth of it, so the run stays near the budget
+    instead of spending it early.
 
 Attention mode changes here, so it is measured: every evaluation scores the validation windows in attention
 mode with and without the deltas; the drift is (adapted NLL / source NLL - 1). The run keeps the best state
@@ -78,6 +81,7 @@ class SharedStageConfig:
     grad_clip: float = 1.0
     attention_share: float = 0.25  # rows per micro-batch run all-attention (at least one)
     attention_weight: float = 1.0
+    attention_weight_fixed: bool = False
     attention_budget: float = 0.01  # allowed relative rise of attention mode's validation NLL
     bf16: bool = True
     student_plans: list = field(default_factory=lambda: list(STUDENT_PLANS))
@@ -240,13 +244,14 @@ def load_trained_tensors(model: OryxModel, deltas: LowRankDeltas, tensors: dict[
 
 
 def save_stage_checkpoint(out: Path, step: int, skipped: int, tensors: dict, optimizer, best: dict | None,
-                          cfg: SharedStageConfig, rt: Runtime) -> Path:
+                          attention_weight: float, cfg: SharedStageConfig, rt: Runtime) -> Path:
     rng_states = rng_states_of_all_ranks(rt)
     root = out / "checkpoints"
     path = root / f"step-{step:08d}"
     if rt.is_main:
         state = {"step": step, "skipped_steps": skipped, "world_size": rt.world, "rng": rng_states,
-                 "best": None if best is None else best["record"], "shared_stage": dataclasses.asdict(cfg)}
+                 "best": None if best is None else best["record"], "attention_weight": attention_weight,
+                 "shared_stage": dataclasses.asdict(cfg)}
 
         def fill(tmp: Path):
             (tmp / "trained.safetensors").write_bytes(encode(tensors))
@@ -329,11 +334,12 @@ def retrofit_shared(cfg: SharedStageConfig, resume: bool = False, stop_after: in
                                    {"params": recurrent_params, "scale": cfg.recurrent_lr_scale}],
                                   lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=0.0, fused=fused or None)
     total = math.ceil(cfg.tokens / cfg.tokens_per_step(rt.world))
-    start, skipped, best = 0, 0, None
+    start, skipped, best, attention_weight = 0, 0, None, cfg.attention_weight
     log_path = out / "log.jsonl"
     if resume:
         state = read_state(resume_from)
         start, skipped = state["step"], state["skipped_steps"]
+        attention_weight = float(state.get("attention_weight", cfg.attention_weight))
         load_trained_tensors(model, deltas, load_file(resume_from / "trained.safetensors")[0])
         optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=rt.device, weights_only=True))
         if state.get("best") is not None:
@@ -363,15 +369,21 @@ def retrofit_shared(cfg: SharedStageConfig, resume: bool = False, stop_after: in
         return adapted_forward(model, deltas, tokens, modes)
 
     def run_eval(done: int) -> dict:
-        nonlocal best
+        nonlocal best, attention_weight
         result = evaluate(model, deltas, val_data, cfg, rt, autocast)
         within = result["attention_drift"] <= cfg.attention_budget
+        if not cfg.attention_weight_fixed:
+            if result["attention_drift"] > 0.5 * cfg.attention_budget:
+                attention_weight *= 2.0
+            elif result["attention_drift"] < 0.2 * cfg.attention_budget:
+                attention_weight = max(cfg.attention_weight, attention_weight / 2.0)
         improved = within and (best is None or result["score"] < best["record"]["score"])
         if improved:
             best = {"record": {"step": done, "score": result["score"], "attention_drift": result["attention_drift"]},
                     "tensors": trained_tensors(model, deltas, recurrent)}
         log_record(log_file, {"step": done, "stage": "shared", "tokens": done * tokens_per_step, "eval": result,
-                              "within_budget": within, "best_step": best["record"]["step"] if best else None})
+                              "within_budget": within, "best_step": best["record"]["step"] if best else None,
+                              "attention_weight": attention_weight})
         if on_eval is not None and rt.is_main:
             on_eval(done, done * tokens_per_step, result, forward)
         return result
@@ -399,7 +411,7 @@ def retrofit_shared(cfg: SharedStageConfig, resume: bool = False, stop_after: in
                                                   cfg.seq_len)])
             with autocast:
                 loss, mixed, attention = shared_loss(model, deltas, tokens, torch.from_numpy(modes).to(rt.device),
-                                                     attention_rows, cfg.attention_weight)
+                                                     attention_rows, attention_weight)
             (loss / cfg.grad_accum).backward()
             sums += torch.stack([loss.detach(), mixed, attention]) / cfg.grad_accum
         for p in trainable:
@@ -441,7 +453,7 @@ def retrofit_shared(cfg: SharedStageConfig, resume: bool = False, stop_after: in
         if (cfg.save_every and done % cfg.save_every == 0) or done == stop or out_of_time:
             summary["checkpoint"] = str(save_stage_checkpoint(out, done, skipped,
                                                               trained_tensors(model, deltas, recurrent), optimizer,
-                                                              best, cfg, rt))
+                                                              best, attention_weight, cfg, rt))
         last_time += time.perf_counter() - pause
         summary["step"] = done
         if out_of_time:
