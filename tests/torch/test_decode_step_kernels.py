@@ -49,7 +49,7 @@ def test_in_interpreter_subprocess():
 def test_in_interpreter_subprocess_slow():
     """The greedy-token comparisons of every mode and cache variant, under TRITON_INTERPRET=1 (about a minute)."""
     out = run_interpreted("--runslow", "-m", "not gpu", "-k", "fused_greedy_tokens_equal_unfused")
-    assert re.search(r"\b6 passed\b", out), out[-2000:]
+    assert re.search(r"\b8 passed\b", out), out[-2000:]
 
 
 # ----- the float64 reference of one decode token -----
@@ -296,12 +296,19 @@ def tiny_model(device="cpu", dtype=torch.float32, mixer="gdn", **changes):
 def decode_tokens(model, fused: bool, prompt_mode: bool, step_modes, drop: str | None = None,
                   capacity=PROMPT + STEPS + 2, **runner_args):
     """[B, STEPS] greedy tokens after a fixed prompt, each step under step_modes[i] ([B] bools); `drop` the KV
-    cache or the recurrent state after the prompt."""
+    cache or the recurrent state after the prompt, or "ragged": row 1's prompt two tokens shorter (right-padded),
+    so the rows decode at different positions."""
     saved, model_module.FUSED_DECODE = model_module.FUSED_DECODE, fused
     try:
         prompt = torch.tensor(np.random.default_rng(7).integers(0, model.cfg.vocab_size, (B, PROMPT)))
         cache = model.make_cache(B, capacity)
-        token = model(prompt.to(model.device), prompt_mode, cache=cache)[:, -1].argmax(-1).cpu()
+        if drop == "ragged":
+            cache.ragged = True
+            lengths = [PROMPT, PROMPT - 2]
+            logits = model(prompt.to(model.device), prompt_mode, cache=cache, lengths=lengths)
+            token = logits[torch.arange(B), torch.tensor(lengths) - 1].argmax(-1).cpu()
+        else:
+            token = model(prompt.to(model.device), prompt_mode, cache=cache)[:, -1].argmax(-1).cpu()
         if drop == "kv":
             cache.drop_kv()
         elif drop == "recurrent":
@@ -324,6 +331,7 @@ MODEL_CASES = {
     "recurrent, KV cache dropped": (True, [[False, False]] * STEPS, "kv"),
     "attention, recurrent state dropped": (True, [[True, True]] * STEPS, "recurrent"),
     "mamba-2, mixed rows": (True, ALTERNATING, None),
+    "mixed rows at their own positions (ragged cache)": (True, ALTERNATING, "ragged"),
 }
 SLOW_MODEL_CASES = [c if c == "mixed rows" else pytest.param(c, marks=pytest.mark.slow) for c in MODEL_CASES]
 
@@ -356,6 +364,18 @@ def test_fused_greedy_tokens_equal_unfused(case, monkeypatch):
                     recurrent_token_step=0 if drop == "recurrent" else 1)
     for name, count in per_step.items():
         assert fused_calls.count(name) == count * (STEPS - 1) * model.cfg.n_layers, name
+
+
+@needs_interpreter
+@pytest.mark.slow
+def test_fused_greedy_tokens_equal_unfused_compiled():
+    """The fused kernels as custom ops inside the torch.compile'd step (aot_eager: what dynamo traced, run
+    eagerly) pick the unfused eager step's tokens."""
+    prompt_mode, step_modes, drop = MODEL_CASES["mixed rows"]
+    model = tiny_model()
+    torch._dynamo.reset()
+    fused = decode_tokens(model, True, prompt_mode, step_modes, drop, compiled=True, compile_backend="aot_eager")
+    np.testing.assert_array_equal(fused, decode_tokens(model, False, prompt_mode, step_modes, drop))
 
 
 def test_fused_step_is_off_by_default_and_on_cpu():
