@@ -313,6 +313,27 @@ def test_eval_seed_fixes_the_windows_across_run_seeds(shards, full_run):
     assert loss(seed=1) != loss(seed=2)
 
 
+def test_evaluations_between_fused_optimizer_steps_score_the_current_weights(shards, tmp_path, monkeypatch):
+    """With the fused AdamW that CUDA runs use (which writes the weights without bumping their versions), an
+    evaluation after an earlier one scores the weights of that moment: the final evaluation inside train() equals
+    the same evaluation of the final checkpoint loaded afresh."""
+    from contextlib import nullcontext
+
+    from oryx_torch.model import OryxModel
+
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *args, **kwargs: adamw(*args, **{**kwargs, "fused": True}))
+    out = tmp_path / "run"
+    cfg = tiny_config(shards, out, steps=4, grad_accum=1, lr=1e-2,
+                      eval_every=2, eval_batches=2, save_every=0, eval_plans=["attention", "recurrent"])
+    summary = train(cfg)
+    fresh = OryxModel.from_checkpoint(summary["model"], dtype=torch.float32)
+    expected = train_module.evaluate(fresh, train_module.open_split(shards, "val"), cfg,
+                                     train_module.Runtime(0, 1, torch.device("cpu")), nullcontext())
+    for plan in cfg.eval_plans:
+        assert summary["eval"][plan] == pytest.approx(expected[plan], abs=1e-5), plan
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_ddp_and_fsdp(shards, tmp_path):
     """Two gloo processes, DDP and FSDP2, each stopped and resumed: rank 0 alone writes, the two agree."""

@@ -316,7 +316,22 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime) -> tor
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = rt.device.type == "cuda" and not is_sharded(cfg, rt)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+    if optimizer.defaults.get("fused"):
+        optimizer.register_step_post_hook(bump_parameter_versions)
+    return optimizer
+
+
+def bump_parameter_versions(optimizer: torch.optim.Optimizer, args=(), kwargs=None) -> None:
+    """Marks every parameter as modified in place. The fused AdamW kernel writes the parameters without bumping
+    their version counters, and the model's caches of weights derived from them (the concatenated projections a
+    no-grad call reuses, OryxMixer._fused_weight) are keyed by those counters: without this, an evaluation
+    between optimizer steps would read the weights of the first no-grad call of the run."""
+    from torch.autograd.graph import increment_version
+
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            increment_version(param)
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
