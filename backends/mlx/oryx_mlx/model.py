@@ -29,6 +29,7 @@ from oryx_core.reference import L2NORM_EPS, rope_angles
 
 from .cache import LayerCache, make_prompt_cache
 from .kernels import gated_delta_recurrence, ssd_recurrence
+from .kernels.fallback import gated_delta_final_state
 
 
 def softplus(x):
@@ -260,29 +261,34 @@ class OryxMixer(nn.Module):
         self.derived = DerivedArrays()
 
     # ----- stage 1: everything that does not read the KV cache -----
-    def local_weights(self, recurrent: bool, needs_q_attn: bool) -> tuple:
-        """(static layout, arrays) of the local stage for this call's needs."""
+    def local_weights(self, recurrent: bool, needs_q_attn: bool, readout: bool = True) -> tuple:
+        """(static layout, arrays) of the local stage for this call's needs; `readout`: whether a token of the
+        call reads the recurrent output (GDN only: when none does, the state advances alone and q_rec is
+        projected only for the conv window)."""
         cfg = self.cfg
         gates = ("a_proj", "b_proj") if cfg.mixer == "gdn" else ("dt_proj",)
-        units = {"conv_in": ("q_rec", "k_proj", "v_proj") if recurrent else ("k_proj", "v_proj")}
+        readout = readout or cfg.mixer != "gdn"
+        queries = recurrent and readout  # q_rec through the conv for every token
+        units = {"conv_in": ("q_rec", "k_proj", "v_proj") if queries else ("k_proj", "v_proj")}
         if cfg.output_gate:
             units["g_proj"] = ("g_proj",)
         if needs_q_attn:
             units["q_attn"] = ("q_attn",)
         if recurrent:
             units["gates"] = gates
-        # one fused matrix serves every call: a recurrent-mode call needs a prefix of this order, an
-        # all-attention call without recurrent work (no cache, or the state dropped) a suffix, so
-        # neither computes rows it does not use
-        order = (*gates, "q_rec", "k_proj", "v_proj", *(("g_proj",) if cfg.output_gate else ()), "q_attn")
+        # one fused matrix serves every call, each computing one contiguous run of its rows: a recurrent-mode
+        # call a prefix of this order, an all-attention call a suffix (from k_proj with the state dropped or
+        # without a cache, from k_proj too when the state advances alone, the gates then read as well), so
+        # no call computes a wide block of rows it does not use
+        order = ("q_rec", "k_proj", "v_proj", *gates, *(("g_proj",) if cfg.output_gate else ()), "q_attn")
         layout, projections = fused_weights(self, self.derived, order)
-        convs = [self[name] for name in (("conv_q", "conv_k", "conv_v") if recurrent else ("conv_k", "conv_v"))]
+        convs = [self[name] for name in (("conv_q", "conv_k", "conv_v") if queries else ("conv_k", "conv_v"))]
         conv_names = tuple(c for c in ("weight", "bias") if c in convs[0])
-        conv = self.derived.get(("conv", recurrent), lambda: tuple(c[n] for c in convs for n in conv_names),
+        conv = self.derived.get(("conv", queries), lambda: tuple(c[n] for c in convs for n in conv_names),
                                 lambda: {"taps": mx.concatenate([c.weight.T for c in convs], axis=1),
                                          "bias": mx.concatenate([c.bias for c in convs]) if "bias" in conv_names
                                          else None})
-        identity = self.derived.get(("conv_identity", recurrent), lambda: (conv["taps"],),
+        identity = self.derived.get(("conv_identity", queries), lambda: (conv["taps"],),
                                     lambda: is_identity_conv(conv["taps"], conv["bias"], cfg.conv_act))
         arrays = {"projections": projections, "conv": conv}
         if recurrent:
@@ -299,16 +305,30 @@ class OryxMixer(nn.Module):
         B, T, _ = x.shape
         H, Hkv, d, dv = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim
         projected = dict(zip(unit_names, apply_fused(layout, arrays["projections"], x, units)))
-        conv_out, window = causal_conv(projected["conv_in"], arrays["conv"]["taps"], arrays["conv"]["bias"],
-                                       window, identity_conv)
+        recurrent = "gates" in projected
+        queries = units[unit_names.index("conv_in")][0] == "q_rec"
+        state_only = recurrent and not queries  # the state advances, no token reads its output
+        window_in = window[..., H * d:] if state_only and window is not None else window
+        conv_out, window_out = causal_conv(projected["conv_in"], arrays["conv"]["taps"], arrays["conv"]["bias"],
+                                           window_in, identity_conv)
+        if state_only:  # q_rec's part of the window: its inputs for the last W - 1 tokens only
+            W = arrays["conv"]["taps"].shape[0]
+            keep = min(T, W - 1)
+            q_window = (mx.zeros((B, W - 1, H * d), dtype=x.dtype) if window is None else window[..., :H * d])
+            if keep:
+                q_inputs = apply_fused(layout, arrays["projections"], x[:, T - keep:], (("q_rec",),))[0]
+                q_window = mx.concatenate([q_window.astype(q_inputs.dtype), q_inputs], axis=1)[:, keep:]
+            window_out = mx.concatenate([q_window.astype(window_out.dtype), window_out], axis=-1)
+        window = window_out
         if cfg.conv_act == "silu":
             conv_out = nn.silu(conv_out)
-        recurrent = "gates" in projected
-        q_rec, k, v = mx.split(conv_out, [H * d, (H + Hkv) * d], axis=-1) if recurrent else (
+        q_rec, k, v = mx.split(conv_out, [H * d, (H + Hkv) * d], axis=-1) if queries else (
             None, *mx.split(conv_out, [Hkv * d], axis=-1))
         k, v = k.reshape(B, T, Hkv, d), v.reshape(B, T, Hkv, dv)
         o_rec = None
-        if recurrent:
+        if state_only:
+            state = self._final_state(mx.split(projected["gates"], [Hkv], axis=-1), k, v, state, arrays)
+        elif recurrent:
             gates = mx.split(projected["gates"], [Hkv], axis=-1) if cfg.mixer == "gdn" else (projected["gates"],)
             o_rec, state = self._recurrence(gates, q_rec.reshape(B, T, H, d), k, v, state, arrays)
         q_attn = (apply_rope(projected["q_attn"].reshape(B, T, H, d).transpose(0, 2, 1, 3), rope)
@@ -338,6 +358,18 @@ class OryxMixer(nn.Module):
         rep_heads = (lambda t: mx.repeat(t, G)) if G > 1 else (lambda t: t)
         return ssd_recurrence(q, rep(k), rep(v), rep(dt), rep_heads(A), rep_heads(arrays["D_skip"].astype(mx.float32)),
                               state=state)
+
+    def _final_state(self, gates, k, v, state, arrays):
+        """GDN's state after k [B,T,Hkv,d], v [B,T,Hkv,dv] (after conv) and the gates a, b, without the readout,
+        computed once per key/value head: the copies of a group's state that its G query heads hold are equal."""
+        cfg = self.cfg
+        G = cfg.group_size
+        a, b = gates
+        A = -mx.exp(arrays["A_log"].astype(mx.float32))
+        log_alpha = A * softplus(a.astype(mx.float32) + arrays["dt_bias"].astype(mx.float32))
+        grouped = None if state is None else state[:, ::G]
+        state = gated_delta_final_state(l2_normalize(k), v, log_alpha, mx.sigmoid(b.astype(mx.float32)), grouped)
+        return mx.repeat(state, G, axis=1) if G > 1 else state
 
     # ----- stage 2: attention over the KV cache -----
     def attention(self, q, k, v, attention, cache: LayerCache | None, offset: int):
@@ -467,7 +499,9 @@ class OryxBlock(nn.Module):
         recurrent = not all_attention or (cache is not None and not cache.recurrent_dropped)
         offset = cache.offset if cache is not None else 0
         single_step = T == 1 and cache is not None
-        static, mixer_arrays = self.mixer.local_weights(recurrent, all_attention or bool(attention.any()))
+        # a prompt of attention-mode tokens advances the state alone (a single step keeps the token-step path)
+        static, mixer_arrays = self.mixer.local_weights(recurrent, all_attention or bool(attention.any()),
+                                                        readout=not all_attention or T == 1)
         q_attn, k, v, o_rec, g, window, state = self._stage("_local", static, single_step)(
             {"attn_norm": self.attn_norm.weight, "mixer": mixer_arrays}, x, None if cache is None else cache.conv,
             None if cache is None else cache.recurrent, rope)

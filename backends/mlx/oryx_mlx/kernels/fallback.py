@@ -86,3 +86,36 @@ def run_chunked(r: Recurrence, chunk: int = FALLBACK_CHUNK) -> tuple[mx.array, m
     out = mx.moveaxis(out.reshape(batch, heads, -1, out.shape[-1]), 1, 2)[:, :seq_len]
     out = out + r.skip[:, None] * r.v.astype(mx.float32)
     return out.astype(r.v.dtype), state
+
+
+def gated_delta_final_state(k, v, g, beta, state=None, chunk: int = FALLBACK_CHUNK) -> mx.array:
+    """The Gated DeltaNet state after tokens none of which reads it (no outputs): k [B,T,H,K] (L2-normalised),
+    v [B,T,H,V], g (log decay), beta [B,T,H]; state [B,H,K,V] float32 (zeros if None) -> [B,H,K,V] float32.
+
+    The chunked algebra of `run_chunked` reduced to each chunk's transition S' = M S + P, with
+    M = e^{G_C} I - K_end^T X A, P = K_end^T X B (A = diag(beta e^G) K, B = diag(beta) V, K_end = diag(e^{G_C - G}) K,
+    X = (I + L)^{-1}): the transitions of every chunk at once, then one product per chunk in sequence. The chunks
+    are as equal as T allows, each at most `chunk` tokens."""
+    batch, seq_len, heads, dk = k.shape
+    dv = v.shape[-1]
+    n_chunks = max(1, -(-seq_len // chunk))
+    size = max(1, -(-seq_len // n_chunks))
+    k, v = (_to_chunks(x.astype(mx.float32), size) for x in (k, v))                # [B,H,N,C,D]
+    gamma = mx.cumsum(_to_chunks(g.astype(mx.float32), size), axis=-1)              # [B,H,N,C]; padding keeps S
+    strength = _to_chunks(beta.astype(mx.float32), size)
+    causal = mx.tril(mx.ones((size, size), mx.bool_), -1)
+    decay = mx.exp(mx.where(causal, gamma[..., :, None] - gamma[..., None, :], -mx.inf))
+    eye = mx.eye(size, dtype=mx.float32)
+    lower = eye + strength[..., :, None] * decay * (k @ mx.swapaxes(k, -1, -2))    # I + L
+    k_end = mx.exp(gamma[..., -1:] - gamma)[..., None] * k                         # [B,H,N,C,K]
+    # (K_end^T X)^T = X^T K_end, from the transposed (upper triangular) system
+    transfer = mx.swapaxes(mx.linalg.solve_triangular(mx.swapaxes(lower, -1, -2), k_end, upper=True,
+                                                      stream=mx.cpu), -1, -2)      # [B,H,N,K,C]
+    rhs = mx.concatenate([(strength * mx.exp(gamma))[..., None] * k, strength[..., None] * v], axis=-1)
+    mp = transfer @ rhs                                                             # [B,H,N,K,K+V]
+    m = mx.exp(gamma[..., -1])[..., None, None] * mx.eye(dk, dtype=mx.float32) - mp[..., :dk]
+    p = mp[..., dk:]
+    state = mx.zeros((batch, heads, dk, dv), mx.float32) if state is None else state.astype(mx.float32)
+    for n in range(m.shape[2]):
+        state = m[:, :, n] @ state + p[:, :, n]
+    return state
