@@ -274,13 +274,12 @@ class OryxMixer(nn.Module):
             units["g_proj"] = ("g_proj",)
         if needs_q_attn:
             units["q_attn"] = ("q_attn",)
-        if recurrent:
+        if queries:
             units["gates"] = gates
-        # one fused matrix serves every call, each computing one contiguous run of its rows: a recurrent-mode
-        # call a prefix of this order, an all-attention call a suffix (from k_proj with the state dropped or
-        # without a cache, from k_proj too when the state advances alone, the gates then read as well), so
-        # no call computes a wide block of rows it does not use
-        order = ("q_rec", "k_proj", "v_proj", *gates, *(("g_proj",) if cfg.output_gate else ()), "q_attn")
+        # one fused matrix serves every call: a recurrent-mode call needs a prefix of this order, an
+        # all-attention call a suffix, so neither computes rows it does not use (a state advanced alone
+        # projects its gates, and q_rec for the conv window, in calls of their own)
+        order = (*gates, "q_rec", "k_proj", "v_proj", *(("g_proj",) if cfg.output_gate else ()), "q_attn")
         layout, projections = fused_weights(self, self.derived, order)
         convs = [self[name] for name in (("conv_q", "conv_k", "conv_v") if queries else ("conv_k", "conv_v"))]
         conv_names = tuple(c for c in ("weight", "bias") if c in convs[0])
@@ -295,19 +294,18 @@ class OryxMixer(nn.Module):
             arrays.update(A_log=self.A_log, dt_bias=self.dt_bias)
             if cfg.mixer == "mamba2":
                 arrays["D_skip"] = self.D_skip
-        return (tuple(units), tuple(units.values()), layout, identity), arrays
+        return (tuple(units), tuple(units.values()), layout, identity, recurrent and not queries), arrays
 
     def local(self, static, arrays, x, window, state, rope):
         """x [B,T,D] (normed) -> (q_attn [B,H,T,d] or None, k [B,Hkv,T,d], v [B,Hkv,T,dv] (RoPE applied),
         o_rec [B,T,H,dv] or None, g or None, conv window, recurrent state); rope: `rope_table` of x's positions."""
         cfg = self.cfg
-        unit_names, units, layout, identity_conv = static
+        unit_names, units, layout, identity_conv, state_only = static
         B, T, _ = x.shape
         H, Hkv, d, dv = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim
         projected = dict(zip(unit_names, apply_fused(layout, arrays["projections"], x, units)))
-        recurrent = "gates" in projected
-        queries = units[unit_names.index("conv_in")][0] == "q_rec"
-        state_only = recurrent and not queries  # the state advances, no token reads its output
+        recurrent = "gates" in projected or state_only  # state_only: the state advances, no token reads it
+        queries = recurrent and not state_only
         window_in = window[..., H * d:] if state_only and window is not None else window
         conv_out, window_out = causal_conv(projected["conv_in"], arrays["conv"]["taps"], arrays["conv"]["bias"],
                                            window_in, identity_conv)
@@ -327,7 +325,8 @@ class OryxMixer(nn.Module):
         k, v = k.reshape(B, T, Hkv, d), v.reshape(B, T, Hkv, dv)
         o_rec = None
         if state_only:
-            state = self._final_state(mx.split(projected["gates"], [Hkv], axis=-1), k, v, state, arrays)
+            gates = apply_fused(layout, arrays["projections"], x, (("a_proj", "b_proj"),))[0]
+            state = self._final_state(mx.split(gates, [Hkv], axis=-1), k, v, state, arrays)
         elif recurrent:
             gates = mx.split(projected["gates"], [Hkv], axis=-1) if cfg.mixer == "gdn" else (projected["gates"],)
             o_rec, state = self._recurrence(gates, q_rec.reshape(B, T, H, d), k, v, state, arrays)
