@@ -166,10 +166,13 @@ def test_flex_path_matches_rows_path(q_offset):
 
 
 @pytest.mark.gpu
-def test_flex_path_gradients_match_rows_path():
+def test_flex_path_gradients_match_rows_path(monkeypatch):
     """Gradients through FlexAttention under the plan's block mask (its backward reads the transposed
     tables; FlexAttention has no backward on CPU) == gradients of SDPA over the attention rows."""
+    from oryx_torch import attention
     from oryx_torch.attention import _rows_attention
+
+    monkeypatch.setattr(attention, "MIXED_ATTENTION", "flex")  # not the default
 
     gen = torch.Generator().manual_seed(2)
     B, H, Hkv, T, d, dv = 2, 4, 2, 700, 64, 128
