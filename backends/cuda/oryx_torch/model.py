@@ -551,22 +551,7 @@ class OryxLayer(nn.Module):
         return self._mlp(h)
 
     def step(self, x, modes, rope, layer_cache, position, attend):
-        if fused_norms_apply(x):
-            return self._fused_step(x, modes, rope, layer_cache, position, attend)
         return self._mlp(x + self.mixer.step(self.attn_norm(x), modes, rope, layer_cache, position, attend))
-
-    def _fused_step(self, x, modes, rope, layer_cache, position, attend):
-        """`step` with the norms, the residual add before the MLP's norm and the MLP's SiLU-and-multiply each one
-        kernel (kernels/decode_step.py) and the MLP's [gate; up] projection one matmul."""
-        from .kernels.decode_step import add_rms_norm_rows, rms_norm_rows, silu_mul
-
-        x = x.contiguous()
-        mixed = self.mixer.step(rms_norm_rows(x, self.attn_norm.weight, self.attn_norm.eps), modes, rope, layer_cache,
-                                position, attend)
-        if self.mlp is None:
-            return x + mixed
-        h, hn = add_rms_norm_rows(x, mixed.contiguous(), self.mlp_norm.weight, self.mlp_norm.eps)
-        return h + self.mlp.down_proj(silu_mul(F.linear(hn, self.mlp._fused_weight())))
 
 
 # ----- the model -----
@@ -760,10 +745,36 @@ class OryxModel(nn.Module):
         """
         if host_step.applies(self) and not fused_decode_available(cache.position) and not torch.compiler.is_compiling():
             return host_step.decode_step(self, tokens, modes, cache, attend)  # fewer operators, same function
+        if fused_norms_apply(self.embed.weight):
+            return self._fused_decode_step(tokens, modes, cache, attend)
         x, rope = self.decode_inputs(tokens, cache)
         for i, layer in enumerate(self.layers):
             x = layer.step(x, modes[i] if modes.dim() == 2 else modes, rope, cache.layers[i], cache.position, attend)
         return self.decode_logits(x, cache)
+
+    def _fused_decode_step(self, tokens, modes, cache: OryxCache, attend: bool) -> torch.Tensor:
+        """decode_step with the residual stream in fused kernels (kernels/decode_step.py): each residual add
+        is one kernel with the RMSNorm that reads its sum (the next sub-block's, the last one's with the final
+        norm), the MLP's [gate; up] one matmul and its SiLU-and-multiply one kernel; the mixers' own step."""
+        from .kernels.decode_step import add_rms_norm_rows, rms_norm_rows, silu_mul
+
+        def normed(x, pending, norm):  # (x + pending, RMSNorm of it); pending: a sub-block's output not yet added
+            if pending is None:
+                return x, rms_norm_rows(x, norm.weight, norm.eps)
+            return add_rms_norm_rows(x, pending.contiguous(), norm.weight, norm.eps)
+
+        x, rope = self.decode_inputs(tokens, cache)
+        x, pending = x.contiguous(), None
+        for i, layer in enumerate(self.layers):
+            x, xn = normed(x, pending, layer.attn_norm)
+            pending = layer.mixer.step(xn, modes[i] if modes.dim() == 2 else modes, rope, cache.layers[i],
+                                       cache.position, attend)
+            if layer.mlp is not None:
+                x, xn = normed(x, pending, layer.mlp_norm)
+                pending = layer.mlp.down_proj(silu_mul(F.linear(xn, layer.mlp._fused_weight())))
+        x, xn = normed(x, pending, self.norm)
+        cache.position.add_(1)
+        return F.linear(xn, self.embed.weight if self.lm_head is None else self.lm_head.weight)
 
     def decode_inputs(self, tokens, cache: OryxCache):
         """A decode step's embedded tokens [B, D] and RoPE tables (one row per sequence when the cache is ragged)."""
@@ -815,9 +826,9 @@ FUSED_DECODE = os.environ.get("ORYX_FUSED_DECODE", "0") == "1"
 
 
 def fused_norms_apply(x: torch.Tensor) -> bool:
-    """Whether OryxLayer.step runs its norms and the MLP's activation as single kernels: FUSED_DECODE on, CUDA
-    tensors (or the Triton interpreter), outside autograd and outside torch.compile (whose inductor fuses them
-    itself, and around them more)."""
+    """Whether OryxModel.decode_step runs the residual stream's adds, norms and the MLP's activation as fused
+    kernels: FUSED_DECODE on, CUDA tensors (or the Triton interpreter), outside autograd and outside torch.compile
+    (whose inductor fuses them itself, and around them more)."""
     return (FUSED_DECODE and fused_decode_available(x) and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling())
 
