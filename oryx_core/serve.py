@@ -205,11 +205,14 @@ class Engine:
 class BatchEngine(Engine):
     """The torch backend's batched engine (oryx_torch.batch)."""
 
-    def __init__(self, model, tokenizer, max_batch: int, max_queue: int, capacity: int):
+    def __init__(self, model, tokenizer, max_batch: int, max_queue: int, capacity: int, warm_up: bool | None = None):
         super().__init__(tokenizer, max_queue)
         from oryx_torch.batch import BatchGenerator
 
         self.gen = BatchGenerator(model, max_batch=max_batch, capacity=capacity)
+        # On CUDA (warm_up None) every one-time cost is paid before the server listens: the cache of max_batch rows
+        # allocated once, every bucket's decode graphs captured, the prefill kernels compiled (BatchGenerator.warm_up)
+        self.warmed_up = self.gen.warm_up() if (self.gen.use_graphs if warm_up is None else warm_up) else None
         self.live: dict[int, tuple[Job, Any]] = {}
 
     def run(self) -> None:
@@ -629,6 +632,10 @@ def cmd_serve(args) -> None:
         gen = state.engine.gen
         cache = (f", up to {gen.max_batch} rows of {state.context} tokens, "
                  f"{gen.cache.nbytes() / gen.allocated / 2**20:.1f} MiB of cache per live row")
+        warm = state.engine.warmed_up
+        if warm is not None:
+            cache += (f"; warmed up in {warm['seconds']:.1f} s: {gen.allocated} rows allocated, {warm['captures']} "
+                      f"CUDA graphs captured for buckets {warm['buckets']}")
     print(f"oryx serve: {state.model_id} ({args.backend}{cache}) on http://{args.host}:{args.port}/v1", flush=True)
     status = 0
     try:

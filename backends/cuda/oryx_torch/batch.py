@@ -17,7 +17,9 @@ of its rows have been live for `shrink_patience` steps, copying the live rows ov
 windows and recurrent state are freed, not only skipped. On CUDA each (bucket, attention
 on/off, any row sampled) step is captured once into a CUDA graph and replayed, torch.compile'd
 first with `compiled=True` or ORYX_COMPILED_DECODE=1 (generate.compiled_parts); a resize
-drops the graphs, which read the old cache. Every row's next token is picked inside the step:
+drops the graphs, which read the old cache. `warm_up()` (what `oryx serve` runs on CUDA before it
+listens) instead allocates `max_batch` rows once, never resized, captures every bucket's graphs and
+compiles the prefill kernels up front, so that no request pays for either. Every row's next token is picked inside the step:
 greedy rows by argmax, sampled rows by generate.sample_rows, and all come back in one copy.
 
 New sequences are prefilled together (`add_many`: right-padded in one forward, or one forward
@@ -35,6 +37,7 @@ is in a saved row; the last sampled token is not.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -137,6 +140,8 @@ class BatchGenerator:
         self.saved_rows = saved_rows
         self.next_saved = 0
         self.shrink_patience = shrink_patience
+        self.fixed_rows = False  # warm_up: max_batch rows from then on, never resized
+        self.captures = self.resizes = 0  # graphs captured and caches (re)allocated so far
         self._resize(1)
 
     # -- public --
@@ -213,9 +218,12 @@ class BatchGenerator:
                 self._place(seq)
             if together:
                 lengths = [seq.prompt_length for seq in together]
-                # prompts of one length need no padding: the segmented way is then one plain forward
+                # prompts of one length need no padding: the segmented way is then one plain forward. On CUDA
+                # "auto" always pads: a segment after the first runs at an offset, which takes FlexAttention,
+                # compiled anew for each shape it meets
                 padded = lengths[0] != lengths[-1] and (self.prefill == "padded" or (
-                    self.prefill == "auto" and len(lengths) * lengths[0] <= 2 * sum(lengths)))
+                    self.prefill == "auto" and (self.model.device.type == "cuda"
+                                                or len(lengths) * lengths[0] <= 2 * sum(lengths))))
                 prefill = self._prefill_padded if padded else self._prefill_segmented
                 last_logits.update(prefill(together, base))
             self._sample_first(seqs, last_logits)
@@ -230,6 +238,9 @@ class BatchGenerator:
         for i, seq in enumerate(together):
             tokens[i, :seq.prompt_length] = torch.tensor(seq.fed)
             modes[i, :seq.prompt_length] = seq.modes[:seq.prompt_length]
+            # padding takes its row's last prompt mode: its outputs are discarded and it writes no state, and so
+            # prompts all in attention stay one causal attention over every row (no mixed-plan path)
+            modes[i, seq.prompt_length:] = seq.modes[seq.prompt_length - 1]
         view = _row_view(self.cache, slice(base, base + len(together)))
         lengths = [seq.prompt_length for seq in together]
         logits = self.model(tokens, modes, cache=view, lengths=lengths)
@@ -316,6 +327,51 @@ class BatchGenerator:
                 out[event.sequence].append(event.token)
         return [out[sid] for sid in order]
 
+    def warm_up(self, prompt_lengths: tuple[int, ...] = (1, 2, 16, 17)) -> dict:
+        """Pays every one-time cost before traffic, so that no request waits for one: allocates `max_batch` rows
+        once (never resized afterwards), runs and then captures the decode step of every bucket, attention on and
+        off, greedy and sampled, and prefills prompts of `prompt_lengths` tokens (1 and 16 are what Triton
+        specialises integer arguments on) alone and together, padded, under all-attention, all-recurrent and
+        mixed plans, and continuing a saved row, which compiles the kernels and attention those shapes take.
+        Returns {"seconds", "captures", "buckets"}; every row is empty afterwards and nothing is saved."""
+        if self.rows:
+            raise RuntimeError("batch: warm_up needs an empty batch")
+        start = time.perf_counter()
+        if self.allocated != self.max_batch:
+            self._resize(self.max_batch)
+        self.fixed_rows = True
+        captures = self.captures
+        buckets = sorted({min(_power_of_two(n), self.max_batch) for n in range(1, self.max_batch + 1)})
+        with torch.inference_mode():
+            for bucket in buckets:
+                for attend in (False, True):
+                    for sampled in (False, True):
+                        sampling = torch.tensor([[0.0], [0.0], [1.0], [0.0]]).expand(4, bucket) if sampled else None
+                        for _ in range(2):  # the first run compiles, the second captures
+                            self.cache.position.zero_()
+                            self._run(bucket, torch.zeros(bucket, dtype=torch.long),
+                                      torch.full((bucket,), attend), attend, sampling)
+        vocab = self.model.cfg.vocab_size
+        ids = lambda n: [i % vocab for i in range(n)]  # noqa: E731
+        lengths = [max(1, min(n, self.capacity - 1)) for n in prompt_lengths]
+        plans = (["attention"], ["recurrent"], ["attention", "recurrent"])
+        for rows in sorted({1, min(2, self.max_batch), self.max_batch}):
+            for plan in plans:
+                for shape in [[n] * rows for n in lengths] + [[lengths[i % len(lengths)] for i in range(rows)]]:
+                    sids = self.add_many([SequenceRequest(ids(n), 1, plan[i % len(plan)])
+                                          for i, n in enumerate(shape)])
+                    for sid in sids:
+                        self.cancel(sid)
+        for plan in ("attention", "recurrent") if self.capacity >= 4 else ():  # a saved row continued: at an offset
+            for history, new in zip(lengths, reversed(lengths)):
+                history = min(history, self.capacity - 3)
+                new = max(1, min(new, self.capacity - history - 2))
+                self.add(SequenceRequest(ids(history), 1, plan, keep_state=True))
+                self.step()
+                self.cancel(self.add(SequenceRequest(ids(history + new), 1, plan), reuse=True))
+        self.saved.clear()
+        return {"seconds": time.perf_counter() - start, "captures": self.captures - captures, "buckets": buckets}
+
     # -- decoding --
     def _decode(self) -> None:
         n = len(self.rows)
@@ -375,19 +431,25 @@ class BatchGenerator:
             graph.replay()
             return tuple(out)
         if key in self.warmed:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = step()
+            graph, out = self._capture(step)
+            self.captures += 1
             self.graphs[key] = (graph, *out)
             graph.replay()
             return out
         self.warmed.add(key)
         return step()
 
+    def _capture(self, step):
+        """(a CUDA graph of `step`, its outputs, which every replay rewrites)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        return graph, out
+
     # -- rows --
     def _fit(self, rows: int) -> None:
         """Grows the cache to hold `rows` live rows (a power of two, at most max_batch)."""
-        if rows > self.allocated:
+        if rows > self.allocated and not self.fixed_rows:
             self._resize(min(self.max_batch, _power_of_two(rows)))
 
     def _shrink(self) -> None:
@@ -396,7 +458,7 @@ class BatchGenerator:
         grow it again). The patience spares a batch that empties and refills at once (a benchmark's repeats,
         a burst of requests) the re-capture of its graphs."""
         n = len(self.rows)
-        if self.allocated == 1 or n > self.allocated // 4:
+        if self.fixed_rows or self.allocated == 1 or n > self.allocated // 4:
             self.sparse_steps = 0
             return
         self.sparse_steps += 1
@@ -415,6 +477,7 @@ class BatchGenerator:
                         dst[:n].copy_(src[:n])
                 cache.position[:n].copy_(self.cache.position[:n])
         self.cache, self.allocated, self.sparse_steps = cache, rows, 0
+        self.resizes += 1
         self.views.clear()
         self.inputs.clear()
         self.graphs.clear()  # captured on the old cache's addresses
