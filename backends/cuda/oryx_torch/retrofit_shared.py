@@ -50,9 +50,9 @@ from oryx_core.weights import load_checkpoint, save_checkpoint
 
 from .model import OryxModel, torch_to_numpy
 from .retrofit import EVAL_PLANS, STUDENT_PLANS, eval_modes, retrofit_start, student_modes
-from .train import (EVAL_STREAM, TRAIN_STREAM, Runtime, batch_rng, keep_log_until, latest_checkpoint, log_record,
-                    lr_at, mean_over_ranks, read_state, restore_rng_state, rng_states_of_all_ranks, start_runtime,
-                    step_progress)
+from .train import (EVAL_STREAM, TRAIN_STREAM, Runtime, batch_rng, bump_parameter_versions, keep_log_until,
+                    latest_checkpoint, log_record, lr_at, mean_over_ranks, read_state, restore_rng_state,
+                    rng_states_of_all_ranks, start_runtime, step_progress)
 
 # Projection names (the spec's, without layer prefix) a delta may adapt, and the block each lives in.
 SHARED_TARGET_BLOCKS = {"q_attn": "mixer", "k_proj": "mixer", "v_proj": "mixer", "g_proj": "mixer",
@@ -333,6 +333,8 @@ def retrofit_shared(cfg: SharedStageConfig, resume: bool = False, stop_after: in
     optimizer = torch.optim.AdamW([{"params": delta_params, "scale": 1.0},
                                    {"params": recurrent_params, "scale": cfg.recurrent_lr_scale}],
                                   lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=0.0, fused=fused or None)
+    if optimizer.defaults.get("fused"):  # evaluations between steps must read the current projections
+        optimizer.register_step_post_hook(bump_parameter_versions)
     total = math.ceil(cfg.tokens / cfg.tokens_per_step(rt.world))
     start, skipped, best, attention_weight = 0, 0, None, cfg.attention_weight
     log_path = out / "log.jsonl"
