@@ -44,8 +44,8 @@ def load_experiment_config(path: str | Path, scale: str | None) -> dict:
     return deep_merge(raw, scales[scale])
 
 
-def experiment_args(description: str, default_config: str) -> argparse.Namespace:
-    """The command line every experiment runner shares."""
+def experiment_args(description: str, default_config: str, extra=None) -> argparse.Namespace:
+    """The command line every experiment runner shares; extra(parser), when given, adds the runner's own flags."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config)
     parser.add_argument("--scale", help="a smaller scale defined in the config (toy: the CPU pretest)")
@@ -59,6 +59,10 @@ def experiment_args(description: str, default_config: str) -> argparse.Namespace
                         help="peak learning rate instead of the config's (min_lr scales with it), e.g. for a sweep")
     parser.add_argument("--seed", type=int,
                         help="seed instead of the config's (model init, data order, modes), for a repeat run")
+    parser.add_argument("--workers", type=int,
+                        help="processes training side by side on the one device instead of the config's (0: in this process)")
+    if extra is not None:
+        extra(parser)
     return parser.parse_args()
 
 
@@ -67,6 +71,12 @@ def experiment_from_args(args: argparse.Namespace) -> dict:
     exp = select_models(load_experiment_config(args.config, args.scale), args.models)
     if args.seed is not None:
         exp = {**exp, "seed": args.seed}
+    if getattr(args, "workers", None) is not None:
+        if "workers" not in exp:
+            raise ValueError("--workers: this runner trains one model at a time")
+        if args.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {args.workers}")
+        exp = {**exp, "workers": args.workers}
     if args.lr is not None:
         if not args.lr > 0:
             raise ValueError(f"--lr must be > 0, got {args.lr}")

@@ -2,6 +2,7 @@
 
     python3 experiments/lm_single_pass.py --out DIR [--config experiments/configs/lm_single_pass.json]
                                           [--scale toy] [--budget-s S | --steps N] [--models ...] [--seed S]
+                                          [--workers W]
 
 The five models of experiments/lm_budget.py (Oryx-GDN and Oryx-Mamba-2 with mixed training, a
 Transformer, GDN-only, Mamba-2-only), each trained with every seed of `seeds` by `oryx train`'s
@@ -69,9 +70,11 @@ def train_job(job: dict) -> dict:
     run_dir = Path(job["out"]) / f"{entry['name']}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.perf_counter()
-    summary = train(job_config(exp, entry, run_dir, steps, seed, plans, job["eval_every"]))
+    cfg = job_config(exp, entry, run_dir, steps, seed, plans, job["eval_every"])
+    summary = train(cfg)
     wall_s = time.perf_counter() - started
     records = read_log(run_dir)
+    fresh = evaluate_checkpoint(cfg, summary["model"])
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     tokens_per_step = exp["seq_len"] * exp["batch_size"]
     rates = [r["tokens_per_s"] for r in records if "loss" in r]
@@ -79,9 +82,30 @@ def train_job(job: dict) -> dict:
             "tokens": summary["step"] * tokens_per_step, "wall_s": wall_s,
             "tokens_per_s": statistics.median(rates[1:] or rates),  # the first interval includes start-up
             "final_train_loss": summary["loss"], "eval_loss": summary["eval"],
+            # the final checkpoint loaded afresh and scored on the same windows: equal to eval_loss up to rounding
+            # (a cache of weights that outlived an optimizer step would show here)
+            "eval_loss_final_checkpoint": fresh,
+            "eval_loss_max_abs_difference": max(abs(fresh[p] - summary["eval"][p]) for p in fresh),
             "eval_curve": [{"step": r["step"], "tokens": r["step"] * tokens_per_step, "loss": r["eval"]}
                            for r in records if "eval" in r],
             "loss_curve": [(r["step"], r["loss"]) for r in records if "loss" in r]}
+
+
+def evaluate_checkpoint(cfg, model_dir: str) -> dict[str, float]:
+    """The training loop's evaluation (same windows, plans and autocast) of a model loaded from model_dir."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from oryx_torch.model import OryxModel
+    from oryx_torch.train import Runtime, evaluate, open_split
+
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
+    model = OryxModel.from_checkpoint(model_dir, dtype=torch.float32, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext()
+    losses = evaluate(model, open_split(Path(cfg.data), "val"), cfg, Runtime(0, 1, device), autocast)
+    del model
+    return losses
 
 
 def probe_job(job: dict) -> dict:
@@ -133,7 +157,8 @@ def rerun_command(args, steps: int) -> str:
     return (f"PYTHONPATH=.:backends/cuda python3 experiments/lm_single_pass.py --config {args.config} --out OUT "
             f"--steps {steps}" + (f" --scale {args.scale}" if args.scale else "")
             + (f" --models {' '.join(args.models)}" if args.models else "")
-            + (f" --seed {args.seed}" if args.seed is not None else ""))
+            + (f" --seed {args.seed}" if args.seed is not None else "")
+            + (f" --workers {args.workers}" if args.workers is not None else ""))
 
 
 def main() -> None:

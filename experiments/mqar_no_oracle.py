@@ -2,6 +2,7 @@
 
     python3 experiments/mqar_no_oracle.py --out DIR [--config experiments/configs/mqar_no_oracle.json]
                                           [--scale toy] [--budget-s S | --steps N] [--models ...] [--seed S]
+                                          [--workers W] [--lr-sweep with|without|only]
 
 The models, data and training loop of experiments/mqar.py, with two differences:
 - Oryx models train with the design's mixed sampler only (chunks of `mode_chunk` tokens, each
@@ -16,7 +17,9 @@ Every model is trained with every seed of `seeds`, plus the learning-rate sweep 
 baseline (`lr_sweep`), all for the same number of steps; the held-out sequences are the same
 for every model and seed (`eval_seed`). Jobs run side by side in `workers` processes on the
 one device (0: in this process). With --budget-s the step count is fitted to S seconds from a
-probe of the mixed-mode models running side by side as the jobs will.
+probe of the mixed-mode models running side by side as the jobs will. --lr-sweep without / only
+leaves the sweep out / runs only the sweep's extra learning rates, so that the work can be split
+over several calls (experiments/plot_science.py pools their files).
 
 Writes DIR/mqar_no_oracle.json after every finished job.
 """
@@ -130,15 +133,23 @@ def probe_job(job: dict) -> dict:
     return {"mixer": job["entry"]["mixer"], "seconds_per_step": statistics.median(times[len(times) // 2:])}
 
 
-def jobs_of(exp: dict) -> list[dict]:
-    """Every model with every seed, then the swept baseline at each other learning rate with every seed."""
-    jobs = [{"entry": entry, "seed": seed, "lr": exp["lr"]} for seed in exp["seeds"] for entry in exp["models"]]
+LR_SWEEP_CHOICES = ("with", "without", "only")
+
+
+def jobs_of(exp: dict, lr_sweep: str = "with") -> list[dict]:
+    """Every model with every seed ("with", "without"), then ("with", "only") the swept baseline at each other
+    learning rate with every seed."""
+    main = [{"entry": entry, "seed": seed, "lr": exp["lr"]} for seed in exp["seeds"] for entry in exp["models"]]
     sweep = exp.get("lr_sweep")
-    if sweep:
-        swept = [m for m in exp["models"] if m["name"] == sweep["model"]]
-        jobs += [{"entry": swept[0], "seed": seed, "lr": lr} for lr in sweep["lrs"] if lr != exp["lr"]
-                 for seed in exp["seeds"]] if swept else []
-    return jobs
+    swept = [m for m in exp["models"] if sweep and m["name"] == sweep["model"]]
+    extra = [{"entry": swept[0], "seed": seed, "lr": lr} for lr in sweep["lrs"] if lr != exp["lr"]
+             for seed in exp["seeds"]] if swept else []
+    if lr_sweep == "only":
+        if not extra:
+            raise ValueError(f"--lr-sweep only: no sweep to run (lr_sweep {sweep}, models "
+                             f"{', '.join(m['name'] for m in exp['models'])})")
+        return extra
+    return main + (extra if lr_sweep == "with" else [])
 
 
 def call(pool, function, jobs: list) -> list:
@@ -177,11 +188,19 @@ def rerun_command(args, steps: int, exp: dict) -> str:
     return (f"PYTHONPATH=.:backends/cuda python3 experiments/mqar_no_oracle.py --config {args.config} --out OUT "
             f"--steps {steps}" + (f" --scale {args.scale}" if args.scale else "")
             + (f" --models {' '.join(args.models)}" if args.models else "")
-            + (f" --seed {args.seed}" if args.seed is not None else ""))
+            + (f" --seed {args.seed}" if args.seed is not None else "")
+            + (f" --workers {args.workers}" if args.workers is not None else "")
+            + (f" --lr-sweep {args.lr_sweep}" if args.lr_sweep != "with" else ""))
+
+
+def extra_args(parser) -> None:
+    parser.add_argument("--lr-sweep", choices=LR_SWEEP_CHOICES, default="with",
+                        help="with (default): the models and the config's lr_sweep; without: the models only; "
+                             "only: just the swept baseline's other learning rates")
 
 
 def main() -> None:
-    args = experiment_args(__doc__.splitlines()[0], "experiments/configs/mqar_no_oracle.json")
+    args = experiment_args(__doc__.splitlines()[0], "experiments/configs/mqar_no_oracle.json", extra_args)
     started = time.perf_counter()
     if args.lr is not None:
         raise ValueError("--lr: this runner sweeps learning rates from the config's lr_sweep")
@@ -193,9 +212,9 @@ def main() -> None:
     for spec in exp["eval_plans"]:
         check_plan(spec)
     out = Path(args.out)
-    jobs = jobs_of(exp)
+    jobs = jobs_of(exp, args.lr_sweep)
     results = {"experiment": "mqar_no_oracle", "config": args.config, "scale": args.scale, "settings": exp,
-               "environment": environment(), "jobs": len(jobs), "models": []}
+               "environment": environment(), "lr_sweep_jobs": args.lr_sweep, "jobs": len(jobs), "models": []}
     pool = job_pool(exp["workers"]) if exp["workers"] > 0 else None
     try:
         if args.budget_s:

@@ -201,6 +201,13 @@ def single_pass_tables(results: dict) -> str:
     note = (f"(held-out loss in nats/token on one fixed validation set of {results['validation']['windows']} windows "
             f"of {results['validation']['window_tokens']} tokens for every model and seed; seeds "
             f"{', '.join(map(str, seeds))}; mean (lowest–highest))")
+    checked = [m["eval_loss_max_abs_difference"] for m in results["models"] if "eval_loss_max_abs_difference" in m]
+    if checked:
+        note += (f"\n\n(final evaluation inside the training loop against the final checkpoint loaded afresh: largest "
+                 f"difference {max(checked):.2e} nats over {len(checked)} runs)")
+    else:
+        note += ("\n\n(no run of these files scored its final checkpoint afresh: written before that check, so the curve "
+                 "points after a run's first evaluation may come from weights cached at that first evaluation)")
     return "\n\n".join([table, curve, note])
 
 

@@ -1,6 +1,9 @@
 """Tables (markdown) and a figure from the JSON that experiments/sharing.py writes.
 
-    python3 experiments/sharing_report.py experiments/results/sharing/sharing.json [--figure docs/figures/sharing.png]
+    python3 experiments/sharing_report.py experiments/results/sharing/sharing.json [MORE.json ...] [--figure docs/figures/sharing.png]
+
+Several files (e.g. one call per mixer) are pooled: they must share the validation set and the plans, and the runs
+of one mixer must all have the same step count (different mixers may differ).
 
 Prints: the runs' settings (steps, tokens, validation set, device, date, command); per mixer and sharing the
 parameter counts, throughput and held-out loss per plan (mean and sample standard deviation over seeds, and
@@ -16,6 +19,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 from plots import markdown
@@ -35,22 +39,74 @@ def mean_sd(values: list[float]) -> str:
 
 
 def settings_lines(results: dict) -> list[str]:
-    runs = finished(results)
-    env = results.get("environment", {})
     val = results["validation"]
-    return [f"- {len(runs)} runs finished of {len(results['runs'])} started; {results['steps']} steps = "
-            f"{results['tokens_per_run'] / 1e6:.2f}M tokens per run; seeds "
-            f"{sorted({r['seed'] for r in runs})}; device {env.get('device', '?')}, torch {env.get('torch', '?')}, "
-            f"{env.get('date', '?')}; wall {results.get('wall_s', float('nan')):.0f} s",
-            f"- validation: {val['windows']} windows of {val['window_tokens']} tokens ({val['scored_tokens']:,} scored "
-            f"tokens of the {val['val_split_tokens']:,}-token val split), {val['placement']}, sha256 {val['sha256'][:12]}…",
-            f"- rerun: `{results['command']}`"]
+    lines = []
+    for part in results.get("parts", [results]):
+        runs = finished(part)
+        env = part.get("environment", {})
+        mixers = "" if "parts" not in results else f"{', '.join(sorted({r['mixer'] for r in part['runs']}))}: "
+        lines.append(f"- {mixers}{len(runs)} runs finished of {len(part['runs'])} started; {part['steps']} steps = "
+                     f"{part['tokens_per_run'] / 1e6:.2f}M tokens per run; seeds "
+                     f"{sorted({r['seed'] for r in runs})}; device {env.get('device', '?')}, torch {env.get('torch', '?')}, "
+                     f"{env.get('date', '?')}; wall {part.get('wall_s', float('nan')):.0f} s")
+    lines.append(f"- validation: {val['windows']} windows of {val['window_tokens']} tokens ({val['scored_tokens']:,} "
+                 f"scored tokens of the {val['val_split_tokens']:,}-token val split), {val['placement']}, sha256 "
+                 f"{val['sha256'][:12]}…")
+    lines += [f"- rerun: `{part['command']}`" for part in results.get("parts", [results])]
+    return lines
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """Per (mixer, sharing) with finished runs, in the order of the runs' settings: the parameter counts and, per
+    plan, the mean held-out loss over seeds (what experiments/sharing.py's summary holds)."""
+    rows = []
+    for mixer in dict.fromkeys(r["mixer"] for r in finished(results)):
+        for sharing in [s for s in ("kv", "none", "qkv") if s in {r["sharing"] for r in finished(results)}]:
+            runs = [r for r in finished(results) if (r["mixer"], r["sharing"]) == (mixer, sharing)]
+            if runs:
+                rows.append({"mixer": mixer, "sharing": sharing, "parameters": runs[0]["parameters"],
+                             **{plan: {"loss_mean": statistics.mean(r["eval_loss"][plan] for r in runs)}
+                                for plan in results["settings"]["eval_plans"]}})
+    return rows
+
+
+def fail(message: str):
+    print(f"sharing_report.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def pooled(paths: list[str]) -> dict:
+    """The files' runs in one results dict (the first file's settings; each file kept under "parts")."""
+    parts = []
+    for path in paths:
+        try:
+            parts.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            fail(f"{path}: {e}")
+        if parts[-1].get("experiment") != "sharing":
+            fail(f"{path}: not a sharing.json of experiments/sharing.py")
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:]):
+        if part["validation"]["sha256"] != first["validation"]["sha256"]:
+            fail(f"{path}: another validation set than {paths[0]}'s")
+        if part["settings"]["eval_plans"] != first["settings"]["eval_plans"]:
+            fail(f"{path}: plans {part['settings']['eval_plans']}, "
+                             f"{paths[0]} {first['settings']['eval_plans']}")
+    if len(parts) == 1:
+        return first
+    runs = [r for part in parts for r in part["runs"]]
+    for mixer in {r["mixer"] for r in runs}:
+        steps = sorted({r["steps"] for r in runs if r["mixer"] == mixer and "steps" in r})
+        if len(steps) > 1:
+            fail(f"the {mixer} runs of these files have different step counts "
+                             f"{steps}; pool only runs of equal tokens")
+    return {**first, "runs": sorted(runs, key=lambda r: (r["seed"], r["mixer"], r["sharing"])), "parts": parts}
 
 
 def main_table(results: dict) -> str:
     plans = results["settings"]["eval_plans"]
     rows = []
-    for row in results.get("summary", []):
+    for row in summary_rows(results):
         p = row["parameters"]
         runs = [r for r in finished(results) if (r["mixer"], r["sharing"]) == (row["mixer"], row["sharing"])]
         cells = []
@@ -91,8 +147,9 @@ def difference_table(results: dict) -> str:
 def ordering_lines(results: dict) -> list[str]:
     """Per mixer and plan, the sharings from best to worst mean held-out loss."""
     lines = []
-    for row_mixer in dict.fromkeys(r["mixer"] for r in results.get("summary", [])):
-        rows = [r for r in results["summary"] if r["mixer"] == row_mixer]
+    summary = summary_rows(results)
+    for row_mixer in dict.fromkeys(r["mixer"] for r in summary):
+        rows = [r for r in summary if r["mixer"] == row_mixer]
         for plan in results["settings"]["eval_plans"]:
             ranked = sorted(rows, key=lambda r: r[plan]["loss_mean"])
             lines.append(f"- {MIXER_LABELS.get(row_mixer, row_mixer)}, {plan}: " + " < ".join(
@@ -131,7 +188,8 @@ def figure(results: dict, path: Path) -> None:
         ax.legend(fontsize=8)
         curves.set(xlabel="training tokens (M)", ylabel="training loss (nats, mixed modes)", title="Training loss")
         curves.legend(fontsize=8)
-    fig.suptitle(f"Sharing ablation, {results['tokens_per_run'] / 1e6:.1f}M tokens per run "
+    tokens = {mixer: next(r["tokens"] for r in finished(results) if r["mixer"] == mixer) for mixer in mixers}
+    fig.suptitle(f"Sharing ablation, {' / '.join(f'{t / 1e6:.1f}M' for t in tokens.values())} tokens per run "
                  f"({results.get('environment', {}).get('device', '?')})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -140,13 +198,10 @@ def figure(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", help="sharing.json")
+    parser.add_argument("results", nargs="+", help="sharing.json files (pooled)")
     parser.add_argument("--figure", help="PNG to write")
     args = parser.parse_args()
-    try:
-        results = json.loads(Path(args.results).read_text())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"sharing_report.py: error: {args.results}: {e}") from None
+    results = pooled(args.results)
     print("\n".join(settings_lines(results)), end="\n\n")
     print(main_table(results), end="\n\n")
     print(difference_table(results), end="\n\n")

@@ -145,6 +145,9 @@ def test_lm_single_pass_caps_the_steps_at_one_pass(tmp_path, docs_shards):
     assert 1 <= results["steps"] == expected < 1000 and results["passes"] <= 0.0004
     assert results["models"][0]["steps"] == expected
     assert results["models"][0]["eval_curve"][-1]["tokens"] == expected * 128 * 4
+    # the final checkpoint, loaded afresh, scores what the loop's last evaluation scored
+    assert results["models"][0]["eval_loss_final_checkpoint"] == pytest.approx(results["models"][0]["eval_loss"], abs=1e-6)
+    assert results["models"][0]["eval_loss_max_abs_difference"] < 1e-6
 
 
 def test_plot_science_pools_seeds_into_mean_and_range(tmp_path):
