@@ -1,4 +1,5 @@
-"""A layer's decode token in two Triton kernels: what lies between the input projection and o_proj.
+"""A decode token's fused Triton kernels: a layer's mixer between its input projections and o_proj in one or
+two, and the residual stream's norms and the MLP's activation one each.
 
 recurrent_token_step, one program per (sequence, key/value head): the short convs of the recurrent query, the key
 and the value (the new input enters each conv window, which shifts in place), their activation, for GDN the L2
@@ -8,11 +9,11 @@ delta-rule update of the state, shared by the group's query heads and written to
 for Mamba-2 (dt = softplus(a + dt_bias), g = -e^{A_log} dt)
     S <- e^g S + dt k v^T;  o_h = S^T q_h + D v,
 the gated RMSNorm of each query head's readout, and (optionally) the key, rotated by RoPE, and the value appended
-to the KV cache at the sequence's position. With `mixed`, the rows whose mode is attention take the readout the
-attention kernel wrote instead of the recurrence's before the norm.
+to the KV cache at the sequence's position. Given `modes` and `o_attn`, the rows whose mode is attention take the
+readout the attention kernel wrote instead of the recurrence's before the norm.
 
 attention_token_step, one program per (sequence, key/value head): the same convs of the key and value (windows
-left alone unless `write_windows`), RoPE on the key and the group's queries, the KV-cache append, and softmax
+left alone unless `finish`), RoPE on the key and the group's queries, the KV-cache append, and softmax
 attention of the group's queries over the cache slots before the sequence's position plus the current token,
 in blocks with a running maximum (over a long cache, split between programs whose partial results a second
 kernel combines); with `finish` (no recurrence in the step) also the window shift and the gated
@@ -176,7 +177,8 @@ def _attention_token_kernel(
         DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr):
     # program (b, j, s): with SPLIT > 0 it attends over slots [s SPLIT, (s + 1) SPLIT) only and writes its running
     # maximum, sum and weighted values for _attention_combine_kernel; split 0 also owns the current token, the
-    # cache append and the window shift
+    # cache append and the window shift. The other splits compute the key and value too (one code path) but use
+    # neither: they may read the windows while split 0 shifts them.
     b, j, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first = s == 0
     d_idx = tl.arange(0, BD)
