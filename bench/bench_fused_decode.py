@@ -16,7 +16,7 @@ tokens/s with one token read back to the host per step (as a server does) and wi
 step on the device (graph replays back to back), and how many of each step's greedy tokens equal the eager
 step's (the uncompiled variants at every batch size run first), and batch 1 after a --long-context prompt
 (32768 tokens; eager and fused, attention and recurrent). Also CUDA kernels per step at batch 1 (a step run
-without a graph, counted by torch.profiler; on the CPU aten operators), and in fp32 the first step's logits of
+without a graph, counted by torch.profiler; on the CPU aten operators) with their GPU time by kernel, and in fp32 the first step's logits of
 the fused step against the eager step's and how many of 16 greedy steps (3 with --tiny) agree. Rows that would
 start after --budget-s seconds are listed as skipped.
 """
@@ -138,8 +138,33 @@ def launches(oryx, plan: str, variant: str, prompt_length: int, device) -> dict:
     decode_mode = PLANS[plan][1]
     token = runner.greedy_step(token, decode_mode).cpu()  # warm-up (and compile)
     count = count_launches(lambda: runner.greedy_step(token, decode_mode), device)
-    return dict(plan=plan, variant=variant, unit="CUDA kernels" if device.type == "cuda" else "aten operators",
-                per_step=count, per_layer=count / oryx.cfg.n_layers)
+    row = dict(plan=plan, variant=variant, unit="CUDA kernels" if device.type == "cuda" else "aten operators",
+               per_step=count, per_layer=count / oryx.cfg.n_layers)
+    if device.type == "cuda":
+        try:  # the count stands even if the timing breaks
+            row["kernel_time"] = kernel_time(lambda: runner.greedy_step(token, decode_mode))
+        except Exception as error:
+            row["kernel_time_error"] = f"{type(error).__name__}: {error}"[:500]
+    return row
+
+
+def kernel_time(fn, top: int = 12) -> dict:
+    """GPU time of one call of fn (no graph) by kernel name, as torch.profiler records it: the total, and the
+    `top` names by time with their launch count and microseconds."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    by_name: dict = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            count, us = by_name.get(event.name, (0, 0.0))
+            by_name[event.name] = (count + 1, us + event.time_range.elapsed_us())
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][1])[:top]
+    return dict(total_us=sum(us for _, us in by_name.values()),
+                top=[dict(name=name[:90], launches=count, us=us) for name, (count, us) in ranked])
 
 
 def fp32_parity(oryx, plan: str, variant: str, prompt, steps: int) -> dict:
