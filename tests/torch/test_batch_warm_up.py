@@ -55,6 +55,8 @@ def counts(gen: BatchGenerator) -> tuple[int, int]:
 
 
 def test_after_warm_up_traffic_captures_and_resizes_nothing_and_gets_the_eager_tokens(model):
+    if model.cfg.mixer != "gdn":
+        pytest.skip("the rows, buckets and graphs do not depend on the mixer; the gpu test runs both")
     reqs = traffic()
     eager = generate_batch(model, reqs, max_batch=4, capacity=64, cuda_graphs=False)
     gen = graphed_on_cpu(BatchGenerator(model, max_batch=4, capacity=64, cuda_graphs=False))
@@ -144,14 +146,15 @@ def test_after_warm_up_cuda_traffic_compiles_and_captures_nothing(mixer):
     if not torch.cuda.is_available():
         pytest.skip("gpu: no CUDA device")
     torch.manual_seed(0)
-    cuda = OryxModel(preset("tiny", mixer=mixer, head_dim=32), seed=1).to("cuda", torch.bfloat16).eval()
+    # fp32: the eager generator decodes n rows where the graphs decode a power of two, and bf16 rounding of the
+    # two could pick different tokens at a near-tie
+    cuda = OryxModel(preset("tiny", mixer=mixer, head_dim=32), seed=1).to("cuda").eval()
     g = torch.Generator().manual_seed(7)
     reqs = traffic() + [SequenceRequest(torch.randint(0, 256, (n,), generator=g).tolist(), max_tokens=5, plan=p)
                         for n, p in zip([70, 130, 64, 31, 100], ["attention", "prefill-attention", "A:0-40,R:40-",
                                                                  "recurrent", "last:50%"])]
-    eager = generate_batch(cuda, reqs, max_batch=8, capacity=160, cuda_graphs=False)
     gen = BatchGenerator(cuda, max_batch=8, capacity=160)
-    info = gen.warm_up()
+    info = gen.warm_up()  # first: anything run before it would compile kernels the traffic below needs
     assert info["captures"] == 4 * 2 * 2
     before = counts(gen)
     with Compiles() as compiled:
@@ -159,7 +162,10 @@ def test_after_warm_up_cuda_traffic_compiles_and_captures_nothing(mixer):
         gen.add(SequenceRequest(list(range(40)), 2, "attention", keep_state=True))
         while gen.active:
             gen.step()
-        gen.cancel(gen.add(SequenceRequest(list(range(57)), 3, "R:0-40,A:40-"), reuse=True))
+        history = next(iter(gen.saved.values())).ids  # a chat's next turn: attention at an offset
+        continued = gen.add(SequenceRequest(history + list(range(16)), 3, "R:0-41,A:41-"), reuse=True)
+        assert gen.state_of(continued).reused_tokens == 41
+        gen.cancel(continued)
     assert (compiled.triton, compiled.dynamo) == (0, 0), "a request paid a kernel or torch.compile compilation"
     assert counts(gen) == before
-    assert got == eager
+    assert got == generate_batch(cuda, reqs, max_batch=8, capacity=160, cuda_graphs=False)
