@@ -149,13 +149,15 @@ def figure(args) -> None:
     for plan in PLANS:
         ax.plot([c["tokens"] / 1e6 for c in curve], [c["bpb"][plan]["bpb"] for c in curve], marker="o", ms=3,
                 label=plan)
-    stage_end = max(c["tokens"] for c in curve if c["stage"] == "layer") / 1e6
-    ax.axvline(stage_end, color="black", lw=0.8)
-    ax.text(stage_end, ax.get_ylim()[1] * 0.98, "  stage (a) | (b)", va="top", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("retrofit tokens (millions)")
-    ax.set_ylabel("bits per byte, held-out Brown fiction (48 windows)")
-    ax.set_title("SmolLM2-135M-Instruct retrofitted to Oryx-GDN")
+    shared_stage = results.get("stage") == "shared"
+    if not shared_stage:
+        stage_end = max(c["tokens"] for c in curve if c["stage"] == "layer") / 1e6
+        ax.axvline(stage_end, color="black", lw=0.8)
+        ax.text(stage_end, ax.get_ylim()[1] * 0.98, "  stage (a) | (b)", va="top", fontsize=8)
+        ax.set_yscale("log")
+    ax.set_xlabel(("shared-stage" if shared_stage else "retrofit") + " tokens (millions)")
+    ax.set_ylabel(f"bits per byte, held-out Brown fiction ({results['heldout']['curve_windows']} windows)")
+    ax.set_title("SmolLM2-135M-Instruct retrofitted to Oryx-GDN" + (": shared stage" if shared_stage else ""))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
