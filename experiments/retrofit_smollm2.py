@@ -136,6 +136,30 @@ def make_adapter(args) -> None:
     print(f"wrote {out}")
 
 
+def install_adapter(args) -> None:
+    """A `shared` run's adapter files (OUT/adapter*) with the default adapter's tokenizer files, as a whole adapter
+    directory (default: replacing oryx_core/default_adapter), checked by loading it on its base."""
+    import shutil
+
+    from oryx_core.atomic import atomic_directory
+    from oryx_core.default import DEFAULT_ADAPTER
+    from oryx_core.weights import load_checkpoint
+
+    source, dst = Path(args.source), Path(args.out or DEFAULT_ADAPTER)
+    files = sorted(f for f in source.iterdir() if f.name.startswith("adapter"))
+    if not (source / "adapter.json").is_file():
+        raise SystemExit(f"install-adapter: {source} has no adapter.json (give the folder `shared` wrote)")
+    tokenizer_files = [DEFAULT_ADAPTER / n for n in ("tokenizer.json", "tokenizer_config.json")]
+
+    def fill(tmp: Path) -> None:
+        for f in files + tokenizer_files:
+            shutil.copy2(f, tmp / f.name)
+        load_checkpoint(tmp)  # base found, every base tensor's sha256 and every shard's checked, merged
+
+    atomic_directory(dst, fill)
+    print(f"wrote {dst}")
+
+
 def figure(args) -> None:
     """Held-out bits per byte per plan against retrofit tokens, from results.json's curve."""
     import matplotlib
@@ -703,6 +727,10 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(ROOT / "experiments" / "results" / "retrofit" / "results.json"))
     p.add_argument("--out", default=str(ROOT / "docs" / "figures" / "retrofit_smollm2.png"))
     p.set_defaults(func=figure)
+    p = sub.add_parser("install-adapter", help="a `shared` run's adapter as the default adapter")
+    p.add_argument("source", help="the folder `shared` wrote (OUT)")
+    p.add_argument("--out", help="adapter directory (default: oryx_core/default_adapter)")
+    p.set_defaults(func=install_adapter)
     p = sub.add_parser("adapter")
     p.add_argument("--shards", required=True, help="folder with run's recurrent-0000i.safetensors")
     p.add_argument("--out", help="adapter directory (default: oryx_core/default_adapter)")
