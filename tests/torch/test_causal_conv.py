@@ -68,3 +68,32 @@ def test_taps_round_through_fp32_for_16_bit_inputs():
     assert got.dtype == torch.bfloat16
     assert float(((got.double() - want).abs() / want.abs().clamp_min(1e-3)).max()) < 2 ** -8
     np.testing.assert_array_equal(got.float().numpy(), want.to(torch.bfloat16).float().numpy())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inductor_conv_on_cuda_matches_eager(dtype):
+    """causal_conv_taps as inductor compiles it on CUDA against the eager F.conv1d form: output, window and the
+    gradients of input, weight and bias (fp32 within 1e-5; bf16, whose eager conv rounds the weight to bf16
+    first, within 2e-2)."""
+    gen = torch.Generator().manual_seed(21)
+    B, T, C, W = 4, 300, 192, 4
+    conv = CausalConv(C, W, True, "silu")
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(C, W, generator=gen))
+        conv.bias.copy_(torch.randn(C, generator=gen))
+    conv = conv.cuda()
+    x = torch.randn(B, T, C, generator=gen).to("cuda", dtype)
+    upstream = torch.randn(B, T, C, generator=gen).to("cuda", dtype)
+    torch._dynamo.reset()
+    results = {}
+    for name, forward in (("inductor", torch.compile(conv, fullgraph=True)), ("eager", conv)):
+        conv.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out, tail = forward(xi)
+        (out.float() * upstream.float()).sum().backward()
+        results[name] = [out, tail, xi.grad, conv.weight.grad, conv.bias.grad]
+    bound = 1e-5 if dtype == torch.float32 else 2e-2
+    for i, (got, want) in enumerate(zip(results["inductor"], results["eager"])):
+        worst, norm = errors(got, want)
+        assert worst < bound and norm < bound, (i, worst, norm)
