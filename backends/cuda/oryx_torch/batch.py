@@ -327,12 +327,13 @@ class BatchGenerator:
                 out[event.sequence].append(event.token)
         return [out[sid] for sid in order]
 
-    def warm_up(self, prompt_lengths: tuple[int, ...] = (1, 2, 16, 17)) -> dict:
+    def warm_up(self, prompt_lengths: tuple[int, ...] = (1, 2, 16, 17, 64, 65)) -> dict:
         """Pays every one-time cost before traffic, so that no request waits for one: allocates `max_batch` rows
         once (never resized afterwards), runs and then captures the decode step of every bucket, attention on and
-        off, greedy and sampled, and prefills prompts of `prompt_lengths` tokens (1 and 16 are what Triton
-        specialises integer arguments on) alone and together, padded, under all-attention, all-recurrent and
-        mixed plans, and continuing a saved row, which compiles the kernels and attention those shapes take.
+        off, greedy and sampled, and prefills prompts of `prompt_lengths` tokens (Triton specialises integer
+        arguments on 1 and multiples of 16; the GDN kernels take another path when every sequence is whole
+        chunks of 64) alone and together, padded, under all-attention, all-recurrent and mixed plans, and
+        continuing a saved row, which compiles the kernels and attention those shapes take.
         Returns {"seconds", "captures", "buckets"}; every row is empty afterwards and nothing is saved."""
         if self.rows:
             raise RuntimeError("batch: warm_up needs an empty batch")
