@@ -2,8 +2,10 @@
 
     python bench/bench_serve.py runs/smollm2 --backends torch mlx --clients 1 4 16 --out bench/results/serve.json
 
-For each backend a server is started (a free port, --context bounding every sequence), warmed
-up with one request, then for each client count C, C threads each send --requests streamed
+For each backend a server is started (a free port, --context bounding every sequence; its start-up
+time and line are recorded), warmed up with one burst of short requests per client count (unless
+--no-client-warm-up: then the first level shows whatever the server's own start-up left to the first
+requests), then for each client count C, C threads each send --requests streamed
 completions one after another (distinct prompts, --max-tokens each, ignore_eos so every
 request generates exactly that many tokens). Reported per (backend, C): output tokens/s over
 the wall time of the level, and the 50th / 99th percentile time to first token (from sending
@@ -147,6 +149,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", help="server --device for torch (default: the server's, cuda if present)")
     ap.add_argument("--dtype", help="server --dtype (default: the backend's, bfloat16 on CUDA, else float32)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per request (default 600)")
+    ap.add_argument("--no-client-warm-up", action="store_true",
+                    help="send no warm-up requests before the levels: the first level then shows what the server's "
+                         "own start-up left to the first requests (compilation, graph capture)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     if args.smollm2 and not Path(args.path).exists():
@@ -165,7 +170,7 @@ def main(argv=None) -> int:
         startups[backend] = startup
         try:
             # warm-up: kernel compilation and, on CUDA, a graph per batch-size bucket the levels will use
-            for clients in sorted(set(args.clients)):
+            for clients in [] if args.no_client_warm_up else sorted(set(args.clients)):
                 warm = [threading.Thread(target=one_request, args=(url, f"warm up {i}", 4, args.timeout))
                         for i in range(clients)]
                 for t in warm:
@@ -178,20 +183,28 @@ def main(argv=None) -> int:
                 print(f"{backend:5s} clients {clients:3d}: {row['tokens_per_second']:7.1f} tok/s, TTFT p50 "
                       f"{row['ttft_p50_s']:.3f} s, p99 {row['ttft_p99_s']:.3f} s ({row['requests']} requests, "
                       f"{row['errors']} errors)", flush=True)
+                save(args, startups, rows)  # every level saved as it lands
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    save(args, startups, rows)
+    return 0 if all(r["errors"] == 0 for r in rows) else 1
+
+
+def save(args, startups: dict, rows: list[dict]) -> None:
+    """The results so far as JSON at args.out (if given)."""
+    if not args.out:
+        return
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
               "processor": platform.processor() or platform.machine(), "command": " ".join(sys.argv),
-              "device": args.device, "gpu": gpu_name(), "dtype": args.dtype,
-              "model": args.path, "max_tokens": args.max_tokens, "requests_per_client": args.requests, "startup": startups, "rows": rows}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(args.out, json.dumps(result, indent=2).encode())
-    return 0 if all(r["errors"] == 0 for r in rows) else 1
+              "device": args.device, "gpu": gpu_name(), "dtype": args.dtype, "model": args.path,
+              "max_tokens": args.max_tokens, "requests_per_client": args.requests,
+              "client_warm_up": not args.no_client_warm_up, "startup": startups, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(args.out, json.dumps(result, indent=2).encode())
 
 
 if __name__ == "__main__":

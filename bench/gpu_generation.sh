@@ -37,7 +37,8 @@ timeout "$(cap 160)" python3 bench/bench_batch.py /tmp/smollm2-shape --hf /tmp/r
   > /tmp/bench_batch.log 2>&1
 echo "batch rc=$? at $(( $(date +%s) - START )) s"; grep -v -i -E "warn|it/s" /tmp/bench_batch.log | tail -7 | cut -c1-500
 timeout "$(cap 200)" python3 bench/bench_serve.py /tmp/smollm2-shape --backends torch --device cuda \
-  --dtype bfloat16 --clients 1 4 16 --requests 4 --max-tokens 64 --out "$OUT/bench_serve.json" > /tmp/bench_serve.log 2>&1
+  --dtype bfloat16 --clients 1 4 16 --requests 4 --max-tokens 64 --no-client-warm-up --out "$OUT/bench_serve.json" \
+  > /tmp/bench_serve.log 2>&1
 echo "serve rc=$? at $(( $(date +%s) - START )) s"; tail -5 /tmp/bench_serve.log | cut -c1-600
 timeout "$(cap 180)" python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/torch/test_batch_warm_up.py \
   tests/torch/test_batch.py tests/torch/test_compiled_decode.py tests/torch/test_sharing.py \
