@@ -337,7 +337,8 @@ def recurrent_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: t
         H=H, HKV=HKV, G=H // HKV, D=K, DV=V, W=W, BD=_pow2(K), BDV=_pow2(V), BW=_pow2(W),
         CONV_BIAS=conv_k_b is not None, SILU=silu, OUTPUT_NORM=norm_w is not None, OUTPUT_GATE=gate is not None,
         GATE_BEFORE_NORM=gate_before_norm, APPEND_KV=k_cache is not None, ROPE=cos is not dummy,
-        MIXED=modes is not None, SSD=D_skip is not None, num_warps=4 if K * V >= 4096 else 2)
+        MIXED=modes is not None, SSD=D_skip is not None,
+        num_warps=8 if K * V >= 16384 else 4 if K * V >= 4096 else 2)  # the state tile stays in registers
     return out
 
 
