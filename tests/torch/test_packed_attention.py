@@ -171,11 +171,13 @@ def test_model_through_packed_attention_matches_reference(flex_backward_on_cpu, 
 
 
 @pytest.mark.slow
-def test_compiled_packed_plans_share_one_graph(flex_backward_on_cpu):
-    """Prepared packed plans compile into one graph (fullgraph) that later plans of the same shape reuse: the
-    layout and its mask are graph inputs, not constants; the compiled logits and gradients equal eager's."""
+@pytest.mark.parametrize("method", ["packed", "dense"])
+def test_compiled_mixed_plans_share_one_graph(flex_backward_on_cpu, method):
+    """Prepared mixed plans compile into one graph (fullgraph) that later plans of the same shape reuse (packed:
+    the layout and its mask are graph inputs, not constants); the compiled logits and gradients equal eager's."""
     from torch._dynamo.utils import counters
 
+    attention.MIXED_ATTENTION = method  # the fixture restores it
     cfg = preset("tiny", "gdn")
     model, _ = build(cfg, seed=14)
     model.train()
@@ -195,11 +197,12 @@ def test_compiled_packed_plans_share_one_graph(flex_backward_on_cpu):
             grads = torch.autograd.grad(logits.square().mean(), list(model.parameters()), allow_unused=True)
             results.append((logits.detach(), grads))
         graphs.append(counters["stats"]["unique_graphs"])
-        assert relative_error(results[0][0], results[1][0]) < 1e-6
+        # fp32; the compiled convolution sums its taps in another order than F.conv1d
+        assert relative_error(results[0][0], results[1][0]) < 1e-5
         for got, want in zip(results[0][1], results[1][1]):
             assert (got is None) == (want is None)
             if want is not None and want.abs().max() > 0:
-                assert relative_error(got, want) < 1e-5
+                assert relative_error(got, want) < 1e-4
     assert graphs[0] >= 1 and graphs[1] == graphs[0] and graphs[2] == graphs[0], graphs
 
 
