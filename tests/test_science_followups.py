@@ -66,6 +66,8 @@ def test_mqar_lr_sweep_runs_with_without_or_alone():
     main = [("oryx-gdn", 0, 0.003), ("gdn-only", 0, 0.003), ("oryx-gdn", 1, 0.003), ("gdn-only", 1, 0.003)]
     sweep = [("gdn-only", 0, 0.0003), ("gdn-only", 1, 0.0003), ("gdn-only", 0, 0.01), ("gdn-only", 1, 0.01)]
     assert runs("with") == main + sweep and runs("without") == main and runs("only") == sweep
+    # the swept baseline not named: its sweep is left to the call that names it
+    assert runs("with", models=[{"name": "oryx-gdn"}]) == [("oryx-gdn", 0, 0.003), ("oryx-gdn", 1, 0.003)]
     with pytest.raises(ValueError, match="--lr-sweep only"):
         runs("only", models=[{"name": "oryx-gdn"}])
 
