@@ -189,7 +189,7 @@ def figure(results: dict, path: Path) -> None:
         curves.set(xlabel="training tokens (M)", ylabel="training loss (nats, mixed modes)", title="Training loss")
         curves.legend(fontsize=8)
     tokens = {mixer: next(r["tokens"] for r in finished(results) if r["mixer"] == mixer) for mixer in mixers}
-    fig.suptitle(f"Sharing ablation, {' / '.join(f'{t / 1e6:.1f}M' for t in tokens.values())} tokens per run "
+    fig.suptitle(f"Sharing ablation, {' / '.join(dict.fromkeys(f'{t / 1e6:.1f}M' for t in tokens.values()))} tokens per run "
                  f"({results.get('environment', {}).get('device', '?')})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
