@@ -308,3 +308,21 @@ def test_resume_restores_the_adapted_attention_weight(workspace, monkeypatch):
     retrofit_shared(config(workspace, cut, tokens=12 * 4 * 32, attention_budget=0.01), resume=True)
     assert [r["attention_weight"] for r in records(whole) if "eval" in r] == [1.0, 2.0, 4.0, 8.0]
     assert records(cut) == records(whole)
+
+
+@pytest.mark.gpu
+def test_on_cuda_with_bf16_autocast_and_fused_adamw(workspace, tmp_path):
+    """The stage on the GPU path (bf16 autocast, fused AdamW, Triton kernels): the plans approach attention, and the
+    finished model is what its adapter loads to."""
+    from oryx_torch.retrofit_cli import publish
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    out = tmp_path / "cuda"
+    summary = retrofit_shared(config(workspace, out, device="cuda", tokens=24 * 4 * 32))
+    evals = {r["step"]: r["eval"] for r in records(out) if "eval" in r}
+    assert evals[0]["attention_drift"] == 0.0 and min(e["recurrent"] for e in evals.values()) < evals[0]["recurrent"]
+    adapter = publish(Path(summary["model"]), tmp_path / "adapter", True, str(workspace["src"]),
+                      read_lowrank(summary["lowrank"]))
+    whole, merged = load_checkpoint(summary["model"]), load_checkpoint(adapter)
+    assert all(np.array_equal(v.view(np.uint16), merged.params[n].view(np.uint16)) for n, v in whole.params.items())
