@@ -326,3 +326,27 @@ def test_on_cuda_with_bf16_autocast_and_fused_adamw(workspace, tmp_path):
                       read_lowrank(summary["lowrank"]))
     whole, merged = load_checkpoint(summary["model"]), load_checkpoint(adapter)
     assert all(np.array_equal(v.view(np.uint16), merged.params[n].view(np.uint16)) for n, v in whole.params.items())
+
+
+def test_an_adapter_as_src_gives_an_adapter_on_the_same_base(workspace, tmp_path, capsys):
+    """SRC may be a recurrent adapter (as the shipped default is): the new adapter applies to that adapter's base."""
+    from oryx_core.spec import RECURRENT, parameter_specs
+
+    src = load_checkpoint(workspace["src"])
+    params = dict(src.params)
+    rng = np.random.default_rng(4)
+    for s in parameter_specs(src.config):
+        if s.mode == RECURRENT and ".conv_" not in s.name and len(s.shape) == 2:
+            params[s.name] = (params[s.name].astype(np.float32) + rng.normal(0, 0.01, s.shape)).astype(
+                params[s.name].dtype)
+    first = save_adapter(tmp_path / "first", workspace["src"], src.config, params)
+    args = ["--data", str(workspace["data"]), "--tokens", "256", "--seq-len", "32", "--batch-size", "4", "--warmup",
+            "1", "--device", "cpu", "--eval-batches", "1", "--eval-every", "1", "--shared-rank", "2",
+            "--attention-budget", "1", "--json"]
+    assert cli.main(["retrofit", str(first), str(tmp_path / "second"), "--adapter", *args]) == 0
+    capsys.readouterr()
+    meta = json.loads((tmp_path / "second" / ADAPTER_FILE).read_text())
+    assert Path(meta["base"]) == Path(workspace["src"]).resolve()
+    merged, finished = load_checkpoint(tmp_path / "second"), load_checkpoint(tmp_path / "second.run" / "model")
+    assert all(np.array_equal(v.view(np.uint16), merged.params[n].view(np.uint16)) for n, v in finished.params.items())
+    assert np.array_equal(merged.params["embed.weight"].view(np.uint16), src.params["embed.weight"].view(np.uint16))
