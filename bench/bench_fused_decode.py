@@ -50,16 +50,16 @@ def parse_args(argv=None):
                              "(default 32768 on CUDA, 300 with --tiny; 0: none)")
     parser.add_argument("--budget-s", type=float, default=170.0, help="start no row after this many seconds")
     args = parser.parse_args(argv)
-    args.batches = args.batches or ([1, 2] if args.tiny else [1, 8, 32])
-    args.prompt_length = args.prompt_length or (8 if args.tiny else 512)
-    args.decode_tokens = args.decode_tokens or (3 if args.tiny else 64)
-    if args.long_context is None:
-        args.long_context = 300 if args.tiny else 32768
+    defaults = dict(batches=[1, 2], prompt_length=8, decode_tokens=3, long_context=300) if args.tiny else \
+        dict(batches=[1, 8, 32], prompt_length=512, decode_tokens=64, long_context=32768)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name, chosen, known in (("--variants", args.variants, VARIANTS), ("--plans", args.plans, PLANS)):
         if not set(chosen) <= set(known):
             parser.error(f"{name}: expected some of {','.join(known)}, got {','.join(chosen)}")
-    if min(args.batches) < 1 or args.prompt_length < 1 or args.decode_tokens < 1:
-        parser.error("--batches, --prompt-length and --decode-tokens must be positive")
+    if min(args.batches) < 1 or args.prompt_length < 1 or args.decode_tokens < 1 or args.long_context < 0:
+        parser.error("--batches, --prompt-length and --decode-tokens must be positive, --long-context >= 0")
     return args
 
 
