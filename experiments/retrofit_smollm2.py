@@ -698,7 +698,7 @@ def sample_own_oryx(model, tokenizer, device, sequences: int, new_tokens: int, s
     encoded = [tokenizer.encode(o).ids for o in openers]
     width = max(map(len, encoded))
     prompts = torch.tensor([[eos] * (width - len(e)) + e for e in encoded], device=device)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)  # drawn where the probabilities are
     cache = model.make_cache(sequences, width + new_tokens)
     out = []
     with torch.no_grad():
@@ -707,8 +707,8 @@ def sample_own_oryx(model, tokenizer, device, sequences: int, new_tokens: int, s
             probs = torch.softmax(logits.float(), -1)
             sorted_p, order = probs.sort(-1, descending=True)
             sorted_p = sorted_p * (sorted_p.cumsum(-1) - sorted_p < 0.95)
-            pick = torch.multinomial((sorted_p / sorted_p.sum(-1, keepdim=True)).cpu(), 1, generator=gen)
-            token = order.gather(-1, pick.to(device))[:, 0]
+            pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=gen)
+            token = order.gather(-1, pick)[:, 0]
             out.append(token.cpu())
             if i + 1 < new_tokens:
                 logits = model.step(token, True, cache)
