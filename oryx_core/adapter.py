@@ -105,7 +105,7 @@ def merge_lowrank_params(params: dict[str, np.ndarray],
     return merged
 
 
-def _stored(name: str, value: np.ndarray) -> np.ndarray:
+def stored_form(name: str, value: np.ndarray) -> np.ndarray:
     """Matrices (projections) in bfloat16; vectors and conv taps in float32, where rounding would move the
     recurrence's decay rates and step sizes."""
     import ml_dtypes
@@ -148,10 +148,10 @@ def save_adapter(path: str | Path, base: str | Path, config: OryxConfig, params:
                                "; an adapter holds only recurrent-mode tensors and low-rank deltas"))
     base_config = base_ckpt.config.to_dict()
     changes = {k: v for k, v in config.to_dict().items() if base_config.get(k) != v}
-    stored = {name: _stored(name, params[name]) for name in names}
+    stored = {name: stored_form(name, params[name]) for name in names}
     for name, pair in lowrank.items():
         for fname, factor in zip(lowrank_factor_names(name), pair):
-            stored[fname] = _stored(fname, factor)
+            stored[fname] = stored_form(fname, factor)
     total = sum(v.nbytes for v in stored.values())
     if total > ADAPTER_BYTES - 64 * 1024:  # room for the shards' headers and the index
         raise FormatError(f"{path}: the adapter's tensors take {total / 2**20:.1f} MiB, over the "

@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from oryx_core.adapter import LOWRANK_A, LOWRANK_B, _stored, merge_lowrank_params, round_lowrank
+from oryx_core.adapter import LOWRANK_A, LOWRANK_B, merge_lowrank_params, round_lowrank, stored_form
 from oryx_core.atomic import atomic_directory, atomic_write_bytes
 from oryx_core.plan import ModePlan
 from oryx_core.safetensors_io import encode, load_file
@@ -276,7 +276,7 @@ def finished_params(src: str, model_cfg, tensors: dict[str, np.ndarray], recurre
     dtype = next(iter(ckpt.params.values())).dtype
     params = dict(ckpt.params)
     for n in recurrent:
-        params[n] = np.asarray(_stored(n, tensors[n])).astype(np.float32).astype(dtype)
+        params[n] = np.asarray(stored_form(n, tensors[n])).astype(np.float32).astype(dtype)
     return merge_lowrank_params(params, round_lowrank(factors))
 
 
@@ -473,7 +473,7 @@ def retrofit_shared(cfg: SharedStageConfig, resume: bool = False, stop_after: in
         summary["model"] = str(save_checkpoint(out / "model", model_cfg, params, dtype=src_dtype,
                                                tokenizer_json=tokenizer_json))
         factors = round_lowrank(factors_of(best["tensors"], names))
-        flat = {n + s: _stored(n + s, f) for n, pair in factors.items() for s, f in zip((LOWRANK_A, LOWRANK_B), pair)}
+        flat = {n + s: stored_form(n + s, f) for n, pair in factors.items() for s, f in zip((LOWRANK_A, LOWRANK_B), pair)}
         atomic_write_bytes(out / "lowrank.safetensors", encode(flat))
         summary["lowrank"] = str(out / "lowrank.safetensors")
     if log_file is not None:
