@@ -53,7 +53,8 @@ def config(ws, out: Path, **changes) -> SharedStageConfig:
 
 def records(out: Path) -> list[dict]:
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in lines if r.get("event") not in ("start", "resume")]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in lines
+            if r.get("event") not in ("start", "resume")]
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,8 @@ def test_the_start_is_kept_exactly_when_no_later_state_is_within_budget(workspac
 
 def test_only_targets_and_recurrent_tensors_change(workspace, full_run):
     src, dst = load_checkpoint(workspace["src"]), load_checkpoint(full_run / "model")
-    changed = {n for n in src.params if not np.array_equal(src.params[n].view(np.uint16), dst.params[n].view(np.uint16))}
+    changed = {n for n in src.params
+               if not np.array_equal(src.params[n].view(np.uint16), dst.params[n].view(np.uint16))}
     targets = set(target_names(src.config, ["q_attn", "k_proj", "v_proj", "o_proj"]))  # the default
     assert "layers.0.mixer.k_proj.weight" in changed and "layers.1.mixer.o_proj.weight" in changed
     assert not any(".mlp." in n or "embed" in n or "norm" in n for n in changed)
@@ -208,7 +210,8 @@ def test_adapter_with_deltas_refuses_a_changed_base_and_an_oversized_adapter(wor
     name = "layers.0.mixer.k_proj.weight"
     rng = np.random.default_rng(0)
     out_f, in_f = src.params[name].shape
-    factors = {name: (rng.normal(0, 0.1, (2, in_f)).astype(np.float32), rng.normal(0, 0.1, (out_f, 2)).astype(np.float32))}
+    factors = {name: (rng.normal(0, 0.1, (2, in_f)).astype(np.float32),
+                      rng.normal(0, 0.1, (out_f, 2)).astype(np.float32))}
     from oryx_core.adapter import merge_lowrank_params, round_lowrank
 
     params = merge_lowrank_params(src.params, round_lowrank(factors))

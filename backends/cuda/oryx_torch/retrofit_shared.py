@@ -473,7 +473,8 @@ def retrofit_shared(cfg: SharedStageConfig, resume: bool = False, stop_after: in
         summary["model"] = str(save_checkpoint(out / "model", model_cfg, params, dtype=src_dtype,
                                                tokenizer_json=tokenizer_json))
         factors = round_lowrank(factors_of(best["tensors"], names))
-        flat = {n + s: stored_form(n + s, f) for n, pair in factors.items() for s, f in zip((LOWRANK_A, LOWRANK_B), pair)}
+        flat = {n + s: stored_form(n + s, f) for n, pair in factors.items()
+                for s, f in zip((LOWRANK_A, LOWRANK_B), pair)}
         atomic_write_bytes(out / "lowrank.safetensors", encode(flat))
         summary["lowrank"] = str(out / "lowrank.safetensors")
     if log_file is not None:
