@@ -326,12 +326,12 @@ def plan_packed_rows(query_modes: torch.Tensor, kv_len: int, q_offset: int = 0, 
     tables = _block_tables(active, q_first, q_last, kv_len, block)
     causal_blocks = (np.minimum(q_offset + np.minimum(first_row + block, T) - 1, kv_len - 1) // block + 1).sum()
     area = float(tables[0].sum() + tables[2].sum()) / float(B * causal_blocks)
-    int32 = _to_device(np.concatenate([t.ravel() for t in tables] + [positions[:, :T].astype(np.int32).ravel()]),
-                       device)
+    # the positions cover whole blocks: the kernels may read the mask of rows past T in a sequence's last block
+    int32 = _to_device(np.concatenate([t.ravel() for t in tables] + [positions.astype(np.int32).ravel()]), device)
     int64 = _to_device(np.concatenate([order.ravel(), inverse.ravel()]), device)
     order_d, inverse_d = (piece.view(B, T) for piece in int64.split(B * T))
-    position_d = int32[-B * T:].view(B, T)
-    mask = _block_mask(tables, int32[:-B * T], T, kv_len, block, _packed_mask_mod(position_d))
+    position_d = int32[-positions.size:].view(positions.shape)
+    mask = _block_mask(tables, int32[:-positions.size], T, kv_len, block, _packed_mask_mod(position_d))
     return PackedRows(order_d, inverse_d, mask, area)
 
 
