@@ -31,7 +31,7 @@ FLEX_BLOCK = 128  # FlexAttention's default tile: the plan's granularity for ski
 # How CUDA computes a plan that mixes modes: "flex" (FlexAttention over the query blocks that hold an
 # attention token), "packed" (FlexAttention over each sequence's attention rows gathered to its first rows,
 # the output gathered back), "dense" (causal SDPA over every row; the recurrent rows are computed and unused;
-# from position 0 only, else "packed") or "auto" (dense when the packed blocks cover at least DENSE_FROM of the
+# from position 0 only, else "flex") or "auto" (dense when the packed blocks cover at least DENSE_FROM of the
 # causal score matrix, else packed). A FlexAttention block costs about 3 flash ones in a compiled training step
 # at SmolLM2-135M's shape (docs/benchmarks.md), so dense wins unless a plan's attention rows are few.
 MIXED_ATTENTION = "dense"
@@ -138,9 +138,9 @@ class AttentionPlan:
             return "flex"  # no host tables: plan_attention attends on every row
         if self.q_offset == 0 and self.all_attention:
             return "dense"
-        if MIXED_ATTENTION == "flex":
+        if MIXED_ATTENTION == "flex" or (MIXED_ATTENTION == "dense" and self.q_offset != 0):
             return "flex"
-        if self.q_offset == 0 and MIXED_ATTENTION == "dense":
+        if MIXED_ATTENTION == "dense":
             return "dense"
         if MIXED_ATTENTION == "auto" and self.q_offset == 0:
             if self._auto_dense is None:
