@@ -33,3 +33,25 @@ def test_non_positive_counts_are_refused(flag):
     with pytest.raises(SystemExit) as exit_info:
         bench_module().main(["--tiny", flag, "0"])
     assert exit_info.value.code == 2
+
+
+def test_cpu_clock_needs_one_thread():
+    for argv in (["--clock", "cpu"], ["--clock", "cpu", "--threads", "2"], ["--threads", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_module().main(["--tiny"] + argv)
+        assert exit_info.value.code == 2
+
+
+def test_tiny_run_on_the_cpu_clock(tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "cpu.json"
+    try:
+        assert bench_module().main(["--tiny", "--rounds", "1", "--prompt-length", "8", "--decode-tokens", "2",
+                                    "--threads", "1", "--clock", "cpu", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(out.read_text())
+    assert report["clock"] == "cpu" and report["threads"] == 1
+    assert all(r["prompt_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in report["rows"])
