@@ -252,6 +252,14 @@ class OryxMixer(nn.Module):
             self._fused = (key, torch.cat(weights).detach())
         return self._fused[1]
 
+    def train(self, mode: bool = True):
+        # Training changes the weights, also in ways their version counters miss (fused optimizers write them
+        # without a bump, `.data` writes): entering training mode drops the cached concatenation, so the first
+        # no-grad call after it (an evaluation between steps) builds it from the current weights.
+        if mode:
+            self._fused = None
+        return super().train(mode)
+
     # -- pieces shared by the parallel and the step form (leading dims: [B, T] or [B]) --
     def _recurrence_inputs(self, proj: dict, k, v, q_raw, l2_normalize_qk: bool = True, grouped: bool = False) -> dict:
         """Kernel arguments, heads repeated to the H query heads (the kernels take equal heads) unless `grouped`
@@ -528,6 +536,11 @@ class SwiGLU(nn.Module):
         if self._fused is None or self._fused[0] != key:
             self._fused = (key, torch.cat(weights).detach())
         return self._fused[1]
+
+    def train(self, mode: bool = True):
+        if mode:  # as OryxMixer.train: training may change the weights without bumping their versions
+            self._fused = None
+        return super().train(mode)
 
 
 class OryxLayer(nn.Module):
