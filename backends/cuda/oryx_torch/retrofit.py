@@ -95,7 +95,7 @@ def check_config(cfg: RetrofitConfig) -> None:
     need(cfg.layer_tokens + cfg.tokens > 0, "--layer-tokens or --tokens must be > 0")
     for key in ("seq_len", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints", "log_every"):
         need(getattr(cfg, key) >= 1, f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
-    need(cfg.lr > 0 and 0 <= cfg.min_lr <= cfg.lr, f"--lr must be > 0 and --min-lr in [0, lr]")
+    need(cfg.lr > 0 and 0 <= cfg.min_lr <= cfg.lr, "--lr must be > 0 and --min-lr in [0, lr]")
     need(cfg.recurrent_scale is None or cfg.recurrent_scale > 0, "--recurrent-scale must be > 0")
     for key in ("student_plans", "eval_plans"):
         plans = getattr(cfg, key)
@@ -241,14 +241,12 @@ def stage_lr(cfg: RetrofitConfig, step: int, steps_a: int, steps_b: int) -> tupl
 
 
 # ----- the loop -----
-def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None = None, on_eval=None) -> dict:
-    """Runs both stages; the finished model (all tensors, SRC's dtype) goes to out/model.
-    `stop_after` ends after that many steps with a checkpoint, as a kill would; `resume` continues.
-    `on_eval(step, tokens, stage, model)`, if given, runs on rank 0 after each evaluation (e.g. a held-out
-    text scored per plan); it must leave the model as it found it."""
+def open_run(cfg, resume: bool):
+    """(out, train split, val split, latest checkpoint or None) of a retrofit run's config (`out`, `data`,
+    `seq_len`), each problem one error naming the flag: data that is not a shard directory or too short for a
+    window, --resume without a checkpoint, checkpoints already there without --resume."""
     from oryx_data import TokenShards
 
-    check_config(cfg)
     out, data_dir = Path(cfg.out), Path(cfg.data)
     if not (data_dir / "meta.json").exists():
         raise FileNotFoundError(f"--data {data_dir}: not a token shard directory (make one with `oryx data build`)")
@@ -262,11 +260,21 @@ def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None =
         raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'} (no latest.json)")
     if not resume and resume_from is not None:
         raise ValueError(f"{out}: already holds checkpoints; pass --resume to continue, or choose another output")
+    return out, train_data, val_data, resume_from
+
+
+def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None = None, on_eval=None) -> dict:
+    """Runs both stages; the finished model (all tensors, SRC's dtype) goes to out/model.
+    `stop_after` ends after that many steps with a checkpoint, as a kill would; `resume` continues.
+    `on_eval(step, tokens, stage, model)`, if given, runs on rank 0 after each evaluation (e.g. a held-out
+    text scored per plan); it must leave the model as it found it."""
+    check_config(cfg)
+    out, train_data, val_data, resume_from = open_run(cfg, resume)
 
     model_cfg, params, tokenizer_json, src_dtype = retrofit_start(cfg.src, cfg.mixer, cfg.recurrent_scale, cfg.seed)
     src_dtype = src_dtype if src_dtype in ("float32", "bfloat16", "float16") else None
     if train_data.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"--data {data_dir}: vocab_size {train_data.vocab_size} exceeds the model's "
+        raise ValueError(f"--data {cfg.data}: vocab_size {train_data.vocab_size} exceeds the model's "
                          f"{model_cfg.vocab_size} (tokenise with SRC's tokenizer)")
     rt = start_runtime(cfg.device, "--device")
     torch.manual_seed(cfg.seed)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,16 +41,16 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from oryx_core.adapter import LOWRANK_A, LOWRANK_B, merge_lowrank_params, round_lowrank, stored_form
-from oryx_core.atomic import atomic_directory, atomic_write_bytes
+from oryx_core.atomic import atomic_write_bytes
 from oryx_core.plan import ModePlan
 from oryx_core.safetensors_io import encode, load_file
 from oryx_core.spec import RECURRENT, parameter_specs
 from oryx_core.weights import load_checkpoint, save_checkpoint
 
 from .model import OryxModel, torch_to_numpy
-from .retrofit import EVAL_PLANS, STUDENT_PLANS, eval_modes, retrofit_start, student_modes
+from .retrofit import EVAL_PLANS, STUDENT_PLANS, eval_modes, open_run, retrofit_start, student_modes
 from .train import (EVAL_STREAM, TRAIN_STREAM, Runtime, batch_rng, bump_parameter_versions, keep_log_until,
-                    latest_checkpoint, log_record, lr_at, mean_over_ranks, read_state, restore_rng_state,
+                    log_record, lr_at, publish_checkpoint, mean_over_ranks, read_state, restore_rng_state,
                     rng_states_of_all_ranks, start_runtime, step_progress)
 
 # Projection names (the spec's, without layer prefix) a delta may adapt, and the block each lives in.
@@ -246,8 +245,6 @@ def load_trained_tensors(model: OryxModel, deltas: LowRankDeltas, tensors: dict[
 def save_stage_checkpoint(out: Path, step: int, skipped: int, tensors: dict, optimizer, best: dict | None,
                           attention_weight: float, cfg: SharedStageConfig, rt: Runtime) -> Path:
     rng_states = rng_states_of_all_ranks(rt)
-    root = out / "checkpoints"
-    path = root / f"step-{step:08d}"
     if rt.is_main:
         state = {"step": step, "skipped_steps": skipped, "world_size": rt.world, "rng": rng_states,
                  "best": None if best is None else best["record"], "attention_weight": attention_weight,
@@ -260,13 +257,7 @@ def save_stage_checkpoint(out: Path, step: int, skipped: int, tensors: dict, opt
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps(state))
 
-        atomic_directory(path, fill)
-        atomic_write_bytes(root / "latest.json", json.dumps({"checkpoint": path.name, "step": step}).encode())
-        for old in sorted(root.glob("step-*"))[:-cfg.keep_checkpoints]:
-            shutil.rmtree(old)
-    if rt.world > 1:
-        dist.barrier()
-    return path
+    return publish_checkpoint(out, step, fill if rt.is_main else None, cfg.keep_checkpoints, rt)
 
 
 def finished_params(src: str, model_cfg, tensors: dict[str, np.ndarray], recurrent: list[str], factors: dict):
@@ -292,27 +283,13 @@ def retrofit_shared(cfg: SharedStageConfig, resume: bool = False, stop_after: in
     steps with a checkpoint, as a kill would; `deadline` (time.time()) ends the run early the same way but then
     finishes it with the best state so far (logged as such). `on_eval(step, tokens, evaluation, forward)` runs on
     rank 0 after each evaluation; forward(tokens, modes) is the adapted model."""
-    from oryx_data import TokenShards
-
     check_config(cfg)
-    out, data_dir = Path(cfg.out), Path(cfg.data)
-    if not (data_dir / "meta.json").exists():
-        raise FileNotFoundError(f"--data {data_dir}: not a token shard directory (make one with `oryx data build`)")
-    train_data, val_data = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
-    for shards in (train_data, val_data):
-        if len(shards) <= cfg.seq_len:
-            raise ValueError(f"--data {data_dir}: the {shards.split} split has {len(shards)} tokens, "
-                             f"fewer than --seq-len + 1 = {cfg.seq_len + 1}")
-    resume_from = latest_checkpoint(out)
-    if resume and resume_from is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'} (no latest.json)")
-    if not resume and resume_from is not None:
-        raise ValueError(f"{out}: already holds checkpoints; pass --resume to continue, or choose another output")
+    out, train_data, val_data, resume_from = open_run(cfg, resume)
 
     model_cfg, params, tokenizer_json, src_dtype = retrofit_start(cfg.src, None, None, cfg.seed)
     src_dtype = src_dtype if src_dtype in ("float32", "bfloat16", "float16") else None
     if train_data.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"--data {data_dir}: vocab_size {train_data.vocab_size} exceeds the model's "
+        raise ValueError(f"--data {cfg.data}: vocab_size {train_data.vocab_size} exceeds the model's "
                          f"{model_cfg.vocab_size} (tokenise with SRC's tokenizer)")
     names = target_names(model_cfg, cfg.targets)
     recurrent = [s.name for s in parameter_specs(model_cfg) if s.mode == RECURRENT]

@@ -466,8 +466,6 @@ def save_training_checkpoint(out: Path, step: int, skipped_steps: int, model: Or
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)  # collective under FSDP2
     rng_states = rng_states_of_all_ranks(rt)
     saving = model_for_saving(model, cfg, rt)
-    root = out / "checkpoints"
-    path = root / f"step-{step:08d}"
     if rt.is_main:
         tensors, rest = split_optimizer_state(optimizer_state)
         state = {"step": step, "skipped_steps": skipped_steps, "world_size": rt.world,
@@ -480,9 +478,18 @@ def save_training_checkpoint(out: Path, step: int, skipped_steps: int, model: Or
             (tmp / "optimizer.json").write_text(json.dumps(rest))
             (tmp / "state.json").write_text(json.dumps(state))
 
+    return publish_checkpoint(out, step, fill if rt.is_main else None, cfg.keep_checkpoints, rt)
+
+
+def publish_checkpoint(out: Path, step: int, fill, keep: int, rt: Runtime) -> Path:
+    """out/checkpoints/step-N written by `fill(tmp_dir)` (rank 0 only; other ranks pass None) as one atomic
+    directory, then latest.json pointed at it, then all but the newest `keep` pruned; every rank waits for it."""
+    root = out / "checkpoints"
+    path = root / f"step-{step:08d}"
+    if rt.is_main:
         atomic_directory(path, fill)
         atomic_write_bytes(root / "latest.json", json.dumps({"checkpoint": path.name, "step": step}).encode())
-        for old in sorted(root.glob("step-*"))[:-cfg.keep_checkpoints]:
+        for old in sorted(root.glob("step-*"))[:-keep]:
             shutil.rmtree(old)
     if rt.world > 1:
         dist.barrier()
