@@ -263,6 +263,24 @@ def open_run(cfg, resume: bool):
     return out, train_data, val_data, resume_from
 
 
+def optimizer_step(trainable: list, optimizer, grad_clip: float | None, rt: Runtime, log_file, step: int):
+    """One optimizer step over the accumulated gradients of `trainable` (a parameter no micro-batch reached gets
+    zeros; averaged over ranks; clipped to grad_clip), skipped and logged as such where the norm is not finite;
+    gradients cleared either way. Returns the norm before clipping (a tensor; not finite: skipped)."""
+    for p in trainable:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if rt.world > 1:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip or float("inf"))
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    else:
+        log_record(log_file, {"step": step, "skipped": "non-finite gradients"})
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None = None, on_eval=None) -> dict:
     """Runs both stages; the finished model (all tensors, SRC's dtype) goes to out/model.
     `stop_after` ends after that many steps with a checkpoint, as a kill would; `resume` continues.
@@ -339,19 +357,9 @@ def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None =
             if loss.requires_grad:  # a micro-batch whose every sequence drew an all-attention plan has no gradient
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum
-        for p in trainable:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if rt.world > 1:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
         done = step + 1
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-        else:
-            skipped += 1
-            log_record(log_file, {"step": done, "skipped": "non-finite gradients"})
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(trainable, optimizer, cfg.grad_clip, rt, log_file, done)
+        skipped += not bool(torch.isfinite(grad_norm))
         bar.update(1)
         if done % cfg.log_every == 0 or done == stop or done == steps_a:
             loss_value = mean_over_ranks(loss_sum / (done - last_step), rt)

@@ -48,7 +48,8 @@ from oryx_core.spec import RECURRENT, parameter_specs
 from oryx_core.weights import load_checkpoint, save_checkpoint
 
 from .model import OryxModel, torch_to_numpy
-from .retrofit import EVAL_PLANS, STUDENT_PLANS, eval_modes, open_run, retrofit_start, student_modes
+from .retrofit import (EVAL_PLANS, STUDENT_PLANS, eval_modes, open_run, optimizer_step, retrofit_start,
+                       student_modes)
 from .train import (EVAL_STREAM, TRAIN_STREAM, Runtime, batch_rng, bump_parameter_versions, keep_log_until,
                     log_record, lr_at, publish_checkpoint, mean_over_ranks, read_state, restore_rng_state,
                     rng_states_of_all_ranks, start_runtime, step_progress)
@@ -393,19 +394,9 @@ def retrofit_shared(cfg: SharedStageConfig, resume: bool = False, stop_after: in
                                                      attention_rows, attention_weight)
             (loss / cfg.grad_accum).backward()
             sums += torch.stack([loss.detach(), mixed, attention]) / cfg.grad_accum
-        for p in trainable:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if rt.world > 1:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
         done = step + 1
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-        else:
-            skipped += 1
-            log_record(log_file, {"step": done, "skipped": "non-finite gradients"})
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(trainable, optimizer, cfg.grad_clip, rt, log_file, done)
+        skipped += not bool(torch.isfinite(grad_norm))
         bar.update(1)
         out_of_time = deadline is not None and time.time() >= deadline
         if rt.world > 1:  # every rank stops at the same step
