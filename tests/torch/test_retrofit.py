@@ -45,15 +45,19 @@ def llama_like_source(path: Path, seed: int = 3) -> Path:
     return save_checkpoint(path, cfg, params, dtype="bfloat16")
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("retrofit")
+def retrofit_workspace(root: Path) -> dict:
+    """{root, src: a Llama-like source checkpoint, data: token shards of a small word-salad corpus} under root."""
     rng = np.random.default_rng(0)
     words = ["oryx", "layer", "token", "reads", "state", "keys", "values", "attention", "recurrence", "the", "a"]
     docs = [" ".join(rng.choice(words, 60)) for _ in range(30)]
     (root / "corpus.txt").write_text("\n<|endoftext|>\n".join(docs))
     build_shards([root / "corpus.txt"], root / "shards", val_fraction=0.25, seed=0)
     return {"root": root, "src": llama_like_source(root / "src"), "data": root / "shards"}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    return retrofit_workspace(tmp_path_factory.mktemp("retrofit"))
 
 
 def config(ws, out: Path, **changes) -> RetrofitConfig:

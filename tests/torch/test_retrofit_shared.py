@@ -10,15 +10,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from oryx_core import cli  # noqa: E402
-from oryx_core.adapter import (ADAPTER_FILE, LOWRANK_A, LOWRANK_B, load_adapter, merge_lowrank,  # noqa: E402
-                               save_adapter)
+from oryx_core.adapter import ADAPTER_FILE, load_adapter, merge_lowrank, save_adapter  # noqa: E402
 from oryx_core.safetensors_io import FormatError  # noqa: E402
 from oryx_core.weights import load_checkpoint, save_checkpoint  # noqa: E402
-from oryx_data import build_shards  # noqa: E402
 from oryx_torch.model import OryxModel  # noqa: E402
 from oryx_torch.retrofit_shared import (SharedStageConfig, read_lowrank, retrofit_shared,  # noqa: E402
                                         target_names)
-from test_retrofit import llama_like_source  # noqa: E402
+from test_retrofit import retrofit_workspace  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,13 +31,7 @@ def one_cpu_thread():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("shared")
-    rng = np.random.default_rng(0)
-    words = ["oryx", "layer", "token", "reads", "state", "keys", "values", "attention", "recurrence", "the", "a"]
-    docs = [" ".join(rng.choice(words, 60)) for _ in range(30)]
-    (root / "corpus.txt").write_text("\n<|endoftext|>\n".join(docs))
-    build_shards([root / "corpus.txt"], root / "shards", val_fraction=0.25, seed=0)
-    return {"root": root, "src": llama_like_source(root / "src"), "data": root / "shards"}
+    return retrofit_workspace(tmp_path_factory.mktemp("shared"))
 
 
 def config(ws, out: Path, **changes) -> SharedStageConfig:
