@@ -16,17 +16,7 @@ from oryx_core.weights import load_checkpoint, save_checkpoint  # noqa: E402
 from oryx_torch.model import OryxModel  # noqa: E402
 from oryx_torch.retrofit_shared import (SharedStageConfig, read_lowrank, retrofit_shared,  # noqa: E402
                                         target_names)
-from test_retrofit import retrofit_workspace  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("TRITON_INTERPRET", raising=False)
-        yield
-    torch.set_num_threads(threads)
+from test_retrofit import one_cpu_thread, retrofit_workspace  # noqa: E402,F401 (one_cpu_thread: autouse fixture)
 
 
 @pytest.fixture(scope="module")
