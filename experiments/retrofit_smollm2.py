@@ -236,6 +236,18 @@ def to_bpb(scores: dict, covered: int, covered_continuation: int) -> dict:
             for plan, s in scores.items()}
 
 
+def distillation_shards(work: Path, tokenizer, texts: list[str]) -> dict:
+    """WORK/data: token shards (1% validation) of the documentation corpus plus `texts`, the model's own samples
+    (WORK/own.txt, joined by end-of-text); returns the shards' meta.json."""
+    from oryx_data import build_shards
+
+    (work / "own.txt").write_text("\n<|endoftext|>\n".join(texts))
+    corpus = ROOT / "data" / "docs-corpus.txt.xz"
+    build_shards([corpus, work / "own.txt"] if texts else [corpus], work / "data", tokenizer=tokenizer,
+                 val_fraction=0.01)
+    return json.loads((work / "data" / "meta.json").read_text())
+
+
 def heldout_sets(tokenizer, args, results: dict):
     """(windows, bytes they cover, bytes of their continuations, the curve's windows and the same two counts for
     them) of the held-out text; its description goes to results["heldout"]."""
@@ -326,7 +338,7 @@ def retrieval(model, tokenizer, device, task: str, plans_for, lengths, n):
 def retrieval_plans(total: int, question: int) -> dict:
     last = np.zeros(total, bool)
     last[total - question:] = True
-    return {"attention": np.ones(total, bool), "recurrent": np.zeros(total, bool), f"last:question": last}
+    return {"attention": np.ones(total, bool), "recurrent": np.zeros(total, bool), "last:question": last}
 
 
 # ----- continuations -----
@@ -435,7 +447,6 @@ def run(args) -> None:
 
     from oryx_convert.api import convert
     from oryx_core.tokenizer import load_tokenizer
-    from oryx_data import build_shards
     from oryx_torch.model import OryxModel
     from oryx_torch.retrofit import RetrofitConfig, retrofit
 
@@ -496,10 +507,7 @@ def run(args) -> None:
             if hf is not None and args.own_sequences:
                 texts = sample_own_text(hf, tokenizer, device, args.own_sequences, args.own_tokens, seed=0)
                 note(f"sampled {len(texts)} texts from the model")
-            (work / "own.txt").write_text("\n<|endoftext|>\n".join(texts))
-            build_shards([ROOT / "data" / "docs-corpus.txt.xz", work / "own.txt"] if texts
-                         else [ROOT / "data" / "docs-corpus.txt.xz"], data, tokenizer=tokenizer, val_fraction=0.01)
-            meta = json.loads((data / "meta.json").read_text())
+            meta = distillation_shards(work, tokenizer, texts)
             results["distillation_data"] = {"own_texts": len(texts), "meta": {k: meta.get(k) for k in
                                                                             ("train_tokens", "val_tokens", "documents")}}
             note(f"data {results['distillation_data']}")
@@ -575,7 +583,6 @@ def shared(args) -> None:
     from oryx_core.default import DEFAULT_ADAPTER, SMOLLM2, build_base
     from oryx_core.tokenizer import load_tokenizer
     from oryx_core.weights import load_checkpoint, save_checkpoint
-    from oryx_data import build_shards
     from oryx_torch.model import OryxModel
     from oryx_torch.retrofit_shared import SharedStageConfig, read_lowrank, retrofit_shared
 
@@ -620,10 +627,7 @@ def shared(args) -> None:
         if args.own_sequences:
             texts = sample_own_oryx(model, tokenizer, device, args.own_sequences, args.own_tokens, seed=0)
             note(f"sampled {len(texts)} texts from the model in attention mode")
-        (work / "own.txt").write_text("\n<|endoftext|>\n".join(texts))
-        build_shards([ROOT / "data" / "docs-corpus.txt.xz", work / "own.txt"] if texts
-                     else [ROOT / "data" / "docs-corpus.txt.xz"], data, tokenizer=tokenizer, val_fraction=0.01)
-        meta = json.loads((data / "meta.json").read_text())
+        meta = distillation_shards(work, tokenizer, texts)
         results["distillation_data"] = {"own_texts": len(texts), "documents": meta.get("documents")}
     del model
     torch.cuda.empty_cache() if device.type == "cuda" else None
