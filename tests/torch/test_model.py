@@ -18,7 +18,7 @@ from oryx_core.weights import load_checkpoint
 from oryx_torch.attention import AttentionPlan, causal_sdpa, plan_attention, plan_block_mask
 from oryx_torch.model import OryxModel
 from error_metrics import relative_error as worst_relative_error
-from torch_models import VARIANTS, build, mixed_modes, run
+from torch_models import VARIANTS, assert_backward_tables_are_the_transpose, build, mixed_modes, run
 
 TOL = 1e-4
 
@@ -127,19 +127,10 @@ def test_block_mask_skips_recurrent_query_blocks():
 
 def test_block_mask_backward_tables_are_the_transpose():
     """The per-key-block tables the backward pass reads == the ones torch derives from the forward tables."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     B, T, S, block = 3, 45, 61, 8
     modes = torch.tensor(np.random.default_rng(5).random((B, T)) < 0.2)
     ours = plan_block_mask(modes, S, q_offset=S - T, block=block)
-    theirs = BlockMask.from_kv_blocks(ours.kv_num_blocks, ours.kv_indices, ours.full_kv_num_blocks,
-                                      ours.full_kv_indices, BLOCK_SIZE=block, seq_lengths=(T, S))
-    for counts, indices in (("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
-        n = getattr(theirs, counts)
-        assert torch.equal(getattr(ours, counts), n)
-        for b, j in np.ndindex(B, n.shape[-1]):
-            used = int(n[b, 0, j])
-            assert torch.equal(getattr(ours, indices)[b, 0, j, :used], getattr(theirs, indices)[b, 0, j, :used])
+    assert_backward_tables_are_the_transpose(ours, block, T, S)
 
 
 @pytest.mark.parametrize("q_offset", [0, 13])

@@ -15,7 +15,7 @@ from oryx_core.config import preset
 from oryx_torch import attention
 from oryx_torch.attention import AttentionPlan, plan_attention, plan_packed_rows
 from error_metrics import relative_error
-from torch_models import build
+from torch_models import assert_backward_tables_are_the_transpose, build
 
 
 @pytest.fixture
@@ -85,8 +85,6 @@ def test_packed_blocks_are_the_needed_ones():
     """Each packed query block reads exactly the key blocks some attention row in it reaches; 'full' ones
     (no mask) only where every attention row in it sees the whole key block; the backward's per-key-block
     tables are the transpose of the forward's."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     rng = np.random.default_rng(7)
     B, T, S, block = 3, 70, 83, 8
     modes = torch.from_numpy(rng.random((B, T)) < 0.3)
@@ -106,15 +104,7 @@ def test_packed_blocks_are_the_needed_ones():
     for b, i in np.ndindex(B, n):
         got_full[b, i, indices[b, i, :counts[b, i]].numpy()] = 1
     np.testing.assert_array_equal(got_full, full)
-    mask = packed.block_mask
-    theirs = BlockMask.from_kv_blocks(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
-                                      mask.full_kv_indices, BLOCK_SIZE=block, seq_lengths=(T, S))
-    for counts, indices in (("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
-        n_blocks = getattr(theirs, counts)
-        assert torch.equal(getattr(mask, counts), n_blocks)
-        for b, j in np.ndindex(B, n_blocks.shape[-1]):
-            used = int(n_blocks[b, 0, j])
-            assert torch.equal(getattr(mask, indices)[b, 0, j, :used], getattr(theirs, indices)[b, 0, j, :used])
+    assert_backward_tables_are_the_transpose(packed.block_mask, block, T, S)
 
 
 def test_packed_order_and_area():

@@ -34,3 +34,18 @@ def run(model, tokens, modes, cache=None):
 def mixed_modes(rng, B, T):
     """Per-sequence plans in chunks of 4 tokens: A and R alternate along each sequence."""
     return np.repeat(rng.random((B, -(-T // 4))) < 0.5, 4, axis=1)[:, :T]
+
+
+def assert_backward_tables_are_the_transpose(mask, block: int, T: int, S: int) -> None:
+    """A FlexAttention BlockMask's per-key-block tables (what the backward pass reads) equal the ones torch derives
+    from its forward per-query-block tables, over the used entries of each row."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    theirs = BlockMask.from_kv_blocks(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
+                                      mask.full_kv_indices, BLOCK_SIZE=block, seq_lengths=(T, S))
+    for counts, indices in (("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+        n_blocks = getattr(theirs, counts)
+        assert torch.equal(getattr(mask, counts), n_blocks)
+        for b, j in np.ndindex(n_blocks.shape[0], n_blocks.shape[-1]):
+            used = int(n_blocks[b, 0, j])
+            assert torch.equal(getattr(mask, indices)[b, 0, j, :used], getattr(theirs, indices)[b, 0, j, :used])
