@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Generation speed on one GPU in one call, results under $OUT (at most 6 files), each step capped by the time left:
+# Generation speed on one GPU in one call, results under $OUT (at most 6 files), each step capped by the time left,
+# the server first: the OpenAI server under 1/4/16 streaming clients after its start-up warm-up (bench_serve.py),
+# the gpu-marked tests of batching and its warm-up, compiled decode, the sharing variants and mixed attention,
 # batched decode against transformers' batched generate (bench_batch.py: attention, prefill-attention and recurrent
-# plans in bf16, then greedy tokens against transformers' with both in fp32), the OpenAI server under 1/4/16
-# streaming clients after its start-up warm-up (bench_serve.py), the gpu-marked tests of batching and its warm-up,
-# compiled decode, the sharing variants and mixed attention, then, in the time left, decode with the eager and the
-# compiled step (bench_model.py) and the training step's profile per plan (profile_model.py).
+# plans in bf16, then greedy tokens against transformers' with both in fp32), then, in the time left, decode with
+# the eager and the compiled step (bench_model.py) and the training step's profile per plan (profile_model.py).
 #
 #   OUT=DIR [TOTAL=SECONDS] bash bench/gpu_generation.sh
 #
@@ -31,11 +31,6 @@ export PYTHONPATH=/tmp/site:.:backends/cuda:backends/mlx:convert PYTHONUNBUFFERE
 timeout "$(cap 60)" python3 bench/random_llama.py --tokenizer-from "$TOKENIZER_FROM" --out /tmp/rl > /dev/null &&
   timeout "$(cap 60)" python3 -m oryx_core convert /tmp/rl /tmp/smollm2-shape > /tmp/convert.log 2>&1
 echo "convert rc=$? at $(( $(date +%s) - START )) s"
-# eager steps under CUDA graphs per bucket (the default); the compiled step is timed by bench_model below
-timeout "$(cap 160)" python3 bench/bench_batch.py /tmp/smollm2-shape --hf /tmp/rl --device cuda \
-  --dtype bfloat16 --check-dtype float32 --batches 1 8 32 --new-tokens 64 --repeats 3 --out "$OUT/bench_batch.json" \
-  > /tmp/bench_batch.log 2>&1
-echo "batch rc=$? at $(( $(date +%s) - START )) s"; grep -v -i -E "warn|it/s" /tmp/bench_batch.log | tail -7 | cut -c1-500
 timeout "$(cap 200)" python3 bench/bench_serve.py /tmp/smollm2-shape --backends torch --device cuda \
   --dtype bfloat16 --clients 1 4 16 --requests 4 --max-tokens 64 --no-client-warm-up --out "$OUT/bench_serve.json" \
   > /tmp/bench_serve.log 2>&1
@@ -44,6 +39,11 @@ timeout "$(cap 180)" python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/t
   tests/torch/test_batch.py tests/torch/test_compiled_decode.py tests/torch/test_sharing.py \
   tests/torch/test_mixed_attention.py > /tmp/gpu_tests.log 2>&1
 echo "tests rc=$? at $(( $(date +%s) - START )) s"; grep -E "^(FAILED|ERROR)|passed|failed" /tmp/gpu_tests.log | tail -8 | cut -c1-300
+# eager steps under CUDA graphs per bucket (the default); the compiled step is timed by bench_model below
+timeout "$(cap 160)" python3 bench/bench_batch.py /tmp/smollm2-shape --hf /tmp/rl --device cuda \
+  --dtype bfloat16 --check-dtype float32 --batches 1 8 32 --new-tokens 64 --repeats 3 --out "$OUT/bench_batch.json" \
+  > /tmp/bench_batch.log 2>&1
+echo "batch rc=$? at $(( $(date +%s) - START )) s"; grep -v -i -E "warn|it/s" /tmp/bench_batch.log | tail -7 | cut -c1-500
 timeout "$(cap 140)" python3 bench/bench_model.py --skip train --skip prefill --decode-compile both \
   --json "$OUT/bench_model_decode.json" > /tmp/bench_model_decode.log 2>&1
 echo "decode rc=$?"; grep -v "USDT\|warn" /tmp/bench_model_decode.log | tail -c 3000
