@@ -31,7 +31,7 @@ from oryx_core.init import init_params
 from oryx_core.reference import L2NORM_EPS
 from oryx_core.weights import FLOAT_DTYPES, load_checkpoint, save_checkpoint
 
-from . import host_step
+from . import cpu_linear, host_step
 from .attention import AttentionPlan, apply_rope, decode_attention, plan_attention, rope_tables
 from .cache import LayerCache, OryxCache
 from .kernels.gdn import gated_delta_rule
@@ -236,6 +236,9 @@ class OryxMixer(nn.Module):
         if not self.fuse_projections:
             return {name: layer(xn) for name, layer in zip(names, layers)}
         sizes = [layer.out_features for layer in layers]
+        if cpu_linear.applies(xn):
+            start = sum(getattr(self, name).out_features for name in order[:first])
+            return dict(zip(names, cpu_linear.linear(xn, self._packed_rows(start, start + sum(sizes))).split(sizes, -1)))
         compiling = torch.compiler.is_compiling()
         if torch.is_grad_enabled() or (compiling and not (self.frozen_projections and self._fused is not None)):
             weight = torch.cat([layer.weight for layer in layers])
@@ -251,6 +254,17 @@ class OryxMixer(nn.Module):
         if self._fused is None or self._fused[0] != key:
             self._fused = (key, torch.cat(weights).detach())
         return self._fused[1]
+
+    def _packed_rows(self, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of the concatenated projection weight, reordered for cpu_linear; kept with the
+        concatenation they come from (rebuilt with it, dropped with it)."""
+        fused = self._fused_weight()
+        if getattr(self, "_packed", (None,))[0] is not self._fused:
+            self._packed = (self._fused, {})
+        rows = self._packed[1]
+        if (start, end) not in rows:
+            rows[start, end] = cpu_linear.reorder(fused[start:end])
+        return rows[start, end]
 
     def train(self, mode: bool = True):
         # Training changes the weights, also in ways their version counters miss (fused optimizers write them
@@ -344,7 +358,10 @@ class OryxMixer(nn.Module):
                 T, keep = xn.shape[1], min(xn.shape[1], self.conv_q.weight.shape[1] - 1)
                 q_raw, q_tail = None, windows["q"]
                 if keep:
-                    q_tail = self.conv_q(F.linear(xn[:, T - keep:], self.q_rec.weight), windows["q"])[1]
+                    q_in, rows = xn[:, T - keep:], sum(getattr(self, name).out_features for name in self.projection_order)
+                    q_proj = (cpu_linear.linear(q_in, self._packed_rows(rows - self.q_rec.out_features, rows))
+                              if cpu_linear.applies(q_in) else F.linear(q_in, self.q_rec.weight))
+                    q_tail = self.conv_q(q_proj, windows["q"])[1]
             else:
                 q_raw, q_tail = self.conv_q(proj[self.recurrent_query], windows.get("q"), lengths)
             k_rec, v_rec = k, v
@@ -530,12 +547,32 @@ class SwiGLU(nn.Module):
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def forward_add(self, x, residual):
+        """residual + forward(x); on the CPU path (cpu_linear) one product for gate and up, the sum taken in the
+        down projection's epilogue."""
+        if not cpu_linear.applies(x):
+            return residual + self(x)
+        gate_up, down = self._packed_weights()
+        gate, up = cpu_linear.linear(x, gate_up).chunk(2, dim=-1)
+        return cpu_linear.linear_add(F.silu(gate).mul_(up), down, residual)
+
     def _fused_weight(self) -> torch.Tensor:
         weights = (self.gate_proj.weight, self.up_proj.weight)
         key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
         if self._fused is None or self._fused[0] != key:
             self._fused = (key, torch.cat(weights).detach())
         return self._fused[1]
+
+    def _packed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[gate; up] and down reordered for cpu_linear, kept with the [gate; up] concatenation (rebuilt with it,
+        dropped with it) and keyed by down's storage and version too."""
+        fused = self._fused_weight()
+        down = self.down_proj.weight
+        key = (down.data_ptr(), down._version)
+        cached = getattr(self, "_packed", None)
+        if cached is None or cached[0] is not self._fused or cached[1] != key:
+            cached = self._packed = (self._fused, key, cpu_linear.reorder(fused), cpu_linear.reorder(down))
+        return cached[2], cached[3]
 
     def train(self, mode: bool = True):
         if mode:  # as OryxMixer.train: training may change the weights without bumping their versions
@@ -557,7 +594,7 @@ class OryxLayer(nn.Module):
             self.mlp = None
 
     def _mlp(self, h):
-        return h if self.mlp is None else h + self.mlp(self.mlp_norm(h))
+        return h if self.mlp is None else self.mlp.forward_add(self.mlp_norm(h), h)
 
     def forward(self, x, plan: AttentionPlan, rope, layer_cache=None, lengths=None):
         h = x + self.mixer(self.attn_norm(x), plan, rope, layer_cache, lengths)

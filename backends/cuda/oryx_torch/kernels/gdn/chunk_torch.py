@@ -15,6 +15,7 @@ Only the last three lines run sequentially over chunks; the rest is batched.
 import torch
 import torch.nn.functional as F
 
+from ...cpu_linear import mkl_one_thread
 from ..sequences import sequence_bounds
 from ._inputs import check_inputs, default_scale
 from .naive import _compute_dtype
@@ -146,8 +147,9 @@ def chunk_gated_delta_rule_grouped(q, k, v, g, beta, scale=None, initial_state=N
     k_end = keys * (Gc[:, -1:] - Gc).exp_()[:, :, None]                              # [R, C, K]
     if q is None:  # [M' | P] = K_end^T X rhs, with K_end^T X solved for directly: (K_end^T X)(I + L) = K_end^T
         WU = None
-        transfer = torch.linalg.solve_triangular(L, k_end.transpose(1, 2), upper=False, left=False,
-                                                 unitriangular=True)                 # [R, K, C]
+        with mkl_one_thread():  # R small solves: MKL's per-call parallel regions cost more than the solves
+            transfer = torch.linalg.solve_triangular(L, k_end.transpose(1, 2), upper=False, left=False,
+                                                     unitriangular=True)             # [R, K, C]
         MP = torch.bmm(transfer, rhs)                                                # [R, K, K + V]
     else:
         eye = torch.eye(C, dtype=dtype, device=k.device)
