@@ -126,3 +126,38 @@ def test_mkl_one_thread_restores_and_solves_alike():
         got = torch.linalg.solve_triangular(L, rhs, upper=False, left=False, unitriangular=True)
     assert torch.get_num_threads() == threads
     assert relative_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["default", "o_norm_all", "no_gate_no_norm_no_mlp", "untied_no_rope_silu",
+                                     "retrofitted_llama"])
+@pytest.mark.parametrize("sharing", ["kv", "none", "qkv"])
+def test_last_token_alone_against_reference(variant, sharing, monkeypatch):
+    """A prompt whose logits only the last token's are read (`last_only`), in attention mode with the state dropped
+    or kept, into a fresh cache and continuing one: the last layer computes that token alone (its query, attention
+    row, output and MLP); logits and every cache tensor against the float64 reference and the full computation."""
+    from torch_models import VARIANTS
+
+    model, ref = build(seed=8, sharing=sharing, n_kv_heads=2, **VARIANTS[variant])
+    rng = np.random.default_rng(8)
+    tokens = rng.integers(0, model.cfg.vocab_size, (2, 50))
+    rows = []
+    attention = model.layers[-1].mixer._attention
+    monkeypatch.setattr(model.layers[-1].mixer, "_attention",
+                        lambda *a, **k: rows.append(a[-1] if len(a) > 6 else k.get("last_row")) or attention(*a, **k))
+    modes = np.ones((2, 50), bool)
+    want = ref.forward(tokens, modes)[0]
+    for keep_state in (False, True):
+        caches, logits = [], []
+        for last_only in (True, False):
+            cache = model.make_cache(2, 51)
+            if not keep_state:
+                cache.drop_recurrent()
+            with torch.inference_mode():
+                model(torch.tensor(tokens[:, :30]), True, cache=cache, last_only=last_only)
+                logits.append(model(torch.tensor(tokens[:, 30:]), True, cache=cache, last_only=last_only)[:, -1])
+            caches.append([t.clone() for layer in cache.layers for t in layer.tensors()])
+        assert relative_error(logits[0], want[:, -1]) < TOL
+        assert relative_error(logits[0], logits[1]) < SAME
+        for a, b in zip(*caches):
+            assert relative_error(a, b) < SAME
+    assert rows == [True, True, False, False] * 2  # the last-token path ran where asked

@@ -339,11 +339,14 @@ class OryxMixer(nn.Module):
         return self.o_proj(y.reshape(B, T, H * dv).to(dtype))
 
     # -- parallel form (training, eval, prefill) --
-    def forward(self, xn, plan: AttentionPlan, rope, layer_cache: LayerCache | None = None, lengths=None):
+    def forward(self, xn, plan: AttentionPlan, rope, layer_cache: LayerCache | None = None, lengths=None,
+                last_only: bool = False):
         """xn [B, T, D] normed input; plan: the modes; rope (cos, sin) for positions plan.q_offset.. or None.
         lengths [B] (with a cache): row b's tokens from lengths[b] on are right padding, which leaves its conv
         windows and recurrent state as they were after its last real token; their keys and values land in
-        KV cache slots that later tokens overwrite before anything reads them."""
+        KV cache slots that later tokens overwrite before anything reads them. `last_only`: the caller reads only
+        the last token's output; where every token attends, on the CPU path, the output is that token's alone
+        [B, 1, D] (the cache still takes every token)."""
         windows = layer_cache.conv if layer_cache is not None else {}
         # with a cache the state must advance anyway, unless it was dropped (then no token is recurrent);
         # likewise the KV cache takes every token's key and value while it is kept
@@ -354,8 +357,15 @@ class OryxMixer(nn.Module):
         # conv window keeps
         state_only = (recurrent and not plan.any_recurrent and lengths is None and self.recurrent_query == "q_rec"
                       and self.cfg.mixer == "gdn" and grouped_recurrence_applies(xn))
-        proj = self._projections(xn, plan.any_attention or (self.separate_kv and attention_kv), recurrent,
-                                 recurrent_query=not state_only)
+        # the last token's output alone: its query attends to every key (no mask), and the attention-only
+        # projection (q_attn, when it is the only one) runs for that token only
+        last_row = (last_only and lengths is None and plan.all_attention and not plan.traced
+                    and cpu_linear.applies(xn))
+        query_apart = last_row and self.projection_order[:self._shared_rows[0]] == ("q_attn",)
+        proj = self._projections(xn, (plan.any_attention and not query_apart) or (self.separate_kv and attention_kv),
+                                 recurrent, recurrent_query=not state_only)
+        if query_apart:
+            proj["q_attn"] = cpu_linear.linear(xn[:, -1:], self._packed_rows(0, self.q_attn.out_features))
         k = v = None
         if attention_kv or not self.separate_kv:
             k, k_tail = self.conv_k(proj["k_proj"], windows.get("k"), lengths)
@@ -394,7 +404,9 @@ class OryxMixer(nn.Module):
                     layer_cache.conv["k_rec"].copy_(k_rec_tail)
                     layer_cache.conv["v_rec"].copy_(v_rec_tail)
         if attention_kv:
-            o_attn = self._attention(proj, k, v, plan, rope, layer_cache)
+            o_attn = self._attention(proj, k, v, plan, rope, layer_cache, last_row)
+        if last_row:  # every token attends: the recurrent readout, if any was computed, is not read
+            return self._output(o_attn, {name: t[:, -1:] for name, t in proj.items() if name == "g_proj"}, xn.dtype)
         if o_attn is None:
             o = o_rec
         elif o_rec is None:
@@ -422,8 +434,9 @@ class OryxMixer(nn.Module):
                                                   initial_state=state, output_final_state=initial_state is not None)
         return o, None if final is None else final.repeat_interleave(G, dim=1)
 
-    def _attention(self, proj: dict, k, v, plan: AttentionPlan, rope, layer_cache):
-        """Appends this chunk's keys/values to the cache (if any) and attends for the attention-mode rows."""
+    def _attention(self, proj: dict, k, v, plan: AttentionPlan, rope, layer_cache, last_row: bool = False):
+        """Appends this chunk's keys/values to the cache (if any) and attends for the attention-mode rows (with
+        `last_row`, for the last token only, which every key precedes: [B, 1, H, dv])."""
         keys, values = self._keys_values(k, v, rope)
         offset = plan.q_offset
         if layer_cache is not None and layer_cache.keys is not None:
@@ -434,6 +447,11 @@ class OryxMixer(nn.Module):
             values = layer_cache.values[:, :, :offset + T].to(values.dtype)
         if not plan.any_attention:
             return None
+        if last_row:
+            q = self._attention_queries(proj["q_attn"][:, -1:], None if rope is None else (rope[0][-1:], rope[1][-1:]))
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, scale=self.cfg.head_dim ** -0.5,
+                                               enable_gqa=q.shape[2] != keys.shape[1])
+            return o.transpose(1, 2)
         q = self._attention_queries(proj["q_attn"], rope).transpose(1, 2)
         o = plan_attention(q, keys, values, plan, scale=self.cfg.head_dim ** -0.5)
         return o.transpose(1, 2)
@@ -607,9 +625,11 @@ class OryxLayer(nn.Module):
     def _mlp(self, h):
         return h if self.mlp is None else self.mlp.forward_add(self.mlp_norm(h), h)
 
-    def forward(self, x, plan: AttentionPlan, rope, layer_cache=None, lengths=None):
-        h = x + self.mixer(self.attn_norm(x), plan, rope, layer_cache, lengths)
-        return self._mlp(h)
+    def forward(self, x, plan: AttentionPlan, rope, layer_cache=None, lengths=None, last_only: bool = False):
+        """x [B, T, D] -> [B, T, D], or [B, 1, D] (the last token) where the mixer computed only that one
+        (`last_only`, OryxMixer.forward)."""
+        o = self.mixer(self.attn_norm(x), plan, rope, layer_cache, lengths, last_only=last_only)
+        return self._mlp((x if o.shape[1] == x.shape[1] else x[:, -1:]) + o)
 
     def step(self, x, modes, rope, layer_cache, position, attend):
         return self._mlp(x + self.mixer.step(self.attn_norm(x), modes, rope, layer_cache, position, attend))
@@ -777,7 +797,8 @@ class OryxModel(nn.Module):
         rope = self._rope(torch.arange(offset, offset + T, device=self.device))
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, layer_plans[i], rope, None if cache is None else cache.layers[i], lengths)
+            x = layer(x, layer_plans[i], rope, None if cache is None else cache.layers[i], lengths,
+                      last_only=last_only and i == len(self.layers) - 1)
         if cache is not None:
             cache.advance(T)
             if lengths is not None:
