@@ -279,8 +279,7 @@ class OryxMixer(nn.Module):
         # one fused matrix serves every call: a recurrent-mode call needs a prefix of this order, an
         # all-attention call a suffix, so neither computes rows it does not use (a state advanced alone
         # projects its gates, and q_rec for the conv window, in calls of their own)
-        order = (*gates, "q_rec", "k_proj", "v_proj", *(("g_proj",) if cfg.output_gate else ()), "q_attn")
-        layout, projections = fused_weights(self, self.derived, order)
+        layout, projections = fused_weights(self, self.derived, self.projection_order())
         convs = [self[name] for name in (("conv_q", "conv_k", "conv_v") if queries else ("conv_k", "conv_v"))]
         conv_names = tuple(c for c in ("weight", "bias") if c in convs[0])
         conv = self.derived.get(("conv", queries), lambda: tuple(c[n] for c in convs for n in conv_names),
@@ -295,6 +294,19 @@ class OryxMixer(nn.Module):
             if cfg.mixer == "mamba2":
                 arrays["D_skip"] = self.D_skip
         return (tuple(units), tuple(units.values()), layout, identity, recurrent and not queries), arrays
+
+    def projection_order(self) -> tuple:
+        gates = ("a_proj", "b_proj") if self.cfg.mixer == "gdn" else ("dt_proj",)
+        return (*gates, "q_rec", "k_proj", "v_proj", *(("g_proj",) if self.cfg.output_gate else ()), "q_attn")
+
+    def last_query(self, normed, rope):
+        """The attention query [B, H, 1, d] (RoPE applied) of the last token of normed [B, T, D] alone; rope: the
+        `rope_table` of the T positions."""
+        B, T, _ = normed.shape
+        layout, projections = fused_weights(self, self.derived, self.projection_order())
+        q = apply_fused(layout, projections, normed[:, -1:], (("q_attn",),))[0]
+        table = None if rope is None else tuple(t[-1:] for t in rope)
+        return apply_rope(q.reshape(B, 1, self.cfg.n_heads, self.cfg.head_dim).transpose(0, 2, 1, 3), table)
 
     def local(self, static, arrays, x, window, state, rope):
         """x [B,T,D] (normed) -> (q_attn [B,H,T,d] or None, k [B,Hkv,T,d], v [B,Hkv,T,dv] (RoPE applied),
@@ -489,22 +501,31 @@ class OryxBlock(nn.Module):
         normed = mx.fast.rms_norm(h, arrays["mlp_norm"], self.mixer.cfg.norm_eps)
         return h + self.mlp.apply(static[1], arrays["mlp"], normed)
 
-    def __call__(self, x, attention, rope, cache: LayerCache | None = None):
-        """x [B,T,D]; attention: numpy bool [B,T], True where a token reads by attention; rope: `rope_table`
-        of the tokens' positions."""
+    def __call__(self, x, attention, rope, cache: LayerCache | None = None, last_only: bool = False):
+        """x [B,T,D] -> [B,T,D]; attention: numpy bool [B,T], True where a token reads by attention; rope:
+        `rope_table` of the tokens' positions. `last_only`: the caller reads the last token's output only; where
+        every token attends, the output is that token's alone [B,1,D] (the cache still takes every token)."""
         T = x.shape[1]
         all_attention = bool(attention.all())
+        # the last token alone: its query (projected for it only), one attention row that every key precedes (no
+        # mask), the output and the MLP for that token
+        last_row = last_only and all_attention and T > 1
         # with a cache the state advances whatever the mode, until the state is dropped
         recurrent = not all_attention or (cache is not None and not cache.recurrent_dropped)
         offset = cache.offset if cache is not None else 0
         single_step = T == 1 and cache is not None
         # a prompt of attention-mode tokens advances the state alone (a single step keeps the token-step path)
-        static, mixer_arrays = self.mixer.local_weights(recurrent, all_attention or bool(attention.any()),
-                                                        readout=not all_attention or T == 1)
+        static, mixer_arrays = self.mixer.local_weights(recurrent, (all_attention or bool(attention.any()))
+                                                        and not last_row, readout=not all_attention or T == 1)
         q_attn, k, v, o_rec, g, window, state = self._stage("_local", static, single_step)(
             {"attn_norm": self.attn_norm.weight, "mixer": mixer_arrays}, x, None if cache is None else cache.conv,
             None if cache is None else cache.recurrent, rope)
-        o_attn = self.mixer.attention(q_attn, k, v, attention, cache, offset)
+        if last_row:
+            normed = mx.fast.rms_norm(x[:, -1:], self.attn_norm.weight, self.mixer.cfg.norm_eps)
+            q_attn, x, g = self.mixer.last_query(normed, rope), x[:, -1:], None if g is None else g[:, -1:]
+            o_attn = self.mixer.attention(q_attn, k, v, attention[:, -1:], cache, offset + T - 1)
+        else:
+            o_attn = self.mixer.attention(q_attn, k, v, attention, cache, offset)
         if all_attention:
             o_rec = None  # the recurrent readout (if the state advanced) is read by no token of this call
         if cache is not None:
@@ -564,7 +585,7 @@ class OryxModel(nn.Module):
         x = self.embed(mx.array(ids))
         rope = rope_table(self.cfg, 0 if cache is None else cache[0].offset, T)
         for i, layer in enumerate(self.layers):
-            x = layer(x, attention[i], rope, None if cache is None else cache[i])
+            x = layer(x, attention[i], rope, None if cache is None else cache[i], last_only and i == L - 1)
         x = self.norm(x[:, -1:] if last_only else x)
         return self.embed.as_linear(x) if self.cfg.tie_embeddings else self.lm_head(x)
 
