@@ -161,3 +161,40 @@ def test_last_token_alone_against_reference(variant, sharing, monkeypatch):
         for a, b in zip(*caches):
             assert relative_error(a, b) < SAME
     assert rows == [True, True, False, False] * 2  # the last-token path ran where asked
+
+
+@pytest.mark.parametrize("variant", ["default", "conv_bias_gate_before_norm", "o_norm_all", "untied_no_rope_silu",
+                                     "retrofitted_llama"])
+@pytest.mark.parametrize("sharing", ["kv", "none"])
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_last_recurrent_token_alone_against_reference(variant, sharing, kv_heads, monkeypatch):
+    """An all-recurrent prompt read through its last token (`last_only`): the last layer advances the state alone and
+    reads it with that token's query; logits against the float64 reference and the full computation, every cache
+    tensor against the full computation's, fresh and continued caches (the second call shorter than the conv
+    window), and without a cache."""
+    from torch_models import VARIANTS
+
+    model, ref = build(seed=9, sharing=sharing, n_kv_heads=kv_heads, **VARIANTS[variant])
+    tokens = np.random.default_rng(9).integers(0, model.cfg.vocab_size, (2, 50))
+    readouts = []
+    readout = model.layers[-1].mixer._last_token_readout
+    monkeypatch.setattr(model.layers[-1].mixer, "_last_token_readout",
+                        lambda *a: readouts.append(1) or readout(*a))
+    for cut in (30, 48):  # 48: the continuation (2 tokens) is shorter than the conv window
+        want = ref.forward(tokens, np.zeros((2, 50), bool))[0][:, -1]
+        logits, caches = [], []
+        for last_only in (True, False):
+            cache = model.make_cache(2, 51)
+            with torch.inference_mode():
+                model(torch.tensor(tokens[:, :cut]), False, cache=cache, last_only=last_only)
+                logits.append(model(torch.tensor(tokens[:, cut:]), False, cache=cache, last_only=last_only)[:, -1])
+            caches.append([t.clone() for layer in cache.layers for t in layer.tensors()])
+        assert relative_error(logits[0], want) < TOL
+        assert relative_error(logits[0], logits[1]) < SAME
+        for a, b in zip(*caches):
+            assert relative_error(a, b) < SAME
+    with torch.inference_mode():
+        alone = model(torch.tensor(tokens), False, last_only=True)[:, -1]
+        full = model(torch.tensor(tokens), False)[:, -1]
+    assert relative_error(alone, full) < SAME
+    assert len(readouts) == 5  # two calls per cache, one without

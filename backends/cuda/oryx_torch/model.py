@@ -357,6 +357,12 @@ class OryxMixer(nn.Module):
         # conv window keeps
         state_only = (recurrent and not plan.any_recurrent and lengths is None and self.recurrent_query == "q_rec"
                       and self.cfg.mixer == "gdn" and grouped_recurrence_applies(xn))
+        # the last token's output alone where every token is recurrent: the state advanced alone as above, then
+        # read by that token's query (its conv needs the last W inputs of q_rec)
+        last_recurrent = (last_only and lengths is None and not plan.any_attention and not plan.traced
+                          and self.recurrent_query == "q_rec" and self.cfg.mixer == "gdn"
+                          and grouped_recurrence_applies(xn) and cpu_linear.applies(xn))
+        state_only = state_only or last_recurrent
         # the last token's output alone: its query attends to every key (no mask), and the attention-only
         # projection (q_attn, when it is the only one) runs for that token only
         last_row = (last_only and lengths is None and plan.all_attention and not plan.traced
@@ -376,13 +382,15 @@ class OryxMixer(nn.Module):
         o_rec = o_attn = None
         if recurrent:
             if state_only:  # no readout: the conv window's last W - 1 inputs are all q_rec is needed for
-                T, keep = xn.shape[1], min(xn.shape[1], self.conv_q.weight.shape[1] - 1)
-                q_raw, q_tail = None, windows["q"]
+                W = self.conv_q.weight.shape[1]
+                T, keep = xn.shape[1], min(xn.shape[1], W if last_recurrent else W - 1)
+                q_raw, q_tail = None, windows.get("q")
                 if keep:
                     q_in, rows = xn[:, T - keep:], sum(getattr(self, name).out_features for name in self.projection_order)
                     q_proj = (cpu_linear.linear(q_in, self._packed_rows(rows - self.q_rec.out_features, rows))
                               if cpu_linear.applies(q_in) else F.linear(q_in, self.q_rec.weight))
-                    q_tail = self.conv_q(q_proj, windows["q"])[1]
+                    q_out, q_tail = self.conv_q(q_proj, windows.get("q"))
+                    q_raw = q_out[:, -1:] if last_recurrent else None
             else:
                 q_raw, q_tail = self.conv_q(proj[self.recurrent_query], windows.get("q"), lengths)
             k_rec, v_rec = k, v
@@ -391,12 +399,15 @@ class OryxMixer(nn.Module):
                 v_rec, v_rec_tail = self.conv_v_rec(proj["v_rec"], windows.get("v_rec"), lengths)
             grouped = state_only or (self.cfg.mixer == "gdn" and self.cfg.group_size > 1
                                      and grouped_recurrence_applies(xn))
-            r = self._recurrence_inputs(proj, k_rec, v_rec, q_raw, grouped=grouped)
+            r = self._recurrence_inputs(proj, k_rec, v_rec, None if last_recurrent else q_raw, grouped=grouped)
             if lengths is not None:  # padding leaves the state alone: no decay (g = 0), no write (beta = 0, dt = 0)
                 real = (torch.arange(xn.shape[1], device=xn.device)[None, :] < lengths[:, None])[:, :, None]
                 for name in ("g", "beta") if self.cfg.mixer == "gdn" else ("dt",):
                     r[name] = r[name] * real
-            o_rec, final = self._recurrence(r, None if layer_cache is None else layer_cache.recurrent)
+            if last_recurrent:
+                o_rec, final = self._last_token_readout(r, q_raw, None if layer_cache is None else layer_cache.recurrent)
+            else:
+                o_rec, final = self._recurrence(r, None if layer_cache is None else layer_cache.recurrent)
             if layer_cache is not None:
                 layer_cache.recurrent.copy_(final)
                 layer_cache.conv["q"].copy_(q_tail)
@@ -405,6 +416,8 @@ class OryxMixer(nn.Module):
                     layer_cache.conv["v_rec"].copy_(v_rec_tail)
         if attention_kv:
             o_attn = self._attention(proj, k, v, plan, rope, layer_cache, last_row)
+        if last_recurrent:
+            return self._output(o_rec, {name: t[:, -1:] for name, t in proj.items() if name == "g_proj"}, xn.dtype)
         if last_row:  # every token attends: the recurrent readout, if any was computed, is not read
             return self._output(o_attn, {name: t[:, -1:] for name, t in proj.items() if name == "g_proj"}, xn.dtype)
         if o_attn is None:
@@ -433,6 +446,21 @@ class OryxMixer(nn.Module):
         o, final = chunk_gated_delta_rule_grouped(r["q"], r["k"], r["v"], r["g"], r["beta"], scale=self.cfg.gdn_scale,
                                                   initial_state=state, output_final_state=initial_state is not None)
         return o, None if final is None else final.repeat_interleave(G, dim=1)
+
+    def _last_token_readout(self, r: dict, q_last, initial_state):
+        """GDN's final state over r's keys, values and gates (per key/value head, as _grouped_recurrence) and the
+        last token's readout scale·S_T^T q_T from it (q_last [B, 1, H * d] after its conv): (o [B, 1, H, dv], the
+        final state per query head [B, H, d, dv] or None without an initial state)."""
+        cfg = self.cfg
+        G, Hkv = cfg.group_size, cfg.n_kv_heads
+        state = None if initial_state is None else initial_state.unflatten(1, (Hkv, G))[:, :, 0]
+        final = chunk_gated_delta_rule_grouped(None, r["k"], r["v"], r["g"], r["beta"], initial_state=state,
+                                               output_final_state=True)[1]                # [B, Hkv, d, dv]
+        B = q_last.shape[0]
+        q = l2_normalize(q_last.reshape(B, Hkv, G, cfg.head_dim))
+        o = torch.matmul(q.to(final.dtype), final).mul_(cfg.gdn_scale)                    # [B, Hkv, G, dv]
+        o = cast(o.view(B, 1, cfg.n_heads, cfg.v_head_dim), r["v"].dtype)
+        return o, None if initial_state is None else final.repeat_interleave(G, dim=1)
 
     def _attention(self, proj: dict, k, v, plan: AttentionPlan, rope, layer_cache, last_row: bool = False):
         """Appends this chunk's keys/values to the cache (if any) and attends for the attention-mode rows (with
