@@ -4,6 +4,7 @@
     python experiments/retrofit_smollm2.py run --gguf F --work DIR --out DIR [--layer-tokens N --tokens N]
     python experiments/retrofit_smollm2.py prepare --gguf F --parts 3   # the GGUF in runs/gguf_part{1,2,3}/part
     python experiments/retrofit_smollm2.py shared --work DIR --out DIR [--rank R --tokens N --budget-s S]
+    python experiments/retrofit_smollm2.py figure [--results R --out PNG]   # a shared run's adds its drift panel
 
 `run` does everything on one GPU: converts the GGUF (float32, exact dequantisation), scores the held-out
 prose with HF transformers' LlamaForCausalLM on the same dequantised weights and with Oryx under each plan,
@@ -169,11 +170,15 @@ def figure(args) -> None:
 
     results = json.loads(Path(args.results).read_text())
     curve = results["curve"]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    shared_stage = results.get("stage") == "shared"
+    if shared_stage:
+        fig, (ax, drift_ax) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [7, 5]})
+        attention_drift_panel(drift_ax, results)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
     for plan in PLANS:
         ax.plot([c["tokens"] / 1e6 for c in curve], [c["bpb"][plan]["bpb"] for c in curve], marker="o", ms=3,
                 label=plan)
-    shared_stage = results.get("stage") == "shared"
     if not shared_stage:
         stage_end = max(c["tokens"] for c in curve if c["stage"] == "layer") / 1e6
         ax.axvline(stage_end, color="black", lw=0.8)
@@ -186,6 +191,26 @@ def figure(args) -> None:
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
+
+
+def attention_drift_panel(ax, results: dict) -> None:
+    """The shared stage's attention-mode drift against tokens: the validation NLL against the source's (what the
+    run's budget bounds and its checkpoint choice reads) and the held-out curve windows' bits per byte against
+    the first evaluation's, with the budget as a line."""
+    curve = results["curve"]
+    tokens = [c["tokens"] / 1e6 for c in curve]
+    start = curve[0]["bpb"]["attention"]["bpb"]
+    ax.plot(tokens, [100 * c["validation"]["attention_drift"] for c in curve], marker="o", ms=3,
+            label="validation NLL vs source (distillation data)")
+    ax.plot(tokens, [100 * (c["bpb"]["attention"]["bpb"] / start - 1) for c in curve], marker="s", ms=3,
+            label=f"held-out bits per byte vs step 0 ({results['heldout']['curve_windows']} windows)")
+    budget = 100 * results["shared_stage"]["attention_budget"]
+    ax.axhline(budget, color="red", lw=0.8, ls="--", label=f"budget (+{budget:g}%)")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xlabel("shared-stage tokens (millions)")
+    ax.set_ylabel("attention mode, change (%)")
+    ax.set_title("attention-mode drift")
+    ax.legend(fontsize=8)
 
 
 # ----- scoring -----
