@@ -81,6 +81,26 @@ def test_packed_forward_and_gradients_match_float64(flex_backward_on_cpu, seed, 
         assert worst < 1e-12 and norm < 1e-12, (name, worst, norm)
 
 
+@pytest.mark.parametrize("method", ["flex", "packed"])
+@pytest.mark.parametrize("d, dv", [(32, 16), (16, 32)])
+def test_unequal_head_sizes_match_float64(flex_backward_on_cpu, monkeypatch, method, d, dv):
+    """Key and value heads of different sizes (padded to one size for the fused kernels, then sliced back):
+    a 65-row step after one cached key, the shape of a batched prefill behind a cached token."""
+    monkeypatch.setattr(attention, "MIXED_ATTENTION", method)
+    gen = torch.Generator().manual_seed(11)
+    B, H, Hkv, T, q_offset = 2, 4, 2, 65, 1
+    modes = chunk_modes(np.random.default_rng(5), B, T, 16, 0.5)
+    q = torch.randn(B, H, T, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, Hkv, T + q_offset, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, Hkv, T + q_offset, dv, generator=gen, dtype=torch.float64)
+    out = plan_attention(q, k, v, AttentionPlan(modes, q_offset, modes), scale=0.3)
+    want = reference_attention(q, k, v, q_offset, 0.3)
+    assert out.shape == want.shape
+    rows = modes[:, None, :, None].expand_as(want)
+    worst, norm = errors(out[rows], want[rows])
+    assert worst < 1e-12 and norm < 1e-12, (worst, norm)
+
+
 def test_packed_blocks_are_the_needed_ones():
     """Each packed query block reads exactly the key blocks some attention row in it reaches; 'full' ones
     (no mask) only where every attention row in it sees the whole key block; the backward's per-key-block

@@ -197,29 +197,38 @@ def plan_attention(q, k, v, plan: AttentionPlan, scale: float | None = None):
         flex = flex_attention_function() if torch.compiler.is_compiling() or not q.is_cuda else \
             _compiled_flex_attention()
         grouped = H != k.shape[1]
+        dv = v.shape[-1]
+        q, k, v = equal_head_dims(q, k, v)
         if method == "packed" and (packed := plan.packed_rows(k.shape[2])) is not None:
             rows = _PermuteRows.apply(q, packed.order, packed.inverse)
             out = flex(rows, k, v, block_mask=packed.block_mask, scale=scale, enable_gqa=grouped)
-            return _PermuteRows.apply(out, packed.inverse, packed.order)
+            return _PermuteRows.apply(out, packed.inverse, packed.order)[..., :dv]
         block_mask = plan.block_mask(k.shape[2])
         if block_mask is None:  # traced plan: every row attends
-            return _rows_attention(q, k, v, None, plan.q_offset, scale)
-        return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=grouped)
+            return _rows_attention(q, k, v, None, plan.q_offset, scale)[..., :dv]
+        return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=grouped)[..., :dv]
     if plan.q_offset == 0 and plan.all_attention:  # every row attends: no row gather, no explicit mask
         return causal_sdpa(q, k, v, scale)
     return _rows_attention(q, k, v, plan.attention_rows(), plan.q_offset, scale)
 
 
-def causal_sdpa(q, k, v, scale):
-    """Causal SDPA; when key and value head sizes differ, zero-pads the smaller so flash kernels apply.
-
-    Zero columns change no score (q.k) and padded value columns are sliced off again.
-    """
+def equal_head_dims(q, k, v):
+    """q, k and v zero-padded to one head size, the larger of the two, for the fused kernels: SDPA's flash
+    kernels want them equal, and compiled FlexAttention on CUDA (torch 2.11) found no kernel configuration for a
+    65-row query block with 32-wide key heads and 16-wide value heads. Zero columns change no score (q.k); the
+    caller slices the padded value columns off."""
     d, dv = q.shape[-1], v.shape[-1]
     if d < dv:
         q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
     elif dv < d:
         v = F.pad(v, (0, d - dv))
+    return q, k, v
+
+
+def causal_sdpa(q, k, v, scale):
+    """Causal SDPA over heads padded to one size (equal_head_dims)."""
+    dv = v.shape[-1]
+    q, k, v = equal_head_dims(q, k, v)
     grouped = q.shape[1] != k.shape[1]
     if grouped and q.dtype == torch.float32 and q.is_cuda:
         # No fused CUDA kernel takes fp32 with grouped heads (flash and cuDNN need 16-bit inputs, the
