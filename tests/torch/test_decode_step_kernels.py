@@ -380,10 +380,11 @@ def test_fused_greedy_tokens_equal_unfused_compiled():
     np.testing.assert_array_equal(fused, decode_tokens(model, False, prompt_mode, step_modes, drop))
 
 
-def test_fused_step_is_off_by_default_and_on_cpu():
-    """Off unless ORYX_FUSED_DECODE=1; even on, a CPU tensor outside the interpreter takes the torch step."""
+def test_fused_step_is_on_by_default_and_off_on_cpu():
+    """On unless ORYX_FUSED_DECODE=0; even on, a CPU tensor outside the interpreter takes the torch step."""
     from oryx_torch.model import fused_step_applies
 
+    assert model_module.FUSED_DECODE == (os.environ.get("ORYX_FUSED_DECODE", "1") == "1")
     model = tiny_model()
     cache = model.make_cache(1, 8)
     saved, model_module.FUSED_DECODE = model_module.FUSED_DECODE, True

@@ -931,8 +931,8 @@ def fused_decode_available(t: torch.Tensor) -> bool:
 
 # Whether decode steps run each layer's mixer through the fused token kernels (kernels/decode_step.py) where
 # fused_step_applies; read at every step, so it may be switched between runs (a captured CUDA graph or a compiled
-# step keeps what it was built with; dynamo guards on it).
-FUSED_DECODE = os.environ.get("ORYX_FUSED_DECODE", "0") == "1"
+# step keeps what it was built with; dynamo guards on it). On unless ORYX_FUSED_DECODE=0.
+FUSED_DECODE = os.environ.get("ORYX_FUSED_DECODE", "1") == "1"
 
 
 def fused_norms_apply(x: torch.Tensor) -> bool:
