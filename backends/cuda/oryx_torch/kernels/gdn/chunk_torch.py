@@ -137,15 +137,17 @@ def chunk_gated_delta_rule_grouped(q, k, v, g, beta, scale=None, initial_state=N
     keys, gate, rate = packed[..., :K], packed[..., K + V], packed[..., K + V + 1]
     Gc = gate.cumsum(-1)                                                             # [R, C]
     eG = Gc.exp()
-    idx = torch.arange(C, device=k.device)
-    decay = (Gc[:, :, None] - Gc[:, None, :]).masked_fill_(idx[:, None] < idx[None, :], float("-inf")).exp_()
+    # e^{G_i - G_j} on and below the diagonal (at most 1: the gates are <= 0); above it the exponent is >= 0 and may
+    # overflow, and tril_ overwrites it with zeros
+    decay = (Gc[:, :, None] - Gc[:, None, :]).exp_().tril_()
     # the solves read only the strictly lower triangle of L (beta_i e^{G_i - G_j} k_i.k_j, i > j) and take
     # its diagonal as ones
     L = torch.bmm(keys, keys.transpose(1, 2)).mul_(decay).mul_(rate[:, :, None])
     rhs = packed[..., :K + V] * rate[:, :, None]                                     # [beta k | beta v]
-    rhs[..., :K].mul_(eG[:, :, None])                                                # [beta e^G k | beta v]
+    rhs[..., :K].mul_(eG.neg()[:, :, None])                                          # [-beta e^G k | beta v]
     k_end = keys * (Gc[:, -1:] - Gc).exp_()[:, :, None]                              # [R, C, K]
-    if q is None:  # [M' | P] = K_end^T X rhs, with K_end^T X solved for directly: (K_end^T X)(I + L) = K_end^T
+    # W enters negated (-W | U = X rhs), so K_end^T [-W | U] = [-M' | P] needs no negation
+    if q is None:  # [-M' | P] = K_end^T X rhs, with K_end^T X solved for directly: (K_end^T X)(I + L) = K_end^T
         WU = None
         with mkl_one_thread():  # R small solves: MKL's per-call parallel regions cost more than the solves
             transfer = torch.linalg.solve_triangular(L, k_end.transpose(1, 2), upper=False, left=False,
@@ -154,24 +156,24 @@ def chunk_gated_delta_rule_grouped(q, k, v, g, beta, scale=None, initial_state=N
     else:
         eye = torch.eye(C, dtype=dtype, device=k.device)
         X = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False, unitriangular=True)
-        WU = torch.bmm(X, rhs)                                                       # [W | U]
+        WU = torch.bmm(X, rhs)                                                       # [-W | U]
         MP = torch.bmm(k_end.transpose(1, 2), WU)
     M, P = MP[..., :K], MP[..., K:]
-    M.neg_().diagonal(dim1=-2, dim2=-1).add_(eG[:, -1:])                             # M = e^{G_C} I - M'
-    M, P = M.view(N, NT, K, K), P.view(N, NT, K, V)
+    M.diagonal(dim1=-2, dim2=-1).add_(eG[:, -1:])                                    # M = e^{G_C} I - M'
+    M, P = M.view(N, NT, K, K).unbind(1), P.view(N, NT, K, V).unbind(1)
     state = (torch.zeros(N, K, V, dtype=dtype, device=k.device) if initial_state is None
              else initial_state.to(dtype).reshape(N, K, V))
     entries = []                                                                     # the state entering each chunk
     for c in range(NT):
         if q is not None:
             entries.append(state)
-        state = torch.baddbmm(P[:, c], M[:, c], state)
+        state = torch.baddbmm(P[c], M[c], state)
     final = state.view(B, Hkv, K, V) if output_final_state else None
     if q is None:
         return None, final
     scale = default_scale(scale, K)
     S = torch.stack(entries, 1).view(R, K, V)
-    delta = torch.baddbmm(WU[..., K:], WU[..., :K], S, alpha=-1)                     # [R, C, V]
+    delta = torch.baddbmm(WU[..., K:], WU[..., :K], S)                               # U - W S: [R, C, V]
     # each group's G query heads as rows of one matrix per chunk, token-major: [R, C * G, K]
     qc = head_major(q.to(dtype).view(B, T, Hkv, G * K), NT * C).view(R, C * G, K)
     if scale != 1:
