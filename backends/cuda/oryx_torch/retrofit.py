@@ -47,21 +47,18 @@ EVAL_PLANS = ("attention", "recurrent", "prefill-attention", "last:10%", "every:
 
 
 @dataclass
-class RetrofitConfig:
-    src: str  # Oryx checkpoint to retrofit
-    out: str  # run directory: log.jsonl, checkpoints/, and the finished model in out/model
+class DistillationConfig:
+    """What every retrofit stage's run reads: its files, batches, schedule, plans, checkpoints and device."""
+    src: str  # the Oryx checkpoint (or adapter) the stage starts from
+    out: str  # run directory: log.jsonl, checkpoints/, and what the stage finishes with
     data: str  # token shard directory made with SRC's tokenizer (oryx data build)
-    mixer: str | None = None  # None: SRC's; another mixer replaces SRC's recurrent tensors by fresh ones
-    recurrent_scale: float | None = 1.0  # GDN readout scale written into the config; None keeps SRC's
-    layer_tokens: int = 0  # stage (a) token budget
-    tokens: int = 0  # stage (b) token budget
+    tokens: int = 0  # token budget of the logit-fitting schedule
     seq_len: int = 512
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4
-    warmup: int = 20  # steps, at the start of each stage
-    weight_decay: float = 0.0
+    warmup: int = 20  # steps, at the start of each schedule
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     bf16: bool = True  # bf16 autocast on CUDA; the trained tensors stay fp32
@@ -75,10 +72,37 @@ class RetrofitConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
-    parallel: str = "ddp"  # the only one: trainable gradients are averaged by hand
 
     def tokens_per_step(self, world: int) -> int:
         return self.seq_len * self.batch_size * self.grad_accum * world
+
+
+def check_distillation_config(cfg: DistillationConfig) -> None:
+    """The checks every stage shares: sizes >= 1, the learning-rate range, plans that parse (at least one each)."""
+    for key in ("seq_len", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints", "log_every"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    if not (cfg.lr > 0 and 0 <= cfg.min_lr <= cfg.lr):
+        raise ValueError("--lr must be > 0 and --min-lr in [0, lr]")
+    for key in ("student_plans", "eval_plans"):
+        plans = getattr(cfg, key)
+        if not plans:
+            raise ValueError(f"--{key.replace('_', '-')} must name at least one plan")
+        for plan in plans:
+            try:
+                ModePlan.parse(plan)
+            except ValueError as e:
+                raise ValueError(f"--{key.replace('_', '-')}: {e}") from None
+
+
+@dataclass
+class RetrofitConfig(DistillationConfig):
+    """The recurrent-only retrofit: stage (a) for `layer_tokens`, then stage (b) for `tokens`."""
+    mixer: str | None = None  # None: SRC's; another mixer replaces SRC's recurrent tensors by fresh ones
+    recurrent_scale: float | None = 1.0  # GDN readout scale written into the config; None keeps SRC's
+    layer_tokens: int = 0  # stage (a) token budget
+    weight_decay: float = 0.0
+    parallel: str = "ddp"  # the only one: trainable gradients are averaged by hand
 
     def stage_steps(self, world: int) -> tuple[int, int]:
         per = self.tokens_per_step(world)
@@ -93,18 +117,8 @@ def check_config(cfg: RetrofitConfig) -> None:
     need(cfg.mixer in (None, *MIXERS), f"--mixer must be one of {MIXERS}, got {cfg.mixer!r}")
     need(cfg.layer_tokens >= 0 and cfg.tokens >= 0, "--layer-tokens and --tokens must be >= 0")
     need(cfg.layer_tokens + cfg.tokens > 0, "--layer-tokens or --tokens must be > 0")
-    for key in ("seq_len", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints", "log_every"):
-        need(getattr(cfg, key) >= 1, f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
-    need(cfg.lr > 0 and 0 <= cfg.min_lr <= cfg.lr, "--lr must be > 0 and --min-lr in [0, lr]")
     need(cfg.recurrent_scale is None or cfg.recurrent_scale > 0, "--recurrent-scale must be > 0")
-    for key in ("student_plans", "eval_plans"):
-        plans = getattr(cfg, key)
-        need(len(plans) > 0, f"--{key.replace('_', '-')} must name at least one plan")
-        for plan in plans:
-            try:
-                ModePlan.parse(plan)
-            except ValueError as e:
-                raise ValueError(f"--{key.replace('_', '-')}: {e}") from None
+    check_distillation_config(cfg)
 
 
 # ----- the model: SRC with fresh-or-kept recurrent tensors, everything else frozen -----

@@ -42,14 +42,13 @@ from torch.func import functional_call
 
 from oryx_core.adapter import LOWRANK_A, LOWRANK_B, merge_lowrank_params, round_lowrank, stored_form
 from oryx_core.atomic import atomic_write_bytes
-from oryx_core.plan import ModePlan
 from oryx_core.safetensors_io import encode, load_file
 from oryx_core.spec import RECURRENT, parameter_specs
 from oryx_core.weights import load_checkpoint, save_checkpoint
 
 from .model import OryxModel, torch_to_numpy
-from .retrofit import (EVAL_PLANS, STUDENT_PLANS, eval_modes, open_run, optimizer_step, retrofit_start,
-                       student_modes)
+from .retrofit import (DistillationConfig, check_distillation_config, eval_modes, open_run, optimizer_step,
+                       retrofit_start, student_modes)
 from .train import (EVAL_STREAM, TRAIN_STREAM, Runtime, batch_rng, bump_parameter_versions, keep_log_until,
                     log_record, lr_at, publish_checkpoint, mean_over_ranks, read_state, restore_rng_state,
                     rng_states_of_all_ranks, start_runtime, step_progress)
@@ -63,40 +62,16 @@ DEFAULT_SHARED_TARGETS = ("q_attn", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass
-class SharedStageConfig:
-    src: str  # a retrofitted checkpoint (or adapter): its recurrent tensors are the starting point
-    out: str  # run directory: log.jsonl, checkpoints/, model/ and lowrank.safetensors when finished
-    data: str  # token shard directory made with SRC's tokenizer
+class SharedStageConfig(DistillationConfig):
+    """The opt-in shared stage: low-rank deltas on `targets` (rank `rank`) and SRC's recurrent tensors, trained
+    with mixed-mode rows while all-attention rows hold attention mode within `attention_budget`."""
     rank: int = 32
     targets: list = field(default_factory=lambda: list(DEFAULT_SHARED_TARGETS))
-    tokens: int = 0
-    seq_len: int = 512
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3  # the deltas' peak learning rate
-    min_lr: float = 1e-4
-    recurrent_lr_scale: float = 0.5  # the recurrent tensors' learning rate relative to the deltas'
-    warmup: int = 20
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0
+    recurrent_lr_scale: float = 0.5  # the recurrent tensors' learning rate relative to the deltas' (lr)
     attention_share: float = 0.25  # rows per micro-batch run all-attention (at least one)
     attention_weight: float = 1.0
     attention_weight_fixed: bool = False
     attention_budget: float = 0.01  # allowed relative rise of attention mode's validation NLL
-    bf16: bool = True
-    student_plans: list = field(default_factory=lambda: list(STUDENT_PLANS))
-    eval_plans: list = field(default_factory=lambda: list(EVAL_PLANS))
-    eval_every: int = 100
-    eval_batches: int = 4
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
-
-    def tokens_per_step(self, world: int) -> int:
-        return self.seq_len * self.batch_size * self.grad_accum * world
 
     def attention_rows(self) -> int:
         return min(self.batch_size - 1, max(1, round(self.batch_size * self.attention_share)))
@@ -115,20 +90,12 @@ def check_config(cfg: SharedStageConfig) -> None:
     need(len(set(cfg.targets)) == len(cfg.targets), "--shared-targets names a projection twice")
     need(cfg.tokens > 0, "--tokens must be > 0 (the shared stage's token budget)")
     need(cfg.batch_size >= 2, "--batch-size must be >= 2 (one all-attention row and one under a student plan)")
-    for key in ("seq_len", "grad_accum", "eval_batches", "keep_checkpoints", "log_every"):
-        need(getattr(cfg, key) >= 1, f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
-    need(cfg.lr > 0 and 0 <= cfg.min_lr <= cfg.lr, "--lr must be > 0 and --min-lr in [0, lr]")
     need(0 < cfg.attention_share < 1, f"--attention-share must be in (0, 1), got {cfg.attention_share}")
     need(cfg.attention_weight >= 0, f"--attention-weight must be >= 0, got {cfg.attention_weight}")
     need(cfg.attention_budget >= 0, f"--attention-budget must be >= 0, got {cfg.attention_budget}")
     need(cfg.recurrent_lr_scale >= 0, f"--recurrent-lr-scale must be >= 0, got {cfg.recurrent_lr_scale}")
     need("attention" in cfg.eval_plans, "the evaluation plans must include attention (its drift is bounded)")
-    for key in ("student_plans", "eval_plans"):
-        for plan in getattr(cfg, key):
-            try:
-                ModePlan.parse(plan)
-            except ValueError as e:
-                raise ValueError(f"--{key.replace('_', '-')}: {e}") from None
+    check_distillation_config(cfg)
 
 
 def target_names(model_cfg, targets) -> list[str]:
