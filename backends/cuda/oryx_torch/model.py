@@ -233,10 +233,12 @@ class OryxMixer(nn.Module):
     # reads the cached concatenation instead of concatenating the weights on every call.
     frozen_projections = False
 
-    def _projections(self, xn, attention: bool, recurrent: bool, recurrent_query: bool = True) -> dict:
+    def _projections(self, xn, attention: bool, recurrent: bool, recurrent_query: bool = True, norm=None) -> dict:
         """{name: xn @ W_name^T} for the projections both modes read (with the default sharing k_proj, v_proj,
         g_proj), plus the attention-only ones when `attention`, plus the recurrent-only ones (q_rec and the
-        recurrence's gates) when `recurrent`, q_rec left out when not `recurrent_query`."""
+        recurrence's gates) when `recurrent`, q_rec left out when not `recurrent_query`. With `norm` (an RMSNorm;
+        only where the decode matvec kernel applies, outside autograd) xn is the un-normed input and one kernel
+        norms it and multiplies."""
         order = self.projection_order
         first = 0 if attention else self._shared_rows[0]
         last = len(order) if recurrent else self._shared_rows[1]
@@ -244,9 +246,15 @@ class OryxMixer(nn.Module):
             last -= 1
         names = order[first:last]
         layers = [getattr(self, name) for name in names]
+        sizes = [layer.out_features for layer in layers]
+        if norm is not None:
+            from .kernels.decode_matvec import matvec
+
+            start = sum(getattr(self, name).out_features for name in order[:first])
+            weight = self._fused_weight()[start:start + sum(sizes)]
+            return dict(zip(names, matvec(xn, weight, norm.weight, norm.eps).split(sizes, dim=-1)))
         if not self.fuse_projections:
             return {name: layer(xn) for name, layer in zip(names, layers)}
-        sizes = [layer.out_features for layer in layers]
         if cpu_linear.applies(xn):
             start = sum(getattr(self, name).out_features for name in order[:first])
             return dict(zip(names, cpu_linear.linear(xn, self._packed_rows(start, start + sum(sizes))).split(sizes, -1)))
@@ -524,15 +532,19 @@ class OryxMixer(nn.Module):
         o = torch.where(modes.view(B, 1, 1), cast(o_attn, o_rec.dtype), o_rec)
         return self._output(o[:, None], proj, xn.dtype)[:, 0]
 
-    def _fused_step(self, xn, modes, rope, layer_cache: LayerCache, position, attend: bool):
+    def _fused_step(self, xn, modes, rope, layer_cache: LayerCache, position, attend: bool, norm=None,
+                    residual=None):
         """`step` through the fused kernels of kernels/decode_step.py: the input projections' matmul, at most two
         kernels (the attention token when a row attends or the recurrent state was dropped, the GDN or Mamba-2 token
-        when the state is kept), o_proj. The same function as the unfused step (fused_step_applies says when it runs)."""
+        when the state is kept), o_proj. The same function as the unfused step (fused_step_applies says when it runs).
+        With `norm` and `residual` (the decode matvec kernels, kernels/decode_matvec.py) xn is the un-normed
+        residual stream, normed in the projections' kernel, and the result is residual + the mixer's output, added
+        in o_proj's kernel."""
         from .kernels.decode_step import attention_split, attention_token_step, recurrent_token_step
 
         cfg = self.cfg
         recurrent = layer_cache.recurrent is not None
-        proj = self._projections(xn, attend or not recurrent, recurrent)                  # each [B, *]
+        proj = self._projections(xn, attend or not recurrent, recurrent, norm=norm)      # each [B, *]
         cos, sin = (None, None) if rope is None else (t.reshape(t.shape[0], -1) for t in rope)
         silu = cfg.conv_act == "silu"
         norm_w, norm_eps = (None, 0.0) if self.o_norm is None else (self.o_norm.weight, self.o_norm.eps)
@@ -546,7 +558,7 @@ class OryxMixer(nn.Module):
                                           norm_eps, cfg.gate_before_norm, xn.dtype,
                                           attention_split(layer_cache.keys.shape[2]))
             if not recurrent:
-                return self.o_proj(o_attn)
+                return self._fused_output(o_attn, residual)
         append = not attend and layer_cache.keys is not None  # an attending step's kernel appended already
         gdn = cfg.mixer == "gdn"
         gates = (proj["a_proj"], proj["b_proj"]) if gdn else (proj["dt_proj"], None)
@@ -557,7 +569,15 @@ class OryxMixer(nn.Module):
                                  cfg.gate_before_norm, layer_cache.keys if append else None,
                                  layer_cache.values if append else None, position, cos, sin, modes if attend else None,
                                  o_attn, xn.dtype)
-        return self.o_proj(y)
+        return self._fused_output(y, residual)
+
+    def _fused_output(self, y, residual):
+        """o_proj of the fused step's readout y [B, H * V]; with `residual`, residual + it in one matvec kernel."""
+        if residual is None:
+            return self.o_proj(y)
+        from .kernels.decode_matvec import matvec
+
+        return matvec(y, self.o_proj.weight, residual=residual)
 
     def _recurrence_step(self, r: dict, layer_cache: LayerCache, position, keys, values, qk_normalized=True):
         """One recurrence token, state updated in place; also writes this token's key/value to the KV cache.
@@ -865,7 +885,9 @@ class OryxModel(nn.Module):
     def _fused_decode_step(self, tokens, modes, cache: OryxCache, attend: bool) -> torch.Tensor:
         """decode_step with the residual stream in fused kernels (kernels/decode_step.py): each residual add
         is one kernel with the RMSNorm that reads its sum (the next sub-block's, the last one's with the final
-        norm), the MLP's [gate; up] one matmul and its SiLU-and-multiply one kernel; the mixers' own step."""
+        norm), the MLP's [gate; up] one matmul and its SiLU-and-multiply one kernel; the mixers' own step.
+        Where fused_matvec_applies, each projection is one kernel with its norm before it and the residual add or
+        the SiLU-and-multiply after it (kernels/decode_matvec.py): a layer whose mixer runs fused is five kernels."""
         from .kernels.decode_step import add_rms_norm_rows, rms_norm_rows, silu_mul
 
         def normed(x, pending, norm):  # (x + pending, RMSNorm of it); pending: a sub-block's output not yet added
@@ -875,11 +897,22 @@ class OryxModel(nn.Module):
 
         x, rope = self.decode_inputs(tokens, cache)
         x, pending = x.contiguous(), None
+        by_matvec = fused_matvec_applies(x)
+        if by_matvec:
+            from .kernels.decode_matvec import matvec
         for i, layer in enumerate(self.layers):
-            x, xn = normed(x, pending, layer.attn_norm)
-            pending = layer.mixer.step(xn, modes[i] if modes.dim() == 2 else modes, rope, cache.layers[i],
-                                       cache.position, attend)
-            if layer.mlp is not None:
+            row_modes = modes[i] if modes.dim() == 2 else modes
+            if by_matvec and pending is None and fused_step_applies(layer.mixer, cache.layers[i]):
+                x = layer.mixer._fused_step(x, row_modes, rope, cache.layers[i], cache.position, attend,
+                                            norm=layer.attn_norm, residual=x)
+            else:
+                x, xn = normed(x, pending, layer.attn_norm)
+                pending = layer.mixer.step(xn, row_modes, rope, cache.layers[i], cache.position, attend)
+            if layer.mlp is not None and by_matvec and pending is None:
+                hidden = matvec(x, layer.mlp._fused_weight(), layer.mlp_norm.weight, layer.mlp_norm.eps,
+                                silu_mul=True)
+                x = matvec(hidden, layer.mlp.down_proj.weight, residual=x)
+            elif layer.mlp is not None:
                 x, xn = normed(x, pending, layer.mlp_norm)
                 pending = layer.mlp.down_proj(silu_mul(F.linear(xn, layer.mlp._fused_weight())))
         x, xn = normed(x, pending, self.norm)
@@ -933,6 +966,22 @@ def fused_decode_available(t: torch.Tensor) -> bool:
 # fused_step_applies; read at every step, so it may be switched between runs (a captured CUDA graph or a compiled
 # step keeps what it was built with; dynamo guards on it). On unless ORYX_FUSED_DECODE=0.
 FUSED_DECODE = os.environ.get("ORYX_FUSED_DECODE", "1") == "1"
+
+
+# Whether the fused decode step (fused_norms_apply) also runs each projection as one matvec kernel with the norm
+# before it and the residual add or the MLP's activation after it (kernels/decode_matvec.py), for decode steps of
+# at most decode_matvec.MAX_ROWS sequences; read at every step, as FUSED_DECODE. Off unless ORYX_FUSED_MATVEC=1.
+FUSED_MATVEC = os.environ.get("ORYX_FUSED_MATVEC", "0") == "1"
+
+
+def fused_matvec_applies(x: torch.Tensor) -> bool:
+    """Whether the fused decode step of the residual stream x [B, D] takes the matvec kernels: FUSED_MATVEC on,
+    fused_norms_apply, and B small enough for one launch to hold every row."""
+    if not (FUSED_MATVEC and fused_norms_apply(x)):
+        return False
+    from .kernels.decode_matvec import fused_matvec_applies as fits
+
+    return fits(x.shape[0])
 
 
 def fused_norms_apply(x: torch.Tensor) -> bool:
