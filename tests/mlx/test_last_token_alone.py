@@ -7,12 +7,10 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from oryx_core.config import preset  # noqa: E402
-from oryx_core.init import init_params  # noqa: E402
-from oryx_core.reference import OryxReference  # noqa: E402
 from oryx_mlx.cache import drop_recurrent  # noqa: E402
-from oryx_mlx.model import OryxMixer, OryxModel  # noqa: E402
+from oryx_mlx.model import OryxMixer  # noqa: E402
 from error_metrics import relative_error  # noqa: E402
+from mlx_models import perturbed_gdn  # noqa: E402
 
 TOL = 1e-4    # a model's logits against the float64 reference
 SAME = 1e-5   # against the full computation: the same function up to rounding
@@ -22,16 +20,6 @@ VARIANTS = {"default": {}, "gate_norm_all": dict(o_norm_grouping="all", gate_bef
             "llama_like": dict(output_gate=False, output_norm=False, conv_activation="none", n_kv_heads=2)}
 
 
-def build(variant, seed=5):
-    cfg = preset("tiny", "gdn", **variant)
-    rng = np.random.default_rng(seed)
-    params = {name: (value + rng.normal(0.0, 0.3, value.shape) * (np.abs(value).mean() + 0.05)).astype(np.float32)
-              for name, value in init_params(cfg, seed).items()}
-    model = OryxModel(cfg)
-    model.load_weights([(name, mx.array(value)) for name, value in params.items()], strict=True)
-    return model, OryxReference(cfg, params)
-
-
 def cache_arrays(cache):
     return [np.array(a) for layer in cache for a in (layer.keys, layer.values, layer.conv, layer.recurrent)
             if a is not None]
@@ -39,7 +27,7 @@ def cache_arrays(cache):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_last_token_alone_against_reference(variant, monkeypatch):
-    model, ref = build(VARIANTS[variant])
+    model, ref = perturbed_gdn(VARIANTS[variant], seed=5)
     tokens = np.random.default_rng(5).integers(0, model.cfg.vocab_size, (2, 40))
     want = ref.forward(tokens, np.ones((2, 40), bool))[0][:, -1]
     calls = []

@@ -7,13 +7,10 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from oryx_core.config import preset  # noqa: E402
-from oryx_core.init import init_params  # noqa: E402
-from oryx_core.reference import OryxReference  # noqa: E402
 from oryx_mlx import model as model_module  # noqa: E402
 from oryx_mlx.kernels.fallback import gated_delta_final_state  # noqa: E402
-from oryx_mlx.model import OryxModel  # noqa: E402
 from error_metrics import relative_error  # noqa: E402
+from mlx_models import perturbed_gdn  # noqa: E402
 
 TOL = 1e-4
 
@@ -50,16 +47,6 @@ def test_final_state_against_the_float64_loop(B, T, H, K, V, chunk, harsh):
     assert relative_error(none, reference_state(k, v, g, beta, np.zeros_like(state))) < 2e-5
 
 
-def build(variant, seed=3):
-    cfg = preset("tiny", "gdn", **variant)
-    rng = np.random.default_rng(seed)
-    params = {name: (value + rng.normal(0.0, 0.3, value.shape) * (np.abs(value).mean() + 0.05)).astype(np.float32)
-              for name, value in init_params(cfg, seed).items()}
-    model = OryxModel(cfg)
-    model.load_weights([(name, mx.array(value)) for name, value in params.items()], strict=True)
-    return model, OryxReference(cfg, params)
-
-
 def prefill_then_decode(model, tokens, modes, cuts):
     """The calls tokens[:, a:b] for consecutive cuts (the last cut to the end one token at a time); the logits of the
     single-token calls."""
@@ -75,7 +62,7 @@ def prefill_then_decode(model, tokens, modes, cuts):
 def test_attention_prompt_then_recurrent_decode(variant, monkeypatch):
     """A 70-token prompt in attention mode (two chunks), then one of 2 tokens (shorter than the conv window), then
     recurrent steps: logits against the reference; every layer advanced its state alone in both prompt calls."""
-    model, ref = build(variant)
+    model, ref = perturbed_gdn(variant, seed=3)
     T = 76
     tokens = np.random.default_rng(4).integers(0, model.cfg.vocab_size, (2, T))
     modes = np.arange(T) < 72
@@ -96,7 +83,7 @@ def test_quantised_model_prompt_matches_its_readout_path(monkeypatch):
     the path that computes the readout too."""
     from oryx_mlx.quantize import quantize_model
 
-    model, _ = build({})
+    model, _ = perturbed_gdn({}, seed=3)
     quantize_model(model, bits=4, group_size=32)
     T = 70
     tokens = np.random.default_rng(5).integers(0, model.cfg.vocab_size, (1, T))
