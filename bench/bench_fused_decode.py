@@ -4,18 +4,20 @@
     python bench/bench_fused_decode.py --tiny --out /tmp/fused_decode.json   # CPU smoke run (Triton interpreter)
 
 The model is Oryx-GDN holding a random Llama of SmolLM2-135M's shape (bench_model.oryx_twin; --tiny: a tiny
-one), decoding in bfloat16 on CUDA (fp32 on the CPU). Four decode steps, each run by
+one), decoding in bfloat16 on CUDA (fp32 on the CPU). Five decode steps, each run by
 oryx_torch.generate.DecodeRunner (under CUDA graphs on CUDA, the greedy pick inside the step):
-    eager           the torch step (what `oryx generate` runs by default)
+    eager           the torch step with ORYX_FUSED_DECODE=0
     compiled        the torch.compile'd step (ORYX_COMPILED_DECODE=1)
     fused           the torch step with each mixer's token through kernels/decode_step.py (ORYX_FUSED_DECODE=1)
-    fused+compiled  both
+    fused+matvec    fused, with each projection one kernel with its norm and its residual add or activation
+                    (kernels/decode_matvec.py, ORYX_FUSED_MATVEC=1; batches of at most 8, larger ones run as fused)
+    fused+compiled  fused and compiled
 For each plan (attention: prompt and decode in attention, recurrent state kept; recurrent: everything recurrent,
 KV cache kept; dropped: prompt in attention, KV cache dropped, decode recurrent) and batch size: tokens/s with
 one token read back to the host per step (as a server does) and with the pick fed to the next step on the device
 (graph replays back to back), and how many of each step's greedy tokens equal the eager step's (the uncompiled
-variants at every batch size run first), and batch 1 after a --long-context prompt (32768 tokens; eager and
-fused, attention and recurrent). Also CUDA kernels per step at batch 1 (a step run without a graph, counted by
+variants at every batch size run first; fused+matvec also against the fused step's), and batch 1 after a --long-context prompt (32768 tokens; eager,
+fused and fused+matvec, attention and recurrent). Also CUDA kernels per step at batch 1 (a step run without a graph, counted by
 torch.profiler; on the CPU aten operators) with their GPU time by kernel, and in fp32 the first step's logits of
 the fused step against the eager step's and how many of 16 greedy steps (3 with --tiny) agree. Rows that would
 start after --budget-s seconds are listed as skipped.
@@ -30,8 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = {"eager": (False, False), "fused": (False, True), "fused+compiled": (True, True),
-            "compiled": (True, False)}
+# variant: (compiled, fused, matvec)
+VARIANTS = {"eager": (False, False, False), "fused": (False, True, False), "fused+matvec": (False, True, True),
+            "fused+compiled": (True, True, False), "compiled": (True, False, False)}
 # plan: (prompt in attention, decode step in attention, drop the KV cache after the prompt)
 PLANS = {"attention": (True, True, False), "recurrent": (False, False, False), "dropped": (True, False, True)}
 
@@ -49,9 +52,14 @@ def parse_args(argv=None):
                         help="also batch-1 rows (eager and fused, attention and recurrent) after a prompt this long "
                              "(default 32768 on CUDA, 300 with --tiny; 0: none)")
     parser.add_argument("--budget-s", type=float, default=170.0, help="start no row after this many seconds")
+    parser.add_argument("--matvec-sweep-s", type=float, default=None,
+                        help="seconds for timing each projection's matvec kernel against the unfused operators "
+                             "and over block sizes, after the decode rows (default 150 on CUDA, 5 with --tiny; "
+                             "0: none)")
     args = parser.parse_args(argv)
-    defaults = dict(batches=[1, 2], prompt_length=8, decode_tokens=3, long_context=300) if args.tiny else \
-        dict(batches=[1, 8, 32], prompt_length=512, decode_tokens=64, long_context=32768)
+    defaults = dict(batches=[1, 2], prompt_length=8, decode_tokens=3, long_context=300, matvec_sweep_s=5.0) \
+        if args.tiny else dict(batches=[1, 8, 32], prompt_length=512, decode_tokens=64, long_context=32768,
+                               matvec_sweep_s=150.0)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -64,11 +72,12 @@ def parse_args(argv=None):
 
 
 def use(variant: str) -> tuple[bool, bool]:
-    """(compiled, fused) for a variant, with the fused switch set accordingly."""
+    """(compiled, fused) for a variant, with the fused switches set accordingly."""
     from oryx_torch import model as model_module
 
-    compiled, fused = VARIANTS[variant]
+    compiled, fused, matvec = VARIANTS[variant]
     model_module.FUSED_DECODE = fused
+    model_module.FUSED_MATVEC = matvec
     return compiled, fused
 
 
@@ -167,6 +176,111 @@ def kernel_time(fn, top: int = 12) -> dict:
                 top=[dict(name=name[:90], launches=count, us=us) for name, (count, us) in ranked])
 
 
+# (BN, BK, warps) launches of the matvec kernel the --matvec-sweep-s section times at each projection's shape
+MATVEC_CONFIGS = [(block, chunk, warps) for block in (4, 8, 16) for chunk in (128, 256, 512, 1024)
+                  for warps in (4, 8, 2)]
+
+
+def projection_shapes(oryx) -> dict:
+    """{name: (weight, kind)} for the first layer's products of a decode step (kind: norm, add or gated),
+    the weights as the fused step passes them."""
+    layer = oryx.layers[0]
+    mixer = layer.mixer
+    whole = mixer._fused_weight()
+    sizes = [getattr(mixer, name).out_features for name in mixer.projection_order]
+    first, last = mixer._shared_rows
+    shapes = {"in_proj recurrent": (whole[sum(sizes[:first]):], "norm"),
+              "in_proj attention": (whole[:sum(sizes[:last])], "norm"),
+              "o_proj + residual": (mixer.o_proj.weight, "add")}
+    if layer.mlp is not None:
+        shapes["[gate; up] + SiLU*mul"] = (layer.mlp._fused_weight(), "gated")
+        shapes["down + residual"] = (layer.mlp.down_proj.weight, "add")
+    return shapes
+
+
+def per_launch_us(make_fn, weights, device, replays: int = 20) -> float:
+    """Microseconds a launch of make_fn(weight) takes, captured once per weight copy in one CUDA graph (the
+    copies together exceed the L2 cache, as a step's 30 layers do) and replayed; on the CPU one eager pass."""
+    import torch
+
+    fns = [make_fn(w) for w in weights]
+    for fn in fns:
+        fn()  # compile, warm up
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for fn in fns:
+            fn()
+        return (time.perf_counter() - start) / len(fns) * 1e6
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) * 1e3 / (replays * len(fns))
+
+
+def matvec_kernel_rows(oryx, batches, device, budget_s: float) -> list[dict]:
+    """Each projection of a decode step at each batch (<= the matvec's rows): the unfused operators the fused
+    step runs for it (the norm kernel, the library matmul, the activation kernel) against the matvec kernel with
+    its default blocks and with each of MATVEC_CONFIGS (as many as fit budget_s), in microseconds a launch."""
+    import torch
+    import torch.nn.functional as F
+
+    from oryx_torch.kernels.decode_matvec import MAX_ROWS, launch_matvec, matvec_blocks
+    from oryx_torch.kernels.decode_step import rms_norm_rows, silu_mul
+
+    began = time.perf_counter()
+    norm = oryx.layers[0].attn_norm
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    cases = []  # (row fields, the weight copies, x, residual, kind)
+    for name, (weight, kind) in projection_shapes(oryx).items():
+        copies = max(2, min(64, -(-120 * 2 ** 20 // (weight.numel() * weight.element_size()))))
+        weights = [weight.clone() for _ in range(copies if device.type == "cuda" else 2)]
+        K = weight.shape[1]
+        N = weight.shape[0] // 2 if kind == "gated" else weight.shape[0]
+        for batch in [b for b in batches if b <= MAX_ROWS]:
+            x = torch.randn(batch, K, device=device, dtype=weight.dtype)
+            residual = torch.randn(batch, N, device=device, dtype=weight.dtype)
+            cases.append((dict(projection=name, batch=batch, N=N, K=K), weights, x, residual, kind))
+
+    def unfused(x, kind):
+        if kind == "norm":
+            return lambda w: (lambda: F.linear(rms_norm_rows(x, norm.weight, norm.eps), w))
+        if kind == "gated":
+            return lambda w: (lambda: silu_mul(F.linear(rms_norm_rows(x, norm.weight, norm.eps), w)))
+        return lambda w: (lambda: F.linear(x, w))
+
+    def fused(x, residual, kind, block=None, chunk=None, warps=4):
+        return lambda w: (lambda: launch_matvec(x, w, None if kind == "add" else norm.weight, norm.eps,
+                                                residual if kind == "add" else None, kind == "gated", block, chunk,
+                                                warps))
+
+    rows = []
+    for base, weights, x, residual, kind in cases:  # the baselines and the default blocks first, then the sweep
+        block, chunk = matvec_blocks(base["batch"], base["N"], base["K"], sms, kind == "gated")
+        rows.append(dict(base, variant="unfused operators", us=per_launch_us(unfused(x, kind), weights, device)))
+        rows.append(dict(base, variant="cuBLAS matmul alone",
+                         us=per_launch_us(lambda w: (lambda: F.linear(x, w)), weights, device)))
+        rows.append(dict(base, variant="matvec default", block=block, chunk=chunk, warps=4,
+                         us=per_launch_us(fused(x, residual, kind), weights, device)))
+    for block, chunk, warps in MATVEC_CONFIGS:
+        for base, weights, x, residual, kind in cases:
+            if time.perf_counter() - began > budget_s:
+                return rows
+            if -(-base["N"] // block) < 16 or base["batch"] * block * chunk > 16384:
+                continue
+            rows.append(dict(base, variant="matvec", block=block, chunk=chunk, warps=warps,
+                             us=per_launch_us(fused(x, residual, kind, block, chunk, warps), weights, device)))
+    return rows
+
+
 def fp32_parity(oryx, plan: str, variant: str, prompt, steps: int) -> dict:
     """The fused variant against the eager step on the same fp32 model: the first step's logits (largest
     difference over the largest eager logit) and how many of `steps` greedy steps pick the same tokens."""
@@ -209,7 +323,8 @@ def main(argv=None) -> int:
     report = dict(card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command=" ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
-                  torch=torch.__version__, shape=hf, parity_fp32=[], decode=[], launches=[], skipped=[], errors=[])
+                  torch=torch.__version__, shape=hf, parity_fp32=[], decode=[], launches=[], matvec_kernels=[],
+                  skipped=[], errors=[])
 
     def save():  # after every row, so that a run cut short still leaves what it measured
         report["seconds"] = time.perf_counter() - began
@@ -233,7 +348,8 @@ def main(argv=None) -> int:
         parity_prompt = torch.randint(0, hf["vocab_size"], (4, min(args.prompt_length, 64)),
                                       generator=torch.Generator().manual_seed(5)).to(device)
         for plan in args.plans:  # fp32 first: the eager and fused steps of the model as built
-            for variant in [v for v in args.variants if v == "fused"]:  # compiling again in fp32 costs too long
+            # the uncompiled fused variants (compiling again in fp32 costs too long)
+            for variant in [v for v in args.variants if VARIANTS[v][1] and not VARIANTS[v][0]]:
                 row = attempt("parity_fp32", dict(plan=plan, variant=variant),
                               lambda: fp32_parity(oryx, plan, variant, parity_prompt, 3 if args.tiny else 16))
                 if row:
@@ -244,12 +360,12 @@ def main(argv=None) -> int:
         prompts = {batch: torch.randint(0, hf["vocab_size"], (batch, args.prompt_length),
                                         generator=torch.Generator().manual_seed(3)).to(device)
                    for batch in args.batches}
-        eager_tokens = {}
+        eager_tokens, fused_tokens = {}, {}
         if args.long_context:  # batch 1 after a long prompt, uncompiled: flat in context where recurrent?
             prompt = torch.randint(0, hf["vocab_size"], (1, args.long_context),
                                    generator=torch.Generator().manual_seed(6)).to(device)
             for plan in [p for p in ("recurrent", "attention") if p in args.plans]:
-                for variant in [v for v in ("eager", "fused") if v in args.variants]:
+                for variant in [v for v in ("eager", "fused", "fused+matvec") if v in args.variants]:
                     result = attempt("decode", dict(plan=plan, variant=variant, batch=1, prompt=args.long_context),
                                      lambda: timed_decode(oryx, prompt, plan, variant, args.decode_tokens, device))
                     if result is not None:
@@ -278,6 +394,10 @@ def main(argv=None) -> int:
                         row, tokens = result
                         if variant == "eager":
                             eager_tokens[batch, plan] = tokens
+                        if variant == "fused":
+                            fused_tokens[batch, plan] = tokens
+                        elif variant == "fused+matvec" and (batch, plan) in fused_tokens:
+                            row.update(tokens_equal_to_fused=int((tokens == fused_tokens[batch, plan]).sum()))
                         elif (batch, plan) in eager_tokens:
                             same = (tokens == eager_tokens[batch, plan]).all(0)
                             row.update(tokens_equal_to_eager=int((tokens == eager_tokens[batch, plan]).sum()),
@@ -285,6 +405,10 @@ def main(argv=None) -> int:
                                        first_differing_step=None if bool(same.all()) else int((~same).nonzero()[0, 0]))
                         report["decode"].append(row)
                         save()
+        if args.matvec_sweep_s > 0 and "fused+matvec" in args.variants:  # its own budget, after the decode rows
+            rows = attempt("matvec_kernels", {}, lambda: matvec_kernel_rows(oryx, args.batches, device,
+                                                                             args.matvec_sweep_s))
+            report["matvec_kernels"] = rows or []
     use("eager")
     save()
     print(f"{report['card']} {report['date']}: {len(report['decode'])} decode rows, {len(report['launches'])} "

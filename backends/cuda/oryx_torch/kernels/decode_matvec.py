@@ -19,6 +19,8 @@ is bound by how many SMs issue loads of the weight, not by arithmetic.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -86,6 +88,7 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -94,10 +97,11 @@ def _sm_count(device: torch.device) -> int:
 
 def matvec_blocks(rows: int, columns: int, depth: int, sms: int, gated: bool = False) -> tuple[int, int]:
     """(BN, BK): output rows per program, from 4 to 32, the fewest that keep about two programs per SM busy; the
-    chunk of K as long as the product tile (two with `gated`) allows, 32 to 256 and no longer than K needs."""
+    chunk of K as long as the product tile (two with `gated`) allows, 32 to 1024 and no longer than K needs (a
+    program's loads of one chunk are in flight together, the chunks one after another)."""
     block = min(32, max(4, _pow2(triton.cdiv(columns, 2 * sms))))
     tile = _TILE // (2 if gated else 1)
-    chunk = min(256, max(32, tile // (_pow2(rows) * block)), _pow2(depth))
+    chunk = min(1024, max(32, tile // (_pow2(rows) * block)), _pow2(depth))
     return block, chunk
 
 
@@ -113,6 +117,12 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | No
     stride, last axis contiguous), in x's dtype with fp32 sums (module docstring): x normed first when norm_weight
     [K] is given; with `residual` [B, N] the result plus it; with `silu_mul` the weight is [gate; up] [2F, K]
     and the result SiLU(x' gate^T) * (x' up^T) [B, F]."""
+    return launch_matvec(x, weight, norm_weight, eps, residual, silu_mul)
+
+
+def launch_matvec(x, weight, norm_weight=None, eps=0.0, residual=None, silu_mul=False, block=None, chunk=None,
+                  num_warps=4):
+    """matvec with the launch's block sizes and warps chosen by the caller (None: matvec_blocks')."""
     B, K = x.shape
     N = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     if not 1 <= B <= MAX_ROWS:
@@ -122,11 +132,12 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | No
     out = torch.empty(B, N, dtype=x.dtype, device=x.device)
     if residual is not None:
         residual = residual.contiguous()
-    block, chunk = matvec_blocks(B, N, K, _sm_count(x.device), silu_mul)
+    default_block, default_chunk = matvec_blocks(B, N, K, _sm_count(x.device), silu_mul)
+    block, chunk = block or default_block, chunk or default_chunk
     _matvec_kernel[(triton.cdiv(N, block),)](
         x, x.stride(0), x if norm_weight is None else norm_weight, eps, weight, weight.stride(0),
         x if residual is None else residual, out, B, N, K, BB=_pow2(B), BN=block, BK=chunk,
-        NORM=norm_weight is not None, ADD=residual is not None, SILU_MUL=silu_mul, num_warps=4)
+        NORM=norm_weight is not None, ADD=residual is not None, SILU_MUL=silu_mul, num_warps=num_warps)
     return out
 
 
