@@ -28,6 +28,7 @@ import argparse
 import datetime
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -176,9 +177,11 @@ def kernel_time(fn, top: int = 12) -> dict:
                 top=[dict(name=name[:90], launches=count, us=us) for name, (count, us) in ranked])
 
 
-# (BN, BK, warps) launches of the matvec kernel the --matvec-sweep-s section times at each projection's shape
-MATVEC_CONFIGS = [(block, chunk, warps) for block in (4, 8, 16) for chunk in (128, 256, 512, 1024)
+# (BN, BK, warps) launches of the matvec kernel the --matvec-sweep-s section times at each projection's shape, in
+# a fixed shuffled order (a sweep cut short by its budget still samples every block size)
+MATVEC_CONFIGS = [(block, chunk, warps) for block in (4, 8, 16, 32) for chunk in (128, 256, 512, 1024)
                   for warps in (4, 8, 2)]
+random.Random(0).shuffle(MATVEC_CONFIGS)
 
 
 def projection_shapes(oryx) -> dict:
@@ -233,7 +236,7 @@ def matvec_kernel_rows(oryx, batches, device, budget_s: float) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from oryx_torch.kernels.decode_matvec import MAX_ROWS, launch_matvec, matvec_blocks
+    from oryx_torch.kernels.decode_matvec import ELEMENTWISE_ROWS, MAX_ROWS, launch_matvec, matvec_blocks
     from oryx_torch.kernels.decode_step import rms_norm_rows, silu_mul
 
     began = time.perf_counter()
@@ -274,7 +277,8 @@ def matvec_kernel_rows(oryx, batches, device, budget_s: float) -> list[dict]:
         for base, weights, x, residual, kind in cases:
             if time.perf_counter() - began > budget_s:
                 return rows
-            if -(-base["N"] // block) < 16 or base["batch"] * block * chunk > 16384:
+            dots = base["batch"] > ELEMENTWISE_ROWS
+            if -(-base["N"] // block) < 16 or (block < 16 if dots else base["batch"] * block * chunk > 16384):
                 continue
             rows.append(dict(base, variant="matvec", block=block, chunk=chunk, warps=warps,
                              us=per_launch_us(fused(x, residual, kind, block, chunk, warps), weights, device)))

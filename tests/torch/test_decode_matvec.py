@@ -23,7 +23,7 @@ from oryx_torch import model as model_module  # noqa: E402
 from test_decode_step_kernels import MODEL_CASES, STEPS, decode_tokens, tiny_model  # noqa: E402
 
 NORM_EPS = 1e-5
-FAST_PASSED = 28  # the kernel and model tests below that run in the interpreter subprocess without --runslow
+FAST_PASSED = 36  # the kernel and model tests below that run in the interpreter subprocess without --runslow
 
 
 def run_interpreted(*pytest_args) -> str:
@@ -90,6 +90,7 @@ SHAPES = {  # (B, K, N): N = output columns, never a multiple of the block; K no
     "batch 1": (1, 100, 37),
     "batch 3": (3, 72, 45),
     "batch 8, K over several chunks": (8, 300, 21),
+    "batch 20 (tensor-core dots), K over several chunks": (20, 300, 70),
 }
 
 
@@ -147,7 +148,8 @@ def test_blocks_spread_a_small_projection_over_the_sms():
             assert rows * block * chunk <= _TILE // (2 if gated else 1) or chunk == 32
             if columns <= 1542:
                 assert -(-columns // block) >= 132
-    assert matvec_blocks(MAX_ROWS, 576, 64, 132)[1] == 64  # no longer than K needs
+    assert matvec_blocks(8, 576, 64, 132)[1] == 64  # no longer than K needs
+    assert min(matvec_blocks(MAX_ROWS, 576, 1536, 132, True)) >= 16  # tensor-core dots
 
 
 # ----- the model: with the matvec kernels the fused step picks the same tokens -----
@@ -207,7 +209,7 @@ def test_fused_matvec_is_off_by_default_and_only_for_small_batches():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("epilogue", EPILOGUES)
-@pytest.mark.parametrize("B", [1, 5, 8])
+@pytest.mark.parametrize("B", [1, 5, 8, 20, 32])
 def test_matvec_matches_float64_cuda(epilogue, dtype, B):
     """The SmolLM2-135M shapes: K 576 and 1536, N 576 and 1536."""
     from oryx_torch.kernels.decode_matvec import matvec

@@ -12,14 +12,17 @@ and up halves to x's dtype before the epilogue reads them), and products accumul
 computes what the unfused one does up to the order of the fp32 sums.
 
 The grid runs over blocks of output rows only; each program holds all B (<= MAX_ROWS) input rows, recomputes
-their norms (x is a few KB, read from L2), and walks K in chunks, accumulating the [B, rows, chunk] products
-elementwise and reducing them once at the end. Blocks of output rows are small (4 to 32) so that even a
-576-row projection at batch 1 spreads over a hundred or more programs: at these sizes a decode step's product
-is bound by how many SMs issue loads of the weight, not by arithmetic.
+their norms (x is a few KB, read from L2), and walks K in chunks. Up to ELEMENTWISE_ROWS input rows it
+accumulates the [B, rows, chunk] products elementwise and reduces them once at the end, with blocks of output
+rows small (4 to 32) so that even a 576-row projection at batch 1 spreads over a hundred or more programs: at
+these sizes a decode step's product is bound by how many SMs issue loads of the weight, not by arithmetic. With
+more input rows the elementwise tile would not fit in registers, and the products are tensor-core dots of
+blocks of 16 or more output rows with the input rows padded to 16 or more.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -28,10 +31,13 @@ import triton.language as tl
 from .gdn._triton_compat import patch_interpreter_scalar_index
 
 patch_interpreter_scalar_index()
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Input rows one launch holds (the [rows, block, chunk] product stays in registers); a decode step with more
-# sequences takes the norm kernel and the library matmul.
-MAX_ROWS = 8
+# Input rows one launch holds; a decode step with more sequences takes the norm kernel and the library matmul.
+MAX_ROWS = 32
+# Input rows up to which the products are elementwise (the [rows, block, chunk] tile stays in registers), past
+# which they are tensor-core dots.
+ELEMENTWISE_ROWS = 8
 # Elements of the [rows, block, chunk] product tile per program (per accumulator): 32 fp32 registers a thread at
 # four warps.
 _TILE = 4096
@@ -40,9 +46,11 @@ _TILE = 4096
 @triton.jit
 def _matvec_kernel(x, x_stride, norm_w, eps, w, w_stride, residual, out, B, N, K,
                    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr,
-                   SILU_MUL: tl.constexpr):
+                   SILU_MUL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     """out[b, n] for n in this program's block of BN: the product of row n of w (and, with SILU_MUL, of row N + n,
-    the up half) with x'[b], then the epilogue. N is the number of output columns."""
+    the up half) with x'[b], then the epilogue. N is the number of output columns. DOT: the products as tensor-core
+    dots of the weight tile with x'^T [BK, BB] (BN, BB, BK >= 16; x' in the weight's dtype, exact where x has
+    it), else as elementwise products summed at the end."""
     b_idx = tl.arange(0, BB)
     b_ok = b_idx < B
     n_idx = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -57,9 +65,14 @@ def _matvec_kernel(x, x_stride, norm_w, eps, w, w_stride, residual, out, B, N, K
             xk = tl.load(x_rows + kk[None, :], mask=b_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
             squares += xk * xk
         inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)                                   # [BB]
-    acc = tl.zeros([BB, BN, BK], dtype=tl.float32)
-    if SILU_MUL:
-        acc_up = tl.zeros([BB, BN, BK], dtype=tl.float32)
+    if DOT:
+        acc = tl.zeros([BN, BB], dtype=tl.float32)
+        if SILU_MUL:
+            acc_up = tl.zeros([BN, BB], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BB, BN, BK], dtype=tl.float32)
+        if SILU_MUL:
+            acc_up = tl.zeros([BB, BN, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + k_idx
         k_ok = kk < K
@@ -68,16 +81,31 @@ def _matvec_kernel(x, x_stride, norm_w, eps, w, w_stride, residual, out, B, N, K
             scale = tl.load(norm_w + kk, mask=k_ok, other=0.0).to(tl.float32)
             xk = (xk * inv_rms[:, None] * scale[None, :]).to(x.dtype.element_ty).to(tl.float32)
         tile_ok = n_ok[:, None] & k_ok[None, :]
-        wk = tl.load(w_rows + kk[None, :], mask=tile_ok, other=0.0).to(tl.float32)               # [BN, BK]
-        acc += xk[:, None, :] * wk[None, :, :]
+        wk = tl.load(w_rows + kk[None, :], mask=tile_ok, other=0.0)                              # [BN, BK]
         if SILU_MUL:
-            wu = tl.load(w_rows + N * w_stride + kk[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-            acc_up += xk[:, None, :] * wu[None, :, :]
-    y = tl.sum(acc, axis=2).to(out.dtype.element_ty).to(tl.float32)                              # [BB, BN]
+            wu = tl.load(w_rows + N * w_stride + kk[None, :], mask=tile_ok, other=0.0)
+        if DOT:
+            xt = tl.trans(xk.to(w.dtype.element_ty))                                              # [BK, BB]
+            acc = tl.dot(wk, xt, acc, input_precision=PRECISION)
+            if SILU_MUL:
+                acc_up = tl.dot(wu, xt, acc_up, input_precision=PRECISION)
+        else:
+            acc += xk[:, None, :] * wk.to(tl.float32)[None, :, :]
+            if SILU_MUL:
+                acc_up += xk[:, None, :] * wu.to(tl.float32)[None, :, :]
+    if DOT:
+        y = tl.trans(acc)                                                                         # [BB, BN]
+        if SILU_MUL:
+            up = tl.trans(acc_up)
+    else:
+        y = tl.sum(acc, axis=2)
+        if SILU_MUL:
+            up = tl.sum(acc_up, axis=2)
+    y = y.to(out.dtype.element_ty).to(tl.float32)
     offsets = b_idx.to(tl.int64)[:, None] * N + n_idx[None, :]
     ok = b_ok[:, None] & n_ok[None, :]
     if SILU_MUL:
-        up = tl.sum(acc_up, axis=2).to(out.dtype.element_ty).to(tl.float32)
+        up = up.to(out.dtype.element_ty).to(tl.float32)
         y = y * tl.sigmoid(y) * up
     if ADD:
         y = y + tl.load(residual + offsets, mask=ok, other=0.0).to(tl.float32)
@@ -98,7 +126,11 @@ def _sm_count(device: torch.device) -> int:
 def matvec_blocks(rows: int, columns: int, depth: int, sms: int, gated: bool = False) -> tuple[int, int]:
     """(BN, BK): output rows per program, from 4 to 32, the fewest that keep about two programs per SM busy; the
     chunk of K as long as the product tile (two with `gated`) allows, 32 to 1024 and no longer than K needs (a
-    program's loads of one chunk are in flight together, the chunks one after another)."""
+    program's loads of one chunk are in flight together, the chunks one after another). Past ELEMENTWISE_ROWS
+    (dots): 16 to 64 output rows, chunks of 128 (gated) or 256."""
+    if rows > ELEMENTWISE_ROWS:
+        return min(64, max(16, _pow2(triton.cdiv(columns, 2 * sms)))), min(128 if gated else 256,
+                                                                            max(32, _pow2(depth)))
     block = min(32, max(4, _pow2(triton.cdiv(columns, 2 * sms))))
     tile = _TILE // (2 if gated else 1)
     chunk = min(1024, max(32, tile // (_pow2(rows) * block)), _pow2(depth))
@@ -134,10 +166,15 @@ def launch_matvec(x, weight, norm_weight=None, eps=0.0, residual=None, silu_mul=
         residual = residual.contiguous()
     default_block, default_chunk = matvec_blocks(B, N, K, _sm_count(x.device), silu_mul)
     block, chunk = block or default_block, chunk or default_chunk
+    # Triton's interpreter computes dots of 16-bit floats wrongly: there elementwise products serve any rows
+    dot = B > ELEMENTWISE_ROWS and not (_INTERPRETED and weight.dtype != torch.float32)
+    if dot and min(block, chunk) < 16:
+        raise ValueError(f"block, chunk: expected >= 16 for {B} rows (tensor-core dots), got {block}, {chunk}")
     _matvec_kernel[(triton.cdiv(N, block),)](
         x, x.stride(0), x if norm_weight is None else norm_weight, eps, weight, weight.stride(0),
-        x if residual is None else residual, out, B, N, K, BB=_pow2(B), BN=block, BK=chunk,
-        NORM=norm_weight is not None, ADD=residual is not None, SILU_MUL=silu_mul, num_warps=num_warps)
+        x if residual is None else residual, out, B, N, K, BB=_pow2(B) if not dot else max(16, _pow2(B)),
+        BN=block, BK=chunk, NORM=norm_weight is not None, ADD=residual is not None, SILU_MUL=silu_mul, DOT=dot,
+        PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", num_warps=num_warps)
     return out
 
 
