@@ -10,16 +10,18 @@ oryx_torch.generate.DecodeRunner (under CUDA graphs on CUDA, the greedy pick ins
     compiled        the torch.compile'd step (ORYX_COMPILED_DECODE=1)
     fused           the torch step with each mixer's token through kernels/decode_step.py (ORYX_FUSED_DECODE=1)
     fused+matvec    fused, with each projection one kernel with its norm and its residual add or activation
-                    (kernels/decode_matvec.py, ORYX_FUSED_MATVEC=1; batches of at most 8, larger ones run as fused)
+                    (kernels/decode_matvec.py, ORYX_FUSED_MATVEC=1; batches of at most 32, larger ones run as fused)
     fused+compiled  fused and compiled
 For each plan (attention: prompt and decode in attention, recurrent state kept; recurrent: everything recurrent,
 KV cache kept; dropped: prompt in attention, KV cache dropped, decode recurrent) and batch size: tokens/s with
 one token read back to the host per step (as a server does) and with the pick fed to the next step on the device
 (graph replays back to back), and how many of each step's greedy tokens equal the eager step's (the uncompiled
-variants at every batch size run first; fused+matvec also against the fused step's), and batch 1 after a --long-context prompt (32768 tokens; eager,
-fused and fused+matvec, attention and recurrent). Also CUDA kernels per step at batch 1 (a step run without a graph, counted by
-torch.profiler; on the CPU aten operators) with their GPU time by kernel, and in fp32 the first step's logits of
-the fused step against the eager step's and how many of 16 greedy steps (3 with --tiny) agree. Rows that would
+variants at every batch size run first; fused+matvec also against the fused step's), and batch 1 after a
+--long-context prompt (32768 tokens; eager, fused and fused+matvec, attention and recurrent). Also CUDA kernels
+per step at batch 1 (a step run without a graph, counted by torch.profiler; on the CPU aten operators) with their
+GPU time by kernel, and in fp32 the first step's logits of the fused variants against the eager step's and how
+many of 16 greedy steps (3 with --tiny) agree; then (--matvec-sweep-s) each projection's matvec kernel against the
+operators it replaces and over block sizes, in microseconds a launch under a CUDA graph. Rows that would
 start after --budget-s seconds are listed as skipped.
 """
 from __future__ import annotations
