@@ -94,12 +94,18 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
     return o.reshape(B, T, H, V).to(v.dtype), final_state
 
 
-def head_major(x, length: int):
-    """x [B, T, Hkv, F] -> [B, Hkv, length, F] (length >= T), zeros after T: one copy."""
-    B, T, Hkv, F_ = x.shape
-    out = x.new_empty(B, Hkv, length, F_)
+def head_major(x, length: int, dtype=None):
+    """x [B, T, Hkv, F] -> [B, Hkv, length, F] (length >= T) in `dtype` (default x's), zeros after T: one copy. x may
+    also be a list of [B, T, Hkv, F_i] or [B, T, Hkv] (one feature) tensors, laid side by side along F."""
+    parts = x if isinstance(x, (list, tuple)) else [x]
+    B, T, Hkv = parts[0].shape[:3]
+    widths = [p.shape[3] if p.dim() == 4 else 1 for p in parts]
+    out = parts[0].new_empty(B, Hkv, length, sum(widths), dtype=dtype or parts[0].dtype)
     out[:, :, T:].zero_()
-    out[:, :, :T].copy_(x.transpose(1, 2))
+    start = 0
+    for part, width in zip(parts, widths):
+        out[:, :, :T, start:start + width].copy_((part if part.dim() == 4 else part[..., None]).transpose(1, 2))
+        start += width
     return out
 
 
@@ -132,8 +138,7 @@ def chunk_gated_delta_rule_grouped(q, k, v, g, beta, scale=None, initial_state=N
     # each token's keys, values and gates in one zero-padded, chunked, head-major copy, one chunk of one sequence's
     # key/value head per batch row [R = B * Hkv * NT, C, K + V + 2]: padded tokens have g = beta = 0, so they leave
     # the state as it is
-    packed = head_major(torch.cat([k.to(dtype), v.to(dtype), g.to(dtype)[..., None], beta.to(dtype)[..., None]],
-                                  dim=-1), NT * C).view(R, C, K + V + 2)
+    packed = head_major([k, v, g, beta], NT * C, dtype).view(R, C, K + V + 2)
     keys, gate, rate = packed[..., :K], packed[..., K + V], packed[..., K + V + 1]
     Gc = gate.cumsum(-1)                                                             # [R, C]
     eG = Gc.exp()
