@@ -400,15 +400,16 @@ def main(argv=None) -> int:
                         row, tokens = result
                         if variant == "eager":
                             eager_tokens[batch, plan] = tokens
-                        if variant == "fused":
-                            fused_tokens[batch, plan] = tokens
-                        elif variant == "fused+matvec" and (batch, plan) in fused_tokens:
-                            row.update(tokens_equal_to_fused=int((tokens == fused_tokens[batch, plan]).sum()))
                         elif (batch, plan) in eager_tokens:
                             same = (tokens == eager_tokens[batch, plan]).all(0)
                             row.update(tokens_equal_to_eager=int((tokens == eager_tokens[batch, plan]).sum()),
                                        tokens_compared=int(tokens.numel()),
                                        first_differing_step=None if bool(same.all()) else int((~same).nonzero()[0, 0]))
+                        if variant == "fused":
+                            fused_tokens[batch, plan] = tokens
+                        elif variant == "fused+matvec" and (batch, plan) in fused_tokens:
+                            row.update(tokens_equal_to_fused=int((tokens == fused_tokens[batch, plan]).sum()),
+                                       tokens_compared=int(tokens.numel()))
                         report["decode"].append(row)
                         save()
         if args.matvec_sweep_s > 0 and "fused+matvec" in args.variants:  # its own budget, after the decode rows
