@@ -38,9 +38,9 @@ MAX_ROWS = 32
 # Input rows up to which the products are elementwise (the [rows, block, chunk] tile stays in registers), past
 # which they are tensor-core dots.
 ELEMENTWISE_ROWS = 8
-# Elements of the [rows, block, chunk] product tile per program (per accumulator): 32 fp32 registers a thread at
+# Elements of the [rows, block, chunk] product tile per program (per accumulator): 64 fp32 registers a thread at
 # four warps.
-_TILE = 4096
+_TILE = 8192
 
 
 @triton.jit
@@ -127,10 +127,9 @@ def matvec_blocks(rows: int, columns: int, depth: int, sms: int, gated: bool = F
     """(BN, BK): output rows per program, from 4 to 32, the fewest that keep about two programs per SM busy; the
     chunk of K as long as the product tile (two with `gated`) allows, 32 to 1024 and no longer than K needs (a
     program's loads of one chunk are in flight together, the chunks one after another). Past ELEMENTWISE_ROWS
-    (dots): 16 to 64 output rows, chunks of 128 (gated) or 256."""
+    (dots): 16 to 64 output rows, chunks of 64 (longer ones spill registers at 32 rows)."""
     if rows > ELEMENTWISE_ROWS:
-        return min(64, max(16, _pow2(triton.cdiv(columns, 2 * sms)))), min(128 if gated else 256,
-                                                                            max(32, _pow2(depth)))
+        return min(64, max(16, _pow2(triton.cdiv(columns, 2 * sms)))), 64
     block = min(32, max(4, _pow2(triton.cdiv(columns, 2 * sms))))
     tile = _TILE // (2 if gated else 1)
     chunk = min(1024, max(32, tile // (_pow2(rows) * block)), _pow2(depth))
