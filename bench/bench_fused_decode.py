@@ -181,7 +181,7 @@ def kernel_time(fn, top: int = 12) -> dict:
 
 # (BN, BK, warps) launches of the matvec kernel the --matvec-sweep-s section times at each projection's shape, in
 # a fixed shuffled order (a sweep cut short by its budget still samples every block size)
-MATVEC_CONFIGS = [(block, chunk, warps) for block in (4, 8, 16, 32) for chunk in (128, 256, 512, 1024)
+MATVEC_CONFIGS = [(block, chunk, warps) for block in (4, 8, 16, 32) for chunk in (64, 128, 256, 512, 1024)
                   for warps in (4, 8, 2)]
 random.Random(0).shuffle(MATVEC_CONFIGS)
 
