@@ -287,6 +287,36 @@ def matvec_kernel_rows(oryx, batches, device, budget_s: float) -> list[dict]:
     return rows
 
 
+def summary(report: dict) -> str:
+    """The report in short: tokens/s by plan, batch and variant (host read-back / device-fed), kernels a step and
+    their GPU time, and for each projection the unfused operators, the matvec kernel's default blocks and the
+    fastest blocks the sweep found, in microseconds a launch."""
+    lines = []
+    for row in report["decode"]:
+        extra = "".join(f" {key}={row[key]}" for key in ("tokens_equal_to_eager", "tokens_equal_to_fused",
+                                                             "tokens_compared") if key in row)
+        lines.append(f"decode {row['plan']:9} b{row['batch']:<3} {row['variant']:14} "
+                     f"{'long ' if row.get('long_context') else ''}{row['tokens_per_s']:9.0f} / "
+                     f"{row['device_fed_tokens_per_s']:9.0f} tok/s{extra}")
+    for row in report["launches"]:
+        lines.append(f"launches {row['plan']:9} {row['variant']:14} {row['per_step']} a step, "
+                     f"{row.get('kernel_time', {}).get('total_us', float('nan')):.0f} us")
+    best: dict = {}
+    for row in report["matvec_kernels"]:
+        key = (row["projection"], row["batch"])
+        if row["variant"] == "matvec":
+            if key not in best or row["us"] < best[key]["us"]:
+                best[key] = row
+            continue
+        blocks = f" (BN {row['block']}, BK {row['chunk']}, {row['warps']} warps)" if "block" in row else ""
+        lines.append(f"matvec {row['projection']:22} b{row['batch']:<3} {row['variant']:20} {row['us']:7.2f} us"
+                     f"{blocks}")
+    for (projection, batch), row in best.items():
+        lines.append(f"matvec {projection:22} b{batch:<3} {'fastest swept':20} {row['us']:7.2f} us (BN {row['block']}, "
+                     f"BK {row['chunk']}, {row['warps']} warps)")
+    return "\n".join(lines)
+
+
 def fp32_parity(oryx, plan: str, variant: str, prompt, steps: int) -> dict:
     """The fused variant against the eager step on the same fp32 model: the first step's logits (largest
     difference over the largest eager logit) and how many of `steps` greedy steps pick the same tokens."""
@@ -418,6 +448,7 @@ def main(argv=None) -> int:
             report["matvec_kernels"] = rows or []
     use("eager")
     save()
+    print(summary(report))
     print(f"{report['card']} {report['date']}: {len(report['decode'])} decode rows, {len(report['launches'])} "
           f"launch counts, {len(report['skipped'])} skipped, {len(report['errors'])} errors, "
           f"{report['seconds']:.0f} s")
