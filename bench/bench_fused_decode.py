@@ -448,6 +448,7 @@ def main(argv=None) -> int:
             report["matvec_kernels"] = rows or []
     use("eager")
     save()
+    print("== summary ==")
     print(summary(report))
     print(f"{report['card']} {report['date']}: {len(report['decode'])} decode rows, {len(report['launches'])} "
           f"launch counts, {len(report['skipped'])} skipped, {len(report['errors'])} errors, "
