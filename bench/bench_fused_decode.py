@@ -11,13 +11,15 @@ oryx_torch.generate.DecodeRunner (under CUDA graphs on CUDA, the greedy pick ins
     fused           the torch step with each mixer's token through kernels/decode_step.py (ORYX_FUSED_DECODE=1)
     fused+matvec    fused, with each projection one kernel with its norm and its residual add or activation
                     (kernels/decode_matvec.py, ORYX_FUSED_MATVEC=1; batches of at most 32, larger ones run as fused)
+    fused+matvec+split  fused+matvec, with the recurrent token kernel one program per query head instead of per
+                    key/value head at small batches (ORYX_FUSED_SPLIT_HEADS=1)
     fused+compiled  fused and compiled
 For each plan (attention: prompt and decode in attention, recurrent state kept; recurrent: everything recurrent,
 KV cache kept; dropped: prompt in attention, KV cache dropped, decode recurrent) and batch size: tokens/s with
 one token read back to the host per step (as a server does) and with the pick fed to the next step on the device
 (graph replays back to back), and how many of each step's greedy tokens equal the eager step's (the uncompiled
-variants at every batch size run first; fused+matvec also against the fused step's), and batch 1 after a
---long-context prompt (32768 tokens; eager, fused and fused+matvec, attention and recurrent). Also CUDA kernels
+variants at every batch size run first; the fused+matvec ones also against the fused step's), and batch 1 after
+a --long-context prompt (32768 tokens; the uncompiled variants, attention and recurrent). Also CUDA kernels
 per step at batch 1 (a step run without a graph, counted by torch.profiler; on the CPU aten operators) with their
 GPU time by kernel, and in fp32 the first step's logits of the fused variants against the eager step's and how
 many of 16 greedy steps (3 with --tiny) agree; then (--matvec-sweep-s) each projection's matvec kernel against the
@@ -35,9 +37,10 @@ import sys
 import time
 from pathlib import Path
 
-# variant: (compiled, fused, matvec)
-VARIANTS = {"eager": (False, False, False), "fused": (False, True, False), "fused+matvec": (False, True, True),
-            "fused+compiled": (True, True, False), "compiled": (True, False, False)}
+# variant: (compiled, fused, matvec, recurrent token split by query head)
+VARIANTS = {"eager": (False, False, False, False), "fused": (False, True, False, False),
+            "fused+matvec": (False, True, True, False), "fused+matvec+split": (False, True, True, True),
+            "fused+compiled": (True, True, False, False), "compiled": (True, False, False, False)}
 # plan: (prompt in attention, decode step in attention, drop the KV cache after the prompt)
 PLANS = {"attention": (True, True, False), "recurrent": (False, False, False), "dropped": (True, False, True)}
 
@@ -78,9 +81,10 @@ def use(variant: str) -> tuple[bool, bool]:
     """(compiled, fused) for a variant, with the fused switches set accordingly."""
     from oryx_torch import model as model_module
 
-    compiled, fused, matvec = VARIANTS[variant]
+    compiled, fused, matvec, split = VARIANTS[variant]
     model_module.FUSED_DECODE = fused
     model_module.FUSED_MATVEC = matvec
+    model_module.FUSED_SPLIT_HEADS = split
     return compiled, fused
 
 
@@ -401,7 +405,8 @@ def main(argv=None) -> int:
             prompt = torch.randint(0, hf["vocab_size"], (1, args.long_context),
                                    generator=torch.Generator().manual_seed(6)).to(device)
             for plan in [p for p in ("recurrent", "attention") if p in args.plans]:
-                for variant in [v for v in ("eager", "fused", "fused+matvec") if v in args.variants]:
+                for variant in [v for v in ("eager", "fused", "fused+matvec", "fused+matvec+split")
+                                if v in args.variants]:
                     result = attempt("decode", dict(plan=plan, variant=variant, batch=1, prompt=args.long_context),
                                      lambda: timed_decode(oryx, prompt, plan, variant, args.decode_tokens, device))
                     if result is not None:
@@ -437,12 +442,13 @@ def main(argv=None) -> int:
                                        first_differing_step=None if bool(same.all()) else int((~same).nonzero()[0, 0]))
                         if variant == "fused":
                             fused_tokens[batch, plan] = tokens
-                        elif variant == "fused+matvec" and (batch, plan) in fused_tokens:
+                        elif variant.startswith("fused+matvec") and (batch, plan) in fused_tokens:
                             row.update(tokens_equal_to_fused=int((tokens == fused_tokens[batch, plan]).sum()),
                                        tokens_compared=int(tokens.numel()))
                         report["decode"].append(row)
                         save()
-        if args.matvec_sweep_s > 0 and "fused+matvec" in args.variants:  # its own budget, after the decode rows
+        # its own budget, after the decode rows
+        if args.matvec_sweep_s > 0 and any(v.startswith("fused+matvec") for v in args.variants):
             rows = attempt("matvec_kernels", {}, lambda: matvec_kernel_rows(oryx, args.batches, device,
                                                                              args.matvec_sweep_s))
             report["matvec_kernels"] = rows or []

@@ -20,10 +20,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from oryx_torch import model as model_module  # noqa: E402
-from test_decode_step_kernels import MODEL_CASES, STEPS, decode_tokens, tiny_model  # noqa: E402
+from test_decode_step_kernels import (GDN_CASES, MODEL_CASES, STEPS, decode_tokens, gdn_args,  # noqa: E402
+                                      recurrent_token_ref, tiny_model)
 
 NORM_EPS = 1e-5
-FAST_PASSED = 36  # the kernel and model tests below that run in the interpreter subprocess without --runslow
+FAST_PASSED = 45  # the kernel and model tests below that run in the interpreter subprocess without --runslow
 
 
 def run_interpreted(*pytest_args) -> str:
@@ -45,8 +46,8 @@ def test_in_interpreter_subprocess():
 @pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
 def test_in_interpreter_subprocess_slow():
     """The greedy-token comparisons of every mode and cache variant under TRITON_INTERPRET=1 (minutes)."""
-    out = run_interpreted("--runslow", "-m", "not gpu", "-k", "matvec_greedy_tokens_slow")
-    assert re.search(rf"\b{len(MODEL_CASES)} passed\b", out), out[-2000:]
+    out = run_interpreted("--runslow", "-m", "not gpu", "-k", "greedy_tokens_slow")
+    assert re.search(rf"\b{len(MODEL_CASES) + 3} passed\b", out), out[-2000:]
 
 
 # ----- the kernel against float64 -----
@@ -152,6 +153,27 @@ def test_blocks_spread_a_small_projection_over_the_sms():
     assert min(matvec_blocks(MAX_ROWS, 576, 1536, 132, True)) >= 16  # tensor-core dots
 
 
+# ----- the recurrent token kernel with one program per query head -----
+@needs_interpreter
+@pytest.mark.parametrize("case", GDN_CASES)
+def test_recurrent_token_step_split_heads_matches_float64(case):
+    """As the per-key/value-head launch: output, every state copy, the windows (shifted once, by the last
+    program of each group) and the KV cache (written once); the arrival counts are left at zero."""
+    from oryx_torch.kernels.decode_step import _ARRIVALS, recurrent_token_step
+
+    args = gdn_args(len(case), **GDN_CASES[case])
+    want_out, want_windows, want_state, want_k, want_v = recurrent_token_ref(args)
+    out = recurrent_token_step(**args, split_heads=True)
+    assert_close("out", out, want_out, tol=2e-5)
+    assert_close("state (every copy)", args["state"], want_state, tol=2e-5)
+    for name, want in zip(("win_q", "win_k", "win_v"), want_windows):
+        assert_close(name, args[name], want, tol=1e-7)
+    if want_k is not None:
+        assert_close("k_cache", args["k_cache"], want_k, tol=2e-5)
+        assert_close("v_cache", args["v_cache"], want_v, tol=2e-5)
+    assert not _ARRIVALS[out.device].any()
+
+
 # ----- the model: with the matvec kernels the fused step picks the same tokens -----
 def matvec_and_fused_tokens(case, monkeypatch):
     """(tokens with FUSED_MATVEC on, with it off, the kernels the matvec run called) on the fp32 tiny model."""
@@ -188,6 +210,30 @@ def test_matvec_greedy_tokens_slow(case, monkeypatch):
     assert calls.count("matvec") == 4 * L * steps
     assert calls.count("rms_norm_rows") == steps
     assert calls.count("add_rms_norm_rows") == calls.count("silu_mul") == 0
+
+
+@needs_interpreter
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["mixed rows", "recurrent", "mamba-2, mixed rows"])
+def test_split_heads_greedy_tokens_slow(case, monkeypatch):
+    """The fused step with the recurrent token kernel split by query head (and the matvec kernels) picks the
+    tokens of the fused step without either, and the split launch is what ran."""
+    from oryx_torch.kernels import decode_step
+
+    splits = []
+    original = decode_step.recurrent_token_step
+    monkeypatch.setattr(decode_step, "recurrent_token_step",
+                        lambda *a, **k: splits.append(k.get("split_heads")) or original(*a, **k))
+    prompt_mode, step_modes, drop = MODEL_CASES[case]
+    model = tiny_model(mixer="mamba2" if case.startswith("mamba-2") else "gdn")
+    monkeypatch.setattr(model_module, "FUSED_MATVEC", True)
+    monkeypatch.setattr(model_module, "FUSED_SPLIT_HEADS", True)
+    split = decode_tokens(model, True, prompt_mode, step_modes, drop)
+    assert splits and all(splits)
+    monkeypatch.setattr(model_module, "FUSED_MATVEC", False)
+    monkeypatch.setattr(model_module, "FUSED_SPLIT_HEADS", False)
+    np.testing.assert_array_equal(split, decode_tokens(model, True, prompt_mode, step_modes, drop))
+    assert not any(splits[len(splits) // 2:])
 
 
 def test_fused_matvec_is_off_by_default_and_only_for_small_batches():

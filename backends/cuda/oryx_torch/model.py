@@ -540,7 +540,8 @@ class OryxMixer(nn.Module):
         With `norm` and `residual` (the decode matvec kernels, kernels/decode_matvec.py) xn is the un-normed
         residual stream, normed in the projections' kernel, and the result is residual + the mixer's output, added
         in o_proj's kernel."""
-        from .kernels.decode_step import attention_split, attention_token_step, recurrent_token_step
+        from .kernels.decode_step import (attention_split, attention_token_step, recurrent_token_step,
+                                          split_heads_applies)
 
         cfg = self.cfg
         recurrent = layer_cache.recurrent is not None
@@ -568,7 +569,9 @@ class OryxMixer(nn.Module):
                                  layer_cache.recurrent, cfg.gdn_scale, L2NORM_EPS, norm_w, norm_eps,
                                  cfg.gate_before_norm, layer_cache.keys if append else None,
                                  layer_cache.values if append else None, position, cos, sin, modes if attend else None,
-                                 o_attn, xn.dtype)
+                                 o_attn, xn.dtype,
+                                 split_heads=FUSED_SPLIT_HEADS and split_heads_applies(xn.shape[0], cfg.n_heads,
+                                                                                       xn.device))
         return self._fused_output(y, residual)
 
     def _fused_output(self, y, residual):
@@ -972,6 +975,12 @@ FUSED_DECODE = os.environ.get("ORYX_FUSED_DECODE", "1") == "1"
 # before it and the residual add or the MLP's activation after it (kernels/decode_matvec.py), for decode steps of
 # at most decode_matvec.MAX_ROWS sequences; read at every step, as FUSED_DECODE. Off unless ORYX_FUSED_MATVEC=1.
 FUSED_MATVEC = os.environ.get("ORYX_FUSED_MATVEC", "0") == "1"
+
+
+# Whether the fused step's recurrent token kernel runs one program per query head (each repeating its group's state
+# update) instead of one per key/value head, at batch sizes where that adds programs (decode_step.split_heads_applies);
+# read at every step, as FUSED_DECODE. Off unless ORYX_FUSED_SPLIT_HEADS=1.
+FUSED_SPLIT_HEADS = os.environ.get("ORYX_FUSED_SPLIT_HEADS", "0") == "1"
 
 
 def fused_matvec_applies(x: torch.Tensor) -> bool:

@@ -94,13 +94,16 @@ def _recurrent_token_kernel(
         conv_q_w, conv_q_b, conv_k_w, conv_k_b, conv_v_w, conv_v_b, win_q, win_k, win_v,
         A_log, dt_bias, D_skip, state, scale, l2_eps, norm_w, norm_eps,
         k_cache, v_cache, kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st, position, cos, sin, rope_stride,
-        modes, o_attn, out,
+        modes, o_attn, out, arrivals,
         H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, W: tl.constexpr,
         BD: tl.constexpr, BDV: tl.constexpr, BW: tl.constexpr,
         CONV_BIAS: tl.constexpr, SILU: tl.constexpr, OUTPUT_NORM: tl.constexpr, OUTPUT_GATE: tl.constexpr,
         GATE_BEFORE_NORM: tl.constexpr, APPEND_KV: tl.constexpr, ROPE: tl.constexpr, MIXED: tl.constexpr,
-        SSD: tl.constexpr):
-    b, j = tl.program_id(0), tl.program_id(1)
+        SSD: tl.constexpr, SPLIT_HEADS: tl.constexpr):
+    # SPLIT_HEADS: one program per query head of the group (program_id 2), each updating the shared state itself
+    # and writing its own copy and readout; the last of the group to arrive (arrivals[b, j], an atomic count
+    # that it resets) shifts the shared k and v windows, which every program of the group reads first.
+    b, j, first_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     d_idx = tl.arange(0, BD)
     v_idx = tl.arange(0, BDV)
     d_ok, v_ok = d_idx < D, v_idx < DV
@@ -118,17 +121,19 @@ def _recurrent_token_kernel(
             k_rot, _r, _x = _conv_token(k_in + b * k_stride, win_k, conv_k_w, conv_k_b, b, HKV * D, rot_ch, d_ok,
                                         W, BW, CONV_BIAS, SILU)
             key = _rope(k, k_rot, cos, sin, b * rope_stride, d_idx, d_ok)
-        tl.store(k_cache + b * kc_sb + j * kc_sh + pos * kc_st + d_idx, key.to(k_cache.dtype.element_ty), mask=d_ok)
-        tl.store(v_cache + b * vc_sb + j * vc_sh + pos * vc_st + v_idx, v.to(v_cache.dtype.element_ty), mask=v_ok)
+        tl.store(k_cache + b * kc_sb + j * kc_sh + pos * kc_st + d_idx, key.to(k_cache.dtype.element_ty),
+                 mask=d_ok & (first_head == 0))
+        tl.store(v_cache + b * vc_sb + j * vc_sh + pos * vc_st + v_idx, v.to(v_cache.dtype.element_ty),
+                 mask=v_ok & (first_head == 0))
     # gates of this key/value head: GDN's decay and write strength, or Mamba-2's step size dt
     a = tl.load(a_in + b * a_stride + j).to(tl.float32) + tl.load(dt_bias + j).to(tl.float32)
     softplus_a = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))
     decay = tl.exp(-tl.exp(tl.load(A_log + j).to(tl.float32)) * softplus_a)
-    # the group's state copies are equal: update the first, write it to each
+    # the group's state copies are equal: update one, write it to each (split: each program its own copy)
     copies = state + (b * H + j * G).to(tl.int64) * D * DV
     tile = d_idx[:, None] * DV + v_idx[None, :]
     tile_ok = d_ok[:, None] & v_ok[None, :]
-    S = tl.load(copies + tile, mask=tile_ok, other=0.0) * decay
+    S = tl.load(copies + first_head * D * DV + tile, mask=tile_ok, other=0.0) * decay
     if SSD:
         S = S + (softplus_a * k)[:, None] * v[None, :]
         skip = tl.load(D_skip + j).to(tl.float32) * v
@@ -141,9 +146,17 @@ def _recurrent_token_kernel(
     if MIXED:
         attention_row = tl.load(modes + b) != 0
     tl.debug_barrier()  # every thread has read the k and v windows before they shift
-    _shift_window(win_k, b, HKV * D, k_ch, d_ok, k_rows, k_x, W, BW)
-    _shift_window(win_v, b, HKV * DV, v_ch, v_ok, v_rows, v_x, W, BW)
-    for i in tl.static_range(G):
+    if SPLIT_HEADS:
+        arrived = tl.atomic_add(arrivals + b * HKV + j, 1, sem="acq_rel")
+        if arrived == G - 1:  # the group's other programs have read the windows
+            _shift_window(win_k, b, HKV * D, k_ch, d_ok, k_rows, k_x, W, BW)
+            _shift_window(win_v, b, HKV * DV, v_ch, v_ok, v_rows, v_x, W, BW)
+            tl.store(arrivals + b * HKV + j, 0)
+    else:
+        _shift_window(win_k, b, HKV * D, k_ch, d_ok, k_rows, k_x, W, BW)
+        _shift_window(win_v, b, HKV * DV, v_ch, v_ok, v_rows, v_x, W, BW)
+    for head in tl.static_range(1 if SPLIT_HEADS else G):
+        i = first_head + head
         h = j * G + i
         q_ch = h * D + d_idx
         q, q_rows, q_x = _conv_token(q_in + b * q_stride, win_q, conv_q_w, conv_q_b, b, H * D, q_ch, d_ok, W, BW,
@@ -299,6 +312,26 @@ def _rope_arguments(cos, sin, dummy):
     return cos, sin, (cos.stride(0) if cos.shape[0] > 1 else 0)
 
 
+def split_heads_applies(batch: int, n_heads: int, device: torch.device) -> bool:
+    """Whether recurrent_token_step runs one program per query head: while those programs fit about twice over on
+    the SMs; past that the per-key/value-head launch already fills them, and the split would only read each state
+    copy separately (the group size times the state reads) for no added parallelism."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return batch * n_heads <= 2 * sms
+
+
+_ARRIVALS: dict = {}
+
+
+def _arrivals(n: int, device: torch.device) -> torch.Tensor:
+    """A zeroed int32 count per (sequence, key/value head) that recurrent_token_step's split-heads launch uses and
+    leaves zeroed again; one buffer per device, shared by every layer (their kernels run one after another)."""
+    counts = _ARRIVALS.get(device)
+    if counts is None or counts.numel() < n:
+        counts = _ARRIVALS[device] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+    return counts
+
+
 # As torch custom ops declaring what they write, so that a torch.compile'd decode step calls them from its graph.
 @torch.library.custom_op("oryx::recurrent_token_step", mutates_args=("win_q", "win_k", "win_v", "state", "k_cache",
                                                                       "v_cache"))
@@ -311,20 +344,21 @@ def recurrent_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: t
                          norm_eps: float, gate_before_norm: bool, k_cache: torch.Tensor | None,
                          v_cache: torch.Tensor | None, position: torch.Tensor, cos: torch.Tensor | None,
                          sin: torch.Tensor | None, modes: torch.Tensor | None, o_attn: torch.Tensor | None,
-                         out_dtype: torch.dtype) -> torch.Tensor:
+                         out_dtype: torch.dtype, split_heads: bool = False) -> torch.Tensor:
     """One recurrent decode token of every sequence (module docstring): GDN, or Mamba-2 when D_skip is given
     (then `a` is dt_proj's output, b is unused, and o = S^T q + D v without scale or L2 norms). q, k, v, a, b, gate
     are the projections [B, *] (rows of any stride, last axis contiguous); windows [B, W-1, C] and state
     [B, H, K, V] change in place, the KV cache too when given (keys RoPE'd with cos/sin [1 or B, K] when given);
     modes [B] bool with o_attn [B, H, V]: the rows whose readout is the attention's. Returns the gated-normed
-    readout [B, H * V] in out_dtype."""
+    readout [B, H * V] in out_dtype. `split_heads`: one program per query head instead of per key/value head
+    (each repeats the group's state update; more programs at small batches)."""
     B, H, K, V = state.shape
     HKV, W = win_k.shape[2] // K, conv_k_w.shape[1]
     out = torch.empty(B, H * V, dtype=out_dtype, device=q.device)
     dummy = state
     cos, sin, rope_stride = _rope_arguments(cos, sin, dummy)
     b = a if b is None else b
-    _recurrent_token_kernel[(B, HKV)](
+    _recurrent_token_kernel[(B, HKV, H // HKV if split_heads else 1)](
         q, q.stride(0), k, k.stride(0), v, v.stride(0), a, a.stride(0), b, b.stride(0),
         dummy if gate is None else gate, 0 if gate is None else gate.stride(0),
         conv_q_w, dummy if conv_q_b is None else conv_q_b, conv_k_w, dummy if conv_k_b is None else conv_k_b,
@@ -333,11 +367,11 @@ def recurrent_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: t
         dummy if norm_w is None else norm_w, norm_eps,
         dummy if k_cache is None else k_cache, dummy if v_cache is None else v_cache, *_cache_strides(k_cache, v_cache),
         position, cos, sin, rope_stride, dummy if modes is None else modes.view(torch.uint8),
-        dummy if o_attn is None else o_attn, out,
+        dummy if o_attn is None else o_attn, out, _arrivals(B * HKV, q.device) if split_heads else dummy,
         H=H, HKV=HKV, G=H // HKV, D=K, DV=V, W=W, BD=_pow2(K), BDV=_pow2(V), BW=_pow2(W),
         CONV_BIAS=conv_k_b is not None, SILU=silu, OUTPUT_NORM=norm_w is not None, OUTPUT_GATE=gate is not None,
         GATE_BEFORE_NORM=gate_before_norm, APPEND_KV=k_cache is not None, ROPE=cos is not dummy,
-        MIXED=modes is not None, SSD=D_skip is not None,
+        MIXED=modes is not None, SSD=D_skip is not None, SPLIT_HEADS=split_heads,
         num_warps=8 if K * V >= 16384 else 4 if K * V >= 4096 else 2)  # the state tile stays in registers
     return out
 
@@ -345,7 +379,7 @@ def recurrent_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: t
 @recurrent_token_step.register_fake
 def _(q, k, v, a, b, gate, conv_q_w, conv_q_b, conv_k_w, conv_k_b, conv_v_w, conv_v_b, silu, win_q, win_k, win_v,
       A_log, dt_bias, D_skip, state, scale, l2_eps, norm_w, norm_eps, gate_before_norm, k_cache, v_cache, position,
-      cos, sin, modes, o_attn, out_dtype):
+      cos, sin, modes, o_attn, out_dtype, split_heads=False):
     B, H, _, V = state.shape
     return q.new_empty(B, H * V, dtype=out_dtype)
 
