@@ -274,16 +274,37 @@ def test_matvec_matches_float64_cuda(epilogue, dtype, B):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split", [False, True], ids=["matvec", "matvec_split_heads"])
 @pytest.mark.parametrize("case", ["mixed rows", "recurrent", "attention", "mamba-2, mixed rows"])
-def test_matvec_greedy_tokens_equal_fused_cuda_graphs(case):
+def test_matvec_greedy_tokens_equal_fused_cuda_graphs(case, split):
     prompt_mode, step_modes, drop = MODEL_CASES[case]
     model = tiny_model("cuda", mixer="mamba2" if case.startswith("mamba-2") else "gdn")
-    saved = model_module.FUSED_MATVEC
+    saved = model_module.FUSED_MATVEC, model_module.FUSED_SPLIT_HEADS
     try:
-        model_module.FUSED_MATVEC = True
+        model_module.FUSED_MATVEC, model_module.FUSED_SPLIT_HEADS = True, split
         with_matvec = decode_tokens(model, True, prompt_mode, step_modes, drop)
-        model_module.FUSED_MATVEC = False
+        model_module.FUSED_MATVEC, model_module.FUSED_SPLIT_HEADS = False, False
         without = decode_tokens(model, True, prompt_mode, step_modes, drop, cuda_graphs=False)
     finally:
-        model_module.FUSED_MATVEC = saved
+        model_module.FUSED_MATVEC, model_module.FUSED_SPLIT_HEADS = saved
     np.testing.assert_array_equal(with_matvec, without)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["design block", "mixed rows take the attention readout",
+                                  "no rope, one kv head, width 2", "mamba-2, mixed rows, conv bias, no KV cache"])
+def test_recurrent_token_step_split_heads_matches_float64_cuda(case):
+    """On the GPU the programs of a group run at once: ten fresh launches, each against float64 (windows
+    included: a window shifted before a program of its group read it shows here)."""
+    from oryx_torch.kernels.decode_step import _ARRIVALS, recurrent_token_step
+
+    for seed in range(10):
+        args = gdn_args(seed, **GDN_CASES[case])
+        want_out, want_windows, want_state, _, _ = recurrent_token_ref(args)
+        cuda = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        out = recurrent_token_step(**cuda, split_heads=True)
+        assert_close("out", out.cpu(), want_out, tol=1e-4)
+        assert_close("state", cuda["state"].cpu(), want_state, tol=1e-4)
+        for name, want in zip(("win_q", "win_k", "win_v"), want_windows):
+            assert_close(name, cuda[name].cpu(), want, tol=1e-6)
+        assert not _ARRIVALS[out.device].any()
