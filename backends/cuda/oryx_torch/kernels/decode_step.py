@@ -24,6 +24,8 @@ fp32 whatever the model's dtype; the state is fp32 [B, H, K, V], one equal copy 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -316,8 +318,12 @@ def split_heads_applies(batch: int, n_heads: int, device: torch.device) -> bool:
     """Whether recurrent_token_step runs one program per query head: while those programs fit about twice over on
     the SMs; past that the per-key/value-head launch already fills them, and the split would only read each state
     copy separately (the group size times the state reads) for no added parallelism."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return batch * n_heads <= 2 * sms
+    return batch * n_heads <= 2 * _sm_count(device)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 _ARRIVALS: dict = {}
