@@ -1,7 +1,8 @@
 """A decode token's fused Triton kernels: a layer's mixer between its input projections and o_proj in one or
 two, and the residual stream's norms and the MLP's activation one each.
 
-recurrent_token_step, one program per (sequence, key/value head): the short convs of the recurrent query, the key
+recurrent_token_step, one program per (sequence, key/value head), or with `split_heads` per (sequence, query
+head), each then updating its own copy of the group's state: the short convs of the recurrent query, the key
 and the value (the new input enters each conv window, which shifts in place), their activation, for GDN the L2
 norms, the gates (decay e^g with g = -e^{A_log} softplus(a + dt_bias), write strength beta = sigmoid(b)) and the
 delta-rule update of the state, shared by the group's query heads and written to each of their copies,
