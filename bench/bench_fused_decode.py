@@ -299,11 +299,11 @@ def summary(report: dict) -> str:
     for row in report["decode"]:
         extra = "".join(f" {key}={row[key]}" for key in ("tokens_equal_to_eager", "tokens_equal_to_fused",
                                                              "tokens_compared") if key in row)
-        lines.append(f"decode {row['plan']:9} b{row['batch']:<3} {row['variant']:14} "
+        lines.append(f"decode {row['plan']:9} b{row['batch']:<3} {row['variant']:18} "
                      f"{'long ' if row.get('long_context') else ''}{row['tokens_per_s']:9.0f} / "
                      f"{row['device_fed_tokens_per_s']:9.0f} tok/s{extra}")
     for row in report["launches"]:
-        lines.append(f"launches {row['plan']:9} {row['variant']:14} {row['per_step']} a step, "
+        lines.append(f"launches {row['plan']:9} {row['variant']:18} {row['per_step']} a step, "
                      f"{row.get('kernel_time', {}).get('total_us', float('nan')):.0f} us")
     best: dict = {}
     for row in report["matvec_kernels"]:
