@@ -644,19 +644,21 @@ class SwiGLU(nn.Module):
         return self._fused[1]
 
     def _packed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[gate; up] and down reordered for cpu_linear, kept with the [gate; up] concatenation (rebuilt with it,
-        dropped with it) and keyed by down's storage and version too."""
-        fused = self._fused_weight()
-        down = self.down_proj.weight
-        key = (down.data_ptr(), down._version)
+        """[gate; up] and down reordered for cpu_linear, keyed by the three weights' storages and versions; the
+        [gate; up] concatenation they are made from is not kept (it would hold the MLP's weights a third time)."""
+        weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        key = tuple((w.data_ptr(), w._version) for w in weights)
         cached = getattr(self, "_packed", None)
-        if cached is None or cached[0] is not self._fused or cached[1] != key:
-            cached = self._packed = (self._fused, key, cpu_linear.reorder(fused), cpu_linear.reorder(down))
-        return cached[2], cached[3]
+        if cached is None or cached[0] != key:
+            self._packed = None  # the old copies go before the new ones are made
+            gate_up = torch.cat(weights[:2]).detach()
+            cached = self._packed = (key, cpu_linear.reorder(gate_up), cpu_linear.reorder(weights[2]))
+        return cached[1], cached[2]
 
     def train(self, mode: bool = True):
         if mode:  # as OryxMixer.train: training may change the weights without bumping their versions
             self._fused = None
+            self._packed = None
         return super().train(mode)
 
 
