@@ -8,13 +8,11 @@ subprocess with it set (test_in_interpreter_subprocess), where the kernel tests 
 """
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from triton_interpreter import INTERPRETED, needs_interpreter
+from triton_interpreter import INTERPRETED, needs_interpreter, run_under_interpreter
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -27,18 +25,10 @@ NORM_EPS = 1e-5
 FAST_PASSED = 45  # the kernel and model tests below that run in the interpreter subprocess without --runslow
 
 
-def run_interpreted(*pytest_args) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, __file__],
-                            env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    return result.stdout
-
-
 @pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
 def test_in_interpreter_subprocess():
     """This file's fast tests under TRITON_INTERPRET=1; exactly these many pass there (none silently skips)."""
-    out = run_interpreted("-m", "not gpu and not slow")
+    out = run_under_interpreter(__file__, "-m", "not gpu and not slow")
     assert re.search(rf"\b{FAST_PASSED} passed, 1 skipped\b", out), out[-2000:]
 
 
@@ -46,7 +36,7 @@ def test_in_interpreter_subprocess():
 @pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
 def test_in_interpreter_subprocess_slow():
     """The greedy-token comparisons of every mode and cache variant under TRITON_INTERPRET=1 (minutes)."""
-    out = run_interpreted("--runslow", "-m", "not gpu", "-k", "greedy_tokens_slow")
+    out = run_under_interpreter(__file__, "--runslow", "-m", "not gpu", "-k", "greedy_tokens_slow")
     assert re.search(rf"\b{len(MODEL_CASES) + 3} passed\b", out), out[-2000:]
 
 

@@ -7,13 +7,11 @@ subprocess with it set (test_in_interpreter_subprocess), where the kernel tests 
 """
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from triton_interpreter import INTERPRETED, needs_interpreter
+from triton_interpreter import INTERPRETED, needs_interpreter, run_under_interpreter
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -28,19 +26,11 @@ from model_params import lively_params  # noqa: E402
 L2_EPS, NORM_EPS = 1e-6, 1e-5
 
 
-def run_interpreted(*pytest_args) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, __file__],
-                            env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    return result.stdout
-
-
 @pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
 def test_in_interpreter_subprocess():
     """Runs this file's fast CPU tests (each kernel against float64) under TRITON_INTERPRET=1; exactly these many
     pass there (none silently skips; this launcher skips there, the slow one is deselected)."""
-    out = run_interpreted("-m", "not gpu and not slow")
+    out = run_under_interpreter(__file__, "-m", "not gpu and not slow")
     assert re.search(r"\b19 passed, 1 skipped\b", out), out[-2000:]
 
 
@@ -48,7 +38,7 @@ def test_in_interpreter_subprocess():
 @pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
 def test_in_interpreter_subprocess_slow():
     """The greedy-token comparisons of every mode and cache variant, under TRITON_INTERPRET=1 (minutes)."""
-    out = run_interpreted("--runslow", "-m", "not gpu", "-k", "fused_greedy_tokens_equal_unfused")
+    out = run_under_interpreter(__file__, "--runslow", "-m", "not gpu", "-k", "fused_greedy_tokens_equal_unfused")
     assert re.search(r"\b8 passed\b", out), out[-2000:]
 
 

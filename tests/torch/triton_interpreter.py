@@ -15,13 +15,19 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs inside the TRITON_INTERPRET=1 subprocess")
 
 
+def run_under_interpreter(test_file: str, *pytest_args: str, timeout: float = 900) -> str:
+    """pytest's output for test_file (with pytest_args) run under TRITON_INTERPRET=1; asserts that it passed."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, test_file],
+                            env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    return result.stdout
+
+
 def rerun_under_interpreter(test_file: str, passed: int, timeout: float) -> None:
     """Runs test_file under TRITON_INTERPRET=1 and asserts that exactly `passed` tests passed there and only
     the launcher itself skipped, so a kernel test that silently skips fails the launcher."""
     if INTERPRETED:
         pytest.skip("already inside the interpreter run")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
-                            env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert re.search(rf"\b{passed} passed, 1 skipped\b", result.stdout), result.stdout[-2000:]
+    stdout = run_under_interpreter(test_file, timeout=timeout)
+    assert re.search(rf"\b{passed} passed, 1 skipped\b", stdout), stdout[-2000:]
