@@ -247,25 +247,27 @@ class OryxMixer(nn.Module):
         names = order[first:last]
         layers = [getattr(self, name) for name in names]
         sizes = [layer.out_features for layer in layers]
+        start, end = self._row_span(first, last)
         if norm is not None:
             from .kernels.decode_matvec import matvec
 
-            start = sum(getattr(self, name).out_features for name in order[:first])
-            weight = self._fused_weight()[start:start + sum(sizes)]
+            weight = self._fused_weight()[start:end]
             return dict(zip(names, matvec(xn, weight, norm.weight, norm.eps).split(sizes, dim=-1)))
         if not self.fuse_projections:
             return {name: layer(xn) for name, layer in zip(names, layers)}
         if cpu_linear.applies(xn):
-            start = sum(getattr(self, name).out_features for name in order[:first])
-            return dict(zip(names, cpu_linear.linear(xn, self._packed_rows(start, start + sum(sizes))).split(sizes, -1)))
+            return dict(zip(names, cpu_linear.linear(xn, self._packed_rows(start, end)).split(sizes, -1)))
         compiling = torch.compiler.is_compiling()
         if torch.is_grad_enabled() or (compiling and not (self.frozen_projections and self._fused is not None)):
             weight = torch.cat([layer.weight for layer in layers])
         else:
-            whole = self._fused[1] if compiling else self._fused_weight()
-            start = sum(getattr(self, name).out_features for name in order[:first])
-            weight = whole[start:start + sum(sizes)]
+            weight = (self._fused[1] if compiling else self._fused_weight())[start:end]
         return dict(zip(names, F.linear(xn, weight).split(sizes, dim=-1)))
+
+    def _row_span(self, first: int, last: int) -> tuple[int, int]:
+        """[start, end): the rows of projections projection_order[first:last] in the concatenated weight."""
+        widths = [getattr(self, name).out_features for name in self.projection_order]
+        return sum(widths[:first]), sum(widths[:last])
 
     def _fused_weight(self) -> torch.Tensor:
         weights = [getattr(self, name).weight for name in self.projection_order]
@@ -379,7 +381,7 @@ class OryxMixer(nn.Module):
         proj = self._projections(xn, (plan.any_attention and not query_apart) or (self.separate_kv and attention_kv),
                                  recurrent, recurrent_query=not state_only)
         if query_apart:
-            proj["q_attn"] = cpu_linear.linear(xn[:, -1:], self._packed_rows(0, self.q_attn.out_features))
+            proj["q_attn"] = cpu_linear.linear(xn[:, -1:], self._packed_rows(*self._row_span(0, 1)))
         k = v = None
         if attention_kv or not self.separate_kv:
             k, k_tail = self.conv_k(proj["k_proj"], windows.get("k"), lengths)
@@ -394,8 +396,8 @@ class OryxMixer(nn.Module):
                 T, keep = xn.shape[1], min(xn.shape[1], W if last_recurrent else W - 1)
                 q_raw, q_tail = None, windows.get("q")
                 if keep:
-                    q_in, rows = xn[:, T - keep:], sum(getattr(self, name).out_features for name in self.projection_order)
-                    q_proj = (cpu_linear.linear(q_in, self._packed_rows(rows - self.q_rec.out_features, rows))
+                    q_in, n = xn[:, T - keep:], len(self.projection_order)  # q_rec is the last projection
+                    q_proj = (cpu_linear.linear(q_in, self._packed_rows(*self._row_span(n - 1, n)))
                               if cpu_linear.applies(q_in) else F.linear(q_in, self.q_rec.weight))
                     q_out, q_tail = self.conv_q(q_proj, windows.get("q"))
                     q_raw = q_out[:, -1:] if last_recurrent else None
@@ -424,10 +426,9 @@ class OryxMixer(nn.Module):
                     layer_cache.conv["v_rec"].copy_(v_rec_tail)
         if attention_kv:
             o_attn = self._attention(proj, k, v, plan, rope, layer_cache, last_row)
-        if last_recurrent:
-            return self._output(o_rec, {name: t[:, -1:] for name, t in proj.items() if name == "g_proj"}, xn.dtype)
-        if last_row:  # every token attends: the recurrent readout, if any was computed, is not read
-            return self._output(o_attn, {name: t[:, -1:] for name, t in proj.items() if name == "g_proj"}, xn.dtype)
+        if last_recurrent or last_row:  # one mode for every token: the other's output, if computed, is not read
+            last_gate = {name: t[:, -1:] for name, t in proj.items() if name == "g_proj"}
+            return self._output(o_rec if last_recurrent else o_attn, last_gate, xn.dtype)
         if o_attn is None:
             o = o_rec
         elif o_rec is None:
