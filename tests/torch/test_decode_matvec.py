@@ -7,12 +7,11 @@ TRITON_INTERPRET=1 must be set before triton is imported, so the outer pytest pr
 subprocess with it set (test_in_interpreter_subprocess), where the kernel tests run.
 """
 import os
-import re
 
 import numpy as np
 import pytest
 
-from triton_interpreter import INTERPRETED, needs_interpreter, run_under_interpreter
+from triton_interpreter import INTERPRETED, needs_interpreter, rerun_under_interpreter
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -25,19 +24,16 @@ NORM_EPS = 1e-5
 FAST_PASSED = 45  # the kernel and model tests below that run in the interpreter subprocess without --runslow
 
 
-@pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
 def test_in_interpreter_subprocess():
     """This file's fast tests under TRITON_INTERPRET=1; exactly these many pass there (none silently skips)."""
-    out = run_under_interpreter(__file__, "-m", "not gpu and not slow")
-    assert re.search(rf"\b{FAST_PASSED} passed, 1 skipped\b", out), out[-2000:]
+    rerun_under_interpreter(__file__, FAST_PASSED, pytest_args=("-m", "not gpu and not slow"))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
 def test_in_interpreter_subprocess_slow():
     """The greedy-token comparisons of every mode and cache variant under TRITON_INTERPRET=1 (minutes)."""
-    out = run_under_interpreter(__file__, "--runslow", "-m", "not gpu", "-k", "greedy_tokens_slow")
-    assert re.search(rf"\b{len(MODEL_CASES) + 3} passed\b", out), out[-2000:]
+    rerun_under_interpreter(__file__, len(MODEL_CASES) + 3, launcher_skips=False,
+                            pytest_args=("--runslow", "-m", "not gpu", "-k", "greedy_tokens_slow"))
 
 
 # ----- the kernel against float64 -----

@@ -6,12 +6,11 @@ TRITON_INTERPRET=1 must be set before triton is imported, so the outer pytest pr
 subprocess with it set (test_in_interpreter_subprocess), where the kernel tests run.
 """
 import os
-import re
 
 import numpy as np
 import pytest
 
-from triton_interpreter import INTERPRETED, needs_interpreter, run_under_interpreter
+from triton_interpreter import INTERPRETED, needs_interpreter, rerun_under_interpreter
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -26,20 +25,17 @@ from model_params import lively_params  # noqa: E402
 L2_EPS, NORM_EPS = 1e-6, 1e-5
 
 
-@pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
 def test_in_interpreter_subprocess():
     """Runs this file's fast CPU tests (each kernel against float64) under TRITON_INTERPRET=1; exactly these many
     pass there (none silently skips; this launcher skips there, the slow one is deselected)."""
-    out = run_under_interpreter(__file__, "-m", "not gpu and not slow")
-    assert re.search(r"\b19 passed, 1 skipped\b", out), out[-2000:]
+    rerun_under_interpreter(__file__, 19, pytest_args=("-m", "not gpu and not slow"))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
 def test_in_interpreter_subprocess_slow():
     """The greedy-token comparisons of every mode and cache variant, under TRITON_INTERPRET=1 (minutes)."""
-    out = run_under_interpreter(__file__, "--runslow", "-m", "not gpu", "-k", "fused_greedy_tokens_equal_unfused")
-    assert re.search(r"\b9 passed\b", out), out[-2000:]
+    rerun_under_interpreter(__file__, 9, launcher_skips=False,
+                            pytest_args=("--runslow", "-m", "not gpu", "-k", "fused_greedy_tokens_equal_unfused"))
 
 
 # ----- the float64 reference of one decode token -----
