@@ -74,6 +74,24 @@ def oryx_run(oryx, prompt, n: int, plan: str) -> tuple[float, float]:
     return prompt_seconds, clock() - start
 
 
+def cached_weight_mib(model) -> dict:
+    """MiB of the model's parameters and of the weight copies its CPU paths keep beside them: the concatenated
+    projections (`_fused`) and the products' reordered weights (`_packed`)."""
+    def size(obj):
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, (tuple, list)):
+            return sum(size(o) for o in obj)
+        return sum(size(o) for o in obj.values()) if isinstance(obj, dict) else 0
+
+    fused = sum(size(m._fused[1]) for m in model.modules() if getattr(m, "_fused", None) is not None)
+    # a mixer's (its concatenation, {rows: copy}) or an MLP's (key, [gate; up] copy, down copy)
+    packed = sum(size(m._packed[1:]) for m in model.modules() if getattr(m, "_packed", None) is not None)
+    params = sum(size(p) for p in model.parameters())
+    return {name: value / 2 ** 20 for name, value in
+            (("parameters", params), ("concatenations", fused), ("reordered", packed))}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -136,11 +154,14 @@ def main(argv=None) -> int:
                   command=" ".join(["bench_cpu.py"] + (sys.argv[1:] if argv is None else list(argv))),
                   torch=torch.__version__, threads=torch.get_num_threads(), clock=args.clock, prompt_length=T,
                   decode_tokens=n,
-                  rounds=args.rounds, load_averages=loads, attention_logits_error_vs_llama=error, rows=rows)
+                  rounds=args.rounds, load_averages=loads, attention_logits_error_vs_llama=error, rows=rows,
+                  oryx_weight_copies_mib=cached_weight_mib(oryx))
     print(f"{report['machine']} ({report['cores']} cores), {report['date']}, torch {report['torch']}, "
           f"{report['threads']} threads, {args.clock} clock, load average {min(loads):.1f}-{max(loads):.1f}: "
           f"{report['command']}")
     print(f"Oryx attention mode against the Llama, fp32 logits, relative error: {error:.2e}")
+    print("Oryx weights after every plan ran, MiB: " + ", ".join(
+        f"{name} {mib:.0f}" for name, mib in report["oryx_weight_copies_mib"].items()))
     print(f"| model | plan | prompt tok/s | ÷ transformers | decode tok/s | ÷ transformers |\n"
           f"| --- | --- | --- | --- | --- | --- |")
     for r in rows:

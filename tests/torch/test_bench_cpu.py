@@ -26,6 +26,9 @@ def test_tiny_run_reports_every_plan(tmp_path, capsys):
         assert len(row["prompt_rates"]) == len(row["decode_rates"]) == 2
         assert row["prompt_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0 and row["decode_ratio"] > 0
     assert "| oryx | prefill-attention |" in capsys.readouterr().out
+    copies = report["oryx_weight_copies_mib"]
+    # fp32 on the CPU: the products run on reordered weights cut from the mixers' concatenations
+    assert set(copies) == {"parameters", "concatenations", "reordered"} and min(copies.values()) > 0
 
 
 @pytest.mark.parametrize("flag", ["--rounds", "--prompt-length", "--decode-tokens"])
