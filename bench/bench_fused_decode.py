@@ -8,11 +8,13 @@ one), decoding in bfloat16 on CUDA (fp32 on the CPU). Five decode steps, each ru
 oryx_torch.generate.DecodeRunner (under CUDA graphs on CUDA, the greedy pick inside the step):
     eager           the torch step with ORYX_FUSED_DECODE=0
     compiled        the torch.compile'd step (ORYX_COMPILED_DECODE=1)
-    fused           the torch step with each mixer's token through kernels/decode_step.py (ORYX_FUSED_DECODE=1)
+    fused           the torch step with each mixer's token through kernels/decode_step.py (ORYX_FUSED_DECODE=1,
+                    ORYX_FUSED_MATVEC=0, ORYX_FUSED_SPLIT_HEADS=0)
     fused+matvec    fused, with each projection one kernel with its norm and its residual add or activation
-                    (kernels/decode_matvec.py, ORYX_FUSED_MATVEC=1; batches of at most 32, larger ones run as fused)
+                    (kernels/decode_matvec.py, ORYX_FUSED_MATVEC=1) at every batch of at most 32 (the default
+                    runs it at batch 1 only: model.FUSED_MATVEC_MAX_BATCH); larger ones run as fused
     fused+matvec+split  fused+matvec, with the recurrent token kernel one program per query head instead of per
-                    key/value head at small batches (ORYX_FUSED_SPLIT_HEADS=1)
+                    key/value head at small batches (ORYX_FUSED_SPLIT_HEADS=1): the CUDA default at batch 1
     fused+compiled  fused and compiled
 For each plan (attention: prompt and decode in attention, recurrent state kept; recurrent: everything recurrent,
 KV cache kept; dropped: prompt in attention, KV cache dropped, decode recurrent) and batch size: tokens/s with
@@ -85,6 +87,10 @@ def use(variant: str) -> tuple[bool, bool]:
     model_module.FUSED_DECODE = fused
     model_module.FUSED_MATVEC = matvec
     model_module.FUSED_SPLIT_HEADS = split
+    if matvec:  # the kernel at every batch it takes, not only where the default runs it
+        from oryx_torch.kernels.decode_matvec import MAX_ROWS
+
+        model_module.FUSED_MATVEC_MAX_BATCH = MAX_ROWS
     return compiled, fused
 
 
@@ -242,6 +248,8 @@ def matvec_kernel_rows(oryx, batches, device, budget_s: float) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
+    from triton.runtime.errors import OutOfResources
+
     from oryx_torch.kernels.decode_matvec import ELEMENTWISE_ROWS, MAX_ROWS, launch_matvec, matvec_blocks
     from oryx_torch.kernels.decode_step import rms_norm_rows, silu_mul
 
@@ -286,8 +294,12 @@ def matvec_kernel_rows(oryx, batches, device, budget_s: float) -> list[dict]:
             dots = base["batch"] > ELEMENTWISE_ROWS
             if -(-base["N"] // block) < 16 or (block < 16 if dots else base["batch"] * block * chunk > 16384):
                 continue
-            rows.append(dict(base, variant="matvec", block=block, chunk=chunk, warps=warps,
-                             us=per_launch_us(fused(x, residual, kind, block, chunk, warps), weights, device)))
+            row = dict(base, variant="matvec", block=block, chunk=chunk, warps=warps)
+            try:
+                row["us"] = per_launch_us(fused(x, residual, kind, block, chunk, warps), weights, device)
+            except OutOfResources as error:  # a block too large for this card's shared memory: not a candidate
+                row["error"] = f"{type(error).__name__}: {error}"[:300]
+            rows.append(row)
     return rows
 
 
@@ -309,6 +321,8 @@ def summary(report: dict) -> str:
     for row in report["matvec_kernels"]:
         key = (row["projection"], row["batch"])
         if row["variant"] == "matvec":
+            if "us" not in row:  # did not fit the card
+                continue
             if key not in best or row["us"] < best[key]["us"]:
                 best[key] = row
             continue

@@ -175,6 +175,7 @@ def matvec_and_fused_tokens(case, monkeypatch):
     prompt_mode, step_modes, drop = MODEL_CASES[case]
     model = tiny_model(mixer="mamba2" if case.startswith("mamba-2") else "gdn")
     monkeypatch.setattr(model_module, "FUSED_MATVEC", True)
+    monkeypatch.setattr(model_module, "FUSED_MATVEC_MAX_BATCH", decode_matvec.MAX_ROWS)
     with_matvec = decode_tokens(model, True, prompt_mode, step_modes, drop)
     matvec_calls = list(calls)
     monkeypatch.setattr(model_module, "FUSED_MATVEC", False)
@@ -213,6 +214,7 @@ def test_split_heads_greedy_tokens_slow(case, monkeypatch):
     prompt_mode, step_modes, drop = MODEL_CASES[case]
     model = tiny_model(mixer="mamba2" if case.startswith("mamba-2") else "gdn")
     monkeypatch.setattr(model_module, "FUSED_MATVEC", True)
+    monkeypatch.setattr(model_module, "FUSED_MATVEC_MAX_BATCH", 32)
     monkeypatch.setattr(model_module, "FUSED_SPLIT_HEADS", True)
     split = decode_tokens(model, True, prompt_mode, step_modes, drop)
     assert splits and all(splits)
@@ -222,19 +224,19 @@ def test_split_heads_greedy_tokens_slow(case, monkeypatch):
     assert not any(splits[len(splits) // 2:])
 
 
-def test_fused_matvec_is_off_by_default_and_only_for_small_batches():
+def test_fused_matvec_is_on_by_default_and_only_for_small_batches(monkeypatch):
     from oryx_torch.kernels.decode_matvec import MAX_ROWS
 
-    assert model_module.FUSED_MATVEC == (os.environ.get("ORYX_FUSED_MATVEC", "0") == "1")
-    saved = model_module.FUSED_MATVEC
-    try:
-        model_module.FUSED_MATVEC = True
-        with torch.no_grad():
-            assert model_module.fused_matvec_applies(torch.zeros(1, 8)) == INTERPRETED
-            assert not model_module.fused_matvec_applies(torch.zeros(MAX_ROWS + 1, 8))
-        assert not model_module.fused_matvec_applies(torch.zeros(1, 8))  # autograd on
-    finally:
-        model_module.FUSED_MATVEC = saved
+    assert model_module.FUSED_MATVEC == (os.environ.get("ORYX_FUSED_MATVEC", "1") == "1")
+    assert model_module.FUSED_SPLIT_HEADS == (os.environ.get("ORYX_FUSED_SPLIT_HEADS", "1") == "1")
+    monkeypatch.setattr(model_module, "FUSED_MATVEC", True)
+    with torch.no_grad():
+        assert model_module.fused_matvec_applies(torch.zeros(1, 8)) == INTERPRETED
+        assert not model_module.fused_matvec_applies(torch.zeros(model_module.FUSED_MATVEC_MAX_BATCH + 1, 8))
+        monkeypatch.setattr(model_module, "FUSED_MATVEC_MAX_BATCH", MAX_ROWS + 1)
+        assert model_module.fused_matvec_applies(torch.zeros(MAX_ROWS, 8)) == INTERPRETED
+        assert not model_module.fused_matvec_applies(torch.zeros(MAX_ROWS + 1, 8))  # past the kernel's rows
+    assert not model_module.fused_matvec_applies(torch.zeros(1, 8))  # autograd on
 
 
 # ----- on a GPU -----
@@ -265,14 +267,15 @@ def test_matvec_matches_float64_cuda(epilogue, dtype, B):
 def test_matvec_greedy_tokens_equal_fused_cuda_graphs(case, split):
     prompt_mode, step_modes, drop = MODEL_CASES[case]
     model = tiny_model("cuda", mixer="mamba2" if case.startswith("mamba-2") else "gdn")
-    saved = model_module.FUSED_MATVEC, model_module.FUSED_SPLIT_HEADS
+    saved = model_module.FUSED_MATVEC, model_module.FUSED_SPLIT_HEADS, model_module.FUSED_MATVEC_MAX_BATCH
     try:
         model_module.FUSED_MATVEC, model_module.FUSED_SPLIT_HEADS = True, split
+        model_module.FUSED_MATVEC_MAX_BATCH = 32
         with_matvec = decode_tokens(model, True, prompt_mode, step_modes, drop)
         model_module.FUSED_MATVEC, model_module.FUSED_SPLIT_HEADS = False, False
         without = decode_tokens(model, True, prompt_mode, step_modes, drop, cuda_graphs=False)
     finally:
-        model_module.FUSED_MATVEC, model_module.FUSED_SPLIT_HEADS = saved
+        model_module.FUSED_MATVEC, model_module.FUSED_SPLIT_HEADS, model_module.FUSED_MATVEC_MAX_BATCH = saved
     np.testing.assert_array_equal(with_matvec, without)
 
 

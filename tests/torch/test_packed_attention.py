@@ -307,3 +307,41 @@ def test_cuda_packed_attention_matches_float64(q_offset):
     assert relative_error(results["packed"][0][rows], results["reference"][0][rows]) < 1e-3
     for got, want in zip(results["packed"][1:], results["reference"][1:]):
         assert relative_error(got, want) < 1e-3
+
+
+@pytest.mark.parametrize("method", ["flex", "packed"])
+def test_flex_compile_failure_falls_back_to_rows_attention(monkeypatch, method):
+    """When compiling FlexAttention fails (inductor found no kernel configuration for some small fp32 heads on an
+    H100), plan_attention warns once, answers through SDPA over the attention rows (equal to float64 attention
+    on those rows), and does not try FlexAttention again for those heads."""
+    import torch._dynamo.exc
+
+    calls = []
+
+    def failing_flex(*args, **kwargs):
+        calls.append(1)
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("NoValidChoicesError"), None)
+
+    monkeypatch.setattr(attention, "FLEX_ON_CPU", True)
+    monkeypatch.setattr(attention, "MIXED_ATTENTION", method)
+    monkeypatch.setattr(attention, "flex_attention_function", lambda: failing_flex)
+    monkeypatch.setattr(attention, "FLEX_FAILED", set())
+    gen = torch.Generator().manual_seed(11)
+    B, H, Hkv, T, d, dv = 2, 4, 2, 65, 32, 16
+    q_offset = 1 if method == "flex" else 0  # "packed" applies to plans from position 0
+    modes = chunk_modes(np.random.default_rng(5), B, T, 8, 0.5)
+    modes[0, -1] = True
+    q, k, v = (torch.randn(B, H, T, d, generator=gen), torch.randn(B, Hkv, T + q_offset, d, generator=gen),
+               torch.randn(B, Hkv, T + q_offset, dv, generator=gen))
+    want = reference_attention(q, k, v, q_offset, 0.2)
+    with pytest.warns(RuntimeWarning, match="compiled FlexAttention failed"):
+        got = plan_attention(q, k, v, AttentionPlan(modes, q_offset).prepare(), scale=0.2)
+    assert got.shape == (B, H, T, dv)
+    rows = modes[:, None, :, None].expand_as(got)
+    worst, norm = errors(got[rows], want[rows])
+    assert worst < 1e-5 and norm < 1e-5, (worst, norm)
+    assert len(calls) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call neither warns nor tries FlexAttention again
+        again = plan_attention(q, k, v, AttentionPlan(modes, q_offset).prepare(), scale=0.2)
+    assert len(calls) == 1 and torch.equal(again[rows], got[rows])

@@ -21,6 +21,7 @@ readout, so they are never read.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -39,6 +40,10 @@ DENSE_FROM = 0.3
 # Whether the CPU takes the CUDA path's choice (FlexAttention eagerly, without backward) instead of SDPA over
 # the attention rows: for tests of the CUDA path on a machine without one.
 FLEX_ON_CPU = False
+# (dtype, device type, query heads, key/value heads, key width, value width) for which compiling FlexAttention
+# failed in this process (torch 2.11 on an H100 found no kernel configuration for some small fp32 heads): those
+# plans attend through SDPA over their attention rows (_rows_attention), the same result, without retrying.
+FLEX_FAILED: set = set()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -194,19 +199,32 @@ def plan_attention(q, k, v, plan: AttentionPlan, scale: float | None = None):
         method = plan.method()
         if method == "dense":
             return causal_sdpa(q, k, v, scale)
-        flex = flex_attention_function() if torch.compiler.is_compiling() or not q.is_cuda else \
-            _compiled_flex_attention()
+        tracing = torch.compiler.is_compiling()
+        flex = flex_attention_function() if tracing or not q.is_cuda else _compiled_flex_attention()
         grouped = H != k.shape[1]
         dv = v.shape[-1]
+        signature = (q.dtype, q.device.type, H, k.shape[1], d, dv)
+        if not tracing and signature in FLEX_FAILED:  # compiling FlexAttention failed for these heads before
+            return _rows_attention(q, k, v, plan.attention_rows(), plan.q_offset, scale)
         q, k, v = equal_head_dims(q, k, v)
-        if method == "packed" and (packed := plan.packed_rows(k.shape[2])) is not None:
-            rows = _PermuteRows.apply(q, packed.order, packed.inverse)
-            out = flex(rows, k, v, block_mask=packed.block_mask, scale=scale, enable_gqa=grouped)
-            return _PermuteRows.apply(out, packed.inverse, packed.order)[..., :dv]
-        block_mask = plan.block_mask(k.shape[2])
-        if block_mask is None:  # traced plan: every row attends
-            return _rows_attention(q, k, v, None, plan.q_offset, scale)[..., :dv]
-        return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=grouped)[..., :dv]
+        try:
+            if method == "packed" and (packed := plan.packed_rows(k.shape[2])) is not None:
+                rows = _PermuteRows.apply(q, packed.order, packed.inverse)
+                out = flex(rows, k, v, block_mask=packed.block_mask, scale=scale, enable_gqa=grouped)
+                return _PermuteRows.apply(out, packed.inverse, packed.order)[..., :dv]
+            block_mask = plan.block_mask(k.shape[2])
+            if block_mask is None:  # traced plan: every row attends
+                return _rows_attention(q, k, v, None, plan.q_offset, scale)[..., :dv]
+            return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=grouped)[..., :dv]
+        except _compile_errors() as error:
+            if tracing:  # inside an enclosing compile the failure is that compile's to report
+                raise
+            FLEX_FAILED.add(signature)
+            warnings.warn(f"attention: compiled FlexAttention failed for {signature[0]} heads {H}/{k.shape[1]} of "
+                          f"{d}/{dv} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); these heads "
+                          f"attend through SDPA over the attention rows from now on", RuntimeWarning, stacklevel=2)
+            return _rows_attention(q[..., :d], k[..., :d], v[..., :dv], plan.attention_rows(), plan.q_offset,
+                                   scale)
     if plan.q_offset == 0 and plan.all_attention:  # every row attends: no row gather, no explicit mask
         return causal_sdpa(q, k, v, scale)
     return _rows_attention(q, k, v, plan.attention_rows(), plan.q_offset, scale)
@@ -256,6 +274,20 @@ def _rows_attention(q, k, v, rows, q_offset, scale):
                                             enable_gqa=H != k.shape[1])
     out[:, :, rows] = picked
     return out
+
+
+def _compile_errors() -> tuple:
+    """The exceptions a compiled call raises when compiling (not running) fails: dynamo's backend failure and
+    inductor's lowering errors (torch 2.11 raises InductorError, e.g. for a FlexAttention with no valid kernel
+    configuration)."""
+    import torch._dynamo.exc
+    import torch._inductor.exc
+
+    errors = [torch._dynamo.exc.BackendCompilerFailed]
+    inductor_error = getattr(torch._inductor.exc, "InductorError", None)
+    if inductor_error is not None:
+        errors.append(inductor_error)
+    return tuple(errors)
 
 
 @functools.cache

@@ -976,20 +976,23 @@ FUSED_DECODE = os.environ.get("ORYX_FUSED_DECODE", "1") == "1"
 
 # Whether the fused decode step (fused_norms_apply) also runs each projection as one matvec kernel with the norm
 # before it and the residual add or the MLP's activation after it (kernels/decode_matvec.py), for decode steps of
-# at most decode_matvec.MAX_ROWS sequences; read at every step, as FUSED_DECODE. Off unless ORYX_FUSED_MATVEC=1.
-FUSED_MATVEC = os.environ.get("ORYX_FUSED_MATVEC", "0") == "1"
+# at most FUSED_MATVEC_MAX_BATCH sequences (the kernel takes up to decode_matvec.MAX_ROWS); read at every step, as
+# FUSED_DECODE. On unless ORYX_FUSED_MATVEC=0. The limit is where it was timed faster: at batch 1 it was, at 8 and
+# 32 cuBLAS's products were (bench_fused_decode.py, docs/benchmarks.md); batches in between were not timed.
+FUSED_MATVEC = os.environ.get("ORYX_FUSED_MATVEC", "1") == "1"
+FUSED_MATVEC_MAX_BATCH = 1
 
 
 # Whether the fused step's recurrent token kernel runs one program per query head (each repeating its group's state
 # update) instead of one per key/value head, at batch sizes where that adds programs (decode_step.split_heads_applies);
-# read at every step, as FUSED_DECODE. Off unless ORYX_FUSED_SPLIT_HEADS=1.
-FUSED_SPLIT_HEADS = os.environ.get("ORYX_FUSED_SPLIT_HEADS", "0") == "1"
+# read at every step, as FUSED_DECODE. On unless ORYX_FUSED_SPLIT_HEADS=0.
+FUSED_SPLIT_HEADS = os.environ.get("ORYX_FUSED_SPLIT_HEADS", "1") == "1"
 
 
 def fused_matvec_applies(x: torch.Tensor) -> bool:
     """Whether the fused decode step of the residual stream x [B, D] takes the matvec kernels: FUSED_MATVEC on,
-    fused_norms_apply, and B small enough for one launch to hold every row."""
-    if not (FUSED_MATVEC and fused_norms_apply(x)):
+    fused_norms_apply, and B at most FUSED_MATVEC_MAX_BATCH and small enough for one launch to hold every row."""
+    if not (FUSED_MATVEC and fused_norms_apply(x)) or x.shape[0] > FUSED_MATVEC_MAX_BATCH:
         return False
     from .kernels.decode_matvec import fused_matvec_applies as fits
 
