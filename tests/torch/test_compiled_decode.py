@@ -130,6 +130,32 @@ def test_compiled_step_reads_current_weights():
 
 
 @on_host
+def test_compiled_step_starts_afresh_for_another_dtype(monkeypatch):
+    """The compiled parts are dropped (one dynamo reset) when the model they last ran for changes dtype, not
+    before and not again while it stays; the step after the change gives the eager step's tokens in float64."""
+    from oryx_torch import generate
+
+    model, ref = build("gdn")
+    modes = plan_modes("A:0-7,R:7-10,A:10-")
+    torch._dynamo.reset()
+    generate._COMPILED_FOR.clear()
+    resets = []
+    reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1) or reset())
+    greedy_tokens(model, modes, compiled=True, compile_backend="aot_eager")
+    greedy_tokens(model, modes, compiled=True, compile_backend="aot_eager")
+    assert resets == []
+    model = model.to(torch.float64)
+    compiled, prompt = greedy_tokens(model, modes, compiled=True, compile_backend="aot_eager")
+    assert resets == [1]
+    eager, _ = greedy_tokens(model, modes, compiled=False)
+    np.testing.assert_array_equal(compiled, eager)
+    np.testing.assert_array_equal(eager, reference_greedy(ref, prompt, eager, modes))
+    greedy_tokens(model, modes, compiled=True, compile_backend="aot_eager")
+    assert resets == [1]
+
+
+@on_host
 @pytest.mark.slow
 def test_inductor_greedy_equals_eager():
     model, _ = build("gdn")

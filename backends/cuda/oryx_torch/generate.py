@@ -134,6 +134,8 @@ def logits_and_pick(model, x, tokens, cache: OryxCache, pick: bool, sampling=Non
 # each distinct model structure; beyond this many a part runs eagerly.
 COMPILED_VARIANTS = 64
 _COMPILED_PARTS: dict = {}
+# the (dtype, device) of the model the compiled parts last ran for, per backend
+_COMPILED_FOR: dict = {}
 
 
 def compiled_parts(backend: str = "inductor"):
@@ -157,9 +159,25 @@ def run_decode_step(model, tokens, modes, cache: OryxCache, attend: bool, pick: 
     # shape_padding off: a decode matmul has one row per sequence, so padding its operands to aligned shapes buys
     # nothing, and inductor's padding benchmark (torch 2.11, CUDA) fails with "expected mat1 and mat2 to have the
     # same dtype" when this step recompiles for a model whose dtype changed
+    forget_compiled_parts_for_other_dtypes(model, backend)
     with frozen_projections(model), torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS), \
             inductor_config.patch(shape_padding=False):
         return decode_and_pick(model, tokens, modes, cache, attend, pick, compiled_parts(backend), sampling)
+
+
+def forget_compiled_parts_for_other_dtypes(model, backend: str) -> None:
+    """Drops every compiled graph (torch._dynamo.reset) when the compiled step last ran for a model of another
+    dtype or device. On CUDA (torch 2.11), steps compiled for an fp32 model and then run for the same model cast to
+    bf16 ran a recompiled graph that multiplied an fp32 input by the bf16 projection weight (a dtype error; an
+    illegal memory access in an earlier run); starting afresh avoids it. Alternating dtypes in one process
+    therefore compiles again at each change."""
+    weight = model.embed.weight
+    key = (weight.dtype, weight.device)
+    if _COMPILED_FOR.get(backend, key) != key:
+        torch._dynamo.reset()
+        _COMPILED_PARTS.clear()
+        _COMPILED_FOR.clear()
+    _COMPILED_FOR[backend] = key
 
 
 @contextlib.contextmanager
