@@ -1,7 +1,7 @@
 """Retrofit SmolLM2-135M-Instruct into Oryx-GDN and measure it (docs/results.md, "Retrofit").
 
     python experiments/retrofit_smollm2.py prepare            # here: held-out prose + the GGUF in two halves
-    python experiments/retrofit_smollm2.py run --gguf F --work DIR --out DIR [--layer-tokens N --tokens N]
+    python experiments/retrofit_smollm2.py run --gguf F --work DIR --out DIR [--layer-tokens N --tokens N --kv-weight W]
     python experiments/retrofit_smollm2.py prepare --gguf F --parts 3   # the GGUF in runs/gguf_part{1,2,3}/part
     python experiments/retrofit_smollm2.py shared --work DIR --out DIR [--rank R --tokens N --budget-s S]
     python experiments/retrofit_smollm2.py figure [--results R --out PNG]   # a shared run's adds its drift panel
@@ -556,7 +556,8 @@ def run(args) -> None:
         model.train()
 
     cfg = RetrofitConfig(src=str(src), out=str(work / "run"), data=str(work / "data"), layer_tokens=args.layer_tokens,
-                         tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+                         tokens=args.tokens, kv_weight=args.kv_weight, seq_len=args.seq_len,
+                         batch_size=args.batch_size, lr=args.lr,
                          min_lr=args.lr / 10, warmup=20, eval_every=args.eval_every, eval_batches=2,
                          save_every=args.save_every, seed=0, progress=False)
     resume = (work / "run" / "checkpoints" / "latest.json").exists()
@@ -775,6 +776,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--layer-tokens", type=int, default=4_000_000)
     p.add_argument("--tokens", type=int, default=16_000_000)
+    p.add_argument("--kv-weight", type=float, default=0.0,
+                   help="stage (b)'s weight on the keys' and values' fidelity (oryx retrofit --kv-weight)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)

@@ -95,6 +95,9 @@ def register(subparsers) -> None:
                    "re-initialises the recurrent tensors (q_rec from q_attn)")
     p.add_argument("--layer-tokens", type=non_negative_int, default=0, help="stage (a) tokens (default 0)")
     p.add_argument("--tokens", type=non_negative_int, default=0, help="stage (b) tokens (default 0)")
+    p.add_argument("--kv-weight", type=non_negative_float, default=0.0,
+                   help="stage (b) also fits each layer's keys and values under the plan to the all-attention ones, "
+                        "with this weight on their relative squared error (default 0: the logits alone)")
     p.add_argument("--plans", nargs="+", help="stage (b) plans, one drawn per sequence (default: recurrent "
                    "prefill-attention last:10%% every:4:64)")
     p.add_argument("--recurrent-scale", type=finite_float(), default=1.0,

@@ -204,3 +204,75 @@ def test_switching_the_mixer_starts_fresh_recurrent_tensors(workspace):
         assert (params[m + "conv_q.weight"][:, -1] == 1).all() and (params[m + "conv_q.weight"][:, :-1] == 0).all()
         assert m + "dt_proj.weight" in params and m + "a_proj.weight" not in params
         assert np.array_equal(params[m + "k_proj.weight"], np.asarray(src.params[m + "k_proj.weight"], np.float32))
+
+
+def test_kv_fidelity_matches_the_kv_caches_and_reaches_the_recurrent_tensors(workspace):
+    """The keys' and values' term of stage (b), from the mixers' hooked convolution outputs, equals the same
+    relative errors computed from the KV caches the two forwards fill (keys there after RoPE, which keeps each
+    key's norm and the norm of a difference at one position); it is zero when the plan is all attention, it adds
+    to the KL exactly kv_weight times itself, and its gradient reaches the recurrent tensors of every layer but
+    the last (whose keys and values nothing after it reads)."""
+    from oryx_torch.retrofit import captured_keys_values, kv_fidelity, logit_loss
+
+    model = OryxModel.from_checkpoint(workspace["src"], dtype="float32")
+    tokens = torch.tensor(np.random.default_rng(4).integers(0, model.cfg.vocab_size, (2, 24)))
+    modes = torch.zeros(2, 24, dtype=torch.bool)
+    modes[1, 16:] = True
+    with torch.no_grad():
+        with captured_keys_values(model) as teacher:
+            model(tokens, torch.ones_like(modes))
+        with captured_keys_values(model) as student:
+            model(tokens, modes)
+        assert len(teacher) == 2 * model.cfg.n_layers
+        caches = {}
+        for name, m in (("teacher", torch.ones_like(modes)), ("student", modes)):
+            caches[name] = model.make_cache(2, 24)
+            model(tokens, m, cache=caches[name])
+        want = []
+        for t, s in zip(caches["teacher"].layers, caches["student"].layers):
+            for a, b in ((t.keys, s.keys), (t.values, s.values)):
+                want.append(float((b.double() - a.double()).pow(2).sum() / a.double().pow(2).sum()))
+        assert float(kv_fidelity(student, teacher)) == pytest.approx(np.mean(want), rel=1e-4)
+        assert float(kv_fidelity(teacher, teacher)) == 0
+        assert want[0] == want[1] == 0 and min(want[2:]) > 0  # layer 0's keys and values read the embeddings only
+        assert float(logit_loss(model, tokens, torch.ones_like(modes), kv_weight=3.0)) == pytest.approx(0, abs=1e-6)
+        kl = float(logit_loss(model, tokens, modes))
+        assert float(logit_loss(model, tokens, modes, kv_weight=0.5)) == pytest.approx(
+            kl + 0.5 * float(kv_fidelity(student, teacher)), rel=1e-5)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with captured_keys_values(model) as teacher, torch.no_grad():
+        model(tokens, torch.ones_like(modes))
+    recurrent = [model.layers[i].mixer.q_rec.weight for i in range(model.cfg.n_layers)]
+    for w in recurrent:
+        w.requires_grad_(True)
+    with captured_keys_values(model) as student:
+        model(tokens, modes)
+    kv_fidelity(student, teacher).backward()
+    assert all(float(w.grad.abs().sum()) > 0 for w in recurrent[:-1])
+    assert recurrent[-1].grad is None or not recurrent[-1].grad.any()
+
+
+def test_kv_weight_in_a_run_and_its_flag(workspace, tmp_path, capsys):
+    out = tmp_path / "kv"
+    summary = retrofit(config(workspace, out, layer_tokens=0, tokens=4 * 2 * 32, kv_weight=1.0, eval_every=0))
+    assert summary["step"] == 4
+    plain = tmp_path / "plain"
+    retrofit(config(workspace, plain, layer_tokens=0, tokens=4 * 2 * 32, eval_every=0))
+    # the first step whose batch drew a plan with recurrent tokens (every:4:64 is all attention in 32 tokens, and
+    # such steps change nothing): the same batch and weights in both runs, plus the kv term in one
+    with_kv, without = ({r["step"]: r["loss"] for r in records(run) if "loss" in r} for run in (out, plain))
+    first = min(step for step, loss in without.items() if loss > 0)
+    assert with_kv[first] > without[first] > 0
+    with pytest.raises(ValueError, match="--kv-weight"):
+        retrofit(config(workspace, tmp_path / "bad", kv_weight=-1.0))
+    assert cli.main(["retrofit", str(workspace["src"]), str(tmp_path / "dst"), "--data", str(workspace["data"]),
+                     "--tokens", "64", "--seq-len", "32", "--batch-size", "2", "--device", "cpu",
+                     "--eval-batches", "1", "--kv-weight", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 1
+    with pytest.raises(SystemExit) as e:
+        code = cli.main(["retrofit", str(workspace["src"]), str(tmp_path / "y"), "--data", str(workspace["data"]),
+                         "--tokens", "64", "--shared-rank", "4", "--kv-weight", "1", "--device", "cpu"])
+        raise SystemExit(code)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--kv-weight" in err, err

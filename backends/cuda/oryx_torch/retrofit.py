@@ -9,7 +9,10 @@ stays bit-identical to SRC. Two stages, one schedule each, one run:
       (mean squared error relative to the target's mean square, averaged over layers);
   (b) logit stage: the logits under recurrent and mixed plans (prefill-attention at a random
       prompt length, last:10%, every:4:64, all-recurrent), one plan per sequence, are fitted
-      to the all-attention logits of the same tokens (KL(attention || plan), per token).
+      to the all-attention logits of the same tokens (KL(attention || plan), per token); with
+      `kv_weight`, also every layer's keys and values (relative squared error, kv_fidelity):
+      later layers' shared keys and values read what the recurrent mode left in the stream, and
+      a question in attention mode retrieves only what those keys and values still carry.
 
 The loop shares train.py's machinery: batches seeded by (seed, step, micro-step, rank), atomic
 checkpoints with optimizer and RNG states, exact `--resume`, JSONL log, progress bar with
@@ -18,6 +21,7 @@ gradients are averaged across ranks before each step (they are few: no DDP wrapp
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -101,6 +105,9 @@ class RetrofitConfig(DistillationConfig):
     mixer: str | None = None  # None: SRC's; another mixer replaces SRC's recurrent tensors by fresh ones
     recurrent_scale: float | None = 1.0  # GDN readout scale written into the config; None keeps SRC's
     layer_tokens: int = 0  # stage (a) token budget
+    # stage (b) adds kv_weight x the keys' and values' relative squared error under the plan against all-attention
+    # (kv_fidelity): the shared keys and values of later layers read what the recurrent mode leaves in the stream
+    kv_weight: float = 0.0
     weight_decay: float = 0.0
     parallel: str = "ddp"  # the only one: trainable gradients are averaged by hand
 
@@ -118,6 +125,7 @@ def check_config(cfg: RetrofitConfig) -> None:
     need(cfg.layer_tokens >= 0 and cfg.tokens >= 0, "--layer-tokens and --tokens must be >= 0")
     need(cfg.layer_tokens + cfg.tokens > 0, "--layer-tokens or --tokens must be > 0")
     need(cfg.recurrent_scale is None or cfg.recurrent_scale > 0, "--recurrent-scale must be > 0")
+    need(math.isfinite(cfg.kv_weight) and cfg.kv_weight >= 0, "--kv-weight must be >= 0")
     check_distillation_config(cfg)
 
 
@@ -207,12 +215,40 @@ def student_modes(rng: np.random.Generator, plans: list[str], batch: int, length
     return np.stack(rows)
 
 
-def logit_loss(model: OryxModel, tokens: torch.Tensor, modes: torch.Tensor) -> torch.Tensor:
-    """Stage (b): mean over tokens of KL(all-attention || plan) on the next-token distributions."""
-    with torch.no_grad():
+def logit_loss(model: OryxModel, tokens: torch.Tensor, modes: torch.Tensor, kv_weight: float = 0.0) -> torch.Tensor:
+    """Stage (b): mean over tokens of KL(all-attention || plan) on the next-token distributions; with kv_weight,
+    plus kv_weight x kv_fidelity of the same two forwards."""
+    with torch.no_grad(), captured_keys_values(model, kv_weight > 0) as teacher_kv:
         teacher = F.log_softmax(model(tokens, torch.ones_like(modes)).float(), -1)
-    student = F.log_softmax(model(tokens, modes).float(), -1)
-    return F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+    with captured_keys_values(model, kv_weight > 0) as student_kv:
+        student = F.log_softmax(model(tokens, modes).float(), -1)
+    loss = F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+    if kv_weight > 0:
+        loss = loss + kv_weight * kv_fidelity(student_kv, teacher_kv)
+    return loss
+
+
+@contextlib.contextmanager
+def captured_keys_values(model: OryxModel, enabled: bool = True):
+    """Inside, every mixer's keys and values after their convolutions (what the KV cache stores, before RoPE) are
+    appended to the yielded list, layer by layer, keys then values."""
+    out: list = []
+    hooks = [conv.register_forward_hook(lambda module, args, result: out.append(result[0]))
+             for layer in model.layers for conv in (layer.mixer.conv_k, layer.mixer.conv_v)] if enabled else []
+    try:
+        yield out
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def kv_fidelity(student: list, teacher: list) -> torch.Tensor:
+    """Mean over layers and over keys and values of ||student - teacher||^2 / ||teacher||^2 (fp32)."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"kv_fidelity: {len(student)} student tensors against {len(teacher)} teacher tensors")
+    terms = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
+             for s, t in zip(student, teacher)]
+    return torch.stack(terms).mean()
 
 
 def eval_modes(plan: str, batch: int, length: int) -> np.ndarray:
@@ -367,7 +403,7 @@ def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None =
                     loss = layer_loss(model, tokens)
                 else:
                     modes = student_modes(rng, cfg.student_plans, cfg.batch_size, cfg.seq_len)
-                    loss = logit_loss(model, tokens, torch.from_numpy(modes).to(rt.device))
+                    loss = logit_loss(model, tokens, torch.from_numpy(modes).to(rt.device), cfg.kv_weight)
             if loss.requires_grad:  # a micro-batch whose every sequence drew an all-attention plan has no gradient
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum
