@@ -204,8 +204,9 @@ def plan_attention(q, k, v, plan: AttentionPlan, scale: float | None = None):
         grouped = H != k.shape[1]
         dv = v.shape[-1]
         signature = (q.dtype, q.device.type, H, k.shape[1], d, dv)
+        unpadded = q, k, v
         if not tracing and signature in FLEX_FAILED:  # compiling FlexAttention failed for these heads before
-            return _rows_attention(q, k, v, plan.attention_rows(), plan.q_offset, scale)
+            return _rows_attention(*unpadded, plan.attention_rows(), plan.q_offset, scale)
         q, k, v = equal_head_dims(q, k, v)
         try:
             if method == "packed" and (packed := plan.packed_rows(k.shape[2])) is not None:
@@ -223,8 +224,7 @@ def plan_attention(q, k, v, plan: AttentionPlan, scale: float | None = None):
             warnings.warn(f"attention: compiled FlexAttention failed for {signature[0]} heads {H}/{k.shape[1]} of "
                           f"{d}/{dv} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); these heads "
                           f"attend through SDPA over the attention rows from now on", RuntimeWarning, stacklevel=2)
-            return _rows_attention(q[..., :d], k[..., :d], v[..., :dv], plan.attention_rows(), plan.q_offset,
-                                   scale)
+            return _rows_attention(*unpadded, plan.attention_rows(), plan.q_offset, scale)
     if plan.q_offset == 0 and plan.all_attention:  # every row attends: no row gather, no explicit mask
         return causal_sdpa(q, k, v, scale)
     return _rows_attention(q, k, v, plan.attention_rows(), plan.q_offset, scale)

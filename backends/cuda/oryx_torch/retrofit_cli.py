@@ -25,7 +25,8 @@ def cmd_retrofit(args) -> None:
         recurrent_scale=None if args.recurrent_scale <= 0 else args.recurrent_scale,
         layer_tokens=args.layer_tokens, tokens=args.tokens, kv_weight=args.kv_weight, seq_len=args.seq_len,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        min_lr=args.min_lr if args.min_lr is not None else args.lr / 10, warmup=args.warmup, student_plans=args.plans or list(STUDENT_PLANS), eval_plans=list(EVAL_PLANS),
+        min_lr=args.min_lr if args.min_lr is not None else args.lr / 10, warmup=args.warmup,
+        student_plans=args.plans or list(STUDENT_PLANS), eval_plans=list(EVAL_PLANS),
         eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every, seed=args.seed,
         device=args.device, progress=not args.json)
     summary = retrofit(cfg, resume=args.resume, stop_after=args.stop_after)
