@@ -270,9 +270,12 @@ def test_kv_weight_in_a_run_and_its_flag(workspace, tmp_path, capsys):
                      "--tokens", "64", "--seq-len", "32", "--batch-size", "2", "--device", "cpu",
                      "--eval-batches", "1", "--kv-weight", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 1
-    with pytest.raises(SystemExit) as e:
-        code = cli.main(["retrofit", str(workspace["src"]), str(tmp_path / "y"), "--data", str(workspace["data"]),
-                         "--tokens", "64", "--shared-rank", "4", "--kv-weight", "1", "--device", "cpu"])
-        raise SystemExit(code)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--kv-weight" in err, err
+    # refused in one line, writing nothing
+    for extra in (["--shared-rank", "4", "--kv-weight", "1"], ["--kv-weight", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            code = cli.main(["retrofit", str(workspace["src"]), str(tmp_path / "y"), "--data",
+                             str(workspace["data"]), "--tokens", "64", *extra, "--device", "cpu"])
+            raise SystemExit(code)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "--kv-weight" in err[0], err
+        assert not (tmp_path / "y").exists()
