@@ -97,6 +97,12 @@ class LoadedModel(Protocol):
     def synchronize(self) -> None:
         """Waits for queued device work (so host clocks time it)."""
 
+    # Optional: `greedy_chain(cache)` -> an object with first(logits) -> pick, step(modes) -> pick and
+    # read(pick) -> int, where a pick is one sequence's greedy token still on the device: `first` picks from
+    # prefill's logits, `step` feeds the latest pick through the cache (as `step` would its host token) and picks
+    # again, without waiting; `read` waits for that one pick. oryx_core.generation then queues token n + 1's
+    # step before reading token n, so the device never waits for the host between tokens.
+
 
 class Backend(Protocol):
     def load(self, path, dtype: str | None = None, device: str | None = None) -> LoadedModel:

@@ -314,6 +314,13 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefi
         end_ids = {end_of_text_id(tokenizer)} - {None} if stop_at_end_of_text and tokenizer is not None else set()
     text = TextStream(tokenizer, stop_strings) if tokenizer is not None else NoText()
     sample = model.sampler(sampling, ids)
+    # Greedy decoding on a cache of this call's own runs ahead: token n + 1's step is queued before token n is
+    # read, so the device never waits for the host. When generation stops early, the step queued for the next
+    # token has fed the last token into the cache, which only this call could read; a caller's prompt_cache must
+    # end without it (the docstring's contract), so it takes the step-by-step loop.
+    chain = getattr(model, "greedy_chain", None)
+    ahead = (chain is not None and prompt_cache is None and sampling.temperature == 0
+             and sampling.repetition_penalty == 1.0)
     stats = GenerationStats(prompt_tokens=len(ids))
     model.reset_peak_memory()
     model.synchronize()
@@ -331,9 +338,16 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefi
         yield GenerationResponse("", [], stats, None)
         return
     start = time.perf_counter()
+    picks = chain(cache) if ahead else None
+    pick = picks.first(logits) if ahead else None
     for n in range(1, max_tokens + 1):
         position = prompt_length + n - 1  # where the sampled token sits
-        token = sample(logits)
+        if ahead:
+            drop_if_done(position)  # what the queued step needs is decided by its position alone
+            following = picks.step(modes[position:position + 1]) if n < max_tokens else None
+            token = picks.read(pick)
+        else:
+            token = sample(logits)
         stats.generation_tokens = n
         if token in end_ids:
             piece, tokens, finish = text.flush(), [], "stop_token"
@@ -343,16 +357,20 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefi
             finish = "stop_string" if hit else ("length" if n == max_tokens else None)
             if finish == "length":
                 piece += text.flush()
-        drop_if_done(position)
-        model.synchronize()
-        stats.generation_seconds = time.perf_counter() - start
+        if not ahead:
+            drop_if_done(position)
+            model.synchronize()
+        stats.generation_seconds = time.perf_counter() - start  # ahead: token n was read, so its step is done
         stats.finish_reason = finish
         stats.cache_bytes = model.cache_nbytes(cache)
         stats.peak_memory_bytes = model.peak_memory_bytes()
         yield GenerationResponse(piece, tokens, dataclasses.replace(stats), bool(modes[position]))
         if finish:
             return
-        logits = model.step(cache, np.asarray([token], dtype=np.int64), modes[position:position + 1])
+        if ahead:
+            pick = following
+        else:
+            logits = model.step(cache, np.asarray([token], dtype=np.int64), modes[position:position + 1])
 
 
 def generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefill-attention",

@@ -236,3 +236,32 @@ def test_oryx_generate_state_policy_flag(checkpoint, capsys, policy):
     result = json.loads(capsys.readouterr().out)
     tokenizer = byte_level_tokenizer()
     assert result["tokens"] == reference_greedy(ref, tokenizer.encode(PROMPT).ids, 5, "attention")
+
+
+@pytest.mark.parametrize("options", [dict(plan="prefill-attention", kv_policy="drop"),
+                                     dict(plan="A:0-4,R:4-22,A:22-"), dict(plan="every:2:4", stop="token"),
+                                     dict(plan="every:2:4", stop="string")])
+def test_greedy_tokens_run_ahead_with_the_same_result(checkpoint, options):
+    """oryx_core.generation on MLXModel with its greedy chain (picks fed back unevaluated) and without it."""
+    from oryx_core import generation
+    from oryx_core.tokenizer import tokenizer_for
+    from oryx_mlx.backend import load as load_backend
+
+    path, _ = checkpoint
+    options = dict(options)
+    stop = options.pop("stop", None)
+    tokenizer = tokenizer_for(path)
+    plain, ahead = load_backend(path), load_backend(path)
+    plain.greedy_chain = None
+    made, chain = [], ahead.greedy_chain
+    ahead.greedy_chain = lambda cache: made.append(cache) or chain(cache)
+    free = generation.generate(plain, tokenizer, PROMPT, 16, stop_at_end_of_text=False, **options)
+    if stop == "token":
+        options["stop_token_ids"] = {free.tokens[4]}
+    elif stop == "string":
+        options["stop_strings"] = [free.text[6:9]]
+    want = generation.generate(plain, tokenizer, PROMPT, 16, stop_at_end_of_text=False, **options)
+    got = generation.generate(ahead, tokenizer, PROMPT, 16, stop_at_end_of_text=False, **options)
+    assert len(made) == 1 and got.tokens == want.tokens and got.text == want.text
+    assert got.stats.finish_reason == want.stats.finish_reason == {None: "length", "token": "stop_token",
+                                                                   "string": "stop_string"}[stop]

@@ -153,6 +153,69 @@ def test_state_drop_same_tokens(tiny):
     assert back.stats.cache_bytes == keep.stats.cache_bytes
 
 
+def step_by_step_and_ahead(model, tok, prompt, n, **kwargs):
+    """oryx_core.generation.generate on the same model twice: with greedy_chain taken away (a sampled token fed
+    back from the host each step) and as it is (greedy tokens run ahead on the device); also how many chains the
+    second asked for."""
+    from oryx_core import generation
+    from oryx_torch.backend import TorchModel
+
+    plain = TorchModel(model)
+    plain.greedy_chain = None
+    ahead, made = TorchModel(model), []
+    chain = ahead.greedy_chain
+    ahead.greedy_chain = lambda cache: made.append(cache) or chain(cache)
+    return (generation.generate(plain, tok, prompt, n, **kwargs), generation.generate(ahead, tok, prompt, n, **kwargs),
+            len(made))
+
+
+@pytest.mark.parametrize("kwargs", [dict(plan="prefill-attention", kv_policy="drop"),
+                                    dict(plan="R:0-9,A:9-", state_policy="drop"),
+                                    dict(plan="A:0-3,R:3-9,A:9-"), dict(plan="every:2:1", max_tokens=1)])
+def test_greedy_tokens_run_ahead_with_the_same_result(tiny, kwargs):
+    model, _, tok = tiny
+    kwargs = dict(dict(max_tokens=12, stop_at_end_of_text=False), **kwargs)
+    n = kwargs.pop("max_tokens")
+    plain, ahead, chains = step_by_step_and_ahead(model, tok, "drop me", n, **kwargs)
+    assert chains == 1 and plain.tokens == ahead.tokens and len(ahead.tokens) == n
+    assert plain.text == ahead.text and ahead.stats.finish_reason == "length"
+    assert plain.stats.cache_bytes == ahead.stats.cache_bytes
+
+
+def test_greedy_run_ahead_stops_where_step_by_step_does(tiny):
+    model, _, tok = tiny
+    free = generate(model, tok, "xyz", 10, stop_at_end_of_text=False)
+    third = free.tokens[2]
+    plain, ahead, chains = step_by_step_and_ahead(model, tok, "xyz", 10, stop_token_ids={third})
+    assert chains == 1 and ahead.stats.finish_reason == "stop_token" and plain.tokens == ahead.tokens
+    stop = free.text[3:5]
+    plain, ahead, _ = step_by_step_and_ahead(model, tok, "xyz", 10, stop_at_end_of_text=False, stop_strings=[stop])
+    assert ahead.stats.finish_reason == "stop_string" and plain.text == ahead.text == free.text[:free.text.find(stop)]
+
+
+def test_sampling_penalties_and_prompt_caches_go_step_by_step(tiny):
+    """Only greedy decoding on the call's own cache runs ahead: a caller's cache must end without the last token."""
+    from oryx_core import generation
+    from oryx_torch.backend import TorchModel
+
+    model, _, tok = tiny
+    for kwargs in (dict(temperature=0.7, seed=1), dict(repetition_penalty=1.3)):
+        _, _, chains = step_by_step_and_ahead(model, tok, "xyz", 6, stop_at_end_of_text=False, **kwargs)
+        assert chains == 0, kwargs
+    backend = TorchModel(model)
+    made = []
+    chain = backend.greedy_chain
+    backend.greedy_chain = lambda cache: made.append(cache) or chain(cache)
+    cache = backend.make_cache(1, 64)
+    prompt = tok.encode("xyz").ids
+    first = generation.generate(backend, tok, prompt, 5, "recurrent", stop_at_end_of_text=False, prompt_cache=cache)
+    assert not made and backend.cache_length(cache) == len(prompt) + 4  # the last token is not in it yet
+    whole = generate(model, tok, prompt + first.tokens, 3, "recurrent", stop_at_end_of_text=False)
+    second = generation.generate(backend, tok, first.tokens[-1:], 3, "recurrent", stop_at_end_of_text=False,
+                                 prompt_cache=cache)
+    assert second.tokens == whole.tokens
+
+
 def test_dropped_parts_refuse_their_mode(tiny):
     model, _, _ = tiny
     with torch.inference_mode():

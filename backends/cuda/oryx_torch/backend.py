@@ -9,7 +9,7 @@ import torch
 from oryx_core.weights import FLOAT_DTYPES
 
 from .cache import OryxCache
-from .generate import DecodeRunner, apply_repetition_penalty, sample
+from .generate import DecodeRunner, GreedyChain, apply_repetition_penalty, sample
 from .model import OryxModel
 
 
@@ -80,6 +80,12 @@ class TorchModel:
             runner = self._runners[cache] = DecodeRunner(self.model, cache, self.cuda_graphs)
         with torch.inference_mode():
             return runner.step(host_tensor(tokens, np.int64), host_tensor(modes, bool))
+
+    def greedy_chain(self, cache: OryxCache) -> GreedyChain:
+        runner = self._runners.get(cache)
+        if runner is None:
+            runner = self._runners[cache] = DecodeRunner(self.model, cache, self.cuda_graphs)
+        return GreedyChain(runner)
 
     def _after_drop(self, cache: OryxCache) -> None:
         runner = self._runners.get(cache)

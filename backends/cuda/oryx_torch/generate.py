@@ -217,6 +217,7 @@ class DecodeRunner:
         self.compile_backend = compile_backend
         self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=model.device)
         self.modes = torch.zeros(model.cfg.n_layers, cache.batch, dtype=torch.bool, device=model.device)
+        self._host_modes = None  # what self.modes holds, on the host
         self.graphs: dict[tuple[bool, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.warmed: set[tuple[bool, bool, bool]] = set()
         if self.compiled:  # one compiled step for every cache capacity, rather than one per capacity
@@ -249,7 +250,11 @@ class DecodeRunner:
         check_cache_modes(cache, attend, not bool(modes.all()))
         if tokens is not None:
             self.tokens.copy_(tokens)
-        self.modes.copy_(modes.expand(L, B))
+        modes = modes.expand(L, B)
+        if self._host_modes is None or not torch.equal(self._host_modes, modes):
+            # a host-to-device copy only when the modes change: steps queued ahead then wait for nothing
+            self.modes.copy_(modes)
+            self._host_modes = modes.clone()
         variant = (attend, cache.has_kv, cache.has_recurrent)
         if not self.use_graphs:
             out = self._run(attend, pick)
@@ -279,6 +284,47 @@ class DecodeRunner:
 
         self.graphs = {v: g for v, g in self.graphs.items() if runnable(v)}
         self.warmed = {v for v in self.warmed if runnable(v)}
+
+
+class GreedyChain:
+    """oryx_core.backend's greedy_chain on a DecodeRunner: each pick stays on the device (the runner's step writes
+    it where the next step reads its token) and is copied to the host asynchronously, so the next step can be
+    queued before the host has the token. Two host slots suffice: a pick is read before the step after next is
+    queued."""
+
+    def __init__(self, runner: "DecodeRunner"):
+        self.runner = runner
+        cuda = runner.model.device.type == "cuda"
+        self.host = torch.zeros(2, runner.cache.batch, dtype=torch.long, pin_memory=cuda)
+        self.slot = 0
+
+    def first(self, logits: torch.Tensor):
+        """The greedy token of prefill's logits [B, V], made the next step's input on the device."""
+        with torch.inference_mode():
+            picked = logits.argmax(-1)
+            self.runner.tokens.copy_(picked)
+            return self._to_host(picked)
+
+    def step(self, modes):
+        """Feeds the latest pick through the cache under modes (host bools, as DecodeRunner.step's) and picks."""
+        with torch.inference_mode():
+            return self._to_host(self.runner.greedy_step(None, modes))
+
+    def read(self, pick) -> int:
+        host, done = pick
+        if done is not None:
+            done.synchronize()
+        return int(host[0])
+
+    def _to_host(self, picked: torch.Tensor):
+        host = self.host[self.slot]
+        self.slot ^= 1
+        host.copy_(picked, non_blocking=True)  # queued before the next replay overwrites the graph's pick
+        if picked.device.type != "cuda":
+            return host, None
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
 
 
 # ----- text in, text out (oryx_core.generation's loop on this backend) -----

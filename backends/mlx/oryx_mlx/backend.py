@@ -31,11 +31,12 @@ class MLXModel:
         self.device = (device or mx.default_device()).type.name
         self.dtype = str(model.norm.weight.dtype).rsplit(".", 1)[-1]
 
-    def _run(self, tokens: np.ndarray, modes: np.ndarray, cache, last_only: bool = False):
+    def _run(self, tokens, modes: np.ndarray, cache, last_only: bool = False, picked: bool = False):
+        tokens = tokens if picked else mx.array(tokens)
         if self._device is not None:
             with mx.stream(self._device):
-                return self.model(mx.array(tokens), modes, cache, last_only=last_only)
-        return self.model(mx.array(tokens), modes, cache, last_only=last_only)
+                return self.model(tokens, modes, cache, last_only=last_only, picked=picked)
+        return self.model(tokens, modes, cache, last_only=last_only, picked=picked)
 
     def forward(self, tokens: np.ndarray, modes: np.ndarray) -> np.ndarray:
         logits = self._run(np.asarray(tokens, dtype=np.int64), np.asarray(modes, dtype=bool), None)
@@ -63,6 +64,9 @@ class MLXModel:
     def step(self, cache, tokens: np.ndarray, modes: np.ndarray):
         tokens, modes = np.asarray(tokens, dtype=np.int64), np.asarray(modes, dtype=bool)
         return self._run(tokens[:, None], modes[:, None], cache)[:, -1].astype(mx.float32)
+
+    def greedy_chain(self, cache) -> "GreedyChain":
+        return GreedyChain(self, cache)
 
     def drop_kv(self, cache) -> None:
         drop_kv(cache)
@@ -96,6 +100,31 @@ class MLXModel:
 
     def synchronize(self) -> None:
         mx.synchronize()
+
+
+class GreedyChain:
+    """oryx_core.backend's greedy_chain: each pick an mx.array whose computation is started (mx.async_eval) and
+    fed to the next step unevaluated, so building step n + 1's graph overlaps computing step n."""
+
+    def __init__(self, backend: MLXModel, cache):
+        self.backend, self.cache = backend, cache
+        self.last = None
+
+    def first(self, logits):
+        return self._pick(logits)
+
+    def step(self, modes):
+        modes = np.asarray(modes, dtype=bool)
+        logits = self.backend._run(self.last[:, None], modes[:, None], self.cache, picked=True)[:, -1]
+        return self._pick(logits)
+
+    def read(self, pick) -> int:
+        return int(pick[0].item())
+
+    def _pick(self, logits):
+        self.last = mx.argmax(logits, axis=-1)
+        mx.async_eval(self.last)
+        return self.last
 
 
 def load(path, dtype: str | None = None, device: str | None = None) -> MLXModel:

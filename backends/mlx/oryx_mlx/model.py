@@ -558,21 +558,29 @@ class OryxModel(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
-    def __call__(self, tokens, modes=True, cache: list[LayerCache] | None = None, last_only: bool = False):
+    def __call__(self, tokens, modes=True, cache: list[LayerCache] | None = None, last_only: bool = False,
+                 picked: bool = False):
         """Logits [B, T, V] for tokens [B, T]; with `last_only` the last token's only, [B, 1, V] (what sampling after
         a prompt reads: the vocabulary projection of every prompt token is a fifth of a small model's prompt work).
 
         modes: bool (numpy, mx or Python) broadcastable to [n_layers, B, T], True = attention
         mode. cache: a prompt cache from `make_cache()`, updated in place (KV, conv windows,
         recurrent state, position), or None for a stateless forward over the whole sequence.
+        picked: tokens is an mx.array of ids this model picked itself (an argmax over its vocabulary, so in range),
+        possibly not yet computed; their values are not read on the host, so the call does not wait for them.
         """
-        ids = np.asarray(tokens)
-        if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.size == 0:
-            raise ValueError(f"tokens: expected integer ids of shape [batch >= 1, time >= 1], got {ids.dtype} "
-                             f"{list(ids.shape)}")
-        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
-            bad = ids.min() if ids.min() < 0 else ids.max()
-            raise ValueError(f"tokens: id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        if picked:
+            ids = tokens
+            if ids.ndim != 2 or not mx.issubdtype(ids.dtype, mx.integer):
+                raise ValueError(f"tokens: expected picked integer ids [batch, time], got {ids.dtype} {ids.shape}")
+        else:
+            ids = np.asarray(tokens)
+            if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.size == 0:
+                raise ValueError(f"tokens: expected integer ids of shape [batch >= 1, time >= 1], got {ids.dtype} "
+                                 f"{list(ids.shape)}")
+            if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+                bad = ids.min() if ids.min() < 0 else ids.max()
+                raise ValueError(f"tokens: id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
         B, T = ids.shape
         L = self.cfg.n_layers
         try:
