@@ -745,15 +745,19 @@ def shared(args) -> None:
                                                            args.lengths, args.examples)}
         note(f"passkey {json.dumps(results['retrieval_after'])}")
         save()
+    greedy_samples(results, model, tokenizer, device, args.sample_tokens, deadline)
+    save()
+    note("done")
+
+
+def greedy_samples(results: dict, model, tokenizer, device, tokens: int, deadline: float) -> None:
+    """results["samples_after"]: each sample prompt's greedy continuation under every plan, while time is left."""
     samples = results.setdefault("samples_after", {})
     for i, prompt in enumerate(SAMPLE_PROMPTS):
         for plan in PLANS:
             if time.time() > deadline - 5:
-                break
-            samples[f"{i}/{plan}/greedy"] = continue_text(model, tokenizer, prompt, plan, args.sample_tokens, 0.0, 0,
-                                                          device)
-    save()
-    note("done")
+                return
+            samples[f"{i}/{plan}/greedy"] = continue_text(model, tokenizer, prompt, plan, tokens, 0.0, 0, device)
 
 
 def probe(model, tokenizer, lengths, examples) -> dict:
@@ -842,13 +846,7 @@ def refine(args) -> None:
         results["probe_after"] = probe(model, tokenizer, args.probe_lengths, args.examples)
         note(f"probe after: {probe_line(results['probe_after'])}")
         save()
-    samples = results.setdefault("samples_after", {})
-    for i, prompt in enumerate(SAMPLE_PROMPTS):
-        for plan in PLANS:
-            if time.time() > deadline - 5:
-                break
-            samples[f"{i}/{plan}/greedy"] = continue_text(model, tokenizer, prompt, plan, args.sample_tokens, 0.0, 0,
-                                                          device)
+    greedy_samples(results, model, tokenizer, device, args.sample_tokens, deadline)
     save()
     note("done")
 
@@ -923,58 +921,44 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=RETRIEVAL_LENGTHS)
     p.add_argument("--examples", type=int, default=RETRIEVAL_EXAMPLES)
     p.set_defaults(func=run)
-    p = sub.add_parser("shared", help="the shared stage from the shipped default adapter (GPU)")
-    p.add_argument("--work", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--gguf", help="SmolLM2 GGUF (default: reassembled from runs/gguf_part1..3/part)")
-    p.add_argument("--heldout", default=str(HELDOUT), help="held-out prose (default: prepare's Brown fiction)")
-    p.add_argument("--window", type=int, default=WINDOW, help="held-out window in tokens (default 1024; smaller only "
-                   "for a CPU pretest)")
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--targets", default="q_attn,k_proj,v_proj,o_proj")
-    p.add_argument("--tokens", type=int, default=12_000_000)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--attention-budget", type=float, default=0.01)
-    p.add_argument("--eval-every", type=int, default=60)
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--heldout-windows", type=int)
-    p.add_argument("--curve-windows", type=int, default=48)
-    p.add_argument("--own-sequences", type=int, default=512)
-    p.add_argument("--own-tokens", type=int, default=512)
-    p.add_argument("--sample-tokens", type=int, default=64)
-    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
-    p.add_argument("--examples", type=int, default=12)
-    p.add_argument("--budget-s", type=float, default=540, help="wall seconds for the whole command")
-    p.add_argument("--reserve-s", type=float, default=75,
-                   help="seconds kept after training for the after-scores and the adapter (default 75)")
-    p.set_defaults(func=shared)
-    p = sub.add_parser("refine", help="stage (b) again from the shipped default adapter, with --kv-weight (GPU)")
-    p.add_argument("--work", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--gguf", help="SmolLM2 GGUF (default: reassembled from runs/gguf_part1..3/part)")
-    p.add_argument("--heldout", default=str(HELDOUT), help="held-out prose (default: prepare's Brown fiction)")
-    p.add_argument("--window", type=int, default=WINDOW, help="held-out window in tokens (default 1024; smaller only "
-                   "for a CPU pretest)")
-    p.add_argument("--kv-weight", type=float, default=1.0)
-    p.add_argument("--tokens", type=int, default=12_000_000)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--heldout-windows", type=int)
-    p.add_argument("--curve-windows", type=int, default=48)
-    p.add_argument("--own-sequences", type=int, default=512)
-    p.add_argument("--own-tokens", type=int, default=512)
-    p.add_argument("--sample-tokens", type=int, default=64)
-    p.add_argument("--probe-lengths", type=int, nargs="+", default=[512, 1024])
-    p.add_argument("--examples", type=int, default=20)
-    p.add_argument("--budget-s", type=float, default=540, help="wall seconds for the whole command")
-    p.add_argument("--reserve-s", type=float, default=110,
-                   help="seconds kept after training for the adapter, the after-scores and the probe (default 110)")
-    p.set_defaults(func=refine)
+    for name, func, help_text in (("shared", shared, "the shared stage from the shipped default adapter (GPU)"),
+                                  ("refine", refine, "stage (b) again from the shipped default adapter, with "
+                                                     "--kv-weight (GPU)")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--work", required=True)
+        p.add_argument("--out", required=True)
+        p.add_argument("--gguf", help="SmolLM2 GGUF (default: reassembled from runs/gguf_part1..3/part)")
+        p.add_argument("--heldout", default=str(HELDOUT), help="held-out prose (default: prepare's Brown fiction)")
+        p.add_argument("--window", type=int, default=WINDOW, help="held-out window in tokens (default 1024; smaller "
+                       "only for a CPU pretest)")
+        p.add_argument("--tokens", type=int, default=12_000_000)
+        p.add_argument("--seq-len", type=int, default=1024)
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--save-every", type=int, default=200)
+        p.add_argument("--heldout-windows", type=int)
+        p.add_argument("--curve-windows", type=int, default=48)
+        p.add_argument("--own-sequences", type=int, default=512)
+        p.add_argument("--own-tokens", type=int, default=512)
+        p.add_argument("--sample-tokens", type=int, default=64)
+        p.add_argument("--budget-s", type=float, default=540, help="wall seconds for the whole command")
+        p.set_defaults(func=func)
+        if name == "shared":
+            p.add_argument("--rank", type=int, default=32)
+            p.add_argument("--targets", default="q_attn,k_proj,v_proj,o_proj")
+            p.add_argument("--attention-budget", type=float, default=0.01)
+            p.add_argument("--eval-every", type=int, default=60)
+            p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+            p.add_argument("--examples", type=int, default=12)
+            p.add_argument("--reserve-s", type=float, default=75,
+                           help="seconds kept after training for the after-scores and the adapter (default 75)")
+        else:
+            p.add_argument("--kv-weight", type=float, default=1.0)
+            p.add_argument("--eval-every", type=int, default=100)
+            p.add_argument("--probe-lengths", type=int, nargs="+", default=[512, 1024])
+            p.add_argument("--examples", type=int, default=20)
+            p.add_argument("--reserve-s", type=float, default=110, help="seconds kept after training for the "
+                           "adapter, the after-scores and the probe (default 110)")
     args = ap.parse_args(argv)
     args.func(args)
     return 0
