@@ -299,12 +299,15 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefi
         cache = prompt_cache
 
     def drop_if_done(position: int) -> None:
-        """Frees what no token from `position` on reads."""
+        """Frees what no token from `position` on reads, once the device has finished the steps queued before (a
+        step run ahead may still read it, and a backend may free the step programs that need it)."""
         nonlocal kv_dropped, state_dropped
         if drop_kv and not kv_dropped and not plan.attention_after(position, prompt_length):
+            model.synchronize()
             model.drop_kv(cache)
             kv_dropped = True
         if drop_state and not state_dropped and not plan.recurrent_after(position, prompt_length):
+            model.synchronize()
             model.drop_recurrent(cache)
             state_dropped = True
 
