@@ -219,6 +219,7 @@ def test_config_file_and_overrides(tmp_path):
     ({"modes": "sometimes"}, r"modes: plan 'sometimes'"),
     ({"eval_plans": []}, r"eval_plans must name at least one plan"),
     ({"parallel": "zero3"}, r"parallel must be"),
+    ({"mixed_attention": "sparse"}, r"mixed_attention must be one of \"dense\", \"packed\""),
     ({"model": {"preset": "tiny", "config": "x.json"}}, r"exactly one of preset, config, checkpoint"),
     ({"model": {"presett": "tiny"}}, r"unknown keys \['presett'\]"),
 ])
@@ -381,3 +382,22 @@ def test_read_log_reads_records_and_tolerates_a_missing_log_only_when_asked(tmp_
     assert train_module.read_log(tmp_path, missing_ok=True) == []
     (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 2.5}\n\n{"step": 2, "eval": {"attention": 2.4}}\n')
     assert train_module.read_log(tmp_path) == [{"step": 1, "loss": 2.5}, {"step": 2, "eval": {"attention": 2.4}}]
+
+
+def test_mixed_attention_is_set_for_the_run_only(shards, tmp_path, monkeypatch):
+    """`mixed_attention` is what oryx_torch.attention.MIXED_ATTENTION reads while the run trains, and the module's
+    value is back afterwards (even when the run fails)."""
+    from oryx_torch import attention
+
+    seen = []
+    real = train_module._train
+    monkeypatch.setattr(train_module, "_train", lambda *a: seen.append(attention.MIXED_ATTENTION) or real(*a))
+    cfg = config_from_dict({"model": {"preset": "tiny"}, "data": str(shards), "out": str(tmp_path / "o"), "steps": 1,
+                            "seq_len": 16, "batch_size": 1, "progress": False, "device": "cpu", "compile": False,
+                            "mixed_attention": "packed"})
+    before = attention.MIXED_ATTENTION
+    train_module.train(cfg)
+    assert seen == ["packed"] and attention.MIXED_ATTENTION == before
+    with pytest.raises(ValueError):
+        train_module.train(cfg)  # out already holds checkpoints
+    assert seen == ["packed", "packed"] and attention.MIXED_ATTENTION == before

@@ -36,6 +36,7 @@ FLEX_BLOCK = 128  # FlexAttention's default tile: the plan's granularity for ski
 # causal score matrix, else packed). A FlexAttention block costs about 3 flash ones in a compiled training step
 # at SmolLM2-135M's shape (docs/benchmarks.md), so dense wins unless a plan's attention rows are few.
 MIXED_ATTENTION = "dense"
+MIXED_ATTENTION_METHODS = ("dense", "packed", "flex", "auto")
 DENSE_FROM = 0.3
 # Whether the CPU takes the CUDA path's choice (FlexAttention eagerly, without backward) instead of SDPA over
 # the attention rows: for tests of the CUDA path on a machine without one.

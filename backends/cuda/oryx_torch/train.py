@@ -40,6 +40,7 @@ from oryx_core.files import MAX_JSON_BYTES, FormatError, member, open_regular, p
 from oryx_core.weights import read_config
 
 from .metrics import MetricSinks, check_sinks
+from . import attention
 from .attention import AttentionPlan
 from .model import OryxModel
 
@@ -78,6 +79,8 @@ class TrainConfig:
     # than a short run gains.
     compile: object = "auto"
     modes: str = "mixed"  # "mixed" (the design's sampler) or a fixed plan: "attention", "recurrent", ...
+    # how CUDA computes attention for a sequence that mixes modes (oryx_torch.attention.MIXED_ATTENTION, for the run)
+    mixed_attention: str = "dense"
     mode_chunk: int = 64
     pure_share: float = 0.2
     eval_every: int = 100  # 0: evaluate only at the end
@@ -134,6 +137,8 @@ def _check_values(cfg: TrainConfig, source: str) -> None:
     need(0 <= cfg.pure_share <= 1, "pure_share", "must be in [0, 1]")
     need(cfg.compile in (True, False, "auto"), "compile", "must be true, false or \"auto\"")
     need(cfg.parallel in ("ddp", "fsdp"), "parallel", "must be \"ddp\" or \"fsdp\"")
+    need(cfg.mixed_attention in attention.MIXED_ATTENTION_METHODS, "mixed_attention",
+         "must be one of " + ", ".join(f'"{m}"' for m in attention.MIXED_ATTENTION_METHODS))
     need(cfg.device in ("auto", "cuda", "cpu"), "device", "must be \"auto\", \"cuda\" or \"cpu\"")
     check_sinks(cfg.log_to, f"{source}: log_to")
     for key, plans in (("modes", [cfg.modes]), ("eval_plans", cfg.eval_plans)):
@@ -559,6 +564,15 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     `stop_after` ends the process after that many steps (the schedule still spans all of
     them), as a kill would; `resume=True` continues from the newest checkpoint in cfg.out.
     """
+    previous = attention.MIXED_ATTENTION
+    attention.MIXED_ATTENTION = cfg.mixed_attention  # for this run only: the process may train or serve again
+    try:
+        return _train(cfg, resume, stop_after)
+    finally:
+        attention.MIXED_ATTENTION = previous
+
+
+def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict:
     out, data_dir = Path(cfg.out), Path(cfg.data)
     train_data, val_data = open_split(data_dir, "train"), open_split(data_dir, "val")
     for shards in (train_data, val_data):
