@@ -26,8 +26,9 @@ bench/gpu_generation.sh does with its `.whl_serve` folder). The three parts go o
 warm machine (one part per call keeps the working tree under the device's 64 MiB), the Brown text on a call of
 its own, then `shared` in a fourth.
 
-`refine` starts as `shared` does but trains only the recurrent tensors (stage b, attention mode bit-identical),
-with `--kv-weight`'s fit of every layer's keys and values to the all-attention ones; besides the scores it runs
+`refine` starts as `shared` does but trains only the recurrent tensors (stage b, after `--layer-tokens` of stage a;
+attention mode bit-identical), with `--kv-weight`'s fit of every layer's keys and values to the all-attention ones
+and, with `--recurrent-kv-convs`, the recurrence's own key and value convolutions; besides the scores it runs
 retrieval_probe.py's passkey plans and key drift before and after. Its adapter has the default adapter's form:
 `install-adapter OUT` makes it the default.
 
@@ -813,13 +814,14 @@ def refine(args) -> None:
         save()
         model.train()
 
-    cfg = RetrofitConfig(src=str(run.start), out=str(work / "run"), data=str(run.data), layer_tokens=0,
-                         tokens=args.tokens, kv_weight=args.kv_weight, seq_len=args.seq_len,
+    cfg = RetrofitConfig(src=str(run.start), out=str(work / "run"), data=str(run.data),
+                         layer_tokens=args.layer_tokens, tokens=args.tokens, kv_weight=args.kv_weight,
+                         recurrent_kv_convs=args.recurrent_kv_convs, seq_len=args.seq_len,
                          batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10, warmup=20,
                          eval_every=args.eval_every, eval_batches=2, save_every=args.save_every, seed=0,
                          recurrent_scale=None, progress=False)
-    results["refine"] = {k: getattr(cfg, k) for k in ("tokens", "kv_weight", "seq_len", "batch_size", "lr",
-                                                     "min_lr", "student_plans")}
+    results["refine"] = {k: getattr(cfg, k) for k in ("layer_tokens", "tokens", "kv_weight", "recurrent_kv_convs",
+                                                     "seq_len", "batch_size", "lr", "min_lr", "student_plans")}
     resume = (work / "run" / "checkpoints" / "latest.json").exists()
     summary = retrofit(cfg, resume=resume, on_eval=on_eval, deadline=deadline - args.reserve_s)
     results["summary"] = {k: v for k, v in summary.items() if k != "eval"}
@@ -954,6 +956,9 @@ def main(argv=None) -> int:
                            help="seconds kept after training for the after-scores and the adapter (default 75)")
         else:
             p.add_argument("--kv-weight", type=float, default=1.0)
+            p.add_argument("--layer-tokens", type=int, default=0, help="stage (a) tokens first (default 0)")
+            p.add_argument("--recurrent-kv-convs", action="store_true",
+                           help="the recurrence's own key and value convolutions (oryx retrofit --recurrent-kv-convs)")
             p.add_argument("--eval-every", type=int, default=100)
             p.add_argument("--probe-lengths", type=int, nargs="+", default=[512, 1024])
             p.add_argument("--examples", type=int, default=20)

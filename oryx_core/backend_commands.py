@@ -98,6 +98,9 @@ def register(subparsers) -> None:
     p.add_argument("--kv-weight", type=non_negative_float, default=0.0,
                    help="stage (b) also fits each layer's keys and values under the plan to the all-attention ones, "
                         "with this weight on their relative squared error (default 0: the logits alone)")
+    p.add_argument("--recurrent-kv-convs", action="store_true",
+                   help="give the recurrence its own short convolutions on the shared keys and values (sharing "
+                        "kv-proj; they start as SRC's and train with the recurrent tensors; torch backend only)")
     p.add_argument("--plans", nargs="+", help="stage (b) plans, one drawn per sequence (default: recurrent "
                    "prefill-attention last:10%% every:4:64)")
     p.add_argument("--recurrent-scale", type=finite_float(), default=1.0,

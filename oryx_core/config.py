@@ -12,7 +12,7 @@ CONV_ACTIVATIONS = ("silu", "none")
 O_NORM_GROUPINGS = ("head", "all")
 # Which input projections the two modes share (oryx_core.spec): "kv" keys and values (the design's block),
 # "none" only the output path (each mode has its own query, keys and values), "qkv" the query too.
-SHARINGS = ("kv", "none", "qkv")
+SHARINGS = ("kv", "none", "qkv", "kv-proj")
 # Upper bounds far above any real model, so that a config can never ask for more than memory can hold
 # before its tensors are checked (n_layers 10**8 would otherwise build 10**9 tensor specs).
 INT_LIMITS = {"vocab_size": 1 << 24, "d_model": 1 << 16, "n_layers": 1 << 10, "n_heads": 1 << 12, "n_kv_heads": 1 << 12,

@@ -172,10 +172,12 @@ class OryxReference:
         w = lambda n: self._w(i, n)  # noqa: E731
         q_rec_name = "q_attn.weight" if cfg.sharing == "qkv" else "q_rec.weight"
         separate = cfg.sharing == "none"
+        k, v = xn @ w("k_proj.weight").T, xn @ w("v_proj.weight").T
         return {
-            "k": (xn @ w("k_proj.weight").T), "v": (xn @ w("v_proj.weight").T), "q_rec": (xn @ w(q_rec_name).T),
-            "k_rec": (xn @ w("k_rec.weight").T) if separate else None,
-            "v_rec": (xn @ w("v_rec.weight").T) if separate else None,
+            "k": k, "v": v, "q_rec": (xn @ w(q_rec_name).T),
+            # the recurrence's keys and values before its own convolutions ("kv-proj": the shared projections)
+            "k_rec": (xn @ w("k_rec.weight").T) if separate else k,
+            "v_rec": (xn @ w("v_rec.weight").T) if separate else v,
             "q_attn": (xn @ w("q_attn.weight").T).reshape(B, T, H, d),
             "g": (xn @ w("g_proj.weight").T).reshape(B, T, H, dv) if cfg.output_gate else None,
             "gate_in": [xn @ w(n).T for n in (("a_proj.weight", "b_proj.weight") if cfg.mixer == "gdn" else ("dt_proj.weight",))],
@@ -239,7 +241,7 @@ class OryxReference:
             Hkv, d, dv = cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim
             o_attn = attention_parallel(apply_rope(pr["q_attn"], cos, sin), apply_rope(k.reshape(B, T, Hkv, d), cos, sin),
                                         v.reshape(B, T, Hkv, dv), d ** -0.5)
-            if cfg.sharing == "none":  # the recurrence reads its own keys and values
+            if cfg.sharing in ("none", "kv-proj"):  # the recurrence reads its own keys and values
                 k = causal_conv(pr["k_rec"], self._w(i, "conv_k_rec.weight"), bias("k_rec"), act)
                 v = causal_conv(pr["v_rec"], self._w(i, "conv_v_rec.weight"), bias("v_rec"), act)
             r = self._recurrent_inputs(i, k, v, q_rec, pr["gate_in"])
@@ -266,7 +268,7 @@ class Stepper:
         self.model = model
         self.position = 0
         H, Hkv, d, dv, W = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim, cfg.conv_width
-        separate = {"k_rec": Hkv * d, "v_rec": Hkv * dv} if cfg.sharing == "none" else {}
+        separate = {"k_rec": Hkv * d, "v_rec": Hkv * dv} if cfg.sharing in ("none", "kv-proj") else {}
         self.conv = [{"k": np.zeros((batch, W - 1, Hkv * d)), "v": np.zeros((batch, W - 1, Hkv * dv)),
                       "q": np.zeros((batch, W - 1, H * d)),
                       **{name: np.zeros((batch, W - 1, width)) for name, width in separate.items()}}
@@ -317,7 +319,7 @@ class Stepper:
             v = self._conv_step(i, "v", pr["v"][:, 0], "v")
             q_rec = self._conv_step(i, "q", pr["q_rec"][:, 0], "q")
             o_attn = self._attend(i, pr["q_attn"], k, v, cos, sin, modes[i].any())
-            if cfg.sharing == "none":
+            if cfg.sharing in ("none", "kv-proj"):
                 k = self._conv_step(i, "k_rec", pr["k_rec"][:, 0], "k_rec")
                 v = self._conv_step(i, "v_rec", pr["v_rec"][:, 0], "v_rec")
             # recurrent state update and readout, one token

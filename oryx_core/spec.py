@@ -33,14 +33,18 @@ def layer_specs(cfg: OryxConfig, i: int) -> list[ParamSpec]:
     norm_width = dv if cfg.o_norm_grouping == "head" else H * dv
     # sharing "kv": both modes read k_proj/v_proj (through conv_k/conv_v), each has its own query;
     # "none": those are attention-only and the recurrence has its own (k_rec/v_rec, conv_k_rec/conv_v_rec);
-    # "qkv": the recurrence also reads q_attn (through its own conv_q), and there is no q_rec.
+    # "qkv": the recurrence also reads q_attn (through its own conv_q), and there is no q_rec;
+    # "kv-proj": both modes read k_proj/v_proj, attention through conv_k/conv_v, the recurrence through its own
+    # conv_k_rec/conv_v_rec (a retrofit can teach the recurrence short convolutions attention must not have).
     kv_mode = ATTENTION if cfg.sharing == "none" else SHARED
+    conv_kv_mode = ATTENTION if cfg.sharing in ("none", "kv-proj") else SHARED
+    own_convs = cfg.sharing in ("none", "kv-proj")
     specs = [
         ParamSpec(p + "attn_norm.weight", (D,), SHARED, "ones"),
         ParamSpec(m + "k_proj.weight", (Hkv * d, D), kv_mode, "normal"),
         ParamSpec(m + "v_proj.weight", (Hkv * dv, D), kv_mode, "normal"),
-        ParamSpec(m + "conv_k.weight", (Hkv * d, W), kv_mode, "conv"),
-        ParamSpec(m + "conv_v.weight", (Hkv * dv, W), kv_mode, "conv"),
+        ParamSpec(m + "conv_k.weight", (Hkv * d, W), conv_kv_mode, "conv"),
+        ParamSpec(m + "conv_v.weight", (Hkv * dv, W), conv_kv_mode, "conv"),
         ParamSpec(m + "o_proj.weight", (D, H * dv), SHARED, "normal_out"),
         ParamSpec(m + "q_attn.weight", (H * d, D), SHARED if cfg.sharing == "qkv" else ATTENTION, "normal"),
     ]
@@ -51,6 +55,9 @@ def layer_specs(cfg: OryxConfig, i: int) -> list[ParamSpec]:
         specs += [
             ParamSpec(m + "k_rec.weight", (Hkv * d, D), RECURRENT, "normal"),
             ParamSpec(m + "v_rec.weight", (Hkv * dv, D), RECURRENT, "normal"),
+        ]
+    if own_convs:
+        specs += [
             ParamSpec(m + "conv_k_rec.weight", (Hkv * d, W), RECURRENT, "conv"),
             ParamSpec(m + "conv_v_rec.weight", (Hkv * dv, W), RECURRENT, "conv"),
         ]
@@ -60,11 +67,11 @@ def layer_specs(cfg: OryxConfig, i: int) -> list[ParamSpec]:
         specs.append(ParamSpec(m + "o_norm.weight", (norm_width,), SHARED, "ones"))
     if cfg.conv_bias:
         specs += [
-            ParamSpec(m + "conv_k.bias", (Hkv * d,), kv_mode, "zeros"),
-            ParamSpec(m + "conv_v.bias", (Hkv * dv,), kv_mode, "zeros"),
+            ParamSpec(m + "conv_k.bias", (Hkv * d,), conv_kv_mode, "zeros"),
+            ParamSpec(m + "conv_v.bias", (Hkv * dv,), conv_kv_mode, "zeros"),
             ParamSpec(m + "conv_q.bias", (H * d,), RECURRENT, "zeros"),
         ]
-        if cfg.sharing == "none":
+        if own_convs:
             specs += [
                 ParamSpec(m + "conv_k_rec.bias", (Hkv * d,), RECURRENT, "zeros"),
                 ParamSpec(m + "conv_v_rec.bias", (Hkv * dv,), RECURRENT, "zeros"),

@@ -1,5 +1,6 @@
 """The `sharing` config field: which input projections the two modes share ("kv" the design's block, "none"
-separate keys and values per mode, "qkv" one query too), in the spec, the parameter counts, the weight format
+separate keys and values per mode, "qkv" one query too, "kv-proj" the key and value projections but not their
+convolutions), in the spec, the parameter counts, the weight format
 and the float64 reference."""
 import json
 
@@ -14,7 +15,7 @@ from oryx_core.spec import parameter_counts, parameter_specs
 from oryx_core.weights import load_checkpoint, save_checkpoint
 from error_metrics import relative_error
 
-SHARINGS = ["kv", "none", "qkv"]
+SHARINGS = ["kv", "none", "qkv", "kv-proj"]
 
 
 def random_params(cfg, seed):
@@ -37,7 +38,7 @@ def as_kv_model(cfg, params, mode):
         m = f"layers.{i}.mixer."
         if cfg.sharing == "qkv":
             mapped[m + "q_rec.weight"] = params[m + "q_attn.weight"]
-        if cfg.sharing == "none" and mode == "R":
+        if cfg.sharing in ("none", "kv-proj") and mode == "R":
             for kv_name, rec_name in (("k_proj", "k_rec"), ("v_proj", "v_rec"), ("conv_k", "conv_k_rec"),
                                       ("conv_v", "conv_v_rec")):
                 for suffix in (".weight", ".bias"):
@@ -52,7 +53,7 @@ def test_config_field_validated_defaulted_and_left_out_when_default():
     cfg = preset("tiny")
     assert cfg.sharing == "kv" and "sharing" not in cfg.to_dict()
     assert OryxConfig.from_dict(cfg.to_dict()) == cfg
-    for sharing in ("none", "qkv"):
+    for sharing in ("none", "qkv", "kv-proj"):
         d = preset("tiny", sharing=sharing).to_dict()
         assert d["sharing"] == sharing and OryxConfig.from_dict(d).sharing == sharing
 
@@ -78,6 +79,11 @@ def test_parameter_counts_per_mode(mixer):
     assert counts["qkv"]["attention_only"] == 0
     assert counts["qkv"]["recurrent_only"] == counts["kv"]["recurrent_only"] - query
     assert counts["none"]["total"] - counts["kv"]["total"] == kv_weights
+    kv_convs = L * (Hkv * d + Hkv * dv) * W  # "kv-proj": the recurrence's own copies of the two convolutions
+    assert counts["kv-proj"]["shared"] == counts["kv"]["shared"] - kv_convs
+    assert counts["kv-proj"]["attention_only"] == counts["kv"]["attention_only"] + kv_convs
+    assert counts["kv-proj"]["recurrent_only"] == counts["kv"]["recurrent_only"] + kv_convs
+    assert counts["kv-proj"]["total"] - counts["kv"]["total"] == kv_convs
     assert counts["kv"]["total"] - counts["qkv"]["total"] == query
     # the 20m shape: 17.94M (GDN) with the default sharing
     assert counts["kv"]["total"] == (17_941_936 if mixer == "gdn" else 17_932_744)
@@ -96,7 +102,7 @@ def test_default_sharing_spec_is_unchanged():
     assert "layers.0.mixer.q_rec.weight" not in qkv and qkv["layers.0.mixer.q_attn.weight"].mode == "shared"
 
 
-@pytest.mark.parametrize("sharing", ["none", "qkv"])
+@pytest.mark.parametrize("sharing", ["none", "qkv", "kv-proj"])
 def test_checkpoint_round_trip(tmp_path, sharing):
     cfg = preset("tiny", "mamba2", sharing=sharing, conv_bias=True)
     params = init_params(cfg, 3)
@@ -117,7 +123,7 @@ def test_old_checkpoint_without_the_field_loads_as_kv(tmp_path):
 
 
 @pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
-@pytest.mark.parametrize("sharing", ["none", "qkv"])
+@pytest.mark.parametrize("sharing", ["none", "qkv", "kv-proj"])
 def test_pure_modes_read_their_own_weights(mixer, sharing):
     """In a pure plan each variant equals the default-sharing model given the weights that mode reads (checked
     itself against independent models in test_reference.py); and the modes' weights really are separate."""
@@ -136,6 +142,13 @@ def test_pure_modes_read_their_own_weights(mixer, sharing):
         b1, _ = OryxReference(cfg, changed).forward(tokens, True)
         b0, _ = model.forward(tokens, True)
         assert relative_error(a1, a0) == 0.0 and relative_error(b1, b0) > 1e-2
+    if sharing == "kv-proj":  # each mode reads its own convolutions of the shared keys: change one, the other stays
+        for conv, changed_mode in (("conv_k", True), ("conv_k_rec", False)):
+            name = f"layers.0.mixer.{conv}.weight"
+            changed = OryxReference(cfg, {**params, name: params[name] + 0.5})
+            for attend in (True, False):
+                moved = relative_error(changed.forward(tokens, attend)[0], model.forward(tokens, attend)[0])
+                assert (moved > 1e-2) if attend == changed_mode else (moved == 0.0), (conv, attend)
 
 
 @pytest.mark.parametrize("mixer", ["gdn", "mamba2"])

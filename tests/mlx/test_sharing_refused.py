@@ -9,7 +9,7 @@ from oryx_core.init import init_params  # noqa: E402
 from oryx_core.weights import save_checkpoint  # noqa: E402
 
 
-@pytest.mark.parametrize("sharing", ["none", "qkv"])
+@pytest.mark.parametrize("sharing", ["none", "qkv", "kv-proj"])
 def test_other_sharing_refused_in_one_line(tmp_path, capsys, sharing):
     cfg = preset("tiny", sharing=sharing)
     ckpt, text = tmp_path / "ckpt", tmp_path / "text.txt"

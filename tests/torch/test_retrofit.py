@@ -291,3 +291,42 @@ def test_a_deadline_ends_with_a_checkpoint_that_resumes_exactly(workspace, full_
     assert records(out) == records(full_run)
     a, b = (load_checkpoint(run / "model").params for run in (out, full_run))
     assert all(np.array_equal(a[name], b[name]) for name in a)
+
+
+def test_recurrent_kv_convs_start_as_src_and_train_alone(workspace, tmp_path, capsys):
+    """--recurrent-kv-convs: the recurrence's own key and value convolutions start as SRC's (so every mode starts
+    as SRC's), train with the recurrent tensors, and attention mode stays bit-identical."""
+    from oryx_torch.retrofit import retrofit_start
+
+    cfg, params, _, _ = retrofit_start(workspace["src"], None, None, recurrent_kv_convs=True)
+    src = OryxModel.from_checkpoint(workspace["src"], dtype=torch.float32).eval()
+    start = OryxModel(cfg, seed=None)
+    start.load_params(params)
+    tokens = torch.from_numpy(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 40)))
+    with torch.no_grad():
+        for attend in (True, False):
+            assert torch.equal(start.eval()(tokens, attend), src(tokens, attend)), attend
+    out = tmp_path / "convs"
+    summary = retrofit(config(workspace, out, recurrent_kv_convs=True))
+    trained = load_checkpoint(summary["model"])
+    assert trained.config.sharing == "kv-proj"
+    before = load_checkpoint(workspace["src"]).params
+    recurrent = {s.name for s in parameter_specs(trained.config) if s.mode == RECURRENT}
+    assert {n for n in recurrent if "conv_k_rec" in n or "conv_v_rec" in n}
+    for name, value in trained.params.items():
+        if name in recurrent:
+            continue
+        assert np.array_equal(np.asarray(value).view(np.uint16), np.asarray(before[name]).view(np.uint16)), name
+    moved = [n for n in recurrent if "conv_k_rec" in n and not np.array_equal(
+        np.asarray(trained.params[n], np.float32), np.asarray(before[n.replace("conv_k_rec", "conv_k")], np.float32))]
+    assert moved  # the convolutions did train
+    model = OryxModel.from_checkpoint(summary["model"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(model(tokens, True), src(tokens, True))
+    # only from the default sharing, and not in the shared stage
+    with pytest.raises(SystemExit) as e:
+        code = cli.main(["retrofit", str(summary["model"]), str(tmp_path / "y"), "--data", str(workspace["data"]),
+                         "--tokens", "64", "--shared-rank", "4", "--recurrent-kv-convs", "--device", "cpu"])
+        raise SystemExit(code)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--recurrent-kv-convs" in err[0], err

@@ -1,4 +1,4 @@
-"""The PyTorch model under each `sharing` ("kv", "none", "qkv") against the float64 reference (CPU, fp32): every
+"""The PyTorch model under each `sharing` ("kv", "none", "qkv", "kv-proj") against the float64 reference (CPU, fp32): every
 plan, prefill then decode steps, dropped KV cache or recurrent state, fused and separate projections, training."""
 import os
 import subprocess
@@ -17,7 +17,7 @@ from error_metrics import relative_error
 from torch_models import build, mixed_modes, run
 
 TOL = 1e-4
-SHARINGS = ["kv", "none", "qkv"]
+SHARINGS = ["kv", "none", "qkv", "kv-proj"]
 
 
 @pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
@@ -69,7 +69,7 @@ def test_prefill_then_steps_match_reference(mixer, sharing):
         assert relative_error(got, stepper.step(token, is_attention)) < TOL, t
 
 
-@pytest.mark.parametrize("sharing", ["none", "qkv"])
+@pytest.mark.parametrize("sharing", ["none", "qkv", "kv-proj"])
 def test_dropping_either_part_keeps_the_logits(sharing):
     cfg = preset("tiny", "gdn", sharing=sharing)
     model, ref = build(cfg, seed=35)
@@ -122,14 +122,14 @@ def test_fused_decode_kernels_under_triton_interpreter():
             "module.fused_decode_check()")
     result = subprocess.run([sys.executable, "-c", code, here], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("ok") == 4, result.stdout
+    assert result.stdout.count("ok") == 6, result.stdout
 
 
 def fused_decode_check():
     """Run under TRITON_INTERPRET=1: prefill, then decode steps switching modes, against the reference."""
     from oryx_torch.generate import DecodeRunner
 
-    for sharing in ("none", "qkv"):
+    for sharing in ("none", "qkv", "kv-proj"):
         for mixer in ("gdn", "mamba2"):
             cfg = OryxConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
                              value_head_dim=32, mlp_hidden=0, mixer=mixer, sharing=sharing)
@@ -149,7 +149,7 @@ def fused_decode_check():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
-@pytest.mark.parametrize("sharing", ["none", "qkv"])
+@pytest.mark.parametrize("sharing", ["none", "qkv", "kv-proj"])
 def test_cuda_paths_match_reference(mixer, sharing):
     """On CUDA: FlexAttention (mixed per-sequence plan) and the Triton recurrences forward, a bf16-autocast training
     step reaching every tensor, prefill + CUDA-graph decode switching A -> R -> A."""

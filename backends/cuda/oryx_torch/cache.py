@@ -34,10 +34,10 @@ class LayerCache:
         H, Hkv, d, dv, W = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim, cfg.conv_width
         self.keys = torch.zeros(batch, Hkv, capacity, d, device=device, dtype=dtype) if with_kv else None
         self.values = torch.zeros(batch, Hkv, capacity, dv, device=device, dtype=dtype) if with_kv else None
-        # windows of the convs before k_proj, v_proj and the recurrence's query; with sharing "none" also
-        # of the recurrence's own keys and values (k_rec, v_rec)
+        # windows of the convs before k_proj, v_proj and the recurrence's query; with sharing "none" or "kv-proj"
+        # also of the recurrence's own key and value convolutions (k_rec, v_rec)
         widths = (("k", Hkv * d), ("v", Hkv * dv), ("q", H * d))
-        if cfg.sharing == "none":
+        if cfg.sharing in ("none", "kv-proj"):
             widths += (("k_rec", Hkv * d), ("v_rec", Hkv * dv))
         self.conv = {name: torch.zeros(batch, W - 1, width, device=device, dtype=dtype) for name, width in widths}
         self.recurrent = torch.zeros(batch, H, d, dv, device=device, dtype=torch.float32)

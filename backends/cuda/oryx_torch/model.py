@@ -187,6 +187,8 @@ class OryxMixer(nn.Module):
         # cfg.sharing (oryx_core.spec): "kv" both modes read k_proj/v_proj, "none" the recurrence has its own
         # k_rec/v_rec (and convs), "qkv" it also reads q_attn (through its own conv_q) and there is no q_rec.
         self.separate_kv = cfg.sharing == "none"
+        self.recurrent_kv_convs = cfg.sharing in ("none", "kv-proj")  # conv_k_rec/conv_v_rec: the recurrence's own
+        self.recurrent_kv_inputs = ("k_rec", "v_rec") if self.separate_kv else ("k_proj", "v_proj")
         self.recurrent_query = "q_attn" if cfg.sharing == "qkv" else "q_rec"
         self.k_proj, self.v_proj = linear(Hkv * d), linear(Hkv * dv)
         self.q_attn = linear(H * d)
@@ -199,7 +201,7 @@ class OryxMixer(nn.Module):
         self.conv_k = CausalConv(Hkv * d, W, cfg.conv_bias, act)
         self.conv_v = CausalConv(Hkv * dv, W, cfg.conv_bias, act)
         self.conv_q = CausalConv(H * d, W, cfg.conv_bias, act)
-        if self.separate_kv:
+        if self.recurrent_kv_convs:
             self.conv_k_rec = CausalConv(Hkv * d, W, cfg.conv_bias, act)
             self.conv_v_rec = CausalConv(Hkv * dv, W, cfg.conv_bias, act)
         norm_width = dv if cfg.o_norm_grouping == "head" else H * dv
@@ -219,6 +221,7 @@ class OryxMixer(nn.Module):
         attention_only, shared, recurrent_only = {
             "kv": (("q_attn",), ("k_proj", "v_proj") + gate, gates + ("q_rec",)),
             "none": (("q_attn", "k_proj", "v_proj"), gate, ("k_rec", "v_rec") + gates + ("q_rec",)),
+            "kv-proj": (("q_attn",), ("k_proj", "v_proj") + gate, gates + ("q_rec",)),
             "qkv": ((), ("q_attn", "k_proj", "v_proj") + gate, gates),
         }[cfg.sharing]
         self.projection_order = attention_only + shared + recurrent_only
@@ -404,9 +407,10 @@ class OryxMixer(nn.Module):
             else:
                 q_raw, q_tail = self.conv_q(proj[self.recurrent_query], windows.get("q"), lengths)
             k_rec, v_rec = k, v
-            if self.separate_kv:
-                k_rec, k_rec_tail = self.conv_k_rec(proj["k_rec"], windows.get("k_rec"), lengths)
-                v_rec, v_rec_tail = self.conv_v_rec(proj["v_rec"], windows.get("v_rec"), lengths)
+            if self.recurrent_kv_convs:
+                k_in, v_in = self.recurrent_kv_inputs
+                k_rec, k_rec_tail = self.conv_k_rec(proj[k_in], windows.get("k_rec"), lengths)
+                v_rec, v_rec_tail = self.conv_v_rec(proj[v_in], windows.get("v_rec"), lengths)
             grouped = state_only or (self.cfg.mixer == "gdn" and self.cfg.group_size > 1
                                      and grouped_recurrence_applies(xn))
             r = self._recurrence_inputs(proj, k_rec, v_rec, None if last_recurrent else q_raw, grouped=grouped)
@@ -421,7 +425,7 @@ class OryxMixer(nn.Module):
             if layer_cache is not None:
                 layer_cache.recurrent.copy_(final)
                 layer_cache.conv["q"].copy_(q_tail)
-                if self.separate_kv:
+                if self.recurrent_kv_convs:
                     layer_cache.conv["k_rec"].copy_(k_rec_tail)
                     layer_cache.conv["v_rec"].copy_(v_rec_tail)
         if attention_kv:
@@ -517,9 +521,10 @@ class OryxMixer(nn.Module):
             o = decode_attention(q, layer_cache.keys, layer_cache.values, position, cfg.head_dim ** -0.5)
             return self._output(cast(o, xn.dtype)[:, None], proj, xn.dtype)[:, 0]
         q_raw = self.conv_q.step(proj[self.recurrent_query][:, 0], layer_cache.conv["q"])
-        if self.separate_kv:
-            k = self.conv_k_rec.step(proj["k_rec"][:, 0], layer_cache.conv["k_rec"])
-            v = self.conv_v_rec.step(proj["v_rec"][:, 0], layer_cache.conv["v_rec"])
+        if self.recurrent_kv_convs:
+            k_in, v_in = self.recurrent_kv_inputs
+            k = self.conv_k_rec.step(proj[k_in][:, 0], layer_cache.conv["k_rec"])
+            v = self.conv_v_rec.step(proj[v_in][:, 0], layer_cache.conv["v_rec"])
         step_proj = {name: t[:, 0] for name, t in proj.items()}
         # the fused GDN decode kernel L2-normalises q and k itself (same epsilon), saving their launches
         in_kernel_norm = cfg.mixer == "gdn" and fused_decode_available(layer_cache.recurrent)
@@ -1009,11 +1014,11 @@ def fused_norms_apply(x: torch.Tensor) -> bool:
 
 def fused_step_applies(mixer: OryxMixer, layer_cache: LayerCache) -> bool:
     """Whether OryxMixer.step runs the fused kernels: FUSED_DECODE on, CUDA tensors (or the Triton interpreter),
-    a mixer (GDN or Mamba-2) whose modes share the keys and values (sharing "kv" or "qkv"), the output norm per
+    a mixer (GDN or Mamba-2) whose modes read the same keys and values (sharing "kv" or "qkv"), the output norm per
     head, conv width >= 2, heads of >= 16 (the attention kernel's matrix products), and the parts of the cache it
     writes."""
     cfg = mixer.cfg
-    return (FUSED_DECODE and not mixer.separate_kv and cfg.o_norm_grouping == "head"
+    return (FUSED_DECODE and not mixer.recurrent_kv_convs and cfg.o_norm_grouping == "head"
             and cfg.conv_width >= 2 and min(cfg.head_dim, cfg.v_head_dim) >= 16
             and (layer_cache.keys is not None or layer_cache.recurrent is not None)
             and fused_decode_available(layer_cache.conv["k"]))

@@ -108,6 +108,9 @@ class RetrofitConfig(DistillationConfig):
     # stage (b) adds kv_weight x the keys' and values' relative squared error under the plan against all-attention
     # (kv_fidelity): the shared keys and values of later layers read what the recurrent mode leaves in the stream
     kv_weight: float = 0.0
+    # the recurrence gets its own short convolutions on the shared keys and values (sharing "kv" -> "kv-proj"),
+    # starting as copies of SRC's (so the recurrent mode starts as SRC's); attention mode keeps SRC's
+    recurrent_kv_convs: bool = False
     weight_decay: float = 0.0
     parallel: str = "ddp"  # the only one: trainable gradients are averaged by hand
 
@@ -134,7 +137,8 @@ def recurrent_names(model_cfg) -> list[str]:
     return [s.name for s in parameter_specs(model_cfg) if s.mode == RECURRENT]
 
 
-def retrofit_start(src: str | Path, mixer: str | None, recurrent_scale: float | None, seed: int = 0):
+def retrofit_start(src: str | Path, mixer: str | None, recurrent_scale: float | None, seed: int = 0,
+                   recurrent_kv_convs: bool = False):
     """SRC's config, params, tokenizer.json text and stored dtype, ready to train: the mixer switched (recurrent tensors re-initialised:
     q_rec from q_attn, conv_q as the identity tap, gates from oryx_core.init), the readout scale set.
 
@@ -159,6 +163,13 @@ def retrofit_start(src: str | Path, mixer: str | None, recurrent_scale: float | 
                 params[name] = np.zeros_like(fresh[name])
             else:
                 params[name] = fresh[name]
+    if recurrent_kv_convs and cfg.sharing != "kv-proj":
+        if cfg.sharing != "kv":
+            raise ValueError(f"--recurrent-kv-convs: SRC's sharing is {cfg.sharing!r}; the recurrence gets its own "
+                             f"key and value convolutions only where both modes share them (sharing 'kv')")
+        cfg = cfg.replace(sharing="kv-proj")
+        for name in [n for n in params if ".mixer.conv_k." in n or ".mixer.conv_v." in n]:
+            params[name.replace(".conv_k.", ".conv_k_rec.").replace(".conv_v.", ".conv_v_rec.")] = params[name].copy()
     if recurrent_scale is not None:
         cfg = cfg.replace(recurrent_scale=float(recurrent_scale))
     tokenizer = ckpt.extra_files.get("tokenizer.json")
@@ -342,7 +353,8 @@ def retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: int | None =
     check_config(cfg)
     out, train_data, val_data, resume_from = open_run(cfg, resume)
 
-    model_cfg, params, tokenizer_json, src_dtype = retrofit_start(cfg.src, cfg.mixer, cfg.recurrent_scale, cfg.seed)
+    model_cfg, params, tokenizer_json, src_dtype = retrofit_start(cfg.src, cfg.mixer, cfg.recurrent_scale, cfg.seed,
+                                                                  cfg.recurrent_kv_convs)
     src_dtype = src_dtype if src_dtype in ("float32", "bfloat16", "float16") else None
     if train_data.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"--data {cfg.data}: vocab_size {train_data.vocab_size} exceeds the model's "

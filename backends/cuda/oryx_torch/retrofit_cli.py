@@ -23,7 +23,8 @@ def cmd_retrofit(args) -> None:
     cfg = RetrofitConfig(
         src=args.src, out=args.run_dir or f"{args.dst}.run", data=args.data, mixer=args.mixer,
         recurrent_scale=None if args.recurrent_scale <= 0 else args.recurrent_scale,
-        layer_tokens=args.layer_tokens, tokens=args.tokens, kv_weight=args.kv_weight, seq_len=args.seq_len,
+        layer_tokens=args.layer_tokens, tokens=args.tokens, kv_weight=args.kv_weight,
+        recurrent_kv_convs=args.recurrent_kv_convs, seq_len=args.seq_len,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         min_lr=args.min_lr if args.min_lr is not None else args.lr / 10, warmup=args.warmup,
         student_plans=args.plans or list(STUDENT_PLANS), eval_plans=list(EVAL_PLANS),
@@ -48,6 +49,9 @@ def cmd_shared_stage(args) -> None:
                          "and (b) first, then the shared stage on their result")
     if args.kv_weight:
         raise ValueError("--kv-weight: the shared stage (--shared-rank) fits the logits only")
+    if args.recurrent_kv_convs:
+        raise ValueError("--recurrent-kv-convs: the shared stage keeps SRC's sharing (give the convolutions in "
+                         "stages (a) and (b) first)")
     if args.mixer is not None:
         raise ValueError("--mixer: the shared stage keeps SRC's mixer (SRC is an already retrofitted checkpoint)")
     cfg = SharedStageConfig(
