@@ -122,7 +122,12 @@ class GreedyChain:
         return int(pick[0].item())
 
     def _pick(self, logits):
-        self.last = mx.argmax(logits, axis=-1)
+        device = self.backend._device
+        if device is not None:  # on the stream the step ran on
+            with mx.stream(device):
+                self.last = mx.argmax(logits, axis=-1)
+        else:
+            self.last = mx.argmax(logits, axis=-1)
         mx.async_eval(self.last)
         return self.last
 
