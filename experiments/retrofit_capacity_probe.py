@@ -171,6 +171,10 @@ def main(argv=None) -> int:
                   settings={k: getattr(args, k) for k in ("seq_len", "train_windows", "eval_windows", "steps",
                                                           "batch", "lr")},
                   layers={})
+    def save():
+        if args.out:
+            atomic_write_bytes(args.out, (json.dumps(report, indent=1) + "\n").encode())
+
     print("| layer | start | " + " | ".join(variants) + " |\n| --- | --- | " + " | ".join("---" for _ in variants)
           + " |", flush=True)
     for i in args.layers:
@@ -189,11 +193,9 @@ def main(argv=None) -> int:
         report["layers"][str(i)] = row
         print(f"| {i} | {row['start']:.4f} | " + " | ".join(f"{row[v]['heldout_relative_error']:.4f}"
                                                           for v in variants) + " |", flush=True)
-        if args.out:
-            atomic_write_bytes(args.out, (json.dumps(report, indent=1) + "\n").encode())
+        save()  # after every layer: a run cut short keeps the layers it finished
     report["seconds"] = round(time.time() - began, 1)
-    if args.out:
-        atomic_write_bytes(args.out, (json.dumps(report, indent=1) + "\n").encode())
+    save()
     return 0
 
 

@@ -554,14 +554,7 @@ def run(args) -> None:
 
     curve = results.setdefault("curve", [])
 
-    def on_eval(step, tokens, stage, model):
-        model.eval()
-        s = to_bpb(score(model, curve_windows, PLANS, device), curve_cov, curve_cont)
-        curve.append({"step": step, "tokens": tokens, "stage": stage, "bpb": s})
-        note(f"curve step {step} ({stage}, {tokens:,} tokens): " +
-             ", ".join(f"{p} {v['bpb']:.4f}" for p, v in s.items()))
-        save()
-        model.train()
+    on_eval = curve_recorder(curve, curve_windows, curve_cov, curve_cont, device, note, save)
 
     cfg = RetrofitConfig(src=str(src), out=str(work / "run"), data=str(work / "data"), layer_tokens=args.layer_tokens,
                          tokens=args.tokens, kv_weight=args.kv_weight, seq_len=args.seq_len,
@@ -597,6 +590,30 @@ def run(args) -> None:
 
     shutil.copy2(work / "run" / "log.jsonl", out / "log.jsonl")
     note("done")
+
+
+def curve_recorder(curve: list, windows, covered, covered_cont, device, note, save):
+    """oryx_torch.retrofit's on_eval: the held-out windows scored per plan, appended to `curve`, noted and saved."""
+    def on_eval(step, tokens, stage, model):
+        model.eval()
+        s = to_bpb(score(model, windows, PLANS, device), covered, covered_cont)
+        curve.append({"step": step, "tokens": tokens, "stage": stage, "bpb": s})
+        note(f"curve step {step} ({stage}, {tokens:,} tokens): " +
+             ", ".join(f"{p} {v['bpb']:.4f}" for p, v in s.items()))
+        save()
+        model.train()
+
+    return on_eval
+
+
+def copy_adapter_files(adapter: Path, out: Path) -> int:
+    """The adapter's own files (adapter.json, its index and shards; not the tokenizer) copied to OUT; their bytes."""
+    import shutil
+
+    files = sorted(f for f in adapter.iterdir() if f.name.startswith("adapter"))
+    for f in files:
+        shutil.copy2(f, out / f.name)
+    return sum(f.stat().st_size for f in files)
 
 
 # ----- stages from the shipped default adapter (GPU) -----
@@ -730,10 +747,7 @@ def shared(args) -> None:
     finished = load_checkpoint(summary["model"])
     adapter = save_adapter(work / "adapter", base, finished.config, finished.params, base_ref=f"named:{SMOLLM2}",
                            lowrank=read_lowrank(summary["lowrank"]))
-    for f in sorted(adapter.iterdir()):
-        if f.name.startswith("adapter"):
-            shutil.copy2(f, out / f.name)
-    results["adapter_bytes"] = sum(f.stat().st_size for f in adapter.iterdir() if f.name.startswith("adapter"))
+    results["adapter_bytes"] = copy_adapter_files(adapter, out)
     model = OryxModel.from_checkpoint(adapter, dtype=torch.float32, device=device).eval()  # merged as users load it
     results["after"] = to_bpb(score(model, windows, PLANS, device), covered, covered_cont)
     attention = results["after"]["attention"]["bpb"]
@@ -806,13 +820,7 @@ def refine(args) -> None:
     start_model = run.model
     curve = results.setdefault("curve", [])
 
-    def on_eval(step, tokens, stage, model):
-        model.eval()
-        s = to_bpb(score(model, run.curve_windows, PLANS, device), run.curve_cov, run.curve_cont)
-        curve.append({"step": step, "tokens": tokens, "stage": stage, "bpb": s})
-        note(f"curve step {step} ({tokens:,} tokens): " + ", ".join(f"{p} {v['bpb']:.4f}" for p, v in s.items()))
-        save()
-        model.train()
+    on_eval = curve_recorder(curve, run.curve_windows, run.curve_cov, run.curve_cont, device, note, save)
 
     cfg = RetrofitConfig(src=str(run.start), out=str(work / "run"), data=str(run.data),
                          layer_tokens=args.layer_tokens, tokens=args.tokens, kv_weight=args.kv_weight,
@@ -830,10 +838,7 @@ def refine(args) -> None:
     finished_dir = summary.get("model") or (Path(summary["checkpoint"]) / "model")
     finished = load_checkpoint(finished_dir)
     adapter = save_adapter(work / "adapter", run.base, finished.config, finished.params, base_ref=f"named:{SMOLLM2}")
-    for f in sorted(adapter.iterdir()):
-        if f.name.startswith("adapter"):
-            shutil.copy2(f, out / f.name)
-    results["adapter_bytes"] = sum(f.stat().st_size for f in adapter.iterdir() if f.name.startswith("adapter"))
+    results["adapter_bytes"] = copy_adapter_files(adapter, out)
     model = OryxModel.from_checkpoint(adapter, dtype=torch.float32, device=device).eval()  # merged as users load it
     check = torch.from_numpy(run.windows[:2]).to(device)
     with torch.no_grad():

@@ -11,7 +11,8 @@ MIXERS = ("gdn", "mamba2")
 CONV_ACTIVATIONS = ("silu", "none")
 O_NORM_GROUPINGS = ("head", "all")
 # Which input projections the two modes share (oryx_core.spec): "kv" keys and values (the design's block),
-# "none" only the output path (each mode has its own query, keys and values), "qkv" the query too.
+# "none" only the output path (each mode has its own query, keys and values), "qkv" the query too, "kv-proj"
+# the key and value projections but not their convolutions (the recurrence has its own).
 SHARINGS = ("kv", "none", "qkv", "kv-proj")
 # Upper bounds far above any real model, so that a config can never ask for more than memory can hold
 # before its tensors are checked (n_layers 10**8 would otherwise build 10**9 tensor specs).
@@ -73,6 +74,11 @@ class OryxConfig:
     def group_size(self) -> int:
         """Query heads that read one key/value head (and its recurrent state)."""
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def recurrent_kv_convs(self) -> bool:
+        """Whether the recurrence reads keys and values through convolutions of its own (conv_k_rec, conv_v_rec)."""
+        return self.sharing in ("none", "kv-proj")
 
     @property
     def gdn_scale(self) -> float:

@@ -241,7 +241,7 @@ class OryxReference:
             Hkv, d, dv = cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim
             o_attn = attention_parallel(apply_rope(pr["q_attn"], cos, sin), apply_rope(k.reshape(B, T, Hkv, d), cos, sin),
                                         v.reshape(B, T, Hkv, dv), d ** -0.5)
-            if cfg.sharing in ("none", "kv-proj"):  # the recurrence reads its own keys and values
+            if cfg.recurrent_kv_convs:  # the recurrence reads its own keys and values
                 k = causal_conv(pr["k_rec"], self._w(i, "conv_k_rec.weight"), bias("k_rec"), act)
                 v = causal_conv(pr["v_rec"], self._w(i, "conv_v_rec.weight"), bias("v_rec"), act)
             r = self._recurrent_inputs(i, k, v, q_rec, pr["gate_in"])
@@ -268,7 +268,7 @@ class Stepper:
         self.model = model
         self.position = 0
         H, Hkv, d, dv, W = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim, cfg.conv_width
-        separate = {"k_rec": Hkv * d, "v_rec": Hkv * dv} if cfg.sharing in ("none", "kv-proj") else {}
+        separate = {"k_rec": Hkv * d, "v_rec": Hkv * dv} if cfg.recurrent_kv_convs else {}
         self.conv = [{"k": np.zeros((batch, W - 1, Hkv * d)), "v": np.zeros((batch, W - 1, Hkv * dv)),
                       "q": np.zeros((batch, W - 1, H * d)),
                       **{name: np.zeros((batch, W - 1, width)) for name, width in separate.items()}}
@@ -319,7 +319,7 @@ class Stepper:
             v = self._conv_step(i, "v", pr["v"][:, 0], "v")
             q_rec = self._conv_step(i, "q", pr["q_rec"][:, 0], "q")
             o_attn = self._attend(i, pr["q_attn"], k, v, cos, sin, modes[i].any())
-            if cfg.sharing in ("none", "kv-proj"):
+            if cfg.recurrent_kv_convs:
                 k = self._conv_step(i, "k_rec", pr["k_rec"][:, 0], "k_rec")
                 v = self._conv_step(i, "v_rec", pr["v_rec"][:, 0], "v_rec")
             # recurrent state update and readout, one token

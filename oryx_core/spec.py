@@ -37,8 +37,7 @@ def layer_specs(cfg: OryxConfig, i: int) -> list[ParamSpec]:
     # "kv-proj": both modes read k_proj/v_proj, attention through conv_k/conv_v, the recurrence through its own
     # conv_k_rec/conv_v_rec (a retrofit can teach the recurrence short convolutions attention must not have).
     kv_mode = ATTENTION if cfg.sharing == "none" else SHARED
-    conv_kv_mode = ATTENTION if cfg.sharing in ("none", "kv-proj") else SHARED
-    own_convs = cfg.sharing in ("none", "kv-proj")
+    conv_kv_mode = ATTENTION if cfg.recurrent_kv_convs else SHARED
     specs = [
         ParamSpec(p + "attn_norm.weight", (D,), SHARED, "ones"),
         ParamSpec(m + "k_proj.weight", (Hkv * d, D), kv_mode, "normal"),
@@ -56,7 +55,7 @@ def layer_specs(cfg: OryxConfig, i: int) -> list[ParamSpec]:
             ParamSpec(m + "k_rec.weight", (Hkv * d, D), RECURRENT, "normal"),
             ParamSpec(m + "v_rec.weight", (Hkv * dv, D), RECURRENT, "normal"),
         ]
-    if own_convs:
+    if cfg.recurrent_kv_convs:
         specs += [
             ParamSpec(m + "conv_k_rec.weight", (Hkv * d, W), RECURRENT, "conv"),
             ParamSpec(m + "conv_v_rec.weight", (Hkv * dv, W), RECURRENT, "conv"),
@@ -71,7 +70,7 @@ def layer_specs(cfg: OryxConfig, i: int) -> list[ParamSpec]:
             ParamSpec(m + "conv_v.bias", (Hkv * dv,), conv_kv_mode, "zeros"),
             ParamSpec(m + "conv_q.bias", (H * d,), RECURRENT, "zeros"),
         ]
-        if own_convs:
+        if cfg.recurrent_kv_convs:
             specs += [
                 ParamSpec(m + "conv_k_rec.bias", (Hkv * d,), RECURRENT, "zeros"),
                 ParamSpec(m + "conv_v_rec.bias", (Hkv * dv,), RECURRENT, "zeros"),

@@ -37,7 +37,7 @@ class LayerCache:
         # windows of the convs before k_proj, v_proj and the recurrence's query; with sharing "none" or "kv-proj"
         # also of the recurrence's own key and value convolutions (k_rec, v_rec)
         widths = (("k", Hkv * d), ("v", Hkv * dv), ("q", H * d))
-        if cfg.sharing in ("none", "kv-proj"):
+        if cfg.recurrent_kv_convs:
             widths += (("k_rec", Hkv * d), ("v_rec", Hkv * dv))
         self.conv = {name: torch.zeros(batch, W - 1, width, device=device, dtype=dtype) for name, width in widths}
         self.recurrent = torch.zeros(batch, H, d, dv, device=device, dtype=torch.float32)

@@ -187,7 +187,7 @@ class OryxMixer(nn.Module):
         # cfg.sharing (oryx_core.spec): "kv" both modes read k_proj/v_proj, "none" the recurrence has its own
         # k_rec/v_rec (and convs), "qkv" it also reads q_attn (through its own conv_q) and there is no q_rec.
         self.separate_kv = cfg.sharing == "none"
-        self.recurrent_kv_convs = cfg.sharing in ("none", "kv-proj")  # conv_k_rec/conv_v_rec: the recurrence's own
+        self.recurrent_kv_convs = cfg.recurrent_kv_convs  # conv_k_rec/conv_v_rec: the recurrence's own
         self.recurrent_kv_inputs = ("k_rec", "v_rec") if self.separate_kv else ("k_proj", "v_proj")
         self.recurrent_query = "q_attn" if cfg.sharing == "qkv" else "q_rec"
         self.k_proj, self.v_proj = linear(Hkv * d), linear(Hkv * dv)

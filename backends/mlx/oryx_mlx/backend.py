@@ -1,6 +1,8 @@
 """The MLX model behind oryx_core.backend's interface (`--backend mlx`)."""
 from __future__ import annotations
 
+import contextlib
+
 import mlx.core as mx
 import numpy as np
 
@@ -31,12 +33,14 @@ class MLXModel:
         self.device = (device or mx.default_device()).type.name
         self.dtype = str(model.norm.weight.dtype).rsplit(".", 1)[-1]
 
+    def _stream(self):
+        """The stream of the device this model was loaded for (MLX's default when none was named)."""
+        return contextlib.nullcontext() if self._device is None else mx.stream(self._device)
+
     def _run(self, tokens, modes: np.ndarray, cache, last_only: bool = False, picked: bool = False):
-        tokens = tokens if picked else mx.array(tokens)
-        if self._device is not None:
-            with mx.stream(self._device):
-                return self.model(tokens, modes, cache, last_only=last_only, picked=picked)
-        return self.model(tokens, modes, cache, last_only=last_only, picked=picked)
+        with self._stream():
+            return self.model(tokens if picked else mx.array(tokens), modes, cache, last_only=last_only,
+                              picked=picked)
 
     def forward(self, tokens: np.ndarray, modes: np.ndarray) -> np.ndarray:
         logits = self._run(np.asarray(tokens, dtype=np.int64), np.asarray(modes, dtype=bool), None)
@@ -122,11 +126,7 @@ class GreedyChain:
         return int(pick[0].item())
 
     def _pick(self, logits):
-        device = self.backend._device
-        if device is not None:  # on the stream the step ran on
-            with mx.stream(device):
-                self.last = mx.argmax(logits, axis=-1)
-        else:
+        with self.backend._stream():  # on the stream the step ran on
             self.last = mx.argmax(logits, axis=-1)
         mx.async_eval(self.last)
         return self.last
