@@ -330,3 +330,15 @@ def test_recurrent_kv_convs_start_as_src_and_train_alone(workspace, tmp_path, ca
         raise SystemExit(code)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--recurrent-kv-convs" in err[0], err
+
+
+def test_recurrent_kv_convs_refused_in_one_line_for_other_sharings(workspace, tmp_path, capsys):
+    src = save_checkpoint(tmp_path / "qkv", preset("tiny", "gdn", sharing="qkv"),
+                          init_params(preset("tiny", "gdn", sharing="qkv"), 0))
+    with pytest.raises(SystemExit) as e:
+        code = cli.main(["retrofit", str(src), str(tmp_path / "y"), "--data", str(workspace["data"]), "--tokens", "64",
+                         "--seq-len", "32", "--batch-size", "2", "--recurrent-kv-convs", "--device", "cpu"])
+        raise SystemExit(code)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--recurrent-kv-convs" in err[0] and "'qkv'" in err[0], err
+    assert not (tmp_path / "y").exists() and not (tmp_path / "y.run").exists()
