@@ -394,10 +394,10 @@ def test_mixed_attention_is_set_for_the_run_only(shards, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "_train", lambda *a: seen.append(attention.MIXED_ATTENTION) or real(*a))
     cfg = config_from_dict({"model": {"preset": "tiny"}, "data": str(shards), "out": str(tmp_path / "o"), "steps": 1,
                             "seq_len": 16, "batch_size": 1, "progress": False, "device": "cpu", "compile": False,
-                            "mixed_attention": "packed"})
+                            "mixed_attention": "dense"})  # not the default
     before = attention.MIXED_ATTENTION
     train_module.train(cfg)
-    assert seen == ["packed"] and attention.MIXED_ATTENTION == before
+    assert seen == ["dense"] and attention.MIXED_ATTENTION == before
     with pytest.raises(ValueError):
         train_module.train(cfg)  # out already holds checkpoints
-    assert seen == ["packed", "packed"] and attention.MIXED_ATTENTION == before
+    assert seen == ["dense", "dense"] and attention.MIXED_ATTENTION == before

@@ -80,7 +80,7 @@ class TrainConfig:
     compile: object = "auto"
     modes: str = "mixed"  # "mixed" (the design's sampler) or a fixed plan: "attention", "recurrent", ...
     # how CUDA computes attention for a sequence that mixes modes (oryx_torch.attention.MIXED_ATTENTION, for the run)
-    mixed_attention: str = "dense"
+    mixed_attention: str = "packed"
     mode_chunk: int = 64
     pure_share: float = 0.2
     eval_every: int = 100  # 0: evaluate only at the end
