@@ -15,6 +15,10 @@ error of its recurrent output against the attention output (what stage a minimis
                      convolutions there, so the recurrence sees raw keys and values
     + kv proj        also the key and value projections (what separate recurrent keys and values, sharing "none",
                      could learn: an upper bound that gives up the shared keys and values)
+    + head gates     the recurrent tensors with GDN's gates (decay and write strength) per query head instead of per
+                     key/value head, started as copies of the group's: each query head then keeps a state of its
+                     own over the same keys and values (three times the state of SmolLM2's 3 key/value heads), for
+                     +2 x (H - Hkv) x D parameters a layer
 Only that layer runs, on inputs from the attention mode: this measures a layer's capacity, not how errors compound.
 """
 from __future__ import annotations
@@ -34,7 +38,50 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
 VARIANTS = {"recurrent": (), "+ kv conv": ("conv_k.", "conv_v."),
-            "+ kv proj": ("conv_k.", "conv_v.", "k_proj.", "v_proj.")}
+            "+ kv proj": ("conv_k.", "conv_v.", "k_proj.", "v_proj."), "+ head gates": ()}
+PER_HEAD_GATES = {"+ head gates"}
+
+
+def gates_per_query_head(mixer):
+    """Turn a GDN mixer's per-key/value-head gates into per-query-head ones (copies of the group's, so the output is
+    unchanged until trained): a_proj, b_proj, A_log and dt_bias widened from Hkv to H rows, and the recurrence's
+    inputs built without repeating them."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    from oryx_torch import model as model_module
+
+    cfg = mixer.cfg
+    if cfg.mixer != "gdn":
+        raise SystemExit("retrofit_capacity_probe.py: + head gates is for GDN mixers")
+    G, H = cfg.group_size, cfg.n_heads
+    for name in ("a_proj", "b_proj"):
+        old = getattr(mixer, name)
+        new = torch.nn.Linear(old.in_features, H, bias=False)
+        with torch.no_grad():
+            new.weight.copy_(old.weight.repeat_interleave(G, 0))
+        setattr(mixer, name, new)
+    for name in ("A_log", "dt_bias"):
+        setattr(mixer, name, torch.nn.Parameter(getattr(mixer, name).detach().repeat_interleave(G)))
+
+    def recurrence_inputs(self, proj, k, v, q_raw, l2_normalize_qk=True, grouped=False):
+        lead = k.shape[:-1]
+        q = None if q_raw is None else q_raw.view(*lead, H, cfg.head_dim)
+        k = k.view(*lead, cfg.n_kv_heads, cfg.head_dim)
+        log_alpha = -torch.exp(self.A_log.float()) * F.softplus(proj["a_proj"].float() + self.dt_bias.float())
+        beta = torch.sigmoid(proj["b_proj"].float())
+        if l2_normalize_qk:
+            q, k = None if q is None else model_module.l2_normalize(q), model_module.l2_normalize(k)
+        return dict(q=q, k=model_module.repeat_heads(k, G, -2),
+                    v=model_module.repeat_heads(v.view(*lead, cfg.n_kv_heads, cfg.v_head_dim), G, -2),
+                    g=log_alpha, beta=beta)
+
+    # keys repeated to the H query heads, so the recurrence runs per query head even where the grouped (per
+    # key/value head) one would apply; the probe's plans are all recurrent, so no state advances alone
+    mixer._recurrence_inputs = types.MethodType(recurrence_inputs, mixer)
+    return mixer
 
 
 def windows_of(tokenizer, text: str, n: int, length: int, rng) -> np.ndarray:
@@ -87,14 +134,15 @@ def relative_error(mixer, xn, target, batch: int) -> float:
     return err / ref
 
 
-def train_variant(mixer, trainable_prefixes, recurrent_names, train, steps: int, batch: int, lr: float, seed: int):
+def train_variant(mixer, trainable_prefixes, recurrent_names, train, steps: int, batch: int, lr: float, seed: int,
+                  per_head_gates: bool = False):
     import torch
 
     from oryx_torch.attention import AttentionPlan
 
     fresh = type(mixer)(mixer.cfg)  # a copy without the inference caches (packed weights) the original holds
     fresh.load_state_dict(mixer.state_dict())
-    mixer = fresh.train()
+    mixer = (gates_per_query_head(fresh) if per_head_gates else fresh).train()
     params = []
     for name, p in mixer.named_parameters():
         full = name
@@ -185,7 +233,8 @@ def main(argv=None) -> int:
         for variant in variants:
             clock = time.time()
             trained, n_params, losses = train_variant(mixer, VARIANTS[variant], names, train[i], args.steps,
-                                                      args.batch, args.lr, seed=i)
+                                                      args.batch, args.lr, seed=i,
+                                                      per_head_gates=variant in PER_HEAD_GATES)
             row[variant] = {"heldout_relative_error": relative_error(trained, *held[i], 8),
                             "trainable_parameters": n_params, "train_loss_first_last_10": [
                                 float(np.mean(losses[:10])), float(np.mean(losses[-10:]))],

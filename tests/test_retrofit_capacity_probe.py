@@ -60,8 +60,34 @@ def test_a_run_writes_every_layer_and_variant(tiny, tmp_path):
             assert row[variant]["heldout_relative_error"] > 0
             first, last = row[variant]["train_loss_first_last_10"]
             assert last < first  # the fit is learning
-        counts = [row[v]["trainable_parameters"] for v in capacity.VARIANTS]
-        assert counts == sorted(counts) and len(set(counts)) == 3
+        counts = {v: row[v]["trainable_parameters"] for v in capacity.VARIANTS}
+        assert counts["recurrent"] < counts["+ kv conv"] < counts["+ kv proj"]
+        cfg = preset("tiny", "gdn")  # per query head: a_proj and b_proj rows of D, A_log and dt_bias entries
+        assert counts["+ head gates"] - counts["recurrent"] == 2 * (cfg.n_heads - cfg.n_kv_heads) * (cfg.d_model + 1)
+
+
+def test_head_gates_start_as_the_groups_and_train_per_query_head(tiny):
+    """The widened gates compute the same output until trained; training then makes the query heads' gates differ."""
+    from oryx_torch.attention import AttentionPlan
+    from oryx_torch.model import OryxModel
+
+    model = OryxModel.from_checkpoint(tiny[0], dtype="float32").eval()
+    mixer = model.layers[1].mixer
+    G = mixer.cfg.group_size
+    xn = torch.randn(2, 32, model.cfg.d_model)
+    plan = AttentionPlan(torch.zeros(2, 32, dtype=torch.bool), 0, torch.zeros(2, 32, dtype=torch.bool))
+    widened = capacity.gates_per_query_head(type(mixer)(mixer.cfg))
+    widened.load_state_dict({k: v.repeat_interleave(G, 0) if k.split(".")[0] in ("a_proj", "b_proj", "A_log",
+                                                                                  "dt_bias") else v
+                             for k, v in mixer.state_dict().items()})
+    with torch.no_grad():
+        assert torch.allclose(widened(xn, plan, None), mixer(xn, plan, None), rtol=1e-5, atol=1e-6)
+    names = {n for n, _ in mixer.named_parameters() if n.split(".")[0] in ("q_rec", "conv_q", "a_proj", "b_proj",
+                                                                             "A_log", "dt_bias")}
+    trained = capacity.train_variant(mixer, (), names, (xn, torch.randn_like(xn)), 3, 2, 1e-2, seed=0,
+                                     per_head_gates=True)[0]
+    a = trained.a_proj.weight.detach()
+    assert a.shape[0] == mixer.cfg.n_heads and not torch.equal(a[0], a[1])  # heads of one group now differ
 
 
 @pytest.mark.parametrize("argv", [["--variants", "everything"], ["--steps", "0"], ["--layers", "9"]])

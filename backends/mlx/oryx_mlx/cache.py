@@ -24,8 +24,9 @@ class LayerCache:
     def __init__(self, query_conv_channels: int):
         self.keys = None  # [B, Hkv, capacity, d], RoPE applied
         self.values = None  # [B, Hkv, capacity, dv]
-        # the last W-1 inputs of the q_rec, k, v convs, channels side by side [B, W-1, C]; the first
-        # query_conv_channels (q_rec's) are gone once the recurrent state is dropped
+        # the last W-1 inputs of the convs, channels side by side [B, W-1, C]: the recurrent-only ones first
+        # (q_rec's; with sharing "kv-proj" also the recurrence's own k, v), then the k, v attention reads; the first
+        # query_conv_channels are gone once the recurrent state is dropped
         self.conv = None
         self.query_conv_channels = query_conv_channels
         self.recurrent = None  # [B, H, d, dv] float32, one copy per query head

@@ -246,6 +246,9 @@ class OryxMixer(nn.Module):
         self.conv_k = CausalDepthwiseConv(Hkv * d, W, cfg.conv_bias)
         self.conv_v = CausalDepthwiseConv(Hkv * dv, W, cfg.conv_bias)
         self.conv_q = CausalDepthwiseConv(H * d, W, cfg.conv_bias)
+        if cfg.recurrent_kv_convs:  # sharing "kv-proj": the recurrence reads the shared k/v through convs of its own
+            self.conv_k_rec = CausalDepthwiseConv(Hkv * d, W, cfg.conv_bias)
+            self.conv_v_rec = CausalDepthwiseConv(Hkv * dv, W, cfg.conv_bias)
         if cfg.output_gate:
             self.g_proj = nn.Linear(D, H * dv, bias=False)
         if cfg.output_norm:
@@ -269,7 +272,11 @@ class OryxMixer(nn.Module):
         gates = ("a_proj", "b_proj") if cfg.mixer == "gdn" else ("dt_proj",)
         readout = readout or cfg.mixer != "gdn"
         queries = recurrent and readout  # q_rec through the conv for every token
-        units = {"conv_in": ("q_rec", "k_proj", "v_proj") if queries else ("k_proj", "v_proj")}
+        # the conv's channels: the recurrent-only ones first (q_rec's, then with sharing "kv-proj" the recurrence's
+        # own keys and values), then the keys and values attention reads; the cache's window keeps this order
+        kv_rec = recurrent and cfg.recurrent_kv_convs
+        conv_in = ("k_proj", "v_proj") * (2 if kv_rec else 1)
+        units = {"conv_in": ("q_rec",) + conv_in if queries else conv_in}
         if cfg.output_gate:
             units["g_proj"] = ("g_proj",)
         if needs_q_attn:
@@ -280,13 +287,14 @@ class OryxMixer(nn.Module):
         # all-attention call a suffix, so neither computes rows it does not use (a state advanced alone
         # projects its gates, and q_rec for the conv window, in calls of their own)
         layout, projections = fused_weights(self, self.derived, self.projection_order())
-        convs = [self[name] for name in (("conv_q", "conv_k", "conv_v") if queries else ("conv_k", "conv_v"))]
+        conv_modules = ("conv_q",) * queries + ("conv_k_rec", "conv_v_rec") * kv_rec + ("conv_k", "conv_v")
+        convs = [self[name] for name in conv_modules]
         conv_names = tuple(c for c in ("weight", "bias") if c in convs[0])
-        conv = self.derived.get(("conv", queries), lambda: tuple(c[n] for c in convs for n in conv_names),
+        conv = self.derived.get(("conv", conv_modules), lambda: tuple(c[n] for c in convs for n in conv_names),
                                 lambda: {"taps": mx.concatenate([c.weight.T for c in convs], axis=1),
                                          "bias": mx.concatenate([c.bias for c in convs]) if "bias" in conv_names
                                          else None})
-        identity = self.derived.get(("conv_identity", queries), lambda: (conv["taps"],),
+        identity = self.derived.get(("conv_identity", conv_modules), lambda: (conv["taps"],),
                                     lambda: is_identity_conv(conv["taps"], conv["bias"], cfg.conv_act))
         arrays = {"projections": projections, "conv": conv}
         if recurrent:
@@ -332,16 +340,19 @@ class OryxMixer(nn.Module):
         window = window_out
         if cfg.conv_act == "silu":
             conv_out = nn.silu(conv_out)
-        q_rec, k, v = mx.split(conv_out, [H * d, (H + Hkv) * d], axis=-1) if queries else (
-            None, *mx.split(conv_out, [Hkv * d], axis=-1))
-        k, v = k.reshape(B, T, Hkv, d), v.reshape(B, T, Hkv, dv)
+        kv_rec = recurrent and cfg.recurrent_kv_convs  # the recurrence's own k, v channels (local_weights' order)
+        widths = [H * d] * queries + [Hkv * d, Hkv * dv] * (2 if kv_rec else 1)
+        parts = mx.split(conv_out, list(itertools.accumulate(widths[:-1])), axis=-1)
+        q_rec = parts[0] if queries else None
+        k, v = parts[-2].reshape(B, T, Hkv, d), parts[-1].reshape(B, T, Hkv, dv)
+        k_rec, v_rec = (parts[-4].reshape(B, T, Hkv, d), parts[-3].reshape(B, T, Hkv, dv)) if kv_rec else (k, v)
         o_rec = None
         if state_only:
             gates = apply_fused(layout, arrays["projections"], x, (("a_proj", "b_proj"),))[0]
-            state = self._final_state(mx.split(gates, [Hkv], axis=-1), k, v, state, arrays)
+            state = self._final_state(mx.split(gates, [Hkv], axis=-1), k_rec, v_rec, state, arrays)
         elif recurrent:
             gates = mx.split(projected["gates"], [Hkv], axis=-1) if cfg.mixer == "gdn" else (projected["gates"],)
-            o_rec, state = self._recurrence(gates, q_rec.reshape(B, T, H, d), k, v, state, arrays)
+            o_rec, state = self._recurrence(gates, q_rec.reshape(B, T, H, d), k_rec, v_rec, state, arrays)
         q_attn = (apply_rope(projected["q_attn"].reshape(B, T, H, d).transpose(0, 2, 1, 3), rope)
                   if "q_attn" in projected else None)
         return (q_attn, apply_rope(k.transpose(0, 2, 1, 3), rope), v.transpose(0, 2, 1, 3), o_rec,
@@ -540,17 +551,21 @@ class OryxBlock(nn.Module):
         return self._stage("_output", (mixer_layout, mlp_layout), single_step)(arrays, x, o_attn, o_rec, g, readout)
 
 
-def check_default_sharing(cfg: OryxConfig, source: str = "config") -> None:
-    """The MLX backend (and the mlx-lm export) implements the design's block, where the modes share keys and values."""
-    if cfg.sharing != "kv":
+MLX_SHARINGS = ("kv", "kv-proj")
+
+
+def check_mlx_sharing(cfg: OryxConfig, source: str = "config") -> None:
+    """The MLX backend implements the modes sharing the key and value projections: the design's block ("kv") and
+    the recurrence reading them through convolutions of its own ("kv-proj")."""
+    if cfg.sharing not in MLX_SHARINGS:
         raise ValueError(f"{source}: sharing {cfg.sharing!r} runs on the torch backend only; "
-                         f"the MLX backend runs sharing 'kv'")
+                         f"the MLX backend runs sharing 'kv' and 'kv-proj'")
 
 
 class OryxModel(nn.Module):
     def __init__(self, cfg: OryxConfig):
         super().__init__()
-        check_default_sharing(cfg)
+        check_mlx_sharing(cfg)
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = [OryxBlock(cfg) for _ in range(cfg.n_layers)]
@@ -598,7 +613,9 @@ class OryxModel(nn.Module):
         return self.embed.as_linear(x) if self.cfg.tie_embeddings else self.lm_head(x)
 
     def make_cache(self) -> list[LayerCache]:
-        return make_prompt_cache(self.cfg.n_layers, self.cfg.n_heads * self.cfg.head_dim)
+        cfg = self.cfg  # the conv window's recurrent-only channels (OryxMixer.local_weights' order)
+        kv_rec = (cfg.n_kv_heads * (cfg.head_dim + cfg.v_head_dim)) if cfg.recurrent_kv_convs else 0
+        return make_prompt_cache(cfg.n_layers, cfg.n_heads * cfg.head_dim + kv_rec)
 
 
 def check_cache_fits(cache: list[LayerCache], attention) -> None:
