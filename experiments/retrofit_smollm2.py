@@ -150,8 +150,8 @@ def make_adapter(args) -> None:
 
 
 def install_adapter(args) -> None:
-    """A `shared` run's adapter files (OUT/adapter*) with the default adapter's tokenizer files, as a whole adapter
-    directory (default: replacing oryx_core/default_adapter), checked by loading it on its base."""
+    """A `shared` or `refine` run's adapter files (OUT/adapter*) with the default adapter's tokenizer files, as a
+    whole adapter directory (default: replacing oryx_core/default_adapter), checked by loading it on its base."""
     import shutil
 
     from oryx_core.atomic import atomic_directory
@@ -898,7 +898,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(ROOT / "experiments" / "results" / "retrofit" / "results.json"))
     p.add_argument("--out", default=str(ROOT / "docs" / "figures" / "retrofit_smollm2.png"))
     p.set_defaults(func=figure)
-    p = sub.add_parser("install-adapter", help="a `shared` run's adapter as the default adapter")
+    p = sub.add_parser("install-adapter", help="a `shared` or `refine` run's adapter as the default adapter")
     p.add_argument("source", help="the folder `shared` wrote (OUT)")
     p.add_argument("--out", help="adapter directory (default: oryx_core/default_adapter)")
     p.set_defaults(func=install_adapter)
