@@ -82,6 +82,42 @@ def test_host_step_matches_reference_and_generic_step(mixer, variant):
     assert relative_error(got, decode(model, tokens, np.zeros((B, T), bool), P, generic=False)[0]) > 1e-2
 
 
+@pytest.mark.parametrize("identity_attention_convs", [False, True])
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+def test_kv_proj_host_step_matches_reference_and_generic_step(mixer, identity_attention_convs):
+    """Sharing "kv-proj": the recurrence reads k_proj/v_proj through conv_k_rec/conv_v_rec (learned) while attention
+    reads them through conv_k/conv_v (the identity in a retrofitted Llama), under every plan, dropped parts included."""
+    cfg = preset("tiny", mixer, sharing="kv-proj", conv_bias=not identity_attention_convs,
+                 **(dict(output_gate=False, output_norm=False, conv_activation="none") if identity_attention_convs
+                    else {}))
+    params = lively_params(cfg, 3)
+    if identity_attention_convs:
+        for name in params:
+            if ".conv_k." in name or ".conv_v." in name:
+                params[name] = np.zeros_like(params[name])
+                params[name][:, -1] = 1.0
+    model = OryxModel(cfg, seed=None)
+    model.load_params(params)
+    model, ref = model.eval(), OryxReference(cfg, params)
+    with torch.no_grad():
+        assert host_step.applies(model)
+    constants = host_step.layer_constants(model.layers[0].mixer)
+    assert (constants.identity["k"], constants.identity["k_rec"]) == (identity_attention_convs, False)
+    rng = np.random.default_rng(4)
+    B, P, T = 2, 5, 12
+    tokens = rng.integers(0, cfg.vocab_size, (B, T))
+    cases = [(modes, None) for modes in plans(rng, B, T, P).values()]
+    cases += [(np.broadcast_to(np.ones(T, bool), (B, T)), "state"), (np.broadcast_to(np.arange(T) < P, (B, T)), "kv")]
+    for modes, drop in cases:
+        want = ref.forward(tokens, modes)[0][:, P:]
+        got, cache = decode(model, tokens, modes, P, generic=False, drop=drop)
+        generic, generic_cache = decode(model, tokens, modes, P, generic=True, drop=drop)
+        assert relative_error(got, want) < TOL, drop
+        assert relative_error(got, generic) < SAME, drop
+        for a, b in zip(cache_tensors(cache), cache_tensors(generic_cache)):
+            assert relative_error(a, b) < SAME, drop
+
+
 @pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
 def test_dropped_parts_and_ragged_positions(mixer):
     model, ref = build(mixer, "retrofitted_llama", seed=2)
@@ -120,6 +156,8 @@ def test_generic_path_where_the_host_step_does_not_apply():
     with torch.no_grad():
         assert host_step.applies(model)
         assert not host_step.applies(OryxModel(preset("tiny", "gdn", sharing="none")))
+        assert not host_step.applies(OryxModel(preset("tiny", "gdn", sharing="qkv")))
+        assert host_step.applies(OryxModel(preset("tiny", "gdn", sharing="kv-proj")))
         assert not host_step.applies(model.to(torch.bfloat16))
 
 

@@ -32,9 +32,9 @@ from .attention import decode_attention
 
 
 def applies(model) -> bool:
-    """Whether `decode_step` computes this model's step: fp32 on the CPU, without autograd, with the
-    default projection sharing ("kv": both modes read k_proj and v_proj)."""
-    return (model.cfg.sharing == "kv" and model.embed.weight.device.type == "cpu"
+    """Whether `decode_step` computes this model's step: fp32 on the CPU, without autograd, with both modes
+    reading k_proj and v_proj (sharing "kv", or "kv-proj": the recurrence through convolutions of its own)."""
+    return (model.cfg.sharing in ("kv", "kv-proj") and model.embed.weight.device.type == "cpu"
             and model.embed.weight.dtype == torch.float32 and not torch.is_grad_enabled())
 
 
@@ -50,8 +50,7 @@ class LayerConstants:
             size = getattr(mixer, name).out_features
             self.offsets[name] = (start, start + size)
             start += size
-        self.identity = {name: conv.is_identity() for name, conv in
-                         (("k", mixer.conv_k), ("v", mixer.conv_v), ("q", mixer.conv_q))}
+        self.identity = {name: conv.is_identity() for name, conv in recurrent_and_shared_convs(mixer)}
         with torch.no_grad():
             self.A = -torch.exp(mixer.A_log.detach().float())
             d = cfg.head_dim
@@ -61,9 +60,17 @@ class LayerConstants:
             self.q_weight = torch.full((d,), cfg.gdn_scale * d ** -0.5)
 
 
+def recurrent_and_shared_convs(mixer) -> list:
+    """(cache window name, conv) of every conv the step runs."""
+    convs = [("k", mixer.conv_k), ("v", mixer.conv_v), ("q", mixer.conv_q)]
+    if mixer.recurrent_kv_convs:
+        convs += [("k_rec", mixer.conv_k_rec), ("v_rec", mixer.conv_v_rec)]
+    return convs
+
+
 def layer_constants(mixer) -> LayerConstants:
     """The mixer's LayerConstants, rebuilt when any parameter they come from changes."""
-    params = [mixer.A_log] + [t for conv in (mixer.conv_k, mixer.conv_v, mixer.conv_q)
+    params = [mixer.A_log] + [t for _, conv in recurrent_and_shared_convs(mixer)
                               for t in (conv.weight, conv.bias) if t is not None]
     key = tuple((p.data_ptr(), p._version) for p in params)
     cached = getattr(mixer, "_host_step_constants", None)
@@ -159,6 +166,9 @@ def mixer_step(mixer, xn, x, modes, rope, layer_cache, position, slot, attend: b
     o_rec = o_attn = None
     if recurrent:
         q_rec = conv_step(mixer.conv_q, part("q_rec"), layer_cache.conv["q"], c.identity["q"])
+        if mixer.recurrent_kv_convs:  # the recurrence's own convs of the shared projections
+            k = conv_step(mixer.conv_k_rec, part("k_proj"), layer_cache.conv["k_rec"], c.identity["k_rec"])
+            v = conv_step(mixer.conv_v_rec, part("v_proj"), layer_cache.conv["v_rec"], c.identity["v_rec"])
         state = layer_cache.recurrent.view(B, Hkv, G, d, dv)
         if cfg.mixer == "gdn":
             decay = torch.exp(c.A * F.softplus(part("a_proj") + mixer.dt_bias))      # [B, Hkv]
