@@ -51,6 +51,33 @@ def test_mlx_lm_generates_our_greedy_tokens(tmp_path, mixer, plan, bits):
     assert got == expected and len(set(got)) > 3
 
 
+def test_kv_proj_checkpoint_and_adapter_export(tmp_path):
+    """Sharing kv-proj (the recurrence's own key and value convs) exports, and so does an adapter on its base (the
+    default model's form): mlx-lm decodes our greedy tokens from both."""
+    import numpy as np
+
+    from oryx_core.adapter import save_adapter
+    from oryx_core.spec import RECURRENT, parameter_specs
+
+    base = write_checkpoint(tmp_path / "base", "gdn")
+    cfg = preset("tiny", "gdn", sharing="kv-proj")
+    rng = np.random.default_rng(7)
+    params = {k: v * 8 if v.ndim == 2 else v for k, v in init_params(preset("tiny", "gdn"), seed=5).items()}
+    for spec in parameter_specs(cfg):
+        if spec.mode == RECURRENT:  # the recurrent tensors (the new convs included) moved away from the base's
+            shape = spec.shape
+            params[spec.name] = (params.get(spec.name, np.zeros(shape, np.float32))
+                                 + rng.normal(0, 0.3, shape).astype(np.float32))
+    full = save_checkpoint(tmp_path / "full", cfg, params, tokenizer_json=byte_level_tokenizer().to_str())
+    adapter = save_adapter(tmp_path / "adapter", base, cfg, params)
+    for src in (full, adapter):
+        out = tmp_path / f"mlx-lm-{src.name}"
+        export_mlx_lm(src, out, plan="every:2:4")
+        assert json.loads((out / "config.json").read_text())["sharing"] == "kv-proj"
+        got, expected = mlx_lm_tokens(out, 10), oryx_tokens(src, "every:2:4", 10)
+        assert got == expected and len(set(got)) > 3, src.name
+
+
 def test_export_refuses_plans_that_need_lengths(tmp_path):
     src = tmp_path / "ckpt"
     assert cli.main(["init", str(src), "--preset", "tiny"]) == 0

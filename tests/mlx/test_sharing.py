@@ -1,7 +1,7 @@
 """Sharing on the MLX backend: "kv" (the design's block) and "kv-proj" (the recurrence reads the shared key and value
 projections through convolutions of its own) run, against the float64 reference in every plan, through prefill
-chunks, single steps, a state advanced alone and dropped cache parts; "none" and "qkv" are refused in one line, and
-the mlx-lm export takes "kv" only."""
+chunks, single steps, a state advanced alone and dropped cache parts; "none" and "qkv" are refused in one line, by
+the backend and by the mlx-lm export (which tests/mlx/test_mlx_lm.py runs on "kv" and "kv-proj")."""
 import numpy as np
 import pytest
 
@@ -91,7 +91,7 @@ def test_kv_proj_eval_cli_matches_reference(tmp_path, capsys):
     assert abs(results["mlx"]["nll"] - results["reference"]["nll"]) < 1e-4 * results["reference"]["nll"], results
 
 
-@pytest.mark.parametrize("sharing", ["none", "qkv", "kv-proj"])
+@pytest.mark.parametrize("sharing", ["none", "qkv"])
 def test_other_sharing_refused_in_one_line(tmp_path, capsys, sharing):
     cfg = preset("tiny", sharing=sharing)
     ckpt, text = tmp_path / "ckpt", tmp_path / "text.txt"
@@ -99,10 +99,8 @@ def test_other_sharing_refused_in_one_line(tmp_path, capsys, sharing):
     text.write_text("Oryx reads each token by attention or by a recurrence. " * 2)
     assert cli.main(["eval", str(ckpt), "--text", str(text), "--backend", "reference", "--window", "32"]) == 0
     capsys.readouterr()
-    refused = [["export-mlx-lm", str(ckpt), str(tmp_path / "export")]]
-    if sharing != "kv-proj":
-        refused.append(["eval", str(ckpt), "--text", str(text), "--backend", "mlx", "--window", "32"])
-    for argv in refused:
+    for argv in (["export-mlx-lm", str(ckpt), str(tmp_path / "export")],
+                 ["eval", str(ckpt), "--text", str(text), "--backend", "mlx", "--window", "32"]):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"sharing '{sharing}'" in err, err

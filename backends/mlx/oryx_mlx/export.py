@@ -5,7 +5,7 @@ that way only from a source you trust. Where Oryx is installed, `load_export(pat
 mlx-lm's own loader (`mlx_lm.utils.load_model` with `get_model_classes`) with the installed
 oryx_mlx.mlx_lm_model instead, executing nothing from the directory.
 
-Contents: the checkpoint's safetensors shards unchanged (the spec's tensor names are the
+Contents: the checkpoint's safetensors shards unchanged (an adapter: written merged with its base; the spec's tensor names are the
 model's parameter names, quantised or not), config.json for mlx-lm (the Oryx config,
 "model_type": "oryx", "model_file": "oryx_mlx_lm.py", "oryx_plan", "quantization" when
 quantised, "eos_token_id"), the model module `oryx_mlx_lm.py` (a copy of
@@ -24,7 +24,8 @@ from oryx_core.tokenizer import tokenizer_for
 from oryx_core.tokenizer import END_OF_TEXT, end_of_text_id
 from oryx_core.atomic import atomic_directory
 from oryx_core.plan import ModePlan
-from oryx_core.weights import INDEX_FILE, TOKENIZER_FILE, load_checkpoint, read_index
+from oryx_core.adapter import is_adapter
+from oryx_core.weights import INDEX_FILE, TOKENIZER_FILE, load_checkpoint, read_index, save_checkpoint
 
 
 MODEL_FILE = "oryx_mlx_lm.py"  # a plain file name inside the export
@@ -77,10 +78,20 @@ def export_mlx_lm(src, dst, plan: str = "attention", bits: int | None = None, gr
         return _export(quantized, Path(dst), plan_text)
 
 
+EXPORT_SHARINGS = ("kv", "kv-proj")  # what mlx_lm_model.py implements
+
+
 def _export(src: Path, dst: Path, plan_text: str) -> Path:
     ckpt = load_checkpoint(src)  # validates the checkpoint before anything is written
-    if ckpt.config.sharing != "kv":  # the exported model file implements the design's block only
-        raise ValueError(f"{src}: sharing {ckpt.config.sharing!r} cannot be exported to mlx-lm (only sharing 'kv')")
+    if ckpt.config.sharing not in EXPORT_SHARINGS:
+        raise ValueError(f"{src}: sharing {ckpt.config.sharing!r} cannot be exported to mlx-lm (only sharing "
+                         f"'kv' and 'kv-proj')")
+    if is_adapter(src):  # an adapter on its base: export the merged checkpoint
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = Path(src) / TOKENIZER_FILE
+            merged = save_checkpoint(Path(tmp) / "merged", ckpt.config, ckpt.params, quantization=ckpt.quantization,
+                                     tokenizer_json=tokenizer.read_text() if tokenizer.exists() else None)
+            return _export(merged, dst, plan_text)
     shards = sorted(set(read_index(src)[0].values()))
     tokenizer = tokenizer_for(src)  # the checkpoint's tokenizer.json, else the byte-level default
     eos = end_of_text_id(tokenizer)

@@ -97,6 +97,7 @@ class ModelArgs:
     output_norm: bool = True
     output_gate: bool = True
     recurrent_scale: float = None
+    sharing: str = "kv"  # "kv-proj": the recurrence reads k_proj/v_proj through convs of its own
     oryx_plan: str = "attention"
     model_type: str = "oryx"
     extra: dict = field(default_factory=dict)
@@ -127,7 +128,9 @@ class OryxLayerCache:
 
     def __init__(self):
         self.keys = self.values = None  # [B, Hkv, S, d], [B, Hkv, S, dv]
-        self.windows = None  # the last W-1 inputs of the k, v, q_rec convs: [B, W-1, C] each
+        # the last W-1 inputs of the k, v, q_rec convs (and with sharing "kv-proj" of the recurrence's own k, v
+        # convs): [B, W-1, C] each
+        self.windows = None
         self.recurrent = None  # [B, Hkv, d, dv] float32
         self.offset = 0
 
@@ -239,6 +242,9 @@ class Mixer(nn.Module):
         self.conv_k = CausalConv(Hkv * d, args.conv_width, args.conv_bias)
         self.conv_v = CausalConv(Hkv * dv, args.conv_width, args.conv_bias)
         self.conv_q = CausalConv(H * d, args.conv_width, args.conv_bias)
+        if args.sharing == "kv-proj":
+            self.conv_k_rec = CausalConv(Hkv * d, args.conv_width, args.conv_bias)
+            self.conv_v_rec = CausalConv(Hkv * dv, args.conv_width, args.conv_bias)
         if args.mixer == "gdn":
             self.a_proj = nn.Linear(D, Hkv, bias=False)
             self.b_proj = nn.Linear(D, Hkv, bias=False)
@@ -252,13 +258,23 @@ class Mixer(nn.Module):
         a = self.args
         B, T, _ = xn.shape
         H, Hkv, d, dv, G = a.n_heads, a.n_kv_heads, a.head_dim, a.v_head_dim, a.n_heads // a.n_kv_heads
+        own_kv = a.sharing == "kv-proj"
         windows = cache.windows if cache is not None and cache.windows is not None else \
-            [mx.zeros((B, a.conv_width - 1, c), xn.dtype) for c in (Hkv * d, Hkv * dv, H * d)]
-        k, wk = self.conv_k(self.k_proj(xn), windows[0], a.conv_act)
-        v, wv = self.conv_v(self.v_proj(xn), windows[1], a.conv_act)
+            [mx.zeros((B, a.conv_width - 1, c), xn.dtype)
+             for c in (Hkv * d, Hkv * dv, H * d) + ((Hkv * d, Hkv * dv) if own_kv else ())]
+        k_in, v_in = self.k_proj(xn), self.v_proj(xn)
+        k, wk = self.conv_k(k_in, windows[0], a.conv_act)
+        v, wv = self.conv_v(v_in, windows[1], a.conv_act)
         q_rec, wq = self.conv_q(self.q_rec(xn), windows[2], a.conv_act)
+        new_windows = [wk, wv, wq]
         k = k.reshape(B, T, Hkv, d)
         v = v.reshape(B, T, Hkv, dv)
+        k_rec, v_rec = k, v
+        if own_kv:  # the recurrence's keys and values through its own convs
+            k_rec, wkr = self.conv_k_rec(k_in, windows[3], a.conv_act)
+            v_rec, wvr = self.conv_v_rec(v_in, windows[4], a.conv_act)
+            k_rec, v_rec = k_rec.reshape(B, T, Hkv, d), v_rec.reshape(B, T, Hkv, dv)
+            new_windows += [wkr, wvr]
 
         # attention: every token's key and value go to the cache; attention-mode queries read it
         keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -284,7 +300,7 @@ class Mixer(nn.Module):
         state = cache.recurrent if cache is not None and cache.recurrent is not None else \
             mx.zeros((B, Hkv, d, dv), mx.float32)
         qr = q_rec.reshape(B, T, Hkv, G, d).astype(mx.float32)
-        kf, vf = k.astype(mx.float32), v.astype(mx.float32)
+        kf, vf = k_rec.astype(mx.float32), v_rec.astype(mx.float32)
         A = -mx.exp(self.A_log.astype(mx.float32))
         outs = []
         if a.mixer == "gdn":
@@ -306,7 +322,7 @@ class Mixer(nn.Module):
                 outs.append(qr[:, t] @ state + (self.D_skip[:, None] * vt)[:, :, None, :])
         o_rec = mx.stack(outs, axis=1).reshape(B, T, H, dv).astype(xn.dtype)
         if cache is not None:
-            cache.recurrent, cache.windows = state, [wk, wv, wq]
+            cache.recurrent, cache.windows = state, new_windows
             cache.offset += T
 
         o = o_rec if o_attn is None else mx.where(modes[None, :, None, None], o_attn.astype(xn.dtype), o_rec)
