@@ -74,18 +74,19 @@ class TorchModel:
             return self.model(host_tensor(tokens, np.int64), host_tensor(modes, bool), cache=cache,
                               last_only=True)[:, -1]
 
-    def step(self, cache: OryxCache, tokens: np.ndarray, modes: np.ndarray) -> torch.Tensor:
+    def _runner(self, cache: OryxCache) -> DecodeRunner:
+        """The cache's decode runner (made here for a cache this model did not make)."""
         runner = self._runners.get(cache)
         if runner is None:
             runner = self._runners[cache] = DecodeRunner(self.model, cache, self.cuda_graphs)
+        return runner
+
+    def step(self, cache: OryxCache, tokens: np.ndarray, modes: np.ndarray) -> torch.Tensor:
         with torch.inference_mode():
-            return runner.step(host_tensor(tokens, np.int64), host_tensor(modes, bool))
+            return self._runner(cache).step(host_tensor(tokens, np.int64), host_tensor(modes, bool))
 
     def greedy_chain(self, cache: OryxCache) -> GreedyChain:
-        runner = self._runners.get(cache)
-        if runner is None:
-            runner = self._runners[cache] = DecodeRunner(self.model, cache, self.cuda_graphs)
-        return GreedyChain(runner)
+        return GreedyChain(self._runner(cache))
 
     def _after_drop(self, cache: OryxCache) -> None:
         runner = self._runners.get(cache)

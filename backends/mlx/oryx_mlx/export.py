@@ -5,8 +5,8 @@ that way only from a source you trust. Where Oryx is installed, `load_export(pat
 mlx-lm's own loader (`mlx_lm.utils.load_model` with `get_model_classes`) with the installed
 oryx_mlx.mlx_lm_model instead, executing nothing from the directory.
 
-Contents: the checkpoint's safetensors shards unchanged (an adapter: written merged with its base; the spec's tensor names are the
-model's parameter names, quantised or not), config.json for mlx-lm (the Oryx config,
+Contents: the checkpoint's safetensors shards unchanged (an adapter's written merged with its base; the
+spec's tensor names are the model's parameter names, quantised or not), config.json for mlx-lm (the Oryx config,
 "model_type": "oryx", "model_file": "oryx_mlx_lm.py", "oryx_plan", "quantization" when
 quantised, "eos_token_id"), the model module `oryx_mlx_lm.py` (a copy of
 oryx_mlx/mlx_lm_model.py, which imports only mlx and numpy, so the directory runs where Oryx
@@ -86,12 +86,17 @@ def _export(src: Path, dst: Path, plan_text: str) -> Path:
     if ckpt.config.sharing not in EXPORT_SHARINGS:
         raise ValueError(f"{src}: sharing {ckpt.config.sharing!r} cannot be exported to mlx-lm (only sharing "
                          f"'kv' and 'kv-proj')")
-    if is_adapter(src):  # an adapter on its base: export the merged checkpoint
+    if is_adapter(src):  # an adapter on its base: the merged checkpoint's shards, written once
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = Path(src) / TOKENIZER_FILE
             merged = save_checkpoint(Path(tmp) / "merged", ckpt.config, ckpt.params, quantization=ckpt.quantization,
                                      tokenizer_json=tokenizer.read_text() if tokenizer.exists() else None)
-            return _export(merged, dst, plan_text)
+            return _write_export(merged, ckpt, dst, plan_text)
+    return _write_export(src, ckpt, dst, plan_text)
+
+
+def _write_export(src: Path, ckpt, dst: Path, plan_text: str) -> Path:
+    """The export directory of checkpoint directory src, whose loaded (validated) checkpoint is ckpt."""
     shards = sorted(set(read_index(src)[0].values()))
     tokenizer = tokenizer_for(src)  # the checkpoint's tokenizer.json, else the byte-level default
     eos = end_of_text_id(tokenizer)
