@@ -34,8 +34,8 @@ FLEX_BLOCK = 128  # FlexAttention's default tile: the plan's granularity for ski
 # the output gathered back), "dense" (causal SDPA over every row; the recurrent rows are computed and unused;
 # from position 0 only, else "flex") or "auto" (dense when the packed blocks cover at least DENSE_FROM of the
 # causal score matrix, else packed). A FlexAttention block costs about 3 flash ones in a compiled training step
-# at SmolLM2-135M's shape, but packing skips most blocks: in the 30-layer compiled step of the training plan
-# (half the 64-token chunks in attention) packed was the faster of the two in both runs (docs/benchmarks.md).
+# at SmolLM2-135M's shape, but packing skips most blocks: in the 30-layer compiled step under the training
+# sampler's plans (half the 64-token chunks in attention) packed is the faster (docs/benchmarks.md).
 MIXED_ATTENTION = "packed"
 MIXED_ATTENTION_METHODS = ("dense", "packed", "flex", "auto")
 DENSE_FROM = 0.3
