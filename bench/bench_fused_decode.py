@@ -4,8 +4,8 @@
     python bench/bench_fused_decode.py --tiny --out /tmp/fused_decode.json   # CPU smoke run (Triton interpreter)
 
 The model is Oryx-GDN holding a random Llama of SmolLM2-135M's shape (bench_model.oryx_twin; --tiny: a tiny
-one), decoding in bfloat16 on CUDA (fp32 on the CPU). Five decode steps, each run by
-oryx_torch.generate.DecodeRunner (under CUDA graphs on CUDA, the greedy pick inside the step):
+one; --sharing kv-proj: the default model's sharing), decoding in bfloat16 on CUDA (fp32 on the CPU). The decode
+steps, each run by oryx_torch.generate.DecodeRunner (under CUDA graphs on CUDA, the greedy pick inside the step):
     eager           the torch step with ORYX_FUSED_DECODE=0
     compiled        the torch.compile'd step (ORYX_COMPILED_DECODE=1)
     fused           the torch step with each mixer's token through kernels/decode_step.py (ORYX_FUSED_DECODE=1,
@@ -15,6 +15,8 @@ oryx_torch.generate.DecodeRunner (under CUDA graphs on CUDA, the greedy pick ins
                     runs it at batch 1 only: model.FUSED_MATVEC_MAX_BATCH); larger ones run as fused
     fused+matvec+split  fused+matvec, with the recurrent token kernel one program per query head instead of per
                     key/value head at small batches (ORYX_FUSED_SPLIT_HEADS=1): the CUDA default at batch 1
+    fused+pdl, fused+matvec+split+pdl  with the decode kernels launched as programmatic dependents of the
+                    kernel before them (kernels/pdl.py, ORYX_PDL=1; Hopper and later): the CUDA default there
     fused+compiled  fused and compiled
 For each plan (attention: prompt and decode in attention, recurrent state kept; recurrent: everything recurrent,
 KV cache kept; dropped: prompt in attention, KV cache dropped, decode recurrent) and batch size: tokens/s with
@@ -39,10 +41,11 @@ import sys
 import time
 from pathlib import Path
 
-# variant: (compiled, fused, matvec, recurrent token split by query head)
-VARIANTS = {"eager": (False, False, False, False), "fused": (False, True, False, False),
-            "fused+matvec": (False, True, True, False), "fused+matvec+split": (False, True, True, True),
-            "fused+compiled": (True, True, False, False), "compiled": (True, False, False, False)}
+# variant: (compiled, fused, matvec, recurrent token split by query head, programmatic dependent launch)
+VARIANTS = {"eager": (False, False, False, False, False), "fused": (False, True, False, False, False),
+            "fused+matvec": (False, True, True, False, False), "fused+matvec+split": (False, True, True, True, False),
+            "fused+pdl": (False, True, False, False, True), "fused+matvec+split+pdl": (False, True, True, True, True),
+            "fused+compiled": (True, True, False, False, False), "compiled": (True, False, False, False, False)}
 # plan: (prompt in attention, decode step in attention, drop the KV cache after the prompt)
 PLANS = {"attention": (True, True, False), "recurrent": (False, False, False), "dropped": (True, False, True)}
 
@@ -56,6 +59,9 @@ def parse_args(argv=None):
     parser.add_argument("--decode-tokens", type=int, default=None)
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     parser.add_argument("--plans", type=lambda s: s.split(","), default=list(PLANS))
+    parser.add_argument("--sharing", choices=("kv", "kv-proj"), default="kv",
+                        help="what the modes share: the keys and values (kv) or only their projections, the "
+                             "recurrence with convolutions of its own (kv-proj, the default model's)")
     parser.add_argument("--long-context", type=int, default=None,
                         help="also batch-1 rows (eager and fused, attention and recurrent) after a prompt this long "
                              "(default 32768 on CUDA, 300 with --tiny; 0: none)")
@@ -83,7 +89,10 @@ def use(variant: str) -> tuple[bool, bool]:
     """(compiled, fused) for a variant, with the fused switches set accordingly."""
     from oryx_torch import model as model_module
 
-    compiled, fused, matvec, split = VARIANTS[variant]
+    from oryx_torch.kernels import pdl
+
+    compiled, fused, matvec, split, launch_pdl = VARIANTS[variant]
+    pdl.ENABLED = launch_pdl
     model_module.FUSED_DECODE = fused
     model_module.FUSED_MATVEC = matvec
     model_module.FUSED_SPLIT_HEADS = split
@@ -373,11 +382,12 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     device = torch.device("cpu" if args.tiny else "cuda")
     hf = hf_config_dict(TINY if args.tiny else SMOLLM2_135M)
-    oryx = oryx_twin(hf, llama_model(hf, None, seed=0)).to(device)
+    oryx = oryx_twin(hf, llama_model(hf, None, seed=0), args.sharing).to(device)
     report = dict(card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command=" ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
-                  torch=torch.__version__, shape=hf, parity_fp32=[], decode=[], launches=[], matvec_kernels=[],
+                  torch=torch.__version__, shape=hf, sharing=args.sharing, parity_fp32=[], decode=[], launches=[],
+                  matvec_kernels=[],
                   skipped=[], errors=[])
 
     def save():  # after every row, so that a run cut short still leaves what it measured
@@ -419,7 +429,8 @@ def main(argv=None) -> int:
             prompt = torch.randint(0, hf["vocab_size"], (1, args.long_context),
                                    generator=torch.Generator().manual_seed(6)).to(device)
             for plan in [p for p in ("recurrent", "attention") if p in args.plans]:
-                for variant in [v for v in ("eager", "fused", "fused+matvec", "fused+matvec+split")
+                for variant in [v for v in ("eager", "fused", "fused+matvec", "fused+matvec+split",
+                                                         "fused+matvec+split+pdl")
                                 if v in args.variants]:
                     result = attempt("decode", dict(plan=plan, variant=variant, batch=1, prompt=args.long_context),
                                      lambda: timed_decode(oryx, prompt, plan, variant, args.decode_tokens, device))

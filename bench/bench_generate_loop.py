@@ -33,10 +33,10 @@ from oryx_core.backend import load_model
 LOOPS = ("step by step", "ahead")
 
 
-def random_checkpoint(shape: dict, folder: Path) -> Path:
+def random_checkpoint(shape: dict, folder: Path, sharing: str = "kv") -> Path:
     """Random weights of `shape` as an Oryx checkpoint in `folder`."""
     hf = hf_config_dict(shape)
-    return oryx_twin(hf, llama_model(hf, None, seed=0)).save(folder / "model")
+    return oryx_twin(hf, llama_model(hf, None, seed=0), sharing).save(folder / "model")
 
 
 def time_loops(path, backend: str, dtype, device, plans, prompt_length: int, tokens: int, rounds: int) -> dict:
@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, help="an Oryx checkpoint (default: random weights of SmolLM2-135M's shape)")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model: the smoke test")
     ap.add_argument("--plans", default="attention,recurrent,prefill-attention")
+    ap.add_argument("--sharing", choices=("kv", "kv-proj"), default="kv",
+                    help="random weights' sharing: kv, or kv-proj (the default model's)")
     ap.add_argument("--prompt-length", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
         ap.error("--prompt-length, --tokens and --rounds must be >= 1")
     plans = [p for p in args.plans.split(",") if p]
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model or random_checkpoint(TINY if args.tiny else SMOLLM2_135M, Path(tmp))
+        path = args.model or random_checkpoint(TINY if args.tiny else SMOLLM2_135M, Path(tmp), args.sharing)
         device = load_model(path, args.backend, args.dtype, args.device).device
         print(f"{args.backend} on {device}, {args.dtype or 'as stored'}: {args.prompt_length}-token prompt, "
               f"{args.tokens} greedy tokens, median of {args.rounds} rounds")

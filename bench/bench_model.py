@@ -78,14 +78,22 @@ def llama_model(hf: dict, tensors: dict | None, seed: int):
     return model.eval()
 
 
-def oryx_twin(hf: dict, llama) -> "torch.nn.Module":
-    """Oryx-GDN holding the Llama's weights (oryx_convert's exact Llama import; recurrent gates at their init)."""
+def oryx_twin(hf: dict, llama, sharing: str = "kv") -> "torch.nn.Module":
+    """Oryx-GDN holding the Llama's weights (oryx_convert's exact Llama import; recurrent gates at their init).
+    sharing "kv-proj" (the default model's): the recurrence's key and value convolutions start as copies of the
+    attention's, as a retrofit starts them."""
     from oryx_convert.llama import llama_to_oryx
     from oryx_convert.sources import SourceTensors
     from oryx_torch.model import OryxModel
 
     tensors = {name: t.detach().float().numpy() for name, t in llama.state_dict().items()}
     cfg, params = llama_to_oryx(hf, SourceTensors(tensors, "bench llama"), "gdn")
+    if sharing == "kv-proj":
+        cfg = cfg.replace(sharing="kv-proj")
+        params.update({name.replace(".conv_k.", ".conv_k_rec.").replace(".conv_v.", ".conv_v_rec."): value.copy()
+                       for name, value in params.items() if ".mixer.conv_k." in name or ".mixer.conv_v." in name})
+    elif sharing != "kv":
+        raise ValueError(f"sharing: expected kv or kv-proj, got {sharing!r}")
     model = OryxModel(cfg, seed=None)
     model.load_params(params)
     return model.eval()

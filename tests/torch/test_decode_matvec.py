@@ -189,14 +189,14 @@ def matvec_and_fused_tokens(case, monkeypatch):
 @pytest.mark.parametrize("case", MODEL_CASES)
 def test_matvec_greedy_tokens_slow(case, monkeypatch):
     """Same tokens in every mode and cache variant; each layer is norm+projections, o_proj+add, norm+[gate; up]+
-    activation, down+add (four matvec launches) around the token kernels, and only the final norm is left."""
+    activation, down+add (four matvec launches) around the token kernels, and the final norm with the LM head is
+    one more."""
     with_matvec, without, calls, L = matvec_and_fused_tokens(case, monkeypatch)
     np.testing.assert_array_equal(with_matvec, without)
     assert len(set(without.ravel().tolist())) > 3  # the comparison can tell tokens apart
     steps = STEPS - 1
-    assert calls.count("matvec") == 4 * L * steps
-    assert calls.count("rms_norm_rows") == steps
-    assert calls.count("add_rms_norm_rows") == calls.count("silu_mul") == 0
+    assert calls.count("matvec") == (4 * L + 1) * steps
+    assert calls.count("rms_norm_rows") == calls.count("add_rms_norm_rows") == calls.count("silu_mul") == 0
 
 
 @needs_interpreter
@@ -262,20 +262,26 @@ def test_matvec_matches_float64_cuda(epilogue, dtype, B):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("launch_pdl", [False, True], ids=["stream_order", "pdl"])
 @pytest.mark.parametrize("split", [False, True], ids=["matvec", "matvec_split_heads"])
 @pytest.mark.parametrize("case", ["mixed rows", "recurrent", "attention", "mamba-2, mixed rows"])
-def test_matvec_greedy_tokens_equal_fused_cuda_graphs(case, split):
+def test_matvec_greedy_tokens_equal_fused_cuda_graphs(case, split, launch_pdl, monkeypatch):
+    """Under CUDA graphs, with and without programmatic dependent launch (kernels/pdl.py; where the card has none
+    both runs take stream order), the tokens of the fused step without the matvec kernels, run eagerly without
+    PDL."""
+    from oryx_torch.kernels import pdl
+
     prompt_mode, step_modes, drop = MODEL_CASES[case]
     model = tiny_model("cuda", mixer="mamba2" if case.startswith("mamba-2") else "gdn")
-    saved = model_module.FUSED_MATVEC, model_module.FUSED_SPLIT_HEADS, model_module.FUSED_MATVEC_MAX_BATCH
-    try:
-        model_module.FUSED_MATVEC, model_module.FUSED_SPLIT_HEADS = True, split
-        model_module.FUSED_MATVEC_MAX_BATCH = 32
-        with_matvec = decode_tokens(model, True, prompt_mode, step_modes, drop)
-        model_module.FUSED_MATVEC, model_module.FUSED_SPLIT_HEADS = False, False
-        without = decode_tokens(model, True, prompt_mode, step_modes, drop, cuda_graphs=False)
-    finally:
-        model_module.FUSED_MATVEC, model_module.FUSED_SPLIT_HEADS, model_module.FUSED_MATVEC_MAX_BATCH = saved
+    monkeypatch.setattr(model_module, "FUSED_MATVEC_MAX_BATCH", 32)
+    monkeypatch.setattr(model_module, "FUSED_MATVEC", True)
+    monkeypatch.setattr(model_module, "FUSED_SPLIT_HEADS", split)
+    monkeypatch.setattr(pdl, "ENABLED", launch_pdl)
+    with_matvec = decode_tokens(model, True, prompt_mode, step_modes, drop)
+    monkeypatch.setattr(model_module, "FUSED_MATVEC", False)
+    monkeypatch.setattr(model_module, "FUSED_SPLIT_HEADS", False)
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    without = decode_tokens(model, True, prompt_mode, step_modes, drop, cuda_graphs=False)
     np.testing.assert_array_equal(with_matvec, without)
 
 
@@ -297,3 +303,45 @@ def test_recurrent_token_step_split_heads_matches_float64_cuda(case):
         for name, want in zip(("win_q", "win_k", "win_v"), want_windows):
             assert_close(name, cuda[name].cpu(), want, tol=1e-6)
         assert not _ARRIVALS[out.device].any()
+
+
+@pytest.mark.gpu
+def test_pdl_chain_equals_stream_order_cuda(monkeypatch):
+    """A chain of 240 dependent matvec launches (each reads the one before as its input and as its residual,
+    the MLP's pair among them) captured in a CUDA graph with programmatic dependent launch gives, on every replay,
+    the bits of the same launches in plain stream order: a kernel that read its input before its predecessor had
+    written it would show here."""
+    from oryx_torch.kernels import pdl
+    from oryx_torch.kernels.decode_matvec import matvec
+
+    if not pdl.applies(torch.device("cuda")):
+        pytest.skip("this card has no programmatic dependent launch")
+    K, F = 576, 1536
+    rng = torch.Generator().manual_seed(0)
+    square = [(torch.randn(K, K, generator=rng) / K ** 0.5).to(torch.bfloat16).cuda() for _ in range(4)]
+    gate_up = (torch.randn(2 * F, K, generator=rng) / K ** 0.5).to(torch.bfloat16).cuda()
+    down = (torch.randn(K, F, generator=rng) / F ** 0.5).to(torch.bfloat16).cuda()
+    norm_weight = (1 + 0.1 * torch.randn(K, generator=rng)).to(torch.bfloat16).cuda()
+    x0 = torch.randn(1, K, generator=rng).to(torch.bfloat16).cuda()
+
+    def chain(x):
+        for i in range(80):
+            x = matvec(x, square[i % 4], norm_weight, NORM_EPS, residual=x)
+            hidden = matvec(x, gate_up, norm_weight, NORM_EPS, silu_mul=True)
+            x = matvec(hidden, down, residual=x)
+        return x
+
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    with torch.no_grad():
+        want = chain(x0)
+        monkeypatch.setattr(pdl, "ENABLED", True)
+        static = x0.clone()
+        chain(static)  # compiles the PDL launches outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = chain(static)
+        for _ in range(5):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(got, want)
+    assert torch.isfinite(want.float()).all() and want.float().abs().max() > 0

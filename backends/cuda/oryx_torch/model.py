@@ -926,9 +926,12 @@ class OryxModel(nn.Module):
             elif layer.mlp is not None:
                 x, xn = normed(x, pending, layer.mlp_norm)
                 pending = layer.mlp.down_proj(silu_mul(F.linear(xn, layer.mlp._fused_weight())))
-        x, xn = normed(x, pending, self.norm)
         cache.position.add_(1)
-        return F.linear(xn, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        if by_matvec and pending is None:  # the final norm and the LM head in one kernel
+            return matvec(x, head, self.norm.weight, self.norm.eps)
+        x, xn = normed(x, pending, self.norm)
+        return F.linear(xn, head)
 
     def decode_inputs(self, tokens, cache: OryxCache):
         """A decode step's embedded tokens [B, D] and RoPE tables (one row per sequence when the cache is ragged)."""

@@ -28,7 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .gdn._triton_compat import patch_interpreter_scalar_index
+from .pdl import wait_for_previous
 
 patch_interpreter_scalar_index()
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -46,11 +48,12 @@ _TILE = 8192
 @triton.jit
 def _matvec_kernel(x, x_stride, norm_w, eps, w, w_stride, residual, out, B, N, K,
                    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr,
-                   SILU_MUL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+                   SILU_MUL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     """out[b, n] for n in this program's block of BN: the product of row n of w (and, with SILU_MUL, of row N + n,
     the up half) with x'[b], then the epilogue. N is the number of output columns. DOT: the products as tensor-core
     dots of the weight tile with x'^T [BK, BB] (BN, BB, BK >= 16; x' in the weight's dtype, exact where x has
-    it), else as elementwise products summed at the end."""
+    it), else as elementwise products summed at the end. Each chunk of the weight is loaded one chunk ahead of its
+    use, the first before waiting for the previous kernel (pdl.py): no kernel writes the weights."""
     b_idx = tl.arange(0, BB)
     b_ok = b_idx < B
     n_idx = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -58,6 +61,11 @@ def _matvec_kernel(x, x_stride, norm_w, eps, w, w_stride, residual, out, B, N, K
     k_idx = tl.arange(0, BK)
     x_rows = x + b_idx.to(tl.int64)[:, None] * x_stride
     w_rows = w + n_idx.to(tl.int64)[:, None] * w_stride
+    first_ok = n_ok[:, None] & (k_idx < K)[None, :]
+    wk = tl.load(w_rows + k_idx[None, :], mask=first_ok, other=0.0)                              # [BN, BK]
+    if SILU_MUL:
+        wu = tl.load(w_rows + N * w_stride + k_idx[None, :], mask=first_ok, other=0.0)
+    wait_for_previous(PDL)
     if NORM:
         squares = tl.zeros([BB, BK], dtype=tl.float32)
         for k0 in range(0, K, BK):
@@ -80,10 +88,11 @@ def _matvec_kernel(x, x_stride, norm_w, eps, w, w_stride, residual, out, B, N, K
         if NORM:  # the normed input, rounded to x's dtype as the unfused norm's output is
             scale = tl.load(norm_w + kk, mask=k_ok, other=0.0).to(tl.float32)
             xk = (xk * inv_rms[:, None] * scale[None, :]).to(x.dtype.element_ty).to(tl.float32)
-        tile_ok = n_ok[:, None] & k_ok[None, :]
-        wk = tl.load(w_rows + kk[None, :], mask=tile_ok, other=0.0)                              # [BN, BK]
+        next_k = kk + BK
+        next_ok = n_ok[:, None] & (next_k < K)[None, :]  # all false past the last chunk: no memory is read
+        wk_next = tl.load(w_rows + next_k[None, :], mask=next_ok, other=0.0)
         if SILU_MUL:
-            wu = tl.load(w_rows + N * w_stride + kk[None, :], mask=tile_ok, other=0.0)
+            wu_next = tl.load(w_rows + N * w_stride + next_k[None, :], mask=next_ok, other=0.0)
         if DOT:
             xt = tl.trans(xk.to(w.dtype.element_ty))                                              # [BK, BB]
             acc = tl.dot(wk, xt, acc, input_precision=PRECISION)
@@ -93,6 +102,9 @@ def _matvec_kernel(x, x_stride, norm_w, eps, w, w_stride, residual, out, B, N, K
             acc += xk[:, None, :] * wk.to(tl.float32)[None, :, :]
             if SILU_MUL:
                 acc_up += xk[:, None, :] * wu.to(tl.float32)[None, :, :]
+        wk = wk_next
+        if SILU_MUL:
+            wu = wu_next
     if DOT:
         y = tl.trans(acc)                                                                         # [BB, BN]
         if SILU_MUL:
@@ -165,6 +177,7 @@ def launch_matvec(x, weight, norm_weight=None, eps=0.0, residual=None, silu_mul=
         residual = residual.contiguous()
     default_block, default_chunk = matvec_blocks(B, N, K, _sm_count(x.device), silu_mul)
     block, chunk = block or default_block, chunk or default_chunk
+    with_pdl = pdl.applies(x.device)
     # Triton's interpreter computes dots of 16-bit floats wrongly: there elementwise products serve any rows
     dot = B > ELEMENTWISE_ROWS and not (_INTERPRETED and weight.dtype != torch.float32)
     if dot and min(block, chunk) < 16:
@@ -173,7 +186,8 @@ def launch_matvec(x, weight, norm_weight=None, eps=0.0, residual=None, silu_mul=
         x, x.stride(0), x if norm_weight is None else norm_weight, eps, weight, weight.stride(0),
         x if residual is None else residual, out, B, N, K, BB=_pow2(B) if not dot else max(16, _pow2(B)),
         BN=block, BK=chunk, NORM=norm_weight is not None, ADD=residual is not None, SILU_MUL=silu_mul, DOT=dot,
-        PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", num_warps=num_warps)
+        PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", PDL=with_pdl, num_warps=num_warps,
+        launch_pdl=with_pdl)
     return out
 
 
