@@ -1,6 +1,7 @@
 """The fused decode-token kernels (oryx_torch.kernels.decode_step) against a float64 reference of the same step
 on fresh random inputs, through Triton's interpreter on the CPU; a tiny model decoding with them picks the
-greedy tokens of the unfused step in every mode and cache variant; on a GPU the same under CUDA graphs.
+greedy tokens of the unfused step in every mode and cache variant (with sharing kv-proj, whose recurrence has key
+and value convs of its own, and leaves the same cache too); on a GPU the same under CUDA graphs.
 
 TRITON_INTERPRET=1 must be set before triton is imported, so the outer pytest process reruns this file in a
 subprocess with it set (test_in_interpreter_subprocess), where the kernel tests run.
@@ -28,13 +29,13 @@ L2_EPS, NORM_EPS = 1e-6, 1e-5
 def test_in_interpreter_subprocess():
     """Runs this file's fast CPU tests (each kernel against float64) under TRITON_INTERPRET=1; exactly these many
     pass there (none silently skips; this launcher skips there, the slow one is deselected)."""
-    rerun_under_interpreter(__file__, 19, pytest_args=("-m", "not gpu and not slow"))
+    rerun_under_interpreter(__file__, 30, pytest_args=("-m", "not gpu and not slow"))
 
 
 @pytest.mark.slow
 def test_in_interpreter_subprocess_slow():
     """The greedy-token comparisons of every mode and cache variant, under TRITON_INTERPRET=1 (minutes)."""
-    rerun_under_interpreter(__file__, 9, launcher_skips=False,
+    rerun_under_interpreter(__file__, 10 + len(KV_PROJ_MODEL_CASES), launcher_skips=False,
                             pytest_args=("--runslow", "-m", "not gpu", "-k", "fused_greedy_tokens_equal_unfused"))
 
 
@@ -72,7 +73,8 @@ def l2(x):
 
 
 def recurrent_token_ref(a):
-    """What recurrent_token_step computes, in float64: (out [B, H*V], windows, state, k_cache, v_cache)."""
+    """What recurrent_token_step computes, in float64: (out [B, H*V], windows, state, k_cache, v_cache); windows
+    (win_q, win_k, win_v), and with the recurrence's own convs (sharing kv-proj) also win_k_rec, win_v_rec."""
     B, H, K, V = a["state"].shape
     Hkv = a["win_k"].shape[2] // K
     G = H // Hkv
@@ -81,12 +83,18 @@ def recurrent_token_ref(a):
     q, win_q = conv_ref(a["q"], a["win_q"], a["conv_q_w"], a["conv_q_b"], a["silu"])
     k, v, q = k.view(B, Hkv, K), v.view(B, Hkv, V), q.view(B, H, K)
     k_cache = v_cache = None
-    if a["k_cache"] is not None:
+    if a["k_cache"] is not None:  # the attention convs' key and value
         keys = k if a["cos"] is None else rope_ref(k, a["cos"], a["sin"])
         k_cache, v_cache = a["k_cache"].double().clone(), a["v_cache"].double().clone()
         rows = torch.arange(B)
         k_cache[rows, :, a["position"]] = keys
         v_cache[rows, :, a["position"]] = v
+    windows = (win_q, win_k, win_v)
+    if a.get("conv_k_rec_w") is not None:  # the recurrence reads its own convs of the same inputs
+        k, win_k_rec = conv_ref(a["k"], a["win_k_rec"], a["conv_k_rec_w"], a["conv_k_rec_b"], a["silu"])
+        v, win_v_rec = conv_ref(a["v"], a["win_v_rec"], a["conv_v_rec_w"], a["conv_v_rec_b"], a["silu"])
+        k, v = k.view(B, Hkv, K), v.view(B, Hkv, V)
+        windows += (win_k_rec, win_v_rec)
     dt = torch.nn.functional.softplus(a["a"].double() + a["dt_bias"].double())
     S = a["state"].double()[:, ::G] * torch.exp(-torch.exp(a["A_log"].double()) * dt)[..., None, None]  # [B, Hkv, K, V]
     if a["D_skip"] is not None:  # Mamba-2
@@ -104,7 +112,7 @@ def recurrent_token_ref(a):
         o = torch.where(a["modes"][:, None, None], a["o_attn"].double(), o)
     gate = None if a["gate"] is None else a["gate"].double().view(B, H, V)
     out = gated_norm_ref(o, gate, a["norm_w"], a["gate_before_norm"]).reshape(B, H * V)
-    return out, (win_q, win_k, win_v), S, k_cache, v_cache
+    return out, windows, S, k_cache, v_cache
 
 
 def attention_token_ref(a):
@@ -140,7 +148,10 @@ def projection_rows(rng, B, widths):
 
 
 def gdn_args(seed, B=3, H=4, Hkv=2, K=16, V=32, W=4, silu=True, bias=False, norm=True, gate=True,
-             gate_before_norm=False, kv=True, rope=True, ragged=False, mixed=False, ssd=False, capacity=12):
+             gate_before_norm=False, kv=True, rope=True, ragged=False, mixed=False, ssd=False, capacity=12,
+             rec_kv=False):
+    """recurrent_token_step's arguments; `rec_kv` adds the recurrence's own key and value convs and windows
+    (sharing kv-proj), drawn after the rest, so the other arguments stay those of the same case without."""
     rng = torch.Generator().manual_seed(seed)
     r = lambda *shape, s=1.0: torch.randn(*shape, generator=rng) * s  # noqa: E731
     q, k, v, gate_rows, a, b = projection_rows(rng, B, [H * K, Hkv * K, Hkv * V, H * V, Hkv, Hkv])
@@ -158,7 +169,10 @@ def gdn_args(seed, B=3, H=4, Hkv=2, K=16, V=32, W=4, silu=True, bias=False, norm
                 k_cache=r(B, Hkv, capacity, K) if kv else None, v_cache=r(B, Hkv, capacity, V) if kv else None,
                 position=position, cos=cos if rope else None, sin=sin if rope else None,
                 modes=torch.tensor([True, False, True][:B]) if mixed else None,
-                o_attn=r(B, H, V) if mixed else None, out_dtype=torch.float32)
+                o_attn=r(B, H, V) if mixed else None, out_dtype=torch.float32,
+                **(dict(conv_k_rec_w=r(Hkv * K, W, s=0.5), conv_k_rec_b=r(Hkv * K) if bias else None,
+                        conv_v_rec_w=r(Hkv * V, W, s=0.5), conv_v_rec_b=r(Hkv * V) if bias else None,
+                        win_k_rec=r(B, W - 1, Hkv * K), win_v_rec=r(B, W - 1, Hkv * V)) if rec_kv else {}))
 
 
 def attention_args(seed, B=2, H=6, Hkv=2, K=16, V=32, W=4, silu=True, bias=True, norm=True, gate=True,
@@ -215,6 +229,43 @@ def test_recurrent_token_step_matches_float64(case):
     if want_k is not None:
         assert_close("k_cache", args["k_cache"], want_k)
         assert_close("v_cache", args["v_cache"], want_v)
+
+
+# sharing kv-proj: the KV cache takes the attention convs' key and value, the recurrence its own convs' of the same
+# inputs, and all five windows shift once, the attention's also without an append
+KV_PROJ_CASES = {
+    "design block": dict(rec_kv=True),
+    "no KV cache (the attention windows still shift)": dict(rec_kv=True, kv=False),
+    "mixed rows, conv bias, ragged rope, gate before norm": dict(rec_kv=True, mixed=True, bias=True, ragged=True,
+                                                                 gate_before_norm=True),
+    "mamba-2 (no conv activation)": dict(rec_kv=True, ssd=True, silu=False),
+    "mamba-2, mixed rows, conv bias, no KV cache, grouped 4": dict(rec_kv=True, ssd=True, mixed=True, bias=True,
+                                                                    kv=False, H=8),
+}
+WINDOWS = ("win_q", "win_k", "win_v", "win_k_rec", "win_v_rec")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("split_heads", [False, True], ids=["per_kv_head", "split_heads"])
+@pytest.mark.parametrize("case", KV_PROJ_CASES)
+def test_recurrent_token_step_kv_proj_matches_float64(case, split_heads):
+    """Output, every state copy, the KV cache (written once) and the five windows (each shifted exactly once, by
+    the last program of each group when split); the arrival counts are left at zero."""
+    from oryx_torch.kernels.decode_step import _ARRIVALS, recurrent_token_step
+
+    args = gdn_args(len(case), **KV_PROJ_CASES[case])
+    want_out, want_windows, want_state, want_k, want_v = recurrent_token_ref(args)
+    assert len(want_windows) == len(WINDOWS)
+    out = recurrent_token_step(**args, split_heads=split_heads)
+    assert_close("out", out, want_out)
+    assert_close("state (every copy)", args["state"], want_state)
+    for name, want in zip(WINDOWS, want_windows):
+        assert_close(name, args[name], want, tol=1e-7)
+    if want_k is not None:
+        assert_close("k_cache", args["k_cache"], want_k)
+        assert_close("v_cache", args["v_cache"], want_v)
+    if split_heads:
+        assert not _ARRIVALS[out.device].any()
 
 
 ATTENTION_CASES = {
@@ -281,10 +332,10 @@ def tiny_model(device="cpu", dtype=torch.float32, mixer="gdn", **changes):
 
 @torch.no_grad()
 def decode_tokens(model, fused: bool, prompt_mode: bool, step_modes, drop: str | None = None,
-                  capacity=PROMPT + STEPS + 2, **runner_args):
+                  capacity=PROMPT + STEPS + 2, caches: list | None = None, **runner_args):
     """[B, STEPS] greedy tokens after a fixed prompt, each step under step_modes[i] ([B] bools); `drop` the KV
     cache or the recurrent state after the prompt, or "ragged": row 1's prompt two tokens shorter (right-padded),
-    so the rows decode at different positions."""
+    so the rows decode at different positions. The cache is appended to `caches` when given."""
     saved, model_module.FUSED_DECODE = model_module.FUSED_DECODE, fused
     try:
         prompt = torch.tensor(np.random.default_rng(7).integers(0, model.cfg.vocab_size, (B, PROMPT)))
@@ -300,6 +351,8 @@ def decode_tokens(model, fused: bool, prompt_mode: bool, step_modes, drop: str |
             cache.drop_kv()
         elif drop == "recurrent":
             cache.drop_recurrent()
+        if caches is not None:
+            caches.append(cache)
         runner = DecodeRunner(model, cache, **runner_args)
         out = [token]
         for i in range(STEPS - 1):
@@ -323,10 +376,10 @@ MODEL_CASES = {
 SLOW_MODEL_CASES = [pytest.param(c, marks=pytest.mark.slow) for c in MODEL_CASES]
 
 
-@needs_interpreter
-@pytest.mark.parametrize("case", SLOW_MODEL_CASES)
-def test_fused_greedy_tokens_equal_unfused(case, monkeypatch):
-    """Also: the fused kernels are what runs (no silent fallback), and only while switched on."""
+def fused_and_unfused(case, monkeypatch, caches: list | None = None, **changes):
+    """(fused tokens, unfused tokens) of MODEL_CASES[case] on the tiny model with config `changes`, checking that
+    the fused kernels are what runs (no silent fallback), and only while switched on; the two caches are appended
+    to `caches` when given."""
     from oryx_torch.kernels import decode_step
 
     calls = []
@@ -334,16 +387,15 @@ def test_fused_greedy_tokens_equal_unfused(case, monkeypatch):
         original = getattr(decode_step, name)
         monkeypatch.setattr(decode_step, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     prompt_mode, step_modes, drop = MODEL_CASES[case]
-    model = tiny_model(mixer="mamba2" if case.startswith("mamba-2") else "gdn")
+    model = tiny_model(mixer="mamba2" if case.startswith("mamba-2") else "gdn", **changes)
     capacity = PROMPT + STEPS + 2
     if case == "attention":  # through the split attention and its combining kernel
         monkeypatch.setattr(decode_step, "ATTENTION_SPLIT_FROM", 64)
         monkeypatch.setattr(decode_step, "ATTENTION_SPLIT", 64)
         capacity = 130
-    fused = decode_tokens(model, True, prompt_mode, step_modes, drop, capacity)
+    fused = decode_tokens(model, True, prompt_mode, step_modes, drop, capacity, caches)
     fused_calls = list(calls)
-    unfused = decode_tokens(model, False, prompt_mode, step_modes, drop, capacity)
-    np.testing.assert_array_equal(fused, unfused)
+    unfused = decode_tokens(model, False, prompt_mode, step_modes, drop, capacity, caches)
     assert len(set(unfused.ravel().tolist())) > 3  # the comparison can tell tokens apart
     assert calls == fused_calls  # nothing fused ran while switched off
     L = model.cfg.n_layers
@@ -352,15 +404,69 @@ def test_fused_greedy_tokens_equal_unfused(case, monkeypatch):
                     recurrent_token_step=0 if drop == "recurrent" else L)
     for name, count in per_step.items():
         assert fused_calls.count(name) == count * (STEPS - 1), name
+    return fused, unfused
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", SLOW_MODEL_CASES)
+def test_fused_greedy_tokens_equal_unfused(case, monkeypatch):
+    """Also: the fused kernels are what runs (no silent fallback), and only while switched on."""
+    fused, unfused = fused_and_unfused(case, monkeypatch)
+    np.testing.assert_array_equal(fused, unfused)
+
+
+def assert_caches_close(fused, unfused, tol=1e-5):
+    """Every layer's windows, recurrent state and KV cache: the same parts, the same contents."""
+    for i, (a, b) in enumerate(zip(fused.layers, unfused.layers)):
+        assert a.conv.keys() == b.conv.keys(), i
+        parts = [(f"window {name}", a.conv[name], b.conv[name]) for name in a.conv]
+        parts += [(name, getattr(a, name), getattr(b, name)) for name in ("keys", "values", "recurrent")]
+        for name, got, want in parts:
+            assert (got is None) == (want is None), (i, name)
+            if got is not None:
+                assert_close(f"layer {i} {name}", got, want, tol)
+
+
+KV_PROJ_MODEL_CASES = [*MODEL_CASES, "mixed rows, one program per key/value head"]
 
 
 @needs_interpreter
 @pytest.mark.slow
-def test_fused_greedy_tokens_equal_unfused_compiled():
+@pytest.mark.parametrize("case", KV_PROJ_MODEL_CASES)
+def test_fused_greedy_tokens_equal_unfused_kv_proj(case, monkeypatch):
+    """Sharing kv-proj (the recurrence's own conv biases on): the greedy tokens and every cache part (windows k, v,
+    q, k_rec, v_rec, the state, the KV cache) of the unfused step, the recurrent kernel split by query head (the
+    interpreter's default at this batch) and, in the last case, not."""
+    from oryx_torch.kernels import decode_step
+
+    split = case in MODEL_CASES
+    monkeypatch.setattr(model_module, "FUSED_SPLIT_HEADS", split)
+    splits = []
+    original = decode_step.recurrent_token_step
+    monkeypatch.setattr(decode_step, "recurrent_token_step",
+                        lambda *a, **k: splits.append(k["split_heads"]) or original(*a, **k))
+    caches = []
+    fused, unfused = fused_and_unfused(case if split else "mixed rows", monkeypatch, caches, sharing="kv-proj",
+                                       conv_bias=True)
+    np.testing.assert_array_equal(fused, unfused)
+    fused_cache, unfused_cache = caches
+    if fused_cache.has_recurrent:
+        assert {"k_rec", "v_rec"} <= fused_cache.layers[0].conv.keys()
+        assert splits and all(s == split for s in splits)
+    assert_caches_close(fused_cache, unfused_cache)
+
+
+@needs_interpreter
+@pytest.mark.slow
+@pytest.mark.parametrize("sharing", ["kv", "kv-proj"])
+def test_fused_greedy_tokens_equal_unfused_compiled(sharing, monkeypatch):
     """The fused kernels as custom ops inside the torch.compile'd step (aot_eager: what dynamo traced, run
-    eagerly) pick the unfused eager step's tokens."""
+    eagerly) pick the unfused eager step's tokens; with kv-proj the recurrent op also writes the recurrence's own
+    windows."""
     prompt_mode, step_modes, drop = MODEL_CASES["mixed rows"]
-    model = tiny_model()
+    model = tiny_model(sharing=sharing)
+    monkeypatch.setattr(model_module, "FUSED_DECODE", True)  # decode_tokens sets it per run
+    assert model_module.fused_step_applies(model.layers[0].mixer, model.make_cache(B, 8).layers[0])
     torch._dynamo.reset()
     fused = decode_tokens(model, True, prompt_mode, step_modes, drop, compiled=True, compile_backend="aot_eager")
     np.testing.assert_array_equal(fused, decode_tokens(model, False, prompt_mode, step_modes, drop))
@@ -405,6 +511,25 @@ def test_cuda_batch_generator_fused_equals_unfused():
     assert batch_generator_tokens(model, True, cuda_graphs=True) == want
 
 
+@needs_interpreter
+def test_fused_step_applies_to_kv_proj_not_none():
+    """Sharing kv-proj (the recurrence's own convs of the shared projections) takes the fused step, with the KV
+    cache or the state dropped too; "none" (projections of its own) the unfused one."""
+    from oryx_torch.model import fused_step_applies
+
+    saved, model_module.FUSED_DECODE = model_module.FUSED_DECODE, True
+    try:
+        for sharing, applies in (("kv", True), ("qkv", True), ("kv-proj", True), ("none", False)):
+            model = tiny_model(sharing=sharing)
+            for drop in (None, "drop_kv", "drop_recurrent"):
+                cache = model.make_cache(1, 8)
+                if drop:
+                    getattr(cache, drop)()
+                assert fused_step_applies(model.layers[0].mixer, cache.layers[0]) == applies, (sharing, drop)
+    finally:
+        model_module.FUSED_DECODE = saved
+
+
 def test_fused_step_is_on_by_default_and_off_on_cpu():
     """On unless ORYX_FUSED_DECODE=0; even on, a CPU tensor outside the interpreter takes the torch step."""
     from oryx_torch.model import fused_step_applies
@@ -422,9 +547,10 @@ def test_fused_step_is_on_by_default_and_off_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", MODEL_CASES)
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager_step", "compiled_step"])
-def test_fused_greedy_tokens_equal_unfused_cuda_graphs(case, compiled):
+@pytest.mark.parametrize("sharing", ["kv", "kv-proj"])
+def test_fused_greedy_tokens_equal_unfused_cuda_graphs(case, compiled, sharing):
     prompt_mode, step_modes, drop = MODEL_CASES[case]
-    model = tiny_model("cuda", mixer="mamba2" if case.startswith("mamba-2") else "gdn")
+    model = tiny_model("cuda", mixer="mamba2" if case.startswith("mamba-2") else "gdn", sharing=sharing)
     fused = decode_tokens(model, True, prompt_mode, step_modes, drop, compiled=compiled)
     unfused = decode_tokens(model, False, prompt_mode, step_modes, drop, compiled=False, cuda_graphs=False)
     np.testing.assert_array_equal(fused, unfused)
@@ -441,6 +567,29 @@ def test_recurrent_token_step_matches_float64_cuda(case):
     cuda = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     assert_close("out", recurrent_token_step(**cuda).cpu(), want[0], tol=1e-4)
     assert_close("state", cuda["state"].cpu(), want[2], tol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split_heads", [False, True], ids=["per_kv_head", "split_heads"])
+@pytest.mark.parametrize("case", KV_PROJ_CASES)
+def test_recurrent_token_step_kv_proj_matches_float64_cuda(case, split_heads):
+    """Sharing kv-proj on the GPU, where a split group's programs run at once: five fresh launches, each against
+    float64, windows included (one shifted before a program of its group read it, or twice, shows here)."""
+    from oryx_torch.kernels.decode_step import _ARRIVALS, recurrent_token_step
+
+    for seed in range(5):
+        args = gdn_args(seed, **KV_PROJ_CASES[case])
+        want_out, want_windows, want_state, want_k, _ = recurrent_token_ref(args)
+        cuda = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        out = recurrent_token_step(**cuda, split_heads=split_heads)
+        assert_close("out", out.cpu(), want_out, tol=1e-4)
+        assert_close("state", cuda["state"].cpu(), want_state, tol=1e-4)
+        for name, want in zip(WINDOWS, want_windows):
+            assert_close(name, cuda[name].cpu(), want, tol=1e-6)
+        if want_k is not None:
+            assert_close("k_cache", cuda["k_cache"].cpu(), want_k, tol=1e-4)
+        if split_heads:
+            assert not _ARRIVALS[out.device].any()
 
 
 @pytest.mark.gpu

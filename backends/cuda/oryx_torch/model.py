@@ -543,6 +543,8 @@ class OryxMixer(nn.Module):
         """`step` through the fused kernels of kernels/decode_step.py: the input projections' matmul, at most two
         kernels (the attention token when a row attends or the recurrent state was dropped, the GDN or Mamba-2 token
         when the state is kept), o_proj. The same function as the unfused step (fused_step_applies says when it runs).
+        With sharing "kv-proj" the recurrent kernel reads the recurrence's own convs and windows (k_rec, v_rec) and
+        also shifts the attention's k and v windows, which the attention kernel leaves to it when the state is kept.
         With `norm` and `residual` (the decode matvec kernels, kernels/decode_matvec.py) xn is the un-normed
         residual stream, normed in the projections' kernel, and the result is residual + the mixer's output, added
         in o_proj's kernel."""
@@ -568,6 +570,11 @@ class OryxMixer(nn.Module):
                 return self._fused_output(o_attn, residual)
         append = not attend and layer_cache.keys is not None  # an attending step's kernel appended already
         gdn = cfg.mixer == "gdn"
+        own_convs = {}
+        if self.recurrent_kv_convs:  # kv-proj: the recurrence's own convs of k_proj's and v_proj's outputs
+            own_convs = dict(conv_k_rec_w=self.conv_k_rec.weight, conv_k_rec_b=self.conv_k_rec.bias,
+                             conv_v_rec_w=self.conv_v_rec.weight, conv_v_rec_b=self.conv_v_rec.bias,
+                             win_k_rec=windows["k_rec"], win_v_rec=windows["v_rec"])
         gates = (proj["a_proj"], proj["b_proj"]) if gdn else (proj["dt_proj"], None)
         y = recurrent_token_step(proj[self.recurrent_query], proj["k_proj"], proj["v_proj"], *gates, gate,
                                  self.conv_q.weight, self.conv_q.bias, *convs, silu, windows["q"], windows["k"],
@@ -577,7 +584,7 @@ class OryxMixer(nn.Module):
                                  layer_cache.values if append else None, position, cos, sin, modes if attend else None,
                                  o_attn, xn.dtype,
                                  split_heads=FUSED_SPLIT_HEADS and split_heads_applies(xn.shape[0], cfg.n_heads,
-                                                                                       xn.device))
+                                                                                       xn.device), **own_convs)
         return self._fused_output(y, residual)
 
     def _fused_output(self, y, residual):
@@ -1017,11 +1024,12 @@ def fused_norms_apply(x: torch.Tensor) -> bool:
 
 def fused_step_applies(mixer: OryxMixer, layer_cache: LayerCache) -> bool:
     """Whether OryxMixer.step runs the fused kernels: FUSED_DECODE on, CUDA tensors (or the Triton interpreter),
-    a mixer (GDN or Mamba-2) whose modes read the same keys and values (sharing "kv" or "qkv"), the output norm per
-    head, conv width >= 2, heads of >= 16 (the attention kernel's matrix products), and the parts of the cache it
-    writes."""
+    a mixer (GDN or Mamba-2) whose modes read the same key and value projections (sharing "kv" or "qkv", or "kv-proj"
+    with the recurrence's own convs of them; not "none", whose recurrence has projections of its own), the output
+    norm per head, conv width >= 2, heads of >= 16 (the attention kernel's matrix products), and the parts of the
+    cache it writes."""
     cfg = mixer.cfg
-    return (FUSED_DECODE and not mixer.recurrent_kv_convs and cfg.o_norm_grouping == "head"
+    return (FUSED_DECODE and not mixer.separate_kv and cfg.o_norm_grouping == "head"
             and cfg.conv_width >= 2 and min(cfg.head_dim, cfg.v_head_dim) >= 16
             and (layer_cache.keys is not None or layer_cache.recurrent is not None)
             and fused_decode_available(layer_cache.conv["k"]))

@@ -11,7 +11,10 @@ for Mamba-2 (dt = softplus(a + dt_bias), g = -e^{A_log} dt)
     S <- e^g S + dt k v^T;  o_h = S^T q_h + D v,
 the gated RMSNorm of each query head's readout, and (optionally) the key, rotated by RoPE, and the value appended
 to the KV cache at the sequence's position. Given `modes` and `o_attn`, the rows whose mode is attention take the
-readout the attention kernel wrote instead of the recurrence's before the norm.
+readout the attention kernel wrote instead of the recurrence's before the norm. The modes share the key and value
+(sharing `kv` or `qkv`), or, given the recurrence's own key and value convs and windows (sharing `kv-proj`), only
+the projections: the recurrence then reads those convs of the same k and v inputs, the KV cache the attention
+convs', and every window the step reads (attention's and the recurrence's) shifts once.
 
 attention_token_step, one program per (sequence, key/value head): the same convs of the key and value (windows
 left alone unless `finish`), RoPE on the key and the group's queries, the KV-cache append, and softmax
@@ -97,15 +100,20 @@ def _recurrent_token_kernel(
         conv_q_w, conv_q_b, conv_k_w, conv_k_b, conv_v_w, conv_v_b, win_q, win_k, win_v,
         A_log, dt_bias, D_skip, state, scale, l2_eps, norm_w, norm_eps,
         k_cache, v_cache, kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st, position, cos, sin, rope_stride,
-        modes, o_attn, out, arrivals,
+        modes, o_attn, out, arrivals, conv_k_rec_w, conv_k_rec_b, conv_v_rec_w, conv_v_rec_b, win_k_rec, win_v_rec,
         H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, W: tl.constexpr,
         BD: tl.constexpr, BDV: tl.constexpr, BW: tl.constexpr,
         CONV_BIAS: tl.constexpr, SILU: tl.constexpr, OUTPUT_NORM: tl.constexpr, OUTPUT_GATE: tl.constexpr,
         GATE_BEFORE_NORM: tl.constexpr, APPEND_KV: tl.constexpr, ROPE: tl.constexpr, MIXED: tl.constexpr,
-        SSD: tl.constexpr, SPLIT_HEADS: tl.constexpr):
+        SSD: tl.constexpr, SPLIT_HEADS: tl.constexpr, REC_KV_CONVS: tl.constexpr):
     # SPLIT_HEADS: one program per query head of the group (program_id 2), each updating the shared state itself
     # and writing its own copy and readout; the last of the group to arrive (arrivals[b, j], an atomic count
-    # that it resets) shifts the shared k and v windows, which every program of the group reads first.
+    # that it resets) shifts the shared k and v windows (with REC_KV_CONVS also k_rec and v_rec), which every
+    # program of the group reads first.
+    # REC_KV_CONVS (sharing kv-proj): the KV-cache append takes the attention convs' k and v (conv_k, conv_v over
+    # win_k, win_v), the recurrence its own convs' of the same inputs (conv_*_rec over win_*_rec). The attention
+    # windows shift here too, also without an append (the KV cache dropped, or appended by the attention kernel,
+    # which leaves them to this one): every token advances every window the cache keeps, as OryxMixer.step does.
     b, j, first_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     d_idx = tl.arange(0, BD)
     v_idx = tl.arange(0, BDV)
@@ -128,6 +136,11 @@ def _recurrent_token_kernel(
                  mask=d_ok & (first_head == 0))
         tl.store(v_cache + b * vc_sb + j * vc_sh + pos * vc_st + v_idx, v.to(v_cache.dtype.element_ty),
                  mask=v_ok & (first_head == 0))
+    if REC_KV_CONVS:  # from here on k and v are the recurrence's; k_rows, k_x, v_rows, v_x stay the attention's
+        k, k_rec_rows, k_rec_x = _conv_token(k_in + b * k_stride, win_k_rec, conv_k_rec_w, conv_k_rec_b, b, HKV * D,
+                                             k_ch, d_ok, W, BW, CONV_BIAS, SILU)
+        v, v_rec_rows, v_rec_x = _conv_token(v_in + b * v_stride, win_v_rec, conv_v_rec_w, conv_v_rec_b, b, HKV * DV,
+                                             v_ch, v_ok, W, BW, CONV_BIAS, SILU)
     # gates of this key/value head: GDN's decay and write strength, or Mamba-2's step size dt
     a = tl.load(a_in + b * a_stride + j).to(tl.float32) + tl.load(dt_bias + j).to(tl.float32)
     softplus_a = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))
@@ -154,10 +167,16 @@ def _recurrent_token_kernel(
         if arrived == G - 1:  # the group's other programs have read the windows
             _shift_window(win_k, b, HKV * D, k_ch, d_ok, k_rows, k_x, W, BW)
             _shift_window(win_v, b, HKV * DV, v_ch, v_ok, v_rows, v_x, W, BW)
+            if REC_KV_CONVS:
+                _shift_window(win_k_rec, b, HKV * D, k_ch, d_ok, k_rec_rows, k_rec_x, W, BW)
+                _shift_window(win_v_rec, b, HKV * DV, v_ch, v_ok, v_rec_rows, v_rec_x, W, BW)
             tl.store(arrivals + b * HKV + j, 0)
     else:
         _shift_window(win_k, b, HKV * D, k_ch, d_ok, k_rows, k_x, W, BW)
         _shift_window(win_v, b, HKV * DV, v_ch, v_ok, v_rows, v_x, W, BW)
+        if REC_KV_CONVS:
+            _shift_window(win_k_rec, b, HKV * D, k_ch, d_ok, k_rec_rows, k_rec_x, W, BW)
+            _shift_window(win_v_rec, b, HKV * DV, v_ch, v_ok, v_rec_rows, v_rec_x, W, BW)
     for head in tl.static_range(1 if SPLIT_HEADS else G):
         i = first_head + head
         h = j * G + i
@@ -341,7 +360,7 @@ def _arrivals(n: int, device: torch.device) -> torch.Tensor:
 
 # As torch custom ops declaring what they write, so that a torch.compile'd decode step calls them from its graph.
 @torch.library.custom_op("oryx::recurrent_token_step", mutates_args=("win_q", "win_k", "win_v", "state", "k_cache",
-                                                                      "v_cache"))
+                                                                      "v_cache", "win_k_rec", "win_v_rec"))
 def recurrent_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None,
                          gate: torch.Tensor | None, conv_q_w: torch.Tensor, conv_q_b: torch.Tensor | None,
                          conv_k_w: torch.Tensor, conv_k_b: torch.Tensor | None, conv_v_w: torch.Tensor,
@@ -351,20 +370,31 @@ def recurrent_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: t
                          norm_eps: float, gate_before_norm: bool, k_cache: torch.Tensor | None,
                          v_cache: torch.Tensor | None, position: torch.Tensor, cos: torch.Tensor | None,
                          sin: torch.Tensor | None, modes: torch.Tensor | None, o_attn: torch.Tensor | None,
-                         out_dtype: torch.dtype, split_heads: bool = False) -> torch.Tensor:
+                         out_dtype: torch.dtype, split_heads: bool = False, conv_k_rec_w: torch.Tensor | None = None,
+                         conv_k_rec_b: torch.Tensor | None = None, conv_v_rec_w: torch.Tensor | None = None,
+                         conv_v_rec_b: torch.Tensor | None = None, win_k_rec: torch.Tensor | None = None,
+                         win_v_rec: torch.Tensor | None = None) -> torch.Tensor:
     """One recurrent decode token of every sequence (module docstring): GDN, or Mamba-2 when D_skip is given
     (then `a` is dt_proj's output, b is unused, and o = S^T q + D v without scale or L2 norms). q, k, v, a, b, gate
     are the projections [B, *] (rows of any stride, last axis contiguous); windows [B, W-1, C] and state
     [B, H, K, V] change in place, the KV cache too when given (keys RoPE'd with cos/sin [1 or B, K] when given);
     modes [B] bool with o_attn [B, H, V]: the rows whose readout is the attention's. Returns the gated-normed
     readout [B, H * V] in out_dtype. `split_heads`: one program per query head instead of per key/value head
-    (each repeats the group's state update; more programs at small batches)."""
+    (each repeats the group's state update; more programs at small batches). With conv_k_rec_w (sharing
+    kv-proj; then conv_v_rec_w, win_k_rec and win_v_rec too, the biases as conv_k_b) the recurrence reads k and
+    v through those convs and windows, the KV cache through conv_k/conv_v, and all four windows shift."""
     B, H, K, V = state.shape
     HKV, W = win_k.shape[2] // K, conv_k_w.shape[1]
     out = torch.empty(B, H * V, dtype=out_dtype, device=q.device)
     dummy = state
     cos, sin, rope_stride = _rope_arguments(cos, sin, dummy)
     b = a if b is None else b
+    rec_kv = conv_k_rec_w is not None
+    if rec_kv and (conv_v_rec_w is None or win_k_rec is None or win_v_rec is None
+                   or (conv_k_rec_b is None) != (conv_k_b is None) or (conv_v_rec_b is None) != (conv_k_b is None)):
+        raise ValueError("recurrent_token_step: the recurrence's own convs need conv_k_rec_w, conv_v_rec_w, "
+                         "win_k_rec and win_v_rec, with biases where conv_k has one")
+    rec_args = (conv_k_rec_w, conv_k_rec_b, conv_v_rec_w, conv_v_rec_b, win_k_rec, win_v_rec)
     _recurrent_token_kernel[(B, HKV, H // HKV if split_heads else 1)](
         q, q.stride(0), k, k.stride(0), v, v.stride(0), a, a.stride(0), b, b.stride(0),
         dummy if gate is None else gate, 0 if gate is None else gate.stride(0),
@@ -375,10 +405,11 @@ def recurrent_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: t
         dummy if k_cache is None else k_cache, dummy if v_cache is None else v_cache, *_cache_strides(k_cache, v_cache),
         position, cos, sin, rope_stride, dummy if modes is None else modes.view(torch.uint8),
         dummy if o_attn is None else o_attn, out, _arrivals(B * HKV, q.device) if split_heads else dummy,
+        *(dummy if t is None else t for t in rec_args),
         H=H, HKV=HKV, G=H // HKV, D=K, DV=V, W=W, BD=_pow2(K), BDV=_pow2(V), BW=_pow2(W),
         CONV_BIAS=conv_k_b is not None, SILU=silu, OUTPUT_NORM=norm_w is not None, OUTPUT_GATE=gate is not None,
         GATE_BEFORE_NORM=gate_before_norm, APPEND_KV=k_cache is not None, ROPE=cos is not dummy,
-        MIXED=modes is not None, SSD=D_skip is not None, SPLIT_HEADS=split_heads,
+        MIXED=modes is not None, SSD=D_skip is not None, SPLIT_HEADS=split_heads, REC_KV_CONVS=rec_kv,
         num_warps=8 if K * V >= 16384 else 4 if K * V >= 4096 else 2)  # the state tile stays in registers
     return out
 
@@ -386,7 +417,8 @@ def recurrent_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: t
 @recurrent_token_step.register_fake
 def _(q, k, v, a, b, gate, conv_q_w, conv_q_b, conv_k_w, conv_k_b, conv_v_w, conv_v_b, silu, win_q, win_k, win_v,
       A_log, dt_bias, D_skip, state, scale, l2_eps, norm_w, norm_eps, gate_before_norm, k_cache, v_cache, position,
-      cos, sin, modes, o_attn, out_dtype, split_heads=False):
+      cos, sin, modes, o_attn, out_dtype, split_heads=False, conv_k_rec_w=None, conv_k_rec_b=None, conv_v_rec_w=None,
+      conv_v_rec_b=None, win_k_rec=None, win_v_rec=None):
     B, H, _, V = state.shape
     return q.new_empty(B, H * V, dtype=out_dtype)
 
