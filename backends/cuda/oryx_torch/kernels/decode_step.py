@@ -34,7 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .gdn._triton_compat import patch_interpreter_scalar_index
+from .pdl import wait_for_previous
 
 patch_interpreter_scalar_index()
 
@@ -105,7 +107,7 @@ def _recurrent_token_kernel(
         BD: tl.constexpr, BDV: tl.constexpr, BW: tl.constexpr,
         CONV_BIAS: tl.constexpr, SILU: tl.constexpr, OUTPUT_NORM: tl.constexpr, OUTPUT_GATE: tl.constexpr,
         GATE_BEFORE_NORM: tl.constexpr, APPEND_KV: tl.constexpr, ROPE: tl.constexpr, MIXED: tl.constexpr,
-        SSD: tl.constexpr, SPLIT_HEADS: tl.constexpr, REC_KV_CONVS: tl.constexpr):
+        SSD: tl.constexpr, SPLIT_HEADS: tl.constexpr, REC_KV_CONVS: tl.constexpr, PDL: tl.constexpr):
     # SPLIT_HEADS: one program per query head of the group (program_id 2), each updating the shared state itself
     # and writing its own copy and readout; the last of the group to arrive (arrivals[b, j], an atomic count
     # that it resets) shifts the shared k and v windows (with REC_KV_CONVS also k_rec and v_rec), which every
@@ -118,6 +120,13 @@ def _recurrent_token_kernel(
     d_idx = tl.arange(0, BD)
     v_idx = tl.arange(0, BDV)
     d_ok, v_ok = d_idx < D, v_idx < DV
+    # the group's state copies are equal: update one, write it to each (split: each program its own copy). It is
+    # loaded before waiting for the previous kernel (pdl.py): only this kernel, a step earlier, writes it.
+    copies = state + (b * H + j * G).to(tl.int64) * D * DV
+    tile = d_idx[:, None] * DV + v_idx[None, :]
+    tile_ok = d_ok[:, None] & v_ok[None, :]
+    S = tl.load(copies + first_head * D * DV + tile, mask=tile_ok, other=0.0)
+    wait_for_previous(PDL)
     k_ch = j * D + d_idx
     v_ch = j * DV + v_idx
     k, k_rows, k_x = _conv_token(k_in + b * k_stride, win_k, conv_k_w, conv_k_b, b, HKV * D, k_ch, d_ok, W, BW,
@@ -145,11 +154,7 @@ def _recurrent_token_kernel(
     a = tl.load(a_in + b * a_stride + j).to(tl.float32) + tl.load(dt_bias + j).to(tl.float32)
     softplus_a = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))
     decay = tl.exp(-tl.exp(tl.load(A_log + j).to(tl.float32)) * softplus_a)
-    # the group's state copies are equal: update one, write it to each (split: each program its own copy)
-    copies = state + (b * H + j * G).to(tl.int64) * D * DV
-    tile = d_idx[:, None] * DV + v_idx[None, :]
-    tile_ok = d_ok[:, None] & v_ok[None, :]
-    S = tl.load(copies + first_head * D * DV + tile, mask=tile_ok, other=0.0) * decay
+    S = S * decay
     if SSD:
         S = S + (softplus_a * k)[:, None] * v[None, :]
         skip = tl.load(D_skip + j).to(tl.float32) * v
@@ -209,12 +214,13 @@ def _attention_token_kernel(
         BD: tl.constexpr, BDV: tl.constexpr, BW: tl.constexpr, BG: tl.constexpr, BT: tl.constexpr,
         CONV_BIAS: tl.constexpr, SILU: tl.constexpr, ROPE: tl.constexpr, WRITE_WINDOWS: tl.constexpr,
         FINISH: tl.constexpr, OUTPUT_NORM: tl.constexpr, OUTPUT_GATE: tl.constexpr, GATE_BEFORE_NORM: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
     # program (b, j, s): with SPLIT > 0 it attends over slots [s SPLIT, (s + 1) SPLIT) only and writes its running
     # maximum, sum and weighted values for _attention_combine_kernel; split 0 also owns the current token, the
     # cache append and the window shift. The other splits compute the key and value too (one code path) but use
     # neither: they may read the windows while split 0 shifts them.
     b, j, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    wait_for_previous(PDL)
     first = s == 0
     d_idx = tl.arange(0, BD)
     v_idx = tl.arange(0, BDV)
@@ -299,9 +305,10 @@ def _attention_token_kernel(
 def _attention_combine_kernel(part_max, part_sum, part_acc, gate_in, gate_stride, norm_w, norm_eps, out,
                               H: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, SPLITS: tl.constexpr,
                               BS: tl.constexpr, FINISH: tl.constexpr, OUTPUT_NORM: tl.constexpr,
-                              OUTPUT_GATE: tl.constexpr, GATE_BEFORE_NORM: tl.constexpr):
+                              OUTPUT_GATE: tl.constexpr, GATE_BEFORE_NORM: tl.constexpr, PDL: tl.constexpr):
     """One (sequence, query head): the splits' partial softmaxes into one readout (gated-normed with FINISH)."""
     b, h = tl.program_id(0), tl.program_id(1)
+    wait_for_previous(PDL)
     s_idx = tl.arange(0, BS)
     v_idx = tl.arange(0, BDV)
     s_ok, v_ok = s_idx < SPLITS, v_idx < DV
@@ -395,6 +402,7 @@ def recurrent_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: t
         raise ValueError("recurrent_token_step: the recurrence's own convs need conv_k_rec_w, conv_v_rec_w, "
                          "win_k_rec and win_v_rec, with biases where conv_k has one")
     rec_args = (conv_k_rec_w, conv_k_rec_b, conv_v_rec_w, conv_v_rec_b, win_k_rec, win_v_rec)
+    with_pdl = pdl.applies(q.device)
     _recurrent_token_kernel[(B, HKV, H // HKV if split_heads else 1)](
         q, q.stride(0), k, k.stride(0), v, v.stride(0), a, a.stride(0), b, b.stride(0),
         dummy if gate is None else gate, 0 if gate is None else gate.stride(0),
@@ -409,8 +417,9 @@ def recurrent_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: t
         H=H, HKV=HKV, G=H // HKV, D=K, DV=V, W=W, BD=_pow2(K), BDV=_pow2(V), BW=_pow2(W),
         CONV_BIAS=conv_k_b is not None, SILU=silu, OUTPUT_NORM=norm_w is not None, OUTPUT_GATE=gate is not None,
         GATE_BEFORE_NORM=gate_before_norm, APPEND_KV=k_cache is not None, ROPE=cos is not dummy,
-        MIXED=modes is not None, SSD=D_skip is not None, SPLIT_HEADS=split_heads, REC_KV_CONVS=rec_kv,
-        num_warps=8 if K * V >= 16384 else 4 if K * V >= 4096 else 2)  # the state tile stays in registers
+        MIXED=modes is not None, SSD=D_skip is not None, SPLIT_HEADS=split_heads, REC_KV_CONVS=rec_kv, PDL=with_pdl,
+        num_warps=8 if K * V >= 16384 else 4 if K * V >= 4096 else 2,  # the state tile stays in registers
+        launch_pdl=with_pdl)
     return out
 
 
@@ -465,6 +474,7 @@ def attention_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate
     else:
         part_max = part_sum = part_acc = out
     flags = dict(OUTPUT_NORM=norm_w is not None, OUTPUT_GATE=gate is not None, GATE_BEFORE_NORM=gate_before_norm)
+    with_pdl = pdl.applies(q.device)
     gate_args = (dummy if gate is None else gate, 0 if gate is None else gate.stride(0))
     norm_args = (dummy if norm_w is None else norm_w, norm_eps)
     _attention_token_kernel[(B, HKV, splits)](
@@ -475,11 +485,11 @@ def attention_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate
         H=H, HKV=HKV, G=H // HKV, D=K, DV=V, W=W, BD=_pow2(K), BDV=_pow2(V), BW=_pow2(W), BG=max(16, _pow2(H // HKV)),
         BT=block, CONV_BIAS=conv_k_b is not None, SILU=silu, ROPE=cos is not dummy, WRITE_WINDOWS=finish,
         FINISH=finish, DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
-        SPLIT=split if splits > 1 else 0, SPLITS=splits, num_warps=4, **flags)
+        SPLIT=split if splits > 1 else 0, SPLITS=splits, PDL=with_pdl, num_warps=4, launch_pdl=with_pdl, **flags)
     if splits > 1:
         _attention_combine_kernel[(B, H)](part_max, part_sum, part_acc, *gate_args, *norm_args, out, H=H, DV=V,
                                           BDV=_pow2(V), SPLITS=splits, BS=_pow2(splits), FINISH=finish,
-                                          num_warps=4, **flags)
+                                          PDL=with_pdl, num_warps=4, launch_pdl=with_pdl, **flags)
     return out
 
 
@@ -494,8 +504,9 @@ def _(q, k, v, gate, conv_k_w, conv_k_b, conv_v_w, conv_v_b, silu, win_k, win_v,
 
 # ----- the elementwise work between a decode step's matrix products -----
 @triton.jit
-def _rms_norm_kernel(x, residual, h_out, y, weight, eps, N, BN: tl.constexpr, ADD: tl.constexpr):
+def _rms_norm_kernel(x, residual, h_out, y, weight, eps, N, BN: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    wait_for_previous(PDL)
     idx = tl.arange(0, BN)
     ok = idx < N
     v = tl.load(x + row * N + idx, mask=ok, other=0.0).to(tl.float32)
@@ -508,8 +519,9 @@ def _rms_norm_kernel(x, residual, h_out, y, weight, eps, N, BN: tl.constexpr, AD
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up, out, F, BF: tl.constexpr):
+def _silu_mul_kernel(gate_up, out, F, BF: tl.constexpr, PDL: tl.constexpr):
     row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    wait_for_previous(PDL)
     idx = block * BF + tl.arange(0, BF)
     ok = idx < F
     gate = tl.load(gate_up + row * 2 * F + idx, mask=ok, other=0.0).to(tl.float32)
@@ -521,8 +533,9 @@ def _silu_mul_kernel(gate_up, out, F, BF: tl.constexpr):
 def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of each row of contiguous x [B, N] (model.RMSNorm's formula, fp32 inside) in one launch."""
     y = torch.empty_like(x)
+    with_pdl = pdl.applies(x.device)
     _rms_norm_kernel[(x.shape[0],)](x, x, x, y, weight, eps, x.shape[1], BN=_pow2(x.shape[1]), ADD=False,
-                                    num_warps=4)
+                                    PDL=with_pdl, num_warps=4, launch_pdl=with_pdl)
     return y
 
 
@@ -536,8 +549,9 @@ def add_rms_norm_rows(x: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(h = x + residual, RMSNorm(h)) for contiguous rows [B, N] in one launch."""
     h, y = torch.empty_like(x), torch.empty_like(x)
+    with_pdl = pdl.applies(x.device)
     _rms_norm_kernel[(x.shape[0],)](x, residual, h, y, weight, eps, x.shape[1], BN=_pow2(x.shape[1]), ADD=True,
-                                    num_warps=4)
+                                    PDL=with_pdl, num_warps=4, launch_pdl=with_pdl)
     return h, y
 
 
@@ -552,7 +566,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     B, F = gate_up.shape[0], gate_up.shape[1] // 2
     out = gate_up.new_empty(B, F)
     block = min(1024, _pow2(F))
-    _silu_mul_kernel[(B, triton.cdiv(F, block))](gate_up, out, F, BF=block, num_warps=4)
+    with_pdl = pdl.applies(gate_up.device)
+    _silu_mul_kernel[(B, triton.cdiv(F, block))](gate_up, out, F, BF=block, PDL=with_pdl, num_warps=4,
+                                                 launch_pdl=with_pdl)
     return out
 
 
