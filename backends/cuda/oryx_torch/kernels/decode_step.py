@@ -80,11 +80,19 @@ def _rope(x, x_rot, cos, sin, row, idx, mask):
 
 
 @triton.jit
-def _gated_norm(o, gate_row, norm_w, eps, idx, mask, DV: tl.constexpr, OUTPUT_NORM: tl.constexpr,
-                OUTPUT_GATE: tl.constexpr, GATE_BEFORE_NORM: tl.constexpr):
-    """reference.gated_out_norm per head: RMSNorm(o) w SiLU(g), or RMSNorm(o SiLU(g)) w, or the parts present."""
+def _gate_row(gate_row, idx, mask, OUTPUT_GATE: tl.constexpr):
+    """The output gate's pre-activation g of one head (fp32; zeros when the layer has no output gate)."""
     if OUTPUT_GATE:
-        g = tl.load(gate_row + idx, mask=mask, other=0.0).to(tl.float32)
+        return tl.load(gate_row + idx, mask=mask, other=0.0).to(tl.float32)
+    return tl.zeros(idx.shape, tl.float32)
+
+
+@triton.jit
+def _gated_norm(o, g, norm_w, eps, idx, mask, DV: tl.constexpr, OUTPUT_NORM: tl.constexpr,
+                OUTPUT_GATE: tl.constexpr, GATE_BEFORE_NORM: tl.constexpr):
+    """reference.gated_out_norm per head: RMSNorm(o) w SiLU(g), or RMSNorm(o SiLU(g)) w, or the parts present
+    (g from _gate_row)."""
+    if OUTPUT_GATE:
         gate = g * tl.sigmoid(g)
         if GATE_BEFORE_NORM or not OUTPUT_NORM:
             o = o * gate
@@ -127,12 +135,27 @@ def _recurrent_token_kernel(
     tile_ok = d_ok[:, None] & v_ok[None, :]
     S = tl.load(copies + first_head * D * DV + tile, mask=tile_ok, other=0.0)
     wait_for_previous(PDL)
+    # every load of the previous kernels' outputs goes out here, together: loads issued after the cache stores,
+    # the barrier or the atomic below would wait for them
+    a = tl.load(a_in + b * a_stride + j).to(tl.float32) + tl.load(dt_bias + j).to(tl.float32)
+    if not SSD:
+        b_gate = tl.load(b_in + b * b_stride + j).to(tl.float32)
+    attention_row = False
+    if MIXED:
+        attention_row = tl.load(modes + b) != 0
     k_ch = j * D + d_idx
     v_ch = j * DV + v_idx
     k, k_rows, k_x = _conv_token(k_in + b * k_stride, win_k, conv_k_w, conv_k_b, b, HKV * D, k_ch, d_ok, W, BW,
                                  CONV_BIAS, SILU)
     v, v_rows, v_x = _conv_token(v_in + b * v_stride, win_v, conv_v_w, conv_v_b, b, HKV * DV, v_ch, v_ok, W, BW,
                                  CONV_BIAS, SILU)
+    if SPLIT_HEADS:  # this program's one query head: its query, gate and attention readout
+        own_head = j * G + first_head
+        own_q, own_q_rows, own_q_x = _conv_token(q_in + b * q_stride, win_q, conv_q_w, conv_q_b, b, H * D,
+                                                 own_head * D + d_idx, d_ok, W, BW, CONV_BIAS, SILU)
+        own_g = _gate_row(gate_in + b * gate_stride + own_head * DV, v_idx, v_ok, OUTPUT_GATE)
+        if MIXED:
+            own_attended = tl.load(o_attn + (b * H + own_head) * DV + v_idx, mask=v_ok, other=0.0).to(tl.float32)
     if APPEND_KV:
         pos = tl.load(position + b).to(tl.int64)
         key = k
@@ -151,7 +174,6 @@ def _recurrent_token_kernel(
         v, v_rec_rows, v_rec_x = _conv_token(v_in + b * v_stride, win_v_rec, conv_v_rec_w, conv_v_rec_b, b, HKV * DV,
                                              v_ch, v_ok, W, BW, CONV_BIAS, SILU)
     # gates of this key/value head: GDN's decay and write strength, or Mamba-2's step size dt
-    a = tl.load(a_in + b * a_stride + j).to(tl.float32) + tl.load(dt_bias + j).to(tl.float32)
     softplus_a = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))
     decay = tl.exp(-tl.exp(tl.load(A_log + j).to(tl.float32)) * softplus_a)
     S = S * decay
@@ -159,13 +181,10 @@ def _recurrent_token_kernel(
         S = S + (softplus_a * k)[:, None] * v[None, :]
         skip = tl.load(D_skip + j).to(tl.float32) * v
     else:
-        beta = tl.sigmoid(tl.load(b_in + b * b_stride + j).to(tl.float32))
+        beta = tl.sigmoid(b_gate)
         k = k / tl.sqrt(tl.sum(k * k) + l2_eps)
         correction = beta * (v - tl.sum(S * k[:, None], axis=0))
         S = S + k[:, None] * correction[None, :]
-    attention_row = False
-    if MIXED:
-        attention_row = tl.load(modes + b) != 0
     tl.debug_barrier()  # every thread has read the k and v windows before they shift
     if SPLIT_HEADS:
         arrived = tl.atomic_add(arrivals + b * HKV + j, 1, sem="acq_rel")
@@ -186,8 +205,12 @@ def _recurrent_token_kernel(
         i = first_head + head
         h = j * G + i
         q_ch = h * D + d_idx
-        q, q_rows, q_x = _conv_token(q_in + b * q_stride, win_q, conv_q_w, conv_q_b, b, H * D, q_ch, d_ok, W, BW,
-                                     CONV_BIAS, SILU)
+        if SPLIT_HEADS:
+            q, q_rows, q_x, g = own_q, own_q_rows, own_q_x, own_g
+        else:
+            q, q_rows, q_x = _conv_token(q_in + b * q_stride, win_q, conv_q_w, conv_q_b, b, H * D, q_ch, d_ok, W,
+                                         BW, CONV_BIAS, SILU)
+            g = _gate_row(gate_in + b * gate_stride + h * DV, v_idx, v_ok, OUTPUT_GATE)
         if SSD:
             o = tl.sum(S * q[:, None], axis=0) + skip
         else:
@@ -195,10 +218,12 @@ def _recurrent_token_kernel(
             o = scale * tl.sum(S * q[:, None], axis=0)
         tl.store(copies + i * D * DV + tile, S, mask=tile_ok)
         if MIXED:
-            attended = tl.load(o_attn + (b * H + h) * DV + v_idx, mask=v_ok, other=0.0).to(tl.float32)
+            if SPLIT_HEADS:
+                attended = own_attended
+            else:
+                attended = tl.load(o_attn + (b * H + h) * DV + v_idx, mask=v_ok, other=0.0).to(tl.float32)
             o = tl.where(attention_row, attended, o)
-        o = _gated_norm(o, gate_in + b * gate_stride + h * DV, norm_w, norm_eps, v_idx, v_ok, DV,
-                        OUTPUT_NORM, OUTPUT_GATE, GATE_BEFORE_NORM)
+        o = _gated_norm(o, g, norm_w, norm_eps, v_idx, v_ok, DV, OUTPUT_NORM, OUTPUT_GATE, GATE_BEFORE_NORM)
         tl.store(out + (b * H + h) * DV + v_idx, o.to(out.dtype.element_ty), mask=v_ok)
         tl.debug_barrier()
         _shift_window(win_q, b, H * D, q_ch, d_ok, q_rows, q_x, W, BW)
@@ -319,8 +344,8 @@ def _attention_combine_kernel(part_max, part_sum, part_acc, gate_in, gate_stride
     acc = tl.load(part_acc + rows[:, None] * DV + v_idx[None, :], mask=s_ok[:, None] & v_ok[None, :], other=0.0)
     o = tl.sum(acc * weight[:, None], axis=0) / total
     if FINISH:
-        o = _gated_norm(o, gate_in + b * gate_stride + h * DV, norm_w, norm_eps, v_idx, v_ok, DV,
-                        OUTPUT_NORM, OUTPUT_GATE, GATE_BEFORE_NORM)
+        g = _gate_row(gate_in + b * gate_stride + h * DV, v_idx, v_ok, OUTPUT_GATE)
+        o = _gated_norm(o, g, norm_w, norm_eps, v_idx, v_ok, DV, OUTPUT_NORM, OUTPUT_GATE, GATE_BEFORE_NORM)
     tl.store(out + (b * H + h) * DV + v_idx, o.to(out.dtype.element_ty), mask=v_ok)
 
 
