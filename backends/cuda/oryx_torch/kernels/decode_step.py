@@ -29,6 +29,7 @@ fp32 whatever the model's dtype; the state is fp32 [B, H, K, V], one equal copy 
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import triton
@@ -391,21 +392,27 @@ def _arrivals(n: int, device: torch.device) -> torch.Tensor:
 
 
 # As torch custom ops declaring what they write, so that a torch.compile'd decode step calls them from its graph.
-@torch.library.custom_op("oryx::recurrent_token_step", mutates_args=("win_q", "win_k", "win_v", "state", "k_cache",
-                                                                      "v_cache", "win_k_rec", "win_v_rec"))
-def recurrent_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None,
-                         gate: torch.Tensor | None, conv_q_w: torch.Tensor, conv_q_b: torch.Tensor | None,
-                         conv_k_w: torch.Tensor, conv_k_b: torch.Tensor | None, conv_v_w: torch.Tensor,
-                         conv_v_b: torch.Tensor | None, silu: bool, win_q: torch.Tensor, win_k: torch.Tensor,
-                         win_v: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, D_skip: torch.Tensor | None,
-                         state: torch.Tensor, scale: float, l2_eps: float, norm_w: torch.Tensor | None,
-                         norm_eps: float, gate_before_norm: bool, k_cache: torch.Tensor | None,
-                         v_cache: torch.Tensor | None, position: torch.Tensor, cos: torch.Tensor | None,
-                         sin: torch.Tensor | None, modes: torch.Tensor | None, o_attn: torch.Tensor | None,
-                         out_dtype: torch.dtype, split_heads: bool = False, conv_k_rec_w: torch.Tensor | None = None,
-                         conv_k_rec_b: torch.Tensor | None = None, conv_v_rec_w: torch.Tensor | None = None,
-                         conv_v_rec_b: torch.Tensor | None = None, win_k_rec: torch.Tensor | None = None,
-                         win_v_rec: torch.Tensor | None = None) -> torch.Tensor:
+def recurrent_token_step(*args, **kwargs) -> torch.Tensor:
+    """_recurrent_token_step with the arguments after out_dtype optional (split_heads False, the others None).
+    The op always gets every argument: torch 2.11's dispatcher drops trailing arguments left at their defaults,
+    and then cannot find the mutated win_k_rec and win_v_rec it must mark."""
+    arguments = {**_RECURRENT_TOKEN_DEFAULTS, **_RECURRENT_TOKEN_ARGUMENTS.bind_partial(*args, **kwargs).arguments}
+    return _recurrent_token_step(*_RECURRENT_TOKEN_ARGUMENTS.bind(**arguments).args)
+
+
+def _recurrent_token_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                          b: torch.Tensor | None, gate: torch.Tensor | None, conv_q_w: torch.Tensor,
+                          conv_q_b: torch.Tensor | None, conv_k_w: torch.Tensor, conv_k_b: torch.Tensor | None, conv_v_w: torch.Tensor,
+                          conv_v_b: torch.Tensor | None, silu: bool, win_q: torch.Tensor, win_k: torch.Tensor,
+                          win_v: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+                          D_skip: torch.Tensor | None, state: torch.Tensor, scale: float, l2_eps: float,
+                          norm_w: torch.Tensor | None, norm_eps: float, gate_before_norm: bool,
+                          k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, position: torch.Tensor,
+                          cos: torch.Tensor | None, sin: torch.Tensor | None, modes: torch.Tensor | None,
+                          o_attn: torch.Tensor | None, out_dtype: torch.dtype, split_heads: bool,
+                          conv_k_rec_w: torch.Tensor | None, conv_k_rec_b: torch.Tensor | None,
+                          conv_v_rec_w: torch.Tensor | None, conv_v_rec_b: torch.Tensor | None,
+                          win_k_rec: torch.Tensor | None, win_v_rec: torch.Tensor | None) -> torch.Tensor:
     """One recurrent decode token of every sequence (module docstring): GDN, or Mamba-2 when D_skip is given
     (then `a` is dt_proj's output, b is unused, and o = S^T q + D v without scale or L2 norms). q, k, v, a, b, gate
     are the projections [B, *] (rows of any stride, last axis contiguous); windows [B, W-1, C] and state
@@ -448,11 +455,19 @@ def recurrent_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: t
     return out
 
 
-@recurrent_token_step.register_fake
+_recurrent_token_step = torch.library.custom_op(
+    "oryx::recurrent_token_step", _recurrent_token_launch,
+    mutates_args=("win_q", "win_k", "win_v", "state", "k_cache", "v_cache", "win_k_rec", "win_v_rec"))
+_RECURRENT_TOKEN_ARGUMENTS = inspect.signature(_recurrent_token_launch)
+_RECURRENT_TOKEN_DEFAULTS = dict(split_heads=False, conv_k_rec_w=None, conv_k_rec_b=None, conv_v_rec_w=None,
+                                 conv_v_rec_b=None, win_k_rec=None, win_v_rec=None)
+
+
+@_recurrent_token_step.register_fake
 def _(q, k, v, a, b, gate, conv_q_w, conv_q_b, conv_k_w, conv_k_b, conv_v_w, conv_v_b, silu, win_q, win_k, win_v,
       A_log, dt_bias, D_skip, state, scale, l2_eps, norm_w, norm_eps, gate_before_norm, k_cache, v_cache, position,
-      cos, sin, modes, o_attn, out_dtype, split_heads=False, conv_k_rec_w=None, conv_k_rec_b=None, conv_v_rec_w=None,
-      conv_v_rec_b=None, win_k_rec=None, win_v_rec=None):
+      cos, sin, modes, o_attn, out_dtype, split_heads, conv_k_rec_w, conv_k_rec_b, conv_v_rec_w, conv_v_rec_b,
+      win_k_rec, win_v_rec):
     B, H, _, V = state.shape
     return q.new_empty(B, H * V, dtype=out_dtype)
 
