@@ -21,7 +21,7 @@ from test_decode_step_kernels import (GDN_CASES, MODEL_CASES, STEPS, decode_toke
                                       recurrent_token_ref, tiny_model)
 
 NORM_EPS = 1e-5
-FAST_PASSED = 45  # the kernel and model tests below that run in the interpreter subprocess without --runslow
+FAST_PASSED = 46  # the kernel and model tests below that run in the interpreter subprocess without --runslow
 
 
 def test_in_interpreter_subprocess():
@@ -345,3 +345,20 @@ def test_pdl_chain_equals_stream_order_cuda(monkeypatch):
             torch.cuda.synchronize()
             assert torch.equal(got, want)
     assert torch.isfinite(want.float()).all() and want.float().abs().max() > 0
+
+
+def test_pdl_applies_only_to_cuda_launches_outside_the_interpreter(monkeypatch):
+    """Programmatic dependent launch is on by default (ORYX_PDL), never for CPU tensors or under Triton's
+    interpreter (which has no such launch), and off everywhere when switched off."""
+    from oryx_torch.kernels import pdl
+
+    assert pdl.ENABLED == (os.environ.get("ORYX_PDL", "1") == "1")
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    assert not pdl.applies(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not pdl.applies(torch.device("cuda", 0))  # decided before asking the card
+    monkeypatch.delenv("TRITON_INTERPRET")
+    if torch.cuda.is_available():
+        assert pdl.applies(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    assert not pdl.applies(torch.device("cuda", 0))
