@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     plans = [p for p in args.plans.split(",") if p]
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or random_checkpoint(TINY if args.tiny else SMOLLM2_135M, Path(tmp), args.sharing)
-        device = load_model(path, args.backend, args.dtype, args.device).device
+        loaded = load_model(path, args.backend, args.dtype, args.device)
+        device, sharing = loaded.device, loaded.config.sharing
         print(f"{args.backend} on {device}, {args.dtype or 'as stored'}: {args.prompt_length}-token prompt, "
               f"{args.tokens} greedy tokens, median of {args.rounds} rounds")
         print("| plan | step by step tok/s | ahead tok/s | ahead ÷ step by step | same tokens |\n| --- | --- | --- | --- | --- |")
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
                   machine=platform.processor() or platform.machine(), backend=args.backend, device=device,
                   command=" ".join(["bench_generate_loop.py"] + (sys.argv[1:] if argv is None else list(argv))),
                   model=str(args.model) if args.model else ("tiny" if args.tiny else "random SmolLM2-135M shape"),
-                  rows=rows)
+                  sharing=sharing, rows=rows)
     if args.backend == "torch" and device.startswith("cuda"):
         import torch
 
