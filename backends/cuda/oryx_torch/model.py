@@ -85,6 +85,20 @@ def _l2_weight(d: int) -> torch.Tensor:
     return torch.full((d,), d ** -0.5)
 
 
+def concatenated_weights(cached, weights) -> tuple:
+    """(key, the weights concatenated along their rows): `cached` while its key (each weight's storage, version,
+    dtype and device) still matches, else a new concatenation. On CUDA a new one is complete before it is returned:
+    the decode kernels launched as programmatic dependents (kernels/pdl.py) load their weights before waiting for
+    the kernel before them, which could be this concatenation."""
+    key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+    if cached is not None and cached[0] == key:
+        return cached
+    joined = torch.cat(list(weights)).detach()
+    if joined.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
+        torch.cuda.current_stream(joined.device).synchronize()
+    return key, joined
+
+
 def repeat_heads(x, group: int, dim: int):
     """Query head h reads key/value head h // group: repeat each kv head `group` times."""
     return x if group == 1 else x.repeat_interleave(group, dim=dim)
@@ -273,10 +287,7 @@ class OryxMixer(nn.Module):
         return sum(widths[:first]), sum(widths[:last])
 
     def _fused_weight(self) -> torch.Tensor:
-        weights = [getattr(self, name).weight for name in self.projection_order]
-        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
-        if self._fused is None or self._fused[0] != key:
-            self._fused = (key, torch.cat(weights).detach())
+        self._fused = concatenated_weights(self._fused, [getattr(self, name).weight for name in self.projection_order])
         return self._fused[1]
 
     def _packed_rows(self, start: int, end: int) -> torch.Tensor:
@@ -650,10 +661,7 @@ class SwiGLU(nn.Module):
         return cpu_linear.linear_add(F.silu(gate).mul_(up), down, residual)
 
     def _fused_weight(self) -> torch.Tensor:
-        weights = (self.gate_proj.weight, self.up_proj.weight)
-        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
-        if self._fused is None or self._fused[0] != key:
-            self._fused = (key, torch.cat(weights).detach())
+        self._fused = concatenated_weights(self._fused, (self.gate_proj.weight, self.up_proj.weight))
         return self._fused[1]
 
     def _packed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
