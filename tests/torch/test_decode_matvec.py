@@ -17,8 +17,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from oryx_torch import model as model_module  # noqa: E402
-from test_decode_step_kernels import (GDN_CASES, MODEL_CASES, STEPS, decode_tokens, gdn_args,  # noqa: E402
-                                      recurrent_token_ref, tiny_model)
+from test_decode_step_kernels import (GDN_CASES, MODEL_CASES, STEPS, assert_cuda_launches_match_float64,  # noqa: E402
+                                      decode_tokens, gdn_args, recurrent_token_ref, tiny_model)
 
 NORM_EPS = 1e-5
 FAST_PASSED = 46  # the kernel and model tests below that run in the interpreter subprocess without --runslow
@@ -291,18 +291,7 @@ def test_matvec_greedy_tokens_equal_fused_cuda_graphs(case, split, launch_pdl, m
 def test_recurrent_token_step_split_heads_matches_float64_cuda(case):
     """On the GPU the programs of a group run at once: ten fresh launches, each against float64 (windows
     included: a window shifted before a program of its group read it shows here)."""
-    from oryx_torch.kernels.decode_step import _ARRIVALS, recurrent_token_step
-
-    for seed in range(10):
-        args = gdn_args(seed, **GDN_CASES[case])
-        want_out, want_windows, want_state, _, _ = recurrent_token_ref(args)
-        cuda = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-        out = recurrent_token_step(**cuda, split_heads=True)
-        assert_close("out", out.cpu(), want_out, tol=1e-4)
-        assert_close("state", cuda["state"].cpu(), want_state, tol=1e-4)
-        for name, want in zip(("win_q", "win_k", "win_v"), want_windows):
-            assert_close(name, cuda[name].cpu(), want, tol=1e-6)
-        assert not _ARRIVALS[out.device].any()
+    assert_cuda_launches_match_float64(GDN_CASES[case], 10, split_heads=True)
 
 
 @pytest.mark.gpu

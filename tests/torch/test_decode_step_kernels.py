@@ -575,10 +575,16 @@ def test_recurrent_token_step_matches_float64_cuda(case):
 def test_recurrent_token_step_kv_proj_matches_float64_cuda(case, split_heads):
     """Sharing kv-proj on the GPU, where a split group's programs run at once: five fresh launches, each against
     float64, windows included (one shifted before a program of its group read it, or twice, shows here)."""
+    assert_cuda_launches_match_float64(KV_PROJ_CASES[case], 5, split_heads)
+
+
+def assert_cuda_launches_match_float64(case: dict, launches: int, split_heads: bool):
+    """`launches` fresh GPU launches of recurrent_token_step on gdn_args(seed, **case), each against float64: the
+    readout, every state copy, every window, the KV cache, and (split) the arrival counts back at zero."""
     from oryx_torch.kernels.decode_step import _ARRIVALS, recurrent_token_step
 
-    for seed in range(5):
-        args = gdn_args(seed, **KV_PROJ_CASES[case])
+    for seed in range(launches):
+        args = gdn_args(seed, **case)
         want_out, want_windows, want_state, want_k, _ = recurrent_token_ref(args)
         cuda = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
         out = recurrent_token_step(**cuda, split_heads=split_heads)
