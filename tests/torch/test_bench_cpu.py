@@ -1,5 +1,5 @@
 """bench/bench_cpu.py: the --tiny smoke run times transformers and every Oryx generation plan in each round and
-reports rates and per-round ratios; bad flags end with exit status 2."""
+reports rates and per-round ratios; bad flags (and --default-model with --tiny) end with exit status 2."""
 import json
 
 import pytest
@@ -26,6 +26,7 @@ def test_tiny_run_reports_every_plan(tmp_path, capsys):
         assert len(row["prompt_rates"]) == len(row["decode_rates"]) == 2
         assert row["prompt_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0 and row["decode_ratio"] > 0
     assert "| oryx | prefill-attention |" in capsys.readouterr().out
+    assert report["oryx_model"] == "Llama import" and report["sharing"] == "kv"
     copies = report["oryx_weight_copies_mib"]
     # fp32 on the CPU: the products run on reordered weights cut from the mixers' concatenations
     assert set(copies) == {"parameters", "concatenations", "reordered"} and min(copies.values()) > 0
@@ -38,8 +39,8 @@ def test_non_positive_counts_are_refused(flag):
     assert exit_info.value.code == 2
 
 
-def test_cpu_clock_needs_one_thread():
-    for argv in (["--clock", "cpu"], ["--clock", "cpu", "--threads", "2"], ["--threads", "0"]):
+def test_conflicting_flags_are_refused():
+    for argv in (["--clock", "cpu"], ["--clock", "cpu", "--threads", "2"], ["--threads", "0"], ["--default-model"]):
         with pytest.raises(SystemExit) as exit_info:
             bench_module().main(["--tiny"] + argv)
         assert exit_info.value.code == 2
