@@ -103,4 +103,4 @@ class OryxCache:
                 layer.conv.pop(name, None)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+        return sum(t.nbytes for layer in self.layers for t in layer.tensors())
