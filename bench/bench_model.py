@@ -89,9 +89,9 @@ def oryx_twin(hf: dict, llama, sharing: str = "kv") -> "torch.nn.Module":
     tensors = {name: t.detach().float().numpy() for name, t in llama.state_dict().items()}
     cfg, params = llama_to_oryx(hf, SourceTensors(tensors, "bench llama"), "gdn")
     if sharing == "kv-proj":
-        cfg = cfg.replace(sharing="kv-proj")
-        params.update({name.replace(".conv_k.", ".conv_k_rec.").replace(".conv_v.", ".conv_v_rec."): value.copy()
-                       for name, value in params.items() if ".mixer.conv_k." in name or ".mixer.conv_v." in name})
+        from oryx_torch.retrofit import with_recurrent_kv_convs
+
+        cfg, params = with_recurrent_kv_convs(cfg, params)
     elif sharing != "kv":
         raise ValueError(f"sharing: expected kv or kv-proj, got {sharing!r}")
     model = OryxModel(cfg, seed=None)

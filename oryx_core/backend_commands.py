@@ -100,7 +100,8 @@ def register(subparsers) -> None:
                         "with this weight on their relative squared error (default 0: the logits alone)")
     p.add_argument("--recurrent-kv-convs", action="store_true",
                    help="give the recurrence its own short convolutions on the shared keys and values (sharing "
-                        "kv-proj; they start as SRC's and train with the recurrent tensors; the result runs on torch and MLX)")
+                        "kv-proj; they start as SRC's and train with the recurrent tensors; the result runs on torch "
+                        "and MLX)")
     p.add_argument("--plans", nargs="+", help="stage (b) plans, one drawn per sequence (default: recurrent "
                    "prefill-attention last:10%% every:4:64)")
     p.add_argument("--recurrent-scale", type=finite_float(), default=1.0,

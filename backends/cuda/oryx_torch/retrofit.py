@@ -137,6 +137,14 @@ def recurrent_names(model_cfg) -> list[str]:
     return [s.name for s in parameter_specs(model_cfg) if s.mode == RECURRENT]
 
 
+def with_recurrent_kv_convs(cfg, params: dict) -> tuple:
+    """A sharing-"kv" config and params as sharing "kv-proj": the recurrence's own key and value convolutions
+    (conv_k_rec, conv_v_rec) start as copies of the attention's, so the model computes what it did."""
+    own = {name.replace(".conv_k.", ".conv_k_rec.").replace(".conv_v.", ".conv_v_rec."): value.copy()
+           for name, value in params.items() if ".mixer.conv_k." in name or ".mixer.conv_v." in name}
+    return cfg.replace(sharing="kv-proj"), {**params, **own}
+
+
 def retrofit_start(src: str | Path, mixer: str | None, recurrent_scale: float | None, seed: int = 0,
                    recurrent_kv_convs: bool = False):
     """SRC's config, params, tokenizer.json text and stored dtype, ready to train: the mixer switched (recurrent tensors re-initialised:
@@ -167,9 +175,7 @@ def retrofit_start(src: str | Path, mixer: str | None, recurrent_scale: float | 
         if cfg.sharing != "kv":
             raise ValueError(f"--recurrent-kv-convs: SRC's sharing is {cfg.sharing!r}; the recurrence gets its own "
                              f"key and value convolutions only where both modes share them (sharing 'kv')")
-        cfg = cfg.replace(sharing="kv-proj")
-        for name in [n for n in params if ".mixer.conv_k." in n or ".mixer.conv_v." in n]:
-            params[name.replace(".conv_k.", ".conv_k_rec.").replace(".conv_v.", ".conv_v_rec.")] = params[name].copy()
+        cfg, params = with_recurrent_kv_convs(cfg, params)
     if recurrent_scale is not None:
         cfg = cfg.replace(recurrent_scale=float(recurrent_scale))
     tokenizer = ckpt.extra_files.get("tokenizer.json")
