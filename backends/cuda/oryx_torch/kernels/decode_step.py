@@ -402,8 +402,8 @@ def recurrent_token_step(*args, **kwargs) -> torch.Tensor:
 
 def _recurrent_token_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                           b: torch.Tensor | None, gate: torch.Tensor | None, conv_q_w: torch.Tensor,
-                          conv_q_b: torch.Tensor | None, conv_k_w: torch.Tensor, conv_k_b: torch.Tensor | None, conv_v_w: torch.Tensor,
-                          conv_v_b: torch.Tensor | None, silu: bool, win_q: torch.Tensor, win_k: torch.Tensor,
+                          conv_q_b: torch.Tensor | None, conv_k_w: torch.Tensor, conv_k_b: torch.Tensor | None,
+                          conv_v_w: torch.Tensor, conv_v_b: torch.Tensor | None, silu: bool, win_q: torch.Tensor, win_k: torch.Tensor,
                           win_v: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
                           D_skip: torch.Tensor | None, state: torch.Tensor, scale: float, l2_eps: float,
                           norm_w: torch.Tensor | None, norm_eps: float, gate_before_norm: bool,
