@@ -85,7 +85,7 @@ def _export(src: Path, dst: Path, plan_text: str) -> Path:
     ckpt = load_checkpoint(src)  # validates the checkpoint before anything is written
     if ckpt.config.sharing not in EXPORT_SHARINGS:
         raise ValueError(f"{src}: sharing {ckpt.config.sharing!r} cannot be exported to mlx-lm (only sharing "
-                         f"'kv' and 'kv-proj')")
+                         f"{' and '.join(map(repr, EXPORT_SHARINGS))})")
     if is_adapter(src):  # an adapter on its base: the merged checkpoint's shards, written once
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = Path(src) / TOKENIZER_FILE
