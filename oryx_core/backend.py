@@ -97,6 +97,9 @@ class LoadedModel(Protocol):
     def synchronize(self) -> None:
         """Waits for queued device work (so host clocks time it)."""
 
+    # Optional: `release_cache(cache)`: the caller made the cache with make_cache and will not read it again; the
+    # backend may keep it (and what it prepared for it) for a later make_cache. oryx_core.generation calls it
+    # for the caches it makes.
     # Optional: `greedy_chain(cache)` -> an object with first(logits) -> pick, step(modes) -> pick and
     # read(pick) -> int, where a pick is one sequence's greedy token still on the device: `first` picks from
     # prefill's logits, `step` feeds the latest pick through the cache (as `step` would its host token) and picks

@@ -297,83 +297,89 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefi
         cache = model.make_cache(1, total, kv=not kv_dropped)
     else:
         cache = prompt_cache
+    # a cache this call made goes back to the backend when the call ends, however it ends (a backend may reuse
+    # it, with the graphs it captured for it, in a later call)
+    release = getattr(model, "release_cache", None) if prompt_cache is None else None
+    try:
+        def drop_if_done(position: int) -> None:
+            """Frees what no token from `position` on reads, once the device has finished the steps queued before (a
+            step run ahead may still read it, and a backend may free the step programs that need it)."""
+            nonlocal kv_dropped, state_dropped
+            if drop_kv and not kv_dropped and not plan.attention_after(position, prompt_length):
+                model.synchronize()
+                model.drop_kv(cache)
+                kv_dropped = True
+            if drop_state and not state_dropped and not plan.recurrent_after(position, prompt_length):
+                model.synchronize()
+                model.drop_recurrent(cache)
+                state_dropped = True
 
-    def drop_if_done(position: int) -> None:
-        """Frees what no token from `position` on reads, once the device has finished the steps queued before (a
-        step run ahead may still read it, and a backend may free the step programs that need it)."""
-        nonlocal kv_dropped, state_dropped
-        if drop_kv and not kv_dropped and not plan.attention_after(position, prompt_length):
-            model.synchronize()
-            model.drop_kv(cache)
-            kv_dropped = True
-        if drop_state and not state_dropped and not plan.recurrent_after(position, prompt_length):
-            model.synchronize()
-            model.drop_recurrent(cache)
-            state_dropped = True
-
-    if stop_token_ids is not None:
-        end_ids = {int(t) for t in stop_token_ids}
-    else:
-        end_ids = {end_of_text_id(tokenizer)} - {None} if stop_at_end_of_text and tokenizer is not None else set()
-    text = TextStream(tokenizer, stop_strings) if tokenizer is not None else NoText()
-    sample = model.sampler(sampling, ids)
-    # Greedy decoding on a cache of this call's own runs ahead: token n + 1's step is queued before token n is
-    # read, so the device never waits for the host. When generation stops early, the step queued for the next
-    # token has fed the last token into the cache, which only this call could read; a caller's prompt_cache must
-    # end without it (the docstring's contract), so it takes the step-by-step loop.
-    chain = getattr(model, "greedy_chain", None)
-    ahead = (chain is not None and prompt_cache is None and sampling.temperature == 0
-             and sampling.repetition_penalty == 1.0)
-    stats = GenerationStats(prompt_tokens=len(ids))
-    model.reset_peak_memory()
-    model.synchronize()
-    start = time.perf_counter()
-    drop_if_done(cached)
-    for begin in range(cached, prompt_length, prefill_step_size):
-        end = min(begin + prefill_step_size, prompt_length)
-        chunk = np.asarray([ids[begin - cached:end - cached]], dtype=np.int64)
-        logits = model.prefill(cache, chunk, modes[None, begin:end])
-    model.synchronize()
-    stats.prompt_seconds = time.perf_counter() - start
-    if max_tokens == 0:  # prefill only (e.g. to continue the cache in a later call)
-        stats.finish_reason, stats.cache_bytes = "length", model.cache_nbytes(cache)
-        stats.peak_memory_bytes = model.peak_memory_bytes()
-        yield GenerationResponse("", [], stats, None)
-        return
-    start = time.perf_counter()
-    picks = chain(cache) if ahead else None
-    pick = picks.first(logits) if ahead else None
-    for n in range(1, max_tokens + 1):
-        position = prompt_length + n - 1  # where the sampled token sits
-        if ahead:
-            drop_if_done(position)  # what the queued step needs is decided by its position alone
-            following = picks.step(modes[position:position + 1]) if n < max_tokens else None
-            token = picks.read(pick)
+        if stop_token_ids is not None:
+            end_ids = {int(t) for t in stop_token_ids}
         else:
-            token = sample(logits)
-        stats.generation_tokens = n
-        if token in end_ids:
-            piece, tokens, finish = text.flush(), [], "stop_token"
-        else:
-            piece, hit = text.add(token)
-            tokens = [token]
-            finish = "stop_string" if hit else ("length" if n == max_tokens else None)
-            if finish == "length":
-                piece += text.flush()
-        if not ahead:
-            drop_if_done(position)
-            model.synchronize()
-        stats.generation_seconds = time.perf_counter() - start  # ahead: token n was read, so its step is done
-        stats.finish_reason = finish
-        stats.cache_bytes = model.cache_nbytes(cache)
-        stats.peak_memory_bytes = model.peak_memory_bytes()
-        yield GenerationResponse(piece, tokens, dataclasses.replace(stats), bool(modes[position]))
-        if finish:
+            end_ids = {end_of_text_id(tokenizer)} - {None} if stop_at_end_of_text and tokenizer is not None else set()
+        text = TextStream(tokenizer, stop_strings) if tokenizer is not None else NoText()
+        sample = model.sampler(sampling, ids)
+        # Greedy decoding on a cache of this call's own runs ahead: token n + 1's step is queued before token n is
+        # read, so the device never waits for the host. When generation stops early, the step queued for the next
+        # token has fed the last token into the cache, which only this call could read; a caller's prompt_cache must
+        # end without it (the docstring's contract), so it takes the step-by-step loop.
+        chain = getattr(model, "greedy_chain", None)
+        ahead = (chain is not None and prompt_cache is None and sampling.temperature == 0
+                 and sampling.repetition_penalty == 1.0)
+        stats = GenerationStats(prompt_tokens=len(ids))
+        model.reset_peak_memory()
+        model.synchronize()
+        start = time.perf_counter()
+        drop_if_done(cached)
+        for begin in range(cached, prompt_length, prefill_step_size):
+            end = min(begin + prefill_step_size, prompt_length)
+            chunk = np.asarray([ids[begin - cached:end - cached]], dtype=np.int64)
+            logits = model.prefill(cache, chunk, modes[None, begin:end])
+        model.synchronize()
+        stats.prompt_seconds = time.perf_counter() - start
+        if max_tokens == 0:  # prefill only (e.g. to continue the cache in a later call)
+            stats.finish_reason, stats.cache_bytes = "length", model.cache_nbytes(cache)
+            stats.peak_memory_bytes = model.peak_memory_bytes()
+            yield GenerationResponse("", [], stats, None)
             return
-        if ahead:
-            pick = following
-        else:
-            logits = model.step(cache, np.asarray([token], dtype=np.int64), modes[position:position + 1])
+        start = time.perf_counter()
+        picks = chain(cache) if ahead else None
+        pick = picks.first(logits) if ahead else None
+        for n in range(1, max_tokens + 1):
+            position = prompt_length + n - 1  # where the sampled token sits
+            if ahead:
+                drop_if_done(position)  # what the queued step needs is decided by its position alone
+                following = picks.step(modes[position:position + 1]) if n < max_tokens else None
+                token = picks.read(pick)
+            else:
+                token = sample(logits)
+            stats.generation_tokens = n
+            if token in end_ids:
+                piece, tokens, finish = text.flush(), [], "stop_token"
+            else:
+                piece, hit = text.add(token)
+                tokens = [token]
+                finish = "stop_string" if hit else ("length" if n == max_tokens else None)
+                if finish == "length":
+                    piece += text.flush()
+            if not ahead:
+                drop_if_done(position)
+                model.synchronize()
+            stats.generation_seconds = time.perf_counter() - start  # ahead: token n was read, so its step is done
+            stats.finish_reason = finish
+            stats.cache_bytes = model.cache_nbytes(cache)
+            stats.peak_memory_bytes = model.peak_memory_bytes()
+            yield GenerationResponse(piece, tokens, dataclasses.replace(stats), bool(modes[position]))
+            if finish:
+                return
+            if ahead:
+                pick = following
+            else:
+                logits = model.step(cache, np.asarray([token], dtype=np.int64), modes[position:position + 1])
+    finally:
+        if release is not None:
+            release(cache)
 
 
 def generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefill-attention",

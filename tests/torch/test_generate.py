@@ -307,3 +307,86 @@ def test_cuda_graph_generation_with_drops_matches_cpu(mixer):
                            cuda_graphs=graphs, **policy)
             assert got.tokens == want.tokens, (plan, policy, graphs)
             assert got.stats.peak_memory_bytes > 0 and got.stats.cache_bytes == want.stats.cache_bytes
+
+
+def pooled_backend(model):
+    """A TorchModel that pools its caches on the CPU too (the default pools only where CUDA graphs run), with the
+    caches its make_cache handed out, in order."""
+    from oryx_torch.backend import TorchModel
+
+    backend, made = TorchModel(model, pool_caches=True), []
+    make = backend.make_cache
+    backend.make_cache = lambda *a, **k: made.append(make(*a, **k)) or made[-1]
+    return backend, made
+
+
+@pytest.mark.parametrize("first, policy", [("attention", {}), ("prefill-attention", dict(kv_policy="drop")),
+                                           ("R:0-14,A:14-", dict(state_policy="drop"))])
+def test_pooled_cache_is_reused_emptied(tiny, first, policy):
+    """A cache given back after a call (its parts dropped by the call's policy) comes back to the next call of a
+    fitting size, emptied, and that call gives a fresh cache's tokens; a call that needs more than it holds, or
+    less than half, gets a new one."""
+    from oryx_core import generation
+
+    model, _, tok = tiny
+    backend, made = pooled_backend(model)
+    kwargs = dict(stop_at_end_of_text=False)
+    generation.generate(backend, tok, "the first text", 12, first, **kwargs, **policy)
+    for plan in ("recurrent", "A:0-3,R:3-9,A:9-", "attention"):
+        want = generate(model, tok, "another prompt", 9, plan, **kwargs)
+        got = generation.generate(backend, tok, "another prompt", 9, plan, **kwargs)
+        assert got.tokens == want.tokens, plan
+        assert made[-1] is made[0] and got.stats.cache_bytes >= want.stats.cache_bytes
+    generation.generate(backend, tok, "a", 2, "recurrent", **kwargs)  # 3 tokens: under half the pooled 26
+    longer = generation.generate(backend, tok, "a much longer prompt than before", 9, "recurrent", **kwargs)
+    assert made[-2] is not made[0] and made[-1] is not made[0]
+    assert longer.tokens == generate(model, tok, "a much longer prompt than before", 9, "recurrent", **kwargs).tokens
+
+
+def test_refilled_cache_equals_a_fresh_one(tiny):
+    model, _, _ = tiny
+    with torch.inference_mode():
+        cache = model.make_cache(1, 16)
+        model(torch.tensor([[1, 2, 3, 4]]), torch.tensor([True, False, True, False]), cache=cache)
+        kept = [t for layer in cache.layers for t in layer.tensors()]
+        cache.drop_recurrent()
+        cache.refill()
+        fresh = model.make_cache(1, 16)
+        assert cache.length == 0 and not bool(cache.position.any()) and cache.has_recurrent and cache.has_kv
+        for got, want in zip((t for layer in cache.layers for t in layer.tensors()),
+                             (t for layer in fresh.layers for t in layer.tensors()), strict=True):
+            assert got.shape == want.shape and got.dtype == want.dtype and not bool(got.any())
+        refilled = [t for layer in cache.layers for t in layer.tensors()]
+        assert all(any(t is k for k in kept) for t in refilled if t.dim() == 4 and t.shape[2] == 16)  # KV in place
+
+
+def test_pooled_caches_are_forgotten_when_the_weights_move(tiny):
+    """A captured step reads the weights by address: once they are elsewhere (a cast, a move, training mode
+    rebuilding the fused projections) no pooled cache is handed out again."""
+    from oryx_core import generation
+
+    model, _, tok = tiny
+    backend, made = pooled_backend(model)
+    generation.generate(backend, tok, "text", 4, "recurrent", stop_at_end_of_text=False)
+    model.train()
+    model.eval()
+    try:
+        generation.generate(backend, tok, "text", 4, "recurrent", stop_at_end_of_text=False)
+        assert made[1] is not made[0]
+        generation.generate(backend, tok, "text", 4, "recurrent", stop_at_end_of_text=False)
+        assert made[2] is made[1]
+    finally:
+        model.eval()
+
+
+def test_generation_reuses_one_backend_per_model_and_copies_do_not_share_it(tiny):
+    import copy
+    import pickle
+
+    from oryx_torch.generate import as_loaded_model
+
+    model, _, tok = tiny
+    generate(model, tok, "text", 2, "recurrent", stop_at_end_of_text=False)
+    assert as_loaded_model(model) is as_loaded_model(model) and model._loaded_models.keys() == {True}
+    # what a copy or a pickle of the model takes of it
+    assert copy.deepcopy(model._loaded_models) == {} and pickle.loads(pickle.dumps(model._loaded_models)) == {}

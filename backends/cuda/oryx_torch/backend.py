@@ -1,6 +1,7 @@
 """The PyTorch model behind oryx_core.backend's interface (`--backend torch`)."""
 from __future__ import annotations
 
+import threading
 import weakref
 
 import numpy as np
@@ -39,17 +40,30 @@ def host_tensor(array, dtype) -> torch.Tensor:
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
+POOLED_CACHES = 4  # released caches a TorchModel keeps for reuse (with their graphs); the oldest goes first
+
+
 class TorchModel:
-    """An OryxModel as an oryx_core.backend.LoadedModel."""
+    """An OryxModel as an oryx_core.backend.LoadedModel.
+
+    pool_caches (default: where CUDA graphs run): a cache given back through `release_cache` is kept, with the
+    graphs its runner captured, and handed out again, emptied in place, by a later `make_cache` of the same batch
+    and KV choice that needs from half its capacity up to all of it (the smallest such); so a process that
+    generates many times (a server, a benchmark, a notebook) captures a step's graphs once rather than once per
+    call."""
     backend = "torch"
 
-    def __init__(self, model: OryxModel, cuda_graphs: bool = True):
+    def __init__(self, model: OryxModel, cuda_graphs: bool = True, pool_caches: bool | None = None):
         self.model = model.eval()
         self.config = model.cfg
         self.device = str(model.device)
         self.dtype = str(model.dtype).removeprefix("torch.")
         self.cuda_graphs = cuda_graphs
+        self.pool_caches = cuda_graphs and model.device.type == "cuda" if pool_caches is None else pool_caches
         self._runners: weakref.WeakKeyDictionary[OryxCache, DecodeRunner] = weakref.WeakKeyDictionary()
+        self._pool: list[OryxCache] = []  # oldest first
+        self._pool_key = None  # _captured_weights_key() when the pooled caches were given back
+        self._pool_lock = threading.Lock()
 
     def forward(self, tokens: np.ndarray, modes: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -57,10 +71,58 @@ class TorchModel:
         return logits.float().cpu().numpy()
 
     def make_cache(self, batch: int = 1, capacity: int | None = None, kv: bool = True) -> OryxCache:
+        capacity = capacity or self.config.max_context
+        if self.pool_caches:
+            with torch.inference_mode():
+                key = self._captured_weights_key()
+            with self._pool_lock:
+                if key != self._pool_key:
+                    self._pool.clear()
+                fits = [c for c in self._pool if c.batch == batch and c.with_kv == kv
+                        and capacity <= c.capacity <= 2 * capacity]
+                cache = min(fits, key=lambda c: c.capacity, default=None)
+                if cache is not None:
+                    self._pool.remove(cache)
+            if cache is not None:
+                with torch.inference_mode():
+                    cache.refill()
+                return cache
         with torch.inference_mode():
             cache = self.model.make_cache(batch, capacity, with_kv=kv)
         self._runners[cache] = DecodeRunner(self.model, cache, self.cuda_graphs)
         return cache
+
+    def release_cache(self, cache: OryxCache) -> None:
+        """Gives back a cache of this model's that its user no longer reads (oryx_core.generation does, for the
+        caches it makes): pooled, or left to the garbage collector."""
+        if not self.pool_caches or cache not in self._runners:
+            return
+        with torch.inference_mode():
+            key = self._captured_weights_key()
+        with self._pool_lock:
+            if key != self._pool_key:
+                self._pool.clear()
+                self._pool_key = key
+            if all(c is not cache for c in self._pool):
+                self._pool.append(cache)
+            del self._pool[:-POOLED_CACHES]
+
+    def _captured_weights_key(self) -> tuple:
+        """The addresses of what a captured step reads besides its cache: every parameter and every fused
+        projection weight (built now where missing: training mode drops them, and a rebuilt one may sit
+        elsewhere). A pooled cache's graphs are replayed only while these are the same; otherwise the pool is
+        emptied."""
+        layers = self.model.layers
+        parts = [layer.mixer for layer in layers] + [layer.mlp for layer in layers if layer.mlp is not None]
+        return (tuple(p.data_ptr() for p in self.model.parameters()),
+                tuple(part._fused_weight().data_ptr() for part in parts))
+
+    def free_pooled_caches(self) -> None:
+        """Forgets the pooled caches and their graphs (their memory returns to torch's allocator)."""
+        with self._pool_lock:
+            self._pool.clear()
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def cache_length(self, cache: OryxCache) -> int:
         return cache.length

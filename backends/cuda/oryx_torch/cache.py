@@ -31,16 +31,31 @@ class LayerCache:
     windows), recurrent (the recurrent state), kv_dropped, recurrent_dropped."""
 
     def __init__(self, cfg: OryxConfig, batch: int, capacity: int, device, dtype, with_kv: bool):
+        self.cfg, self.batch, self.capacity, self.device, self.dtype = cfg, batch, capacity, device, dtype
+        self.keys = self.values = self.recurrent = None
+        self.conv: dict[str, torch.Tensor] = {}
+        self.refill(with_kv)
+
+    def refill(self, with_kv: bool) -> None:
+        """Empty again: what a fresh LayerCache holds, with every tensor still here zeroed in place (a captured
+        CUDA graph reads it by address) and the parts a drop freed allocated anew (no graph reads those: a
+        runner forgets a variant's graph when a drop removes what it reads)."""
+        cfg, batch, capacity, device, dtype = self.cfg, self.batch, self.capacity, self.device, self.dtype
         H, Hkv, d, dv, W = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim, cfg.conv_width
-        self.keys = torch.zeros(batch, Hkv, capacity, d, device=device, dtype=dtype) if with_kv else None
-        self.values = torch.zeros(batch, Hkv, capacity, dv, device=device, dtype=dtype) if with_kv else None
+
+        def zeros(old, *shape, dtype=dtype):
+            return torch.zeros(*shape, device=device, dtype=dtype) if old is None else old.zero_()
+
+        if with_kv:
+            self.keys = zeros(self.keys, batch, Hkv, capacity, d)
+            self.values = zeros(self.values, batch, Hkv, capacity, dv)
         # windows of the convs before k_proj, v_proj and the recurrence's query; with sharing "none" or "kv-proj"
         # also of the recurrence's own key and value convolutions (k_rec, v_rec)
         widths = (("k", Hkv * d), ("v", Hkv * dv), ("q", H * d))
         if cfg.recurrent_kv_convs:
             widths += (("k_rec", Hkv * d), ("v_rec", Hkv * dv))
-        self.conv = {name: torch.zeros(batch, W - 1, width, device=device, dtype=dtype) for name, width in widths}
-        self.recurrent = torch.zeros(batch, H, d, dv, device=device, dtype=torch.float32)
+        self.conv = {name: zeros(self.conv.get(name), batch, W - 1, width) for name, width in widths}
+        self.recurrent = zeros(self.recurrent, batch, H, d, dv, dtype=torch.float32)
 
     @property
     def kv_dropped(self) -> bool:
@@ -62,7 +77,7 @@ class OryxCache:
                  with_kv: bool = True):
         if batch < 1 or capacity < 1:
             raise ValueError(f"cache: batch and capacity must be >= 1, got batch={batch}, capacity={capacity}")
-        self.cfg, self.batch, self.capacity = cfg, batch, capacity
+        self.cfg, self.batch, self.capacity, self.with_kv = cfg, batch, capacity, with_kv
         self.layers = [LayerCache(cfg, batch, capacity, device, dtype, with_kv) for _ in range(cfg.n_layers)]
         self.length = 0  # tokens seen so far (host copy)
         # The same count on the device, per sequence: what graph-captured steps read and advance.
@@ -101,6 +116,14 @@ class OryxCache:
             layer.recurrent = None
             for name in RECURRENT_WINDOWS:
                 layer.conv.pop(name, None)
+
+    def refill(self) -> None:
+        """Empty again, as made (LayerCache.refill): no tokens seen, every part zeroed, dropped parts back."""
+        for layer in self.layers:
+            layer.refill(self.with_kv)
+        self.length = 0
+        self.position.zero_()
+        self.ragged = False
 
     def nbytes(self) -> int:
         return sum(t.nbytes for layer in self.layers for t in layer.tensors())

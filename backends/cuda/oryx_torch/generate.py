@@ -328,19 +328,35 @@ class GreedyChain:
 
 
 # ----- text in, text out (oryx_core.generation's loop on this backend) -----
+class LoadedModels(dict):
+    """as_loaded_model's TorchModels of one OryxModel, by `cuda_graphs`; a copy or a pickle of the model gets an
+    empty one (they hold device caches, graphs and a lock)."""
+
+    def __reduce__(self):
+        return LoadedModels, ()
+
+
+def as_loaded_model(model, cuda_graphs: bool = True):
+    """The oryx_torch.backend.TorchModel that generation runs `model` through: one per model and `cuda_graphs`,
+    kept on the model, so that later calls reuse its pooled caches and the graphs captured for them."""
+    from .backend import TorchModel
+
+    loaded = model.__dict__.setdefault("_loaded_models", LoadedModels())
+    current = loaded.get(cuda_graphs)
+    where = (str(model.device), str(model.dtype).removeprefix("torch."))
+    if current is None or (current.device, current.dtype) != where:
+        current = loaded[cuda_graphs] = TorchModel(model, cuda_graphs=cuda_graphs)  # moved or cast: start afresh
+    return current
+
+
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefill-attention", *,
                     cuda_graphs: bool = True, **kwargs):
     """oryx_core.generation.stream_generate on an OryxModel; kwargs as there."""
-    from .backend import TorchModel
-
-    return generation.stream_generate(TorchModel(model, cuda_graphs=cuda_graphs), tokenizer, prompt, max_tokens,
-                                      plan, **kwargs)
+    return generation.stream_generate(as_loaded_model(model, cuda_graphs), tokenizer, prompt, max_tokens, plan,
+                                      **kwargs)
 
 
 def generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefill-attention", *,
              cuda_graphs: bool = True, **kwargs) -> generation.GenerationResponse:
     """oryx_core.generation.generate on an OryxModel: text, output tokens and stats; kwargs as there."""
-    from .backend import TorchModel
-
-    return generation.generate(TorchModel(model, cuda_graphs=cuda_graphs), tokenizer, prompt, max_tokens, plan,
-                               **kwargs)
+    return generation.generate(as_loaded_model(model, cuda_graphs), tokenizer, prompt, max_tokens, plan, **kwargs)
