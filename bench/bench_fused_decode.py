@@ -19,7 +19,8 @@ steps, each run by oryx_torch.generate.DecodeRunner (under CUDA graphs on CUDA, 
                     kernel before them (kernels/pdl.py, ORYX_PDL=1; Hopper and later): the CUDA default there
     fused+compiled  fused and compiled
 For each plan (attention: prompt and decode in attention, recurrent state kept; recurrent: everything recurrent,
-KV cache kept; dropped: prompt in attention, KV cache dropped, decode recurrent) and batch size: tokens/s with
+KV cache kept; dropped: prompt in attention, KV cache dropped, decode recurrent; attention-only: attention with the
+recurrent state dropped after the prompt, what `oryx generate --plan attention` runs) and batch size: tokens/s with
 one token read back to the host per step (as a server does) and with the pick fed to the next step on the device
 (graph replays back to back), and how many of each step's greedy tokens equal the eager step's (the uncompiled
 variants at every batch size run first; the fused+matvec ones also against the fused step's), and batch 1 after
@@ -46,8 +47,10 @@ VARIANTS = {"eager": (False, False, False, False, False), "fused": (False, True,
             "fused+matvec": (False, True, True, False, False), "fused+matvec+split": (False, True, True, True, False),
             "fused+pdl": (False, True, False, False, True), "fused+matvec+split+pdl": (False, True, True, True, True),
             "fused+compiled": (True, True, False, False, False), "compiled": (True, False, False, False, False)}
-# plan: (prompt in attention, decode step in attention, drop the KV cache after the prompt)
-PLANS = {"attention": (True, True, False), "recurrent": (False, False, False), "dropped": (True, False, True)}
+# plan: (prompt in attention, decode step in attention, drop the KV cache after the prompt, drop the recurrent state
+# after the prompt)
+PLANS = {"attention": (True, True, False, False), "recurrent": (False, False, False, False),
+         "dropped": (True, False, True, False), "attention-only": (True, True, False, True)}
 
 
 def parse_args(argv=None):
@@ -65,6 +68,9 @@ def parse_args(argv=None):
     parser.add_argument("--long-context", type=int, default=None,
                         help="also batch-1 rows (eager and fused, attention and recurrent) after a prompt this long "
                              "(default 32768 on CUDA, 300 with --tiny; 0: none)")
+    parser.add_argument("--attention-split", type=int, default=None,
+                        help="attention token kernel: split a cache of more than this many slots between programs "
+                             "of this many slots each (a multiple of 64; default: the library's rule)")
     parser.add_argument("--budget-s", type=float, default=170.0, help="start no row after this many seconds")
     parser.add_argument("--matvec-sweep-s", type=float, default=None,
                         help="seconds for timing each projection's matvec kernel against the unfused operators "
@@ -80,6 +86,8 @@ def parse_args(argv=None):
     for name, chosen, known in (("--variants", args.variants, VARIANTS), ("--plans", args.plans, PLANS)):
         if not set(chosen) <= set(known):
             parser.error(f"{name}: expected some of {','.join(known)}, got {','.join(chosen)}")
+    if args.attention_split is not None and (args.attention_split < 64 or args.attention_split % 64):
+        parser.error(f"--attention-split: expected a positive multiple of 64, got {args.attention_split}")
     if min(args.batches) < 1 or args.prompt_length < 1 or args.decode_tokens < 1 or args.long_context < 0:
         parser.error("--batches, --prompt-length and --decode-tokens must be positive, --long-context >= 0")
     return args
@@ -112,11 +120,13 @@ def synchronize(device):
 
 def prefilled(oryx, prompt, plan: str, extra: int):
     """(cache after the prompt under `plan`, its greedy next tokens on the host)."""
-    prompt_mode, _, drop_kv = PLANS[plan]
+    prompt_mode, _, drop_kv, drop_state = PLANS[plan]
     cache = oryx.make_cache(prompt.shape[0], prompt.shape[1] + extra)
     tokens = oryx(prompt, prompt_mode, cache=cache, last_only=True)[:, -1].argmax(-1).cpu()
     if drop_kv:
         cache.drop_kv()
+    if drop_state:
+        cache.drop_recurrent()
     return cache, tokens
 
 
@@ -379,6 +389,10 @@ def main(argv=None) -> int:
     from bench_model import SMOLLM2_135M, TINY, hf_config_dict, llama_model, oryx_twin
     from oryx_core.atomic import atomic_write_bytes
 
+    if args.attention_split is not None:
+        from oryx_torch.kernels import decode_step
+
+        decode_step.ATTENTION_SPLIT_FROM = decode_step.ATTENTION_SPLIT = args.attention_split
     began = time.perf_counter()
     device = torch.device("cpu" if args.tiny else "cuda")
     hf = hf_config_dict(TINY if args.tiny else SMOLLM2_135M)
@@ -386,7 +400,8 @@ def main(argv=None) -> int:
     report = dict(card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command=" ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
-                  torch=torch.__version__, shape=hf, sharing=args.sharing, parity_fp32=[], decode=[], launches=[],
+                  torch=torch.__version__, shape=hf, sharing=args.sharing, attention_split=args.attention_split,
+                  parity_fp32=[], decode=[], launches=[],
                   matvec_kernels=[],
                   skipped=[], errors=[])
 
