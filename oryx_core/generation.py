@@ -128,8 +128,10 @@ class GenerationStats:
     generation_tokens: int = 0  # tokens sampled (a stop token included)
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0  # from the end of the prefill (whose logits give token 1) to the last token
+    # Memory, measured after the prompt, after each drop and after the last token (a response before the last
+    # carries the latest of those: asking every token costs the host more than a GPU decode step)
     peak_memory_bytes: int | None = None  # where the backend can tell
-    cache_bytes: int = 0  # what the cache holds after the last token
+    cache_bytes: int = 0  # what the cache holds
     finish_reason: str | None = None  # one of FINISH_REASONS once finished, None while running
 
     @property
@@ -309,10 +311,16 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefi
                 model.synchronize()
                 model.drop_kv(cache)
                 kv_dropped = True
+                measure_memory()
             if drop_state and not state_dropped and not plan.recurrent_after(position, prompt_length):
                 model.synchronize()
                 model.drop_recurrent(cache)
                 state_dropped = True
+                measure_memory()
+
+        def measure_memory() -> None:
+            stats.cache_bytes = model.cache_nbytes(cache)
+            stats.peak_memory_bytes = model.peak_memory_bytes()
 
         if stop_token_ids is not None:
             end_ids = {int(t) for t in stop_token_ids}
@@ -338,9 +346,9 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefi
             logits = model.prefill(cache, chunk, modes[None, begin:end])
         model.synchronize()
         stats.prompt_seconds = time.perf_counter() - start
+        measure_memory()
         if max_tokens == 0:  # prefill only (e.g. to continue the cache in a later call)
-            stats.finish_reason, stats.cache_bytes = "length", model.cache_nbytes(cache)
-            stats.peak_memory_bytes = model.peak_memory_bytes()
+            stats.finish_reason = "length"
             yield GenerationResponse("", [], stats, None)
             return
         start = time.perf_counter()
@@ -368,8 +376,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, plan="prefi
                 model.synchronize()
             stats.generation_seconds = time.perf_counter() - start  # ahead: token n was read, so its step is done
             stats.finish_reason = finish
-            stats.cache_bytes = model.cache_nbytes(cache)
-            stats.peak_memory_bytes = model.peak_memory_bytes()
+            if finish:
+                measure_memory()
             yield GenerationResponse(piece, tokens, dataclasses.replace(stats), bool(modes[position]))
             if finish:
                 return
