@@ -71,6 +71,9 @@ def parse_args(argv=None):
     parser.add_argument("--attention-split", type=int, default=None,
                         help="attention token kernel: split a cache of more than this many slots between programs "
                              "of this many slots each (a multiple of 64; default: the library's rule)")
+    parser.add_argument("--attention-combine", choices=("last-split", "launch"), default="last-split",
+                        help="a split attention token's partial results combined by the last split to finish "
+                             "(the default) or by a second launch")
     parser.add_argument("--budget-s", type=float, default=170.0, help="start no row after this many seconds")
     parser.add_argument("--matvec-sweep-s", type=float, default=None,
                         help="seconds for timing each projection's matvec kernel against the unfused operators "
@@ -389,10 +392,11 @@ def main(argv=None) -> int:
     from bench_model import SMOLLM2_135M, TINY, hf_config_dict, llama_model, oryx_twin
     from oryx_core.atomic import atomic_write_bytes
 
-    if args.attention_split is not None:
-        from oryx_torch.kernels import decode_step
+    from oryx_torch.kernels import decode_step
 
+    if args.attention_split is not None:
         decode_step.ATTENTION_SPLIT_FROM = decode_step.ATTENTION_SPLIT = args.attention_split
+    decode_step.ATTENTION_COMBINE_IN_LAST_SPLIT = args.attention_combine == "last-split"
     began = time.perf_counter()
     device = torch.device("cpu" if args.tiny else "cuda")
     hf = hf_config_dict(TINY if args.tiny else SMOLLM2_135M)
@@ -401,6 +405,7 @@ def main(argv=None) -> int:
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command=" ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
                   torch=torch.__version__, shape=hf, sharing=args.sharing, attention_split=args.attention_split,
+                  attention_combine=args.attention_combine,
                   parity_fp32=[], decode=[], launches=[],
                   matvec_kernels=[],
                   skipped=[], errors=[])

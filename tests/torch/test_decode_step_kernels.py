@@ -29,7 +29,7 @@ L2_EPS, NORM_EPS = 1e-6, 1e-5
 def test_in_interpreter_subprocess():
     """Runs this file's fast CPU tests (each kernel against float64) under TRITON_INTERPRET=1; exactly these many
     pass there (none silently skips; this launcher skips there, the slow one is deselected)."""
-    rerun_under_interpreter(__file__, 30, pytest_args=("-m", "not gpu and not slow"))
+    rerun_under_interpreter(__file__, 32, pytest_args=("-m", "not gpu and not slow"))
 
 
 @pytest.mark.slow
@@ -283,6 +283,23 @@ ATTENTION_CASES = {
 @needs_interpreter
 @pytest.mark.parametrize("case", ATTENTION_CASES)
 def test_attention_token_step_matches_float64(case):
+    check_attention_token_step(case)
+    if ATTENTION_CASES[case].get("split"):
+        from oryx_torch.kernels.decode_step import _ARRIVALS
+
+        assert not _ARRIVALS[torch.device("cpu")].any()  # the last split to finish left the counts at zero
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", [case for case, changes in ATTENTION_CASES.items() if changes.get("split")])
+def test_split_attention_combined_by_a_second_launch_matches_float64(case, monkeypatch):
+    from oryx_torch.kernels import decode_step
+
+    monkeypatch.setattr(decode_step, "ATTENTION_COMBINE_IN_LAST_SPLIT", False)
+    check_attention_token_step(case)
+
+
+def check_attention_token_step(case):
     from oryx_torch.kernels.decode_step import attention_token_step
 
     args = attention_args(len(case), **ATTENTION_CASES[case])

@@ -19,8 +19,8 @@ convs', and every window the step reads (attention's and the recurrence's) shift
 attention_token_step, one program per (sequence, key/value head): the same convs of the key and value (windows
 left alone unless `finish`), RoPE on the key and the group's queries, the KV-cache append, and softmax
 attention of the group's queries over the cache slots before the sequence's position plus the current token,
-in blocks with a running maximum (over a long cache, split between programs whose partial results a second
-kernel combines); with `finish` (no recurrence in the step) also the window shift and the gated
+in blocks with a running maximum (over a long cache, split between programs whose partial results the last of
+them to finish combines); with `finish` (no recurrence in the step) also the window shift and the gated
 norm, otherwise the readout goes to recurrent_token_step.
 
 Both read the projections as row views of the fused projection matmul's output (any row stride) and compute in
@@ -235,16 +235,18 @@ def _attention_token_kernel(
         q_in, q_stride, k_in, k_stride, v_in, v_stride, gate_in, gate_stride,
         conv_k_w, conv_k_b, conv_v_w, conv_v_b, win_k, win_v,
         k_cache, v_cache, kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st, position, cos, sin, rope_stride, scale,
-        norm_w, norm_eps, out, part_max, part_sum, part_acc,
+        norm_w, norm_eps, out, part_max, part_sum, part_acc, arrivals,
         H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, W: tl.constexpr,
         BD: tl.constexpr, BDV: tl.constexpr, BW: tl.constexpr, BG: tl.constexpr, BT: tl.constexpr,
         CONV_BIAS: tl.constexpr, SILU: tl.constexpr, ROPE: tl.constexpr, WRITE_WINDOWS: tl.constexpr,
         FINISH: tl.constexpr, OUTPUT_NORM: tl.constexpr, OUTPUT_GATE: tl.constexpr, GATE_BEFORE_NORM: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, COMBINE_LAST: tl.constexpr,
+        PDL: tl.constexpr):
     # program (b, j, s): with SPLIT > 0 it attends over slots [s SPLIT, (s + 1) SPLIT) only and writes its running
-    # maximum, sum and weighted values for _attention_combine_kernel; split 0 also owns the current token, the
-    # cache append and the window shift. The other splits compute the key and value too (one code path) but use
-    # neither: they may read the windows while split 0 shifts them.
+    # maximum, sum and weighted values; with COMBINE_LAST the group's last split to arrive (arrivals[b, j], an
+    # atomic count that it resets) combines them into the readout, else _attention_combine_kernel does. Split 0
+    # also owns the current token, the cache append and the window shift. The other splits compute the key and
+    # value too (one code path) but use neither: they may read the windows while split 0 shifts them.
     b, j, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     wait_for_previous(PDL)
     first = s == 0
@@ -306,12 +308,33 @@ def _attention_token_kernel(
         _shift_window(win_v, b, HKV * DV, v_ch, v_ok & first, v_rows, v_x, W, BW)
     cols = (j * G + g_idx)[:, None] * DV + v_idx[None, :]
     o_ok = g_ok[:, None] & v_ok[None, :]
+    last = True
     if SPLIT > 0:
         rows = (b * H + j * G + g_idx) * SPLITS + s                                          # [BG] in [B, H, S]
         tl.store(part_max + rows, m, mask=g_ok)
         tl.store(part_sum + rows, total, mask=g_ok)
         tl.store(part_acc + rows[:, None] * DV + v_idx[None, :], acc, mask=o_ok)
-    else:
+        last = False
+        if COMBINE_LAST:
+            tl.debug_barrier()  # every thread's partial stores precede the release below
+            arrived = tl.atomic_add(arrivals + b * HKV + j, 1, sem="acq_rel")
+            last = arrived == SPLITS - 1
+            if last:  # the group's other splits have stored theirs: combine in two passes over the splits
+                rows = (b * H + j * G + g_idx) * SPLITS
+                m = tl.full([BG], float("-inf"), tl.float32)
+                for split in tl.static_range(SPLITS):
+                    m = tl.maximum(m, tl.load(part_max + rows + split, mask=g_ok, other=float("-inf")))
+                m = tl.where(m == float("-inf"), 0.0, m)  # rows past the group's heads: no weight is used
+                total = tl.zeros([BG], tl.float32)
+                acc = tl.zeros([BG, BDV], tl.float32)
+                for split in tl.static_range(SPLITS):
+                    weight = tl.exp(tl.load(part_max + rows + split, mask=g_ok, other=float("-inf")) - m)
+                    total += weight * tl.load(part_sum + rows + split, mask=g_ok, other=0.0)
+                    acc += weight[:, None] * tl.load(part_acc + (rows + split)[:, None] * DV + v_idx[None, :],
+                                                     mask=o_ok, other=0.0)
+                total = tl.where(g_ok, total, 1.0)
+                tl.store(arrivals + b * HKV + j, 0)
+    if last:
         o = acc / total[:, None]                                                              # [BG, BDV]
         if FINISH:
             if OUTPUT_GATE:
@@ -383,8 +406,9 @@ _ARRIVALS: dict = {}
 
 
 def _arrivals(n: int, device: torch.device) -> torch.Tensor:
-    """A zeroed int32 count per (sequence, key/value head) that recurrent_token_step's split-heads launch uses and
-    leaves zeroed again; one buffer per device, shared by every layer (their kernels run one after another)."""
+    """A zeroed int32 count per (sequence, key/value head) that recurrent_token_step's split-heads launch and
+    attention_token_step's split launch use and leave zeroed again; one buffer per device, shared by every layer
+    (their kernels run one after another)."""
     counts = _ARRIVALS.get(device)
     if counts is None or counts.numel() < n:
         counts = _ARRIVALS[device] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
@@ -476,6 +500,9 @@ def _(q, k, v, a, b, gate, conv_q_w, conv_q_b, conv_k_w, conv_k_b, conv_v_w, con
 # ATTENTION_SPLIT slots, and a second kernel combines their partial softmaxes: one program walking 32K slots
 # alone would leave the GPU idle.
 ATTENTION_SPLIT_FROM, ATTENTION_SPLIT = 2048, 1024
+# Whether a split attention token's last split to finish combines the partial results (True) or a second launch
+# does; read at every launch.
+ATTENTION_COMBINE_IN_LAST_SPLIT = True
 
 
 def attention_split(capacity: int) -> int:
@@ -496,7 +523,8 @@ def attention_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate
     position[b], the queries attend to slots < position[b] and the current token. With `finish` the windows shift
     and the result is the gated-normed readout [B, H * V] in out_dtype; without, the raw readout [B, H, V] fp32
     (recurrent_token_step's o_attn) and the windows stay. `split` > 0 (a multiple of 64): each program attends
-    over that many slots and a second launch combines them (attention_split picks it by capacity)."""
+    over that many slots and the last to finish combines them (with ATTENTION_COMBINE_IN_LAST_SPLIT off, a second
+    launch does; attention_split picks `split` by capacity)."""
     B, HKV, capacity, K = k_cache.shape
     V, H, W = v_cache.shape[3], n_heads, conv_k_w.shape[1]
     out = torch.empty(B, H * V, dtype=out_dtype, device=q.device) if finish else \
@@ -517,16 +545,18 @@ def attention_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate
     with_pdl = pdl.applies(q.device)
     gate_args = (dummy if gate is None else gate, 0 if gate is None else gate.stride(0))
     norm_args = (dummy if norm_w is None else norm_w, norm_eps)
+    combine_last = splits > 1 and ATTENTION_COMBINE_IN_LAST_SPLIT
     _attention_token_kernel[(B, HKV, splits)](
         q, q.stride(0), k, k.stride(0), v, v.stride(0), *gate_args,
         conv_k_w, dummy if conv_k_b is None else conv_k_b, conv_v_w, dummy if conv_v_b is None else conv_v_b,
         win_k, win_v, k_cache, v_cache, *_cache_strides(k_cache, v_cache), position, cos, sin, rope_stride, scale,
-        *norm_args, out, part_max, part_sum, part_acc,
+        *norm_args, out, part_max, part_sum, part_acc, _arrivals(B * HKV, q.device) if combine_last else dummy,
         H=H, HKV=HKV, G=H // HKV, D=K, DV=V, W=W, BD=_pow2(K), BDV=_pow2(V), BW=_pow2(W), BG=max(16, _pow2(H // HKV)),
         BT=block, CONV_BIAS=conv_k_b is not None, SILU=silu, ROPE=cos is not dummy, WRITE_WINDOWS=finish,
         FINISH=finish, DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
-        SPLIT=split if splits > 1 else 0, SPLITS=splits, PDL=with_pdl, num_warps=4, launch_pdl=with_pdl, **flags)
-    if splits > 1:
+        SPLIT=split if splits > 1 else 0, SPLITS=splits, COMBINE_LAST=combine_last, PDL=with_pdl, num_warps=4,
+        launch_pdl=with_pdl, **flags)
+    if splits > 1 and not combine_last:
         _attention_combine_kernel[(B, H)](part_max, part_sum, part_acc, *gate_args, *norm_args, out, H=H, DV=V,
                                           BDV=_pow2(V), SPLITS=splits, BS=_pow2(splits), FINISH=finish,
                                           PDL=with_pdl, num_warps=4, launch_pdl=with_pdl, **flags)
