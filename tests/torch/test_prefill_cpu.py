@@ -103,10 +103,12 @@ def test_long_prompts_against_the_reference(variant, overrides, monkeypatch):
     rng = np.random.default_rng(3)
     B, P, T = 2, 70, 73
     tokens = rng.integers(0, model.cfg.vocab_size, (B, T))
-    calls = []
-    grouped = model_module.chunk_gated_delta_rule_grouped
+    calls = []  # one per layer whose state the model advanced alone (grouped_final_state), else its output's q
+    grouped, alone = model_module.chunk_gated_delta_rule_grouped, model_module.grouped_final_state
     monkeypatch.setattr(model_module, "chunk_gated_delta_rule_grouped",
                         lambda q, *args, **kwargs: calls.append(q is None) or grouped(q, *args, **kwargs))
+    monkeypatch.setattr(model_module, "grouped_final_state",
+                        lambda *args, **kwargs: calls.append(True) or alone(*args, **kwargs))
     plans = {"prefill-attention": np.broadcast_to(np.arange(T) < P, (B, T)),
              "recurrent": np.zeros((B, T), bool),
              "mixed": np.repeat(rng.random((B, -(-T // 8))) < 0.5, 8, axis=1)[:, :T]}

@@ -36,7 +36,7 @@ from . import cpu_linear, host_step
 from .attention import AttentionPlan, apply_rope, decode_attention, plan_attention, rope_tables
 from .cache import LayerCache, OryxCache
 from .kernels.gdn import gated_delta_rule
-from .kernels.gdn.chunk_torch import chunk_gated_delta_rule_grouped
+from .kernels.gdn.chunk_torch import chunk_gated_delta_rule_grouped, chunk_layout, grouped_final_state
 from .kernels.gdn.naive import gated_delta_rule_step_torch
 from .kernels.mamba2 import ssd
 from .kernels.mamba2.naive import ssd_step_torch
@@ -150,6 +150,8 @@ class CausalConv(nn.Module):
                 return x, tail
         if torch.compiler.is_compiling():
             out = causal_conv_taps(padded, self.weight, T)
+        elif cpu_linear.applies(x):
+            out = self._cpu_taps(padded, T)
         else:
             out = F.conv1d(padded.transpose(1, 2), cast(self.weight[:, None, :], x.dtype), groups=C)
             # back to [B, T, C] in memory too: a channels-first view would leave q/k/v with a strided
@@ -158,6 +160,27 @@ class CausalConv(nn.Module):
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return self._activate(out), tail
+
+    def _cpu_taps(self, padded, T: int):
+        """The conv of padded [B, T + W - 1, C] (fp32, CPU, no autograd) as W shifted products summed in place,
+        in causal_conv_taps' order: out [B, T, C]. A third of F.conv1d's time on the CPU, which needs channels-first
+        copies around its kernel; the taps are read as contiguous rows [W, C] (a column of the [C, W] weight is a
+        strided operand, which the elementwise kernels read several times slower)."""
+        rows = self.weight.detach().t().contiguous()
+        out = padded[:, :T] * rows[0]
+        for j in range(1, rows.shape[0]):
+            out.addcmul_(padded[:, j:j + T], rows[j])
+        return out
+
+    def tail(self, x, window=None):
+        """The window forward(x, window) leaves (the last W - 1 inputs, from `window` or zeros where x is shorter),
+        without the conv's output."""
+        B, T, C = x.shape
+        W = self.weight.shape[1]
+        if T >= W - 1:
+            return x[:, T - (W - 1):]
+        history = x.new_zeros(B, W - 1, C) if window is None else cast(window, x.dtype)
+        return torch.cat([history, x], dim=1)[:, T:]
 
     def is_identity(self) -> bool:
         """Whether the conv passes its input through: last tap 1, the others 0, no bias, no activation (the convs
@@ -410,35 +433,47 @@ class OryxMixer(nn.Module):
                 T, keep = xn.shape[1], min(xn.shape[1], W if last_recurrent else W - 1)
                 q_raw, q_tail = None, windows.get("q")
                 if keep:
-                    q_in, n = xn[:, T - keep:], len(self.projection_order)  # q_rec is the last projection
-                    q_proj = (cpu_linear.linear(q_in, self._packed_rows(*self._row_span(n - 1, n)))
-                              if cpu_linear.applies(q_in) else F.linear(q_in, self.q_rec.weight))
-                    q_out, q_tail = self.conv_q(q_proj, windows.get("q"))
-                    q_raw = q_out[:, -1:] if last_recurrent else None
+                    # a few rows: the product is the weight's one read from memory, which F.linear's sgemm makes
+                    # faster than cpu_linear's reordered copy (and no copy is kept)
+                    q_proj = F.linear(xn[:, T - keep:], self.q_rec.weight)
+                    if last_recurrent:
+                        q_out, q_tail = self.conv_q(q_proj, windows.get("q"))
+                        q_raw = q_out[:, -1:]
+                    else:  # the window alone: no token reads the conv's output
+                        q_tail = self.conv_q.tail(q_proj, windows.get("q"))
             else:
                 q_raw, q_tail = self.conv_q(proj[self.recurrent_query], windows.get("q"), lengths)
-            k_rec, v_rec = k, v
-            if self.recurrent_kv_convs:
-                k_in, v_in = self.recurrent_kv_inputs
-                k_rec, k_rec_tail = self.conv_k_rec(proj[k_in], windows.get("k_rec"), lengths)
-                v_rec, v_rec_tail = self.conv_v_rec(proj[v_in], windows.get("v_rec"), lengths)
-            grouped = state_only or (self.cfg.mixer == "gdn" and self.cfg.group_size > 1
-                                     and grouped_recurrence_applies(xn))
-            r = self._recurrence_inputs(proj, k_rec, v_rec, None if last_recurrent else q_raw, grouped=grouped)
-            if lengths is not None:  # padding leaves the state alone: no decay (g = 0), no write (beta = 0, dt = 0)
-                real = (torch.arange(xn.shape[1], device=xn.device)[None, :] < lengths[:, None])[:, :, None]
-                for name in ("g", "beta") if self.cfg.mixer == "gdn" else ("dt",):
-                    r[name] = r[name] * real
-            if last_recurrent:
-                o_rec, final = self._last_token_readout(r, q_raw, None if layer_cache is None else layer_cache.recurrent)
-            else:
-                o_rec, final = self._recurrence(r, None if layer_cache is None else layer_cache.recurrent)
-            if layer_cache is not None:
-                layer_cache.recurrent.copy_(final)
+            if state_only and not last_recurrent and cpu_linear.applies(xn):
+                o_rec = None
+                self._advance_state_alone(proj, k, v, layer_cache)
                 layer_cache.conv["q"].copy_(q_tail)
+            else:
+                k_rec, v_rec = k, v
                 if self.recurrent_kv_convs:
-                    layer_cache.conv["k_rec"].copy_(k_rec_tail)
-                    layer_cache.conv["v_rec"].copy_(v_rec_tail)
+                    k_in, v_in = self.recurrent_kv_inputs
+                    k_rec, k_rec_tail = self.conv_k_rec(proj[k_in], windows.get("k_rec"), lengths)
+                    v_rec, v_rec_tail = self.conv_v_rec(proj[v_in], windows.get("v_rec"), lengths)
+                grouped = state_only or (self.cfg.mixer == "gdn" and self.cfg.group_size > 1
+                                         and grouped_recurrence_applies(xn))
+                r = self._recurrence_inputs(proj, k_rec, v_rec, None if last_recurrent else q_raw, grouped=grouped)
+                if lengths is not None:  # padding leaves the state alone: no decay (g = 0), no write (beta = 0, dt = 0)
+                    real = (torch.arange(xn.shape[1], device=xn.device)[None, :] < lengths[:, None])[:, :, None]
+                    for name in ("g", "beta") if self.cfg.mixer == "gdn" else ("dt",):
+                        r[name] = r[name] * real
+                if last_recurrent:
+                    o_rec, final = self._last_token_readout(r, q_raw,
+                                                            None if layer_cache is None else layer_cache.recurrent)
+                elif state_only:  # (a cache, as `recurrent` needs one where no token is recurrent)
+                    o_rec, final = None, self._final_state_alone(r, layer_cache.recurrent)
+                else:
+                    o_rec, final = self._recurrence(r, None if layer_cache is None else layer_cache.recurrent)
+                if layer_cache is not None:
+                    if final is not layer_cache.recurrent:
+                        layer_cache.recurrent.copy_(final)
+                    layer_cache.conv["q"].copy_(q_tail)
+                    if self.recurrent_kv_convs:
+                        layer_cache.conv["k_rec"].copy_(k_rec_tail)
+                        layer_cache.conv["v_rec"].copy_(v_rec_tail)
         if attention_kv:
             o_attn = self._attention(proj, k, v, plan, rope, layer_cache, last_row)
         if last_recurrent or last_row:  # one mode for every token: the other's output, if computed, is not read
@@ -470,6 +505,65 @@ class OryxMixer(nn.Module):
         o, final = chunk_gated_delta_rule_grouped(r["q"], r["k"], r["v"], r["g"], r["beta"], scale=self.cfg.gdn_scale,
                                                   initial_state=state, output_final_state=initial_state is not None)
         return o, None if final is None else final.repeat_interleave(G, dim=1)
+
+    def _advance_state_alone(self, proj: dict, k, v, layer_cache: LayerCache):
+        """GDN's state and the recurrence's key/value conv windows advanced over tokens none of which reads the state
+        (fp32 on the CPU, a cache, no lengths); k, v: the attention convs' outputs (what the recurrence reads with
+        sharing "kv"). The same function as conv_k_rec/conv_v_rec, _recurrence_inputs and _final_state_alone, up to
+        rounding, in fewer passes: keys, values and gates are computed straight into the head-major chunked layout
+        grouped_final_state reads, the recurrence's two convs (sharing "kv-proj", "none") run there as one set of
+        shifted products over both, and the final state goes straight into its G query heads' copies."""
+        cfg = self.cfg
+        Hkv, K, V, W = cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim, cfg.conv_width
+        a, b = proj["a_proj"], proj["b_proj"]                                            # [B, T, Hkv]
+        B, T = a.shape[:2]
+        NT, C = chunk_layout(T)
+        # per key/value head its tokens' [key | value | log-decay | write rate], zeros after T: padded tokens
+        # (g = beta = 0) leave the state as it is
+        packed = a.new_empty(B, Hkv, NT * C, K + V + 2)
+        packed[:, :, T:].zero_()
+        kv = packed[:, :, :T, :K + V]
+        if self.recurrent_kv_convs:
+            windows, (k_in, v_in) = layer_cache.conv, self.recurrent_kv_inputs
+            # each conv's window, then its inputs, head-major: [B, Hkv, W - 1 + T, K + V]
+            inputs = packed.new_empty(B, Hkv, W - 1 + T, K + V)
+            for x, window, cols, width in ((proj[k_in], windows["k_rec"], slice(0, K), K),
+                                           (proj[v_in], windows["v_rec"], slice(K, K + V), V)):
+                inputs[:, :, :W - 1, cols].copy_(window.view(B, W - 1, Hkv, width).transpose(1, 2))
+                inputs[:, :, W - 1:, cols].copy_(x.view(B, T, Hkv, width).transpose(1, 2))
+            convs = (self.conv_k_rec, self.conv_v_rec)
+            # tap j of both convs as one row per head [Hkv, 1, K + V], broadcast over tokens; contiguous rows (a
+            # strided operand slows the elementwise kernels several times)
+            taps = torch.cat([conv.weight.detach().t().view(W, Hkv, 1, width) for conv, width in zip(convs, (K, V))],
+                             -1)
+            torch.mul(inputs[:, :, :T], taps[0], out=kv)                                # CausalConv's tap order
+            for j in range(1, W):
+                kv.addcmul_(inputs[:, :, j:j + T], taps[j])
+            if self.conv_k_rec.bias is not None:
+                kv.add_(torch.cat([self.conv_k_rec.bias.view(Hkv, 1, K), self.conv_v_rec.bias.view(Hkv, 1, V)], -1))
+            if self.conv_k_rec.activation == "silu":
+                F.silu(kv, inplace=True)
+            windows["k_rec"].view(B, W - 1, Hkv, K).copy_(inputs[:, :, T:, :K].transpose(1, 2))
+            windows["v_rec"].view(B, W - 1, Hkv, V).copy_(inputs[:, :, T:, K:].transpose(1, 2))
+        else:
+            kv[..., :K].copy_(k.view(B, T, Hkv, K).transpose(1, 2))
+            kv[..., K:].copy_(v.view(B, T, Hkv, V).transpose(1, 2))
+        # _recurrence_inputs' gates: log-decay A softplus(a + dt_bias), write rate sigmoid(b)
+        torch.mul(-torch.exp(self.A_log), F.softplus(a + self.dt_bias), out=packed[:, :, :T, K + V].transpose(1, 2))
+        torch.sigmoid(b, out=packed[:, :, :T, K + V + 1].transpose(1, 2))
+        state = layer_cache.recurrent.unflatten(1, (Hkv, cfg.group_size))               # [B, Hkv, G, d, dv], a view
+        final = grouped_final_state(packed, K, NT, state[:, :, 0], key_norm_eps=L2NORM_EPS)  # keys normalised there
+        state.copy_(final[:, :, None].expand_as(state))
+
+    def _final_state_alone(self, r: dict, state):
+        """GDN's final state over r's keys, values and gates (per key/value head, as _grouped_recurrence) from
+        `state` [B, H, d, dv], written into `state` itself (each key/value head's state to its G query heads' copies,
+        equal as _grouped_recurrence says); returns it."""
+        per_group = state.unflatten(1, (self.cfg.n_kv_heads, self.cfg.group_size))   # [B, Hkv, G, d, dv], a view
+        final = chunk_gated_delta_rule_grouped(None, r["k"], r["v"], r["g"], r["beta"],
+                                               initial_state=per_group[:, :, 0], output_final_state=True)[1]
+        per_group.copy_(final[:, :, None].expand_as(per_group))
+        return state
 
     def _last_token_readout(self, r: dict, q_last, initial_state):
         """GDN's final state over r's keys, values and gates (per key/value head, as _grouped_recurrence) and the

@@ -109,6 +109,93 @@ def head_major(x, length: int, dtype=None):
     return out
 
 
+def chunk_layout(T: int, chunk_size: int = 64) -> tuple[int, int]:
+    """(NT, C): T tokens as NT chunks of C tokens, at most chunk_size each, as equal as they come (the least
+    padding: NT * C - T < NT)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    NT = max(1, -(-T // chunk_size))
+    return NT, max(1, -(-T // NT))
+
+
+def _chunk_transitions(packed, K: int, with_outputs: bool, key_norm_eps: float | None = None):
+    """The WY transform of every chunk: packed [R, C, K + V + 2] (per batch row one chunk's keys, values, log-decays
+    and write rates, padded tokens zero) -> (M [R, K, K], P [R, K, V], WU, eG, decay): the chunk's transition
+    S' = M S + P, and, `with_outputs`, [-W | U] [R, C, K + V] with e^{G_i} [R, C] (G: the log-decays' prefix sums)
+    and e^{G_i - G_j} [R, C, C] (lower triangle) that the outputs read (else None for all three). key_norm_eps: the
+    keys in packed are raw and each is read L2-normalised, k / sqrt(|k|^2 + eps), its norm taken from the diagonal of
+    the chunk's key products (which the transform computes anyway): a factor per token folded into the factors the
+    keys take already, instead of a pass over them (state only)."""
+    R, C, F = packed.shape
+    V = F - K - 2
+    keys, gate, rate = packed[..., :K], packed[..., K + V], packed[..., K + V + 1]
+    Gc = gate.cumsum(-1)                                                             # [R, C]
+    eG = Gc.exp()
+    # e^{G_i - G_j} on and below the diagonal (at most 1: the gates are <= 0); above it the exponent is >= 0 and may
+    # overflow, and tril_ overwrites it with zeros
+    decay = (Gc[:, :, None] - Gc[:, None, :]).exp_().tril_()
+    # the solves read only the strictly lower triangle of L (beta_i e^{G_i - G_j} k_i.k_j, i > j) and take
+    # its diagonal as ones
+    L = torch.bmm(keys, keys.transpose(1, 2))
+    if key_norm_eps is None:
+        L.mul_(decay).mul_(rate[:, :, None])
+        key_factor = eG.neg()
+        end_factor = (Gc[:, -1:] - Gc).exp_()
+    else:  # n_i = 1 / sqrt(k_i.k_i + eps): L_ij n_i n_j, and n_i into each key's other factors
+        if with_outputs:
+            raise ValueError("key_norm_eps: the outputs read normalised keys (state only)")
+        inv_norm = L.diagonal(dim1=-2, dim2=-1).add(key_norm_eps).rsqrt_()           # [R, C]
+        L.mul_(decay).mul_((rate * inv_norm)[:, :, None]).mul_(inv_norm[:, None, :])
+        key_factor = (eG * inv_norm).neg_()
+        end_factor = (Gc[:, -1:] - Gc).exp_().mul_(inv_norm)
+    rhs = packed[..., :K + V] * rate[:, :, None]                                     # [beta k | beta v]
+    rhs[..., :K].mul_(key_factor[:, :, None])                                        # [-beta e^G k | beta v]
+    k_end = keys * end_factor[:, :, None]                                            # [R, C, K]
+    # W enters negated (-W | U = X rhs), so K_end^T [-W | U] = [-M' | P] needs no negation
+    if not with_outputs:  # [-M' | P] = K_end^T X rhs, with K_end^T X solved for directly: (K_end^T X)(I + L) = K_end^T
+        WU = None
+        with mkl_one_thread():  # R small solves: MKL's per-call parallel regions cost more than the solves
+            transfer = torch.linalg.solve_triangular(L, k_end.transpose(1, 2), upper=False, left=False,
+                                                     unitriangular=True)             # [R, K, C]
+        MP = torch.bmm(transfer, rhs)                                                # [R, K, K + V]
+    else:
+        eye = torch.eye(C, dtype=packed.dtype, device=packed.device)
+        X = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False, unitriangular=True)
+        WU = torch.bmm(X, rhs)                                                       # [-W | U]
+        MP = torch.bmm(k_end.transpose(1, 2), WU)
+    M, P = MP[..., :K], MP[..., K:]
+    M.diagonal(dim1=-2, dim2=-1).add_(eG[:, -1:])                                    # M = e^{G_C} I - M'
+    return M, P, WU, (eG if with_outputs else None), (decay if with_outputs else None)
+
+
+def _chain(M, P, state, N: int, NT: int, keep_entries: bool):
+    """The chunks' transitions applied in turn to state [N, K, V] (M [N * NT, K, K], P [N * NT, K, V], chunk c of
+    sequence-head n at row n * NT + c): (the final state, the states entering each chunk [N, NT, K, V] or None)."""
+    K, V = P.shape[-2:]
+    M, P = M.view(N, NT, K, K).unbind(1), P.view(N, NT, K, V).unbind(1)
+    entries = []
+    for c in range(NT):
+        if keep_entries:
+            entries.append(state)
+        state = torch.baddbmm(P[c], M[c], state)
+    return state, (torch.stack(entries, 1) if keep_entries else None)
+
+
+def grouped_final_state(packed, K: int, NT: int, initial_state=None, key_norm_eps: float | None = None):
+    """The final state of chunk_gated_delta_rule_grouped (q None) from inputs already laid out as it lays them out:
+    packed [B, Hkv, NT * C, K + V + 2] fp32 or fp64, per key/value head its tokens' keys (L2-normalised), values,
+    log-decays and write rates, then zeros to NT * C tokens (chunk_layout); with key_norm_eps the keys are raw and
+    read L2-normalised with that eps (_chunk_transitions). Returns [B, Hkv, K, V] in packed's dtype; initial_state
+    [B, Hkv, K, V] or None (zeros)."""
+    B, Hkv, length, F = packed.shape
+    V, N = F - K - 2, B * Hkv
+    M, P, _, _, _ = _chunk_transitions(packed.view(N * NT, length // NT, F), K, with_outputs=False,
+                                       key_norm_eps=key_norm_eps)
+    state = (packed.new_zeros(N, K, V) if initial_state is None
+             else initial_state.to(packed.dtype).reshape(N, K, V))
+    return _chain(M, P, state, N, NT, keep_entries=False)[0].view(B, Hkv, K, V)
+
+
 def chunk_gated_delta_rule_grouped(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                                    chunk_size=64):
     """chunk_gated_delta_rule_torch for grouped heads, without autograd: q [B, T, H, K] reads key/value head
@@ -128,56 +215,26 @@ def chunk_gated_delta_rule_grouped(q, k, v, g, beta, scale=None, initial_state=N
             or g.shape != (B, T, Hkv) or beta.shape != (B, T, Hkv):
         raise ValueError(f"grouped heads: q {None if q is None else list(q.shape)}, k {list(k.shape)}, "
                          f"v {list(v.shape)}, g {list(g.shape)}, beta {list(beta.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    NT, C = chunk_layout(T, chunk_size)
     G = H // Hkv
     dtype = _compute_dtype(*(t for t in (q, k, v, g, beta) if t is not None))
-    NT = max(1, -(-T // chunk_size))
-    C = max(1, -(-T // NT))  # NT chunks of at most chunk_size tokens, as equal as they come: the least padding
     N, R = B * Hkv, B * Hkv * NT
     # each token's keys, values and gates in one zero-padded, chunked, head-major copy, one chunk of one sequence's
     # key/value head per batch row [R = B * Hkv * NT, C, K + V + 2]: padded tokens have g = beta = 0, so they leave
     # the state as it is
-    packed = head_major([k, v, g, beta], NT * C, dtype).view(R, C, K + V + 2)
-    keys, gate, rate = packed[..., :K], packed[..., K + V], packed[..., K + V + 1]
-    Gc = gate.cumsum(-1)                                                             # [R, C]
-    eG = Gc.exp()
-    # e^{G_i - G_j} on and below the diagonal (at most 1: the gates are <= 0); above it the exponent is >= 0 and may
-    # overflow, and tril_ overwrites it with zeros
-    decay = (Gc[:, :, None] - Gc[:, None, :]).exp_().tril_()
-    # the solves read only the strictly lower triangle of L (beta_i e^{G_i - G_j} k_i.k_j, i > j) and take
-    # its diagonal as ones
-    L = torch.bmm(keys, keys.transpose(1, 2)).mul_(decay).mul_(rate[:, :, None])
-    rhs = packed[..., :K + V] * rate[:, :, None]                                     # [beta k | beta v]
-    rhs[..., :K].mul_(eG.neg()[:, :, None])                                          # [-beta e^G k | beta v]
-    k_end = keys * (Gc[:, -1:] - Gc).exp_()[:, :, None]                              # [R, C, K]
-    # W enters negated (-W | U = X rhs), so K_end^T [-W | U] = [-M' | P] needs no negation
-    if q is None:  # [-M' | P] = K_end^T X rhs, with K_end^T X solved for directly: (K_end^T X)(I + L) = K_end^T
-        WU = None
-        with mkl_one_thread():  # R small solves: MKL's per-call parallel regions cost more than the solves
-            transfer = torch.linalg.solve_triangular(L, k_end.transpose(1, 2), upper=False, left=False,
-                                                     unitriangular=True)             # [R, K, C]
-        MP = torch.bmm(transfer, rhs)                                                # [R, K, K + V]
-    else:
-        eye = torch.eye(C, dtype=dtype, device=k.device)
-        X = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False, unitriangular=True)
-        WU = torch.bmm(X, rhs)                                                       # [-W | U]
-        MP = torch.bmm(k_end.transpose(1, 2), WU)
-    M, P = MP[..., :K], MP[..., K:]
-    M.diagonal(dim1=-2, dim2=-1).add_(eG[:, -1:])                                    # M = e^{G_C} I - M'
-    M, P = M.view(N, NT, K, K).unbind(1), P.view(N, NT, K, V).unbind(1)
+    packed = head_major([k, v, g, beta], NT * C, dtype)
+    if q is None:
+        final = grouped_final_state(packed, K, NT, initial_state)
+        return None, final if output_final_state else None
+    packed = packed.view(R, C, K + V + 2)
+    M, P, WU, eG, decay = _chunk_transitions(packed, K, with_outputs=True)
     state = (torch.zeros(N, K, V, dtype=dtype, device=k.device) if initial_state is None
              else initial_state.to(dtype).reshape(N, K, V))
-    entries = []                                                                     # the state entering each chunk
-    for c in range(NT):
-        if q is not None:
-            entries.append(state)
-        state = torch.baddbmm(P[c], M[c], state)
+    state, entries = _chain(M, P, state, N, NT, keep_entries=True)
     final = state.view(B, Hkv, K, V) if output_final_state else None
-    if q is None:
-        return None, final
     scale = default_scale(scale, K)
-    S = torch.stack(entries, 1).view(R, K, V)
+    keys = packed[..., :K]
+    S = entries.view(R, K, V)
     delta = torch.baddbmm(WU[..., K:], WU[..., :K], S)                               # U - W S: [R, C, V]
     # each group's G query heads as rows of one matrix per chunk, token-major: [R, C * G, K]
     qc = head_major(q.to(dtype).view(B, T, Hkv, G * K), NT * C).view(R, C * G, K)
