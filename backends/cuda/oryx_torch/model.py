@@ -387,13 +387,15 @@ class OryxMixer(nn.Module):
 
     # -- parallel form (training, eval, prefill) --
     def forward(self, xn, plan: AttentionPlan, rope, layer_cache: LayerCache | None = None, lengths=None,
-                last_only: bool = False):
+                last_only: bool = False, staged: StagedStates | None = None):
         """xn [B, T, D] normed input; plan: the modes; rope (cos, sin) for positions plan.q_offset.. or None.
         lengths [B] (with a cache): row b's tokens from lengths[b] on are right padding, which leaves its conv
         windows and recurrent state as they were after its last real token; their keys and values land in
         KV cache slots that later tokens overwrite before anything reads them. `last_only`: the caller reads only
         the last token's output; where every token attends, on the CPU path, the output is that token's alone
-        [B, 1, D] (the cache still takes every token)."""
+        [B, 1, D] (the cache still takes every token). `staged`: where the state advances without any token
+        reading it on the CPU (_advance_state_alone), its inputs go there and the state is left for
+        staged.finish() to compute (the cache's state is stale until then); None: computed here."""
         windows = layer_cache.conv if layer_cache is not None else {}
         # with a cache the state must advance anyway, unless it was dropped (then no token is recurrent);
         # likewise the KV cache takes every token's key and value while it is kept
@@ -445,7 +447,7 @@ class OryxMixer(nn.Module):
                 q_raw, q_tail = self.conv_q(proj[self.recurrent_query], windows.get("q"), lengths)
             if state_only and not last_recurrent and cpu_linear.applies(xn):
                 o_rec = None
-                self._advance_state_alone(proj, k, v, layer_cache)
+                self._advance_state_alone(proj, k, v, layer_cache, staged)
                 layer_cache.conv["q"].copy_(q_tail)
             else:
                 k_rec, v_rec = k, v
@@ -506,13 +508,14 @@ class OryxMixer(nn.Module):
                                                   initial_state=state, output_final_state=initial_state is not None)
         return o, None if final is None else final.repeat_interleave(G, dim=1)
 
-    def _advance_state_alone(self, proj: dict, k, v, layer_cache: LayerCache):
+    def _advance_state_alone(self, proj: dict, k, v, layer_cache: LayerCache, staged: StagedStates | None = None):
         """GDN's state and the recurrence's key/value conv windows advanced over tokens none of which reads the state
         (fp32 on the CPU, a cache, no lengths); k, v: the attention convs' outputs (what the recurrence reads with
         sharing "kv"). The same function as conv_k_rec/conv_v_rec, _recurrence_inputs and _final_state_alone, up to
         rounding, in fewer passes: keys, values and gates are computed straight into the head-major chunked layout
         grouped_final_state reads, the recurrence's two convs (sharing "kv-proj", "none") run there as one set of
-        shifted products over both, and the final state goes straight into its G query heads' copies."""
+        shifted products over both, and the final state goes straight into its G query heads' copies. `staged`:
+        that layout is written into its buffer and the state left to staged.finish() (the windows advance here)."""
         cfg = self.cfg
         Hkv, K, V, W = cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim, cfg.conv_width
         a, b = proj["a_proj"], proj["b_proj"]                                            # [B, T, Hkv]
@@ -520,7 +523,8 @@ class OryxMixer(nn.Module):
         NT, C = chunk_layout(T)
         # per key/value head its tokens' [key | value | log-decay | write rate], zeros after T: padded tokens
         # (g = beta = 0) leave the state as it is
-        packed = a.new_empty(B, Hkv, NT * C, K + V + 2)
+        shape = (B, Hkv, NT * C, K + V + 2)
+        packed = a.new_empty(shape) if staged is None else staged.slot(shape, a)
         packed[:, :, T:].zero_()
         kv = packed[:, :, :T, :K + V]
         if self.recurrent_kv_convs:
@@ -552,6 +556,9 @@ class OryxMixer(nn.Module):
         torch.mul(-torch.exp(self.A_log), F.softplus(a + self.dt_bias), out=packed[:, :, :T, K + V].transpose(1, 2))
         torch.sigmoid(b, out=packed[:, :, :T, K + V + 1].transpose(1, 2))
         state = layer_cache.recurrent.unflatten(1, (Hkv, cfg.group_size))               # [B, Hkv, G, d, dv], a view
+        if staged is not None:
+            staged.add(state, K, NT)
+            return
         final = grouped_final_state(packed, K, NT, state[:, :, 0], key_norm_eps=L2NORM_EPS)  # keys normalised there
         state.copy_(final[:, :, None].expand_as(state))
 
@@ -777,6 +784,61 @@ class SwiGLU(nn.Module):
         return super().train(mode)
 
 
+class StagedStates:
+    """GDN states that a forward call's layers advance without any token reading them (OryxMixer.
+    _advance_state_alone), computed together once the last layer has run: each layer writes its chunked keys,
+    values and gates into its own slot of one buffer, and finish() runs grouped_final_state with the layers folded
+    into the batch, a few calls for all layers. The matrix products then have batches several layers wide, which
+    the CPU's threads share and whose per-call costs are paid a few times instead of per layer; at that width the
+    chunks are chained by their transitions' factors (`factored`: a third fewer multiply-adds, in sequential
+    products that a layer's few heads alone would leave too small)."""
+
+    GROUP_ROWS = 32  # sequence-heads per grouped_final_state call
+
+    def __init__(self, n_layers: int):
+        self.n_layers = n_layers
+        self.buffer = None
+        self.states = []     # per staged layer, its cache's state [B, Hkv, G, K, V] (a view), in slot order
+        self.layout = None   # (K, NT) of every staged layer
+
+    def slot(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """The next layer's slot of `shape` (every staged layer's, as one config and one call give them)."""
+        if self.buffer is None:
+            self.buffer = like.new_empty(self.n_layers, *shape)
+        if tuple(self.buffer.shape[1:]) != tuple(shape) or len(self.states) == self.n_layers:
+            raise ValueError(f"staged states: a slot of shape {list(shape)}, the buffer holds "
+                             f"{len(self.states)} of {list(self.buffer.shape)}")
+        return self.buffer[len(self.states)]
+
+    def add(self, state: torch.Tensor, K: int, NT: int) -> None:
+        """Records that the last slot is filled; `state` [B, Hkv, G, K, V] (the G copies equal) takes its final
+        state in finish()."""
+        if self.layout not in (None, (K, NT)):
+            raise ValueError(f"staged states: layout {(K, NT)} after {self.layout}")
+        self.layout = (K, NT)
+        self.states.append(state)
+
+    def finish(self) -> None:
+        """Every staged layer's final state into its cache, computed from the state each held before the call."""
+        n = len(self.states)
+        if not n:
+            return
+        K, NT = self.layout
+        B, Hkv = self.states[0].shape[:2]
+        initial = torch.stack([state[:, :, 0] for state in self.states])             # [n, B, Hkv, K, V]
+        # layers in groups of about GROUP_ROWS sequence-heads: on two cores, 16 to 32 ran fastest, a whole 30-layer
+        # model's 90 (one call) a fifth slower
+        groups = -(-n * B * Hkv // self.GROUP_ROWS)
+        size = -(-n // groups)
+        for start in range(0, n, size):
+            stop = min(n, start + size)
+            final = grouped_final_state(self.buffer[start:stop].flatten(0, 1), K, NT, initial[start:stop].flatten(0, 1),
+                                        key_norm_eps=L2NORM_EPS, factored=True).unflatten(0, (stop - start, B))
+            for state, layer_final in zip(self.states[start:stop], final):
+                state.copy_(layer_final[:, :, None].expand_as(state))
+        self.states, self.buffer, self.layout = [], None, None
+
+
 class OryxLayer(nn.Module):
     """Pre-norm residual block: h = x + Mixer(RMSNorm(x)); y = h + MLP(RMSNorm(h))."""
 
@@ -793,10 +855,11 @@ class OryxLayer(nn.Module):
     def _mlp(self, h):
         return h if self.mlp is None else self.mlp.forward_add(self.mlp_norm(h), h)
 
-    def forward(self, x, plan: AttentionPlan, rope, layer_cache=None, lengths=None, last_only: bool = False):
+    def forward(self, x, plan: AttentionPlan, rope, layer_cache=None, lengths=None, last_only: bool = False,
+                staged: StagedStates | None = None):
         """x [B, T, D] -> [B, T, D], or [B, 1, D] (the last token) where the mixer computed only that one
-        (`last_only`, OryxMixer.forward)."""
-        o = self.mixer(self.attn_norm(x), plan, rope, layer_cache, lengths, last_only=last_only)
+        (`last_only`, OryxMixer.forward); `staged` as OryxMixer.forward's."""
+        o = self.mixer(self.attn_norm(x), plan, rope, layer_cache, lengths, last_only=last_only, staged=staged)
         return self._mlp((x if o.shape[1] == x.shape[1] else x[:, -1:]) + o)
 
     def step(self, x, modes, rope, layer_cache, position, attend):
@@ -964,9 +1027,13 @@ class OryxModel(nn.Module):
                               any(p.any_recurrent for p in layer_plans))
         rope = self._rope(torch.arange(offset, offset + T, device=self.device))
         x = self.embed(tokens)
+        # the states no token of this call reads, computed after the last layer for all layers at once
+        staged = StagedStates(len(self.layers)) if cache is not None and lengths is None else None
         for i, layer in enumerate(self.layers):
             x = layer(x, layer_plans[i], rope, None if cache is None else cache.layers[i], lengths,
-                      last_only=last_only and i == len(self.layers) - 1)
+                      last_only=last_only and i == len(self.layers) - 1, staged=staged)
+        if staged is not None:
+            staged.finish()
         if cache is not None:
             cache.advance(T)
             if lengths is not None:

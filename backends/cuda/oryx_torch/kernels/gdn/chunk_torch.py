@@ -118,14 +118,17 @@ def chunk_layout(T: int, chunk_size: int = 64) -> tuple[int, int]:
     return NT, max(1, -(-T // NT))
 
 
-def _chunk_transitions(packed, K: int, with_outputs: bool, key_norm_eps: float | None = None):
+def _chunk_transitions(packed, K: int, with_outputs: bool, key_norm_eps: float | None = None,
+                       factored: bool = False):
     """The WY transform of every chunk: packed [R, C, K + V + 2] (per batch row one chunk's keys, values, log-decays
     and write rates, padded tokens zero) -> (M [R, K, K], P [R, K, V], WU, eG, decay): the chunk's transition
     S' = M S + P, and, `with_outputs`, [-W | U] [R, C, K + V] with e^{G_i} [R, C] (G: the log-decays' prefix sums)
     and e^{G_i - G_j} [R, C, C] (lower triangle) that the outputs read (else None for all three). key_norm_eps: the
     keys in packed are raw and each is read L2-normalised, k / sqrt(|k|^2 + eps), its norm taken from the diagonal of
     the chunk's key products (which the transform computes anyway): a factor per token folded into the factors the
-    keys take already, instead of a pass over them (state only)."""
+    keys take already, instead of a pass over them (state only). `factored` (state only): the transition's factors
+    (T [R, K, C], rhs [R, C, K + V], e^{G_C} [R]) instead, with M = e^{G_C} I + T rhs_K and P = T rhs_V
+    (_chain_factored)."""
     R, C, F = packed.shape
     V = F - K - 2
     keys, gate, rate = packed[..., :K], packed[..., K + V], packed[..., K + V + 1]
@@ -157,6 +160,8 @@ def _chunk_transitions(packed, K: int, with_outputs: bool, key_norm_eps: float |
         with mkl_one_thread():  # R small solves: MKL's per-call parallel regions cost more than the solves
             transfer = torch.linalg.solve_triangular(L, k_end.transpose(1, 2), upper=False, left=False,
                                                      unitriangular=True)             # [R, K, C]
+        if factored:
+            return transfer, rhs, eG[:, -1]
         MP = torch.bmm(transfer, rhs)                                                # [R, K, K + V]
     else:
         eye = torch.eye(C, dtype=packed.dtype, device=packed.device)
@@ -181,18 +186,37 @@ def _chain(M, P, state, N: int, NT: int, keep_entries: bool):
     return state, (torch.stack(entries, 1) if keep_entries else None)
 
 
-def grouped_final_state(packed, K: int, NT: int, initial_state=None, key_norm_eps: float | None = None):
+def _chain_factored(transfer, rhs, end_decay, state, N: int, NT: int):
+    """The final state of _chain from the transitions' factors (_chunk_transitions `factored`): each chunk
+    S' = e^{G_C} S + T (rhs_V + rhs_K S), two products of C K V per chunk and sequence-head instead of forming M and P
+    (K C (K + V)) and then M S (K K V): a third fewer multiply-adds, in sequential products batched over N rows."""
+    K = rhs.shape[-1] - state.shape[-1]
+    transfer, rhs = transfer.unflatten(0, (N, NT)), rhs.unflatten(0, (N, NT))
+    end_decay = end_decay.view(N, NT, 1, 1)
+    for c in range(NT):
+        written = torch.baddbmm(rhs[:, c, :, K:], rhs[:, c, :, :K], state)           # beta v - beta e^G k S
+        state = torch.baddbmm(state * end_decay[:, c], transfer[:, c], written)
+    return state
+
+
+def grouped_final_state(packed, K: int, NT: int, initial_state=None, key_norm_eps: float | None = None,
+                        factored: bool = False):
     """The final state of chunk_gated_delta_rule_grouped (q None) from inputs already laid out as it lays them out:
     packed [B, Hkv, NT * C, K + V + 2] fp32 or fp64, per key/value head its tokens' keys (L2-normalised), values,
     log-decays and write rates, then zeros to NT * C tokens (chunk_layout); with key_norm_eps the keys are raw and
     read L2-normalised with that eps (_chunk_transitions). Returns [B, Hkv, K, V] in packed's dtype; initial_state
-    [B, Hkv, K, V] or None (zeros)."""
+    [B, Hkv, K, V] or None (zeros). `factored`: the chunks chained by _chain_factored (fewer multiply-adds in
+    sequential products, for a batch of many sequence-heads) instead of _chain."""
     B, Hkv, length, F = packed.shape
     V, N = F - K - 2, B * Hkv
-    M, P, _, _, _ = _chunk_transitions(packed.view(N * NT, length // NT, F), K, with_outputs=False,
-                                       key_norm_eps=key_norm_eps)
     state = (packed.new_zeros(N, K, V) if initial_state is None
              else initial_state.to(packed.dtype).reshape(N, K, V))
+    if factored:
+        transfer, rhs, end_decay = _chunk_transitions(packed.view(N * NT, length // NT, F), K, with_outputs=False,
+                                                      key_norm_eps=key_norm_eps, factored=True)
+        return _chain_factored(transfer, rhs, end_decay, state, N, NT).view(B, Hkv, K, V)
+    M, P, _, _, _ = _chunk_transitions(packed.view(N * NT, length // NT, F), K, with_outputs=False,
+                                       key_norm_eps=key_norm_eps)
     return _chain(M, P, state, N, NT, keep_entries=False)[0].view(B, Hkv, K, V)
 
 
