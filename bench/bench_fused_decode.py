@@ -71,9 +71,9 @@ def parse_args(argv=None):
     parser.add_argument("--attention-split", type=int, default=None,
                         help="attention token kernel: split a cache of more than this many slots between programs "
                              "of this many slots each (a multiple of 64; default: the library's rule)")
-    parser.add_argument("--attention-combine", choices=("last-split", "launch"), default="last-split",
-                        help="a split attention token's partial results combined by the last split to finish "
-                             "(the default) or by a second launch")
+    parser.add_argument("--attention-combine", choices=("last-split", "launch"),
+                        help="a split attention token's partial results combined by the last split to finish or "
+                             "by a second launch (default: the library's, ATTENTION_COMBINE_IN_LAST_SPLIT)")
     parser.add_argument("--budget-s", type=float, default=170.0, help="start no row after this many seconds")
     parser.add_argument("--matvec-sweep-s", type=float, default=None,
                         help="seconds for timing each projection's matvec kernel against the unfused operators "
@@ -396,7 +396,8 @@ def main(argv=None) -> int:
 
     if args.attention_split is not None:
         decode_step.ATTENTION_SPLIT_FROM = decode_step.ATTENTION_SPLIT = args.attention_split
-    decode_step.ATTENTION_COMBINE_IN_LAST_SPLIT = args.attention_combine == "last-split"
+    if args.attention_combine is not None:
+        decode_step.ATTENTION_COMBINE_IN_LAST_SPLIT = args.attention_combine == "last-split"
     began = time.perf_counter()
     device = torch.device("cpu" if args.tiny else "cuda")
     hf = hf_config_dict(TINY if args.tiny else SMOLLM2_135M)
@@ -405,7 +406,7 @@ def main(argv=None) -> int:
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command=" ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
                   torch=torch.__version__, shape=hf, sharing=args.sharing, attention_split=args.attention_split,
-                  attention_combine=args.attention_combine,
+                  attention_combine="last-split" if decode_step.ATTENTION_COMBINE_IN_LAST_SPLIT else "launch",
                   parity_fp32=[], decode=[], launches=[],
                   matvec_kernels=[],
                   skipped=[], errors=[])

@@ -284,19 +284,16 @@ ATTENTION_CASES = {
 @pytest.mark.parametrize("case", ATTENTION_CASES)
 def test_attention_token_step_matches_float64(case):
     check_attention_token_step(case)
-    if ATTENTION_CASES[case].get("split"):
-        from oryx_torch.kernels.decode_step import _ARRIVALS
-
-        assert not _ARRIVALS[torch.device("cpu")].any()  # the last split to finish left the counts at zero
 
 
 @needs_interpreter
 @pytest.mark.parametrize("case", [case for case, changes in ATTENTION_CASES.items() if changes.get("split")])
-def test_split_attention_combined_by_a_second_launch_matches_float64(case, monkeypatch):
+def test_split_attention_combined_by_the_last_split_matches_float64(case, monkeypatch):
     from oryx_torch.kernels import decode_step
 
-    monkeypatch.setattr(decode_step, "ATTENTION_COMBINE_IN_LAST_SPLIT", False)
+    monkeypatch.setattr(decode_step, "ATTENTION_COMBINE_IN_LAST_SPLIT", True)
     check_attention_token_step(case)
+    assert not decode_step._ARRIVALS[torch.device("cpu")].any()  # the last split to finish left the counts at zero
 
 
 def check_attention_token_step(case):
@@ -616,12 +613,37 @@ def assert_cuda_launches_match_float64(case: dict, launches: int, split_heads: b
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("combine_in_last_split", [False, True], ids=["combine_launch", "combine_in_last_split"])
 @pytest.mark.parametrize("case", ATTENTION_CASES)
-def test_attention_token_step_matches_float64_cuda(case):
-    from oryx_torch.kernels.decode_step import attention_token_step
+def test_attention_token_step_matches_float64_cuda(case, combine_in_last_split, monkeypatch):
+    """Also each split case combined by the last split to finish, which depends on the GPU's memory ordering (its
+    partial results published by the atomic count): replayed 50 times under a CUDA graph, every replay equal."""
+    from oryx_torch.kernels import decode_step
 
+    split = ATTENTION_CASES[case].get("split")
+    if combine_in_last_split and not split:
+        pytest.skip("no split")
+    monkeypatch.setattr(decode_step, "ATTENTION_COMBINE_IN_LAST_SPLIT", combine_in_last_split)
     args = attention_args(len(case), **ATTENTION_CASES[case])
     want = attention_token_ref(args)
     cuda = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    assert_close("out", attention_token_step(**cuda).cpu(), want[0], tol=1e-4)
+    fresh = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in cuda.items()}
+    assert_close("out", decode_step.attention_token_step(**cuda).cpu(), want[0], tol=1e-4)
     assert_close("k_cache", cuda["k_cache"].cpu(), want[2], tol=1e-4)
+    if combine_in_last_split:
+        assert not decode_step._ARRIVALS[cuda["q"].device].any()
+        inputs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in fresh.items()}
+        decode_step.attention_token_step(**inputs)  # compiled before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = decode_step.attention_token_step(**inputs)
+        outs = []
+        for _ in range(50):
+            for name, value in fresh.items():  # the caches and windows as before the token, in place
+                if isinstance(value, torch.Tensor):
+                    inputs[name].copy_(value)
+            graph.replay()
+            outs.append(out.clone())
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, outs[0]) for o in outs)
+        assert_close("out (graph)", outs[0].cpu(), want[0], tol=1e-4)

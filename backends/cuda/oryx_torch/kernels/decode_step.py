@@ -19,8 +19,8 @@ convs', and every window the step reads (attention's and the recurrence's) shift
 attention_token_step, one program per (sequence, key/value head): the same convs of the key and value (windows
 left alone unless `finish`), RoPE on the key and the group's queries, the KV-cache append, and softmax
 attention of the group's queries over the cache slots before the sequence's position plus the current token,
-in blocks with a running maximum (over a long cache, split between programs whose partial results the last of
-them to finish combines); with `finish` (no recurrence in the step) also the window shift and the gated
+in blocks with a running maximum (over a long cache, split between programs whose partial results a second
+kernel combines, or the last of them to finish: ATTENTION_COMBINE_IN_LAST_SPLIT); with `finish` (no recurrence in the step) also the window shift and the gated
 norm, otherwise the readout goes to recurrent_token_step.
 
 Both read the projections as row views of the fused projection matmul's output (any row stride) and compute in
@@ -501,8 +501,9 @@ def _(q, k, v, a, b, gate, conv_q_w, conv_q_b, conv_k_w, conv_k_b, conv_v_w, con
 # alone would leave the GPU idle.
 ATTENTION_SPLIT_FROM, ATTENTION_SPLIT = 2048, 1024
 # Whether a split attention token's last split to finish combines the partial results (True) or a second launch
-# does; read at every launch.
-ATTENTION_COMBINE_IN_LAST_SPLIT = True
+# does (False); read at every launch. Off until checked on a GPU (its ordering rests on the atomic count's
+# release and acquire: tests/torch/test_decode_step_kernels.py's gpu tests replay it under a CUDA graph).
+ATTENTION_COMBINE_IN_LAST_SPLIT = False
 
 
 def attention_split(capacity: int) -> int:
@@ -523,8 +524,8 @@ def attention_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate
     position[b], the queries attend to slots < position[b] and the current token. With `finish` the windows shift
     and the result is the gated-normed readout [B, H * V] in out_dtype; without, the raw readout [B, H, V] fp32
     (recurrent_token_step's o_attn) and the windows stay. `split` > 0 (a multiple of 64): each program attends
-    over that many slots and the last to finish combines them (with ATTENTION_COMBINE_IN_LAST_SPLIT off, a second
-    launch does; attention_split picks `split` by capacity)."""
+    over that many slots and a second launch combines them, or with ATTENTION_COMBINE_IN_LAST_SPLIT the last to
+    finish does (attention_split picks `split` by capacity)."""
     B, HKV, capacity, K = k_cache.shape
     V, H, W = v_cache.shape[3], n_heads, conv_k_w.shape[1]
     out = torch.empty(B, H * V, dtype=out_dtype, device=q.device) if finish else \
