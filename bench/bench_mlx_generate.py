@@ -170,6 +170,12 @@ def smollm2_comparison(prompt_len: int, steps: int, repeats: int, rng) -> dict:
     prompt = rng.integers(0, cfg.vocab_size, (1, prompt_len))
     print(f"SmolLM2-135M-Instruct, Oryx attention mode vs mlx-lm llama: logits relative difference "
           f"{check_same_function(ours, theirs, prompt[:, :64]):.2e}")
+    return plans_against_llama(ours, theirs, prompt, steps, repeats)
+
+
+def plans_against_llama(ours, theirs, prompt, steps: int, repeats: int) -> dict:
+    """mlx-lm's llama and Oryx under each generation plan, timed in turns; the table printed, the best rates
+    returned."""
     best = compare({"mlx-lm llama": mlx_lm_last_only_runner(theirs),
                     **{f"Oryx {plan}": oryx_plan_runner(ours, plan) for plan in GENERATION_PLANS}},
                    prompt, steps, repeats)
@@ -194,11 +200,7 @@ def default_model_comparison(prompt_len: int, steps: int, repeats: int, rng, mod
     prompt = rng.integers(0, ours.cfg.vocab_size, (1, prompt_len))
     print(f"Default model (sharing {ours.cfg.sharing}), Oryx attention mode vs mlx-lm llama on its base: logits "
           f"relative difference {check_same_function(ours, theirs, prompt[:, :64]):.2e}")
-    best = compare({"mlx-lm llama": mlx_lm_last_only_runner(theirs),
-                    **{f"Oryx {plan}": oryx_plan_runner(ours, plan) for plan in GENERATION_PLANS}},
-                   prompt, steps, repeats)
-    print_table(best, "mlx-lm llama")
-    return best
+    return plans_against_llama(ours, theirs, prompt, steps, repeats)
 
 
 def mlx_lm_runner(model):

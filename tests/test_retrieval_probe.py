@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 import retrieval_probe as probe
-from oryx_core.config import preset
 from oryx_core.default import DEFAULT_ADAPTER
-from oryx_core.weights import save_checkpoint
-from model_params import lively_params
+from oryx_core.weights import load_checkpoint
+from model_params import tiny_checkpoint_with_smollm2_vocabulary
 
 TOKENIZER = DEFAULT_ADAPTER / "tokenizer.json"
 
@@ -53,8 +52,8 @@ def test_examples_mark_the_question_and_the_needle():
 
 
 def test_a_run_on_a_tiny_model_writes_accuracy_and_key_drift(tmp_path):
-    cfg = preset("tiny", "gdn").replace(vocab_size=49152)
-    model = save_checkpoint(tmp_path / "tiny", cfg, lively_params(cfg, 3), tokenizer_json=TOKENIZER.read_text())
+    model = tiny_checkpoint_with_smollm2_vocabulary(tmp_path / "tiny")
+    cfg = load_checkpoint(model).config
     out = tmp_path / "probe.json"
     assert probe.main(["--model", str(model), "--lengths", "96", "--examples", "2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())

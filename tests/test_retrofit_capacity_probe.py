@@ -7,19 +7,15 @@ import pytest
 
 import retrofit_capacity_probe as capacity
 from oryx_core.config import preset
-from oryx_core.default import DEFAULT_ADAPTER
-from oryx_core.weights import save_checkpoint
-from model_params import lively_params
+from model_params import tiny_checkpoint_with_smollm2_vocabulary
 
 torch = pytest.importorskip("torch")
-TOKENIZER = DEFAULT_ADAPTER / "tokenizer.json"
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("capacity")
-    cfg = preset("tiny", "gdn").replace(vocab_size=49152)
-    model = save_checkpoint(root / "tiny", cfg, lively_params(cfg, 3), tokenizer_json=TOKENIZER.read_text())
+    model = tiny_checkpoint_with_smollm2_vocabulary(root / "tiny")
     heldout = root / "heldout.txt"
     heldout.write_text(" ".join(f"The keeper climbed stair number {i} and counted the gulls." for i in range(200)))
     return model, heldout

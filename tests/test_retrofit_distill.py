@@ -9,21 +9,16 @@ import shutil
 import pytest
 
 import retrofit_smollm2 as experiment
-from oryx_core.config import preset
-from oryx_core.default import DEFAULT_ADAPTER, SMOLLM2
-from oryx_core.weights import save_checkpoint
+from oryx_core.default import SMOLLM2
 from oryx_data.pipeline import assign_split
-from model_params import lively_params
+from model_params import tiny_checkpoint_with_smollm2_vocabulary
 
 torch = pytest.importorskip("torch")
-TOKENIZER = DEFAULT_ADAPTER / "tokenizer.json"
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distill")
-    cfg = preset("tiny", "gdn").replace(vocab_size=49152)
-    return save_checkpoint(root / "tiny", cfg, lively_params(cfg, 3), tokenizer_json=TOKENIZER.read_text())
+    return tiny_checkpoint_with_smollm2_vocabulary(tmp_path_factory.mktemp("distill") / "tiny")
 
 
 def test_own_texts_come_in_batches_with_a_seed_each(tiny):

@@ -14,3 +14,15 @@ def lively_params(cfg, seed):
         elif name.endswith(("norm.weight", "D_skip")) or name.endswith(".bias"):
             params[name] = rng.uniform(0.5, 1.5, p.shape).astype(np.float32)
     return params
+
+
+def tiny_checkpoint_with_smollm2_vocabulary(folder, seed: int = 3):
+    """The tiny GDN preset widened to SmolLM2's 49,152-token vocabulary, lively parameters, saved at `folder` with the
+    default model's tokenizer (what the retrofit experiments' tests run at toy size); its path."""
+    from oryx_core.config import preset
+    from oryx_core.default import DEFAULT_ADAPTER
+    from oryx_core.weights import save_checkpoint
+
+    cfg = preset("tiny", "gdn").replace(vocab_size=49152)
+    return save_checkpoint(folder, cfg, lively_params(cfg, seed),
+                           tokenizer_json=(DEFAULT_ADAPTER / "tokenizer.json").read_text())
