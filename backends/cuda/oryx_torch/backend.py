@@ -73,11 +73,9 @@ class TorchModel:
     def make_cache(self, batch: int = 1, capacity: int | None = None, kv: bool = True) -> OryxCache:
         capacity = capacity or self.config.max_context
         if self.pool_caches:
-            with torch.inference_mode():
-                key = self._captured_weights_key()
+            key = self._captured_weights_key()
             with self._pool_lock:
-                if key != self._pool_key:
-                    self._pool.clear()
+                self._forget_pool_unless(key)
                 fits = [c for c in self._pool if c.batch == batch and c.with_kv == kv
                         and capacity <= c.capacity <= 2 * capacity]
                 cache = min(fits, key=lambda c: c.capacity, default=None)
@@ -97,12 +95,9 @@ class TorchModel:
         caches it makes): pooled, or left to the garbage collector."""
         if not self.pool_caches or cache not in self._runners:
             return
-        with torch.inference_mode():
-            key = self._captured_weights_key()
+        key = self._captured_weights_key()
         with self._pool_lock:
-            if key != self._pool_key:
-                self._pool.clear()
-                self._pool_key = key
+            self._forget_pool_unless(key)
             if all(c is not cache for c in self._pool):
                 self._pool.append(cache)
             del self._pool[:-POOLED_CACHES]
@@ -114,8 +109,16 @@ class TorchModel:
         emptied."""
         layers = self.model.layers
         parts = [layer.mixer for layer in layers] + [layer.mlp for layer in layers if layer.mlp is not None]
-        return (tuple(p.data_ptr() for p in self.model.parameters()),
-                tuple(part._fused_weight().data_ptr() for part in parts))
+        with torch.inference_mode():
+            return (tuple(p.data_ptr() for p in self.model.parameters()),
+                    tuple(part._fused_weight().data_ptr() for part in parts))
+
+    def _forget_pool_unless(self, key: tuple) -> None:
+        """Empties the pool unless its caches were given back while the weights sat at `key` (then the pool's key);
+        under _pool_lock."""
+        if key != self._pool_key:
+            self._pool.clear()
+            self._pool_key = key
 
     def free_pooled_caches(self) -> None:
         """Forgets the pooled caches and their graphs (their memory returns to torch's allocator)."""
