@@ -139,8 +139,7 @@ class CausalConv(nn.Module):
         W = self.weight.shape[1]
         if lengths is None and T >= W - 1 and self.passes_through(x):
             return x, x[:, T - (W - 1):]
-        history = x.new_zeros(B, W - 1, C) if window is None else cast(window, x.dtype)
-        padded = torch.cat([history, x], dim=1)
+        padded = self._after_window(x, window)
         if lengths is None:
             tail = padded[:, T:]
         else:
@@ -175,12 +174,14 @@ class CausalConv(nn.Module):
     def tail(self, x, window=None):
         """The window forward(x, window) leaves (the last W - 1 inputs, from `window` or zeros where x is shorter),
         without the conv's output."""
-        B, T, C = x.shape
-        W = self.weight.shape[1]
-        if T >= W - 1:
-            return x[:, T - (W - 1):]
-        history = x.new_zeros(B, W - 1, C) if window is None else cast(window, x.dtype)
-        return torch.cat([history, x], dim=1)[:, T:]
+        T, W = x.shape[1], self.weight.shape[1]
+        return x[:, T - (W - 1):] if T >= W - 1 else self._after_window(x, window)[:, T:]
+
+    def _after_window(self, x, window):
+        """[window | x] [B, W - 1 + T, C]: the earlier inputs (zeros if None) in x's dtype, then x."""
+        B, _, C = x.shape
+        history = x.new_zeros(B, self.weight.shape[1] - 1, C) if window is None else cast(window, x.dtype)
+        return torch.cat([history, x], dim=1)
 
     def is_identity(self) -> bool:
         """Whether the conv passes its input through: last tap 1, the others 0, no bias, no activation (the convs
