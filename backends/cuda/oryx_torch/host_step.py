@@ -7,8 +7,10 @@ operator count, not the arithmetic, decides the speed. `decode_step` computes wh
 and under CUDA graphs) for fp32 models on the CPU:
 
 - one matmul for every input projection (the mixer's cached concatenation), sliced into views;
-- RMSNorm as torch's `rms_norm`; GDN's L2 norms of q and k as `rms_norm` too, since
-  x·rsqrt(Σx² + ε) = rms_norm(x, eps=ε/d)·d^-½, with the recurrence's scale folded into q's weight;
+- RMSNorm and GDN's L2 norms of q and k from `vector_norm` (one fused reduction): x·rsqrt(‖x‖²/d + ε)·w
+  and x·rsqrt(‖x‖² + ε), with the recurrence's scale s folded in as rsqrt(‖x‖²/s² + ε/s²). Torch's CPU
+  `rms_norm` is a chain of small operators, slower at these sizes;
+- a depthwise conv's output as one `vecdot` of its window with the taps;
 - a conv that is the identity (last tap 1, others 0, no bias, no activation: every Llama import)
   only shifts its window;
 - RoPE as x·cos + (x's halves swapped)·sin, on the queries and keys together when they are
@@ -54,10 +56,11 @@ class LayerConstants:
         with torch.no_grad():
             self.A = -torch.exp(mixer.A_log.detach().float())
             d = cfg.head_dim
-            # rms_norm(x, eps=ε/d)·w with w = d^-½ (keys) or scale·d^-½ (queries) is scale·x·rsqrt(Σx² + ε)
-            self.l2_eps = L2NORM_EPS / d
-            self.k_weight = torch.full((d,), d ** -0.5)
-            self.q_weight = torch.full((d,), cfg.gdn_scale * d ** -0.5)
+            # keys x·rsqrt(Σx² + ε); queries scale·x·rsqrt(Σx² + ε) = x·rsqrt(Σx²/scale² + ε/scale²)
+            self.k_l2 = (torch.tensor(L2NORM_EPS), 1.0)
+            self.q_l2 = (torch.tensor(L2NORM_EPS / cfg.gdn_scale ** 2), 1.0 / cfg.gdn_scale ** 2)
+            self.taps = {name: conv.weight.detach().t().contiguous()                   # [W, C]
+                         for name, conv in recurrent_and_shared_convs(mixer) if not self.identity[name]}
 
 
 def recurrent_and_shared_convs(mixer) -> list:
@@ -98,12 +101,12 @@ def decode_step(model, tokens, modes, cache, attend: bool) -> torch.Tensor:
 def layer_step(layer, x, modes, rope, layer_cache, position, slot, attend: bool):
     """One layer, x [B, D] -> [B, D]."""
     D = x.shape[-1]
-    xn = F.rms_norm(x, (D,), layer.attn_norm.weight, layer.attn_norm.eps)
+    xn = rms_norm(x, layer.attn_norm)
     h = mixer_step(layer.mixer, xn, x, modes, rope, layer_cache, position, slot, attend)
     mlp = layer.mlp
     if mlp is None:
         return h
-    hn = F.rms_norm(h, (D,), layer.mlp_norm.weight, layer.mlp_norm.eps)
+    hn = rms_norm(h, layer.mlp_norm)
     y = F.silu(F.linear(hn, mlp.gate_proj.weight)).mul_(F.linear(hn, mlp.up_proj.weight))
     return torch.addmm(h, y, mlp.down_proj.weight.t())
 
@@ -116,13 +119,31 @@ def rotate(x, rope):
     return torch.addcmul(x * cos, swapped, sin)
 
 
-def conv_step(conv, x, window, identity: bool):
-    """One token x [B, C] through a depthwise causal conv; shifts `window` [B, W-1, C] in place."""
+def rms_norm(x, norm):
+    """norm (an RMSNorm module) on x [B, D]: x·rsqrt(‖x‖²/D + ε)·w, the formula of F.rms_norm."""
+    cached = getattr(norm, "_host_step_eps", None)                 # (norm.eps, it as a tensor for addcmul)
+    if cached is None or cached[0] != norm.eps:
+        cached = norm._host_step_eps = (norm.eps, torch.tensor(float(norm.eps)))
+    eps = cached[1]
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return (x * torch.addcmul(eps, n, n, value=1.0 / x.shape[-1]).rsqrt_()).mul_(norm.weight)
+
+
+def l2_normalize(x, eps_and_value):
+    """x·rsqrt(value·‖x‖² + ε) over the last dim; (ε, value) from LayerConstants (k_l2 or q_l2)."""
+    eps, value = eps_and_value
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x * torch.addcmul(eps, n, n, value=value).rsqrt_()
+
+
+def conv_step(conv, x, window, taps):
+    """One token x [B, C] through a depthwise causal conv; shifts `window` [B, W-1, C] in place.
+    taps: the conv's weight as [W, C] (LayerConstants.taps), or None where the conv is the identity."""
     full = torch.cat([window, x.unsqueeze(1)], dim=1)                               # [B, W, C]
     window.copy_(full[:, 1:])
-    if identity:
+    if taps is None:
         return x
-    out = (full * conv.weight.t()).sum(1)
+    out = torch.linalg.vecdot(full, taps, dim=1)
     if conv.bias is not None:
         out = out + conv.bias
     return F.silu(out) if conv.activation == "silu" else out
@@ -143,8 +164,9 @@ def mixer_step(mixer, xn, x, modes, rope, layer_cache, position, slot, attend: b
     parts = dict(zip(names, proj.split([c.offsets[name][1] - c.offsets[name][0] for name in names], dim=1)))
     part = parts.__getitem__
 
-    k = conv_step(mixer.conv_k, part("k_proj"), layer_cache.conv["k"], c.identity["k"])
-    v = conv_step(mixer.conv_v, part("v_proj"), layer_cache.conv["v"], c.identity["v"])
+    taps = c.taps.get
+    k = conv_step(mixer.conv_k, part("k_proj"), layer_cache.conv["k"], taps("k"))
+    v = conv_step(mixer.conv_v, part("v_proj"), layer_cache.conv["v"], taps("v"))
     q = keys = None
     if rope is None:
         q, keys = part("q_attn").view(B, H, d) if attention else None, k.view(B, Hkv, d)
@@ -165,16 +187,16 @@ def mixer_step(mixer, xn, x, modes, rope, layer_cache, position, slot, attend: b
             layer_cache.values[:, :, slot] = v.view(B, Hkv, dv)
     o_rec = o_attn = None
     if recurrent:
-        q_rec = conv_step(mixer.conv_q, part("q_rec"), layer_cache.conv["q"], c.identity["q"])
+        q_rec = conv_step(mixer.conv_q, part("q_rec"), layer_cache.conv["q"], taps("q"))
         if mixer.recurrent_kv_convs:  # the recurrence's own convs of the shared projections
-            k = conv_step(mixer.conv_k_rec, part("k_proj"), layer_cache.conv["k_rec"], c.identity["k_rec"])
-            v = conv_step(mixer.conv_v_rec, part("v_proj"), layer_cache.conv["v_rec"], c.identity["v_rec"])
+            k = conv_step(mixer.conv_k_rec, part("k_proj"), layer_cache.conv["k_rec"], taps("k_rec"))
+            v = conv_step(mixer.conv_v_rec, part("v_proj"), layer_cache.conv["v_rec"], taps("v_rec"))
         state = layer_cache.recurrent.view(B, Hkv, G, d, dv)
         if cfg.mixer == "gdn":
             decay = torch.exp(c.A * F.softplus(part("a_proj") + mixer.dt_bias))      # [B, Hkv]
             beta = torch.sigmoid(part("b_proj"))
-            qn = F.rms_norm(q_rec.view(B, Hkv, G, 1, d), (d,), c.q_weight, c.l2_eps)
-            kn = F.rms_norm(k.view(B, Hkv, 1, 1, d), (d,), c.k_weight, c.l2_eps)
+            qn = l2_normalize(q_rec.view(B, Hkv, G, 1, d), c.q_l2)
+            kn = l2_normalize(k.view(B, Hkv, 1, 1, d), c.k_l2)
             state.mul_(decay.view(B, Hkv, 1, 1, 1))
             correction = (v.view(B, Hkv, 1, 1, dv) - torch.matmul(kn, state)).mul_(beta.view(B, Hkv, 1, 1, 1))
             state.addcmul_(kn.view(B, Hkv, 1, d, 1), correction)
