@@ -22,7 +22,8 @@ def test_default_model_continues_as_recorded(plan):
     from oryx_core.tokenizer import load_tokenizer
     from oryx_torch.model import OryxModel
 
-    recorded = json.loads((ROOT / "experiments/results/retrofit_refine/prose/results.json").read_text())["samples_after"]
+    recorded = json.loads((ROOT / "experiments/results/retrofit_refine/prose/results.json").read_text())
+    recorded = recorded["samples_after"]
     want = recorded[f"0/{plan}/greedy"]
     model = OryxModel.from_checkpoint(DEFAULT_MODEL, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(DEFAULT_MODEL)
