@@ -59,8 +59,8 @@ class LayerConstants:
             # keys x·rsqrt(Σx² + ε); queries scale·x·rsqrt(Σx² + ε) = x·rsqrt(Σx²/scale² + ε/scale²)
             self.k_l2 = (torch.tensor(L2NORM_EPS), 1.0)
             self.q_l2 = (torch.tensor(L2NORM_EPS / cfg.gdn_scale ** 2), 1.0 / cfg.gdn_scale ** 2)
-            self.taps = {name: conv.weight.detach().t().contiguous()                   # [W, C]
-                         for name, conv in recurrent_and_shared_convs(mixer) if not self.identity[name]}
+            self.taps = {name: conv.tap_rows() for name, conv in recurrent_and_shared_convs(mixer)
+                         if not self.identity[name]}                                   # [W, C]
 
 
 def recurrent_and_shared_convs(mixer) -> list:

@@ -165,11 +165,15 @@ class CausalConv(nn.Module):
         in causal_conv_taps' order: out [B, T, C]. A third of F.conv1d's time on the CPU, which needs channels-first
         copies around its kernel; the taps are read as contiguous rows [W, C] (a column of the [C, W] weight is a
         strided operand, which the elementwise kernels read several times slower)."""
-        rows = self.weight.detach().t().contiguous()
+        rows = self.tap_rows()
         out = padded[:, :T] * rows[0]
         for j in range(1, rows.shape[0]):
             out.addcmul_(padded[:, j:j + T], rows[j])
         return out
+
+    def tap_rows(self):
+        """The weight [C, W] as contiguous rows [W, C], tap j in row j (detached): what the CPU paths multiply by."""
+        return self.weight.detach().t().contiguous()
 
     def tail(self, x, window=None):
         """The window forward(x, window) leaves (the last W - 1 inputs, from `window` or zeros where x is shorter),

@@ -173,6 +173,13 @@ def _chunk_transitions(packed, K: int, with_outputs: bool, key_norm_eps: float |
     return M, P, WU, (eG if with_outputs else None), (decay if with_outputs else None)
 
 
+def _entry_state(initial_state, like, N: int, K: int, V: int):
+    """The state entering the first chunk as [N, K, V] in like's dtype: initial_state [B, Hkv, K, V], or zeros."""
+    if initial_state is None:
+        return like.new_zeros(N, K, V)
+    return initial_state.to(like.dtype).reshape(N, K, V)
+
+
 def _chain(M, P, state, N: int, NT: int, keep_entries: bool):
     """The chunks' transitions applied in turn to state [N, K, V] (M [N * NT, K, K], P [N * NT, K, V], chunk c of
     sequence-head n at row n * NT + c): (the final state, the states entering each chunk [N, NT, K, V] or None)."""
@@ -209,8 +216,7 @@ def grouped_final_state(packed, K: int, NT: int, initial_state=None, key_norm_ep
     sequential products, for a batch of many sequence-heads) instead of _chain."""
     B, Hkv, length, F = packed.shape
     V, N = F - K - 2, B * Hkv
-    state = (packed.new_zeros(N, K, V) if initial_state is None
-             else initial_state.to(packed.dtype).reshape(N, K, V))
+    state = _entry_state(initial_state, packed, N, K, V)
     if factored:
         transfer, rhs, end_decay = _chunk_transitions(packed.view(N * NT, length // NT, F), K, with_outputs=False,
                                                       key_norm_eps=key_norm_eps, factored=True)
@@ -252,9 +258,7 @@ def chunk_gated_delta_rule_grouped(q, k, v, g, beta, scale=None, initial_state=N
         return None, final if output_final_state else None
     packed = packed.view(R, C, K + V + 2)
     M, P, WU, eG, decay = _chunk_transitions(packed, K, with_outputs=True)
-    state = (torch.zeros(N, K, V, dtype=dtype, device=k.device) if initial_state is None
-             else initial_state.to(dtype).reshape(N, K, V))
-    state, entries = _chain(M, P, state, N, NT, keep_entries=True)
+    state, entries = _chain(M, P, _entry_state(initial_state, packed, N, K, V), N, NT, keep_entries=True)
     final = state.view(B, Hkv, K, V) if output_final_state else None
     scale = default_scale(scale, K)
     keys = packed[..., :K]
