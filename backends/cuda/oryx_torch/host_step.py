@@ -25,6 +25,8 @@ and under CUDA graphs) for fp32 models on the CPU:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -121,12 +123,14 @@ def rotate(x, rope):
 
 def rms_norm(x, norm):
     """norm (an RMSNorm module) on x [B, D]: x·rsqrt(‖x‖²/D + ε)·w, the formula of F.rms_norm."""
-    cached = getattr(norm, "_host_step_eps", None)                 # (norm.eps, it as a tensor for addcmul)
-    if cached is None or cached[0] != norm.eps:
-        cached = norm._host_step_eps = (norm.eps, torch.tensor(float(norm.eps)))
-    eps = cached[1]
     n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return (x * torch.addcmul(eps, n, n, value=1.0 / x.shape[-1]).rsqrt_()).mul_(norm.weight)
+    return (x * torch.addcmul(eps_tensor(norm.eps), n, n, value=1.0 / x.shape[-1]).rsqrt_()).mul_(norm.weight)
+
+
+@functools.lru_cache(maxsize=None)
+def eps_tensor(eps: float) -> torch.Tensor:
+    """eps as a CPU fp32 scalar tensor (addcmul's first operand), made once per value."""
+    return torch.tensor(float(eps))
 
 
 def l2_normalize(x, eps_and_value):
