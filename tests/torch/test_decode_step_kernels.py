@@ -29,7 +29,7 @@ L2_EPS, NORM_EPS = 1e-6, 1e-5
 def test_in_interpreter_subprocess():
     """Runs this file's fast CPU tests (each kernel against float64) under TRITON_INTERPRET=1; exactly these many
     pass there (none silently skips; this launcher skips there, the slow one is deselected)."""
-    rerun_under_interpreter(__file__, 32, pytest_args=("-m", "not gpu and not slow"))
+    rerun_under_interpreter(__file__, 34, pytest_args=("-m", "not gpu and not slow"))
 
 
 @pytest.mark.slow
@@ -277,6 +277,7 @@ ATTENTION_CASES = {
     "split over the cache (one split empty), finished": dict(split=64, positions=(5, 150), capacity=160),
     "split over the cache, raw readout, grouped 4": dict(split=64, finish=False, H=8, positions=(130, 64),
                                                          capacity=200),
+    "split of two blocks (one split part empty)": dict(split=128, positions=(300, 170), capacity=320),
 }
 
 

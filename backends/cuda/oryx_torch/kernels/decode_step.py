@@ -231,6 +231,19 @@ def _recurrent_token_kernel(
 
 
 @triton.jit
+def _attend_block(q, keys, values, t_ok, m, total, acc, DOT_PRECISION: tl.constexpr):
+    """One block of slots folded into a running softmax: q [BG, BD] (scaled, the cache's dtype), keys [BT, BD] and
+    values [BT, BDV] with t_ok [BT] marking real slots; m, total [BG] and acc [BG, BDV] fp32. Returns the three."""
+    scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION)                      # [BG, BT]
+    scores = tl.where(t_ok[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    p = tl.exp(scores - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
+    return m_new, total * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
 def _attention_token_kernel(
         q_in, q_stride, k_in, k_stride, v_in, v_stride, gate_in, gate_stride,
         conv_k_w, conv_k_b, conv_v_w, conv_v_b, win_k, win_v,
@@ -248,15 +261,30 @@ def _attention_token_kernel(
     # also owns the current token, the cache append and the window shift. The other splits compute the key and
     # value too (one code path) but use neither: they may read the windows while split 0 shifts them.
     b, j, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    wait_for_previous(PDL)
     first = s == 0
     d_idx = tl.arange(0, BD)
     v_idx = tl.arange(0, BDV)
     g_idx = tl.arange(0, BG)
+    t_idx = tl.arange(0, BT)
     d_ok, v_ok, g_ok = d_idx < D, v_idx < DV, g_idx < G
     k_ch = j * D + d_idx
     v_ch = j * DV + v_idx
+    # the position (written by a torch op between steps) and the cached slots below it (written a step or more
+    # earlier) are no output of the previous kernel, so they may load before waiting for it (pdl.py)
     pos = tl.load(position + b).to(tl.int64)
+    k_base = k_cache + b * kc_sb + j * kc_sh
+    v_base = v_cache + b * vc_sb + j * vc_sh
+    lo = 0
+    hi = pos
+    if SPLIT > 0:
+        lo = s * SPLIT
+        hi = tl.minimum(pos, lo + SPLIT)
+    if SPLIT == BT:  # a split is one block of slots: load it now, attend to it after the wait
+        t = lo + t_idx
+        t_ok = t < hi
+        keys = tl.load(k_base + t[:, None] * kc_st + d_idx[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        values = tl.load(v_base + t[:, None] * vc_st + v_idx[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+    wait_for_previous(PDL)
     k, k_rows, k_x = _conv_token(k_in + b * k_stride, win_k, conv_k_w, conv_k_b, b, HKV * D, k_ch, d_ok, W, BW,
                                  CONV_BIAS, SILU)
     v, v_rows, v_x = _conv_token(v_in + b * v_stride, win_v, conv_v_w, conv_v_b, b, HKV * DV, v_ch, v_ok, W, BW,
@@ -281,27 +309,18 @@ def _attention_token_kernel(
     m = tl.where(first, tl.sum(q.to(tl.float32) * key.to(tl.float32)[None, :], axis=1), float("-inf"))
     total = tl.where(first, tl.full([BG], 1.0, tl.float32), 0.0)
     acc = tl.where(first, tl.zeros([BG, BDV], tl.float32) + value.to(tl.float32)[None, :], 0.0)
-    k_base = k_cache + b * kc_sb + j * kc_sh
-    v_base = v_cache + b * vc_sb + j * vc_sh
-    t_idx = tl.arange(0, BT)
-    lo = 0
-    hi = pos
-    if SPLIT > 0:
-        lo = s * SPLIT
-        hi = tl.minimum(pos, lo + SPLIT)
-    for start in range(lo, hi, BT):
-        t = start + t_idx
-        t_ok = t < hi
-        keys = tl.load(k_base + t[:, None] * kc_st + d_idx[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION)                  # [BG, BT]
-        scores = tl.where(t_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        values = tl.load(v_base + t[:, None] * vc_st + v_idx[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
-        total = total * alpha + tl.sum(p, axis=1)
-        m = m_new
+    if SPLIT == BT:
+        if lo < hi:  # a split past the position has no slot (its running maximum stays -inf)
+            m, total, acc = _attend_block(q, keys, values, t_ok, m, total, acc, DOT_PRECISION)
+    else:
+        for start in range(lo, hi, BT):
+            t = start + t_idx
+            t_ok = t < hi
+            keys = tl.load(k_base + t[:, None] * kc_st + d_idx[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                           other=0.0)
+            values = tl.load(v_base + t[:, None] * vc_st + v_idx[None, :], mask=t_ok[:, None] & v_ok[None, :],
+                             other=0.0)
+            m, total, acc = _attend_block(q, keys, values, t_ok, m, total, acc, DOT_PRECISION)
     if WRITE_WINDOWS:
         tl.debug_barrier()
         _shift_window(win_k, b, HKV * D, k_ch, d_ok & first, k_rows, k_x, W, BW)
