@@ -25,8 +25,8 @@ one token read back to the host per step (as a server does) and with the pick fe
 (graph replays back to back), and how many of each step's greedy tokens equal the eager step's (the uncompiled
 variants at every batch size run first; the fused+matvec ones also against the fused step's), and batch 1 after
 a --long-context prompt (32768 tokens; the uncompiled variants, attention and recurrent). Also CUDA kernels
-per step at batch 1 (a step run without a graph, counted by torch.profiler; on the CPU aten operators) with their
-GPU time by kernel, and in fp32 the first step's logits of the fused variants against the eager step's and how
+per step at batch 1 (or --launch-batches; a step run without a graph, counted by torch.profiler; on the CPU aten
+operators) with their GPU time by kernel, and in fp32 the first step's logits of the fused variants against the eager step's and how
 many of 16 greedy steps (3 with --tiny) agree; then (--matvec-sweep-s) each projection's matvec kernel against the
 operators it replaces and over block sizes, in microseconds a launch under a CUDA graph. Rows that would
 start after --budget-s seconds are listed as skipped.
@@ -58,6 +58,8 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU through the Triton interpreter")
     parser.add_argument("--out", type=Path, help="write the results here (JSON)")
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    parser.add_argument("--launch-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1],
+                        help="batch sizes of the kernels-per-step rows and their GPU time by kernel (default 1)")
     parser.add_argument("--prompt-length", type=int, default=None)
     parser.add_argument("--decode-tokens", type=int, default=None)
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
@@ -168,21 +170,24 @@ def timed_decode(oryx, prompt, plan: str, variant: str, n: int, device) -> tuple
     return row, torch.stack(picked, 1)
 
 
-def launches(oryx, plan: str, variant: str, prompt_length: int, device) -> dict:
-    """Kernels (CUDA) or outermost aten operators (CPU) in one batch-1 step run without a CUDA graph."""
+def launches(oryx, plan: str, variant: str, prompt_length: int, device, batch: int = 1) -> dict:
+    """Kernels (CUDA) or outermost aten operators (CPU) in one step of `batch` sequences run without a CUDA
+    graph."""
     import torch
 
     from bench_model import count_launches
     from oryx_torch.generate import DecodeRunner
 
     compiled, _ = use(variant)
-    prompt = torch.randint(0, oryx.cfg.vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(4))
+    prompt = torch.randint(0, oryx.cfg.vocab_size, (batch, prompt_length),
+                           generator=torch.Generator().manual_seed(4))
     cache, token = prefilled(oryx, prompt.to(device), plan, 8)
     runner = DecodeRunner(oryx, cache, cuda_graphs=False, compiled=compiled)
     decode_mode = PLANS[plan][1]
     token = runner.greedy_step(token, decode_mode).cpu()  # warm-up (and compile)
     count = count_launches(lambda: runner.greedy_step(token, decode_mode), device)
-    row = dict(plan=plan, variant=variant, unit="CUDA kernels" if device.type == "cuda" else "aten operators",
+    row = dict(plan=plan, variant=variant, batch=batch,
+               unit="CUDA kernels" if device.type == "cuda" else "aten operators",
                per_step=count, per_layer=count / oryx.cfg.n_layers)
     if device.type == "cuda":
         try:  # the count stands even if the timing breaks
@@ -337,7 +342,8 @@ def summary(report: dict) -> str:
                      f"{'long ' if row.get('long_context') else ''}{row['tokens_per_s']:9.0f} / "
                      f"{row['device_fed_tokens_per_s']:9.0f} tok/s{extra}")
     for row in report["launches"]:
-        lines.append(f"launches {row['plan']:9} {row['variant']:18} {row['per_step']} a step, "
+        lines.append(f"launches {row['plan']:9} b{row.get('batch', 1):<3} {row['variant']:18} "
+                     f"{row['per_step']} a step, "
                      f"{row.get('kernel_time', {}).get('total_us', float('nan')):.0f} us")
     best: dict = {}
     for row in report["matvec_kernels"]:
@@ -463,13 +469,15 @@ def main(argv=None) -> int:
         # the uncompiled steps at every batch size first: the compiled ones spend most of the budget compiling
         for group in ([v for v in args.variants if not VARIANTS[v][0]], [v for v in args.variants if VARIANTS[v][0]]):
             # kernels per step first: the batch-1 compile it pays is the one the batch-1 rows need anyway
-            for plan in args.plans:
-                for variant in group:
-                    row = attempt("launches", dict(plan=plan, variant=variant),
-                                  lambda: launches(oryx, plan, variant, min(args.prompt_length, 64), device))
-                    if row:
-                        report["launches"].append(row)
-                        save()
+            for launch_batch in args.launch_batches:
+                for plan in args.plans:
+                    for variant in group:
+                        row = attempt("launches", dict(plan=plan, variant=variant, batch=launch_batch),
+                                      lambda: launches(oryx, plan, variant, min(args.prompt_length, 64), device,
+                                                       launch_batch))
+                        if row:
+                            report["launches"].append(row)
+                            save()
             for batch in args.batches:
                 for plan in args.plans:
                     for variant in group:
