@@ -208,7 +208,7 @@ class BatchGenerator:
                 view.length = start
                 view.position.fill_(start)
                 last_logits[seq.sid] = model(torch.tensor([seq.fed[start:]]), seq.modes[None, start:seq.prompt_length],
-                                             cache=view)[:, -1]
+                                             cache=view, last_only=True)[:, -1]
                 seq.reused_tokens = start
                 self._place(seq)
             together.sort(key=lambda seq: -seq.prompt_length)
@@ -243,9 +243,7 @@ class BatchGenerator:
             modes[i, seq.prompt_length:] = seq.modes[seq.prompt_length - 1]
         view = _row_view(self.cache, slice(base, base + len(together)))
         lengths = [seq.prompt_length for seq in together]
-        logits = self.model(tokens, modes, cache=view, lengths=lengths)
-        last = torch.tensor(lengths, device=logits.device) - 1
-        logits = logits[torch.arange(len(together), device=logits.device), last]
+        logits = self.model(tokens, modes, cache=view, lengths=lengths, last_only=True)[:, 0]
         return {seq.sid: logits[i:i + 1] for i, seq in enumerate(together)}
 
     def _prefill_segmented(self, together: list[_Sequence], base: int) -> dict[int, torch.Tensor]:
@@ -259,7 +257,7 @@ class BatchGenerator:
             view.length = done
             tokens = torch.tensor([seq.fed[done:end] for seq in together[:live]])
             modes = torch.stack([seq.modes[done:end] for seq in together[:live]])
-            logits = self.model(tokens, modes, cache=view)[:, -1]
+            logits = self.model(tokens, modes, cache=view, last_only=True)[:, -1]
             while live and together[live - 1].prompt_length == end:
                 live -= 1
                 last_logits[together[live].sid] = logits[live:live + 1]

@@ -1007,7 +1007,7 @@ class OryxModel(nn.Module):
         """Logits [B, T, V] for tokens [B, T] under modes (True = attention): a bool, [T], [B, T] or per layer
         [L, B, T], or the plans `prepare` returned. `last_only`: the last token's logits only, [B, 1, V] (a prompt
         read before sampling needs no others, and the vocabulary projection of every token is a fifth of a small
-        model's prompt arithmetic).
+        model's prompt arithmetic); with `lengths`, each row's last real token's.
 
         With a cache, the tokens continue the cached sequences (prefill): their keys and
         values are appended, conv windows and recurrent states advanced. `lengths` (a sequence of B
@@ -1043,6 +1043,8 @@ class OryxModel(nn.Module):
             cache.advance(T)
             if lengths is not None:
                 cache.position.copy_(offset + lengths)
+        if last_only and lengths is not None:
+            x = x[torch.arange(B, device=x.device), lengths - 1][:, None]
         return self.logits(x[:, -1:] if last_only else x)
 
     def step(self, tokens, modes, cache: OryxCache) -> torch.Tensor:
