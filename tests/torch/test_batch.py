@@ -50,6 +50,27 @@ def test_batched_tokens_equal_one_at_a_time(model):
         assert got == alone(model, r), r.plan
 
 
+@pytest.mark.parametrize("other, advances", [
+    (SequenceRequest([7, 8], 5, "attention"), False),
+    (SequenceRequest([7, 8], 5, "A:0-5,R:5-6,A:6-"), True),  # the last token fed is recurrent
+    (SequenceRequest([7, 8], 5, "A:0-6,R:6-"), False),  # only the last sampled token, which is never fed
+    (SequenceRequest([7, 8], 5, "attention", keep_state=True), True),  # saved for a next turn under any plan
+], ids=["all_attention", "recurrent_ahead", "recurrent_never_fed", "saved_row"])
+def test_the_recurrent_state_advances_only_while_a_row_will_read_it(model, other, advances):
+    reqs = [SequenceRequest([3, 4, 5, 6], 5, "attention"), other]
+    gen = BatchGenerator(model, max_batch=2, capacity=32, cuda_graphs=False)
+    sids = gen.add_many(reqs)
+    after_prompt = [layer.recurrent.clone() for layer in gen.cache.layers]
+    got = {sid: [] for sid in sids}
+    while gen.active:
+        for event in gen.step():
+            got[event.sequence].append(event.token)
+        if gen.active:  # both rows still in place (they finish together)
+            moved = any(not torch.equal(a, layer.recurrent) for a, layer in zip(after_prompt, gen.cache.layers))
+            assert moved == advances
+    assert [got[sid] for sid in sids] == [alone(model, r) for r in reqs]
+
+
 def prefill_alone_and_together(model, reqs, capacity: int = 64, prefill: str = "auto"):
     """(first-token logits, cache rows) per request: each prefilled alone in its own generator, and all
     prefilled together by one add_many."""

@@ -62,7 +62,8 @@ def test_after_warm_up_traffic_captures_and_resizes_nothing_and_gets_the_eager_t
     gen = graphed_on_cpu(BatchGenerator(model, max_batch=4, capacity=64, cuda_graphs=False))
     info = gen.warm_up(prompt_lengths=(1, 17))  # the CPU compiles no prefill kernels; two lengths keep it short
     assert info["buckets"] == [1, 2, 4]
-    assert info["captures"] == 3 * 2 * 2  # every bucket, attention on and off, greedy and sampled
+    # every bucket, greedy and sampled: attention off, on, and on with the recurrent state left alone
+    assert info["captures"] == 3 * 3 * 2
     assert gen.allocated == 4 and not gen.rows and not gen.saved
     before = counts(gen)
     assert gen.generate(reqs) == eager  # 8 sequences through 4 rows: buckets 4, 2, 1 and back up

@@ -28,7 +28,8 @@ any length join at any step. A sequence's modes come from its
 own plan, resolved over prompt + max_tokens as oryx_core.generation resolves it, and its
 sampling (temperature, top-k, top-p, seed) draws one uniform number per token from its own
 generator, as `generate.sample` does for a sequence alone, so it gets the tokens it would get alone. The KV cache is kept for every live row (`kv_policy` and
-`state_policy` free nothing inside a row).
+`state_policy` free nothing inside a row); the recurrent state advances only in steps where some live row will
+read it again (every row in attention mode to its end, none to be saved: the steps skip the recurrence).
 
 Prompt cache: `add(..., reuse=True)` looks for a saved row whose tokens are a prefix of
 the new prompt (a chat's previous turn) and prefills only the rest; `finish` saves the
@@ -45,7 +46,7 @@ import torch
 
 from oryx_core.plan import ModePlan
 
-from .cache import LayerCache, OryxCache
+from .cache import RECURRENT_WINDOWS, LayerCache, OryxCache
 from oryx_core.generation import SamplingParams
 
 from .generate import compiled_decode_default, run_decode_step, sample
@@ -84,8 +85,10 @@ class _Sequence:
     reused_tokens: int = 0
 
 
-def _row_view(cache: OryxCache, rows: slice) -> OryxCache:
-    """An OryxCache whose tensors are views of `rows` of `cache` (writes land in the batch cache)."""
+def _row_view(cache: OryxCache, rows: slice, with_state: bool = True) -> OryxCache:
+    """An OryxCache whose tensors are views of `rows` of `cache` (writes land in the batch cache); without
+    `with_state`, one that lacks the recurrent state and the conv windows only the recurrence reads (a step
+    through it advances neither)."""
     view = OryxCache.__new__(OryxCache)
     view.cfg, view.capacity = cache.cfg, cache.capacity
     view.batch = len(range(*rows.indices(cache.batch)))
@@ -94,8 +97,8 @@ def _row_view(cache: OryxCache, rows: slice) -> OryxCache:
         lv = LayerCache.__new__(LayerCache)
         lv.keys = None if layer.keys is None else layer.keys[rows]
         lv.values = None if layer.values is None else layer.values[rows]
-        lv.conv = {name: t[rows] for name, t in layer.conv.items()}
-        lv.recurrent = layer.recurrent[rows]
+        lv.conv = {name: t[rows] for name, t in layer.conv.items() if with_state or name not in RECURRENT_WINDOWS}
+        lv.recurrent = layer.recurrent[rows] if with_state else None
         view.layers.append(lv)
     view.position = cache.position[rows]
     view.length = 0
@@ -132,10 +135,11 @@ class BatchGenerator:
         # the decode step torch.compile'd (generate.DecodeRunner's; default on CUDA), the greedy pick inside it
         self.compiled = compiled_decode_default(model.device) if compiled is None else compiled
         self.compile_backend = compile_backend
-        self.views: dict[int, OryxCache] = {}
+        self.views: dict[tuple[int, bool], OryxCache] = {}  # (bucket, with the recurrent state)
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self.warmed: set[tuple[int, bool, bool]] = set()
+        # (bucket, attend, sampled, with the recurrent state) -> its graph and outputs
+        self.graphs: dict[tuple[int, bool, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.warmed: set[tuple[int, bool, bool, bool]] = set()
         self.saved: OrderedDict[int, _Saved] = OrderedDict()
         self.saved_rows = saved_rows
         self.next_saved = 0
@@ -328,7 +332,7 @@ class BatchGenerator:
     def warm_up(self, prompt_lengths: tuple[int, ...] = (1, 2, 16, 17, 64, 65)) -> dict:
         """Pays every one-time cost before traffic, so that no request waits for one: allocates `max_batch` rows
         once (never resized afterwards), runs and then captures the decode step of every bucket, attention on and
-        off, greedy and sampled, and prefills prompts of `prompt_lengths` tokens (Triton specialises integer
+        off (and on without the recurrent state), greedy and sampled, and prefills prompts of `prompt_lengths` tokens (Triton specialises integer
         arguments on 1 and multiples of 16; the GDN kernels take another path when every sequence is whole
         chunks of 64) alone and together, padded, under all-attention, all-recurrent and mixed plans, and
         continuing a saved row, which compiles the kernels and attention those shapes take.
@@ -343,13 +347,13 @@ class BatchGenerator:
         buckets = sorted({min(_power_of_two(n), self.max_batch) for n in range(1, self.max_batch + 1)})
         with torch.inference_mode():
             for bucket in buckets:
-                for attend in (False, True):
+                for attend, with_state in ((False, True), (True, True), (True, False)):
                     for sampled in (False, True):
                         sampling = torch.tensor([[0.0], [0.0], [1.0], [0.0]]).expand(4, bucket) if sampled else None
                         for _ in range(2):  # the first run compiles, the second captures
                             self.cache.position.zero_()
                             self._run(bucket, torch.zeros(bucket, dtype=torch.long),
-                                      torch.full((bucket,), attend), attend, sampling)
+                                      torch.full((bucket,), attend), attend, sampling, with_state)
         vocab = self.model.cfg.vocab_size
         ids = lambda n: [i % vocab for i in range(n)]  # noqa: E731
         lengths = [max(1, min(n, self.capacity - 1)) for n in prompt_lengths]
@@ -376,11 +380,20 @@ class BatchGenerator:
         n = len(self.rows)
         bucket = _power_of_two(n) if self.use_graphs else n
         bucket = min(bucket, self.allocated)
+        # The recurrent state advances only while a live row will read it: a token of its own still to be fed in
+        # recurrent mode (this one included; the last sampled token is never fed), or a saved row (keep_state)
+        # that a later prompt may continue under any plan. A row that never reads it again keeps a stale one,
+        # which nothing reads (a finished row's is not saved).
+        with_state = any(seq.request.keep_state
+                         or not bool(seq.modes[len(seq.fed):seq.prompt_length + seq.request.max_tokens - 1].all())
+                         for seq in self.rows)
         tokens = torch.zeros(bucket, dtype=torch.long)
-        modes = torch.zeros(bucket, dtype=torch.bool)
+        modes = torch.full((bucket,), not with_state)  # padding rows: recurrent, or attention where no state is
         for i, seq in enumerate(self.rows):
             tokens[i] = seq.pending
             modes[i] = seq.modes[len(seq.fed)]
+        if not with_state and not bool(modes.all()):
+            raise AssertionError("batch: a recurrent-mode token in a step without the recurrent state")
         attend = bool(modes.any())
         # Sampled rows: their settings and one uniform number each from their own generator (what `sample` draws
         # for a sequence alone); the step picks every row's token on the device, greedy rows by argmax.
@@ -396,28 +409,31 @@ class BatchGenerator:
         with torch.inference_mode():
             if bucket > n:
                 self.cache.position[n:bucket].zero_()  # padding rows stay inside the cache
-            _, picks = self._run(bucket, tokens, modes, attend, sampling)
+            _, picks = self._run(bucket, tokens, modes, attend, sampling, with_state)
             for seq, token in zip(self.rows, picks[:n].tolist()):  # one device-to-host copy
                 seq.fed.append(seq.pending)
                 seq.pending = token
 
-    def _run(self, bucket: int, tokens, modes, attend: bool, sampling=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, bucket: int, tokens, modes, attend: bool, sampling=None,
+             with_state: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [bucket, V], picked tokens [bucket]) of one step over rows 0..bucket-1; `sampling` (host
-        float [4, bucket], generate.decode_and_pick's) or None: every row greedy."""
+        float [4, bucket], generate.decode_and_pick's) or None: every row greedy; without `with_state` (every
+        row in attention mode) the recurrent state stays as it was."""
         model = self.model
-        if bucket not in self.views:
-            self.views[bucket] = _row_view(self.cache, slice(0, bucket))
+        if (bucket, with_state) not in self.views:
+            self.views[bucket, with_state] = _row_view(self.cache, slice(0, bucket), with_state)
+        if bucket not in self.inputs:
             self.inputs[bucket] = (torch.zeros(bucket, dtype=torch.long, device=model.device),
                                    torch.zeros(bucket, dtype=torch.bool, device=model.device),
                                    torch.zeros(4, bucket, device=model.device))
-        view = self.views[bucket]
+        view = self.views[bucket, with_state]
         token_buf, mode_buf, sampling_buf = self.inputs[bucket]
         token_buf.copy_(tokens)
         mode_buf.copy_(modes)
         if sampling is not None:
             sampling_buf.copy_(sampling)
         sampled = sampling is not None
-        key = (bucket, attend, sampled)
+        key = (bucket, attend, sampled, with_state)
 
         def step():
             return run_decode_step(model, token_buf, mode_buf, view, attend, True, self.compiled, self.compile_backend,
