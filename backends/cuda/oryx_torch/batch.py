@@ -332,9 +332,9 @@ class BatchGenerator:
     def warm_up(self, prompt_lengths: tuple[int, ...] = (1, 2, 16, 17, 64, 65)) -> dict:
         """Pays every one-time cost before traffic, so that no request waits for one: allocates `max_batch` rows
         once (never resized afterwards), runs and then captures the decode step of every bucket, attention on and
-        off (and on without the recurrent state), greedy and sampled, and prefills prompts of `prompt_lengths` tokens (Triton specialises integer
-        arguments on 1 and multiples of 16; the GDN kernels take another path when every sequence is whole
-        chunks of 64) alone and together, padded, under all-attention, all-recurrent and mixed plans, and
+        off (and on without the recurrent state), greedy and sampled, and prefills prompts of `prompt_lengths`
+        tokens (Triton specialises integer arguments on 1 and multiples of 16; the GDN kernels take another path
+        when every sequence is whole chunks of 64) alone and together, padded, under all-attention, all-recurrent and mixed plans, and
         continuing a saved row, which compiles the kernels and attention those shapes take.
         Returns {"seconds", "captures", "buckets"}; every row is empty afterwards and nothing is saved."""
         if self.rows:
