@@ -27,9 +27,9 @@ variants at every batch size run first; the fused+matvec ones also against the f
 a --long-context prompt (32768 tokens; the uncompiled variants, attention and recurrent). Also CUDA kernels
 per step at batch 1 (or --launch-batches; a step run without a graph, counted by torch.profiler; on the CPU aten
 operators) with their GPU time by kernel, and in fp32 the first step's logits of the fused variants against the
-eager step's and how many of 16 greedy steps (3 with --tiny) agree; then (--matvec-sweep-s) each projection's matvec kernel against the
-operators it replaces and over block sizes, in microseconds a launch under a CUDA graph. Rows that would
-start after --budget-s seconds are listed as skipped.
+eager step's and how many of 16 greedy steps (3 with --tiny) agree; then (--matvec-sweep-s) each projection's
+matvec kernel against the operators it replaces and over block sizes, in microseconds a launch under a CUDA graph.
+Rows that would start after --budget-s seconds are listed as skipped.
 """
 from __future__ import annotations
 
