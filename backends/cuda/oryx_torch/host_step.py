@@ -59,8 +59,8 @@ class LayerConstants:
             self.A = -torch.exp(mixer.A_log.detach().float())
             d = cfg.head_dim
             # keys x·rsqrt(Σx² + ε); queries scale·x·rsqrt(Σx² + ε) = x·rsqrt(Σx²/scale² + ε/scale²)
-            self.k_l2 = (torch.tensor(L2NORM_EPS), 1.0)
-            self.q_l2 = (torch.tensor(L2NORM_EPS / cfg.gdn_scale ** 2), 1.0 / cfg.gdn_scale ** 2)
+            self.k_l2 = (eps_tensor(L2NORM_EPS), 1.0)
+            self.q_l2 = (eps_tensor(L2NORM_EPS / cfg.gdn_scale ** 2), 1.0 / cfg.gdn_scale ** 2)
             self.taps = {name: conv.tap_rows() for name, conv in recurrent_and_shared_convs(mixer)
                          if not self.identity[name]}                                   # [W, C]
 
@@ -123,8 +123,7 @@ def rotate(x, rope):
 
 def rms_norm(x, norm):
     """norm (an RMSNorm module) on x [B, D]: x·rsqrt(‖x‖²/D + ε)·w, the formula of F.rms_norm."""
-    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return (x * torch.addcmul(eps_tensor(norm.eps), n, n, value=1.0 / x.shape[-1]).rsqrt_()).mul_(norm.weight)
+    return l2_normalize(x, (eps_tensor(norm.eps), 1.0 / x.shape[-1])).mul_(norm.weight)
 
 
 @functools.lru_cache(maxsize=None)
