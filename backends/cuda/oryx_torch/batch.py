@@ -381,12 +381,10 @@ class BatchGenerator:
         bucket = _power_of_two(n) if self.use_graphs else n
         bucket = min(bucket, self.allocated)
         # The recurrent state advances only while a live row will read it: a token of its own still to be fed in
-        # recurrent mode (this one included; the last sampled token is never fed), or a saved row (keep_state)
-        # that a later prompt may continue under any plan. A row that never reads it again keeps a stale one,
-        # which nothing reads (a finished row's is not saved).
-        with_state = any(seq.request.keep_state
-                         or not bool(seq.modes[len(seq.fed):seq.prompt_length + seq.request.max_tokens - 1].all())
-                         for seq in self.rows)
+        # recurrent mode (this one included; the last of its modes, the last sampled token's, is never fed), or a
+        # saved row (keep_state) that a later prompt may continue under any plan. A row that never reads it again
+        # keeps a stale one, which nothing reads (a finished row's is not saved).
+        with_state = any(seq.request.keep_state or not bool(seq.modes[len(seq.fed):-1].all()) for seq in self.rows)
         tokens = torch.zeros(bucket, dtype=torch.long)
         modes = torch.full((bucket,), not with_state)  # padding rows: recurrent, or attention where no state is
         for i, seq in enumerate(self.rows):
