@@ -3,8 +3,8 @@ OryxMixer._advance_state_alone, each call's states computed for all layers at on
 generic path and float64: the recurrent state and conv windows it leaves for sharings kv, kv-proj and none on fresh
 random weights and prompts, and every cache tensor under per-layer plans where only some layers take it;
 grouped_final_state reading raw keys (normalised from its key products' diagonal) against the float64 loop; and
-CausalConv's CPU shifted products against F.conv1d and a float64 loop. Each comparison reports the worst element and the relative norm of the difference, and
-a deliberately wrong variant shows the comparison can fail."""
+CausalConv's CPU shifted products against F.conv1d and a float64 loop. Each comparison reports the worst element
+and the relative norm of the difference, and a deliberately wrong variant shows the comparison can fail."""
 import pytest
 import torch
 import torch.nn.functional as F
