@@ -231,6 +231,16 @@ def _recurrent_token_kernel(
 
 
 @triton.jit
+def _cache_block(k_base, v_base, kc_st, vc_st, start, hi, t_idx, d_idx, d_ok, v_idx, v_ok):
+    """The cached keys [BT, BD] and values [BT, BDV] of slots start + t_idx, and which of them are below hi."""
+    t = start + t_idx
+    t_ok = t < hi
+    keys = tl.load(k_base + t[:, None] * kc_st + d_idx[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+    values = tl.load(v_base + t[:, None] * vc_st + v_idx[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+    return keys, values, t_ok
+
+
+@triton.jit
 def _attend_block(q, keys, values, t_ok, m, total, acc, DOT_PRECISION: tl.constexpr):
     """One block of slots folded into a running softmax: q [BG, BD] (scaled, the cache's dtype), keys [BT, BD] and
     values [BT, BDV] with t_ok [BT] marking real slots; m, total [BG] and acc [BG, BDV] fp32. Returns the three."""
@@ -280,10 +290,7 @@ def _attention_token_kernel(
         lo = s * SPLIT
         hi = tl.minimum(pos, lo + SPLIT)
     if SPLIT == BT:  # a split is one block of slots: load it now, attend to it after the wait
-        t = lo + t_idx
-        t_ok = t < hi
-        keys = tl.load(k_base + t[:, None] * kc_st + d_idx[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        values = tl.load(v_base + t[:, None] * vc_st + v_idx[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+        keys, values, t_ok = _cache_block(k_base, v_base, kc_st, vc_st, lo, hi, t_idx, d_idx, d_ok, v_idx, v_ok)
     wait_for_previous(PDL)
     k, k_rows, k_x = _conv_token(k_in + b * k_stride, win_k, conv_k_w, conv_k_b, b, HKV * D, k_ch, d_ok, W, BW,
                                  CONV_BIAS, SILU)
@@ -314,12 +321,8 @@ def _attention_token_kernel(
             m, total, acc = _attend_block(q, keys, values, t_ok, m, total, acc, DOT_PRECISION)
     else:
         for start in range(lo, hi, BT):
-            t = start + t_idx
-            t_ok = t < hi
-            keys = tl.load(k_base + t[:, None] * kc_st + d_idx[None, :], mask=t_ok[:, None] & d_ok[None, :],
-                           other=0.0)
-            values = tl.load(v_base + t[:, None] * vc_st + v_idx[None, :], mask=t_ok[:, None] & v_ok[None, :],
-                             other=0.0)
+            keys, values, t_ok = _cache_block(k_base, v_base, kc_st, vc_st, start, hi, t_idx, d_idx, d_ok, v_idx,
+                                              v_ok)
             m, total, acc = _attend_block(q, keys, values, t_ok, m, total, acc, DOT_PRECISION)
     if WRITE_WINDOWS:
         tl.debug_barrier()
