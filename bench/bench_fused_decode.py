@@ -72,7 +72,8 @@ def parse_args(argv=None):
                              "(default 32768 on CUDA, 300 with --tiny; 0: none)")
     parser.add_argument("--attention-split", type=int, default=None,
                         help="attention token kernel: split a cache of more than this many slots between programs "
-                             "of this many slots each (a multiple of 64; default: the library's rule)")
+                             "of this many slots each (a multiple of 64; 0: one program; default: the library's rule, "
+                             "decode_step.attention_split)")
     parser.add_argument("--attention-combine", choices=("last-split", "launch"),
                         help="a split attention token's partial results combined by the last split to finish or "
                              "by a second launch (default: the library's, ATTENTION_COMBINE_IN_LAST_SPLIT)")
@@ -91,8 +92,8 @@ def parse_args(argv=None):
     for name, chosen, known in (("--variants", args.variants, VARIANTS), ("--plans", args.plans, PLANS)):
         if not set(chosen) <= set(known):
             parser.error(f"{name}: expected some of {','.join(known)}, got {','.join(chosen)}")
-    if args.attention_split is not None and (args.attention_split < 64 or args.attention_split % 64):
-        parser.error(f"--attention-split: expected a positive multiple of 64, got {args.attention_split}")
+    if args.attention_split is not None and (args.attention_split < 0 or args.attention_split % 64):
+        parser.error(f"--attention-split: expected 0 or a positive multiple of 64, got {args.attention_split}")
     if min(args.batches) < 1 or args.prompt_length < 1 or args.decode_tokens < 1 or args.long_context < 0:
         parser.error("--batches, --prompt-length and --decode-tokens must be positive, --long-context >= 0")
     return args

@@ -29,7 +29,7 @@ L2_EPS, NORM_EPS = 1e-6, 1e-5
 def test_in_interpreter_subprocess():
     """Runs this file's fast CPU tests (each kernel against float64) under TRITON_INTERPRET=1; exactly these many
     pass there (none silently skips; this launcher skips there, the slow one is deselected)."""
-    rerun_under_interpreter(__file__, 34, pytest_args=("-m", "not gpu and not slow"))
+    rerun_under_interpreter(__file__, 35, pytest_args=("-m", "not gpu and not slow"))
 
 
 @pytest.mark.slow
@@ -284,17 +284,31 @@ ATTENTION_CASES = {
 @needs_interpreter
 @pytest.mark.parametrize("case", ATTENTION_CASES)
 def test_attention_token_step_matches_float64(case):
+    from oryx_torch.kernels import decode_step
+
     check_attention_token_step(case)
+    if ATTENTION_CASES[case].get("split"):  # combined by the last split to finish, which left the counts at zero
+        assert decode_step.ATTENTION_COMBINE_IN_LAST_SPLIT and not decode_step._ARRIVALS[torch.device("cpu")].any()
 
 
 @needs_interpreter
 @pytest.mark.parametrize("case", [case for case, changes in ATTENTION_CASES.items() if changes.get("split")])
-def test_split_attention_combined_by_the_last_split_matches_float64(case, monkeypatch):
+def test_split_attention_combined_by_a_second_launch_matches_float64(case, monkeypatch):
     from oryx_torch.kernels import decode_step
 
-    monkeypatch.setattr(decode_step, "ATTENTION_COMBINE_IN_LAST_SPLIT", True)
+    monkeypatch.setattr(decode_step, "ATTENTION_COMBINE_IN_LAST_SPLIT", False)
     check_attention_token_step(case)
-    assert not decode_step._ARRIVALS[torch.device("cpu")].any()  # the last split to finish left the counts at zero
+
+
+@needs_interpreter
+def test_attention_split_rule_gives_short_caches_runs_of_one_block_and_long_ones_runs_of_1024():
+    from oryx_torch.kernels.decode_step import ATTENTION_SHORT_SPLITS, attention_split
+
+    assert [attention_split(c) for c in (1, 64, 65, 300, 2048)] == [0, 0, 64, 64, 64]
+    assert [attention_split(c) for c in (2049, 4096, 32768)] == [1024] * 3
+    for capacity in range(65, 2049):
+        split = attention_split(capacity)
+        assert split % 64 == 0 and 1 < -(-capacity // split) <= ATTENTION_SHORT_SPLITS, capacity
 
 
 def check_attention_token_step(case):

@@ -518,19 +518,26 @@ def _(q, k, v, a, b, gate, conv_q_w, conv_q_b, conv_k_w, conv_k_b, conv_v_w, con
     return q.new_empty(B, H * V, dtype=out_dtype)
 
 
-# Caches longer than this are attended by several programs per (sequence, key/value head), each over
-# ATTENTION_SPLIT slots, and a second kernel combines their partial softmaxes: one program walking 32K slots
-# alone would leave the GPU idle.
-ATTENTION_SPLIT_FROM, ATTENTION_SPLIT = 2048, 1024
+# A decode token's attention is split between programs, each over a run of cached slots, whose partial softmaxes
+# are then combined: one program per (sequence, key/value head) would leave most of the GPU idle, the more so at
+# batch 1. Caches of up to ATTENTION_SPLIT_FROM slots are cut into at most ATTENTION_SHORT_SPLITS runs of a
+# multiple of 64 slots (64 up to 2,048 slots: a run of one block loads its keys and values before waiting on the
+# previous kernel); longer caches into runs of ATTENTION_SPLIT slots.
+ATTENTION_SPLIT_FROM, ATTENTION_SPLIT, ATTENTION_SHORT_SPLITS = 2048, 1024, 32
 # Whether a split attention token's last split to finish combines the partial results (True) or a second launch
-# does (False); read at every launch. Off until checked on a GPU (its ordering rests on the atomic count's
-# release and acquire: tests/torch/test_decode_step_kernels.py's gpu tests replay it under a CUDA graph).
-ATTENTION_COMBINE_IN_LAST_SPLIT = False
+# does (False); read at every launch, and only for at most ATTENTION_SHORT_SPLITS splits (the last split reads
+# every split's partials in an unrolled loop). Its ordering rests on the atomic count's release and acquire:
+# tests/torch/test_decode_step_kernels.py's gpu tests replay it under a CUDA graph.
+ATTENTION_COMBINE_IN_LAST_SPLIT = True
 
 
 def attention_split(capacity: int) -> int:
     """Slots per program of attention_token_step for a cache of `capacity` slots (0: one program)."""
-    return ATTENTION_SPLIT if capacity > ATTENTION_SPLIT_FROM else 0
+    if capacity > ATTENTION_SPLIT_FROM:
+        return ATTENTION_SPLIT
+    if capacity <= 64:
+        return 0
+    return 64 * -(-capacity // (64 * ATTENTION_SHORT_SPLITS))
 
 
 @torch.library.custom_op("oryx::attention_token_step", mutates_args=("win_k", "win_v", "k_cache", "v_cache"))
@@ -568,7 +575,7 @@ def attention_token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate
     with_pdl = pdl.applies(q.device)
     gate_args = (dummy if gate is None else gate, 0 if gate is None else gate.stride(0))
     norm_args = (dummy if norm_w is None else norm_w, norm_eps)
-    combine_last = splits > 1 and ATTENTION_COMBINE_IN_LAST_SPLIT
+    combine_last = 1 < splits <= ATTENTION_SHORT_SPLITS and ATTENTION_COMBINE_IN_LAST_SPLIT
     _attention_token_kernel[(B, HKV, splits)](
         q, q.stride(0), k, k.stride(0), v, v.stride(0), *gate_args,
         conv_k_w, dummy if conv_k_b is None else conv_k_b, conv_v_w, dummy if conv_v_b is None else conv_v_b,
