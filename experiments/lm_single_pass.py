@@ -131,7 +131,14 @@ def call(pool, function, jobs: list) -> list:
     return results
 
 
-def choose_steps(exp: dict, pool, out: Path, n_jobs: int, budget_s: float, started: float, results: dict) -> int:
+def out_of_memory(error: str) -> bool:
+    return "OutOfMemoryError" in error
+
+
+def choose_steps(exp: dict, pool, out: Path, n_jobs: int, budget_s: float, started: float,
+                 results: dict) -> tuple[int, int]:
+    """Optimizer steps per job that fit the budget, and how many jobs fit side by side: the workers whose probes
+    did not run out of device memory (all of them when none did)."""
     workers = max(1, exp["workers"])
     mixers = sorted({m["mixer"] for m in exp["models"] if m["modes"] == "mixed"}) or ["gdn"]
     probes = [{"exp": exp, "out": str(out), "entry": {"name": "probe", "mixer": mixers[i % len(mixers)], "modes": "mixed"}}
@@ -142,15 +149,17 @@ def choose_steps(exp: dict, pool, out: Path, n_jobs: int, budget_s: float, start
     if not measured:  # one probe that ran is enough: the others failed for reasons the jobs retry or record
         raise RuntimeError(f"probe failed: {failed[0]}")
     rate = min(m["tokens_per_s"] for m in measured)
+    if any(out_of_memory(e) for e in failed):
+        workers = len(measured)
     left = budget_s - (time.perf_counter() - started)
     rounds = math.ceil(n_jobs / workers)
     per_job = left * exp["budget_safety"] / rounds - exp["per_job_overhead_s"]
     steps = steps_for_budget(per_job, rate, exp["seq_len"] * exp["batch_size"], exp["min_steps"])
     results["probe"] = {"tokens_per_s_side_by_side": [m["tokens_per_s"] for m in measured], "workers": workers,
                         "rounds": rounds, "seconds_per_job": per_job, "steps": steps, "failed_probes": len(failed)}
-    log(f"lm_single_pass probe: {rate:,.0f} tok/s per job with {workers} side by side; "
-        f"{rounds} rounds of {per_job:.0f} s -> {steps} steps")
-    return steps
+    log(f"lm_single_pass probe: {rate:,.0f} tok/s per job with {len(measured) + len(failed)} side by side"
+        f" ({len(failed)} failed); {rounds} rounds of {workers} jobs, {per_job:.0f} s each -> {steps} steps")
+    return steps, workers
 
 
 def rerun_command(args, steps: int) -> str:
@@ -183,8 +192,9 @@ def main() -> None:
                "corpora_considered": CORPORA_CONSIDERED, "jobs": len(jobs), "models": []}
     pool = job_pool(exp["workers"]) if exp["workers"] > 0 else None
     try:
+        running = max(1, exp["workers"])
         if args.budget_s:
-            budget_steps = choose_steps(exp, pool, out, len(jobs), args.budget_s, started, results)
+            budget_steps, running = choose_steps(exp, pool, out, len(jobs), args.budget_s, started, results)
         else:
             budget_steps = args.steps or exp["steps"]
         steps = min(budget_steps, max_steps)
@@ -193,7 +203,7 @@ def main() -> None:
                        eval_every=eval_every, command=rerun_command(args, steps))
         write_json(out / RESULTS_NAME, results)
         log(f"lm_single_pass: {len(jobs)} jobs of {steps} steps ({results['passes']:.2f} passes), "
-            f"evaluated every {eval_every} steps, {max(1, exp['workers'])} at a time")
+            f"evaluated every {eval_every} steps, {running} at a time")
         jobs = [{**job, "exp": exp, "steps": steps, "eval_every": eval_every, "out": str(out)} for job in jobs]
 
         def record(job, result):
@@ -207,7 +217,7 @@ def main() -> None:
             results["wall_s"] = time.perf_counter() - started
             write_json(out / RESULTS_NAME, results)
 
-        run_jobs(pool, train_job, jobs, record)
+        run_jobs(pool, train_job, jobs, record, max_running=running)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

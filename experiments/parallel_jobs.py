@@ -60,15 +60,19 @@ def release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_jobs(pool: ProcessPoolExecutor | None, function, jobs: list, on_result) -> None:
+def run_jobs(pool: ProcessPoolExecutor | None, function, jobs: list, on_result, max_running: int | None = None) -> None:
     """Runs function(job) for every job on the pool (None: one after the other in this process), in order of
-    submission; on_result(job, result) as each ends, a failed job's result being {"error": its traceback}."""
+    submission, at most `max_running` at a time (default: as many as the pool has workers); on_result(job, result)
+    as each ends, a failed job's result being {"error": its traceback}."""
     if pool is None:
         for job in jobs:
             on_result(job, _guarded(function, job))
         return
-    pending = {pool.submit(_guarded, function, job): job for job in jobs}
-    while pending:
+    waiting, pending = list(jobs), {}
+    while waiting or pending:
+        while waiting and (max_running is None or len(pending) < max_running):
+            job = waiting.pop(0)
+            pending[pool.submit(_guarded, function, job)] = job
         done, _ = wait(pending, return_when=FIRST_COMPLETED)
         for future in done:
             on_result(pending.pop(future), future.result())

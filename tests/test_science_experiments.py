@@ -205,3 +205,53 @@ def test_a_job_out_of_device_memory_is_tried_once_more(monkeypatch):
 
     calls.clear()
     assert "ValueError: bad" in parallel_jobs._guarded(broken, 3)["error"] and calls == [3]  # not retried
+
+
+class FinishedAtOncePool:
+    """A pool whose jobs have finished by the time submit returns; it counts the jobs submitted and not yet
+    reported back to run_jobs's caller."""
+
+    def __init__(self):
+        self.outstanding = self.most_outstanding = 0
+
+    def submit(self, function, *args):
+        from concurrent.futures import Future
+
+        self.outstanding += 1
+        self.most_outstanding = max(self.most_outstanding, self.outstanding)
+        future = Future()
+        future.set_result(function(*args))
+        return future
+
+
+@pytest.mark.parametrize("max_running", [None, 1, 3])
+def test_run_jobs_keeps_at_most_max_running_jobs_on_the_pool(max_running):
+    import parallel_jobs
+
+    pool, seen = FinishedAtOncePool(), []
+
+    def on_result(job, result):
+        pool.outstanding -= 1
+        seen.append((job, result))
+
+    parallel_jobs.run_jobs(pool, lambda job: {"value": job * 2}, list(range(7)), on_result, max_running=max_running)
+    assert sorted(seen) == [(j, {"value": 2 * j}) for j in range(7)]
+    assert pool.most_outstanding == (7 if max_running is None else max_running)
+
+
+@pytest.mark.parametrize("errors, fitted", [([], 4), (["torch.OutOfMemoryError: CUDA out of memory"], 3),
+                                            (["ValueError: probe_steps"], 4)])
+def test_single_pass_runs_side_by_side_only_as_many_jobs_as_probes_fit_in_device_memory(errors, fitted, monkeypatch,
+                                                                                      tmp_path):
+    import lm_single_pass
+
+    exp = json.loads((ROOT / "experiments/configs/lm_single_pass.json").read_text())
+    exp["workers"] = 4
+    measured = [{"mixer": "gdn", "tokens_per_s": 1e5}] * (4 - len(errors)) + [{"error": e} for e in errors]
+    monkeypatch.setattr(lm_single_pass, "call", lambda pool, function, jobs: measured)
+    results = {}
+    import time
+
+    steps, running = lm_single_pass.choose_steps(exp, None, tmp_path, 15, 400.0, time.perf_counter(), results)
+    assert running == fitted and results["probe"]["workers"] == fitted
+    assert results["probe"]["rounds"] == math.ceil(15 / fitted) and steps >= exp["min_steps"]
