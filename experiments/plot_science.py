@@ -161,6 +161,15 @@ def retrieval_figure(results: dict, path: Path) -> None:
 
 
 # ----- single-pass budgets -----
+def seeds_note(results: dict) -> str:
+    """'3 seeds', or '1–3 seeds' where some model has fewer runs than another (a failed run is left out)."""
+    per_model = defaultdict(set)
+    for model in results["models"]:
+        per_model[model["name"]].add(model["seed"])
+    counts = sorted({len(seeds) for seeds in per_model.values()}) or [0]
+    return f"{counts[0]} seeds" if len(counts) == 1 else f"{counts[0]}–{counts[-1]} seeds"
+
+
 def curves(results: dict) -> dict:
     """{(model, plan): {tokens: [loss per seed]}}"""
     out = defaultdict(lambda: defaultdict(list))
@@ -184,7 +193,11 @@ def single_pass_tables(results: dict) -> str:
             continue
         losses = {p: [r["eval_loss"][p] for r in runs if p in r["eval_loss"]] for p in plans}
         ppl = {p: f"{math.exp(statistics.mean(v)):.2f}" if v else "-" for p, v in losses.items()}
-        rows.append([label(name), f"{runs[0]['parameters']['used'] / 1e6:.2f}M",
+        every_seed = sorted({m["seed"] for m in results["models"]})
+        seeds = sorted(r["seed"] for r in runs)
+        named = label(name) if seeds == every_seed else \
+            f"{label(name)} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+        rows.append([named, f"{runs[0]['parameters']['used'] / 1e6:.2f}M",
                      f"{runs[0]['tokens'] / 1e6:.1f}M ({runs[0]['tokens'] / results['train_split_tokens']:.2f})",
                      f"{statistics.median(r['tokens_per_s'] for r in runs) / 1e3:.0f}k"]
                     + [spread(losses[p], 4) for p in plans] + [ppl.get("attention", "-"), ppl.get("recurrent", "-")])
@@ -200,7 +213,7 @@ def single_pass_tables(results: dict) -> str:
     seeds = sorted({m["seed"] for m in results["models"]})
     note = (f"(held-out loss in nats/token on one fixed validation set of {results['validation']['windows']} windows "
             f"of {results['validation']['window_tokens']} tokens for every model and seed; seeds "
-            f"{', '.join(map(str, seeds))}; mean (lowest–highest))")
+            f"{', '.join(map(str, seeds))}, {seeds_note(results)} a model; mean (lowest–highest))")
     checked = [m["eval_loss_max_abs_difference"] for m in results["models"] if "eval_loss_max_abs_difference" in m]
     if checked:
         note += (f"\n\n(final evaluation inside the training loop against the final checkpoint loaded afresh: largest "
@@ -234,9 +247,8 @@ def single_pass_figure(results: dict, path: Path) -> None:
         ax.set_xlabel("training tokens (M)")
         ax.legend(fontsize=8)
     axes[0].set_ylabel("held-out loss (nats/token)")
-    seeds = len({m["seed"] for m in results["models"]})
     fig.suptitle(f"Single pass: held-out loss against tokens (at most {results['passes']:.2f} passes; "
-                 f"mean of {seeds} seeds, band: range)", fontsize=10)
+                 f"mean of {seeds_note(results)}, band: range)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
