@@ -12,6 +12,7 @@ from oryx_core.generation import stream_generate
 from oryx_core.tokenizer import byte_level_tokenizer
 from oryx_torch.backend import TorchModel
 from oryx_torch.model import OryxModel
+from test_batch_warm_up import graphed_on_cpu
 
 
 @pytest.fixture(scope="module", params=["gdn", "mamba2"])
@@ -235,6 +236,124 @@ def test_bad_requests_are_refused_with_the_argument_named(model):
         gen.add(SequenceRequest([1], max_tokens=2))
 
 
+# ----- run-ahead: the next step launched before the previous step's picks are read back -----
+def stop_at(tokens: list[int], index: int) -> set[int]:
+    """A stop id that ends `tokens` at `index`, or at the first token after it not seen before (the tiny greedy
+    model repeats a token throughout, and so stops at its first)."""
+    return {next((t for i, t in enumerate(tokens) if i >= index and t not in tokens[:i]), tokens[index])}
+
+
+def stopping_traffic(model) -> list[SequenceRequest]:
+    """requests() run longer, three of them (greedy and sampled) with a stop token taken from their own tokens, so
+    that it fires mid-sequence, while steps run ahead."""
+    reqs = requests()
+    for r in reqs:
+        r.max_tokens += 6
+    reference = generate_batch(model, reqs, max_batch=4, cuda_graphs=False)
+    for i in (1, 3, 6):
+        reqs[i].stop_token_ids = stop_at(reference[i], 4)
+    return reqs
+
+
+def run_ahead_pair(model, graphs: bool = False, **kwargs) -> tuple[BatchGenerator, BatchGenerator]:
+    """(synchronous, run-ahead) generators alike in all else; `graphs`: their CUDA-graph path on the CPU
+    (power-of-two buckets with padding rows, a graph's outputs rewritten by each replay)."""
+    pair = tuple(BatchGenerator(model, cuda_graphs=False, run_ahead=ahead, **kwargs) for ahead in (False, True))
+    return tuple(graphed_on_cpu(gen) for gen in pair) if graphs else pair
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphed"])
+def test_run_ahead_gives_the_synchronous_tokens(model, graphs):
+    reqs = stopping_traffic(model)
+    sync, ahead = run_ahead_pair(model, graphs, max_batch=4, capacity=64)
+    wasted = []  # sequences that stopped while a step ran ahead for them
+    finish = ahead._finish
+
+    def spy(seq):
+        if ahead.flight is not None and any(s is seq for s in ahead.flight.seqs):
+            wasted.append(seq.sid)
+        finish(seq)
+    ahead._finish = spy
+    expected = sync.generate(reqs)  # 9 sequences through 4 rows: joins and leaves
+    assert ahead.generate(reqs) == expected
+    assert sync.ran_ahead == 0 and ahead.ran_ahead > 0 and wasted
+    assert any(got[-1] in r.stop_token_ids and len(got) < r.max_tokens for r, got in zip(reqs, expected))
+    if not graphs:
+        for r, got in zip(reqs, expected):
+            assert got == alone(model, r), r.plan
+
+
+@pytest.mark.parametrize("stops", [False, True], ids=["cannot_stop", "may_stop"])
+def test_run_ahead_saves_and_continues_the_synchronous_rows(model, stops):
+    """A row to be saved that cannot stop lets the steps run ahead (it takes every step it is fed); one that may
+    stop keeps them synchronous while it is live. Either way the saved rows and the next turn are the same."""
+    chat = SequenceRequest(list(range(10, 30)), max_tokens=9, plan="A:0-24,R:24-", temperature=0.9, seed=4,
+                           keep_state=True)
+    others = [SequenceRequest([5, 6, 7], 14, "recurrent", temperature=0.9, top_p=0.9, seed=2),
+              SequenceRequest([9] * 4, 12, "every:2:4")]
+    if stops:
+        chat.stop_token_ids = stop_at(alone(model, chat), 5)
+    runs, ahead_at_save = [], []
+    for gen in run_ahead_pair(model, max_batch=4, capacity=128):
+        save = gen._save
+        gen._save = lambda row, ids, gen=gen, save=save: ahead_at_save.append(gen.ran_ahead) or save(row, ids)
+        first = gen.generate([chat] + others)
+        saved = [(s.ids, [t.clone() for t in s.tensors]) for s in gen.saved.values()]
+        follow = SequenceRequest(chat.prompt_ids + first[0] + [40, 41, 42], max_tokens=7, plan="last:4",
+                                 keep_state=True)
+        sids = [gen.add(follow, reuse=True)] + gen.add_many(others)
+        reused = gen.state_of(sids[0]).reused_tokens
+        second = {sid: [] for sid in sids}
+        while gen.active:
+            for event in gen.step():
+                second[event.sequence].append(event.token)
+        runs.append((first, saved, reused, list(second.values()), list(gen.saved.values()), gen.ran_ahead))
+    (first_s, saved_s, reused_s, second_s, again_s, _), (first_a, saved_a, reused_a, second_a, again_a, ran) = runs
+    assert first_a == first_s and second_a == second_s and reused_a == reused_s > len(chat.prompt_ids)
+    assert (len(first_s[0]) < chat.max_tokens) == stops  # the stop fired before the length did
+    # saves: the synchronous generator's two turns, then the run-ahead one's; steps ran ahead during its first
+    # turn only where that turn could not stop
+    assert ran > 0 and (ahead_at_save[2] > 0) != stops
+    for (ids_s, tensors_s), (ids_a, tensors_a) in zip(saved_s + [(s.ids, s.tensors) for s in again_s],
+                                                      saved_a + [(s.ids, s.tensors) for s in again_a]):
+        assert ids_a == ids_s
+        assert all(torch.equal(a, s) for a, s in zip(tensors_a, tensors_s))
+    assert len(again_a) == len(again_s) == 1  # the continued row was taken out, then saved again
+
+
+def drive(gen: BatchGenerator) -> list:
+    """What a server sees: every step()'s events, with requests joining and sequences cancelled between steps
+    (one right after its event came, as a stop string ends it), and now and then the live sequences' state."""
+    waiting, log, live = stopping_traffic(gen.model), [], set()
+    t = 0
+    while waiting or gen.active:
+        if t % 3 == 0 and gen.free and waiting:  # one by add, the rest by add_many
+            live.add(gen.add(waiting.pop(0)))
+            joining, waiting = waiting[:min(2, gen.free)], waiting[min(2, gen.free):]
+            live.update(gen.add_many(joining))
+        if t in (4, 9) and live:
+            gen.cancel(min(live))
+            live.discard(min(live))
+        if t % 5 == 2:
+            log.append([(sid, list(gen.state_of(sid).fed), gen.state_of(sid).pending) for sid in sorted(live)])
+        events = gen.step()
+        log.append([(e.sequence, e.token, e.finish_reason) for e in events])
+        for e in events:
+            if e.finish_reason:
+                live.discard(e.sequence)
+            elif t == 7 and e.sequence == max(live):
+                gen.cancel(e.sequence)
+                live.discard(e.sequence)
+        t += 1
+    return log
+
+
+def test_run_ahead_with_joins_and_cancels_between_steps_gives_the_synchronous_events(model):
+    sync, ahead = run_ahead_pair(model, max_batch=4, capacity=64)
+    assert drive(ahead) == drive(sync)
+    assert ahead.ran_ahead > 0 and not ahead.flight
+
+
 @pytest.fixture(scope="module", params=["gdn", "mamba2"])
 def cuda_model(request):
     if not torch.cuda.is_available():
@@ -281,3 +400,14 @@ def test_prompts_prefilled_together_on_cuda_give_each_prompt_alone(cuda_model, p
         for a, t in zip(state_a, state_t):
             torch.testing.assert_close(t, a, rtol=1e-2, atol=1e-2)
         assert token_t == token_a
+
+
+@pytest.mark.gpu
+def test_cuda_run_ahead_gives_the_synchronous_tokens(cuda_model):
+    """The pinned copies, events and graph replays of steps run ahead on the device give the synchronous tokens."""
+    reqs = stopping_traffic(cuda_model)
+    sync, ahead = (BatchGenerator(cuda_model, max_batch=4, capacity=64, run_ahead=flag) for flag in (False, True))
+    expected = sync.generate(reqs)
+    assert ahead.generate(reqs) == expected and ahead.generate(reqs) == expected  # the second replays the graphs
+    assert ahead.ran_ahead > 0 and ahead.graphs
+    assert drive(ahead) == drive(sync)

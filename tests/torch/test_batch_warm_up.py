@@ -67,6 +67,7 @@ def test_after_warm_up_traffic_captures_and_resizes_nothing_and_gets_the_eager_t
     assert gen.allocated == 4 and not gen.rows and not gen.saved
     before = counts(gen)
     assert gen.generate(reqs) == eager  # 8 sequences through 4 rows: buckets 4, 2, 1 and back up
+    assert gen.ran_ahead > 0  # steps run ahead replay the graphs the warm-up captured
     # a chat's next turn continues a saved row; a cancelled sequence leaves
     first = gen.add(SequenceRequest([5, 6, 7], 2, "attention", keep_state=True))
     while gen.active:
@@ -169,5 +170,5 @@ def test_after_warm_up_cuda_traffic_compiles_and_captures_nothing(mixer):
         assert gen.state_of(continued).reused_tokens == 41
         gen.cancel(continued)
     assert (compiled.triton, compiled.dynamo) == (0, 0), "a request paid a kernel or torch.compile compilation"
-    assert counts(gen) == before
+    assert counts(gen) == before and gen.ran_ahead > 0  # steps run ahead replay the graphs the warm-up captured
     assert got == generate_batch(cuda, reqs, max_batch=8, capacity=160, cuda_graphs=False)

@@ -31,6 +31,14 @@ generator, as `generate.sample` does for a sequence alone, so it gets the tokens
 `state_policy` free nothing inside a row); the recurrent state advances only in steps where some live row will
 read it again (every row in attention mode to its end, none to be saved: the steps skip the recurrence).
 
+Run-ahead (`run_ahead=True`, the default): a step's picks come back to the host asynchronously, and the next
+step is launched before they are read, fed the picks on the device (the step leaves them in its token input),
+so the host's bookkeeping overlaps the device's work. It falls back to a step fed from the host when the rows
+would not stay as they are (a row finishing by length, a join, a cancel, a resize) or when a row to be saved
+(`keep_state`) could stop at the token being read: a row that turns out to stop wasted one step, whose results
+nothing reads, and a saved row must hold exactly the tokens fed. Methods that change rows first read back a
+step in flight.
+
 Prompt cache: `add(..., reuse=True)` looks for a saved row whose tokens are a prefix of
 the new prompt (a chat's previous turn) and prefills only the rest; `finish` saves the
 row of a finished sequence when asked (`keep_state=True`). Every token fed to the model
@@ -107,6 +115,15 @@ def _row_view(cache: OryxCache, rows: slice, with_state: bool = True) -> OryxCac
 
 
 @dataclass
+class _Step:
+    """A decode step launched and not yet read back: its rows in row order at launch, and their picks on the host,
+    there once `done` (None on the CPU, where the copy is synchronous) has fired."""
+    seqs: list[_Sequence]
+    picks: torch.Tensor
+    done: torch.cuda.Event | None
+
+
+@dataclass
 class _Saved:
     ids: list[int]
     tensors: list[torch.Tensor]  # per layer: keys[:n], values[:n], conv k, v, q, recurrent state (one row)
@@ -117,7 +134,7 @@ class BatchGenerator:
 
     def __init__(self, model, max_batch: int = 16, capacity: int | None = None, cuda_graphs: bool = True,
                  saved_rows: int = 8, shrink_patience: int = 32, prefill: str = "auto", compiled: bool | None = None,
-                 compile_backend: str = "inductor"):
+                 compile_backend: str = "inductor", run_ahead: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill not in ("auto", "padded", "segmented"):
@@ -146,6 +163,9 @@ class BatchGenerator:
         self.shrink_patience = shrink_patience
         self.fixed_rows = False  # warm_up: max_batch rows from then on, never resized
         self.captures = self.resizes = 0  # graphs captured and caches (re)allocated so far
+        self.run_ahead = run_ahead
+        self.flight: _Step | None = None  # the step launched and not yet read back
+        self.ran_ahead = 0  # steps launched before the previous step's picks were read
         self._resize(1)
 
     # -- public --
@@ -188,6 +208,7 @@ class BatchGenerator:
         "auto" pads when padding at most doubles the tokens. Prompts of one length run one plain forward.
         """
         checked = [self.check(r) for r in requests]  # every request is checked before any row changes
+        self._resolve()
         if len(requests) > self.free:
             raise RuntimeError("batch: every row is taken; wait for a sequence to finish" if not self.free else
                                f"batch: {len(requests)} new sequences for {self.free} free rows")
@@ -284,7 +305,11 @@ class BatchGenerator:
                 seq.pending = int(sample(last_logits[seq.sid], r.temperature, r.top_k, r.top_p, seq.generator)[0])
 
     def step(self) -> list[TokenEvent]:
-        """Hands out every live sequence's pending token; decodes one step for those that go on."""
+        """Hands out every live sequence's pending token; decodes one step for those that go on. With run_ahead
+        that step is left in flight, and the next call launches the one after it before reading it back."""
+        ahead = self._launch(1) if self._can_run_ahead() else None
+        self._resolve()
+        self.flight = ahead
         events, going = [], []
         for seq in list(self.rows):
             token = seq.pending
@@ -299,12 +324,15 @@ class BatchGenerator:
                 events.append(TokenEvent(seq.sid, token, None))
                 going.append(seq)
         self._shrink()
-        if going:
-            self._decode()
+        if going and ahead is None:
+            self.flight = self._launch(0)
+            if not self.run_ahead:
+                self._resolve()
         return events
 
     def cancel(self, sid: int) -> None:
         """Ends a sequence now (e.g. its client went away); its row is freed, nothing is saved."""
+        self._resolve()
         seq = self.by_id.get(sid)
         if seq is not None:
             seq.request.keep_state = False
@@ -312,6 +340,7 @@ class BatchGenerator:
             self._shrink()
 
     def state_of(self, sid: int) -> _Sequence | None:
+        self._resolve()  # its fed tokens and pending one as of the last step launched
         return self.by_id.get(sid)
 
     def generate(self, requests: list[SequenceRequest]) -> list[list[int]]:
@@ -339,6 +368,7 @@ class BatchGenerator:
         Returns {"seconds", "captures", "buckets"}; every row is empty afterwards and nothing is saved."""
         if self.rows:
             raise RuntimeError("batch: warm_up needs an empty batch")
+        self._resolve()
         start = time.perf_counter()
         if self.allocated != self.max_batch:
             self._resize(self.max_batch)
@@ -376,28 +406,46 @@ class BatchGenerator:
         return {"seconds": time.perf_counter() - start, "captures": self.captures - captures, "buckets": buckets}
 
     # -- decoding --
-    def _decode(self) -> None:
+    def _can_run_ahead(self) -> bool:
+        """Whether the next step may be launched before the step in flight is read back: its rows are the live
+        rows as they were at its launch (so its picks lie in the token buffer in row order), none of them
+        finishes by length on handing out that step's pick, and none of them is to be saved and could stop."""
+        flight = self.flight
+        return (self.run_ahead and flight is not None and len(flight.seqs) == len(self.rows)
+                and all(a is b for a, b in zip(flight.seqs, self.rows))
+                and all(seq.generated + 1 < seq.request.max_tokens
+                        and not (seq.request.keep_state and seq.request.stop_token_ids) for seq in self.rows))
+
+    def _launch(self, ahead: int) -> _Step:
+        """Queues one decode step over the live rows and the copy of its picks to the host. `ahead` 0: each row
+        feeds its pending token; 1: the pick of the step in flight (not yet on the host), which that step left
+        in the token buffer (decode_and_pick writes its picks there), under the mode after the pending token's."""
         n = len(self.rows)
         bucket = _power_of_two(n) if self.use_graphs else n
         bucket = min(bucket, self.allocated)
+        cuda = self.model.device.type == "cuda"
         # The recurrent state advances only while a live row will read it: a token of its own still to be fed in
         # recurrent mode (this one included; the last of its modes, the last sampled token's, is never fed), or a
         # saved row (keep_state) that a later prompt may continue under any plan. A row that never reads it again
         # keeps a stale one, which nothing reads (a finished row's is not saved).
-        with_state = any(seq.request.keep_state or not bool(seq.modes[len(seq.fed):-1].all()) for seq in self.rows)
-        tokens = torch.zeros(bucket, dtype=torch.long)
-        modes = torch.full((bucket,), not with_state)  # padding rows: recurrent, or attention where no state is
+        with_state = any(seq.request.keep_state or not bool(seq.modes[len(seq.fed) + ahead:-1].all())
+                         for seq in self.rows)
+        tokens = None if ahead else torch.zeros(bucket, dtype=torch.long, pin_memory=cuda)
+        # padding rows: recurrent, or attention where no state is
+        modes = torch.full((bucket,), not with_state, pin_memory=cuda)
         for i, seq in enumerate(self.rows):
-            tokens[i] = seq.pending
-            modes[i] = seq.modes[len(seq.fed)]
+            if tokens is not None:
+                tokens[i] = seq.pending
+            modes[i] = seq.modes[len(seq.fed) + ahead]
         if not with_state and not bool(modes.all()):
             raise AssertionError("batch: a recurrent-mode token in a step without the recurrent state")
         attend = bool(modes.any())
         # Sampled rows: their settings and one uniform number each from their own generator (what `sample` draws
-        # for a sequence alone); the step picks every row's token on the device, greedy rows by argmax.
+        # for a sequence alone); the step picks every row's token on the device, greedy rows by argmax. A step run
+        # ahead draws for a row that may turn out to stop: its generator is then dropped with it.
         sampling = None
         if any(seq.request.temperature != 0 for seq in self.rows):
-            sampling = torch.zeros(4, bucket)  # temperature, top_k, top_p, uniform
+            sampling = torch.zeros(4, bucket, pin_memory=cuda)  # temperature, top_k, top_p, uniform
             sampling[2] = 1.0
             for i, seq in enumerate(self.rows):
                 r = seq.request
@@ -408,15 +456,36 @@ class BatchGenerator:
             if bucket > n:
                 self.cache.position[n:bucket].zero_()  # padding rows stay inside the cache
             _, picks = self._run(bucket, tokens, modes, attend, sampling, with_state)
-            for seq, token in zip(self.rows, picks[:n].tolist()):  # one device-to-host copy
+            # queued before any later step rewrites the picks (a graph's outputs are rewritten by its next replay)
+            host = torch.empty(n, dtype=torch.long, pin_memory=cuda)
+            host.copy_(picks[:n], non_blocking=cuda)
+            done = None
+            if cuda:
+                done = torch.cuda.Event()
+                done.record()
+        self.ran_ahead += ahead
+        return _Step(list(self.rows), host, done)
+
+    def _resolve(self) -> None:
+        """Reads the step in flight back, waiting for it: each of its rows still live has fed its pending token and
+        takes the pick as its next one. A row that finished meanwhile (it stopped while the step ran ahead) is
+        skipped; its slot was cleared or overwritten by the last row, moved after the step on the stream."""
+        flight, self.flight = self.flight, None
+        if flight is None:
+            return
+        if flight.done is not None:
+            flight.done.synchronize()
+        for seq, token in zip(flight.seqs, flight.picks.tolist()):
+            if self.by_id.get(seq.sid) is seq:
                 seq.fed.append(seq.pending)
                 seq.pending = token
 
     def _run(self, bucket: int, tokens, modes, attend: bool, sampling=None,
              with_state: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [bucket, V], picked tokens [bucket]) of one step over rows 0..bucket-1; `sampling` (host
-        float [4, bucket], generate.decode_and_pick's) or None: every row greedy; without `with_state` (every
-        row in attention mode) the recurrent state stays as it was."""
+        """(logits [bucket, V], picked tokens [bucket]) of one step over rows 0..bucket-1; `tokens` None: the
+        bucket's token buffer as the previous step left it (its picks); `sampling` (host float [4, bucket],
+        generate.decode_and_pick's) or None: every row greedy; without `with_state` (every row in attention mode)
+        the recurrent state stays as it was. Inputs in pinned memory are copied without waiting for the device."""
         model = self.model
         if (bucket, with_state) not in self.views:
             self.views[bucket, with_state] = _row_view(self.cache, slice(0, bucket), with_state)
@@ -426,10 +495,11 @@ class BatchGenerator:
                                    torch.zeros(4, bucket, device=model.device))
         view = self.views[bucket, with_state]
         token_buf, mode_buf, sampling_buf = self.inputs[bucket]
-        token_buf.copy_(tokens)
-        mode_buf.copy_(modes)
+        if tokens is not None:
+            _to_device(token_buf, tokens)
+        _to_device(mode_buf, modes)
         if sampling is not None:
-            sampling_buf.copy_(sampling)
+            _to_device(sampling_buf, sampling)
         sampled = sampling is not None
         key = (bucket, attend, sampled, with_state)
 
@@ -480,6 +550,7 @@ class BatchGenerator:
 
     def _resize(self, rows: int) -> None:
         """A cache of `rows` rows holding the live rows 0..n-1 of the current one."""
+        self._resolve()  # the step in flight reads the graphs and buffers dropped below
         cache = self.model.make_cache(rows, self.capacity)
         cache.ragged = True
         n = len(self.rows)
@@ -553,6 +624,12 @@ class BatchGenerator:
                 t[0].copy_(next(it))
             layer.recurrent[0].copy_(next(it))
         return n
+
+
+def _to_device(buf: torch.Tensor, host: torch.Tensor) -> None:
+    """Copies host inputs into a device buffer; from pinned memory without waiting: the stream runs the copy
+    before the step that reads it, and the caching host allocator keeps the pinned block until the copy ran."""
+    buf.copy_(host, non_blocking=buf.is_cuda and host.is_pinned())
 
 
 def _power_of_two(n: int) -> int:
