@@ -34,10 +34,10 @@ read it again (every row in attention mode to its end, none to be saved: the ste
 Run-ahead (`run_ahead=True`, the default): a step's picks come back to the host asynchronously, and the next
 step is launched before they are read, fed the picks on the device (the step leaves them in its token input),
 so the host's bookkeeping overlaps the device's work. It falls back to a step fed from the host when the rows
-would not stay as they are (a row finishing by length, a join, a cancel, a resize) or when a row to be saved
-(`keep_state`) could stop at the token being read: a row that turns out to stop wasted one step, whose results
-nothing reads, and a saved row must hold exactly the tokens fed. Methods that change rows first read back a
-step in flight.
+would not stay as they are (a row finishing by length, a join, a cancel, a resize). A row that turns out to stop
+wasted one step, whose pick nothing reads; one to be saved (`keep_state`) has then fed its stop token too, and
+its saved row holds it (a chat's next prompt, which repeats the stop token, reuses one token more). Methods
+that change rows first read back a step in flight.
 
 Prompt cache: `add(..., reuse=True)` looks for a saved row whose tokens are a prefix of
 the new prompt (a chat's previous turn) and prefills only the rest; `finish` saves the
@@ -409,12 +409,11 @@ class BatchGenerator:
     def _can_run_ahead(self) -> bool:
         """Whether the next step may be launched before the step in flight is read back: its rows are the live
         rows as they were at its launch (so its picks lie in the token buffer in row order), none of them
-        finishes by length on handing out that step's pick, and none of them is to be saved and could stop."""
+        finishes by length on handing out that step's pick."""
         flight = self.flight
         return (self.run_ahead and flight is not None and len(flight.seqs) == len(self.rows)
                 and all(a is b for a, b in zip(flight.seqs, self.rows))
-                and all(seq.generated + 1 < seq.request.max_tokens
-                        and not (seq.request.keep_state and seq.request.stop_token_ids) for seq in self.rows))
+                and all(seq.generated + 1 < seq.request.max_tokens for seq in self.rows))
 
     def _launch(self, ahead: int) -> _Step:
         """Queues one decode step over the live rows and the copy of its picks to the host. `ahead` 0: each row
@@ -583,7 +582,10 @@ class BatchGenerator:
     def _finish(self, seq: _Sequence) -> None:
         row = self.rows.index(seq)
         if seq.request.keep_state:
-            self._save(row, seq.fed)
+            # a row that stops while the next step runs ahead has fed its stop token there too (the copies below
+            # and in _save run after that step): its saved row holds it, as a chat's next prompt does
+            ahead = self.flight is not None and any(s is seq for s in self.flight.seqs)
+            self._save(row, seq.fed + [seq.pending] if ahead else seq.fed)
         last = len(self.rows) - 1
         if row != last:
             with torch.inference_mode():
