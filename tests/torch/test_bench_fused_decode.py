@@ -26,7 +26,7 @@ def test_defaults(bench):
 
 
 @pytest.mark.parametrize("argv", [["--plans", "attention,nope"], ["--variants", "fast"], ["--batches", "0,8"],
-                                  ["--decode-tokens", "0"], ["--attention-split", "100"], ["--attention-split", "0"],
+                                  ["--decode-tokens", "0"], ["--attention-split", "100"], ["--attention-split", "-64"],
                                   ["--attention-combine", "both"]])
 def test_refusals_exit_2(bench, argv, capsys):
     """One line naming the flag, exit status 2."""
