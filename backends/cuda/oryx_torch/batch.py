@@ -91,6 +91,15 @@ class _Sequence:
     pending: int = -1  # sampled, not yet handed out nor fed
     generated: int = 0
     reused_tokens: int = 0
+    # the modes as Python bools, and the index of the last recurrent-mode token that will be fed (the last mode,
+    # the last sampled token's, never is; -1: none): a decode step reads them for every row without a tensor op
+    step_modes: list[bool] = field(init=False)
+    last_recurrent: int = field(init=False)
+
+    def __post_init__(self):
+        self.step_modes = self.modes.tolist()
+        fed_modes = self.step_modes[:-1]
+        self.last_recurrent = max((i for i, attends in enumerate(fed_modes) if not attends), default=-1)
 
 
 def _row_view(cache: OryxCache, rows: slice, with_state: bool = True) -> OryxCache:
@@ -427,18 +436,16 @@ class BatchGenerator:
         # recurrent mode (this one included; the last of its modes, the last sampled token's, is never fed), or a
         # saved row (keep_state) that a later prompt may continue under any plan. A row that never reads it again
         # keeps a stale one, which nothing reads (a finished row's is not saved).
-        with_state = any(seq.request.keep_state or not bool(seq.modes[len(seq.fed) + ahead:-1].all())
-                         for seq in self.rows)
-        tokens = None if ahead else torch.zeros(bucket, dtype=torch.long, pin_memory=cuda)
+        with_state = any(seq.request.keep_state or seq.last_recurrent >= len(seq.fed) + ahead for seq in self.rows)
+        padding = bucket - n
+        tokens = None if ahead else torch.tensor([seq.pending for seq in self.rows] + [0] * padding,
+                                                 dtype=torch.long, pin_memory=cuda)
         # padding rows: recurrent, or attention where no state is
-        modes = torch.full((bucket,), not with_state, pin_memory=cuda)
-        for i, seq in enumerate(self.rows):
-            if tokens is not None:
-                tokens[i] = seq.pending
-            modes[i] = seq.modes[len(seq.fed) + ahead]
-        if not with_state and not bool(modes.all()):
+        step_modes = [seq.step_modes[len(seq.fed) + ahead] for seq in self.rows] + [not with_state] * padding
+        if not with_state and not all(step_modes):
             raise AssertionError("batch: a recurrent-mode token in a step without the recurrent state")
-        attend = bool(modes.any())
+        modes = torch.tensor(step_modes, dtype=torch.bool, pin_memory=cuda)
+        attend = any(step_modes)
         # Sampled rows: their settings and one uniform number each from their own generator (what `sample` draws
         # for a sequence alone); the step picks every row's token on the device, greedy rows by argmax. A step run
         # ahead draws for a row that may turn out to stop: its generator is then dropped with it.
