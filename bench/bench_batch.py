@@ -64,8 +64,9 @@ def main(argv=None) -> int:
                     help="also run the attention plan with the prompts prefilled one forward per distinct length "
                          "instead of padded into one")
     ap.add_argument("--compare-run-ahead", action="store_true",
-                    help="also run the attention plan with each step's tokens read back before the next step is "
-                         "launched (BatchGenerator(run_ahead=False)) instead of the default run-ahead")
+                    help="also run the attention plan with the next step launched before each step's tokens are "
+                         "read back (BatchGenerator(run_ahead=True); the default runs ahead on the CPU only, "
+                         "batch.RUN_AHEAD_ON_CUDA)")
     ap.add_argument("--device", default="cpu", help="torch device for both models (default cpu)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype of both models (default float32)")
@@ -118,11 +119,12 @@ def main(argv=None) -> int:
             gen = BatchGenerator(ours, max_batch=B, capacity=max(len(r.prompt_ids) for r in requests) + N,
                                  prefill="segmented")
             runs["oryx_attention_segmented_prefill"] = lambda gen=gen, requests=requests: gen.generate(requests)
-        if args.compare_run_ahead:  # the attention plan again, every step read back before the next is launched
+        if args.compare_run_ahead:  # the attention plan again, run ahead and step by step
             requests = [SequenceRequest(tok.encode(t).ids, N, "attention") for t in texts]
-            gen = BatchGenerator(ours, max_batch=B, capacity=max(len(r.prompt_ids) for r in requests) + N,
-                                 run_ahead=False)
-            runs["oryx_attention_step_by_step"] = lambda gen=gen, requests=requests: gen.generate(requests)
+            for name, ahead in (("run_ahead", True), ("step_by_step", False)):
+                gen = BatchGenerator(ours, max_batch=B, capacity=max(len(r.prompt_ids) for r in requests) + N,
+                                     run_ahead=ahead)
+                runs[f"oryx_attention_{name}"] = lambda gen=gen, requests=requests: gen.generate(requests)
         for run in runs.values():
             run()  # warm-up, untimed
         # the contestants take turns, repeat after repeat, so a load that drifts over the run hits all alike

@@ -155,7 +155,7 @@ def test_after_warm_up_cuda_traffic_compiles_and_captures_nothing(mixer):
     reqs = traffic() + [SequenceRequest(torch.randint(0, 256, (n,), generator=g).tolist(), max_tokens=5, plan=p)
                         for n, p in zip([70, 130, 64, 31, 100], ["attention", "prefill-attention", "A:0-40,R:40-",
                                                                  "recurrent", "last:50%"])]
-    gen = BatchGenerator(cuda, max_batch=8, capacity=160)
+    gen = BatchGenerator(cuda, max_batch=8, capacity=160, run_ahead=True)
     info = gen.warm_up()  # first: anything run before it would compile kernels the traffic below needs
     assert info["captures"] == 4 * 3 * 2  # buckets; attention off, on, on without the state; greedy, sampled
     before = counts(gen)

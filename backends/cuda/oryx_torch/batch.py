@@ -31,7 +31,7 @@ generator, as `generate.sample` does for a sequence alone, so it gets the tokens
 `state_policy` free nothing inside a row); the recurrent state advances only in steps where some live row will
 read it again (every row in attention mode to its end, none to be saved: the steps skip the recurrence).
 
-Run-ahead (`run_ahead=True`, the default): a step's picks come back to the host asynchronously, and the next
+Run-ahead (`run_ahead`; by default on the CPU, and on CUDA where RUN_AHEAD_ON_CUDA): a step's picks come back to the host asynchronously, and the next
 step is launched before they are read, fed the picks on the device (the step leaves them in its token input),
 so the host's bookkeeping overlaps the device's work. It falls back to a step fed from the host when the rows
 would not stay as they are (a row finishing by length, a join, a cancel, a resize). A row that turns out to stop
@@ -123,6 +123,13 @@ def _row_view(cache: OryxCache, rows: slice, with_state: bool = True) -> OryxCac
     return view
 
 
+# Whether a BatchGenerator on CUDA runs ahead unless told: off until the CUDA run-ahead tests
+# (tests/torch/test_batch.py, test_batch_warm_up.py) and `bench_batch.py --compare-run-ahead` have run on a GPU;
+# the ordering it rests on (the next step's input copies, the read-back copy and its event on one stream) is
+# checked on the CPU only, where every copy is synchronous.
+RUN_AHEAD_ON_CUDA = False
+
+
 @dataclass
 class _Step:
     """A decode step launched and not yet read back: its rows in row order at launch, and their picks on the host,
@@ -143,7 +150,7 @@ class BatchGenerator:
 
     def __init__(self, model, max_batch: int = 16, capacity: int | None = None, cuda_graphs: bool = True,
                  saved_rows: int = 8, shrink_patience: int = 32, prefill: str = "auto", compiled: bool | None = None,
-                 compile_backend: str = "inductor", run_ahead: bool = True):
+                 compile_backend: str = "inductor", run_ahead: bool | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill not in ("auto", "padded", "segmented"):
@@ -172,7 +179,8 @@ class BatchGenerator:
         self.shrink_patience = shrink_patience
         self.fixed_rows = False  # warm_up: max_batch rows from then on, never resized
         self.captures = self.resizes = 0  # graphs captured and caches (re)allocated so far
-        self.run_ahead = run_ahead
+        self.run_ahead = run_ahead if run_ahead is not None else \
+            (model.device.type != "cuda" or RUN_AHEAD_ON_CUDA)
         self.flight: _Step | None = None  # the step launched and not yet read back
         self.ran_ahead = 0  # steps launched before the previous step's picks were read
         self._resize(1)
