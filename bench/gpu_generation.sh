@@ -3,7 +3,8 @@
 # the server first: the OpenAI server under 1/4/16 streaming clients after its start-up warm-up (bench_serve.py),
 # the gpu-marked tests of batching and its warm-up, compiled decode, the sharing variants and mixed attention,
 # batched decode against transformers' batched generate (bench_batch.py: attention, prefill-attention and recurrent
-# plans in bf16, then greedy tokens against transformers' with both in fp32), then, in the time left, decode with
+# plans in bf16, the attention plan also run ahead and step by step, then greedy tokens against transformers' with
+# both in fp32), then, in the time left, decode with
 # the eager and the compiled step (bench_model.py) and the training step's profile per plan (profile_model.py).
 #
 #   OUT=DIR [TOTAL=SECONDS] bash bench/gpu_generation.sh
@@ -49,7 +50,8 @@ done
 grep -E "^(FAILED|ERROR)|passed|failed" /tmp/gpu_tests.log | tail -12 | cut -c1-300
 # eager steps under CUDA graphs per bucket (the default); the compiled step is timed by bench_model below
 timeout "$(cap 160)" python3 bench/bench_batch.py /tmp/smollm2-shape --hf /tmp/rl --device cuda \
-  --dtype bfloat16 --check-dtype float32 --batches 1 8 32 --new-tokens 64 --repeats 3 --out "$OUT/bench_batch.json" \
+  --dtype bfloat16 --check-dtype float32 --batches 1 8 32 --new-tokens 64 --repeats 3 --compare-run-ahead \
+  --out "$OUT/bench_batch.json" \
   > /tmp/bench_batch.log 2>&1
 echo "batch rc=$? at $(( $(date +%s) - START )) s"; grep -v -i -E "warn|it/s" /tmp/bench_batch.log | tail -7 | cut -c1-500
 timeout "$(cap 140)" python3 bench/bench_model.py --skip train --skip prefill --decode-compile both \
