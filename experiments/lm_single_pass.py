@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from common import environment, experiment_args, experiment_from_args, log, run_main, steps_for_budget, write_json
-from parallel_jobs import job_pool, run_jobs
+from parallel_jobs import job_pool, run_jobs, side_by_side
 
 RESULTS_NAME = "lm_single_pass.json"
 
@@ -131,10 +131,6 @@ def call(pool, function, jobs: list) -> list:
     return results
 
 
-def out_of_memory(error: str) -> bool:
-    return "OutOfMemoryError" in error
-
-
 def choose_steps(exp: dict, pool, out: Path, n_jobs: int, budget_s: float, started: float,
                  results: dict) -> tuple[int, int]:
     """Optimizer steps per job that fit the budget, and how many jobs fit side by side: the workers whose probes
@@ -143,14 +139,8 @@ def choose_steps(exp: dict, pool, out: Path, n_jobs: int, budget_s: float, start
     mixers = sorted({m["mixer"] for m in exp["models"] if m["modes"] == "mixed"}) or ["gdn"]
     probes = [{"exp": exp, "out": str(out), "entry": {"name": "probe", "mixer": mixers[i % len(mixers)], "modes": "mixed"}}
               for i in range(workers)]
-    measured = call(pool, probe_job, probes)
-    failed = [m["error"] for m in measured if "error" in m]
-    measured = [m for m in measured if "error" not in m]
-    if not measured:  # one probe that ran is enough: the others failed for reasons the jobs retry or record
-        raise RuntimeError(f"probe failed: {failed[0]}")
+    measured, failed, workers = side_by_side(call(pool, probe_job, probes), workers)
     rate = min(m["tokens_per_s"] for m in measured)
-    if any(out_of_memory(e) for e in failed):
-        workers = len(measured)
     left = budget_s - (time.perf_counter() - started)
     rounds = math.ceil(n_jobs / workers)
     per_job = left * exp["budget_safety"] / rounds - exp["per_job_overhead_s"]

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from common import environment, experiment_args, experiment_from_args, log, run_main, steps_for_budget, write_json
-from parallel_jobs import job_pool, run_jobs
+from parallel_jobs import job_pool, run_jobs, side_by_side
 
 from oryx_core.mqar import IGNORE
 from oryx_core.plan import ModePlan
@@ -162,16 +162,13 @@ def call(pool, function, jobs: list) -> list:
     return results
 
 
-def choose_steps(exp: dict, pool, n_jobs: int, budget_s: float, started: float, results: dict) -> int:
+def choose_steps(exp: dict, pool, n_jobs: int, budget_s: float, started: float, results: dict) -> tuple[int, int]:
+    """Optimizer steps per job that fit the budget, and how many jobs fit side by side (parallel_jobs.side_by_side)."""
     workers = max(1, exp["workers"])
     mixers = sorted({m["mixer"] for m in exp["models"] if m["modes"] == "mixed"}) or ["gdn"]
     probes = [{"exp": exp, "steps": exp["probe_steps"],
                "entry": {"name": "probe", "mixer": mixers[i % len(mixers)], "modes": "mixed"}} for i in range(workers)]
-    measured = call(pool, probe_job, probes)
-    failed = [m["error"] for m in measured if "error" in m]
-    measured = [m for m in measured if "error" not in m]
-    if not measured:  # one probe that ran is enough: the others failed for reasons the jobs retry or record
-        raise RuntimeError(f"probe failed: {failed[0]}")
+    measured, failed, workers = side_by_side(call(pool, probe_job, probes), workers)
     seconds_per_step = max(m["seconds_per_step"] for m in measured)
     left = budget_s - (time.perf_counter() - started)
     rounds = math.ceil(n_jobs / workers)
@@ -179,9 +176,9 @@ def choose_steps(exp: dict, pool, n_jobs: int, budget_s: float, started: float, 
     steps = steps_for_budget(per_job, 1.0 / seconds_per_step, 1, exp["min_steps"])
     results["probe"] = {"seconds_per_step_side_by_side": [m["seconds_per_step"] for m in measured],
                         "workers": workers, "rounds": rounds, "seconds_per_job": per_job, "steps": steps, "failed_probes": len(failed)}
-    log(f"mqar_no_oracle probe: {seconds_per_step:.4f} s/step with {workers} side by side; "
-        f"{rounds} rounds of {per_job:.0f} s -> {steps} steps")
-    return steps
+    log(f"mqar_no_oracle probe: {seconds_per_step:.4f} s/step with {len(measured) + len(failed)} side by side"
+        f" ({len(failed)} failed); {rounds} rounds of {workers} jobs, {per_job:.0f} s each -> {steps} steps")
+    return steps, workers
 
 
 def rerun_command(args, steps: int, exp: dict) -> str:
@@ -217,15 +214,16 @@ def main() -> None:
                "environment": environment(), "lr_sweep_jobs": args.lr_sweep, "jobs": len(jobs), "models": []}
     pool = job_pool(exp["workers"]) if exp["workers"] > 0 else None
     try:
+        running = max(1, exp["workers"])
         if args.budget_s:
-            steps = choose_steps(exp, pool, len(jobs), args.budget_s, started, results)
+            steps, running = choose_steps(exp, pool, len(jobs), args.budget_s, started, results)
         else:
             steps = args.steps or exp["steps"]
         results["steps"] = steps
         results["command"] = rerun_command(args, steps, exp)
         write_json(out / RESULTS_NAME, results)
         jobs = [{**job, "exp": exp, "steps": steps} for job in jobs]
-        log(f"mqar_no_oracle: {len(jobs)} jobs of {steps} steps, {max(1, exp['workers'])} at a time")
+        log(f"mqar_no_oracle: {len(jobs)} jobs of {steps} steps, {running} at a time")
 
         def record(job, result):
             if "error" in result:
@@ -240,7 +238,7 @@ def main() -> None:
             results["wall_s"] = time.perf_counter() - started
             write_json(out / RESULTS_NAME, results)
 
-        run_jobs(pool, train_job, jobs, record)
+        run_jobs(pool, train_job, jobs, record, max_running=running)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

@@ -60,6 +60,19 @@ def release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def side_by_side(probes: list[dict], workers: int) -> tuple[list[dict], list[str], int]:
+    """(the probes that ran, the errors of those that failed, how many jobs fit side by side) from the results of
+    `workers` probes run side by side: as many as ran where one ran out of device memory (the others' peaks left
+    it none), else all of them. Raises if none ran."""
+    failed = [p["error"] for p in probes if "error" in p]
+    ran = [p for p in probes if "error" not in p]
+    if not ran:
+        raise RuntimeError(f"every probe failed: {failed[0]}")
+    if any("OutOfMemoryError" in error for error in failed):
+        workers = len(ran)
+    return ran, failed, workers
+
+
 def run_jobs(pool: ProcessPoolExecutor | None, function, jobs: list, on_result, max_running: int | None = None) -> None:
     """Runs function(job) for every job on the pool (None: one after the other in this process), in order of
     submission, at most `max_running` at a time (default: as many as the pool has workers); on_result(job, result)

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from common import environment, load_experiment_config, log, run_main, steps_for_budget, write_json
-from parallel_jobs import job_pool, run_jobs
+from parallel_jobs import job_pool, run_jobs, side_by_side
 
 from oryx_core.cli import OneLineErrorParser
 from oryx_core.config import MIXERS, SHARINGS
@@ -235,38 +235,38 @@ def probe_run(job: dict) -> dict:
 
 
 def call_all(pool, function, jobs: list) -> list:
-    """function(job) for every job (on the pool if there is one), in order; the results of the jobs that ran (a
-    failed one is left out, printed; all failing raises)."""
+    """function(job) for every job (on the pool if there is one), in order; a failed one's result is
+    {"error": traceback}."""
     jobs = [{**job, "index": i} for i, job in enumerate(jobs)]
     if pool is None:
         return [function(job) for job in jobs]
     results = [None] * len(jobs)
     run_jobs(pool, function, jobs, lambda job, result: results.__setitem__(job["index"], result))
-    failed = [r["error"] for r in results if "error" in r]
-    for error in failed:
-        log(f"sharing probe failed:\n{error}")
-    if len(failed) == len(results):
-        raise RuntimeError(f"every probe failed: {failed[0]}")
-    return [r for r in results if "error" not in r]
+    return results
 
 
-def choose_steps(exp: dict, pool, out: Path, n_runs: int, budget_s: float, started: float, results: dict) -> int:
+def choose_steps(exp: dict, pool, out: Path, n_runs: int, budget_s: float, started: float,
+                 results: dict) -> tuple[int, int]:
+    """Optimizer steps per run that fit the budget, and how many runs fit side by side
+    (parallel_jobs.side_by_side)."""
     workers = max(1, exp["workers"])
     slowest = "none" if "none" in exp["sharings"] else exp["sharings"][0]
     probes = [{"exp": exp, "out": str(out),
                "run": {"mixer": exp["mixers"][i % len(exp["mixers"])], "sharing": slowest, "seed": exp["seeds"][0]}}
               for i in range(workers)]
-    measured = call_all(pool, probe_run, probes)
+    measured, failed, workers = side_by_side(call_all(pool, probe_run, probes), workers)
+    for error in failed:
+        log(f"sharing probe failed:\n{error}")
     rate = min(m["tokens_per_s"] for m in measured)
     left = budget_s - (time.perf_counter() - started) - exp["finish_s"]
     rounds = math.ceil(n_runs / workers)
     per_run = left * exp["budget_safety"] / rounds - exp["per_run_overhead_s"]
     steps = steps_for_budget(per_run, rate, exp["seq_len"] * exp["batch_size"], exp["min_steps"])
-    results["probe"] = {"runs": measured, "failed": workers - len(measured), "workers": workers, "rounds": rounds, "seconds_per_run": per_run,
+    results["probe"] = {"runs": measured, "failed": len(failed), "workers": workers, "rounds": rounds, "seconds_per_run": per_run,
                         "probe_s": time.perf_counter() - started, "steps": steps}
-    log(f"sharing probe: {rate:,.0f} tok/s per run with {workers} side by side; {rounds} rounds of "
-        f"{per_run:.0f} s -> {steps} steps")
-    return steps
+    log(f"sharing probe: {rate:,.0f} tok/s per run with {len(measured) + len(failed)} side by side "
+        f"({len(failed)} failed); {rounds} rounds of {workers} runs, {per_run:.0f} s each -> {steps} steps")
+    return steps, workers
 
 
 def stop_workers(pool) -> None:
@@ -318,12 +318,12 @@ def main() -> None:
     if pool is not None:  # killed at a deadline: take the workers along (the results file is already written)
         signal.signal(signal.SIGTERM, lambda *_: stop_workers(pool))
     try:
-        steps = (choose_steps(exp, pool, out, len(runs), args.budget_s, started, results) if args.budget_s
-                 else args.steps or exp["steps"])
+        steps, running = (choose_steps(exp, pool, out, len(runs), args.budget_s, started, results) if args.budget_s
+                          else (args.steps or exp["steps"], max(1, exp["workers"])))
         results.update(steps=steps, tokens_per_run=steps * exp["seq_len"] * exp["batch_size"],
                        command=rerun_command(args, exp, steps))
         write_json(out / RESULTS_NAME, results)
-        log(f"sharing: {len(runs)} runs of {steps} steps, {max(1, exp['workers'])} at a time")
+        log(f"sharing: {len(runs)} runs of {steps} steps, {running} at a time")
         jobs = [{"exp": exp, "run": run, "steps": steps, "out": str(out)} for run in runs]
 
         def record(job, result):
@@ -341,7 +341,7 @@ def main() -> None:
             results["wall_s"] = time.perf_counter() - started
             write_json(out / RESULTS_NAME, results)
 
-        run_jobs(pool, train_run, jobs, record)
+        run_jobs(pool, train_run, jobs, record, max_running=running)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

@@ -239,6 +239,17 @@ def test_run_jobs_keeps_at_most_max_running_jobs_on_the_pool(max_running):
     assert pool.most_outstanding == (7 if max_running is None else max_running)
 
 
+def test_side_by_side_keeps_as_many_jobs_as_ran_where_a_probe_ran_out_of_device_memory():
+    import parallel_jobs
+
+    ran = [{"tokens_per_s": 1.0}] * 3
+    oom, other = {"error": "torch.OutOfMemoryError: CUDA out of memory"}, {"error": "ValueError: bad"}
+    assert parallel_jobs.side_by_side(ran + [oom], 4) == (ran, [oom["error"]], 3)
+    assert parallel_jobs.side_by_side(ran + [other], 4) == (ran, [other["error"]], 4)
+    with pytest.raises(RuntimeError, match="every probe failed"):
+        parallel_jobs.side_by_side([oom, oom], 2)
+
+
 @pytest.mark.parametrize("errors, fitted", [([], 4), (["torch.OutOfMemoryError: CUDA out of memory"], 3),
                                             (["ValueError: probe_steps"], 4)])
 def test_single_pass_runs_side_by_side_only_as_many_jobs_as_probes_fit_in_device_memory(errors, fitted, monkeypatch,
