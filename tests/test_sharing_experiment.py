@@ -56,7 +56,8 @@ def check_results(results: dict, seeds: list, mixers: list, sharings: list, step
         assert r["parameters"] == parameter_counts(cfg)
         assert set(r["eval_loss"]) == {"attention", "recurrent", "mixed"}
         for plan, loss in r["eval_loss"].items():
-            assert 8.0 < loss < 9.3  # near ln(8192) = 9.01 after a few steps of a random tiny model
+            # below ln(8192) = 9.01 after the fitted steps of a random tiny model, nowhere near trained
+            assert 7.0 < loss < 9.3
             assert r["eval_ppl"][plan] == pytest.approx(math.exp(loss), rel=1e-12)
         assert r["tokens_per_s"] > 0 and len(r["loss_curve"]) == steps
     for row in results["summary"]:

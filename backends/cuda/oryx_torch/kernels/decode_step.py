@@ -16,12 +16,12 @@ readout the attention kernel wrote instead of the recurrence's before the norm. 
 the projections: the recurrence then reads those convs of the same k and v inputs, the KV cache the attention
 convs', and every window the step reads (attention's and the recurrence's) shifts once.
 
-attention_token_step, one program per (sequence, key/value head): the same convs of the key and value (windows left
+attention_token_step, programs per (sequence, key/value head): the same convs of the key and value (windows left
 alone unless `finish`), RoPE on the key and the group's queries, the KV-cache append, and softmax attention of the
 group's queries over the cache slots before the sequence's position plus the current token, in blocks with a running
-maximum (over a long cache, split between programs whose partial results a second kernel combines, or the last of
-them to finish: ATTENTION_COMBINE_IN_LAST_SPLIT); with `finish` (no recurrence in the step) also the window shift
-and the gated norm, otherwise the readout goes to recurrent_token_step.
+maximum (a cache of more than 64 slots split between programs, attention_split, whose partial results the last of
+them to finish combines, ATTENTION_COMBINE_IN_LAST_SPLIT, or a second kernel); with `finish` (no recurrence in the
+step) also the window shift and the gated norm, otherwise the readout goes to recurrent_token_step.
 
 Both read the projections as row views of the fused projection matmul's output (any row stride) and compute in
 fp32 whatever the model's dtype; the state is fp32 [B, H, K, V], one equal copy per query head.
