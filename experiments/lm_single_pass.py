@@ -39,7 +39,10 @@ CORPORA_CONSIDERED = [
      "verdict": "archaic prose, small beside the 17.3 MB corpus archive; not added"},
     {"source": "Debian fortunes 1:1.99.1-7.3", "what": "fortune cookies, 2.6 MB installed",
      "verdict": "short quips, not running prose; not added"},
-    {"source": "npm nlp-corpus 4.4.0", "what": "texts for testing NLP components", "verdict": "not added (time)"},
+    {"source": "npm nlp-corpus 4.4.0", "what": "texts for testing NLP components: 100 files of 1,000 single sentences "
+     "each (8.8 MB), shuffled, from lyrics, chat, transcripts, reviews, fiction and more",
+     "verdict": "shuffled single sentences, no running text over a 512-token window; its README asks not to "
+                "republish it and warns of offensive content; not added"},
     {"source": "PyPI gutenberg, gutenbergpy, gutenberg-books", "what": "clients that download Project Gutenberg "
      "books at run time", "verdict": "no text in the package; unusable on offline GPU hosts"},
 ]
