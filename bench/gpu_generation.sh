@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Generation speed on one GPU in one call, results under $OUT (at most 6 files), each step capped by the time left,
+# Generation speed on one GPU in one call, results under $OUT (at most 7 files), each step capped by the time left,
 # the server first: the OpenAI server under 1/4/16 streaming clients after its start-up warm-up (bench_serve.py),
 # the gpu-marked tests of batching and its warm-up, compiled decode, the sharing variants and mixed attention,
 # batched decode against transformers' batched generate (bench_batch.py: attention, prefill-attention and recurrent
 # plans in bf16, the attention plan also run ahead and step by step, then greedy tokens against transformers' with
-# both in fp32), then, in the time left, decode with
+# both in fp32), `oryx generate`'s loop at batch 1 (bench_generate_loop.py), then, in the time left, decode with
 # the eager and the compiled step (bench_model.py) and the training step's profile per plan (profile_model.py).
 #
 #   OUT=DIR [TOTAL=SECONDS] bash bench/gpu_generation.sh
@@ -54,6 +54,10 @@ timeout "$(cap 160)" python3 bench/bench_batch.py /tmp/smollm2-shape --hf /tmp/r
   --out "$OUT/bench_batch.json" \
   > /tmp/bench_batch.log 2>&1
 echo "batch rc=$? at $(( $(date +%s) - START )) s"; grep -v -i -E "warn|it/s" /tmp/bench_batch.log | tail -7 | cut -c1-500
+# `oryx generate`'s loop at batch 1, every token read back, the default model's sharing (the batch-1 target)
+timeout "$(cap 90)" python3 bench/bench_generate_loop.py --device cuda --dtype bfloat16 --sharing kv-proj \
+  --json "$OUT/generate_loop.json" > /tmp/generate_loop.log 2>&1
+echo "generate loop rc=$?"; grep -v -i "warn" /tmp/generate_loop.log | tail -6 | cut -c1-300
 timeout "$(cap 140)" python3 bench/bench_model.py --skip train --skip prefill --decode-compile both \
   --json "$OUT/bench_model_decode.json" > /tmp/bench_model_decode.log 2>&1
 echo "decode rc=$?"; grep -v "USDT\|warn" /tmp/bench_model_decode.log | tail -c 3000
@@ -61,7 +65,7 @@ echo "decode rc=$?"; grep -v "USDT\|warn" /tmp/bench_model_decode.log | tail -c 
 timeout "$(cap 100)" python3 bench/profile_model.py --layers 3 --plans llama,attention,recurrent,mixed,mixed-dense \
   --json "$OUT/profile_model.json" > /tmp/profile_model.log 2>&1
 echo "profile rc=$?"; grep -v "USDT\|warn" /tmp/profile_model.log | tail -c 4000
-cat /tmp/convert.log /tmp/bench_batch.log /tmp/gpu_tests.log /tmp/bench_serve.log /tmp/bench_model_decode.log \
-  /tmp/profile_model.log \
+cat /tmp/convert.log /tmp/bench_batch.log /tmp/gpu_tests.log /tmp/bench_serve.log /tmp/generate_loop.log \
+  /tmp/bench_model_decode.log /tmp/profile_model.log \
   > "$OUT/log.txt" 2>/dev/null
 echo "end at $(( $(date +%s) - START )) s"
