@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from common import environment, experiment_args, experiment_from_args, log, run_main, steps_for_budget, write_json
-from parallel_jobs import job_pool, run_jobs, side_by_side
+from parallel_jobs import job_pool, run_all, run_jobs, side_by_side
 
 RESULTS_NAME = "lm_single_pass.json"
 
@@ -125,15 +125,6 @@ def probe_job(job: dict) -> dict:
     return {"mixer": job["entry"]["mixer"], "tokens_per_s": statistics.median(rates)}
 
 
-def call(pool, function, jobs: list) -> list:
-    if pool is None:
-        return [function({**job, "index": i}) for i, job in enumerate(jobs)]
-    results = [None] * len(jobs)
-    indexed = [{**job, "index": i} for i, job in enumerate(jobs)]
-    run_jobs(pool, function, indexed, lambda job, result: results.__setitem__(job["index"], result))
-    return results
-
-
 def choose_steps(exp: dict, pool, out: Path, n_jobs: int, budget_s: float, started: float,
                  results: dict) -> tuple[int, int]:
     """Optimizer steps per job that fit the budget, and how many jobs fit side by side: the workers whose probes
@@ -142,7 +133,7 @@ def choose_steps(exp: dict, pool, out: Path, n_jobs: int, budget_s: float, start
     mixers = sorted({m["mixer"] for m in exp["models"] if m["modes"] == "mixed"}) or ["gdn"]
     probes = [{"exp": exp, "out": str(out), "entry": {"name": "probe", "mixer": mixers[i % len(mixers)], "modes": "mixed"}}
               for i in range(workers)]
-    measured, failed, workers = side_by_side(call(pool, probe_job, probes), workers)
+    measured, failed, workers = side_by_side(run_all(pool, probe_job, probes), workers)
     rate = min(m["tokens_per_s"] for m in measured)
     left = budget_s - (time.perf_counter() - started)
     rounds = math.ceil(n_jobs / workers)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from common import environment, experiment_args, experiment_from_args, log, run_main, steps_for_budget, write_json
-from parallel_jobs import job_pool, run_jobs, side_by_side
+from parallel_jobs import job_pool, run_all, run_jobs, side_by_side
 
 from oryx_core.mqar import IGNORE
 from oryx_core.plan import ModePlan
@@ -152,23 +152,13 @@ def jobs_of(exp: dict, lr_sweep: str = "with") -> list[dict]:
     return main + (extra if lr_sweep == "with" else [])
 
 
-def call(pool, function, jobs: list) -> list:
-    """Results in job order; in this process when there is no pool."""
-    if pool is None:
-        return [function(job) for job in jobs]
-    results = [None] * len(jobs)
-    indexed = [{**job, "index": i} for i, job in enumerate(jobs)]
-    run_jobs(pool, function, indexed, lambda job, result: results.__setitem__(job["index"], result))
-    return results
-
-
 def choose_steps(exp: dict, pool, n_jobs: int, budget_s: float, started: float, results: dict) -> tuple[int, int]:
     """Optimizer steps per job that fit the budget, and how many jobs fit side by side (parallel_jobs.side_by_side)."""
     workers = max(1, exp["workers"])
     mixers = sorted({m["mixer"] for m in exp["models"] if m["modes"] == "mixed"}) or ["gdn"]
     probes = [{"exp": exp, "steps": exp["probe_steps"],
                "entry": {"name": "probe", "mixer": mixers[i % len(mixers)], "modes": "mixed"}} for i in range(workers)]
-    measured, failed, workers = side_by_side(call(pool, probe_job, probes), workers)
+    measured, failed, workers = side_by_side(run_all(pool, probe_job, probes), workers)
     seconds_per_step = max(m["seconds_per_step"] for m in measured)
     left = budget_s - (time.perf_counter() - started)
     rounds = math.ceil(n_jobs / workers)

@@ -60,6 +60,17 @@ def release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def run_all(pool: ProcessPoolExecutor | None, function, jobs: list[dict]) -> list:
+    """function(job) for every job, each given its "index" in `jobs`, the results in job order: on the pool (a
+    failed job's result is {"error": traceback}), or in this process when there is none (a failure raises)."""
+    indexed = [{**job, "index": i} for i, job in enumerate(jobs)]
+    if pool is None:
+        return [function(job) for job in indexed]
+    results = [None] * len(jobs)
+    run_jobs(pool, function, indexed, lambda job, result: results.__setitem__(job["index"], result))
+    return results
+
+
 def side_by_side(probes: list[dict], workers: int) -> tuple[list[dict], list[str], int]:
     """(the probes that ran, the errors of those that failed, how many jobs fit side by side) from the results of
     `workers` probes run side by side: as many as ran where one ran out of device memory (the others' peaks left

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from common import environment, load_experiment_config, log, run_main, steps_for_budget, write_json
-from parallel_jobs import job_pool, run_jobs, side_by_side
+from parallel_jobs import job_pool, run_all, run_jobs, side_by_side
 
 from oryx_core.cli import OneLineErrorParser
 from oryx_core.config import MIXERS, SHARINGS
@@ -234,17 +234,6 @@ def probe_run(job: dict) -> dict:
     return {**job["run"], "tokens_per_s": statistics.median(rates)}
 
 
-def call_all(pool, function, jobs: list) -> list:
-    """function(job) for every job (on the pool if there is one), in order; a failed one's result is
-    {"error": traceback}."""
-    jobs = [{**job, "index": i} for i, job in enumerate(jobs)]
-    if pool is None:
-        return [function(job) for job in jobs]
-    results = [None] * len(jobs)
-    run_jobs(pool, function, jobs, lambda job, result: results.__setitem__(job["index"], result))
-    return results
-
-
 def choose_steps(exp: dict, pool, out: Path, n_runs: int, budget_s: float, started: float,
                  results: dict) -> tuple[int, int]:
     """Optimizer steps per run that fit the budget, and how many runs fit side by side
@@ -254,7 +243,7 @@ def choose_steps(exp: dict, pool, out: Path, n_runs: int, budget_s: float, start
     probes = [{"exp": exp, "out": str(out),
                "run": {"mixer": exp["mixers"][i % len(exp["mixers"])], "sharing": slowest, "seed": exp["seeds"][0]}}
               for i in range(workers)]
-    measured, failed, workers = side_by_side(call_all(pool, probe_run, probes), workers)
+    measured, failed, workers = side_by_side(run_all(pool, probe_run, probes), workers)
     for error in failed:
         log(f"sharing probe failed:\n{error}")
     rate = min(m["tokens_per_s"] for m in measured)

@@ -259,7 +259,7 @@ def test_single_pass_runs_side_by_side_only_as_many_jobs_as_probes_fit_in_device
     exp = json.loads((ROOT / "experiments/configs/lm_single_pass.json").read_text())
     exp["workers"] = 4
     measured = [{"mixer": "gdn", "tokens_per_s": 1e5}] * (4 - len(errors)) + [{"error": e} for e in errors]
-    monkeypatch.setattr(lm_single_pass, "call", lambda pool, function, jobs: measured)
+    monkeypatch.setattr(lm_single_pass, "run_all", lambda pool, function, jobs: measured)
     results = {}
     import time
 
