@@ -31,13 +31,13 @@ generator, as `generate.sample` does for a sequence alone, so it gets the tokens
 `state_policy` free nothing inside a row); the recurrent state advances only in steps where some live row will
 read it again (every row in attention mode to its end, none to be saved: the steps skip the recurrence).
 
-Run-ahead (`run_ahead`; by default on the CPU, and on CUDA where RUN_AHEAD_ON_CUDA): a step's picks come back to the host asynchronously, and the next
-step is launched before they are read, fed the picks on the device (the step leaves them in its token input),
-so the host's bookkeeping overlaps the device's work. It falls back to a step fed from the host when the rows
-would not stay as they are (a row finishing by length, a join, a cancel, a resize). A row that turns out to stop
-wasted one step, whose pick nothing reads; one to be saved (`keep_state`) has then fed its stop token too, and
-its saved row holds it (a chat's next prompt, which repeats the stop token, reuses one token more). Methods
-that change rows first read back a step in flight.
+Run-ahead (`run_ahead`; by default on the CPU, and on CUDA where RUN_AHEAD_ON_CUDA): a step's picks come back to
+the host asynchronously, and the next step is launched before they are read, fed the picks on the device (the step
+leaves them in its token input), so the host's bookkeeping overlaps the device's work. It falls back to a step
+fed from the host when the rows would not stay as they are (a row finishing by length, a join, a cancel, a
+resize). A row that turns out to stop wasted one step, whose pick nothing reads; one to be saved (`keep_state`)
+has then fed its stop token too, and its saved row holds it (a chat's next prompt, which repeats the stop token,
+reuses one token more). Methods that change rows first read back a step in flight.
 
 Prompt cache: `add(..., reuse=True)` looks for a saved row whose tokens are a prefix of
 the new prompt (a chat's previous turn) and prefills only the rest; `finish` saves the
@@ -380,8 +380,8 @@ class BatchGenerator:
         once (never resized afterwards), runs and then captures the decode step of every bucket, attention on and
         off (and on without the recurrent state), greedy and sampled, and prefills prompts of `prompt_lengths`
         tokens (Triton specialises integer arguments on 1 and multiples of 16; the GDN kernels take another path
-        when every sequence is whole chunks of 64) alone and together, padded, under all-attention, all-recurrent and mixed plans, and
-        continuing a saved row, which compiles the kernels and attention those shapes take.
+        when every sequence is whole chunks of 64) alone and together, padded, under all-attention, all-recurrent
+        and mixed plans, and continuing a saved row, which compiles the kernels and attention those shapes take.
         Returns {"seconds", "captures", "buckets"}; every row is empty afterwards and nothing is saved."""
         if self.rows:
             raise RuntimeError("batch: warm_up needs an empty batch")
